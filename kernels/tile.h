@@ -1,0 +1,97 @@
+/*
+ * tile.h — the tile kernels the replay calls: gather a padded input tile,
+ * copy or accumulate a 4-D window (stem output tiles, gradient scatter-add).
+ *
+ * One parameter struct per kernel, shared by the CPU (kernels/cpu/tile.c)
+ * and CUDA (kernels/cuda/tile.cu) variants, which validate it with the same
+ * function (sc_*_check below) before touching memory. All strides and
+ * extents are in elements, dimension order N, C, H, W. Zero-initialise the
+ * structs ({0}) and set every field.
+ */
+#ifndef STREAMCNN_KERNELS_TILE_H
+#define STREAMCNN_KERNELS_TILE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum sc_dtype {
+  SC_DTYPE_F32 = 1,
+  SC_DTYPE_F64 = 2
+} sc_dtype;
+
+/* dst[n, c, y, x] = src[...]  (or +=) over a window of `size`. */
+typedef struct sc_copy_params {
+  const void *src;       /* element (0, 0, 0, 0) of the source window */
+  int64_t src_stride[4]; /* source strides, elements (0 allowed: broadcast) */
+  void *dst;             /* element (0, 0, 0, 0) of the destination window */
+  int64_t dst_stride[4]; /* destination strides, elements, no overlap */
+  int64_t size[4];       /* window extent N, C, H, W; 0 = nothing to do */
+  int dtype;             /* sc_dtype of both tensors */
+  int accumulate;        /* 0: dst = src; 1: dst += src (src may be dst) */
+} sc_copy_params;
+
+/* dst (contiguous N x C x dst_h x dst_w) = pad_value everywhere, except the
+ * src_h x src_w source window placed at (off_h, off_w). Used to build the
+ * explicitly padded input of a window layer at the true image border. */
+typedef struct sc_gather_params {
+  const void *src;       /* element (0, 0, 0, 0) of the source window; may be
+                            NULL when src_h or src_w is 0 (all padding) */
+  int64_t src_stride[4]; /* source strides, elements */
+  int64_t n, c;          /* batch and channels of both */
+  int64_t src_h, src_w;  /* source window extent (rows, cols) */
+  void *dst;             /* contiguous destination */
+  int64_t dst_h, dst_w;  /* destination extent (rows, cols) */
+  int64_t off_h, off_w;  /* top-left of the source window inside dst */
+  double pad_value;      /* 0 for conv / avg pool, -inf for max pool */
+  int dtype;             /* sc_dtype of both tensors */
+} sc_gather_params;
+
+/* NULL when p is well-formed, else what is wrong. */
+static inline const char *sc_copy_check(const sc_copy_params *p) {
+  if (p->dtype != SC_DTYPE_F32 && p->dtype != SC_DTYPE_F64)
+    return "tile copy: unsupported dtype";
+  if (p->accumulate != 0 && p->accumulate != 1)
+    return "tile copy: accumulate must be 0 or 1";
+  for (int i = 0; i < 4; i++)
+    if (p->size[i] < 0) return "tile copy: negative extent";
+  if (p->size[0] && p->size[1] && p->size[2] && p->size[3] &&
+      (!p->src || !p->dst))
+    return "tile copy: NULL data pointer";
+  return NULL;
+}
+
+static inline const char *sc_gather_check(const sc_gather_params *p) {
+  if (p->dtype != SC_DTYPE_F32 && p->dtype != SC_DTYPE_F64)
+    return "tile gather: unsupported dtype";
+  if (p->n < 0 || p->c < 0 || p->src_h < 0 || p->src_w < 0 || p->dst_h < 0 ||
+      p->dst_w < 0 || p->off_h < 0 || p->off_w < 0)
+    return "tile gather: negative extent";
+  if (p->off_h + p->src_h > p->dst_h || p->off_w + p->src_w > p->dst_w)
+    return "tile gather: source window does not fit the destination";
+  if (p->n && p->c && p->dst_h && p->dst_w && !p->dst)
+    return "tile gather: NULL destination";
+  if (p->n && p->c && p->src_h && p->src_w && !p->src)
+    return "tile gather: NULL source";
+  return NULL;
+}
+
+/* CPU: SC 0 on success; work is split over torch's intra-op thread pool. */
+int sc_copy_cpu(const sc_copy_params *p);
+int sc_gather_cpu(const sc_gather_params *p);
+
+/* CUDA: launched on `stream` (a cudaStream_t, the caller's current stream);
+ * 0 on success, else a message in err. Never synchronises. */
+int sc_copy_cuda(const sc_copy_params *p, void *stream, char *err,
+                 size_t errlen);
+int sc_gather_cuda(const sc_gather_params *p, void *stream, char *err,
+                   size_t errlen);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* STREAMCNN_KERNELS_TILE_H */

@@ -1,0 +1,620 @@
+/*
+ * aten.c — the ATen operators the replay calls, through the stable C shim.
+ *
+ * Arguments are boxed onto a StableIValue stack and passed to
+ * torch_call_dispatcher, which consumes them (tensor handles, lists,
+ * strings, optional boxes). Scalars cannot cross the dispatcher in torch
+ * 2.10/2.11, so every call below uses a Scalar-free overload, a 0-dim
+ * tensor constant, or a c_shim_aten entry point (subtract, full).
+ *
+ * All functions borrow their tensor inputs and return owned outputs; on
+ * failure they return SC_ERR with a message in ctx->err and own nothing.
+ */
+#define STREAMCNN_TORCH
+#include "internal.h"
+
+#include <string.h>
+
+/* ---- stack builder ------------------------------------------------------- */
+
+enum slot_kind {
+  SK_PLAIN,      /* int, bool, double, None */
+  SK_TENSOR,     /* owned handle */
+  SK_LIST,       /* list of plain values */
+  SK_BOX_TENSOR, /* optional tensor with a value */
+  SK_BOX_LIST,   /* optional list with a value */
+  SK_BOX_PLAIN,  /* optional plain value */
+  SK_STRING
+};
+
+#define STK_MAX 12
+
+typedef struct stk {
+  StableIValue v[STK_MAX];
+  unsigned char kind[STK_MAX];
+  int n;
+  int failed; /* a push failed: the call is not made, slots are released */
+} stk;
+
+static void slot_push(stk *s, StableIValue v, int kind) {
+  if (s->n >= STK_MAX) { /* programming error; never reached by user input */
+    s->failed = 1;
+    return;
+  }
+  s->v[s->n] = v;
+  s->kind[s->n] = (unsigned char)kind;
+  s->n++;
+}
+
+static StableIValue from_ptr(const void *p) {
+  return (StableIValue)(uintptr_t)p;
+}
+
+static void push_plain(stk *s, StableIValue v) { slot_push(s, v, SK_PLAIN); }
+static void push_int(stk *s, int64_t v) { push_plain(s, (StableIValue)v); }
+static void push_bool(stk *s, int v) { push_plain(s, v ? 1 : 0); }
+static void push_double(stk *s, double d) {
+  StableIValue v = 0;
+  memcpy(&v, &d, sizeof d);
+  push_plain(s, v);
+}
+static void push_none(stk *s) { push_plain(s, 0); }
+
+static AtenTensorHandle new_ref(stk *s, AtenTensorHandle t) {
+  AtenTensorHandle h = NULL;
+  if (!t || aoti_torch_new_tensor_handle(t, &h) != SC_TORCH_SUCCESS) {
+    s->failed = 1;
+    return NULL;
+  }
+  return h;
+}
+
+static void push_tensor(stk *s, AtenTensorHandle t) {
+  AtenTensorHandle h = new_ref(s, t);
+  if (h) slot_push(s, from_ptr(h), SK_TENSOR);
+}
+
+static void push_box(stk *s, StableIValue inner, int kind) {
+  uint64_t box = _sc_box_some(inner);
+  if (!box) {
+    s->failed = 1;
+    if (kind == SK_BOX_TENSOR)
+      aoti_torch_delete_tensor_object((AtenTensorHandle)(uintptr_t)inner);
+    else if (kind == SK_BOX_LIST)
+      torch_delete_list((StableListHandle)(uintptr_t)inner);
+    return;
+  }
+  slot_push(s, box, kind);
+}
+
+/* Tensor? : None when t is NULL. */
+static void push_opt_tensor(stk *s, AtenTensorHandle t) {
+  if (!t) {
+    push_none(s);
+    return;
+  }
+  AtenTensorHandle h = new_ref(s, t);
+  if (h) push_box(s, from_ptr(h), SK_BOX_TENSOR);
+}
+
+static StableListHandle make_list(stk *s, const int64_t *v, int n) {
+  StableListHandle l = NULL;
+  if (torch_new_list_reserve_size((size_t)n, &l) != SC_TORCH_SUCCESS) {
+    s->failed = 1;
+    return NULL;
+  }
+  for (int i = 0; i < n; i++)
+    if (torch_list_push_back(l, (StableIValue)v[i]) != SC_TORCH_SUCCESS) {
+      torch_delete_list(l);
+      s->failed = 1;
+      return NULL;
+    }
+  return l;
+}
+
+/* int[] and bool[] (bools as 0/1). */
+static void push_ints(stk *s, const int64_t *v, int n) {
+  StableListHandle l = make_list(s, v, n);
+  if (l) slot_push(s, from_ptr(l), SK_LIST);
+}
+
+static void push_opt_ints(stk *s, const int64_t *v, int n) {
+  StableListHandle l = make_list(s, v, n);
+  if (l) push_box(s, from_ptr(l), SK_BOX_LIST);
+}
+
+static void push_opt_int(stk *s, int has, int64_t v) {
+  if (!has)
+    push_none(s);
+  else
+    push_box(s, (StableIValue)v, SK_BOX_PLAIN);
+}
+
+static void push_string(stk *s, const char *str) {
+  StringHandle h = NULL;
+  if (torch_new_string_handle(str, strlen(str), &h) != SC_TORCH_SUCCESS) {
+    s->failed = 1;
+    return;
+  }
+  slot_push(s, from_ptr(h), SK_STRING);
+}
+
+static void stk_release(stk *s) {
+  for (int i = 0; i < s->n; i++) {
+    StableIValue v = s->v[i];
+    switch (s->kind[i]) {
+    case SK_TENSOR:
+      aoti_torch_delete_tensor_object((AtenTensorHandle)(uintptr_t)v);
+      break;
+    case SK_LIST:
+      torch_delete_list((StableListHandle)(uintptr_t)v);
+      break;
+    case SK_BOX_TENSOR:
+      aoti_torch_delete_tensor_object(
+          (AtenTensorHandle)(uintptr_t) * (uint64_t *)(uintptr_t)v);
+      _sc_box_free(v);
+      break;
+    case SK_BOX_LIST:
+      torch_delete_list((StableListHandle)(uintptr_t) * (uint64_t *)(uintptr_t)v);
+      _sc_box_free(v);
+      break;
+    case SK_BOX_PLAIN:
+      _sc_box_free(v);
+      break;
+    case SK_STRING:
+      torch_delete_string((StringHandle)(uintptr_t)v);
+      break;
+    default:
+      break;
+    }
+  }
+  s->n = 0;
+}
+
+/* Call op.overload with the built stack; the first nret results (tensors)
+ * go to out[]. The stack is consumed in every case. */
+static int stk_call(sc_ctx *ctx, stk *s, const char *op, const char *overload,
+                    int nret, AtenTensorHandle *out) {
+  for (int i = 0; i < nret; i++) out[i] = NULL;
+  if (s->failed) {
+    stk_release(s);
+    return sc_fail(&ctx->err,
+                   "streamcnn: could not box the arguments of %s (out of "
+                   "memory?)",
+                   op);
+  }
+  if (torch_call_dispatcher(op, overload, s->v, SC_TORCH_BUILD_VERSION) !=
+      SC_TORCH_SUCCESS)
+    return sc_fail(&ctx->err,
+                   "streamcnn: %s%s%s failed inside PyTorch (its message is "
+                   "printed above)",
+                   op, overload[0] ? "." : "", overload);
+  for (int i = 0; i < nret; i++) out[i] = (AtenTensorHandle)(uintptr_t)s->v[i];
+  return SC_OK;
+}
+
+static void drop_n(AtenTensorHandle *t, int n) {
+  for (int i = 0; i < n; i++) _sc_drop(&t[i]);
+}
+
+/* ---- tensors -------------------------------------------------------------- */
+
+void _sc_drop(AtenTensorHandle *h) {
+  if (h && *h) {
+    aoti_torch_delete_tensor_object(*h);
+    *h = NULL;
+  }
+}
+
+void _sc_ctx_release(sc_ctx *ctx) {
+  _sc_drop(&ctx->k_zero);
+  _sc_drop(&ctx->k_six);
+}
+
+int _sc_meta(sc_ctx *ctx, AtenTensorHandle t, int64_t *dim, int64_t **sizes,
+             int64_t **strides) {
+  if (aoti_torch_get_dim(t, dim) || aoti_torch_get_sizes(t, sizes) ||
+      aoti_torch_get_strides(t, strides))
+    return sc_fail(&ctx->err, "streamcnn: cannot read tensor metadata");
+  return SC_OK;
+}
+
+int _sc_view(sc_ctx *ctx, AtenTensorHandle t, int64_t r0, int64_t nr,
+             int64_t c0, int64_t nc, AtenTensorHandle *out) {
+  int64_t dim, *sz, *st;
+  *out = NULL;
+  if (_sc_meta(ctx, t, &dim, &sz, &st)) return SC_ERR;
+  AtenTensorHandle rows = NULL;
+  stk s = {0};
+  push_tensor(&s, t);
+  push_int(&s, dim - 2);
+  push_int(&s, r0);
+  push_int(&s, nr);
+  if (stk_call(ctx, &s, "aten::narrow", "", 1, &rows)) return SC_ERR;
+  stk s2 = {0};
+  push_tensor(&s2, rows);
+  push_int(&s2, dim - 1);
+  push_int(&s2, c0);
+  push_int(&s2, nc);
+  int rc = stk_call(ctx, &s2, "aten::narrow", "", 1, out);
+  _sc_drop(&rows);
+  return rc;
+}
+
+int _sc_empty(sc_ctx *ctx, int64_t ndim, const int64_t *sizes,
+              AtenTensorHandle *out) {
+  int64_t strides[8];
+  *out = NULL;
+  if (ndim < 0 || ndim > 8)
+    return sc_fail(&ctx->err, "streamcnn: internal error: rank %lld",
+                   (long long)ndim);
+  int64_t acc = 1;
+  for (int64_t i = ndim - 1; i >= 0; i--) {
+    strides[i] = acc;
+    acc *= sizes[i] > 1 ? sizes[i] : 1;
+  }
+  if (aoti_torch_empty_strided(ndim, sizes, strides, ctx->dtype,
+                               ctx->device_type, ctx->device_index, out))
+    return sc_fail(&ctx->err,
+                   "streamcnn: could not allocate a tensor (out of memory? "
+                   "PyTorch's message is printed above)");
+  return SC_OK;
+}
+
+int _sc_zeros(sc_ctx *ctx, int64_t ndim, const int64_t *sizes,
+              AtenTensorHandle *out) {
+  if (_sc_empty(ctx, ndim, sizes, out)) return SC_ERR;
+  if (aoti_torch_zero_(*out)) {
+    _sc_drop(out);
+    return sc_fail(&ctx->err, "streamcnn: zero_ failed");
+  }
+  return SC_OK;
+}
+
+/* ---- constants ------------------------------------------------------------ */
+
+static int scalar_tensor(sc_ctx *ctx, double value, AtenTensorHandle *out) {
+  int32_t dtype = ctx->dtype, dev = ctx->device_type;
+  if (aoti_torch_aten_full(NULL, 0, value, &dtype, NULL, &dev,
+                           ctx->device_index, NULL, out))
+    return sc_fail(&ctx->err, "streamcnn: could not create a constant");
+  return SC_OK;
+}
+
+static int const_zero(sc_ctx *ctx, AtenTensorHandle *out) {
+  if (!ctx->k_zero && scalar_tensor(ctx, 0.0, &ctx->k_zero)) return SC_ERR;
+  *out = ctx->k_zero; /* borrowed */
+  return SC_OK;
+}
+
+static int const_six(sc_ctx *ctx, AtenTensorHandle *out) {
+  if (!ctx->k_six && scalar_tensor(ctx, 6.0, &ctx->k_six)) return SC_ERR;
+  *out = ctx->k_six; /* borrowed */
+  return SC_OK;
+}
+
+/* ---- generic small calls --------------------------------------------------- */
+
+static int call1(sc_ctx *ctx, const char *op, const char *ov,
+                 AtenTensorHandle a, AtenTensorHandle *out) {
+  stk s = {0};
+  push_tensor(&s, a);
+  return stk_call(ctx, &s, op, ov, 1, out);
+}
+
+static int call2(sc_ctx *ctx, const char *op, const char *ov,
+                 AtenTensorHandle a, AtenTensorHandle b,
+                 AtenTensorHandle *out) {
+  stk s = {0};
+  push_tensor(&s, a);
+  push_tensor(&s, b);
+  return stk_call(ctx, &s, op, ov, 1, out);
+}
+
+static int call3(sc_ctx *ctx, const char *op, const char *ov,
+                 AtenTensorHandle a, AtenTensorHandle b, AtenTensorHandle c,
+                 AtenTensorHandle *out) {
+  stk s = {0};
+  push_tensor(&s, a);
+  push_tensor(&s, b);
+  push_tensor(&s, c);
+  return stk_call(ctx, &s, op, ov, 1, out);
+}
+
+int _sc_add(sc_ctx *ctx, AtenTensorHandle a, AtenTensorHandle b,
+            AtenTensorHandle *out) {
+  /* a - (-1) * b: the Scalar-taking subtract of c_shim_aten; 1 * b == b, so
+   * this is exactly a + b. */
+  *out = NULL;
+  if (aoti_torch_aten_subtract_Tensor(a, b, -1.0, out))
+    return sc_fail(&ctx->err, "streamcnn: aten::sub failed inside PyTorch");
+  return SC_OK;
+}
+
+int _sc_div(sc_ctx *ctx, AtenTensorHandle a, AtenTensorHandle b,
+            AtenTensorHandle *out) {
+  return call2(ctx, "aten::div", "Tensor", a, b, out);
+}
+
+int _sc_copy_across(sc_ctx *ctx, AtenTensorHandle dst, AtenTensorHandle src) {
+  AtenTensorHandle r = NULL;
+  stk s = {0};
+  push_tensor(&s, dst);
+  push_tensor(&s, src);
+  push_bool(&s, 0);
+  int rc = stk_call(ctx, &s, "aten::copy_", "", 1, &r);
+  _sc_drop(&r);
+  return rc;
+}
+
+/* ---- layers ---------------------------------------------------------------- */
+
+static void window_lists(const sc_instr *in, int64_t k[2], int64_t st[2],
+                         int64_t d[2]) {
+  for (int a = 0; a < 2; a++) {
+    k[a] = in->win[a].k;
+    st[a] = in->win[a].s;
+    d[a] = in->win[a].d;
+  }
+}
+
+static const int64_t zeros2[2] = {0, 0};
+
+int _sc_conv(sc_ctx *ctx, AtenTensorHandle x, AtenTensorHandle w,
+             AtenTensorHandle b, const sc_instr *in, AtenTensorHandle *out) {
+  int64_t k[2], st[2], d[2];
+  window_lists(in, k, st, d);
+  stk s = {0};
+  push_tensor(&s, x);
+  push_tensor(&s, w);
+  push_opt_tensor(&s, b);
+  push_ints(&s, st, 2);
+  push_ints(&s, zeros2, 2); /* padding: applied explicitly at the border */
+  push_ints(&s, d, 2);
+  push_bool(&s, 0);
+  push_ints(&s, zeros2, 2);
+  push_int(&s, in->groups);
+  return stk_call(ctx, &s, "aten::convolution", "", 1, out);
+}
+
+int _sc_conv_backward(sc_ctx *ctx, AtenTensorHandle g, AtenTensorHandle x,
+                      AtenTensorHandle w, const sc_instr *in,
+                      const int mask[3], AtenTensorHandle res[3]) {
+  int64_t k[2], st[2], d[2], m[3] = {!!mask[0], !!mask[1], !!mask[2]};
+  const int64_t bias_sizes[1] = {in->c_out};
+  window_lists(in, k, st, d);
+  stk s = {0};
+  push_tensor(&s, g);
+  push_tensor(&s, x);
+  push_tensor(&s, w);
+  if (mask[2])
+    push_opt_ints(&s, bias_sizes, 1);
+  else
+    push_none(&s);
+  push_ints(&s, st, 2);
+  push_ints(&s, zeros2, 2);
+  push_ints(&s, d, 2);
+  push_bool(&s, 0);
+  push_ints(&s, zeros2, 2);
+  push_int(&s, in->groups);
+  push_ints(&s, m, 3);
+  if (stk_call(ctx, &s, "aten::convolution_backward", "", 3, res))
+    return SC_ERR;
+  for (int i = 0; i < 3; i++)
+    if (!mask[i]) _sc_drop(&res[i]); /* undefined tensors */
+  return SC_OK;
+}
+
+int _sc_maxpool(sc_ctx *ctx, AtenTensorHandle x, const sc_instr *in,
+                AtenTensorHandle *out, AtenTensorHandle *indices) {
+  int64_t k[2], st[2], d[2];
+  AtenTensorHandle r[2];
+  window_lists(in, k, st, d);
+  stk s = {0};
+  push_tensor(&s, x);
+  push_ints(&s, k, 2);
+  push_ints(&s, st, 2);
+  push_ints(&s, zeros2, 2); /* -inf padding applied explicitly */
+  push_ints(&s, d, 2);
+  push_bool(&s, 0); /* ceil_mode: the tile's span is exact, floor suffices */
+  if (!indices) return stk_call(ctx, &s, "aten::max_pool2d", "", 1, out);
+  if (stk_call(ctx, &s, "aten::max_pool2d_with_indices", "", 2, r))
+    return SC_ERR;
+  *out = r[0];
+  *indices = r[1];
+  return SC_OK;
+}
+
+int _sc_maxpool_backward(sc_ctx *ctx, AtenTensorHandle g, AtenTensorHandle x,
+                         const sc_instr *in, AtenTensorHandle indices,
+                         AtenTensorHandle *out) {
+  int64_t k[2], st[2], d[2];
+  window_lists(in, k, st, d);
+  stk s = {0};
+  push_tensor(&s, g);
+  push_tensor(&s, x);
+  push_ints(&s, k, 2);
+  push_ints(&s, st, 2);
+  push_ints(&s, zeros2, 2);
+  push_ints(&s, d, 2);
+  push_bool(&s, 0);
+  push_tensor(&s, indices);
+  return stk_call(ctx, &s, "aten::max_pool2d_with_indices_backward", "", 1,
+                  out);
+}
+
+/* count_include_pad=True with zero explicit padding divides by kh * kw (or
+ * divisor_override); border divisors are handled by the replay. */
+int _sc_avgpool(sc_ctx *ctx, AtenTensorHandle x, const sc_instr *in,
+                int64_t divisor_override, AtenTensorHandle *out) {
+  int64_t k[2], st[2], d[2];
+  window_lists(in, k, st, d);
+  stk s = {0};
+  push_tensor(&s, x);
+  push_ints(&s, k, 2);
+  push_ints(&s, st, 2);
+  push_ints(&s, zeros2, 2);
+  push_bool(&s, 0);
+  push_bool(&s, 1);
+  push_opt_int(&s, divisor_override != 0, divisor_override);
+  return stk_call(ctx, &s, "aten::avg_pool2d", "", 1, out);
+}
+
+int _sc_avgpool_backward(sc_ctx *ctx, AtenTensorHandle g, AtenTensorHandle x,
+                         const sc_instr *in, int64_t divisor_override,
+                         AtenTensorHandle *out) {
+  int64_t k[2], st[2], d[2];
+  window_lists(in, k, st, d);
+  stk s = {0};
+  push_tensor(&s, g);
+  push_tensor(&s, x);
+  push_ints(&s, k, 2);
+  push_ints(&s, st, 2);
+  push_ints(&s, zeros2, 2);
+  push_bool(&s, 0);
+  push_bool(&s, 1);
+  push_opt_int(&s, divisor_override != 0, divisor_override);
+  return stk_call(ctx, &s, "aten::avg_pool2d_backward", "", 1, out);
+}
+
+/* p4: weight (or NULL), bias (or NULL), running_mean, running_var. */
+int _sc_batchnorm(sc_ctx *ctx, AtenTensorHandle x, AtenTensorHandle const *p4,
+                  double eps, AtenTensorHandle *out) {
+  AtenTensorHandle r[3];
+  stk s = {0};
+  push_tensor(&s, x);
+  push_opt_tensor(&s, p4[0]);
+  push_opt_tensor(&s, p4[1]);
+  push_opt_tensor(&s, p4[2]);
+  push_opt_tensor(&s, p4[3]);
+  push_bool(&s, 0); /* training: frozen statistics */
+  push_double(&s, 0.0);
+  push_double(&s, eps);
+  if (stk_call(ctx, &s, "aten::native_batch_norm", "", 3, r)) return SC_ERR;
+  *out = r[0];
+  _sc_drop(&r[1]);
+  _sc_drop(&r[2]);
+  return SC_OK;
+}
+
+int _sc_batchnorm_backward(sc_ctx *ctx, AtenTensorHandle g,
+                           AtenTensorHandle x, AtenTensorHandle const *p4,
+                           double eps, const int mask[3],
+                           AtenTensorHandle res[3]) {
+  int64_t m[3] = {!!mask[0], !!mask[1], !!mask[2]};
+  stk s = {0};
+  push_tensor(&s, g);
+  push_tensor(&s, x);
+  push_opt_tensor(&s, p4[0]);
+  push_opt_tensor(&s, p4[2]);
+  push_opt_tensor(&s, p4[3]);
+  push_none(&s); /* save_mean: eval mode uses the running statistics */
+  push_none(&s); /* save_invstd */
+  push_bool(&s, 0);
+  push_double(&s, eps);
+  push_ints(&s, m, 3);
+  if (stk_call(ctx, &s, "aten::native_batch_norm_backward", "", 3, res))
+    return SC_ERR;
+  for (int i = 0; i < 3; i++)
+    if (!mask[i]) _sc_drop(&res[i]);
+  return SC_OK;
+}
+
+static int slope_tensor(sc_ctx *ctx, const sc_instr *in,
+                        AtenTensorHandle *out) {
+  return scalar_tensor(ctx, in->act_arg, out);
+}
+
+static const char *gelu_mode(const sc_instr *in) {
+  return in->act_iarg ? "tanh" : "none";
+}
+
+int _sc_act(sc_ctx *ctx, const sc_instr *in, AtenTensorHandle x,
+            AtenTensorHandle *out) {
+  AtenTensorHandle zero = NULL, six = NULL, t1 = NULL, t2 = NULL;
+  int rc;
+  *out = NULL;
+  switch (in->act) {
+  case SC_ACT_RELU: return call1(ctx, "aten::relu", "", x, out);
+  case SC_ACT_SILU: return call1(ctx, "aten::silu", "", x, out);
+  case SC_ACT_SIGMOID: return call1(ctx, "aten::sigmoid", "", x, out);
+  case SC_ACT_TANH: return call1(ctx, "aten::tanh", "", x, out);
+  case SC_ACT_HARDSWISH: return call1(ctx, "aten::hardswish", "", x, out);
+  case SC_ACT_GELU: {
+    stk s = {0};
+    push_tensor(&s, x);
+    push_string(&s, gelu_mode(in));
+    return stk_call(ctx, &s, "aten::gelu", "", 1, out);
+  }
+  case SC_ACT_RELU6: { /* hardtanh(x, 0, 6) == clamp(x, 0, 6) */
+    if (const_zero(ctx, &zero) || const_six(ctx, &six)) return SC_ERR;
+    stk s = {0};
+    push_tensor(&s, x);
+    push_opt_tensor(&s, zero);
+    push_opt_tensor(&s, six);
+    return stk_call(ctx, &s, "aten::clamp", "Tensor", 1, out);
+  }
+  case SC_ACT_LEAKY_RELU: { /* x > 0 ? x : x * slope, as ATen computes it */
+    AtenTensorHandle xs = NULL;
+    if (const_zero(ctx, &zero) || slope_tensor(ctx, in, &t1)) return SC_ERR;
+    rc = call2(ctx, "aten::gt", "Tensor", x, zero, &t2);
+    if (!rc) rc = call2(ctx, "aten::mul", "Tensor", x, t1, &xs);
+    if (!rc) rc = call3(ctx, "aten::where", "self", t2, x, xs, out);
+    _sc_drop(&t1);
+    _sc_drop(&t2);
+    _sc_drop(&xs);
+    return rc;
+  }
+  default:
+    return sc_fail(&ctx->err, "streamcnn: internal error: activation %d",
+                   in->act);
+  }
+}
+
+int _sc_act_backward(sc_ctx *ctx, const sc_instr *in, AtenTensorHandle g,
+                     AtenTensorHandle x, AtenTensorHandle y,
+                     AtenTensorHandle *out) {
+  AtenTensorHandle zero = NULL, six = NULL, m[3] = {NULL, NULL, NULL};
+  int rc;
+  *out = NULL;
+  switch (in->act) {
+  case SC_ACT_RELU: /* threshold_backward(g, y, 0): y > 0 ? g : 0 */
+    if (const_zero(ctx, &zero)) return SC_ERR;
+    rc = call2(ctx, "aten::gt", "Tensor", y, zero, &m[0]);
+    if (!rc) rc = call3(ctx, "aten::where", "self", m[0], g, zero, out);
+    break;
+  case SC_ACT_RELU6: /* hardtanh_backward: 0 < x < 6 ? g : 0 */
+    if (const_zero(ctx, &zero) || const_six(ctx, &six)) return SC_ERR;
+    rc = call2(ctx, "aten::gt", "Tensor", x, zero, &m[0]);
+    if (!rc) rc = call2(ctx, "aten::lt", "Tensor", x, six, &m[1]);
+    if (!rc) rc = call2(ctx, "aten::logical_and", "", m[0], m[1], &m[2]);
+    if (!rc) rc = call3(ctx, "aten::where", "self", m[2], g, zero, out);
+    break;
+  case SC_ACT_LEAKY_RELU: /* x > 0 ? g : g * slope */
+    if (const_zero(ctx, &zero) || slope_tensor(ctx, in, &m[0])) return SC_ERR;
+    rc = call2(ctx, "aten::gt", "Tensor", x, zero, &m[1]);
+    if (!rc) rc = call2(ctx, "aten::mul", "Tensor", g, m[0], &m[2]);
+    if (!rc) rc = call3(ctx, "aten::where", "self", m[1], g, m[2], out);
+    break;
+  case SC_ACT_SILU:
+    return call2(ctx, "aten::silu_backward", "", g, x, out);
+  case SC_ACT_SIGMOID:
+    return call2(ctx, "aten::sigmoid_backward", "", g, y, out);
+  case SC_ACT_TANH:
+    return call2(ctx, "aten::tanh_backward", "", g, y, out);
+  case SC_ACT_HARDSWISH:
+    return call2(ctx, "aten::hardswish_backward", "", g, x, out);
+  case SC_ACT_GELU: {
+    stk s = {0};
+    push_tensor(&s, g);
+    push_tensor(&s, x);
+    push_string(&s, gelu_mode(in));
+    return stk_call(ctx, &s, "aten::gelu_backward", "", 1, out);
+  }
+  default:
+    return sc_fail(&ctx->err, "streamcnn: internal error: activation %d",
+                   in->act);
+  }
+  drop_n(m, 3);
+  return rc;
+}

@@ -1,0 +1,264 @@
+/*
+ * geometry.c — box arithmetic of the tiled replay. Plain integers only.
+ *
+ * For a window (kernel k, stride s, dilation d, padding pad_lo) the output
+ * span [a, b) reads the input span
+ *     [a * s - pad_lo, (b - 1) * s - pad_lo + d * (k - 1) + 1).
+ * Walking the program backwards from a tile's output span gives the span
+ * every value must provide; a value read by several instructions (residual
+ * adds) provides the hull. Each value's span is then clipped to the value's
+ * extent: only the clipped part is computed, and whatever a window reads
+ * outside it is that layer's own padding (zeros, -inf, ...), applied by the
+ * replay only where the span crosses the true border. Rows and columns are
+ * independent, so a 2-D tile plan is a row plan times a column plan.
+ */
+#include "internal.h"
+
+#include <stdlib.h>
+
+static int64_t floor_div(int64_t a, int64_t b) { /* b > 0 */
+  int64_t q = a / b;
+  return (a % b != 0 && a < 0) ? q - 1 : q;
+}
+
+int64_t sc_window_out(const sc_window *w, int64_t n) {
+  const int64_t eff = w->d * (w->k - 1) + 1; /* effective kernel extent */
+  int64_t num = n + w->pad_lo + w->pad_hi - eff;
+  if (w->ceil_mode) num += w->s - 1;
+  int64_t out = floor_div(num, w->s) + 1;
+  /* ATen: with ceil_mode the last window must start inside the input or
+   * the left padding. */
+  if (w->ceil_mode && out > 0 && (out - 1) * w->s >= n + w->pad_lo) out--;
+  /* Convolutions also need the padded input to cover one kernel extent. */
+  if (!w->ceil_mode && num < 0) return 0;
+  return out > 0 ? out : 0;
+}
+
+int _sc_is_window(int op) {
+  return op == SC_OP_CONV || op == SC_OP_MAXPOOL || op == SC_OP_AVGPOOL;
+}
+
+int sc_value_sizes(const sc_program *p, int64_t h, int64_t w,
+                   int64_t *sizes, sc_error *err) {
+  if (h < 1 || w < 1 || h > SC_MAX_EXTENT || w > SC_MAX_EXTENT)
+    return sc_fail(err,
+                   "streamcnn: image extent %lld x %lld is out of range "
+                   "[1, %lld]",
+                   (long long)h, (long long)w, (long long)SC_MAX_EXTENT);
+  sizes[0] = h;
+  sizes[1] = w;
+  for (int64_t i = 0; i < p->n_instr; i++) {
+    const sc_instr *in = &p->instr[i];
+    const int64_t *src = &sizes[2 * in->in[0]];
+    int64_t *dst = &sizes[2 * (i + 1)];
+    if (_sc_is_window(in->op)) {
+      for (int a = 0; a < 2; a++) dst[a] = sc_window_out(&in->win[a], src[a]);
+      if (dst[0] < 1 || dst[1] < 1)
+        return sc_fail(err,
+                       "streamcnn: an image of %lld x %lld is too small for "
+                       "the stem: instruction %lld (%s) gets a %lld x %lld "
+                       "input (kernel %lld x %lld, dilation %lld x %lld, "
+                       "padding %lld x %lld) and would produce no output",
+                       (long long)h, (long long)w, (long long)i,
+                       _sc_op_name(in->op), (long long)src[0],
+                       (long long)src[1], (long long)in->win[0].k,
+                       (long long)in->win[1].k, (long long)in->win[0].d,
+                       (long long)in->win[1].d, (long long)in->win[0].pad_lo,
+                       (long long)in->win[1].pad_lo);
+    } else {
+      dst[0] = src[0];
+      dst[1] = src[1];
+    }
+    if (in->op == SC_OP_ADD) {
+      const int64_t *b = &sizes[2 * in->in[1]];
+      if (b[0] != src[0] || b[1] != src[1])
+        return sc_fail(err,
+                       "streamcnn: for a %lld x %lld image, instruction %lld "
+                       "(add) adds values of %lld x %lld and %lld x %lld",
+                       (long long)h, (long long)w, (long long)i,
+                       (long long)src[0], (long long)src[1], (long long)b[0],
+                       (long long)b[1]);
+    }
+  }
+  return SC_OK;
+}
+
+sc_axis_plan *sc_axis_plan_new(const sc_program *p) {
+  sc_axis_plan *plan = calloc(1, sizeof *plan);
+  if (!plan) return NULL;
+  plan->n_values = p->n_instr + 1;
+  plan->region = calloc(2 * (size_t)plan->n_values, sizeof *plan->region);
+  plan->read = calloc(4 * (size_t)p->n_instr, sizeof *plan->read);
+  if (!plan->region || !plan->read) {
+    sc_axis_plan_free(plan);
+    return NULL;
+  }
+  return plan;
+}
+
+void sc_axis_plan_free(sc_axis_plan *plan) {
+  if (!plan) return;
+  free(plan->region);
+  free(plan->read);
+  free(plan);
+}
+
+int sc_plan_axis(const sc_program *p, const int64_t *sizes, int axis,
+                 int64_t lo, int64_t hi, sc_axis_plan *plan, sc_error *err) {
+  const int64_t nv = p->n_instr + 1;
+  if (axis < 0 || axis > 1 || plan->n_values != nv || hi <= lo)
+    return sc_fail(err, "streamcnn: internal error: bad plan request");
+  if (sizes && (lo < 0 || hi > sizes[2 * p->n_instr + axis]))
+    return sc_fail(err, "streamcnn: internal error: tile outside output");
+  /* need[v]: hull of the spans consumers read; kept in region until the
+   * value is clipped. Empty spans are lo == hi == 0. */
+  int64_t *need = plan->region;
+  for (int64_t v = 0; v < nv; v++) need[2 * v] = need[2 * v + 1] = 0;
+  need[2 * p->n_instr] = lo;
+  need[2 * p->n_instr + 1] = hi;
+
+  for (int64_t i = p->n_instr - 1; i >= -1; i--) {
+    const int64_t o = i + 1;
+    int64_t *r = &need[2 * o];
+    if (sizes && r[1] > r[0]) { /* clip to the value's extent */
+      const int64_t n = sizes[2 * o + axis];
+      if (r[0] < 0) r[0] = 0;
+      if (r[1] > n) r[1] = n;
+    }
+    if (r[1] <= r[0]) r[0] = r[1] = 0;
+    if (i < 0) break; /* value 0, the image: nothing reads before it */
+
+    const sc_instr *in = &p->instr[i];
+    for (int j = 0; j < 2; j++) {
+      int64_t *rd = &plan->read[4 * i + 2 * j];
+      rd[0] = rd[1] = 0;
+      if (j >= in->n_in || r[1] <= r[0]) continue;
+      if (_sc_is_window(in->op)) {
+        const sc_window *w = &in->win[axis];
+        rd[0] = r[0] * w->s - w->pad_lo;
+        rd[1] = (r[1] - 1) * w->s - w->pad_lo + w->d * (w->k - 1) + 1;
+      } else {
+        rd[0] = r[0];
+        rd[1] = r[1];
+      }
+      int64_t *nd = &need[2 * in->in[j]];
+      if (nd[1] <= nd[0]) {
+        nd[0] = rd[0];
+        nd[1] = rd[1];
+      } else {
+        if (rd[0] < nd[0]) nd[0] = rd[0];
+        if (rd[1] > nd[1]) nd[1] = rd[1];
+      }
+    }
+  }
+  return SC_OK;
+}
+
+int64_t sc_input_extent(const sc_program *p, int axis, int64_t t) {
+  if (t < 1 || axis < 0 || axis > 1) return -1;
+  sc_axis_plan *plan = sc_axis_plan_new(p);
+  if (!plan) return -1;
+  sc_error err = {0};
+  int64_t ext = -1;
+  if (sc_plan_axis(p, NULL, axis, 0, t, plan, &err) == SC_OK)
+    ext = plan->region[1] - plan->region[0];
+  sc_axis_plan_free(plan);
+  return ext;
+}
+
+int64_t sc_tile_out_extent(const sc_program *p, int axis, int64_t tile) {
+  const int64_t rf = sc_input_extent(p, axis, 1);
+  if (rf < 1 || tile < rf) return 0;
+  const int64_t s = p->stride[axis];
+  int64_t t = (tile - rf) / s + 1;
+  if (t > SC_MAX_EXTENT) t = SC_MAX_EXTENT;
+  /* The extent is affine in t ((t - 1) * s + rf); check rather than trust. */
+  while (t > 1 && sc_input_extent(p, axis, t) > tile) t--;
+  return t;
+}
+
+static void copy_err(const sc_error *e, char *buf, size_t len) {
+  if (!buf || !len) return;
+  size_t i = 0;
+  for (; i + 1 < len && e->msg[i]; i++) buf[i] = e->msg[i];
+  buf[i] = 0;
+}
+
+int sc_program_info(const int64_t *words, int64_t n_words, int64_t *info,
+                    char *errbuf, size_t errlen) {
+  sc_error err = {0};
+  sc_program *p = NULL;
+  if (sc_program_decode(words, n_words, &p, &err)) {
+    copy_err(&err, errbuf, errlen);
+    return SC_ERR;
+  }
+  info[0] = p->in_channels;
+  info[1] = p->channels[p->n_instr];
+  info[2] = sc_input_extent(p, 0, 1);
+  info[3] = sc_input_extent(p, 1, 1);
+  info[4] = p->stride[0];
+  info[5] = p->stride[1];
+  info[6] = p->n_params;
+  info[7] = p->n_instr;
+  sc_program_free(p);
+  if (info[2] < 1 || info[3] < 1) {
+    sc_fail(&err, "streamcnn: out of memory");
+    copy_err(&err, errbuf, errlen);
+    return SC_ERR;
+  }
+  return SC_OK;
+}
+
+int _sc_tiling(const sc_program *p, const int64_t *sizes, int64_t tile_h,
+               int64_t tile_w, int64_t tile_out[2], sc_error *err) {
+  const int64_t tile[2] = {tile_h, tile_w};
+  for (int a = 0; a < 2; a++) {
+    if (tile[a] < 1 || tile[a] > SC_MAX_EXTENT)
+      return sc_fail(err,
+                     "streamcnn: tile_size must be positive (got %lld x %lld)",
+                     (long long)tile_h, (long long)tile_w);
+    const int64_t t = sc_tile_out_extent(p, a, tile[a]);
+    if (t < 1)
+      return sc_fail(err,
+                     "streamcnn: tile_size %lld x %lld is smaller than what "
+                     "one output pixel needs: the minimum tile_size for this "
+                     "stem is %lld x %lld (its receptive field)",
+                     (long long)tile_h, (long long)tile_w,
+                     (long long)sc_input_extent(p, 0, 1),
+                     (long long)sc_input_extent(p, 1, 1));
+    const int64_t n_out = sizes[2 * p->n_instr + a];
+    tile_out[a] = t < n_out ? t : n_out;
+  }
+  return SC_OK;
+}
+
+int sc_tiling_info(const int64_t *words, int64_t n_words, int64_t h,
+                   int64_t w, int64_t tile_h, int64_t tile_w, int64_t *plan,
+                   char *errbuf, size_t errlen) {
+  sc_error err = {0};
+  sc_program *p = NULL;
+  int64_t *sizes = NULL;
+  int64_t t[2];
+  int rc = SC_ERR;
+  if (sc_program_decode(words, n_words, &p, &err)) goto done;
+  sizes = malloc(2 * ((size_t)p->n_instr + 1) * sizeof *sizes);
+  if (!sizes) {
+    sc_fail(&err, "streamcnn: out of memory");
+    goto done;
+  }
+  if (sc_value_sizes(p, h, w, sizes, &err) ||
+      _sc_tiling(p, sizes, tile_h, tile_w, t, &err))
+    goto done;
+  for (int a = 0; a < 2; a++) {
+    const int64_t n = sizes[2 * p->n_instr + a];
+    plan[a] = n;
+    plan[2 + a] = t[a];
+    plan[4 + a] = (n + t[a] - 1) / t[a];
+  }
+  rc = SC_OK;
+done:
+  if (rc) copy_err(&err, errbuf, errlen);
+  free(sizes);
+  sc_program_free(p);
+  return rc;
+}

@@ -1,0 +1,145 @@
+/*
+ * internal.h — private declarations shared by the files of op/.
+ * Public API: streamcnn.h (sc_*). Internal: _sc_* here. Helpers: static.
+ */
+#ifndef STREAMCNN_INTERNAL_H
+#define STREAMCNN_INTERNAL_H
+
+#include "streamcnn.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ---- program / geometry (no torch) ---------------------------------------- */
+
+const char *_sc_op_name(int op);
+int _sc_is_window(int op);
+
+/* Output tile edge per axis for an input tile of tile_h x tile_w, capped at
+ * the output extent; fails with the minimum tile when it is too small. */
+int _sc_tiling(const sc_program *p, const int64_t *sizes, int64_t tile_h,
+               int64_t tile_w, int64_t tile_out[2], sc_error *err);
+
+#ifdef STREAMCNN_TORCH /* ---- everything below talks to libtorch ---------- */
+
+#include "abi.h"
+
+/* Boxing helpers from op/boxing.cpp (C++ new/delete). */
+uint64_t _sc_box_some(uint64_t value);
+void _sc_box_free(uint64_t boxed);
+
+/* State of one operator call: error, dtype and device of all tensors, and
+ * lazily created 0-dim constants. Zero-initialise; release with
+ * _sc_ctx_release. */
+typedef struct sc_ctx {
+  sc_error err;
+  int32_t dtype;        /* aoti dtype code of image and params */
+  int kdtype;           /* the same as sc_dtype, for the tile kernels */
+  int32_t device_type;  /* aoti device type code */
+  int32_t device_index;
+  int is_cuda;
+  void *stream;         /* current cudaStream_t when is_cuda */
+  AtenTensorHandle k_zero, k_six; /* 0-dim constants, owned, may be NULL */
+} sc_ctx;
+
+void _sc_ctx_release(sc_ctx *ctx);
+
+/* Release an owned handle and clear it; NULL is a no-op. */
+void _sc_drop(AtenTensorHandle *h);
+
+/* Tensor metadata (borrowed pointers; valid while the handle lives). */
+int _sc_meta(sc_ctx *ctx, AtenTensorHandle t, int64_t *dim,
+             int64_t **sizes, int64_t **strides);
+
+/* New owned view: t narrowed to rows [r0, r0 + nr) and cols [c0, c0 + nc)
+ * of its last two dimensions. */
+int _sc_view(sc_ctx *ctx, AtenTensorHandle t, int64_t r0, int64_t nr,
+             int64_t c0, int64_t nc, AtenTensorHandle *out);
+
+/* New owned contiguous tensor of this ctx's dtype and device. */
+int _sc_empty(sc_ctx *ctx, int64_t ndim, const int64_t *sizes,
+              AtenTensorHandle *out);
+int _sc_zeros(sc_ctx *ctx, int64_t ndim, const int64_t *sizes,
+              AtenTensorHandle *out);
+
+/* dst (+)= src over their common 4-D extent (tensors of <= 4 dims are
+ * viewed as 4-D with leading 1s); extents must match. */
+int _sc_copy(sc_ctx *ctx, AtenTensorHandle dst, AtenTensorHandle src,
+             int accumulate);
+
+/* Padded tile: new contiguous N x C x dst_h x dst_w tensor holding src (an
+ * N x C x src_h x src_w tensor, or NULL for all padding) at (off_h, off_w)
+ * and pad_value elsewhere. */
+int _sc_gather(sc_ctx *ctx, AtenTensorHandle src, int64_t n, int64_t c,
+               int64_t dst_h, int64_t dst_w, int64_t off_h, int64_t off_w,
+               double pad_value, AtenTensorHandle *out);
+
+/* Owned contiguous copy when t is not contiguous; else t itself (moved). */
+int _sc_make_contiguous(sc_ctx *ctx, AtenTensorHandle *t);
+
+/* ---- ATen calls (op/aten.c). Inputs are borrowed, outputs owned. ------- */
+
+int _sc_conv(sc_ctx *ctx, AtenTensorHandle x, AtenTensorHandle w,
+             AtenTensorHandle b, const sc_instr *in, AtenTensorHandle *out);
+int _sc_conv_backward(sc_ctx *ctx, AtenTensorHandle g, AtenTensorHandle x,
+                      AtenTensorHandle w, const sc_instr *in,
+                      const int mask[3], AtenTensorHandle res[3]);
+int _sc_maxpool(sc_ctx *ctx, AtenTensorHandle x, const sc_instr *in,
+                AtenTensorHandle *out, AtenTensorHandle *indices);
+int _sc_maxpool_backward(sc_ctx *ctx, AtenTensorHandle g, AtenTensorHandle x,
+                         const sc_instr *in, AtenTensorHandle indices,
+                         AtenTensorHandle *out);
+/* divisor_override: 0 none, else that constant. */
+int _sc_avgpool(sc_ctx *ctx, AtenTensorHandle x, const sc_instr *in,
+                int64_t divisor_override, AtenTensorHandle *out);
+int _sc_avgpool_backward(sc_ctx *ctx, AtenTensorHandle g, AtenTensorHandle x,
+                         const sc_instr *in, int64_t divisor_override,
+                         AtenTensorHandle *out);
+int _sc_batchnorm(sc_ctx *ctx, AtenTensorHandle x, AtenTensorHandle const *p4,
+                  double eps, AtenTensorHandle *out);
+int _sc_batchnorm_backward(sc_ctx *ctx, AtenTensorHandle g,
+                           AtenTensorHandle x, AtenTensorHandle const *p4,
+                           double eps, const int mask[3],
+                           AtenTensorHandle res[3]);
+int _sc_act(sc_ctx *ctx, const sc_instr *in, AtenTensorHandle x,
+            AtenTensorHandle *out);
+/* x: the activation's input, y: its output. */
+int _sc_act_backward(sc_ctx *ctx, const sc_instr *in, AtenTensorHandle g,
+                     AtenTensorHandle x, AtenTensorHandle y,
+                     AtenTensorHandle *out);
+int _sc_add(sc_ctx *ctx, AtenTensorHandle a, AtenTensorHandle b,
+            AtenTensorHandle *out);
+int _sc_div(sc_ctx *ctx, AtenTensorHandle a, AtenTensorHandle b,
+            AtenTensorHandle *out);
+/* dst.copy_(src) across devices (small host-built tensors). */
+int _sc_copy_across(sc_ctx *ctx, AtenTensorHandle dst, AtenTensorHandle src);
+
+/* ---- replay (op/replay.c) ----------------------------------------------- */
+
+/* Inputs of one call, all borrowed; params has p->n_params entries. */
+typedef struct sc_call {
+  const sc_program *prog;
+  AtenTensorHandle image;
+  AtenTensorHandle *params;
+  int64_t tile[2];       /* input tile edge, rows / cols, halo included */
+} sc_call;
+
+/* Validate image, params and tile against the program. */
+int _sc_validate(sc_ctx *ctx, const sc_call *call);
+
+/* Stem output for the whole image (new tensor, contiguous). */
+int _sc_forward(sc_ctx *ctx, const sc_call *call, AtenTensorHandle *out);
+
+/* Gradients. mask[0] image, mask[1 + k] params[k]. grads[0] / grads[1 + k]
+ * are set (owned, contiguous) where mask is true, NULL elsewhere. */
+int _sc_backward(sc_ctx *ctx, const sc_call *call, AtenTensorHandle grad_out,
+                 const int *mask, AtenTensorHandle *grads);
+
+#endif /* STREAMCNN_TORCH */
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* STREAMCNN_INTERNAL_H */

@@ -1,0 +1,424 @@
+/*
+ * program.c — decode and validate the flat int64 layer program.
+ *
+ * Layout (all words int64):
+ *   [magic, version, in_channels, n_instructions, n_params,
+ *    instruction 0, instruction 1, ...]
+ * Each instruction is [opcode, n_fields, field_0 .. field_{n_fields-1}].
+ * Values: 0 is the image, i + 1 the output of instruction i; the output of
+ * the last instruction is the program's output. Field lists per opcode:
+ *   conv      in, weight, bias, c_in, c_out, groups, kh, kw, sh, sw, dh, dw,
+ *             pad_top, pad_bottom, pad_left, pad_right
+ *   maxpool   in, kh, kw, sh, sw, dh, dw, ph, pw, ceil_mode
+ *   avgpool   in, kh, kw, sh, sw, ph, pw, ceil_mode, count_include_pad,
+ *             divisor_override (0 = none)
+ *   batchnorm in, weight, bias, running_mean, running_var, eps (double bits)
+ *   act       in, kind, arg (leaky slope as double bits; gelu: 0 erf, 1 tanh)
+ *   add       a, b
+ * Parameter fields index the params tensor list; -1 means absent where a
+ * field is optional (conv bias, batch-norm weight and bias).
+ *
+ * Nothing here reads past n_words, and every value used later by the
+ * geometry is range-checked so that its arithmetic cannot overflow.
+ */
+#include "internal.h"
+
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+int sc_fail(sc_error *err, const char *fmt, ...) {
+  if (err && !err->set) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err->msg, sizeof err->msg, fmt, ap);
+    va_end(ap);
+    err->set = 1;
+  }
+  return SC_ERR;
+}
+
+const char *_sc_op_name(int op) {
+  switch (op) {
+  case SC_OP_CONV: return "conv";
+  case SC_OP_MAXPOOL: return "maxpool";
+  case SC_OP_AVGPOOL: return "avgpool";
+  case SC_OP_BATCHNORM: return "batchnorm";
+  case SC_OP_ACT: return "act";
+  case SC_OP_ADD: return "add";
+  default: return "unknown";
+  }
+}
+
+static int expected_fields(int64_t op) {
+  switch (op) {
+  case SC_OP_CONV: return SC_CONV_FIELDS;
+  case SC_OP_MAXPOOL: return SC_MAXPOOL_FIELDS;
+  case SC_OP_AVGPOOL: return SC_AVGPOOL_FIELDS;
+  case SC_OP_BATCHNORM: return SC_BATCHNORM_FIELDS;
+  case SC_OP_ACT: return SC_ACT_FIELDS;
+  case SC_OP_ADD: return SC_ADD_FIELDS;
+  default: return -1;
+  }
+}
+
+static double bits_to_double(int64_t w) {
+  double d;
+  memcpy(&d, &w, sizeof d);
+  return d;
+}
+
+/* Reader over one instruction's fields; names fields in messages. */
+typedef struct reader {
+  const int64_t *f; /* fields of the instruction */
+  int64_t index;    /* instruction index */
+  int op;
+  sc_error *err;
+} reader;
+
+static int field_range(reader *r, int i, const char *name, int64_t lo,
+                       int64_t hi, int64_t *out) {
+  int64_t v = r->f[i];
+  if (v < lo || v > hi)
+    return sc_fail(r->err,
+                   "streamcnn: program instruction %lld (%s): field '%s' = "
+                   "%lld is out of range [%lld, %lld]",
+                   (long long)r->index, _sc_op_name(r->op), name,
+                   (long long)v, (long long)lo, (long long)hi);
+  *out = v;
+  return SC_OK;
+}
+
+static int field_flag(reader *r, int i, const char *name, int *out) {
+  int64_t v = 0;
+  if (field_range(r, i, name, 0, 1, &v)) return SC_ERR;
+  *out = (int)v;
+  return SC_OK;
+}
+
+/* Input value: any earlier value (0 = image). */
+static int field_value(reader *r, int i, const char *name, int64_t *out) {
+  return field_range(r, i, name, 0, r->index, out);
+}
+
+/* Parameter index into the params list; optional ones may be -1. */
+static int field_param(reader *r, int i, const char *name, int optional,
+                       int64_t n_params, int64_t *out) {
+  int64_t v = r->f[i];
+  if (optional && v == -1) {
+    *out = -1;
+    return SC_OK;
+  }
+  if (v < 0 || v >= n_params)
+    return sc_fail(r->err,
+                   "streamcnn: program instruction %lld (%s): field '%s' = "
+                   "%lld is not a valid index into the %lld parameter "
+                   "tensors%s",
+                   (long long)r->index, _sc_op_name(r->op), name,
+                   (long long)v, (long long)n_params,
+                   optional ? " (use -1 for none)" : "");
+  *out = v;
+  return SC_OK;
+}
+
+static int field_double(reader *r, int i, const char *name, double lo,
+                        double *out) {
+  double v = bits_to_double(r->f[i]);
+  if (!isfinite(v) || v < lo)
+    return sc_fail(r->err,
+                   "streamcnn: program instruction %lld (%s): field '%s' = "
+                   "%g must be a finite number >= %g",
+                   (long long)r->index, _sc_op_name(r->op), name, v, lo);
+  *out = v;
+  return SC_OK;
+}
+
+/* kh kw sh sw [dh dw] fields starting at i; dilation 1 when !has_dil. */
+static int read_window(reader *r, int i, int has_dil, sc_window win[2]) {
+  static const char *names[] = {"kernel_h", "kernel_w", "stride_h",
+                                "stride_w", "dilation_h", "dilation_w"};
+  int64_t v[6] = {0, 0, 0, 0, 1, 1};
+  for (int j = 0; j < (has_dil ? 6 : 4); j++)
+    if (field_range(r, i + j, names[j], 1, SC_MAX_WINDOW, &v[j]))
+      return SC_ERR;
+  for (int a = 0; a < 2; a++) {
+    win[a].k = v[a];
+    win[a].s = v[2 + a];
+    win[a].d = v[4 + a];
+    win[a].ceil_mode = 0;
+  }
+  return SC_OK;
+}
+
+/* Symmetric pool padding at fields i, i+1, with ATen's bound: at most half
+ * of the effective kernel ((k - 1) * d + 1) / 2 for max pooling, k / 2 for
+ * average pooling. */
+static int read_pool_padding(reader *r, int i, sc_window win[2]) {
+  static const char *names[] = {"pad_h", "pad_w"};
+  for (int a = 0; a < 2; a++) {
+    int64_t eff = r->op == SC_OP_MAXPOOL ? ((win[a].k - 1) * win[a].d + 1) / 2
+                                         : win[a].k / 2;
+    int64_t p = 0;
+    if (field_range(r, i + a, names[a], 0, eff, &p)) return SC_ERR;
+    win[a].pad_lo = win[a].pad_hi = p;
+  }
+  return SC_OK;
+}
+
+static int decode_instr(reader *r, const sc_program *p, sc_instr *in) {
+  const int64_t n_params = p->n_params;
+  memset(in, 0, sizeof *in);
+  in->op = r->op;
+  in->n_in = 1;
+  in->weight = in->bias = -1;
+  in->bn_weight = in->bn_bias = in->bn_mean = in->bn_var = -1;
+  switch (r->op) {
+  case SC_OP_CONV: {
+    static const char *pad_names[] = {"pad_top", "pad_bottom", "pad_left",
+                                      "pad_right"};
+    int64_t pads[4] = {0, 0, 0, 0};
+    if (field_value(r, 0, "input", &in->in[0]) ||
+        field_param(r, 1, "weight", 0, n_params, &in->weight) ||
+        field_param(r, 2, "bias", 1, n_params, &in->bias) ||
+        field_range(r, 3, "in_channels", 1, SC_MAX_CHANNELS, &in->c_in) ||
+        field_range(r, 4, "out_channels", 1, SC_MAX_CHANNELS, &in->c_out) ||
+        field_range(r, 5, "groups", 1, SC_MAX_CHANNELS, &in->groups) ||
+        read_window(r, 6, 1, in->win))
+      return SC_ERR;
+    for (int j = 0; j < 4; j++)
+      if (field_range(r, 12 + j, pad_names[j], 0, SC_MAX_WINDOW, &pads[j]))
+        return SC_ERR;
+    in->win[0].pad_lo = pads[0];
+    in->win[0].pad_hi = pads[1];
+    in->win[1].pad_lo = pads[2];
+    in->win[1].pad_hi = pads[3];
+    if (in->c_in != p->channels[in->in[0]])
+      return sc_fail(r->err,
+                     "streamcnn: program instruction %lld (conv): field "
+                     "'in_channels' = %lld but its input value %lld has %lld "
+                     "channels",
+                     (long long)r->index, (long long)in->c_in,
+                     (long long)in->in[0],
+                     (long long)p->channels[in->in[0]]);
+    if (in->c_in % in->groups || in->c_out % in->groups)
+      return sc_fail(r->err,
+                     "streamcnn: program instruction %lld (conv): field "
+                     "'groups' = %lld must divide in_channels (%lld) and "
+                     "out_channels (%lld)",
+                     (long long)r->index, (long long)in->groups,
+                     (long long)in->c_in, (long long)in->c_out);
+    return SC_OK;
+  }
+  case SC_OP_MAXPOOL:
+    if (field_value(r, 0, "input", &in->in[0]) ||
+        read_window(r, 1, 1, in->win) || read_pool_padding(r, 7, in->win) ||
+        field_flag(r, 9, "ceil_mode", &in->win[0].ceil_mode))
+      return SC_ERR;
+    in->win[1].ceil_mode = in->win[0].ceil_mode;
+    in->c_out = p->channels[in->in[0]];
+    return SC_OK;
+  case SC_OP_AVGPOOL:
+    if (field_value(r, 0, "input", &in->in[0]) ||
+        read_window(r, 1, 0, in->win) || read_pool_padding(r, 5, in->win) ||
+        field_flag(r, 7, "ceil_mode", &in->win[0].ceil_mode) ||
+        field_flag(r, 8, "count_include_pad", &in->count_include_pad) ||
+        field_range(r, 9, "divisor_override", 0, SC_MAX_WINDOW * SC_MAX_WINDOW,
+                    &in->divisor_override))
+      return SC_ERR;
+    in->win[1].ceil_mode = in->win[0].ceil_mode;
+    in->c_out = p->channels[in->in[0]];
+    return SC_OK;
+  case SC_OP_BATCHNORM:
+    if (field_value(r, 0, "input", &in->in[0]) ||
+        field_param(r, 1, "weight", 1, n_params, &in->bn_weight) ||
+        field_param(r, 2, "bias", 1, n_params, &in->bn_bias) ||
+        field_param(r, 3, "running_mean", 0, n_params, &in->bn_mean) ||
+        field_param(r, 4, "running_var", 0, n_params, &in->bn_var) ||
+        field_double(r, 5, "eps", 0.0, &in->eps))
+      return SC_ERR;
+    in->c_out = p->channels[in->in[0]];
+    return SC_OK;
+  case SC_OP_ACT: {
+    int64_t kind = 0;
+    if (field_value(r, 0, "input", &in->in[0]) ||
+        field_range(r, 1, "kind", SC_ACT_RELU, SC_ACT_HARDSWISH, &kind))
+      return SC_ERR;
+    in->act = (int)kind;
+    if (kind == SC_ACT_LEAKY_RELU) {
+      if (field_double(r, 2, "negative_slope", -INFINITY, &in->act_arg))
+        return SC_ERR;
+    } else if (kind == SC_ACT_GELU) {
+      if (field_range(r, 2, "approximate", 0, 1, &in->act_iarg)) return SC_ERR;
+    } else {
+      int64_t unused;
+      if (field_range(r, 2, "arg", 0, 0, &unused)) return SC_ERR;
+    }
+    in->c_out = p->channels[in->in[0]];
+    return SC_OK;
+  }
+  case SC_OP_ADD:
+    in->n_in = 2;
+    if (field_value(r, 0, "a", &in->in[0]) ||
+        field_value(r, 1, "b", &in->in[1]))
+      return SC_ERR;
+    if (p->channels[in->in[0]] != p->channels[in->in[1]])
+      return sc_fail(r->err,
+                     "streamcnn: program instruction %lld (add): inputs %lld "
+                     "and %lld have %lld and %lld channels",
+                     (long long)r->index, (long long)in->in[0],
+                     (long long)in->in[1],
+                     (long long)p->channels[in->in[0]],
+                     (long long)p->channels[in->in[1]]);
+    in->c_out = p->channels[in->in[0]];
+    return SC_OK;
+  default:
+    return sc_fail(r->err, "streamcnn: internal error: opcode %d", r->op);
+  }
+}
+
+void sc_program_free(sc_program *p) {
+  if (!p) return;
+  free(p->instr);
+  free(p->channels);
+  free(p->n_consumers);
+  free(p);
+}
+
+int sc_program_decode(const int64_t *words, int64_t n_words,
+                      sc_program **out, sc_error *err) {
+  *out = NULL;
+  if (!words || n_words < SC_PROGRAM_HEADER)
+    return sc_fail(err,
+                   "streamcnn: program has %lld words; a program starts with "
+                   "%d header words (magic, version, in_channels, "
+                   "n_instructions, n_params)",
+                   (long long)n_words, SC_PROGRAM_HEADER);
+  if (words[0] != SC_PROGRAM_MAGIC)
+    return sc_fail(err,
+                   "streamcnn: program does not start with the magic word "
+                   "0x%llx (got %lld): not a streamcnn program",
+                   (unsigned long long)SC_PROGRAM_MAGIC, (long long)words[0]);
+  if (words[1] != SC_PROGRAM_VERSION)
+    return sc_fail(err,
+                   "streamcnn: program version %lld is not supported (this "
+                   "library reads version %d)",
+                   (long long)words[1], SC_PROGRAM_VERSION);
+  if (words[2] < 1 || words[2] > SC_MAX_CHANNELS)
+    return sc_fail(err,
+                   "streamcnn: program header: in_channels = %lld is out of "
+                   "range [1, %lld]",
+                   (long long)words[2], (long long)SC_MAX_CHANNELS);
+  if (words[3] < 1 || words[3] > SC_MAX_INSTRUCTIONS)
+    return sc_fail(err,
+                   "streamcnn: program header: n_instructions = %lld is out "
+                   "of range [1, %d]",
+                   (long long)words[3], SC_MAX_INSTRUCTIONS);
+  if (words[4] < 0 || words[4] > 4 * SC_MAX_INSTRUCTIONS)
+    return sc_fail(err,
+                   "streamcnn: program header: n_params = %lld is out of "
+                   "range [0, %d]",
+                   (long long)words[4], 4 * SC_MAX_INSTRUCTIONS);
+
+  sc_program *p = calloc(1, sizeof *p);
+  if (!p) return sc_fail(err, "streamcnn: out of memory decoding program");
+  p->in_channels = words[2];
+  p->n_instr = words[3];
+  p->n_params = words[4];
+  p->instr = calloc((size_t)p->n_instr, sizeof *p->instr);
+  p->channels = calloc((size_t)p->n_instr + 1, sizeof *p->channels);
+  p->n_consumers = calloc((size_t)p->n_instr + 1, sizeof *p->n_consumers);
+  /* total stride per value and axis, to check that added values align */
+  int64_t *vstride = calloc(2 * ((size_t)p->n_instr + 1), sizeof *vstride);
+  if (!p->instr || !p->channels || !p->n_consumers || !vstride) {
+    free(vstride);
+    sc_program_free(p);
+    return sc_fail(err, "streamcnn: out of memory decoding program");
+  }
+  p->channels[0] = p->in_channels;
+  vstride[0] = vstride[1] = 1;
+
+  int64_t pos = SC_PROGRAM_HEADER;
+  for (int64_t i = 0; i < p->n_instr; i++) {
+    if (n_words - pos < 2) {
+      sc_fail(err,
+              "streamcnn: program ends inside instruction %lld: expected "
+              "[opcode, n_fields, ...] at word %lld of %lld",
+              (long long)i, (long long)pos, (long long)n_words);
+      goto fail;
+    }
+    int64_t op = words[pos], nf = words[pos + 1];
+    int want = expected_fields(op);
+    if (want < 0) {
+      sc_fail(err,
+              "streamcnn: program instruction %lld: unknown opcode %lld "
+              "(word %lld)",
+              (long long)i, (long long)op, (long long)pos);
+      goto fail;
+    }
+    if (nf != want) {
+      sc_fail(err,
+              "streamcnn: program instruction %lld (%s): n_fields = %lld, "
+              "expected %d",
+              (long long)i, _sc_op_name((int)op), (long long)nf, want);
+      goto fail;
+    }
+    if (n_words - pos - 2 < nf) {
+      sc_fail(err,
+              "streamcnn: program ends inside instruction %lld (%s): needs "
+              "%lld fields, %lld words left",
+              (long long)i, _sc_op_name((int)op), (long long)nf,
+              (long long)(n_words - pos - 2));
+      goto fail;
+    }
+    reader r = {words + pos + 2, i, (int)op, err};
+    sc_instr *in = &p->instr[i];
+    if (decode_instr(&r, p, in)) goto fail;
+    pos += 2 + nf;
+
+    p->channels[i + 1] = in->c_out;
+    for (int j = 0; j < in->n_in; j++) p->n_consumers[in->in[j]]++;
+    for (int a = 0; a < 2; a++) {
+      int64_t s = vstride[2 * in->in[0] + a];
+      if (in->op == SC_OP_CONV || in->op == SC_OP_MAXPOOL ||
+          in->op == SC_OP_AVGPOOL)
+        s *= in->win[a].s;
+      if (s > SC_MAX_EXTENT) {
+        sc_fail(err,
+                "streamcnn: program instruction %lld (%s): total stride %lld "
+                "exceeds %lld",
+                (long long)i, _sc_op_name(in->op), (long long)s,
+                (long long)SC_MAX_EXTENT);
+        goto fail;
+      }
+      if (in->op == SC_OP_ADD && vstride[2 * in->in[1] + a] != s) {
+        sc_fail(err,
+                "streamcnn: program instruction %lld (add): inputs %lld and "
+                "%lld have different total strides along %s (%lld vs %lld)",
+                (long long)i, (long long)in->in[0], (long long)in->in[1],
+                a ? "columns" : "rows", (long long)s,
+                (long long)vstride[2 * in->in[1] + a]);
+        goto fail;
+      }
+      vstride[2 * (i + 1) + a] = s;
+    }
+  }
+  if (pos != n_words) {
+    sc_fail(err,
+            "streamcnn: program has %lld trailing words after its %lld "
+            "instructions",
+            (long long)(n_words - pos), (long long)p->n_instr);
+    goto fail;
+  }
+  p->stride[0] = vstride[2 * p->n_instr];
+  p->stride[1] = vstride[2 * p->n_instr + 1];
+  free(vstride);
+  *out = p;
+  return SC_OK;
+
+fail:
+  free(vstride);
+  sc_program_free(p);
+  return SC_ERR;
+}

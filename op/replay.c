@@ -1,0 +1,816 @@
+/*
+ * replay.c — run the program tile by tile, forward and backward.
+ *
+ * Forward: the stem output is partitioned into tiles; for each tile the
+ * geometry (geometry.c) gives the span of every value the tile depends on,
+ * and the program runs on those spans only. Window layers run with padding
+ * 0 on an input that is explicitly padded where (and only where) it crosses
+ * the true border of its value, so every tile computes exactly the values
+ * of the whole-image pass.
+ *
+ * Backward: by linearity the gradient of the loss is the sum over output
+ * tiles of each tile's output gradient pushed back through its own cone.
+ * Each tile recomputes its cone's forward (keeping what the backward ops
+ * need), back-propagates through ATen's backward ops, sums weight
+ * gradients over tiles and scatter-adds input gradients into the image.
+ *
+ * Ownership: a `run` owns every handle stored in it; run_tile_release and
+ * run_release free them. Borrowed inputs (image, params, grad_output) are
+ * only read, never written.
+ */
+#define STREAMCNN_TORCH
+#include "internal.h"
+
+#include "tile.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct run {
+  sc_ctx *ctx;
+  const sc_call *call;
+  const sc_program *p;
+  int64_t nv;           /* values: n_instr + 1 */
+  int64_t batch;
+  int64_t *sizes;       /* 2 * nv: extent of every value (rows, cols) */
+  int64_t tile_out[2];  /* output tile edge (rows, cols) */
+  int64_t n_tiles[2];
+  sc_axis_plan **plans[2]; /* per axis, one plan per tile index */
+
+  /* per-tile state */
+  int64_t ti[2];            /* current tile index (rows, cols) */
+  AtenTensorHandle *val;    /* nv: forward value over its region */
+  AtenTensorHandle *grad;   /* nv: gradient over the value's region */
+  unsigned char *grad_mine; /* nv: grad[v] may be written in place */
+  AtenTensorHandle *padded; /* n_instr: input of a window layer (backward) */
+  AtenTensorHandle *aux;    /* n_instr: max-pool indices / avg-pool divisor */
+  int64_t *left;            /* nv: consumers still to run (forward only) */
+
+  /* backward */
+  const int *mask;          /* 1 + n_params */
+  unsigned char *needs;     /* nv: value needs a gradient */
+  AtenTensorHandle *pgrad;  /* n_params: gradient sums */
+  AtenTensorHandle igrad;   /* image gradient, when mask[0] */
+} run;
+
+/* ---- spans ------------------------------------------------------------------ */
+
+static const int64_t *region(const run *r, int axis, int64_t v) {
+  return &r->plans[axis][r->ti[axis]]->region[2 * v];
+}
+
+static const int64_t *readspan(const run *r, int axis, int64_t i, int slot) {
+  return &r->plans[axis][r->ti[axis]]->read[4 * i + 2 * slot];
+}
+
+static int empty(const int64_t *s) { return s[1] <= s[0]; }
+
+static int value_empty(const run *r, int64_t v) {
+  return empty(region(r, 0, v)) || empty(region(r, 1, v));
+}
+
+/* [lo, hi) clipped to [0, n) */
+static void clip(const int64_t *s, int64_t n, int64_t out[2]) {
+  out[0] = s[0] < 0 ? 0 : s[0];
+  out[1] = s[1] > n ? n : s[1];
+  if (out[1] < out[0]) out[1] = out[0];
+}
+
+/* New reference to `t` restricted to the absolute spans (rows, cols), given
+ * that t covers the absolute spans (trow, tcol). */
+static int subview(run *r, AtenTensorHandle t, const int64_t *trow,
+                   const int64_t *tcol, const int64_t *row,
+                   const int64_t *col, AtenTensorHandle *out) {
+  if (row[0] == trow[0] && row[1] == trow[1] && col[0] == tcol[0] &&
+      col[1] == tcol[1]) {
+    if (aoti_torch_new_tensor_handle(t, out))
+      return sc_fail(&r->ctx->err, "streamcnn: cannot reference a tensor");
+    return SC_OK;
+  }
+  return _sc_view(r->ctx, t, row[0] - trow[0], row[1] - row[0],
+                  col[0] - tcol[0], col[1] - col[0], out);
+}
+
+/* ---- per-call setup ----------------------------------------------------------- */
+
+static void run_tile_release(run *r) {
+  for (int64_t v = 0; v < r->nv; v++) {
+    _sc_drop(&r->val[v]);
+    _sc_drop(&r->grad[v]);
+    r->grad_mine[v] = 0;
+  }
+  for (int64_t i = 0; i < r->p->n_instr; i++) {
+    _sc_drop(&r->padded[i]);
+    _sc_drop(&r->aux[i]);
+  }
+}
+
+static void run_release(run *r) {
+  if (r->val) run_tile_release(r);
+  for (int a = 0; a < 2; a++) {
+    if (!r->plans[a]) continue;
+    for (int64_t t = 0; t < r->n_tiles[a]; t++)
+      sc_axis_plan_free(r->plans[a][t]);
+    free(r->plans[a]);
+  }
+  if (r->pgrad)
+    for (int64_t k = 0; k < r->p->n_params; k++) _sc_drop(&r->pgrad[k]);
+  _sc_drop(&r->igrad);
+  free(r->sizes);
+  free(r->val);
+  free(r->grad);
+  free(r->grad_mine);
+  free(r->padded);
+  free(r->aux);
+  free(r->left);
+  free(r->needs);
+  free(r->pgrad);
+}
+
+static int run_init(run *r, sc_ctx *ctx, const sc_call *call) {
+  const sc_program *p = call->prog;
+  int64_t dim, *isz, *ist;
+  memset(r, 0, sizeof *r);
+  r->ctx = ctx;
+  r->call = call;
+  r->p = p;
+  r->nv = p->n_instr + 1;
+  if (_sc_meta(ctx, call->image, &dim, &isz, &ist)) return SC_ERR;
+  r->batch = isz[0];
+  r->sizes = calloc(2 * (size_t)r->nv, sizeof *r->sizes);
+  r->val = calloc((size_t)r->nv, sizeof *r->val);
+  r->grad = calloc((size_t)r->nv, sizeof *r->grad);
+  r->grad_mine = calloc((size_t)r->nv, 1);
+  r->padded = calloc((size_t)p->n_instr, sizeof *r->padded);
+  r->aux = calloc((size_t)p->n_instr, sizeof *r->aux);
+  r->left = calloc((size_t)r->nv, sizeof *r->left);
+  r->needs = calloc((size_t)r->nv, 1);
+  r->pgrad = calloc((size_t)p->n_params + 1, sizeof *r->pgrad);
+  if (!r->sizes || !r->val || !r->grad || !r->grad_mine || !r->padded ||
+      !r->aux || !r->left || !r->needs || !r->pgrad)
+    return sc_fail(&ctx->err, "streamcnn: out of memory");
+  if (sc_value_sizes(p, isz[2], isz[3], r->sizes, &ctx->err) ||
+      _sc_tiling(p, r->sizes, call->tile[0], call->tile[1], r->tile_out,
+                 &ctx->err))
+    return SC_ERR;
+  for (int a = 0; a < 2; a++) {
+    const int64_t n = r->sizes[2 * p->n_instr + a];
+    r->n_tiles[a] = (n + r->tile_out[a] - 1) / r->tile_out[a];
+    r->plans[a] = calloc((size_t)r->n_tiles[a], sizeof *r->plans[a]);
+    if (!r->plans[a]) return sc_fail(&ctx->err, "streamcnn: out of memory");
+    for (int64_t t = 0; t < r->n_tiles[a]; t++) {
+      const int64_t lo = t * r->tile_out[a];
+      const int64_t hi = lo + r->tile_out[a] < n ? lo + r->tile_out[a] : n;
+      r->plans[a][t] = sc_axis_plan_new(p);
+      if (!r->plans[a][t])
+        return sc_fail(&ctx->err, "streamcnn: out of memory");
+      if (sc_plan_axis(p, r->sizes, a, lo, hi, r->plans[a][t], &ctx->err))
+        return SC_ERR;
+    }
+  }
+  return SC_OK;
+}
+
+/* ---- forward of one tile ---------------------------------------------------- */
+
+/* Per output row (or col) of a pool over an input of extent n: the divisor
+ * factor ATen uses (count_include_pad: window clipped to n + pad; else
+ * window clipped to [0, n)). Returns 1 when every factor equals k. */
+static int avg_factors(const sc_window *w, int include_pad, int64_t n,
+                       const int64_t *span, double *f) {
+  int uniform = 1;
+  for (int64_t o = span[0]; o < span[1]; o++) {
+    const int64_t start = o * w->s - w->pad_lo;
+    int64_t end = start + w->k;
+    if (end > n + w->pad_hi) end = n + w->pad_hi;
+    int64_t cnt;
+    if (include_pad) {
+      cnt = end - start;
+    } else {
+      const int64_t s0 = start < 0 ? 0 : start, e0 = end > n ? n : end;
+      cnt = e0 - s0;
+    }
+    f[o - span[0]] = (double)cnt;
+    if (cnt != w->k) uniform = 0;
+  }
+  return uniform;
+}
+
+/* Divisor map [1, 1, h, w] of ATen's average pooling for the output region
+ * of instruction i, or NULL (*out) when the divisor is k_h * k_w throughout
+ * (then avg_pool2d with zero explicit padding is already exact). */
+static int avg_divisor(run *r, int64_t i, AtenTensorHandle *out) {
+  const sc_instr *in = &r->p->instr[i];
+  const int64_t o = i + 1;
+  const int64_t *rs = region(r, 0, o), *cs = region(r, 1, o);
+  const int64_t h = rs[1] - rs[0], w = cs[1] - cs[0];
+  int rc = SC_ERR;
+  *out = NULL;
+  if (in->divisor_override) return SC_OK;
+  double *fr = malloc((size_t)(h + w) * sizeof *fr);
+  if (!fr) return sc_fail(&r->ctx->err, "streamcnn: out of memory");
+  double *fc = fr + h;
+  const int ur = avg_factors(&in->win[0], in->count_include_pad,
+                             r->sizes[2 * in->in[0]], rs, fr);
+  const int uc = avg_factors(&in->win[1], in->count_include_pad,
+                             r->sizes[2 * in->in[0] + 1], cs, fc);
+  if (ur && uc) {
+    free(fr);
+    return SC_OK;
+  }
+  const int64_t shape[4] = {1, 1, h, w}, strides[4] = {h * w, h * w, w, 1};
+  AtenTensorHandle host = NULL;
+  void *data;
+  if (aoti_torch_empty_strided(4, shape, strides, r->ctx->dtype,
+                               aoti_torch_device_type_cpu(), 0, &host) ||
+      aoti_torch_get_data_ptr(host, &data)) {
+    sc_fail(&r->ctx->err, "streamcnn: could not allocate a divisor map");
+    goto done;
+  }
+  for (int64_t y = 0; y < h; y++)
+    for (int64_t x = 0; x < w; x++) {
+      const double d = fr[y] * fc[x]; /* exact: small integers */
+      if (r->ctx->kdtype == SC_DTYPE_F32)
+        ((float *)data)[y * w + x] = (float)d;
+      else
+        ((double *)data)[y * w + x] = d;
+    }
+  if (!r->ctx->is_cuda) {
+    *out = host;
+    host = NULL;
+  } else if (_sc_empty(r->ctx, 4, shape, out) ||
+             _sc_copy_across(r->ctx, *out, host)) {
+    _sc_drop(out);
+    goto done;
+  }
+  rc = SC_OK;
+done:
+  _sc_drop(&host);
+  free(fr);
+  return rc;
+}
+
+/* Input of instruction i, slot j, over the span it reads: a view of the
+ * input value where the span lies inside it, else a padded copy. */
+static int layer_input(run *r, int64_t i, int j, double pad_value,
+                       AtenTensorHandle *out) {
+  const sc_instr *in = &r->p->instr[i];
+  const int64_t v = in->in[j];
+  const int64_t *rd[2] = {readspan(r, 0, i, j), readspan(r, 1, i, j)};
+  int64_t cl[2][2];
+  int inside = 1, nonempty = 1;
+  *out = NULL;
+  for (int a = 0; a < 2; a++) {
+    clip(rd[a], r->sizes[2 * v + a], cl[a]);
+    if (cl[a][0] != rd[a][0] || cl[a][1] != rd[a][1]) inside = 0;
+    if (empty(cl[a])) nonempty = 0;
+  }
+  AtenTensorHandle src = NULL;
+  if (nonempty) {
+    if (!r->val[v])
+      return sc_fail(&r->ctx->err,
+                     "streamcnn: internal error: value %lld not computed",
+                     (long long)v);
+    if (subview(r, r->val[v], region(r, 0, v), region(r, 1, v), cl[0], cl[1],
+                &src))
+      return SC_ERR;
+  }
+  if (inside) {
+    *out = src;
+    return SC_OK;
+  }
+  int rc = _sc_gather(r->ctx, src, r->batch, r->p->channels[v],
+                      rd[0][1] - rd[0][0], rd[1][1] - rd[1][0],
+                      cl[0][0] - rd[0][0], cl[1][0] - rd[1][0], pad_value, out);
+  _sc_drop(&src);
+  return rc;
+}
+
+/* Input value of a pointwise instruction restricted to its output region. */
+static int pointwise_input(run *r, int64_t i, int j, AtenTensorHandle *out) {
+  const int64_t v = r->p->instr[i].in[j], o = i + 1;
+  return subview(r, r->val[v], region(r, 0, v), region(r, 1, v),
+                 region(r, 0, o), region(r, 1, o), out);
+}
+
+static AtenTensorHandle param(const run *r, int64_t k) {
+  return k >= 0 ? r->call->params[k] : NULL;
+}
+
+/* Run instruction i on the current tile; keep: store what backward needs. */
+static int forward_instr(run *r, int64_t i, int keep) {
+  const sc_instr *in = &r->p->instr[i];
+  sc_ctx *ctx = r->ctx;
+  AtenTensorHandle x = NULL, y = NULL, aux = NULL, t = NULL;
+  int rc = SC_ERR;
+  switch (in->op) {
+  case SC_OP_CONV:
+    if (layer_input(r, i, 0, 0.0, &x) ||
+        _sc_conv(ctx, x, param(r, in->weight), param(r, in->bias), in, &y))
+      goto done;
+    break;
+  case SC_OP_MAXPOOL:
+    /* NB: max pooling pads with -inf, not 0 */
+    if (layer_input(r, i, 0, -INFINITY, &x) ||
+        _sc_maxpool(ctx, x, in, &y, keep ? &aux : NULL))
+      goto done;
+    break;
+  case SC_OP_AVGPOOL:
+    if (layer_input(r, i, 0, 0.0, &x) || avg_divisor(r, i, &aux)) goto done;
+    if (!aux) {
+      if (_sc_avgpool(ctx, x, in, in->divisor_override, &y)) goto done;
+    } else { /* window sums over the zero-padded input / ATen's divisors */
+      if (_sc_avgpool(ctx, x, in, 1, &t) || _sc_div(ctx, t, aux, &y))
+        goto done;
+    }
+    if (!keep) _sc_drop(&aux);
+    break;
+  case SC_OP_BATCHNORM: {
+    AtenTensorHandle p4[4] = {param(r, in->bn_weight), param(r, in->bn_bias),
+                              param(r, in->bn_mean), param(r, in->bn_var)};
+    if (pointwise_input(r, i, 0, &x) ||
+        _sc_batchnorm(ctx, x, p4, in->eps, &y))
+      goto done;
+    break;
+  }
+  case SC_OP_ACT:
+    if (pointwise_input(r, i, 0, &x) || _sc_act(ctx, in, x, &y)) goto done;
+    break;
+  case SC_OP_ADD: {
+    AtenTensorHandle b = NULL;
+    rc = pointwise_input(r, i, 0, &x) || pointwise_input(r, i, 1, &b) ||
+         _sc_add(ctx, x, b, &y);
+    _sc_drop(&b);
+    if (rc) goto done;
+    break;
+  }
+  default:
+    sc_fail(&ctx->err, "streamcnn: internal error: opcode %d", in->op);
+    goto done;
+  }
+  r->val[i + 1] = y;
+  y = NULL;
+  if (keep && _sc_is_window(in->op)) {
+    r->padded[i] = x;
+    r->aux[i] = aux;
+    x = aux = NULL;
+  }
+  rc = SC_OK;
+done:
+  _sc_drop(&x);
+  _sc_drop(&y);
+  _sc_drop(&aux);
+  _sc_drop(&t);
+  return rc;
+}
+
+/* Forward of the current tile's cone. keep = 0 frees each value once its
+ * last consumer ran; keep = 1 holds everything for the backward. */
+static int forward_tile(run *r, int keep) {
+  const sc_program *p = r->p;
+  const int64_t out_v = p->n_instr;
+  if (!value_empty(r, 0) &&
+      subview(r, r->call->image, (const int64_t[2]){0, r->sizes[0]},
+              (const int64_t[2]){0, r->sizes[1]}, region(r, 0, 0),
+              region(r, 1, 0), &r->val[0]))
+    return SC_ERR;
+  for (int64_t v = 0; v < r->nv; v++) r->left[v] = p->n_consumers[v];
+  for (int64_t i = 0; i < p->n_instr; i++) {
+    if (value_empty(r, i + 1)) continue; /* only padding reads it */
+    if (forward_instr(r, i, keep)) return SC_ERR;
+    if (keep) continue;
+    const sc_instr *in = &p->instr[i];
+    for (int j = 0; j < in->n_in; j++)
+      if (--r->left[in->in[j]] == 0 && in->in[j] != out_v)
+        _sc_drop(&r->val[in->in[j]]);
+  }
+  return SC_OK;
+}
+
+/* ---- forward ---------------------------------------------------------------- */
+
+int _sc_forward(sc_ctx *ctx, const sc_call *call, AtenTensorHandle *out) {
+  run r;
+  AtenTensorHandle dst = NULL;
+  *out = NULL;
+  int rc = run_init(&r, ctx, call);
+  const int64_t ov = call->prog->n_instr;
+  if (!rc) {
+    const int64_t shape[4] = {r.batch, call->prog->channels[ov],
+                              r.sizes[2 * ov], r.sizes[2 * ov + 1]};
+    rc = _sc_empty(ctx, 4, shape, out);
+  }
+  for (r.ti[0] = 0; !rc && r.ti[0] < r.n_tiles[0]; r.ti[0]++)
+    for (r.ti[1] = 0; !rc && r.ti[1] < r.n_tiles[1]; r.ti[1]++) {
+      const int64_t *rs = region(&r, 0, ov), *cs = region(&r, 1, ov);
+      rc = forward_tile(&r, 0) ||
+           _sc_view(ctx, *out, rs[0], rs[1] - rs[0], cs[0], cs[1] - cs[0],
+                    &dst) ||
+           _sc_copy(ctx, dst, r.val[ov], 0);
+      _sc_drop(&dst);
+      run_tile_release(&r);
+    }
+  if (rc) _sc_drop(out);
+  run_release(&r);
+  return rc;
+}
+
+/* ---- backward of one tile ------------------------------------------------- */
+
+/* Add g (the gradient of the span instruction i reads through slot j) into
+ * the gradient of that input value. mine: g's storage may be adopted. */
+static int accum_input(run *r, int64_t i, int j, AtenTensorHandle g,
+                       int mine) {
+  const sc_instr *in = &r->p->instr[i];
+  const int64_t v = in->in[j];
+  sc_ctx *ctx = r->ctx;
+  const int pointwise = !_sc_is_window(in->op);
+  const int64_t *rd[2];
+  int64_t cl[2][2];
+  AtenTensorHandle gv = NULL, dst = NULL;
+  int rc = SC_ERR;
+  for (int a = 0; a < 2; a++) {
+    rd[a] = pointwise ? region(r, a, i + 1) : readspan(r, a, i, j);
+    clip(rd[a], r->sizes[2 * v + a], cl[a]);
+    if (empty(cl[a])) return SC_OK; /* it read only padding */
+  }
+  if (subview(r, g, rd[0], rd[1], cl[0], cl[1], &gv)) return SC_ERR;
+  if (v == 0) { /* the image: scatter-add straight into its gradient */
+    rc = _sc_view(ctx, r->igrad, cl[0][0], cl[0][1] - cl[0][0], cl[1][0],
+                  cl[1][1] - cl[1][0], &dst) ||
+         _sc_copy(ctx, dst, gv, 1);
+    goto done;
+  }
+  const int64_t *rv[2] = {region(r, 0, v), region(r, 1, v)};
+  const int whole = cl[0][0] == rv[0][0] && cl[0][1] == rv[0][1] &&
+                    cl[1][0] == rv[1][0] && cl[1][1] == rv[1][1];
+  if (!r->grad[v] && whole && mine) { /* adopt */
+    r->grad[v] = gv;
+    r->grad_mine[v] = 1;
+    return SC_OK;
+  }
+  if (r->grad[v] && !r->grad_mine[v]) { /* never write what is not ours */
+    AtenTensorHandle own = NULL;
+    int64_t dim, *sz, *st;
+    if (_sc_meta(ctx, r->grad[v], &dim, &sz, &st) ||
+        _sc_empty(ctx, dim, sz, &own) || _sc_copy(ctx, own, r->grad[v], 0)) {
+      _sc_drop(&own);
+      goto done;
+    }
+    _sc_drop(&r->grad[v]);
+    r->grad[v] = own;
+    r->grad_mine[v] = 1;
+  }
+  if (!r->grad[v]) {
+    const int64_t shape[4] = {r->batch, r->p->channels[v],
+                              rv[0][1] - rv[0][0], rv[1][1] - rv[1][0]};
+    if (whole) {
+      rc = _sc_empty(ctx, 4, shape, &r->grad[v]) ||
+           _sc_copy(ctx, r->grad[v], gv, 0);
+      r->grad_mine[v] = 1;
+      goto done;
+    }
+    if (_sc_zeros(ctx, 4, shape, &r->grad[v])) goto done;
+    r->grad_mine[v] = 1;
+  }
+  rc = subview(r, r->grad[v], rv[0], rv[1], cl[0], cl[1], &dst) ||
+       _sc_copy(ctx, dst, gv, 1);
+done:
+  _sc_drop(&gv);
+  _sc_drop(&dst);
+  return rc;
+}
+
+/* Sum a parameter gradient (owned t) over tiles and uses. */
+static int accum_param(run *r, int64_t k, AtenTensorHandle *t) {
+  if (!r->pgrad[k]) {
+    r->pgrad[k] = *t;
+    *t = NULL;
+    return SC_OK;
+  }
+  int rc = _sc_copy(r->ctx, r->pgrad[k], *t, 1);
+  _sc_drop(t);
+  return rc;
+}
+
+static int wants(const run *r, int64_t k) { return k >= 0 && r->mask[1 + k]; }
+
+static int backward_instr(run *r, int64_t i) {
+  const sc_instr *in = &r->p->instr[i];
+  sc_ctx *ctx = r->ctx;
+  const int64_t o = i + 1;
+  AtenTensorHandle g = r->grad[o], x = NULL, gi = NULL, t = NULL;
+  AtenTensorHandle res[3] = {NULL, NULL, NULL};
+  const int need_in = r->needs[in->in[0]];
+  int rc = SC_ERR;
+  switch (in->op) {
+  case SC_OP_CONV: {
+    const int m[3] = {need_in, wants(r, in->weight), wants(r, in->bias)};
+    if (!m[0] && !m[1] && !m[2]) break;
+    if (_sc_conv_backward(ctx, g, r->padded[i], param(r, in->weight), in, m,
+                          res) ||
+        (m[1] && accum_param(r, in->weight, &res[1])) ||
+        (m[2] && accum_param(r, in->bias, &res[2])) ||
+        (m[0] && accum_input(r, i, 0, res[0], 1)))
+      goto done;
+    break;
+  }
+  case SC_OP_MAXPOOL:
+    if (need_in &&
+        (_sc_maxpool_backward(ctx, g, r->padded[i], in, r->aux[i], &gi) ||
+         accum_input(r, i, 0, gi, 1)))
+      goto done;
+    break;
+  case SC_OP_AVGPOOL:
+    if (!need_in) break;
+    if (r->aux[i]) { /* forward divided window sums by the divisor map */
+      if (_sc_div(ctx, g, r->aux[i], &t) ||
+          _sc_avgpool_backward(ctx, t, r->padded[i], in, 1, &gi))
+        goto done;
+    } else if (_sc_avgpool_backward(ctx, g, r->padded[i], in,
+                                    in->divisor_override, &gi)) {
+      goto done;
+    }
+    if (accum_input(r, i, 0, gi, 1)) goto done;
+    break;
+  case SC_OP_BATCHNORM: {
+    const int m[3] = {need_in, wants(r, in->bn_weight),
+                      wants(r, in->bn_bias)};
+    AtenTensorHandle p4[4] = {param(r, in->bn_weight), param(r, in->bn_bias),
+                              param(r, in->bn_mean), param(r, in->bn_var)};
+    if (!m[0] && !m[1] && !m[2]) break;
+    if (pointwise_input(r, i, 0, &x) ||
+        _sc_batchnorm_backward(ctx, g, x, p4, in->eps, m, res) ||
+        (m[1] && accum_param(r, in->bn_weight, &res[1])) ||
+        (m[2] && accum_param(r, in->bn_bias, &res[2])) ||
+        (m[0] && accum_input(r, i, 0, res[0], 1)))
+      goto done;
+    break;
+  }
+  case SC_OP_ACT:
+    if (need_in && (pointwise_input(r, i, 0, &x) ||
+                    _sc_act_backward(ctx, in, g, x, r->val[o], &gi) ||
+                    accum_input(r, i, 0, gi, 1)))
+      goto done;
+    break;
+  case SC_OP_ADD: {
+    /* the same gradient flows to both inputs: the first taker may adopt
+     * it, the second (or a taker when it is not ours) copies */
+    int mine = r->grad_mine[o];
+    for (int j = 0; j < 2; j++) {
+      if (!r->needs[in->in[j]]) continue;
+      if (accum_input(r, i, j, g, mine)) goto done;
+      mine = 0;
+    }
+    break;
+  }
+  default:
+    sc_fail(&ctx->err, "streamcnn: internal error: opcode %d", in->op);
+    goto done;
+  }
+  rc = SC_OK;
+done:
+  _sc_drop(&x);
+  _sc_drop(&gi);
+  _sc_drop(&t);
+  for (int k = 0; k < 3; k++) _sc_drop(&res[k]);
+  return rc;
+}
+
+static int backward_tile(run *r, AtenTensorHandle grad_out) {
+  const int64_t ov = r->p->n_instr;
+  if (forward_tile(r, 1)) return SC_ERR;
+  const int64_t *rs = region(r, 0, ov), *cs = region(r, 1, ov);
+  if (_sc_view(r->ctx, grad_out, rs[0], rs[1] - rs[0], cs[0], cs[1] - cs[0],
+               &r->grad[ov]))
+    return SC_ERR;
+  r->grad_mine[ov] = 0; /* the caller's tensor: read only */
+  for (int64_t i = r->p->n_instr - 1; i >= 0; i--) {
+    const int64_t o = i + 1;
+    if (r->grad[o] && backward_instr(r, i)) return SC_ERR;
+    /* free as we go: nothing later reads value o or this layer's input */
+    _sc_drop(&r->grad[o]);
+    _sc_drop(&r->val[o]);
+    _sc_drop(&r->padded[i]);
+    _sc_drop(&r->aux[i]);
+  }
+  return SC_OK;
+}
+
+/* ---- backward ---------------------------------------------------------------- */
+
+static int zeros_like(sc_ctx *ctx, AtenTensorHandle t, AtenTensorHandle *out) {
+  int64_t dim, *sz, *st, strides[8];
+  int32_t dtype, dt, di;
+  *out = NULL;
+  if (_sc_meta(ctx, t, &dim, &sz, &st) || aoti_torch_get_dtype(t, &dtype) ||
+      aoti_torch_get_device_type(t, &dt) ||
+      aoti_torch_get_device_index(t, &di) || dim > 8)
+    return sc_fail(&ctx->err, "streamcnn: cannot read a parameter");
+  int64_t acc = 1;
+  for (int64_t i = dim - 1; i >= 0; i--) {
+    strides[i] = acc;
+    acc *= sz[i] > 1 ? sz[i] : 1;
+  }
+  if (aoti_torch_empty_strided(dim, sz, strides, dtype, dt, di, out) ||
+      aoti_torch_zero_(*out)) {
+    _sc_drop(out);
+    return sc_fail(&ctx->err, "streamcnn: could not allocate a gradient");
+  }
+  return SC_OK;
+}
+
+int _sc_backward(sc_ctx *ctx, const sc_call *call, AtenTensorHandle grad_out,
+                 const int *mask, AtenTensorHandle *grads) {
+  const sc_program *p = call->prog;
+  const int64_t ov = p->n_instr;
+  run r;
+  for (int64_t k = 0; k <= p->n_params; k++) grads[k] = NULL;
+  int rc = run_init(&r, ctx, call);
+  r.mask = mask;
+  if (!rc) { /* check grad_output against the forward's output */
+    int64_t dim, *sz, *st;
+    int32_t dtype, dt, di;
+    const int64_t want[4] = {r.batch, p->channels[ov], r.sizes[2 * ov],
+                             r.sizes[2 * ov + 1]};
+    rc = _sc_meta(ctx, grad_out, &dim, &sz, &st) ||
+         aoti_torch_get_dtype(grad_out, &dtype) ||
+         aoti_torch_get_device_type(grad_out, &dt) ||
+         aoti_torch_get_device_index(grad_out, &di);
+    if (rc)
+      sc_fail(&ctx->err, "streamcnn: cannot read grad_output");
+    else if (dim != 4 || sz[0] != want[0] || sz[1] != want[1] ||
+             sz[2] != want[2] || sz[3] != want[3])
+      rc = sc_fail(&ctx->err,
+                   "streamcnn: grad_output must have the stem output's shape "
+                   "[%lld, %lld, %lld, %lld]",
+                   (long long)want[0], (long long)want[1], (long long)want[2],
+                   (long long)want[3]);
+    else if (dtype != ctx->dtype || dt != ctx->device_type ||
+             di != ctx->device_index)
+      rc = sc_fail(&ctx->err,
+                   "streamcnn: grad_output must have the image's dtype and "
+                   "device");
+  }
+  if (!rc) { /* which values carry a gradient */
+    r.needs[0] = (unsigned char)!!mask[0];
+    for (int64_t i = 0; i < p->n_instr; i++) {
+      const sc_instr *in = &p->instr[i];
+      int nd = r.needs[in->in[0]] || (in->n_in > 1 && r.needs[in->in[1]]) ||
+               wants(&r, in->weight) || wants(&r, in->bias) ||
+               wants(&r, in->bn_weight) || wants(&r, in->bn_bias);
+      r.needs[i + 1] = (unsigned char)nd;
+    }
+  }
+  if (!rc && mask[0]) {
+    int64_t dim, *sz, *st;
+    rc = _sc_meta(ctx, call->image, &dim, &sz, &st) ||
+         _sc_zeros(ctx, 4, sz, &r.igrad);
+  }
+  if (!rc && r.needs[ov] && r.batch > 0)
+    for (r.ti[0] = 0; !rc && r.ti[0] < r.n_tiles[0]; r.ti[0]++)
+      for (r.ti[1] = 0; !rc && r.ti[1] < r.n_tiles[1]; r.ti[1]++) {
+        rc = backward_tile(&r, grad_out);
+        run_tile_release(&r);
+      }
+  /* hand over the requested gradients, contiguous, zeros where unused */
+  if (!rc && mask[0]) {
+    grads[0] = r.igrad;
+    r.igrad = NULL;
+  }
+  for (int64_t k = 0; !rc && k < p->n_params; k++) {
+    if (!mask[1 + k]) continue;
+    if (r.pgrad[k]) {
+      grads[1 + k] = r.pgrad[k];
+      r.pgrad[k] = NULL;
+      rc = _sc_make_contiguous(ctx, &grads[1 + k]);
+    } else {
+      rc = zeros_like(ctx, call->params[k], &grads[1 + k]);
+    }
+  }
+  if (rc)
+    for (int64_t k = 0; k <= p->n_params; k++) _sc_drop(&grads[k]);
+  run_release(&r);
+  return rc;
+}
+
+/* ---- validation ----------------------------------------------------------- */
+
+static const char *dtype_name(int32_t d) {
+  if (d == aoti_torch_dtype_float32()) return "float32";
+  if (d == aoti_torch_dtype_float64()) return "float64";
+  return "a non-float32/float64 dtype";
+}
+
+/* Check params[k] has the image's dtype and device and the given shape. */
+static int check_param(sc_ctx *ctx, const sc_call *call, int64_t i,
+                       const char *role, int64_t k, int64_t ndim,
+                       const int64_t *shape) {
+  if (k < 0) return SC_OK;
+  AtenTensorHandle t = call->params[k];
+  const sc_instr *in = &call->prog->instr[i];
+  int64_t dim, *sz, *st;
+  int32_t dtype, dt, di;
+  if (_sc_meta(ctx, t, &dim, &sz, &st) || aoti_torch_get_dtype(t, &dtype) ||
+      aoti_torch_get_device_type(t, &dt) ||
+      aoti_torch_get_device_index(t, &di))
+    return sc_fail(&ctx->err, "streamcnn: cannot read params[%lld]",
+                   (long long)k);
+  if (dtype != ctx->dtype)
+    return sc_fail(&ctx->err,
+                   "streamcnn: params[%lld] (%s of instruction %lld, %s) is "
+                   "%s but the image is %s: convert the module and the image "
+                   "to one dtype",
+                   (long long)k, role, (long long)i, _sc_op_name(in->op),
+                   dtype_name(dtype), dtype_name(ctx->dtype));
+  if (dt != ctx->device_type || di != ctx->device_index)
+    return sc_fail(&ctx->err,
+                   "streamcnn: params[%lld] (%s of instruction %lld, %s) is "
+                   "on another device than the image",
+                   (long long)k, role, (long long)i, _sc_op_name(in->op));
+  int ok = dim == ndim;
+  for (int64_t d = 0; ok && d < ndim; d++) ok = sz[d] == shape[d];
+  if (!ok) {
+    char want[96] = "", got[96] = "";
+    for (int64_t d = 0; d < ndim; d++)
+      snprintf(want + strlen(want), sizeof want - strlen(want), "%s%lld",
+               d ? ", " : "", (long long)shape[d]);
+    for (int64_t d = 0; d < dim && d < 8; d++)
+      snprintf(got + strlen(got), sizeof got - strlen(got), "%s%lld",
+               d ? ", " : "", (long long)sz[d]);
+    return sc_fail(&ctx->err,
+                   "streamcnn: params[%lld] (%s of instruction %lld, %s) has "
+                   "shape [%s], expected [%s]",
+                   (long long)k, role, (long long)i, _sc_op_name(in->op), got,
+                   want);
+  }
+  return SC_OK;
+}
+
+int _sc_validate(sc_ctx *ctx, const sc_call *call) {
+  const sc_program *p = call->prog;
+  int64_t dim, *sz, *st;
+  int32_t dtype, dt, di;
+  if (_sc_meta(ctx, call->image, &dim, &sz, &st) ||
+      aoti_torch_get_dtype(call->image, &dtype) ||
+      aoti_torch_get_device_type(call->image, &dt) ||
+      aoti_torch_get_device_index(call->image, &di))
+    return sc_fail(&ctx->err, "streamcnn: cannot read the image tensor");
+  if (dim != 4)
+    return sc_fail(&ctx->err,
+                   "streamcnn: image must be a 4-D N x C x H x W tensor, got "
+                   "%lld dimensions",
+                   (long long)dim);
+  if (dtype == aoti_torch_dtype_float32())
+    ctx->kdtype = SC_DTYPE_F32;
+  else if (dtype == aoti_torch_dtype_float64())
+    ctx->kdtype = SC_DTYPE_F64;
+  else
+    return sc_fail(&ctx->err,
+                   "streamcnn: image must be float32 or float64 (got dtype "
+                   "code %d)",
+                   (int)dtype);
+  ctx->dtype = dtype;
+  ctx->device_type = dt;
+  ctx->device_index = di;
+  if (dt == aoti_torch_device_type_cuda()) {
+    ctx->is_cuda = 1;
+#ifndef SC_WITH_CUDA
+    return sc_fail(&ctx->err,
+                   "streamcnn: the image is on a CUDA device but this library "
+                   "was built without CUDA (STREAMCNN_CUDA=OFF)");
+#endif
+  } else if (dt != aoti_torch_device_type_cpu()) {
+    return sc_fail(&ctx->err,
+                   "streamcnn: the image must be on the CPU or a CUDA device");
+  }
+  if (sz[1] != p->in_channels)
+    return sc_fail(&ctx->err,
+                   "streamcnn: the stem expects %lld input channels, the "
+                   "image has %lld (shape [%lld, %lld, %lld, %lld])",
+                   (long long)p->in_channels, (long long)sz[1],
+                   (long long)sz[0], (long long)sz[1], (long long)sz[2],
+                   (long long)sz[3]);
+  for (int64_t i = 0; i < p->n_instr; i++) {
+    const sc_instr *in = &p->instr[i];
+    const int64_t c = p->channels[in->in[0]];
+    const int64_t vec[1] = {c};
+    if (in->op == SC_OP_CONV) {
+      const int64_t w[4] = {in->c_out, in->c_in / in->groups, in->win[0].k,
+                            in->win[1].k};
+      const int64_t b[1] = {in->c_out};
+      if (check_param(ctx, call, i, "weight", in->weight, 4, w) ||
+          check_param(ctx, call, i, "bias", in->bias, 1, b))
+        return SC_ERR;
+    } else if (in->op == SC_OP_BATCHNORM) {
+      if (check_param(ctx, call, i, "weight", in->bn_weight, 1, vec) ||
+          check_param(ctx, call, i, "bias", in->bn_bias, 1, vec) ||
+          check_param(ctx, call, i, "running_mean", in->bn_mean, 1, vec) ||
+          check_param(ctx, call, i, "running_var", in->bn_var, 1, vec))
+        return SC_ERR;
+    }
+  }
+  return SC_OK;
+}

@@ -1,0 +1,198 @@
+/*
+ * streamcnn — public C API of the program decoder and the tiling geometry.
+ *
+ * This header has no torch dependency: the program format, its validation
+ * and all box arithmetic are plain integers, testable from a C main() (see
+ * tests/c/). The torch operators (op/register.c) are built on top of it.
+ *
+ * Conventions
+ *   - Spans are half-open [lo, hi) in the coordinates of one value (one
+ *     tensor of the stem), rows and columns handled separately: the
+ *     geometry of a 2-D tile is the product of a row plan and a column plan.
+ *   - Functions that can fail return SC_OK or SC_ERR and write the first
+ *     error message into an sc_error; they never abort on bad input.
+ *   - Ownership is stated per function. *_free(NULL) is a no-op.
+ */
+#ifndef STREAMCNN_H
+#define STREAMCNN_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define SC_OK 0
+#define SC_ERR 1
+
+/* Exported from libstreamcnn (built with -fvisibility=hidden). */
+#if defined(__GNUC__)
+#define SC_API __attribute__((visibility("default")))
+#else
+#define SC_API
+#endif
+
+/* "SCNN" in ASCII: first word of every program. */
+#define SC_PROGRAM_MAGIC 0x53434E4ELL
+#define SC_PROGRAM_VERSION 1
+/* Words before the first instruction: magic, version, in_channels,
+ * n_instructions, n_params. */
+#define SC_PROGRAM_HEADER 5
+
+/* Upper bounds that keep every product of the geometry inside int64. */
+#define SC_MAX_INSTRUCTIONS 65536
+#define SC_MAX_CHANNELS (1LL << 24)
+#define SC_MAX_WINDOW 4096   /* kernel, stride, dilation, padding */
+#define SC_MAX_EXTENT (1LL << 31) /* image rows/cols, tile edges */
+
+typedef enum sc_opcode {
+  SC_OP_CONV = 1,      /* 2-D convolution, zero padding */
+  SC_OP_MAXPOOL = 2,   /* 2-D max pooling (pads with -inf) */
+  SC_OP_AVGPOOL = 3,   /* 2-D average pooling */
+  SC_OP_BATCHNORM = 4, /* frozen batch norm: running stats (+ affine) */
+  SC_OP_ACT = 5,       /* pointwise activation */
+  SC_OP_ADD = 6        /* elementwise sum of two values (residual) */
+} sc_opcode;
+
+/* Number of fields (words after [opcode, n_fields]) of each opcode. */
+#define SC_CONV_FIELDS 16
+#define SC_MAXPOOL_FIELDS 10
+#define SC_AVGPOOL_FIELDS 10
+#define SC_BATCHNORM_FIELDS 6
+#define SC_ACT_FIELDS 3
+#define SC_ADD_FIELDS 2
+
+typedef enum sc_activation {
+  SC_ACT_RELU = 1,
+  SC_ACT_RELU6 = 2,
+  SC_ACT_LEAKY_RELU = 3, /* arg: negative slope (double bits) */
+  SC_ACT_SILU = 4,
+  SC_ACT_GELU = 5,       /* arg: 0 = exact (erf), 1 = tanh approximation */
+  SC_ACT_SIGMOID = 6,
+  SC_ACT_TANH = 7,
+  SC_ACT_HARDSWISH = 8
+} sc_activation;
+
+typedef struct sc_error {
+  int set;        /* 1 once a message is stored; later failures keep it */
+  char msg[768];
+} sc_error;
+
+/* One sliding window along one axis (conv or pool). */
+typedef struct sc_window {
+  int64_t k;      /* kernel extent, taps */
+  int64_t s;      /* stride */
+  int64_t d;      /* dilation */
+  int64_t pad_lo; /* implicit padding before index 0 */
+  int64_t pad_hi; /* implicit padding after the last index */
+  int ceil_mode;  /* pools only: ATen ceil_mode output size */
+} sc_window;
+
+/* A decoded, validated instruction. Values are numbered: 0 = the image,
+ * i + 1 = the output of instruction i. */
+typedef struct sc_instr {
+  int op;             /* sc_opcode */
+  int n_in;           /* 1, or 2 for SC_OP_ADD */
+  int64_t in[2];      /* input value indices, each < this output's index */
+  sc_window win[2];   /* [0] rows, [1] cols; conv and pools only */
+  int64_t c_out;      /* channels of the output value */
+  /* conv */
+  int64_t c_in, groups;
+  int64_t weight, bias;      /* indices into the params list; bias -1 = none */
+  /* avg pool */
+  int count_include_pad;
+  int64_t divisor_override;  /* 0 = none */
+  /* batch norm; weight/bias -1 = not affine */
+  int64_t bn_weight, bn_bias, bn_mean, bn_var;
+  double eps;
+  /* activation */
+  int act;                   /* sc_activation */
+  double act_arg;            /* leaky slope */
+  int64_t act_iarg;          /* gelu approximation flag */
+} sc_instr;
+
+typedef struct sc_program {
+  int64_t in_channels;
+  int64_t n_instr;
+  int64_t n_params;     /* length of the params list the program indexes */
+  sc_instr *instr;      /* n_instr entries */
+  int64_t *channels;    /* per value, n_instr + 1 entries */
+  int64_t *n_consumers; /* per value: how many instruction inputs read it */
+  int64_t stride[2];    /* total stride of the output value, rows/cols */
+} sc_program;
+
+/* Per-axis plan of one tile: for every value the span that is computed
+ * (clipped to the value's extent), for every instruction input the span
+ * the instruction reads (unclipped: the part outside the value is the
+ * layer's padding). */
+typedef struct sc_axis_plan {
+  int64_t n_values;
+  int64_t *region; /* 2 * n_values: [lo, hi) per value; hi <= lo = empty */
+  int64_t *read;   /* 4 * n_instr: [lo, hi) per instruction input slot */
+} sc_axis_plan;
+
+/* Record a printf-style message in err unless one is already stored.
+ * Always returns SC_ERR so callers can `return sc_fail(...)`. */
+SC_API int sc_fail(sc_error *err, const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 2, 3)))
+#endif
+    ;
+
+/* Decode and validate a program of n_words int64 words. Every field is
+ * checked (kinds, counts, ranges, value and parameter indices, channels).
+ * On success *out owns a new program (free with sc_program_free); on
+ * failure *out is NULL and err names the instruction and field. */
+SC_API int sc_program_decode(const int64_t *words, int64_t n_words,
+                      sc_program **out, sc_error *err);
+SC_API void sc_program_free(sc_program *p);
+
+/* Output extent of one window along one axis for an input extent n; 0 when
+ * the input is too small (ATen would raise). Pools follow ATen's
+ * pooling_output_shape (ceil_mode drops a window that starts in the right
+ * padding). */
+SC_API int64_t sc_window_out(const sc_window *w, int64_t n);
+
+/* Spatial extents of every value for an image of h x w. sizes has
+ * 2 * (n_instr + 1) entries: [rows, cols] per value. Fails when a value
+ * would be empty or the two inputs of an add differ in extent. */
+SC_API int sc_value_sizes(const sc_program *p, int64_t h, int64_t w,
+                   int64_t *sizes, sc_error *err);
+
+/* Plan one axis (0 rows, 1 cols) for the output span [lo, hi). sizes from
+ * sc_value_sizes, or NULL to plan without clipping (interior geometry).
+ * plan must come from sc_axis_plan_new(p). */
+SC_API int sc_plan_axis(const sc_program *p, const int64_t *sizes, int axis,
+                 int64_t lo, int64_t hi, sc_axis_plan *plan, sc_error *err);
+SC_API sc_axis_plan *sc_axis_plan_new(const sc_program *p); /* NULL on OOM */
+SC_API void sc_axis_plan_free(sc_axis_plan *plan);
+
+/* Input rows (axis 0) or cols (axis 1) that `t` output pixels of an
+ * interior tile read, halo included: (t - 1) * stride + receptive field. */
+SC_API int64_t sc_input_extent(const sc_program *p, int axis, int64_t t);
+
+/* Largest output tile edge whose interior input extent is <= tile; 0 when
+ * even one output pixel needs more than `tile` input pixels. */
+SC_API int64_t sc_tile_out_extent(const sc_program *p, int axis, int64_t tile);
+
+/* Summary for front ends (Python reads it through ctypes):
+ * info[0] in_channels, [1] out_channels, [2..3] receptive field rows/cols,
+ * [4..5] total stride rows/cols, [6] n_params, [7] n_instr. */
+#define SC_INFO_WORDS 8
+SC_API int sc_program_info(const int64_t *words, int64_t n_words, int64_t *info,
+                    char *errbuf, size_t errlen);
+
+/* Tiling summary for an h x w image and an input tile of tile_h x tile_w:
+ * plan[0..1] output rows/cols, [2..3] output tile rows/cols, [4..5] tiles
+ * along rows/cols. */
+#define SC_PLAN_WORDS 6
+SC_API int sc_tiling_info(const int64_t *words, int64_t n_words, int64_t h,
+                   int64_t w, int64_t tile_h, int64_t tile_w, int64_t *plan,
+                   char *errbuf, size_t errlen);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* STREAMCNN_H */

@@ -1,0 +1,147 @@
+/*
+ * tiles.c — tensor-level front of the tile kernels (kernels/tile.h): reads
+ * sizes, strides and data pointers through the shim, fills the kernel
+ * parameter structs and routes to the CPU or CUDA variant.
+ */
+#define STREAMCNN_TORCH
+#include "internal.h"
+
+#include "tile.h"
+
+#include <stdio.h>
+
+/* sizes/strides of a tensor of rank <= 4 as 4-D, leading dims of 1. */
+static int as4d(sc_ctx *ctx, AtenTensorHandle t, int64_t size[4],
+                int64_t stride[4]) {
+  int64_t dim, *sz, *st;
+  if (_sc_meta(ctx, t, &dim, &sz, &st)) return SC_ERR;
+  if (dim > 4)
+    return sc_fail(&ctx->err, "streamcnn: internal error: rank %lld > 4",
+                   (long long)dim);
+  for (int i = 0; i < 4; i++) {
+    int64_t j = i - (4 - dim);
+    size[i] = j >= 0 ? sz[j] : 1;
+    stride[i] = j >= 0 ? st[j] : 0;
+  }
+  return SC_OK;
+}
+
+static int data_ptr(sc_ctx *ctx, AtenTensorHandle t, void **p) {
+  if (aoti_torch_get_data_ptr(t, p))
+    return sc_fail(&ctx->err, "streamcnn: cannot read a tensor's data");
+  return SC_OK;
+}
+
+static int run_copy(sc_ctx *ctx, const sc_copy_params *p) {
+  if (!ctx->is_cuda) {
+    if (sc_copy_cpu(p))
+      return sc_fail(&ctx->err, "streamcnn: tile copy failed on the CPU");
+    return SC_OK;
+  }
+#ifdef SC_WITH_CUDA
+  char msg[256];
+  if (sc_copy_cuda(p, ctx->stream, msg, sizeof msg))
+    return sc_fail(&ctx->err, "streamcnn: CUDA tile copy: %s", msg);
+  return SC_OK;
+#else
+  return sc_fail(&ctx->err, "streamcnn: this library was built without CUDA");
+#endif
+}
+
+static int run_gather(sc_ctx *ctx, const sc_gather_params *p) {
+  if (!ctx->is_cuda) {
+    if (sc_gather_cpu(p))
+      return sc_fail(&ctx->err, "streamcnn: tile gather failed on the CPU");
+    return SC_OK;
+  }
+#ifdef SC_WITH_CUDA
+  char msg[256];
+  if (sc_gather_cuda(p, ctx->stream, msg, sizeof msg))
+    return sc_fail(&ctx->err, "streamcnn: CUDA tile gather: %s", msg);
+  return SC_OK;
+#else
+  return sc_fail(&ctx->err, "streamcnn: this library was built without CUDA");
+#endif
+}
+
+int _sc_copy(sc_ctx *ctx, AtenTensorHandle dst, AtenTensorHandle src,
+             int accumulate) {
+  sc_copy_params p = {0};
+  int64_t dsize[4];
+  if (as4d(ctx, src, p.size, p.src_stride) ||
+      as4d(ctx, dst, dsize, p.dst_stride))
+    return SC_ERR;
+  for (int i = 0; i < 4; i++)
+    if (dsize[i] != p.size[i])
+      return sc_fail(&ctx->err,
+                     "streamcnn: internal error: copy of %lldx%lldx%lldx%lld "
+                     "into %lldx%lldx%lldx%lld",
+                     (long long)p.size[0], (long long)p.size[1],
+                     (long long)p.size[2], (long long)p.size[3],
+                     (long long)dsize[0], (long long)dsize[1],
+                     (long long)dsize[2], (long long)dsize[3]);
+  void *s, *d;
+  if (data_ptr(ctx, src, &s) || data_ptr(ctx, dst, &d)) return SC_ERR;
+  p.src = s;
+  p.dst = d;
+  p.dtype = ctx->kdtype;
+  p.accumulate = accumulate;
+  return run_copy(ctx, &p);
+}
+
+int _sc_gather(sc_ctx *ctx, AtenTensorHandle src, int64_t n, int64_t c,
+               int64_t dst_h, int64_t dst_w, int64_t off_h, int64_t off_w,
+               double pad_value, AtenTensorHandle *out) {
+  sc_gather_params p = {0};
+  const int64_t shape[4] = {n, c, dst_h, dst_w};
+  *out = NULL;
+  if (src) {
+    int64_t size[4];
+    void *s;
+    if (as4d(ctx, src, size, p.src_stride) || data_ptr(ctx, src, &s))
+      return SC_ERR;
+    if (size[0] != n || size[1] != c)
+      return sc_fail(&ctx->err, "streamcnn: internal error: gather shape");
+    p.src = s;
+    p.src_h = size[2];
+    p.src_w = size[3];
+  }
+  if (_sc_empty(ctx, 4, shape, out)) return SC_ERR;
+  void *d;
+  if (data_ptr(ctx, *out, &d)) {
+    _sc_drop(out);
+    return SC_ERR;
+  }
+  p.n = n;
+  p.c = c;
+  p.dst = d;
+  p.dst_h = dst_h;
+  p.dst_w = dst_w;
+  p.off_h = off_h;
+  p.off_w = off_w;
+  p.pad_value = pad_value;
+  p.dtype = ctx->kdtype;
+  if (run_gather(ctx, &p)) {
+    _sc_drop(out);
+    return SC_ERR;
+  }
+  return SC_OK;
+}
+
+int _sc_make_contiguous(sc_ctx *ctx, AtenTensorHandle *t) {
+  bool contiguous = false;
+  if (aoti_torch_is_contiguous(*t, &contiguous))
+    return sc_fail(&ctx->err, "streamcnn: cannot read tensor layout");
+  if (contiguous) return SC_OK;
+  int64_t dim, *sz, *st;
+  AtenTensorHandle c = NULL;
+  if (_sc_meta(ctx, *t, &dim, &sz, &st) || _sc_empty(ctx, dim, sz, &c))
+    return SC_ERR;
+  if (_sc_copy(ctx, c, *t, 0)) {
+    _sc_drop(&c);
+    return SC_ERR;
+  }
+  _sc_drop(t);
+  *t = c;
+  return SC_OK;
+}

@@ -1,0 +1,262 @@
+/* test_geometry.c — box arithmetic against hand-computed values. */
+#include "streamcnn.h"
+#include "testutil.h"
+
+#include <stdlib.h>
+
+static sc_program *decode(tprog *t) {
+  sc_program *p = NULL;
+  sc_error err = {0};
+  tp_end(t);
+  if (sc_program_decode(t->w, t->n, &p, &err)) {
+    fprintf(stderr, "decode failed: %s\n", err.msg);
+    g_failures++;
+  }
+  return p;
+}
+
+static void test_window_out(void) {
+  /* conv: floor((n + 2p - d(k-1) - 1) / s) + 1 */
+  sc_window c3 = {3, 1, 1, 1, 1, 0};
+  CHECK_EQ(sc_window_out(&c3, 10), 10);
+  sc_window c7 = {7, 2, 1, 3, 3, 0}; /* ResNet conv1 */
+  CHECK_EQ(sc_window_out(&c7, 224), 112);
+  CHECK_EQ(sc_window_out(&c7, 97), 49);
+  sc_window cd = {3, 1, 2, 0, 0, 0}; /* dilated: effective extent 5 */
+  CHECK_EQ(sc_window_out(&cd, 5), 1);
+  CHECK_EQ(sc_window_out(&cd, 4), 0); /* too small */
+  sc_window same = {4, 1, 1, 1, 2, 0}; /* 'same' with an even kernel */
+  CHECK_EQ(sc_window_out(&same, 9), 9);
+  /* max pool, ResNet: 112 -> 56 */
+  sc_window mp = {3, 2, 1, 1, 1, 0};
+  CHECK_EQ(sc_window_out(&mp, 112), 56);
+  CHECK_EQ(sc_window_out(&mp, 7), 4);
+  /* ceil_mode (values checked against torch.nn.functional) */
+  sc_window ce = {3, 2, 1, 0, 0, 1};
+  CHECK_EQ(sc_window_out(&ce, 6), 3); /* floor would give 2 */
+  CHECK_EQ(sc_window_out(&ce, 5), 2);
+  CHECK_EQ(sc_window_out(&ce, 2), 1); /* window larger than the input */
+  sc_window cp = {3, 2, 1, 1, 1, 1};
+  CHECK_EQ(sc_window_out(&cp, 6), 4);
+  CHECK_EQ(sc_window_out(&cp, 5), 3); /* last window would start in padding */
+}
+
+static void test_receptive_field(void) {
+  tprog t;
+  /* conv3 -> conv3 s2 -> conv3: 3, then +2*1, then +2*2 = 9; stride 2 */
+  tp_begin(&t, 3, 3);
+  int64_t v = tp_conv(&t, 0, 0, 3, 4, 3, 1, 1, 1);
+  v = tp_conv(&t, v, 1, 4, 4, 3, 2, 1, 1);
+  tp_conv(&t, v, 2, 4, 4, 3, 1, 1, 1);
+  sc_program *p = decode(&t);
+  CHECK_EQ(sc_input_extent(p, 0, 1), 9);
+  CHECK_EQ(sc_input_extent(p, 1, 1), 9);
+  CHECK_EQ(p->stride[0], 2);
+  CHECK_EQ(sc_input_extent(p, 0, 5), 9 + 4 * 2);
+  /* largest output tile for a 20-px input tile: (20 - 9) / 2 + 1 = 6 */
+  CHECK_EQ(sc_tile_out_extent(p, 0, 20), 6);
+  CHECK_EQ(sc_input_extent(p, 0, 6), 19);
+  CHECK_EQ(sc_tile_out_extent(p, 0, 9), 1);
+  CHECK_EQ(sc_tile_out_extent(p, 0, 8), 0); /* below the receptive field */
+  sc_program_free(p);
+
+  /* ResNet stem: conv7 s2 p3 + maxpool3 s2 p1: 7 + 2 * 2 = 11, stride 4 */
+  tp_begin(&t, 3, 1);
+  v = tp_conv(&t, 0, 0, 3, 8, 7, 2, 3, 1);
+  tp_maxpool(&t, v, 3, 2, 1, 0);
+  p = decode(&t);
+  CHECK_EQ(sc_input_extent(p, 0, 1), 11);
+  CHECK_EQ(p->stride[1], 4);
+  sc_program_free(p);
+
+  /* dilation 3, kernel 3: extent 7 */
+  tp_begin(&t, 1, 1);
+  tp_conv(&t, 0, 0, 1, 1, 3, 1, 0, 3);
+  p = decode(&t);
+  CHECK_EQ(sc_input_extent(p, 1, 1), 7);
+  sc_program_free(p);
+}
+
+static void test_plan_conv(void) {
+  tprog t;
+  tp_begin(&t, 1, 1);
+  tp_conv(&t, 0, 0, 1, 1, 3, 1, 1, 1); /* k3 p1: same size */
+  sc_program *p = decode(&t);
+  int64_t sizes[4];
+  sc_error err = {0};
+  CHECK_EQ(sc_value_sizes(p, 10, 7, sizes, &err), SC_OK);
+  CHECK_EQ(sizes[2], 10);
+  CHECK_EQ(sizes[3], 7);
+  sc_axis_plan *plan = sc_axis_plan_new(p);
+  /* output rows [0, 4): reads [-1, 5) (row -1 is padding), computes [0, 5) */
+  CHECK_EQ(sc_plan_axis(p, sizes, 0, 0, 4, plan, &err), SC_OK);
+  CHECK_EQ(plan->read[0], -1);
+  CHECK_EQ(plan->read[1], 5);
+  CHECK_EQ(plan->region[0], 0);
+  CHECK_EQ(plan->region[1], 5);
+  CHECK_EQ(plan->region[2], 0);
+  CHECK_EQ(plan->region[3], 4);
+  /* output rows [8, 10): reads [7, 11), the image has rows [7, 10) */
+  CHECK_EQ(sc_plan_axis(p, sizes, 0, 8, 10, plan, &err), SC_OK);
+  CHECK_EQ(plan->read[0], 7);
+  CHECK_EQ(plan->read[1], 11);
+  CHECK_EQ(plan->region[0], 7);
+  CHECK_EQ(plan->region[1], 10);
+  /* interior: [4, 6) reads [3, 7) */
+  CHECK_EQ(sc_plan_axis(p, sizes, 0, 4, 6, plan, &err), SC_OK);
+  CHECK_EQ(plan->region[0], 3);
+  CHECK_EQ(plan->region[1], 7);
+  /* outside the output: refused */
+  CHECK_EQ(sc_plan_axis(p, sizes, 0, 8, 11, plan, &err), SC_ERR);
+  sc_axis_plan_free(plan);
+  sc_program_free(p);
+}
+
+static void test_plan_residual_hull(void) {
+  /* v1 = relu(x); v2 = conv3 p1 (v1); v3 = v2 + v1; v4 = conv1 s2 (v3) */
+  tprog t;
+  tp_begin(&t, 2, 2);
+  int64_t v1 = tp_relu(&t, 0);
+  int64_t v2 = tp_conv(&t, v1, 0, 2, 2, 3, 1, 1, 1);
+  int64_t v3 = tp_add(&t, v2, v1);
+  tp_conv(&t, v3, 1, 2, 2, 1, 2, 0, 1);
+  sc_program *p = decode(&t);
+  CHECK_EQ(p->n_consumers[v1], 2);
+  int64_t sizes[10];
+  sc_error err = {0};
+  CHECK_EQ(sc_value_sizes(p, 9, 9, sizes, &err), SC_OK);
+  CHECK_EQ(sizes[8], 5); /* (9 - 1) / 2 + 1 */
+  sc_axis_plan *plan = sc_axis_plan_new(p);
+  /* output [2, 4) -> v3 reads [4, 7) -> v2 [4, 7), v1 hull of conv's
+   * [3, 8) and add's [4, 7) = [3, 8) -> x [3, 8) */
+  CHECK_EQ(sc_plan_axis(p, sizes, 1, 2, 4, plan, &err), SC_OK);
+  CHECK_EQ(plan->region[2 * 3 + 0], 4);
+  CHECK_EQ(plan->region[2 * 3 + 1], 7);
+  CHECK_EQ(plan->region[2 * 2 + 0], 4);
+  CHECK_EQ(plan->region[2 * 2 + 1], 7);
+  CHECK_EQ(plan->region[2 * 1 + 0], 3);
+  CHECK_EQ(plan->region[2 * 1 + 1], 8);
+  CHECK_EQ(plan->region[0], 3);
+  CHECK_EQ(plan->region[1], 8);
+  /* read spans: conv (instr 1) reads v1 [3, 8); add (instr 2) both [4, 7) */
+  CHECK_EQ(plan->read[4 * 1 + 0], 3);
+  CHECK_EQ(plan->read[4 * 1 + 1], 8);
+  CHECK_EQ(plan->read[4 * 2 + 2], 4);
+  CHECK_EQ(plan->read[4 * 2 + 3], 7);
+  /* last output row [4, 5) -> v3 [8, 9) -> v1 [7, 10) clipped to [7, 9) */
+  CHECK_EQ(sc_plan_axis(p, sizes, 0, 4, 5, plan, &err), SC_OK);
+  CHECK_EQ(plan->region[2 * 1 + 0], 7);
+  CHECK_EQ(plan->region[2 * 1 + 1], 9);
+  CHECK_EQ(plan->read[4 * 1 + 1], 10); /* one row of zero padding */
+  sc_axis_plan_free(plan);
+  sc_program_free(p);
+}
+
+static void test_plan_ceil_and_padding_only(void) {
+  tprog t;
+  /* maxpool k3 s2 ceil on 6 -> 3 outputs; the last reads [4, 7) of 6 */
+  tp_begin(&t, 1, 0);
+  tp_maxpool(&t, 0, 3, 2, 0, 1);
+  sc_program *p = decode(&t);
+  int64_t sizes[4];
+  sc_error err = {0};
+  CHECK_EQ(sc_value_sizes(p, 6, 6, sizes, &err), SC_OK);
+  CHECK_EQ(sizes[2], 3);
+  sc_axis_plan *plan = sc_axis_plan_new(p);
+  CHECK_EQ(sc_plan_axis(p, sizes, 0, 2, 3, plan, &err), SC_OK);
+  CHECK_EQ(plan->read[0], 4);
+  CHECK_EQ(plan->read[1], 7);
+  CHECK_EQ(plan->region[0], 4);
+  CHECK_EQ(plan->region[1], 6);
+  sc_axis_plan_free(plan);
+  sc_program_free(p);
+
+  /* conv k1 p2: the first two output rows read only padding */
+  tp_begin(&t, 1, 1);
+  const int64_t f[16] = {0, 0, -1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 0, 0};
+  tp_emit(&t, 1, 16, f);
+  p = decode(&t);
+  CHECK_EQ(sc_value_sizes(p, 5, 5, sizes, &err), SC_OK);
+  CHECK_EQ(sizes[2], 9);
+  plan = sc_axis_plan_new(p);
+  CHECK_EQ(sc_plan_axis(p, sizes, 0, 0, 2, plan, &err), SC_OK);
+  CHECK_EQ(plan->read[0], -2);
+  CHECK_EQ(plan->read[1], 0);
+  CHECK(plan->region[1] <= plan->region[0]); /* image rows: none */
+  CHECK_EQ(sc_plan_axis(p, sizes, 0, 7, 9, plan, &err), SC_OK);
+  CHECK_EQ(plan->read[0], 5);
+  CHECK_EQ(plan->read[1], 7);
+  CHECK(plan->region[1] <= plan->region[0]);
+  sc_axis_plan_free(plan);
+  sc_program_free(p);
+}
+
+static void test_sizes_errors(void) {
+  tprog t;
+  tp_begin(&t, 1, 1);
+  tp_conv(&t, 0, 0, 1, 1, 5, 1, 0, 1);
+  sc_program *p = decode(&t);
+  int64_t sizes[4];
+  sc_error err = {0};
+  CHECK_EQ(sc_value_sizes(p, 4, 9, sizes, &err), SC_ERR);
+  CHECK(strstr(err.msg, "too small") != NULL);
+  sc_error err2 = {0};
+  CHECK_EQ(sc_value_sizes(p, 0, 9, sizes, &err2), SC_ERR);
+  sc_program_free(p);
+
+  /* add of two branches that differ in extent for odd sizes */
+  tp_begin(&t, 1, 2);
+  int64_t a = tp_conv(&t, 0, 0, 1, 1, 1, 2, 0, 1);
+  int64_t b = tp_conv(&t, 0, 1, 1, 1, 2, 2, 0, 1);
+  tp_add(&t, a, b);
+  p = decode(&t);
+  sc_error err3 = {0};
+  CHECK_EQ(sc_value_sizes(p, 8, 8, sizes, &err3), SC_OK);
+  int64_t s6[8];
+  CHECK_EQ(sc_value_sizes(p, 9, 8, s6, &err3), SC_ERR);
+  CHECK(strstr(err3.msg, "add") != NULL);
+  sc_program_free(p);
+}
+
+static void test_tiling_info(void) {
+  tprog t;
+  tp_begin(&t, 3, 1);
+  int64_t v = tp_conv(&t, 0, 0, 3, 8, 7, 2, 3, 1);
+  tp_maxpool(&t, v, 3, 2, 1, 0);
+  tp_end(&t);
+  int64_t plan[SC_PLAN_WORDS];
+  char msg[256];
+  /* 97 x 131 -> conv 49 x 66 -> pool 25 x 33; tile 27 -> (27-11)/4+1 = 5 */
+  CHECK_EQ(sc_tiling_info(t.w, t.n, 97, 131, 27, 27, plan, msg, sizeof msg),
+           SC_OK);
+  CHECK_EQ(plan[0], 25);
+  CHECK_EQ(plan[1], 33);
+  CHECK_EQ(plan[2], 5);
+  CHECK_EQ(plan[3], 5);
+  CHECK_EQ(plan[4], 5);
+  CHECK_EQ(plan[5], 7);
+  CHECK_EQ(sc_tiling_info(t.w, t.n, 97, 131, 10, 27, plan, msg, sizeof msg),
+           SC_ERR);
+  CHECK(strstr(msg, "minimum tile_size for this stem is 11 x 11") != NULL);
+  CHECK_EQ(sc_tiling_info(t.w, t.n, 97, 131, 0, 27, plan, msg, sizeof msg),
+           SC_ERR);
+  /* a tile larger than the image: one tile */
+  CHECK_EQ(sc_tiling_info(t.w, t.n, 97, 131, 4096, 4096, plan, msg,
+                          sizeof msg),
+           SC_OK);
+  CHECK_EQ(plan[4], 1);
+  CHECK_EQ(plan[5], 1);
+}
+
+int main(void) {
+  test_window_out();
+  test_receptive_field();
+  test_plan_conv();
+  test_plan_residual_hull();
+  test_plan_ceil_and_padding_only();
+  test_sizes_errors();
+  test_tiling_info();
+  if (g_failures) fprintf(stderr, "%d check(s) failed\n", g_failures);
+  else printf("test_geometry: all checks passed\n");
+  return g_failures ? 1 : 0;
+}
