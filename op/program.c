@@ -152,16 +152,13 @@ static int read_window(reader *r, int i, int has_dil, sc_window win[2]) {
   return SC_OK;
 }
 
-/* Symmetric pool padding at fields i, i+1, with ATen's bound: at most half
- * of the effective kernel ((k - 1) * d + 1) / 2 for max pooling, k / 2 for
- * average pooling. */
+/* Symmetric pool padding at fields i, i+1, with ATen's bound (max and
+ * average pooling alike): at most half the kernel, k / 2, dilation aside. */
 static int read_pool_padding(reader *r, int i, sc_window win[2]) {
   static const char *names[] = {"pad_h", "pad_w"};
   for (int a = 0; a < 2; a++) {
-    int64_t eff = r->op == SC_OP_MAXPOOL ? ((win[a].k - 1) * win[a].d + 1) / 2
-                                         : win[a].k / 2;
     int64_t p = 0;
-    if (field_range(r, i + a, names[a], 0, eff, &p)) return SC_ERR;
+    if (field_range(r, i + a, names[a], 0, win[a].k / 2, &p)) return SC_ERR;
     win[a].pad_lo = win[a].pad_hi = p;
   }
   return SC_OK;

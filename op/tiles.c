@@ -117,8 +117,8 @@ int _sc_gather(sc_ctx *ctx, AtenTensorHandle src, int64_t n, int64_t c,
   p.dst = d;
   p.dst_h = dst_h;
   p.dst_w = dst_w;
-  p.off_h = off_h;
-  p.off_w = off_w;
+  p.off_h = src ? off_h : 0; /* no source: all padding */
+  p.off_w = src ? off_w : 0;
   p.pad_value = pad_value;
   p.dtype = ctx->kdtype;
   if (run_gather(ctx, &p)) {

@@ -1,0 +1,43 @@
+# streamcnn — quick start: `make demo`, `make test`.
+VENV    := .venv
+PY      := $(abspath $(VENV))/bin/python
+STAMP   := $(VENV)/.setup-stamp
+BUILD   := build/dev
+SOURCES := $(shell find op kernels cmake python tests/abi tests/c -type f 2>/dev/null) CMakeLists.txt pyproject.toml
+
+.PHONY: all setup build test ctest pytest demo bench clean
+
+all: build
+
+setup: $(STAMP)
+
+$(STAMP): requirements-dev.txt .ci/setup.sh
+	bash .ci/setup.sh
+	touch $@
+
+# The C library + C unit tests (build tree), then the Python package
+# installed into .venv with the library inside (scikit-build-core).
+build: $(VENV)/.build-stamp
+
+$(VENV)/.build-stamp: $(STAMP) $(SOURCES)
+	cmake -S . -B $(BUILD) -G Ninja -DSTREAMCNN_TESTS=ON -DPython_EXECUTABLE=$(PY)
+	cmake --build $(BUILD)
+	$(PY) -m pip install -q --no-build-isolation --no-deps .
+	touch $@
+
+ctest: build
+	ctest --test-dir $(BUILD) --output-on-failure
+
+pytest: build
+	$(PY) -m pytest -q tests/python
+
+test: ctest pytest
+
+demo: build
+	$(PY) examples/demo.py
+
+bench: build
+	$(PY) bench/cpu_resnet18.py
+
+clean:
+	rm -rf build $(VENV)/.build-stamp

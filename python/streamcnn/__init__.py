@@ -1,0 +1,25 @@
+"""streamcnn — train CNNs end to end on gigapixel images by streaming the
+memory-heavy stem tile by tile, with outputs and gradients equal to the
+whole-image pass.
+
+    import streamcnn
+    stem = streamcnn.StreamingModule(nn.Sequential(...).eval(), tile_size=1024)
+    loss = head(stem(image)).sum(); loss.backward()
+"""
+
+from ._library import library_path, load_library, program_info, tiling_info
+from . import ops
+from .module import StreamingModule
+from .program import convert
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "StreamingModule",
+    "convert",
+    "library_path",
+    "load_library",
+    "ops",
+    "program_info",
+    "tiling_info",
+]

@@ -1,0 +1,84 @@
+"""Locating and loading libstreamcnn, and its torch-free C entry points."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+from typing import List, Sequence, Tuple
+
+import torch
+
+_LIB_NAME = "libstreamcnn.so"
+_loaded_path: str | None = None
+_cdll: ctypes.CDLL | None = None
+
+
+def library_path() -> str:
+    """Absolute path of the streamcnn shared library.
+
+    A process that did not import streamcnn (e.g. one that only runs a
+    TorchScript model) registers the operators with
+    ``torch.ops.load_library(path)``. ``STREAMCNN_LIBRARY`` overrides the
+    location (useful for a build tree).
+    """
+    env = os.environ.get("STREAMCNN_LIBRARY")
+    if env:
+        return str(Path(env).resolve())
+    return str(Path(__file__).resolve().parent / "lib" / _LIB_NAME)
+
+
+def load_library() -> str:
+    """Load the library once (registers torch.ops.streamcnn)."""
+    global _loaded_path, _cdll
+    if _loaded_path is not None:
+        return _loaded_path
+    path = library_path()
+    if not os.path.exists(path):
+        raise ImportError(
+            f"streamcnn: the compiled library is missing at {path}; "
+            "install the package with `pip install .` (or run `make build`)"
+        )
+    torch.ops.load_library(path)
+    _cdll = ctypes.CDLL(path)
+    i64p, i64 = ctypes.POINTER(ctypes.c_int64), ctypes.c_int64
+    _cdll.sc_program_info.restype = ctypes.c_int
+    _cdll.sc_program_info.argtypes = [i64p, i64, i64p, ctypes.c_char_p, ctypes.c_size_t]
+    _cdll.sc_tiling_info.restype = ctypes.c_int
+    _cdll.sc_tiling_info.argtypes = [i64p, i64, i64, i64, i64, i64, i64p,
+                                     ctypes.c_char_p, ctypes.c_size_t]
+    _loaded_path = path
+    return path
+
+
+def _words(program: Sequence[int]):
+    n = len(program)
+    arr = (ctypes.c_int64 * max(n, 1))(*program)
+    return arr, n
+
+
+def program_info(program: Sequence[int]) -> List[int]:
+    """Decode and validate a program in C; returns
+    [in_channels, out_channels, rf_h, rf_w, stride_h, stride_w, n_params,
+    n_instructions]. Raises ValueError with the decoder's message."""
+    load_library()
+    arr, n = _words(program)
+    info = (ctypes.c_int64 * 8)()
+    err = ctypes.create_string_buffer(768)
+    rc = _cdll.sc_program_info(arr, n, info, err, len(err))
+    if rc != 0:
+        raise ValueError(err.value.decode())
+    return list(info)
+
+
+def tiling_info(program: Sequence[int], h: int, w: int, tile: Tuple[int, int]) -> List[int]:
+    """[out_h, out_w, tile_out_h, tile_out_w, tiles_h, tiles_w] for an h x w
+    image and an input tile (rows, cols). Raises ValueError."""
+    load_library()
+    arr, n = _words(program)
+    plan = (ctypes.c_int64 * 6)()
+    err = ctypes.create_string_buffer(768)
+    rc = _cdll.sc_tiling_info(arr, n, h, w, tile[0], tile[1], plan, err, len(err))
+    if rc != 0:
+        raise ValueError(err.value.decode())
+    return list(plan)

@@ -1,0 +1,455 @@
+"""The layer program: encoding, conversion of an ``nn.Module`` stem with
+``torch.fx``, and the output-shape arithmetic used by the fake kernels.
+
+A program is a flat list of int64 words (the format is documented in
+``op/program.c`` and the README). Values are numbered: 0 is the image,
+``i + 1`` the output of instruction ``i``; the last value is the output.
+Parameters (weights, biases, batch-norm statistics) are referenced by
+index into a separate list of tensors that is passed with every call, so
+the program holds no data and parameters are read at call time.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+MAGIC = 0x53434E4E
+VERSION = 1
+HEADER = 5
+
+OP_CONV, OP_MAXPOOL, OP_AVGPOOL, OP_BATCHNORM, OP_ACT, OP_ADD = 1, 2, 3, 4, 5, 6
+N_FIELDS = {OP_CONV: 16, OP_MAXPOOL: 10, OP_AVGPOOL: 10, OP_BATCHNORM: 6, OP_ACT: 3, OP_ADD: 2}
+
+ACT_RELU, ACT_RELU6, ACT_LEAKY_RELU, ACT_SILU, ACT_GELU, ACT_SIGMOID, ACT_TANH, ACT_HARDSWISH = range(1, 9)
+
+SUPPORTED = (
+    "Conv2d (padding_mode='zeros'), MaxPool2d, AvgPool2d, BatchNorm2d in eval mode, "
+    "ReLU, ReLU6, LeakyReLU, SiLU, GELU, Sigmoid, Tanh, Hardswish, Identity, "
+    "Dropout in eval mode, and residual adds"
+)
+
+
+def double_bits(x: float) -> int:
+    """The IEEE-754 bits of a double as a signed int64 (program encoding)."""
+    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
+
+
+def _pair(v) -> Tuple[int, int]:
+    if isinstance(v, (tuple, list)):
+        if len(v) == 1:
+            return int(v[0]), int(v[0])
+        if len(v) != 2:
+            raise ValueError(f"expected an int or a pair, got {v!r}")
+        return int(v[0]), int(v[1])
+    return int(v), int(v)
+
+
+class ProgramBuilder:
+    """Appends instructions; each method returns the new value's index."""
+
+    def __init__(self, in_channels: int):
+        self.in_channels = int(in_channels)
+        self.words: List[int] = []
+        self.n_instr = 0
+        self.params: List[Any] = []  # opaque keys, one per parameter slot
+        self._param_index: Dict[Any, int] = {}
+
+    def param(self, key) -> int:
+        """Index of a parameter slot for `key` (deduplicated)."""
+        if key not in self._param_index:
+            self._param_index[key] = len(self.params)
+            self.params.append(key)
+        return self._param_index[key]
+
+    def _emit(self, op: int, fields: Sequence[int]) -> int:
+        assert len(fields) == N_FIELDS[op]
+        self.words += [op, len(fields), *[int(f) for f in fields]]
+        self.n_instr += 1
+        return self.n_instr
+
+    def conv(self, x, weight, bias, c_in, c_out, groups, kernel, stride, dilation, pad):
+        """pad = (top, bottom, left, right)."""
+        return self._emit(OP_CONV, [x, weight, bias, c_in, c_out, groups, *kernel, *stride,
+                                    *dilation, *pad])
+
+    def maxpool(self, x, kernel, stride, dilation, padding, ceil_mode):
+        return self._emit(OP_MAXPOOL, [x, *kernel, *stride, *dilation, *padding, int(ceil_mode)])
+
+    def avgpool(self, x, kernel, stride, padding, ceil_mode, count_include_pad, divisor_override):
+        return self._emit(OP_AVGPOOL, [x, *kernel, *stride, *padding, int(ceil_mode),
+                                       int(count_include_pad), int(divisor_override or 0)])
+
+    def batchnorm(self, x, weight, bias, mean, var, eps):
+        return self._emit(OP_BATCHNORM, [x, weight, bias, mean, var, double_bits(eps)])
+
+    def act(self, x, kind, arg=0):
+        return self._emit(OP_ACT, [x, kind, arg])
+
+    def add(self, a, b):
+        return self._emit(OP_ADD, [a, b])
+
+    def program(self) -> List[int]:
+        return [MAGIC, VERSION, self.in_channels, self.n_instr, len(self.params), *self.words]
+
+
+# ---------------------------------------------------------------------------
+# shapes (mirror of op/geometry.c, used by the fake kernels; works on SymInts)
+
+
+def _window_out(n, k, s, d, pad_lo, pad_hi, ceil_mode):
+    num = n + pad_lo + pad_hi - (d * (k - 1) + 1)
+    if ceil_mode:
+        num = num + s - 1
+    out = num // s + 1
+    if ceil_mode and (out - 1) * s >= n + pad_lo:
+        out = out - 1
+    return out
+
+
+def output_shape(program: Sequence[int], h, w) -> Tuple[int, Any, Any]:
+    """(channels, rows, cols) of the program's output for an h x w image.
+    Assumes a valid program (the C decoder validates)."""
+    if len(program) < HEADER or program[0] != MAGIC:
+        raise ValueError("streamcnn: not a streamcnn program")
+    n_instr = program[3]
+    sizes = [(program[2], h, w)]
+    pos = HEADER
+    for _ in range(n_instr):
+        op, nf = program[pos], program[pos + 1]
+        f = program[pos + 2: pos + 2 + nf]
+        pos += 2 + nf
+        c, hh, ww = sizes[f[0]]
+        if op == OP_CONV:
+            kh, kw, sh, sw, dh, dw, pt, pb, pl, pr = f[6:16]
+            sizes.append((f[4], _window_out(hh, kh, sh, dh, pt, pb, False),
+                          _window_out(ww, kw, sw, dw, pl, pr, False)))
+        elif op == OP_MAXPOOL:
+            kh, kw, sh, sw, dh, dw, ph, pw, ceil = f[1:10]
+            sizes.append((c, _window_out(hh, kh, sh, dh, ph, ph, ceil),
+                          _window_out(ww, kw, sw, dw, pw, pw, ceil)))
+        elif op == OP_AVGPOOL:
+            kh, kw, sh, sw, ph, pw, ceil = f[1:8]
+            sizes.append((c, _window_out(hh, kh, sh, 1, ph, ph, ceil),
+                          _window_out(ww, kw, sw, 1, pw, pw, ceil)))
+        else:
+            sizes.append((c, hh, ww))
+    return sizes[-1]
+
+
+# ---------------------------------------------------------------------------
+# nn.Module -> program
+
+
+@dataclass
+class Converted:
+    """Result of converting a stem."""
+
+    program: List[int]
+    # (qualified submodule name, attribute) of each parameter slot
+    param_refs: List[Tuple[str, str]]
+    # submodules whose train/eval mode matters (batch norm, dropout)
+    mode_modules: List[Tuple[str, nn.Module]] = field(default_factory=list)
+
+
+def _unsupported(node: fx.Node, what: str, hint: str) -> ValueError:
+    return ValueError(
+        f"streamcnn: cannot stream node '{node.name}' ({what}): {hint}"
+    )
+
+
+_NONLOCAL_HINT = (
+    "it is not local (an output pixel depends on the whole image), so it cannot be "
+    "computed tile by tile; keep it in the head, after the streamed stem"
+)
+
+_NONLOCAL_MODULES = (
+    nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Linear, nn.Flatten, nn.Unflatten,
+    nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm2d, nn.MultiheadAttention, nn.Upsample,
+    nn.Softmax, nn.Softmax2d, nn.LocalResponseNorm,
+)
+
+
+def _same_forward(m: nn.Module, cls) -> bool:
+    return isinstance(m, cls) and type(m).forward is cls.forward
+
+
+class _Converter:
+    def __init__(self, root: nn.Module, in_channels: Optional[int]):
+        self.root = root
+        self.in_channels = in_channels
+        self.b: Optional[ProgramBuilder] = None
+        self.val: Dict[fx.Node, int] = {}
+        self.chan: Dict[fx.Node, int] = {}
+        self.mode_modules: List[Tuple[str, nn.Module]] = []
+
+    # -- helpers ------------------------------------------------------------
+    def _p(self, path: str, attr: str) -> int:
+        return self.b.param((path, attr))
+
+    def _input(self, node: fx.Node, arg) -> fx.Node:
+        if not isinstance(arg, fx.Node) or arg not in self.val:
+            raise _unsupported(node, f"{node.op} {node.target}",
+                               f"its input {arg!r} is not a tensor produced by the stem")
+        return arg
+
+    def _set(self, node, value, channels):
+        self.val[node] = value
+        self.chan[node] = channels
+
+    def _alias(self, node, src):
+        self._set(node, self.val[src], self.chan[src])
+
+    def _act(self, node, x, kind, arg=0):
+        self._set(node, self.b.act(self.val[x], kind, arg), self.chan[x])
+
+    # -- modules --------------------------------------------------------------
+    def module(self, node: fx.Node):
+        path = str(node.target)
+        m = self.root.get_submodule(path)
+        what = f"{type(m).__name__} '{path}'"
+        if len(node.args) != 1 or node.kwargs:
+            raise _unsupported(node, what, "expected a single tensor argument")
+        x = self._input(node, node.args[0])
+        c = self.chan[x]
+
+        if _same_forward(m, nn.Conv2d):
+            if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params():
+                raise _unsupported(node, what, "run one forward first to initialise the lazy module")
+            if m.padding_mode != "zeros":
+                raise _unsupported(node, what, f"padding_mode='{m.padding_mode}' is not supported, "
+                                   "only 'zeros'")
+            if m.in_channels != c:
+                raise _unsupported(node, what, f"expects {m.in_channels} input channels, gets {c}")
+            kh, kw = _pair(m.kernel_size)
+            sh, sw = _pair(m.stride)
+            dh, dw = _pair(m.dilation)
+            if isinstance(m.padding, str):
+                if m.padding == "valid":
+                    pad = (0, 0, 0, 0)
+                else:  # 'same': ATen puts the odd extra row/col at the end
+                    th, tw = dh * (kh - 1), dw * (kw - 1)
+                    pad = (th // 2, th - th // 2, tw // 2, tw - tw // 2)
+            else:
+                ph, pw = _pair(m.padding)
+                pad = (ph, ph, pw, pw)
+            w = self._p(path, "weight")
+            bias = self._p(path, "bias") if m.bias is not None else -1
+            v = self.b.conv(self.val[x], w, bias, m.in_channels, m.out_channels, m.groups,
+                            (kh, kw), (sh, sw), (dh, dw), pad)
+            return self._set(node, v, m.out_channels)
+
+        if _same_forward(m, nn.MaxPool2d):
+            if m.return_indices:
+                raise _unsupported(node, what, "return_indices=True is not supported")
+            k = _pair(m.kernel_size)
+            s = _pair(m.stride if m.stride is not None else m.kernel_size)
+            v = self.b.maxpool(self.val[x], k, s, _pair(m.dilation), _pair(m.padding), m.ceil_mode)
+            return self._set(node, v, c)
+
+        if _same_forward(m, nn.AvgPool2d):
+            k = _pair(m.kernel_size)
+            s = _pair(m.stride if m.stride is not None else m.kernel_size)
+            v = self.b.avgpool(self.val[x], k, s, _pair(m.padding), m.ceil_mode,
+                               m.count_include_pad, m.divisor_override)
+            return self._set(node, v, c)
+
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and type(m).forward in (
+                nn.BatchNorm2d.forward, nn.SyncBatchNorm.forward):
+            if m.training:
+                raise _unsupported(node, what, "BatchNorm in training mode normalises with "
+                                   "whole-image batch statistics; freeze it: call .eval() on "
+                                   "the stem (its weight and bias still train)")
+            if not m.track_running_stats or m.running_mean is None:
+                raise _unsupported(node, what, "track_running_stats=False uses whole-image "
+                                   "statistics even in eval mode; it cannot be streamed")
+            if m.num_features != c:
+                raise _unsupported(node, what, f"expects {m.num_features} channels, gets {c}")
+            self.mode_modules.append((path, m))
+            w = self._p(path, "weight") if m.weight is not None else -1
+            bias = self._p(path, "bias") if m.bias is not None else -1
+            v = self.b.batchnorm(self.val[x], w, bias, self._p(path, "running_mean"),
+                                 self._p(path, "running_var"), m.eps)
+            return self._set(node, v, c)
+
+        if type(m) in (nn.Dropout, nn.Dropout2d, nn.AlphaDropout, nn.FeatureAlphaDropout):
+            if m.training and m.p > 0:
+                raise _unsupported(node, what, "dropout in training mode is random per pixel "
+                                   "and cannot be replayed tile by tile; call .eval() on the "
+                                   "stem or move dropout into the head")
+            self.mode_modules.append((path, m))
+            return self._alias(node, x)
+        if type(m) is nn.Identity:
+            return self._alias(node, x)
+        if type(m) is nn.ReLU:
+            return self._act(node, x, ACT_RELU)
+        if type(m) is nn.ReLU6:
+            return self._act(node, x, ACT_RELU6)
+        if type(m) is nn.LeakyReLU:
+            return self._act(node, x, ACT_LEAKY_RELU, double_bits(m.negative_slope))
+        if type(m) is nn.SiLU:
+            return self._act(node, x, ACT_SILU)
+        if type(m) is nn.GELU:
+            return self._act(node, x, ACT_GELU, 1 if m.approximate == "tanh" else 0)
+        if type(m) is nn.Sigmoid:
+            return self._act(node, x, ACT_SIGMOID)
+        if type(m) is nn.Tanh:
+            return self._act(node, x, ACT_TANH)
+        if type(m) is nn.Hardswish:
+            return self._act(node, x, ACT_HARDSWISH)
+        if isinstance(m, _NONLOCAL_MODULES):
+            raise _unsupported(node, what, _NONLOCAL_HINT)
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            raise _unsupported(node, what, "only BatchNorm2d in eval mode is supported")
+        raise _unsupported(node, what, f"this module type is not supported. Supported: {SUPPORTED}")
+
+    # -- functions and methods -----------------------------------------------------
+    def _add(self, node, what, a, b, alpha=1):
+        if alpha != 1:
+            raise _unsupported(node, what, "add with alpha != 1 is not supported")
+        if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+            raise _unsupported(node, what, "adding a constant is not supported; only sums of "
+                               "two tensors of the stem (residual connections)")
+        a, b = self._input(node, a), self._input(node, b)
+        if self.chan[a] != self.chan[b]:
+            raise _unsupported(node, what, f"adds {self.chan[a]} and {self.chan[b]} channels")
+        self._set(node, self.b.add(self.val[a], self.val[b]), self.chan[a])
+
+    def function(self, node: fx.Node):
+        t = node.target
+        what = f"call to {getattr(t, '__module__', '')}.{getattr(t, '__name__', t)}"
+        args, kw = node.args, dict(node.kwargs)
+        if t in (operator.add, operator.iadd, torch.add):
+            return self._add(node, what, args[0], args[1], kw.get("alpha", 1))
+        if not args:
+            raise _unsupported(node, what, f"unsupported call. Supported: {SUPPORTED}")
+        x = self._input(node, args[0])
+        rest = args[1:]
+        if t in (F.relu, torch.relu, torch.relu_, F.relu_):
+            return self._act(node, x, ACT_RELU)
+        if t is F.relu6:
+            return self._act(node, x, ACT_RELU6)
+        if t in (F.leaky_relu, F.leaky_relu_):
+            slope = rest[0] if rest else kw.get("negative_slope", 0.01)
+            return self._act(node, x, ACT_LEAKY_RELU, double_bits(slope))
+        if t is F.silu:
+            return self._act(node, x, ACT_SILU)
+        if t is F.gelu:
+            approx = kw.get("approximate", "none")
+            return self._act(node, x, ACT_GELU, 1 if approx == "tanh" else 0)
+        if t in (torch.sigmoid, F.sigmoid):
+            return self._act(node, x, ACT_SIGMOID)
+        if t in (torch.tanh, F.tanh):
+            return self._act(node, x, ACT_TANH)
+        if t is F.hardswish:
+            return self._act(node, x, ACT_HARDSWISH)
+        if t is F.dropout:
+            training = rest[1] if len(rest) > 1 else kw.get("training", True)
+            if training:
+                raise _unsupported(node, what, "dropout with training=True cannot be streamed")
+            return self._alias(node, x)
+        if t in (F.adaptive_avg_pool2d, F.adaptive_max_pool2d, torch.flatten, F.linear,
+                 torch.mean, torch.sum, F.interpolate, F.layer_norm, F.group_norm):
+            raise _unsupported(node, what, _NONLOCAL_HINT)
+        raise _unsupported(node, what, "this function is not supported. Supported: "
+                           f"{SUPPORTED}; use the nn module forms")
+
+    def method(self, node: fx.Node):
+        name = node.target
+        what = f"method .{name}()"
+        x = self._input(node, node.args[0])
+        if name in ("relu", "relu_"):
+            return self._act(node, x, ACT_RELU)
+        if name in ("sigmoid", "sigmoid_"):
+            return self._act(node, x, ACT_SIGMOID)
+        if name in ("tanh", "tanh_"):
+            return self._act(node, x, ACT_TANH)
+        if name in ("add", "add_", "__add__", "__iadd__"):
+            return self._add(node, what, node.args[0], node.args[1], node.kwargs.get("alpha", 1))
+        if name == "contiguous":
+            return self._alias(node, x)
+        if name in ("mean", "sum", "view", "reshape", "flatten", "permute", "transpose"):
+            raise _unsupported(node, what, _NONLOCAL_HINT)
+        raise _unsupported(node, what, f"this method is not supported. Supported: {SUPPORTED}")
+
+    # -- driver -------------------------------------------------------------------------
+    def run(self) -> Converted:
+        try:
+            gm = fx.symbolic_trace(self.root)
+        except Exception as e:  # noqa: BLE001 - re-raised with context
+            raise ValueError(
+                "streamcnn: torch.fx could not trace the stem "
+                f"({type(e).__name__}: {e}); streamcnn needs a stem made of supported "
+                f"layers ({SUPPORTED})") from e
+        graph = gm.graph
+        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+        if len(placeholders) != 1:
+            raise ValueError("streamcnn: the stem's forward must take exactly one tensor "
+                             f"argument, it takes {len(placeholders)}")
+        outputs = [n for n in graph.nodes if n.op == "output"]
+        out = outputs[0].args[0]
+        if not isinstance(out, fx.Node):
+            raise ValueError("streamcnn: the stem must return a single tensor")
+
+        # nodes the output depends on, in graph (topological) order
+        live, stack = set(), [out]
+        while stack:
+            n = stack.pop()
+            if n in live:
+                continue
+            live.add(n)
+            stack.extend(n.all_input_nodes)
+
+        in_channels = self.in_channels or self._guess_in_channels(graph, live)
+        self.b = ProgramBuilder(in_channels)
+        self._set(placeholders[0], 0, in_channels)
+        for node in graph.nodes:
+            if node not in live or node.op == "placeholder":
+                continue
+            if node.op == "call_module":
+                self.module(node)
+            elif node.op == "call_function":
+                self.function(node)
+            elif node.op == "call_method":
+                self.method(node)
+            elif node.op == "get_attr":
+                raise _unsupported(node, f"attribute '{node.target}'",
+                                   "tensors used directly in forward are not supported; "
+                                   "use nn modules (Conv2d, BatchNorm2d, ...)")
+            else:
+                raise _unsupported(node, node.op, "unsupported graph node")
+        if self.b.n_instr == 0:
+            raise ValueError("streamcnn: the stem has no layers to stream")
+        if self.val[out] != self.b.n_instr:
+            # the output is an earlier value (e.g. a trailing Identity of a
+            # value that is also used elsewhere): make it the last one
+            raise ValueError("streamcnn: the stem's output must be its last computed value")
+        return Converted(self.b.program(), list(self.b.params), self.mode_modules)
+
+    def _guess_in_channels(self, graph, live) -> int:
+        for node in graph.nodes:
+            if node in live and node.op == "call_module":
+                m = self.root.get_submodule(str(node.target))
+                if isinstance(m, nn.Conv2d):
+                    return m.in_channels
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    return m.num_features
+        raise ValueError("streamcnn: cannot infer the stem's input channels (no Conv2d or "
+                         "BatchNorm2d reads the input); pass in_channels=")
+
+
+def convert(module: nn.Module, in_channels: Optional[int] = None) -> Converted:
+    """Trace `module` with torch.fx and convert it to a program.
+
+    Raises ValueError naming the first node that cannot be streamed and what
+    to do about it.
+    """
+    return _Converter(module, in_channels).run()

@@ -1,0 +1,306 @@
+"""Streamed forward/backward equals whole-image autograd (fp64 <= 1e-10,
+fp32 <= 1e-5) on random stems, odd sizes, all tile sizes, torchvision
+ResNet-18, channels_last and non-contiguous inputs."""
+
+import random
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import streamcnn
+from conftest import DEVICES, compare, randomize_bn, rel_err
+
+FP64_TOL = 1e-10
+FP32_TOL = 1e-5
+
+
+class Residual(nn.Module):
+    """body(x) + skip(x), in the three spellings fx sees."""
+
+    def __init__(self, body, skip, style):
+        super().__init__()
+        self.body, self.skip, self.style = body, skip, style
+
+    def forward(self, x):
+        out = self.body(x)
+        if self.style == 0:
+            return out + self.skip(x)
+        if self.style == 1:
+            out += self.skip(x)
+            return F.relu(out)
+        return torch.add(self.skip(x), out).relu()
+
+
+def _act(rng):
+    return rng.choice([
+        lambda: nn.ReLU(inplace=rng.random() < 0.5), nn.ReLU6, lambda: nn.LeakyReLU(0.1),
+        nn.SiLU, nn.GELU, lambda: nn.GELU(approximate="tanh"), nn.Sigmoid, nn.Tanh,
+        nn.Hardswish, nn.Identity, lambda: nn.Dropout(0.3)])()
+
+
+def _conv(rng, cin):
+    k = rng.randint(1, 5)
+    d = rng.choice([1, 1, 2]) if k > 1 else 1
+    s = rng.choice([1, 1, 2, 3])
+    if s == 1 and rng.random() < 0.2:
+        pad = "same"
+    else:
+        pad = rng.randint(0, (d * (k - 1)) // 2 + 1)
+    g = rng.choice([g for g in (1, 2, cin) if cin % g == 0])
+    cout = g * rng.randint(1, 3)
+    kw = rng.randint(1, 5) if rng.random() < 0.3 else k  # rectangular kernels
+    if pad == "same":
+        kw = k
+    return nn.Conv2d(cin, cout, (k, kw), stride=s, padding=pad, dilation=d, groups=g,
+                     bias=rng.random() < 0.6), cout
+
+
+def random_stem(seed: int, in_ch: int = 3) -> nn.Module:
+    rng = random.Random(seed)
+    layers, c = [], in_ch
+    for _ in range(rng.randint(2, 6)):
+        kind = rng.choice(["conv", "conv", "maxpool", "avgpool", "bn", "act", "res"])
+        if kind == "conv":
+            m, c = _conv(rng, c)
+            layers.append(m)
+        elif kind == "maxpool":
+            k = rng.randint(1, 3)
+            d = rng.choice([1, 2]) if k > 1 else 1
+            layers.append(nn.MaxPool2d(k, stride=rng.randint(1, 3),
+                                       padding=rng.randint(0, k // 2),
+                                       dilation=d, ceil_mode=rng.random() < 0.5))
+        elif kind == "avgpool":
+            k = rng.randint(1, 3)
+            layers.append(nn.AvgPool2d(k, stride=rng.randint(1, 3),
+                                       padding=rng.randint(0, k // 2),
+                                       ceil_mode=rng.random() < 0.5,
+                                       count_include_pad=rng.random() < 0.5,
+                                       divisor_override=rng.choice([None, None, 2])))
+        elif kind == "bn":
+            layers.append(nn.BatchNorm2d(c, affine=rng.random() < 0.8))
+        elif kind == "act":
+            layers.append(_act(rng))
+        else:
+            s = rng.choice([1, 2])
+            cout = c if s == 1 and rng.random() < 0.5 else c + rng.randint(1, 3)
+            body = nn.Sequential(nn.Conv2d(c, cout, 3, stride=s, padding=1, bias=False),
+                                 nn.BatchNorm2d(cout), _act(rng),
+                                 nn.Conv2d(cout, cout, 3, padding=1))
+            skip = nn.Identity() if (s == 1 and cout == c) else nn.Sequential(
+                nn.Conv2d(c, cout, 1, stride=s, bias=False), nn.BatchNorm2d(cout))
+            layers.append(Residual(body, skip, rng.randint(0, 2)))
+            c = cout
+    stem = nn.Sequential(*layers).double().eval()
+    gen = torch.Generator().manual_seed(seed)
+    for p in stem.parameters():
+        with torch.no_grad():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.5)
+    randomize_bn(stem, gen)
+    return stem
+
+
+def _valid_size(stem, rng, lo, hi):
+    """A random (h, w) for which the whole-image pass works and no max-pool
+    window lies entirely in padding (ATen then outputs -inf and its backward
+    writes through an out-of-range index: a PyTorch quirk, not a case to
+    compare against)."""
+    empty_window = []
+    hooks = [m.register_forward_hook(
+        lambda m, i, o: empty_window.append(not torch.isfinite(o).all()))
+        for m in stem.modules() if isinstance(m, nn.MaxPool2d)]
+    try:
+        for _ in range(200):
+            h, w = rng.randint(lo, hi), rng.randint(lo, hi)
+            empty_window.clear()
+            try:
+                with torch.no_grad():
+                    stem(torch.zeros(1, 3, h, w, dtype=torch.float64))
+            except RuntimeError:
+                continue
+            if not any(empty_window):
+                return h, w
+        return None
+    finally:
+        for hk in hooks:
+            hk.remove()
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_random_stems_fp64(seed):
+    stem = random_stem(seed)
+    sm = streamcnn.StreamingModule(stem, 10**6, in_channels=3)
+    rng = random.Random(1000 + seed)
+    size = _valid_size(stem, rng, 1, 40) or _valid_size(stem, rng, 40, 120)
+    assert size is not None, "no image size works for this stem"
+    h, w = size
+    n = rng.choice([1, 3])
+    x = torch.randn(n, 3, h, w, dtype=torch.float64, requires_grad=True)
+    rf_h, rf_w = sm.receptive_field
+    tiles = {(rf_h, rf_w), (rf_h + rng.randint(1, 9), rf_w + rng.randint(1, 9)),
+             (max(h, rf_h) + 5, max(w, rf_w) + 5)}
+    for t in tiles:
+        compare(stem, x, t, FP64_TOL, in_channels=3)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_stems_fp32(seed):
+    stem = random_stem(100 + seed)
+    rng = random.Random(seed)
+    size = _valid_size(stem, rng, 8, 40) or _valid_size(stem, rng, 40, 120)
+    assert size is not None, "no image size works for this stem"
+    stem.float()
+    x = torch.randn(2, 3, *size, requires_grad=True)
+    rf = streamcnn.StreamingModule(stem, 10**6, in_channels=3).receptive_field
+    compare(stem, x, (rf[0] + 3, rf[1] + 3), FP32_TOL, in_channels=3)
+
+
+def _resnet18_stem():
+    tv = pytest.importorskip("torchvision")
+    r = tv.models.resnet18(weights=None)
+    stem = nn.Sequential(r.conv1, r.bn1, r.relu, r.maxpool, r.layer1, r.layer2)
+    stem = stem.double().eval()
+    randomize_bn(stem, torch.Generator().manual_seed(0))
+    return stem
+
+
+def test_resnet18_receptive_field():
+    sm = streamcnn.StreamingModule(_resnet18_stem(), 512)
+    assert sm.receptive_field == (99, 99)
+    assert sm.output_stride == (8, 8)
+
+
+@pytest.mark.parametrize("tile", [99, 140, (171, 230), 4096])
+def test_resnet18_conv1_to_layer2(tile):
+    stem = _resnet18_stem()
+    x = torch.randn(1, 3, 97, 131, dtype=torch.float64, requires_grad=True)
+    compare(stem, x, tile, FP64_TOL)
+
+
+def test_resnet18_batch3_fp32():
+    stem = _resnet18_stem().float()
+    x = torch.randn(3, 3, 83, 70, requires_grad=True)
+    compare(stem, x, 120, FP32_TOL)
+
+
+def test_channels_last_and_noncontiguous():
+    stem = _resnet18_stem()
+    base = torch.randn(2, 3, 90, 77, dtype=torch.float64)
+    x_cl = base.to(memory_format=torch.channels_last).requires_grad_()
+    compare(stem, x_cl, 130, FP64_TOL)
+    wide = torch.randn(2, 3, 90, 160, dtype=torch.float64)
+    x_nc = wide[:, :, :, ::2].requires_grad_()  # strided view, not contiguous
+    assert not x_nc.is_contiguous()
+    compare(stem, x_nc, 130, FP64_TOL)
+    x_t = torch.randn(2, 3, 77, 90, dtype=torch.float64).transpose(2, 3).requires_grad_()
+    compare(stem, x_t, (120, 150), FP64_TOL)
+
+
+def test_one_row_strips():
+    stem = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(4, 4, (1, 5), padding=(0, 2)), nn.MaxPool2d((1, 3), (1, 2)),
+                         nn.Conv2d(4, 2, 3, padding=1)).double().eval()
+    x = torch.randn(2, 3, 1, 57, dtype=torch.float64, requires_grad=True)
+    for t in [(5, 13), (6, 20), (64, 64)]:
+        compare(stem, x, t, FP64_TOL)
+    x = torch.randn(1, 3, 45, 1, dtype=torch.float64, requires_grad=True)
+    stem2 = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(4, 4, 3, padding=1)).double().eval()
+    compare(stem2, x, (5, 5), FP64_TOL)
+
+
+def test_padding_only_outputs():
+    """Output rows that see only zero padding (padding > kernel reach)."""
+    stem = nn.Sequential(nn.Conv2d(3, 4, 1, padding=3), nn.BatchNorm2d(4), nn.ReLU(),
+                         nn.Conv2d(4, 2, 3, padding=1)).double().eval()
+    randomize_bn(stem, torch.Generator().manual_seed(3))
+    x = torch.randn(1, 3, 9, 11, dtype=torch.float64, requires_grad=True)
+    for t in [3, 4, 7, 40]:
+        compare(stem, x, t, FP64_TOL)
+
+
+def test_avgpool_divisors():
+    """count_include_pad both ways, ceil_mode windows hanging over the edge."""
+    for cip in (True, False):
+        for ceil in (True, False):
+            stem = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1),
+                                 nn.AvgPool2d(3, 2, padding=1, ceil_mode=ceil,
+                                              count_include_pad=cip),
+                                 nn.AvgPool2d(2, 3, ceil_mode=ceil, count_include_pad=cip),
+                                 ).double().eval()
+            x = torch.randn(2, 2, 30, 23, dtype=torch.float64, requires_grad=True)
+            for t in [9, 15, 64]:
+                compare(stem, x, t, FP64_TOL)
+
+
+def test_same_padding_even_kernel_and_groups():
+    stem = nn.Sequential(nn.Conv2d(4, 8, 4, padding="same", groups=2),
+                         nn.Conv2d(8, 8, (2, 5), padding="same", dilation=(3, 1), groups=8,
+                                   bias=False),
+                         nn.LeakyReLU(-0.3), nn.MaxPool2d(2, ceil_mode=True),
+                         nn.Conv2d(8, 3, 3, stride=(2, 1), padding=(0, 2))).double().eval()
+    x = torch.randn(1, 4, 31, 26, dtype=torch.float64, requires_grad=True)
+    for t in [(12, 13), (20, 30), 100]:
+        compare(stem, x, t, FP64_TOL)
+
+
+def test_shared_module_used_twice():
+    conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.act = conv, nn.Tanh()
+
+        def forward(self, x):
+            return self.conv(self.act(self.conv(x))) + x
+
+    stem = Twice().double().eval()
+    x = torch.randn(1, 3, 17, 21, dtype=torch.float64, requires_grad=True)
+    compare(stem, x, 7, FP64_TOL)
+    compare(stem, x, 12, FP64_TOL)
+
+
+def test_frozen_parameters_and_image_without_grad():
+    stem = _resnet18_stem()
+    for p in list(stem[0].parameters()) + list(stem[1].parameters()):
+        p.requires_grad_(False)
+    x = torch.randn(1, 3, 64, 70, dtype=torch.float64)
+    compare(stem, x, 120, FP64_TOL)
+    sm = streamcnn.StreamingModule(stem, 120)
+    sm(x).sum().backward()
+    assert stem[0].weight.grad is None and stem[1].weight.grad is None
+    assert stem[4][0].conv1.weight.grad is not None
+
+
+def test_parameters_read_at_call_time():
+    stem = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).double().eval()
+    sm = streamcnn.StreamingModule(stem, 9)
+    x = torch.randn(1, 3, 20, 20, dtype=torch.float64)
+    opt = torch.optim.SGD(sm.parameters(), lr=0.1)
+    sm(x).square().sum().backward()
+    opt.step()
+    with torch.no_grad():
+        stem[1].running_mean.add_(0.5)
+    assert rel_err(sm(x), stem(x)) < FP64_TOL
+    stem.float()
+    xf = x.float()
+    assert rel_err(sm(xf), stem(xf)) < FP32_TOL
+
+
+def test_train_mode_keeps_batchnorm_frozen():
+    stem = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.5)).eval()
+    sm = streamcnn.StreamingModule(stem, 9)
+    sm.train()
+    assert sm.training and stem.training
+    assert not stem[1].training and not stem[2].training
+    x = torch.randn(1, 3, 12, 12)
+    assert rel_err(sm(x), stem.eval()(x)) < FP32_TOL
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_devices_fp64(device):
+    stem = random_stem(7).to(device)
+    x = torch.randn(2, 3, 33, 35, dtype=torch.float64, device=device, requires_grad=True)
+    compare(stem, x, 19, FP64_TOL, in_channels=3)
