@@ -81,6 +81,15 @@ AOTITorchError aoti_torch_is_defined(AtenTensorHandle tensor,
                                      bool *ret_is_defined);
 AOTITorchError aoti_torch_is_contiguous(AtenTensorHandle tensor,
                                         bool *ret_is_contiguous);
+/* A view of self's storage with the given sizes and strides, starting
+ * storage_offset elements after self's own start (an increment); no bounds
+ * checks (callers check), no autograd. */
+AOTITorchError aoti_torch__reinterpret_tensor(AtenTensorHandle self,
+                                              int64_t ndim,
+                                              const int64_t *sizes_ptr,
+                                              const int64_t *strides_ptr,
+                                              int64_t storage_offset,
+                                              AtenTensorHandle *ret_new_tensor);
 AOTITorchError aoti_torch_empty_strided(int64_t ndim, const int64_t *sizes_ptr,
                                         const int64_t *strides_ptr,
                                         int32_t dtype, int32_t device_type,

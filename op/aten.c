@@ -221,24 +221,27 @@ int _sc_meta(sc_ctx *ctx, AtenTensorHandle t, int64_t *dim, int64_t **sizes,
 
 int _sc_view(sc_ctx *ctx, AtenTensorHandle t, int64_t r0, int64_t nr,
              int64_t c0, int64_t nc, AtenTensorHandle *out) {
-  int64_t dim, *sz, *st;
+  int64_t dim, *sz, *st, offset = 0, sizes[8];
   *out = NULL;
   if (_sc_meta(ctx, t, &dim, &sz, &st)) return SC_ERR;
-  AtenTensorHandle rows = NULL;
-  stk s = {0};
-  push_tensor(&s, t);
-  push_int(&s, dim - 2);
-  push_int(&s, r0);
-  push_int(&s, nr);
-  if (stk_call(ctx, &s, "aten::narrow", "", 1, &rows)) return SC_ERR;
-  stk s2 = {0};
-  push_tensor(&s2, rows);
-  push_int(&s2, dim - 1);
-  push_int(&s2, c0);
-  push_int(&s2, nc);
-  int rc = stk_call(ctx, &s2, "aten::narrow", "", 1, out);
-  _sc_drop(&rows);
-  return rc;
+  /* _reinterpret_tensor does not check bounds: this is the check */
+  if (dim < 2 || dim > 8 || r0 < 0 || nr < 0 || c0 < 0 || nc < 0 ||
+      r0 + nr > sz[dim - 2] || c0 + nc > sz[dim - 1])
+    return sc_fail(&ctx->err,
+                   "streamcnn: internal error: view [%lld +%lld, %lld +%lld] "
+                   "outside a tensor of %lld x %lld",
+                   (long long)r0, (long long)nr, (long long)c0, (long long)nc,
+                   (long long)(dim >= 2 ? sz[dim - 2] : -1),
+                   (long long)(dim >= 1 ? sz[dim - 1] : -1));
+  for (int64_t i = 0; i < dim; i++) sizes[i] = sz[i];
+  sizes[dim - 2] = nr;
+  sizes[dim - 1] = nc;
+  /* NB: the offset is an increment over t's own storage offset (ATen's
+   * _reinterpret_tensor); an empty view starts anywhere, keep it inside */
+  if (nr > 0 && nc > 0) offset = r0 * st[dim - 2] + c0 * st[dim - 1];
+  if (aoti_torch__reinterpret_tensor(t, dim, sizes, st, offset, out))
+    return sc_fail(&ctx->err, "streamcnn: could not make a tensor view");
+  return SC_OK;
 }
 
 int _sc_empty(sc_ctx *ctx, int64_t ndim, const int64_t *sizes,

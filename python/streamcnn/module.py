@@ -1,8 +1,7 @@
 """``StreamingModule``: run an ``nn.Module`` stem tile by tile."""
 
-from __future__ import annotations
 
-from typing import List, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.fx as fx
@@ -13,6 +12,28 @@ from ._library import program_info, tiling_info
 from .program import convert
 
 TileSize = Union[int, Sequence[int]]
+
+
+def _tensor(t: Optional[torch.Tensor]) -> torch.Tensor:
+    """Refine Optional[Tensor] (e.g. Conv2d.bias) for TorchScript."""
+    assert t is not None
+    return t
+
+
+def _param_gatherer(stem: nn.Module, refs: List[Tuple[str, str]]) -> fx.GraphModule:
+    """A generated module whose forward returns the tensors ``refs`` name, read
+    at call time. It holds the stem's own children (same objects), so the
+    tensors are shared, never copied, and its state_dict has the stem's keys."""
+    graph = fx.Graph()
+    installs = [graph.get_attr(name) for name, _ in stem.named_children()]
+    outs = [graph.call_function(_tensor, (graph.get_attr(f"{path}.{attr}" if path else attr),))
+            for path, attr in refs]
+    graph.output(outs)
+    gm = fx.GraphModule(stem, graph, class_name="StreamParams")
+    for node in installs:  # only needed to install whole children
+        gm.graph.erase_node(node)
+    gm.recompile()
+    return gm
 
 
 def _tile_pair(tile_size: TileSize) -> List[int]:
@@ -49,8 +70,8 @@ class StreamingModule(nn.Module):
             per step: an int or ``(rows, cols)``. At least the stem's
             receptive field (``.receptive_field``); larger tiles recompute
             less and use more memory.
-        in_channels: channels of the image, when it cannot be read off the
-            first layer.
+        in_channels: channels of the image, when the stem has no Conv2d or
+            BatchNorm2d to read them from.
 
     ``sm(x)`` takes ``x`` of shape ``N x C x H x W`` (float32 or float64,
     the dtype and device of the stem's parameters) of any size and returns
@@ -59,54 +80,71 @@ class StreamingModule(nn.Module):
     Parameters and buffers are read at call time, so optimizer steps,
     ``load_state_dict`` and ``.to()`` are seen.
 
+    ``sm.module`` holds the stem's submodules (the same objects, so the
+    stem you passed sees every update) and ``sm.state_dict()`` has the keys
+    of ``module.state_dict()`` under ``module.``; ``sm.stem`` is the module
+    you passed.
+
     The stem's BatchNorm and Dropout layers must be in eval mode (frozen
     statistics; the affine weight and bias still train) and stay in eval
-    mode when ``.train()`` is called on this module: a streamed stem
-    cannot use whole-image batch statistics.
+    mode when ``.train()`` is called: a streamed stem cannot use
+    whole-image batch statistics.
 
-    ``torch.jit.script(sm)`` gives a module whose forward calls
-    ``torch.ops.streamcnn.forward`` (inference in any process that loads
-    ``streamcnn.library_path()``).
+    ``torch.jit.script`` works on this module (and on models containing
+    it); the scripted forward calls ``torch.ops.streamcnn.forward`` and
+    runs in any process that loads ``streamcnn.library_path()``.
     """
 
-    def __init__(self, module: nn.Module, tile_size: TileSize, *, in_channels: int = None):
+    __jit_unused_properties__ = ["stem"]
+
+    def __init__(self, module: nn.Module, tile_size: TileSize, *,
+                 in_channels: Optional[int] = None):
         super().__init__()
         if not isinstance(module, nn.Module):
             raise TypeError(f"streamcnn: expected an nn.Module, got {type(module).__name__}")
         conv = convert(module, in_channels)
         info = program_info(conv.program)  # validated by the C decoder
-        self.module = module
-        self.program: List[int] = conv.program
-        self.tile_size: List[int] = _tile_pair(tile_size)
-        self._param_refs: List[Tuple[str, str]] = conv.param_refs
-        self._mode_paths: List[str] = [p for p, _ in conv.mode_modules]
-        self.in_channels, self.out_channels = info[0], info[1]
-        self.receptive_field: Tuple[int, int] = (info[2], info[3])
-        self.output_stride: Tuple[int, int] = (info[4], info[5])
-        if self.tile_size[0] < info[2] or self.tile_size[1] < info[3]:
+        tile = _tile_pair(tile_size)
+        if tile[0] < info[2] or tile[1] < info[3]:
             raise ValueError(
-                f"streamcnn: tile_size {tuple(self.tile_size)} is smaller than what one output "
+                f"streamcnn: tile_size {tuple(tile)} is smaller than what one output "
                 f"pixel needs: the minimum tile_size for this stem is {info[2]} x {info[3]} "
                 "(its receptive field)")
+        self.module = _param_gatherer(module, conv.param_refs)
+        self.program: List[int] = conv.program
+        self.tile_size: List[int] = tile
+        self.in_channels: int = info[0]
+        self.out_channels: int = info[1]
+        self.receptive_field: Tuple[int, int] = (info[2], info[3])
+        self.output_stride: Tuple[int, int] = (info[4], info[5])
+        self._mode_paths: List[str] = [p for p, _ in conv.mode_modules]
+        self._stem = (module,)  # a tuple: not registered a second time
 
-    # -- parameters ------------------------------------------------------------
+    @property
+    def stem(self) -> nn.Module:
+        """The module passed in (its submodules are shared with ``.module``)."""
+        return self._stem[0]
+
+    @torch.jit.unused
     def stream_params(self) -> List[torch.Tensor]:
         """The tensors the program indexes, read from the stem now."""
-        get = self.module.get_submodule
-        return [getattr(get(path), attr) for path, attr in self._param_refs]
+        return self.module()
 
+    @torch.jit.unused
     def tiling(self, height: int, width: int) -> dict:
         """How an image of height x width is tiled (for inspection)."""
         oh, ow, th, tw, nh, nw = tiling_info(self.program, height, width, self.tile_size)
         return {"output": (oh, ow), "output_tile": (th, tw), "tiles": (nh, nw)}
 
-    # -- modes -------------------------------------------------------------------
+    # -- modes ---------------------------------------------------------------------
     def train(self, mode: bool = True):
         super().train(mode)
+        self._stem[0].training = mode  # its children follow through .module
         for path in self._mode_paths:  # batch norm / dropout stay frozen
             self.module.get_submodule(path).eval()
         return self
 
+    @torch.jit.unused
     def _check(self, x: torch.Tensor, params: List[torch.Tensor]) -> None:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"streamcnn: expected a tensor, got {type(x).__name__}")
@@ -134,39 +172,12 @@ class StreamingModule(nn.Module):
         tiling_info(self.program, x.shape[2], x.shape[3], self.tile_size)  # size errors
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        params = self.stream_params()
-        if not torch.compiler.is_compiling():
-            self._check(x, params)
+        params = self.module()
+        if not torch.jit.is_scripting():
+            if not torch.compiler.is_compiling():
+                self._check(x, params)
         return torch.ops.streamcnn.forward(x, params, self.program, self.tile_size)
 
     def extra_repr(self) -> str:
         return (f"tile_size={tuple(self.tile_size)}, receptive_field={self.receptive_field}, "
                 f"output_stride={self.output_stride}")
-
-    # -- TorchScript ----------------------------------------------------------------
-    def __prepare_scriptable__(self):
-        return _ScriptableStreamingModule(self)
-
-
-class _ScriptableStreamingModule(nn.Module):
-    """What ``torch.jit.script(StreamingModule(...))`` compiles: the program
-    and tile size as attributes, the parameter tensors gathered by a
-    generated ``torch.fx`` module (``module``) that shares them with the
-    stem, and a forward that calls the operator."""
-
-    program: List[int]
-    tile_size: List[int]
-
-    def __init__(self, sm: StreamingModule):
-        super().__init__()
-        graph = fx.Graph()
-        nodes = [graph.get_attr(f"{path}.{attr}" if path else attr)
-                 for path, attr in sm._param_refs]
-        graph.output(nodes)
-        self.module = fx.GraphModule(sm.module, graph, class_name="StreamParams")
-        self.program = list(sm.program)
-        self.tile_size = list(sm.tile_size)
-        self.training = sm.training
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.streamcnn.forward(x, self.module(), self.program, self.tile_size)

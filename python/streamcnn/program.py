@@ -161,9 +161,7 @@ class Converted:
 
 
 def _unsupported(node: fx.Node, what: str, hint: str) -> ValueError:
-    return ValueError(
-        f"streamcnn: cannot stream node '{node.name}' ({what}): {hint}"
-    )
+    return ValueError(f"streamcnn: cannot stream {what} (fx node '{node.name}'): {hint}")
 
 
 _NONLOCAL_HINT = (
@@ -409,7 +407,7 @@ class _Converter:
             stack.extend(n.all_input_nodes)
 
         in_channels = self.in_channels or self._guess_in_channels(graph, live)
-        self.b = ProgramBuilder(in_channels)
+        self.b = ProgramBuilder(in_channels or 1)
         self._set(placeholders[0], 0, in_channels)
         for node in graph.nodes:
             if node not in live or node.op == "placeholder":
@@ -428,13 +426,18 @@ class _Converter:
                 raise _unsupported(node, node.op, "unsupported graph node")
         if self.b.n_instr == 0:
             raise ValueError("streamcnn: the stem has no layers to stream")
+        if not in_channels:
+            raise ValueError("streamcnn: cannot infer the stem's input channels (no Conv2d or "
+                             "BatchNorm2d); pass in_channels=")
         if self.val[out] != self.b.n_instr:
             # the output is an earlier value (e.g. a trailing Identity of a
             # value that is also used elsewhere): make it the last one
             raise ValueError("streamcnn: the stem's output must be its last computed value")
         return Converted(self.b.program(), list(self.b.params), self.mode_modules)
 
-    def _guess_in_channels(self, graph, live) -> int:
+    def _guess_in_channels(self, graph, live) -> Optional[int]:
+        """Channels of the first Conv2d / BatchNorm2d: every layer before it
+        keeps the channel count."""
         for node in graph.nodes:
             if node in live and node.op == "call_module":
                 m = self.root.get_submodule(str(node.target))
@@ -442,8 +445,7 @@ class _Converter:
                     return m.in_channels
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     return m.num_features
-        raise ValueError("streamcnn: cannot infer the stem's input channels (no Conv2d or "
-                         "BatchNorm2d reads the input); pass in_channels=")
+        return None
 
 
 def convert(module: nn.Module, in_channels: Optional[int] = None) -> Converted:

@@ -293,8 +293,10 @@ def test_train_mode_keeps_batchnorm_frozen():
     stem = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.5)).eval()
     sm = streamcnn.StreamingModule(stem, 9)
     sm.train()
-    assert sm.training and stem.training
+    assert sm.training and stem.training and stem[0].training
     assert not stem[1].training and not stem[2].training
+    sm.eval()
+    assert not stem.training and not stem[0].training
     x = torch.randn(1, 3, 12, 12)
     assert rel_err(sm(x), stem.eval()(x)) < FP32_TOL
 

@@ -1,0 +1,286 @@
+"""Bad inputs: each one a clear exception naming what is wrong; the process
+lives on and nothing leaks."""
+
+import random
+import resource
+
+import pytest
+import torch
+import torch.nn as nn
+
+import streamcnn
+from streamcnn import program as P
+
+
+def _stem():
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                         nn.MaxPool2d(2), nn.Conv2d(4, 2, 3)).eval()
+
+
+def _sm(tile=16):
+    return streamcnn.StreamingModule(_stem(), tile)
+
+
+# ---- StreamingModule construction --------------------------------------------
+
+
+@pytest.mark.parametrize("tile", [0, -5, (0, 8), (8, -1)])
+def test_tile_not_positive(tile):
+    with pytest.raises(ValueError, match="tile_size must be positive"):
+        _sm(tile)
+
+
+@pytest.mark.parametrize("tile", [1.5, "16", (8, 8, 8), True, (8.5, 8)])
+def test_tile_wrong_type(tile):
+    with pytest.raises((TypeError, ValueError), match="tile_size"):
+        _sm(tile)
+
+
+def test_tile_smaller_than_receptive_field():
+    # conv3 -> maxpool2 -> conv3: 3 + 1 + 2 * 2 = 8 rows and cols
+    assert _sm().receptive_field == (8, 8)
+    with pytest.raises(ValueError, match=r"minimum tile_size for this stem is 8 x 8"):
+        _sm(7)
+    with pytest.raises(ValueError, match=r"minimum tile_size for this stem is 8 x 8"):
+        _sm((8, 7))
+    _sm(8)  # exactly the receptive field works
+
+
+def test_train_mode_batchnorm():
+    stem = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))  # training mode
+    with pytest.raises(ValueError, match=r"BatchNorm2d '1' \(fx node '_1'\).*freeze it: call \.eval\(\)"):
+        streamcnn.StreamingModule(stem, 16)
+
+
+def test_batchnorm_without_running_stats():
+    stem = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False))
+    with pytest.raises(ValueError, match="track_running_stats=False"):
+        streamcnn.StreamingModule(stem.eval(), 16)
+
+
+def test_dropout_in_training_mode():
+    stem = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Dropout(0.2))
+    with pytest.raises(ValueError, match=r"Dropout.*call \.eval\(\)"):
+        streamcnn.StreamingModule(stem, 16)
+
+
+class _Pooled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.conv(x), 1))
+
+
+class _MeanHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        return self.conv(x).mean(dim=(2, 3), keepdim=True)
+
+
+@pytest.mark.parametrize("stem, node", [
+    (nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1)), "AdaptiveAvgPool2d '1'.*not local"),
+    (_Pooled(), "torch.flatten \\(fx node 'flatten'\\).*not local"),
+    (_MeanHead(), "method .mean\\(\\) \\(fx node 'mean'\\).*not local"),
+    (nn.Sequential(nn.Conv2d(3, 4, 3), nn.Upsample(scale_factor=2)), "Upsample.*not local"),
+    (nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect")), "padding_mode='reflect'"),
+    (nn.Sequential(nn.Conv2d(3, 4, 3), nn.ELU()), "ELU '1'.*not supported"),
+    (nn.Sequential(nn.ConvTranspose2d(3, 4, 3)), "ConvTranspose2d.*not supported"),
+    (nn.Sequential(nn.Conv2d(3, 4, 3), nn.MaxPool2d(2, return_indices=True)), "return_indices"),
+])
+def test_unsupported_nodes(stem, node):
+    with pytest.raises(ValueError, match=node):
+        streamcnn.StreamingModule(stem.eval(), 64)
+
+
+def test_constant_add_and_untraceable():
+    class AddConst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 1)
+
+        def forward(self, x):
+            return self.conv(x) + 1.0
+
+    with pytest.raises(ValueError, match="adding a constant"):
+        streamcnn.StreamingModule(AddConst(), 8)
+
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 1)
+
+        def forward(self, x):
+            return self.conv(x) if x.sum() > 0 else x
+
+    with pytest.raises(ValueError, match="torch.fx could not trace"):
+        streamcnn.StreamingModule(Branchy(), 8)
+    with pytest.raises(TypeError, match="nn.Module"):
+        streamcnn.StreamingModule(lambda x: x, 8)
+
+
+# ---- calls ---------------------------------------------------------------------------
+
+
+def test_wrong_channels():
+    sm = _sm()
+    with pytest.raises(ValueError, match="expects 3 channels, the image has 4"):
+        sm(torch.randn(1, 4, 20, 20))
+    with pytest.raises(RuntimeError, match="expects 3 input channels, the image has 4"):
+        torch.ops.streamcnn.forward(torch.randn(1, 4, 20, 20), sm.stream_params(), sm.program,
+                                    sm.tile_size)
+
+
+@pytest.mark.parametrize("shape", [(3, 20, 20), (1, 1, 3, 20, 20), (20,)])
+def test_wrong_rank(shape):
+    sm = _sm()
+    with pytest.raises(ValueError, match="N x C x H x W"):
+        sm(torch.randn(shape))
+    with pytest.raises(RuntimeError, match="4-D N x C x H x W"):
+        torch.ops.streamcnn.forward(torch.randn(shape), sm.stream_params(), sm.program,
+                                    sm.tile_size)
+
+
+def test_dtype_mismatch():
+    sm = _sm()
+    with pytest.raises(TypeError, match="image is torch.float64 but the stem's parameters are "
+                                        "torch.float32"):
+        sm(torch.randn(1, 3, 20, 20, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match=r"params\[0\] \(weight of instruction 0, conv\) is "
+                                           "float32 but the image is float64"):
+        torch.ops.streamcnn.forward(torch.randn(1, 3, 20, 20, dtype=torch.float64),
+                                    sm.stream_params(), sm.program, sm.tile_size)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int64, torch.float16, torch.complex64])
+def test_unsupported_image_dtype(dtype):
+    sm = _sm()
+    x = torch.zeros(1, 3, 20, 20, dtype=dtype)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        sm(x)
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        torch.ops.streamcnn.forward(x, sm.stream_params(), sm.program, sm.tile_size)
+
+
+def test_image_too_small():
+    sm = _sm()
+    with pytest.raises(ValueError, match="too small"):
+        sm(torch.randn(1, 3, 3, 20))
+    with pytest.raises(RuntimeError, match="too small"):
+        torch.ops.streamcnn.forward(torch.randn(1, 3, 3, 20), sm.stream_params(), sm.program,
+                                    sm.tile_size)
+
+
+def test_not_a_tensor():
+    with pytest.raises(TypeError, match="expected a tensor"):
+        _sm()([1, 2, 3])
+
+
+def test_batchnorm_switched_to_train_after_wrapping():
+    sm = _sm()
+    sm.stem[1].train()
+    with pytest.raises(ValueError, match=r"'1' \(BatchNorm2d\) was switched to training mode"):
+        sm(torch.randn(1, 3, 20, 20))
+
+
+def test_raw_op_bad_params():
+    sm = _sm()
+    x = torch.randn(1, 3, 20, 20)
+    params = sm.stream_params()
+    with pytest.raises(RuntimeError, match="indexes 8 parameter tensors but 7 were given"):
+        torch.ops.streamcnn.forward(x, params[:-1], sm.program, sm.tile_size)
+    bad = list(params)
+    bad[0] = torch.randn(4, 3, 5, 5)
+    with pytest.raises(RuntimeError, match=r"params\[0\] .* has shape \[4, 3, 5, 5\], expected "
+                                           r"\[4, 3, 3, 3\]"):
+        torch.ops.streamcnn.forward(x, bad, sm.program, sm.tile_size)
+    bad[0] = params[0]
+    bad[4] = torch.randn(5)  # running_mean
+    with pytest.raises(RuntimeError, match=r"params\[4\] \(running_mean of instruction 1, batchnorm\)"):
+        torch.ops.streamcnn.forward(x, bad, sm.program, sm.tile_size)
+
+
+def test_raw_op_bad_tile_and_grad():
+    sm = _sm()
+    x = torch.randn(1, 3, 20, 20)
+    ps = sm.stream_params()
+    for tile in ([], [1, 2, 3]):
+        with pytest.raises(RuntimeError, match="tile_size must have 1 or 2 entries"):
+            torch.ops.streamcnn.forward(x, ps, sm.program, tile)
+    for tile in ([0], [16, -1]):
+        with pytest.raises(RuntimeError, match="tile_size must be positive"):
+            torch.ops.streamcnn.forward(x, ps, sm.program, tile)
+    with pytest.raises(RuntimeError, match="minimum tile_size for this stem is 8 x 8"):
+        torch.ops.streamcnn.forward(x, ps, sm.program, [7, 7])
+    y = sm(x)
+    mask = [True] * (len(ps) + 1)
+    with pytest.raises(RuntimeError, match="grad_output must have the stem output's shape"):
+        torch.ops.streamcnn.backward(torch.randn(1, 2, 5, 5), x, ps, sm.program, sm.tile_size,
+                                     mask)
+    with pytest.raises(RuntimeError, match="grad_output must have the image's dtype"):
+        torch.ops.streamcnn.backward(torch.randn_like(y).double(), x, ps, sm.program,
+                                     sm.tile_size, mask)
+    with pytest.raises(RuntimeError, match="output_mask has 3 entries, expected 9"):
+        torch.ops.streamcnn.backward(torch.randn_like(y), x, ps, sm.program, sm.tile_size,
+                                     [True] * 3)
+
+
+def _rss_kb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def _statm_kb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * (resource.getpagesize() // 1024)
+
+
+def test_malformed_programs_raise_and_do_not_leak():
+    """Random integer lists and mutations of a valid program: RuntimeError
+    (or a valid result), never a crash; memory stays flat."""
+    sm = _sm()
+    x = torch.randn(1, 3, 20, 20)
+    ps = sm.stream_params()
+    valid = list(sm.program)
+    rng = random.Random(0)
+
+    def attempt(prog, params):
+        try:
+            torch.ops.streamcnn.forward(x, params, prog, [16, 16])
+            return True
+        except RuntimeError as e:
+            assert str(e).startswith("streamcnn: "), str(e)
+            return False
+
+    def round_(n):
+        ok = 0
+        for i in range(n):
+            if i % 3 == 0:
+                prog = [rng.randint(-3, 40) for _ in range(rng.randint(0, 60))]
+                if prog and rng.random() < 0.5:
+                    prog[:2] = [P.MAGIC, P.VERSION]
+            else:
+                prog = list(valid)
+                for _ in range(rng.randint(1, 3)):
+                    j = rng.randrange(len(prog))
+                    prog[j] = rng.choice([rng.randint(-2, 20), prog[j] + 1, prog[j] - 1,
+                                          rng.randint(-2**63, 2**63 - 1)])
+                if rng.random() < 0.1:
+                    prog = prog[:rng.randrange(len(prog))]
+            params = ps if rng.random() < 0.8 else ps[:rng.randrange(len(ps) + 1)]
+            ok += attempt(prog, params)
+        return ok
+
+    round_(300)  # warm up allocator caches
+    uses = [t._use_count() for t in [x, *ps]]
+    before = _statm_kb()
+    accepted = round_(3000)
+    after = _statm_kb()
+    assert accepted < 3000
+    # every tensor handle the kernels received was released, on every path
+    assert [t._use_count() for t in [x, *ps]] == uses
+    assert after - before < 20_000, f"resident memory grew by {after - before} kB"
