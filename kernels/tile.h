@@ -34,17 +34,19 @@ typedef struct sc_copy_params {
   int accumulate;        /* 0: dst = src; 1: dst += src (src may be dst) */
 } sc_copy_params;
 
-/* dst (contiguous N x C x dst_h x dst_w) = pad_value everywhere, except the
- * src_h x src_w source window placed at (off_h, off_w). Used to build the
- * explicitly padded input of a window layer at the true image border. */
+/* dst (N x C x dst_h x dst_w, dense: NCHW or channels-last NHWC order) =
+ * pad_value everywhere, except the src_h x src_w source window placed at
+ * (off_h, off_w). Builds the explicitly padded input of a window layer at
+ * the true image border, and the channels-last copy of an image tile. */
 typedef struct sc_gather_params {
   const void *src;       /* element (0, 0, 0, 0) of the source window; may be
                             NULL when src_h or src_w is 0 (all padding) */
   int64_t src_stride[4]; /* source strides, elements */
   int64_t n, c;          /* batch and channels of both */
   int64_t src_h, src_w;  /* source window extent (rows, cols) */
-  void *dst;             /* contiguous destination */
+  void *dst;             /* dense destination */
   int64_t dst_h, dst_w;  /* destination extent (rows, cols) */
+  int channels_last;     /* 0: dst is NCHW-contiguous, 1: NHWC */
   int64_t off_h, off_w;  /* top-left of the source window inside dst */
   double pad_value;      /* 0 for conv / avg pool, -inf for max pool */
   int dtype;             /* sc_dtype of both tensors */
@@ -72,6 +74,8 @@ static inline const char *sc_gather_check(const sc_gather_params *p) {
     return "tile gather: negative extent";
   if (p->off_h + p->src_h > p->dst_h || p->off_w + p->src_w > p->dst_w)
     return "tile gather: source window does not fit the destination";
+  if (p->channels_last != 0 && p->channels_last != 1)
+    return "tile gather: channels_last must be 0 or 1";
   if (p->n && p->c && p->dst_h && p->dst_w && !p->dst)
     return "tile gather: NULL destination";
   if (p->n && p->c && p->src_h && p->src_w && !p->src)

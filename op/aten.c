@@ -574,6 +574,21 @@ int _sc_act(sc_ctx *ctx, const sc_instr *in, AtenTensorHandle x,
   }
 }
 
+int _sc_relu_(sc_ctx *ctx, AtenTensorHandle x, AtenTensorHandle *out) {
+  return call1(ctx, "aten::relu_", "", x, out);
+}
+
+int _sc_relu_backward_(sc_ctx *ctx, AtenTensorHandle g, AtenTensorHandle y) {
+  AtenTensorHandle zero = NULL, mask = NULL, r = NULL;
+  if (const_zero(ctx, &zero) ||
+      call2(ctx, "aten::le", "Tensor", y, zero, &mask))
+    return SC_ERR;
+  int rc = call3(ctx, "aten::masked_fill_", "Tensor", g, mask, zero, &r);
+  _sc_drop(&mask);
+  _sc_drop(&r);
+  return rc;
+}
+
 int _sc_act_backward(sc_ctx *ctx, const sc_instr *in, AtenTensorHandle g,
                      AtenTensorHandle x, AtenTensorHandle y,
                      AtenTensorHandle *out) {

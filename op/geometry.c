@@ -226,8 +226,12 @@ int _sc_tiling(const sc_program *p, const int64_t *sizes, int64_t tile_h,
                      (long long)tile_h, (long long)tile_w,
                      (long long)sc_input_extent(p, 0, 1),
                      (long long)sc_input_extent(p, 1, 1));
+    /* Balance: as few tiles as the limit allows, of near-equal size (e.g.
+     * 48+48+48+48 rather than 52+52+52+36): less work per tile at the same
+     * count, and fewer distinct buffer shapes for the allocator. */
     const int64_t n_out = sizes[2 * p->n_instr + a];
-    tile_out[a] = t < n_out ? t : n_out;
+    const int64_t count = (n_out + t - 1) / t;
+    tile_out[a] = (n_out + count - 1) / count;
   }
   return SC_OK;
 }

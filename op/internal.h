@@ -68,12 +68,14 @@ int _sc_zeros(sc_ctx *ctx, int64_t ndim, const int64_t *sizes,
 int _sc_copy(sc_ctx *ctx, AtenTensorHandle dst, AtenTensorHandle src,
              int accumulate);
 
-/* Padded tile: new contiguous N x C x dst_h x dst_w tensor holding src (an
- * N x C x src_h x src_w tensor, or NULL for all padding) at (off_h, off_w)
- * and pad_value elsewhere. */
+/* Padded tile: new dense N x C x dst_h x dst_w tensor (NCHW, or NHWC when
+ * channels_last) holding src (an N x C x src_h x src_w tensor, or NULL for
+ * all padding) at (off_h, off_w) and pad_value elsewhere. */
 int _sc_gather(sc_ctx *ctx, AtenTensorHandle src, int64_t n, int64_t c,
                int64_t dst_h, int64_t dst_w, int64_t off_h, int64_t off_w,
-               double pad_value, AtenTensorHandle *out);
+               double pad_value, int channels_last, AtenTensorHandle *out);
+/* 4-D with the channel stride 1 (and more than one channel). */
+int _sc_is_channels_last(sc_ctx *ctx, AtenTensorHandle t);
 
 /* Owned contiguous copy when t is not contiguous; else t itself (moved). */
 int _sc_make_contiguous(sc_ctx *ctx, AtenTensorHandle *t);
@@ -108,6 +110,11 @@ int _sc_act(sc_ctx *ctx, const sc_instr *in, AtenTensorHandle x,
 int _sc_act_backward(sc_ctx *ctx, const sc_instr *in, AtenTensorHandle g,
                      AtenTensorHandle x, AtenTensorHandle y,
                      AtenTensorHandle *out);
+/* In place: x = relu(x); *out is a new reference to x. */
+int _sc_relu_(sc_ctx *ctx, AtenTensorHandle x, AtenTensorHandle *out);
+/* In place: g = y > 0 ? g : 0 (ReLU's threshold_backward without a new
+ * tensor; g must be writable). */
+int _sc_relu_backward_(sc_ctx *ctx, AtenTensorHandle g, AtenTensorHandle y);
 int _sc_add(sc_ctx *ctx, AtenTensorHandle a, AtenTensorHandle b,
             AtenTensorHandle *out);
 int _sc_div(sc_ctx *ctx, AtenTensorHandle a, AtenTensorHandle b,

@@ -27,6 +27,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
 
 typedef struct run {
   sc_ctx *ctx;
@@ -38,15 +41,18 @@ typedef struct run {
   int64_t tile_out[2];  /* output tile edge (rows, cols) */
   int64_t n_tiles[2];
   sc_axis_plan **plans[2]; /* per axis, one plan per tile index */
+  int64_t n_order;          /* n_tiles[0] * n_tiles[1] */
+  int64_t *order;           /* tiles as row * n_tiles[1] + col, largest first */
 
   /* per-tile state */
   int64_t ti[2];            /* current tile index (rows, cols) */
   AtenTensorHandle *val;    /* nv: forward value over its region */
   AtenTensorHandle *grad;   /* nv: gradient over the value's region */
   unsigned char *grad_mine; /* nv: grad[v] may be written in place */
-  AtenTensorHandle *padded; /* n_instr: input of a window layer (backward) */
-  AtenTensorHandle *aux;    /* n_instr: max-pool indices / avg-pool divisor */
-  int64_t *left;            /* nv: consumers still to run (forward only) */
+  AtenTensorHandle *aux;    /* n_instr: max-pool indices / avg-pool divisor
+                               map, from the recompute, for the backward */
+  int64_t *left;            /* nv: consumers still to run in the forward */
+  unsigned char *keep;      /* nv: a backward op reads this value */
 
   /* backward */
   const int *mask;          /* 1 + n_params */
@@ -95,20 +101,81 @@ static int subview(run *r, AtenTensorHandle t, const int64_t *trow,
 
 /* ---- per-call setup ----------------------------------------------------------- */
 
+/* Elements the tile's cone holds (sum over values of region area x
+ * channels): a proxy for its buffer sizes. */
+static int64_t cone_size(const run *r, int64_t t) {
+  int64_t total = 0;
+  const sc_axis_plan *pr = r->plans[0][t / r->n_tiles[1]];
+  const sc_axis_plan *pc = r->plans[1][t % r->n_tiles[1]];
+  for (int64_t v = 0; v < r->nv; v++) {
+    const int64_t h = pr->region[2 * v + 1] - pr->region[2 * v];
+    const int64_t w = pc->region[2 * v + 1] - pc->region[2 * v];
+    if (h > 0 && w > 0) total += h * w * r->p->channels[v];
+  }
+  return total;
+}
+
+/* Run the largest tiles first: on the CPU the smaller border tiles then fit
+ * in the heap blocks the large ones freed, instead of growing the heap
+ * (glibc keeps such blocks; see release_free_pages). Order is irrelevant to
+ * the result beyond the summation order of weight gradients. */
+static int order_tiles(run *r) {
+  r->n_order = r->n_tiles[0] * r->n_tiles[1];
+  r->order = malloc((size_t)r->n_order * sizeof *r->order);
+  int64_t *keys = malloc((size_t)r->n_order * sizeof *keys);
+  if (!r->order || !keys) {
+    free(keys);
+    return sc_fail(&r->ctx->err, "streamcnn: out of memory");
+  }
+  for (int64_t t = 0; t < r->n_order; t++) {
+    r->order[t] = t;
+    keys[t] = cone_size(r, t);
+  }
+  /* insertion sort, stable, descending; tile counts are small */
+  for (int64_t i = 1; i < r->n_order; i++) {
+    const int64_t t = r->order[i];
+    int64_t j = i - 1;
+    while (j >= 0 && keys[r->order[j]] < keys[t]) {
+      r->order[j + 1] = r->order[j];
+      j--;
+    }
+    r->order[j + 1] = t;
+  }
+  free(keys);
+  return SC_OK;
+}
+
+static void select_tile(run *r, int64_t k) {
+  r->ti[0] = r->order[k] / r->n_tiles[1];
+  r->ti[1] = r->order[k] % r->n_tiles[1];
+}
+
+/* Once per CPU call, before the first tile: hand the pages of free heap
+ * blocks back to the OS. Tile buffers are mostly below glibc's dynamic
+ * (up to 32 MB) mmap threshold, so they live on the heap, and what the
+ * previous call (e.g. the forward op before the backward op) freed sits
+ * there as fragmented holes that still count as resident. Trimming after
+ * every tile instead would re-fault every buffer of the next tile. GPU
+ * memory is the caching allocator's business and is left alone. */
+static void release_free_pages(const sc_ctx *ctx) {
+#if defined(__GLIBC__)
+  if (!ctx->is_cuda) malloc_trim(0);
+#else
+  (void)ctx;
+#endif
+}
+
 static void run_tile_release(run *r) {
   for (int64_t v = 0; v < r->nv; v++) {
     _sc_drop(&r->val[v]);
     _sc_drop(&r->grad[v]);
     r->grad_mine[v] = 0;
   }
-  for (int64_t i = 0; i < r->p->n_instr; i++) {
-    _sc_drop(&r->padded[i]);
-    _sc_drop(&r->aux[i]);
-  }
+  for (int64_t i = 0; i < r->p->n_instr; i++) _sc_drop(&r->aux[i]);
 }
 
 static void run_release(run *r) {
-  if (r->val) run_tile_release(r);
+  if (r->val && r->grad && r->grad_mine && r->aux) run_tile_release(r);
   for (int a = 0; a < 2; a++) {
     if (!r->plans[a]) continue;
     for (int64_t t = 0; t < r->n_tiles[a]; t++)
@@ -118,12 +185,13 @@ static void run_release(run *r) {
   if (r->pgrad)
     for (int64_t k = 0; k < r->p->n_params; k++) _sc_drop(&r->pgrad[k]);
   _sc_drop(&r->igrad);
+  free(r->order);
   free(r->sizes);
   free(r->val);
   free(r->grad);
   free(r->grad_mine);
-  free(r->padded);
   free(r->aux);
+  free(r->keep);
   free(r->left);
   free(r->needs);
   free(r->pgrad);
@@ -143,12 +211,12 @@ static int run_init(run *r, sc_ctx *ctx, const sc_call *call) {
   r->val = calloc((size_t)r->nv, sizeof *r->val);
   r->grad = calloc((size_t)r->nv, sizeof *r->grad);
   r->grad_mine = calloc((size_t)r->nv, 1);
-  r->padded = calloc((size_t)p->n_instr, sizeof *r->padded);
+  r->keep = calloc((size_t)r->nv, 1);
   r->aux = calloc((size_t)p->n_instr, sizeof *r->aux);
   r->left = calloc((size_t)r->nv, sizeof *r->left);
   r->needs = calloc((size_t)r->nv, 1);
   r->pgrad = calloc((size_t)p->n_params + 1, sizeof *r->pgrad);
-  if (!r->sizes || !r->val || !r->grad || !r->grad_mine || !r->padded ||
+  if (!r->sizes || !r->val || !r->grad || !r->grad_mine || !r->keep ||
       !r->aux || !r->left || !r->needs || !r->pgrad)
     return sc_fail(&ctx->err, "streamcnn: out of memory");
   if (sc_value_sizes(p, isz[2], isz[3], r->sizes, &ctx->err) ||
@@ -170,7 +238,7 @@ static int run_init(run *r, sc_ctx *ctx, const sc_call *call) {
         return SC_ERR;
     }
   }
-  return SC_OK;
+  return order_tiles(r);
 }
 
 /* ---- forward of one tile ---------------------------------------------------- */
@@ -253,7 +321,8 @@ done:
 }
 
 /* Input of instruction i, slot j, over the span it reads: a view of the
- * input value where the span lies inside it, else a padded copy. */
+ * input value where the span lies inside it, else a padded copy in the
+ * value's layout (channels-last stays channels-last). */
 static int layer_input(run *r, int64_t i, int j, double pad_value,
                        AtenTensorHandle *out) {
   const sc_instr *in = &r->p->instr[i];
@@ -281,9 +350,11 @@ static int layer_input(run *r, int64_t i, int j, double pad_value,
     *out = src;
     return SC_OK;
   }
+  const int nhwc = src && _sc_is_channels_last(r->ctx, src);
   int rc = _sc_gather(r->ctx, src, r->batch, r->p->channels[v],
                       rd[0][1] - rd[0][0], rd[1][1] - rd[1][0],
-                      cl[0][0] - rd[0][0], cl[1][0] - rd[1][0], pad_value, out);
+                      cl[0][0] - rd[0][0], cl[1][0] - rd[1][0], pad_value, nhwc,
+                      out);
   _sc_drop(&src);
   return rc;
 }
@@ -293,6 +364,21 @@ static int pointwise_input(run *r, int64_t i, int j, AtenTensorHandle *out) {
   const int64_t v = r->p->instr[i].in[j], o = i + 1;
   return subview(r, r->val[v], region(r, 0, v), region(r, 1, v),
                  region(r, 0, o), region(r, 1, o), out);
+}
+
+/* May instruction i overwrite its input slot j in place? Only a value this
+ * tile computed (not the caller's image), read by this instruction alone,
+ * over exactly the output's region, and not needed by the backward. */
+static int reusable(const run *r, int64_t i, int j, int keep) {
+  const int64_t v = r->p->instr[i].in[j], o = i + 1;
+  if (v == 0 || r->p->n_consumers[v] != 1 || (keep && r->keep[v]) ||
+      !r->val[v])
+    return 0;
+  for (int a = 0; a < 2; a++) {
+    const int64_t *rv = region(r, a, v), *ro = region(r, a, o);
+    if (rv[0] != ro[0] || rv[1] != ro[1]) return 0;
+  }
+  return 1;
 }
 
 static AtenTensorHandle param(const run *r, int64_t k) {
@@ -314,7 +400,7 @@ static int forward_instr(run *r, int64_t i, int keep) {
   case SC_OP_MAXPOOL:
     /* NB: max pooling pads with -inf, not 0 */
     if (layer_input(r, i, 0, -INFINITY, &x) ||
-        _sc_maxpool(ctx, x, in, &y, keep ? &aux : NULL))
+        _sc_maxpool(ctx, x, in, &y, keep && r->needs[i + 1] ? &aux : NULL))
       goto done;
     break;
   case SC_OP_AVGPOOL:
@@ -336,12 +422,24 @@ static int forward_instr(run *r, int64_t i, int keep) {
     break;
   }
   case SC_OP_ACT:
+    if (in->act == SC_ACT_RELU && reusable(r, i, 0, keep)) {
+      if (_sc_relu_(ctx, r->val[in->in[0]], &y)) goto done;
+      break;
+    }
     if (pointwise_input(r, i, 0, &x) || _sc_act(ctx, in, x, &y)) goto done;
     break;
   case SC_OP_ADD: {
     AtenTensorHandle b = NULL;
-    rc = pointwise_input(r, i, 0, &x) || pointwise_input(r, i, 1, &b) ||
-         _sc_add(ctx, x, b, &y);
+    if (reusable(r, i, 0, keep) || reusable(r, i, 1, keep)) {
+      /* accumulate into the input nothing else reads: no new buffer */
+      const int j = reusable(r, i, 0, keep) ? 0 : 1;
+      rc = pointwise_input(r, i, 1 - j, &b) ||
+           _sc_copy(ctx, r->val[in->in[j]], b, 1) ||
+           aoti_torch_new_tensor_handle(r->val[in->in[j]], &y);
+    } else {
+      rc = pointwise_input(r, i, 0, &x) || pointwise_input(r, i, 1, &b) ||
+           _sc_add(ctx, x, b, &y);
+    }
     _sc_drop(&b);
     if (rc) goto done;
     break;
@@ -352,10 +450,9 @@ static int forward_instr(run *r, int64_t i, int keep) {
   }
   r->val[i + 1] = y;
   y = NULL;
-  if (keep && _sc_is_window(in->op)) {
-    r->padded[i] = x;
+  if (keep) { /* max-pool indices / avg-pool divisor map, for the backward */
     r->aux[i] = aux;
-    x = aux = NULL;
+    aux = NULL;
   }
   rc = SC_OK;
 done:
@@ -366,8 +463,8 @@ done:
   return rc;
 }
 
-/* Forward of the current tile's cone. keep = 0 frees each value once its
- * last consumer ran; keep = 1 holds everything for the backward. */
+/* Forward of the current tile's cone. Each value is freed once its last
+ * consumer ran, unless keep = 1 and a backward op reads it (r->keep). */
 static int forward_tile(run *r, int keep) {
   const sc_program *p = r->p;
   const int64_t out_v = p->n_instr;
@@ -380,11 +477,12 @@ static int forward_tile(run *r, int keep) {
   for (int64_t i = 0; i < p->n_instr; i++) {
     if (value_empty(r, i + 1)) continue; /* only padding reads it */
     if (forward_instr(r, i, keep)) return SC_ERR;
-    if (keep) continue;
     const sc_instr *in = &p->instr[i];
-    for (int j = 0; j < in->n_in; j++)
-      if (--r->left[in->in[j]] == 0 && in->in[j] != out_v)
-        _sc_drop(&r->val[in->in[j]]);
+    for (int j = 0; j < in->n_in; j++) {
+      const int64_t v = in->in[j];
+      if (--r->left[v] == 0 && v != out_v && !(keep && r->keep[v]))
+        _sc_drop(&r->val[v]);
+    }
   }
   return SC_OK;
 }
@@ -402,22 +500,45 @@ int _sc_forward(sc_ctx *ctx, const sc_call *call, AtenTensorHandle *out) {
                               r.sizes[2 * ov], r.sizes[2 * ov + 1]};
     rc = _sc_empty(ctx, 4, shape, out);
   }
-  for (r.ti[0] = 0; !rc && r.ti[0] < r.n_tiles[0]; r.ti[0]++)
-    for (r.ti[1] = 0; !rc && r.ti[1] < r.n_tiles[1]; r.ti[1]++) {
-      const int64_t *rs = region(&r, 0, ov), *cs = region(&r, 1, ov);
-      rc = forward_tile(&r, 0) ||
-           _sc_view(ctx, *out, rs[0], rs[1] - rs[0], cs[0], cs[1] - cs[0],
-                    &dst) ||
-           _sc_copy(ctx, dst, r.val[ov], 0);
-      _sc_drop(&dst);
-      run_tile_release(&r);
-    }
+  if (!rc) release_free_pages(ctx);
+  for (int64_t k = 0; !rc && k < r.n_order; k++) {
+    select_tile(&r, k);
+    const int64_t *rs = region(&r, 0, ov), *cs = region(&r, 1, ov);
+    rc = forward_tile(&r, 0) ||
+         _sc_view(ctx, *out, rs[0], rs[1] - rs[0], cs[0], cs[1] - cs[0],
+                  &dst) ||
+         _sc_copy(ctx, dst, r.val[ov], 0);
+    _sc_drop(&dst);
+    run_tile_release(&r);
+  }
   if (rc) _sc_drop(out);
   run_release(&r);
   return rc;
 }
 
 /* ---- backward of one tile ------------------------------------------------- */
+
+/* Activations whose derivative ATen computes from the output. */
+static int act_uses_output(int act) {
+  return act == SC_ACT_RELU || act == SC_ACT_SIGMOID || act == SC_ACT_TANH;
+}
+
+/* The values a backward op reads, for instructions whose backward runs:
+ * inputs of conv / pools / batch norm and of input-based activations,
+ * outputs of output-based ones. Everything else (batch-norm and add
+ * outputs, ...) is freed in the recompute as soon as it was consumed. */
+static void plan_keep(run *r) {
+  memset(r->keep, 0, (size_t)r->nv);
+  for (int64_t i = 0; i < r->p->n_instr; i++) {
+    const sc_instr *in = &r->p->instr[i];
+    if (!r->needs[i + 1]) continue;
+    if (in->op == SC_OP_ADD) continue;
+    if (in->op == SC_OP_ACT && act_uses_output(in->act))
+      r->keep[i + 1] = 1;
+    else
+      r->keep[in->in[0]] = 1;
+  }
+}
 
 /* Add g (the gradient of the span instruction i reads through slot j) into
  * the gradient of that input value. mine: g's storage may be adopted. */
@@ -509,28 +630,30 @@ static int backward_instr(run *r, int64_t i) {
   case SC_OP_CONV: {
     const int m[3] = {need_in, wants(r, in->weight), wants(r, in->bias)};
     if (!m[0] && !m[1] && !m[2]) break;
-    if (_sc_conv_backward(ctx, g, r->padded[i], param(r, in->weight), in, m,
-                          res) ||
+    /* the padded input is rebuilt rather than held through the forward */
+    if (layer_input(r, i, 0, 0.0, &x) ||
+        _sc_conv_backward(ctx, g, x, param(r, in->weight), in, m, res) ||
         (m[1] && accum_param(r, in->weight, &res[1])) ||
         (m[2] && accum_param(r, in->bias, &res[2])) ||
         (m[0] && accum_input(r, i, 0, res[0], 1)))
       goto done;
     break;
   }
-  case SC_OP_MAXPOOL:
-    if (need_in &&
-        (_sc_maxpool_backward(ctx, g, r->padded[i], in, r->aux[i], &gi) ||
-         accum_input(r, i, 0, gi, 1)))
+  case SC_OP_MAXPOOL: /* indices from the recompute (aux) */
+    if (need_in && (layer_input(r, i, 0, -INFINITY, &x) ||
+                    _sc_maxpool_backward(ctx, g, x, in, r->aux[i], &gi) ||
+                    accum_input(r, i, 0, gi, 1)))
       goto done;
     break;
   case SC_OP_AVGPOOL:
     if (!need_in) break;
+    if (layer_input(r, i, 0, 0.0, &x)) goto done;
     if (r->aux[i]) { /* forward divided window sums by the divisor map */
       if (_sc_div(ctx, g, r->aux[i], &t) ||
-          _sc_avgpool_backward(ctx, t, r->padded[i], in, 1, &gi))
+          _sc_avgpool_backward(ctx, t, x, in, 1, &gi))
         goto done;
-    } else if (_sc_avgpool_backward(ctx, g, r->padded[i], in,
-                                    in->divisor_override, &gi)) {
+    } else if (_sc_avgpool_backward(ctx, g, x, in, in->divisor_override,
+                                    &gi)) {
       goto done;
     }
     if (accum_input(r, i, 0, gi, 1)) goto done;
@@ -550,9 +673,15 @@ static int backward_instr(run *r, int64_t i) {
     break;
   }
   case SC_OP_ACT:
-    if (need_in && (pointwise_input(r, i, 0, &x) ||
-                    _sc_act_backward(ctx, in, g, x, r->val[o], &gi) ||
-                    accum_input(r, i, 0, gi, 1)))
+    if (!need_in) break;
+    if (in->act == SC_ACT_RELU && r->grad_mine[o]) { /* in place on g */
+      if (_sc_relu_backward_(ctx, g, r->val[o]) || accum_input(r, i, 0, g, 1))
+        goto done;
+      break;
+    }
+    if (!act_uses_output(in->act) && pointwise_input(r, i, 0, &x)) goto done;
+    if (_sc_act_backward(ctx, in, g, x, r->val[o], &gi) ||
+        accum_input(r, i, 0, gi, 1))
       goto done;
     break;
   case SC_OP_ADD: {
@@ -590,10 +719,9 @@ static int backward_tile(run *r, AtenTensorHandle grad_out) {
   for (int64_t i = r->p->n_instr - 1; i >= 0; i--) {
     const int64_t o = i + 1;
     if (r->grad[o] && backward_instr(r, i)) return SC_ERR;
-    /* free as we go: nothing later reads value o or this layer's input */
+    /* free as we go: nothing later reads value o */
     _sc_drop(&r->grad[o]);
     _sc_drop(&r->val[o]);
-    _sc_drop(&r->padded[i]);
     _sc_drop(&r->aux[i]);
   }
   return SC_OK;
@@ -664,17 +792,19 @@ int _sc_backward(sc_ctx *ctx, const sc_call *call, AtenTensorHandle grad_out,
       r.needs[i + 1] = (unsigned char)nd;
     }
   }
+  if (!rc) plan_keep(&r);
   if (!rc && mask[0]) {
     int64_t dim, *sz, *st;
     rc = _sc_meta(ctx, call->image, &dim, &sz, &st) ||
          _sc_zeros(ctx, 4, sz, &r.igrad);
   }
+  if (!rc && r.needs[ov] && r.batch > 0) release_free_pages(ctx);
   if (!rc && r.needs[ov] && r.batch > 0)
-    for (r.ti[0] = 0; !rc && r.ti[0] < r.n_tiles[0]; r.ti[0]++)
-      for (r.ti[1] = 0; !rc && r.ti[1] < r.n_tiles[1]; r.ti[1]++) {
-        rc = backward_tile(&r, grad_out);
-        run_tile_release(&r);
-      }
+    for (int64_t k = 0; !rc && k < r.n_order; k++) {
+      select_tile(&r, k);
+      rc = backward_tile(&r, grad_out);
+      run_tile_release(&r);
+    }
   /* hand over the requested gradients, contiguous, zeros where unused */
   if (!rc && mask[0]) {
     grads[0] = r.igrad;

@@ -89,11 +89,19 @@ int _sc_copy(sc_ctx *ctx, AtenTensorHandle dst, AtenTensorHandle src,
   return run_copy(ctx, &p);
 }
 
+int _sc_is_channels_last(sc_ctx *ctx, AtenTensorHandle t) {
+  int64_t dim, *sz, *st;
+  if (_sc_meta(ctx, t, &dim, &sz, &st)) return 0;
+  return dim == 4 && sz[1] > 1 && st[1] == 1;
+}
+
 int _sc_gather(sc_ctx *ctx, AtenTensorHandle src, int64_t n, int64_t c,
                int64_t dst_h, int64_t dst_w, int64_t off_h, int64_t off_w,
-               double pad_value, AtenTensorHandle *out) {
+               double pad_value, int channels_last, AtenTensorHandle *out) {
   sc_gather_params p = {0};
   const int64_t shape[4] = {n, c, dst_h, dst_w};
+  /* NHWC: strides (h w c, 1, w c, c) */
+  const int64_t nhwc[4] = {dst_h * dst_w * c, 1, dst_w * c, c};
   *out = NULL;
   if (src) {
     int64_t size[4];
@@ -106,7 +114,13 @@ int _sc_gather(sc_ctx *ctx, AtenTensorHandle src, int64_t n, int64_t c,
     p.src_h = size[2];
     p.src_w = size[3];
   }
-  if (_sc_empty(ctx, 4, shape, out)) return SC_ERR;
+  if (channels_last) {
+    if (aoti_torch_empty_strided(4, shape, nhwc, ctx->dtype, ctx->device_type,
+                                 ctx->device_index, out))
+      return sc_fail(&ctx->err, "streamcnn: could not allocate a tile");
+  } else if (_sc_empty(ctx, 4, shape, out)) {
+    return SC_ERR;
+  }
   void *d;
   if (data_ptr(ctx, *out, &d)) {
     _sc_drop(out);
@@ -121,6 +135,7 @@ int _sc_gather(sc_ctx *ctx, AtenTensorHandle src, int64_t n, int64_t c,
   p.off_w = src ? off_w : 0;
   p.pad_value = pad_value;
   p.dtype = ctx->kdtype;
+  p.channels_last = channels_last;
   if (run_gather(ctx, &p)) {
     _sc_drop(out);
     return SC_ERR;

@@ -17,27 +17,39 @@ static int64_t grain_rows(int64_t row_len) {
 
 /* ---- copy / accumulate ---------------------------------------------------- */
 
+/* One task row = one run of `len` elements along dimension `inner` (3 = W
+ * for NCHW-like destinations, 1 = C for channels-last ones), indexed by
+ * the other three dimensions in N, C, H, W order. */
+typedef struct copy_task {
+  const sc_copy_params *p;
+  int inner;        /* dimension walked by the innermost loop */
+  int outer[3];     /* the other three, slowest first */
+} copy_task;
+
 #define COPY_ROWS(T)                                                          \
   static void copy_rows_##T(int64_t begin, int64_t end, void *ctx) {          \
-    const sc_copy_params *p = ctx;                                            \
-    const int64_t C = p->size[1], H = p->size[2], W = p->size[3];             \
+    const copy_task *t = ctx;                                                 \
+    const sc_copy_params *p = t->p;                                           \
+    const int64_t n1 = p->size[t->outer[1]], n2 = p->size[t->outer[2]];       \
+    const int64_t len = p->size[t->inner];                                    \
+    const int64_t ss = p->src_stride[t->inner], ds = p->dst_stride[t->inner]; \
     for (int64_t r = begin; r < end; r++) {                                   \
-      const int64_t y = r % H, c = (r / H) % C, n = r / (H * C);              \
-      const T *s = (const T *)p->src + n * p->src_stride[0] +                 \
-                   c * p->src_stride[1] + y * p->src_stride[2];               \
-      T *d = (T *)p->dst + n * p->dst_stride[0] + c * p->dst_stride[1] +      \
-             y * p->dst_stride[2];                                            \
-      const int64_t ss = p->src_stride[3], ds = p->dst_stride[3];             \
+      const int64_t i2 = r % n2, i1 = (r / n2) % n1, i0 = r / (n2 * n1);      \
+      const T *s = (const T *)p->src + i0 * p->src_stride[t->outer[0]] +      \
+                   i1 * p->src_stride[t->outer[1]] +                          \
+                   i2 * p->src_stride[t->outer[2]];                           \
+      T *d = (T *)p->dst + i0 * p->dst_stride[t->outer[0]] +                  \
+             i1 * p->dst_stride[t->outer[1]] + i2 * p->dst_stride[t->outer[2]]; \
       if (p->accumulate) {                                                    \
         if (ss == 1 && ds == 1)                                               \
-          for (int64_t x = 0; x < W; x++) d[x] += s[x];                       \
+          for (int64_t x = 0; x < len; x++) d[x] += s[x];                     \
         else                                                                  \
-          for (int64_t x = 0; x < W; x++) d[x * ds] += s[x * ss];             \
+          for (int64_t x = 0; x < len; x++) d[x * ds] += s[x * ss];           \
       } else {                                                                \
         if (ss == 1 && ds == 1)                                               \
-          for (int64_t x = 0; x < W; x++) d[x] = s[x];                        \
+          for (int64_t x = 0; x < len; x++) d[x] = s[x];                      \
         else                                                                  \
-          for (int64_t x = 0; x < W; x++) d[x * ds] = s[x * ss];              \
+          for (int64_t x = 0; x < len; x++) d[x * ds] = s[x * ss];            \
       }                                                                       \
     }                                                                         \
   }
@@ -47,17 +59,23 @@ COPY_ROWS(double)
 
 int sc_copy_cpu(const sc_copy_params *p) {
   if (sc_copy_check(p)) return 1;
-  const int64_t rows = p->size[0] * p->size[1] * p->size[2];
-  if (rows == 0 || p->size[3] == 0) return 0;
+  copy_task t = {p, 3, {0, 1, 2}};
+  /* channels-last destination: walk C innermost, contiguous in memory */
+  if (p->size[1] > 1 && p->dst_stride[1] == 1 && p->dst_stride[3] != 1)
+    t = (copy_task){p, 1, {0, 2, 3}};
+  const int64_t rows =
+      p->size[t.outer[0]] * p->size[t.outer[1]] * p->size[t.outer[2]];
+  if (rows == 0 || p->size[t.inner] == 0) return 0;
   ParallelFunc fn = p->dtype == SC_DTYPE_F32 ? copy_rows_float
                                              : copy_rows_double;
-  return torch_parallel_for(0, rows, grain_rows(p->size[3]), fn, (void *)p)
+  return torch_parallel_for(0, rows, grain_rows(p->size[t.inner]), fn, &t)
              ? 1
              : 0;
 }
 
 /* ---- gather with border padding -------------------------------------------- */
 
+/* NCHW destination: one task row = one (n, c, y) row of dst_w elements. */
 #define GATHER_ROWS(T)                                                        \
   static void gather_rows_##T(int64_t begin, int64_t end, void *ctx) {        \
     const sc_gather_params *p = ctx;                                          \
@@ -84,16 +102,50 @@ int sc_copy_cpu(const sc_copy_params *p) {
     }                                                                         \
   }
 
+/* NHWC destination: one task row = one (n, y) row of dst_w * c elements. */
+#define GATHER_ROWS_NHWC(T)                                                   \
+  static void gather_rows_nhwc_##T(int64_t begin, int64_t end, void *ctx) {   \
+    const sc_gather_params *p = ctx;                                          \
+    const T pad = (T)p->pad_value;                                            \
+    const int64_t H = p->dst_h, W = p->dst_w, C = p->c;                       \
+    for (int64_t r = begin; r < end; r++) {                                   \
+      const int64_t y = r % H, n = r / H, sy = y - p->off_h;                  \
+      T *d = (T *)p->dst + r * W * C;                                         \
+      const int in_rows = sy >= 0 && sy < p->src_h;                           \
+      for (int64_t x = 0; x < W; x++) {                                       \
+        const int64_t sx = x - p->off_w;                                      \
+        T *dc = d + x * C;                                                    \
+        if (!in_rows || sx < 0 || sx >= p->src_w) {                           \
+          for (int64_t c = 0; c < C; c++) dc[c] = pad;                        \
+          continue;                                                           \
+        }                                                                     \
+        const T *s = (const T *)p->src + n * p->src_stride[0] +               \
+                     sy * p->src_stride[2] + sx * p->src_stride[3];           \
+        for (int64_t c = 0; c < C; c++) dc[c] = s[c * p->src_stride[1]];      \
+      }                                                                       \
+    }                                                                         \
+  }
+
 GATHER_ROWS(float)
 GATHER_ROWS(double)
+GATHER_ROWS_NHWC(float)
+GATHER_ROWS_NHWC(double)
 
 int sc_gather_cpu(const sc_gather_params *p) {
   if (sc_gather_check(p)) return 1;
-  const int64_t rows = p->n * p->c * p->dst_h;
-  if (rows == 0 || p->dst_w == 0) return 0;
-  ParallelFunc fn = p->dtype == SC_DTYPE_F32 ? gather_rows_float
-                                             : gather_rows_double;
-  return torch_parallel_for(0, rows, grain_rows(p->dst_w), fn, (void *)p)
-             ? 1
-             : 0;
+  const int f32 = p->dtype == SC_DTYPE_F32;
+  int64_t rows, row_len;
+  ParallelFunc fn;
+  if (p->channels_last) {
+    rows = p->n * p->dst_h;
+    row_len = p->dst_w * p->c;
+    fn = f32 ? gather_rows_nhwc_float : gather_rows_nhwc_double;
+  } else {
+    rows = p->n * p->c * p->dst_h;
+    row_len = p->dst_w;
+    fn = f32 ? gather_rows_float : gather_rows_double;
+  }
+  if (rows == 0 || row_len == 0) return 0;
+  return torch_parallel_for(0, rows, grain_rows(row_len), fn, (void *)p) ? 1
+                                                                        : 0;
 }

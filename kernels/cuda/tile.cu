@@ -65,7 +65,10 @@ __global__ void gather_kernel(sc_gather_params p, int64_t total) {
                                         c * p.src_stride[1] +
                                         sy * p.src_stride[2] +
                                         sx * p.src_stride[3]];
-    static_cast<T *>(p.dst)[i] = v;
+    const int64_t di = p.channels_last
+                           ? ((n * p.dst_h + y) * p.dst_w + x) * p.c + c
+                           : i;
+    static_cast<T *>(p.dst)[di] = v;
   }
 }
 
