@@ -1,0 +1,99 @@
+#!/usr/bin/env python
+"""CPU benchmark: torchvision ResNet-18 conv1..layer2 (frozen BN), fp32,
+batch 1, forward + backward including a small head and loss; whole-image
+PyTorch vs streamcnn. Every measurement runs in a fresh process (peak RSS
+is per process) and each mode is measured in --runs processes, alternating,
+since the whole-image peak alone varies by ~15% between processes (glibc
+heap layout). Prints medians side by side with ratios, and the ranges.
+
+    python bench/cpu_resnet18.py [--size 1536] [--tile 512] [--reps 3] [--runs 3]
+"""
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+
+def child(mode: str, size: int, tile: int, reps: int, threads: int) -> dict:
+    import torch
+    import torch.nn as nn
+    import torchvision
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    r = torchvision.models.resnet18(weights=None)
+    stem = nn.Sequential(r.conv1, r.bn1, r.relu, r.maxpool, r.layer1, r.layer2).eval()
+    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 2))
+    if mode == "stream":
+        import streamcnn
+        stem = streamcnn.StreamingModule(stem, tile)
+    x = torch.randn(1, 3, size, size)
+    target = torch.tensor([1])
+    params = list(stem.parameters()) + list(head.parameters())
+
+    def step():
+        for p in params:
+            p.grad = None
+        loss = nn.functional.cross_entropy(head(stem(x)), target)
+        loss.backward()
+        return loss.item()
+
+    step()  # warm-up (allocator, oneDNN primitives)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return {"mode": mode, "time_s": times[len(times) // 2], "min_s": times[0],
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", type=int, default=1536)
+    ap.add_argument("--tile", type=int, default=512)
+    ap.add_argument("--reps", type=int, default=3, help="timed steps per process")
+    ap.add_argument("--runs", type=int, default=3, help="processes per mode")
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--child", choices=["whole", "stream"])
+    a = ap.parse_args()
+    if a.child:
+        print(json.dumps(child(a.child, a.size, a.tile, a.reps, a.threads)))
+        return
+    runs = {"whole": [], "stream": []}
+    for _ in range(a.runs):
+        for mode in ("whole", "stream"):
+            out = subprocess.run([sys.executable, __file__, "--child", mode, "--size",
+                                  str(a.size), "--tile", str(a.tile), "--reps", str(a.reps),
+                                  "--threads", str(a.threads)],
+                                 check=True, capture_output=True, text=True).stdout
+            runs[mode].append(json.loads(out.strip().splitlines()[-1]))
+    import statistics
+
+    import torch
+    med = {m: {k: statistics.median(r[k] for r in rs) for k in ("time_s", "peak_rss_mb")}
+           for m, rs in runs.items()}
+    print(f"# ResNet-18 conv1..layer2, fp32, batch 1, fwd+bwd, {a.size}x{a.size}, "
+          f"tile {a.tile}; torch {torch.__version__}, {a.threads} threads, "
+          f"{platform.processor() or platform.machine()}; median of {a.runs} processes "
+          f"x {a.reps} steps")
+    print(f"| {'mode':8} | {'time':>9} | {'range':>15} | {'peak RSS':>9} | {'range':>13} |")
+    print(f"|{'-' * 10}|{'-' * 11}|{'-' * 17}|{'-' * 11}|{'-' * 15}|")
+    for m, rs in runs.items():
+        t = [r["time_s"] for r in rs]
+        p = [r["peak_rss_mb"] for r in rs]
+        print(f"| {m:8} | {med[m]['time_s']:7.3f} s | {min(t):6.3f}-{max(t):6.3f} s | "
+              f"{med[m]['peak_rss_mb']:6.0f} MB | {min(p):5.0f}-{max(p):5.0f} MB |")
+    w, s_ = med["whole"], med["stream"]
+    print(f"| {'ratio':8} | {s_['time_s'] / w['time_s']:8.2f}x | {'':15} | "
+          f"{s_['peak_rss_mb'] / w['peak_rss_mb']:8.2f}x | {'':13} |")
+
+
+if __name__ == "__main__":
+    main()
