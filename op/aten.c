@@ -352,40 +352,65 @@ int _sc_copy_across(sc_ctx *ctx, AtenTensorHandle dst, AtenTensorHandle src) {
 
 /* ---- layers ---------------------------------------------------------------- */
 
-static void window_lists(const sc_instr *in, int64_t k[2], int64_t st[2],
-                         int64_t d[2]) {
-  for (int a = 0; a < 2; a++) {
-    k[a] = in->win[a].k;
-    st[a] = in->win[a].s;
-    d[a] = in->win[a].d;
-  }
+static const int64_t zeros2[2] = {0, 0};
+
+/* Window arguments shared by each layer's forward and backward. Padding is
+ * always 0: the replay pads explicitly, and only at the true border. */
+
+/* stride, padding, dilation, transposed, output_padding, groups */
+static void push_conv_window(stk *s, const sc_instr *in) {
+  const int64_t st[2] = {in->win[0].s, in->win[1].s};
+  const int64_t d[2] = {in->win[0].d, in->win[1].d};
+  push_ints(s, st, 2);
+  push_ints(s, zeros2, 2);
+  push_ints(s, d, 2);
+  push_bool(s, 0);
+  push_ints(s, zeros2, 2);
+  push_int(s, in->groups);
 }
 
-static const int64_t zeros2[2] = {0, 0};
+/* kernel_size, stride, padding, dilation, ceil_mode (the tile's span is
+ * exact, floor suffices) */
+static void push_maxpool_window(stk *s, const sc_instr *in) {
+  const int64_t k[2] = {in->win[0].k, in->win[1].k};
+  const int64_t st[2] = {in->win[0].s, in->win[1].s};
+  const int64_t d[2] = {in->win[0].d, in->win[1].d};
+  push_ints(s, k, 2);
+  push_ints(s, st, 2);
+  push_ints(s, zeros2, 2); /* NB: -inf padding, applied explicitly */
+  push_ints(s, d, 2);
+  push_bool(s, 0);
+}
+
+/* kernel_size, stride, padding, ceil_mode, count_include_pad,
+ * divisor_override: with zero explicit padding, count_include_pad=True
+ * divides by kh * kw (or the override); the replay fixes border divisors */
+static void push_avgpool_window(stk *s, const sc_instr *in, int64_t divisor) {
+  const int64_t k[2] = {in->win[0].k, in->win[1].k};
+  const int64_t st[2] = {in->win[0].s, in->win[1].s};
+  push_ints(s, k, 2);
+  push_ints(s, st, 2);
+  push_ints(s, zeros2, 2);
+  push_bool(s, 0);
+  push_bool(s, 1);
+  push_opt_int(s, divisor != 0, divisor);
+}
 
 int _sc_conv(sc_ctx *ctx, AtenTensorHandle x, AtenTensorHandle w,
              AtenTensorHandle b, const sc_instr *in, AtenTensorHandle *out) {
-  int64_t k[2], st[2], d[2];
-  window_lists(in, k, st, d);
   stk s = {0};
   push_tensor(&s, x);
   push_tensor(&s, w);
   push_opt_tensor(&s, b);
-  push_ints(&s, st, 2);
-  push_ints(&s, zeros2, 2); /* padding: applied explicitly at the border */
-  push_ints(&s, d, 2);
-  push_bool(&s, 0);
-  push_ints(&s, zeros2, 2);
-  push_int(&s, in->groups);
+  push_conv_window(&s, in);
   return stk_call(ctx, &s, "aten::convolution", "", 1, out);
 }
 
 int _sc_conv_backward(sc_ctx *ctx, AtenTensorHandle g, AtenTensorHandle x,
                       AtenTensorHandle w, const sc_instr *in,
                       const int mask[3], AtenTensorHandle res[3]) {
-  int64_t k[2], st[2], d[2], m[3] = {!!mask[0], !!mask[1], !!mask[2]};
+  const int64_t m[3] = {!!mask[0], !!mask[1], !!mask[2]};
   const int64_t bias_sizes[1] = {in->c_out};
-  window_lists(in, k, st, d);
   stk s = {0};
   push_tensor(&s, g);
   push_tensor(&s, x);
@@ -394,12 +419,7 @@ int _sc_conv_backward(sc_ctx *ctx, AtenTensorHandle g, AtenTensorHandle x,
     push_opt_ints(&s, bias_sizes, 1);
   else
     push_none(&s);
-  push_ints(&s, st, 2);
-  push_ints(&s, zeros2, 2);
-  push_ints(&s, d, 2);
-  push_bool(&s, 0);
-  push_ints(&s, zeros2, 2);
-  push_int(&s, in->groups);
+  push_conv_window(&s, in);
   push_ints(&s, m, 3);
   if (stk_call(ctx, &s, "aten::convolution_backward", "", 3, res))
     return SC_ERR;
@@ -410,16 +430,10 @@ int _sc_conv_backward(sc_ctx *ctx, AtenTensorHandle g, AtenTensorHandle x,
 
 int _sc_maxpool(sc_ctx *ctx, AtenTensorHandle x, const sc_instr *in,
                 AtenTensorHandle *out, AtenTensorHandle *indices) {
-  int64_t k[2], st[2], d[2];
   AtenTensorHandle r[2];
-  window_lists(in, k, st, d);
   stk s = {0};
   push_tensor(&s, x);
-  push_ints(&s, k, 2);
-  push_ints(&s, st, 2);
-  push_ints(&s, zeros2, 2); /* -inf padding applied explicitly */
-  push_ints(&s, d, 2);
-  push_bool(&s, 0); /* ceil_mode: the tile's span is exact, floor suffices */
+  push_maxpool_window(&s, in);
   if (!indices) return stk_call(ctx, &s, "aten::max_pool2d", "", 1, out);
   if (stk_call(ctx, &s, "aten::max_pool2d_with_indices", "", 2, r))
     return SC_ERR;
@@ -431,52 +445,30 @@ int _sc_maxpool(sc_ctx *ctx, AtenTensorHandle x, const sc_instr *in,
 int _sc_maxpool_backward(sc_ctx *ctx, AtenTensorHandle g, AtenTensorHandle x,
                          const sc_instr *in, AtenTensorHandle indices,
                          AtenTensorHandle *out) {
-  int64_t k[2], st[2], d[2];
-  window_lists(in, k, st, d);
   stk s = {0};
   push_tensor(&s, g);
   push_tensor(&s, x);
-  push_ints(&s, k, 2);
-  push_ints(&s, st, 2);
-  push_ints(&s, zeros2, 2);
-  push_ints(&s, d, 2);
-  push_bool(&s, 0);
+  push_maxpool_window(&s, in);
   push_tensor(&s, indices);
   return stk_call(ctx, &s, "aten::max_pool2d_with_indices_backward", "", 1,
                   out);
 }
 
-/* count_include_pad=True with zero explicit padding divides by kh * kw (or
- * divisor_override); border divisors are handled by the replay. */
 int _sc_avgpool(sc_ctx *ctx, AtenTensorHandle x, const sc_instr *in,
                 int64_t divisor_override, AtenTensorHandle *out) {
-  int64_t k[2], st[2], d[2];
-  window_lists(in, k, st, d);
   stk s = {0};
   push_tensor(&s, x);
-  push_ints(&s, k, 2);
-  push_ints(&s, st, 2);
-  push_ints(&s, zeros2, 2);
-  push_bool(&s, 0);
-  push_bool(&s, 1);
-  push_opt_int(&s, divisor_override != 0, divisor_override);
+  push_avgpool_window(&s, in, divisor_override);
   return stk_call(ctx, &s, "aten::avg_pool2d", "", 1, out);
 }
 
 int _sc_avgpool_backward(sc_ctx *ctx, AtenTensorHandle g, AtenTensorHandle x,
                          const sc_instr *in, int64_t divisor_override,
                          AtenTensorHandle *out) {
-  int64_t k[2], st[2], d[2];
-  window_lists(in, k, st, d);
   stk s = {0};
   push_tensor(&s, g);
   push_tensor(&s, x);
-  push_ints(&s, k, 2);
-  push_ints(&s, st, 2);
-  push_ints(&s, zeros2, 2);
-  push_bool(&s, 0);
-  push_bool(&s, 1);
-  push_opt_int(&s, divisor_override != 0, divisor_override);
+  push_avgpool_window(&s, in, divisor_override);
   return stk_call(ctx, &s, "aten::avg_pool2d_backward", "", 1, out);
 }
 
