@@ -274,6 +274,23 @@ int _sc_zeros(sc_ctx *ctx, int64_t ndim, const int64_t *sizes,
   return SC_OK;
 }
 
+int _sc_tile_buffer(sc_ctx *ctx, const int64_t *sizes, int zero,
+                    AtenTensorHandle *out) {
+  if (!ctx->tiles_nhwc)
+    return zero ? _sc_zeros(ctx, 4, sizes, out) : _sc_empty(ctx, 4, sizes, out);
+  const int64_t c = sizes[1], h = sizes[2], w = sizes[3];
+  const int64_t nhwc[4] = {h * w * c, 1, w * c, c};
+  *out = NULL;
+  if (aoti_torch_empty_strided(4, sizes, nhwc, ctx->dtype, ctx->device_type,
+                               ctx->device_index, out))
+    return sc_fail(&ctx->err, "streamcnn: could not allocate a tile buffer");
+  if (zero && aoti_torch_zero_(*out)) {
+    _sc_drop(out);
+    return sc_fail(&ctx->err, "streamcnn: zero_ failed");
+  }
+  return SC_OK;
+}
+
 /* ---- constants ------------------------------------------------------------ */
 
 static int scalar_tensor(sc_ctx *ctx, double value, AtenTensorHandle *out) {

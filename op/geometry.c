@@ -105,19 +105,28 @@ void sc_axis_plan_free(sc_axis_plan *plan) {
 
 int sc_plan_axis(const sc_program *p, const int64_t *sizes, int axis,
                  int64_t lo, int64_t hi, sc_axis_plan *plan, sc_error *err) {
+  return sc_plan_axis_to(p, sizes, axis, p->n_instr, lo, hi, plan, err);
+}
+
+int sc_plan_axis_to(const sc_program *p, const int64_t *sizes, int axis,
+                    int64_t target, int64_t lo, int64_t hi,
+                    sc_axis_plan *plan, sc_error *err) {
   const int64_t nv = p->n_instr + 1;
-  if (axis < 0 || axis > 1 || plan->n_values != nv || hi <= lo)
+  if (axis < 0 || axis > 1 || plan->n_values != nv || hi <= lo ||
+      target < 1 || target > p->n_instr)
     return sc_fail(err, "streamcnn: internal error: bad plan request");
-  if (sizes && (lo < 0 || hi > sizes[2 * p->n_instr + axis]))
-    return sc_fail(err, "streamcnn: internal error: tile outside output");
+  if (sizes && (lo < 0 || hi > sizes[2 * target + axis]))
+    return sc_fail(err, "streamcnn: internal error: tile outside its value");
   /* need[v]: hull of the spans consumers read; kept in region until the
    * value is clipped. Empty spans are lo == hi == 0. */
   int64_t *need = plan->region;
   for (int64_t v = 0; v < nv; v++) need[2 * v] = need[2 * v + 1] = 0;
-  need[2 * p->n_instr] = lo;
-  need[2 * p->n_instr + 1] = hi;
+  for (int64_t i = target; i < p->n_instr; i++)
+    for (int k = 0; k < 4; k++) plan->read[4 * i + k] = 0;
+  need[2 * target] = lo;
+  need[2 * target + 1] = hi;
 
-  for (int64_t i = p->n_instr - 1; i >= -1; i--) {
+  for (int64_t i = target - 1; i >= -1; i--) {
     const int64_t o = i + 1;
     int64_t *r = &need[2 * o];
     if (sizes && r[1] > r[0]) { /* clip to the value's extent */

@@ -40,6 +40,7 @@ typedef struct sc_ctx {
   int32_t device_index;
   int is_cuda;
   void *stream;         /* current cudaStream_t when is_cuda */
+  int tiles_nhwc;       /* run tiles channels-last (float32 on the CPU) */
   AtenTensorHandle k_zero, k_six; /* 0-dim constants, owned, may be NULL */
 } sc_ctx;
 
@@ -62,6 +63,10 @@ int _sc_empty(sc_ctx *ctx, int64_t ndim, const int64_t *sizes,
               AtenTensorHandle *out);
 int _sc_zeros(sc_ctx *ctx, int64_t ndim, const int64_t *sizes,
               AtenTensorHandle *out);
+/* New N x C x H x W tile buffer in the tiles' layout (ctx->tiles_nhwc);
+ * zeroed when zero is set. */
+int _sc_tile_buffer(sc_ctx *ctx, const int64_t *sizes, int zero,
+                    AtenTensorHandle *out);
 
 /* dst (+)= src over their common 4-D extent (tensors of <= 4 dims are
  * viewed as 4-D with leading 1s); extents must match. */

@@ -280,6 +280,7 @@ void sc_program_free(sc_program *p) {
   free(p->instr);
   free(p->channels);
   free(p->n_consumers);
+  free(p->vstride);
   free(p);
 }
 
@@ -326,10 +327,10 @@ int sc_program_decode(const int64_t *words, int64_t n_words,
   p->instr = calloc((size_t)p->n_instr, sizeof *p->instr);
   p->channels = calloc((size_t)p->n_instr + 1, sizeof *p->channels);
   p->n_consumers = calloc((size_t)p->n_instr + 1, sizeof *p->n_consumers);
-  /* total stride per value and axis, to check that added values align */
+  /* total stride per value and axis (added values must align) */
   int64_t *vstride = calloc(2 * ((size_t)p->n_instr + 1), sizeof *vstride);
+  p->vstride = vstride; /* owned by p from here */
   if (!p->instr || !p->channels || !p->n_consumers || !vstride) {
-    free(vstride);
     sc_program_free(p);
     return sc_fail(err, "streamcnn: out of memory decoding program");
   }
@@ -410,12 +411,10 @@ int sc_program_decode(const int64_t *words, int64_t n_words,
   }
   p->stride[0] = vstride[2 * p->n_instr];
   p->stride[1] = vstride[2 * p->n_instr + 1];
-  free(vstride);
   *out = p;
   return SC_OK;
 
 fail:
-  free(vstride);
   sc_program_free(p);
   return SC_ERR;
 }

@@ -158,6 +158,13 @@ static int args_prepare(call_args *a, StableIValue *stack, int first,
   call->tile[0] = a->tile[0];
   call->tile[1] = a->tile[a->n_tile - 1];
   if (_sc_validate(ctx, call)) return SC_ERR;
+  /* Run tiles channels-last on the CPU for float32 (oneDNN, and ATen's
+   * pooling, are several times faster on it: 1.2 vs 17 ms for a 64-channel
+   * 235^2 max pool) and whenever the image is channels-last. Outputs and
+   * gradients handed back stay contiguous NCHW. */
+  ctx->tiles_nhwc = !ctx->is_cuda &&
+                    (ctx->dtype == aoti_torch_dtype_float32() ||
+                     _sc_is_channels_last(ctx, call->image));
   if (ctx->is_cuda) {
     if (aoti_torch_create_device_guard(ctx->device_index, &a->guard))
       return sc_fail(&ctx->err, "streamcnn: cannot select the CUDA device");

@@ -46,6 +46,8 @@ typedef struct run {
 
   /* per-tile state */
   int64_t ti[2];            /* current tile index (rows, cols) */
+  const sc_axis_plan *cur[2]; /* plans in use: the tile's, or a piece's */
+  int64_t keep_from;        /* values below this are not kept (recomputed) */
   AtenTensorHandle *val;    /* nv: forward value over its region */
   AtenTensorHandle *grad;   /* nv: gradient over the value's region */
   unsigned char *grad_mine; /* nv: grad[v] may be written in place */
@@ -55,6 +57,8 @@ typedef struct run {
   unsigned char *keep;      /* nv: a backward op reads this value */
 
   /* backward */
+  int64_t cut;              /* 0, or the value the backward splits at */
+  int64_t pieces;           /* row pieces for the part below the cut */
   const int *mask;          /* 1 + n_params */
   unsigned char *needs;     /* nv: value needs a gradient */
   AtenTensorHandle *pgrad;  /* n_params: gradient sums */
@@ -64,11 +68,11 @@ typedef struct run {
 /* ---- spans ------------------------------------------------------------------ */
 
 static const int64_t *region(const run *r, int axis, int64_t v) {
-  return &r->plans[axis][r->ti[axis]]->region[2 * v];
+  return &r->cur[axis]->region[2 * v];
 }
 
 static const int64_t *readspan(const run *r, int axis, int64_t i, int slot) {
-  return &r->plans[axis][r->ti[axis]]->read[4 * i + 2 * slot];
+  return &r->cur[axis]->read[4 * i + 2 * slot];
 }
 
 static int empty(const int64_t *s) { return s[1] <= s[0]; }
@@ -148,6 +152,8 @@ static int order_tiles(run *r) {
 static void select_tile(run *r, int64_t k) {
   r->ti[0] = r->order[k] / r->n_tiles[1];
   r->ti[1] = r->order[k] % r->n_tiles[1];
+  r->cur[0] = r->plans[0][r->ti[0]];
+  r->cur[1] = r->plans[1][r->ti[1]];
 }
 
 /* Once per CPU call, before the first tile: hand the pages of free heap
@@ -322,7 +328,9 @@ done:
 
 /* Input of instruction i, slot j, over the span it reads: a view of the
  * input value where the span lies inside it, else a padded copy in the
- * value's layout (channels-last stays channels-last). */
+ * value's layout (channels-last stays channels-last). With tiles_nhwc a
+ * convolution of the image always gets a channels-last copy (cheap: few
+ * channels), so the whole tile downstream runs channels-last. */
 static int layer_input(run *r, int64_t i, int j, double pad_value,
                        AtenTensorHandle *out) {
   const sc_instr *in = &r->p->instr[i];
@@ -346,11 +354,12 @@ static int layer_input(run *r, int64_t i, int j, double pad_value,
                 &src))
       return SC_ERR;
   }
-  if (inside) {
+  const int to_nhwc = v == 0 && in->op == SC_OP_CONV && r->ctx->tiles_nhwc;
+  if (inside && !to_nhwc) {
     *out = src;
     return SC_OK;
   }
-  const int nhwc = src && _sc_is_channels_last(r->ctx, src);
+  const int nhwc = to_nhwc || (src && _sc_is_channels_last(r->ctx, src));
   int rc = _sc_gather(r->ctx, src, r->batch, r->p->channels[v],
                       rd[0][1] - rd[0][0], rd[1][1] - rd[1][0],
                       cl[0][0] - rd[0][0], cl[1][0] - rd[1][0], pad_value, nhwc,
@@ -366,13 +375,17 @@ static int pointwise_input(run *r, int64_t i, int j, AtenTensorHandle *out) {
                  region(r, 0, o), region(r, 1, o), out);
 }
 
+/* Is value v held for the backward (keep = 1: a recompute for backward)? */
+static int kept(const run *r, int64_t v, int keep) {
+  return keep && r->keep[v] && v >= r->keep_from;
+}
+
 /* May instruction i overwrite its input slot j in place? Only a value this
  * tile computed (not the caller's image), read by this instruction alone,
  * over exactly the output's region, and not needed by the backward. */
 static int reusable(const run *r, int64_t i, int j, int keep) {
   const int64_t v = r->p->instr[i].in[j], o = i + 1;
-  if (v == 0 || r->p->n_consumers[v] != 1 || (keep && r->keep[v]) ||
-      !r->val[v])
+  if (v == 0 || r->p->n_consumers[v] != 1 || kept(r, v, keep) || !r->val[v])
     return 0;
   for (int a = 0; a < 2; a++) {
     const int64_t *rv = region(r, a, v), *ro = region(r, a, o);
@@ -400,7 +413,8 @@ static int forward_instr(run *r, int64_t i, int keep) {
   case SC_OP_MAXPOOL:
     /* NB: max pooling pads with -inf, not 0 */
     if (layer_input(r, i, 0, -INFINITY, &x) ||
-        _sc_maxpool(ctx, x, in, &y, keep && r->needs[i + 1] ? &aux : NULL))
+        _sc_maxpool(ctx, x, in, &y,
+                    keep && i >= r->keep_from && r->needs[i + 1] ? &aux : NULL))
       goto done;
     break;
   case SC_OP_AVGPOOL:
@@ -450,7 +464,8 @@ static int forward_instr(run *r, int64_t i, int keep) {
   }
   r->val[i + 1] = y;
   y = NULL;
-  if (keep) { /* max-pool indices / avg-pool divisor map, for the backward */
+  if (keep && i >= r->keep_from) { /* max-pool indices / avg-pool divisor
+                                       map, for this layer's backward */
     r->aux[i] = aux;
     aux = NULL;
   }
@@ -480,7 +495,7 @@ static int forward_tile(run *r, int keep) {
     const sc_instr *in = &p->instr[i];
     for (int j = 0; j < in->n_in; j++) {
       const int64_t v = in->in[j];
-      if (--r->left[v] == 0 && v != out_v && !(keep && r->keep[v]))
+      if (--r->left[v] == 0 && v != out_v && !kept(r, v, keep))
         _sc_drop(&r->val[v]);
     }
   }
@@ -576,7 +591,7 @@ static int accum_input(run *r, int64_t i, int j, AtenTensorHandle g,
     AtenTensorHandle own = NULL;
     int64_t dim, *sz, *st;
     if (_sc_meta(ctx, r->grad[v], &dim, &sz, &st) ||
-        _sc_empty(ctx, dim, sz, &own) || _sc_copy(ctx, own, r->grad[v], 0)) {
+        _sc_tile_buffer(ctx, sz, 0, &own) || _sc_copy(ctx, own, r->grad[v], 0)) {
       _sc_drop(&own);
       goto done;
     }
@@ -588,12 +603,12 @@ static int accum_input(run *r, int64_t i, int j, AtenTensorHandle g,
     const int64_t shape[4] = {r->batch, r->p->channels[v],
                               rv[0][1] - rv[0][0], rv[1][1] - rv[1][0]};
     if (whole) {
-      rc = _sc_empty(ctx, 4, shape, &r->grad[v]) ||
+      rc = _sc_tile_buffer(ctx, shape, 0, &r->grad[v]) ||
            _sc_copy(ctx, r->grad[v], gv, 0);
       r->grad_mine[v] = 1;
       goto done;
     }
-    if (_sc_zeros(ctx, 4, shape, &r->grad[v])) goto done;
+    if (_sc_tile_buffer(ctx, shape, 1, &r->grad[v])) goto done;
     r->grad_mine[v] = 1;
   }
   rc = subview(r, r->grad[v], rv[0], rv[1], cl[0], cl[1], &dst) ||
@@ -708,23 +723,123 @@ done:
   return rc;
 }
 
+/* Backward of instructions top-1 down to stop (their outputs top .. stop+1),
+ * starting from r->grad[top]; frees each value once its producer is done. */
+static int backward_range(run *r, int64_t top, int64_t stop) {
+  for (int64_t i = top - 1; i >= stop; i--) {
+    const int64_t o = i + 1;
+    if (r->grad[o] && backward_instr(r, i)) return SC_ERR;
+    _sc_drop(&r->grad[o]); /* nothing later reads value o */
+    _sc_drop(&r->val[o]);
+    _sc_drop(&r->aux[i]);
+  }
+  return SC_OK;
+}
+
+/* The part of the tile's backward below the cut c: recompute values 0 .. c
+ * and back-propagate r->grad[c] in row pieces of c's region, each piece
+ * with its own (smaller) cone. Exact for the same reason as the tiling
+ * itself: the gradient of c is a sum over its rows. */
+static int backward_pieces(run *r) {
+  const sc_program *p = r->p;
+  const int64_t c = r->cut;
+  const int64_t rows[2] = {region(r, 0, c)[0], region(r, 0, c)[1]};
+  const int64_t cols[2] = {region(r, 1, c)[0], region(r, 1, c)[1]};
+  const sc_axis_plan *tile_plans[2] = {r->cur[0], r->cur[1]};
+  AtenTensorHandle gc = r->grad[c];
+  int rc = SC_ERR;
+  r->grad[c] = NULL;
+  run_tile_release(r);
+  sc_axis_plan *pr = sc_axis_plan_new(p), *pc = sc_axis_plan_new(p);
+  if (!pr || !pc) {
+    sc_fail(&r->ctx->err, "streamcnn: out of memory");
+    goto done;
+  }
+  if (sc_plan_axis_to(p, r->sizes, 1, c, cols[0], cols[1], pc, &r->ctx->err))
+    goto done;
+  const int64_t n = rows[1] - rows[0];
+  const int64_t k = r->pieces < n ? r->pieces : n;
+  r->cur[0] = pr;
+  r->cur[1] = pc;
+  r->keep_from = 0;
+  for (int64_t j = 0; j < k; j++) {
+    const int64_t lo = rows[0] + n * j / k, hi = rows[0] + n * (j + 1) / k;
+    if (sc_plan_axis_to(p, r->sizes, 0, c, lo, hi, pr, &r->ctx->err) ||
+        forward_tile(r, 1))
+      goto done;
+    const int64_t piece[2] = {lo, hi};
+    if (subview(r, gc, rows, cols, piece, cols, &r->grad[c])) goto done;
+    r->grad_mine[c] = 0; /* shared by the pieces: read only */
+    if (backward_range(r, c, 0)) goto done;
+    run_tile_release(r);
+  }
+  rc = SC_OK;
+done:
+  r->cur[0] = tile_plans[0];
+  r->cur[1] = tile_plans[1];
+  _sc_drop(&gc);
+  sc_axis_plan_free(pr);
+  sc_axis_plan_free(pc);
+  return rc;
+}
+
 static int backward_tile(run *r, AtenTensorHandle grad_out) {
   const int64_t ov = r->p->n_instr;
+  r->keep_from = r->cut; /* below the cut: recomputed piecewise */
   if (forward_tile(r, 1)) return SC_ERR;
   const int64_t *rs = region(r, 0, ov), *cs = region(r, 1, ov);
   if (_sc_view(r->ctx, grad_out, rs[0], rs[1] - rs[0], cs[0], cs[1] - cs[0],
                &r->grad[ov]))
     return SC_ERR;
   r->grad_mine[ov] = 0; /* the caller's tensor: read only */
-  for (int64_t i = r->p->n_instr - 1; i >= 0; i--) {
-    const int64_t o = i + 1;
-    if (r->grad[o] && backward_instr(r, i)) return SC_ERR;
-    /* free as we go: nothing later reads value o */
-    _sc_drop(&r->grad[o]);
-    _sc_drop(&r->val[o]);
-    _sc_drop(&r->aux[i]);
-  }
+  if (backward_range(r, ov, r->cut)) return SC_ERR;
+  if (r->cut && r->grad[r->cut]) return backward_pieces(r);
   return SC_OK;
+}
+
+/* Where to split each tile's backward. A cut c must separate the program:
+ * no instruction after it reads a value before it. It pays where the values
+ * before c hold at least twice the elements per image pixel (channels /
+ * stride^2) of every value from c on, as in a ResNet stem (conv1 .. relu:
+ * 64 channels at half resolution; from the max pool on: 64 channels at a
+ * quarter): the backward would otherwise hold those dense values for the
+ * whole tile. The earliest such cut recomputes least. The part before it
+ * then runs in `pieces` row pieces, each about as heavy as the rest. */
+static void choose_cut(run *r) {
+  const sc_program *p = r->p;
+  const int64_t n = p->n_instr;
+  double *dens = malloc((size_t)r->nv * sizeof *dens);
+  double *suffix = malloc((size_t)r->nv * sizeof *suffix);
+  int64_t *min_in = malloc((size_t)r->nv * sizeof *min_in);
+  r->cut = 0;
+  r->pieces = 1;
+  if (dens && suffix && min_in) {
+    for (int64_t v = 0; v < r->nv; v++)
+      dens[v] = (double)p->channels[v] /
+                ((double)p->vstride[2 * v] * (double)p->vstride[2 * v + 1]);
+    /* suffix[c]: max density of values c .. n; min_in[c]: smallest value
+     * read by instructions c .. n - 1 */
+    suffix[n] = dens[n];
+    min_in[n] = n;
+    for (int64_t c = n - 1; c >= 0; c--) {
+      const sc_instr *in = &p->instr[c];
+      suffix[c] = dens[c] > suffix[c + 1] ? dens[c] : suffix[c + 1];
+      min_in[c] = min_in[c + 1];
+      for (int j = 0; j < in->n_in; j++)
+        if (in->in[j] < min_in[c]) min_in[c] = in->in[j];
+    }
+    double prefix = 0.0; /* max density of values 1 .. c - 1 */
+    for (int64_t c = 2; c < n && !r->cut; c++) {
+      if (dens[c - 1] > prefix) prefix = dens[c - 1];
+      if (min_in[c] >= c && prefix >= 2.0 * suffix[c]) {
+        r->cut = c;
+        r->pieces = (int64_t)ceil(prefix / suffix[c]);
+      }
+    }
+  }
+  free(dens);
+  free(suffix);
+  free(min_in); /* on allocation failure: no split, correct, only heavier */
 }
 
 /* ---- backward ---------------------------------------------------------------- */
@@ -792,7 +907,10 @@ int _sc_backward(sc_ctx *ctx, const sc_call *call, AtenTensorHandle grad_out,
       r.needs[i + 1] = (unsigned char)nd;
     }
   }
-  if (!rc) plan_keep(&r);
+  if (!rc) {
+    plan_keep(&r);
+    choose_cut(&r);
+  }
   if (!rc && mask[0]) {
     int64_t dim, *sz, *st;
     rc = _sc_meta(ctx, call->image, &dim, &sz, &st) ||

@@ -119,6 +119,8 @@ typedef struct sc_program {
   sc_instr *instr;      /* n_instr entries */
   int64_t *channels;    /* per value, n_instr + 1 entries */
   int64_t *n_consumers; /* per value: how many instruction inputs read it */
+  int64_t *vstride;     /* per value: total stride [rows, cols] w.r.t. the
+                           image, 2 * (n_instr + 1) entries */
   int64_t stride[2];    /* total stride of the output value, rows/cols */
 } sc_program;
 
@@ -165,6 +167,12 @@ SC_API int sc_value_sizes(const sc_program *p, int64_t h, int64_t w,
  * plan must come from sc_axis_plan_new(p). */
 SC_API int sc_plan_axis(const sc_program *p, const int64_t *sizes, int axis,
                  int64_t lo, int64_t hi, sc_axis_plan *plan, sc_error *err);
+/* The same for the span [lo, hi) of value `target` (1 .. n_instr) instead
+ * of the output: values after target and the instructions producing them
+ * get empty spans. */
+SC_API int sc_plan_axis_to(const sc_program *p, const int64_t *sizes, int axis,
+                           int64_t target, int64_t lo, int64_t hi,
+                           sc_axis_plan *plan, sc_error *err);
 SC_API sc_axis_plan *sc_axis_plan_new(const sc_program *p); /* NULL on OOM */
 SC_API void sc_axis_plan_free(sc_axis_plan *plan);
 

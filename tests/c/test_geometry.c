@@ -143,6 +143,25 @@ static void test_plan_residual_hull(void) {
   CHECK_EQ(plan->read[4 * 1 + 1], 8);
   CHECK_EQ(plan->read[4 * 2 + 2], 4);
   CHECK_EQ(plan->read[4 * 2 + 3], 7);
+  /* planning toward value 3 (the add) instead of the output: [4, 7) of v3
+   * gives the same cone as above, and value 4 / instruction 3 are empty */
+  CHECK_EQ(sc_plan_axis_to(p, sizes, 1, 3, 4, 7, plan, &err), SC_OK);
+  CHECK_EQ(plan->region[2 * 4 + 0], 0);
+  CHECK_EQ(plan->region[2 * 4 + 1], 0);
+  CHECK_EQ(plan->read[4 * 3 + 0], 0);
+  CHECK_EQ(plan->read[4 * 3 + 1], 0);
+  CHECK_EQ(plan->region[2 * 3 + 0], 4);
+  CHECK_EQ(plan->region[2 * 3 + 1], 7);
+  CHECK_EQ(plan->region[2 * 1 + 0], 3);
+  CHECK_EQ(plan->region[2 * 1 + 1], 8);
+  CHECK_EQ(plan->read[4 * 1 + 0], 3);
+  CHECK_EQ(plan->read[4 * 1 + 1], 8);
+  /* a span outside value 3 (9 columns) or target 0 are refused */
+  CHECK_EQ(sc_plan_axis_to(p, sizes, 1, 3, 8, 10, plan, &err), SC_ERR);
+  CHECK_EQ(sc_plan_axis_to(p, sizes, 1, 0, 0, 1, plan, &err), SC_ERR);
+  /* per-value strides */
+  CHECK_EQ(p->vstride[2 * 3 + 1], 1);
+  CHECK_EQ(p->vstride[2 * 4 + 1], 2);
   /* last output row [4, 5) -> v3 [8, 9) -> v1 [7, 10) clipped to [7, 9) */
   CHECK_EQ(sc_plan_axis(p, sizes, 0, 4, 5, plan, &err), SC_OK);
   CHECK_EQ(plan->region[2 * 1 + 0], 7);
