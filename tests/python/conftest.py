@@ -1,5 +1,7 @@
 """Shared helpers: the whole-image autograd oracle and error metrics."""
 
+import copy
+
 import pytest
 import torch
 
@@ -31,23 +33,56 @@ def randomize_bn(module: torch.nn.Module, gen: torch.Generator) -> None:
                     m.bias.copy_(torch.randn(n, generator=gen) * 0.2)
 
 
-def compare(stem, x, tile_size, tol, sm=None, in_channels=None):
-    """Streamed vs whole-image: output, input grad (if x requires grad) and
-    every trainable parameter's grad. Returns the worst relative error."""
+def _grads(y, x, module, g):
+    inputs = ([x] if x.requires_grad else []) + [p for p in module.parameters()
+                                                if p.requires_grad]
+    names = (["x"] if x.requires_grad else []) + [
+        n for n, p in module.named_parameters() if p.requires_grad]
+    return dict(zip(names, torch.autograd.grad(y, inputs, g))) if inputs else {}
+
+
+# float32 gradients through max-pool argmax or ReLU masks: near-ties flip
+# under any change of rounding (whole-image NCHW vs channels_last differ from
+# float64 by up to ~1e-2 on a ResNet-18 stem, just as a tiled pass does), so
+# such stems get this sanity bound against the float64 ground truth; the
+# exactness of the same stems is what the float64 tests check at 1e-10.
+TIE_BOUND = 5e-2
+
+
+def compare(stem, x, tile_size, tol, sm=None, in_channels=None, ties=False):
+    """Streamed vs whole-image autograd: the output, the input grad (if x
+    requires grad) and every trainable parameter's grad, each as a relative
+    error (to its largest element). Returns the worst one.
+
+    float64: each within `tol` of the whole-image pass.
+    float32: each within `tol` of the whole-image float32 pass or, where
+    float32 itself is not that accurate (ill-conditioned random stems; the
+    two passes sum in different orders), no further from the float64 truth
+    than 3x whole-image float32 is.
+    ties=True (float32 stems with max pooling / ReLU): the output as above,
+    the gradients within TIE_BOUND of the float64 whole-image pass.
+    """
     sm = sm or streamcnn.StreamingModule(stem, tile_size, in_channels=in_channels)
-    params = [p for p in stem.parameters() if p.requires_grad]
     y_ref = stem(x)
     y = sm(x)
-    errs = {"out": rel_err(y, y_ref)}
     g = torch.randn_like(y_ref)
-    inputs = ([x] if x.requires_grad else []) + params
-    if inputs:
-        gr = torch.autograd.grad(y_ref, inputs, g)
-        gs = torch.autograd.grad(y, inputs, g)
-        names = (["x"] if x.requires_grad else []) + [
-            n for n, p in stem.named_parameters() if p.requires_grad]
-        for n, a, b in zip(names, gs, gr):
-            errs[n] = rel_err(a, b)
-    worst = max(errs.values())
-    assert worst <= tol, {k: v for k, v in errs.items() if v > tol}
-    return worst
+    gr, gs = _grads(y_ref, x, stem, g), _grads(y, x, stem, g)
+    errs = {"out": rel_err(y, y_ref), **{n: rel_err(gs[n], gr[n]) for n in gr}}
+    bound = {n: tol for n in errs}
+    if x.dtype == torch.float32:
+        stem64 = copy.deepcopy(stem).double()
+        x64 = x.detach().double().requires_grad_(x.requires_grad)
+        y64 = stem64(x64)
+        g64 = _grads(y64, x64, stem64, g.double())
+        if ties:
+            errs.update({n: rel_err(gs[n], g64[n]) for n in gr})
+            bound.update({n: TIE_BOUND for n in gr})
+        else:
+            for n, got, ref, truth in [("out", y, y_ref, y64)] + [
+                    (n, gs[n], gr[n], g64[n]) for n in gr]:
+                if errs[n] > tol:  # judge by distance to the truth instead
+                    errs[n] = rel_err(got, truth)
+                    bound[n] = max(tol, 3 * rel_err(ref, truth))
+    bad = {n: (e, bound[n]) for n, e in errs.items() if e > bound[n]}
+    assert not bad, bad
+    return max(errs.values())
