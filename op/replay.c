@@ -106,17 +106,28 @@ static int subview(run *r, AtenTensorHandle t, const int64_t *trow,
 /* ---- per-call setup ----------------------------------------------------------- */
 
 /* Elements the tile's cone holds (sum over values of region area x
- * channels): a proxy for its buffer sizes. */
-static int64_t cone_size(const run *r, int64_t t) {
-  int64_t total = 0;
+ * channels): a proxy for its buffer sizes (double: no overflow). */
+static double cone_size(const run *r, int64_t t) {
+  double total = 0.0;
   const sc_axis_plan *pr = r->plans[0][t / r->n_tiles[1]];
   const sc_axis_plan *pc = r->plans[1][t % r->n_tiles[1]];
   for (int64_t v = 0; v < r->nv; v++) {
     const int64_t h = pr->region[2 * v + 1] - pr->region[2 * v];
     const int64_t w = pc->region[2 * v + 1] - pc->region[2 * v];
-    if (h > 0 && w > 0) total += h * w * r->p->channels[v];
+    if (h > 0 && w > 0) total += (double)h * (double)w * (double)r->p->channels[v];
   }
   return total;
+}
+
+typedef struct tile_key {
+  double size;   /* cone_size of the tile */
+  int64_t index; /* row * n_tiles[1] + col */
+} tile_key;
+
+static int by_size_desc(const void *a, const void *b) {
+  const tile_key *x = a, *y = b;
+  if (x->size != y->size) return x->size < y->size ? 1 : -1;
+  return x->index < y->index ? -1 : x->index > y->index; /* deterministic */
 }
 
 /* Run the largest tiles first: on the CPU the smaller border tiles then fit
@@ -126,25 +137,17 @@ static int64_t cone_size(const run *r, int64_t t) {
 static int order_tiles(run *r) {
   r->n_order = r->n_tiles[0] * r->n_tiles[1];
   r->order = malloc((size_t)r->n_order * sizeof *r->order);
-  int64_t *keys = malloc((size_t)r->n_order * sizeof *keys);
+  tile_key *keys = malloc((size_t)r->n_order * sizeof *keys);
   if (!r->order || !keys) {
     free(keys);
     return sc_fail(&r->ctx->err, "streamcnn: out of memory");
   }
   for (int64_t t = 0; t < r->n_order; t++) {
-    r->order[t] = t;
-    keys[t] = cone_size(r, t);
+    keys[t].size = cone_size(r, t);
+    keys[t].index = t;
   }
-  /* insertion sort, stable, descending; tile counts are small */
-  for (int64_t i = 1; i < r->n_order; i++) {
-    const int64_t t = r->order[i];
-    int64_t j = i - 1;
-    while (j >= 0 && keys[r->order[j]] < keys[t]) {
-      r->order[j + 1] = r->order[j];
-      j--;
-    }
-    r->order[j + 1] = t;
-  }
+  qsort(keys, (size_t)r->n_order, sizeof *keys, by_size_desc);
+  for (int64_t t = 0; t < r->n_order; t++) r->order[t] = keys[t].index;
   free(keys);
   return SC_OK;
 }
