@@ -45,7 +45,6 @@ typedef struct run {
   int64_t *order;           /* tiles as row * n_tiles[1] + col, largest first */
 
   /* per-tile state */
-  int64_t ti[2];            /* current tile index (rows, cols) */
   const sc_axis_plan *cur[2]; /* plans in use: the tile's, or a piece's */
   int64_t keep_from;        /* values below this are not kept (recomputed) */
   AtenTensorHandle *val;    /* nv: forward value over its region */
@@ -153,10 +152,8 @@ static int order_tiles(run *r) {
 }
 
 static void select_tile(run *r, int64_t k) {
-  r->ti[0] = r->order[k] / r->n_tiles[1];
-  r->ti[1] = r->order[k] % r->n_tiles[1];
-  r->cur[0] = r->plans[0][r->ti[0]];
-  r->cur[1] = r->plans[1][r->ti[1]];
+  r->cur[0] = r->plans[0][r->order[k] / r->n_tiles[1]];
+  r->cur[1] = r->plans[1][r->order[k] % r->n_tiles[1]];
 }
 
 /* Once per CPU call, before the first tile: hand the pages of free heap
