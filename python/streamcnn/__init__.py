@@ -8,7 +8,7 @@ whole-image pass.
 """
 
 from ._library import library_path, load_library, program_info, tiling_info
-from . import ops
+from . import models, ops
 from .module import StreamingModule
 from .program import convert
 
@@ -19,6 +19,7 @@ __all__ = [
     "convert",
     "library_path",
     "load_library",
+    "models",
     "ops",
     "program_info",
     "tiling_info",

@@ -1,0 +1,49 @@
+"""Splitting torchvision backbones into a streamed stem and a head."""
+
+from collections import OrderedDict
+from typing import Tuple, Union
+
+import torch.nn as nn
+
+from .module import StreamingModule, TileSize
+
+_RESNET_STAGES = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
+
+
+def _freeze_norms(module: nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+def split_resnet(model: nn.Module, stream_upto: str = "layer3",
+                 tile_size: TileSize = 1024) -> Tuple[StreamingModule, nn.Sequential]:
+    """Split a torchvision ResNet (18/34/50/101/152, ResNeXt, Wide ResNet) into
+    ``(streaming_stem, head)`` such that ``head(stem(x))`` computes
+    ``model(x)`` (with the stem's batch norms in eval mode).
+
+    The stem is ``conv1 .. stream_upto`` (one of ``"maxpool"``, ``"layer1"`` ..
+    ``"layer4"``) wrapped in :class:`StreamingModule`; the head is the rest of
+    the network: the remaining layers, the average pool, flatten and ``fc``.
+
+    Note: the stem's BatchNorm layers are put in eval mode and stay there
+    (frozen running statistics; their weight and bias still train): a
+    streamed stem cannot use whole-image batch statistics. The head's layers
+    follow ``.train()`` / ``.eval()`` as usual. Both share the model's
+    modules (no copies), and their state_dict keys keep the torchvision names
+    (``module.layer1.0.conv1.weight`` in the stem, ``layer4...``, ``fc...`` in
+    the head).
+    """
+    missing = [n for n in _RESNET_STAGES + ["avgpool", "fc"] if not hasattr(model, n)]
+    if missing:
+        raise ValueError(f"streamcnn: not a torchvision ResNet (missing {missing})")
+    if stream_upto not in _RESNET_STAGES[3:]:
+        raise ValueError(f"streamcnn: stream_upto must be one of {_RESNET_STAGES[3:]}, "
+                         f"got {stream_upto!r}")
+    k = _RESNET_STAGES.index(stream_upto) + 1
+    stem = nn.Sequential(OrderedDict((n, getattr(model, n)) for n in _RESNET_STAGES[:k]))
+    _freeze_norms(stem)
+    head = nn.Sequential(OrderedDict(
+        [(n, getattr(model, n)) for n in _RESNET_STAGES[k:]] +
+        [("avgpool", model.avgpool), ("flatten", nn.Flatten(1)), ("fc", model.fc)]))
+    return StreamingModule(stem, tile_size), head
