@@ -5,7 +5,7 @@ STAMP   := $(VENV)/.setup-stamp
 BUILD   := build/dev
 SOURCES := $(shell find op kernels cmake python tests/abi tests/c -type f 2>/dev/null) CMakeLists.txt pyproject.toml
 
-.PHONY: all setup build test ctest pytest demo bench clean
+.PHONY: all setup build test ctest pytest demo bench abi-check clean
 
 all: build
 
@@ -38,6 +38,10 @@ demo: build
 
 bench: build
 	$(PY) bench/cpu_resnet18.py
+
+# Same binary under torch 2.10 and 2.11 (downloads torch 2.10 once).
+abi-check: setup
+	bash .ci/abi_check.sh
 
 clean:
 	rm -rf build $(VENV)/.build-stamp
