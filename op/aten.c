@@ -489,6 +489,208 @@ int _sc_avgpool_backward(sc_ctx *ctx, AtenTensorHandle g, AtenTensorHandle x,
   return stk_call(ctx, &s, "aten::avg_pool2d_backward", "", 1, out);
 }
 
+/* ---- per-pixel channel ops: computed on the channels-last permutation,
+ * exactly as the module they come from (LayerNorm2d, Linear after a
+ * permute) computes them ---------------------------------------------------- */
+
+static const int64_t to_nhwc[4] = {0, 2, 3, 1}, to_nchw[4] = {0, 3, 1, 2};
+
+static int permute(sc_ctx *ctx, AtenTensorHandle x, const int64_t *dims,
+                   AtenTensorHandle *out) {
+  stk s = {0};
+  push_tensor(&s, x);
+  push_ints(&s, dims, 4);
+  return stk_call(ctx, &s, "aten::permute", "", 1, out);
+}
+
+static int64_t channels_of(sc_ctx *ctx, AtenTensorHandle x) {
+  int64_t dim, *sz, *st;
+  return _sc_meta(ctx, x, &dim, &sz, &st) || dim != 4 ? -1 : sz[1];
+}
+
+/* mean and rstd (for the backward) are optional outputs. */
+static int layernorm_nhwc(sc_ctx *ctx, AtenTensorHandle xp, int64_t c,
+                          AtenTensorHandle w, AtenTensorHandle b, double eps,
+                          AtenTensorHandle r[3]) {
+  stk s = {0};
+  push_tensor(&s, xp);
+  push_ints(&s, &c, 1);
+  push_opt_tensor(&s, w);
+  push_opt_tensor(&s, b);
+  push_double(&s, eps);
+  return stk_call(ctx, &s, "aten::native_layer_norm", "", 3, r);
+}
+
+int _sc_layernorm_c(sc_ctx *ctx, AtenTensorHandle x, AtenTensorHandle w,
+                    AtenTensorHandle b, double eps, AtenTensorHandle *out) {
+  AtenTensorHandle xp = NULL, r[3] = {NULL, NULL, NULL};
+  const int64_t c = channels_of(ctx, x);
+  int rc = c < 1 || permute(ctx, x, to_nhwc, &xp) ||
+           layernorm_nhwc(ctx, xp, c, w, b, eps, r) ||
+           permute(ctx, r[0], to_nchw, out);
+  _sc_drop(&xp);
+  drop_n(r, 3);
+  return rc ? sc_fail(&ctx->err, "streamcnn: layer norm failed") : SC_OK;
+}
+
+int _sc_layernorm_c_backward(sc_ctx *ctx, AtenTensorHandle g,
+                             AtenTensorHandle x, AtenTensorHandle w,
+                             AtenTensorHandle b, double eps, const int mask[3],
+                             AtenTensorHandle res[3]) {
+  AtenTensorHandle xp = NULL, gp = NULL, r[3] = {NULL, NULL, NULL};
+  AtenTensorHandle gi[3] = {NULL, NULL, NULL};
+  const int64_t c = channels_of(ctx, x);
+  const int64_t m[3] = {!!mask[0], !!mask[1], !!mask[2]};
+  for (int i = 0; i < 3; i++) res[i] = NULL;
+  /* mean and rstd are recomputed rather than held through the forward */
+  int rc = c < 1 || permute(ctx, x, to_nhwc, &xp) ||
+           permute(ctx, g, to_nhwc, &gp) ||
+           layernorm_nhwc(ctx, xp, c, w, b, eps, r);
+  if (!rc) {
+    stk s = {0};
+    push_tensor(&s, gp);
+    push_tensor(&s, xp);
+    push_ints(&s, &c, 1);
+    push_tensor(&s, r[1]);
+    push_tensor(&s, r[2]);
+    push_opt_tensor(&s, w);
+    push_opt_tensor(&s, b);
+    push_ints(&s, m, 3);
+    rc = stk_call(ctx, &s, "aten::native_layer_norm_backward", "", 3, gi);
+  }
+  if (!rc && mask[0]) rc = permute(ctx, gi[0], to_nchw, &res[0]);
+  if (!rc) {
+    for (int i = 1; i < 3; i++)
+      if (mask[i]) {
+        res[i] = gi[i];
+        gi[i] = NULL;
+      }
+  }
+  _sc_drop(&xp);
+  _sc_drop(&gp);
+  drop_n(r, 3);
+  drop_n(gi, 3);
+  if (rc) {
+    drop_n(res, 3);
+    return sc_fail(&ctx->err, "streamcnn: layer norm backward failed");
+  }
+  return SC_OK;
+}
+
+int _sc_linear_c(sc_ctx *ctx, AtenTensorHandle x, AtenTensorHandle w,
+                 AtenTensorHandle b, AtenTensorHandle *out) {
+  AtenTensorHandle xp = NULL, y = NULL;
+  int rc = permute(ctx, x, to_nhwc, &xp);
+  if (!rc) {
+    stk s = {0};
+    push_tensor(&s, xp);
+    push_tensor(&s, w);
+    push_opt_tensor(&s, b);
+    rc = stk_call(ctx, &s, "aten::linear", "", 1, &y);
+  }
+  if (!rc) rc = permute(ctx, y, to_nchw, out);
+  _sc_drop(&xp);
+  _sc_drop(&y);
+  return rc;
+}
+
+static int reshape2(sc_ctx *ctx, AtenTensorHandle t, int64_t cols,
+                    AtenTensorHandle *out) {
+  const int64_t shape[2] = {-1, cols};
+  stk s = {0};
+  push_tensor(&s, t);
+  push_ints(&s, shape, 2);
+  return stk_call(ctx, &s, "aten::reshape", "", 1, out);
+}
+
+/* As autograd differentiates linear (aten::linear_backward has no dense
+ * CPU kernel): grad_input = g W, grad_weight = g^T x, grad_bias = sum g,
+ * with the pixels flattened into rows. */
+int _sc_linear_c_backward(sc_ctx *ctx, AtenTensorHandle g, AtenTensorHandle x,
+                          AtenTensorHandle w, const int mask[3],
+                          AtenTensorHandle res[3]) {
+  AtenTensorHandle xp = NULL, gp = NULL, gi = NULL, g2 = NULL, x2 = NULL,
+                   gt = NULL;
+  const int64_t c_in = channels_of(ctx, x), c_out = channels_of(ctx, g);
+  for (int i = 0; i < 3; i++) res[i] = NULL;
+  int rc = c_in < 1 || c_out < 1 || permute(ctx, g, to_nhwc, &gp);
+  if (!rc && mask[0])
+    rc = call2(ctx, "aten::matmul", "", gp, w, &gi) ||
+         permute(ctx, gi, to_nchw, &res[0]);
+  if (!rc && (mask[1] || mask[2])) rc = reshape2(ctx, gp, c_out, &g2);
+  if (!rc && mask[1])
+    rc = permute(ctx, x, to_nhwc, &xp) || reshape2(ctx, xp, c_in, &x2) ||
+         call1(ctx, "aten::t", "", g2, &gt) ||
+         call2(ctx, "aten::mm", "", gt, x2, &res[1]);
+  if (!rc && mask[2]) {
+    stk s = {0};
+    push_tensor(&s, g2);
+    push_ints(&s, &c_out, 1);
+    rc = stk_call(ctx, &s, "aten::sum_to_size", "", 1, &res[2]);
+  }
+  _sc_drop(&xp);
+  _sc_drop(&gp);
+  _sc_drop(&gi);
+  _sc_drop(&g2);
+  _sc_drop(&x2);
+  _sc_drop(&gt);
+  if (rc) drop_n(res, 3);
+  return rc;
+}
+
+/* The scale as [1, C, 1, 1], whatever per-channel shape it has. */
+static int scale4(sc_ctx *ctx, AtenTensorHandle s, int64_t c,
+                  AtenTensorHandle *out) {
+  const int64_t shape[4] = {1, c, 1, 1};
+  stk st = {0};
+  push_tensor(&st, s);
+  push_ints(&st, shape, 4);
+  return stk_call(ctx, &st, "aten::reshape", "", 1, out);
+}
+
+int _sc_scale_c(sc_ctx *ctx, AtenTensorHandle x, AtenTensorHandle s,
+                AtenTensorHandle *out) {
+  AtenTensorHandle s4 = NULL;
+  const int64_t c = channels_of(ctx, x);
+  int rc = c < 1 || scale4(ctx, s, c, &s4) ||
+           call2(ctx, "aten::mul", "Tensor", x, s4, out);
+  _sc_drop(&s4);
+  return rc;
+}
+
+int _sc_scale_c_backward(sc_ctx *ctx, AtenTensorHandle g, AtenTensorHandle x,
+                         AtenTensorHandle s, const int mask[2],
+                         AtenTensorHandle res[2]) {
+  AtenTensorHandle s4 = NULL, gx = NULL, sum = NULL;
+  const int64_t c = channels_of(ctx, x);
+  res[0] = res[1] = NULL;
+  int rc = c < 1 || scale4(ctx, s, c, &s4);
+  if (!rc && mask[0]) rc = call2(ctx, "aten::mul", "Tensor", g, s4, &res[0]);
+  if (!rc && mask[1]) { /* as autograd: sum_to_size(g * x), in s's shape */
+    const int64_t shape[4] = {1, c, 1, 1};
+    int64_t dim, *sz, *st;
+    stk t = {0};
+    rc = call2(ctx, "aten::mul", "Tensor", g, x, &gx);
+    if (!rc) {
+      push_tensor(&t, gx);
+      push_ints(&t, shape, 4);
+      rc = stk_call(ctx, &t, "aten::sum_to_size", "", 1, &sum);
+    }
+    if (!rc) rc = _sc_meta(ctx, s, &dim, &sz, &st);
+    if (!rc) {
+      stk v = {0};
+      push_tensor(&v, sum);
+      push_ints(&v, sz, (int)dim);
+      rc = stk_call(ctx, &v, "aten::reshape", "", 1, &res[1]);
+    }
+  }
+  _sc_drop(&s4);
+  _sc_drop(&gx);
+  _sc_drop(&sum);
+  if (rc) drop_n(res, 2);
+  return rc;
+}
+
 /* p4: weight (or NULL), bias (or NULL), running_mean, running_var. */
 int _sc_batchnorm(sc_ctx *ctx, AtenTensorHandle x, AtenTensorHandle const *p4,
                   double eps, AtenTensorHandle *out) {

@@ -109,6 +109,24 @@ int _sc_batchnorm_backward(sc_ctx *ctx, AtenTensorHandle g,
                            AtenTensorHandle x, AtenTensorHandle const *p4,
                            double eps, const int mask[3],
                            AtenTensorHandle res[3]);
+/* Per-pixel channel ops on N x C x H x W values (w, b may be NULL). */
+int _sc_layernorm_c(sc_ctx *ctx, AtenTensorHandle x, AtenTensorHandle w,
+                    AtenTensorHandle b, double eps, AtenTensorHandle *out);
+int _sc_layernorm_c_backward(sc_ctx *ctx, AtenTensorHandle g,
+                             AtenTensorHandle x, AtenTensorHandle w,
+                             AtenTensorHandle b, double eps, const int mask[3],
+                             AtenTensorHandle res[3]);
+int _sc_linear_c(sc_ctx *ctx, AtenTensorHandle x, AtenTensorHandle w,
+                 AtenTensorHandle b, AtenTensorHandle *out);
+int _sc_linear_c_backward(sc_ctx *ctx, AtenTensorHandle g, AtenTensorHandle x,
+                          AtenTensorHandle w, const int mask[3],
+                          AtenTensorHandle res[3]);
+/* s: the per-channel scale in its own shape; res[1] comes back in it. */
+int _sc_scale_c(sc_ctx *ctx, AtenTensorHandle x, AtenTensorHandle s,
+                AtenTensorHandle *out);
+int _sc_scale_c_backward(sc_ctx *ctx, AtenTensorHandle g, AtenTensorHandle x,
+                         AtenTensorHandle s, const int mask[2],
+                         AtenTensorHandle res[2]);
 int _sc_act(sc_ctx *ctx, const sc_instr *in, AtenTensorHandle x,
             AtenTensorHandle *out);
 /* x: the activation's input, y: its output. */

@@ -15,6 +15,12 @@
  *   batchnorm in, weight, bias, running_mean, running_var, eps (double bits)
  *   act       in, kind, arg (leaky slope as double bits; gelu: 0 erf, 1 tanh)
  *   add       a, b
+ *   layernorm_c  in, weight, bias, eps (double bits): layer norm over the
+ *             channels of each pixel (ConvNeXt's LayerNorm2d, or nn.LayerNorm
+ *             after a permute to channels-last)
+ *   linear_c  in, weight [c_out, c_in], bias [c_out], c_in, c_out: a Linear
+ *             on the channels of each pixel (after a permute)
+ *   scale_c   in, scale (c elements): per-channel scale (layer scale)
  * Parameter fields index the params tensor list; -1 means absent where a
  * field is optional (conv bias, batch-norm weight and bias).
  *
@@ -48,6 +54,9 @@ const char *_sc_op_name(int op) {
   case SC_OP_BATCHNORM: return "batchnorm";
   case SC_OP_ACT: return "act";
   case SC_OP_ADD: return "add";
+  case SC_OP_LAYERNORM_C: return "layernorm_c";
+  case SC_OP_LINEAR_C: return "linear_c";
+  case SC_OP_SCALE_C: return "scale_c";
   default: return "unknown";
   }
 }
@@ -60,6 +69,9 @@ static int expected_fields(int64_t op) {
   case SC_OP_BATCHNORM: return SC_BATCHNORM_FIELDS;
   case SC_OP_ACT: return SC_ACT_FIELDS;
   case SC_OP_ADD: return SC_ADD_FIELDS;
+  case SC_OP_LAYERNORM_C: return SC_LAYERNORM_C_FIELDS;
+  case SC_OP_LINEAR_C: return SC_LINEAR_C_FIELDS;
+  case SC_OP_SCALE_C: return SC_SCALE_C_FIELDS;
   default: return -1;
   }
 }
@@ -268,6 +280,36 @@ static int decode_instr(reader *r, const sc_program *p, sc_instr *in) {
                      (long long)in->in[1],
                      (long long)p->channels[in->in[0]],
                      (long long)p->channels[in->in[1]]);
+    in->c_out = p->channels[in->in[0]];
+    return SC_OK;
+  case SC_OP_LAYERNORM_C:
+    if (field_value(r, 0, "input", &in->in[0]) ||
+        field_param(r, 1, "weight", 1, n_params, &in->weight) ||
+        field_param(r, 2, "bias", 1, n_params, &in->bias) ||
+        field_double(r, 3, "eps", 0.0, &in->eps))
+      return SC_ERR;
+    in->c_out = p->channels[in->in[0]];
+    return SC_OK;
+  case SC_OP_LINEAR_C:
+    if (field_value(r, 0, "input", &in->in[0]) ||
+        field_param(r, 1, "weight", 0, n_params, &in->weight) ||
+        field_param(r, 2, "bias", 1, n_params, &in->bias) ||
+        field_range(r, 3, "in_channels", 1, SC_MAX_CHANNELS, &in->c_in) ||
+        field_range(r, 4, "out_channels", 1, SC_MAX_CHANNELS, &in->c_out))
+      return SC_ERR;
+    if (in->c_in != p->channels[in->in[0]])
+      return sc_fail(r->err,
+                     "streamcnn: program instruction %lld (linear_c): field "
+                     "'in_channels' = %lld but its input value %lld has %lld "
+                     "channels",
+                     (long long)r->index, (long long)in->c_in,
+                     (long long)in->in[0],
+                     (long long)p->channels[in->in[0]]);
+    return SC_OK;
+  case SC_OP_SCALE_C:
+    if (field_value(r, 0, "input", &in->in[0]) ||
+        field_param(r, 1, "scale", 0, n_params, &in->weight))
+      return SC_ERR;
     in->c_out = p->channels[in->in[0]];
     return SC_OK;
   default:

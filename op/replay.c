@@ -435,6 +435,22 @@ static int forward_instr(run *r, int64_t i, int keep) {
       goto done;
     break;
   }
+  case SC_OP_LAYERNORM_C:
+    if (pointwise_input(r, i, 0, &x) ||
+        _sc_layernorm_c(ctx, x, param(r, in->weight), param(r, in->bias),
+                        in->eps, &y))
+      goto done;
+    break;
+  case SC_OP_LINEAR_C:
+    if (pointwise_input(r, i, 0, &x) ||
+        _sc_linear_c(ctx, x, param(r, in->weight), param(r, in->bias), &y))
+      goto done;
+    break;
+  case SC_OP_SCALE_C:
+    if (pointwise_input(r, i, 0, &x) ||
+        _sc_scale_c(ctx, x, param(r, in->weight), &y))
+      goto done;
+    break;
   case SC_OP_ACT:
     if (in->act == SC_ACT_RELU && reusable(r, i, 0, keep)) {
       if (_sc_relu_(ctx, r->val[in->in[0]], &y)) goto done;
@@ -683,6 +699,32 @@ static int backward_instr(run *r, int64_t i) {
         _sc_batchnorm_backward(ctx, g, x, p4, in->eps, m, res) ||
         (m[1] && accum_param(r, in->bn_weight, &res[1])) ||
         (m[2] && accum_param(r, in->bn_bias, &res[2])) ||
+        (m[0] && accum_input(r, i, 0, res[0], 1)))
+      goto done;
+    break;
+  }
+  case SC_OP_LAYERNORM_C:
+  case SC_OP_LINEAR_C: {
+    const int m[3] = {need_in, wants(r, in->weight), wants(r, in->bias)};
+    if (!m[0] && !m[1] && !m[2]) break;
+    if (pointwise_input(r, i, 0, &x) ||
+        (in->op == SC_OP_LAYERNORM_C
+             ? _sc_layernorm_c_backward(ctx, g, x, param(r, in->weight),
+                                        param(r, in->bias), in->eps, m, res)
+             : _sc_linear_c_backward(ctx, g, x, param(r, in->weight), m,
+                                     res)) ||
+        (m[1] && accum_param(r, in->weight, &res[1])) ||
+        (m[2] && accum_param(r, in->bias, &res[2])) ||
+        (m[0] && accum_input(r, i, 0, res[0], 1)))
+      goto done;
+    break;
+  }
+  case SC_OP_SCALE_C: {
+    const int m[2] = {need_in, wants(r, in->weight)};
+    if (!m[0] && !m[1]) break;
+    if (pointwise_input(r, i, 0, &x) ||
+        _sc_scale_c_backward(ctx, g, x, param(r, in->weight), m, res) ||
+        (m[1] && accum_param(r, in->weight, &res[1])) ||
         (m[0] && accum_input(r, i, 0, res[0], 1)))
       goto done;
     break;
@@ -952,7 +994,8 @@ static const char *dtype_name(int32_t d) {
   return "a non-float32/float64 dtype";
 }
 
-/* Check params[k] has the image's dtype and device and the given shape. */
+/* Check params[k] has the image's dtype and device and the given shape
+ * (ndim -1: any shape of shape[0] elements with at most one dim > 1). */
 static int check_param(sc_ctx *ctx, const sc_call *call, int64_t i,
                        const char *role, int64_t k, int64_t ndim,
                        const int64_t *shape) {
@@ -978,8 +1021,19 @@ static int check_param(sc_ctx *ctx, const sc_call *call, int64_t i,
                    "streamcnn: params[%lld] (%s of instruction %lld, %s) is "
                    "on another device than the image",
                    (long long)k, role, (long long)i, _sc_op_name(in->op));
-  int ok = dim == ndim;
-  for (int64_t d = 0; ok && d < ndim; d++) ok = sz[d] == shape[d];
+  int ok;
+  if (ndim < 0) { /* per-channel: shape[0] elements, one dim holds them */
+    int64_t numel = 1, big = 0;
+    for (int64_t d = 0; d < dim; d++) {
+      numel *= sz[d];
+      big += sz[d] > 1;
+    }
+    ok = dim >= 1 && dim <= 4 && numel == shape[0] && big <= 1;
+    ndim = 1;
+  } else {
+    ok = dim == ndim;
+    for (int64_t d = 0; ok && d < ndim; d++) ok = sz[d] == shape[d];
+  }
   if (!ok) {
     char want[96] = "", got[96] = "";
     for (int64_t d = 0; d < ndim; d++)
@@ -1051,6 +1105,19 @@ int _sc_validate(sc_ctx *ctx, const sc_call *call) {
       const int64_t b[1] = {in->c_out};
       if (check_param(ctx, call, i, "weight", in->weight, 4, w) ||
           check_param(ctx, call, i, "bias", in->bias, 1, b))
+        return SC_ERR;
+    } else if (in->op == SC_OP_LAYERNORM_C) {
+      if (check_param(ctx, call, i, "weight", in->weight, 1, vec) ||
+          check_param(ctx, call, i, "bias", in->bias, 1, vec))
+        return SC_ERR;
+    } else if (in->op == SC_OP_LINEAR_C) {
+      const int64_t w[2] = {in->c_out, in->c_in};
+      const int64_t b[1] = {in->c_out};
+      if (check_param(ctx, call, i, "weight", in->weight, 2, w) ||
+          check_param(ctx, call, i, "bias", in->bias, 1, b))
+        return SC_ERR;
+    } else if (in->op == SC_OP_SCALE_C) {
+      if (check_param(ctx, call, i, "scale", in->weight, -1, vec))
         return SC_ERR;
     } else if (in->op == SC_OP_BATCHNORM) {
       if (check_param(ctx, call, i, "weight", in->bn_weight, 1, vec) ||

@@ -52,7 +52,10 @@ typedef enum sc_opcode {
   SC_OP_AVGPOOL = 3,   /* 2-D average pooling */
   SC_OP_BATCHNORM = 4, /* frozen batch norm: running stats (+ affine) */
   SC_OP_ACT = 5,       /* pointwise activation */
-  SC_OP_ADD = 6        /* elementwise sum of two values (residual) */
+  SC_OP_ADD = 6,       /* elementwise sum of two values (residual) */
+  SC_OP_LAYERNORM_C = 7, /* layer norm over the channels of each pixel */
+  SC_OP_LINEAR_C = 8,    /* linear map of the channels of each pixel */
+  SC_OP_SCALE_C = 9      /* per-channel multiplication (layer scale) */
 } sc_opcode;
 
 /* Number of fields (words after [opcode, n_fields]) of each opcode. */
@@ -62,6 +65,9 @@ typedef enum sc_opcode {
 #define SC_BATCHNORM_FIELDS 6
 #define SC_ACT_FIELDS 3
 #define SC_ADD_FIELDS 2
+#define SC_LAYERNORM_C_FIELDS 4
+#define SC_LINEAR_C_FIELDS 5
+#define SC_SCALE_C_FIELDS 2
 
 typedef enum sc_activation {
   SC_ACT_RELU = 1,
@@ -97,15 +103,16 @@ typedef struct sc_instr {
   int64_t in[2];      /* input value indices, each < this output's index */
   sc_window win[2];   /* [0] rows, [1] cols; conv and pools only */
   int64_t c_out;      /* channels of the output value */
-  /* conv */
+  /* conv, linear_c (weight, bias, c_in), layernorm_c (weight, bias),
+   * scale_c (weight = the scale) */
   int64_t c_in, groups;
-  int64_t weight, bias;      /* indices into the params list; bias -1 = none */
+  int64_t weight, bias;      /* indices into the params list; -1 = none */
   /* avg pool */
   int count_include_pad;
   int64_t divisor_override;  /* 0 = none */
   /* batch norm; weight/bias -1 = not affine */
   int64_t bn_weight, bn_bias, bn_mean, bn_var;
-  double eps;
+  double eps;                /* batch norm, layernorm_c */
   /* activation */
   int act;                   /* sc_activation */
   double act_arg;            /* leaky slope */

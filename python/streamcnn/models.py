@@ -12,7 +12,8 @@ _RESNET_STAGES = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3
 
 def _freeze_norms(module: nn.Module) -> None:
     for m in module.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) or type(m).__name__ == \
+                "StochasticDepth" or isinstance(m, nn.Dropout):
             m.eval()
 
 
@@ -46,4 +47,37 @@ def split_resnet(model: nn.Module, stream_upto: str = "layer3",
     head = nn.Sequential(OrderedDict(
         [(n, getattr(model, n)) for n in _RESNET_STAGES[k:]] +
         [("avgpool", model.avgpool), ("flatten", nn.Flatten(1)), ("fc", model.fc)]))
+    return StreamingModule(stem, tile_size), head
+
+
+def split_convnext(model: nn.Module, stream_upto: int = 4,
+                   tile_size: TileSize = 1024) -> Tuple[StreamingModule, nn.Sequential]:
+    """Split a torchvision ConvNeXt (tiny / small / base / large) into
+    ``(streaming_stem, head)`` with ``head(stem(x))`` computing ``model(x)``
+    (with stochastic depth off in the stem).
+
+    The stem is ``features[:stream_upto]`` (1 .. 7: the patchify stem, then
+    alternating stages and downsampling layers) wrapped in
+    :class:`StreamingModule`; the head is ``features[stream_upto:]``, the
+    average pool and the classifier.
+
+    Note: ConvNeXt normalises with LayerNorm over the channels of each
+    pixel, which is local and streams exactly (and trains). The stem's
+    stochastic depth is put in eval mode and stays there (it drops whole
+    samples at random, which a tiled pass cannot reproduce); the head keeps
+    following ``.train()`` / ``.eval()``.
+    """
+    if not (hasattr(model, "features") and hasattr(model, "avgpool") and
+            hasattr(model, "classifier")):
+        raise ValueError("streamcnn: not a torchvision ConvNeXt (needs features, avgpool, "
+                         "classifier)")
+    n = len(model.features)
+    if not isinstance(stream_upto, int) or not 1 <= stream_upto < n:
+        raise ValueError(f"streamcnn: stream_upto must be an int in [1, {n - 1}], got "
+                         f"{stream_upto!r}")
+    stem = model.features[:stream_upto]
+    _freeze_norms(stem)
+    head = nn.Sequential(OrderedDict([("features", model.features[stream_upto:]),
+                                      ("avgpool", model.avgpool),
+                                      ("classifier", model.classifier)]))
     return StreamingModule(stem, tile_size), head

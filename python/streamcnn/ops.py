@@ -71,6 +71,17 @@ def _backward(ctx, grad):
 torch.library.register_autograd("streamcnn::forward", _backward, setup_context=_setup_context)
 
 
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "streamcnn: double backward (gradients of gradients, create_graph=True through a "
+        "StreamingModule) is not supported")
+
+
+# Without this, autograd would treat the backward op as a constant and give
+# silently wrong second derivatives; with it, they raise.
+torch.library.register_autograd("streamcnn::backward", _no_double_backward)
+
+
 def forward(image: torch.Tensor, params: Sequence[torch.Tensor], program: Sequence[int],
             tile_size: Sequence[int]) -> torch.Tensor:
     """Differentiable streamed forward (thin wrapper of the operator)."""

@@ -27,14 +27,18 @@ VERSION = 1
 HEADER = 5
 
 OP_CONV, OP_MAXPOOL, OP_AVGPOOL, OP_BATCHNORM, OP_ACT, OP_ADD = 1, 2, 3, 4, 5, 6
-N_FIELDS = {OP_CONV: 16, OP_MAXPOOL: 10, OP_AVGPOOL: 10, OP_BATCHNORM: 6, OP_ACT: 3, OP_ADD: 2}
+OP_LAYERNORM_C, OP_LINEAR_C, OP_SCALE_C = 7, 8, 9
+N_FIELDS = {OP_CONV: 16, OP_MAXPOOL: 10, OP_AVGPOOL: 10, OP_BATCHNORM: 6, OP_ACT: 3, OP_ADD: 2,
+            OP_LAYERNORM_C: 4, OP_LINEAR_C: 5, OP_SCALE_C: 2}
 
 ACT_RELU, ACT_RELU6, ACT_LEAKY_RELU, ACT_SILU, ACT_GELU, ACT_SIGMOID, ACT_TANH, ACT_HARDSWISH = range(1, 9)
 
 SUPPORTED = (
     "Conv2d (padding_mode='zeros'), MaxPool2d, AvgPool2d, BatchNorm2d in eval mode, "
     "ReLU, ReLU6, LeakyReLU, SiLU, GELU, Sigmoid, Tanh, Hardswish, Identity, "
-    "Dropout in eval mode, and residual adds"
+    "Dropout / StochasticDepth in eval mode, residual adds, and per-pixel channel ops "
+    "(LayerNorm over channels, Linear on channels after a permute to channels-last, "
+    "per-channel scales)"
 )
 
 
@@ -97,6 +101,15 @@ class ProgramBuilder:
     def add(self, a, b):
         return self._emit(OP_ADD, [a, b])
 
+    def layernorm_c(self, x, weight, bias, eps):
+        return self._emit(OP_LAYERNORM_C, [x, weight, bias, double_bits(eps)])
+
+    def linear_c(self, x, weight, bias, c_in, c_out):
+        return self._emit(OP_LINEAR_C, [x, weight, bias, c_in, c_out])
+
+    def scale_c(self, x, scale):
+        return self._emit(OP_SCALE_C, [x, scale])
+
     def program(self) -> List[int]:
         return [MAGIC, VERSION, self.in_channels, self.n_instr, len(self.params), *self.words]
 
@@ -140,6 +153,8 @@ def output_shape(program: Sequence[int], h, w) -> Tuple[int, Any, Any]:
             kh, kw, sh, sw, ph, pw, ceil = f[1:8]
             sizes.append((c, _window_out(hh, kh, sh, 1, ph, ph, ceil),
                           _window_out(ww, kw, sw, 1, pw, pw, ceil)))
+        elif op == OP_LINEAR_C:
+            sizes.append((f[4], hh, ww))
         else:
             sizes.append((c, hh, ww))
     return sizes[-1]
@@ -170,14 +185,32 @@ _NONLOCAL_HINT = (
 )
 
 _NONLOCAL_MODULES = (
-    nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Linear, nn.Flatten, nn.Unflatten,
-    nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm2d, nn.MultiheadAttention, nn.Upsample,
-    nn.Softmax, nn.Softmax2d, nn.LocalResponseNorm,
+    nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Flatten, nn.Unflatten, nn.GroupNorm,
+    nn.InstanceNorm2d, nn.MultiheadAttention, nn.Upsample, nn.Softmax, nn.Softmax2d,
+    nn.LocalResponseNorm,
 )
 
 
 def _same_forward(m: nn.Module, cls) -> bool:
     return isinstance(m, cls) and type(m).forward is cls.forward
+
+
+# Layouts of the stem's values: a tensor is N x C x H x W, or that tensor
+# permuted to N x H x W x C (as ConvNeXt does around LayerNorm / Linear).
+NCHW, NHWC = "NCHW", "NHWC"
+_PERMUTES = {(NCHW, (0, 2, 3, 1)): NHWC, (NHWC, (0, 3, 1, 2)): NCHW}
+
+
+def _is_stochastic_depth(m: nn.Module) -> bool:
+    return type(m).__name__ == "StochasticDepth" and hasattr(m, "p")
+
+
+def _stochastic_depth_fn():
+    try:
+        from torchvision.ops import stochastic_depth
+        return stochastic_depth
+    except ImportError:  # torchvision is optional
+        return None
 
 
 class _Converter:
@@ -187,6 +220,8 @@ class _Converter:
         self.b: Optional[ProgramBuilder] = None
         self.val: Dict[fx.Node, int] = {}
         self.chan: Dict[fx.Node, int] = {}
+        self.layout: Dict[fx.Node, str] = {}
+        self.attrs: Dict[fx.Node, Tuple[str, str]] = {}  # get_attr -> (path, attr)
         self.mode_modules: List[Tuple[str, nn.Module]] = []
 
     # -- helpers ------------------------------------------------------------
@@ -199,15 +234,65 @@ class _Converter:
                                f"its input {arg!r} is not a tensor produced by the stem")
         return arg
 
-    def _set(self, node, value, channels):
+    def _set(self, node, value, channels, layout=NCHW):
         self.val[node] = value
         self.chan[node] = channels
+        self.layout[node] = layout
 
-    def _alias(self, node, src):
-        self._set(node, self.val[src], self.chan[src])
+    def _alias(self, node, src, layout=None):
+        self._set(node, self.val[src], self.chan[src], layout or self.layout[src])
 
     def _act(self, node, x, kind, arg=0):
-        self._set(node, self.b.act(self.val[x], kind, arg), self.chan[x])
+        self._set(node, self.b.act(self.val[x], kind, arg), self.chan[x], self.layout[x])
+
+    def _need_nchw(self, node, what, x):
+        if self.layout[x] != NCHW:
+            raise _unsupported(node, what, "it reads a tensor permuted to N x H x W x C; "
+                               "permute it back to N x C x H x W first")
+
+    def _param(self, node, what, arg, role):
+        """Parameter slot of a tensor attribute (get_attr) used by a function;
+        returns (slot, tensor)."""
+        if not isinstance(arg, fx.Node) or arg not in self.attrs:
+            raise _unsupported(node, what, f"its {role} must be a parameter or buffer of the "
+                               f"stem, got {arg!r}")
+        path, attr = self.attrs[arg]
+        t = getattr(self.root.get_submodule(path) if path else self.root, attr)
+        if not isinstance(t, torch.Tensor):
+            raise _unsupported(node, what, f"its {role} '{arg.target}' is not a tensor")
+        return self._p(path, attr), t
+
+    def _layernorm(self, node, what, x, shape, w, b, eps):
+        c = self.chan[x]
+        if self.layout[x] != NHWC or tuple(shape) != (c,):
+            raise _unsupported(node, what, f"a layer norm over {tuple(shape)} of an "
+                               f"{self.layout[x]} tensor is not over the channels of each "
+                               f"pixel alone: {_NONLOCAL_HINT}")
+        v = self.b.layernorm_c(self.val[x], w, b, eps)
+        self._set(node, v, c, NHWC)
+
+    def _scale(self, node, what, args):
+        a, b = args[0], args[1]
+        x, s_ = (a, b) if a in self.val else (b, a)
+        x = self._input(node, x)
+        slot, t = self._param(node, what, s_, "scale")
+        c = self.chan[x]
+        shape = tuple(t.shape)
+        per_channel = (shape in ((c, 1, 1), (1, c, 1, 1)) if self.layout[x] == NCHW else
+                       len(shape) >= 1 and shape[-1] == c and all(d == 1 for d in shape[:-1]))
+        if not per_channel:
+            raise _unsupported(node, what, f"multiplying a {self.layout[x]} tensor of {c} "
+                               f"channels by a tensor of shape {shape} is not a per-channel "
+                               "scale")
+        self._set(node, self.b.scale_c(self.val[x], slot), c, self.layout[x])
+
+    def _permute(self, node, what, x, dims):
+        dims = tuple(int(d) % 4 for d in dims) if len(dims) == 4 else tuple(dims)
+        layout = _PERMUTES.get((self.layout[x], dims))
+        if layout is None:
+            raise _unsupported(node, what, f"permute{dims} of an {self.layout[x]} tensor: only "
+                               "N x C x H x W <-> N x H x W x C is supported")
+        self._alias(node, x, layout)
 
     # -- modules --------------------------------------------------------------
     def module(self, node: fx.Node):
@@ -218,6 +303,24 @@ class _Converter:
             raise _unsupported(node, what, "expected a single tensor argument")
         x = self._input(node, node.args[0])
         c = self.chan[x]
+
+        if isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d,
+                          nn.modules.batchnorm._BatchNorm)):
+            self._need_nchw(node, what, x)
+
+        if _same_forward(m, nn.LayerNorm):
+            w = self._p(path, "weight") if m.weight is not None else -1
+            bias = self._p(path, "bias") if m.bias is not None else -1
+            return self._layernorm(node, what, x, m.normalized_shape, w, bias, m.eps)
+
+        if _same_forward(m, nn.Linear):
+            if self.layout[x] != NHWC or m.in_features != c:
+                raise _unsupported(node, what, "a Linear on the last dimension of an "
+                                   f"{self.layout[x]} tensor mixes pixels: {_NONLOCAL_HINT}")
+            bias = self._p(path, "bias") if m.bias is not None else -1
+            v = self.b.linear_c(self.val[x], self._p(path, "weight"), bias, m.in_features,
+                                m.out_features)
+            return self._set(node, v, m.out_features, NHWC)
 
         if _same_forward(m, nn.Conv2d):
             if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params():
@@ -278,6 +381,11 @@ class _Converter:
                                  self._p(path, "running_var"), m.eps)
             return self._set(node, v, c)
 
+        if _is_stochastic_depth(m):  # a leaf only with a custom tracer
+            if m.training and m.p > 0:
+                raise _unsupported(node, what, "stochastic depth in training mode drops "
+                                   "whole samples at random; call .eval() on the stem")
+            return self._alias(node, x)
         if type(m) in (nn.Dropout, nn.Dropout2d, nn.AlphaDropout, nn.FeatureAlphaDropout):
             if m.training and m.p > 0:
                 raise _unsupported(node, what, "dropout in training mode is random per pixel "
@@ -313,13 +421,16 @@ class _Converter:
     def _add(self, node, what, a, b, alpha=1):
         if alpha != 1:
             raise _unsupported(node, what, "add with alpha != 1 is not supported")
-        if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
-            raise _unsupported(node, what, "adding a constant is not supported; only sums of "
-                               "two tensors of the stem (residual connections)")
+        if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)) or \
+                a in self.attrs or b in self.attrs:
+            raise _unsupported(node, what, "adding a constant or a parameter is not "
+                               "supported; only sums of two tensors of the stem (residual "
+                               "connections)")
         a, b = self._input(node, a), self._input(node, b)
-        if self.chan[a] != self.chan[b]:
-            raise _unsupported(node, what, f"adds {self.chan[a]} and {self.chan[b]} channels")
-        self._set(node, self.b.add(self.val[a], self.val[b]), self.chan[a])
+        if self.chan[a] != self.chan[b] or self.layout[a] != self.layout[b]:
+            raise _unsupported(node, what, f"adds a {self.layout[a]} tensor of {self.chan[a]} "
+                               f"channels and a {self.layout[b]} one of {self.chan[b]}")
+        self._set(node, self.b.add(self.val[a], self.val[b]), self.chan[a], self.layout[a])
 
     def function(self, node: fx.Node):
         t = node.target
@@ -327,6 +438,8 @@ class _Converter:
         args, kw = node.args, dict(node.kwargs)
         if t in (operator.add, operator.iadd, torch.add):
             return self._add(node, what, args[0], args[1], kw.get("alpha", 1))
+        if t in (operator.mul, operator.imul, torch.mul) and len(args) == 2 and not kw:
+            return self._scale(node, what, args)
         if not args:
             raise _unsupported(node, what, f"unsupported call. Supported: {SUPPORTED}")
         x = self._input(node, args[0])
@@ -349,6 +462,25 @@ class _Converter:
             return self._act(node, x, ACT_TANH)
         if t is F.hardswish:
             return self._act(node, x, ACT_HARDSWISH)
+        if t is torch.permute:
+            dims = rest[0] if rest else kw["dims"]
+            return self._permute(node, what, x, dims)
+        if t is F.layer_norm:
+            names = ["normalized_shape", "weight", "bias", "eps"]
+            a = dict(zip(names, rest), **kw)
+            w = self._param(node, what, a["weight"], "weight")[0] \
+                if a.get("weight") is not None else -1
+            b = self._param(node, what, a["bias"], "bias")[0] if a.get("bias") is not None else -1
+            return self._layernorm(node, what, x, a["normalized_shape"], w, b,
+                                   a.get("eps", 1e-5))
+        sd = _stochastic_depth_fn()
+        if sd is not None and t is sd:
+            names = ["p", "mode", "training"]
+            a = dict(zip(names, rest), **kw)
+            if a.get("training", True) and a.get("p", 0.0) > 0:
+                raise _unsupported(node, what, "stochastic depth in training mode drops "
+                                   "whole samples at random; call .eval() on the stem")
+            return self._alias(node, x)
         if t is F.dropout:
             training = rest[1] if len(rest) > 1 else kw.get("training", True)
             if training:
@@ -363,6 +495,8 @@ class _Converter:
     def method(self, node: fx.Node):
         name = node.target
         what = f"method .{name}()"
+        if name in ("mul", "mul_", "__mul__") and len(node.args) == 2:
+            return self._scale(node, what, node.args)
         x = self._input(node, node.args[0])
         if name in ("relu", "relu_"):
             return self._act(node, x, ACT_RELU)
@@ -374,12 +508,26 @@ class _Converter:
             return self._add(node, what, node.args[0], node.args[1], node.kwargs.get("alpha", 1))
         if name == "contiguous":
             return self._alias(node, x)
-        if name in ("mean", "sum", "view", "reshape", "flatten", "permute", "transpose"):
+        if name == "permute":
+            dims = node.args[1] if len(node.args) == 2 else node.args[1:]
+            return self._permute(node, what, x, dims)
+        if name in ("mul", "mul_", "__mul__") and len(node.args) == 2:
+            return self._scale(node, what, node.args)
+        if name in ("mean", "sum", "view", "reshape", "flatten", "transpose"):
             raise _unsupported(node, what, _NONLOCAL_HINT)
         raise _unsupported(node, what, f"this method is not supported. Supported: {SUPPORTED}")
 
     # -- driver -------------------------------------------------------------------------
     def run(self) -> Converted:
+        # stochastic depth is traced through (eval: identity); keep those
+        # modules frozen too, and refuse them in training mode up front
+        for name, m in self.root.named_modules():
+            if _is_stochastic_depth(m):
+                if m.training and m.p > 0:
+                    raise ValueError(f"streamcnn: cannot stream StochasticDepth '{name}': in "
+                                     "training mode it drops whole samples at random; call "
+                                     ".eval() on the stem")
+                self.mode_modules.append((name, m))
         try:
             gm = fx.symbolic_trace(self.root)
         except Exception as e:  # noqa: BLE001 - re-raised with context
@@ -418,10 +566,9 @@ class _Converter:
                 self.function(node)
             elif node.op == "call_method":
                 self.method(node)
-            elif node.op == "get_attr":
-                raise _unsupported(node, f"attribute '{node.target}'",
-                                   "tensors used directly in forward are not supported; "
-                                   "use nn modules (Conv2d, BatchNorm2d, ...)")
+            elif node.op == "get_attr":  # a parameter a function uses
+                path, _, attr = str(node.target).rpartition(".")
+                self.attrs[node] = (path, attr)
             else:
                 raise _unsupported(node, node.op, "unsupported graph node")
         if self.b.n_instr == 0:
@@ -429,6 +576,9 @@ class _Converter:
         if not in_channels:
             raise ValueError("streamcnn: cannot infer the stem's input channels (no Conv2d or "
                              "BatchNorm2d); pass in_channels=")
+        if self.layout[out] != NCHW:
+            raise ValueError("streamcnn: the stem returns a tensor permuted to N x H x W x C; "
+                             "it must return N x C x H x W")
         if self.val[out] != self.b.n_instr:
             # the output is an earlier value (e.g. a trailing Identity of a
             # value that is also used elsewhere): make it the last one

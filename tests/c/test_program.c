@@ -195,6 +195,49 @@ static void test_stride_mismatch(void) {
   EXPECT_ERROR(&t, "different total strides along rows (2 vs 1)");
 }
 
+/* conv -> layernorm_c -> linear_c (8 -> 16) -> scale_c: ConvNeXt's
+ * channel ops. */
+static void test_channel_ops(void) {
+  tprog t;
+  double eps = 1e-6;
+  int64_t eb;
+  memcpy(&eb, &eps, 8);
+  tp_begin(&t, 3, 6);
+  int64_t v = tp_conv(&t, 0, 0, 3, 8, 4, 4, 0, 1);
+  const int64_t ln[4] = {v, 1, 2, eb};
+  v = tp_emit(&t, 7, 4, ln);
+  const int64_t lin[5] = {v, 3, 4, 8, 16};
+  v = tp_emit(&t, 8, 5, lin);
+  const int64_t sc[2] = {v, 5};
+  tp_emit(&t, 9, 2, sc);
+  tp_end(&t);
+  sc_program *p = NULL;
+  sc_error err = {0};
+  CHECK_EQ(sc_program_decode(t.w, t.n, &p, &err), SC_OK);
+  if (p) {
+    CHECK_EQ(p->channels[2], 8);
+    CHECK_EQ(p->channels[3], 16);
+    CHECK_EQ(p->channels[4], 16);
+    CHECK(p->instr[1].eps == 1e-6);
+    CHECK_EQ(p->instr[2].weight, 3);
+    CHECK_EQ(p->instr[3].weight, 5);
+    /* channel ops are per pixel: no receptive field beyond the conv's */
+    CHECK_EQ(sc_input_extent(p, 0, 1), 4);
+    sc_program_free(p);
+  }
+  tprog m;
+  /* words: header 5, conv 18 (5..22), layernorm_c 6 (23..28),
+   * linear_c 7 (29..35), scale_c 4 (36..39) */
+  mutate(&m, &t, 23 + 2 + 3, (int64_t)0x7FF8000000000000LL); /* eps NaN */
+  EXPECT_ERROR(&m, "instruction 1 (layernorm_c): field 'eps'");
+  mutate(&m, &t, 29 + 2 + 3, 7);
+  EXPECT_ERROR(&m, "(linear_c): field 'in_channels' = 7 but its input value 2 has 8");
+  mutate(&m, &t, 29 + 2 + 1, -1);
+  EXPECT_ERROR(&m, "(linear_c): field 'weight' = -1");
+  mutate(&m, &t, 36 + 2 + 1, 6);
+  EXPECT_ERROR(&m, "instruction 3 (scale_c): field 'scale' = 6");
+}
+
 static uint64_t rng_state = 0x9E3779B97F4A7C15ULL;
 static uint64_t rnd(void) { /* xorshift64* */
   rng_state ^= rng_state >> 12;
@@ -263,6 +306,7 @@ int main(void) {
   test_header_errors();
   test_field_errors();
   test_stride_mismatch();
+  test_channel_ops();
   test_fuzz();
   if (g_failures) fprintf(stderr, "%d check(s) failed\n", g_failures);
   else printf("test_program: all checks passed\n");

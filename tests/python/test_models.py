@@ -63,3 +63,112 @@ def test_split_resnet_bad_arguments():
         streamcnn.models.split_resnet(_resnet("resnet18"), stream_upto="layer9")
     with pytest.raises(ValueError, match="not a torchvision ResNet"):
         streamcnn.models.split_resnet(nn.Sequential(nn.Conv2d(3, 3, 3)))
+
+
+def _convnext(name="convnext_tiny"):
+    torch.manual_seed(0)
+    m = getattr(tv.models, name)(weights=None).double().eval()
+    with torch.no_grad():  # layer scales of 1e-6 would hide the block branches
+        for blk in m.modules():
+            if type(blk).__name__ == "CNBlock":
+                blk.layer_scale.uniform_(0.5, 1.5)
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return m
+
+
+def test_convnext_tiny_features_4_fp64():
+    stem = _convnext().features[:4]
+    sm = streamcnn.StreamingModule(stem, 4096)
+    assert sm.receptive_field == (224, 224) and sm.output_stride == (8, 8)
+    x = torch.randn(1, 3, 45, 53, dtype=torch.float64, requires_grad=True)
+    compare(stem, x, 224, 1e-10)  # the minimum tile: one output pixel per tile
+    x = torch.randn(2, 3, 75, 93, dtype=torch.float64, requires_grad=True)
+    for tile in (263, 4096):
+        compare(stem, x, tile, 1e-10)
+
+
+def test_convnext_small_downsample_stage_fp64():
+    stem = _convnext("convnext_small").features[:3]  # patchify, stage 1, downsample
+    x = torch.randn(1, 3, 41, 58, dtype=torch.float64, requires_grad=True)
+    compare(stem, x, 120, 1e-10)
+
+
+def test_split_convnext():
+    model = _convnext()
+    stem, head = streamcnn.models.split_convnext(model, stream_upto=2, tile_size=300)
+    x = torch.randn(1, 3, 100, 90, dtype=torch.float64)
+    assert rel_err(head(stem(x)), model(x)) < 1e-10
+    assert "module.0.0.weight" in stem.state_dict()
+    assert "classifier.2.weight" in head.state_dict()
+    model.train()
+    stem.train()
+    head(stem(x)).sum().backward()
+    blk = model.features[1][0]
+    assert blk.layer_scale.grad is not None and blk.block[2].weight.grad is not None
+    with pytest.raises(ValueError, match="stream_upto must be an int"):
+        streamcnn.models.split_convnext(model, stream_upto=8)
+
+
+def test_channel_ops_refused_where_not_local():
+    class LinearOverWidth(nn.Module):  # Linear on the last dim of NCHW: mixes columns
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(10, 10)
+
+        def forward(self, x):
+            return self.fc(self.conv(x))
+
+    with pytest.raises(ValueError, match="Linear 'fc'.*mixes pixels"):
+        streamcnn.StreamingModule(LinearOverWidth(), 64)
+
+    class NormOverSpace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.ln = nn.Conv2d(3, 4, 3), nn.LayerNorm([4, 10, 10])
+
+        def forward(self, x):
+            return self.ln(self.conv(x))
+
+    with pytest.raises(ValueError, match="LayerNorm 'ln'.*not over the channels"):
+        streamcnn.StreamingModule(NormOverSpace(), 64)
+
+    class WrongPermute(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            return self.conv(x).permute(0, 3, 2, 1).permute(0, 3, 2, 1)
+
+    with pytest.raises(ValueError, match=r"permute\(0, 3, 2, 1\)"):
+        streamcnn.StreamingModule(WrongPermute(), 64)
+
+    class ScaleBySpatial(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.s = nn.Parameter(torch.ones(4, 5, 1))
+
+        def forward(self, x):
+            return self.s * self.conv(x)
+
+    with pytest.raises(ValueError, match="not a per-channel scale"):
+        streamcnn.StreamingModule(ScaleBySpatial(), 64)
+
+
+def test_convnext_stochastic_depth_in_training_refused():
+    stem = _convnext().features[:2].train()
+    with pytest.raises(ValueError, match="StochasticDepth.*call .eval"):
+        streamcnn.StreamingModule(stem, 400)
+
+
+def test_convnext_stem_scripted_and_compiled_fp32():
+    model = _convnext().float()
+    stem, head = streamcnn.models.split_convnext(model, stream_upto=2, tile_size=260)
+    net = nn.Sequential(stem, head).eval()
+    x = torch.randn(1, 3, 120, 110)
+    with torch.no_grad():
+        eager = net(x)
+        assert rel_err(torch.jit.script(net)(x), eager) < 1e-5
+        assert rel_err(torch.compile(net)(x), eager) < 1e-5

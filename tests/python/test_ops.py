@@ -46,6 +46,28 @@ def test_opcheck_backward():
                           (g, x, params, sm.program, sm.tile_size, mask))
 
 
+def test_opcheck_backward_requires_grad_inputs():
+    """Schema, autograd registration and fake kernel with requires_grad inputs.
+    test_aot_dispatch_dynamic differentiates through the backward op, i.e.
+    double backward, which streamcnn refuses (next test)."""
+    sm, x = _args()
+    params = sm.stream_params()
+    y = sm(x)
+    g = torch.randn_like(y, requires_grad=True)
+    mask = [True] + [p.requires_grad for p in params]
+    torch.library.opcheck(torch.ops.streamcnn.backward.default,
+                          (g, x, params, sm.program, sm.tile_size, mask),
+                          test_utils=("test_schema", "test_autograd_registration",
+                                      "test_faketensor"))
+
+
+def test_double_backward_is_refused_clearly():
+    sm, x = _args()
+    (gx,) = torch.autograd.grad(sm(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward .* is not supported"):
+        gx.sum().backward()
+
+
 def test_backward_op_matches_autograd():
     sm, x = _args()
     params = sm.stream_params()
