@@ -14,6 +14,10 @@ have ninja || need+=(ninja-build)
 have gcc || need+=(gcc)
 have g++ || need+=(g++)
 have make || need+=(make)
+# whole-slide reading (optional for the build, needed by its tests)
+for pkg in libopenslide-dev libtiff-dev pkg-config; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
+done
 if ((${#need[@]})); then
   if [ "$(id -u)" -eq 0 ] && have apt-get; then
     echo "setup: installing ${need[*]}"

@@ -35,7 +35,7 @@ typedef struct tprog {
   int64_t n_instr;
 } tprog;
 
-static void tp_begin(tprog *p, int64_t in_channels, int64_t n_params) {
+static inline void tp_begin(tprog *p, int64_t in_channels, int64_t n_params) {
   memset(p, 0, sizeof *p);
   p->w[0] = 0x53434E4ELL;
   p->w[1] = 1;
@@ -45,17 +45,17 @@ static void tp_begin(tprog *p, int64_t in_channels, int64_t n_params) {
   p->n = 5;
 }
 
-static int64_t tp_emit(tprog *p, int64_t op, int nf, const int64_t *f) {
+static inline int64_t tp_emit(tprog *p, int64_t op, int nf, const int64_t *f) {
   p->w[p->n++] = op;
   p->w[p->n++] = nf;
   for (int i = 0; i < nf; i++) p->w[p->n++] = f[i];
   return ++p->n_instr;
 }
 
-static void tp_end(tprog *p) { p->w[3] = p->n_instr; }
+static inline void tp_end(tprog *p) { p->w[3] = p->n_instr; }
 
 /* conv: square kernel k, stride s, symmetric padding pd, dilation d */
-static int64_t tp_conv(tprog *p, int64_t in, int64_t wparam, int64_t cin,
+static inline int64_t tp_conv(tprog *p, int64_t in, int64_t wparam, int64_t cin,
                        int64_t cout, int64_t k, int64_t s, int64_t pd,
                        int64_t d) {
   const int64_t f[16] = {in, wparam, -1, cin, cout, 1, k, k, s, s,
@@ -63,18 +63,18 @@ static int64_t tp_conv(tprog *p, int64_t in, int64_t wparam, int64_t cin,
   return tp_emit(p, 1, 16, f);
 }
 
-static int64_t tp_maxpool(tprog *p, int64_t in, int64_t k, int64_t s,
+static inline int64_t tp_maxpool(tprog *p, int64_t in, int64_t k, int64_t s,
                           int64_t pd, int ceil) {
   const int64_t f[10] = {in, k, k, s, s, 1, 1, pd, pd, ceil};
   return tp_emit(p, 2, 10, f);
 }
 
-static int64_t tp_relu(tprog *p, int64_t in) {
+static inline int64_t tp_relu(tprog *p, int64_t in) {
   const int64_t f[3] = {in, 1, 0};
   return tp_emit(p, 5, 3, f);
 }
 
-static int64_t tp_add(tprog *p, int64_t a, int64_t b) {
+static inline int64_t tp_add(tprog *p, int64_t a, int64_t b) {
   const int64_t f[2] = {a, b};
   return tp_emit(p, 6, 2, f);
 }

@@ -1,0 +1,379 @@
+/*
+ * slide.c — whole-slide reader on OpenSlide (see slide.h).
+ *
+ * Ownership: sc_slide owns its openslide_t, its path copy and its level
+ * table; sc_slide_close frees all three. Reads allocate one chunk-sized
+ * ARGB buffer per thread and free it before returning.
+ */
+#define _POSIX_C_SOURCE 200809L
+#include "slide.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static int slide_fail(char *err, size_t errlen, const char *fmt, ...) {
+  if (err && errlen) {
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, errlen, fmt, ap);
+    va_end(ap);
+  }
+  return SC_ERR;
+}
+
+#ifndef SC_WITH_OPENSLIDE /* ------------------------------------------------- */
+
+static const char *k_missing =
+    "streamcnn was built without OpenSlide (STREAMCNN_OPENSLIDE=OFF): install "
+    "libopenslide-dev and libtiff-dev and rebuild to read slides";
+
+int sc_slide_available(void) { return 0; }
+sc_slide *sc_slide_open(const char *path, char *err, size_t errlen) {
+  (void)path;
+  slide_fail(err, errlen, "%s", k_missing);
+  return NULL;
+}
+void sc_slide_close(sc_slide *s) { (void)s; }
+int32_t sc_slide_level_count(const sc_slide *s) {
+  (void)s;
+  return -1;
+}
+int sc_slide_level(const sc_slide *s, int32_t level, int64_t *w, int64_t *h,
+                   double *downsample) {
+  (void)s, (void)level, (void)w, (void)h, (void)downsample;
+  return SC_ERR;
+}
+const char *sc_slide_property(const sc_slide *s, const char *name) {
+  (void)s, (void)name;
+  return NULL;
+}
+const char *const *sc_slide_property_names(const sc_slide *s) {
+  (void)s;
+  return NULL;
+}
+void sc_slide_background(const sc_slide *s, uint8_t rgb[3]) {
+  (void)s;
+  rgb[0] = rgb[1] = rgb[2] = 255;
+}
+int sc_slide_read(sc_slide *s, int32_t level, int64_t x, int64_t y, int64_t w,
+                  int64_t h, uint8_t *out, int hwc, int threads, char *err,
+                  size_t errlen) {
+  (void)s, (void)level, (void)x, (void)y, (void)w, (void)h, (void)out;
+  (void)hwc, (void)threads;
+  return slide_fail(err, errlen, "%s", k_missing);
+}
+
+#else /* SC_WITH_OPENSLIDE ------------------------------------------------------- */
+
+#include <errno.h>
+#include <math.h>
+#include <openslide.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <sys/stat.h>
+
+#define CHUNK 512        /* chunk edge, level pixels */
+#define MAX_THREADS 64
+#define MAX_EDGE (1LL << 31)
+
+struct sc_slide {
+  openslide_t *osr;
+  char *path;
+  int32_t levels;
+  int64_t *dims;      /* 2 per level: width, height */
+  double *downsample; /* per level */
+  uint8_t bg[3];
+};
+
+int sc_slide_available(void) { return 1; }
+
+void sc_slide_close(sc_slide *s) {
+  if (!s) return;
+  if (s->osr) openslide_close(s->osr);
+  free(s->path);
+  free(s->dims);
+  free(s->downsample);
+  free(s);
+}
+
+static int hexval(char c) {
+  if (c >= '0' && c <= '9') return c - '0';
+  if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+  if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+  return -1;
+}
+
+sc_slide *sc_slide_open(const char *path, char *err, size_t errlen) {
+  struct stat st;
+  if (!path || !*path) {
+    slide_fail(err, errlen, "streamcnn: empty slide path");
+    return NULL;
+  }
+  if (stat(path, &st) != 0) {
+    slide_fail(err, errlen, "streamcnn: cannot open slide '%s': %s", path,
+               strerror(errno));
+    return NULL;
+  }
+  if (!S_ISREG(st.st_mode)) {
+    slide_fail(err, errlen,
+               "streamcnn: cannot open slide '%s': not a regular file%s", path,
+               S_ISDIR(st.st_mode) ? " (a directory)" : "");
+    return NULL;
+  }
+  openslide_t *osr = openslide_open(path);
+  if (!osr) {
+    slide_fail(err, errlen,
+               "streamcnn: '%s' is not a slide OpenSlide can read: not a "
+               "slide format (Aperio .svs, Hamamatsu, MIRAX, ..., tiled "
+               "pyramidal TIFF; a striped TIFF is not a slide), or a damaged "
+               "or truncated file",
+               path);
+    return NULL;
+  }
+  const char *oerr = openslide_get_error(osr);
+  if (oerr) {
+    slide_fail(err, errlen, "streamcnn: OpenSlide cannot read '%s': %s", path,
+               oerr);
+    openslide_close(osr);
+    return NULL;
+  }
+  sc_slide *s = calloc(1, sizeof *s);
+  int32_t n = openslide_get_level_count(osr);
+  if (!s || n < 1) {
+    slide_fail(err, errlen,
+               s ? "streamcnn: '%s' has no levels (OpenSlide: %s)"
+                 : "streamcnn: out of memory opening '%s'%s",
+               path, s ? (openslide_get_error(osr) ? openslide_get_error(osr)
+                                                   : "no error given")
+                       : "");
+    openslide_close(osr);
+    free(s);
+    return NULL;
+  }
+  s->osr = osr;
+  s->levels = n;
+  s->path = strdup(path);
+  s->dims = calloc(2 * (size_t)n, sizeof *s->dims);
+  s->downsample = calloc((size_t)n, sizeof *s->downsample);
+  if (!s->path || !s->dims || !s->downsample) {
+    slide_fail(err, errlen, "streamcnn: out of memory opening '%s'", path);
+    sc_slide_close(s);
+    return NULL;
+  }
+  for (int32_t l = 0; l < n; l++) {
+    openslide_get_level_dimensions(osr, l, &s->dims[2 * l],
+                                   &s->dims[2 * l + 1]);
+    s->downsample[l] = openslide_get_level_downsample(osr, l);
+  }
+  if ((oerr = openslide_get_error(osr)) != NULL) {
+    slide_fail(err, errlen, "streamcnn: OpenSlide cannot read '%s': %s", path,
+               oerr);
+    sc_slide_close(s);
+    return NULL;
+  }
+  s->bg[0] = s->bg[1] = s->bg[2] = 255;
+  const char *bg =
+      openslide_get_property_value(osr, OPENSLIDE_PROPERTY_NAME_BACKGROUND_COLOR);
+  if (bg && strlen(bg) == 6) {
+    int ok = 1, v[6];
+    for (int i = 0; i < 6; i++) ok &= (v[i] = hexval(bg[i])) >= 0;
+    if (ok)
+      for (int i = 0; i < 3; i++) s->bg[i] = (uint8_t)(16 * v[2 * i] + v[2 * i + 1]);
+  }
+  return s;
+}
+
+int32_t sc_slide_level_count(const sc_slide *s) { return s ? s->levels : -1; }
+
+int sc_slide_level(const sc_slide *s, int32_t level, int64_t *w, int64_t *h,
+                   double *downsample) {
+  if (!s || level < 0 || level >= s->levels) return SC_ERR;
+  *w = s->dims[2 * level];
+  *h = s->dims[2 * level + 1];
+  *downsample = s->downsample[level];
+  return SC_OK;
+}
+
+const char *sc_slide_property(const sc_slide *s, const char *name) {
+  return s && name ? openslide_get_property_value(s->osr, name) : NULL;
+}
+
+const char *const *sc_slide_property_names(const sc_slide *s) {
+  return s ? openslide_get_property_names(s->osr) : NULL;
+}
+
+void sc_slide_background(const sc_slide *s, uint8_t rgb[3]) {
+  for (int i = 0; i < 3; i++) rgb[i] = s ? s->bg[i] : 255;
+}
+
+/* ---- reading ------------------------------------------------------------- */
+
+typedef struct read_job {
+  sc_slide *s;
+  int32_t level;
+  int64_t x, y;       /* level-0 coordinates of the region's top-left */
+  int64_t w, h;       /* region extent, level pixels */
+  int64_t cols;       /* chunks per row */
+  int64_t n_chunks;
+  int64_t *bx, *by;   /* chunk starts, level pixels: cols+1 / rows+1 */
+  int64_t *x0, *y0;   /* their level-0 coordinates */
+  uint8_t *out;
+  int hwc;
+  atomic_llong next;  /* next chunk to take */
+  atomic_int failed;  /* set by the first failing thread */
+  pthread_mutex_t err_lock;
+  char err[512];
+} read_job;
+
+static void job_fail(read_job *j, const char *fmt, const char *detail) {
+  pthread_mutex_lock(&j->err_lock);
+  if (!atomic_load(&j->failed)) {
+    snprintf(j->err, sizeof j->err, fmt, j->s->path, detail);
+    atomic_store(&j->failed, 1);
+  }
+  pthread_mutex_unlock(&j->err_lock);
+}
+
+/* Premultiplied ARGB over the background: c + (255 - a) * bg / 255. */
+static inline uint8_t over(uint32_t c, uint32_t a, uint32_t bg) {
+  return (uint8_t)(c + ((255 - a) * bg + 127) / 255);
+}
+
+
+/*
+ * Chunk grid along one axis: CHUNK-pixel pieces of the level, each read at
+ * the level-0 coordinate origin + round(start * downsample). OpenSlide maps
+ * a level-0 origin to the level as origin / downsample and paints at that
+ * sub-pixel offset (bilinear, in cairo) when it is not an integer. At levels
+ * whose downsample is an integer the grid is therefore exact: the result is
+ * what one openslide_read_region call gives, pixel for pixel. At other levels
+ * (downsample e.g. 1.9994 when the level-0 extent is odd) a chunk's offset
+ * differs from the region's by less than 0.5 / downsample of a pixel. The
+ * grid depends only on the region, never on the thread count.
+ */
+static int64_t cuts(int64_t origin, int64_t extent, double ds, int64_t *b,
+                    int64_t *l0) {
+  int64_t n = 0;
+  for (int64_t at = 0; at < extent; at += CHUNK, n++) {
+    b[n] = at;
+    l0[n] = origin + llround((double)at * ds);
+  }
+  b[n] = extent;
+  l0[n] = origin + llround((double)extent * ds);
+  return n;
+}
+
+static void *read_worker(void *arg) {
+  read_job *j = arg;
+  uint32_t *buf = malloc((size_t)CHUNK * CHUNK * sizeof *buf);
+  if (!buf) {
+    job_fail(j, "streamcnn: out of memory reading '%s'%s", "");
+    return NULL;
+  }
+  const uint32_t bg[3] = {j->s->bg[0], j->s->bg[1], j->s->bg[2]};
+  for (;;) {
+    const long long k = atomic_fetch_add(&j->next, 1);
+    if (k >= j->n_chunks || atomic_load(&j->failed)) break;
+    const int64_t kx = k % j->cols, ky = k / j->cols;
+    const int64_t cx = j->bx[kx], cy = j->by[ky];
+    const int64_t cw = j->bx[kx + 1] - cx, ch = j->by[ky + 1] - cy;
+    openslide_read_region(j->s->osr, buf, j->x0[kx], j->y0[ky], j->level, cw,
+                          ch);
+    const char *oerr = openslide_get_error(j->s->osr);
+    if (oerr) {
+      job_fail(j, "streamcnn: OpenSlide failed reading '%s' (the handle is "
+                  "now unusable: reopen the slide): %s",
+               oerr);
+      break;
+    }
+    for (int64_t r = 0; r < ch; r++) {
+      const uint32_t *src = buf + r * cw;
+      const int64_t row = cy + r;
+      if (j->hwc) {
+        uint8_t *dst = j->out + (row * j->w + cx) * 3;
+        for (int64_t c = 0; c < cw; c++) {
+          const uint32_t p = src[c], a = p >> 24;
+          dst[3 * c] = over((p >> 16) & 255, a, bg[0]);
+          dst[3 * c + 1] = over((p >> 8) & 255, a, bg[1]);
+          dst[3 * c + 2] = over(p & 255, a, bg[2]);
+        }
+      } else {
+        const int64_t plane = j->w * j->h, off = row * j->w + cx;
+        uint8_t *d0 = j->out + off, *d1 = d0 + plane, *d2 = d1 + plane;
+        for (int64_t c = 0; c < cw; c++) {
+          const uint32_t p = src[c], a = p >> 24;
+          d0[c] = over((p >> 16) & 255, a, bg[0]);
+          d1[c] = over((p >> 8) & 255, a, bg[1]);
+          d2[c] = over(p & 255, a, bg[2]);
+        }
+      }
+    }
+  }
+  free(buf);
+  return NULL;
+}
+
+int sc_slide_read(sc_slide *s, int32_t level, int64_t x, int64_t y, int64_t w,
+                  int64_t h, uint8_t *out, int hwc, int threads, char *err,
+                  size_t errlen) {
+  if (!s) return slide_fail(err, errlen, "streamcnn: the slide is closed");
+  if (level < 0 || level >= s->levels)
+    return slide_fail(err, errlen,
+                      "streamcnn: level %d is out of range for '%s' (it has "
+                      "%d levels, 0 .. %d)",
+                      (int)level, s->path, (int)s->levels, (int)s->levels - 1);
+  if (w < 1 || h < 1 || w > MAX_EDGE || h > MAX_EDGE)
+    return slide_fail(err, errlen,
+                      "streamcnn: region size %lld x %lld is out of range "
+                      "[1, %lld]",
+                      (long long)w, (long long)h, (long long)MAX_EDGE);
+  if (x < -MAX_EDGE * 64 || y < -MAX_EDGE * 64 || x > MAX_EDGE * 64 ||
+      y > MAX_EDGE * 64)
+    return slide_fail(err, errlen,
+                      "streamcnn: region origin (%lld, %lld) is out of range",
+                      (long long)x, (long long)y);
+  if (!out) return slide_fail(err, errlen, "streamcnn: no output buffer");
+  if (threads < 1) threads = 1;
+  if (threads > MAX_THREADS) threads = MAX_THREADS;
+  read_job j;
+  memset(&j, 0, sizeof j);
+  j.s = s;
+  j.level = level;
+  j.x = x;
+  j.y = y;
+  j.w = w;
+  j.h = h;
+  const double ds = s->downsample[level];
+  const int64_t ncx = (w + CHUNK - 1) / CHUNK + 1;
+  const int64_t ncy = (h + CHUNK - 1) / CHUNK + 1;
+  j.bx = malloc(2 * (size_t)(ncx + ncy) * sizeof *j.bx);
+  if (!j.bx)
+    return slide_fail(err, errlen, "streamcnn: out of memory reading '%s'",
+                      s->path);
+  j.x0 = j.bx + ncx;
+  j.by = j.x0 + ncx;
+  j.y0 = j.by + ncy;
+  j.cols = cuts(x, w, ds, j.bx, j.x0);
+  j.n_chunks = j.cols * cuts(y, h, ds, j.by, j.y0);
+  j.out = out;
+  j.hwc = !!hwc;
+  atomic_init(&j.next, 0);
+  atomic_init(&j.failed, 0);
+  pthread_mutex_init(&j.err_lock, NULL);
+  if (threads > j.n_chunks) threads = (int)j.n_chunks;
+  pthread_t tid[MAX_THREADS];
+  int started = 0;
+  for (int t = 1; t < threads; t++)
+    if (pthread_create(&tid[started], NULL, read_worker, &j) == 0) started++;
+  read_worker(&j); /* this thread works too */
+  for (int t = 0; t < started; t++) pthread_join(tid[t], NULL);
+  pthread_mutex_destroy(&j.err_lock);
+  free(j.bx);
+  if (atomic_load(&j.failed))
+    return slide_fail(err, errlen, "%s", j.err);
+  return SC_OK;
+}
+
+#endif /* SC_WITH_OPENSLIDE */

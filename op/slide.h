@@ -1,0 +1,82 @@
+/*
+ * slide.h — whole-slide images in: a reader on OpenSlide (slide.c) and a
+ * writer of pyramidal tiled TIFFs for synthetic slides (tiffwrite.c).
+ *
+ * Plain C, no torch: Python reaches these through ctypes and passes the
+ * data pointer of a uint8 tensor it allocated. Functions that can fail
+ * return SC_OK / SC_ERR and write a message (naming the file) into err.
+ * Built without OpenSlide / libtiff (STREAMCNN_OPENSLIDE=OFF), every
+ * function fails with a message saying so.
+ */
+#ifndef STREAMCNN_SLIDE_H
+#define STREAMCNN_SLIDE_H
+
+#include "streamcnn.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct sc_slide sc_slide;
+
+/* 1 when built with OpenSlide and libtiff. */
+SC_API int sc_slide_available(void);
+
+/* Open a slide. Returns NULL with a message in err when the file is
+ * missing, not a regular file, not in a format OpenSlide reads, or broken.
+ * The caller owns the result: release with sc_slide_close (NULL is a no-op).
+ * A handle is safe to read from several threads; close it from one. */
+SC_API sc_slide *sc_slide_open(const char *path, char *err, size_t errlen);
+SC_API void sc_slide_close(sc_slide *s);
+
+SC_API int32_t sc_slide_level_count(const sc_slide *s);
+/* Level extent in pixels and downsample w.r.t. level 0. */
+SC_API int sc_slide_level(const sc_slide *s, int32_t level, int64_t *w,
+                          int64_t *h, double *downsample);
+/* OpenSlide property value, or NULL; owned by the slide. */
+SC_API const char *sc_slide_property(const sc_slide *s, const char *name);
+/* NULL-terminated list of property names; owned by the slide. */
+SC_API const char *const *sc_slide_property_names(const sc_slide *s);
+/* Background colour (openslide.background-color, default white). */
+SC_API void sc_slide_background(const sc_slide *s, uint8_t rgb[3]);
+
+/* Read the w x h pixels of `level` whose top-left is (x, y) in level-0
+ * coordinates (OpenSlide's convention) into out: uint8 RGB, 3 x h x w
+ * (planar) or h x w x 3 (hwc = 1), 3 * w * h bytes owned by the caller.
+ * OpenSlide's premultiplied ARGB is composited over the background colour:
+ * out = c + (255 - alpha) * background / 255 (rounded), so transparent and
+ * out-of-bounds pixels become the background. The region is read in
+ * 512 x 512 chunks by `threads` threads (1 .. 64) on this one handle, each
+ * with a chunk-sized buffer: no full ARGB copy of the region exists. The
+ * chunk grid does not depend on `threads`: results are identical for any
+ * count. At levels with an integer downsample the result is exactly one
+ * openslide_read_region of the region; at others (odd level-0 extents)
+ * OpenSlide resamples at a sub-pixel offset per chunk (< 0.5 / downsample).
+ * OpenSlide's errors latch on the handle (reopen to recover). */
+SC_API int sc_slide_read(sc_slide *s, int32_t level, int64_t x, int64_t y,
+                         int64_t w, int64_t h, uint8_t *out, int hwc,
+                         int threads, char *err, size_t errlen);
+
+/* Write a pyramidal tiled TIFF: n_levels RGB images (h x w x 3 uint8,
+ * row-major), level 0 first, the others marked SUBFILETYPE=REDUCEDIMAGE.
+ * compression: 1 deflate (lossless), 2 JPEG (quality 1 .. 100). tile: edge
+ * in pixels, a multiple of 16. description: ImageDescription of level 0
+ * (e.g. "Aperio ...|MPP = 0.25|AppMag = 40" for an Aperio-style .svs), or
+ * NULL. BigTIFF when the data exceeds 2 GB. */
+SC_API int sc_tiff_write_pyramid(const char *path, int n_levels,
+                                 const uint8_t *const *levels,
+                                 const int64_t *widths, const int64_t *heights,
+                                 int tile, int compression, int quality,
+                                 const char *description, char *err,
+                                 size_t errlen);
+
+/* A plain striped (untiled) RGB TIFF: not a slide; for tests. */
+SC_API int sc_tiff_write_striped(const char *path, const uint8_t *rgb,
+                                 int64_t w, int64_t h, char *err,
+                                 size_t errlen);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* STREAMCNN_SLIDE_H */
