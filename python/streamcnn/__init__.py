@@ -8,14 +8,17 @@ whole-image pass.
 """
 
 from ._library import library_path, load_library, program_info, tiling_info
-from . import models, ops
+from . import data, models, ops
 from .module import StreamingModule
 from .program import convert
+from .slide import Slide
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Slide",
     "StreamingModule",
+    "data",
     "convert",
     "library_path",
     "load_library",

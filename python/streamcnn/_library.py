@@ -47,6 +47,7 @@ def load_library() -> str:
     _cdll.sc_tiling_info.restype = ctypes.c_int
     _cdll.sc_tiling_info.argtypes = [i64p, i64, i64, i64, i64, i64, i64p,
                                      ctypes.c_char_p, ctypes.c_size_t]
+    _declare_slide_api(_cdll)
     _loaded_path = path
     return path
 
@@ -82,3 +83,36 @@ def tiling_info(program: Sequence[int], h: int, w: int, tile: Tuple[int, int]) -
     if rc != 0:
         raise ValueError(err.value.decode())
     return list(plan)
+
+
+def _declare_slide_api(lib: ctypes.CDLL) -> None:
+    """ctypes prototypes of op/slide.h."""
+    vp, cp, sz, i32, i64 = (ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t,
+                            ctypes.c_int32, ctypes.c_int64)
+    i64p = ctypes.POINTER(ctypes.c_int64)
+    protos = {
+        "sc_slide_available": (ctypes.c_int, []),
+        "sc_slide_open": (vp, [cp, cp, sz]),
+        "sc_slide_close": (None, [vp]),
+        "sc_slide_level_count": (i32, [vp]),
+        "sc_slide_level": (ctypes.c_int, [vp, i32, i64p, i64p,
+                                          ctypes.POINTER(ctypes.c_double)]),
+        "sc_slide_property": (cp, [vp, cp]),
+        "sc_slide_property_names": (ctypes.POINTER(cp), [vp]),
+        "sc_slide_background": (None, [vp, ctypes.POINTER(ctypes.c_uint8)]),
+        "sc_slide_read": (ctypes.c_int, [vp, i32, i64, i64, i64, i64, vp, ctypes.c_int,
+                                         ctypes.c_int, cp, sz]),
+        "sc_tiff_write_pyramid": (ctypes.c_int, [cp, ctypes.c_int, ctypes.POINTER(vp), i64p,
+                                                 i64p, ctypes.c_int, ctypes.c_int,
+                                                 ctypes.c_int, cp, cp, sz]),
+        "sc_tiff_write_striped": (ctypes.c_int, [cp, vp, i64, i64, cp, sz]),
+    }
+    for name, (res, args) in protos.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = res, args
+
+
+def clib() -> ctypes.CDLL:
+    """The library's C API through ctypes (loads it if needed)."""
+    load_library()
+    return _cdll

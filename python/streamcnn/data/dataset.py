@@ -1,0 +1,325 @@
+"""Slide datasets: one uint8 image of a chosen size and resolution per slide,
+for training a streamed network end to end on whole-slide images."""
+
+import csv
+import math
+import os
+from collections import OrderedDict
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from ..slide import Slide
+
+_CROPS = ("tissue", "center", "random")
+
+
+class Augment:
+    """Augmentation of a uint8 ``3 x H x W`` image, drawn from ``generator``
+    (or torch's default generator, which DataLoader seeds per worker):
+
+    * ``flip``: horizontal and vertical flips, each with probability 1/2;
+    * ``rot90``: a rotation by k * 90 degrees, k uniform in 0..3 (square
+      images only, so the size stays; skipped for non-square ones);
+    * light colour jitter: brightness, contrast and saturation factors drawn
+      uniformly from ``[1 - b, 1 + b]`` etc., applied in float and rounded
+      back to uint8 (0 turns a jitter off).
+
+    The result is uint8 of the same shape."""
+
+    def __init__(self, flip: bool = True, rot90: bool = True, brightness: float = 0.1,
+                 contrast: float = 0.1, saturation: float = 0.1):
+        for name, v in (("brightness", brightness), ("contrast", contrast),
+                        ("saturation", saturation)):
+            if not 0 <= v < 1:
+                raise ValueError(f"streamcnn: Augment {name} must be in [0, 1), got {v!r}")
+        self.flip, self.rot90 = bool(flip), bool(rot90)
+        self.brightness, self.contrast, self.saturation = brightness, contrast, saturation
+
+    def __repr__(self):
+        return (f"Augment(flip={self.flip}, rot90={self.rot90}, brightness={self.brightness}, "
+                f"contrast={self.contrast}, saturation={self.saturation})")
+
+    def __call__(self, img: torch.Tensor,
+                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        if img.dtype != torch.uint8 or img.dim() != 3 or img.shape[0] != 3:
+            raise ValueError("streamcnn: Augment expects a uint8 3 x H x W image, got "
+                             f"{img.dtype} {tuple(img.shape)}")
+        u = torch.rand(6, generator=generator, dtype=torch.float64).tolist()
+        if self.flip and u[0] < 0.5:
+            img = img.flip(2)
+        if self.flip and u[1] < 0.5:
+            img = img.flip(1)
+        if self.rot90 and img.shape[1] == img.shape[2]:
+            k = min(3, int(u[2] * 4))
+            if k:
+                img = torch.rot90(img, k, dims=(1, 2))
+        b = 1 + self.brightness * (2 * u[3] - 1)
+        c = 1 + self.contrast * (2 * u[4] - 1)
+        s = 1 + self.saturation * (2 * u[5] - 1)
+        if (b, c, s) != (1.0, 1.0, 1.0):
+            x = img.float()
+            x = x * b
+            grey = (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2])
+            x = grey + s * (x - grey)                       # saturation around the grey
+            x = x.mean() + c * (x - x.mean())              # contrast around the mean
+            img = x.round_().clamp_(0, 255).to(torch.uint8)
+        return img.contiguous()
+
+
+def read_table(table: Union[str, os.PathLike, Sequence[Tuple[str, object]]]
+               ) -> List[Tuple[str, str]]:
+    """``(path, label)`` rows of a CSV file with a ``path,label`` header (other
+    columns are ignored; relative paths are relative to the CSV's folder) or
+    of a sequence of pairs."""
+    if isinstance(table, (str, os.PathLike)):
+        name = os.fspath(table)
+        base = os.path.dirname(os.path.abspath(name))
+        with open(name, newline="") as f:
+            reader = csv.DictReader(f)
+            fields = [c.strip() for c in (reader.fieldnames or [])]
+            if "path" not in fields or "label" not in fields:
+                raise ValueError(f"streamcnn: {name!r} needs a header with 'path' and 'label' "
+                                 f"columns, got {fields}")
+            rows = []
+            for i, row in enumerate(reader, start=2):
+                row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
+                if not row["path"]:
+                    raise ValueError(f"streamcnn: {name!r} line {i}: empty path")
+                p = row["path"]
+                rows.append((p if os.path.isabs(p) else os.path.join(base, p), row["label"]))
+    else:
+        rows = []
+        for i, item in enumerate(table):
+            try:
+                p, label = item
+            except (TypeError, ValueError):
+                raise ValueError(f"streamcnn: table row {i} must be a (path, label) pair, "
+                                 f"got {item!r}") from None
+            rows.append((os.fspath(p), str(label) if not isinstance(label, int) else label))
+    if not rows:
+        raise ValueError("streamcnn: the slide table is empty")
+    return rows
+
+
+class SlideDataset(torch.utils.data.Dataset):
+    """One image per slide: ``(uint8 3 x S x S, label)``.
+
+    ``table``: a CSV file with a ``path,label`` header (or a sequence of
+    ``(path, label)`` pairs). Labels that are all integers are used as
+    such; otherwise they are class names, numbered in sorted order
+    (``.classes``). ``size``: ``S`` or ``(H, W)``. Exactly one of ``mpp``
+    (microns per pixel; the slide must carry it) or ``level``.
+
+    ``crop``:
+
+    * ``"tissue"`` — the tissue bounding box (Otsu on saturation of a
+      thumbnail, see ``Slide.tissue_box``), centred in the image; where the
+      tissue is smaller than ``S`` the rest is the slide's background colour,
+      where it is larger the centre ``S`` of it is kept. A slide without
+      tissue gives its centre.
+    * ``"center"`` — the ``S x S`` window at the slide's centre (outside the
+      slide: background).
+    * ``"random"`` — an ``S x S`` window centred on a random tissue pixel (a
+      random position when there is no tissue).
+
+    ``augment``: ``True`` for ``Augment()``, an ``Augment``, or any callable
+    ``uint8 image -> image``. Randomness (random crops, augmentation)
+    comes from torch's default generator, which DataLoader seeds per worker;
+    with ``seed`` it is a function of ``(seed, epoch, index)`` instead
+    (``set_epoch`` like DistributedSampler), so runs repeat exactly.
+
+    Slides are opened lazily in the process that reads them (at most
+    ``max_open`` at a time, least recently used closed first), so the
+    dataset works with ``DataLoader(num_workers > 0)`` under fork or spawn.
+    Tissue geometry is computed once per slide and process.
+    """
+
+    def __init__(self, table, size: Union[int, Sequence[int]], *, mpp: Optional[float] = None,
+                 level: Optional[int] = None, crop: str = "tissue",
+                 augment: Union[bool, Callable, None] = None, seed: Optional[int] = None,
+                 tolerance: float = 0.05, threads: Optional[int] = None, max_open: int = 16,
+                 tissue_thumbnail: int = 1024):
+        rows = read_table(table)
+        if isinstance(size, int) and not isinstance(size, bool):
+            size = (size, size)
+        try:
+            h, w = (int(v) for v in size)
+        except (TypeError, ValueError):
+            raise ValueError(f"streamcnn: size must be S or (H, W), got {size!r}") from None
+        if h < 1 or w < 1 or h * w > (1 << 34):
+            raise ValueError(f"streamcnn: size {h} x {w} must be positive and at most 2^34 "
+                             "pixels")
+        if (mpp is None) == (level is None):
+            raise ValueError("streamcnn: give exactly one of mpp= or level=")
+        if mpp is not None and not mpp > 0:
+            raise ValueError(f"streamcnn: mpp must be positive, got {mpp!r}")
+        if level is not None and (not isinstance(level, int) or level < 0):
+            raise ValueError(f"streamcnn: level must be a non-negative int, got {level!r}")
+        if crop not in _CROPS:
+            raise ValueError(f"streamcnn: crop must be one of {_CROPS}, got {crop!r}")
+        if augment is True:
+            augment = Augment()
+        elif augment is False:
+            augment = None
+        if augment is not None and not callable(augment):
+            raise TypeError(f"streamcnn: augment must be True/False or a callable, got "
+                            f"{augment!r}")
+        if max_open < 1:
+            raise ValueError(f"streamcnn: max_open must be positive, got {max_open}")
+        missing = [p for p, _ in rows if not os.path.isfile(p)]
+        if missing:
+            more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+            raise FileNotFoundError(f"streamcnn: slide not found: {missing[0]!r}{more}")
+        labels = [lab for _, lab in rows]
+        if all(isinstance(v, int) or _is_int(v) for v in labels):
+            self.classes: Optional[List[str]] = None
+            self.labels = [int(v) for v in labels]
+        else:
+            self.classes = sorted({str(v) for v in labels})
+            index = {c: i for i, c in enumerate(self.classes)}
+            self.labels = [index[str(v)] for v in labels]
+        self.paths = [p for p, _ in rows]
+        self.size = (h, w)
+        self.mpp, self.level, self.crop = mpp, level, crop
+        self.augment, self.seed, self.epoch = augment, seed, 0
+        self.tolerance, self.threads, self.max_open = tolerance, threads, max_open
+        self.tissue_thumbnail = tissue_thumbnail
+        self._tissue: Dict[str, Tuple] = {}
+        self._open: "OrderedDict[str, Slide]" = OrderedDict()
+        self._pid = os.getpid()
+
+    # -- bookkeeping ---------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def set_epoch(self, epoch: int) -> None:
+        """With ``seed``: draw the random crops/augmentations of ``epoch``."""
+        self.epoch = int(epoch)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_open"] = OrderedDict()          # handles stay in their process
+        return state
+
+    def close(self) -> None:
+        """Close the slides this process holds open."""
+        while self._open:
+            self._open.popitem(last=False)[1].close()
+
+    def __del__(self):
+        if getattr(self, "_pid", None) == os.getpid():
+            self.close()
+
+    def slide(self, i: int) -> Slide:
+        """The open ``Slide`` of row ``i`` (opened in this process on first use)."""
+        if self._pid != os.getpid():            # forked: the parent's handles are not ours
+            self._open = OrderedDict()
+            self._pid = os.getpid()
+        path = self.paths[i]
+        s = self._open.get(path)
+        if s is None:
+            s = Slide(path)
+            self._open[path] = s
+            while len(self._open) > self.max_open:
+                self._open.popitem(last=False)[1].close()
+        else:
+            self._open.move_to_end(path)
+        return s
+
+    # -- geometry ------------------------------------------------------------------------
+    def _downsample(self, s: Slide) -> float:
+        if self.mpp is not None:
+            if s.mpp is None:
+                raise ValueError(f"streamcnn: {s.path!r} has no microns-per-pixel metadata "
+                                 "(openslide.mpp-x); use level= for such slides")
+            return self.mpp / s.mpp[0]
+        if self.level >= s.level_count:
+            raise ValueError(f"streamcnn: level {self.level} is out of range for {s.path!r} "
+                             f"(levels 0 .. {s.level_count - 1})")
+        return s.level_downsamples[self.level]
+
+    def _tissue_of(self, s: Slide):
+        t = self._tissue.get(s.path)
+        if t is None:
+            mask, ds = s.tissue_mask(self.tissue_thumbnail)
+            ys, xs = torch.nonzero(mask, as_tuple=True)
+            if ys.numel() == 0:
+                t = (None, None)
+            else:
+                box = s.tissue_box(self.tissue_thumbnail)
+                keep = torch.linspace(0, ys.numel() - 1, min(ys.numel(), 4096)).long()
+                pts = torch.stack([(xs[keep].double() + 0.5) * ds,
+                                   (ys[keep].double() + 0.5) * ds], dim=1)
+                t = (box, pts)
+            self._tissue[s.path] = t
+        return t
+
+    def _generator(self, i: int) -> Optional[torch.Generator]:
+        if self.seed is None:
+            return None
+        return torch.Generator().manual_seed(
+            (self.seed * 1_000_003 + self.epoch) * 10_000_019 + i)
+
+    def window(self, i: int, generator: Optional[torch.Generator] = None):
+        """Where item ``i`` is read: ``(x, y, w, h)`` in level-0 pixels of
+        the part read from the slide, its ``(row, col)`` offset in the output
+        image, its size ``(h, w)`` in output pixels, and the downsample."""
+        s = self.slide(i)
+        d = self._downsample(s)
+        oh, ow = self.size
+        w0, h0 = s.dimensions
+        if self.crop == "tissue":
+            box, _ = self._tissue_of(s)
+            if box is None:
+                box = (0, 0, w0, h0)
+            bx, by, bw, bh = box
+            rw, rh = min(ow, max(1, round(bw / d))), min(oh, max(1, round(bh / d)))
+            cx, cy = bx + bw / 2, by + bh / 2
+            x, y = round(cx - rw * d / 2), round(cy - rh * d / 2)
+            return (x, y, rw, rh), ((oh - rh) // 2, (ow - rw) // 2), (rh, rw), d
+        if self.crop == "center":
+            cx, cy = w0 / 2, h0 / 2
+        else:
+            _, pts = self._tissue_of(s)
+            if pts is None:
+                u = torch.rand(2, generator=generator, dtype=torch.float64)
+                cx, cy = u[0].item() * w0, u[1].item() * h0
+            else:
+                k = int(torch.randint(0, pts.shape[0], (1,), generator=generator))
+                cx, cy = pts[k].tolist()
+        x, y = round(cx - ow * d / 2), round(cy - oh * d / 2)
+        return (x, y, ow, oh), (0, 0), (oh, ow), d
+
+    # -- items ---------------------------------------------------------------------------
+    def read(self, i: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """The image of item ``i`` before augmentation (uint8 3 x H x W)."""
+        s = self.slide(i)
+        (x, y, rw, rh), (r0, c0), _, d = self.window(i, generator)
+        part = s.read_scaled((x, y), d, (rw, rh), tolerance=self.tolerance,
+                             threads=self.threads)
+        if (rh, rw) == self.size:
+            return part
+        out = torch.tensor(s.background, dtype=torch.uint8).view(3, 1, 1).expand(
+            3, *self.size).contiguous()
+        out[:, r0:r0 + rh, c0:c0 + rw] = part
+        return out
+
+    def __getitem__(self, i: int) -> Tuple[torch.Tensor, int]:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"streamcnn: index {i} out of range for {len(self)} slides")
+        i %= len(self)
+        g = self._generator(i)
+        img = self.read(i, g)
+        if self.augment is not None:
+            img = self.augment(img, g) if isinstance(self.augment, Augment) \
+                else self.augment(img)
+        return img, self.labels[i]
+
+
+def _is_int(v) -> bool:
+    try:
+        int(str(v))
+        return True
+    except ValueError:
+        return False

@@ -1,0 +1,298 @@
+"""Whole-slide images: ``streamcnn.Slide`` on the C reader (OpenSlide)."""
+
+import ctypes
+import math
+import os
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ._library import clib
+
+_ERR = 768
+# The largest region read in one call: 3 bytes per pixel must fit in memory;
+# this bound only catches nonsense sizes before allocating.
+MAX_REGION_PIXELS = 1 << 36
+MAX_ORIGIN = 1 << 37  # as the C reader's bound
+
+
+def _err() -> ctypes.Array:
+    return ctypes.create_string_buffer(_ERR)
+
+
+def _default_threads() -> int:
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def available() -> bool:
+    """True when the library was built with OpenSlide (slides can be read)."""
+    return bool(clib().sc_slide_available())
+
+
+class Slide:
+    """A whole-slide image opened with OpenSlide (Aperio .svs, Hamamatsu,
+    MIRAX, ..., generic tiled pyramidal TIFF).
+
+    Coordinates ``(x, y)`` are level-0 pixels (OpenSlide's convention);
+    sizes are ``(width, height)`` at the level read. Regions come back as
+    ``torch.uint8`` RGB, ``3 x h x w`` (or ``h x w x 3``), with OpenSlide's
+    premultiplied ARGB composited over the slide's background colour:
+    transparent and out-of-bounds pixels are the background.
+
+    The handle is safe to read from several threads; use one ``Slide`` per
+    process (it does not pickle). ``close()`` (or a ``with`` block) frees it.
+    """
+
+    def __init__(self, path: str):
+        self.path = os.fspath(path)
+        self._lib = clib()
+        err = _err()
+        if not self._lib.sc_slide_available():
+            self._h = None
+            raise RuntimeError(
+                "streamcnn was built without OpenSlide (STREAMCNN_OPENSLIDE=OFF): install "
+                "libopenslide-dev and libtiff-dev and rebuild to read slides")
+        self._h = self._lib.sc_slide_open(self.path.encode(), err, _ERR)
+        if not self._h:
+            msg = err.value.decode(errors="replace")
+            if not os.path.exists(self.path):
+                raise FileNotFoundError(msg)
+            raise ValueError(msg)
+        lib = self._lib
+        n = lib.sc_slide_level_count(self._h)
+        dims, ds = [], []
+        for level in range(n):
+            w, h, d = ctypes.c_int64(), ctypes.c_int64(), ctypes.c_double()
+            lib.sc_slide_level(self._h, level, ctypes.byref(w), ctypes.byref(h), ctypes.byref(d))
+            dims.append((w.value, h.value))
+            ds.append(d.value)
+        self.level_count: int = n
+        self.level_dimensions: List[Tuple[int, int]] = dims
+        self.level_downsamples: List[float] = ds
+        rgb = (ctypes.c_uint8 * 3)()
+        lib.sc_slide_background(self._h, rgb)
+        self.background: Tuple[int, int, int] = tuple(rgb)
+        self.properties: Dict[str, str] = {}
+        names = lib.sc_slide_property_names(self._h)
+        i = 0
+        while names and names[i]:
+            key = names[i].decode(errors="replace")
+            val = lib.sc_slide_property(self._h, names[i])
+            self.properties[key] = val.decode(errors="replace") if val else ""
+            i += 1
+
+    # -- metadata ----------------------------------------------------------------
+    @property
+    def dimensions(self) -> Tuple[int, int]:
+        return self.level_dimensions[0]
+
+    @property
+    def vendor(self) -> Optional[str]:
+        return self.properties.get("openslide.vendor")
+
+    @property
+    def mpp(self) -> Optional[Tuple[float, float]]:
+        """Microns per level-0 pixel (x, y), or None when the slide lacks it."""
+        try:
+            return (float(self.properties["openslide.mpp-x"]),
+                    float(self.properties["openslide.mpp-y"]))
+        except (KeyError, ValueError):
+            return None
+
+    # -- life ------------------------------------------------------------------------
+    def close(self) -> None:
+        if getattr(self, "_h", None):
+            self._lib.sc_slide_close(self._h)
+            self._h = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        self.close()
+
+    def __reduce__(self):
+        raise TypeError("streamcnn.Slide does not pickle; open the slide in each process")
+
+    def __repr__(self):
+        if getattr(self, "_h", None) is None:
+            return f"Slide({getattr(self, 'path', None)!r}, closed)"
+        return (f"Slide({self.path!r}, levels={self.level_dimensions}, mpp={self.mpp}, "
+                f"vendor={self.vendor!r})")
+
+    # -- reading ---------------------------------------------------------------------
+    def _check_level(self, level: int) -> int:
+        if not isinstance(level, int) or isinstance(level, bool):
+            raise TypeError(f"streamcnn: level must be an int, got {level!r}")
+        if not 0 <= level < self.level_count:
+            raise ValueError(f"streamcnn: level {level} is out of range for {self.path!r} "
+                             f"(levels 0 .. {self.level_count - 1})")
+        return level
+
+    def read_region(self, location: Sequence[int], level: int, size: Sequence[int], *,
+                    channels_last: bool = False, threads: Optional[int] = None) -> torch.Tensor:
+        """Read ``size = (w, h)`` pixels of ``level`` whose top-left is
+        ``location = (x, y)`` in level-0 coordinates, as uint8 ``3 x h x w``
+        (``h x w x 3`` with channels_last). Read in chunks by ``threads``
+        threads (default: up to 8)."""
+        if self._h is None:
+            raise ValueError("streamcnn: the slide is closed")
+        self._check_level(level)
+        x, y = (int(v) for v in location)
+        w, h = (int(v) for v in size)
+        if w < 1 or h < 1:
+            raise ValueError(f"streamcnn: region size {w} x {h} must be positive")
+        if max(abs(x), abs(y)) > MAX_ORIGIN:
+            raise ValueError(f"streamcnn: region origin ({x}, {y}) is out of range "
+                             f"(|x|, |y| <= {MAX_ORIGIN})")
+        if w * h > MAX_REGION_PIXELS:
+            raise ValueError(f"streamcnn: region size {w} x {h} is too large "
+                             f"(> {MAX_REGION_PIXELS} pixels)")
+        if threads is None:
+            threads = _default_threads()
+        if not isinstance(threads, int) or isinstance(threads, bool) or not 1 <= threads <= 64:
+            raise ValueError(f"streamcnn: threads must be an int in 1 .. 64, got {threads!r}")
+        shape = (h, w, 3) if channels_last else (3, h, w)
+        out = torch.empty(shape, dtype=torch.uint8)
+        err = _err()
+        rc = self._lib.sc_slide_read(self._h, level, x, y, w, h, out.data_ptr(),
+                                     int(channels_last), threads, err,
+                                     _ERR)
+        if rc != 0:
+            raise RuntimeError(err.value.decode(errors="replace"))
+        return out
+
+    def best_level_for_downsample(self, downsample: float, tolerance: float = 0.05) -> int:
+        """The coarsest level whose downsample is at most ``downsample`` (up to
+        ``tolerance``, relative)."""
+        best = 0
+        for level, ds in enumerate(self.level_downsamples):
+            if ds <= downsample * (1 + tolerance):
+                best = level
+        return best
+
+    def read(self, level: Optional[int] = None, mpp: Optional[float] = None,
+             box: Optional[Sequence[int]] = None, *, tolerance: float = 0.05,
+             threads: Optional[int] = None) -> torch.Tensor:
+        """The region ``box = (x, y, w, h)`` (level-0 pixels; default: the
+        whole slide) as uint8 ``3 x H x W``, either at ``level`` or at ``mpp``
+        microns per pixel. For ``mpp`` the coarsest level at least that fine
+        (within ``tolerance``) is read and, unless its resolution matches
+        within ``tolerance``, resampled (antialiased bilinear) to exactly
+        ``round(w / d) x round(h / d)`` with ``d = mpp / slide mpp``."""
+        if (level is None) == (mpp is None):
+            raise ValueError("streamcnn: give exactly one of level= or mpp=")
+        x, y, w, h = box if box is not None else (0, 0, *self.dimensions)
+        x, y, w, h = int(x), int(y), int(w), int(h)
+        if w < 1 or h < 1:
+            raise ValueError(f"streamcnn: box size {w} x {h} must be positive")
+        if level is not None:
+            self._check_level(level)
+            ds = self.level_downsamples[level]
+            return self.read_region((x, y), level, (max(1, math.ceil(w / ds)),
+                                                    max(1, math.ceil(h / ds))),
+                                    threads=threads)
+        if self.mpp is None:
+            raise ValueError(f"streamcnn: {self.path!r} has no microns-per-pixel metadata "
+                             "(openslide.mpp-x); read it by level= instead")
+        if not mpp > 0:
+            raise ValueError(f"streamcnn: mpp must be positive, got {mpp!r}")
+        target = mpp / self.mpp[0]
+        out_w, out_h = max(1, round(w / target)), max(1, round(h / target))
+        return self.read_scaled((x, y), target, (out_w, out_h), tolerance=tolerance,
+                                threads=threads)
+
+    def read_scaled(self, location: Sequence[int], downsample: float, size: Sequence[int], *,
+                    tolerance: float = 0.05, threads: Optional[int] = None) -> torch.Tensor:
+        """Exactly ``size = (w, h)`` pixels at ``downsample`` (w.r.t. level 0)
+        whose top-left is ``location`` in level-0 pixels, uint8 ``3 x h x w``.
+        Reads the coarsest level at least that fine (within ``tolerance``,
+        relative); a level within ``tolerance`` of ``downsample`` is read
+        as is, otherwise the region is resampled (antialiased bilinear)."""
+        if not downsample > 0:
+            raise ValueError(f"streamcnn: downsample must be positive, got {downsample!r}")
+        out_w, out_h = (int(v) for v in size)
+        if out_w < 1 or out_h < 1:
+            raise ValueError(f"streamcnn: size {out_w} x {out_h} must be positive")
+        lvl = self.best_level_for_downsample(downsample, tolerance)
+        ds = self.level_downsamples[lvl]
+        if abs(ds - downsample) <= tolerance * downsample:
+            return self.read_region(location, lvl, (out_w, out_h), threads=threads)
+        rw = max(1, math.ceil(out_w * downsample / ds))
+        rh = max(1, math.ceil(out_h * downsample / ds))
+        region = self.read_region(location, lvl, (rw, rh), threads=threads)
+        return resize_uint8(region, (out_h, out_w))
+
+    def thumbnail(self, max_size: int = 1024) -> torch.Tensor:
+        """The whole slide, longest side ``max_size`` pixels, uint8 3 x h x w."""
+        if max_size < 1:
+            raise ValueError(f"streamcnn: max_size must be positive, got {max_size}")
+        w0, h0 = self.dimensions
+        scale = max(w0, h0) / max_size
+        lvl = self.best_level_for_downsample(max(scale, 1.0))
+        img = self.read(level=lvl)
+        out = (max(1, round(h0 / scale)), max(1, round(w0 / scale)))
+        return img if tuple(img.shape[1:]) == out else resize_uint8(img, out)
+
+    # -- tissue ----------------------------------------------------------------------
+    def tissue_mask(self, max_size: int = 2048) -> Tuple[torch.Tensor, float]:
+        """Boolean tissue mask of a thumbnail (longest side <= max_size) and
+        the thumbnail's downsample w.r.t. level 0. Tissue is told from the
+        (white) background by Otsu's threshold on saturation."""
+        thumb = self.thumbnail(max_size)
+        return tissue_mask(thumb), max(self.dimensions) / max(thumb.shape[1:])
+
+    def tissue_box(self, max_size: int = 2048, margin: float = 0.0
+                   ) -> Optional[Tuple[int, int, int, int]]:
+        """Level-0 bounding box (x, y, w, h) of the tissue, grown by ``margin``
+        (a fraction of its size), clipped to the slide; None without tissue."""
+        mask, ds = self.tissue_mask(max_size)
+        rows = torch.nonzero(mask.any(dim=1)).flatten()
+        cols = torch.nonzero(mask.any(dim=0)).flatten()
+        if rows.numel() == 0:
+            return None
+        w0, h0 = self.dimensions
+        x0, x1 = cols[0].item() * ds, (cols[-1].item() + 1) * ds
+        y0, y1 = rows[0].item() * ds, (rows[-1].item() + 1) * ds
+        mx, my = (x1 - x0) * margin, (y1 - y0) * margin
+        x0, y0 = max(0, math.floor(x0 - mx)), max(0, math.floor(y0 - my))
+        x1, y1 = min(w0, math.ceil(x1 + mx)), min(h0, math.ceil(y1 + my))
+        return x0, y0, x1 - x0, y1 - y0
+
+
+def resize_uint8(img: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """Antialiased bilinear resize of a uint8 3 x h x w image to size (h, w)."""
+    out = F.interpolate(img[None].float(), size=size, mode="bilinear", align_corners=False,
+                        antialias=True)
+    return out[0].round_().clamp_(0, 255).to(torch.uint8)
+
+
+def otsu_threshold(values: torch.Tensor) -> int:
+    """Otsu's threshold (0 .. 255) of uint8 values: the cut maximising the
+    between-class variance of the histogram."""
+    hist = torch.bincount(values.flatten().long(), minlength=256).double()
+    total = hist.sum()
+    if total == 0:
+        return 0
+    levels = torch.arange(256, dtype=torch.float64)
+    w0 = torch.cumsum(hist, 0)
+    m0 = torch.cumsum(hist * levels, 0)
+    mean = m0[-1] / total
+    w1 = total - w0
+    valid = (w0 > 0) & (w1 > 0)
+    between = torch.zeros(256, dtype=torch.float64)
+    between[valid] = (mean * w0[valid] - m0[valid]) ** 2 / (w0[valid] * w1[valid])
+    return int(torch.argmax(between).item())
+
+
+def tissue_mask(thumb: torch.Tensor) -> torch.Tensor:
+    """Tissue pixels of a uint8 3 x h x w thumbnail: saturation above Otsu's
+    threshold (and a floor, so that a blank slide has no tissue)."""
+    rgb = thumb.to(torch.int16)
+    sat = (rgb.max(dim=0).values - rgb.min(dim=0).values).to(torch.uint8)
+    t = otsu_threshold(sat)
+    return sat > max(t, 15)

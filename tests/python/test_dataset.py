@@ -1,0 +1,195 @@
+"""SlideDataset over synthetic slides: crops, padding, resolution, labels,
+augmentation and DataLoader workers."""
+
+import pickle
+
+import pytest
+import torch
+
+import streamcnn
+from streamcnn import Slide
+from streamcnn.data import Augment, SlideDataset, synthetic
+
+pytestmark = pytest.mark.skipif(
+    not streamcnn.slide.available(),
+    reason="streamcnn built without OpenSlide (libopenslide-dev missing)")
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ds")
+    rows = []
+    for i in range(4):
+        name = f"s{i}.svs"
+        synthetic.make_slide(str(d / name), 1024 + 64 * i, 768, mpp=0.5, seed=10 + i,
+                             tumour=i % 2 == 1, tile=128, min_size=128)
+        rows.append(f"{name},{'tumour' if i % 2 else 'normal'}")
+    plain = d / "plain.tif"
+    synthetic.make_slide(str(plain), 512, 512, seed=20, tile=128)
+    csv = d / "slides.csv"
+    csv.write_text("path,label,comment\n" + "\n".join(rows) + "\n")
+    return d, csv
+
+
+def test_labels_and_center_crop(table):
+    d, csv = table
+    ds = SlideDataset(csv, 200, level=1, crop="center")
+    assert len(ds) == 4 and ds.classes == ["normal", "tumour"]
+    assert ds.labels == [0, 1, 0, 1]
+    img, label = ds[1]
+    assert img.dtype == torch.uint8 and img.shape == (3, 200, 200) and label == 1
+    with Slide(d / "s1.svs") as s:
+        w, h = s.dimensions
+        # level 1 (downsample 2): a 400 x 400 level-0 window at the centre
+        ref = s.read_region((w // 2 - 200, h // 2 - 200), 1, (200, 200))
+    assert torch.equal(img, ref)
+    assert torch.equal(ds[-3][0], img)
+    with pytest.raises(IndexError):
+        ds[4]
+    # integer labels stay integers
+    ds2 = SlideDataset([(d / "s0.svs", 3), (d / "s1.svs", 7)], 64, level=0)
+    assert ds2.classes is None and [ds2[i][1] for i in range(2)] == [3, 7]
+
+
+def test_tissue_crop_pads_with_background(table):
+    d, csv = table
+    # at 4 um/px (downsample 8) the tissue is far smaller than 256 x 256
+    ds = SlideDataset(csv, 256, mpp=4.0, crop="tissue")
+    img, _ = ds[0]
+    (x, y, rw, rh), (r0, c0), _, down = ds.window(0)
+    assert down == 8 and rw < 256 and rh < 256
+    with Slide(d / "s0.svs") as s:
+        bx, by, bw, bh = s.tissue_box(1024)
+        part = s.read_scaled((x, y), 8, (rw, rh))
+    assert abs(rw - bw / 8) <= 1 and abs(rh - bh / 8) <= 1
+    assert torch.equal(img[:, r0:r0 + rh, c0:c0 + rw], part)
+    border = torch.ones(256, 256, dtype=torch.bool)
+    border[r0:r0 + rh, c0:c0 + rw] = False
+    assert (img[:, border] == 255).all()
+    # the tissue is centred
+    assert abs(r0 - (256 - rh - r0)) <= 1 and abs(c0 - (256 - rw - c0)) <= 1
+    # at full resolution the tissue is larger than the image: no padding
+    ds0 = SlideDataset(csv, 128, level=0, crop="tissue")
+    (_, _, rw, rh), off, _, _ = ds0.window(0)
+    assert (rw, rh) == (128, 128) and off == (0, 0)
+    assert (ds0[0][0] != 255).any()
+
+
+def test_mpp_resampling_and_missing_mpp(table):
+    d, csv = table
+    # 0.75 um/px on 0.5 um/px slides: level 0 resampled by 1.5
+    ds = SlideDataset(csv, 96, mpp=0.75, crop="center")
+    img, _ = ds[2]
+    with Slide(d / "s2.svs") as s:
+        w, h = s.dimensions
+        ref = s.read(mpp=0.75, box=(round(w / 2 - 72), round(h / 2 - 72), 144, 144))
+    assert img.shape == (3, 96, 96) and torch.equal(img, ref)
+    no_mpp = SlideDataset([(d / "plain.tif", 0)], 64, mpp=1.0)
+    with pytest.raises(ValueError, match="plain.tif.*no microns-per-pixel"):
+        no_mpp[0]
+    too_deep = SlideDataset([(d / "plain.tif", 0)], 64, level=7)
+    with pytest.raises(ValueError, match="level 7 is out of range.*plain.tif"):
+        too_deep[0]
+
+
+def test_random_crop_and_augment_are_seeded(table):
+    d, csv = table
+    ds = SlideDataset(csv, 128, level=1, crop="random", augment=True, seed=5)
+    a = [ds[i][0] for i in range(4)]
+    b = [ds[i][0] for i in range(4)]
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    ds.set_epoch(1)
+    c = [ds[i][0] for i in range(4)]
+    assert not all(torch.equal(x, y) for x, y in zip(a, c))
+    # random windows are centred on tissue
+    for i in range(4):
+        (x, y, w, h), _, _, down = ds.window(i, torch.Generator().manual_seed(i))
+        assert (w, h) == (128, 128) and down == 2
+
+
+def test_augment():
+    g = torch.Generator().manual_seed(0)
+    img = torch.randint(0, 256, (3, 40, 40), dtype=torch.uint8, generator=g)
+    geo = Augment(brightness=0, contrast=0, saturation=0)
+    seen = set()
+    for k in range(40):
+        out = geo(img, torch.Generator().manual_seed(k))
+        assert out.dtype == torch.uint8 and out.shape == img.shape
+        # flips and rotations only permute pixels
+        assert torch.equal(out.flatten(1).sort(dim=1).values, img.flatten(1).sort(dim=1).values)
+        seen.add(out.numpy().tobytes())
+    assert len(seen) == 8  # the dihedral group of the square
+    jit = Augment(flip=False, rot90=False, brightness=0.1, contrast=0.1, saturation=0.1)
+    out = jit(img, torch.Generator().manual_seed(1))
+    assert out.dtype == torch.uint8 and (out.float() - img.float()).abs().mean() < 40
+    rect = torch.zeros(3, 10, 20, dtype=torch.uint8)
+    assert Augment()(rect).shape == (3, 10, 20)  # no rot90 off the square
+    with pytest.raises(ValueError, match="brightness"):
+        Augment(brightness=1.5)
+    with pytest.raises(ValueError, match="uint8 3 x H x W"):
+        Augment()(img.float())
+
+
+@pytest.mark.parametrize("ctx", ["fork", "spawn"])
+def test_dataloader_workers(table, ctx):
+    d, csv = table
+    ds = SlideDataset(csv, 96, level=2, crop="random", augment=True, seed=1)
+    ref = torch.stack([ds[i][0] for i in range(len(ds))])  # opens handles here first
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2,
+                                         multiprocessing_context=ctx)
+    imgs, labels = zip(*loader)
+    assert torch.equal(torch.cat(imgs), ref)
+    assert torch.cat(labels).tolist() == [0, 1, 0, 1]
+    # the dataset pickles without its open handles
+    clone = pickle.loads(pickle.dumps(ds))
+    assert torch.equal(clone[0][0], ref[0])
+
+
+def test_max_open(table):
+    d, csv = table
+    ds = SlideDataset(csv, 32, level=2, crop="center", max_open=2)
+    for i in range(4):
+        ds[i]
+    assert len(ds._open) == 2
+    ds.close()
+    assert len(ds._open) == 0
+
+
+def test_bad_tables_and_arguments(table, tmp_path):
+    d, csv = table
+    bad = tmp_path / "bad.csv"
+    bad.write_text("file,class\na.svs,0\n")
+    with pytest.raises(ValueError, match="'path' and 'label'"):
+        SlideDataset(bad, 64, level=0)
+    empty = tmp_path / "empty.csv"
+    empty.write_text("path,label\n")
+    with pytest.raises(ValueError, match="empty"):
+        SlideDataset(empty, 64, level=0)
+    missing = tmp_path / "missing.csv"
+    missing.write_text("path,label\nnothere.svs,1\nalso.svs,0\n")
+    with pytest.raises(FileNotFoundError, match="nothere.svs.*and 1 more"):
+        SlideDataset(missing, 64, level=0)
+    with pytest.raises(FileNotFoundError):
+        SlideDataset(tmp_path / "no.csv", 64, level=0)
+    with pytest.raises(ValueError, match="exactly one of"):
+        SlideDataset(csv, 64)
+    with pytest.raises(ValueError, match="exactly one of"):
+        SlideDataset(csv, 64, level=0, mpp=1.0)
+    with pytest.raises(ValueError, match="crop"):
+        SlideDataset(csv, 64, level=0, crop="middle")
+    with pytest.raises(ValueError, match="size"):
+        SlideDataset(csv, -3, level=0)
+    with pytest.raises(ValueError, match="size"):
+        SlideDataset(csv, (1 << 20, 1 << 20), level=0)
+    with pytest.raises(ValueError, match="mpp must be positive"):
+        SlideDataset(csv, 64, mpp=0.0)
+    with pytest.raises(TypeError, match="augment"):
+        SlideDataset(csv, 64, level=0, augment="yes")
+    with pytest.raises(ValueError, match="pair"):
+        SlideDataset([("a.svs",)], 64, level=0)
+    # a file that is not a slide fails when read, naming it
+    junk = tmp_path / "junk.svs"
+    junk.write_bytes(b"not a slide")
+    ds = SlideDataset([(junk, 0)], 64, level=0)
+    with pytest.raises(ValueError, match="junk.svs"):
+        ds[0]

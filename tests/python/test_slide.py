@@ -1,0 +1,301 @@
+"""Whole-slide reading (OpenSlide through the C reader) against synthetic
+slides whose pixels the tests know exactly."""
+
+import gc
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+import streamcnn
+from streamcnn import Slide
+from streamcnn.data import synthetic
+
+HAVE = streamcnn.slide.available()
+pytestmark = pytest.mark.skipif(
+    not HAVE, reason="streamcnn built without OpenSlide (libopenslide-dev missing)")
+
+
+def test_built_with_openslide_when_installed():
+    """A system with OpenSlide must give a build that reads slides: the skip
+    above may not hide a build that failed to find it."""
+    if shutil.which("pkg-config") is None:
+        pytest.skip("no pkg-config to ask whether OpenSlide is installed")
+    installed = subprocess.run(["pkg-config", "--exists", "openslide"]).returncode == 0
+    if installed:
+        assert streamcnn.slide.available()
+
+
+@pytest.fixture(scope="module")
+def slides(tmp_path_factory):
+    d = tmp_path_factory.mktemp("slides")
+    out = {}
+    # extents divisible by 8: integer downsamples, exact reduced levels;
+    # deflate is lossless; 1336 / 128 and 904 / 128 leave partial tiles
+    out["deflate"] = (str(d / "a.tif"),
+                      synthetic.make_slide(str(d / "a.tif"), 1336, 904, seed=3, tile=128,
+                                           min_size=200))
+    out["odd"] = (str(d / "o.tif"),
+                  synthetic.make_slide(str(d / "o.tif"), 1333, 1101, seed=6, tile=128,
+                                       min_size=200))
+    out["svs"] = (str(d / "b.svs"),
+                  synthetic.make_slide(str(d / "b.svs"), 1200, 800, seed=4, mpp=0.25,
+                                       tile=256, min_size=200))
+    out["jpeg"] = (str(d / "c.tif"),
+                   synthetic.make_slide(str(d / "c.tif"), 2100, 1500, seed=5, tile=256,
+                                        compression="jpeg"))
+    return out
+
+
+def hwc(levels, level):
+    return levels[level].permute(2, 0, 1)
+
+
+def test_metadata(slides):
+    path, levels = slides["deflate"]
+    with Slide(path) as s:
+        assert s.level_count == len(levels) == 4
+        assert s.level_dimensions == [(lv.shape[1], lv.shape[0]) for lv in levels]
+        assert s.level_downsamples[0] == 1.0
+        assert s.level_downsamples[1:] == [2.0, 4.0, 8.0]
+        assert s.vendor == "generic-tiff"
+        assert s.mpp is None
+        assert s.background == (255, 255, 255)
+        assert "openslide.vendor" in s.properties
+        assert "Slide(" in repr(s)
+
+
+def test_pixel_exact_level0_and_reduced(slides):
+    path, levels = slides["deflate"]
+    with Slide(path) as s:
+        for level in range(s.level_count):
+            w, h = s.level_dimensions[level]
+            whole = s.read_region((0, 0), level, (w, h))
+            assert whole.dtype == torch.uint8 and whole.shape == (3, h, w)
+            assert torch.equal(whole, hwc(levels, level)), level
+            last = s.read_region((0, 0), level, (w, h), channels_last=True)
+            assert torch.equal(last, levels[level])
+        # sub-regions at odd offsets that cut tiles and chunks
+        assert torch.equal(s.read_region((77, 131), 0, (601, 555), threads=3),
+                           hwc(levels, 0)[:, 131:686, 77:678])
+        ds = round(s.level_downsamples[1])
+        assert torch.equal(s.read_region((34 * ds, 12 * ds), 1, (300, 201)),
+                           hwc(levels, 1)[:, 12:213, 34:334])
+        assert torch.equal(s.read(level=1, box=(34 * ds, 12 * ds, 300 * ds, 201 * ds)),
+                           hwc(levels, 1)[:, 12:213, 34:334])
+
+
+def test_non_integer_downsample(slides):
+    """Odd level-0 extents: OpenSlide's downsamples are not integers and it
+    resamples at a sub-pixel offset; the chunked read is close to the true
+    level and the same for any thread count."""
+    path, levels = slides["odd"]
+    with Slide(path) as s:
+        assert s.level_downsamples[1] != 2.0
+        for level in (1, 2):
+            w, h = s.level_dimensions[level]
+            one = s.read_region((0, 0), level, (w, h), threads=1)
+            assert torch.equal(s.read_region((0, 0), level, (w, h), threads=4), one)
+            # the first 512 x 512 chunk is where the region starts: exact
+            assert torch.equal(one[:, :512, :512], hwc(levels, level)[:, :512, :512])
+            err = (one.float() - hwc(levels, level).float()).abs()
+            assert err.mean() < 2, err.mean()
+
+
+def test_threads_equal_single_thread(slides):
+    path, levels = slides["jpeg"]
+    with Slide(path) as s:
+        one = s.read_region((-100, 50), 0, (2000, 1300), threads=1)
+        for t in (2, 4, 7):
+            assert torch.equal(s.read_region((-100, 50), 0, (2000, 1300), threads=t), one)
+        # JPEG is lossy but close to the source
+        err = (one[:, :, 100:].int() - hwc(levels, 0)[:, 50:1350, :1900].int()).abs()
+        assert err.float().mean() < 4
+
+
+def test_out_of_bounds_is_background(slides):
+    path, levels = slides["deflate"]
+    with Slide(path) as s:
+        w, h = s.dimensions
+        r = s.read_region((-50, -20), 0, (200, 100))
+        assert (r[:, :20, :] == 255).all() and (r[:, :, :50] == 255).all()
+        assert torch.equal(r[:, 20:, 50:], hwc(levels, 0)[:, :80, :150])
+        far = s.read_region((w + 10, h + 10), 0, (64, 64))
+        assert (far == 255).all()
+        edge = s.read_region((w - 30, h - 40), 0, (100, 100), channels_last=True)
+        assert torch.equal(edge[:40, :30], levels[0][h - 40:, w - 30:])
+        assert (edge[40:] == 255).all() and (edge[:, 30:] == 255).all()
+
+
+def test_mpp_level_choice_and_resampling(slides):
+    path, levels = slides["svs"]
+    with Slide(path) as s:
+        assert s.vendor == "aperio"
+        assert s.mpp == (0.25, 0.25)
+        assert s.properties["aperio.AppMag"] == "20"
+        # 0.5 um/px is level 1 exactly: read as is
+        assert torch.equal(s.read(mpp=0.5), hwc(levels, 1))
+        # within the tolerance of level 1: still level 1, no resampling
+        assert torch.equal(s.read(mpp=0.51), hwc(levels, 1)[:, :round(800 / 2.04),
+                                                            :round(1200 / 2.04)])
+        assert s.best_level_for_downsample(2.0) == 1
+        assert s.best_level_for_downsample(3.7) == 1
+        assert s.best_level_for_downsample(3.9) == 2      # 4 is within 5 %
+        assert s.best_level_for_downsample(3.9, tolerance=0) == 1
+        assert s.best_level_for_downsample(4.0) == 2
+        assert s.best_level_for_downsample(1.5) == 0
+        # 0.75 um/px: read level 1 and resample to exactly 400 x 266
+        r = s.read(mpp=0.75, box=(0, 0, 1200, 798))
+        assert r.shape == (3, 266, 400)
+        ref = torch.nn.functional.interpolate(hwc(levels, 1)[None, :, :399].float(),
+                                              size=(266, 400), mode="bilinear",
+                                              antialias=True, align_corners=False)
+        assert (r.float() - ref[0]).abs().max() <= 1
+        # a box at an mpp: level-0 box scaled by 1/3
+        assert s.read(mpp=0.75, box=(300, 150, 600, 300)).shape == (3, 100, 200)
+
+
+def test_thumbnail_and_tissue_box(tmp_path):
+    path = str(tmp_path / "t.tif")
+    img, mask = synthetic.tissue_image(1600, 1200, seed=7, return_mask=True)
+    synthetic.write_slide(path, synthetic.pyramid(img, 256), tile=128)
+    ys, xs = torch.nonzero(mask, as_tuple=True)
+    true = (xs.min().item(), ys.min().item(), xs.max().item() + 1, ys.max().item() + 1)
+    with Slide(path) as s:
+        th = s.thumbnail(400)
+        assert th.shape == (3, 300, 400)
+        x, y, w, h = s.tissue_box(max_size=400)
+        ds = 4  # thumbnail pixels in level-0 pixels
+        assert abs(x - true[0]) <= ds and abs(y - true[1]) <= ds
+        assert abs(x + w - true[2]) <= ds and abs(y + h - true[3]) <= ds
+        m, d = s.tissue_mask(400)
+        assert d == 4 and m.shape == (300, 400)
+        # the mask agrees with the generator's on most pixels
+        truth = torch.nn.functional.avg_pool2d(mask[None, None].float(), 4)[0, 0] > 0.5
+        assert (m == truth).float().mean() > 0.97
+    blank = str(tmp_path / "blank.tif")
+    synthetic.write_slide(blank, [torch.full((300, 300, 3), 255, dtype=torch.uint8)], tile=64)
+    with Slide(blank) as s:
+        assert s.tissue_box() is None
+
+
+# -- bad inputs ------------------------------------------------------------------------
+
+def test_missing_file_and_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.svs"):
+        Slide(str(tmp_path / "nope.svs"))
+    with pytest.raises(ValueError, match="a directory"):
+        Slide(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="empty slide path"):
+        Slide("")
+
+
+def test_striped_tiff_and_garbage(tmp_path):
+    striped = str(tmp_path / "striped.tif")
+    synthetic.write_striped_tiff(striped, torch.zeros(64, 80, 3, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="striped.tif.*striped TIFF is not a slide"):
+        Slide(striped)
+    junk = tmp_path / "junk.svs"
+    junk.write_bytes(b"II*\x00" + bytes(range(256)) * 20)
+    with pytest.raises(ValueError, match="junk.svs"):
+        Slide(str(junk))
+    empty = tmp_path / "empty.tif"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match="empty.tif"):
+        Slide(str(empty))
+
+
+def test_truncated_and_corrupt(slides, tmp_path):
+    path, _ = slides["deflate"]
+    data = open(path, "rb").read()
+    for frac in (0.2, 0.5, 0.95):
+        cut = tmp_path / f"cut{frac}.tif"
+        cut.write_bytes(data[:int(len(data) * frac)])
+        with pytest.raises((ValueError, RuntimeError), match=f"cut{frac}.tif"):
+            with Slide(str(cut)) as s:
+                s.read(level=0)
+    # intact directories, damaged tile data: opens, reading fails and names
+    # the file; the error latches (OpenSlide), every later read says so too
+    bad = bytearray(data)
+    n = len(bad)
+    g = torch.Generator().manual_seed(0)
+    bad[n // 10:n // 3] = bytes(torch.randint(0, 256, (n // 3 - n // 10,), generator=g,
+                                              dtype=torch.uint8).tolist())
+    corrupt = tmp_path / "corrupt.tif"
+    corrupt.write_bytes(bytes(bad))
+    with Slide(str(corrupt)) as s:
+        for _ in range(2):
+            with pytest.raises(RuntimeError, match="corrupt.tif.*reopen"):
+                s.read(level=0)
+
+
+def test_bad_arguments(slides):
+    path, _ = slides["deflate"]
+    s = Slide(path)
+    with pytest.raises(ValueError, match="level 4 is out of range"):
+        s.read_region((0, 0), 4, (10, 10))
+    with pytest.raises(ValueError, match="level -1 is out of range"):
+        s.read(level=-1)
+    with pytest.raises(TypeError, match="level must be an int"):
+        s.read_region((0, 0), 1.0, (10, 10))
+    with pytest.raises(ValueError, match="must be positive"):
+        s.read_region((0, 0), 0, (-5, 10))
+    with pytest.raises(ValueError, match="must be positive"):
+        s.read_region((0, 0), 0, (0, 10))
+    with pytest.raises(ValueError, match="too large"):
+        s.read_region((0, 0), 0, (1 << 20, 1 << 20))
+    with pytest.raises(ValueError, match="out of range"):
+        s.read_region((1 << 40, 0), 0, (4, 4))
+    with pytest.raises(ValueError, match="threads"):
+        s.read_region((0, 0), 0, (4, 4), threads=0)
+    with pytest.raises(ValueError, match="no microns-per-pixel"):
+        s.read(mpp=0.5)
+    with pytest.raises(ValueError, match="exactly one of"):
+        s.read()
+    with pytest.raises(ValueError, match="exactly one of"):
+        s.read(level=0, mpp=1.0)
+    with pytest.raises(TypeError, match="does not pickle"):
+        import pickle
+        pickle.dumps(s)
+    s.close()
+    s.close()  # twice is fine
+    with pytest.raises(ValueError, match="closed"):
+        s.read_region((0, 0), 0, (4, 4))
+
+
+def _open_fds():
+    return len(os.listdir("/proc/self/fd"))
+
+
+def _rss_kb():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def test_open_close_no_leaks(slides, tmp_path):
+    """10^4 open/read/close cycles and 10^4 failed opens: no handle or memory
+    left behind."""
+    path, _ = slides["svs"]
+    missing = str(tmp_path / "missing.svs")
+    for _ in range(200):  # warm up allocator caches
+        with Slide(path) as s:
+            s.read_region((0, 0), 2, (8, 8))
+    gc.collect()
+    fds, rss = _open_fds(), _rss_kb()
+    for i in range(10_000):
+        s = Slide(path)
+        if i % 10 == 0:
+            s.read_region((i % 500, 0), 0, (16, 16))
+        s.close()
+        try:
+            Slide(missing)
+        except FileNotFoundError:
+            pass
+    gc.collect()
+    assert _open_fds() == fds
+    assert _rss_kb() - rss < 30_000, "RSS grew by more than 30 MB"
