@@ -21,6 +21,15 @@ int _sc_is_window(int op);
 int _sc_tiling(const sc_program *p, const int64_t *sizes, int64_t tile_h,
                int64_t tile_w, int64_t tile_out[2], sc_error *err);
 
+/* ---- slides (slide.c, tiffwrite.c) ------------------------------------------ */
+
+/* printf into err (when given); returns SC_ERR. */
+int _sc_slide_fail(char *err, size_t errlen, const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 3, 4)))
+#endif
+    ;
+
 #ifdef STREAMCNN_TORCH /* ---- everything below talks to libtorch ---------- */
 
 #include "abi.h"

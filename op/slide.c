@@ -7,13 +7,14 @@
  */
 #define _POSIX_C_SOURCE 200809L
 #include "slide.h"
+#include "internal.h"
 
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-static int slide_fail(char *err, size_t errlen, const char *fmt, ...) {
+int _sc_slide_fail(char *err, size_t errlen, const char *fmt, ...) {
   if (err && errlen) {
     va_list ap;
     va_start(ap, fmt);
@@ -32,7 +33,7 @@ static const char *k_missing =
 int sc_slide_available(void) { return 0; }
 sc_slide *sc_slide_open(const char *path, char *err, size_t errlen) {
   (void)path;
-  slide_fail(err, errlen, "%s", k_missing);
+  _sc_slide_fail(err, errlen, "%s", k_missing);
   return NULL;
 }
 void sc_slide_close(sc_slide *s) { (void)s; }
@@ -62,7 +63,7 @@ int sc_slide_read(sc_slide *s, int32_t level, int64_t x, int64_t y, int64_t w,
                   size_t errlen) {
   (void)s, (void)level, (void)x, (void)y, (void)w, (void)h, (void)out;
   (void)hwc, (void)threads;
-  return slide_fail(err, errlen, "%s", k_missing);
+  return _sc_slide_fail(err, errlen, "%s", k_missing);
 }
 
 #else /* SC_WITH_OPENSLIDE ------------------------------------------------------- */
@@ -108,23 +109,23 @@ static int hexval(char c) {
 sc_slide *sc_slide_open(const char *path, char *err, size_t errlen) {
   struct stat st;
   if (!path || !*path) {
-    slide_fail(err, errlen, "streamcnn: empty slide path");
+    _sc_slide_fail(err, errlen, "streamcnn: empty slide path");
     return NULL;
   }
   if (stat(path, &st) != 0) {
-    slide_fail(err, errlen, "streamcnn: cannot open slide '%s': %s", path,
+    _sc_slide_fail(err, errlen, "streamcnn: cannot open slide '%s': %s", path,
                strerror(errno));
     return NULL;
   }
   if (!S_ISREG(st.st_mode)) {
-    slide_fail(err, errlen,
+    _sc_slide_fail(err, errlen,
                "streamcnn: cannot open slide '%s': not a regular file%s", path,
                S_ISDIR(st.st_mode) ? " (a directory)" : "");
     return NULL;
   }
   openslide_t *osr = openslide_open(path);
   if (!osr) {
-    slide_fail(err, errlen,
+    _sc_slide_fail(err, errlen,
                "streamcnn: '%s' is not a slide OpenSlide can read: not a "
                "slide format (Aperio .svs, Hamamatsu, MIRAX, ..., tiled "
                "pyramidal TIFF; a striped TIFF is not a slide), or a damaged "
@@ -134,7 +135,7 @@ sc_slide *sc_slide_open(const char *path, char *err, size_t errlen) {
   }
   const char *oerr = openslide_get_error(osr);
   if (oerr) {
-    slide_fail(err, errlen, "streamcnn: OpenSlide cannot read '%s': %s", path,
+    _sc_slide_fail(err, errlen, "streamcnn: OpenSlide cannot read '%s': %s", path,
                oerr);
     openslide_close(osr);
     return NULL;
@@ -142,7 +143,7 @@ sc_slide *sc_slide_open(const char *path, char *err, size_t errlen) {
   sc_slide *s = calloc(1, sizeof *s);
   int32_t n = openslide_get_level_count(osr);
   if (!s || n < 1) {
-    slide_fail(err, errlen,
+    _sc_slide_fail(err, errlen,
                s ? "streamcnn: '%s' has no levels (OpenSlide: %s)"
                  : "streamcnn: out of memory opening '%s'%s",
                path, s ? (openslide_get_error(osr) ? openslide_get_error(osr)
@@ -158,7 +159,7 @@ sc_slide *sc_slide_open(const char *path, char *err, size_t errlen) {
   s->dims = calloc(2 * (size_t)n, sizeof *s->dims);
   s->downsample = calloc((size_t)n, sizeof *s->downsample);
   if (!s->path || !s->dims || !s->downsample) {
-    slide_fail(err, errlen, "streamcnn: out of memory opening '%s'", path);
+    _sc_slide_fail(err, errlen, "streamcnn: out of memory opening '%s'", path);
     sc_slide_close(s);
     return NULL;
   }
@@ -168,7 +169,7 @@ sc_slide *sc_slide_open(const char *path, char *err, size_t errlen) {
     s->downsample[l] = openslide_get_level_downsample(osr, l);
   }
   if ((oerr = openslide_get_error(osr)) != NULL) {
-    slide_fail(err, errlen, "streamcnn: OpenSlide cannot read '%s': %s", path,
+    _sc_slide_fail(err, errlen, "streamcnn: OpenSlide cannot read '%s': %s", path,
                oerr);
     sc_slide_close(s);
     return NULL;
@@ -318,23 +319,23 @@ static void *read_worker(void *arg) {
 int sc_slide_read(sc_slide *s, int32_t level, int64_t x, int64_t y, int64_t w,
                   int64_t h, uint8_t *out, int hwc, int threads, char *err,
                   size_t errlen) {
-  if (!s) return slide_fail(err, errlen, "streamcnn: the slide is closed");
+  if (!s) return _sc_slide_fail(err, errlen, "streamcnn: the slide is closed");
   if (level < 0 || level >= s->levels)
-    return slide_fail(err, errlen,
+    return _sc_slide_fail(err, errlen,
                       "streamcnn: level %d is out of range for '%s' (it has "
                       "%d levels, 0 .. %d)",
                       (int)level, s->path, (int)s->levels, (int)s->levels - 1);
   if (w < 1 || h < 1 || w > MAX_EDGE || h > MAX_EDGE)
-    return slide_fail(err, errlen,
+    return _sc_slide_fail(err, errlen,
                       "streamcnn: region size %lld x %lld is out of range "
                       "[1, %lld]",
                       (long long)w, (long long)h, (long long)MAX_EDGE);
   if (x < -MAX_EDGE * 64 || y < -MAX_EDGE * 64 || x > MAX_EDGE * 64 ||
       y > MAX_EDGE * 64)
-    return slide_fail(err, errlen,
+    return _sc_slide_fail(err, errlen,
                       "streamcnn: region origin (%lld, %lld) is out of range",
                       (long long)x, (long long)y);
-  if (!out) return slide_fail(err, errlen, "streamcnn: no output buffer");
+  if (!out) return _sc_slide_fail(err, errlen, "streamcnn: no output buffer");
   if (threads < 1) threads = 1;
   if (threads > MAX_THREADS) threads = MAX_THREADS;
   read_job j;
@@ -350,7 +351,7 @@ int sc_slide_read(sc_slide *s, int32_t level, int64_t x, int64_t y, int64_t w,
   const int64_t ncy = (h + CHUNK - 1) / CHUNK + 1;
   j.bx = malloc(2 * (size_t)(ncx + ncy) * sizeof *j.bx);
   if (!j.bx)
-    return slide_fail(err, errlen, "streamcnn: out of memory reading '%s'",
+    return _sc_slide_fail(err, errlen, "streamcnn: out of memory reading '%s'",
                       s->path);
   j.x0 = j.bx + ncx;
   j.by = j.x0 + ncx;
@@ -372,7 +373,7 @@ int sc_slide_read(sc_slide *s, int32_t level, int64_t x, int64_t y, int64_t w,
   pthread_mutex_destroy(&j.err_lock);
   free(j.bx);
   if (atomic_load(&j.failed))
-    return slide_fail(err, errlen, "%s", j.err);
+    return _sc_slide_fail(err, errlen, "%s", j.err);
   return SC_OK;
 }
 

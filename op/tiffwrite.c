@@ -4,21 +4,11 @@
  * caller's level images are only read.
  */
 #include "slide.h"
+#include "internal.h"
 
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-static int tw_fail(char *err, size_t errlen, const char *fmt, ...) {
-  if (err && errlen) {
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, errlen, fmt, ap);
-    va_end(ap);
-  }
-  return SC_ERR;
-}
 
 #ifndef SC_WITH_OPENSLIDE /* built without OpenSlide: no libtiff either */
 
@@ -29,7 +19,7 @@ int sc_tiff_write_pyramid(const char *path, int n_levels,
                           size_t errlen) {
   (void)path, (void)n_levels, (void)levels, (void)widths, (void)heights;
   (void)tile, (void)compression, (void)quality, (void)description;
-  return tw_fail(err, errlen,
+  return _sc_slide_fail(err, errlen,
                  "streamcnn was built without OpenSlide/libtiff "
                  "(STREAMCNN_OPENSLIDE=OFF): cannot write slides");
 }
@@ -37,7 +27,7 @@ int sc_tiff_write_pyramid(const char *path, int n_levels,
 int sc_tiff_write_striped(const char *path, const uint8_t *rgb, int64_t w,
                           int64_t h, char *err, size_t errlen) {
   (void)path, (void)rgb, (void)w, (void)h;
-  return tw_fail(err, errlen,
+  return _sc_slide_fail(err, errlen,
                  "streamcnn was built without OpenSlide/libtiff "
                  "(STREAMCNN_OPENSLIDE=OFF): cannot write TIFFs");
 }
@@ -75,31 +65,31 @@ int sc_tiff_write_pyramid(const char *path, int n_levels,
                           int quality, const char *description, char *err,
                           size_t errlen) {
   if (!path || n_levels < 1 || n_levels > 32 || !levels || !widths || !heights)
-    return tw_fail(err, errlen, "streamcnn: bad pyramid arguments");
+    return _sc_slide_fail(err, errlen, "streamcnn: bad pyramid arguments");
   if (tile < 16 || tile > 4096 || tile % 16)
-    return tw_fail(err, errlen,
+    return _sc_slide_fail(err, errlen,
                    "streamcnn: tile %d must be a multiple of 16 in [16, 4096]",
                    tile);
   if (compression < 0 || compression > 2 ||
       (compression == 2 && (quality < 1 || quality > 100)))
-    return tw_fail(err, errlen, "streamcnn: bad compression %d / quality %d",
+    return _sc_slide_fail(err, errlen, "streamcnn: bad compression %d / quality %d",
                    compression, quality);
   double bytes = 0;
   for (int l = 0; l < n_levels; l++) {
     if (!levels[l] || widths[l] < 1 || heights[l] < 1 ||
         widths[l] > 0xFFFFFFFFLL || heights[l] > 0xFFFFFFFFLL)
-      return tw_fail(err, errlen, "streamcnn: bad level %d (%lld x %lld)", l,
+      return _sc_slide_fail(err, errlen, "streamcnn: bad level %d (%lld x %lld)", l,
                      (long long)widths[l], (long long)heights[l]);
     bytes += 3.0 * (double)widths[l] * (double)heights[l];
   }
   TIFFSetErrorHandler(tiff_silent);
   TIFFSetWarningHandler(tiff_silent);
   TIFF *t = TIFFOpen(path, bytes > 2e9 ? "w8" : "w");
-  if (!t) return tw_fail(err, errlen, "streamcnn: cannot create '%s'", path);
+  if (!t) return _sc_slide_fail(err, errlen, "streamcnn: cannot create '%s'", path);
   uint8_t *buf = malloc((size_t)tile * tile * 3);
   int rc = SC_ERR;
   if (!buf) {
-    tw_fail(err, errlen, "streamcnn: out of memory writing '%s'", path);
+    _sc_slide_fail(err, errlen, "streamcnn: out of memory writing '%s'", path);
     goto done;
   }
   for (int l = 0; l < n_levels; l++) {
@@ -115,7 +105,7 @@ int sc_tiff_write_pyramid(const char *path, int n_levels,
         !TIFFSetField(t, TIFFTAG_SUBFILETYPE, l ? FILETYPE_REDUCEDIMAGE : 0) ||
         (l == 0 && description &&
          !TIFFSetField(t, TIFFTAG_IMAGEDESCRIPTION, description))) {
-      tw_fail(err, errlen, "streamcnn: cannot set the tags of level %d of '%s'",
+      _sc_slide_fail(err, errlen, "streamcnn: cannot set the tags of level %d of '%s'",
               l, path);
       goto done;
     }
@@ -128,14 +118,14 @@ int sc_tiff_write_pyramid(const char *path, int n_levels,
           memcpy(buf + (size_t)r * tile_l * 3, levels[l] + ((ty + r) * w + tx) * 3,
                  (size_t)cw * 3);
         if (TIFFWriteTile(t, buf, (uint32_t)tx, (uint32_t)ty, 0, 0) < 0) {
-          tw_fail(err, errlen, "streamcnn: cannot write a tile of '%s' (disk "
+          _sc_slide_fail(err, errlen, "streamcnn: cannot write a tile of '%s' (disk "
                                "full?)",
                   path);
           goto done;
         }
       }
     if (!TIFFWriteDirectory(t)) {
-      tw_fail(err, errlen, "streamcnn: cannot write level %d of '%s'", l, path);
+      _sc_slide_fail(err, errlen, "streamcnn: cannot write level %d of '%s'", l, path);
       goto done;
     }
   }
@@ -149,20 +139,20 @@ done:
 int sc_tiff_write_striped(const char *path, const uint8_t *rgb, int64_t w,
                           int64_t h, char *err, size_t errlen) {
   if (!path || !rgb || w < 1 || h < 1 || w > 65535 || h > 65535)
-    return tw_fail(err, errlen, "streamcnn: bad striped TIFF arguments");
+    return _sc_slide_fail(err, errlen, "streamcnn: bad striped TIFF arguments");
   TIFFSetErrorHandler(tiff_silent);
   TIFFSetWarningHandler(tiff_silent);
   TIFF *t = TIFFOpen(path, "w");
-  if (!t) return tw_fail(err, errlen, "streamcnn: cannot create '%s'", path);
+  if (!t) return _sc_slide_fail(err, errlen, "streamcnn: cannot create '%s'", path);
   int rc = SC_ERR;
   if (!set_rgb_tags(t, w, h, 1, 0) ||
       !TIFFSetField(t, TIFFTAG_ROWSPERSTRIP, 16)) {
-    tw_fail(err, errlen, "streamcnn: cannot set the tags of '%s'", path);
+    _sc_slide_fail(err, errlen, "streamcnn: cannot set the tags of '%s'", path);
     goto done;
   }
   for (int64_t r = 0; r < h; r++)
     if (TIFFWriteScanline(t, (void *)(rgb + r * w * 3), (uint32_t)r, 0) < 0) {
-      tw_fail(err, errlen, "streamcnn: cannot write '%s'", path);
+      _sc_slide_fail(err, errlen, "streamcnn: cannot write '%s'", path);
       goto done;
     }
   rc = SC_OK;

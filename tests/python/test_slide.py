@@ -14,7 +14,7 @@ from streamcnn import Slide
 from streamcnn.data import synthetic
 
 HAVE = streamcnn.slide.available()
-pytestmark = pytest.mark.skipif(
+needs = pytest.mark.skipif(
     not HAVE, reason="streamcnn built without OpenSlide (libopenslide-dev missing)")
 
 
@@ -53,6 +53,7 @@ def hwc(levels, level):
     return levels[level].permute(2, 0, 1)
 
 
+@needs
 def test_metadata(slides):
     path, levels = slides["deflate"]
     with Slide(path) as s:
@@ -67,6 +68,7 @@ def test_metadata(slides):
         assert "Slide(" in repr(s)
 
 
+@needs
 def test_pixel_exact_level0_and_reduced(slides):
     path, levels = slides["deflate"]
     with Slide(path) as s:
@@ -87,6 +89,7 @@ def test_pixel_exact_level0_and_reduced(slides):
                            hwc(levels, 1)[:, 12:213, 34:334])
 
 
+@needs
 def test_non_integer_downsample(slides):
     """Odd level-0 extents: OpenSlide's downsamples are not integers and it
     resamples at a sub-pixel offset; the chunked read is close to the true
@@ -104,6 +107,7 @@ def test_non_integer_downsample(slides):
             assert err.mean() < 2, err.mean()
 
 
+@needs
 def test_threads_equal_single_thread(slides):
     path, levels = slides["jpeg"]
     with Slide(path) as s:
@@ -115,6 +119,7 @@ def test_threads_equal_single_thread(slides):
         assert err.float().mean() < 4
 
 
+@needs
 def test_out_of_bounds_is_background(slides):
     path, levels = slides["deflate"]
     with Slide(path) as s:
@@ -129,6 +134,7 @@ def test_out_of_bounds_is_background(slides):
         assert (edge[40:] == 255).all() and (edge[:, 30:] == 255).all()
 
 
+@needs
 def test_mpp_level_choice_and_resampling(slides):
     path, levels = slides["svs"]
     with Slide(path) as s:
@@ -157,6 +163,7 @@ def test_mpp_level_choice_and_resampling(slides):
         assert s.read(mpp=0.75, box=(300, 150, 600, 300)).shape == (3, 100, 200)
 
 
+@needs
 def test_thumbnail_and_tissue_box(tmp_path):
     path = str(tmp_path / "t.tif")
     img, mask = synthetic.tissue_image(1600, 1200, seed=7, return_mask=True)
@@ -183,6 +190,7 @@ def test_thumbnail_and_tissue_box(tmp_path):
 
 # -- bad inputs ------------------------------------------------------------------------
 
+@needs
 def test_missing_file_and_directory(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.svs"):
         Slide(str(tmp_path / "nope.svs"))
@@ -192,6 +200,7 @@ def test_missing_file_and_directory(tmp_path):
         Slide("")
 
 
+@needs
 def test_striped_tiff_and_garbage(tmp_path):
     striped = str(tmp_path / "striped.tif")
     synthetic.write_striped_tiff(striped, torch.zeros(64, 80, 3, dtype=torch.uint8))
@@ -207,6 +216,7 @@ def test_striped_tiff_and_garbage(tmp_path):
         Slide(str(empty))
 
 
+@needs
 def test_truncated_and_corrupt(slides, tmp_path):
     path, _ = slides["deflate"]
     data = open(path, "rb").read()
@@ -231,6 +241,7 @@ def test_truncated_and_corrupt(slides, tmp_path):
                 s.read(level=0)
 
 
+@needs
 def test_bad_arguments(slides):
     path, _ = slides["deflate"]
     s = Slide(path)
@@ -277,6 +288,7 @@ def _rss_kb():
     return 0
 
 
+@needs
 def test_open_close_no_leaks(slides, tmp_path):
     """10^4 open/read/close cycles and 10^4 failed opens: no handle or memory
     left behind."""
@@ -299,3 +311,22 @@ def test_open_close_no_leaks(slides, tmp_path):
     gc.collect()
     assert _open_fds() == fds
     assert _rss_kb() - rss < 30_000, "RSS grew by more than 30 MB"
+
+
+def test_built_without_openslide_message(monkeypatch, tmp_path):
+    """The Python side of a build without OpenSlide (the C side is ctest
+    slide_off): a clear error, no crash, whatever this build has."""
+    import streamcnn.slide as slide_mod
+
+    class NoSlides:
+        def __getattr__(self, name):
+            return getattr(streamcnn._library.clib(), name)
+
+        @staticmethod
+        def sc_slide_available():
+            return 0
+
+    monkeypatch.setattr(slide_mod, "clib", lambda: NoSlides())
+    assert not slide_mod.available()
+    with pytest.raises(RuntimeError, match="built without OpenSlide"):
+        Slide(str(tmp_path / "any.svs"))
