@@ -18,6 +18,7 @@ tile_size, output_mask) -> Tensor[]``
 
 from __future__ import annotations
 
+import warnings
 from typing import List, Sequence
 
 import torch
@@ -71,15 +72,59 @@ def _backward(ctx, grad):
 torch.library.register_autograd("streamcnn::forward", _backward, setup_context=_setup_context)
 
 
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError(
-        "streamcnn: double backward (gradients of gradients, create_graph=True through a "
-        "StreamingModule) is not supported")
+def _setup_double(ctx, inputs, output):
+    grad_output, image, params, program, tile_size, output_mask = inputs
+    ctx.program = list(program)
+    ctx.mask = [bool(m) for m in output_mask]
+    ctx.save_for_backward(grad_output, image, *params)
 
 
-# Without this, autograd would treat the backward op as a constant and give
-# silently wrong second derivatives; with it, they raise.
-torch.library.register_autograd("streamcnn::backward", _no_double_backward)
+_warned_double = False
+
+
+def _double_backward(ctx, grads):
+    """Second derivatives: the tiled C core has no double backward, so the
+    program is run whole-image with differentiable PyTorch ops
+    (``reference.run_program``) and differentiated twice. Exact, but with the
+    memory of a whole-image pass (warned once)."""
+    global _warned_double
+    if not _warned_double:
+        _warned_double = True
+        warnings.warn("streamcnn: double backward (create_graph=True through a streamed "
+                      "stem) runs the stem whole-image, with the memory of an unstreamed "
+                      "pass", stacklevel=2)
+    from .reference import run_program
+
+    grad_output, image, *params = ctx.saved_tensors
+    mask = ctx.mask
+    with torch.enable_grad():
+        go = grad_output.detach().requires_grad_()
+        x = image.detach().requires_grad_()
+        ps = [p.detach().requires_grad_(p.is_floating_point()) for p in params]
+        y = run_program(x, ps, ctx.program)
+        wrt = ([x] if mask[0] else []) + [p for p, m in zip(ps, mask[1:]) if m]
+        firsts = torch.autograd.grad(y, wrt, go, create_graph=True, allow_unused=True)
+        total = None
+        for g1, cot in zip(firsts, grads):
+            if g1 is None or cot is None or not g1.requires_grad:
+                continue
+            term = (g1 * cot).sum()
+            total = term if total is None else total + term
+        leaves = [go, x] + [p for p in ps if p.requires_grad]
+        if total is None:
+            got = [None] * len(leaves)
+        else:
+            got = list(torch.autograd.grad(total, leaves, allow_unused=True))
+    it = iter(got[2:])
+    grad_params = [next(it) if p.requires_grad else None for p in ps]
+    return got[0], got[1], grad_params, None, None, None
+
+
+# Second derivatives (gradient penalties, create_graph=True) go through the
+# whole-image reference; without a formula autograd would treat the backward
+# op as a constant and give silently wrong second derivatives.
+torch.library.register_autograd("streamcnn::backward", _double_backward,
+                                setup_context=_setup_double)
 
 
 def forward(image: torch.Tensor, params: Sequence[torch.Tensor], program: Sequence[int],

@@ -88,6 +88,24 @@ def test_convnext_tiny_features_4_fp64():
         compare(stem, x, tile, 1e-10)
 
 
+def test_convnext_reference_program_and_gradient_penalty():
+    """The whole-image reference of a ConvNeXt program (channel LayerNorm,
+    Linear, GELU, layer scale) equals the stem, and second derivatives
+    through the streamed stem equal the whole-image ones."""
+    from streamcnn.reference import run_program
+    stem = _convnext().features[:2]
+    sm = streamcnn.StreamingModule(stem, 80)
+    x = torch.randn(1, 3, 97, 90, dtype=torch.float64, requires_grad=True)
+    assert rel_err(run_program(x, sm.stream_params(), sm.program), stem(x)) < 1e-12
+    params = [p for p in stem.parameters() if p.requires_grad][-4:]
+    got = []
+    for f in (sm, stem):
+        (gx,) = torch.autograd.grad(f(x).square().sum(), x, create_graph=True)
+        got.append(torch.autograd.grad(gx.square().sum(), [x] + params))
+    for a, b in zip(*got):
+        assert rel_err(a, b) < 1e-10
+
+
 def test_convnext_small_downsample_stage_fp64():
     stem = _convnext("convnext_small").features[:3]  # patchify, stage 1, downsample
     x = torch.randn(1, 3, 41, 58, dtype=torch.float64, requires_grad=True)

@@ -47,25 +47,45 @@ def test_opcheck_backward():
 
 
 def test_opcheck_backward_requires_grad_inputs():
-    """Schema, autograd registration and fake kernel with requires_grad inputs.
-    test_aot_dispatch_dynamic differentiates through the backward op, i.e.
-    double backward, which streamcnn refuses (next test)."""
+    """All of opcheck, test_aot_dispatch_dynamic included: it differentiates
+    through the backward op (double backward, whole-image reference)."""
     sm, x = _args()
     params = sm.stream_params()
     y = sm(x)
     g = torch.randn_like(y, requires_grad=True)
     mask = [True] + [p.requires_grad for p in params]
     torch.library.opcheck(torch.ops.streamcnn.backward.default,
-                          (g, x, params, sm.program, sm.tile_size, mask),
-                          test_utils=("test_schema", "test_autograd_registration",
-                                      "test_faketensor"))
+                          (g, x, params, sm.program, sm.tile_size, mask))
 
 
-def test_double_backward_is_refused_clearly():
+def test_reference_program_equals_the_stem():
+    from streamcnn.reference import run_program
+    sm, x = _args(requires_grad=False)
+    assert rel_err(run_program(x, sm.stream_params(), sm.program), sm.stem(x)) < 1e-12
+
+
+def test_double_backward_matches_whole_image():
+    """Gradient penalty: d/dtheta |d loss / dx|^2 through the streamed stem
+    equals the whole-image one (fp64)."""
     sm, x = _args()
-    (gx,) = torch.autograd.grad(sm(x).square().sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="double backward .* is not supported"):
-        gx.sum().backward()
+    params = [p for p in sm.stem.parameters() if p.requires_grad]
+    results = []
+    for f in (sm, sm.stem):
+        (gx,) = torch.autograd.grad(f(x).square().sum(), x, create_graph=True)
+        results.append(torch.autograd.grad(gx.square().sum(), [x] + params))
+    for a, b in zip(*results):
+        assert rel_err(a, b) < 1e-10
+
+
+def test_gradgradcheck():
+    stem = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 2, 3,
+                         stride=2)).double()
+    sm = streamcnn.StreamingModule(stem, 7)
+    x = torch.randn(1, 2, 9, 8, dtype=torch.float64, requires_grad=True)
+    params = sm.stream_params()
+    assert torch.autograd.gradgradcheck(
+        lambda x, *ps: torch.ops.streamcnn.forward(x, list(ps), sm.program, sm.tile_size),
+        (x, *params))
 
 
 def test_backward_op_matches_autograd():
@@ -129,3 +149,16 @@ def test_library_path_loads_in_fresh_process(tmp_path):
     out = subprocess.run([sys.executable, "-c", code, streamcnn.library_path()],
                          capture_output=True, text=True, check=True).stdout
     assert "streamcnn::forward(Tensor image, Tensor[] params, int[] program" in out
+
+
+@pytest.mark.parametrize("groups,stride,dilation", [(1, (1, 1), (1, 1)), (2, (2, 1), (1, 2)),
+                                                    (4, (3, 2), (2, 1))])
+def test_reference_unfold_conv(groups, stride, dilation):
+    """The conv spelling used when tracing double backward with symbolic shapes."""
+    from streamcnn.reference import _conv_unfold
+    g = torch.Generator().manual_seed(groups)
+    x = torch.randn(2, 4, 13, 11, dtype=torch.float64, generator=g)
+    w = torch.randn(8, 4 // groups, 3, 2, dtype=torch.float64, generator=g)
+    b = torch.randn(8, dtype=torch.float64, generator=g)
+    want = torch.nn.functional.conv2d(x, w, b, stride, 0, dilation, groups)
+    assert rel_err(_conv_unfold(x, w, b, stride, dilation, groups), want) < 1e-13
