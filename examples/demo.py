@@ -55,16 +55,19 @@ def make_slides(folder: str, size: int) -> str:
     return table
 
 
-def load_images(table: str, size: int):
+def load_images(table: str, size: int, uint8: bool):
     """The slides' tissue at 0.5 um/px (their level 1), centred and padded
-    with the background to size x size, normalised as for ImageNet."""
+    with the background to size x size: uint8 as read (the streamed stem
+    normalises per tile), or normalised as for ImageNet in float32."""
     import torch
     from streamcnn.data import SlideDataset
 
     ds = SlideDataset(table, size, mpp=0.5, crop="tissue")
-    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(STD).view(1, 3, 1, 1)
-    return [((img[None].float() / 255 - mean) / std, label) for img, label in ds]
+    if uint8:
+        return [(img[None], label) for img, label in ds]
+    mean = torch.tensor(MEAN).view(1, 3, 1, 1) * 255
+    std = torch.tensor(STD).view(1, 3, 1, 1) * 255
+    return [((img[None].float() - mean) / std, label) for img, label in ds]
 
 
 def run(mode: str, table: str, size: int, tile: int, steps: int, device: str) -> dict:
@@ -79,14 +82,16 @@ def run(mode: str, table: str, size: int, tile: int, steps: int, device: str) ->
     head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 2))
     if mode == "streamed":
         import streamcnn
-        stem = streamcnn.StreamingModule(stem, tile)
+        # uint8 in: the tiles are converted and normalised inside the operator
+        stem = streamcnn.StreamingModule(stem, tile, mean=[m * 255 for m in MEAN],
+                                         std=[v * 255 for v in STD])
     stem.to(device)
     head.to(device)
     fmt = torch.channels_last if mode == "whole-image-cl" else torch.contiguous_format
     stem.to(memory_format=fmt)
     params = list(stem.parameters()) + list(head.parameters())
     opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
-    data = load_images(table, size)
+    data = load_images(table, size, uint8=mode == "streamed")
 
     losses, times = [], []
     for step in range(steps):

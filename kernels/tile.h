@@ -20,7 +20,8 @@ extern "C" {
 
 typedef enum sc_dtype {
   SC_DTYPE_F32 = 1,
-  SC_DTYPE_F64 = 2
+  SC_DTYPE_F64 = 2,
+  SC_DTYPE_U8 = 3 /* a gather's source only: uint8 images */
 } sc_dtype;
 
 /* dst[n, c, y, x] = src[...]  (or +=) over a window of `size`. */
@@ -49,7 +50,9 @@ typedef struct sc_gather_params {
   int channels_last;     /* 0: dst is NCHW-contiguous, 1: NHWC */
   int64_t off_h, off_w;  /* top-left of the source window inside dst */
   double pad_value;      /* 0 for conv / avg pool, -inf for max pool */
-  int dtype;             /* sc_dtype of both tensors */
+  int dtype;             /* sc_dtype of dst (and of src unless src_dtype) */
+  int src_dtype;         /* 0: as dtype; SC_DTYPE_U8: uint8 source, values
+                            converted exactly (0 .. 255) */
 } sc_gather_params;
 
 /* NULL when p is well-formed, else what is wrong. */
@@ -69,6 +72,9 @@ static inline const char *sc_copy_check(const sc_copy_params *p) {
 static inline const char *sc_gather_check(const sc_gather_params *p) {
   if (p->dtype != SC_DTYPE_F32 && p->dtype != SC_DTYPE_F64)
     return "tile gather: unsupported dtype";
+  if (p->src_dtype != 0 && p->src_dtype != p->dtype &&
+      p->src_dtype != SC_DTYPE_U8)
+    return "tile gather: unsupported source dtype";
   if (p->n < 0 || p->c < 0 || p->src_h < 0 || p->src_w < 0 || p->dst_h < 0 ||
       p->dst_w < 0 || p->off_h < 0 || p->off_w < 0)
     return "tile gather: negative extent";

@@ -57,6 +57,7 @@ typedef struct DeviceGuardOpaque *DeviceGuardHandle;
 int32_t aoti_torch_dtype_float32(void);
 int32_t aoti_torch_dtype_float64(void);
 int32_t aoti_torch_dtype_bool(void);
+int32_t aoti_torch_dtype_uint8(void);
 int32_t aoti_torch_device_type_cpu(void);
 int32_t aoti_torch_device_type_cuda(void);
 

@@ -43,8 +43,10 @@ void _sc_box_free(uint64_t boxed);
  * _sc_ctx_release. */
 typedef struct sc_ctx {
   sc_error err;
-  int32_t dtype;        /* aoti dtype code of image and params */
+  int32_t dtype;        /* aoti dtype code of the computation: params and
+                           the image (or, for a uint8 image, the params') */
   int kdtype;           /* the same as sc_dtype, for the tile kernels */
+  int image_u8;         /* the image is uint8: tiles convert it, no grad */
   int32_t device_type;  /* aoti device type code */
   int32_t device_index;
   int is_cuda;

@@ -354,7 +354,8 @@ static int layer_input(run *r, int64_t i, int j, double pad_value,
                 &src))
       return SC_ERR;
   }
-  const int to_nhwc = v == 0 && in->op == SC_OP_CONV && r->ctx->tiles_nhwc;
+  const int to_nhwc = v == 0 && in->op == SC_OP_CONV && r->ctx->tiles_nhwc &&
+                      !(src && _sc_is_channels_last(r->ctx, src));
   if (inside && !to_nhwc) {
     *out = src;
     return SC_OK;
@@ -499,11 +500,22 @@ done:
 static int forward_tile(run *r, int keep) {
   const sc_program *p = r->p;
   const int64_t out_v = p->n_instr;
-  if (!value_empty(r, 0) &&
-      subview(r, r->call->image, (const int64_t[2]){0, r->sizes[0]},
-              (const int64_t[2]){0, r->sizes[1]}, region(r, 0, 0),
-              region(r, 1, 0), &r->val[0]))
-    return SC_ERR;
+  if (!value_empty(r, 0)) {
+    if (subview(r, r->call->image, (const int64_t[2]){0, r->sizes[0]},
+                (const int64_t[2]){0, r->sizes[1]}, region(r, 0, 0),
+                region(r, 1, 0), &r->val[0]))
+      return SC_ERR;
+    if (r->ctx->image_u8) { /* uint8 pixels: a float tile of them */
+      AtenTensorHandle px = r->val[0];
+      const int64_t *rh = region(r, 0, 0), *rw = region(r, 1, 0);
+      r->val[0] = NULL;
+      const int rc = _sc_gather(r->ctx, px, r->batch, p->channels[0],
+                                rh[1] - rh[0], rw[1] - rw[0], 0, 0, 0.0,
+                                r->ctx->tiles_nhwc, &r->val[0]);
+      _sc_drop(&px);
+      if (rc) return SC_ERR;
+    }
+  }
   for (int64_t v = 0; v < r->nv; v++) r->left[v] = p->n_consumers[v];
   for (int64_t i = 0; i < p->n_instr; i++) {
     if (value_empty(r, i + 1)) continue; /* only padding reads it */
@@ -915,6 +927,9 @@ int _sc_backward(sc_ctx *ctx, const sc_call *call, AtenTensorHandle grad_out,
   for (int64_t k = 0; k <= p->n_params; k++) grads[k] = NULL;
   int rc = run_init(&r, ctx, call);
   r.mask = mask;
+  if (!rc && mask[0] && ctx->image_u8)
+    rc = sc_fail(&ctx->err, "streamcnn: a uint8 image has no gradient "
+                            "(output_mask[0] must be false)");
   if (!rc) { /* check grad_output against the forward's output */
     int64_t dim, *sz, *st;
     int32_t dtype, dt, di;
@@ -1012,10 +1027,12 @@ static int check_param(sc_ctx *ctx, const sc_call *call, int64_t i,
   if (dtype != ctx->dtype)
     return sc_fail(&ctx->err,
                    "streamcnn: params[%lld] (%s of instruction %lld, %s) is "
-                   "%s but the image is %s: convert the module and the image "
+                   "%s but the %s is %s: convert the module and the image "
                    "to one dtype",
                    (long long)k, role, (long long)i, _sc_op_name(in->op),
-                   dtype_name(dtype), dtype_name(ctx->dtype));
+                   dtype_name(dtype),
+                   ctx->image_u8 ? "first parameter (uint8 image)" : "image",
+                   dtype_name(ctx->dtype));
   if (dt != ctx->device_type || di != ctx->device_index)
     return sc_fail(&ctx->err,
                    "streamcnn: params[%lld] (%s of instruction %lld, %s) is "
@@ -1065,14 +1082,26 @@ int _sc_validate(sc_ctx *ctx, const sc_call *call) {
                    "streamcnn: image must be a 4-D N x C x H x W tensor, got "
                    "%lld dimensions",
                    (long long)dim);
+  ctx->image_u8 = dtype == aoti_torch_dtype_uint8();
+  if (ctx->image_u8) {
+    /* uint8 pixels are converted in the tile gather; the computation runs
+     * in the parameters' dtype (float32 without parameters) */
+    dtype = aoti_torch_dtype_float32();
+    if (p->n_params > 0 && aoti_torch_get_dtype(call->params[0], &dtype))
+      return sc_fail(&ctx->err, "streamcnn: cannot read params[0]");
+  }
   if (dtype == aoti_torch_dtype_float32())
     ctx->kdtype = SC_DTYPE_F32;
   else if (dtype == aoti_torch_dtype_float64())
     ctx->kdtype = SC_DTYPE_F64;
+  else if (ctx->image_u8)
+    return sc_fail(&ctx->err,
+                   "streamcnn: with a uint8 image the parameters set the "
+                   "compute dtype and must be float32 or float64");
   else
     return sc_fail(&ctx->err,
-                   "streamcnn: image must be float32 or float64 (got dtype "
-                   "code %d)",
+                   "streamcnn: image must be uint8, float32 or float64 (got "
+                   "dtype code %d)",
                    (int)dtype);
   ctx->dtype = dtype;
   ctx->device_type = dt;

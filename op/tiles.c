@@ -110,6 +110,10 @@ int _sc_gather(sc_ctx *ctx, AtenTensorHandle src, int64_t n, int64_t c,
       return SC_ERR;
     if (size[0] != n || size[1] != c)
       return sc_fail(&ctx->err, "streamcnn: internal error: gather shape");
+    int32_t sdt;
+    if (aoti_torch_get_dtype(src, &sdt))
+      return sc_fail(&ctx->err, "streamcnn: cannot read a tile's dtype");
+    if (sdt == aoti_torch_dtype_uint8()) p.src_dtype = SC_DTYPE_U8;
     p.src = s;
     p.src_h = size[2];
     p.src_w = size[3];

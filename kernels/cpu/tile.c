@@ -76,8 +76,8 @@ int sc_copy_cpu(const sc_copy_params *p) {
 /* ---- gather with border padding -------------------------------------------- */
 
 /* NCHW destination: one task row = one (n, c, y) row of dst_w elements. */
-#define GATHER_ROWS(T)                                                        \
-  static void gather_rows_##T(int64_t begin, int64_t end, void *ctx) {        \
+#define GATHER_ROWS(T, S, NAME)                                               \
+  static void NAME(int64_t begin, int64_t end, void *ctx) {                   \
     const sc_gather_params *p = ctx;                                          \
     const T pad = (T)p->pad_value;                                            \
     const int64_t H = p->dst_h, W = p->dst_w;                                 \
@@ -89,22 +89,22 @@ int sc_copy_cpu(const sc_copy_params *p) {
         for (int64_t x = 0; x < W; x++) d[x] = pad;                           \
         continue;                                                             \
       }                                                                       \
-      const T *s = (const T *)p->src + n * p->src_stride[0] +                 \
+      const S *s = (const S *)p->src + n * p->src_stride[0] +                 \
                    c * p->src_stride[1] + sy * p->src_stride[2];              \
       const int64_t ss = p->src_stride[3];                                    \
       for (int64_t x = 0; x < p->off_w; x++) d[x] = pad;                      \
       T *dm = d + p->off_w;                                                   \
       if (ss == 1)                                                            \
-        for (int64_t x = 0; x < p->src_w; x++) dm[x] = s[x];                  \
+        for (int64_t x = 0; x < p->src_w; x++) dm[x] = (T)s[x];               \
       else                                                                    \
-        for (int64_t x = 0; x < p->src_w; x++) dm[x] = s[x * ss];             \
+        for (int64_t x = 0; x < p->src_w; x++) dm[x] = (T)s[x * ss];          \
       for (int64_t x = p->off_w + p->src_w; x < W; x++) d[x] = pad;           \
     }                                                                         \
   }
 
 /* NHWC destination: one task row = one (n, y) row of dst_w * c elements. */
-#define GATHER_ROWS_NHWC(T)                                                   \
-  static void gather_rows_nhwc_##T(int64_t begin, int64_t end, void *ctx) {   \
+#define GATHER_ROWS_NHWC(T, S, NAME)                                          \
+  static void NAME(int64_t begin, int64_t end, void *ctx) {                   \
     const sc_gather_params *p = ctx;                                          \
     const T pad = (T)p->pad_value;                                            \
     const int64_t H = p->dst_h, W = p->dst_w, C = p->c;                       \
@@ -119,31 +119,37 @@ int sc_copy_cpu(const sc_copy_params *p) {
           for (int64_t c = 0; c < C; c++) dc[c] = pad;                        \
           continue;                                                           \
         }                                                                     \
-        const T *s = (const T *)p->src + n * p->src_stride[0] +               \
+        const S *s = (const S *)p->src + n * p->src_stride[0] +               \
                      sy * p->src_stride[2] + sx * p->src_stride[3];           \
-        for (int64_t c = 0; c < C; c++) dc[c] = s[c * p->src_stride[1]];      \
+        for (int64_t c = 0; c < C; c++) dc[c] = (T)s[c * p->src_stride[1]];   \
       }                                                                       \
     }                                                                         \
   }
 
-GATHER_ROWS(float)
-GATHER_ROWS(double)
-GATHER_ROWS_NHWC(float)
-GATHER_ROWS_NHWC(double)
+GATHER_ROWS(float, float, gather_rows_float)
+GATHER_ROWS(double, double, gather_rows_double)
+GATHER_ROWS(float, uint8_t, gather_rows_u8_float)
+GATHER_ROWS(double, uint8_t, gather_rows_u8_double)
+GATHER_ROWS_NHWC(float, float, gather_rows_nhwc_float)
+GATHER_ROWS_NHWC(double, double, gather_rows_nhwc_double)
+GATHER_ROWS_NHWC(float, uint8_t, gather_rows_nhwc_u8_float)
+GATHER_ROWS_NHWC(double, uint8_t, gather_rows_nhwc_u8_double)
 
 int sc_gather_cpu(const sc_gather_params *p) {
   if (sc_gather_check(p)) return 1;
-  const int f32 = p->dtype == SC_DTYPE_F32;
+  const int f32 = p->dtype == SC_DTYPE_F32, u8 = p->src_dtype == SC_DTYPE_U8;
   int64_t rows, row_len;
   ParallelFunc fn;
   if (p->channels_last) {
     rows = p->n * p->dst_h;
     row_len = p->dst_w * p->c;
-    fn = f32 ? gather_rows_nhwc_float : gather_rows_nhwc_double;
+    fn = u8 ? (f32 ? gather_rows_nhwc_u8_float : gather_rows_nhwc_u8_double)
+            : (f32 ? gather_rows_nhwc_float : gather_rows_nhwc_double);
   } else {
     rows = p->n * p->c * p->dst_h;
     row_len = p->dst_w;
-    fn = f32 ? gather_rows_float : gather_rows_double;
+    fn = u8 ? (f32 ? gather_rows_u8_float : gather_rows_u8_double)
+            : (f32 ? gather_rows_float : gather_rows_double);
   }
   if (rows == 0 || row_len == 0) return 0;
   return torch_parallel_for(0, rows, grain_rows(row_len), fn, (void *)p) ? 1

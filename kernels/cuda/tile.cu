@@ -50,7 +50,7 @@ __global__ void copy_kernel(sc_copy_params p, int64_t total) {
   }
 }
 
-template <typename T>
+template <typename T, typename S>
 __global__ void gather_kernel(sc_gather_params p, int64_t total) {
   const T pad = static_cast<T>(p.pad_value);
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total;
@@ -61,10 +61,10 @@ __global__ void gather_kernel(sc_gather_params p, int64_t total) {
     const int64_t sy = y - p.off_h, sx = x - p.off_w;
     T v = pad;
     if (sy >= 0 && sy < p.src_h && sx >= 0 && sx < p.src_w)
-      v = static_cast<const T *>(p.src)[n * p.src_stride[0] +
-                                        c * p.src_stride[1] +
-                                        sy * p.src_stride[2] +
-                                        sx * p.src_stride[3]];
+      v = static_cast<T>(static_cast<const S *>(p.src)[n * p.src_stride[0] +
+                                                       c * p.src_stride[1] +
+                                                       sy * p.src_stride[2] +
+                                                       sx * p.src_stride[3]]);
     const int64_t di = p.channels_last
                            ? ((n * p.dst_h + y) * p.dst_w + x) * p.c + c
                            : i;
@@ -96,10 +96,19 @@ extern "C" int sc_gather_cuda(const sc_gather_params *p, void *stream,
   const int64_t total = p->n * p->c * p->dst_h * p->dst_w;
   if (total == 0) return 0;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  if (p->dtype == SC_DTYPE_F32)
-    gather_kernel<float><<<blocks_for(total), kThreads, 0, s>>>(*p, total);
-  else
-    gather_kernel<double><<<blocks_for(total), kThreads, 0, s>>>(*p, total);
+  const unsigned b = blocks_for(total);
+  const bool u8 = p->src_dtype == SC_DTYPE_U8;
+  if (p->dtype == SC_DTYPE_F32) {
+    if (u8)
+      gather_kernel<float, uint8_t><<<b, kThreads, 0, s>>>(*p, total);
+    else
+      gather_kernel<float, float><<<b, kThreads, 0, s>>>(*p, total);
+  } else {
+    if (u8)
+      gather_kernel<double, uint8_t><<<b, kThreads, 0, s>>>(*p, total);
+    else
+      gather_kernel<double, double><<<b, kThreads, 0, s>>>(*p, total);
+  }
   SC_CUDA_CHECK(cudaGetLastError());
   return 0;
 }

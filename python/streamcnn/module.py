@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from . import ops  # noqa: F401  (registers fake kernels and autograd)
 from ._library import program_info, tiling_info
-from .program import convert
+from .program import convert, prepend_normalize
 
 TileSize = Union[int, Sequence[int]]
 
@@ -72,10 +72,16 @@ class StreamingModule(nn.Module):
             less and use more memory.
         in_channels: channels of the image, when the stem has no Conv2d or
             BatchNorm2d to read them from.
+        mean, std: optional per-channel (or scalar) normalisation applied to
+            the image inside each tile (buffers ``norm_weight`` /
+            ``norm_bias`` of this module; no gradient).
 
     ``sm(x)`` takes ``x`` of shape ``N x C x H x W`` (float32 or float64,
-    the dtype and device of the stem's parameters) of any size and returns
-    ``module(x)``. ``loss.backward()`` fills ``.grad`` of the stem's
+    the dtype and device of the stem's parameters, or uint8) of any size and
+    returns ``module(x)``; a uint8 image is converted tile by tile (the
+    float image never exists) and the stem computes in its parameters' dtype.
+    With ``mean`` / ``std`` (per channel, in the image's units, e.g. 0..255
+    for uint8) it returns ``module((x - mean) / std)``, normalised per tile. ``loss.backward()`` fills ``.grad`` of the stem's
     parameters that require grad, and of ``x`` when it requires grad.
     Parameters and buffers are read at call time, so optimizer steps,
     ``load_state_dict`` and ``.to()`` are seen.
@@ -98,7 +104,9 @@ class StreamingModule(nn.Module):
     __jit_unused_properties__ = ["stem"]
 
     def __init__(self, module: nn.Module, tile_size: TileSize, *,
-                 in_channels: Optional[int] = None):
+                 in_channels: Optional[int] = None,
+                 mean: Optional[Sequence[float]] = None,
+                 std: Optional[Sequence[float]] = None):
         super().__init__()
         if not isinstance(module, nn.Module):
             raise TypeError(f"streamcnn: expected an nn.Module, got {type(module).__name__}")
@@ -112,6 +120,30 @@ class StreamingModule(nn.Module):
                 "(its receptive field)")
         self.module = _param_gatherer(module, conv.param_refs)
         self.program: List[int] = conv.program
+        self.normalize: bool = mean is not None or std is not None
+        if self.normalize:
+            c = info[0]
+            m = torch.as_tensor(0.0 if mean is None else mean, dtype=torch.float64).flatten()
+            d = torch.as_tensor(1.0 if std is None else std, dtype=torch.float64).flatten()
+            if m.numel() == 1:
+                m = m.expand(c)
+            if d.numel() == 1:
+                d = d.expand(c)
+            if m.numel() != c or d.numel() != c:
+                raise ValueError(f"streamcnn: mean and std need 1 or {c} values (one per "
+                                 f"image channel), got {m.numel()} and {d.numel()}")
+            if not bool(torch.isfinite(m).all()) or not bool((d > 0).all()) \
+                    or not bool(torch.isfinite(d).all()):
+                raise ValueError("streamcnn: mean must be finite and std finite and positive")
+            dtype = next((t.dtype for t in self.module() if t.is_floating_point()),
+                         torch.float32)
+            # the tile runs (x - mean) / std as a depthwise 1 x 1 convolution
+            self.register_buffer("norm_weight", (1 / d).to(dtype).reshape(c, 1, 1, 1))
+            self.register_buffer("norm_bias", (-m / d).to(dtype))
+            self.program = prepend_normalize(conv.program)
+        else:  # (unused; buffers so that TorchScript sees tensors)
+            self.register_buffer("norm_weight", torch.empty(0), persistent=False)
+            self.register_buffer("norm_bias", torch.empty(0), persistent=False)
         self.tile_size: List[int] = tile
         self.in_channels: int = info[0]
         self.out_channels: int = info[1]
@@ -125,10 +157,13 @@ class StreamingModule(nn.Module):
         """The module passed in (its submodules are shared with ``.module``)."""
         return self._stem[0]
 
-    @torch.jit.unused
     def stream_params(self) -> List[torch.Tensor]:
-        """The tensors the program indexes, read from the stem now."""
-        return self.module()
+        """The tensors the program indexes, read from the stem now (and the
+        normalisation's, when mean/std were given)."""
+        params: List[torch.Tensor] = self.module()
+        if self.normalize:
+            params = params + [self.norm_weight, self.norm_bias]
+        return params
 
     @torch.jit.unused
     def tiling(self, height: int, width: int) -> dict:
@@ -154,10 +189,19 @@ class StreamingModule(nn.Module):
         if x.shape[1] != self.in_channels:
             raise ValueError(f"streamcnn: the stem expects {self.in_channels} channels, the "
                              f"image has {x.shape[1]} (shape {tuple(x.shape)})")
-        if x.dtype not in (torch.float32, torch.float64):
-            raise TypeError(f"streamcnn: the image must be float32 or float64, got {x.dtype}")
+        if x.dtype not in (torch.float32, torch.float64, torch.uint8):
+            raise TypeError(f"streamcnn: the image must be uint8, float32 or float64, got "
+                            f"{x.dtype}")
+        if x.dtype == torch.uint8 and x.requires_grad:
+            raise ValueError("streamcnn: a uint8 image cannot require grad")
+        want = x.dtype if x.dtype != torch.uint8 else (
+            params[0].dtype if params else torch.float32)
         for p in params:
-            if p.dtype != x.dtype:
+            if x.dtype == torch.uint8 and p.dtype != want:
+                raise TypeError(f"streamcnn: with a uint8 image the stem computes in its "
+                                f"parameters' dtype, which must be one: found {want} and "
+                                f"{p.dtype}")
+            if p.dtype != x.dtype and x.dtype != torch.uint8:
                 raise TypeError(f"streamcnn: the image is {x.dtype} but the stem's parameters "
                                 f"are {p.dtype}; convert one of them (e.g. x.to({p.dtype}) or "
                                 f"module.to({x.dtype}))")
@@ -172,7 +216,7 @@ class StreamingModule(nn.Module):
         tiling_info(self.program, x.shape[2], x.shape[3], self.tile_size)  # size errors
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        params = self.module()
+        params = self.stream_params()
         if not torch.jit.is_scripting():
             if not torch.compiler.is_compiling():
                 self._check(x, params)

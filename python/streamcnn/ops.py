@@ -33,7 +33,10 @@ load_library()
 def _forward_fake(image, params, program, tile_size):
     torch._check(image.dim() == 4, lambda: "streamcnn: image must be N x C x H x W")
     c, h, w = output_shape(program, image.shape[2], image.shape[3])
-    return image.new_empty((image.shape[0], c, h, w))
+    dtype = image.dtype
+    if dtype == torch.uint8:  # converted per tile; computed in the params' dtype
+        dtype = params[0].dtype if len(params) else torch.float32
+    return image.new_empty((image.shape[0], c, h, w), dtype=dtype)
 
 
 @torch.library.register_fake("streamcnn::backward")

@@ -118,6 +118,28 @@ class ProgramBuilder:
 # shapes (mirror of op/geometry.c, used by the fake kernels; works on SymInts)
 
 
+def prepend_normalize(program: Sequence[int]) -> List[int]:
+    """The program with a per-channel affine map of the image in front: a
+    depthwise 1 x 1 convolution (weight ``params[n]``, C x 1 x 1 x 1, bias
+    ``params[n + 1]``, n = the program's parameter count), so that mean/std
+    normalisation runs inside each tile. Every value index moves up by one
+    (value 1 is now the normalised image); parameter indices stay."""
+    w = [int(v) for v in program]
+    c, n_instr, n_params = w[2], w[3], w[4]
+    out = [w[0], w[1], c, n_instr + 1, n_params + 2,
+           OP_CONV, 16, 0, n_params, n_params + 1, c, c, c, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0]
+    at = 5
+    for _ in range(n_instr):
+        op, nf = w[at], w[at + 1]
+        f = list(w[at + 2:at + 2 + nf])
+        f[0] += 1                      # every instruction's first field is a value
+        if op == OP_ADD:
+            f[1] += 1                  # add reads two
+        out += [op, nf, *f]
+        at += 2 + nf
+    return out
+
+
 def _window_out(n, k, s, d, pad_lo, pad_hi, ceil_mode):
     num = n + pad_lo + pad_hi - (d * (k - 1) + 1)
     if ceil_mode:

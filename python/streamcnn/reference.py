@@ -73,6 +73,8 @@ def run_program(image: torch.Tensor, params: Sequence[torch.Tensor],
     if len(w) < 5 or w[0] != MAGIC:
         raise ValueError("streamcnn: not a streamcnn program")
     n_instr = w[3]
+    if image.dtype == torch.uint8:  # as the operator: params' dtype
+        image = image.to(params[0].dtype if len(params) else torch.float32)
     values: List[torch.Tensor] = [image]
     at = 5
     for _ in range(n_instr):

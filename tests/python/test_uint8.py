@@ -1,0 +1,140 @@
+"""uint8 images and per-tile mean/std normalisation: the tile gather converts
+the pixels, so the float image never exists; results equal the whole-image
+pass on the normalised float image."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+
+import streamcnn
+from conftest import randomize_bn, rel_err
+
+MEAN, STD = [123.7, 116.3, 103.5], [58.4, 57.1, 57.4]
+
+
+def _resnet_stem(dtype=torch.float64):
+    torch.manual_seed(0)
+    r = torchvision.models.resnet18(weights=None)
+    stem = nn.Sequential(r.conv1, r.bn1, r.relu, r.maxpool, r.layer1).eval().to(dtype)
+    randomize_bn(stem, torch.Generator().manual_seed(1))
+    return stem
+
+
+def _normalised(x8, dtype, mean=MEAN, std=STD):
+    m = torch.tensor(mean, dtype=dtype).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=dtype).view(1, -1, 1, 1)
+    return (x8.to(dtype) - m) / s
+
+
+def _image(n=2, h=157, w=203, c=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, c, h, w), dtype=torch.uint8, generator=g)
+
+
+def _check(stem, sm, x8, xf, tol):
+    params = [p for p in stem.parameters() if p.requires_grad]
+    y, ref = sm(x8), stem(xf)
+    assert y.dtype == ref.dtype and y.shape == ref.shape
+    assert rel_err(y, ref) < tol
+    g = torch.randn_like(ref)
+    got = torch.autograd.grad((y * g).sum(), params)
+    want = torch.autograd.grad((ref * g).sum(), params)
+    for a, b in zip(got, want):
+        assert rel_err(a, b) < tol
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("tile", [96, 160])
+def test_uint8_with_mean_std_fp64(channels_last, tile):
+    stem = _resnet_stem()
+    sm = streamcnn.StreamingModule(stem, tile, mean=MEAN, std=STD)
+    x8 = _image()
+    if channels_last:
+        x8 = x8.contiguous(memory_format=torch.channels_last)
+    _check(stem, sm, x8, _normalised(x8, torch.float64), 1e-10)
+
+
+def test_uint8_fp32_channels_last_tiles():
+    stem = _resnet_stem(torch.float32)
+    sm = streamcnn.StreamingModule(stem, 128, mean=MEAN, std=STD)
+    x8 = _image(1, 181, 140)
+    y, ref = sm(x8), stem(_normalised(x8, torch.float32))
+    assert y.dtype == torch.float32 and rel_err(y, ref) < 1e-5
+
+
+def test_uint8_without_normalisation_and_pool_first():
+    """Raw 0..255 values; the image feeds a max pool first (not a conv)."""
+    stem = nn.Sequential(nn.MaxPool2d(3, 2, 1), nn.Conv2d(3, 4, 3, padding=1),
+                         nn.ReLU()).double()
+    sm = streamcnn.StreamingModule(stem, 21)
+    x8 = _image(2, 45, 38)
+    _check(stem, sm, x8, x8.double(), 1e-12)
+
+
+def test_mean_std_on_float_images_and_scalars():
+    stem = _resnet_stem()
+    sm = streamcnn.StreamingModule(stem, 96, mean=0.5, std=0.25)
+    x = torch.rand(1, 3, 70, 90, dtype=torch.float64)
+    _check(stem, sm, x, (x - 0.5) / 0.25, 1e-10)
+    # the normalisation is part of the state and moves with .to()
+    assert set(sm.state_dict()) >= {"norm_weight", "norm_bias"}
+    assert "norm_weight" not in streamcnn.StreamingModule(stem, 96).state_dict()
+
+
+def test_uint8_scripted_and_op_checks(tmp_path):
+    stem = _resnet_stem(torch.float32)
+    sm = streamcnn.StreamingModule(stem, 128, mean=MEAN, std=STD)
+    x8 = _image(1, 100, 120)
+    scripted = torch.jit.script(sm)
+    path = tmp_path / "sm.pt"
+    scripted.save(str(path))
+    assert torch.equal(torch.jit.load(str(path))(x8), sm(x8))
+    params = [p.detach() for p in sm.stream_params()]
+    torch.library.opcheck(torch.ops.streamcnn.forward.default,
+                          (x8, params, sm.program, sm.tile_size))
+    y = torch.ops.streamcnn.forward(x8, params, sm.program, sm.tile_size)
+    mask = [True] + [False] * len(params)
+    with pytest.raises(RuntimeError, match="uint8 image has no gradient"):
+        torch.ops.streamcnn.backward(torch.ones_like(y), x8, params, sm.program,
+                                     sm.tile_size, mask)
+
+
+def test_gradient_penalty_needs_float_image():
+    from streamcnn.reference import run_program
+    stem = _resnet_stem()
+    sm = streamcnn.StreamingModule(stem, 96, mean=MEAN, std=STD)
+    x8 = _image(1, 60, 50)
+    assert rel_err(run_program(x8, sm.stream_params(), sm.program),
+                   stem(_normalised(x8, torch.float64))) < 1e-12
+
+
+def test_bad_normalisation_and_dtypes():
+    stem = _resnet_stem()
+    with pytest.raises(ValueError, match="1 or 3 values"):
+        streamcnn.StreamingModule(stem, 96, mean=[1.0, 2.0], std=STD)
+    with pytest.raises(ValueError, match="std finite and positive"):
+        streamcnn.StreamingModule(stem, 96, mean=MEAN, std=[1.0, 0.0, 1.0])
+    with pytest.raises(ValueError, match="finite"):
+        streamcnn.StreamingModule(stem, 96, mean=float("nan"))
+    sm = streamcnn.StreamingModule(stem, 96, mean=MEAN, std=STD)
+    # parameters of two dtypes: no single compute dtype for a uint8 image
+    stem[0].weight.data = stem[0].weight.data.float()
+    with pytest.raises(TypeError, match="parameters' dtype"):
+        sm(_image(1, 40, 40))
+    with pytest.raises(RuntimeError, match=r"is float64 but the first parameter \(uint8 "
+                                           r"image\) is float32"):
+        torch.ops.streamcnn.forward(_image(1, 40, 40), sm.stream_params(), sm.program,
+                                    sm.tile_size)
+
+
+def test_uint8_compiled_and_exported():
+    stem = _resnet_stem(torch.float32)
+    sm = streamcnn.StreamingModule(stem, 128, mean=MEAN, std=STD)
+    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 2))
+    model = nn.Sequential(sm, head).eval()
+    x8 = _image(1, 97, 131)
+    eager = model(x8)
+    assert rel_err(torch.compile(model)(x8), eager) < 1e-5
+    ep = torch.export.export(model, (x8,))
+    assert rel_err(ep.module()(x8), eager) < 1e-5
