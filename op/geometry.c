@@ -275,3 +275,72 @@ done:
   sc_program_free(p);
   return rc;
 }
+
+/* Multiply-adds per output pixel of instruction i (conv, linear_c), else 0. */
+static double macs_per_pixel(const sc_program *p, const sc_instr *in) {
+  (void)p;
+  if (in->op == SC_OP_CONV)
+    return (double)in->c_out * (double)(in->c_in / in->groups) *
+           (double)in->win[0].k * (double)in->win[1].k;
+  if (in->op == SC_OP_LINEAR_C) return (double)in->c_out * (double)in->c_in;
+  return 0.0;
+}
+
+int sc_work_info(const int64_t *words, int64_t n_words, int64_t h, int64_t w,
+                 int64_t tile_h, int64_t tile_w, double *work, char *errbuf,
+                 size_t errlen) {
+  sc_error err = {0};
+  sc_program *p = NULL;
+  int64_t *sizes = NULL;
+  double *span[2] = {NULL, NULL}; /* per value: summed region extent over tiles */
+  sc_axis_plan *plan = NULL;
+  int64_t t[2];
+  int rc = SC_ERR;
+  if (sc_program_decode(words, n_words, &p, &err)) goto done;
+  const int64_t nv = p->n_instr + 1;
+  sizes = malloc(2 * (size_t)nv * sizeof *sizes);
+  span[0] = calloc((size_t)nv, sizeof(double));
+  span[1] = calloc((size_t)nv, sizeof(double));
+  plan = sc_axis_plan_new(p);
+  if (!sizes || !span[0] || !span[1] || !plan) {
+    sc_fail(&err, "streamcnn: out of memory");
+    goto done;
+  }
+  if (sc_value_sizes(p, h, w, sizes, &err) ||
+      _sc_tiling(p, sizes, tile_h, tile_w, t, &err))
+    goto done;
+  /* tiles are products of a row span and a column span: each value's
+   * summed area over all tiles is (sum of its row extents) x (sum of its
+   * column extents) */
+  for (int a = 0; a < 2; a++) {
+    const int64_t n_out = sizes[2 * p->n_instr + a];
+    for (int64_t lo = 0; lo < n_out; lo += t[a]) {
+      const int64_t hi = lo + t[a] < n_out ? lo + t[a] : n_out;
+      if (sc_plan_axis(p, sizes, a, lo, hi, plan, &err)) goto done;
+      for (int64_t v = 0; v < nv; v++) {
+        const int64_t e = plan->region[2 * v + 1] - plan->region[2 * v];
+        if (e > 0) span[a][v] += (double)e;
+      }
+    }
+  }
+  for (int k = 0; k < 4; k++) work[k] = 0.0;
+  for (int64_t i = 0; i < p->n_instr; i++) {
+    const int64_t v = i + 1;
+    const double whole = (double)sizes[2 * v] * (double)sizes[2 * v + 1];
+    const double tiled = span[0][v] * span[1][v];
+    const double m = macs_per_pixel(p, &p->instr[i]);
+    work[0] += m * whole;
+    work[1] += m * tiled;
+    work[2] += (double)p->channels[v] * whole;
+    work[3] += (double)p->channels[v] * tiled;
+  }
+  rc = SC_OK;
+done:
+  if (rc) copy_err(&err, errbuf, errlen);
+  free(sizes);
+  free(span[0]);
+  free(span[1]);
+  sc_axis_plan_free(plan);
+  sc_program_free(p);
+  return rc;
+}

@@ -206,6 +206,17 @@ SC_API int sc_tiling_info(const int64_t *words, int64_t n_words, int64_t h,
                    int64_t w, int64_t tile_h, int64_t tile_w, int64_t *plan,
                    char *errbuf, size_t errlen);
 
+/* Work of one forward pass over an h x w image (per batch element) with an
+ * input tile of tile_h x tile_w, whole-image vs tiled (halo recomputed):
+ * work[0] / work[1] multiply-adds of the convolutions and channel linears,
+ * whole / summed over tiles; work[2] / work[3] elements of all values
+ * computed, whole / summed over tiles. work[1] / work[0] is the recompute
+ * overhead of a streamed forward. */
+#define SC_WORK_WORDS 4
+SC_API int sc_work_info(const int64_t *words, int64_t n_words, int64_t h,
+                        int64_t w, int64_t tile_h, int64_t tile_w, double *work,
+                        char *errbuf, size_t errlen);
+
 #ifdef __cplusplus
 }
 #endif

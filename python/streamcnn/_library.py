@@ -47,6 +47,10 @@ def load_library() -> str:
     _cdll.sc_tiling_info.restype = ctypes.c_int
     _cdll.sc_tiling_info.argtypes = [i64p, i64, i64, i64, i64, i64, i64p,
                                      ctypes.c_char_p, ctypes.c_size_t]
+    _cdll.sc_work_info.restype = ctypes.c_int
+    _cdll.sc_work_info.argtypes = [i64p, i64, i64, i64, i64, i64,
+                                   ctypes.POINTER(ctypes.c_double), ctypes.c_char_p,
+                                   ctypes.c_size_t]
     _declare_slide_api(_cdll)
     _loaded_path = path
     return path
@@ -83,6 +87,19 @@ def tiling_info(program: Sequence[int], h: int, w: int, tile: Tuple[int, int]) -
     if rc != 0:
         raise ValueError(err.value.decode())
     return list(plan)
+
+
+def work_info(program: Sequence[int], h: int, w: int, tile: Tuple[int, int]) -> List[float]:
+    """[whole MACs, tiled MACs, whole elements, tiled elements] of one forward
+    pass (per batch element) over an h x w image; see sc_work_info."""
+    load_library()
+    arr, n = _words(program)
+    work = (ctypes.c_double * 4)()
+    err = ctypes.create_string_buffer(768)
+    rc = _cdll.sc_work_info(arr, n, h, w, tile[0], tile[1], work, err, len(err))
+    if rc != 0:
+        raise ValueError(err.value.decode())
+    return list(work)
 
 
 def _declare_slide_api(lib: ctypes.CDLL) -> None:

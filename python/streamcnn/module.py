@@ -8,7 +8,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from . import ops  # noqa: F401  (registers fake kernels and autograd)
-from ._library import program_info, tiling_info
+from ._library import program_info, tiling_info, work_info
 from .program import convert, prepend_normalize
 
 TileSize = Union[int, Sequence[int]]
@@ -26,6 +26,10 @@ def _param_gatherer(stem: nn.Module, refs: List[Tuple[str, str]]) -> fx.GraphMod
     tensors are shared, never copied, and its state_dict has the stem's keys."""
     graph = fx.Graph()
     installs = [graph.get_attr(name) for name, _ in stem.named_children()]
+    # the stem's own tensors (a bare layer as the stem): all of them, so that
+    # the state_dict keys are the stem's (e.g. num_batches_tracked)
+    installs += [graph.get_attr(name) for name, _ in stem.named_parameters(recurse=False)]
+    installs += [graph.get_attr(name) for name, _ in stem.named_buffers(recurse=False)]
     outs = [graph.call_function(_tensor, (graph.get_attr(f"{path}.{attr}" if path else attr),))
             for path, attr in refs]
     graph.output(outs)
@@ -171,13 +175,31 @@ class StreamingModule(nn.Module):
         oh, ow, th, tw, nh, nw = tiling_info(self.program, height, width, self.tile_size)
         return {"output": (oh, ow), "output_tile": (th, tw), "tiles": (nh, nw)}
 
+    @torch.jit.unused
+    def work(self, height: int, width: int) -> dict:
+        """Work of one forward over a height x width image, whole-image vs
+        streamed with this tile_size (per batch element): multiply-adds of
+        the convolutions / channel linears (``macs_whole``, ``macs_streamed``)
+        and elements of the values computed; ``recompute`` is
+        macs_streamed / macs_whole, the halo recompute overhead. A training
+        step streams the forward twice (the backward recomputes it), so its
+        multiply-adds are about (2 + 2) x macs_streamed against
+        (1 + 2) x macs_whole."""
+        mw, ms, ew, es = work_info(self.program, height, width, self.tile_size)
+        return {"macs_whole": mw, "macs_streamed": ms, "elements_whole": ew,
+                "elements_streamed": es, "recompute": ms / mw if mw else 1.0}
+
     # -- modes ---------------------------------------------------------------------
     def train(self, mode: bool = True):
         super().train(mode)
         self._stem[0].training = mode  # its children follow through .module
         for path in self._mode_paths:  # batch norm / dropout stay frozen
-            self.module.get_submodule(path).eval()
+            self._mode_module(path).eval()
         return self
+
+    @torch.jit.unused
+    def _mode_module(self, path: str) -> nn.Module:
+        return self._stem[0] if path == "" else self.module.get_submodule(path)
 
     @torch.jit.unused
     def _check(self, x: torch.Tensor, params: List[torch.Tensor]) -> None:
@@ -209,7 +231,7 @@ class StreamingModule(nn.Module):
                 raise ValueError(f"streamcnn: the image is on {x.device} but the stem's "
                                  f"parameters are on {p.device}")
         for path in self._mode_paths:
-            m = self.module.get_submodule(path)
+            m = self._mode_module(path)
             if m.training:
                 raise ValueError(f"streamcnn: '{path}' ({type(m).__name__}) was switched to "
                                  "training mode; streaming needs it frozen: call .eval() on it")

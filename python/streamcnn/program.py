@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import operator
+from collections import OrderedDict
 import struct
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -620,10 +621,24 @@ class _Converter:
         return None
 
 
+_LEAF = "_streamcnn_leaf"
+
+
+def _strip_leaf(path: str) -> str:
+    return "" if path == _LEAF else path[len(_LEAF) + 1:]
+
+
 def convert(module: nn.Module, in_channels: Optional[int] = None) -> Converted:
     """Trace `module` with torch.fx and convert it to a program.
 
     Raises ValueError naming the first node that cannot be streamed and what
     to do about it.
     """
+    # A bare torch.nn layer (e.g. one Conv2d) is traced from inside a wrapper,
+    # as fx would otherwise trace into its forward; paths stay relative to it.
+    if type(module).__module__.startswith("torch.nn.") and \
+            not isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+        conv = _Converter(nn.Sequential(OrderedDict([(_LEAF, module)])), in_channels).run()
+        return Converted(conv.program, [(_strip_leaf(p), a) for p, a in conv.param_refs],
+                         [(_strip_leaf(p), m) for p, m in conv.mode_modules])
     return _Converter(module, in_channels).run()

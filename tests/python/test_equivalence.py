@@ -351,3 +351,19 @@ def test_devices_fp64(device):
     stem = random_stem(7).to(device)
     x = torch.randn(2, 3, 33, 35, dtype=torch.float64, device=device, requires_grad=True)
     compare(stem, x, 19, FP64_TOL, in_channels=3)
+
+
+@pytest.mark.parametrize("layer", [nn.Conv2d(3, 4, 3, padding=1, stride=2),
+                                   nn.MaxPool2d(3, 2, 1), nn.BatchNorm2d(3)])
+def test_bare_layer_as_the_stem(layer):
+    """One torch.nn layer, not wrapped in a Sequential (fx would trace into
+    its forward): converted as a layer; state_dict keys and frozen batch norm
+    as for any stem."""
+    layer = layer.double().eval()
+    randomize_bn(layer, torch.Generator().manual_seed(0))
+    sm = streamcnn.StreamingModule(layer, 9, in_channels=3)
+    x = torch.randn(2, 3, 21, 17, dtype=torch.float64, requires_grad=True)
+    compare(layer, x, 9, 1e-12, sm=sm)
+    assert set(sm.state_dict()) == {f"module.{k}" for k in layer.state_dict()}
+    sm.train()
+    assert not isinstance(layer, nn.BatchNorm2d) or not layer.training
