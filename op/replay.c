@@ -530,6 +530,20 @@ static int forward_tile(run *r, int keep) {
   return SC_OK;
 }
 
+/* ---- progress ------------------------------------------------------------- */
+
+static _Thread_local sc_progress_fn t_progress;
+static _Thread_local void *t_progress_user;
+
+void sc_set_progress(sc_progress_fn fn, void *user) {
+  t_progress = fn;
+  t_progress_user = user;
+}
+
+static void report(int phase, int64_t done, int64_t total) {
+  if (t_progress) t_progress(t_progress_user, phase, done, total);
+}
+
 /* ---- forward ---------------------------------------------------------------- */
 
 int _sc_forward(sc_ctx *ctx, const sc_call *call, AtenTensorHandle *out) {
@@ -553,6 +567,7 @@ int _sc_forward(sc_ctx *ctx, const sc_call *call, AtenTensorHandle *out) {
          _sc_copy(ctx, dst, r.val[ov], 0);
     _sc_drop(&dst);
     run_tile_release(&r);
+    if (!rc) report(0, k + 1, r.n_order);
   }
   if (rc) _sc_drop(out);
   run_release(&r);
@@ -979,6 +994,7 @@ int _sc_backward(sc_ctx *ctx, const sc_call *call, AtenTensorHandle grad_out,
       select_tile(&r, k);
       rc = backward_tile(&r, grad_out);
       run_tile_release(&r);
+      if (!rc) report(1, k + 1, r.n_order);
     }
   /* hand over the requested gradients, contiguous, zeros where unused */
   if (!rc && mask[0]) {

@@ -217,6 +217,14 @@ SC_API int sc_work_info(const int64_t *words, int64_t n_words, int64_t h,
                         int64_t w, int64_t tile_h, int64_t tile_w, double *work,
                         char *errbuf, size_t errlen);
 
+/* Progress over tiles: while set on a thread, the operators called on that
+ * thread report after each tile: phase 0 forward, 1 backward; done of
+ * total tiles. Pass NULL to stop. Thread-local: calls on other threads are
+ * not reported. The callback must not call the operators. */
+typedef void (*sc_progress_fn)(void *user, int phase, int64_t done,
+                               int64_t total);
+SC_API void sc_set_progress(sc_progress_fn fn, void *user);
+
 #ifdef __cplusplus
 }
 #endif

@@ -7,8 +7,8 @@ whole-image pass.
     loss = head(stem(image)).sum(); loss.backward()
 """
 
-from ._library import library_path, load_library, program_info, tiling_info
-from . import data, models, ops
+from ._library import library_path, load_library, program_info, tiling_info, work_info
+from . import data, models, ops, progress, reference
 from .module import StreamingModule
 from .program import convert
 from .slide import Slide
@@ -25,5 +25,8 @@ __all__ = [
     "models",
     "ops",
     "program_info",
+    "progress",
+    "reference",
     "tiling_info",
+    "work_info",
 ]

@@ -123,6 +123,7 @@ def _declare_slide_api(lib: ctypes.CDLL) -> None:
                                                  i64p, ctypes.c_int, ctypes.c_int,
                                                  ctypes.c_int, cp, cp, sz]),
         "sc_tiff_write_striped": (ctypes.c_int, [cp, vp, i64, i64, cp, sz]),
+        "sc_set_progress": (None, [vp, vp]),
     }
     for name, (res, args) in protos.items():
         fn = getattr(lib, name)

@@ -79,6 +79,8 @@ class StreamingModule(nn.Module):
         mean, std: optional per-channel (or scalar) normalisation applied to
             the image inside each tile (buffers ``norm_weight`` /
             ``norm_bias`` of this module; no gradient).
+        progress: show per-tile progress of the forward (and of the backward
+            it leads to) on stderr; eager mode only, off by default.
 
     ``sm(x)`` takes ``x`` of shape ``N x C x H x W`` (float32 or float64,
     the dtype and device of the stem's parameters, or uint8) of any size and
@@ -110,7 +112,8 @@ class StreamingModule(nn.Module):
     def __init__(self, module: nn.Module, tile_size: TileSize, *,
                  in_channels: Optional[int] = None,
                  mean: Optional[Sequence[float]] = None,
-                 std: Optional[Sequence[float]] = None):
+                 std: Optional[Sequence[float]] = None,
+                 progress: bool = False):
         super().__init__()
         if not isinstance(module, nn.Module):
             raise TypeError(f"streamcnn: expected an nn.Module, got {type(module).__name__}")
@@ -124,6 +127,7 @@ class StreamingModule(nn.Module):
                 "(its receptive field)")
         self.module = _param_gatherer(module, conv.param_refs)
         self.program: List[int] = conv.program
+        self.progress: bool = bool(progress)
         self.normalize: bool = mean is not None or std is not None
         if self.normalize:
             c = info[0]
@@ -242,7 +246,16 @@ class StreamingModule(nn.Module):
         if not torch.jit.is_scripting():
             if not torch.compiler.is_compiling():
                 self._check(x, params)
+                if self.progress:
+                    return self._forward_with_progress(x, params)
         return torch.ops.streamcnn.forward(x, params, self.program, self.tile_size)
+
+    @torch.jit.unused
+    def _forward_with_progress(self, x: torch.Tensor, params: List[torch.Tensor]
+                               ) -> torch.Tensor:
+        from . import progress
+        with progress.show():
+            return torch.ops.streamcnn.forward(x, params, self.program, self.tile_size)
 
     def extra_repr(self) -> str:
         return (f"tile_size={tuple(self.tile_size)}, receptive_field={self.receptive_field}, "

@@ -23,6 +23,7 @@ from typing import List, Sequence
 
 import torch
 
+from . import progress as _progress
 from ._library import load_library
 from .program import output_shape
 
@@ -52,6 +53,7 @@ def _backward_fake(grad_output, image, params, program, tile_size, output_mask):
 
 def _setup_context(ctx, inputs, output):
     image, params, program, tile_size = inputs
+    ctx.progress = _progress.enabled()  # the forward showed progress
     ctx.mask = [bool(image.requires_grad)] + [bool(p.requires_grad) for p in params]
     ctx.program = program
     ctx.tile_size = tile_size
@@ -64,8 +66,9 @@ def _backward(ctx, grad):
     if not any(ctx.mask):
         return None, [None] * n, None, None
     image, *params = ctx.saved_tensors
-    grads = torch.ops.streamcnn.backward(grad, image, params, ctx.program, ctx.tile_size,
-                                         ctx.mask)
+    with _progress.show(ctx.progress):
+        grads = torch.ops.streamcnn.backward(grad, image, params, ctx.program,
+                                             ctx.tile_size, ctx.mask)
     it = iter(grads)
     grad_image = next(it) if ctx.mask[0] else None
     grad_params = [next(it) if m else None for m in ctx.mask[1:]]
