@@ -21,8 +21,16 @@ extern "C" {
 typedef enum sc_dtype {
   SC_DTYPE_F32 = 1,
   SC_DTYPE_F64 = 2,
-  SC_DTYPE_U8 = 3 /* a gather's source only: uint8 images */
+  SC_DTYPE_U8 = 3,  /* a gather's source only: uint8 images */
+  SC_DTYPE_F16 = 4, /* IEEE binary16 */
+  SC_DTYPE_BF16 = 5
 } sc_dtype;
+
+/* A float dtype the kernels compute in (every sc_dtype but uint8). */
+static inline int sc_dtype_is_float(int d) {
+  return d == SC_DTYPE_F32 || d == SC_DTYPE_F64 || d == SC_DTYPE_F16 ||
+         d == SC_DTYPE_BF16;
+}
 
 /* dst[n, c, y, x] = src[...]  (or +=) over a window of `size`. */
 typedef struct sc_copy_params {
@@ -31,8 +39,10 @@ typedef struct sc_copy_params {
   void *dst;             /* element (0, 0, 0, 0) of the destination window */
   int64_t dst_stride[4]; /* destination strides, elements, no overlap */
   int64_t size[4];       /* window extent N, C, H, W; 0 = nothing to do */
-  int dtype;             /* sc_dtype of both tensors */
+  int dtype;             /* sc_dtype of dst (and of src unless src_dtype) */
   int accumulate;        /* 0: dst = src; 1: dst += src (src may be dst) */
+  int src_dtype;         /* 0: as dtype; else the source's float sc_dtype
+                            (converted; sums are formed in float/double) */
 } sc_copy_params;
 
 /* dst (N x C x dst_h x dst_w, dense: NCHW or channels-last NHWC order) =
@@ -51,14 +61,15 @@ typedef struct sc_gather_params {
   int64_t off_h, off_w;  /* top-left of the source window inside dst */
   double pad_value;      /* 0 for conv / avg pool, -inf for max pool */
   int dtype;             /* sc_dtype of dst (and of src unless src_dtype) */
-  int src_dtype;         /* 0: as dtype; SC_DTYPE_U8: uint8 source, values
-                            converted exactly (0 .. 255) */
+  int src_dtype;         /* 0: as dtype; else the source's sc_dtype (uint8
+                            or another float dtype), converted */
 } sc_gather_params;
 
 /* NULL when p is well-formed, else what is wrong. */
 static inline const char *sc_copy_check(const sc_copy_params *p) {
-  if (p->dtype != SC_DTYPE_F32 && p->dtype != SC_DTYPE_F64)
-    return "tile copy: unsupported dtype";
+  if (!sc_dtype_is_float(p->dtype)) return "tile copy: unsupported dtype";
+  if (p->src_dtype != 0 && !sc_dtype_is_float(p->src_dtype))
+    return "tile copy: unsupported source dtype";
   if (p->accumulate != 0 && p->accumulate != 1)
     return "tile copy: accumulate must be 0 or 1";
   for (int i = 0; i < 4; i++)
@@ -70,9 +81,8 @@ static inline const char *sc_copy_check(const sc_copy_params *p) {
 }
 
 static inline const char *sc_gather_check(const sc_gather_params *p) {
-  if (p->dtype != SC_DTYPE_F32 && p->dtype != SC_DTYPE_F64)
-    return "tile gather: unsupported dtype";
-  if (p->src_dtype != 0 && p->src_dtype != p->dtype &&
+  if (!sc_dtype_is_float(p->dtype)) return "tile gather: unsupported dtype";
+  if (p->src_dtype != 0 && !sc_dtype_is_float(p->src_dtype) &&
       p->src_dtype != SC_DTYPE_U8)
     return "tile gather: unsupported source dtype";
   if (p->n < 0 || p->c < 0 || p->src_h < 0 || p->src_w < 0 || p->dst_h < 0 ||

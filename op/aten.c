@@ -12,6 +12,7 @@
  */
 #define STREAMCNN_TORCH
 #include "internal.h"
+#include "tile.h"
 
 #include <string.h>
 
@@ -246,6 +247,24 @@ int _sc_view(sc_ctx *ctx, AtenTensorHandle t, int64_t r0, int64_t nr,
 
 int _sc_empty(sc_ctx *ctx, int64_t ndim, const int64_t *sizes,
               AtenTensorHandle *out) {
+  return _sc_empty_as(ctx, ctx->dtype, ndim, sizes, 0, out);
+}
+
+int _sc_kdtype(int32_t dtype) {
+  if (dtype == aoti_torch_dtype_float32()) return SC_DTYPE_F32;
+  if (dtype == aoti_torch_dtype_float64()) return SC_DTYPE_F64;
+  if (dtype == aoti_torch_dtype_float16()) return SC_DTYPE_F16;
+  if (dtype == aoti_torch_dtype_bfloat16()) return SC_DTYPE_BF16;
+  if (dtype == aoti_torch_dtype_uint8()) return SC_DTYPE_U8;
+  return 0;
+}
+
+int _sc_is_half(const sc_ctx *ctx) {
+  return ctx->kdtype == SC_DTYPE_F16 || ctx->kdtype == SC_DTYPE_BF16;
+}
+
+int _sc_empty_as(sc_ctx *ctx, int32_t dtype, int64_t ndim,
+                 const int64_t *sizes, int zero, AtenTensorHandle *out) {
   int64_t strides[8];
   *out = NULL;
   if (ndim < 0 || ndim > 8)
@@ -256,11 +275,15 @@ int _sc_empty(sc_ctx *ctx, int64_t ndim, const int64_t *sizes,
     strides[i] = acc;
     acc *= sizes[i] > 1 ? sizes[i] : 1;
   }
-  if (aoti_torch_empty_strided(ndim, sizes, strides, ctx->dtype,
+  if (aoti_torch_empty_strided(ndim, sizes, strides, dtype,
                                ctx->device_type, ctx->device_index, out))
     return sc_fail(&ctx->err,
                    "streamcnn: could not allocate a tensor (out of memory? "
                    "PyTorch's message is printed above)");
+  if (zero && aoti_torch_zero_(*out)) {
+    _sc_drop(out);
+    return sc_fail(&ctx->err, "streamcnn: zero_ failed");
+  }
   return SC_OK;
 }
 

@@ -72,6 +72,14 @@ int _sc_view(sc_ctx *ctx, AtenTensorHandle t, int64_t r0, int64_t nr,
 /* New owned contiguous tensor of this ctx's dtype and device. */
 int _sc_empty(sc_ctx *ctx, int64_t ndim, const int64_t *sizes,
               AtenTensorHandle *out);
+/* The same with an explicit aoti dtype; zeroed when zero is set. */
+int _sc_empty_as(sc_ctx *ctx, int32_t dtype, int64_t ndim,
+                 const int64_t *sizes, int zero, AtenTensorHandle *out);
+/* sc_dtype of an aoti dtype code (0 when the kernels lack it). */
+int _sc_kdtype(int32_t dtype);
+/* Half precision (float16 / bfloat16) computation: parameter gradients
+ * are summed over tiles in float32. */
+int _sc_is_half(const sc_ctx *ctx);
 int _sc_zeros(sc_ctx *ctx, int64_t ndim, const int64_t *sizes,
               AtenTensorHandle *out);
 /* New N x C x H x W tile buffer in the tiles' layout (ctx->tiles_nhwc);

@@ -20,6 +20,7 @@
  */
 #define STREAMCNN_TORCH
 #include "internal.h"
+#include "half.h"
 
 #include "tile.h"
 
@@ -308,8 +309,12 @@ static int avg_divisor(run *r, int64_t i, AtenTensorHandle *out) {
       const double d = fr[y] * fc[x]; /* exact: small integers */
       if (r->ctx->kdtype == SC_DTYPE_F32)
         ((float *)data)[y * w + x] = (float)d;
-      else
+      else if (r->ctx->kdtype == SC_DTYPE_F64)
         ((double *)data)[y * w + x] = d;
+      else if (r->ctx->kdtype == SC_DTYPE_F16) /* divisors <= 2048: exact */
+        ((uint16_t *)data)[y * w + x] = sc_f32_to_f16((float)d);
+      else /* bfloat16: divisors are small integers, 256 and below exact */
+        ((uint16_t *)data)[y * w + x] = sc_f32_to_bf16((float)d);
     }
   if (!r->ctx->is_cuda) {
     *out = host;
@@ -662,8 +667,18 @@ done:
   return rc;
 }
 
-/* Sum a parameter gradient (owned t) over tiles and uses. */
+/* Sum a parameter gradient (owned t) over tiles and uses; in float32 for
+ * half-precision computations (the caller converts at the end). */
 static int accum_param(run *r, int64_t k, AtenTensorHandle *t) {
+  if (!r->pgrad[k] && _sc_is_half(r->ctx)) {
+    int64_t dim, *sz, *st;
+    if (_sc_meta(r->ctx, *t, &dim, &sz, &st) ||
+        _sc_empty_as(r->ctx, aoti_torch_dtype_float32(), dim, sz, 1,
+                     &r->pgrad[k])) {
+      _sc_drop(t);
+      return SC_ERR;
+    }
+  }
   if (!r->pgrad[k]) {
     r->pgrad[k] = *t;
     *t = NULL;
@@ -1003,7 +1018,12 @@ int _sc_backward(sc_ctx *ctx, const sc_call *call, AtenTensorHandle grad_out,
   }
   for (int64_t k = 0; !rc && k < p->n_params; k++) {
     if (!mask[1 + k]) continue;
-    if (r.pgrad[k]) {
+    if (r.pgrad[k] && _sc_is_half(ctx)) { /* float32 sum -> the dtype */
+      int64_t dim, *sz, *st;
+      rc = _sc_meta(ctx, r.pgrad[k], &dim, &sz, &st) ||
+           _sc_empty(ctx, dim, sz, &grads[1 + k]) ||
+           _sc_copy(ctx, grads[1 + k], r.pgrad[k], 0);
+    } else if (r.pgrad[k]) {
       grads[1 + k] = r.pgrad[k];
       r.pgrad[k] = NULL;
       rc = _sc_make_contiguous(ctx, &grads[1 + k]);
@@ -1022,7 +1042,9 @@ int _sc_backward(sc_ctx *ctx, const sc_call *call, AtenTensorHandle grad_out,
 static const char *dtype_name(int32_t d) {
   if (d == aoti_torch_dtype_float32()) return "float32";
   if (d == aoti_torch_dtype_float64()) return "float64";
-  return "a non-float32/float64 dtype";
+  if (d == aoti_torch_dtype_float16()) return "float16";
+  if (d == aoti_torch_dtype_bfloat16()) return "bfloat16";
+  return "a non-float dtype";
 }
 
 /* Check params[k] has the image's dtype and device and the given shape
@@ -1106,18 +1128,17 @@ int _sc_validate(sc_ctx *ctx, const sc_call *call) {
     if (p->n_params > 0 && aoti_torch_get_dtype(call->params[0], &dtype))
       return sc_fail(&ctx->err, "streamcnn: cannot read params[0]");
   }
-  if (dtype == aoti_torch_dtype_float32())
-    ctx->kdtype = SC_DTYPE_F32;
-  else if (dtype == aoti_torch_dtype_float64())
-    ctx->kdtype = SC_DTYPE_F64;
-  else if (ctx->image_u8)
+  ctx->kdtype = _sc_kdtype(dtype);
+  if (ctx->kdtype == SC_DTYPE_U8) ctx->kdtype = 0;
+  if (!ctx->kdtype && ctx->image_u8)
     return sc_fail(&ctx->err,
                    "streamcnn: with a uint8 image the parameters set the "
-                   "compute dtype and must be float32 or float64");
-  else
+                   "compute dtype and must be float16, bfloat16, float32 "
+                   "or float64");
+  if (!ctx->kdtype)
     return sc_fail(&ctx->err,
-                   "streamcnn: image must be uint8, float32 or float64 (got "
-                   "dtype code %d)",
+                   "streamcnn: image must be uint8, float16, bfloat16, "
+                   "float32 or float64 (got dtype code %d)",
                    (int)dtype);
   ctx->dtype = dtype;
   ctx->device_type = dt;

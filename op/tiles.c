@@ -81,10 +81,14 @@ int _sc_copy(sc_ctx *ctx, AtenTensorHandle dst, AtenTensorHandle src,
                      (long long)dsize[0], (long long)dsize[1],
                      (long long)dsize[2], (long long)dsize[3]);
   void *s, *d;
+  int32_t sdt, ddt;
   if (data_ptr(ctx, src, &s) || data_ptr(ctx, dst, &d)) return SC_ERR;
+  if (aoti_torch_get_dtype(src, &sdt) || aoti_torch_get_dtype(dst, &ddt))
+    return sc_fail(&ctx->err, "streamcnn: cannot read a tile's dtype");
   p.src = s;
   p.dst = d;
-  p.dtype = ctx->kdtype;
+  p.dtype = _sc_kdtype(ddt); /* e.g. float32 sums of float16 gradients */
+  p.src_dtype = _sc_kdtype(sdt);
   p.accumulate = accumulate;
   return run_copy(ctx, &p);
 }
@@ -113,7 +117,7 @@ int _sc_gather(sc_ctx *ctx, AtenTensorHandle src, int64_t n, int64_t c,
     int32_t sdt;
     if (aoti_torch_get_dtype(src, &sdt))
       return sc_fail(&ctx->err, "streamcnn: cannot read a tile's dtype");
-    if (sdt == aoti_torch_dtype_uint8()) p.src_dtype = SC_DTYPE_U8;
+    p.src_dtype = _sc_kdtype(sdt);
     p.src = s;
     p.src_h = size[2];
     p.src_w = size[3];

@@ -6,6 +6,7 @@
 #include "tile.h"
 
 #include "abi.h"
+#include "half.h"
 
 #include <math.h>
 
@@ -57,6 +58,56 @@ typedef struct copy_task {
 COPY_ROWS(float)
 COPY_ROWS(double)
 
+/* ---- any dtypes: elementwise through double ---------------------------------- */
+
+static inline double ld(int dt, const void *p, int64_t i) {
+  switch (dt) {
+  case SC_DTYPE_F32: return ((const float *)p)[i];
+  case SC_DTYPE_F64: return ((const double *)p)[i];
+  case SC_DTYPE_U8: return ((const uint8_t *)p)[i];
+  case SC_DTYPE_F16: return sc_f16_to_f32(((const uint16_t *)p)[i]);
+  default: return sc_bf16_to_f32(((const uint16_t *)p)[i]);
+  }
+}
+
+static inline void st(int dt, void *p, int64_t i, double v) {
+  switch (dt) {
+  case SC_DTYPE_F32: ((float *)p)[i] = (float)v; break;
+  case SC_DTYPE_F64: ((double *)p)[i] = v; break;
+  case SC_DTYPE_F16: ((uint16_t *)p)[i] = sc_f32_to_f16((float)v); break;
+  default: ((uint16_t *)p)[i] = sc_f32_to_bf16((float)v); break;
+  }
+}
+
+static void copy_rows_any(int64_t begin, int64_t end, void *ctx) {
+  const copy_task *t = ctx;
+  const sc_copy_params *p = t->p;
+  const int sdt = p->src_dtype ? p->src_dtype : p->dtype, ddt = p->dtype;
+  const int64_t n1 = p->size[t->outer[1]], n2 = p->size[t->outer[2]];
+  const int64_t len = p->size[t->inner];
+  const int64_t ss = p->src_stride[t->inner], ds = p->dst_stride[t->inner];
+  for (int64_t r = begin; r < end; r++) {
+    const int64_t i2 = r % n2, i1 = (r / n2) % n1, i0 = r / (n2 * n1);
+    const int64_t so = i0 * p->src_stride[t->outer[0]] +
+                       i1 * p->src_stride[t->outer[1]] +
+                       i2 * p->src_stride[t->outer[2]];
+    const int64_t dof = i0 * p->dst_stride[t->outer[0]] +
+                        i1 * p->dst_stride[t->outer[1]] +
+                        i2 * p->dst_stride[t->outer[2]];
+    for (int64_t x = 0; x < len; x++) {
+      double v = ld(sdt, p->src, so + x * ss);
+      if (p->accumulate) v += ld(ddt, p->dst, dof + x * ds);
+      st(ddt, p->dst, dof + x * ds, v);
+    }
+  }
+}
+
+/* f32 / f64 with the same dtype on both sides: the typed loops */
+static int plain_float(int dtype, int src_dtype) {
+  return (dtype == SC_DTYPE_F32 || dtype == SC_DTYPE_F64) &&
+         (src_dtype == 0 || src_dtype == dtype);
+}
+
 int sc_copy_cpu(const sc_copy_params *p) {
   if (sc_copy_check(p)) return 1;
   copy_task t = {p, 3, {0, 1, 2}};
@@ -66,8 +117,9 @@ int sc_copy_cpu(const sc_copy_params *p) {
   const int64_t rows =
       p->size[t.outer[0]] * p->size[t.outer[1]] * p->size[t.outer[2]];
   if (rows == 0 || p->size[t.inner] == 0) return 0;
-  ParallelFunc fn = p->dtype == SC_DTYPE_F32 ? copy_rows_float
-                                             : copy_rows_double;
+  ParallelFunc fn = !plain_float(p->dtype, p->src_dtype) ? copy_rows_any
+                    : p->dtype == SC_DTYPE_F32           ? copy_rows_float
+                                                         : copy_rows_double;
   return torch_parallel_for(0, rows, grain_rows(p->size[t.inner]), fn, &t)
              ? 1
              : 0;
@@ -135,12 +187,41 @@ GATHER_ROWS_NHWC(double, double, gather_rows_nhwc_double)
 GATHER_ROWS_NHWC(float, uint8_t, gather_rows_nhwc_u8_float)
 GATHER_ROWS_NHWC(double, uint8_t, gather_rows_nhwc_u8_double)
 
+/* Any dtypes (half precision, conversions): one (n, y) row of the
+ * destination per task row, elementwise through double. */
+static void gather_rows_any(int64_t begin, int64_t end, void *ctx) {
+  const sc_gather_params *p = ctx;
+  const int sdt = p->src_dtype ? p->src_dtype : p->dtype, ddt = p->dtype;
+  const int64_t H = p->dst_h, W = p->dst_w, C = p->c;
+  for (int64_t r = begin; r < end; r++) {
+    const int64_t y = r % H, n = r / H, sy = y - p->off_h;
+    const int in_rows = sy >= 0 && sy < p->src_h;
+    for (int64_t c = 0; c < C; c++)
+      for (int64_t x = 0; x < W; x++) {
+        const int64_t sx = x - p->off_w;
+        const int64_t di = p->channels_last ? ((n * H + y) * W + x) * C + c
+                                            : ((n * C + c) * H + y) * W + x;
+        double v = p->pad_value;
+        if (in_rows && sx >= 0 && sx < p->src_w)
+          v = ld(sdt, p->src,
+                 n * p->src_stride[0] + c * p->src_stride[1] +
+                     sy * p->src_stride[2] + sx * p->src_stride[3]);
+        st(ddt, p->dst, di, v);
+      }
+  }
+}
+
 int sc_gather_cpu(const sc_gather_params *p) {
   if (sc_gather_check(p)) return 1;
   const int f32 = p->dtype == SC_DTYPE_F32, u8 = p->src_dtype == SC_DTYPE_U8;
   int64_t rows, row_len;
   ParallelFunc fn;
-  if (p->channels_last) {
+  if (!(plain_float(p->dtype, p->src_dtype) ||
+        (u8 && (p->dtype == SC_DTYPE_F32 || p->dtype == SC_DTYPE_F64)))) {
+    rows = p->n * p->dst_h;
+    row_len = p->dst_w * p->c;
+    fn = gather_rows_any;
+  } else if (p->channels_last) {
     rows = p->n * p->dst_h;
     row_len = p->dst_w * p->c;
     fn = u8 ? (f32 ? gather_rows_nhwc_u8_float : gather_rows_nhwc_u8_double)

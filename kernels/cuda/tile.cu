@@ -3,6 +3,8 @@
 // the caller's current stream; never synchronises.
 #include "tile.h"
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <stdio.h>
 
@@ -33,26 +35,47 @@ unsigned blocks_for(int64_t n) {
   return (unsigned)(b < 65536 ? (b > 0 ? b : 1) : 65536);
 }
 
-template <typename T>
+// Values travel as A (float, or double for float64) between the types.
+template <typename T> struct Acc { using type = float; };
+template <> struct Acc<double> { using type = double; };
+template <typename A> __device__ A to_acc(float v) { return static_cast<A>(v); }
+template <typename A> __device__ A to_acc(double v) { return static_cast<A>(v); }
+template <typename A> __device__ A to_acc(uint8_t v) { return static_cast<A>(v); }
+template <typename A> __device__ A to_acc(__half v) { return static_cast<A>(__half2float(v)); }
+template <typename A> __device__ A to_acc(__nv_bfloat16 v) {
+  return static_cast<A>(__bfloat162float(v));
+}
+template <typename T> __device__ T from_acc(double v) { return static_cast<T>(v); }
+template <> __device__ float from_acc<float>(double v) { return static_cast<float>(v); }
+template <> __device__ __half from_acc<__half>(double v) {
+  return __float2half_rn(static_cast<float>(v));
+}
+template <> __device__ __nv_bfloat16 from_acc<__nv_bfloat16>(double v) {
+  return __float2bfloat16_rn(static_cast<float>(v));
+}
+
+template <typename T, typename S>
 __global__ void copy_kernel(sc_copy_params p, int64_t total) {
+  using A = typename Acc<T>::type;
   const int64_t C = p.size[1], H = p.size[2], W = p.size[3];
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total;
        i += (int64_t)gridDim.x * blockDim.x) {
     const int64_t x = i % W, y = (i / W) % H, c = (i / (W * H)) % C,
                   n = i / (W * H * C);
-    const T s = static_cast<const T *>(p.src)[n * p.src_stride[0] +
-                                              c * p.src_stride[1] +
-                                              y * p.src_stride[2] +
-                                              x * p.src_stride[3]];
+    const A s = to_acc<A>(static_cast<const S *>(p.src)[n * p.src_stride[0] +
+                                                       c * p.src_stride[1] +
+                                                       y * p.src_stride[2] +
+                                                       x * p.src_stride[3]]);
     T *d = static_cast<T *>(p.dst) + n * p.dst_stride[0] +
            c * p.dst_stride[1] + y * p.dst_stride[2] + x * p.dst_stride[3];
-    *d = p.accumulate ? *d + s : s;
+    *d = from_acc<T>(p.accumulate ? to_acc<A>(*d) + s : s);
   }
 }
 
 template <typename T, typename S>
 __global__ void gather_kernel(sc_gather_params p, int64_t total) {
-  const T pad = static_cast<T>(p.pad_value);
+  using A = typename Acc<T>::type;
+  const T pad = from_acc<T>(p.pad_value);
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total;
        i += (int64_t)gridDim.x * blockDim.x) {
     const int64_t x = i % p.dst_w, y = (i / p.dst_w) % p.dst_h,
@@ -61,14 +84,52 @@ __global__ void gather_kernel(sc_gather_params p, int64_t total) {
     const int64_t sy = y - p.off_h, sx = x - p.off_w;
     T v = pad;
     if (sy >= 0 && sy < p.src_h && sx >= 0 && sx < p.src_w)
-      v = static_cast<T>(static_cast<const S *>(p.src)[n * p.src_stride[0] +
-                                                       c * p.src_stride[1] +
-                                                       sy * p.src_stride[2] +
-                                                       sx * p.src_stride[3]]);
+      v = from_acc<T>(to_acc<A>(static_cast<const S *>(p.src)[n * p.src_stride[0] +
+                                                            c * p.src_stride[1] +
+                                                            sy * p.src_stride[2] +
+                                                            sx * p.src_stride[3]]));
     const int64_t di = p.channels_last
                            ? ((n * p.dst_h + y) * p.dst_w + x) * p.c + c
                            : i;
     static_cast<T *>(p.dst)[di] = v;
+  }
+}
+
+struct CopyLaunch {
+  template <typename T, typename S>
+  static void go(const sc_copy_params &p, int64_t total, cudaStream_t s) {
+    copy_kernel<T, S><<<blocks_for(total), kThreads, 0, s>>>(p, total);
+  }
+};
+
+struct GatherLaunch {
+  template <typename T, typename S>
+  static void go(const sc_gather_params &p, int64_t total, cudaStream_t s) {
+    gather_kernel<T, S><<<blocks_for(total), kThreads, 0, s>>>(p, total);
+  }
+};
+
+// Launch L::go<T, S> for the sc_dtype pair (dst, src); false if unsupported.
+template <typename L, typename T, typename P>
+bool dispatch_src(int src, const P &p, int64_t total, cudaStream_t s) {
+  switch (src) {
+  case SC_DTYPE_F32: L::template go<T, float>(p, total, s); return true;
+  case SC_DTYPE_F64: L::template go<T, double>(p, total, s); return true;
+  case SC_DTYPE_U8: L::template go<T, uint8_t>(p, total, s); return true;
+  case SC_DTYPE_F16: L::template go<T, __half>(p, total, s); return true;
+  case SC_DTYPE_BF16: L::template go<T, __nv_bfloat16>(p, total, s); return true;
+  default: return false;
+  }
+}
+
+template <typename L, typename P>
+bool dispatch2(int dst, int src, const P &p, int64_t total, cudaStream_t s) {
+  switch (dst) {
+  case SC_DTYPE_F32: return dispatch_src<L, float>(src, p, total, s);
+  case SC_DTYPE_F64: return dispatch_src<L, double>(src, p, total, s);
+  case SC_DTYPE_F16: return dispatch_src<L, __half>(src, p, total, s);
+  case SC_DTYPE_BF16: return dispatch_src<L, __nv_bfloat16>(src, p, total, s);
+  default: return false;
   }
 }
 
@@ -81,10 +142,9 @@ extern "C" int sc_copy_cuda(const sc_copy_params *p, void *stream, char *err,
   const int64_t total = p->size[0] * p->size[1] * p->size[2] * p->size[3];
   if (total == 0) return 0;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  if (p->dtype == SC_DTYPE_F32)
-    copy_kernel<float><<<blocks_for(total), kThreads, 0, s>>>(*p, total);
-  else
-    copy_kernel<double><<<blocks_for(total), kThreads, 0, s>>>(*p, total);
+  if (!dispatch2<CopyLaunch>(p->dtype, p->src_dtype ? p->src_dtype : p->dtype, *p,
+                             total, s))
+    return fail_msg(err, errlen, "tile copy: unsupported dtype pair");
   SC_CUDA_CHECK(cudaGetLastError());
   return 0;
 }
@@ -96,19 +156,9 @@ extern "C" int sc_gather_cuda(const sc_gather_params *p, void *stream,
   const int64_t total = p->n * p->c * p->dst_h * p->dst_w;
   if (total == 0) return 0;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  const unsigned b = blocks_for(total);
-  const bool u8 = p->src_dtype == SC_DTYPE_U8;
-  if (p->dtype == SC_DTYPE_F32) {
-    if (u8)
-      gather_kernel<float, uint8_t><<<b, kThreads, 0, s>>>(*p, total);
-    else
-      gather_kernel<float, float><<<b, kThreads, 0, s>>>(*p, total);
-  } else {
-    if (u8)
-      gather_kernel<double, uint8_t><<<b, kThreads, 0, s>>>(*p, total);
-    else
-      gather_kernel<double, double><<<b, kThreads, 0, s>>>(*p, total);
-  }
+  if (!dispatch2<GatherLaunch>(p->dtype, p->src_dtype ? p->src_dtype : p->dtype,
+                               *p, total, s))
+    return fail_msg(err, errlen, "tile gather: unsupported dtype pair");
   SC_CUDA_CHECK(cudaGetLastError());
   return 0;
 }

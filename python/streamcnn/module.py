@@ -40,6 +40,9 @@ def _param_gatherer(stem: nn.Module, refs: List[Tuple[str, str]]) -> fx.GraphMod
     return gm
 
 
+_IMAGE_DTYPES = (torch.uint8, torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def _tile_pair(tile_size: TileSize) -> List[int]:
     if isinstance(tile_size, bool):
         raise TypeError("streamcnn: tile_size must be an int or a pair of ints")
@@ -82,8 +85,9 @@ class StreamingModule(nn.Module):
         progress: show per-tile progress of the forward (and of the backward
             it leads to) on stderr; eager mode only, off by default.
 
-    ``sm(x)`` takes ``x`` of shape ``N x C x H x W`` (float32 or float64,
-    the dtype and device of the stem's parameters, or uint8) of any size and
+    ``sm(x)`` takes ``x`` of shape ``N x C x H x W`` (float32, float64,
+    float16 or bfloat16 with the dtype and device of the stem's parameters,
+    or uint8) of any size and
     returns ``module(x)``; a uint8 image is converted tile by tile (the
     float image never exists) and the stem computes in its parameters' dtype.
     With ``mean`` / ``std`` (per channel, in the image's units, e.g. 0..255
@@ -215,9 +219,9 @@ class StreamingModule(nn.Module):
         if x.shape[1] != self.in_channels:
             raise ValueError(f"streamcnn: the stem expects {self.in_channels} channels, the "
                              f"image has {x.shape[1]} (shape {tuple(x.shape)})")
-        if x.dtype not in (torch.float32, torch.float64, torch.uint8):
-            raise TypeError(f"streamcnn: the image must be uint8, float32 or float64, got "
-                            f"{x.dtype}")
+        if x.dtype not in _IMAGE_DTYPES:
+            raise TypeError(f"streamcnn: the image must be uint8, float16, bfloat16, float32 "
+                            f"or float64, got {x.dtype}")
         if x.dtype == torch.uint8 and x.requires_grad:
             raise ValueError("streamcnn: a uint8 image cannot require grad")
         want = x.dtype if x.dtype != torch.uint8 else (
@@ -244,11 +248,31 @@ class StreamingModule(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         params = self.stream_params()
         if not torch.jit.is_scripting():
+            if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
+                return self._forward_autocast(x, params)
             if not torch.compiler.is_compiling():
                 self._check(x, params)
                 if self.progress:
                     return self._forward_with_progress(x, params)
         return torch.ops.streamcnn.forward(x, params, self.program, self.tile_size)
+
+    @torch.jit.unused
+    def _forward_autocast(self, x: torch.Tensor, params: List[torch.Tensor]) -> torch.Tensor:
+        """Under torch.autocast: the stem runs in the autocast dtype (image
+        and parameters cast, as autocast casts a convolution's inputs); the
+        gradients flow back through the casts to the float32 parameters,
+        and the op sums weight gradients over tiles in float32."""
+        dev = x.device.type
+        dtype = torch.get_autocast_dtype(dev)
+        params = [p.to(dtype) if p.is_floating_point() else p for p in params]
+        if x.is_floating_point():
+            x = x.to(dtype)
+        with torch.autocast(dev, enabled=False):
+            if not torch.compiler.is_compiling():
+                self._check(x, params)
+                if self.progress:
+                    return self._forward_with_progress(x, params)
+            return torch.ops.streamcnn.forward(x, params, self.program, self.tile_size)
 
     @torch.jit.unused
     def _forward_with_progress(self, x: torch.Tensor, params: List[torch.Tensor]

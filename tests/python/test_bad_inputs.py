@@ -157,13 +157,13 @@ def test_dtype_mismatch():
                                     sm.stream_params(), sm.program, sm.tile_size)
 
 
-@pytest.mark.parametrize("dtype", [torch.int8, torch.int64, torch.float16, torch.complex64])
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int64, torch.bool, torch.complex64])
 def test_unsupported_image_dtype(dtype):
     sm = _sm()
     x = torch.zeros(1, 3, 20, 20, dtype=dtype)
-    with pytest.raises(TypeError, match="uint8, float32 or float64"):
+    with pytest.raises(TypeError, match="uint8, float16, bfloat16, float32 or float64"):
         sm(x)
-    with pytest.raises(RuntimeError, match="uint8, float32 or float64"):
+    with pytest.raises(RuntimeError, match="uint8, float16, bfloat16, float32 or float64"):
         torch.ops.streamcnn.forward(x, sm.stream_params(), sm.program, sm.tile_size)
 
 
