@@ -84,6 +84,10 @@ class StreamingModule(nn.Module):
             ``norm_bias`` of this module; no gradient).
         progress: show per-tile progress of the forward (and of the backward
             it leads to) on stderr; eager mode only, off by default.
+        deterministic: bit-identical results run to run: cuDNN's
+            deterministic convolution algorithms during the forward and its
+            backward (the tile kernels, tile order and float32 weight-grad
+            sums are deterministic anyway); eager mode only.
 
     ``sm(x)`` takes ``x`` of shape ``N x C x H x W`` (float32, float64,
     float16 or bfloat16 with the dtype and device of the stem's parameters,
@@ -117,7 +121,7 @@ class StreamingModule(nn.Module):
                  in_channels: Optional[int] = None,
                  mean: Optional[Sequence[float]] = None,
                  std: Optional[Sequence[float]] = None,
-                 progress: bool = False):
+                 progress: bool = False, deterministic: bool = False):
         super().__init__()
         if not isinstance(module, nn.Module):
             raise TypeError(f"streamcnn: expected an nn.Module, got {type(module).__name__}")
@@ -132,6 +136,7 @@ class StreamingModule(nn.Module):
         self.module = _param_gatherer(module, conv.param_refs)
         self.program: List[int] = conv.program
         self.progress: bool = bool(progress)
+        self.deterministic: bool = bool(deterministic)
         self.normalize: bool = mean is not None or std is not None
         if self.normalize:
             c = info[0]
@@ -252,8 +257,8 @@ class StreamingModule(nn.Module):
                 return self._forward_autocast(x, params)
             if not torch.compiler.is_compiling():
                 self._check(x, params)
-                if self.progress:
-                    return self._forward_with_progress(x, params)
+                if self.progress or self.deterministic:
+                    return self._forward_with_options(x, params)
         return torch.ops.streamcnn.forward(x, params, self.program, self.tile_size)
 
     @torch.jit.unused
@@ -270,15 +275,15 @@ class StreamingModule(nn.Module):
         with torch.autocast(dev, enabled=False):
             if not torch.compiler.is_compiling():
                 self._check(x, params)
-                if self.progress:
-                    return self._forward_with_progress(x, params)
+                if self.progress or self.deterministic:
+                    return self._forward_with_options(x, params)
             return torch.ops.streamcnn.forward(x, params, self.program, self.tile_size)
 
     @torch.jit.unused
-    def _forward_with_progress(self, x: torch.Tensor, params: List[torch.Tensor]
-                               ) -> torch.Tensor:
-        from . import progress
-        with progress.show():
+    def _forward_with_options(self, x: torch.Tensor, params: List[torch.Tensor]
+                              ) -> torch.Tensor:
+        from .ops import call_options
+        with call_options(self.progress, self.deterministic):
             return torch.ops.streamcnn.forward(x, params, self.program, self.tile_size)
 
     def extra_repr(self) -> str:

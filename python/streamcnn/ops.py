@@ -18,6 +18,8 @@ tile_size, output_mask) -> Tensor[]``
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import warnings
 from typing import List, Sequence
 
@@ -51,9 +53,34 @@ def _backward_fake(grad_output, image, params, program, tile_size, output_mask):
     return out
 
 
+_local = threading.local()
+
+
+@contextlib.contextmanager
+def call_options(progress: bool = False, deterministic: bool = False):
+    """Options for the operator calls in this block on this thread, carried
+    over to the backward of the forwards called in it: per-tile progress
+    (streamcnn.progress) and deterministic algorithms (cuDNN's
+    deterministic convolutions, no benchmark-chosen algorithms; the tile
+    kernels and the tile order are deterministic anyway)."""
+    prev = getattr(_local, "opts", (False, False))
+    opts = (bool(progress) or prev[0], bool(deterministic) or prev[1])
+    _local.opts = opts
+    cudnn = torch.backends.cudnn
+    saved = (cudnn.deterministic, cudnn.benchmark)
+    try:
+        if opts[1]:
+            cudnn.deterministic, cudnn.benchmark = True, False
+        with _progress.show(opts[0]):
+            yield
+    finally:
+        cudnn.deterministic, cudnn.benchmark = saved
+        _local.opts = prev
+
+
 def _setup_context(ctx, inputs, output):
     image, params, program, tile_size = inputs
-    ctx.progress = _progress.enabled()  # the forward showed progress
+    ctx.opts = getattr(_local, "opts", (False, False))  # the forward's options
     ctx.mask = [bool(image.requires_grad)] + [bool(p.requires_grad) for p in params]
     ctx.program = program
     ctx.tile_size = tile_size
@@ -66,7 +93,7 @@ def _backward(ctx, grad):
     if not any(ctx.mask):
         return None, [None] * n, None, None
     image, *params = ctx.saved_tensors
-    with _progress.show(ctx.progress):
+    with call_options(*ctx.opts):
         grads = torch.ops.streamcnn.backward(grad, image, params, ctx.program,
                                              ctx.tile_size, ctx.mask)
     it = iter(grads)

@@ -45,3 +45,34 @@ def test_progress_block_for_raw_ops(capsys):
     assert "streamcnn forward:" in capsys.readouterr().err
     torch.ops.streamcnn.forward(x, sm.stream_params(), sm.program, sm.tile_size)
     assert capsys.readouterr().err == ""
+
+
+def test_deterministic_sets_cudnn_flags_for_forward_and_backward():
+    """deterministic=True: the ops (forward and the backward it leads to)
+    run with cuDNN's deterministic algorithms; the flags are restored after;
+    results repeat bit for bit."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    seen = []
+
+    class Spy(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if "streamcnn" in str(func):
+                seen.append((str(func), torch.backends.cudnn.deterministic,
+                             torch.backends.cudnn.benchmark))
+            return func(*args, **(kwargs or {}))
+
+    sm = streamcnn.StreamingModule(_stem(), 24, deterministic=True)
+    x = torch.randn(1, 3, 60, 50, requires_grad=True)
+    before = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    with Spy():
+        y = sm(x)
+        y.square().sum().backward()
+    assert (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark) == before
+    assert [s[0].split(".")[1] for s in seen] == ["forward", "backward"]
+    assert all(det and not bench for _, det, bench in seen)
+    g1 = x.grad.clone()
+    x.grad = None
+    y2 = sm(x)
+    y2.square().sum().backward()
+    assert torch.equal(y, y2) and torch.equal(x.grad, g1)
