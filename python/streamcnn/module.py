@@ -269,8 +269,10 @@ class StreamingModule(nn.Module):
         and the op sums weight gradients over tiles in float32."""
         dev = x.device.type
         dtype = torch.get_autocast_dtype(dev)
-        params = [p.to(dtype) if p.is_floating_point() else p for p in params]
-        if x.is_floating_point():
+        # as autocast does for a convolution: float32 inputs are cast, float64
+        # (and uint8 images) are left alone
+        params = [p.to(dtype) if p.dtype == torch.float32 else p for p in params]
+        if x.dtype == torch.float32:
             x = x.to(dtype)
         with torch.autocast(dev, enabled=False):
             if not torch.compiler.is_compiling():

@@ -108,3 +108,12 @@ def test_autocast_compiled():
         compiled = torch.compile(sm)(x)
     assert compiled.dtype == torch.bfloat16
     assert torch.equal(compiled, eager)
+
+
+def test_autocast_leaves_float64_alone():
+    stem = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).double()
+    sm = streamcnn.StreamingModule(stem, 9)
+    x = torch.randn(1, 3, 20, 20, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = sm(x)
+    assert y.dtype == torch.float64 and torch.equal(y, sm(x))
