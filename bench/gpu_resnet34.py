@@ -1,0 +1,163 @@
+#!/usr/bin/env python
+"""GPU benchmark of issue 5: torchvision ResNet-34 conv1..layer3 (frozen BN),
+batch 1, forward + backward including a small head and loss, whole-image
+PyTorch vs streamcnn, side by side in one run, with time and peak GPU
+memory (torch.cuda.max_memory_allocated) per configuration.
+
+    python bench/gpu_resnet34.py [--sizes 2048 4096 8192 16384 32768 65536]
+        [--tile 1920] [--reps 3] [--dtype fp32|bf16|fp16] [--out results.json]
+
+fp32 uses PyTorch's defaults (TF32 convolutions on), as the reference table
+of the issue. Sizes from --uint8-from (default 32768) feed a uint8 image
+with per-tile normalisation (mean/std in the StreamingModule), the rest a
+float32 image. Whole-image runs that do not fit print "OOM". Every size also
+prints the halo recompute overhead of the tiling (StreamingModule.work).
+`--device cpu` runs the same code on the CPU (smoke test; small sizes only).
+"""
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+import torch.nn as nn
+import torchvision
+
+import streamcnn
+
+MEAN = [0.485 * 255, 0.456 * 255, 0.406 * 255]
+STD = [0.229 * 255, 0.224 * 255, 0.225 * 255]
+
+
+def build(device):
+    torch.manual_seed(0)
+    r = torchvision.models.resnet34(weights=None)
+    stem = nn.Sequential(r.conv1, r.bn1, r.relu, r.maxpool, r.layer1, r.layer2,
+                         r.layer3).eval().to(device)
+    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(256, 2)).to(device)
+    return stem, head
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(step, device, reps):
+    """Median seconds of `reps` steps after one warm-up, and peak memory (GPU:
+    max_memory_allocated; CPU: None)."""
+    step()
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(reps):
+        sync(device)
+        t0 = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    return times[len(times) // 2], peak
+
+
+def run(args):
+    device = torch.device(args.device)
+    autocast = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    stem, head = build(device)
+    params = list(stem.parameters()) + list(head.parameters())
+    target = torch.tensor([1], device=device)
+    rows = []
+    for size in args.sizes:
+        uint8 = size >= args.uint8_from
+        g = torch.Generator(device="cpu").manual_seed(size)
+        if uint8:
+            image = torch.randint(0, 256, (1, 3, size, size), dtype=torch.uint8, generator=g)
+        else:
+            image = torch.randn(1, 3, size, size, generator=g)
+        image = image.to(device)
+        sm = streamcnn.StreamingModule(stem, args.tile, mean=MEAN if uint8 else None,
+                                       std=STD if uint8 else None).to(device)
+        work = sm.work(size, size)
+
+        def step_with(model):
+            def step():
+                for p in params:
+                    p.grad = None
+                with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+                    out = head(model(image))
+                loss = nn.functional.cross_entropy(out.float(), target)
+                loss.backward()
+            return step
+
+        row = {"size": size, "tile": args.tile, "uint8": uint8, "recompute": work["recompute"]}
+        for name, model in (("whole", stem), ("stream", sm)):
+            if name == "whole" and (uint8 or size > args.whole_max):
+                row[name] = None  # a uint8 image is the streamed path's input
+                continue
+            try:
+                t, peak = measure(step_with(model), device, args.reps)
+                row[name] = {"s": t, "peak_gb": peak / 1e9 if peak is not None else None}
+            except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
+                if "out of memory" not in str(e):
+                    raise
+                row[name] = "OOM"
+            finally:
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+        rows.append(row)
+        print_row(row, flush=True)
+        del image
+    return rows
+
+
+def fmt(cell):
+    if cell is None:
+        return "          -"
+    if cell == "OOM":
+        return "        OOM"
+    mem = f"{cell['peak_gb']:5.1f} GB" if cell["peak_gb"] is not None else "        "
+    return f"{cell['s']:7.3f} s, {mem}"
+
+
+def print_row(r, flush=False):
+    ratio = ""
+    if isinstance(r.get("whole"), dict) and isinstance(r.get("stream"), dict):
+        ratio = f"{r['stream']['s'] / r['whole']['s']:5.2f}x"
+    print(f"| {r['size']:>6}² | {'uint8' if r['uint8'] else 'fp32 '} | {r['tile']:>4} | "
+          f"{fmt(r['whole']):>19} | {fmt(r['stream']):>19} | {ratio:>6} | "
+          f"{r['recompute']:5.2f}x |", flush=flush)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", type=int, nargs="+",
+                    default=[2048, 4096, 8192, 16384, 32768, 65536])
+    ap.add_argument("--tile", type=int, default=1920)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    ap.add_argument("--uint8-from", type=int, default=32768)
+    ap.add_argument("--whole-max", type=int, default=16384,
+                    help="largest size tried whole-image")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--out", help="also write the rows as JSON")
+    args = ap.parse_args()
+    dev = torch.device(args.device)
+    card = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU {platform.machine()}"
+    print(f"# ResNet-34 conv1..layer3, batch 1, fwd+bwd, {args.dtype}; {card}; torch "
+          f"{torch.__version__}; median of {args.reps} after a warm-up")
+    print("| image   | input | tile |   whole-image PyTorch |             streamcnn | ratio  | "
+          "recompute |")
+    print("|---------|-------|------|---------------------|---------------------|--------|"
+          "-----------|")
+    rows = run(args)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"card": card, "torch": torch.__version__, "args": vars(args),
+                       "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
