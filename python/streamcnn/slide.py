@@ -251,24 +251,37 @@ class Slide:
         """Level-0 bounding box (x, y, w, h) of the tissue, grown by ``margin``
         (a fraction of its size), clipped to the slide; None without tissue."""
         mask, ds = self.tissue_mask(max_size)
-        rows = torch.nonzero(mask.any(dim=1)).flatten()
-        cols = torch.nonzero(mask.any(dim=0)).flatten()
-        if rows.numel() == 0:
-            return None
-        w0, h0 = self.dimensions
-        x0, x1 = cols[0].item() * ds, (cols[-1].item() + 1) * ds
-        y0, y1 = rows[0].item() * ds, (rows[-1].item() + 1) * ds
-        mx, my = (x1 - x0) * margin, (y1 - y0) * margin
-        x0, y0 = max(0, math.floor(x0 - mx)), max(0, math.floor(y0 - my))
-        x1, y1 = min(w0, math.ceil(x1 + mx)), min(h0, math.ceil(y1 + my))
-        return x0, y0, x1 - x0, y1 - y0
+        return box_of_mask(mask, ds, self.dimensions, margin)
+
+
+def box_of_mask(mask: torch.Tensor, ds: float, dimensions: Tuple[int, int],
+                margin: float = 0.0) -> Optional[Tuple[int, int, int, int]]:
+    """Level-0 bounding box (x, y, w, h) of a thumbnail mask whose pixels
+    are ``ds`` level-0 pixels, grown by ``margin`` and clipped to
+    ``dimensions``; None for an empty mask."""
+    rows = torch.nonzero(mask.any(dim=1)).flatten()
+    cols = torch.nonzero(mask.any(dim=0)).flatten()
+    if rows.numel() == 0:
+        return None
+    w0, h0 = dimensions
+    x0, x1 = cols[0].item() * ds, (cols[-1].item() + 1) * ds
+    y0, y1 = rows[0].item() * ds, (rows[-1].item() + 1) * ds
+    mx, my = (x1 - x0) * margin, (y1 - y0) * margin
+    x0, y0 = max(0, math.floor(x0 - mx)), max(0, math.floor(y0 - my))
+    x1, y1 = min(w0, math.ceil(x1 + mx)), min(h0, math.ceil(y1 + my))
+    return x0, y0, x1 - x0, y1 - y0
 
 
 def resize_uint8(img: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
-    """Antialiased bilinear resize of a uint8 3 x h x w image to size (h, w)."""
-    out = F.interpolate(img[None].float(), size=size, mode="bilinear", align_corners=False,
-                        antialias=True)
-    return out[0].round_().clamp_(0, 255).to(torch.uint8)
+    """Antialiased bilinear resize of a uint8 C x h x w image to size (h, w),
+    one channel at a time (a float copy of one plane at most, not of the
+    whole region)."""
+    out = torch.empty((img.shape[0], *size), dtype=torch.uint8)
+    for c in range(img.shape[0]):
+        plane = F.interpolate(img[None, c:c + 1].float(), size=size, mode="bilinear",
+                              align_corners=False, antialias=True)
+        out[c] = plane[0, 0].round_().clamp_(0, 255).to(torch.uint8)
+    return out
 
 
 def otsu_threshold(values: torch.Tensor) -> int:

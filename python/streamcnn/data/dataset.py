@@ -9,7 +9,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ..slide import Slide
+from ..slide import Slide, box_of_mask
 
 _CROPS = ("tissue", "center", "random")
 
@@ -247,7 +247,7 @@ class SlideDataset(torch.utils.data.Dataset):
             if ys.numel() == 0:
                 t = (None, None)
             else:
-                box = s.tissue_box(self.tissue_thumbnail)
+                box = box_of_mask(mask, ds, s.dimensions)  # one thumbnail read
                 keep = torch.linspace(0, ys.numel() - 1, min(ys.numel(), 4096)).long()
                 pts = torch.stack([(xs[keep].double() + 0.5) * ds,
                                    (ys[keep].double() + 0.5) * ds], dim=1)
