@@ -245,40 +245,48 @@ int _sc_tiling(const sc_program *p, const int64_t *sizes, int64_t tile_h,
   return SC_OK;
 }
 
+/* Decode a program and tile an h x w image with it: the shared start of
+ * sc_tiling_info and sc_work_info. On success *p, *sizes (per value
+ * extents) and tile_out are set; the caller frees *p and *sizes either way. */
+static int decode_and_tile(const int64_t *words, int64_t n_words, int64_t h,
+                           int64_t w, int64_t tile_h, int64_t tile_w,
+                           sc_program **p, int64_t **sizes, int64_t tile_out[2],
+                           sc_error *err) {
+  *p = NULL;
+  *sizes = NULL;
+  if (sc_program_decode(words, n_words, p, err)) return SC_ERR;
+  *sizes = malloc(2 * ((size_t)(*p)->n_instr + 1) * sizeof **sizes);
+  if (!*sizes) return sc_fail(err, "streamcnn: out of memory");
+  if (sc_value_sizes(*p, h, w, *sizes, err) ||
+      _sc_tiling(*p, *sizes, tile_h, tile_w, tile_out, err))
+    return SC_ERR;
+  return SC_OK;
+}
+
 int sc_tiling_info(const int64_t *words, int64_t n_words, int64_t h,
                    int64_t w, int64_t tile_h, int64_t tile_w, int64_t *plan,
                    char *errbuf, size_t errlen) {
   sc_error err = {0};
-  sc_program *p = NULL;
-  int64_t *sizes = NULL;
+  sc_program *p;
+  int64_t *sizes;
   int64_t t[2];
-  int rc = SC_ERR;
-  if (sc_program_decode(words, n_words, &p, &err)) goto done;
-  sizes = malloc(2 * ((size_t)p->n_instr + 1) * sizeof *sizes);
-  if (!sizes) {
-    sc_fail(&err, "streamcnn: out of memory");
-    goto done;
-  }
-  if (sc_value_sizes(p, h, w, sizes, &err) ||
-      _sc_tiling(p, sizes, tile_h, tile_w, t, &err))
-    goto done;
-  for (int a = 0; a < 2; a++) {
-    const int64_t n = sizes[2 * p->n_instr + a];
-    plan[a] = n;
-    plan[2 + a] = t[a];
-    plan[4 + a] = (n + t[a] - 1) / t[a];
-  }
-  rc = SC_OK;
-done:
+  const int rc = decode_and_tile(words, n_words, h, w, tile_h, tile_w, &p,
+                                 &sizes, t, &err);
+  if (!rc)
+    for (int a = 0; a < 2; a++) {
+      const int64_t n = sizes[2 * p->n_instr + a];
+      plan[a] = n;
+      plan[2 + a] = t[a];
+      plan[4 + a] = (n + t[a] - 1) / t[a];
+    }
   if (rc) copy_err(&err, errbuf, errlen);
   free(sizes);
   sc_program_free(p);
   return rc;
 }
 
-/* Multiply-adds per output pixel of instruction i (conv, linear_c), else 0. */
-static double macs_per_pixel(const sc_program *p, const sc_instr *in) {
-  (void)p;
+/* Multiply-adds per output pixel of an instruction (conv, linear_c), else 0. */
+static double macs_per_pixel(const sc_instr *in) {
   if (in->op == SC_OP_CONV)
     return (double)in->c_out * (double)(in->c_in / in->groups) *
            (double)in->win[0].k * (double)in->win[1].k;
@@ -290,25 +298,23 @@ int sc_work_info(const int64_t *words, int64_t n_words, int64_t h, int64_t w,
                  int64_t tile_h, int64_t tile_w, double *work, char *errbuf,
                  size_t errlen) {
   sc_error err = {0};
-  sc_program *p = NULL;
-  int64_t *sizes = NULL;
+  sc_program *p;
+  int64_t *sizes;
   double *span[2] = {NULL, NULL}; /* per value: summed region extent over tiles */
   sc_axis_plan *plan = NULL;
   int64_t t[2];
   int rc = SC_ERR;
-  if (sc_program_decode(words, n_words, &p, &err)) goto done;
+  if (decode_and_tile(words, n_words, h, w, tile_h, tile_w, &p, &sizes, t,
+                      &err))
+    goto done;
   const int64_t nv = p->n_instr + 1;
-  sizes = malloc(2 * (size_t)nv * sizeof *sizes);
   span[0] = calloc((size_t)nv, sizeof(double));
   span[1] = calloc((size_t)nv, sizeof(double));
   plan = sc_axis_plan_new(p);
-  if (!sizes || !span[0] || !span[1] || !plan) {
+  if (!span[0] || !span[1] || !plan) {
     sc_fail(&err, "streamcnn: out of memory");
     goto done;
   }
-  if (sc_value_sizes(p, h, w, sizes, &err) ||
-      _sc_tiling(p, sizes, tile_h, tile_w, t, &err))
-    goto done;
   /* tiles are products of a row span and a column span: each value's
    * summed area over all tiles is (sum of its row extents) x (sum of its
    * column extents) */
@@ -328,7 +334,7 @@ int sc_work_info(const int64_t *words, int64_t n_words, int64_t h, int64_t w,
     const int64_t v = i + 1;
     const double whole = (double)sizes[2 * v] * (double)sizes[2 * v + 1];
     const double tiled = span[0][v] * span[1][v];
-    const double m = macs_per_pixel(p, &p->instr[i]);
+    const double m = macs_per_pixel(&p->instr[i]);
     work[0] += m * whole;
     work[1] += m * tiled;
     work[2] += (double)p->channels[v] * whole;

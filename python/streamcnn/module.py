@@ -255,10 +255,20 @@ class StreamingModule(nn.Module):
         if not torch.jit.is_scripting():
             if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
                 return self._forward_autocast(x, params)
-            if not torch.compiler.is_compiling():
-                self._check(x, params)
-                if self.progress or self.deterministic:
-                    return self._forward_with_options(x, params)
+            return self._forward_eager(x, params)
+        return torch.ops.streamcnn.forward(x, params, self.program, self.tile_size)
+
+    @torch.jit.unused
+    def _forward_eager(self, x: torch.Tensor, params: List[torch.Tensor]) -> torch.Tensor:
+        """Checks and call options (progress, deterministic) around the op;
+        compiled code calls the op alone."""
+        if not torch.compiler.is_compiling():
+            self._check(x, params)
+            if self.progress or self.deterministic:
+                from .ops import call_options
+                with call_options(self.progress, self.deterministic):
+                    return torch.ops.streamcnn.forward(x, params, self.program,
+                                                       self.tile_size)
         return torch.ops.streamcnn.forward(x, params, self.program, self.tile_size)
 
     @torch.jit.unused
@@ -275,18 +285,7 @@ class StreamingModule(nn.Module):
         if x.dtype == torch.float32:
             x = x.to(dtype)
         with torch.autocast(dev, enabled=False):
-            if not torch.compiler.is_compiling():
-                self._check(x, params)
-                if self.progress or self.deterministic:
-                    return self._forward_with_options(x, params)
-            return torch.ops.streamcnn.forward(x, params, self.program, self.tile_size)
-
-    @torch.jit.unused
-    def _forward_with_options(self, x: torch.Tensor, params: List[torch.Tensor]
-                              ) -> torch.Tensor:
-        from .ops import call_options
-        with call_options(self.progress, self.deterministic):
-            return torch.ops.streamcnn.forward(x, params, self.program, self.tile_size)
+            return self._forward_eager(x, params)
 
     def extra_repr(self) -> str:
         return (f"tile_size={tuple(self.tile_size)}, receptive_field={self.receptive_field}, "
