@@ -62,44 +62,36 @@ def _words(program: Sequence[int]):
     return arr, n
 
 
+def _query(name: str, program: Sequence[int], args: Sequence[int], out) -> list:
+    """Call the C query `name(words, n, *args, out, errbuf, errlen)`; the
+    filled `out` as a list, or ValueError with the C message."""
+    load_library()
+    arr, n = _words(program)
+    err = ctypes.create_string_buffer(768)
+    if getattr(_cdll, name)(arr, n, *args, out, err, len(err)) != 0:
+        raise ValueError(err.value.decode())
+    return list(out)
+
+
 def program_info(program: Sequence[int]) -> List[int]:
     """Decode and validate a program in C; returns
     [in_channels, out_channels, rf_h, rf_w, stride_h, stride_w, n_params,
     n_instructions]. Raises ValueError with the decoder's message."""
-    load_library()
-    arr, n = _words(program)
-    info = (ctypes.c_int64 * 8)()
-    err = ctypes.create_string_buffer(768)
-    rc = _cdll.sc_program_info(arr, n, info, err, len(err))
-    if rc != 0:
-        raise ValueError(err.value.decode())
-    return list(info)
+    return _query("sc_program_info", program, (), (ctypes.c_int64 * 8)())
 
 
 def tiling_info(program: Sequence[int], h: int, w: int, tile: Tuple[int, int]) -> List[int]:
     """[out_h, out_w, tile_out_h, tile_out_w, tiles_h, tiles_w] for an h x w
     image and an input tile (rows, cols). Raises ValueError."""
-    load_library()
-    arr, n = _words(program)
-    plan = (ctypes.c_int64 * 6)()
-    err = ctypes.create_string_buffer(768)
-    rc = _cdll.sc_tiling_info(arr, n, h, w, tile[0], tile[1], plan, err, len(err))
-    if rc != 0:
-        raise ValueError(err.value.decode())
-    return list(plan)
+    return _query("sc_tiling_info", program, (h, w, tile[0], tile[1]),
+                  (ctypes.c_int64 * 6)())
 
 
 def work_info(program: Sequence[int], h: int, w: int, tile: Tuple[int, int]) -> List[float]:
     """[whole MACs, tiled MACs, whole elements, tiled elements] of one forward
     pass (per batch element) over an h x w image; see sc_work_info."""
-    load_library()
-    arr, n = _words(program)
-    work = (ctypes.c_double * 4)()
-    err = ctypes.create_string_buffer(768)
-    rc = _cdll.sc_work_info(arr, n, h, w, tile[0], tile[1], work, err, len(err))
-    if rc != 0:
-        raise ValueError(err.value.decode())
-    return list(work)
+    return _query("sc_work_info", program, (h, w, tile[0], tile[1]),
+                  (ctypes.c_double * 4)())
 
 
 def _declare_slide_api(lib: ctypes.CDLL) -> None:
