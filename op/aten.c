@@ -245,6 +245,25 @@ int _sc_view(sc_ctx *ctx, AtenTensorHandle t, int64_t r0, int64_t nr,
   return SC_OK;
 }
 
+int _sc_flat_view(sc_ctx *ctx, AtenTensorHandle flat, int64_t offset,
+                  const int64_t sizes[4], AtenTensorHandle *out) {
+  int64_t dim, *sz, *st;
+  *out = NULL;
+  if (_sc_meta(ctx, flat, &dim, &sz, &st)) return SC_ERR;
+  const int64_t n = sizes[0] * sizes[1] * sizes[2] * sizes[3];
+  const int64_t strides[4] = {sizes[1] * sizes[2] * sizes[3],
+                              sizes[2] * sizes[3], sizes[3], 1};
+  if (dim != 1 || st[0] != 1 || offset < 0 || offset + n > sz[0])
+    return sc_fail(&ctx->err,
+                   "streamcnn: internal error: %lld elements at %lld outside "
+                   "a flat store of %lld",
+                   (long long)n, (long long)offset,
+                   (long long)(dim == 1 ? sz[0] : -1));
+  if (aoti_torch__reinterpret_tensor(flat, 4, sizes, strides, offset, out))
+    return sc_fail(&ctx->err, "streamcnn: could not make a tensor view");
+  return SC_OK;
+}
+
 int _sc_empty(sc_ctx *ctx, int64_t ndim, const int64_t *sizes,
               AtenTensorHandle *out) {
   return _sc_empty_as(ctx, ctx->dtype, ndim, sizes, 0, out);
@@ -436,6 +455,33 @@ static void push_avgpool_window(stk *s, const sc_instr *in, int64_t divisor) {
   push_opt_int(s, divisor != 0, divisor);
 }
 
+/* ---- multiply-add counter (sc_macs) ------------------------------------- */
+
+static _Thread_local double t_macs[3];
+
+void sc_macs(double out[3], int reset) {
+  for (int k = 0; k < 3; k++) {
+    if (out) out[k] = t_macs[k];
+    if (reset) t_macs[k] = 0.0;
+  }
+}
+
+/* Count numel(y) x per multiply-adds under kind k (y: an output-shaped
+ * tensor of the layer). */
+static void count_macs(int k, AtenTensorHandle y, double per) {
+  int64_t dim, *sz;
+  if (!y || aoti_torch_get_dim(y, &dim) || aoti_torch_get_sizes(y, &sz))
+    return;
+  double n = 1.0;
+  for (int64_t d = 0; d < dim; d++) n *= (double)sz[d];
+  t_macs[k] += n * per;
+}
+
+static double conv_macs_per_output(const sc_instr *in) {
+  return (double)(in->c_in / in->groups) * (double)in->win[0].k *
+         (double)in->win[1].k;
+}
+
 int _sc_conv(sc_ctx *ctx, AtenTensorHandle x, AtenTensorHandle w,
              AtenTensorHandle b, const sc_instr *in, AtenTensorHandle *out) {
   stk s = {0};
@@ -443,7 +489,9 @@ int _sc_conv(sc_ctx *ctx, AtenTensorHandle x, AtenTensorHandle w,
   push_tensor(&s, w);
   push_opt_tensor(&s, b);
   push_conv_window(&s, in);
-  return stk_call(ctx, &s, "aten::convolution", "", 1, out);
+  if (stk_call(ctx, &s, "aten::convolution", "", 1, out)) return SC_ERR;
+  count_macs(0, *out, conv_macs_per_output(in));
+  return SC_OK;
 }
 
 int _sc_conv_backward(sc_ctx *ctx, AtenTensorHandle g, AtenTensorHandle x,
@@ -463,6 +511,8 @@ int _sc_conv_backward(sc_ctx *ctx, AtenTensorHandle g, AtenTensorHandle x,
   push_ints(&s, m, 3);
   if (stk_call(ctx, &s, "aten::convolution_backward", "", 3, res))
     return SC_ERR;
+  if (mask[0]) count_macs(1, g, conv_macs_per_output(in));
+  if (mask[1]) count_macs(2, g, conv_macs_per_output(in));
   for (int i = 0; i < 3; i++)
     if (!mask[i]) _sc_drop(&res[i]); /* undefined tensors */
   return SC_OK;
@@ -612,6 +662,7 @@ int _sc_linear_c(sc_ctx *ctx, AtenTensorHandle x, AtenTensorHandle w,
     rc = stk_call(ctx, &s, "aten::linear", "", 1, &y);
   }
   if (!rc) rc = permute(ctx, y, to_nchw, out);
+  if (!rc) count_macs(0, *out, (double)channels_of(ctx, x));
   _sc_drop(&xp);
   _sc_drop(&y);
   return rc;
@@ -651,6 +702,8 @@ int _sc_linear_c_backward(sc_ctx *ctx, AtenTensorHandle g, AtenTensorHandle x,
     push_ints(&s, &c_out, 1);
     rc = stk_call(ctx, &s, "aten::sum_to_size", "", 1, &res[2]);
   }
+  if (!rc && mask[0]) count_macs(1, g, (double)c_in);
+  if (!rc && mask[1]) count_macs(2, g, (double)c_in);
   _sc_drop(&xp);
   _sc_drop(&gp);
   _sc_drop(&gi);

@@ -88,8 +88,9 @@ sc_axis_plan *sc_axis_plan_new(const sc_program *p) {
   if (!plan) return NULL;
   plan->n_values = p->n_instr + 1;
   plan->region = calloc(2 * (size_t)plan->n_values, sizeof *plan->region);
+  plan->own = calloc(2 * (size_t)plan->n_values, sizeof *plan->own);
   plan->read = calloc(4 * (size_t)p->n_instr, sizeof *plan->read);
-  if (!plan->region || !plan->read) {
+  if (!plan->region || !plan->own || !plan->read) {
     sc_axis_plan_free(plan);
     return NULL;
   }
@@ -99,6 +100,7 @@ sc_axis_plan *sc_axis_plan_new(const sc_program *p) {
 void sc_axis_plan_free(sc_axis_plan *plan) {
   if (!plan) return;
   free(plan->region);
+  free(plan->own);
   free(plan->read);
   free(plan);
 }
@@ -158,6 +160,77 @@ int sc_plan_axis_to(const sc_program *p, const int64_t *sizes, int axis,
         if (rd[0] < nd[0]) nd[0] = rd[0];
         if (rd[1] > nd[1]) nd[1] = rd[1];
       }
+    }
+  }
+  for (int64_t k = 0; k < 2 * nv; k++) plan->own[k] = need[k];
+  return SC_OK;
+}
+
+/* The read span of instruction i's input for its output span o. */
+static void read_of(const sc_instr *in, int axis, const int64_t *o,
+                    int64_t *rd) {
+  rd[0] = rd[1] = 0;
+  if (o[1] <= o[0]) return;
+  if (_sc_is_window(in->op)) {
+    const sc_window *w = &in->win[axis];
+    rd[0] = o[0] * w->s - w->pad_lo;
+    rd[1] = (o[1] - 1) * w->s - w->pad_lo + w->d * (w->k - 1) + 1;
+  } else {
+    rd[0] = o[0];
+    rd[1] = o[1];
+  }
+}
+
+int sc_plan_axis_cached(const sc_program *p, const int64_t *sizes, int axis,
+                        int64_t lo, int64_t hi, sc_axis_plan *plan,
+                        sc_error *err) {
+  const int64_t nv = p->n_instr + 1;
+  if (!sizes || axis < 0 || axis > 1 || plan->n_values != nv || lo < 0 ||
+      hi <= lo)
+    return sc_fail(err, "streamcnn: internal error: bad cached plan request");
+  /* e_v(lo) into own[2v], e_v(hi) into own[2v + 1], via the cones of
+   * [0, lo) and [0, hi) (plan's own arrays as scratch) */
+  int64_t *prev = malloc((size_t)nv * sizeof *prev);
+  if (!prev) return sc_fail(err, "streamcnn: out of memory");
+  for (int64_t v = 0; v < nv; v++) prev[v] = 0;
+  if (lo > 0) {
+    if (sc_plan_axis(p, sizes, axis, 0, lo, plan, err)) {
+      free(prev);
+      return SC_ERR;
+    }
+    for (int64_t v = 0; v < nv; v++) prev[v] = plan->region[2 * v + 1];
+  }
+  if (sc_plan_axis(p, sizes, axis, 0, hi, plan, err)) {
+    free(prev);
+    return SC_ERR;
+  }
+  for (int64_t v = 0; v < nv; v++) {
+    const int64_t e = plan->region[2 * v + 1];
+    plan->own[2 * v] = prev[v] < e ? prev[v] : e;
+    plan->own[2 * v + 1] = e;
+    if (e <= plan->own[2 * v]) plan->own[2 * v] = plan->own[2 * v + 1] = e;
+  }
+  free(prev);
+  /* reads of the own spans; regions reach back to the first element read */
+  for (int64_t v = 0; v < nv; v++) {
+    plan->region[2 * v] = plan->own[2 * v];
+    plan->region[2 * v + 1] = plan->own[2 * v + 1];
+  }
+  for (int64_t i = p->n_instr - 1; i >= 0; i--) {
+    const sc_instr *in = &p->instr[i];
+    for (int j = 0; j < 2; j++) {
+      int64_t *rd = &plan->read[4 * i + 2 * j];
+      rd[0] = rd[1] = 0;
+      if (j >= in->n_in) continue;
+      read_of(in, axis, &plan->own[2 * (i + 1)], rd);
+      if (rd[1] <= rd[0]) continue;
+      const int64_t u = in->in[j];
+      int64_t *rg = &plan->region[2 * u];
+      const int64_t first = rd[0] < 0 ? 0 : rd[0];
+      if (first < rg[0]) rg[0] = first;
+      if (rd[1] > rg[1] && rg[1] < sizes[2 * u + axis])
+        return sc_fail(err, "streamcnn: internal error: cached plan reads "
+                            "past its value");
     }
   }
   return SC_OK;
@@ -301,6 +374,7 @@ int sc_work_info(const int64_t *words, int64_t n_words, int64_t h, int64_t w,
   sc_program *p;
   int64_t *sizes;
   double *span[2] = {NULL, NULL}; /* per value: summed region extent over tiles */
+  double *own_rows = NULL, *halo_rows = NULL; /* per value, cached rows */
   sc_axis_plan *plan = NULL;
   int64_t t[2];
   int rc = SC_ERR;
@@ -310,8 +384,10 @@ int sc_work_info(const int64_t *words, int64_t n_words, int64_t h, int64_t w,
   const int64_t nv = p->n_instr + 1;
   span[0] = calloc((size_t)nv, sizeof(double));
   span[1] = calloc((size_t)nv, sizeof(double));
+  own_rows = calloc((size_t)nv, sizeof(double));
+  halo_rows = calloc((size_t)nv, sizeof(double));
   plan = sc_axis_plan_new(p);
-  if (!span[0] || !span[1] || !plan) {
+  if (!span[0] || !span[1] || !own_rows || !halo_rows || !plan) {
     sc_fail(&err, "streamcnn: out of memory");
     goto done;
   }
@@ -329,16 +405,33 @@ int sc_work_info(const int64_t *words, int64_t n_words, int64_t h, int64_t w,
       }
     }
   }
-  for (int k = 0; k < 4; k++) work[k] = 0.0;
+  /* cached rows: own extents (computed) and halo extents (kept) */
+  const int64_t n_rows = sizes[2 * p->n_instr];
+  for (int64_t lo = 0; lo < n_rows; lo += t[0]) {
+    const int64_t hi = lo + t[0] < n_rows ? lo + t[0] : n_rows;
+    if (sc_plan_axis_cached(p, sizes, 0, lo, hi, plan, &err)) goto done;
+    for (int64_t v = 0; v < nv; v++) {
+      const int64_t *rg = &plan->region[2 * v], *ow = &plan->own[2 * v];
+      if (ow[1] > ow[0]) own_rows[v] += (double)(ow[1] - ow[0]);
+      if (v > 0 && lo > 0 && rg[1] > rg[0] && ow[0] > rg[0])
+        halo_rows[v] += (double)(ow[0] - rg[0]);
+    }
+  }
+  for (int k = 0; k < SC_WORK_WORDS; k++) work[k] = 0.0;
   for (int64_t i = 0; i < p->n_instr; i++) {
     const int64_t v = i + 1;
     const double whole = (double)sizes[2 * v] * (double)sizes[2 * v + 1];
     const double tiled = span[0][v] * span[1][v];
+    const double cached = own_rows[v] * span[1][v];
     const double m = macs_per_pixel(&p->instr[i]);
+    const double c = (double)p->channels[v];
     work[0] += m * whole;
     work[1] += m * tiled;
-    work[2] += (double)p->channels[v] * whole;
-    work[3] += (double)p->channels[v] * tiled;
+    work[2] += c * whole;
+    work[3] += c * tiled;
+    work[4] += m * cached;
+    work[5] += c * cached;
+    work[6] += c * halo_rows[v] * span[1][v];
   }
   rc = SC_OK;
 done:
@@ -346,6 +439,8 @@ done:
   free(sizes);
   free(span[0]);
   free(span[1]);
+  free(own_rows);
+  free(halo_rows);
   sc_axis_plan_free(plan);
   sc_program_free(p);
   return rc;

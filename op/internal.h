@@ -69,6 +69,11 @@ int _sc_meta(sc_ctx *ctx, AtenTensorHandle t, int64_t *dim,
 int _sc_view(sc_ctx *ctx, AtenTensorHandle t, int64_t r0, int64_t nr,
              int64_t c0, int64_t nc, AtenTensorHandle *out);
 
+/* New owned view: N x C x H x W contiguous (sizes) of the 1-D contiguous
+ * tensor flat, from element offset on (bounds checked). */
+int _sc_flat_view(sc_ctx *ctx, AtenTensorHandle flat, int64_t offset,
+                  const int64_t sizes[4], AtenTensorHandle *out);
+
 /* New owned contiguous tensor of this ctx's dtype and device. */
 int _sc_empty(sc_ctx *ctx, int64_t ndim, const int64_t *sizes,
               AtenTensorHandle *out);
@@ -172,13 +177,20 @@ typedef struct sc_call {
   AtenTensorHandle image;
   AtenTensorHandle *params;
   int64_t tile[2];       /* input tile edge, rows / cols, halo included */
+  int cached;            /* halo caching along rows: every value computed
+                            once per column of tiles */
+  AtenTensorHandle strips; /* cached backward: the halos its forward saved
+                              (borrowed); NULL otherwise */
 } sc_call;
 
 /* Validate image, params and tile against the program. */
 int _sc_validate(sc_ctx *ctx, const sc_call *call);
 
-/* Stem output for the whole image (new tensor, contiguous). */
-int _sc_forward(sc_ctx *ctx, const sc_call *call, AtenTensorHandle *out);
+/* Stem output for the whole image (new tensor, contiguous). With
+ * call->cached and strips given, *strips is set to a new flat tensor
+ * holding the halos the backward needs (see _sc_backward). */
+int _sc_forward(sc_ctx *ctx, const sc_call *call, AtenTensorHandle *out,
+                AtenTensorHandle *strips);
 
 /* Gradients. mask[0] image, mask[1 + k] params[k]. grads[0] / grads[1 + k]
  * are set (owned, contiguous) where mask is true, NULL elsewhere. */

@@ -187,37 +187,63 @@ static void fail_call(call_args *a) {
 
 /* ---- kernels ---------------------------------------------------------------- */
 
-static void kernel_forward(StableIValue *stack, uint64_t num_args,
-                           uint64_t num_outputs) {
+/* forward and forward_cached: both carry halos down the rows (every value
+ * computed once per column of tiles); forward_cached also returns them all
+ * (the strips) for backward_cached. */
+static void forward_impl(StableIValue *stack, int save) {
   call_args a;
   sc_call call;
-  AtenTensorHandle out = NULL;
+  AtenTensorHandle out = NULL, strips = NULL;
   memset(&a, 0, sizeof a);
-  (void)num_args;
-  (void)num_outputs;
-  if (args_prepare(&a, stack, 0, &call) || _sc_forward(&a.ctx, &call, &out)) {
+  if (args_prepare(&a, stack, 0, &call)) {
+    fail_call(&a);
+    return;
+  }
+  call.cached = 1;
+  if (_sc_forward(&a.ctx, &call, &out, save ? &strips : NULL)) {
     fail_call(&a);
     return;
   }
   args_release(&a);
   stack[0] = (StableIValue)(uintptr_t)out;
+  if (save) stack[1] = (StableIValue)(uintptr_t)strips;
 }
 
-static void kernel_backward(StableIValue *stack, uint64_t num_args,
-                            uint64_t num_outputs) {
+static void kernel_forward(StableIValue *stack, uint64_t num_args,
+                           uint64_t num_outputs) {
+  (void)num_args;
+  (void)num_outputs;
+  forward_impl(stack, 0);
+}
+
+static void kernel_forward_cached(StableIValue *stack, uint64_t num_args,
+                                  uint64_t num_outputs) {
+  (void)num_args;
+  (void)num_outputs;
+  forward_impl(stack, 1);
+}
+
+/* backward (halos recomputed: each tile's whole cone) and backward_cached
+ * (halos from the strips of forward_cached, gradients of the halo rows
+ * passed up the column): stack = grad_output, [strips], image, params,
+ * program, tile_size, output_mask. */
+static void backward_impl(StableIValue *stack, int cached) {
   call_args a;
   sc_call call;
   AtenTensorHandle grad_out = (AtenTensorHandle)(uintptr_t)stack[0];
+  AtenTensorHandle strips =
+      cached ? (AtenTensorHandle)(uintptr_t)stack[1] : NULL;
+  const int first = cached ? 2 : 1;
   AtenTensorHandle *grads = NULL;
   int64_t *mask64 = NULL;
   int *mask = NULL;
   size_t n_mask = 0;
   StableListHandle out = NULL;
   memset(&a, 0, sizeof a);
-  (void)num_args;
-  (void)num_outputs;
-  int rc = take_ints(&a.ctx, stack[5], "output_mask", &mask64, &n_mask);
-  rc |= args_prepare(&a, stack, 1, &call);
+  int rc = take_ints(&a.ctx, stack[first + 4], "output_mask", &mask64, &n_mask);
+  rc |= args_prepare(&a, stack, first, &call);
+  call.cached = cached;
+  call.strips = strips;
   if (!rc && n_mask != a.n_params + 1)
     rc = sc_fail(&a.ctx.err,
                  "streamcnn: output_mask has %zu entries, expected %zu (image "
@@ -249,6 +275,7 @@ static void kernel_backward(StableIValue *stack, uint64_t num_args,
   free(mask);
   free(mask64);
   _sc_drop(&grad_out);
+  _sc_drop(&strips);
   if (rc) {
     if (out) { /* release the handles already moved into the list */
       size_t n = 0;
@@ -267,6 +294,20 @@ static void kernel_backward(StableIValue *stack, uint64_t num_args,
   stack[0] = (StableIValue)(uintptr_t)out;
 }
 
+static void kernel_backward(StableIValue *stack, uint64_t num_args,
+                            uint64_t num_outputs) {
+  (void)num_args;
+  (void)num_outputs;
+  backward_impl(stack, 0);
+}
+
+static void kernel_backward_cached(StableIValue *stack, uint64_t num_args,
+                                   uint64_t num_outputs) {
+  (void)num_args;
+  (void)num_outputs;
+  backward_impl(stack, 1);
+}
+
 /* ---- registration ------------------------------------------------------------ */
 
 /* Kept for the life of the process: deleting them would unregister the ops,
@@ -278,7 +319,12 @@ __attribute__((constructor)) static void sc_register(void) {
       "forward(Tensor image, Tensor[] params, int[] program, int[] tile_size) "
       "-> Tensor",
       "backward(Tensor grad_output, Tensor image, Tensor[] params, int[] "
-      "program, int[] tile_size, bool[] output_mask) -> Tensor[]"};
+      "program, int[] tile_size, bool[] output_mask) -> Tensor[]",
+      "forward_cached(Tensor image, Tensor[] params, int[] program, int[] "
+      "tile_size) -> (Tensor, Tensor)",
+      "backward_cached(Tensor grad_output, Tensor strips, Tensor image, "
+      "Tensor[] params, int[] program, int[] tile_size, bool[] output_mask) "
+      "-> Tensor[]"};
   int ok = !aoti_torch_library_init_def("streamcnn", __FILE__, __LINE__,
                                         &g_def);
   for (size_t i = 0; ok && i < sizeof schemas / sizeof *schemas; i++)
@@ -289,6 +335,11 @@ __attribute__((constructor)) static void sc_register(void) {
   ok = ok && !torch_library_impl(g_impl, "forward", kernel_forward,
                                  SC_TORCH_BUILD_VERSION);
   ok = ok && !torch_library_impl(g_impl, "backward", kernel_backward,
+                                 SC_TORCH_BUILD_VERSION);
+  ok = ok && !torch_library_impl(g_impl, "forward_cached",
+                                 kernel_forward_cached, SC_TORCH_BUILD_VERSION);
+  ok = ok && !torch_library_impl(g_impl, "backward_cached",
+                                 kernel_backward_cached,
                                  SC_TORCH_BUILD_VERSION);
   if (!ok)
     fprintf(stderr, "streamcnn: registering torch.ops.streamcnn failed (is "

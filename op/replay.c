@@ -63,6 +63,22 @@ typedef struct run {
   unsigned char *needs;     /* nv: value needs a gradient */
   AtenTensorHandle *pgrad;  /* n_params: gradient sums */
   AtenTensorHandle igrad;   /* image gradient, when mask[0] */
+
+  /* halo caching along rows: plans[0] are cached plans (each value
+   * computed once per column of tiles); tiles run column by column, rows
+   * top down in the forward and bottom up in the backward */
+  int cached;
+  int64_t row, col;          /* the tile in use */
+  AtenTensorHandle strips;   /* flat store of the halos of every row
+                                boundary (borrowed), or NULL */
+  int64_t *strip_off;        /* ((row - 1) * n_tiles[1] + col) * nv + v:
+                                element offset of a halo in strips, -1 none */
+  int64_t strip_total;       /* elements of strips */
+  AtenTensorHandle *halo;    /* nv: the current tile's halo of each value */
+  AtenTensorHandle *next;    /* nv: halos the next row tile gets (forward) */
+  int sweep;                 /* forward_tile fills next */
+  AtenTensorHandle *pend;    /* nv: gradient of the halo rows, pending for
+                                the tile above (backward) */
 } run;
 
 /* ---- spans ------------------------------------------------------------------ */
@@ -75,7 +91,16 @@ static const int64_t *readspan(const run *r, int axis, int64_t i, int slot) {
   return &r->cur[axis]->read[4 * i + 2 * slot];
 }
 
+/* The span of value v the tile computes (region minus the halo). */
+static const int64_t *own(const run *r, int axis, int64_t v) {
+  return &r->cur[axis]->own[2 * v];
+}
+
 static int empty(const int64_t *s) { return s[1] <= s[0]; }
+
+static int same(const int64_t *a, const int64_t *b) {
+  return a[0] == b[0] && a[1] == b[1];
+}
 
 static int value_empty(const run *r, int64_t v) {
   return empty(region(r, 0, v)) || empty(region(r, 1, v));
@@ -181,8 +206,20 @@ static void run_tile_release(run *r) {
   for (int64_t i = 0; i < r->p->n_instr; i++) _sc_drop(&r->aux[i]);
 }
 
+static void drop_all(AtenTensorHandle *h, int64_t n) {
+  if (h)
+    for (int64_t v = 0; v < n; v++) _sc_drop(&h[v]);
+}
+
 static void run_release(run *r) {
   if (r->val && r->grad && r->grad_mine && r->aux) run_tile_release(r);
+  drop_all(r->halo, r->nv);
+  drop_all(r->next, r->nv);
+  drop_all(r->pend, r->nv);
+  free(r->halo);
+  free(r->next);
+  free(r->pend);
+  free(r->strip_off);
   for (int a = 0; a < 2; a++) {
     if (!r->plans[a]) continue;
     for (int64_t t = 0; t < r->n_tiles[a]; t++)
@@ -204,6 +241,39 @@ static void run_release(run *r) {
   free(r->pgrad);
 }
 
+/* Rows of value v that row tile t takes from the tiles above (its halo). */
+static void halo_rows(const run *r, int64_t t, int64_t v, int64_t out[2]) {
+  const sc_axis_plan *pl = r->plans[0][t];
+  out[0] = pl->region[2 * v];
+  out[1] = pl->own[2 * v];
+  if (out[1] < out[0] || pl->region[2 * v + 1] <= pl->region[2 * v])
+    out[1] = out[0];
+}
+
+/* Offsets of every halo in the flat strips store: row boundary, column
+ * tile, value (the image has none: it is always at hand). */
+static int plan_strips(run *r) {
+  const int64_t nb = r->n_tiles[0] - 1, nc = r->n_tiles[1];
+  r->strip_total = 0;
+  if (nb < 1) return SC_OK;
+  r->strip_off = malloc((size_t)(nb * nc * r->nv) * sizeof *r->strip_off);
+  if (!r->strip_off) return sc_fail(&r->ctx->err, "streamcnn: out of memory");
+  for (int64_t b = 0; b < nb; b++)
+    for (int64_t c = 0; c < nc; c++)
+      for (int64_t v = 0; v < r->nv; v++) {
+        int64_t rows[2];
+        const int64_t *cols = &r->plans[1][c]->region[2 * v];
+        int64_t *off = &r->strip_off[(b * nc + c) * r->nv + v];
+        halo_rows(r, b + 1, v, rows);
+        *off = -1;
+        if (v == 0 || empty(rows) || empty(cols)) continue;
+        *off = r->strip_total;
+        r->strip_total += r->batch * r->p->channels[v] * (rows[1] - rows[0]) *
+                          (cols[1] - cols[0]);
+      }
+  return SC_OK;
+}
+
 static int run_init(run *r, sc_ctx *ctx, const sc_call *call) {
   const sc_program *p = call->prog;
   int64_t dim, *isz, *ist;
@@ -223,8 +293,13 @@ static int run_init(run *r, sc_ctx *ctx, const sc_call *call) {
   r->left = calloc((size_t)r->nv, sizeof *r->left);
   r->needs = calloc((size_t)r->nv, 1);
   r->pgrad = calloc((size_t)p->n_params + 1, sizeof *r->pgrad);
+  r->cached = call->cached;
+  r->halo = calloc((size_t)r->nv, sizeof *r->halo);
+  r->next = calloc((size_t)r->nv, sizeof *r->next);
+  r->pend = calloc((size_t)r->nv, sizeof *r->pend);
   if (!r->sizes || !r->val || !r->grad || !r->grad_mine || !r->keep ||
-      !r->aux || !r->left || !r->needs || !r->pgrad)
+      !r->aux || !r->left || !r->needs || !r->pgrad || !r->halo ||
+      !r->next || !r->pend)
     return sc_fail(&ctx->err, "streamcnn: out of memory");
   if (sc_value_sizes(p, isz[2], isz[3], r->sizes, &ctx->err) ||
       _sc_tiling(p, r->sizes, call->tile[0], call->tile[1], r->tile_out,
@@ -241,10 +316,15 @@ static int run_init(run *r, sc_ctx *ctx, const sc_call *call) {
       r->plans[a][t] = sc_axis_plan_new(p);
       if (!r->plans[a][t])
         return sc_fail(&ctx->err, "streamcnn: out of memory");
-      if (sc_plan_axis(p, r->sizes, a, lo, hi, r->plans[a][t], &ctx->err))
+      if (a == 0 && r->cached
+              ? sc_plan_axis_cached(p, r->sizes, a, lo, hi, r->plans[a][t],
+                                    &ctx->err)
+              : sc_plan_axis(p, r->sizes, a, lo, hi, r->plans[a][t],
+                             &ctx->err))
         return SC_ERR;
     }
   }
+  if (r->cached && plan_strips(r)) return SC_ERR;
   return order_tiles(r);
 }
 
@@ -279,7 +359,7 @@ static int avg_factors(const sc_window *w, int include_pad, int64_t n,
 static int avg_divisor(run *r, int64_t i, AtenTensorHandle *out) {
   const sc_instr *in = &r->p->instr[i];
   const int64_t o = i + 1;
-  const int64_t *rs = region(r, 0, o), *cs = region(r, 1, o);
+  const int64_t *rs = own(r, 0, o), *cs = own(r, 1, o);
   const int64_t h = rs[1] - rs[0], w = cs[1] - cs[0];
   int rc = SC_ERR;
   *out = NULL;
@@ -374,11 +454,19 @@ static int layer_input(run *r, int64_t i, int j, double pad_value,
   return rc;
 }
 
-/* Input value of a pointwise instruction restricted to its output region. */
+/* Input value of a pointwise instruction restricted to the span the
+ * instruction computes. */
 static int pointwise_input(run *r, int64_t i, int j, AtenTensorHandle *out) {
   const int64_t v = r->p->instr[i].in[j], o = i + 1;
-  return subview(r, r->val[v], region(r, 0, v), region(r, 1, v),
-                 region(r, 0, o), region(r, 1, o), out);
+  return subview(r, r->val[v], region(r, 0, v), region(r, 1, v), own(r, 0, o),
+                 own(r, 1, o), out);
+}
+
+/* New reference to value v (or its gradient) restricted to its own span. */
+static int own_view(run *r, AtenTensorHandle t, int64_t v,
+                    AtenTensorHandle *out) {
+  return subview(r, t, region(r, 0, v), region(r, 1, v), own(r, 0, v),
+                 own(r, 1, v), out);
 }
 
 /* Is value v held for the backward (keep = 1: a recompute for backward)? */
@@ -387,16 +475,17 @@ static int kept(const run *r, int64_t v, int keep) {
 }
 
 /* May instruction i overwrite its input slot j in place? Only a value this
- * tile computed (not the caller's image), read by this instruction alone,
- * over exactly the output's region, and not needed by the backward. */
+ * tile computed whole (not the caller's image, no halo from other tiles),
+ * read by this instruction alone, over exactly the span the instruction
+ * computes, and not needed by the backward. */
 static int reusable(const run *r, int64_t i, int j, int keep) {
   const int64_t v = r->p->instr[i].in[j], o = i + 1;
   if (v == 0 || r->p->n_consumers[v] != 1 || kept(r, v, keep) || !r->val[v])
     return 0;
-  for (int a = 0; a < 2; a++) {
-    const int64_t *rv = region(r, a, v), *ro = region(r, a, o);
-    if (rv[0] != ro[0] || rv[1] != ro[1]) return 0;
-  }
+  for (int a = 0; a < 2; a++)
+    if (!same(region(r, a, v), own(r, a, o)) ||
+        !same(region(r, a, v), own(r, a, v)))
+      return 0;
   return 1;
 }
 
@@ -500,6 +589,73 @@ done:
   return rc;
 }
 
+/* Cached plans: val[o] holds value o over its own span; extend it to the
+ * region with the halo rows the tiles above computed (r->halo[o]). */
+static int add_halo(run *r, int64_t o) {
+  const int64_t *rr = region(r, 0, o), *rc = region(r, 1, o);
+  const int64_t *orr = own(r, 0, o);
+  AtenTensorHandle buf = NULL, dst = NULL;
+  if (same(rr, orr) || empty(rc)) return SC_OK;
+  if (!r->halo[o])
+    return sc_fail(&r->ctx->err,
+                   "streamcnn: internal error: no halo for value %lld",
+                   (long long)o);
+  if (empty(orr)) { /* the tile only reads rows computed above */
+    _sc_drop(&r->val[o]);
+    if (aoti_torch_new_tensor_handle(r->halo[o], &r->val[o]))
+      return sc_fail(&r->ctx->err, "streamcnn: cannot reference a tensor");
+    return SC_OK;
+  }
+  const int64_t shape[4] = {r->batch, r->p->channels[o], rr[1] - rr[0],
+                            rc[1] - rc[0]};
+  const int64_t nh = orr[0] - rr[0];
+  int rc_ = _sc_tile_buffer(r->ctx, shape, 0, &buf) ||
+            _sc_view(r->ctx, buf, 0, nh, 0, shape[3], &dst) ||
+            _sc_copy(r->ctx, dst, r->halo[o], 0);
+  _sc_drop(&dst);
+  rc_ = rc_ || _sc_view(r->ctx, buf, nh, shape[2] - nh, 0, shape[3], &dst) ||
+        _sc_copy(r->ctx, dst, r->val[o], 0);
+  _sc_drop(&dst);
+  if (rc_) {
+    _sc_drop(&buf);
+    return SC_ERR;
+  }
+  _sc_drop(&r->val[o]);
+  r->val[o] = buf;
+  return SC_OK;
+}
+
+/* View of the halo of value v of row tile t (>= 1), column tile c, in the
+ * flat strips store: a contiguous N x C x rows x cols tensor. */
+static int strip_view(run *r, int64_t t, int64_t c, int64_t v,
+                      AtenTensorHandle *out) {
+  int64_t rows[2];
+  const int64_t *cols = &r->plans[1][c]->region[2 * v];
+  const int64_t off = r->strip_off[((t - 1) * r->n_tiles[1] + c) * r->nv + v];
+  halo_rows(r, t, v, rows);
+  const int64_t shape[4] = {r->batch, r->p->channels[v], rows[1] - rows[0],
+                            cols[1] - cols[0]};
+  return _sc_flat_view(r->ctx, r->strips, off, shape, out);
+}
+
+/* Forward sweep: keep the rows of value o the next row tile needs. */
+static int save_halo(run *r, int64_t o) {
+  int64_t rows[2];
+  AtenTensorHandle src = NULL;
+  if (!r->sweep || o == 0 || r->row + 1 >= r->n_tiles[0]) return SC_OK;
+  halo_rows(r, r->row + 1, o, rows);
+  const int64_t *rr = region(r, 0, o), *rc = region(r, 1, o);
+  if (empty(rows) || empty(rc)) return SC_OK;
+  const int64_t shape[4] = {r->batch, r->p->channels[o], rows[1] - rows[0],
+                            rc[1] - rc[0]};
+  int rc_ = subview(r, r->val[o], rr, rc, rows, rc, &src) ||
+            (r->strips ? strip_view(r, r->row + 1, r->col, o, &r->next[o])
+                       : _sc_tile_buffer(r->ctx, shape, 0, &r->next[o])) ||
+            _sc_copy(r->ctx, r->next[o], src, 0);
+  _sc_drop(&src);
+  return rc_;
+}
+
 /* Forward of the current tile's cone. Each value is freed once its last
  * consumer ran, unless keep = 1 and a backward op reads it (r->keep). */
 static int forward_tile(run *r, int keep) {
@@ -524,7 +680,9 @@ static int forward_tile(run *r, int keep) {
   for (int64_t v = 0; v < r->nv; v++) r->left[v] = p->n_consumers[v];
   for (int64_t i = 0; i < p->n_instr; i++) {
     if (value_empty(r, i + 1)) continue; /* only padding reads it */
-    if (forward_instr(r, i, keep)) return SC_ERR;
+    if (!empty(own(r, 0, i + 1)) && forward_instr(r, i, keep)) return SC_ERR;
+    if (r->cached && (add_halo(r, i + 1) || save_halo(r, i + 1)))
+      return SC_ERR;
     const sc_instr *in = &p->instr[i];
     for (int j = 0; j < in->n_in; j++) {
       const int64_t v = in->in[j];
@@ -551,10 +709,34 @@ static void report(int phase, int64_t done, int64_t total) {
 
 /* ---- forward ---------------------------------------------------------------- */
 
-int _sc_forward(sc_ctx *ctx, const sc_call *call, AtenTensorHandle *out) {
-  run r;
+/* Cached plans: make row tile t, column tile c the current tile. */
+static void select_cached(run *r, int64_t t, int64_t c) {
+  r->row = t;
+  r->col = c;
+  r->cur[0] = r->plans[0][t];
+  r->cur[1] = r->plans[1][c];
+}
+
+/* Forward of the current tile into the stem output out. */
+static int forward_into(run *r, AtenTensorHandle out) {
+  const int64_t ov = r->p->n_instr;
+  const int64_t *rs = own(r, 0, ov), *cs = own(r, 1, ov);
   AtenTensorHandle dst = NULL;
+  int rc = forward_tile(r, 0);
+  if (!rc && !empty(rs) && !empty(cs))
+    rc = _sc_view(r->ctx, out, rs[0], rs[1] - rs[0], cs[0], cs[1] - cs[0],
+                  &dst) ||
+         _sc_copy(r->ctx, dst, r->val[ov], 0);
+  _sc_drop(&dst);
+  run_tile_release(r);
+  return rc;
+}
+
+int _sc_forward(sc_ctx *ctx, const sc_call *call, AtenTensorHandle *out,
+                AtenTensorHandle *strips) {
+  run r;
   *out = NULL;
+  if (strips) *strips = NULL;
   int rc = run_init(&r, ctx, call);
   const int64_t ov = call->prog->n_instr;
   if (!rc) {
@@ -562,19 +744,40 @@ int _sc_forward(sc_ctx *ctx, const sc_call *call, AtenTensorHandle *out) {
                               r.sizes[2 * ov], r.sizes[2 * ov + 1]};
     rc = _sc_empty(ctx, 4, shape, out);
   }
-  if (!rc) release_free_pages(ctx);
-  for (int64_t k = 0; !rc && k < r.n_order; k++) {
-    select_tile(&r, k);
-    const int64_t *rs = region(&r, 0, ov), *cs = region(&r, 1, ov);
-    rc = forward_tile(&r, 0) ||
-         _sc_view(ctx, *out, rs[0], rs[1] - rs[0], cs[0], cs[1] - cs[0],
-                  &dst) ||
-         _sc_copy(ctx, dst, r.val[ov], 0);
-    _sc_drop(&dst);
-    run_tile_release(&r);
-    if (!rc) report(0, k + 1, r.n_order);
+  if (!rc && strips) { /* the halos the backward will need, all of them */
+    const int64_t n[1] = {r.cached ? r.strip_total : 0};
+    rc = _sc_empty(ctx, 1, n, strips);
+    r.strips = r.cached ? *strips : NULL;
   }
-  if (rc) _sc_drop(out);
+  if (!rc) release_free_pages(ctx);
+  if (r.cached) { /* column by column, rows top down, halos carried down */
+    r.sweep = 1;
+    int64_t k = 0;
+    for (int64_t c = 0; !rc && c < r.n_tiles[1]; c++) {
+      for (int64_t t = 0; !rc && t < r.n_tiles[0]; t++) {
+        for (int64_t v = 0; v < r.nv; v++) {
+          _sc_drop(&r.halo[v]);
+          r.halo[v] = r.next[v];
+          r.next[v] = NULL;
+        }
+        select_cached(&r, t, c);
+        rc = forward_into(&r, *out);
+        if (!rc) report(0, ++k, r.n_order);
+      }
+      drop_all(r.halo, r.nv);
+      drop_all(r.next, r.nv);
+    }
+  } else {
+    for (int64_t k = 0; !rc && k < r.n_order; k++) {
+      select_tile(&r, k);
+      rc = forward_into(&r, *out);
+      if (!rc) report(0, k + 1, r.n_order);
+    }
+  }
+  if (rc) {
+    _sc_drop(out);
+    if (strips) _sc_drop(strips);
+  }
   run_release(&r);
   return rc;
 }
@@ -603,6 +806,9 @@ static void plan_keep(run *r) {
   }
 }
 
+static int add_grad(run *r, int64_t v, int64_t cl[2][2], AtenTensorHandle gv,
+                    int mine);
+
 /* Add g (the gradient of the span instruction i reads through slot j) into
  * the gradient of that input value. mine: g's storage may be adopted. */
 static int accum_input(run *r, int64_t i, int j, AtenTensorHandle g,
@@ -614,9 +820,9 @@ static int accum_input(run *r, int64_t i, int j, AtenTensorHandle g,
   const int64_t *rd[2];
   int64_t cl[2][2];
   AtenTensorHandle gv = NULL, dst = NULL;
-  int rc = SC_ERR;
+  int rc;
   for (int a = 0; a < 2; a++) {
-    rd[a] = pointwise ? region(r, a, i + 1) : readspan(r, a, i, j);
+    rd[a] = pointwise ? own(r, a, i + 1) : readspan(r, a, i, j);
     clip(rd[a], r->sizes[2 * v + a], cl[a]);
     if (empty(cl[a])) return SC_OK; /* it read only padding */
   }
@@ -625,26 +831,41 @@ static int accum_input(run *r, int64_t i, int j, AtenTensorHandle g,
     rc = _sc_view(ctx, r->igrad, cl[0][0], cl[0][1] - cl[0][0], cl[1][0],
                   cl[1][1] - cl[1][0], &dst) ||
          _sc_copy(ctx, dst, gv, 1);
-    goto done;
+    _sc_drop(&dst);
+  } else {
+    rc = add_grad(r, v, cl, gv, mine);
   }
+  _sc_drop(&gv);
+  return rc;
+}
+
+/* Add gv (borrowed: the gradient of value v over the spans cl, inside v's
+ * region) into grad[v]. mine: gv's storage may be adopted. */
+static int add_grad(run *r, int64_t v, int64_t cl[2][2], AtenTensorHandle gv,
+                    int mine) {
+  sc_ctx *ctx = r->ctx;
+  AtenTensorHandle dst = NULL;
+  int rc = SC_ERR;
   const int64_t *rv[2] = {region(r, 0, v), region(r, 1, v)};
   const int whole = cl[0][0] == rv[0][0] && cl[0][1] == rv[0][1] &&
                     cl[1][0] == rv[1][0] && cl[1][1] == rv[1][1];
   if (!r->grad[v] && whole && mine) { /* adopt */
-    r->grad[v] = gv;
+    if (aoti_torch_new_tensor_handle(gv, &r->grad[v]))
+      return sc_fail(&ctx->err, "streamcnn: cannot reference a tensor");
     r->grad_mine[v] = 1;
     return SC_OK;
   }
   if (r->grad[v] && !r->grad_mine[v]) { /* never write what is not ours */
-    AtenTensorHandle own = NULL;
+    AtenTensorHandle copy = NULL;
     int64_t dim, *sz, *st;
     if (_sc_meta(ctx, r->grad[v], &dim, &sz, &st) ||
-        _sc_tile_buffer(ctx, sz, 0, &own) || _sc_copy(ctx, own, r->grad[v], 0)) {
-      _sc_drop(&own);
+        _sc_tile_buffer(ctx, sz, 0, &copy) ||
+        _sc_copy(ctx, copy, r->grad[v], 0)) {
+      _sc_drop(&copy);
       goto done;
     }
     _sc_drop(&r->grad[v]);
-    r->grad[v] = own;
+    r->grad[v] = copy;
     r->grad_mine[v] = 1;
   }
   if (!r->grad[v]) {
@@ -662,7 +883,6 @@ static int accum_input(run *r, int64_t i, int j, AtenTensorHandle g,
   rc = subview(r, r->grad[v], rv[0], rv[1], cl[0], cl[1], &dst) ||
        _sc_copy(ctx, dst, gv, 1);
 done:
-  _sc_drop(&gv);
   _sc_drop(&dst);
   return rc;
 }
@@ -695,10 +915,14 @@ static int backward_instr(run *r, int64_t i) {
   const sc_instr *in = &r->p->instr[i];
   sc_ctx *ctx = r->ctx;
   const int64_t o = i + 1;
-  AtenTensorHandle g = r->grad[o], x = NULL, gi = NULL, t = NULL;
+  AtenTensorHandle g = NULL, y = NULL, x = NULL, gi = NULL, t = NULL;
   AtenTensorHandle res[3] = {NULL, NULL, NULL};
   const int need_in = r->needs[in->in[0]];
   int rc = SC_ERR;
+  /* the gradient and the output over the span this tile computed */
+  if (own_view(r, r->grad[o], o, &g) ||
+      (r->val[o] && own_view(r, r->val[o], o, &y)))
+    goto done;
   switch (in->op) {
   case SC_OP_CONV: {
     const int m[3] = {need_in, wants(r, in->weight), wants(r, in->bias)};
@@ -774,12 +998,12 @@ static int backward_instr(run *r, int64_t i) {
   case SC_OP_ACT:
     if (!need_in) break;
     if (in->act == SC_ACT_RELU && r->grad_mine[o]) { /* in place on g */
-      if (_sc_relu_backward_(ctx, g, r->val[o]) || accum_input(r, i, 0, g, 1))
+      if (_sc_relu_backward_(ctx, g, y) || accum_input(r, i, 0, g, 1))
         goto done;
       break;
     }
     if (!act_uses_output(in->act) && pointwise_input(r, i, 0, &x)) goto done;
-    if (_sc_act_backward(ctx, in, g, x, r->val[o], &gi) ||
+    if (_sc_act_backward(ctx, in, g, x, y, &gi) ||
         accum_input(r, i, 0, gi, 1))
       goto done;
     break;
@@ -800,6 +1024,8 @@ static int backward_instr(run *r, int64_t i) {
   }
   rc = SC_OK;
 done:
+  _sc_drop(&g);
+  _sc_drop(&y);
   _sc_drop(&x);
   _sc_drop(&gi);
   _sc_drop(&t);
@@ -807,12 +1033,44 @@ done:
   return rc;
 }
 
+/* Cached plans, once every consumer of value o ran its backward: add the
+ * gradient the tile below left for o's rows in this tile (r->pend[o]),
+ * then keep the part of o's gradient that falls in the halo (rows the
+ * tiles above computed) pending for them. */
+static int pass_pending(run *r, int64_t o) {
+  int64_t cl[2][2], rows[2];
+  const int64_t *rr = region(r, 0, o), *rc = region(r, 1, o);
+  AtenTensorHandle src = NULL;
+  int rc_ = SC_OK;
+  if (r->pend[o]) {
+    halo_rows(r, r->row + 1, o, cl[0]);
+    cl[1][0] = rc[0];
+    cl[1][1] = rc[1];
+    rc_ = add_grad(r, o, cl, r->pend[o], 0);
+    _sc_drop(&r->pend[o]);
+    if (rc_) return SC_ERR;
+  }
+  if (r->row == 0 || !r->grad[o]) return SC_OK;
+  halo_rows(r, r->row, o, rows);
+  if (empty(rows) || empty(rc)) return SC_OK;
+  const int64_t shape[4] = {r->batch, r->p->channels[o], rows[1] - rows[0],
+                            rc[1] - rc[0]};
+  rc_ = subview(r, r->grad[o], rr, rc, rows, rc, &src) ||
+        _sc_tile_buffer(r->ctx, shape, 0, &r->pend[o]) ||
+        _sc_copy(r->ctx, r->pend[o], src, 0);
+  _sc_drop(&src);
+  return rc_;
+}
+
 /* Backward of instructions top-1 down to stop (their outputs top .. stop+1),
  * starting from r->grad[top]; frees each value once its producer is done. */
 static int backward_range(run *r, int64_t top, int64_t stop) {
   for (int64_t i = top - 1; i >= stop; i--) {
     const int64_t o = i + 1;
-    if (r->grad[o] && backward_instr(r, i)) return SC_ERR;
+    if (r->cached && pass_pending(r, o)) return SC_ERR;
+    if (r->grad[o] && !empty(own(r, 0, o)) && !empty(own(r, 1, o)) &&
+        backward_instr(r, i))
+      return SC_ERR;
     _sc_drop(&r->grad[o]); /* nothing later reads value o */
     _sc_drop(&r->val[o]);
     _sc_drop(&r->aux[i]);
@@ -996,7 +1254,7 @@ int _sc_backward(sc_ctx *ctx, const sc_call *call, AtenTensorHandle grad_out,
   }
   if (!rc) {
     plan_keep(&r);
-    choose_cut(&r);
+    if (!r.cached) choose_cut(&r);
   }
   if (!rc && mask[0]) {
     int64_t dim, *sz, *st;
@@ -1004,7 +1262,43 @@ int _sc_backward(sc_ctx *ctx, const sc_call *call, AtenTensorHandle grad_out,
          _sc_zeros(ctx, 4, sz, &r.igrad);
   }
   if (!rc && r.needs[ov] && r.batch > 0) release_free_pages(ctx);
-  if (!rc && r.needs[ov] && r.batch > 0)
+  if (!rc && r.cached) { /* halos of the forward are the strips */
+    int64_t dim, *sz, *st;
+    int32_t dtype, dt, di;
+    AtenTensorHandle s = call->strips;
+    if (!s || _sc_meta(ctx, s, &dim, &sz, &st) ||
+        aoti_torch_get_dtype(s, &dtype) ||
+        aoti_torch_get_device_type(s, &dt) ||
+        aoti_torch_get_device_index(s, &di) || dim != 1 ||
+        sz[0] != r.strip_total || (sz[0] > 1 && st[0] != 1) ||
+        dtype != ctx->dtype || dt != ctx->device_type ||
+        di != ctx->device_index)
+      rc = sc_fail(&ctx->err,
+                   "streamcnn: strips must be the second output of "
+                   "forward_cached for this image, params, program and "
+                   "tile_size (a 1-D tensor of %lld elements of the compute "
+                   "dtype, on the image's device)",
+                   (long long)r.strip_total);
+    r.strips = s;
+  }
+  if (!rc && r.cached && r.needs[ov] && r.batch > 0) {
+    /* column by column, rows bottom up: each tile takes its halo from the
+     * strips and passes the halo's gradient up (pass_pending) */
+    int64_t k = 0;
+    for (int64_t c = 0; !rc && c < r.n_tiles[1]; c++) {
+      for (int64_t t = r.n_tiles[0] - 1; !rc && t >= 0; t--) {
+        select_cached(&r, t, c);
+        for (int64_t v = 1; !rc && v < r.nv; v++)
+          if (t > 0 && r.strip_off[((t - 1) * r.n_tiles[1] + c) * r.nv + v] >= 0)
+            rc = strip_view(&r, t, c, v, &r.halo[v]);
+        rc = rc || backward_tile(&r, grad_out);
+        run_tile_release(&r);
+        drop_all(r.halo, r.nv);
+        if (!rc) report(1, ++k, r.n_order);
+      }
+      drop_all(r.pend, r.nv);
+    }
+  } else if (!rc && r.needs[ov] && r.batch > 0)
     for (int64_t k = 0; !rc && k < r.n_order; k++) {
       select_tile(&r, k);
       rc = backward_tile(&r, grad_out);

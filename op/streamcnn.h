@@ -138,6 +138,8 @@ typedef struct sc_program {
 typedef struct sc_axis_plan {
   int64_t n_values;
   int64_t *region; /* 2 * n_values: [lo, hi) per value; hi <= lo = empty */
+  int64_t *own;    /* 2 * n_values: the part of region the tile computes
+                      (all of it, except in a cached plan) */
   int64_t *read;   /* 4 * n_instr: [lo, hi) per instruction input slot */
 } sc_axis_plan;
 
@@ -180,6 +182,18 @@ SC_API int sc_plan_axis(const sc_program *p, const int64_t *sizes, int axis,
 SC_API int sc_plan_axis_to(const sc_program *p, const int64_t *sizes, int axis,
                            int64_t target, int64_t lo, int64_t hi,
                            sc_axis_plan *plan, sc_error *err);
+/* Cached plan (halo caching along one axis). Tiles along the axis are
+ * visited in increasing order; the tile owns the output span [lo, hi), its
+ * predecessors [0, lo). Every value is computed once: own[v] is the part of
+ * v that the cone of [0, hi) needs and the cone of [0, lo) did not
+ * (own = [e_v(lo), e_v(hi)) with e_v(x) the end of v's span in the cone of
+ * [0, x)); read[] are the spans the instructions read to compute their own
+ * spans; region[v] extends own[v] back to the first element read, so
+ * region[v] \ own[v] (the halo) was computed by earlier tiles. sizes must
+ * be given. */
+SC_API int sc_plan_axis_cached(const sc_program *p, const int64_t *sizes,
+                               int axis, int64_t lo, int64_t hi,
+                               sc_axis_plan *plan, sc_error *err);
 SC_API sc_axis_plan *sc_axis_plan_new(const sc_program *p); /* NULL on OOM */
 SC_API void sc_axis_plan_free(sc_axis_plan *plan);
 
@@ -207,15 +221,25 @@ SC_API int sc_tiling_info(const int64_t *words, int64_t n_words, int64_t h,
                    char *errbuf, size_t errlen);
 
 /* Work of one forward pass over an h x w image (per batch element) with an
- * input tile of tile_h x tile_w, whole-image vs tiled (halo recomputed):
+ * input tile of tile_h x tile_w, whole-image vs tiled:
  * work[0] / work[1] multiply-adds of the convolutions and channel linears,
- * whole / summed over tiles; work[2] / work[3] elements of all values
- * computed, whole / summed over tiles. work[1] / work[0] is the recompute
- * overhead of a streamed forward. */
-#define SC_WORK_WORDS 4
+ * whole / summed over tiles with every tile computing its whole cone (halo
+ * recomputed); work[2] / work[3] elements of all values computed, the
+ * same; work[4] / work[5] multiply-adds / elements with halo caching along
+ * the rows (each value computed once per column of tiles);
+ * work[6] elements of the strips (halos) forward_cached keeps for the
+ * backward. work[1] / work[0] and work[4] / work[0] are the recompute
+ * overheads of one streamed forward without and with halo caching. */
+#define SC_WORK_WORDS 7
 SC_API int sc_work_info(const int64_t *words, int64_t n_words, int64_t h,
                         int64_t w, int64_t tile_h, int64_t tile_w, double *work,
                         char *errbuf, size_t errlen);
+
+/* Multiply-adds the convolutions and channel linears of the operators
+ * called on this thread executed so far: out[0] forward (recomputes
+ * included), out[1] input gradients, out[2] weight gradients; reset sets
+ * them to 0 (after reading, when out is given). Thread-local. */
+SC_API void sc_macs(double out[3], int reset);
 
 /* Progress over tiles: while set on a thread, the operators called on that
  * thread report after each tile: phase 0 forward, 1 backward; done of

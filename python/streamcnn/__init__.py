@@ -7,7 +7,8 @@ whole-image pass.
     loss = head(stem(image)).sum(); loss.backward()
 """
 
-from ._library import library_path, load_library, program_info, tiling_info, work_info
+from ._library import (library_path, load_library, macs_executed, program_info, tiling_info,
+                       work_info)
 from . import data, models, ops, progress, reference
 from .module import StreamingModule
 from .program import convert
@@ -22,6 +23,7 @@ __all__ = [
     "convert",
     "library_path",
     "load_library",
+    "macs_executed",
     "models",
     "ops",
     "program_info",

@@ -51,6 +51,8 @@ def load_library() -> str:
     _cdll.sc_work_info.argtypes = [i64p, i64, i64, i64, i64, i64,
                                    ctypes.POINTER(ctypes.c_double), ctypes.c_char_p,
                                    ctypes.c_size_t]
+    _cdll.sc_macs.restype = None
+    _cdll.sc_macs.argtypes = [ctypes.POINTER(ctypes.c_double), ctypes.c_int]
     _declare_slide_api(_cdll)
     _loaded_path = path
     return path
@@ -88,10 +90,22 @@ def tiling_info(program: Sequence[int], h: int, w: int, tile: Tuple[int, int]) -
 
 
 def work_info(program: Sequence[int], h: int, w: int, tile: Tuple[int, int]) -> List[float]:
-    """[whole MACs, tiled MACs, whole elements, tiled elements] of one forward
-    pass (per batch element) over an h x w image; see sc_work_info."""
+    """[whole MACs, tiled MACs, whole elements, tiled elements, cached MACs,
+    cached elements, strip elements] of one forward pass (per batch element)
+    over an h x w image; see sc_work_info."""
     return _query("sc_work_info", program, (h, w, tile[0], tile[1]),
-                  (ctypes.c_double * 4)())
+                  (ctypes.c_double * 7)())
+
+
+def macs_executed(reset: bool = False) -> Tuple[float, float, float]:
+    """Multiply-adds the operators called on this thread executed in their
+    convolutions and channel linears since the last reset: (forward incl.
+    recomputes, input gradients, weight gradients). reset=True reads and
+    zeroes the counters."""
+    load_library()
+    out = (ctypes.c_double * 3)()
+    _cdll.sc_macs(out, int(bool(reset)))
+    return out[0], out[1], out[2]
 
 
 def _declare_slide_api(lib: ctypes.CDLL) -> None:

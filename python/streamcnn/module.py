@@ -88,6 +88,14 @@ class StreamingModule(nn.Module):
             deterministic convolution algorithms during the forward and its
             backward (the tile kernels, tile order and float32 weight-grad
             sums are deterministic anyway); eager mode only.
+        halo_cache: compute every value once per column of tiles: each row
+            of tiles takes the rows it shares with the row above (its halo)
+            from a cache instead of recomputing them, and when a gradient
+            is needed the forward keeps those halos (``work()['strip_elements']``
+            values per image) for the backward, which then recomputes each
+            tile's own rows only and passes the halo's gradient up. Exact
+            either way; off: each tile recomputes its whole cone in the
+            backward and nothing is kept.
 
     ``sm(x)`` takes ``x`` of shape ``N x C x H x W`` (float32, float64,
     float16 or bfloat16 with the dtype and device of the stem's parameters,
@@ -121,7 +129,8 @@ class StreamingModule(nn.Module):
                  in_channels: Optional[int] = None,
                  mean: Optional[Sequence[float]] = None,
                  std: Optional[Sequence[float]] = None,
-                 progress: bool = False, deterministic: bool = False):
+                 progress: bool = False, deterministic: bool = False,
+                 halo_cache: bool = True):
         super().__init__()
         if not isinstance(module, nn.Module):
             raise TypeError(f"streamcnn: expected an nn.Module, got {type(module).__name__}")
@@ -137,6 +146,7 @@ class StreamingModule(nn.Module):
         self.program: List[int] = conv.program
         self.progress: bool = bool(progress)
         self.deterministic: bool = bool(deterministic)
+        self.halo_cache: bool = bool(halo_cache)
         self.normalize: bool = mean is not None or std is not None
         if self.normalize:
             c = info[0]
@@ -193,14 +203,19 @@ class StreamingModule(nn.Module):
         """Work of one forward over a height x width image, whole-image vs
         streamed with this tile_size (per batch element): multiply-adds of
         the convolutions / channel linears (``macs_whole``, ``macs_streamed``)
-        and elements of the values computed; ``recompute`` is
-        macs_streamed / macs_whole, the halo recompute overhead. A training
-        step streams the forward twice (the backward recomputes it), so its
-        multiply-adds are about (2 + 2) x macs_streamed against
+        and elements of the values computed, with every tile computing its
+        whole cone (``macs_streamed``, ``recompute`` = macs_streamed /
+        macs_whole: the overlap recompute) and with halo caching along the
+        rows (``macs_cached``, ``recompute_cached``: only the columns
+        overlap); ``strip_elements`` is what the halo cache keeps from the
+        forward to the backward. A training step runs the forward twice
+        (the backward recomputes it): about (2 + 2) x macs against
         (1 + 2) x macs_whole."""
-        mw, ms, ew, es = work_info(self.program, height, width, self.tile_size)
+        mw, ms, ew, es, mc, ec, st = work_info(self.program, height, width, self.tile_size)
         return {"macs_whole": mw, "macs_streamed": ms, "elements_whole": ew,
-                "elements_streamed": es, "recompute": ms / mw if mw else 1.0}
+                "elements_streamed": es, "recompute": ms / mw if mw else 1.0,
+                "macs_cached": mc, "elements_cached": ec,
+                "recompute_cached": mc / mw if mw else 1.0, "strip_elements": st}
 
     # -- modes ---------------------------------------------------------------------
     def train(self, mode: bool = True):
@@ -256,20 +271,34 @@ class StreamingModule(nn.Module):
             if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
                 return self._forward_autocast(x, params)
             return self._forward_eager(x, params)
+        return self._call(x, params, self.halo_cache)
+
+    def _call(self, x: torch.Tensor, params: List[torch.Tensor], cached: bool) -> torch.Tensor:
+        """The op: forward_cached when a gradient will be asked for and
+        cached (halo_cache) is on (its strips go to the backward), else
+        forward."""
+        if cached and torch.is_grad_enabled():
+            wants = x.requires_grad
+            for p in params:
+                wants = wants or p.requires_grad
+            if wants:
+                return torch.ops.streamcnn.forward_cached(x, params, self.program,
+                                                          self.tile_size)[0]
         return torch.ops.streamcnn.forward(x, params, self.program, self.tile_size)
 
     @torch.jit.unused
     def _forward_eager(self, x: torch.Tensor, params: List[torch.Tensor]) -> torch.Tensor:
         """Checks and call options (progress, deterministic) around the op;
-        compiled code calls the op alone."""
+        compiled code calls the op alone; an exported program (inference)
+        calls forward."""
+        cached = self.halo_cache and not torch.compiler.is_exporting()
         if not torch.compiler.is_compiling():
             self._check(x, params)
             if self.progress or self.deterministic:
                 from .ops import call_options
                 with call_options(self.progress, self.deterministic):
-                    return torch.ops.streamcnn.forward(x, params, self.program,
-                                                       self.tile_size)
-        return torch.ops.streamcnn.forward(x, params, self.program, self.tile_size)
+                    return self._call(x, params, cached)
+        return self._call(x, params, cached)
 
     @torch.jit.unused
     def _forward_autocast(self, x: torch.Tensor, params: List[torch.Tensor]) -> torch.Tensor:

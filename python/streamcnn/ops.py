@@ -13,7 +13,25 @@ The operators themselves are registered by the C library:
 tile_size, output_mask) -> Tensor[]``
     Gradients of ``(grad_output * forward(...)).sum()`` with respect to the
     image (``output_mask[0]``) and each parameter (``output_mask[1 + k]``);
-    one contiguous tensor per true entry, in order.
+    one contiguous tensor per true entry, in order. Each tile recomputes
+    its whole cone (halo included).
+
+``torch.ops.streamcnn.forward_cached(image, params, program, tile_size)
+-> (Tensor, Tensor)``
+    The output of ``forward`` and the *strips*: a flat tensor with the rows
+    of every value that each row of tiles shares with the row below (its
+    halo). Not differentiable.
+
+``torch.ops.streamcnn.backward_cached(grad_output, strips, image, params,
+program, tile_size, output_mask) -> Tensor[]``
+    The gradients of ``backward``, computed column by column, rows bottom
+    up: each tile recomputes only its own rows (the halo comes from the
+    strips) and passes the halo's gradient to the tile above, so every
+    value is recomputed once (no overlap) at the cost of keeping the strips
+    from the forward to the backward.
+
+``forward`` also carries halos down the rows (each value computed once),
+without keeping them.
 """
 
 from __future__ import annotations
@@ -51,6 +69,30 @@ def _backward_fake(grad_output, image, params, program, tile_size, output_mask):
         if m:
             out.append(p.new_empty(p.shape))
     return out
+
+
+def _strip_count(image, program, tile_size):
+    """Elements of forward_cached's strips (a dynamic size when the image
+    extent is symbolic)."""
+    n, h, w = image.shape[0], image.shape[2], image.shape[3]
+    if all(isinstance(v, int) for v in (n, h, w)):
+        from ._library import work_info
+        tile = list(tile_size)
+        per_image = work_info(program, h, w, (tile[0], tile[-1]))[6]
+        return int(per_image) * n
+    return torch.library.get_ctx().new_dynamic_size()
+
+
+@torch.library.register_fake("streamcnn::forward_cached")
+def _forward_cached_fake(image, params, program, tile_size):
+    out = _forward_fake(image, params, program, tile_size)
+    return out, out.new_empty((_strip_count(image, program, tile_size),))
+
+
+@torch.library.register_fake("streamcnn::backward_cached")
+def _backward_cached_fake(grad_output, strips, image, params, program, tile_size,
+                          output_mask):
+    return _backward_fake(grad_output, image, params, program, tile_size, output_mask)
 
 
 _local = threading.local()
@@ -103,6 +145,35 @@ def _backward(ctx, grad):
 
 
 torch.library.register_autograd("streamcnn::forward", _backward, setup_context=_setup_context)
+
+
+def _setup_context_cached(ctx, inputs, output):
+    image, params, program, tile_size = inputs
+    ctx.opts = getattr(_local, "opts", (False, False))
+    ctx.mask = [bool(image.requires_grad)] + [bool(p.requires_grad) for p in params]
+    ctx.program = program
+    ctx.tile_size = tile_size
+    ctx.mark_non_differentiable(output[1])
+    if any(ctx.mask):
+        ctx.save_for_backward(output[1], image, *params)
+
+
+def _backward_cached(ctx, grad, grad_strips):
+    n = len(ctx.mask) - 1
+    if not any(ctx.mask):
+        return None, [None] * n, None, None
+    strips, image, *params = ctx.saved_tensors
+    with call_options(*ctx.opts):
+        grads = torch.ops.streamcnn.backward_cached(grad, strips, image, params, ctx.program,
+                                                    ctx.tile_size, ctx.mask)
+    it = iter(grads)
+    grad_image = next(it) if ctx.mask[0] else None
+    grad_params = [next(it) if m else None for m in ctx.mask[1:]]
+    return grad_image, grad_params, None, None
+
+
+torch.library.register_autograd("streamcnn::forward_cached", _backward_cached,
+                                setup_context=_setup_context_cached)
 
 
 def _setup_double(ctx, inputs, output):
@@ -158,6 +229,20 @@ def _double_backward(ctx, grads):
 # op as a constant and give silently wrong second derivatives.
 torch.library.register_autograd("streamcnn::backward", _double_backward,
                                 setup_context=_setup_double)
+
+
+def _setup_double_cached(ctx, inputs, output):
+    grad_output, strips, image, params, program, tile_size, output_mask = inputs
+    _setup_double(ctx, (grad_output, image, params, program, tile_size, output_mask), output)
+
+
+def _double_backward_cached(ctx, grads):
+    g_out, g_image, g_params, *_ = _double_backward(ctx, grads)
+    return g_out, None, g_image, g_params, None, None, None
+
+
+torch.library.register_autograd("streamcnn::backward_cached", _double_backward_cached,
+                                setup_context=_setup_double_cached)
 
 
 def forward(image: torch.Tensor, params: Sequence[torch.Tensor], program: Sequence[int],

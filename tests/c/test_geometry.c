@@ -171,6 +171,59 @@ static void test_plan_residual_hull(void) {
   sc_program_free(p);
 }
 
+static void test_plan_cached(void) {
+  /* the program of test_plan_residual_hull, rows 9 -> 5, tiled [0, 2),
+   * [2, 4), [4, 5) with halo caching */
+  tprog t;
+  tp_begin(&t, 2, 2);
+  int64_t v1 = tp_relu(&t, 0);
+  int64_t v2 = tp_conv(&t, v1, 0, 2, 2, 3, 1, 1, 1);
+  int64_t v3 = tp_add(&t, v2, v1);
+  tp_conv(&t, v3, 1, 2, 2, 1, 2, 0, 1);
+  sc_program *p = decode(&t);
+  int64_t sizes[10];
+  sc_error err = {0};
+  CHECK_EQ(sc_value_sizes(p, 9, 9, sizes, &err), SC_OK);
+  sc_axis_plan *plan = sc_axis_plan_new(p);
+  /* first tile: the cone of [0, 2) (x, v1 [0, 4); v2, v3 [0, 3)), no halo */
+  CHECK_EQ(sc_plan_axis_cached(p, sizes, 0, 0, 2, plan, &err), SC_OK);
+  const int64_t own0[10] = {0, 4, 0, 4, 0, 3, 0, 3, 0, 2};
+  for (int k = 0; k < 10; k++) {
+    CHECK_EQ(plan->own[k], own0[k]);
+    CHECK_EQ(plan->region[k], own0[k]);
+  }
+  /* [2, 4): cone of [0, 4) ends x, v1 8; v2, v3 7; minus the ends above;
+   * the 3x3 conv reads v1 [2, 8) for its own [3, 7): v1's halo is [2, 4) */
+  CHECK_EQ(sc_plan_axis_cached(p, sizes, 0, 2, 4, plan, &err), SC_OK);
+  const int64_t own1[10] = {4, 8, 4, 8, 3, 7, 3, 7, 2, 4};
+  const int64_t reg1[10] = {4, 8, 2, 8, 3, 7, 3, 7, 2, 4};
+  for (int k = 0; k < 10; k++) {
+    CHECK_EQ(plan->own[k], own1[k]);
+    CHECK_EQ(plan->region[k], reg1[k]);
+  }
+  CHECK_EQ(plan->read[4 * 1 + 0], 2); /* conv of v1 */
+  CHECK_EQ(plan->read[4 * 1 + 1], 8);
+  CHECK_EQ(plan->read[4 * 3 + 0], 4); /* 1x1 stride 2 of v3 */
+  CHECK_EQ(plan->read[4 * 3 + 1], 7);
+  /* last tile [4, 5): own to the ends; the conv reads one padding row */
+  CHECK_EQ(sc_plan_axis_cached(p, sizes, 0, 4, 5, plan, &err), SC_OK);
+  const int64_t own2[10] = {8, 9, 8, 9, 7, 9, 7, 9, 4, 5};
+  const int64_t reg2[10] = {8, 9, 6, 9, 7, 9, 7, 9, 4, 5};
+  for (int k = 0; k < 10; k++) {
+    CHECK_EQ(plan->own[k], own2[k]);
+    CHECK_EQ(plan->region[k], reg2[k]);
+  }
+  CHECK_EQ(plan->read[4 * 1 + 1], 10);
+  /* bad requests */
+  CHECK_EQ(sc_plan_axis_cached(p, NULL, 0, 0, 2, plan, &err), SC_ERR);
+  CHECK_EQ(sc_plan_axis_cached(p, sizes, 0, 3, 3, plan, &err), SC_ERR);
+  /* an uncached plan owns its whole region */
+  CHECK_EQ(sc_plan_axis(p, sizes, 0, 2, 4, plan, &err), SC_OK);
+  for (int k = 0; k < 10; k++) CHECK_EQ(plan->own[k], plan->region[k]);
+  sc_axis_plan_free(plan);
+  sc_program_free(p);
+}
+
 static void test_plan_ceil_and_padding_only(void) {
   tprog t;
   /* maxpool k3 s2 ceil on 6 -> 3 outputs; the last reads [4, 7) of 6 */
@@ -272,6 +325,7 @@ int main(void) {
   test_receptive_field();
   test_plan_conv();
   test_plan_residual_hull();
+  test_plan_cached();
   test_plan_ceil_and_padding_only();
   test_sizes_errors();
   test_tiling_info();

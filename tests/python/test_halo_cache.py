@@ -1,0 +1,191 @@
+"""Halo caching (forward_cached / backward_cached, StreamingModule's
+halo_cache): every value computed once per column of tiles, the halo rows
+kept from the forward for the backward and their gradients passed up the
+column. Exactness against the cone-recompute ops and whole-image autograd,
+the strips' size, the multiply-adds actually executed, and bad strips."""
+
+import random
+
+import pytest
+import torch
+import torch.nn as nn
+
+import streamcnn
+from conftest import randomize_bn, rel_err
+from test_equivalence import _valid_size, random_stem
+
+
+def _ops_grads(sm, x, params, g, cached):
+    mask = [x.requires_grad] + [p.requires_grad for p in params]
+    x, params = x.detach(), [p.detach() for p in params]
+    if cached:
+        y, strips = torch.ops.streamcnn.forward_cached(x, params, sm.program, sm.tile_size)
+        grads = torch.ops.streamcnn.backward_cached(g, strips, x, params, sm.program,
+                                                    sm.tile_size, mask)
+    else:
+        y = torch.ops.streamcnn.forward(x, params, sm.program, sm.tile_size)
+        grads = torch.ops.streamcnn.backward(g, x, params, sm.program, sm.tile_size, mask)
+    return y, grads
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_cached_ops_equal_cone_recompute_random_stems(seed):
+    """Thin tiles (the receptive field: halos reach back over several row
+    tiles), wide and tall ones, batch 1 and 3, float64."""
+    stem = random_stem(seed)
+    rng = random.Random(7000 + seed)
+    size = _valid_size(stem, rng, 1, 48) or _valid_size(stem, rng, 48, 120)
+    assert size is not None
+    sm = streamcnn.StreamingModule(stem, 10**6, in_channels=3)
+    rf = sm.receptive_field
+    x = torch.randn(rng.choice([1, 3]), 3, *size, dtype=torch.float64, requires_grad=True)
+    params = sm.stream_params()
+    for tile in [rf, (rf[0] + rng.randint(1, 7), 10**6), (10**6, rf[1] + 2)]:
+        sm.tile_size = list(tile)
+        y0 = torch.ops.streamcnn.forward(x.detach(), [p.detach() for p in params],
+                                         sm.program, sm.tile_size)
+        g = torch.randn_like(y0)
+        y1, a = _ops_grads(sm, x, params, g, False)
+        y2, b = _ops_grads(sm, x, params, g, True)
+        assert torch.equal(y1, y2)
+        assert len(a) == len(b)
+        for u, v in zip(a, b):
+            assert rel_err(v, u) <= 1e-12, (tile, rel_err(v, u))
+
+
+def _resnet_stem():
+    tv = pytest.importorskip("torchvision")
+    m = tv.models.resnet18()
+    stem = nn.Sequential(m.conv1, m.bn1, m.relu, m.maxpool, m.layer1, m.layer2).eval()
+    randomize_bn(stem, torch.Generator().manual_seed(3))
+    return stem
+
+
+def test_macs_executed_each_value_once():
+    """The counters of the C core: a cached forward executes exactly the
+    modelled multiply-adds (work()['macs_cached']); a training step
+    executes it twice (forward, recompute) and each gradient once; with
+    tiles as wide as the image nothing is recomputed at all."""
+    stem = _resnet_stem().double()
+    h, w = 448, 320
+    x = torch.randn(1, 3, h, w, dtype=torch.float64, requires_grad=True)
+    for tile, hc in [((150, 180), True), ((150, 180), False), ((130, 4096), True)]:
+        sm = streamcnn.StreamingModule(stem, tile, halo_cache=hc)
+        work = sm.work(h, w)
+        streamcnn.macs_executed(reset=True)
+        with torch.no_grad():
+            sm(x)
+        fwd = streamcnn.macs_executed(reset=True)
+        assert fwd[0] == work["macs_cached"]  # the forward op always caches
+        sm(x).sum().backward()
+        step = streamcnn.macs_executed(reset=True)
+        if hc:
+            assert step == (2 * work["macs_cached"], work["macs_cached"], work["macs_cached"])
+        else:  # the cone backward recomputes overlaps (and more, in pieces)
+            assert step[0] > work["macs_cached"] + work["macs_streamed"] * 0.99
+        if tile[1] >= w:
+            assert work["macs_cached"] == work["macs_whole"]
+            assert work["recompute_cached"] == 1.0
+        assert work["macs_cached"] < work["macs_streamed"] or tile[0] >= h
+
+
+def test_strips_size_matches_work_info_and_fake():
+    stem = _resnet_stem()
+    sm = streamcnn.StreamingModule(stem, (120, 150))
+    x = torch.randn(2, 3, 301, 277)
+    params = [p.detach() for p in sm.stream_params()]
+    y, strips = torch.ops.streamcnn.forward_cached(x, params, sm.program, sm.tile_size)
+    assert strips.dim() == 1 and strips.dtype == torch.float32
+    assert strips.numel() == 2 * sm.work(301, 277)["strip_elements"] > 0
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode() as mode:
+        fx = mode.from_tensor(x)
+        fp = [mode.from_tensor(p) for p in params]
+        fy, fs = torch.ops.streamcnn.forward_cached(fx, fp, sm.program, sm.tile_size)
+    assert fy.shape == y.shape and fs.shape == strips.shape
+    # one row of tiles: no halos, no strips
+    _, none = torch.ops.streamcnn.forward_cached(x, params, sm.program, [4096, 150])
+    assert none.numel() == 0
+
+
+def _small():
+    stem = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                         nn.MaxPool2d(3, 2, 1, ceil_mode=True), nn.Conv2d(4, 5, 3, stride=2),
+                         nn.AvgPool2d(2, 1, count_include_pad=False, padding=1)).double().eval()
+    randomize_bn(stem, torch.Generator().manual_seed(0))
+    return streamcnn.StreamingModule(stem, 14)
+
+
+def test_opcheck_forward_cached():
+    sm = _small()
+    x = torch.randn(2, 3, 23, 19, dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(torch.ops.streamcnn.forward_cached.default,
+                          (x, sm.stream_params(), sm.program, sm.tile_size))
+
+
+def test_opcheck_backward_cached():
+    sm = _small()
+    x = torch.randn(2, 3, 23, 19, dtype=torch.float64)
+    params = [p.detach() for p in sm.stream_params()]
+    y, strips = torch.ops.streamcnn.forward_cached(x, params, sm.program, sm.tile_size)
+    g = torch.randn_like(y)
+    mask = [True] + [i % 2 == 0 for i in range(len(params))]
+    torch.library.opcheck(torch.ops.streamcnn.backward_cached.default,
+                          (g, strips, x, params, sm.program, sm.tile_size, mask))
+
+
+def test_bad_strips_raise():
+    sm = _small()
+    x = torch.randn(1, 3, 40, 37, dtype=torch.float64)
+    params = [p.detach() for p in sm.stream_params()]
+    y, strips = torch.ops.streamcnn.forward_cached(x, params, sm.program, sm.tile_size)
+    g = torch.randn_like(y)
+    mask = [True] + [False] * len(params)
+    bad = [strips[:-1], strips.float(), strips.reshape(1, -1), torch.cat([strips, strips]),
+           strips[::2]]
+    for s in bad:
+        with pytest.raises(RuntimeError, match="strips must be the second output"):
+            torch.ops.streamcnn.backward_cached(g, s, x, params, sm.program, sm.tile_size, mask)
+    # strips of another tiling
+    _, other = torch.ops.streamcnn.forward_cached(x, params, sm.program, [20, 14])
+    if other.numel() != strips.numel():
+        with pytest.raises(RuntimeError, match="strips"):
+            torch.ops.streamcnn.backward_cached(g, other, x, params, sm.program,
+                                                sm.tile_size, mask)
+
+
+def test_module_chooses_the_op():
+    sm = _small()
+    x = torch.randn(1, 3, 40, 37, dtype=torch.float64, requires_grad=True)
+    assert "forward_cached" in type(sm(x).grad_fn).__name__
+    with torch.no_grad():
+        assert sm(x).grad_fn is None
+    sm.halo_cache = False
+    assert "forward_cached" not in type(sm(x).grad_fn).__name__
+    off = streamcnn.StreamingModule(sm.stem, 14, halo_cache=False)
+    on = streamcnn.StreamingModule(sm.stem, 14)
+    g = torch.randn(1, 5, 11, 10, dtype=torch.float64)
+    a = torch.autograd.grad(off(x), [x] + list(sm.stem.parameters()), g)
+    b = torch.autograd.grad(on(x), [x] + list(sm.stem.parameters()), g)
+    for u, v in zip(a, b):
+        assert rel_err(v, u) <= 1e-12
+
+
+def test_uint8_normalised_image_cached():
+    """uint8 tiles converted and normalised per tile; the halos are of the
+    computed values (the image itself has none)."""
+    stem = _resnet_stem()
+    mean, std = [120.0, 110.0, 100.0], [60.0, 50.0, 55.0]
+    img = torch.randint(0, 256, (1, 3, 257, 203), dtype=torch.uint8)
+    ref_x = (img.double() - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    stem64 = stem.double()
+    sm = streamcnn.StreamingModule(stem64, (110, 130), mean=mean, std=std)
+    y = sm(img)
+    y_ref = stem64(ref_x)
+    g = torch.randn_like(y_ref)
+    ps = list(stem64.parameters())
+    a = torch.autograd.grad(y, ps, g)
+    b = torch.autograd.grad(y_ref, ps, g)
+    assert rel_err(y, y_ref) < 1e-12
+    for u, v in zip(a, b):
+        assert rel_err(u, v) < 1e-10
