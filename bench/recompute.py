@@ -7,8 +7,11 @@ whole-image forward (StreamingModule.work, from the C tiling plans), per
 image size and tile size, and the same for a training step: the backward
 streams the forward again, so a step is about (2 + 2) x streamed forward
 against (1 + 2) x whole forward (backward ~ 2 x forward in multiply-adds).
-Exact streaming with recompute therefore cannot beat 4/3 = 1.33x; halo
-caching (issue 5) is what would bring the forward term to 1.0.
+Columns: "cone" (every tile recomputes its whole cone, halo_cache=False) and
+"cached" (halo caching along rows, the default: only the column overlap is
+recomputed), plus the strips the cache keeps from forward to backward
+(float32). Exact streaming with one recompute cannot beat 4/3 = 1.33x;
+cached with tiles as wide as the image reaches it.
 
     python bench/recompute.py [--sizes 2048 4096 8192 16384 32768 65536] [--tiles 1024 1920 2880 4096]
 """
@@ -32,16 +35,19 @@ def main() -> None:
     print("# ResNet-34 conv1..layer3, receptive field "
           f"{streamcnn.StreamingModule(stem, 4096).receptive_field[0]}, multiply-adds "
           "streamed / whole-image")
-    print("| image   | tile | tiles   | forward | train step | whole fwd GMAC |")
-    print("|---------|------|---------|---------|------------|----------------|")
+    print("| image   | tile | tiles   | fwd cone | step cone | fwd cached | step cached "
+          "| strips fp32 | whole fwd GMAC |")
+    print("|---------|------|---------|----------|-----------|------------|-------------"
+          "|-------------|----------------|")
     for size in args.sizes:
         for tile in args.tiles:
             sm = streamcnn.StreamingModule(stem, tile)
             w = sm.work(size, size)
             n = sm.tiling(size, size)["tiles"]
-            fwd = w["recompute"]
-            print(f"| {size:>6}² | {tile:>4} | {n[0]:>3}x{n[1]:<3} | {fwd:6.3f}x | "
-                  f"{(2 * fwd + 2 * fwd) / 3:9.3f}x | {w['macs_whole'] / 1e9:14.1f} |")
+            fwd, c = w["recompute"], w["recompute_cached"]
+            print(f"| {size:>6}² | {tile:>4} | {n[0]:>3}x{n[1]:<3} | {fwd:7.3f}x | "
+                  f"{4 * fwd / 3:8.3f}x | {c:9.3f}x | {4 * c / 3:10.3f}x | "
+                  f"{w['strip_elements'] * 4 / 2**30:8.2f} GB | {w['macs_whole'] / 1e9:14.1f} |")
 
 
 if __name__ == "__main__":
