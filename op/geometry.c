@@ -15,6 +15,7 @@
 #include "internal.h"
 
 #include <stdlib.h>
+#include <string.h>
 
 static int64_t floor_div(int64_t a, int64_t b) { /* b > 0 */
   int64_t q = a / b;
@@ -358,6 +359,23 @@ int sc_tiling_info(const int64_t *words, int64_t n_words, int64_t h,
   return rc;
 }
 
+int _sc_act_uses_output(int act) {
+  return act == SC_ACT_RELU || act == SC_ACT_SIGMOID || act == SC_ACT_TANH;
+}
+
+void _sc_keep_set(const sc_program *p, const unsigned char *needs,
+                  unsigned char *keep) {
+  for (int64_t v = 0; v <= p->n_instr; v++) keep[v] = 0;
+  for (int64_t i = 0; i < p->n_instr; i++) {
+    const sc_instr *in = &p->instr[i];
+    if (!needs[i + 1] || in->op == SC_OP_ADD) continue;
+    if (in->op == SC_OP_ACT && _sc_act_uses_output(in->act))
+      keep[i + 1] = 1;
+    else
+      keep[in->in[0]] = 1;
+  }
+}
+
 /* Multiply-adds per output pixel of an instruction (conv, linear_c), else 0. */
 static double macs_per_pixel(const sc_instr *in) {
   if (in->op == SC_OP_CONV)
@@ -442,6 +460,113 @@ done:
   free(own_rows);
   free(halo_rows);
   sc_axis_plan_free(plan);
+  sc_program_free(p);
+  return rc;
+}
+
+/* Distinct region extents of the tiles along one axis (interior tiles
+ * share one; the first and last differ): ext receives up to n rows of nv
+ * extents, returns how many are distinct. Also sums the halo rows per value
+ * (cached rows) and the region extents per value over all tiles. */
+static int64_t axis_shapes(const sc_program *p, const int64_t *sizes, int axis,
+                           int64_t t, int cached, int64_t *ext, double *halo,
+                           double *total, sc_axis_plan *plan, sc_error *err) {
+  const int64_t nv = p->n_instr + 1, n_out = sizes[2 * p->n_instr + axis];
+  int64_t n_shapes = 0;
+  for (int64_t lo = 0; lo < n_out; lo += t) {
+    const int64_t hi = lo + t < n_out ? lo + t : n_out;
+    if (cached ? sc_plan_axis_cached(p, sizes, axis, lo, hi, plan, err)
+               : sc_plan_axis(p, sizes, axis, lo, hi, plan, err))
+      return -1;
+    int64_t *e = &ext[n_shapes * nv];
+    for (int64_t v = 0; v < nv; v++) {
+      const int64_t *rg = &plan->region[2 * v], *ow = &plan->own[2 * v];
+      e[v] = rg[1] > rg[0] ? rg[1] - rg[0] : 0;
+      total[v] += (double)e[v];
+      if (cached && lo > 0 && v > 0 && e[v] > 0 && ow[0] > rg[0])
+        halo[v] += (double)(ow[0] - rg[0]);
+    }
+    int64_t k = 0;
+    for (; k < n_shapes; k++)
+      if (!memcmp(&ext[k * nv], e, (size_t)nv * sizeof *e)) break;
+    if (k == n_shapes) n_shapes++;
+  }
+  return n_shapes;
+}
+
+/* Memory model of one tile (per batch element, in elements): the values
+ * the recompute keeps for the backward plus four value-sized buffers (the
+ * gradient being propagated, an input gradient and the sum it goes into,
+ * a layer input's padded copy) for the backward; three value-sized
+ * buffers for the forward. */
+int sc_memory_info(const int64_t *words, int64_t n_words, int64_t h,
+                   int64_t w, int64_t tile_h, int64_t tile_w, int cached,
+                   double *mem, char *errbuf, size_t errlen) {
+  sc_error err = {0};
+  sc_program *p;
+  int64_t *sizes, *ext[2] = {NULL, NULL}, n_shapes[2];
+  double *halo = NULL, *total[2] = {NULL, NULL};
+  unsigned char *needs = NULL, *keep = NULL;
+  sc_axis_plan *plan = NULL;
+  int64_t t[2];
+  int rc = SC_ERR;
+  if (decode_and_tile(words, n_words, h, w, tile_h, tile_w, &p, &sizes, t,
+                      &err))
+    goto done;
+  const int64_t nv = p->n_instr + 1;
+  plan = sc_axis_plan_new(p);
+  halo = calloc((size_t)nv, sizeof *halo);
+  needs = malloc((size_t)nv);
+  keep = malloc((size_t)nv);
+  int ok = plan && halo && needs && keep;
+  for (int a = 0; a < 2 && ok; a++) {
+    const int64_t n = sizes[2 * p->n_instr + a];
+    const int64_t count = (n + t[a] - 1) / t[a];
+    ext[a] = malloc((size_t)(count * nv) * sizeof *ext[a]);
+    total[a] = calloc((size_t)nv, sizeof *total[a]);
+    ok = ext[a] && total[a];
+  }
+  if (!ok) {
+    sc_fail(&err, "streamcnn: out of memory");
+    goto done;
+  }
+  for (int a = 0; a < 2; a++) {
+    n_shapes[a] = axis_shapes(p, sizes, a, t[a], a == 0 && cached, ext[a],
+                              halo, total[a], plan, &err);
+    if (n_shapes[a] < 0) goto done;
+  }
+  for (int64_t v = 0; v < nv; v++) needs[v] = 1;
+  _sc_keep_set(p, needs, keep);
+  double bwd = 0.0, fwd = 0.0, strips = 0.0;
+  for (int64_t i = 0; i < n_shapes[0]; i++)
+    for (int64_t j = 0; j < n_shapes[1]; j++) {
+      double kept = 0.0, big = 0.0;
+      for (int64_t v = 0; v < nv; v++) {
+        const double a = (double)ext[0][i * nv + v] * (double)ext[1][j * nv + v] *
+                         (double)p->channels[v];
+        if (keep[v]) kept += a;
+        if (a > big) big = a;
+      }
+      if (kept + 4.0 * big > bwd) bwd = kept + 4.0 * big;
+      if (3.0 * big > fwd) fwd = 3.0 * big;
+    }
+  for (int64_t v = 1; cached && v < nv; v++)
+    strips += halo[v] * total[1][v] * (double)p->channels[v];
+  mem[0] = bwd;
+  mem[1] = fwd;
+  mem[2] = strips;
+  rc = SC_OK;
+done:
+  if (rc) copy_err(&err, errbuf, errlen);
+  for (int a = 0; a < 2; a++) {
+    free(ext[a]);
+    free(total[a]);
+  }
+  free(halo);
+  free(needs);
+  free(keep);
+  sc_axis_plan_free(plan);
+  free(sizes);
   sc_program_free(p);
   return rc;
 }

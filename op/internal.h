@@ -21,6 +21,17 @@ int _sc_is_window(int op);
 int _sc_tiling(const sc_program *p, const int64_t *sizes, int64_t tile_h,
                int64_t tile_w, int64_t tile_out[2], sc_error *err);
 
+/* Activations whose derivative ATen computes from the output. */
+int _sc_act_uses_output(int act);
+
+/* The values a backward op reads (keep[v] = 1), for the instructions whose
+ * output needs a gradient (needs[i + 1]): inputs of conv / pools / batch
+ * norm / channel ops and of input-based activations, outputs of
+ * output-based ones. The recompute frees everything else (batch-norm and
+ * add outputs, ...) as soon as it was consumed. */
+void _sc_keep_set(const sc_program *p, const unsigned char *needs,
+                  unsigned char *keep);
+
 /* ---- slides (slide.c, tiffwrite.c) ------------------------------------------ */
 
 /* printf into err (when given); returns SC_ERR. */

@@ -784,27 +784,9 @@ int _sc_forward(sc_ctx *ctx, const sc_call *call, AtenTensorHandle *out,
 
 /* ---- backward of one tile ------------------------------------------------- */
 
-/* Activations whose derivative ATen computes from the output. */
-static int act_uses_output(int act) {
-  return act == SC_ACT_RELU || act == SC_ACT_SIGMOID || act == SC_ACT_TANH;
-}
+static int act_uses_output(int act) { return _sc_act_uses_output(act); }
 
-/* The values a backward op reads, for instructions whose backward runs:
- * inputs of conv / pools / batch norm and of input-based activations,
- * outputs of output-based ones. Everything else (batch-norm and add
- * outputs, ...) is freed in the recompute as soon as it was consumed. */
-static void plan_keep(run *r) {
-  memset(r->keep, 0, (size_t)r->nv);
-  for (int64_t i = 0; i < r->p->n_instr; i++) {
-    const sc_instr *in = &r->p->instr[i];
-    if (!r->needs[i + 1]) continue;
-    if (in->op == SC_OP_ADD) continue;
-    if (in->op == SC_OP_ACT && act_uses_output(in->act))
-      r->keep[i + 1] = 1;
-    else
-      r->keep[in->in[0]] = 1;
-  }
-}
+static void plan_keep(run *r) { _sc_keep_set(r->p, r->needs, r->keep); }
 
 static int add_grad(run *r, int64_t v, int64_t cl[2][2], AtenTensorHandle gv,
                     int mine);

@@ -235,6 +235,19 @@ SC_API int sc_work_info(const int64_t *words, int64_t n_words, int64_t h,
                         int64_t w, int64_t tile_h, int64_t tile_w, double *work,
                         char *errbuf, size_t errlen);
 
+/* Memory model of a streamed pass over an h x w image (per batch element,
+ * in elements of the compute dtype; the stem output and its gradient are
+ * not included): mem[0] the largest tile's backward (the values its
+ * recompute keeps for the backward ops plus four value-sized buffers),
+ * mem[1] the largest tile's forward, mem[2] the strips halo caching keeps
+ * from the forward to the backward (cached = 1; 0 otherwise). The peak of
+ * a training step is about mem[0] + mem[2]. */
+#define SC_MEMORY_WORDS 3
+SC_API int sc_memory_info(const int64_t *words, int64_t n_words, int64_t h,
+                          int64_t w, int64_t tile_h, int64_t tile_w,
+                          int cached, double *mem, char *errbuf,
+                          size_t errlen);
+
 /* Multiply-adds the convolutions and channel linears of the operators
  * called on this thread executed so far: out[0] forward (recomputes
  * included), out[1] input gradients, out[2] weight gradients; reset sets

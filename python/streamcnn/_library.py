@@ -51,6 +51,10 @@ def load_library() -> str:
     _cdll.sc_work_info.argtypes = [i64p, i64, i64, i64, i64, i64,
                                    ctypes.POINTER(ctypes.c_double), ctypes.c_char_p,
                                    ctypes.c_size_t]
+    _cdll.sc_memory_info.restype = ctypes.c_int
+    _cdll.sc_memory_info.argtypes = [i64p, i64, i64, i64, i64, i64, ctypes.c_int,
+                                     ctypes.POINTER(ctypes.c_double), ctypes.c_char_p,
+                                     ctypes.c_size_t]
     _cdll.sc_macs.restype = None
     _cdll.sc_macs.argtypes = [ctypes.POINTER(ctypes.c_double), ctypes.c_int]
     _declare_slide_api(_cdll)
@@ -95,6 +99,15 @@ def work_info(program: Sequence[int], h: int, w: int, tile: Tuple[int, int]) -> 
     over an h x w image; see sc_work_info."""
     return _query("sc_work_info", program, (h, w, tile[0], tile[1]),
                   (ctypes.c_double * 7)())
+
+
+def memory_info(program: Sequence[int], h: int, w: int, tile: Tuple[int, int],
+                cached: bool) -> List[float]:
+    """[backward peak, forward peak, strips] of the largest tile, in
+    elements per batch element (stem output and its gradient excluded);
+    see sc_memory_info."""
+    return _query("sc_memory_info", program, (h, w, tile[0], tile[1], int(bool(cached))),
+                  (ctypes.c_double * 3)())
 
 
 def macs_executed(reset: bool = False) -> Tuple[float, float, float]:

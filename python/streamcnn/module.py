@@ -8,6 +8,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from . import ops  # noqa: F401  (registers fake kernels and autograd)
+from .budget import Budget, choose_tile, parse_bytes, tile_bytes
 from ._library import program_info, tiling_info, work_info
 from .program import convert, prepend_normalize
 
@@ -41,6 +42,12 @@ def _param_gatherer(stem: nn.Module, refs: List[Tuple[str, str]]) -> fx.GraphMod
 
 
 _IMAGE_DTYPES = (torch.uint8, torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _compute_dtype(x: torch.Tensor, params: List[torch.Tensor]) -> torch.dtype:
+    if x.dtype != torch.uint8:
+        return x.dtype
+    return params[0].dtype if params else torch.float32
 
 
 def _tile_pair(tile_size: TileSize) -> List[int]:
@@ -77,6 +84,14 @@ class StreamingModule(nn.Module):
             per step: an int or ``(rows, cols)``. At least the stem's
             receptive field (``.receptive_field``); larger tiles recompute
             less and use more memory.
+        memory_budget: instead of tile_size: bytes (a number, or a string
+            such as ``"6GB"`` or ``"512MiB"``) the streamed pass may hold
+            besides the stem output and its gradient. Each call picks the
+            tile for its image size, batch and dtype from the C core's
+            memory model (the largest tile's backward plus the halo strips;
+            ``budget_tile()``), the one with the least recompute that fits,
+            and stores it in ``tile_size`` (which TorchScript and
+            torch.compile use as it is).
         in_channels: channels of the image, when the stem has no Conv2d or
             BatchNorm2d to read them from.
         mean, std: optional per-channel (or scalar) normalisation applied to
@@ -125,18 +140,21 @@ class StreamingModule(nn.Module):
 
     __jit_unused_properties__ = ["stem"]
 
-    def __init__(self, module: nn.Module, tile_size: TileSize, *,
+    def __init__(self, module: nn.Module, tile_size: Optional[TileSize] = None, *,
                  in_channels: Optional[int] = None,
                  mean: Optional[Sequence[float]] = None,
                  std: Optional[Sequence[float]] = None,
                  progress: bool = False, deterministic: bool = False,
-                 halo_cache: bool = True):
+                 halo_cache: bool = True, memory_budget: Optional[Budget] = None):
         super().__init__()
         if not isinstance(module, nn.Module):
             raise TypeError(f"streamcnn: expected an nn.Module, got {type(module).__name__}")
+        if (tile_size is None) == (memory_budget is None):
+            raise TypeError("streamcnn: give either tile_size or memory_budget (one of them)")
+        self.memory_budget: int = 0 if memory_budget is None else parse_bytes(memory_budget)
         conv = convert(module, in_channels)
         info = program_info(conv.program)  # validated by the C decoder
-        tile = _tile_pair(tile_size)
+        tile = _tile_pair(tile_size if tile_size is not None else [info[2], info[3]])
         if tile[0] < info[2] or tile[1] < info[3]:
             raise ValueError(
                 f"streamcnn: tile_size {tuple(tile)} is smaller than what one output "
@@ -178,6 +196,7 @@ class StreamingModule(nn.Module):
         self.output_stride: Tuple[int, int] = (info[4], info[5])
         self._mode_paths: List[str] = [p for p, _ in conv.mode_modules]
         self._stem = (module,)  # a tuple: not registered a second time
+        self._budget_tiles: dict = {}
 
     @property
     def stem(self) -> nn.Module:
@@ -197,6 +216,34 @@ class StreamingModule(nn.Module):
         """How an image of height x width is tiled (for inspection)."""
         oh, ow, th, tw, nh, nw = tiling_info(self.program, height, width, self.tile_size)
         return {"output": (oh, ow), "output_tile": (th, tw), "tiles": (nh, nw)}
+
+    @torch.jit.unused
+    def budget_tile(self, batch: int, height: int, width: int,
+                    dtype: torch.dtype = torch.float32) -> dict:
+        """What memory_budget chooses for a batch of height x width images
+        computed in dtype: ``tile_size``, ``halo_cache`` (used only where
+        this module's halo_cache is on and the strips fit) and the modelled
+        peak ``bytes`` (stem output and its gradient excluded)."""
+        tile, cached = self._budget_choice(batch, height, width, dtype, self.halo_cache)
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        return {"tile_size": tile, "halo_cache": cached,
+                "bytes": tile_bytes(self.program, height, width, (tile[0], tile[1]), cached,
+                                    batch, itemsize)}
+
+    @torch.jit.unused
+    def _budget_choice(self, batch: int, height: int, width: int, dtype: torch.dtype,
+                       allow_cached: bool) -> Tuple[List[int], bool]:
+        if not self.memory_budget:
+            raise ValueError("streamcnn: this module was built with a tile_size, not a "
+                             "memory_budget")
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        key = (int(batch), int(height), int(width), itemsize, bool(allow_cached))
+        if key not in self._budget_tiles:
+            self._budget_tiles[key] = choose_tile(
+                self.program, key[1], key[2], key[0], itemsize, self.memory_budget,
+                key[4], self.receptive_field, self.output_stride)
+        tile, cached = self._budget_tiles[key]
+        return [tile[0], tile[1]], cached
 
     @torch.jit.unused
     def work(self, height: int, width: int) -> dict:
@@ -294,6 +341,10 @@ class StreamingModule(nn.Module):
         cached = self.halo_cache and not torch.compiler.is_exporting()
         if not torch.compiler.is_compiling():
             self._check(x, params)
+            if self.memory_budget:
+                tile, cached = self._budget_choice(x.shape[0], x.shape[2], x.shape[3],
+                                                   _compute_dtype(x, params), cached)
+                self.tile_size = tile
             if self.progress or self.deterministic:
                 from .ops import call_options
                 with call_options(self.progress, self.deterministic):

@@ -1,0 +1,143 @@
+"""memory_budget: parsing, the tile chooser, exactness, and the measured
+peak against the budget (CPU: resident set with every allocation mmapped, so
+that it is the live memory; CUDA: max_memory_allocated)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn as nn
+
+import streamcnn
+from streamcnn.budget import HEADROOM, parse_bytes
+from conftest import randomize_bn, rel_err
+
+
+def test_parse_bytes():
+    assert parse_bytes("6GB") == 6 * 10**9
+    assert parse_bytes("6 GiB") == 6 * 2**30
+    assert parse_bytes("512MiB") == 512 * 2**20
+    assert parse_bytes("1.5e9") == 1_500_000_000
+    assert parse_bytes("800 mb") == 800 * 10**6
+    assert parse_bytes(10**9) == 10**9
+    assert parse_bytes(2.5e9) == 2_500_000_000
+    for bad in ["6XB", "", "GB", "-1GB", "1e400", "0", "nan"]:
+        with pytest.raises(ValueError, match="memory_budget"):
+            parse_bytes(bad)
+    for bad in [True, None, [1], 0.0]:
+        with pytest.raises((TypeError, ValueError), match="memory_budget"):
+            parse_bytes(bad)
+
+
+def _stem():
+    stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.MaxPool2d(3, 2, 1), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(8, 16, 3, stride=2, padding=1)).eval()
+    randomize_bn(stem, torch.Generator().manual_seed(0))
+    return stem
+
+
+def test_tile_size_or_budget():
+    with pytest.raises(TypeError, match="either tile_size or memory_budget"):
+        streamcnn.StreamingModule(_stem())
+    with pytest.raises(TypeError, match="either tile_size or memory_budget"):
+        streamcnn.StreamingModule(_stem(), 64, memory_budget="1GB")
+    with pytest.raises(ValueError, match="tile_size, not a memory_budget"):
+        streamcnn.StreamingModule(_stem(), 64).budget_tile(1, 100, 100)
+
+
+def test_chooser_fits_and_trades_memory_for_recompute():
+    sm = streamcnn.StreamingModule(_stem(), memory_budget="4MB")
+    prev = None
+    for budget in ["4MB", "16MB", "64MB", "1GB"]:
+        sm.memory_budget = parse_bytes(budget)
+        sm._budget_tiles.clear()
+        c = sm.budget_tile(2, 500, 700)
+        assert c["bytes"] <= parse_bytes(budget) * (1 - HEADROOM)
+        sm.tile_size = c["tile_size"]
+        w = sm.work(500, 700)
+        step = w["recompute_cached"] if c["halo_cache"] else w["recompute"]
+        if prev is not None:
+            assert step <= prev + 1e-9
+        prev = step
+    # a budget that holds everything: one tile, nothing recomputed
+    assert sm.tiling(500, 700)["tiles"] == (1, 1)
+    sm.memory_budget = 1000
+    sm._budget_tiles.clear()
+    with pytest.raises(ValueError, match="too small for a batch of 2 500 x 700"):
+        sm.budget_tile(2, 500, 700)
+
+
+def test_budget_module_is_exact_and_sets_tile_size():
+    stem = _stem().double()
+    sm = streamcnn.StreamingModule(stem, memory_budget="3MB")
+    x = torch.randn(1, 3, 300, 260, dtype=torch.float64, requires_grad=True)
+    y = sm(x)
+    c = sm.budget_tile(1, 300, 260, torch.float64)
+    assert sm.tile_size == c["tile_size"]
+    assert sm.tiling(300, 260)["tiles"] != (1, 1)  # it did have to stream
+    y_ref = stem(x)
+    g = torch.randn_like(y_ref)
+    a = torch.autograd.grad(y, [x] + list(stem.parameters()), g)
+    b = torch.autograd.grad(y_ref, [x] + list(stem.parameters()), g)
+    assert rel_err(y, y_ref) < 1e-12
+    for u, v in zip(a, b):
+        assert rel_err(u, v) < 1e-10
+
+
+_MEASURE = textwrap.dedent("""
+    import json, sys, torch, torch.nn as nn, torchvision, streamcnn
+    torch.set_num_threads(2)
+    budget, size = sys.argv[1], int(sys.argv[2])
+    r = torchvision.models.resnet18()
+    stem = nn.Sequential(r.conv1, r.bn1, r.relu, r.maxpool, r.layer1, r.layer2).eval()
+    sm = streamcnn.StreamingModule(stem, memory_budget=budget)
+    sm(torch.randn(1, 3, 256, 256)).sum().backward()  # warm-up: libraries, oneDNN
+    x = torch.randn(1, 3, size, size)
+    choice = sm.budget_tile(1, size, size)
+    with torch.no_grad():
+        g = torch.randn_like(sm(x))
+    def rss():
+        return int(open("/proc/self/statm").read().split()[1]) * 4096
+    import resource
+    base = max(rss(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    sm(x).backward(g)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"delta": peak - base, "out": g.numel() * 4, "choice": choice}))
+""")
+
+
+@pytest.mark.parametrize("budget", ["60MB", "250MB"])
+def test_measured_cpu_peak_within_budget(budget):
+    pytest.importorskip("torchvision")
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")  # RSS = live memory
+    out = subprocess.run([sys.executable, "-c", _MEASURE, budget, "1024"], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    import json
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    # the stem output (allocated during the step) and its gradient (before)
+    assert r["delta"] <= parse_bytes(budget) + 2 * r["out"], r
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here)")
+def test_measured_cuda_peak_within_budget():
+    tv = pytest.importorskip("torchvision")
+    r = tv.models.resnet34()
+    stem = nn.Sequential(r.conv1, r.bn1, r.relu, r.maxpool, r.layer1, r.layer2,
+                         r.layer3).eval().cuda()
+    for budget in ["1GB", "4GB"]:
+        sm = streamcnn.StreamingModule(stem, memory_budget=budget)
+        x = torch.randn(1, 3, 4096, 4096, device="cuda")
+        with torch.no_grad():
+            g = torch.randn_like(sm(x))
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        sm(x).backward(g)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        assert peak <= parse_bytes(budget) + 2 * g.numel() * 4, (budget, peak)
