@@ -392,7 +392,7 @@ int sc_work_info(const int64_t *words, int64_t n_words, int64_t h, int64_t w,
   sc_program *p;
   int64_t *sizes;
   double *span[2] = {NULL, NULL}; /* per value: summed region extent over tiles */
-  double *own_rows = NULL, *halo_rows = NULL; /* per value, cached rows */
+  double *own_sum[2] = {NULL, NULL}, *halo_sum[2] = {NULL, NULL}; /* cached */
   sc_axis_plan *plan = NULL;
   int64_t t[2];
   int rc = SC_ERR;
@@ -402,10 +402,13 @@ int sc_work_info(const int64_t *words, int64_t n_words, int64_t h, int64_t w,
   const int64_t nv = p->n_instr + 1;
   span[0] = calloc((size_t)nv, sizeof(double));
   span[1] = calloc((size_t)nv, sizeof(double));
-  own_rows = calloc((size_t)nv, sizeof(double));
-  halo_rows = calloc((size_t)nv, sizeof(double));
+  for (int a = 0; a < 2; a++) {
+    own_sum[a] = calloc((size_t)nv, sizeof(double));
+    halo_sum[a] = calloc((size_t)nv, sizeof(double));
+  }
   plan = sc_axis_plan_new(p);
-  if (!span[0] || !span[1] || !own_rows || !halo_rows || !plan) {
+  if (!span[0] || !span[1] || !own_sum[0] || !own_sum[1] || !halo_sum[0] ||
+      !halo_sum[1] || !plan) {
     sc_fail(&err, "streamcnn: out of memory");
     goto done;
   }
@@ -423,16 +426,18 @@ int sc_work_info(const int64_t *words, int64_t n_words, int64_t h, int64_t w,
       }
     }
   }
-  /* cached rows: own extents (computed) and halo extents (kept) */
-  const int64_t n_rows = sizes[2 * p->n_instr];
-  for (int64_t lo = 0; lo < n_rows; lo += t[0]) {
-    const int64_t hi = lo + t[0] < n_rows ? lo + t[0] : n_rows;
-    if (sc_plan_axis_cached(p, sizes, 0, lo, hi, plan, &err)) goto done;
-    for (int64_t v = 0; v < nv; v++) {
-      const int64_t *rg = &plan->region[2 * v], *ow = &plan->own[2 * v];
-      if (ow[1] > ow[0]) own_rows[v] += (double)(ow[1] - ow[0]);
-      if (v > 0 && lo > 0 && rg[1] > rg[0] && ow[0] > rg[0])
-        halo_rows[v] += (double)(ow[0] - rg[0]);
+  /* halo caching: own extents (computed) and halo extents (kept) */
+  for (int a = 0; a < 2; a++) {
+    const int64_t n_out = sizes[2 * p->n_instr + a];
+    for (int64_t lo = 0; lo < n_out; lo += t[a]) {
+      const int64_t hi = lo + t[a] < n_out ? lo + t[a] : n_out;
+      if (sc_plan_axis_cached(p, sizes, a, lo, hi, plan, &err)) goto done;
+      for (int64_t v = 0; v < nv; v++) {
+        const int64_t *rg = &plan->region[2 * v], *ow = &plan->own[2 * v];
+        if (ow[1] > ow[0]) own_sum[a][v] += (double)(ow[1] - ow[0]);
+        if (v > 0 && lo > 0 && rg[1] > rg[0] && ow[0] > rg[0])
+          halo_sum[a][v] += (double)(ow[0] - rg[0]);
+      }
     }
   }
   for (int k = 0; k < SC_WORK_WORDS; k++) work[k] = 0.0;
@@ -440,7 +445,7 @@ int sc_work_info(const int64_t *words, int64_t n_words, int64_t h, int64_t w,
     const int64_t v = i + 1;
     const double whole = (double)sizes[2 * v] * (double)sizes[2 * v + 1];
     const double tiled = span[0][v] * span[1][v];
-    const double cached = own_rows[v] * span[1][v];
+    const double cached = own_sum[0][v] * own_sum[1][v];
     const double m = macs_per_pixel(&p->instr[i]);
     const double c = (double)p->channels[v];
     work[0] += m * whole;
@@ -449,7 +454,10 @@ int sc_work_info(const int64_t *words, int64_t n_words, int64_t h, int64_t w,
     work[3] += c * tiled;
     work[4] += m * cached;
     work[5] += c * cached;
-    work[6] += c * halo_rows[v] * span[1][v];
+    /* bands (halo rows, full width) and left strips (own rows, halo
+     * columns) */
+    work[6] += c * (halo_sum[0][v] * own_sum[1][v] +
+                    own_sum[0][v] * halo_sum[1][v]);
   }
   rc = SC_OK;
 done:
@@ -457,8 +465,10 @@ done:
   free(sizes);
   free(span[0]);
   free(span[1]);
-  free(own_rows);
-  free(halo_rows);
+  for (int a = 0; a < 2; a++) {
+    free(own_sum[a]);
+    free(halo_sum[a]);
+  }
   sc_axis_plan_free(plan);
   sc_program_free(p);
   return rc;
@@ -466,11 +476,11 @@ done:
 
 /* Distinct region extents of the tiles along one axis (interior tiles
  * share one; the first and last differ): ext receives up to n rows of nv
- * extents, returns how many are distinct. Also sums the halo rows per value
- * (cached rows) and the region extents per value over all tiles. */
+ * extents, returns how many are distinct. Also sums per value the halo
+ * extents (cached plans) and own extents over all tiles. */
 static int64_t axis_shapes(const sc_program *p, const int64_t *sizes, int axis,
                            int64_t t, int cached, int64_t *ext, double *halo,
-                           double *total, sc_axis_plan *plan, sc_error *err) {
+                           double *owned, sc_axis_plan *plan, sc_error *err) {
   const int64_t nv = p->n_instr + 1, n_out = sizes[2 * p->n_instr + axis];
   int64_t n_shapes = 0;
   for (int64_t lo = 0; lo < n_out; lo += t) {
@@ -482,7 +492,7 @@ static int64_t axis_shapes(const sc_program *p, const int64_t *sizes, int axis,
     for (int64_t v = 0; v < nv; v++) {
       const int64_t *rg = &plan->region[2 * v], *ow = &plan->own[2 * v];
       e[v] = rg[1] > rg[0] ? rg[1] - rg[0] : 0;
-      total[v] += (double)e[v];
+      if (ow[1] > ow[0]) owned[v] += (double)(ow[1] - ow[0]);
       if (cached && lo > 0 && v > 0 && e[v] > 0 && ow[0] > rg[0])
         halo[v] += (double)(ow[0] - rg[0]);
     }
@@ -505,7 +515,7 @@ int sc_memory_info(const int64_t *words, int64_t n_words, int64_t h,
   sc_error err = {0};
   sc_program *p;
   int64_t *sizes, *ext[2] = {NULL, NULL}, n_shapes[2];
-  double *halo = NULL, *total[2] = {NULL, NULL};
+  double *halo[2] = {NULL, NULL}, *owned[2] = {NULL, NULL};
   unsigned char *needs = NULL, *keep = NULL;
   sc_axis_plan *plan = NULL;
   int64_t t[2];
@@ -515,24 +525,24 @@ int sc_memory_info(const int64_t *words, int64_t n_words, int64_t h,
     goto done;
   const int64_t nv = p->n_instr + 1;
   plan = sc_axis_plan_new(p);
-  halo = calloc((size_t)nv, sizeof *halo);
   needs = malloc((size_t)nv);
   keep = malloc((size_t)nv);
-  int ok = plan && halo && needs && keep;
+  int ok = plan && needs && keep;
   for (int a = 0; a < 2 && ok; a++) {
     const int64_t n = sizes[2 * p->n_instr + a];
     const int64_t count = (n + t[a] - 1) / t[a];
     ext[a] = malloc((size_t)(count * nv) * sizeof *ext[a]);
-    total[a] = calloc((size_t)nv, sizeof *total[a]);
-    ok = ext[a] && total[a];
+    halo[a] = calloc((size_t)nv, sizeof *halo[a]);
+    owned[a] = calloc((size_t)nv, sizeof *owned[a]);
+    ok = ext[a] && halo[a] && owned[a];
   }
   if (!ok) {
     sc_fail(&err, "streamcnn: out of memory");
     goto done;
   }
   for (int a = 0; a < 2; a++) {
-    n_shapes[a] = axis_shapes(p, sizes, a, t[a], a == 0 && cached, ext[a],
-                              halo, total[a], plan, &err);
+    n_shapes[a] = axis_shapes(p, sizes, a, t[a], cached, ext[a], halo[a],
+                              owned[a], plan, &err);
     if (n_shapes[a] < 0) goto done;
   }
   for (int64_t v = 0; v < nv; v++) needs[v] = 1;
@@ -550,8 +560,9 @@ int sc_memory_info(const int64_t *words, int64_t n_words, int64_t h,
       if (kept + 4.0 * big > bwd) bwd = kept + 4.0 * big;
       if (3.0 * big > fwd) fwd = 3.0 * big;
     }
-  for (int64_t v = 1; cached && v < nv; v++)
-    strips += halo[v] * total[1][v] * (double)p->channels[v];
+  for (int64_t v = 1; cached && v < nv; v++) /* bands and left strips */
+    strips += (halo[0][v] * owned[1][v] + owned[0][v] * halo[1][v]) *
+              (double)p->channels[v];
   mem[0] = bwd;
   mem[1] = fwd;
   mem[2] = strips;
@@ -560,9 +571,9 @@ done:
   if (rc) copy_err(&err, errbuf, errlen);
   for (int a = 0; a < 2; a++) {
     free(ext[a]);
-    free(total[a]);
+    free(halo[a]);
+    free(owned[a]);
   }
-  free(halo);
   free(needs);
   free(keep);
   sc_axis_plan_free(plan);

@@ -64,21 +64,31 @@ typedef struct run {
   AtenTensorHandle *pgrad;  /* n_params: gradient sums */
   AtenTensorHandle igrad;   /* image gradient, when mask[0] */
 
-  /* halo caching along rows: plans[0] are cached plans (each value
-   * computed once per column of tiles); tiles run column by column, rows
-   * top down in the forward and bottom up in the backward */
+  /* halo caching: plans on both axes are cached plans, each value computed
+   * once. Tiles run row by row, left to right in the forward and in the
+   * reverse order in the backward. A tile's region beyond its own span is
+   * its halo: the top band (rows above its own, all its region's columns,
+   * computed by the rows of tiles above) and the left strip (its own rows,
+   * columns left of its own, computed by the tile on the left). */
   int cached;
   int64_t row, col;          /* the tile in use */
-  AtenTensorHandle strips;   /* flat store of the halos of every row
-                                boundary (borrowed), or NULL */
-  int64_t *strip_off;        /* ((row - 1) * n_tiles[1] + col) * nv + v:
-                                element offset of a halo in strips, -1 none */
+  AtenTensorHandle strips;   /* flat store of all halos (borrowed), or NULL */
+  int64_t *band_off;         /* row * nv + v: element offset in strips of
+                                row tile `row`'s band (full width), -1 none */
+  int64_t *lstrip_off;       /* (row * n_tiles[1] + col) * nv + v: of tile
+                                (row, col)'s left strip, -1 none */
   int64_t strip_total;       /* elements of strips */
-  AtenTensorHandle *halo;    /* nv: the current tile's halo of each value */
-  AtenTensorHandle *next;    /* nv: halos the next row tile gets (forward) */
-  int sweep;                 /* forward_tile fills next */
-  AtenTensorHandle *pend;    /* nv: gradient of the halo rows, pending for
-                                the tile above (backward) */
+  AtenTensorHandle *band;    /* nv: this row's bands (full width) */
+  AtenTensorHandle *band_next; /* nv: the next row's (forward sweep) */
+  AtenTensorHandle *lhalo;   /* nv: this tile's left strips */
+  AtenTensorHandle *lnext;   /* nv: the next tile's (forward sweep) */
+  int sweep;                 /* forward_tile fills band_next / lnext */
+  AtenTensorHandle *gband;   /* nv: gradient of the next row's bands,
+                                pending for this row (backward) */
+  AtenTensorHandle *gband_up; /* nv: gradient of this row's bands */
+  AtenTensorHandle *gleft;   /* nv: gradient of the right neighbour's left
+                                strips, pending for this tile; then this
+                                tile's, for the left neighbour */
 } run;
 
 /* ---- spans ------------------------------------------------------------------ */
@@ -211,15 +221,26 @@ static void drop_all(AtenTensorHandle *h, int64_t n) {
     for (int64_t v = 0; v < n; v++) _sc_drop(&h[v]);
 }
 
+/* dst[v] = src[v] (moved; dst's old handles released). */
+static void move_all(AtenTensorHandle *dst, AtenTensorHandle *src, int64_t n) {
+  for (int64_t v = 0; v < n; v++) {
+    _sc_drop(&dst[v]);
+    dst[v] = src[v];
+    src[v] = NULL;
+  }
+}
+
 static void run_release(run *r) {
   if (r->val && r->grad && r->grad_mine && r->aux) run_tile_release(r);
-  drop_all(r->halo, r->nv);
-  drop_all(r->next, r->nv);
-  drop_all(r->pend, r->nv);
-  free(r->halo);
-  free(r->next);
-  free(r->pend);
-  free(r->strip_off);
+  AtenTensorHandle **arrays[] = {&r->band, &r->band_next, &r->lhalo,
+                                 &r->lnext, &r->gband, &r->gband_up,
+                                 &r->gleft};
+  for (size_t k = 0; k < sizeof arrays / sizeof *arrays; k++) {
+    drop_all(*arrays[k], r->nv);
+    free(*arrays[k]);
+  }
+  free(r->band_off);
+  free(r->lstrip_off);
   for (int a = 0; a < 2; a++) {
     if (!r->plans[a]) continue;
     for (int64_t t = 0; t < r->n_tiles[a]; t++)
@@ -241,7 +262,7 @@ static void run_release(run *r) {
   free(r->pgrad);
 }
 
-/* Rows of value v that row tile t takes from the tiles above (its halo). */
+/* Rows of value v that row tile t takes from the tiles above (its band). */
 static void halo_rows(const run *r, int64_t t, int64_t v, int64_t out[2]) {
   const sc_axis_plan *pl = r->plans[0][t];
   out[0] = pl->region[2 * v];
@@ -250,23 +271,50 @@ static void halo_rows(const run *r, int64_t t, int64_t v, int64_t out[2]) {
     out[1] = out[0];
 }
 
-/* Offsets of every halo in the flat strips store: row boundary, column
- * tile, value (the image has none: it is always at hand). */
+/* Columns of value v that column tile c takes from its left (its strip). */
+static void halo_cols(const run *r, int64_t c, int64_t v, int64_t out[2]) {
+  const sc_axis_plan *pl = r->plans[1][c];
+  out[0] = pl->region[2 * v];
+  out[1] = pl->own[2 * v];
+  if (out[1] < out[0] || pl->region[2 * v + 1] <= pl->region[2 * v])
+    out[1] = out[0];
+}
+
+/* Columns of value v any tile computes: [0, band_width). */
+static int64_t band_width(const run *r, int64_t v) {
+  return r->plans[1][r->n_tiles[1] - 1]->own[2 * v + 1];
+}
+
+/* Offsets of every halo in the flat strips store: the bands of row tiles
+ * 1.., full width, then the left strips of column tiles 1.. of every row;
+ * per value (the image has none: it is always at hand). */
 static int plan_strips(run *r) {
-  const int64_t nb = r->n_tiles[0] - 1, nc = r->n_tiles[1];
+  const int64_t nr = r->n_tiles[0], nc = r->n_tiles[1], nv = r->nv;
   r->strip_total = 0;
-  if (nb < 1) return SC_OK;
-  r->strip_off = malloc((size_t)(nb * nc * r->nv) * sizeof *r->strip_off);
-  if (!r->strip_off) return sc_fail(&r->ctx->err, "streamcnn: out of memory");
-  for (int64_t b = 0; b < nb; b++)
+  r->band_off = malloc((size_t)(nr * nv) * sizeof *r->band_off);
+  r->lstrip_off = malloc((size_t)(nr * nc * nv) * sizeof *r->lstrip_off);
+  if (!r->band_off || !r->lstrip_off)
+    return sc_fail(&r->ctx->err, "streamcnn: out of memory");
+  for (int64_t t = 0; t < nr; t++)
+    for (int64_t v = 0; v < nv; v++) {
+      int64_t rows[2];
+      const int64_t w = band_width(r, v);
+      int64_t *off = &r->band_off[t * nv + v];
+      halo_rows(r, t, v, rows);
+      *off = -1;
+      if (t == 0 || v == 0 || empty(rows) || w <= 0) continue;
+      *off = r->strip_total;
+      r->strip_total += r->batch * r->p->channels[v] * (rows[1] - rows[0]) * w;
+    }
+  for (int64_t t = 0; t < nr; t++)
     for (int64_t c = 0; c < nc; c++)
-      for (int64_t v = 0; v < r->nv; v++) {
-        int64_t rows[2];
-        const int64_t *cols = &r->plans[1][c]->region[2 * v];
-        int64_t *off = &r->strip_off[(b * nc + c) * r->nv + v];
-        halo_rows(r, b + 1, v, rows);
+      for (int64_t v = 0; v < nv; v++) {
+        int64_t cols[2];
+        const int64_t *rows = &r->plans[0][t]->own[2 * v];
+        int64_t *off = &r->lstrip_off[(t * nc + c) * nv + v];
+        halo_cols(r, c, v, cols);
         *off = -1;
-        if (v == 0 || empty(rows) || empty(cols)) continue;
+        if (c == 0 || v == 0 || empty(cols) || empty(rows)) continue;
         *off = r->strip_total;
         r->strip_total += r->batch * r->p->channels[v] * (rows[1] - rows[0]) *
                           (cols[1] - cols[0]);
@@ -294,12 +342,14 @@ static int run_init(run *r, sc_ctx *ctx, const sc_call *call) {
   r->needs = calloc((size_t)r->nv, 1);
   r->pgrad = calloc((size_t)p->n_params + 1, sizeof *r->pgrad);
   r->cached = call->cached;
-  r->halo = calloc((size_t)r->nv, sizeof *r->halo);
-  r->next = calloc((size_t)r->nv, sizeof *r->next);
-  r->pend = calloc((size_t)r->nv, sizeof *r->pend);
+  AtenTensorHandle **arrays[] = {&r->band, &r->band_next, &r->lhalo,
+                                 &r->lnext, &r->gband, &r->gband_up,
+                                 &r->gleft};
+  int have = 1;
+  for (size_t k = 0; k < sizeof arrays / sizeof *arrays; k++)
+    have &= (*arrays[k] = calloc((size_t)r->nv, sizeof **arrays[k])) != NULL;
   if (!r->sizes || !r->val || !r->grad || !r->grad_mine || !r->keep ||
-      !r->aux || !r->left || !r->needs || !r->pgrad || !r->halo ||
-      !r->next || !r->pend)
+      !r->aux || !r->left || !r->needs || !r->pgrad || !have)
     return sc_fail(&ctx->err, "streamcnn: out of memory");
   if (sc_value_sizes(p, isz[2], isz[3], r->sizes, &ctx->err) ||
       _sc_tiling(p, r->sizes, call->tile[0], call->tile[1], r->tile_out,
@@ -316,7 +366,7 @@ static int run_init(run *r, sc_ctx *ctx, const sc_call *call) {
       r->plans[a][t] = sc_axis_plan_new(p);
       if (!r->plans[a][t])
         return sc_fail(&ctx->err, "streamcnn: out of memory");
-      if (a == 0 && r->cached
+      if (r->cached
               ? sc_plan_axis_cached(p, r->sizes, a, lo, hi, r->plans[a][t],
                                     &ctx->err)
               : sc_plan_axis(p, r->sizes, a, lo, hi, r->plans[a][t],
@@ -589,33 +639,66 @@ done:
   return rc;
 }
 
-/* Cached plans: val[o] holds value o over its own span; extend it to the
- * region with the halo rows the tiles above computed (r->halo[o]). */
+/* Views of the flat strips store: row tile t's band of value v (N x C x
+ * halo rows x band width) and tile (t, c)'s left strip (N x C x own rows x
+ * halo cols), contiguous. */
+static int band_view(run *r, int64_t t, int64_t v, AtenTensorHandle *out) {
+  int64_t rows[2];
+  halo_rows(r, t, v, rows);
+  const int64_t shape[4] = {r->batch, r->p->channels[v], rows[1] - rows[0],
+                            band_width(r, v)};
+  return _sc_flat_view(r->ctx, r->strips, r->band_off[t * r->nv + v], shape,
+                       out);
+}
+
+static int lstrip_view(run *r, int64_t t, int64_t c, int64_t v,
+                       AtenTensorHandle *out) {
+  int64_t cols[2];
+  const int64_t *rows = &r->plans[0][t]->own[2 * v];
+  halo_cols(r, c, v, cols);
+  const int64_t shape[4] = {r->batch, r->p->channels[v], rows[1] - rows[0],
+                            cols[1] - cols[0]};
+  return _sc_flat_view(r->ctx, r->strips,
+                       r->lstrip_off[(t * r->n_tiles[1] + c) * r->nv + v],
+                       shape, out);
+}
+
+/* dst[rows, cols of dst's own coordinates] (+)= src, through a view. */
+static int copy_into(run *r, AtenTensorHandle dst, int64_t r0, int64_t nr,
+                     int64_t c0, int64_t ncol, AtenTensorHandle src,
+                     int accumulate) {
+  AtenTensorHandle d = NULL;
+  int rc = _sc_view(r->ctx, dst, r0, nr, c0, ncol, &d) ||
+           _sc_copy(r->ctx, d, src, accumulate);
+  _sc_drop(&d);
+  return rc;
+}
+
+/* Cached plans: val[o] holds value o over its own span (or nothing, when
+ * that is empty); make it the region: the top band from r->band[o], the
+ * left strip from r->lhalo[o], the own span below right of them. */
 static int add_halo(run *r, int64_t o) {
   const int64_t *rr = region(r, 0, o), *rc = region(r, 1, o);
-  const int64_t *orr = own(r, 0, o);
-  AtenTensorHandle buf = NULL, dst = NULL;
-  if (same(rr, orr) || empty(rc)) return SC_OK;
-  if (!r->halo[o])
+  const int64_t *orr = own(r, 0, o), *oc = own(r, 1, o);
+  AtenTensorHandle buf = NULL, src = NULL;
+  if ((same(rr, orr) && same(rc, oc)) || empty(rr) || empty(rc)) return SC_OK;
+  const int64_t top = (empty(orr) ? rr[1] : orr[0]) - rr[0];
+  const int64_t lft = (empty(oc) ? rc[1] : oc[0]) - rc[0];
+  const int64_t h = rr[1] - rr[0], w = rc[1] - rc[0];
+  if ((top > 0 && !r->band[o]) || (lft > 0 && top < h && !r->lhalo[o]))
     return sc_fail(&r->ctx->err,
                    "streamcnn: internal error: no halo for value %lld",
                    (long long)o);
-  if (empty(orr)) { /* the tile only reads rows computed above */
-    _sc_drop(&r->val[o]);
-    if (aoti_torch_new_tensor_handle(r->halo[o], &r->val[o]))
-      return sc_fail(&r->ctx->err, "streamcnn: cannot reference a tensor");
-    return SC_OK;
-  }
-  const int64_t shape[4] = {r->batch, r->p->channels[o], rr[1] - rr[0],
-                            rc[1] - rc[0]};
-  const int64_t nh = orr[0] - rr[0];
-  int rc_ = _sc_tile_buffer(r->ctx, shape, 0, &buf) ||
-            _sc_view(r->ctx, buf, 0, nh, 0, shape[3], &dst) ||
-            _sc_copy(r->ctx, dst, r->halo[o], 0);
-  _sc_drop(&dst);
-  rc_ = rc_ || _sc_view(r->ctx, buf, nh, shape[2] - nh, 0, shape[3], &dst) ||
-        _sc_copy(r->ctx, dst, r->val[o], 0);
-  _sc_drop(&dst);
+  const int64_t shape[4] = {r->batch, r->p->channels[o], h, w};
+  int rc_ = _sc_tile_buffer(r->ctx, shape, 0, &buf);
+  if (!rc_ && top > 0) /* the band over this tile's columns */
+    rc_ = _sc_view(r->ctx, r->band[o], 0, top, rc[0], w, &src) ||
+          copy_into(r, buf, 0, top, 0, w, src, 0);
+  _sc_drop(&src);
+  if (!rc_ && lft > 0 && top < h)
+    rc_ = copy_into(r, buf, top, h - top, 0, lft, r->lhalo[o], 0);
+  if (!rc_ && top < h && lft < w)
+    rc_ = copy_into(r, buf, top, h - top, lft, w - lft, r->val[o], 0);
   if (rc_) {
     _sc_drop(&buf);
     return SC_ERR;
@@ -625,34 +708,42 @@ static int add_halo(run *r, int64_t o) {
   return SC_OK;
 }
 
-/* View of the halo of value v of row tile t (>= 1), column tile c, in the
- * flat strips store: a contiguous N x C x rows x cols tensor. */
-static int strip_view(run *r, int64_t t, int64_t c, int64_t v,
-                      AtenTensorHandle *out) {
-  int64_t rows[2];
-  const int64_t *cols = &r->plans[1][c]->region[2 * v];
-  const int64_t off = r->strip_off[((t - 1) * r->n_tiles[1] + c) * r->nv + v];
-  halo_rows(r, t, v, rows);
-  const int64_t shape[4] = {r->batch, r->p->channels[v], rows[1] - rows[0],
-                            cols[1] - cols[0]};
-  return _sc_flat_view(r->ctx, r->strips, off, shape, out);
-}
-
-/* Forward sweep: keep the rows of value o the next row tile needs. */
+/* Forward sweep: keep what the next row (its band, over this tile's own
+ * columns) and the next tile (its left strip) take from value o. */
 static int save_halo(run *r, int64_t o) {
-  int64_t rows[2];
-  AtenTensorHandle src = NULL;
-  if (!r->sweep || o == 0 || r->row + 1 >= r->n_tiles[0]) return SC_OK;
-  halo_rows(r, r->row + 1, o, rows);
+  int64_t hr[2], hc[2];
   const int64_t *rr = region(r, 0, o), *rc = region(r, 1, o);
-  if (empty(rows) || empty(rc)) return SC_OK;
-  const int64_t shape[4] = {r->batch, r->p->channels[o], rows[1] - rows[0],
-                            rc[1] - rc[0]};
-  int rc_ = subview(r, r->val[o], rr, rc, rows, rc, &src) ||
-            (r->strips ? strip_view(r, r->row + 1, r->col, o, &r->next[o])
-                       : _sc_tile_buffer(r->ctx, shape, 0, &r->next[o])) ||
-            _sc_copy(r->ctx, r->next[o], src, 0);
-  _sc_drop(&src);
+  const int64_t *orr = own(r, 0, o), *oc = own(r, 1, o);
+  AtenTensorHandle src = NULL;
+  int rc_ = SC_OK;
+  if (!r->sweep || o == 0 || empty(rr) || empty(rc)) return SC_OK;
+  if (r->row + 1 < r->n_tiles[0]) {
+    halo_rows(r, r->row + 1, o, hr);
+    if (!empty(hr) && !empty(oc)) {
+      if (!r->band_next[o]) {
+        const int64_t shape[4] = {r->batch, r->p->channels[o], hr[1] - hr[0],
+                                  band_width(r, o)};
+        rc_ = r->strips ? band_view(r, r->row + 1, o, &r->band_next[o])
+                        : _sc_tile_buffer(r->ctx, shape, 0, &r->band_next[o]);
+      }
+      rc_ = rc_ || subview(r, r->val[o], rr, rc, hr, oc, &src) ||
+            copy_into(r, r->band_next[o], 0, hr[1] - hr[0], oc[0],
+                      oc[1] - oc[0], src, 0);
+      _sc_drop(&src);
+    }
+  }
+  if (!rc_ && r->col + 1 < r->n_tiles[1]) {
+    halo_cols(r, r->col + 1, o, hc);
+    if (!empty(hc) && !empty(orr)) {
+      const int64_t shape[4] = {r->batch, r->p->channels[o], orr[1] - orr[0],
+                                hc[1] - hc[0]};
+      rc_ = subview(r, r->val[o], rr, rc, orr, hc, &src) ||
+            (r->strips ? lstrip_view(r, r->row, r->col + 1, o, &r->lnext[o])
+                       : _sc_tile_buffer(r->ctx, shape, 0, &r->lnext[o])) ||
+            _sc_copy(r->ctx, r->lnext[o], src, 0);
+      _sc_drop(&src);
+    }
+  }
   return rc_;
 }
 
@@ -680,7 +771,9 @@ static int forward_tile(run *r, int keep) {
   for (int64_t v = 0; v < r->nv; v++) r->left[v] = p->n_consumers[v];
   for (int64_t i = 0; i < p->n_instr; i++) {
     if (value_empty(r, i + 1)) continue; /* only padding reads it */
-    if (!empty(own(r, 0, i + 1)) && forward_instr(r, i, keep)) return SC_ERR;
+    if (!empty(own(r, 0, i + 1)) && !empty(own(r, 1, i + 1)) &&
+        forward_instr(r, i, keep))
+      return SC_ERR;
     if (r->cached && (add_halo(r, i + 1) || save_halo(r, i + 1)))
       return SC_ERR;
     const sc_instr *in = &p->instr[i];
@@ -750,23 +843,22 @@ int _sc_forward(sc_ctx *ctx, const sc_call *call, AtenTensorHandle *out,
     r.strips = r.cached ? *strips : NULL;
   }
   if (!rc) release_free_pages(ctx);
-  if (r.cached) { /* column by column, rows top down, halos carried down */
+  if (r.cached) { /* row by row, left to right, halos carried along */
     r.sweep = 1;
     int64_t k = 0;
-    for (int64_t c = 0; !rc && c < r.n_tiles[1]; c++) {
-      for (int64_t t = 0; !rc && t < r.n_tiles[0]; t++) {
-        for (int64_t v = 0; v < r.nv; v++) {
-          _sc_drop(&r.halo[v]);
-          r.halo[v] = r.next[v];
-          r.next[v] = NULL;
-        }
+    for (int64_t t = 0; !rc && t < r.n_tiles[0]; t++) {
+      move_all(r.band, r.band_next, r.nv);
+      for (int64_t c = 0; !rc && c < r.n_tiles[1]; c++) {
+        move_all(r.lhalo, r.lnext, r.nv);
         select_cached(&r, t, c);
         rc = forward_into(&r, *out);
         if (!rc) report(0, ++k, r.n_order);
       }
-      drop_all(r.halo, r.nv);
-      drop_all(r.next, r.nv);
+      drop_all(r.lhalo, r.nv);
+      drop_all(r.lnext, r.nv);
     }
+    drop_all(r.band, r.nv);
+    drop_all(r.band_next, r.nv);
   } else {
     for (int64_t k = 0; !rc && k < r.n_order; k++) {
       select_tile(&r, k);
@@ -1016,31 +1108,62 @@ done:
 }
 
 /* Cached plans, once every consumer of value o ran its backward: add the
- * gradient the tile below left for o's rows in this tile (r->pend[o]),
- * then keep the part of o's gradient that falls in the halo (rows the
- * tiles above computed) pending for them. */
+ * gradients the tiles after this one left for o's positions here (the row
+ * below: its bands' gradient over this tile's own columns; the tile on the
+ * right: its left strip's), then pass on the part of o's gradient in this
+ * tile's halo: the top band's to the row above (summed over the row, full
+ * width), the left strip's to the tile on the left. */
 static int pass_pending(run *r, int64_t o) {
-  int64_t cl[2][2], rows[2];
+  int64_t cl[2][2], hr[2], hc[2];
   const int64_t *rr = region(r, 0, o), *rc = region(r, 1, o);
+  const int64_t *orr = own(r, 0, o), *oc = own(r, 1, o);
   AtenTensorHandle src = NULL;
   int rc_ = SC_OK;
-  if (r->pend[o]) {
+  if (r->gband[o] && !empty(oc)) {
     halo_rows(r, r->row + 1, o, cl[0]);
-    cl[1][0] = rc[0];
-    cl[1][1] = rc[1];
-    rc_ = add_grad(r, o, cl, r->pend[o], 0);
-    _sc_drop(&r->pend[o]);
+    cl[1][0] = oc[0];
+    cl[1][1] = oc[1];
+    rc_ = _sc_view(r->ctx, r->gband[o], 0, cl[0][1] - cl[0][0], oc[0],
+                   oc[1] - oc[0], &src) ||
+          add_grad(r, o, cl, src, 0);
+    _sc_drop(&src);
     if (rc_) return SC_ERR;
   }
-  if (r->row == 0 || !r->grad[o]) return SC_OK;
-  halo_rows(r, r->row, o, rows);
-  if (empty(rows) || empty(rc)) return SC_OK;
-  const int64_t shape[4] = {r->batch, r->p->channels[o], rows[1] - rows[0],
-                            rc[1] - rc[0]};
-  rc_ = subview(r, r->grad[o], rr, rc, rows, rc, &src) ||
-        _sc_tile_buffer(r->ctx, shape, 0, &r->pend[o]) ||
-        _sc_copy(r->ctx, r->pend[o], src, 0);
-  _sc_drop(&src);
+  if (r->gleft[o]) {
+    cl[0][0] = orr[0];
+    cl[0][1] = orr[1];
+    halo_cols(r, r->col + 1, o, cl[1]);
+    rc_ = add_grad(r, o, cl, r->gleft[o], 0);
+    _sc_drop(&r->gleft[o]);
+    if (rc_) return SC_ERR;
+  }
+  if (!r->grad[o]) return SC_OK;
+  if (r->row > 0) {
+    halo_rows(r, r->row, o, hr);
+    if (!empty(hr)) {
+      if (!r->gband_up[o]) {
+        const int64_t shape[4] = {r->batch, r->p->channels[o], hr[1] - hr[0],
+                                  band_width(r, o)};
+        if (_sc_tile_buffer(r->ctx, shape, 1, &r->gband_up[o])) return SC_ERR;
+      }
+      rc_ = subview(r, r->grad[o], rr, rc, hr, rc, &src) ||
+            copy_into(r, r->gband_up[o], 0, hr[1] - hr[0], rc[0],
+                      rc[1] - rc[0], src, 1);
+      _sc_drop(&src);
+      if (rc_) return SC_ERR;
+    }
+  }
+  if (r->col > 0 && !empty(orr)) {
+    halo_cols(r, r->col, o, hc);
+    if (!empty(hc)) {
+      const int64_t shape[4] = {r->batch, r->p->channels[o], orr[1] - orr[0],
+                                hc[1] - hc[0]};
+      rc_ = subview(r, r->grad[o], rr, rc, orr, hc, &src) ||
+            _sc_tile_buffer(r->ctx, shape, 0, &r->gleft[o]) ||
+            _sc_copy(r->ctx, r->gleft[o], src, 0);
+      _sc_drop(&src);
+    }
+  }
   return rc_;
 }
 
@@ -1264,21 +1387,27 @@ int _sc_backward(sc_ctx *ctx, const sc_call *call, AtenTensorHandle grad_out,
     r.strips = s;
   }
   if (!rc && r.cached && r.needs[ov] && r.batch > 0) {
-    /* column by column, rows bottom up: each tile takes its halo from the
-     * strips and passes the halo's gradient up (pass_pending) */
+    /* the forward's order reversed: each tile takes its halo from the
+     * strips and passes the halo's gradient on (pass_pending) */
     int64_t k = 0;
-    for (int64_t c = 0; !rc && c < r.n_tiles[1]; c++) {
-      for (int64_t t = r.n_tiles[0] - 1; !rc && t >= 0; t--) {
+    const int64_t nc = r.n_tiles[1];
+    for (int64_t t = r.n_tiles[0] - 1; !rc && t >= 0; t--) {
+      for (int64_t c = nc - 1; !rc && c >= 0; c--) {
         select_cached(&r, t, c);
-        for (int64_t v = 1; !rc && v < r.nv; v++)
-          if (t > 0 && r.strip_off[((t - 1) * r.n_tiles[1] + c) * r.nv + v] >= 0)
-            rc = strip_view(&r, t, c, v, &r.halo[v]);
+        for (int64_t v = 1; !rc && v < r.nv; v++) {
+          if (r.band_off[t * r.nv + v] >= 0)
+            rc = band_view(&r, t, v, &r.band[v]);
+          if (!rc && r.lstrip_off[(t * nc + c) * r.nv + v] >= 0)
+            rc = lstrip_view(&r, t, c, v, &r.lhalo[v]);
+        }
         rc = rc || backward_tile(&r, grad_out);
         run_tile_release(&r);
-        drop_all(r.halo, r.nv);
+        drop_all(r.band, r.nv);
+        drop_all(r.lhalo, r.nv);
         if (!rc) report(1, ++k, r.n_order);
       }
-      drop_all(r.pend, r.nv);
+      drop_all(r.gleft, r.nv);
+      move_all(r.gband, r.gband_up, r.nv);
     }
   } else if (!rc && r.needs[ov] && r.batch > 0)
     for (int64_t k = 0; !rc && k < r.n_order; k++) {

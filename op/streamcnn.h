@@ -225,10 +225,9 @@ SC_API int sc_tiling_info(const int64_t *words, int64_t n_words, int64_t h,
  * work[0] / work[1] multiply-adds of the convolutions and channel linears,
  * whole / summed over tiles with every tile computing its whole cone (halo
  * recomputed); work[2] / work[3] elements of all values computed, the
- * same; work[4] / work[5] multiply-adds / elements with halo caching along
- * the rows (each value computed once per column of tiles);
- * work[6] elements of the strips (halos) forward_cached keeps for the
- * backward. work[1] / work[0] and work[4] / work[0] are the recompute
+ * same; work[4] / work[5] multiply-adds / elements with halo caching
+ * (each value computed once); work[6] elements of the halos (bands and
+ * left strips) forward_cached keeps for the backward. work[1] / work[0] and work[4] / work[0] are the recompute
  * overheads of one streamed forward without and with halo caching. */
 #define SC_WORK_WORDS 7
 SC_API int sc_work_info(const int64_t *words, int64_t n_words, int64_t h,

@@ -28,5 +28,5 @@ def test_recompute_script():
                           "--sizes", "2048", "--tiles", "1920"],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert "|   2048² | 1920 |   2x2   |   1.353x |    1.804x |     1.160x |      1.547x |" \
+    assert "|   2048² | 1920 |   2x2   |   1.353x |    1.804x |     1.000x |      1.333x |" \
         in res.stdout
