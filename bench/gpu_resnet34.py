@@ -10,8 +10,11 @@ memory (torch.cuda.max_memory_allocated) per configuration.
 fp32 uses PyTorch's defaults (TF32 convolutions on), as the reference table
 of the issue. Sizes from --uint8-from (default 32768) feed a uint8 image
 with per-tile normalisation (mean/std in the StreamingModule), the rest a
-float32 image. Whole-image runs that do not fit print "OOM". Every size also
-prints the halo recompute overhead of the tiling (StreamingModule.work).
+float32 image. Whole-image runs that do not fit print "OOM". streamcnn runs
+with halo caching (the default); --cone adds a column without it. The last
+columns are the multiply-adds a streamed step actually executed (the C
+core's counters, streamcnn.macs_executed) over those of a whole-image step
+(the same gradients, one forward), with and without halo caching.
 `--device cpu` runs the same code on the CPU (smoke test; small sizes only).
 """
 
@@ -92,14 +95,26 @@ def run(args):
                 loss.backward()
             return step
 
-        row = {"size": size, "tile": args.tile, "uint8": uint8, "recompute": work["recompute"]}
-        for name, model in (("whole", stem), ("stream", sm)):
+        row = {"size": size, "tile": args.tile, "uint8": uint8, "recompute": work["recompute"],
+               "strips_gb": work["strip_elements"] * 4 / 1e9}
+        models = [("whole", stem), ("stream", sm)]
+        if args.cone:
+            models.append(("cone", streamcnn.StreamingModule(
+                stem, args.tile, mean=MEAN if uint8 else None, std=STD if uint8 else None,
+                halo_cache=False).to(device)))
+        for name, model in models:
             if name == "whole" and (uint8 or size > args.whole_max):
                 row[name] = None  # a uint8 image is the streamed path's input
                 continue
             try:
                 t, peak = measure(step_with(model), device, args.reps)
                 row[name] = {"s": t, "peak_gb": peak / 1e9 if peak is not None else None}
+                if name != "whole":  # executed multiply-adds of one step
+                    streamcnn.macs_executed(reset=True)
+                    step_with(model)()
+                    sync(device)
+                    f, bi, bw = streamcnn.macs_executed(reset=True)
+                    row[name + "_macs"] = (f + bi + bw) / (work["macs_whole"] + bi + bw)
             except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
                 if "out of memory" not in str(e):
                     raise
@@ -123,12 +138,22 @@ def fmt(cell):
 
 
 def print_row(r, flush=False):
-    ratio = ""
-    if isinstance(r.get("whole"), dict) and isinstance(r.get("stream"), dict):
-        ratio = f"{r['stream']['s'] / r['whole']['s']:5.2f}x"
-    print(f"| {r['size']:>6}² | {'uint8' if r['uint8'] else 'fp32 '} | {r['tile']:>4} | "
-          f"{fmt(r['whole']):>19} | {fmt(r['stream']):>19} | {ratio:>6} | "
-          f"{r['recompute']:5.2f}x |", flush=flush)
+    def ratio(name):
+        if isinstance(r.get("whole"), dict) and isinstance(r.get(name), dict):
+            return f"{r[name]['s'] / r['whole']['s']:5.2f}x"
+        return ""
+
+    def macs(name):
+        return f"{r[name + '_macs']:5.2f}x" if name + "_macs" in r else "     -"
+
+    line = (f"| {r['size']:>6}² | {'uint8' if r['uint8'] else 'fp32 '} | {r['tile']:>4} | "
+            f"{fmt(r['whole']):>19} | {fmt(r['stream']):>19} | {ratio('stream'):>6} | ")
+    if "cone" in r:
+        line += f"{fmt(r['cone']):>19} | {ratio('cone'):>6} | "
+    line += f"{macs('stream')} | "
+    if "cone" in r:
+        line += f"{macs('cone')} | "
+    print(line + f"{r['strips_gb']:6.2f} GB |", flush=flush)
 
 
 def main():
@@ -142,16 +167,26 @@ def main():
     ap.add_argument("--whole-max", type=int, default=16384,
                     help="largest size tried whole-image")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--cone", action="store_true",
+                    help="also run without halo caching (each tile's cone recomputed)")
     ap.add_argument("--out", help="also write the rows as JSON")
     args = ap.parse_args()
     dev = torch.device(args.device)
     card = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU {platform.machine()}"
     print(f"# ResNet-34 conv1..layer3, batch 1, fwd+bwd, {args.dtype}; {card}; torch "
           f"{torch.__version__}; median of {args.reps} after a warm-up")
-    print("| image   | input | tile |   whole-image PyTorch |             streamcnn | ratio  | "
-          "recompute |")
-    print("|---------|-------|------|---------------------|---------------------|--------|"
-          "-----------|")
+    head = ("| image   | input | tile |   whole-image PyTorch |             streamcnn | ratio  | ")
+    rule = "|---------|-------|------|---------------------|---------------------|--------|"
+    if args.cone:
+        head += "  streamcnn, no cache | ratio  | "
+        rule += "---------------------|--------|"
+    head += "MACs/whole | "
+    rule += "-----------|"
+    if args.cone:
+        head += "no cache | "
+        rule += "---------|"
+    print(head + "strips   |")
+    print(rule + "----------|")
     rows = run(args)
     if args.out:
         with open(args.out, "w") as f:

@@ -12,15 +12,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def test_gpu_benchmark_script_smoke_on_cpu(tmp_path):
     out = tmp_path / "rows.json"
     res = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu_resnet34.py"),
-                          "--device", "cpu", "--sizes", "560", "600", "--tile", "1024",
-                          "--reps", "1", "--uint8-from", "600", "--out", str(out)],
+                          "--device", "cpu", "--sizes", "1040", "1100", "--tile", "1024",
+                          "--reps", "1", "--uint8-from", "1100", "--cone", "--out", str(out)],
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
-    assert [r["size"] for r in rows] == [560, 600]
+    assert [r["size"] for r in rows] == [1040, 1100]
     assert isinstance(rows[0]["whole"], dict) and isinstance(rows[0]["stream"], dict)
+    assert isinstance(rows[0]["cone"], dict)
     assert rows[1]["uint8"] and rows[1]["whole"] is None and rows[1]["stream"]["s"] > 0
-    assert "|    560² | fp32  | 1024 |" in res.stdout
+    # executed multiply-adds over a whole-image step: one extra forward with
+    # halo caching, (much) more without
+    for r in rows:
+        assert 1.0 < r["stream_macs"] < 1.4 and r["cone_macs"] > r["stream_macs"] + 0.05, r
+    assert "|   1040² | fp32  | 1024 |" in res.stdout
 
 
 def test_recompute_script():
