@@ -43,3 +43,42 @@ def test_10k_forward_backward_calls_keep_rss_flat():
     assert [t._use_count() for t in [x, *params]] == uses
     assert after - before < 8_000, (
         f"resident memory grew by {after - before} kB over 10^4 calls ({elapsed:.1f} s)")
+
+
+def test_cone_path_and_failed_cached_calls_release_everything():
+    """halo_cache=False (forward + cone backward) and backward_cached calls
+    that fail on bad strips: flat memory, every reference released."""
+    torch.manual_seed(0)
+    stem = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(4, 4, 3)).eval()
+    sm = streamcnn.StreamingModule(stem, 10, halo_cache=False)
+    x = torch.randn(1, 3, 21, 19, requires_grad=True)
+    params = sm.stream_params()
+    detached = [p.detach() for p in params]
+    y, strips = torch.ops.streamcnn.forward_cached(x.detach(), detached, sm.program,
+                                                   sm.tile_size)
+    g = torch.randn_like(y)
+    bad = strips[:-1].clone()
+    mask = [True] + [True] * len(params)
+    uses = [t._use_count() for t in [x, *params, g, bad, *detached]]
+
+    def step():
+        sm(x).square().sum().backward()
+        try:
+            torch.ops.streamcnn.backward_cached(g, bad, x.detach(), detached, sm.program,
+                                                sm.tile_size, mask)
+        except RuntimeError as e:
+            assert "strips must be" in str(e)
+        else:
+            raise AssertionError("bad strips were accepted")
+
+    for _ in range(300):
+        step()
+    before = _resident_kb()
+    for _ in range(3000):
+        step()
+    after = _resident_kb()
+    x.grad = None
+    stem.zero_grad(set_to_none=True)
+    assert [t._use_count() for t in [x, *params, g, bad, *detached]] == uses
+    assert after - before < 8_000, f"resident memory grew by {after - before} kB"
