@@ -8,9 +8,10 @@ memory (torch.cuda.max_memory_allocated) per configuration.
         [--tile 1920] [--reps 3] [--dtype fp32|bf16|fp16] [--out results.json]
 
 fp32 uses PyTorch's defaults (TF32 convolutions on), as the reference table
-of the issue. Sizes from --uint8-from (default 32768) feed a uint8 image
+of the issue. Sizes from --uint8-from (default 32768) feed a uint8 image in
+pinned host memory (on a GPU; the gather kernel reads each tile from it)
 with per-tile normalisation (mean/std in the StreamingModule), the rest a
-float32 image. Whole-image runs that do not fit print "OOM". streamcnn runs
+float32 image on the device. Whole-image runs that do not fit print "OOM". streamcnn runs
 with halo caching (the default); --cone adds a column without it. The last
 columns are the multiply-adds a streamed step actually executed (the C
 core's counters, streamcnn.macs_executed) over those of a whole-image step
@@ -80,7 +81,10 @@ def run(args):
             image = torch.randint(0, 256, (1, 3, size, size), dtype=torch.uint8, generator=g)
         else:
             image = torch.randn(1, 3, size, size, generator=g)
-        image = image.to(device)
+        if uint8 and device.type == "cuda":  # stays in (pinned) host memory:
+            image = image.pin_memory()        # tiles are streamed to the GPU
+        else:
+            image = image.to(device)
         sm = streamcnn.StreamingModule(stem, args.tile, mean=MEAN if uint8 else None,
                                        std=STD if uint8 else None).to(device)
         work = sm.work(size, size)

@@ -109,6 +109,11 @@ int sc_copy_cuda(const sc_copy_params *p, void *stream, char *err,
                  size_t errlen);
 int sc_gather_cuda(const sc_gather_params *p, void *stream, char *err,
                    size_t errlen);
+/* 1 when host memory at p is page-locked and mapped at the same address in
+ * the device's address space (cudaHostAlloc / cudaHostRegister under
+ * unified addressing, as torch's pin_memory()): kernels may read it
+ * directly. 0 for pageable memory (clears the CUDA error it causes). */
+int sc_cuda_host_mapped(const void *p);
 
 #ifdef __cplusplus
 }

@@ -58,6 +58,10 @@ typedef struct sc_ctx {
                            the image (or, for a uint8 image, the params') */
   int kdtype;           /* the same as sc_dtype, for the tile kernels */
   int image_u8;         /* the image is uint8: tiles convert it, no grad */
+  int image_host;       /* the image is in host memory, the parameters on
+                           a CUDA device: tiles are gathered from the host
+                           (read directly when pinned), no image grad */
+  int32_t image_dtype;  /* aoti dtype code of the image */
   int32_t device_type;  /* aoti device type code */
   int32_t device_index;
   int is_cuda;

@@ -747,6 +747,32 @@ static int save_halo(run *r, int64_t o) {
   return rc_;
 }
 
+/* An image in host memory (r->val[0], a view of it): pinned memory is read
+ * by the gather kernel itself (the tile crosses PCIe once, converted and
+ * normalised on the device); pageable memory is first copied to a device
+ * tensor of the image's dtype. */
+static int host_tile(run *r) {
+#ifdef SC_WITH_CUDA
+  void *ptr = NULL;
+  int64_t dim, *sz, *st;
+  if (aoti_torch_get_data_ptr(r->val[0], &ptr))
+    return sc_fail(&r->ctx->err, "streamcnn: cannot read the image's data");
+  if (!ptr || sc_cuda_host_mapped(ptr)) return SC_OK;
+  AtenTensorHandle dev = NULL;
+  if (_sc_meta(r->ctx, r->val[0], &dim, &sz, &st) ||
+      _sc_empty_as(r->ctx, r->ctx->image_dtype, 4, sz, 0, &dev) ||
+      _sc_copy_across(r->ctx, dev, r->val[0])) {
+    _sc_drop(&dev);
+    return SC_ERR;
+  }
+  _sc_drop(&r->val[0]);
+  r->val[0] = dev;
+  return SC_OK;
+#else
+  return sc_fail(&r->ctx->err, "streamcnn: this library was built without CUDA");
+#endif
+}
+
 /* Forward of the current tile's cone. Each value is freed once its last
  * consumer ran, unless keep = 1 and a backward op reads it (r->keep). */
 static int forward_tile(run *r, int keep) {
@@ -757,7 +783,8 @@ static int forward_tile(run *r, int keep) {
                 (const int64_t[2]){0, r->sizes[1]}, region(r, 0, 0),
                 region(r, 1, 0), &r->val[0]))
       return SC_ERR;
-    if (r->ctx->image_u8) { /* uint8 pixels: a float tile of them */
+    if (r->ctx->image_host && host_tile(r)) return SC_ERR;
+    if (r->ctx->image_u8 || r->ctx->image_host) { /* pixels -> the tile */
       AtenTensorHandle px = r->val[0];
       const int64_t *rh = region(r, 0, 0), *rw = region(r, 1, 0);
       r->val[0] = NULL;
@@ -1323,6 +1350,11 @@ int _sc_backward(sc_ctx *ctx, const sc_call *call, AtenTensorHandle grad_out,
   if (!rc && mask[0] && ctx->image_u8)
     rc = sc_fail(&ctx->err, "streamcnn: a uint8 image has no gradient "
                             "(output_mask[0] must be false)");
+  if (!rc && mask[0] && ctx->image_host)
+    rc = sc_fail(&ctx->err, "streamcnn: an image in host memory streamed to "
+                            "the device has no gradient (output_mask[0] must "
+                            "be false); move it to the device to "
+                            "differentiate it");
   if (!rc) { /* check grad_output against the forward's output */
     int64_t dim, *sz, *st;
     int32_t dtype, dt, di;
@@ -1525,6 +1557,20 @@ int _sc_validate(sc_ctx *ctx, const sc_call *call) {
                    "streamcnn: image must be a 4-D N x C x H x W tensor, got "
                    "%lld dimensions",
                    (long long)dim);
+  ctx->image_dtype = dtype;
+  /* an image in host memory with the parameters on a CUDA device: tiles
+   * are streamed to the device */
+  if (dt == aoti_torch_device_type_cpu() && p->n_params > 0) {
+    int32_t pdt, pdi;
+    if (aoti_torch_get_device_type(call->params[0], &pdt) ||
+        aoti_torch_get_device_index(call->params[0], &pdi))
+      return sc_fail(&ctx->err, "streamcnn: cannot read params[0]");
+    if (pdt == aoti_torch_device_type_cuda()) {
+      ctx->image_host = 1;
+      dt = pdt;
+      di = pdi;
+    }
+  }
   ctx->image_u8 = dtype == aoti_torch_dtype_uint8();
   if (ctx->image_u8) {
     /* uint8 pixels are converted in the tile gather; the computation runs

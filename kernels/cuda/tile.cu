@@ -149,6 +149,15 @@ extern "C" int sc_copy_cuda(const sc_copy_params *p, void *stream, char *err,
   return 0;
 }
 
+extern "C" int sc_cuda_host_mapped(const void *p) {
+  cudaPointerAttributes attr;
+  if (cudaPointerGetAttributes(&attr, p) != cudaSuccess) {
+    (void)cudaGetLastError(); /* not a CUDA pointer: pageable memory */
+    return 0;
+  }
+  return attr.type == cudaMemoryTypeHost && attr.devicePointer == p;
+}
+
 extern "C" int sc_gather_cuda(const sc_gather_params *p, void *stream,
                               char *err, size_t errlen) {
   const char *bad = sc_gather_check(p);

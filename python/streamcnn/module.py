@@ -302,9 +302,13 @@ class StreamingModule(nn.Module):
                 raise TypeError(f"streamcnn: the image is {x.dtype} but the stem's parameters "
                                 f"are {p.dtype}; convert one of them (e.g. x.to({p.dtype}) or "
                                 f"module.to({x.dtype}))")
-            if p.device != x.device:
+            if p.device != x.device and not (x.device.type == "cpu"
+                                             and p.device.type == "cuda"):
                 raise ValueError(f"streamcnn: the image is on {x.device} but the stem's "
                                  f"parameters are on {p.device}")
+            if p.device != x.device and x.requires_grad:
+                raise ValueError("streamcnn: an image in host memory streamed to the GPU "
+                                 "has no gradient; move it to the GPU to differentiate it")
         for path in self._mode_paths:
             m = self._mode_module(path)
             if m.training:

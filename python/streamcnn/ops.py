@@ -3,7 +3,10 @@
 The operators themselves are registered by the C library:
 
 ``torch.ops.streamcnn.forward(image, params, program, tile_size) -> Tensor``
-    image ``N x C x H x W`` (float32/float64, CPU or CUDA), ``params`` the
+    image ``N x C x H x W`` (uint8/float16/bfloat16/float32/float64, CPU or
+    CUDA; in host memory with the params on a CUDA device, each tile is
+    streamed to the device, read directly by the gather kernel when the
+    image is pinned), ``params`` the
     tensors the program indexes, ``program`` the int64 layer program,
     ``tile_size`` ``[rows, cols]`` (or ``[edge]``) of the largest input tile
     (halo included) read per step. Returns the stem output
@@ -57,7 +60,10 @@ def _forward_fake(image, params, program, tile_size):
     dtype = image.dtype
     if dtype == torch.uint8:  # converted per tile; computed in the params' dtype
         dtype = params[0].dtype if len(params) else torch.float32
-    return image.new_empty((image.shape[0], c, h, w), dtype=dtype)
+    device = image.device
+    if device.type == "cpu" and len(params) and params[0].device.type == "cuda":
+        device = params[0].device  # a host image streamed to the device
+    return image.new_empty((image.shape[0], c, h, w), dtype=dtype, device=device)
 
 
 @torch.library.register_fake("streamcnn::backward")

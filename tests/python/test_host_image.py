@@ -1,0 +1,60 @@
+"""An image in host memory, the stem on a CUDA device: each tile is streamed
+to the device (read by the gather kernel directly when the image is pinned,
+staged through a device copy when it is pageable). Needs a GPU: every test
+here skips without one, saying so."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+import streamcnn
+from conftest import randomize_bn, rel_err
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(),
+                          reason="needs a CUDA GPU (none here)")
+
+
+def _stem():
+    stem = nn.Sequential(nn.Conv2d(3, 8, 5, stride=2, padding=2), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.MaxPool2d(3, 2, 1), nn.Conv2d(8, 8, 3, padding=1)).eval()
+    randomize_bn(stem, torch.Generator().manual_seed(0))
+    return stem.double().cuda()
+
+
+@cuda
+@pytest.mark.parametrize("pinned", [True, False])
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float64])
+def test_host_image_equals_device_image(pinned, dtype):
+    stem = _stem()
+    mean, std = ([120.0, 110.0, 100.0], [60.0, 50.0, 55.0]) if dtype == torch.uint8 \
+        else (None, None)
+    sm = streamcnn.StreamingModule(stem, 64, mean=mean, std=std)
+    g = torch.Generator().manual_seed(1)
+    host = (torch.randint(0, 256, (2, 3, 301, 257), generator=g, dtype=torch.uint8)
+            if dtype == torch.uint8 else torch.randn(2, 3, 301, 257, generator=g,
+                                                     dtype=torch.float64))
+    if pinned:
+        host = host.pin_memory()
+    dev = host.cuda()
+    y_host = sm(host)
+    assert y_host.device.type == "cuda"
+    y_dev = sm(dev)
+    assert torch.equal(y_host, y_dev)
+    gout = torch.randn_like(y_dev)
+    a = torch.autograd.grad(y_host, list(stem.parameters()), gout)
+    b = torch.autograd.grad(y_dev, list(stem.parameters()), gout)
+    for u, v in zip(a, b):
+        assert rel_err(u, v) < 1e-12
+
+
+@cuda
+def test_host_image_has_no_gradient():
+    sm = streamcnn.StreamingModule(_stem(), 64)
+    x = torch.randn(1, 3, 80, 80, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(ValueError, match="host memory"):
+        sm(x)
+    params = [p.detach() for p in sm.stream_params()]
+    y = torch.ops.streamcnn.forward(x.detach(), params, sm.program, sm.tile_size)
+    with pytest.raises(RuntimeError, match="host memory"):
+        torch.ops.streamcnn.backward(torch.ones_like(y), x.detach(), params, sm.program,
+                                     sm.tile_size, [True] + [False] * len(params))
