@@ -106,6 +106,21 @@ void sc_axis_plan_free(sc_axis_plan *plan) {
   free(plan);
 }
 
+/* The read span of instruction i's input for its output span o. */
+static void read_of(const sc_instr *in, int axis, const int64_t *o,
+                    int64_t *rd) {
+  rd[0] = rd[1] = 0;
+  if (o[1] <= o[0]) return;
+  if (_sc_is_window(in->op)) {
+    const sc_window *w = &in->win[axis];
+    rd[0] = o[0] * w->s - w->pad_lo;
+    rd[1] = (o[1] - 1) * w->s - w->pad_lo + w->d * (w->k - 1) + 1;
+  } else {
+    rd[0] = o[0];
+    rd[1] = o[1];
+  }
+}
+
 int sc_plan_axis(const sc_program *p, const int64_t *sizes, int axis,
                  int64_t lo, int64_t hi, sc_axis_plan *plan, sc_error *err) {
   return sc_plan_axis_to(p, sizes, axis, p->n_instr, lo, hi, plan, err);
@@ -145,14 +160,7 @@ int sc_plan_axis_to(const sc_program *p, const int64_t *sizes, int axis,
       int64_t *rd = &plan->read[4 * i + 2 * j];
       rd[0] = rd[1] = 0;
       if (j >= in->n_in || r[1] <= r[0]) continue;
-      if (_sc_is_window(in->op)) {
-        const sc_window *w = &in->win[axis];
-        rd[0] = r[0] * w->s - w->pad_lo;
-        rd[1] = (r[1] - 1) * w->s - w->pad_lo + w->d * (w->k - 1) + 1;
-      } else {
-        rd[0] = r[0];
-        rd[1] = r[1];
-      }
+      read_of(in, axis, r, rd);
       int64_t *nd = &need[2 * in->in[j]];
       if (nd[1] <= nd[0]) {
         nd[0] = rd[0];
@@ -165,21 +173,6 @@ int sc_plan_axis_to(const sc_program *p, const int64_t *sizes, int axis,
   }
   for (int64_t k = 0; k < 2 * nv; k++) plan->own[k] = need[k];
   return SC_OK;
-}
-
-/* The read span of instruction i's input for its output span o. */
-static void read_of(const sc_instr *in, int axis, const int64_t *o,
-                    int64_t *rd) {
-  rd[0] = rd[1] = 0;
-  if (o[1] <= o[0]) return;
-  if (_sc_is_window(in->op)) {
-    const sc_window *w = &in->win[axis];
-    rd[0] = o[0] * w->s - w->pad_lo;
-    rd[1] = (o[1] - 1) * w->s - w->pad_lo + w->d * (w->k - 1) + 1;
-  } else {
-    rd[0] = o[0];
-    rd[1] = o[1];
-  }
 }
 
 int sc_plan_axis_cached(const sc_program *p, const int64_t *sizes, int axis,
@@ -385,6 +378,36 @@ static double macs_per_pixel(const sc_instr *in) {
   return 0.0;
 }
 
+/* Distinct region extents of the tiles along one axis (interior tiles
+ * share one; the first and last differ): ext receives up to n rows of nv
+ * extents, returns how many are distinct. Also sums per value the halo
+ * extents (cached plans) and own extents over all tiles. */
+static int64_t axis_shapes(const sc_program *p, const int64_t *sizes, int axis,
+                           int64_t t, int cached, int64_t *ext, double *halo,
+                           double *owned, sc_axis_plan *plan, sc_error *err) {
+  const int64_t nv = p->n_instr + 1, n_out = sizes[2 * p->n_instr + axis];
+  int64_t n_shapes = 0;
+  for (int64_t lo = 0; lo < n_out; lo += t) {
+    const int64_t hi = lo + t < n_out ? lo + t : n_out;
+    if (cached ? sc_plan_axis_cached(p, sizes, axis, lo, hi, plan, err)
+               : sc_plan_axis(p, sizes, axis, lo, hi, plan, err))
+      return -1;
+    int64_t *e = &ext[n_shapes * nv];
+    for (int64_t v = 0; v < nv; v++) {
+      const int64_t *rg = &plan->region[2 * v], *ow = &plan->own[2 * v];
+      e[v] = rg[1] > rg[0] ? rg[1] - rg[0] : 0;
+      if (ow[1] > ow[0]) owned[v] += (double)(ow[1] - ow[0]);
+      if (cached && lo > 0 && v > 0 && e[v] > 0 && ow[0] > rg[0])
+        halo[v] += (double)(ow[0] - rg[0]);
+    }
+    int64_t k = 0;
+    for (; k < n_shapes; k++)
+      if (!memcmp(&ext[k * nv], e, (size_t)nv * sizeof *e)) break;
+    if (k == n_shapes) n_shapes++;
+  }
+  return n_shapes;
+}
+
 int sc_work_info(const int64_t *words, int64_t n_words, int64_t h, int64_t w,
                  int64_t tile_h, int64_t tile_w, double *work, char *errbuf,
                  size_t errlen) {
@@ -428,17 +451,16 @@ int sc_work_info(const int64_t *words, int64_t n_words, int64_t h, int64_t w,
   }
   /* halo caching: own extents (computed) and halo extents (kept) */
   for (int a = 0; a < 2; a++) {
-    const int64_t n_out = sizes[2 * p->n_instr + a];
-    for (int64_t lo = 0; lo < n_out; lo += t[a]) {
-      const int64_t hi = lo + t[a] < n_out ? lo + t[a] : n_out;
-      if (sc_plan_axis_cached(p, sizes, a, lo, hi, plan, &err)) goto done;
-      for (int64_t v = 0; v < nv; v++) {
-        const int64_t *rg = &plan->region[2 * v], *ow = &plan->own[2 * v];
-        if (ow[1] > ow[0]) own_sum[a][v] += (double)(ow[1] - ow[0]);
-        if (v > 0 && lo > 0 && rg[1] > rg[0] && ow[0] > rg[0])
-          halo_sum[a][v] += (double)(ow[0] - rg[0]);
-      }
-    }
+    const int64_t count = (sizes[2 * p->n_instr + a] + t[a] - 1) / t[a];
+    int64_t *ext = malloc((size_t)(count * nv) * sizeof *ext);
+    int64_t n = -1;
+    if (!ext)
+      sc_fail(&err, "streamcnn: out of memory");
+    else
+      n = axis_shapes(p, sizes, a, t[a], 1, ext, halo_sum[a], own_sum[a],
+                      plan, &err);
+    free(ext);
+    if (n < 0) goto done;
   }
   for (int k = 0; k < SC_WORK_WORDS; k++) work[k] = 0.0;
   for (int64_t i = 0; i < p->n_instr; i++) {
@@ -472,36 +494,6 @@ done:
   sc_axis_plan_free(plan);
   sc_program_free(p);
   return rc;
-}
-
-/* Distinct region extents of the tiles along one axis (interior tiles
- * share one; the first and last differ): ext receives up to n rows of nv
- * extents, returns how many are distinct. Also sums per value the halo
- * extents (cached plans) and own extents over all tiles. */
-static int64_t axis_shapes(const sc_program *p, const int64_t *sizes, int axis,
-                           int64_t t, int cached, int64_t *ext, double *halo,
-                           double *owned, sc_axis_plan *plan, sc_error *err) {
-  const int64_t nv = p->n_instr + 1, n_out = sizes[2 * p->n_instr + axis];
-  int64_t n_shapes = 0;
-  for (int64_t lo = 0; lo < n_out; lo += t) {
-    const int64_t hi = lo + t < n_out ? lo + t : n_out;
-    if (cached ? sc_plan_axis_cached(p, sizes, axis, lo, hi, plan, err)
-               : sc_plan_axis(p, sizes, axis, lo, hi, plan, err))
-      return -1;
-    int64_t *e = &ext[n_shapes * nv];
-    for (int64_t v = 0; v < nv; v++) {
-      const int64_t *rg = &plan->region[2 * v], *ow = &plan->own[2 * v];
-      e[v] = rg[1] > rg[0] ? rg[1] - rg[0] : 0;
-      if (ow[1] > ow[0]) owned[v] += (double)(ow[1] - ow[0]);
-      if (cached && lo > 0 && v > 0 && e[v] > 0 && ow[0] > rg[0])
-        halo[v] += (double)(ow[0] - rg[0]);
-    }
-    int64_t k = 0;
-    for (; k < n_shapes; k++)
-      if (!memcmp(&ext[k * nv], e, (size_t)nv * sizeof *e)) break;
-    if (k == n_shapes) n_shapes++;
-  }
-  return n_shapes;
 }
 
 /* Memory model of one tile (per batch element, in elements): the values

@@ -112,15 +112,20 @@ static void test_plan_conv(void) {
   sc_program_free(p);
 }
 
-static void test_plan_residual_hull(void) {
-  /* v1 = relu(x); v2 = conv3 p1 (v1); v3 = v2 + v1; v4 = conv1 s2 (v3) */
+/* v1 = relu(x); v2 = conv3 p1 (v1); v3 = v2 + v1; v4 = conv1 s2 (v3) */
+static sc_program *residual_program(int64_t *v1) {
   tprog t;
   tp_begin(&t, 2, 2);
-  int64_t v1 = tp_relu(&t, 0);
-  int64_t v2 = tp_conv(&t, v1, 0, 2, 2, 3, 1, 1, 1);
-  int64_t v3 = tp_add(&t, v2, v1);
+  *v1 = tp_relu(&t, 0);
+  int64_t v2 = tp_conv(&t, *v1, 0, 2, 2, 3, 1, 1, 1);
+  int64_t v3 = tp_add(&t, v2, *v1);
   tp_conv(&t, v3, 1, 2, 2, 1, 2, 0, 1);
-  sc_program *p = decode(&t);
+  return decode(&t);
+}
+
+static void test_plan_residual_hull(void) {
+  int64_t v1;
+  sc_program *p = residual_program(&v1);
   CHECK_EQ(p->n_consumers[v1], 2);
   int64_t sizes[10];
   sc_error err = {0};
@@ -172,15 +177,10 @@ static void test_plan_residual_hull(void) {
 }
 
 static void test_plan_cached(void) {
-  /* the program of test_plan_residual_hull, rows 9 -> 5, tiled [0, 2),
-   * [2, 4), [4, 5) with halo caching */
-  tprog t;
-  tp_begin(&t, 2, 2);
-  int64_t v1 = tp_relu(&t, 0);
-  int64_t v2 = tp_conv(&t, v1, 0, 2, 2, 3, 1, 1, 1);
-  int64_t v3 = tp_add(&t, v2, v1);
-  tp_conv(&t, v3, 1, 2, 2, 1, 2, 0, 1);
-  sc_program *p = decode(&t);
+  /* the residual program, rows 9 -> 5, tiled [0, 2), [2, 4), [4, 5) with
+   * halo caching */
+  int64_t v1;
+  sc_program *p = residual_program(&v1);
   int64_t sizes[10];
   sc_error err = {0};
   CHECK_EQ(sc_value_sizes(p, 9, 9, sizes, &err), SC_OK);

@@ -122,23 +122,25 @@ def test_opcheck_forward_cached():
                           (x, sm.stream_params(), sm.program, sm.tile_size))
 
 
-def test_opcheck_backward_cached():
+def _cached_call(*shape):
+    """A small stem's forward_cached on a random image: sm, x, params, strips
+    and a random output gradient."""
     sm = _small()
-    x = torch.randn(2, 3, 23, 19, dtype=torch.float64)
+    x = torch.randn(*shape, dtype=torch.float64)
     params = [p.detach() for p in sm.stream_params()]
     y, strips = torch.ops.streamcnn.forward_cached(x, params, sm.program, sm.tile_size)
-    g = torch.randn_like(y)
+    return sm, x, params, strips, torch.randn_like(y)
+
+
+def test_opcheck_backward_cached():
+    sm, x, params, strips, g = _cached_call(2, 3, 23, 19)
     mask = [True] + [i % 2 == 0 for i in range(len(params))]
     torch.library.opcheck(torch.ops.streamcnn.backward_cached.default,
                           (g, strips, x, params, sm.program, sm.tile_size, mask))
 
 
 def test_bad_strips_raise():
-    sm = _small()
-    x = torch.randn(1, 3, 40, 37, dtype=torch.float64)
-    params = [p.detach() for p in sm.stream_params()]
-    y, strips = torch.ops.streamcnn.forward_cached(x, params, sm.program, sm.tile_size)
-    g = torch.randn_like(y)
+    sm, x, params, strips, g = _cached_call(1, 3, 40, 37)
     mask = [True] + [False] * len(params)
     bad = [strips[:-1], strips.float(), strips.reshape(1, -1), torch.cat([strips, strips]),
            strips[::2]]
