@@ -14,7 +14,7 @@ fi
 cmake -S . -B build/abi/build210 -G Ninja -DPython_EXECUTABLE="$PWD/$OLD/bin/python"
 cmake --build build/abi/build210
 LIB="$PWD/build/abi/build210/libstreamcnn.so"
-TESTS="tests/python/test_equivalence.py tests/python/test_models.py tests/python/test_ops.py tests/python/test_bad_inputs.py tests/python/test_torchscript.py"
+TESTS="tests/python/test_equivalence.py tests/python/test_models.py tests/python/test_ops.py tests/python/test_bad_inputs.py tests/python/test_torchscript.py tests/python/test_halo_cache.py"
 for py in "$OLD/bin/python" .venv/bin/python; do
   echo "== $("$py" -c 'import torch; print("torch", torch.__version__)') with $LIB"
   PYTHONPATH=python STREAMCNN_LIBRARY="$LIB" "$py" -m pytest -q -p no:cacheprovider $TESTS

@@ -5,7 +5,8 @@ PyTorch vs streamcnn, side by side in one run, with time and peak GPU
 memory (torch.cuda.max_memory_allocated) per configuration.
 
     python bench/gpu_resnet34.py [--sizes 2048 4096 8192 16384 32768 65536]
-        [--tile 1920] [--reps 3] [--dtype fp32|bf16|fp16] [--out results.json]
+        [--tile 1920 | --budget 8GB] [--reps 3] [--dtype fp32|bf16|fp16] [--cone]
+        [--out results.json]
 
 fp32 uses PyTorch's defaults (TF32 convolutions on), as the reference table
 of the issue. Sizes from --uint8-from (default 32768) feed a uint8 image in
@@ -85,9 +86,13 @@ def run(args):
             image = image.pin_memory()        # tiles are streamed to the GPU
         else:
             image = image.to(device)
-        sm = streamcnn.StreamingModule(stem, args.tile, mean=MEAN if uint8 else None,
-                                       std=STD if uint8 else None).to(device)
+        norm = dict(mean=MEAN if uint8 else None, std=STD if uint8 else None)
+        tiling = dict(memory_budget=args.budget) if args.budget else dict(tile_size=args.tile)
+        sm = streamcnn.StreamingModule(stem, **tiling, **norm).to(device)
+        if args.budget:  # the tile the budget gives (the forward sets it too)
+            sm.tile_size = sm.budget_tile(1, size, size, autocast or torch.float32)["tile_size"]
         work = sm.work(size, size)
+        t0, t1 = sm.tile_size
 
         def step_with(model):
             def step():
@@ -99,13 +104,13 @@ def run(args):
                 loss.backward()
             return step
 
-        row = {"size": size, "tile": args.tile, "uint8": uint8, "recompute": work["recompute"],
+        row = {"size": size, "tile": str(t0) if t0 == t1 else f"{t0}x{t1}", "uint8": uint8,
+               "recompute": work["recompute"],
                "strips_gb": work["strip_elements"] * 4 / 1e9}
         models = [("whole", stem), ("stream", sm)]
         if args.cone:
             models.append(("cone", streamcnn.StreamingModule(
-                stem, args.tile, mean=MEAN if uint8 else None, std=STD if uint8 else None,
-                halo_cache=False).to(device)))
+                stem, **tiling, **norm, halo_cache=False).to(device)))
         for name, model in models:
             if name == "whole" and (uint8 or size > args.whole_max):
                 row[name] = None  # a uint8 image is the streamed path's input
@@ -165,6 +170,8 @@ def main():
     ap.add_argument("--sizes", type=int, nargs="+",
                     default=[2048, 4096, 8192, 16384, 32768, 65536])
     ap.add_argument("--tile", type=int, default=1920)
+    ap.add_argument("--budget", help="memory_budget (e.g. 8GB) instead of --tile: each size "
+                                     "gets the tile the budget gives")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     ap.add_argument("--uint8-from", type=int, default=32768)
