@@ -552,11 +552,18 @@ int sc_memory_info(const int64_t *words, int64_t n_words, int64_t h,
       if (kept + 4.0 * big > bwd) bwd = kept + 4.0 * big;
       if (3.0 * big > fwd) fwd = 3.0 * big;
     }
-  for (int64_t v = 1; cached && v < nv; v++) /* bands and left strips */
+  double bands = 0.0; /* all bands of one row boundary, on average */
+  for (int64_t v = 1; cached && v < nv; v++) { /* bands and left strips */
     strips += (halo[0][v] * owned[1][v] + owned[0][v] * halo[1][v]) *
               (double)p->channels[v];
-  mem[0] = bwd;
-  mem[1] = fwd;
+    bands += halo[0][v] * owned[1][v] * (double)p->channels[v];
+  }
+  const int64_t n_rows = (sizes[2 * p->n_instr] + t[0] - 1) / t[0];
+  if (n_rows > 1) bands /= (double)(n_rows - 1);
+  /* a cached pass holds two rows' bands at a time: the forward the one it
+   * reads and the one it writes, the backward their pending gradients */
+  mem[0] = bwd + 2.0 * bands;
+  mem[1] = fwd + 2.0 * bands;
   mem[2] = strips;
   rc = SC_OK;
 done:

@@ -238,9 +238,11 @@ SC_API int sc_work_info(const int64_t *words, int64_t n_words, int64_t h,
  * in elements of the compute dtype; the stem output and its gradient are
  * not included): mem[0] the largest tile's backward (the values its
  * recompute keeps for the backward ops plus four value-sized buffers),
- * mem[1] the largest tile's forward, mem[2] the strips halo caching keeps
- * from the forward to the backward (cached = 1; 0 otherwise). The peak of
- * a training step is about mem[0] + mem[2]. */
+ * mem[1] the largest tile's forward, both with two rows of halo bands
+ * (cached = 1), mem[2] the strips halo caching keeps from the forward to
+ * the backward (cached = 1; 0 otherwise). The peak of a training step is
+ * about mem[0] + mem[2], of a forward without gradient mem[1] (cached =
+ * 1: the forward op always caches halos). */
 #define SC_MEMORY_WORDS 3
 SC_API int sc_memory_info(const int64_t *words, int64_t n_words, int64_t h,
                           int64_t w, int64_t tile_h, int64_t tile_w,

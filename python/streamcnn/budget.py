@@ -73,24 +73,29 @@ def _counts(n: int, most: int):
 
 
 def tile_bytes(program: Sequence[int], h: int, w: int, tile: Tuple[int, int], cached: bool,
-               batch: int, itemsize: int) -> int:
-    """Modelled peak bytes of a training step with this tile (backward of
-    the largest tile plus, when cached, the strips), stem output and
-    gradient excluded."""
+               batch: int, itemsize: int, training: bool = True) -> int:
+    """Modelled peak bytes with this tile, stem output and gradient
+    excluded: of a training step (backward of the largest tile plus, when
+    cached, the strips), or of a forward without gradient (training=False;
+    the forward op always caches halos, dropping each once used)."""
+    if not training:
+        return int(memory_info(program, h, w, tile, True)[1] * batch * itemsize)
     bwd, _, strips = memory_info(program, h, w, tile, cached)
     return int((bwd + strips) * batch * itemsize)
 
 
 def choose_tile(program: Sequence[int], h: int, w: int, batch: int, itemsize: int,
                 budget: int, allow_cached: bool, receptive_field: Tuple[int, int],
-                stride: Tuple[int, int]) -> Tuple[Tuple[int, int], bool]:
+                stride: Tuple[int, int], training: bool = True
+                ) -> Tuple[Tuple[int, int], bool]:
     """The input tile (rows, cols) for an h x w image within budget bytes,
     and whether to cache halos (when allowed: it keeps strips, so with
     small tiles the cone recompute may be the only fit). Tiles are tried on
     a grid of tile counts per axis, down to output tiles about half the
     halo (the stem's receptive field over its stride) on a side; the fitting
-    one with the least modelled training-step work wins. ValueError when
-    none fits."""
+    one with the least modelled training-step work wins. training=False
+    (a forward without gradient): the forward's memory, and the fewest
+    tiles. ValueError when none fits."""
     rf, s = receptive_field, stride
     oh, ow = tiling_info(program, h, w, tuple(rf))[:2]
     # smallest output tile edge considered: half the halo (smaller tiles
@@ -105,19 +110,21 @@ def choose_tile(program: Sequence[int], h: int, w: int, batch: int, itemsize: in
     for nr in _counts(oh, max(1, oh // least[0])):
         for nc in _counts(ow, max(1, ow // least[1])):
             tile = (extent(0, -(-oh // nr)), extent(1, -(-ow // nc)))
-            for cached in ((True, False) if allow_cached else (False,)):
-                if tile_bytes(program, h, w, tile, cached, batch, itemsize) > usable:
+            modes = (True, False) if allow_cached and training else (allow_cached,)
+            for cached in modes:
+                if tile_bytes(program, h, w, tile, cached, batch, itemsize,
+                              training) > usable:
                     continue
                 work = work_info(program, h, w, tile)
                 n_tiles = tiling_info(program, h, w, tile)[4:6]
                 fwd = work[4] / work[0]  # the forward op always caches
                 again = fwd if cached else work[1] / work[0]  # backward's recompute
-                step = (fwd + again + 2 * again) / 3
+                step = (fwd + again + 2 * again) / 3 if training else fwd
                 cost = step + TILE_COST * n_tiles[0] * n_tiles[1]
                 if cost < best_cost:
                     best, best_cost = (tile, cached), cost
     if best is None:
-        need = tile_bytes(program, h, w, (rf[0], rf[1]), False, batch, itemsize)
+        need = tile_bytes(program, h, w, (rf[0], rf[1]), False, batch, itemsize, training)
         raise ValueError(
             f"streamcnn: memory_budget of {budget} bytes is too small for a batch of {batch} "
             f"{h} x {w} images: even small tiles need more (the smallest possible, "

@@ -219,29 +219,32 @@ class StreamingModule(nn.Module):
 
     @torch.jit.unused
     def budget_tile(self, batch: int, height: int, width: int,
-                    dtype: torch.dtype = torch.float32) -> dict:
+                    dtype: torch.dtype = torch.float32, training: bool = True) -> dict:
         """What memory_budget chooses for a batch of height x width images
-        computed in dtype: ``tile_size``, ``halo_cache`` (used only where
+        computed in dtype, for a training step or (training=False) a forward
+        without gradient: ``tile_size``, ``halo_cache`` (used only where
         this module's halo_cache is on and the strips fit) and the modelled
         peak ``bytes`` (stem output and its gradient excluded)."""
-        tile, cached = self._budget_choice(batch, height, width, dtype, self.halo_cache)
+        tile, cached = self._budget_choice(batch, height, width, dtype, self.halo_cache,
+                                           training)
         itemsize = torch.empty(0, dtype=dtype).element_size()
         return {"tile_size": tile, "halo_cache": cached,
                 "bytes": tile_bytes(self.program, height, width, (tile[0], tile[1]), cached,
-                                    batch, itemsize)}
+                                    batch, itemsize, training)}
 
     @torch.jit.unused
     def _budget_choice(self, batch: int, height: int, width: int, dtype: torch.dtype,
-                       allow_cached: bool) -> Tuple[List[int], bool]:
+                       allow_cached: bool, training: bool = True) -> Tuple[List[int], bool]:
         if not self.memory_budget:
             raise ValueError("streamcnn: this module was built with a tile_size, not a "
                              "memory_budget")
         itemsize = torch.empty(0, dtype=dtype).element_size()
-        key = (int(batch), int(height), int(width), itemsize, bool(allow_cached))
+        key = (int(batch), int(height), int(width), itemsize, bool(allow_cached),
+               bool(training))
         if key not in self._budget_tiles:
             self._budget_tiles[key] = choose_tile(
                 self.program, key[1], key[2], key[0], itemsize, self.memory_budget,
-                key[4], self.receptive_field, self.output_stride)
+                key[4], self.receptive_field, self.output_stride, key[5])
         tile, cached = self._budget_tiles[key]
         return [tile[0], tile[1]], cached
 
@@ -346,8 +349,11 @@ class StreamingModule(nn.Module):
         if not torch.compiler.is_compiling():
             self._check(x, params)
             if self.memory_budget:
+                training = torch.is_grad_enabled() and (
+                    x.requires_grad or any(p.requires_grad for p in params))
                 tile, cached = self._budget_choice(x.shape[0], x.shape[2], x.shape[3],
-                                                   _compute_dtype(x, params), cached)
+                                                   _compute_dtype(x, params), cached,
+                                                   training)
                 self.tile_size = tile
             if self.progress or self.deterministic:
                 from .ops import call_options

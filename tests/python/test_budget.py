@@ -141,3 +141,25 @@ def test_measured_cuda_peak_within_budget():
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
         assert peak <= parse_bytes(budget) + 2 * g.numel() * 4, (budget, peak)
+
+
+def test_inference_uses_the_forward_model():
+    """Without a gradient only the forward's memory counts: tiles at least
+    as large as a training step's, and the forward sets tile_size to them."""
+    stem = _stem()
+    sm = streamcnn.StreamingModule(stem, memory_budget="6MB")
+    train = sm.budget_tile(1, 400, 500)
+    infer = sm.budget_tile(1, 400, 500, training=False)
+    assert infer["bytes"] <= parse_bytes("6MB") * (1 - HEADROOM)
+    sm.tile_size = train["tile_size"]
+    n_train = sm.tiling(400, 500)["tiles"]
+    sm.tile_size = infer["tile_size"]
+    n_infer = sm.tiling(400, 500)["tiles"]
+    assert n_infer[0] * n_infer[1] < n_train[0] * n_train[1]
+    x = torch.randn(1, 3, 400, 500)
+    with torch.no_grad():
+        y = sm(x)
+    assert sm.tile_size == infer["tile_size"]
+    assert rel_err(y, stem(x)) < 1e-5
+    sm(x.requires_grad_())
+    assert sm.tile_size == train["tile_size"]
