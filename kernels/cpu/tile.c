@@ -108,12 +108,30 @@ static int plain_float(int dtype, int src_dtype) {
          (src_dtype == 0 || src_dtype == dtype);
 }
 
-int sc_copy_cpu(const sc_copy_params *p) {
-  if (sc_copy_check(p)) return 1;
+/* Can dimension a (outer) be folded into the innermost run along dimension
+ * i: both sides contiguous along i and a directly following it? */
+static int folds(const sc_copy_params *p, int i, int a) {
+  return p->src_stride[i] == 1 && p->dst_stride[i] == 1 &&
+         p->src_stride[a] == p->size[i] && p->dst_stride[a] == p->size[i];
+}
+
+int sc_copy_cpu(const sc_copy_params *p_in) {
+  if (sc_copy_check(p_in)) return 1;
+  sc_copy_params q = *p_in;
+  const sc_copy_params *p = &q;
   copy_task t = {p, 3, {0, 1, 2}};
   /* channels-last destination: walk C innermost, contiguous in memory */
-  if (p->size[1] > 1 && p->dst_stride[1] == 1 && p->dst_stride[3] != 1)
+  if (q.size[1] > 1 && q.dst_stride[1] == 1 && q.dst_stride[3] != 1)
     t = (copy_task){p, 1, {0, 2, 3}};
+  /* whole rows on both sides (W after C channels-last, H after W in NCHW):
+   * one long run instead of many short ones */
+  if (t.inner == 1 && folds(&q, 1, 3)) {
+    q.size[1] *= q.size[3];
+    q.size[3] = 1;
+  } else if (t.inner == 3 && folds(&q, 3, 2)) {
+    q.size[3] *= q.size[2];
+    q.size[2] = 1;
+  }
   const int64_t rows =
       p->size[t.outer[0]] * p->size[t.outer[1]] * p->size[t.outer[2]];
   if (rows == 0 || p->size[t.inner] == 0) return 0;
