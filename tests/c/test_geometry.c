@@ -176,6 +176,15 @@ static void test_plan_residual_hull(void) {
   sc_program_free(p);
 }
 
+/* own and region spans of the 5 values of a plan */
+static void check_spans(const sc_axis_plan *plan, const int64_t *own,
+                        const int64_t *reg) {
+  for (int k = 0; k < 10; k++) {
+    CHECK_EQ(plan->own[k], own[k]);
+    CHECK_EQ(plan->region[k], reg[k]);
+  }
+}
+
 static void test_plan_cached(void) {
   /* the residual program, rows 9 -> 5, tiled [0, 2), [2, 4), [4, 5) with
    * halo caching */
@@ -188,19 +197,13 @@ static void test_plan_cached(void) {
   /* first tile: the cone of [0, 2) (x, v1 [0, 4); v2, v3 [0, 3)), no halo */
   CHECK_EQ(sc_plan_axis_cached(p, sizes, 0, 0, 2, plan, &err), SC_OK);
   const int64_t own0[10] = {0, 4, 0, 4, 0, 3, 0, 3, 0, 2};
-  for (int k = 0; k < 10; k++) {
-    CHECK_EQ(plan->own[k], own0[k]);
-    CHECK_EQ(plan->region[k], own0[k]);
-  }
+  check_spans(plan, own0, own0);
   /* [2, 4): cone of [0, 4) ends x, v1 8; v2, v3 7; minus the ends above;
    * the 3x3 conv reads v1 [2, 8) for its own [3, 7): v1's halo is [2, 4) */
   CHECK_EQ(sc_plan_axis_cached(p, sizes, 0, 2, 4, plan, &err), SC_OK);
   const int64_t own1[10] = {4, 8, 4, 8, 3, 7, 3, 7, 2, 4};
   const int64_t reg1[10] = {4, 8, 2, 8, 3, 7, 3, 7, 2, 4};
-  for (int k = 0; k < 10; k++) {
-    CHECK_EQ(plan->own[k], own1[k]);
-    CHECK_EQ(plan->region[k], reg1[k]);
-  }
+  check_spans(plan, own1, reg1);
   CHECK_EQ(plan->read[4 * 1 + 0], 2); /* conv of v1 */
   CHECK_EQ(plan->read[4 * 1 + 1], 8);
   CHECK_EQ(plan->read[4 * 3 + 0], 4); /* 1x1 stride 2 of v3 */
@@ -209,10 +212,7 @@ static void test_plan_cached(void) {
   CHECK_EQ(sc_plan_axis_cached(p, sizes, 0, 4, 5, plan, &err), SC_OK);
   const int64_t own2[10] = {8, 9, 8, 9, 7, 9, 7, 9, 4, 5};
   const int64_t reg2[10] = {8, 9, 6, 9, 7, 9, 7, 9, 4, 5};
-  for (int k = 0; k < 10; k++) {
-    CHECK_EQ(plan->own[k], own2[k]);
-    CHECK_EQ(plan->region[k], reg2[k]);
-  }
+  check_spans(plan, own2, reg2);
   CHECK_EQ(plan->read[4 * 1 + 1], 10);
   /* bad requests */
   CHECK_EQ(sc_plan_axis_cached(p, NULL, 0, 0, 2, plan, &err), SC_ERR);
