@@ -14,6 +14,18 @@
  * need), back-propagates through ATen's backward ops, sums weight
  * gradients over tiles and scatter-adds input gradients into the image.
  *
+ * Halo caching (call->cached; cached plans on both axes): each tile
+ * computes only its own part of every value and takes the rest of its
+ * region (its halo) from the tiles before it, row by row, left to right:
+ * the band above it (full width, written by the row above) and the strip
+ * left of it (written by the tile on the left). The forward keeps them all
+ * in one flat store when asked (the strips); the backward then runs the
+ * tiles in reverse order, recomputes each tile's own part from its halo,
+ * back-propagates its own output and hands the gradient its layers send
+ * into the halo to the tiles above and to the left (pass_pending), which
+ * add it before their own backward. Every value is computed once in each
+ * pass.
+ *
  * Ownership: a `run` owns every handle stored in it; run_tile_release and
  * run_release free them. Borrowed inputs (image, params, grad_output) are
  * only read, never written.
