@@ -139,6 +139,7 @@ class StreamingModule(nn.Module):
     """
 
     __jit_unused_properties__ = ["stem"]
+    __jit_ignored_attributes__ = ["_budget_tiles"]  # eager-only cache
 
     def __init__(self, module: nn.Module, tile_size: Optional[TileSize] = None, *,
                  in_channels: Optional[int] = None,
@@ -378,5 +379,7 @@ class StreamingModule(nn.Module):
             return self._forward_eager(x, params)
 
     def extra_repr(self) -> str:
-        return (f"tile_size={tuple(self.tile_size)}, receptive_field={self.receptive_field}, "
-                f"output_stride={self.output_stride}")
+        budget = f"memory_budget={self.memory_budget}, " if self.memory_budget else ""
+        return (f"{budget}tile_size={tuple(self.tile_size)}, "
+                f"receptive_field={self.receptive_field}, output_stride={self.output_stride}, "
+                f"halo_cache={self.halo_cache}")

@@ -163,3 +163,15 @@ def test_inference_uses_the_forward_model():
     assert rel_err(y, stem(x)) < 1e-5
     sm(x.requires_grad_())
     assert sm.tile_size == train["tile_size"]
+
+
+def test_budget_module_scripts_with_the_last_tile():
+    """TorchScript takes tile_size as the last eager call set it."""
+    stem = _stem()
+    sm = streamcnn.StreamingModule(stem, memory_budget="2MB")
+    x = torch.randn(1, 3, 200, 180)
+    y = sm(x)
+    assert "memory_budget=2000000" in repr(sm)
+    scripted = torch.jit.script(sm)
+    assert list(scripted.tile_size) == sm.tile_size
+    assert torch.equal(scripted(x), y)
