@@ -115,6 +115,29 @@ int sc_gather_cuda(const sc_gather_params *p, void *stream, char *err,
  * directly. 0 for pageable memory (clears the CUDA error it causes). */
 int sc_cuda_host_mapped(const void *p);
 
+/* Host -> device prefetch of image regions on a side stream, so that the
+ * copy of the next tile's pixels overlaps the current tile's compute. */
+typedef struct sc_prefetch {
+  void *stream; /* cudaStream_t, non-blocking, owned */
+  void *ready;  /* cudaEvent_t recorded on the main stream before a copy */
+  void *done;   /* cudaEvent_t recorded on the side stream after it */
+} sc_prefetch;
+/* Create the side stream and events on the current device. */
+int sc_prefetch_open(sc_prefetch *f, char *err, size_t errlen);
+/* Wait for the side stream, then destroy it (NULL members: no-op). */
+void sc_prefetch_close(sc_prefetch *f);
+/* Copy `planes` planes of `rows` rows of `row_bytes` bytes each from host
+ * memory (src + i * src_plane, rows src_pitch apart) to the dense device
+ * buffer dst (planes one after another), on the side stream, after the
+ * work queued so far on main_stream (dst may be memory it just freed). */
+int sc_prefetch_copy(sc_prefetch *f, void *main_stream, void *dst,
+                     const void *src, int64_t planes, int64_t src_plane,
+                     int64_t rows, int64_t src_pitch, int64_t row_bytes,
+                     char *err, size_t errlen);
+/* Make main_stream wait for the last sc_prefetch_copy. */
+int sc_prefetch_wait(sc_prefetch *f, void *main_stream, char *err,
+                     size_t errlen);
+
 #ifdef __cplusplus
 }
 #endif

@@ -101,6 +101,15 @@ typedef struct run {
   AtenTensorHandle *gleft;   /* nv: gradient of the right neighbour's left
                                 strips, pending for this tile; then this
                                 tile's, for the left neighbour */
+
+  /* a pinned host image: the next tile's pixels are copied to the device
+   * on a side stream while this tile computes */
+  int64_t next_tile[2];      /* row, col of the tile after this one; -1 none */
+  int img_pinned;            /* host image, pinned and dense (NCHW / NHWC) */
+  int pf_open;
+  sc_prefetch pf;
+  AtenTensorHandle pf_buf;   /* the copy (owned), or NULL */
+  int64_t pf_span[2][2];     /* its rows and cols of the image */
 } run;
 
 /* ---- spans ------------------------------------------------------------------ */
@@ -243,6 +252,10 @@ static void move_all(AtenTensorHandle *dst, AtenTensorHandle *src, int64_t n) {
 }
 
 static void run_release(run *r) {
+#ifdef SC_WITH_CUDA
+  if (r->pf_open) sc_prefetch_close(&r->pf); /* waits for its copies */
+#endif
+  _sc_drop(&r->pf_buf);
   if (r->val && r->grad && r->grad_mine && r->aux) run_tile_release(r);
   AtenTensorHandle **arrays[] = {&r->band, &r->band_next, &r->lhalo,
                                  &r->lnext, &r->gband, &r->gband_up,
@@ -334,6 +347,30 @@ static int plan_strips(run *r) {
   return SC_OK;
 }
 
+#ifdef SC_WITH_CUDA
+/* Layout of a dense host image for region copies: planes of rows, as
+ * sc_prefetch_copy takes them (0 when it is neither dense NCHW nor dense
+ * NHWC). Element counts; the caller scales by the element size. */
+static int host_layout(const int64_t *sz, const int64_t *st, int64_t *plane,
+                       int64_t *pitch, int64_t *px) {
+  const int64_t C = sz[1], H = sz[2], W = sz[3];
+  if (st[3] == 1 && st[2] == W && st[1] == H * W && st[0] == C * H * W) {
+    *plane = H * W; /* one plane per (n, c) */
+    *pitch = W;
+    *px = 1;
+    return 1;
+  }
+  if (st[1] == 1 && st[3] == C && st[2] == W * C && st[0] == H * W * C) {
+    *plane = H * W * C; /* one plane per n, pixels of C channels */
+    *pitch = W * C;
+    *px = C;
+    return 2;
+  }
+  return 0;
+}
+
+#endif
+
 static int run_init(run *r, sc_ctx *ctx, const sc_call *call) {
   const sc_program *p = call->prog;
   int64_t dim, *isz, *ist;
@@ -354,6 +391,7 @@ static int run_init(run *r, sc_ctx *ctx, const sc_call *call) {
   r->needs = calloc((size_t)r->nv, 1);
   r->pgrad = calloc((size_t)p->n_params + 1, sizeof *r->pgrad);
   r->cached = call->cached;
+  r->next_tile[0] = r->next_tile[1] = -1;
   AtenTensorHandle **arrays[] = {&r->band, &r->band_next, &r->lhalo,
                                  &r->lnext, &r->gband, &r->gband_up,
                                  &r->gleft};
@@ -387,6 +425,15 @@ static int run_init(run *r, sc_ctx *ctx, const sc_call *call) {
     }
   }
   if (r->cached && plan_strips(r)) return SC_ERR;
+#ifdef SC_WITH_CUDA
+  if (ctx->image_host) { /* prefetch only what a plain 2-D copy reads */
+    int64_t plane, pitch, px;
+    void *ptr = NULL;
+    r->img_pinned = !aoti_torch_get_data_ptr(call->image, &ptr) && ptr &&
+                    sc_cuda_host_mapped(ptr) &&
+                    host_layout(isz, ist, &plane, &pitch, &px) != 0;
+  }
+#endif
   return order_tiles(r);
 }
 
@@ -763,13 +810,83 @@ static int save_halo(run *r, int64_t o) {
  * by the gather kernel itself (the tile crosses PCIe once, converted and
  * normalised on the device); pageable memory is first copied to a device
  * tensor of the image's dtype. */
+#ifdef SC_WITH_CUDA
+/* Queue the copy of tile (t, c)'s pixels (value 0's region) on the side
+ * stream, into a new dense device tensor of the host image's layout. */
+static int prefetch_issue(run *r, int64_t t, int64_t c) {
+  sc_ctx *ctx = r->ctx;
+  const int64_t *rows = &r->plans[0][t]->region[0];
+  const int64_t *cols = &r->plans[1][c]->region[0];
+  int64_t dim, *sz, *st, plane, pitch, px;
+  void *base = NULL, *dst = NULL;
+  int32_t es_dtype = ctx->image_dtype;
+  char msg[256];
+  if (empty(rows) || empty(cols) || r->batch == 0) return SC_OK;
+  if (_sc_meta(ctx, r->call->image, &dim, &sz, &st) ||
+      aoti_torch_get_data_ptr(r->call->image, &base))
+    return SC_ERR;
+  const int kind = host_layout(sz, st, &plane, &pitch, &px);
+  if (!kind) return SC_OK;
+  const int64_t es = es_dtype == aoti_torch_dtype_uint8()     ? 1
+                     : es_dtype == aoti_torch_dtype_float64() ? 8
+                     : es_dtype == aoti_torch_dtype_float32() ? 4
+                                                              : 2;
+  const int64_t nr = rows[1] - rows[0], nc = cols[1] - cols[0];
+  const int64_t shape[4] = {sz[0], sz[1], nr, nc};
+  const int64_t nchw[4] = {sz[1] * nr * nc, nr * nc, nc, 1};
+  const int64_t nhwc[4] = {nr * nc * sz[1], 1, nc * sz[1], sz[1]};
+  if (!r->pf_open) {
+    if (sc_prefetch_open(&r->pf, msg, sizeof msg)) {
+      sc_prefetch_close(&r->pf);
+      return sc_fail(&ctx->err, "streamcnn: CUDA prefetch: %s", msg);
+    }
+    r->pf_open = 1;
+  }
+  if (aoti_torch_empty_strided(4, shape, kind == 1 ? nchw : nhwc, es_dtype,
+                               ctx->device_type, ctx->device_index,
+                               &r->pf_buf) ||
+      aoti_torch_get_data_ptr(r->pf_buf, &dst))
+    return sc_fail(&ctx->err, "streamcnn: could not allocate a tile buffer");
+  const int64_t start = (rows[0] * sz[3] + cols[0]) * px;
+  if (sc_prefetch_copy(&r->pf, ctx->stream, dst, (char *)base + start * es,
+                       kind == 1 ? sz[0] * sz[1] : sz[0], plane * es, nr,
+                       pitch * es, nc * px * es, msg, sizeof msg))
+    return sc_fail(&ctx->err, "streamcnn: CUDA prefetch: %s", msg);
+  r->pf_span[0][0] = rows[0];
+  r->pf_span[0][1] = rows[1];
+  r->pf_span[1][0] = cols[0];
+  r->pf_span[1][1] = cols[1];
+  return SC_OK;
+}
+#endif
+
 static int host_tile(run *r) {
 #ifdef SC_WITH_CUDA
   void *ptr = NULL;
   int64_t dim, *sz, *st;
-  if (aoti_torch_get_data_ptr(r->val[0], &ptr))
+  char msg[256];
+  if (r->pf_buf) { /* the side stream's copy, if it is this tile's */
+    const int hit = same(r->pf_span[0], region(r, 0, 0)) &&
+                    same(r->pf_span[1], region(r, 1, 0));
+    if (sc_prefetch_wait(&r->pf, r->ctx->stream, msg, sizeof msg))
+      return sc_fail(&r->ctx->err, "streamcnn: CUDA prefetch: %s", msg);
+    if (hit) {
+      _sc_drop(&r->val[0]);
+      r->val[0] = r->pf_buf;
+      r->pf_buf = NULL;
+    } else {
+      _sc_drop(&r->pf_buf); /* stream-ordered after the wait: safe */
+    }
+  }
+  if (r->img_pinned && r->next_tile[0] >= 0 &&
+      prefetch_issue(r, r->next_tile[0], r->next_tile[1]))
+    return SC_ERR;
+  int32_t dt;
+  if (aoti_torch_get_device_type(r->val[0], &dt) ||
+      aoti_torch_get_data_ptr(r->val[0], &ptr))
     return sc_fail(&r->ctx->err, "streamcnn: cannot read the image's data");
-  if (!ptr || sc_cuda_host_mapped(ptr)) return SC_OK;
+  if (dt != aoti_torch_device_type_cpu()) return SC_OK; /* prefetched */
+  if (!ptr || sc_cuda_host_mapped(ptr)) return SC_OK;   /* read directly */
   AtenTensorHandle dev = NULL;
   if (_sc_meta(r->ctx, r->val[0], &dim, &sz, &st) ||
       _sc_empty_as(r->ctx, r->ctx->image_dtype, 4, sz, 0, &dev) ||
@@ -890,6 +1007,9 @@ int _sc_forward(sc_ctx *ctx, const sc_call *call, AtenTensorHandle *out,
       for (int64_t c = 0; !rc && c < r.n_tiles[1]; c++) {
         move_all(r.lhalo, r.lnext, r.nv);
         select_cached(&r, t, c);
+        r.next_tile[0] = c + 1 < r.n_tiles[1] ? t : t + 1;
+        r.next_tile[1] = c + 1 < r.n_tiles[1] ? c + 1 : 0;
+        if (r.next_tile[0] >= r.n_tiles[0]) r.next_tile[0] = -1;
         rc = forward_into(&r, *out);
         if (!rc) report(0, ++k, r.n_order);
       }
@@ -1438,6 +1558,8 @@ int _sc_backward(sc_ctx *ctx, const sc_call *call, AtenTensorHandle grad_out,
     for (int64_t t = r.n_tiles[0] - 1; !rc && t >= 0; t--) {
       for (int64_t c = nc - 1; !rc && c >= 0; c--) {
         select_cached(&r, t, c);
+        r.next_tile[0] = c > 0 ? t : t - 1; /* -1 after the last */
+        r.next_tile[1] = c > 0 ? c - 1 : nc - 1;
         for (int64_t v = 1; !rc && v < r.nv; v++) {
           if (r.band_off[t * r.nv + v] >= 0)
             rc = band_view(&r, t, v, &r.band[v]);

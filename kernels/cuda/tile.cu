@@ -149,6 +149,55 @@ extern "C" int sc_copy_cuda(const sc_copy_params *p, void *stream, char *err,
   return 0;
 }
 
+extern "C" int sc_prefetch_open(sc_prefetch *f, char *err, size_t errlen) {
+  cudaStream_t s = nullptr;
+  cudaEvent_t a = nullptr, b = nullptr;
+  f->stream = f->ready = f->done = nullptr;
+  SC_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  f->stream = s;
+  SC_CUDA_CHECK(cudaEventCreateWithFlags(&a, cudaEventDisableTiming));
+  f->ready = a;
+  SC_CUDA_CHECK(cudaEventCreateWithFlags(&b, cudaEventDisableTiming));
+  f->done = b;
+  return 0;
+}
+
+extern "C" void sc_prefetch_close(sc_prefetch *f) {
+  if (f->stream) {
+    cudaStreamSynchronize(static_cast<cudaStream_t>(f->stream));
+    cudaStreamDestroy(static_cast<cudaStream_t>(f->stream));
+  }
+  if (f->ready) cudaEventDestroy(static_cast<cudaEvent_t>(f->ready));
+  if (f->done) cudaEventDestroy(static_cast<cudaEvent_t>(f->done));
+  (void)cudaGetLastError();
+  f->stream = f->ready = f->done = nullptr;
+}
+
+extern "C" int sc_prefetch_copy(sc_prefetch *f, void *main_stream, void *dst,
+                                const void *src, int64_t planes,
+                                int64_t src_plane, int64_t rows,
+                                int64_t src_pitch, int64_t row_bytes,
+                                char *err, size_t errlen) {
+  cudaStream_t side = static_cast<cudaStream_t>(f->stream);
+  SC_CUDA_CHECK(cudaEventRecord(static_cast<cudaEvent_t>(f->ready),
+                                static_cast<cudaStream_t>(main_stream)));
+  SC_CUDA_CHECK(cudaStreamWaitEvent(side, static_cast<cudaEvent_t>(f->ready), 0));
+  for (int64_t i = 0; i < planes; i++)
+    SC_CUDA_CHECK(cudaMemcpy2DAsync(
+        static_cast<char *>(dst) + i * rows * row_bytes, (size_t)row_bytes,
+        static_cast<const char *>(src) + i * src_plane, (size_t)src_pitch,
+        (size_t)row_bytes, (size_t)rows, cudaMemcpyHostToDevice, side));
+  SC_CUDA_CHECK(cudaEventRecord(static_cast<cudaEvent_t>(f->done), side));
+  return 0;
+}
+
+extern "C" int sc_prefetch_wait(sc_prefetch *f, void *main_stream, char *err,
+                                size_t errlen) {
+  SC_CUDA_CHECK(cudaStreamWaitEvent(static_cast<cudaStream_t>(main_stream),
+                                    static_cast<cudaEvent_t>(f->done), 0));
+  return 0;
+}
+
 extern "C" int sc_cuda_host_mapped(const void *p) {
   cudaPointerAttributes attr;
   if (cudaPointerGetAttributes(&attr, p) != cudaSuccess) {
