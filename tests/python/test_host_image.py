@@ -22,9 +22,12 @@ def _stem():
 
 
 @cuda
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("pinned", [True, False])
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.float64])
-def test_host_image_equals_device_image(pinned, dtype):
+def test_host_image_equals_device_image(pinned, dtype, layout):
+    """Pinned dense images take the side-stream prefetch (NCHW and NHWC),
+    pageable ones the staged copy."""
     stem = _stem()
     mean, std = ([120.0, 110.0, 100.0], [60.0, 50.0, 55.0]) if dtype == torch.uint8 \
         else (None, None)
@@ -33,8 +36,10 @@ def test_host_image_equals_device_image(pinned, dtype):
     host = (torch.randint(0, 256, (2, 3, 301, 257), generator=g, dtype=torch.uint8)
             if dtype == torch.uint8 else torch.randn(2, 3, 301, 257, generator=g,
                                                      dtype=torch.float64))
+    host = host.contiguous(memory_format=layout)
     if pinned:
         host = host.pin_memory()
+        assert host.is_pinned()
     dev = host.cuda()
     y_host = sm(host)
     assert y_host.device.type == "cuda"
