@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# One prepared call for a lent GPU machine (issue 5): build for Hopper, run
+# the CUDA tests, then the GPU benchmark; everything lands under $OUT
+# (env.txt, build.log, tests.log, bench_small.txt/.json, bench_large.txt/.json).
+# Stages have their own time limits so that a slow or failing stage still
+# leaves the others' results; the whole stays under the 10-minute limit of
+# one device call. 65536² takes a call of its own (a reused build, if the
+# machine is still warm):
+#
+#   device tool:  bash bench/gpu_session.sh                     (no carry needed)
+#                 STAGES="build large" LARGE_SIZES=65536 bash bench/gpu_session.sh
+set -uo pipefail
+OUT=${OUT:-/tmp/streamcnn-gpu}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+PY=${PY:-python3}
+STAGES=${STAGES:-"build tests small large"}
+LARGE_SIZES=${LARGE_SIZES:-"16384 32768"}
+stage() { echo "== $(date +%T) $*"; }
+want() { case " $STAGES " in *" $1 "*) return 0 ;; esac; return 1; }
+
+stage env
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  "$PY" -c 'import torch, torchvision; print("torch", torch.__version__, "cuda", torch.version.cuda, "torchvision", torchvision.__version__)'
+  nvcc --version | tail -2
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+stage build
+if ! timeout 150 bash -c "cmake -S . -B build/gpu -G Ninja -DSTREAMCNN_TESTS=ON \
+      -DCMAKE_CUDA_ARCHITECTURES=90 -DPython_EXECUTABLE=$(command -v "$PY") &&
+    cmake --build build/gpu" > "$OUT/build.log" 2>&1; then
+  echo "build failed"; tail -40 "$OUT/build.log"; exit 1
+fi
+grep -i "CUDA kernels" "$OUT/build.log"
+export STREAMCNN_LIBRARY=$PWD/build/gpu/libstreamcnn.so PYTHONPATH=$PWD/python
+
+if want tests; then
+stage tests
+timeout 150 "$PY" -m pytest -q -rA -p no:cacheprovider -x \
+  tests/python/test_cuda.py tests/python/test_host_image.py \
+  "tests/python/test_equivalence.py::test_devices_fp64" \
+  "tests/python/test_budget.py::test_measured_cuda_peak_within_budget" \
+  > "$OUT/tests.log" 2>&1
+echo "tests rc=$?"; grep -E "passed|failed|autocast|Error" "$OUT/tests.log" | tail -12
+fi
+
+if want small; then
+stage bench small
+timeout 120 "$PY" bench/gpu_resnet34.py --sizes 2048 4096 8192 --tile 1920 --reps 3 --cone \
+  --out "$OUT/bench_small.json" > "$OUT/bench_small.txt" 2>&1
+echo "rc=$?"; cat "$OUT/bench_small.txt"
+fi
+
+if want large; then
+stage bench large: $LARGE_SIZES
+# shellcheck disable=SC2086
+timeout 150 "$PY" bench/gpu_resnet34.py --sizes $LARGE_SIZES --tile 2880 --reps 1 \
+  --out "$OUT/bench_large.json" > "$OUT/bench_large.txt" 2>&1
+echo "rc=$?"; cat "$OUT/bench_large.txt"
+fi
+stage done

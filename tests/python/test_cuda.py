@@ -1,0 +1,139 @@
+"""The CUDA path (issue 5), against whole-image autograd on the GPU: float64
+at 1e-10, float32 with TF32 off at 1e-5 (stems without max-pool / ReLU
+ties), CPU vs CUDA agreement, a uint8 image normalised per tile vs the same
+image normalised in PyTorch, autocast as close to the float64 truth as the
+whole-image autocast pass, deterministic runs bit-identical, with and
+without halo caching. Every test skips without a GPU, saying so."""
+
+import copy
+import random
+
+import pytest
+import torch
+import torch.nn as nn
+
+import streamcnn
+from conftest import compare, randomize_bn, rel_err
+from test_equivalence import FP32_TOL, FP64_TOL, _valid_size, random_stem
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="needs a CUDA GPU (none here)")
+
+CACHE = [True, False]
+
+
+@pytest.fixture
+def no_tf32():
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.mark.parametrize("halo_cache", CACHE)
+@pytest.mark.parametrize("seed", range(10))
+def test_random_stems_fp64_cuda(seed, halo_cache):
+    stem = random_stem(seed).cuda()
+    rng = random.Random(500 + seed)
+    size = _valid_size(stem.cpu(), rng, 8, 60) or _valid_size(stem.cpu(), rng, 60, 120)
+    stem.cuda()
+    assert size is not None
+    rf = streamcnn.StreamingModule(stem, 10**6, in_channels=3).receptive_field
+    x = torch.randn(2, 3, *size, dtype=torch.float64, device="cuda", requires_grad=True)
+    sm = streamcnn.StreamingModule(stem, (rf[0] + 3, rf[1] + 5), in_channels=3,
+                                   halo_cache=halo_cache)
+    compare(stem, x, sm.tile_size, FP64_TOL, sm=sm, in_channels=3)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_smooth_stems_fp32_cuda_tf32_off(seed, no_tf32):
+    stem = random_stem(100 + seed, smooth=True)
+    rng = random.Random(seed)
+    size = _valid_size(stem, rng, 8, 60) or _valid_size(stem, rng, 60, 120)
+    stem = stem.float().cuda()
+    x = torch.randn(2, 3, *size, device="cuda", requires_grad=True)
+    rf = streamcnn.StreamingModule(stem, 10**6, in_channels=3).receptive_field
+    compare(stem, x, (rf[0] + 3, rf[1] + 3), FP32_TOL, in_channels=3)
+
+
+def _resnet_stem():
+    tv = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    r = tv.models.resnet18(weights=None)
+    stem = nn.Sequential(r.conv1, r.bn1, r.relu, r.maxpool, r.layer1, r.layer2).eval()
+    randomize_bn(stem, torch.Generator().manual_seed(1))
+    return stem
+
+
+@pytest.mark.parametrize("halo_cache", CACHE)
+def test_cpu_and_cuda_agree(halo_cache):
+    stem = _resnet_stem().double()
+    x = torch.randn(1, 3, 301, 263, dtype=torch.float64, requires_grad=True)
+    out = {}
+    for dev in ("cpu", "cuda"):
+        s = copy.deepcopy(stem).to(dev)
+        sm = streamcnn.StreamingModule(s, (160, 140), halo_cache=halo_cache)
+        xd = x.detach().to(dev).requires_grad_()
+        y = sm(xd)
+        g = torch.ones_like(y) / y.numel()
+        grads = torch.autograd.grad((y * g).sum(), [xd] + list(s.parameters()))
+        out[dev] = [y.cpu()] + [t.cpu() for t in grads]
+    for a, b in zip(out["cpu"], out["cuda"]):
+        assert rel_err(b, a) < FP64_TOL
+
+
+def test_uint8_image_normalised_per_tile_cuda():
+    stem = _resnet_stem().double().cuda()
+    mean, std = [123.7, 116.3, 103.5], [58.4, 57.1, 57.4]
+    img = torch.randint(0, 256, (2, 3, 257, 229), dtype=torch.uint8, device="cuda")
+    m = torch.tensor(mean, dtype=torch.float64, device="cuda").view(1, 3, 1, 1)
+    d = torch.tensor(std, dtype=torch.float64, device="cuda").view(1, 3, 1, 1)
+    ref = (img.double() - m) / d
+    sm = streamcnn.StreamingModule(stem, 128, mean=mean, std=std)
+    y, y_ref = sm(img), stem(ref)
+    g = torch.randn_like(y_ref)
+    a = torch.autograd.grad(y, list(stem.parameters()), g)
+    b = torch.autograd.grad(y_ref, list(stem.parameters()), g)
+    assert rel_err(y, y_ref) < FP64_TOL
+    for u, v in zip(a, b):
+        assert rel_err(u, v) < FP64_TOL
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_cuda_as_close_as_whole_image(dtype):
+    stem = _resnet_stem().cuda()
+    x = torch.randn(1, 3, 320, 288, device="cuda")
+    with torch.no_grad():
+        g = torch.randn_like(stem(x))
+    s64 = copy.deepcopy(stem).double()
+    y64 = s64(x.double())
+    g64 = torch.autograd.grad((y64 * g.double()).sum(), list(s64.parameters()))
+    sm = streamcnn.StreamingModule(stem, 160)
+    res = {}
+    for name, f in (("stream", sm), ("whole", stem)):
+        with torch.autocast("cuda", dtype=dtype):
+            y = f(x)
+        assert y.dtype == dtype
+        grads = torch.autograd.grad((y.float() * g).sum(), list(stem.parameters()))
+        assert all(t.dtype == torch.float32 for t in grads)
+        res[name] = (rel_err(y.double(), y64),
+                     max(rel_err(a.double(), b) for a, b in zip(grads, g64)))
+    print(f"autocast {dtype}: stream out {res['stream'][0]:.2e} grad {res['stream'][1]:.2e}; "
+          f"whole out {res['whole'][0]:.2e} grad {res['whole'][1]:.2e}")
+    assert res["stream"][0] <= 1.5 * res["whole"][0] + 1e-3
+    assert res["stream"][1] <= 1.5 * res["whole"][1] + 1e-3
+
+
+@pytest.mark.parametrize("halo_cache", CACHE)
+def test_deterministic_runs_are_bit_identical(halo_cache):
+    stem = _resnet_stem().cuda()
+    sm = streamcnn.StreamingModule(stem, 160, deterministic=True, halo_cache=halo_cache)
+    x = torch.randn(1, 3, 320, 288, device="cuda", requires_grad=True)
+    runs = []
+    for _ in range(2):
+        y = sm(x)
+        runs.append([y] + list(torch.autograd.grad(y.square().sum(),
+                                                   [x] + list(stem.parameters()))))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
