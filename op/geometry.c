@@ -378,34 +378,65 @@ static double macs_per_pixel(const sc_instr *in) {
   return 0.0;
 }
 
-/* Distinct region extents of the tiles along one axis (interior tiles
- * share one; the first and last differ): ext receives up to n rows of nv
- * extents, returns how many are distinct. Also sums per value the halo
- * extents (cached plans) and own extents over all tiles. */
-static int64_t axis_shapes(const sc_program *p, const int64_t *sizes, int axis,
-                           int64_t t, int cached, int64_t *ext, double *halo,
-                           double *owned, sc_axis_plan *plan, sc_error *err) {
+/* What the tiles along one axis hold: their distinct region extents per
+ * value (interior tiles share one; the first and last differ) and, per
+ * value, the own extents and (cached plans) the halo extents summed over
+ * the tiles. For a plain plan own = region, so `owned` is the summed region
+ * extent. */
+typedef struct axis_sum {
+  int64_t *ext;     /* n_shapes rows of nv extents */
+  int64_t n_shapes;
+  double *owned;    /* nv */
+  double *halo;     /* nv */
+} axis_sum;
+
+static void axis_sum_free(axis_sum *s) {
+  free(s->ext);
+  free(s->owned);
+  free(s->halo);
+  s->ext = NULL;
+  s->owned = s->halo = NULL;
+}
+
+static int axis_summary(const sc_program *p, const int64_t *sizes, int axis,
+                        int64_t t, int cached, sc_axis_plan *plan,
+                        axis_sum *s, sc_error *err) {
   const int64_t nv = p->n_instr + 1, n_out = sizes[2 * p->n_instr + axis];
-  int64_t n_shapes = 0;
+  const int64_t count = (n_out + t - 1) / t;
+  s->n_shapes = 0;
+  s->ext = malloc((size_t)(count * nv) * sizeof *s->ext);
+  s->owned = calloc((size_t)nv, sizeof *s->owned);
+  s->halo = calloc((size_t)nv, sizeof *s->halo);
+  if (!s->ext || !s->owned || !s->halo)
+    return sc_fail(err, "streamcnn: out of memory");
   for (int64_t lo = 0; lo < n_out; lo += t) {
     const int64_t hi = lo + t < n_out ? lo + t : n_out;
     if (cached ? sc_plan_axis_cached(p, sizes, axis, lo, hi, plan, err)
                : sc_plan_axis(p, sizes, axis, lo, hi, plan, err))
-      return -1;
-    int64_t *e = &ext[n_shapes * nv];
+      return SC_ERR;
+    int64_t *e = &s->ext[s->n_shapes * nv];
     for (int64_t v = 0; v < nv; v++) {
       const int64_t *rg = &plan->region[2 * v], *ow = &plan->own[2 * v];
       e[v] = rg[1] > rg[0] ? rg[1] - rg[0] : 0;
-      if (ow[1] > ow[0]) owned[v] += (double)(ow[1] - ow[0]);
+      if (ow[1] > ow[0]) s->owned[v] += (double)(ow[1] - ow[0]);
       if (cached && lo > 0 && v > 0 && e[v] > 0 && ow[0] > rg[0])
-        halo[v] += (double)(ow[0] - rg[0]);
+        s->halo[v] += (double)(ow[0] - rg[0]);
     }
     int64_t k = 0;
-    for (; k < n_shapes; k++)
-      if (!memcmp(&ext[k * nv], e, (size_t)nv * sizeof *e)) break;
-    if (k == n_shapes) n_shapes++;
+    for (; k < s->n_shapes; k++)
+      if (!memcmp(&s->ext[k * nv], e, (size_t)nv * sizeof *e)) break;
+    if (k == s->n_shapes) s->n_shapes++;
   }
-  return n_shapes;
+  return SC_OK;
+}
+
+/* Elements of value v's halos over all tiles (cached summaries): the bands
+ * (halo rows x own columns) and the left strips (own rows x halo columns),
+ * what forward_cached keeps; per batch element. */
+static double strip_elements(const sc_program *p, const axis_sum s[2],
+                             int64_t v) {
+  return (s[0].halo[v] * s[1].owned[v] + s[0].owned[v] * s[1].halo[v]) *
+         (double)p->channels[v];
 }
 
 int sc_work_info(const int64_t *words, int64_t n_words, int64_t h, int64_t w,
@@ -414,83 +445,49 @@ int sc_work_info(const int64_t *words, int64_t n_words, int64_t h, int64_t w,
   sc_error err = {0};
   sc_program *p;
   int64_t *sizes;
-  double *span[2] = {NULL, NULL}; /* per value: summed region extent over tiles */
-  double *own_sum[2] = {NULL, NULL}, *halo_sum[2] = {NULL, NULL}; /* cached */
+  axis_sum cone[2] = {{0}, {0}}, cached[2] = {{0}, {0}};
   sc_axis_plan *plan = NULL;
   int64_t t[2];
   int rc = SC_ERR;
   if (decode_and_tile(words, n_words, h, w, tile_h, tile_w, &p, &sizes, t,
                       &err))
     goto done;
-  const int64_t nv = p->n_instr + 1;
-  span[0] = calloc((size_t)nv, sizeof(double));
-  span[1] = calloc((size_t)nv, sizeof(double));
-  for (int a = 0; a < 2; a++) {
-    own_sum[a] = calloc((size_t)nv, sizeof(double));
-    halo_sum[a] = calloc((size_t)nv, sizeof(double));
-  }
   plan = sc_axis_plan_new(p);
-  if (!span[0] || !span[1] || !own_sum[0] || !own_sum[1] || !halo_sum[0] ||
-      !halo_sum[1] || !plan) {
+  if (!plan) {
     sc_fail(&err, "streamcnn: out of memory");
     goto done;
   }
   /* tiles are products of a row span and a column span: each value's
    * summed area over all tiles is (sum of its row extents) x (sum of its
-   * column extents) */
-  for (int a = 0; a < 2; a++) {
-    const int64_t n_out = sizes[2 * p->n_instr + a];
-    for (int64_t lo = 0; lo < n_out; lo += t[a]) {
-      const int64_t hi = lo + t[a] < n_out ? lo + t[a] : n_out;
-      if (sc_plan_axis(p, sizes, a, lo, hi, plan, &err)) goto done;
-      for (int64_t v = 0; v < nv; v++) {
-        const int64_t e = plan->region[2 * v + 1] - plan->region[2 * v];
-        if (e > 0) span[a][v] += (double)e;
-      }
-    }
-  }
-  /* halo caching: own extents (computed) and halo extents (kept) */
-  for (int a = 0; a < 2; a++) {
-    const int64_t count = (sizes[2 * p->n_instr + a] + t[a] - 1) / t[a];
-    int64_t *ext = malloc((size_t)(count * nv) * sizeof *ext);
-    int64_t n = -1;
-    if (!ext)
-      sc_fail(&err, "streamcnn: out of memory");
-    else
-      n = axis_shapes(p, sizes, a, t[a], 1, ext, halo_sum[a], own_sum[a],
-                      plan, &err);
-    free(ext);
-    if (n < 0) goto done;
-  }
+   * column extents), of the regions (cones) or of the own spans (cached) */
+  for (int a = 0; a < 2; a++)
+    if (axis_summary(p, sizes, a, t[a], 0, plan, &cone[a], &err) ||
+        axis_summary(p, sizes, a, t[a], 1, plan, &cached[a], &err))
+      goto done;
   for (int k = 0; k < SC_WORK_WORDS; k++) work[k] = 0.0;
   for (int64_t i = 0; i < p->n_instr; i++) {
     const int64_t v = i + 1;
     const double whole = (double)sizes[2 * v] * (double)sizes[2 * v + 1];
-    const double tiled = span[0][v] * span[1][v];
-    const double cached = own_sum[0][v] * own_sum[1][v];
+    const double tiled = cone[0].owned[v] * cone[1].owned[v];
+    const double once = cached[0].owned[v] * cached[1].owned[v];
     const double m = macs_per_pixel(&p->instr[i]);
     const double c = (double)p->channels[v];
     work[0] += m * whole;
     work[1] += m * tiled;
     work[2] += c * whole;
     work[3] += c * tiled;
-    work[4] += m * cached;
-    work[5] += c * cached;
-    /* bands (halo rows, full width) and left strips (own rows, halo
-     * columns) */
-    work[6] += c * (halo_sum[0][v] * own_sum[1][v] +
-                    own_sum[0][v] * halo_sum[1][v]);
+    work[4] += m * once;
+    work[5] += c * once;
+    work[6] += strip_elements(p, cached, v);
   }
   rc = SC_OK;
 done:
   if (rc) copy_err(&err, errbuf, errlen);
-  free(sizes);
-  free(span[0]);
-  free(span[1]);
   for (int a = 0; a < 2; a++) {
-    free(own_sum[a]);
-    free(halo_sum[a]);
+    axis_sum_free(&cone[a]);
+    axis_sum_free(&cached[a]);
   }
+  free(sizes);
   sc_axis_plan_free(plan);
   sc_program_free(p);
   return rc;
@@ -506,8 +503,8 @@ int sc_memory_info(const int64_t *words, int64_t n_words, int64_t h,
                    double *mem, char *errbuf, size_t errlen) {
   sc_error err = {0};
   sc_program *p;
-  int64_t *sizes, *ext[2] = {NULL, NULL}, n_shapes[2];
-  double *halo[2] = {NULL, NULL}, *owned[2] = {NULL, NULL};
+  int64_t *sizes;
+  axis_sum ax[2] = {{0}, {0}};
   unsigned char *needs = NULL, *keep = NULL;
   sc_axis_plan *plan = NULL;
   int64_t t[2];
@@ -519,33 +516,21 @@ int sc_memory_info(const int64_t *words, int64_t n_words, int64_t h,
   plan = sc_axis_plan_new(p);
   needs = malloc((size_t)nv);
   keep = malloc((size_t)nv);
-  int ok = plan && needs && keep;
-  for (int a = 0; a < 2 && ok; a++) {
-    const int64_t n = sizes[2 * p->n_instr + a];
-    const int64_t count = (n + t[a] - 1) / t[a];
-    ext[a] = malloc((size_t)(count * nv) * sizeof *ext[a]);
-    halo[a] = calloc((size_t)nv, sizeof *halo[a]);
-    owned[a] = calloc((size_t)nv, sizeof *owned[a]);
-    ok = ext[a] && halo[a] && owned[a];
-  }
-  if (!ok) {
+  if (!plan || !needs || !keep) {
     sc_fail(&err, "streamcnn: out of memory");
     goto done;
   }
-  for (int a = 0; a < 2; a++) {
-    n_shapes[a] = axis_shapes(p, sizes, a, t[a], cached, ext[a], halo[a],
-                              owned[a], plan, &err);
-    if (n_shapes[a] < 0) goto done;
-  }
+  for (int a = 0; a < 2; a++)
+    if (axis_summary(p, sizes, a, t[a], cached, plan, &ax[a], &err)) goto done;
   for (int64_t v = 0; v < nv; v++) needs[v] = 1;
   _sc_keep_set(p, needs, keep);
   double bwd = 0.0, fwd = 0.0, strips = 0.0;
-  for (int64_t i = 0; i < n_shapes[0]; i++)
-    for (int64_t j = 0; j < n_shapes[1]; j++) {
+  for (int64_t i = 0; i < ax[0].n_shapes; i++)
+    for (int64_t j = 0; j < ax[1].n_shapes; j++) {
       double kept = 0.0, big = 0.0;
       for (int64_t v = 0; v < nv; v++) {
-        const double a = (double)ext[0][i * nv + v] * (double)ext[1][j * nv + v] *
-                         (double)p->channels[v];
+        const double a = (double)ax[0].ext[i * nv + v] *
+                         (double)ax[1].ext[j * nv + v] * (double)p->channels[v];
         if (keep[v]) kept += a;
         if (a > big) big = a;
       }
@@ -554,9 +539,8 @@ int sc_memory_info(const int64_t *words, int64_t n_words, int64_t h,
     }
   double bands = 0.0; /* all bands of one row boundary, on average */
   for (int64_t v = 1; cached && v < nv; v++) { /* bands and left strips */
-    strips += (halo[0][v] * owned[1][v] + owned[0][v] * halo[1][v]) *
-              (double)p->channels[v];
-    bands += halo[0][v] * owned[1][v] * (double)p->channels[v];
+    strips += strip_elements(p, ax, v);
+    bands += ax[0].halo[v] * ax[1].owned[v] * (double)p->channels[v];
   }
   const int64_t n_rows = (sizes[2 * p->n_instr] + t[0] - 1) / t[0];
   if (n_rows > 1) bands /= (double)(n_rows - 1);
@@ -568,11 +552,7 @@ int sc_memory_info(const int64_t *words, int64_t n_words, int64_t h,
   rc = SC_OK;
 done:
   if (rc) copy_err(&err, errbuf, errlen);
-  for (int a = 0; a < 2; a++) {
-    free(ext[a]);
-    free(halo[a]);
-    free(owned[a]);
-  }
+  for (int a = 0; a < 2; a++) axis_sum_free(&ax[a]);
   free(needs);
   free(keep);
   sc_axis_plan_free(plan);
