@@ -201,9 +201,10 @@ typedef struct sc_call {
 /* Validate image, params and tile against the program. */
 int _sc_validate(sc_ctx *ctx, const sc_call *call);
 
-/* Stem output for the whole image (new tensor, contiguous). With
- * call->cached and strips given, *strips is set to a new flat tensor
- * holding the halos the backward needs (see _sc_backward). */
+/* Stem output for the whole image (new tensor, contiguous), computed with
+ * halo caching whatever call->cached says. With strips given, *strips is
+ * set to a new flat tensor holding the halos a cached backward needs (see
+ * _sc_backward). */
 int _sc_forward(sc_ctx *ctx, const sc_call *call, AtenTensorHandle *out,
                 AtenTensorHandle *strips);
 

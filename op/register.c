@@ -195,12 +195,8 @@ static void forward_impl(StableIValue *stack, int save) {
   sc_call call;
   AtenTensorHandle out = NULL, strips = NULL;
   memset(&a, 0, sizeof a);
-  if (args_prepare(&a, stack, 0, &call)) {
-    fail_call(&a);
-    return;
-  }
-  call.cached = 1;
-  if (_sc_forward(&a.ctx, &call, &out, save ? &strips : NULL)) {
+  if (args_prepare(&a, stack, 0, &call) ||
+      _sc_forward(&a.ctx, &call, &out, save ? &strips : NULL)) {
     fail_call(&a);
     return;
   }

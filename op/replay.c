@@ -191,7 +191,6 @@ static int by_size_desc(const void *a, const void *b) {
  * (glibc keeps such blocks; see release_free_pages). Order is irrelevant to
  * the result beyond the summation order of weight gradients. */
 static int order_tiles(run *r) {
-  r->n_order = r->n_tiles[0] * r->n_tiles[1];
   r->order = malloc((size_t)r->n_order * sizeof *r->order);
   tile_key *keys = malloc((size_t)r->n_order * sizeof *keys);
   if (!r->order || !keys) {
@@ -237,6 +236,12 @@ static void run_tile_release(run *r) {
   for (int64_t i = 0; i < r->p->n_instr; i++) _sc_drop(&r->aux[i]);
 }
 
+/* The per-value handle arrays of halo caching (run_init allocates them,
+ * run_release frees them). */
+#define HALO_ARRAYS(r)                                                        \
+  {&(r)->band, &(r)->band_next, &(r)->lhalo, &(r)->lnext, &(r)->gband,       \
+   &(r)->gband_up, &(r)->gleft}
+
 static void drop_all(AtenTensorHandle *h, int64_t n) {
   if (h)
     for (int64_t v = 0; v < n; v++) _sc_drop(&h[v]);
@@ -257,9 +262,7 @@ static void run_release(run *r) {
 #endif
   _sc_drop(&r->pf_buf);
   if (r->val && r->grad && r->grad_mine && r->aux) run_tile_release(r);
-  AtenTensorHandle **arrays[] = {&r->band, &r->band_next, &r->lhalo,
-                                 &r->lnext, &r->gband, &r->gband_up,
-                                 &r->gleft};
+  AtenTensorHandle **arrays[] = HALO_ARRAYS(r);
   for (size_t k = 0; k < sizeof arrays / sizeof *arrays; k++) {
     drop_all(*arrays[k], r->nv);
     free(*arrays[k]);
@@ -287,18 +290,12 @@ static void run_release(run *r) {
   free(r->pgrad);
 }
 
-/* Rows of value v that row tile t takes from the tiles above (its band). */
-static void halo_rows(const run *r, int64_t t, int64_t v, int64_t out[2]) {
-  const sc_axis_plan *pl = r->plans[0][t];
-  out[0] = pl->region[2 * v];
-  out[1] = pl->own[2 * v];
-  if (out[1] < out[0] || pl->region[2 * v + 1] <= pl->region[2 * v])
-    out[1] = out[0];
-}
-
-/* Columns of value v that column tile c takes from its left (its strip). */
-static void halo_cols(const run *r, int64_t c, int64_t v, int64_t out[2]) {
-  const sc_axis_plan *pl = r->plans[1][c];
+/* The part of value v that tile k along axis takes from the tiles before
+ * it (its halo): rows of its band (axis 0), columns of its left strip
+ * (axis 1). */
+static void halo_span(const run *r, int axis, int64_t k, int64_t v,
+                      int64_t out[2]) {
+  const sc_axis_plan *pl = r->plans[axis][k];
   out[0] = pl->region[2 * v];
   out[1] = pl->own[2 * v];
   if (out[1] < out[0] || pl->region[2 * v + 1] <= pl->region[2 * v])
@@ -325,7 +322,7 @@ static int plan_strips(run *r) {
       int64_t rows[2];
       const int64_t w = band_width(r, v);
       int64_t *off = &r->band_off[t * nv + v];
-      halo_rows(r, t, v, rows);
+      halo_span(r, 0, t, v, rows);
       *off = -1;
       if (t == 0 || v == 0 || empty(rows) || w <= 0) continue;
       *off = r->strip_total;
@@ -337,7 +334,7 @@ static int plan_strips(run *r) {
         int64_t cols[2];
         const int64_t *rows = &r->plans[0][t]->own[2 * v];
         int64_t *off = &r->lstrip_off[(t * nc + c) * nv + v];
-        halo_cols(r, c, v, cols);
+        halo_span(r, 1, c, v, cols);
         *off = -1;
         if (c == 0 || v == 0 || empty(cols) || empty(rows)) continue;
         *off = r->strip_total;
@@ -392,9 +389,7 @@ static int run_init(run *r, sc_ctx *ctx, const sc_call *call) {
   r->pgrad = calloc((size_t)p->n_params + 1, sizeof *r->pgrad);
   r->cached = call->cached;
   r->next_tile[0] = r->next_tile[1] = -1;
-  AtenTensorHandle **arrays[] = {&r->band, &r->band_next, &r->lhalo,
-                                 &r->lnext, &r->gband, &r->gband_up,
-                                 &r->gleft};
+  AtenTensorHandle **arrays[] = HALO_ARRAYS(r);
   int have = 1;
   for (size_t k = 0; k < sizeof arrays / sizeof *arrays; k++)
     have &= (*arrays[k] = calloc((size_t)r->nv, sizeof **arrays[k])) != NULL;
@@ -434,7 +429,8 @@ static int run_init(run *r, sc_ctx *ctx, const sc_call *call) {
                     host_layout(isz, ist, &plane, &pitch, &px) != 0;
   }
 #endif
-  return order_tiles(r);
+  r->n_order = r->n_tiles[0] * r->n_tiles[1];
+  return r->cached ? SC_OK : order_tiles(r); /* cached: a fixed sweep */
 }
 
 /* ---- forward of one tile ---------------------------------------------------- */
@@ -703,7 +699,7 @@ done:
  * halo cols), contiguous. */
 static int band_view(run *r, int64_t t, int64_t v, AtenTensorHandle *out) {
   int64_t rows[2];
-  halo_rows(r, t, v, rows);
+  halo_span(r, 0, t, v, rows);
   const int64_t shape[4] = {r->batch, r->p->channels[v], rows[1] - rows[0],
                             band_width(r, v)};
   return _sc_flat_view(r->ctx, r->strips, r->band_off[t * r->nv + v], shape,
@@ -714,7 +710,7 @@ static int lstrip_view(run *r, int64_t t, int64_t c, int64_t v,
                        AtenTensorHandle *out) {
   int64_t cols[2];
   const int64_t *rows = &r->plans[0][t]->own[2 * v];
-  halo_cols(r, c, v, cols);
+  halo_span(r, 1, c, v, cols);
   const int64_t shape[4] = {r->batch, r->p->channels[v], rows[1] - rows[0],
                             cols[1] - cols[0]};
   return _sc_flat_view(r->ctx, r->strips,
@@ -777,7 +773,7 @@ static int save_halo(run *r, int64_t o) {
   int rc_ = SC_OK;
   if (!r->sweep || o == 0 || empty(rr) || empty(rc)) return SC_OK;
   if (r->row + 1 < r->n_tiles[0]) {
-    halo_rows(r, r->row + 1, o, hr);
+    halo_span(r, 0, r->row + 1, o, hr);
     if (!empty(hr) && !empty(oc)) {
       if (!r->band_next[o]) {
         const int64_t shape[4] = {r->batch, r->p->channels[o], hr[1] - hr[0],
@@ -792,7 +788,7 @@ static int save_halo(run *r, int64_t o) {
     }
   }
   if (!rc_ && r->col + 1 < r->n_tiles[1]) {
-    halo_cols(r, r->col + 1, o, hc);
+    halo_span(r, 1, r->col + 1, o, hc);
     if (!empty(hc) && !empty(orr)) {
       const int64_t shape[4] = {r->batch, r->p->channels[o], orr[1] - orr[0],
                                 hc[1] - hc[0]};
@@ -806,10 +802,6 @@ static int save_halo(run *r, int64_t o) {
   return rc_;
 }
 
-/* An image in host memory (r->val[0], a view of it): pinned memory is read
- * by the gather kernel itself (the tile crosses PCIe once, converted and
- * normalised on the device); pageable memory is first copied to a device
- * tensor of the image's dtype. */
 #ifdef SC_WITH_CUDA
 /* Queue the copy of tile (t, c)'s pixels (value 0's region) on the side
  * stream, into a new dense device tensor of the host image's layout. */
@@ -860,6 +852,11 @@ static int prefetch_issue(run *r, int64_t t, int64_t c) {
 }
 #endif
 
+/* An image in host memory (r->val[0], a view of it) for the current tile:
+ * the side stream's copy when it was prefetched; else pinned memory is read
+ * by the gather kernel itself (the tile crosses PCIe once, converted and
+ * normalised on the device) and pageable memory is first copied to a
+ * device tensor of the image's dtype. Queues the next tile's prefetch. */
 static int host_tile(run *r) {
 #ifdef SC_WITH_CUDA
   void *ptr = NULL;
@@ -986,7 +983,9 @@ int _sc_forward(sc_ctx *ctx, const sc_call *call, AtenTensorHandle *out,
   run r;
   *out = NULL;
   if (strips) *strips = NULL;
-  int rc = run_init(&r, ctx, call);
+  sc_call cached_call = *call; /* the forward always caches halos */
+  cached_call.cached = 1;
+  int rc = run_init(&r, ctx, &cached_call);
   const int64_t ov = call->prog->n_instr;
   if (!rc) {
     const int64_t shape[4] = {r.batch, call->prog->channels[ov],
@@ -994,36 +993,27 @@ int _sc_forward(sc_ctx *ctx, const sc_call *call, AtenTensorHandle *out,
     rc = _sc_empty(ctx, 4, shape, out);
   }
   if (!rc && strips) { /* the halos the backward will need, all of them */
-    const int64_t n[1] = {r.cached ? r.strip_total : 0};
+    const int64_t n[1] = {r.strip_total};
     rc = _sc_empty(ctx, 1, n, strips);
-    r.strips = r.cached ? *strips : NULL;
+    r.strips = *strips;
   }
   if (!rc) release_free_pages(ctx);
-  if (r.cached) { /* row by row, left to right, halos carried along */
-    r.sweep = 1;
-    int64_t k = 0;
-    for (int64_t t = 0; !rc && t < r.n_tiles[0]; t++) {
-      move_all(r.band, r.band_next, r.nv);
-      for (int64_t c = 0; !rc && c < r.n_tiles[1]; c++) {
-        move_all(r.lhalo, r.lnext, r.nv);
-        select_cached(&r, t, c);
-        r.next_tile[0] = c + 1 < r.n_tiles[1] ? t : t + 1;
-        r.next_tile[1] = c + 1 < r.n_tiles[1] ? c + 1 : 0;
-        if (r.next_tile[0] >= r.n_tiles[0]) r.next_tile[0] = -1;
-        rc = forward_into(&r, *out);
-        if (!rc) report(0, ++k, r.n_order);
-      }
-      drop_all(r.lhalo, r.nv);
-      drop_all(r.lnext, r.nv);
-    }
-    drop_all(r.band, r.nv);
-    drop_all(r.band_next, r.nv);
-  } else {
-    for (int64_t k = 0; !rc && k < r.n_order; k++) {
-      select_tile(&r, k);
+  /* row by row, left to right, halos carried along */
+  r.sweep = 1;
+  int64_t k = 0;
+  for (int64_t t = 0; !rc && t < r.n_tiles[0]; t++) {
+    move_all(r.band, r.band_next, r.nv);
+    for (int64_t c = 0; !rc && c < r.n_tiles[1]; c++) {
+      move_all(r.lhalo, r.lnext, r.nv);
+      select_cached(&r, t, c);
+      r.next_tile[0] = c + 1 < r.n_tiles[1] ? t : t + 1;
+      r.next_tile[1] = c + 1 < r.n_tiles[1] ? c + 1 : 0;
+      if (r.next_tile[0] >= r.n_tiles[0]) r.next_tile[0] = -1;
       rc = forward_into(&r, *out);
-      if (!rc) report(0, k + 1, r.n_order);
+      if (!rc) report(0, ++k, r.n_order);
     }
+    drop_all(r.lhalo, r.nv);
+    drop_all(r.lnext, r.nv);
   }
   if (rc) {
     _sc_drop(out);
@@ -1034,10 +1024,6 @@ int _sc_forward(sc_ctx *ctx, const sc_call *call, AtenTensorHandle *out,
 }
 
 /* ---- backward of one tile ------------------------------------------------- */
-
-static int act_uses_output(int act) { return _sc_act_uses_output(act); }
-
-static void plan_keep(run *r) { _sc_keep_set(r->p, r->needs, r->keep); }
 
 static int add_grad(run *r, int64_t v, int64_t cl[2][2], AtenTensorHandle gv,
                     int mine);
@@ -1235,7 +1221,8 @@ static int backward_instr(run *r, int64_t i) {
         goto done;
       break;
     }
-    if (!act_uses_output(in->act) && pointwise_input(r, i, 0, &x)) goto done;
+    if (!_sc_act_uses_output(in->act) && pointwise_input(r, i, 0, &x))
+      goto done;
     if (_sc_act_backward(ctx, in, g, x, y, &gi) ||
         accum_input(r, i, 0, gi, 1))
       goto done;
@@ -1279,7 +1266,7 @@ static int pass_pending(run *r, int64_t o) {
   AtenTensorHandle src = NULL;
   int rc_ = SC_OK;
   if (r->gband[o] && !empty(oc)) {
-    halo_rows(r, r->row + 1, o, cl[0]);
+    halo_span(r, 0, r->row + 1, o, cl[0]);
     cl[1][0] = oc[0];
     cl[1][1] = oc[1];
     rc_ = _sc_view(r->ctx, r->gband[o], 0, cl[0][1] - cl[0][0], oc[0],
@@ -1291,14 +1278,14 @@ static int pass_pending(run *r, int64_t o) {
   if (r->gleft[o]) {
     cl[0][0] = orr[0];
     cl[0][1] = orr[1];
-    halo_cols(r, r->col + 1, o, cl[1]);
+    halo_span(r, 1, r->col + 1, o, cl[1]);
     rc_ = add_grad(r, o, cl, r->gleft[o], 0);
     _sc_drop(&r->gleft[o]);
     if (rc_) return SC_ERR;
   }
   if (!r->grad[o]) return SC_OK;
   if (r->row > 0) {
-    halo_rows(r, r->row, o, hr);
+    halo_span(r, 0, r->row, o, hr);
     if (!empty(hr)) {
       if (!r->gband_up[o]) {
         const int64_t shape[4] = {r->batch, r->p->channels[o], hr[1] - hr[0],
@@ -1313,7 +1300,7 @@ static int pass_pending(run *r, int64_t o) {
     }
   }
   if (r->col > 0 && !empty(orr)) {
-    halo_cols(r, r->col, o, hc);
+    halo_span(r, 1, r->col, o, hc);
     if (!empty(hc)) {
       const int64_t shape[4] = {r->batch, r->p->channels[o], orr[1] - orr[0],
                                 hc[1] - hc[0]};
@@ -1450,13 +1437,31 @@ static void choose_cut(run *r) {
 
 /* ---- backward ---------------------------------------------------------------- */
 
+/* Shape, strides (borrowed: valid while t lives), dtype and device of t;
+ * on failure what names t (`what`) goes into the error. */
+static int describe(sc_ctx *ctx, AtenTensorHandle t, const char *what,
+                    int64_t *dim, int64_t **sz, int64_t **st, int32_t *dtype,
+                    int32_t *dt, int32_t *di) {
+  if (_sc_meta(ctx, t, dim, sz, st) || aoti_torch_get_dtype(t, dtype) ||
+      aoti_torch_get_device_type(t, dt) || aoti_torch_get_device_index(t, di))
+    return sc_fail(&ctx->err, "streamcnn: cannot read %s", what);
+  return SC_OK;
+}
+
+/* dtype and device are those of the computation. */
+static int on_compute(const sc_ctx *ctx, int32_t dtype, int32_t dt,
+                      int32_t di) {
+  return dtype == ctx->dtype && dt == ctx->device_type &&
+         di == ctx->device_index;
+}
+
 static int zeros_like(sc_ctx *ctx, AtenTensorHandle t, AtenTensorHandle *out) {
   int64_t dim, *sz, *st, strides[8];
   int32_t dtype, dt, di;
   *out = NULL;
-  if (_sc_meta(ctx, t, &dim, &sz, &st) || aoti_torch_get_dtype(t, &dtype) ||
-      aoti_torch_get_device_type(t, &dt) ||
-      aoti_torch_get_device_index(t, &di) || dim > 8)
+  if (describe(ctx, t, "a parameter", &dim, &sz, &st, &dtype, &dt, &di))
+    return SC_ERR;
+  if (dim > 8)
     return sc_fail(&ctx->err, "streamcnn: cannot read a parameter");
   int64_t acc = 1;
   for (int64_t i = dim - 1; i >= 0; i--) {
@@ -1492,21 +1497,16 @@ int _sc_backward(sc_ctx *ctx, const sc_call *call, AtenTensorHandle grad_out,
     int32_t dtype, dt, di;
     const int64_t want[4] = {r.batch, p->channels[ov], r.sizes[2 * ov],
                              r.sizes[2 * ov + 1]};
-    rc = _sc_meta(ctx, grad_out, &dim, &sz, &st) ||
-         aoti_torch_get_dtype(grad_out, &dtype) ||
-         aoti_torch_get_device_type(grad_out, &dt) ||
-         aoti_torch_get_device_index(grad_out, &di);
-    if (rc)
-      sc_fail(&ctx->err, "streamcnn: cannot read grad_output");
-    else if (dim != 4 || sz[0] != want[0] || sz[1] != want[1] ||
-             sz[2] != want[2] || sz[3] != want[3])
+    rc = describe(ctx, grad_out, "grad_output", &dim, &sz, &st, &dtype, &dt,
+                  &di);
+    if (!rc && (dim != 4 || sz[0] != want[0] || sz[1] != want[1] ||
+                sz[2] != want[2] || sz[3] != want[3]))
       rc = sc_fail(&ctx->err,
                    "streamcnn: grad_output must have the stem output's shape "
                    "[%lld, %lld, %lld, %lld]",
                    (long long)want[0], (long long)want[1], (long long)want[2],
                    (long long)want[3]);
-    else if (dtype != ctx->dtype || dt != ctx->device_type ||
-             di != ctx->device_index)
+    else if (!rc && !on_compute(ctx, dtype, dt, di))
       rc = sc_fail(&ctx->err,
                    "streamcnn: grad_output must have the image's dtype and "
                    "device");
@@ -1522,7 +1522,7 @@ int _sc_backward(sc_ctx *ctx, const sc_call *call, AtenTensorHandle grad_out,
     }
   }
   if (!rc) {
-    plan_keep(&r);
+    _sc_keep_set(p, r.needs, r.keep);
     if (!r.cached) choose_cut(&r);
   }
   if (!rc && mask[0]) {
@@ -1535,13 +1535,9 @@ int _sc_backward(sc_ctx *ctx, const sc_call *call, AtenTensorHandle grad_out,
     int64_t dim, *sz, *st;
     int32_t dtype, dt, di;
     AtenTensorHandle s = call->strips;
-    if (!s || _sc_meta(ctx, s, &dim, &sz, &st) ||
-        aoti_torch_get_dtype(s, &dtype) ||
-        aoti_torch_get_device_type(s, &dt) ||
-        aoti_torch_get_device_index(s, &di) || dim != 1 ||
-        sz[0] != r.strip_total || (sz[0] > 1 && st[0] != 1) ||
-        dtype != ctx->dtype || dt != ctx->device_type ||
-        di != ctx->device_index)
+    if (!s || describe(ctx, s, "strips", &dim, &sz, &st, &dtype, &dt, &di) ||
+        dim != 1 || sz[0] != r.strip_total || (sz[0] > 1 && st[0] != 1) ||
+        !on_compute(ctx, dtype, dt, di))
       rc = sc_fail(&ctx->err,
                    "streamcnn: strips must be the second output of "
                    "forward_cached for this image, params, program and "
@@ -1628,11 +1624,10 @@ static int check_param(sc_ctx *ctx, const sc_call *call, int64_t i,
   const sc_instr *in = &call->prog->instr[i];
   int64_t dim, *sz, *st;
   int32_t dtype, dt, di;
-  if (_sc_meta(ctx, t, &dim, &sz, &st) || aoti_torch_get_dtype(t, &dtype) ||
-      aoti_torch_get_device_type(t, &dt) ||
-      aoti_torch_get_device_index(t, &di))
-    return sc_fail(&ctx->err, "streamcnn: cannot read params[%lld]",
-                   (long long)k);
+  char what[40];
+  snprintf(what, sizeof what, "params[%lld]", (long long)k);
+  if (describe(ctx, t, what, &dim, &sz, &st, &dtype, &dt, &di))
+    return SC_ERR;
   if (dtype != ctx->dtype)
     return sc_fail(&ctx->err,
                    "streamcnn: params[%lld] (%s of instruction %lld, %s) is "
@@ -1681,11 +1676,9 @@ int _sc_validate(sc_ctx *ctx, const sc_call *call) {
   const sc_program *p = call->prog;
   int64_t dim, *sz, *st;
   int32_t dtype, dt, di;
-  if (_sc_meta(ctx, call->image, &dim, &sz, &st) ||
-      aoti_torch_get_dtype(call->image, &dtype) ||
-      aoti_torch_get_device_type(call->image, &dt) ||
-      aoti_torch_get_device_index(call->image, &di))
-    return sc_fail(&ctx->err, "streamcnn: cannot read the image tensor");
+  if (describe(ctx, call->image, "the image tensor", &dim, &sz, &st, &dtype,
+               &dt, &di))
+    return SC_ERR;
   if (dim != 4)
     return sc_fail(&ctx->err,
                    "streamcnn: image must be a 4-D N x C x H x W tensor, got "
