@@ -8,6 +8,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from . import ops  # noqa: F401  (registers fake kernels and autograd)
+from .ops import compute_dtype
 from .budget import Budget, choose_tile, parse_bytes, tile_bytes
 from ._library import program_info, tiling_info, work_info
 from .program import convert, prepend_normalize
@@ -42,12 +43,6 @@ def _param_gatherer(stem: nn.Module, refs: List[Tuple[str, str]]) -> fx.GraphMod
 
 
 _IMAGE_DTYPES = (torch.uint8, torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def _compute_dtype(x: torch.Tensor, params: List[torch.Tensor]) -> torch.dtype:
-    if x.dtype != torch.uint8:
-        return x.dtype
-    return params[0].dtype if params else torch.float32
 
 
 def _tile_pair(tile_size: TileSize) -> List[int]:
@@ -295,8 +290,7 @@ class StreamingModule(nn.Module):
                             f"or float64, got {x.dtype}")
         if x.dtype == torch.uint8 and x.requires_grad:
             raise ValueError("streamcnn: a uint8 image cannot require grad")
-        want = x.dtype if x.dtype != torch.uint8 else (
-            params[0].dtype if params else torch.float32)
+        want = compute_dtype(x, params)
         for p in params:
             if x.dtype == torch.uint8 and p.dtype != want:
                 raise TypeError(f"streamcnn: with a uint8 image the stem computes in its "
@@ -353,7 +347,7 @@ class StreamingModule(nn.Module):
                 training = torch.is_grad_enabled() and (
                     x.requires_grad or any(p.requires_grad for p in params))
                 tile, cached = self._budget_choice(x.shape[0], x.shape[2], x.shape[3],
-                                                   _compute_dtype(x, params), cached,
+                                                   compute_dtype(x, params), cached,
                                                    training)
                 self.tile_size = tile
             if self.progress or self.deterministic:

@@ -53,13 +53,19 @@ from .program import output_shape
 load_library()
 
 
+def compute_dtype(image, params) -> torch.dtype:
+    """The dtype the op computes in: the image's, or for a uint8 image
+    (converted per tile) the parameters' (float32 without parameters)."""
+    if image.dtype != torch.uint8:
+        return image.dtype
+    return params[0].dtype if len(params) else torch.float32
+
+
 @torch.library.register_fake("streamcnn::forward")
 def _forward_fake(image, params, program, tile_size):
     torch._check(image.dim() == 4, lambda: "streamcnn: image must be N x C x H x W")
     c, h, w = output_shape(program, image.shape[2], image.shape[3])
-    dtype = image.dtype
-    if dtype == torch.uint8:  # converted per tile; computed in the params' dtype
-        dtype = params[0].dtype if len(params) else torch.float32
+    dtype = compute_dtype(image, params)
     device = image.device
     if device.type == "cpu" and len(params) and params[0].device.type == "cuda":
         device = params[0].device  # a host image streamed to the device
@@ -127,23 +133,34 @@ def call_options(progress: bool = False, deterministic: bool = False):
 
 
 def _setup_context(ctx, inputs, output):
+    """For forward and forward_cached; the latter's output is (stem output,
+    strips), and the strips go to backward_cached."""
     image, params, program, tile_size = inputs
     ctx.opts = getattr(_local, "opts", (False, False))  # the forward's options
     ctx.mask = [bool(image.requires_grad)] + [bool(p.requires_grad) for p in params]
     ctx.program = program
     ctx.tile_size = tile_size
+    ctx.cached = isinstance(output, (tuple, list))
+    strips = (output[1],) if ctx.cached else ()
+    if ctx.cached:
+        ctx.mark_non_differentiable(output[1])
     if any(ctx.mask):
-        ctx.save_for_backward(image, *params)
+        ctx.save_for_backward(*strips, image, *params)
 
 
-def _backward(ctx, grad):
+def _backward(ctx, grad, *grad_strips):
     n = len(ctx.mask) - 1
     if not any(ctx.mask):
         return None, [None] * n, None, None
-    image, *params = ctx.saved_tensors
     with call_options(*ctx.opts):
-        grads = torch.ops.streamcnn.backward(grad, image, params, ctx.program,
-                                             ctx.tile_size, ctx.mask)
+        if ctx.cached:
+            strips, image, *params = ctx.saved_tensors
+            grads = torch.ops.streamcnn.backward_cached(grad, strips, image, params,
+                                                        ctx.program, ctx.tile_size, ctx.mask)
+        else:
+            image, *params = ctx.saved_tensors
+            grads = torch.ops.streamcnn.backward(grad, image, params, ctx.program,
+                                                 ctx.tile_size, ctx.mask)
     it = iter(grads)
     grad_image = next(it) if ctx.mask[0] else None
     grad_params = [next(it) if m else None for m in ctx.mask[1:]]
@@ -151,35 +168,8 @@ def _backward(ctx, grad):
 
 
 torch.library.register_autograd("streamcnn::forward", _backward, setup_context=_setup_context)
-
-
-def _setup_context_cached(ctx, inputs, output):
-    image, params, program, tile_size = inputs
-    ctx.opts = getattr(_local, "opts", (False, False))
-    ctx.mask = [bool(image.requires_grad)] + [bool(p.requires_grad) for p in params]
-    ctx.program = program
-    ctx.tile_size = tile_size
-    ctx.mark_non_differentiable(output[1])
-    if any(ctx.mask):
-        ctx.save_for_backward(output[1], image, *params)
-
-
-def _backward_cached(ctx, grad, grad_strips):
-    n = len(ctx.mask) - 1
-    if not any(ctx.mask):
-        return None, [None] * n, None, None
-    strips, image, *params = ctx.saved_tensors
-    with call_options(*ctx.opts):
-        grads = torch.ops.streamcnn.backward_cached(grad, strips, image, params, ctx.program,
-                                                    ctx.tile_size, ctx.mask)
-    it = iter(grads)
-    grad_image = next(it) if ctx.mask[0] else None
-    grad_params = [next(it) if m else None for m in ctx.mask[1:]]
-    return grad_image, grad_params, None, None
-
-
-torch.library.register_autograd("streamcnn::forward_cached", _backward_cached,
-                                setup_context=_setup_context_cached)
+torch.library.register_autograd("streamcnn::forward_cached", _backward,
+                                setup_context=_setup_context)
 
 
 def _setup_double(ctx, inputs, output):
