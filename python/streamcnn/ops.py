@@ -144,13 +144,16 @@ def _setup_context(ctx, inputs, output):
     strips = (output[1],) if ctx.cached else ()
     if ctx.cached:
         ctx.mark_non_differentiable(output[1])
+        # else autograd hands backward a zero tensor the strips' size as
+        # their gradient: as much memory again as the strips
+        ctx.set_materialize_grads(False)
     if any(ctx.mask):
         ctx.save_for_backward(*strips, image, *params)
 
 
 def _backward(ctx, grad, *grad_strips):
     n = len(ctx.mask) - 1
-    if not any(ctx.mask):
+    if not any(ctx.mask) or grad is None:  # None: no gradient reached the output
         return None, [None] * n, None, None
     with call_options(*ctx.opts):
         if ctx.cached:
