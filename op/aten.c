@@ -576,9 +576,10 @@ static int permute(sc_ctx *ctx, AtenTensorHandle x, const int64_t *dims,
   return stk_call(ctx, &s, "aten::permute", "", 1, out);
 }
 
+/* Size 1 of x: the channels of an NCHW tensor, the inputs of a weight. */
 static int64_t channels_of(sc_ctx *ctx, AtenTensorHandle x) {
   int64_t dim, *sz, *st;
-  return _sc_meta(ctx, x, &dim, &sz, &st) || dim != 4 ? -1 : sz[1];
+  return _sc_meta(ctx, x, &dim, &sz, &st) || dim < 2 ? -1 : sz[1];
 }
 
 /* mean and rstd (for the backward) are optional outputs. */
@@ -685,7 +686,9 @@ int _sc_linear_c_backward(sc_ctx *ctx, AtenTensorHandle g, AtenTensorHandle x,
                           AtenTensorHandle res[3]) {
   AtenTensorHandle xp = NULL, gp = NULL, gi = NULL, g2 = NULL, x2 = NULL,
                    gt = NULL;
-  const int64_t c_in = channels_of(ctx, x), c_out = channels_of(ctx, g);
+  /* x (read for the weight's gradient only) or the weight [c_out, c_in] */
+  const int64_t c_in = mask[1] ? channels_of(ctx, x) : channels_of(ctx, w),
+                c_out = channels_of(ctx, g);
   for (int i = 0; i < 3; i++) res[i] = NULL;
   int rc = c_in < 1 || c_out < 1 || permute(ctx, g, to_nhwc, &gp);
   if (!rc && mask[0])
@@ -738,7 +741,7 @@ int _sc_scale_c_backward(sc_ctx *ctx, AtenTensorHandle g, AtenTensorHandle x,
                          AtenTensorHandle s, const int mask[2],
                          AtenTensorHandle res[2]) {
   AtenTensorHandle s4 = NULL, gx = NULL, sum = NULL;
-  const int64_t c = channels_of(ctx, x);
+  const int64_t c = channels_of(ctx, g); /* x: the weight's gradient only */
   res[0] = res[1] = NULL;
   int rc = c < 1 || scale4(ctx, s, c, &s4);
   if (!rc && mask[0]) rc = call2(ctx, "aten::mul", "Tensor", g, s4, &res[0]);
@@ -787,12 +790,62 @@ int _sc_batchnorm(sc_ctx *ctx, AtenTensorHandle x, AtenTensorHandle const *p4,
   return SC_OK;
 }
 
+/* Sum of g over batch and pixels, as a [C] tensor (a bias's gradient). */
+static int channel_sum(sc_ctx *ctx, AtenTensorHandle g, AtenTensorHandle *out) {
+  const int64_t c = channels_of(ctx, g), shape[4] = {1, c, 1, 1};
+  AtenTensorHandle sum = NULL;
+  stk s = {0}, t = {0};
+  *out = NULL;
+  if (c < 1) return sc_fail(&ctx->err, "streamcnn: internal error: channels");
+  push_tensor(&s, g);
+  push_ints(&s, shape, 4);
+  int rc = stk_call(ctx, &s, "aten::sum_to_size", "", 1, &sum);
+  if (!rc) {
+    push_tensor(&t, sum);
+    push_ints(&t, &c, 1);
+    rc = stk_call(ctx, &t, "aten::reshape", "", 1, out);
+  }
+  _sc_drop(&sum);
+  return rc;
+}
+
+/* Frozen statistics make batch norm affine, y = x * w / sqrt(var + eps) +
+ * ..., so without the weight's gradient the input is not needed: the
+ * input's gradient is g * w / sqrt(var + eps), the bias's the sum of g. */
+static int batchnorm_backward_affine(sc_ctx *ctx, AtenTensorHandle g,
+                                     AtenTensorHandle const *p4, double eps,
+                                     const int mask[3],
+                                     AtenTensorHandle res[3]) {
+  AtenTensorHandle e = NULL, ve = NULL, sd = NULL, inv = NULL, sc = NULL,
+                   s4 = NULL;
+  int rc = SC_OK;
+  if (mask[0]) {
+    rc = scalar_tensor(ctx, eps, &e) || _sc_add(ctx, p4[3], e, &ve) ||
+         call1(ctx, "aten::sqrt", "", ve, &sd) ||
+         call1(ctx, "aten::reciprocal", "", sd, &inv) ||
+         (p4[0] && call2(ctx, "aten::mul", "Tensor", inv, p4[0], &sc)) ||
+         scale4(ctx, sc ? sc : inv, channels_of(ctx, g), &s4) ||
+         call2(ctx, "aten::mul", "Tensor", g, s4, &res[0]);
+  }
+  if (!rc && mask[2]) rc = channel_sum(ctx, g, &res[2]);
+  _sc_drop(&e);
+  _sc_drop(&ve);
+  _sc_drop(&sd);
+  _sc_drop(&inv);
+  _sc_drop(&sc);
+  _sc_drop(&s4);
+  if (rc) drop_n(res, 3);
+  return rc;
+}
+
 int _sc_batchnorm_backward(sc_ctx *ctx, AtenTensorHandle g,
                            AtenTensorHandle x, AtenTensorHandle const *p4,
                            double eps, const int mask[3],
                            AtenTensorHandle res[3]) {
   int64_t m[3] = {!!mask[0], !!mask[1], !!mask[2]};
   stk s = {0};
+  for (int i = 0; i < 3; i++) res[i] = NULL;
+  if (!mask[1]) return batchnorm_backward_affine(ctx, g, p4, eps, mask, res);
   push_tensor(&s, g);
   push_tensor(&s, x);
   push_opt_tensor(&s, p4[0]);

@@ -356,16 +356,46 @@ int _sc_act_uses_output(int act) {
   return act == SC_ACT_RELU || act == SC_ACT_SIGMOID || act == SC_ACT_TANH;
 }
 
+static int param_wanted(const int *mask, int64_t k) {
+  return k >= 0 && (!mask || mask[1 + k]);
+}
+
+void _sc_needs(const sc_program *p, const int *mask, unsigned char *needs) {
+  needs[0] = (unsigned char)(!mask || mask[0]);
+  for (int64_t i = 0; i < p->n_instr; i++) {
+    const sc_instr *in = &p->instr[i];
+    const int nd = needs[in->in[0]] || (in->n_in > 1 && needs[in->in[1]]) ||
+                   param_wanted(mask, in->weight) ||
+                   param_wanted(mask, in->bias) ||
+                   param_wanted(mask, in->bn_weight) ||
+                   param_wanted(mask, in->bn_bias);
+    needs[i + 1] = (unsigned char)nd;
+  }
+}
+
 void _sc_keep_set(const sc_program *p, const unsigned char *needs,
-                  unsigned char *keep) {
+                  const int *mask, unsigned char *keep) {
   for (int64_t v = 0; v <= p->n_instr; v++) keep[v] = 0;
   for (int64_t i = 0; i < p->n_instr; i++) {
     const sc_instr *in = &p->instr[i];
-    if (!needs[i + 1] || in->op == SC_OP_ADD) continue;
-    if (in->op == SC_OP_ACT && _sc_act_uses_output(in->act))
-      keep[i + 1] = 1;
-    else
+    if (!needs[i + 1]) continue;
+    switch (in->op) {
+    case SC_OP_ADD:
+      break;
+    case SC_OP_ACT:
+      keep[_sc_act_uses_output(in->act) ? i + 1 : in->in[0]] = 1;
+      break;
+    case SC_OP_CONV: /* linear in the input: it only takes the weight's */
+    case SC_OP_LINEAR_C:
+    case SC_OP_SCALE_C:
+      if (param_wanted(mask, in->weight)) keep[in->in[0]] = 1;
+      break;
+    case SC_OP_BATCHNORM: /* frozen statistics: affine in the input */
+      if (param_wanted(mask, in->bn_weight)) keep[in->in[0]] = 1;
+      break;
+    default: /* pools (their input's maxima and shape), layer norm */
       keep[in->in[0]] = 1;
+    }
   }
 }
 
@@ -385,6 +415,9 @@ static double macs_per_pixel(const sc_instr *in) {
  * extent. */
 typedef struct axis_sum {
   int64_t *ext;     /* n_shapes rows of nv extents */
+  int64_t *oext;    /* n_shapes rows of nv own extents */
+  int64_t *rext;    /* n_shapes rows of n_instr extents read by input slot 0
+                       (padding included) */
   int64_t n_shapes;
   double *owned;    /* nv */
   double *halo;     /* nv */
@@ -392,9 +425,11 @@ typedef struct axis_sum {
 
 static void axis_sum_free(axis_sum *s) {
   free(s->ext);
+  free(s->rext);
+  free(s->oext);
   free(s->owned);
   free(s->halo);
-  s->ext = NULL;
+  s->ext = s->rext = s->oext = NULL;
   s->owned = s->halo = NULL;
 }
 
@@ -405,26 +440,38 @@ static int axis_summary(const sc_program *p, const int64_t *sizes, int axis,
   const int64_t count = (n_out + t - 1) / t;
   s->n_shapes = 0;
   s->ext = malloc((size_t)(count * nv) * sizeof *s->ext);
+  s->rext = malloc((size_t)(count * p->n_instr + 1) * sizeof *s->rext);
+  s->oext = malloc((size_t)(count * nv) * sizeof *s->oext);
   s->owned = calloc((size_t)nv, sizeof *s->owned);
   s->halo = calloc((size_t)nv, sizeof *s->halo);
-  if (!s->ext || !s->owned || !s->halo)
+  if (!s->ext || !s->rext || !s->oext || !s->owned || !s->halo)
     return sc_fail(err, "streamcnn: out of memory");
   for (int64_t lo = 0; lo < n_out; lo += t) {
     const int64_t hi = lo + t < n_out ? lo + t : n_out;
     if (cached ? sc_plan_axis_cached(p, sizes, axis, lo, hi, plan, err)
                : sc_plan_axis(p, sizes, axis, lo, hi, plan, err))
       return SC_ERR;
-    int64_t *e = &s->ext[s->n_shapes * nv];
+    int64_t *e = &s->ext[s->n_shapes * nv], *oe = &s->oext[s->n_shapes * nv];
     for (int64_t v = 0; v < nv; v++) {
       const int64_t *rg = &plan->region[2 * v], *ow = &plan->own[2 * v];
       e[v] = rg[1] > rg[0] ? rg[1] - rg[0] : 0;
+      oe[v] = ow[1] > ow[0] ? ow[1] - ow[0] : 0;
       if (ow[1] > ow[0]) s->owned[v] += (double)(ow[1] - ow[0]);
       if (cached && lo > 0 && v > 0 && e[v] > 0 && ow[0] > rg[0])
         s->halo[v] += (double)(ow[0] - rg[0]);
     }
+    int64_t *re = &s->rext[s->n_shapes * p->n_instr];
+    for (int64_t i = 0; i < p->n_instr; i++) {
+      const int64_t *rd = &plan->read[4 * i];
+      re[i] = rd[1] > rd[0] ? rd[1] - rd[0] : 0;
+    }
     int64_t k = 0;
     for (; k < s->n_shapes; k++)
-      if (!memcmp(&s->ext[k * nv], e, (size_t)nv * sizeof *e)) break;
+      if (!memcmp(&s->ext[k * nv], e, (size_t)nv * sizeof *e) &&
+          !memcmp(&s->oext[k * nv], oe, (size_t)nv * sizeof *oe) &&
+          !memcmp(&s->rext[k * p->n_instr], re,
+                  (size_t)p->n_instr * sizeof *re))
+        break;
     if (k == s->n_shapes) s->n_shapes++;
   }
   return SC_OK;
@@ -493,60 +540,192 @@ done:
   return rc;
 }
 
-/* Memory model of one tile (per batch element, in elements): the values
- * the recompute keeps for the backward plus four value-sized buffers (the
- * gradient being propagated, an input gradient and the sum it goes into,
- * a layer input's padded copy) for the backward; three value-sized
- * buffers for the forward. */
+/* Peak bytes (per batch element) of one tile, simulated in the order the
+ * replay allocates and frees (op/replay.c): sz[v] the bytes of value v's
+ * region, own[v] of the part the tile computes (a cached plan's halo is
+ * the rest: the computed part is copied into a region-sized buffer),
+ * rd[i] of what instruction i reads through slot 0 (window ops: their
+ * padded input copy), ix the bytes of a max-pool index per byte of value.
+ * The tile of the image counts as the tile's (a uint8 or host image is
+ * gathered into one). Forward without gradient (*fwd): each value lives
+ * until its last consumer ran; a ReLU or an add whose input nothing else
+ * reads works in place. Backward (*bwd): the recompute keeps the values
+ * in keep (and max-pool indices); then each instruction backward, with
+ * its transients (a window op's padded input and input gradient, a
+ * pointwise op's input gradient; a ReLU's in place), the first gradient
+ * of an input adopted, later ones added and freed, and the instruction's
+ * output and its gradient freed after it. A convolution's library may
+ * hold a copy of its input and of its output (oneDNN reorders them to its
+ * blocked layouts; cuDNN's workspace): counted as transients too.
+ * Conservative where the replay may save: every window op is taken to pad
+ * (only border tiles do). */
+static void tile_peak(const sc_program *p, const unsigned char *needs,
+                      const unsigned char *keep, const double *sz,
+                      const double *own, const double *rd, double ix,
+                      int64_t *left, unsigned char *has_grad, double *bwd,
+                      double *fwd) {
+  const int64_t nv = p->n_instr + 1, ov = p->n_instr;
+  for (int pass = 0; pass < 2; pass++) { /* 0: forward, 1: recompute */
+    double live = sz[0], peak = sz[0];
+    for (int64_t v = 0; v < nv; v++) left[v] = p->n_consumers[v];
+    for (int64_t i = 0; i < p->n_instr; i++) {
+      const sc_instr *in = &p->instr[i];
+      const int64_t o = i + 1, x = in->in[0];
+      const double lib = rd[i] + own[o]; /* see below */
+      const int halo = own[o] < sz[o];
+      const int pool = pass && in->op == SC_OP_MAXPOOL && needs[o];
+      const int in_place =
+          (in->op == SC_OP_ADD ||
+           (in->op == SC_OP_ACT && in->act == SC_ACT_RELU)) &&
+          x != 0 && p->n_consumers[x] == 1 && !(pass && keep[x]) && !halo;
+      double t = in_place ? 0.0 : own[o] + (halo ? sz[o] : 0.0);
+      if (_sc_is_window(in->op)) t += rd[i];
+      if (in->op == SC_OP_CONV) t += lib;
+      if (pool) t += ix * own[o];
+      if (live + t > peak) peak = live + t;
+      live += sz[o] + (pool ? ix * own[o] : 0.0);
+      for (int j = 0; j < in->n_in; j++) {
+        const int64_t v = in->in[j];
+        if (--left[v] == 0 && v != ov && !(pass && keep[v])) live -= sz[v];
+      }
+    }
+    if (!pass) {
+      *fwd = peak;
+      continue;
+    }
+    /* backward; live holds the kept values, the output and the indices */
+    for (int64_t v = 0; v < nv; v++) has_grad[v] = 0;
+    for (int64_t i = p->n_instr - 1; i >= 0; i--) {
+      const sc_instr *in = &p->instr[i];
+      const int64_t o = i + 1;
+      const int mine = o != ov; /* the output's gradient is the caller's */
+      const double lib = rd[i] + own[o];
+      if (needs[o]) {
+        double t = 0.0, adopt = 0.0;
+        for (int j = 0; j < in->n_in; j++) {
+          const int64_t v = in->in[j];
+          if (!needs[v]) continue;
+          double gi; /* the input gradient this op makes */
+          if (_sc_is_window(in->op))
+            gi = rd[i];
+          else if (mine && j == 0 &&
+                   (in->op == SC_OP_ADD ||
+                    (in->op == SC_OP_ACT && in->act == SC_ACT_RELU)))
+            gi = 0.0; /* the output's gradient itself */
+          else
+            gi = own[o];
+          t += gi;
+          if (!has_grad[v]) {
+            adopt += gi > 0.0 ? gi : sz[o];
+            has_grad[v] = 1;
+          }
+        }
+        if (_sc_is_window(in->op)) t += rd[i]; /* its (padded) input */
+        if (in->op == SC_OP_CONV) t += lib;
+        if (live + t > peak) peak = live + t;
+        live += adopt - (mine ? sz[o] : 0.0);
+      }
+      if (keep[o] || o == ov) live -= sz[o];
+      if (in->op == SC_OP_MAXPOOL && needs[o]) live -= ix * own[o];
+    }
+    *bwd = peak;
+  }
+}
+
+/* Elements of the parameter gradients a backward accumulates over the
+ * tiles (each wanted parameter once) plus the largest one (a tile's share,
+ * before it is added). */
+static double param_grad_elements(const sc_program *p, const int *mask) {
+  double sum = 0.0, big = 0.0;
+  for (int64_t k = 0; k < p->n_params; k++) {
+    if (!param_wanted(mask, k)) continue;
+    double n = 0.0; /* its size, from the first instruction using it */
+    for (int64_t i = 0; i < p->n_instr && n == 0.0; i++) {
+      const sc_instr *in = &p->instr[i];
+      const double co = (double)in->c_out;
+      if (in->op == SC_OP_CONV && in->weight == k)
+        n = co * (double)(in->c_in / in->groups) * (double)in->win[0].k *
+            (double)in->win[1].k;
+      else if (in->op == SC_OP_LINEAR_C && in->weight == k)
+        n = co * (double)in->c_in;
+      else if (in->weight == k || in->bias == k || in->bn_weight == k ||
+               in->bn_bias == k)
+        n = co; /* per-channel: biases, norms, scales */
+    }
+    sum += n;
+    if (n > big) big = n;
+  }
+  return sum + big;
+}
+
 int sc_memory_info(const int64_t *words, int64_t n_words, int64_t h,
                    int64_t w, int64_t tile_h, int64_t tile_w, int cached,
-                   double *mem, char *errbuf, size_t errlen) {
+                   const int *mask, int itemsize, double *mem, char *errbuf,
+                   size_t errlen) {
   sc_error err = {0};
-  sc_program *p;
-  int64_t *sizes;
+  sc_program *p = NULL;
+  int64_t *sizes = NULL, *left = NULL;
   axis_sum ax[2] = {{0}, {0}};
-  unsigned char *needs = NULL, *keep = NULL;
+  unsigned char *needs = NULL, *keep = NULL, *has_grad = NULL;
+  double *sz = NULL, *own = NULL, *rd = NULL;
   sc_axis_plan *plan = NULL;
   int64_t t[2];
   int rc = SC_ERR;
+  if (itemsize != 1 && itemsize != 2 && itemsize != 4 && itemsize != 8) {
+    sc_fail(&err, "streamcnn: itemsize must be 1, 2, 4 or 8, got %d",
+            itemsize);
+    goto done;
+  }
   if (decode_and_tile(words, n_words, h, w, tile_h, tile_w, &p, &sizes, t,
                       &err))
     goto done;
-  const int64_t nv = p->n_instr + 1;
+  const int64_t nv = p->n_instr + 1, ni = p->n_instr;
   plan = sc_axis_plan_new(p);
   needs = malloc((size_t)nv);
   keep = malloc((size_t)nv);
-  if (!plan || !needs || !keep) {
+  has_grad = malloc((size_t)nv);
+  left = malloc((size_t)nv * sizeof *left);
+  sz = malloc((size_t)nv * sizeof *sz);
+  own = malloc((size_t)nv * sizeof *own);
+  rd = malloc((size_t)(ni + 1) * sizeof *rd);
+  if (!plan || !needs || !keep || !has_grad || !left || !sz || !own || !rd) {
     sc_fail(&err, "streamcnn: out of memory");
     goto done;
   }
   for (int a = 0; a < 2; a++)
     if (axis_summary(p, sizes, a, t[a], cached, plan, &ax[a], &err)) goto done;
-  for (int64_t v = 0; v < nv; v++) needs[v] = 1;
-  _sc_keep_set(p, needs, keep);
+  _sc_needs(p, mask, needs);
+  _sc_keep_set(p, needs, mask, keep);
+  const double item = (double)itemsize, ix = 8.0 / item; /* int64 indices */
   double bwd = 0.0, fwd = 0.0, strips = 0.0;
   for (int64_t i = 0; i < ax[0].n_shapes; i++)
     for (int64_t j = 0; j < ax[1].n_shapes; j++) {
-      double kept = 0.0, big = 0.0;
+      const int64_t *e0 = &ax[0].ext[i * nv], *e1 = &ax[1].ext[j * nv];
+      const int64_t *o0 = &ax[0].oext[i * nv], *o1 = &ax[1].oext[j * nv];
+      const int64_t *r0 = &ax[0].rext[i * ni], *r1 = &ax[1].rext[j * ni];
       for (int64_t v = 0; v < nv; v++) {
-        const double a = (double)ax[0].ext[i * nv + v] *
-                         (double)ax[1].ext[j * nv + v] * (double)p->channels[v];
-        if (keep[v]) kept += a;
-        if (a > big) big = a;
+        const double c = (double)p->channels[v] * item;
+        sz[v] = (double)e0[v] * (double)e1[v] * c;
+        own[v] = v ? (double)o0[v] * (double)o1[v] * c : sz[v];
       }
-      if (kept + 4.0 * big > bwd) bwd = kept + 4.0 * big;
-      if (3.0 * big > fwd) fwd = 3.0 * big;
+      for (int64_t k = 0; k < ni; k++)
+        rd[k] = (double)r0[k] * (double)r1[k] *
+                (double)p->channels[p->instr[k].in[0]] * item;
+      double b, f;
+      tile_peak(p, needs, keep, sz, own, rd, ix, left, has_grad, &b, &f);
+      if (b > bwd) bwd = b;
+      if (f > fwd) fwd = f;
     }
   double bands = 0.0; /* all bands of one row boundary, on average */
   for (int64_t v = 1; cached && v < nv; v++) { /* bands and left strips */
-    strips += strip_elements(p, ax, v);
-    bands += ax[0].halo[v] * ax[1].owned[v] * (double)p->channels[v];
+    strips += strip_elements(p, ax, v) * item;
+    bands += ax[0].halo[v] * ax[1].owned[v] * (double)p->channels[v] * item;
   }
   const int64_t n_rows = (sizes[2 * p->n_instr] + t[0] - 1) / t[0];
   if (n_rows > 1) bands /= (double)(n_rows - 1);
   /* a cached pass holds two rows' bands at a time: the forward the one it
    * reads and the one it writes, the backward their pending gradients */
-  mem[0] = bwd + 2.0 * bands;
+  mem[0] = bwd + 2.0 * bands + param_grad_elements(p, mask) * item;
   mem[1] = fwd + 2.0 * bands;
   mem[2] = strips;
   rc = SC_OK;
@@ -555,6 +734,11 @@ done:
   for (int a = 0; a < 2; a++) axis_sum_free(&ax[a]);
   free(needs);
   free(keep);
+  free(has_grad);
+  free(left);
+  free(sz);
+  free(own);
+  free(rd);
   sc_axis_plan_free(plan);
   free(sizes);
   sc_program_free(p);

@@ -24,13 +24,21 @@ int _sc_tiling(const sc_program *p, const int64_t *sizes, int64_t tile_h,
 /* Activations whose derivative ATen computes from the output. */
 int _sc_act_uses_output(int act);
 
+/* Which values carry a gradient (needs[v]) when the backward is asked for
+ * mask[0] the image's and mask[1 + k] params[k]'s gradient (mask NULL:
+ * all of them). */
+void _sc_needs(const sc_program *p, const int *mask, unsigned char *needs);
+
 /* The values a backward op reads (keep[v] = 1), for the instructions whose
- * output needs a gradient (needs[i + 1]): inputs of conv / pools / batch
- * norm / channel ops and of input-based activations, outputs of
- * output-based ones. The recompute frees everything else (batch-norm and
- * add outputs, ...) as soon as it was consumed. */
+ * output needs a gradient (needs[i + 1]) and the parameter gradients asked
+ * for (mask as for _sc_needs): inputs of pools, layer norms and
+ * input-based activations, outputs of output-based ones, and the inputs of
+ * the ops linear in their input (conv, batch norm with frozen statistics,
+ * channel linear / scale) only when their weight's gradient is wanted: the
+ * input's gradient needs no input. The recompute frees everything else
+ * (batch-norm and add outputs, ...) as soon as it was consumed. */
 void _sc_keep_set(const sc_program *p, const unsigned char *needs,
-                  unsigned char *keep);
+                  const int *mask, unsigned char *keep);
 
 /* ---- slides (slide.c, tiffwrite.c) ------------------------------------------ */
 

@@ -559,6 +559,18 @@ static int layer_input(run *r, int64_t i, int j, double pad_value,
   return rc;
 }
 
+/* A buffer of the shape (and the tiles' layout) layer_input would give,
+ * contents undefined: the input of a convolution whose weight takes no
+ * gradient, read by convolution_backward for its shape only (the value
+ * itself was not kept, see _sc_keep_set). */
+static int layer_shape(run *r, int64_t i, int j, AtenTensorHandle *out) {
+  const int64_t v = r->p->instr[i].in[j];
+  const int64_t *rd[2] = {readspan(r, 0, i, j), readspan(r, 1, i, j)};
+  const int64_t sz[4] = {r->batch, r->p->channels[v], rd[0][1] - rd[0][0],
+                         rd[1][1] - rd[1][0]};
+  return _sc_tile_buffer(r->ctx, sz, 0, out);
+}
+
 /* Input value of a pointwise instruction restricted to the span the
  * instruction computes. */
 static int pointwise_input(run *r, int64_t i, int j, AtenTensorHandle *out) {
@@ -1146,8 +1158,9 @@ static int backward_instr(run *r, int64_t i) {
   case SC_OP_CONV: {
     const int m[3] = {need_in, wants(r, in->weight), wants(r, in->bias)};
     if (!m[0] && !m[1] && !m[2]) break;
-    /* the padded input is rebuilt rather than held through the forward */
-    if (layer_input(r, i, 0, 0.0, &x) ||
+    /* the padded input is rebuilt rather than held through the forward;
+     * the input's gradient alone needs only its shape */
+    if ((m[1] ? layer_input(r, i, 0, 0.0, &x) : layer_shape(r, i, 0, &x)) ||
         _sc_conv_backward(ctx, g, x, param(r, in->weight), in, m, res) ||
         (m[1] && accum_param(r, in->weight, &res[1])) ||
         (m[2] && accum_param(r, in->bias, &res[2])) ||
@@ -1180,7 +1193,7 @@ static int backward_instr(run *r, int64_t i) {
     AtenTensorHandle p4[4] = {param(r, in->bn_weight), param(r, in->bn_bias),
                               param(r, in->bn_mean), param(r, in->bn_var)};
     if (!m[0] && !m[1] && !m[2]) break;
-    if (pointwise_input(r, i, 0, &x) ||
+    if ((m[1] && pointwise_input(r, i, 0, &x)) || /* x: the weight's only */
         _sc_batchnorm_backward(ctx, g, x, p4, in->eps, m, res) ||
         (m[1] && accum_param(r, in->bn_weight, &res[1])) ||
         (m[2] && accum_param(r, in->bn_bias, &res[2])) ||
@@ -1192,8 +1205,10 @@ static int backward_instr(run *r, int64_t i) {
   case SC_OP_LINEAR_C: {
     const int m[3] = {need_in, wants(r, in->weight), wants(r, in->bias)};
     if (!m[0] && !m[1] && !m[2]) break;
-    if (pointwise_input(r, i, 0, &x) ||
-        (in->op == SC_OP_LAYERNORM_C
+    if ((in->op == SC_OP_LAYERNORM_C || m[1]) &&
+        pointwise_input(r, i, 0, &x))
+      goto done;
+    if ((in->op == SC_OP_LAYERNORM_C
              ? _sc_layernorm_c_backward(ctx, g, x, param(r, in->weight),
                                         param(r, in->bias), in->eps, m, res)
              : _sc_linear_c_backward(ctx, g, x, param(r, in->weight), m,
@@ -1207,7 +1222,7 @@ static int backward_instr(run *r, int64_t i) {
   case SC_OP_SCALE_C: {
     const int m[2] = {need_in, wants(r, in->weight)};
     if (!m[0] && !m[1]) break;
-    if (pointwise_input(r, i, 0, &x) ||
+    if ((m[1] && pointwise_input(r, i, 0, &x)) ||
         _sc_scale_c_backward(ctx, g, x, param(r, in->weight), m, res) ||
         (m[1] && accum_param(r, in->weight, &res[1])) ||
         (m[0] && accum_input(r, i, 0, res[0], 1)))
@@ -1511,18 +1526,9 @@ int _sc_backward(sc_ctx *ctx, const sc_call *call, AtenTensorHandle grad_out,
                    "streamcnn: grad_output must have the image's dtype and "
                    "device");
   }
-  if (!rc) { /* which values carry a gradient */
-    r.needs[0] = (unsigned char)!!mask[0];
-    for (int64_t i = 0; i < p->n_instr; i++) {
-      const sc_instr *in = &p->instr[i];
-      int nd = r.needs[in->in[0]] || (in->n_in > 1 && r.needs[in->in[1]]) ||
-               wants(&r, in->weight) || wants(&r, in->bias) ||
-               wants(&r, in->bn_weight) || wants(&r, in->bn_bias);
-      r.needs[i + 1] = (unsigned char)nd;
-    }
-  }
   if (!rc) {
-    _sc_keep_set(p, r.needs, r.keep);
+    _sc_needs(p, mask, r.needs);
+    _sc_keep_set(p, r.needs, mask, r.keep);
     if (!r.cached) choose_cut(&r);
   }
   if (!rc && mask[0]) {

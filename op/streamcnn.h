@@ -234,20 +234,26 @@ SC_API int sc_work_info(const int64_t *words, int64_t n_words, int64_t h,
                         int64_t w, int64_t tile_h, int64_t tile_w, double *work,
                         char *errbuf, size_t errlen);
 
-/* Memory model of a streamed pass over an h x w image (per batch element,
- * in elements of the compute dtype; the stem output and its gradient are
- * not included): mem[0] the largest tile's backward (the values its
- * recompute keeps for the backward ops plus four value-sized buffers),
- * mem[1] the largest tile's forward, both with two rows of halo bands
- * (cached = 1), mem[2] the strips halo caching keeps from the forward to
- * the backward (cached = 1; 0 otherwise). The peak of a training step is
- * about mem[0] + mem[2], of a forward without gradient mem[1] (cached =
- * 1: the forward op always caches halos). */
+/* Memory model of a streamed pass over an h x w image, in bytes per batch
+ * element of a compute dtype of itemsize bytes (the stem output and its
+ * gradient are not included), from a simulation of the replay's
+ * allocations and frees for every distinct tile shape: mem[0] the largest
+ * tile's backward (its recompute keeping the values its backward ops read,
+ * then the backward with its gradients and transients), mem[1] the
+ * largest tile's forward without gradient, both with two rows of halo
+ * bands (cached = 1); mem[2] the strips halo caching keeps from the
+ * forward to the backward (cached = 1; 0 otherwise). mask is the
+ * backward's output_mask, 1 + n_params ints: mask[0] the image's
+ * gradient, mask[1 + k] params[k]'s (NULL: all of them); a frozen layer
+ * keeps less. The peak of a training step is about mem[0] + mem[2], of a
+ * forward without gradient mem[1] (cached = 1: the forward op always
+ * caches halos). mem[0] includes the parameter gradients the backward
+ * accumulates. Not modelled: the convolution library's workspace. */
 #define SC_MEMORY_WORDS 3
 SC_API int sc_memory_info(const int64_t *words, int64_t n_words, int64_t h,
                           int64_t w, int64_t tile_h, int64_t tile_w,
-                          int cached, double *mem, char *errbuf,
-                          size_t errlen);
+                          int cached, const int *mask, int itemsize,
+                          double *mem, char *errbuf, size_t errlen);
 
 /* Multiply-adds the convolutions and channel linears of the operators
  * called on this thread executed so far: out[0] forward (recomputes

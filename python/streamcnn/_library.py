@@ -5,7 +5,7 @@ from __future__ import annotations
 import ctypes
 import os
 from pathlib import Path
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -53,6 +53,7 @@ def load_library() -> str:
                                    ctypes.c_size_t]
     _cdll.sc_memory_info.restype = ctypes.c_int
     _cdll.sc_memory_info.argtypes = [i64p, i64, i64, i64, i64, i64, ctypes.c_int,
+                                     ctypes.POINTER(ctypes.c_int), ctypes.c_int,
                                      ctypes.POINTER(ctypes.c_double), ctypes.c_char_p,
                                      ctypes.c_size_t]
     _cdll.sc_macs.restype = None
@@ -102,11 +103,22 @@ def work_info(program: Sequence[int], h: int, w: int, tile: Tuple[int, int]) -> 
 
 
 def memory_info(program: Sequence[int], h: int, w: int, tile: Tuple[int, int],
-                cached: bool) -> List[float]:
-    """[backward peak, forward peak, strips] of the largest tile, in
-    elements per batch element (stem output and its gradient excluded);
-    see sc_memory_info."""
-    return _query("sc_memory_info", program, (h, w, tile[0], tile[1], int(bool(cached))),
+                cached: bool, mask: Optional[Sequence[bool]] = None,
+                itemsize: int = 4) -> List[float]:
+    """[backward peak, forward peak, strips] of the largest tile, in bytes
+    per batch element of a compute dtype of itemsize bytes (stem output and
+    its gradient excluded); see sc_memory_info. mask: the gradients the
+    backward computes, as its output_mask ([image] + one per parameter);
+    None: all of them."""
+    arr = None
+    if mask is not None:
+        n_params = program_info(program)[6]
+        if len(mask) != 1 + n_params:
+            raise ValueError(f"streamcnn: mask needs 1 + {n_params} entries (image, then "
+                             f"one per parameter), got {len(mask)}")
+        arr = (ctypes.c_int * len(mask))(*[int(bool(m)) for m in mask])
+    return _query("sc_memory_info", program,
+                  (h, w, tile[0], tile[1], int(bool(cached)), arr, int(itemsize)),
                   (ctypes.c_double * 3)())
 
 

@@ -1,11 +1,12 @@
 """Tile size from a memory budget (``StreamingModule(memory_budget=...)``).
 
-The C core's memory model (``sc_memory_info``) gives, for an image size and
-a tile, the elements the largest tile holds in the backward (the values its
-recompute keeps for the backward ops plus four value-sized buffers) and the
-strips halo caching keeps from the forward to the backward. The stem output
-and its gradient are not part of the budget: they are the caller's, and
-their size does not depend on the tile.
+The C core's memory model (``sc_memory_info``) gives, for an image size, a
+tile and the gradients a step computes, the bytes the largest tile's
+backward holds (simulated in the replay's order of allocations and frees:
+kept values, gradients, padded copies, a convolution library's copies,
+the parameter gradients) and the strips halo caching keeps from the forward
+to the backward. The stem output and its gradient are not part of the
+budget: they are the caller's, and their size does not depend on the tile.
 
 The chooser tries a grid of tile counts per axis, with and without halo
 caching (the strips it keeps grow with the number of tiles, so small tiles
@@ -15,16 +16,17 @@ small charge per tile for the per-tile overhead. HEADROOM of the budget is
 left for what the model does not see: allocator rounding and
 fragmentation, convolution workspaces.
 
-Measured on the CPU with every allocation mmapped (so that the resident set
-is the live memory), a ResNet-18 stem's training step at 1024^2 with a 60 MB
-budget peaked at 56.8 MB of tile memory against 52.6 MB modelled: the model
-is close, not a bound, and the headroom covers the difference
-(tests/python/test_budget.py checks the budget, not the model).
+Measured on the CPU through the profiler's memory events (the bytes live in
+PyTorch's allocator: what max_memory_allocated counts on a GPU), a ResNet-18
+stem's training step at 1024^2 peaked within 5% of the model with halo
+caching; without it the model is an upper bound (it does not see the cone
+backward's piecewise recompute). tests/python/test_budget.py checks both
+the budget and the model.
 """
 
 import math
 import re
-from typing import Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 from ._library import memory_info, tiling_info, work_info
 
@@ -73,21 +75,24 @@ def _counts(n: int, most: int):
 
 
 def tile_bytes(program: Sequence[int], h: int, w: int, tile: Tuple[int, int], cached: bool,
-               batch: int, itemsize: int, training: bool = True) -> int:
+               batch: int, itemsize: int, training: bool = True,
+               mask: Optional[Sequence[bool]] = None) -> int:
     """Modelled peak bytes with this tile, stem output and gradient
     excluded: of a training step (backward of the largest tile plus, when
     cached, the strips), or of a forward without gradient (training=False;
-    the forward op always caches halos, dropping each once used)."""
+    the forward op always caches halos, dropping each once used). mask: the
+    gradients the step computes ([image] + one per parameter, as the
+    backward's output_mask); None: all."""
     if not training:
-        return int(memory_info(program, h, w, tile, True)[1] * batch * itemsize)
-    bwd, _, strips = memory_info(program, h, w, tile, cached)
-    return int((bwd + strips) * batch * itemsize)
+        return int(memory_info(program, h, w, tile, True, None, itemsize)[1] * batch)
+    bwd, _, strips = memory_info(program, h, w, tile, cached, mask, itemsize)
+    return int((bwd + strips) * batch)
 
 
 def choose_tile(program: Sequence[int], h: int, w: int, batch: int, itemsize: int,
                 budget: int, allow_cached: bool, receptive_field: Tuple[int, int],
-                stride: Tuple[int, int], training: bool = True
-                ) -> Tuple[Tuple[int, int], bool]:
+                stride: Tuple[int, int], training: bool = True,
+                mask: Optional[Sequence[bool]] = None) -> Tuple[Tuple[int, int], bool]:
     """The input tile (rows, cols) for an h x w image within budget bytes,
     and whether to cache halos (when allowed: it keeps strips, so with
     small tiles the cone recompute may be the only fit). Tiles are tried on
@@ -95,7 +100,8 @@ def choose_tile(program: Sequence[int], h: int, w: int, batch: int, itemsize: in
     halo (the stem's receptive field over its stride) on a side; the fitting
     one with the least modelled training-step work wins. training=False
     (a forward without gradient): the forward's memory, and the fewest
-    tiles. ValueError when none fits."""
+    tiles. mask: the gradients of the step (see tile_bytes). ValueError
+    when none fits."""
     rf, s = receptive_field, stride
     oh, ow = tiling_info(program, h, w, tuple(rf))[:2]
     # smallest output tile edge considered: half the halo (smaller tiles
@@ -113,7 +119,7 @@ def choose_tile(program: Sequence[int], h: int, w: int, batch: int, itemsize: in
             modes = (True, False) if allow_cached and training else (allow_cached,)
             for cached in modes:
                 if tile_bytes(program, h, w, tile, cached, batch, itemsize,
-                              training) > usable:
+                              training, mask) > usable:
                     continue
                 work = work_info(program, h, w, tile)
                 n_tiles = tiling_info(program, h, w, tile)[4:6]
@@ -124,7 +130,8 @@ def choose_tile(program: Sequence[int], h: int, w: int, batch: int, itemsize: in
                 if cost < best_cost:
                     best, best_cost = (tile, cached), cost
     if best is None:
-        need = tile_bytes(program, h, w, (rf[0], rf[1]), False, batch, itemsize, training)
+        need = tile_bytes(program, h, w, (rf[0], rf[1]), False, batch, itemsize, training,
+                          mask)
         raise ValueError(
             f"streamcnn: memory_budget of {budget} bytes is too small for a batch of {batch} "
             f"{h} x {w} images: even small tiles need more (the smallest possible, "

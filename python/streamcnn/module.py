@@ -215,32 +215,42 @@ class StreamingModule(nn.Module):
 
     @torch.jit.unused
     def budget_tile(self, batch: int, height: int, width: int,
-                    dtype: torch.dtype = torch.float32, training: bool = True) -> dict:
+                    dtype: torch.dtype = torch.float32, training: bool = True,
+                    image_grad: bool = False) -> dict:
         """What memory_budget chooses for a batch of height x width images
         computed in dtype, for a training step or (training=False) a forward
         without gradient: ``tile_size``, ``halo_cache`` (used only where
         this module's halo_cache is on and the strips fit) and the modelled
-        peak ``bytes`` (stem output and its gradient excluded)."""
+        peak ``bytes`` (stem output and its gradient excluded). The step
+        computes the gradients of the parameters that require one now (a
+        frozen layer keeps less for its backward) and, with image_grad, the
+        image's."""
+        mask = self._grad_mask(image_grad, self.stream_params())
         tile, cached = self._budget_choice(batch, height, width, dtype, self.halo_cache,
-                                           training)
+                                           training, mask)
         itemsize = torch.empty(0, dtype=dtype).element_size()
         return {"tile_size": tile, "halo_cache": cached,
                 "bytes": tile_bytes(self.program, height, width, (tile[0], tile[1]), cached,
-                                    batch, itemsize, training)}
+                                    batch, itemsize, training, mask)}
+
+    @staticmethod
+    def _grad_mask(image_grad: bool, params: List[torch.Tensor]) -> Tuple[bool, ...]:
+        return (bool(image_grad),) + tuple(bool(p.requires_grad) for p in params)
 
     @torch.jit.unused
     def _budget_choice(self, batch: int, height: int, width: int, dtype: torch.dtype,
-                       allow_cached: bool, training: bool = True) -> Tuple[List[int], bool]:
+                       allow_cached: bool, training: bool,
+                       mask: Tuple[bool, ...]) -> Tuple[List[int], bool]:
         if not self.memory_budget:
             raise ValueError("streamcnn: this module was built with a tile_size, not a "
                              "memory_budget")
         itemsize = torch.empty(0, dtype=dtype).element_size()
         key = (int(batch), int(height), int(width), itemsize, bool(allow_cached),
-               bool(training))
+               bool(training), mask)
         if key not in self._budget_tiles:
             self._budget_tiles[key] = choose_tile(
                 self.program, key[1], key[2], key[0], itemsize, self.memory_budget,
-                key[4], self.receptive_field, self.output_stride, key[5])
+                key[4], self.receptive_field, self.output_stride, key[5], mask)
         tile, cached = self._budget_tiles[key]
         return [tile[0], tile[1]], cached
 
@@ -346,9 +356,10 @@ class StreamingModule(nn.Module):
             if self.memory_budget:
                 training = torch.is_grad_enabled() and (
                     x.requires_grad or any(p.requires_grad for p in params))
+                mask = self._grad_mask(x.requires_grad, params)
                 tile, cached = self._budget_choice(x.shape[0], x.shape[2], x.shape[3],
                                                    compute_dtype(x, params), cached,
-                                                   training)
+                                                   training, mask)
                 self.tile_size = tile
             if self.progress or self.deterministic:
                 from .ops import call_options

@@ -367,3 +367,44 @@ def test_bare_layer_as_the_stem(layer):
     assert set(sm.state_dict()) == {f"module.{k}" for k in layer.state_dict()}
     sm.train()
     assert not isinstance(layer, nn.BatchNorm2d) or not layer.training
+
+
+@pytest.mark.parametrize("halo_cache", [True, False])
+@pytest.mark.parametrize("frozen", ["bn", "weights", "early", "all"])
+def test_frozen_layers_keep_less_and_stay_exact(frozen, halo_cache):
+    """A layer linear in its input (conv, frozen-statistics batch norm)
+    whose weight takes no gradient keeps no input for its backward: the
+    conv's input gradient reads only the input's shape, the batch norm's is
+    g * w / sqrt(var + eps). The gradients stay exact, image's included."""
+    stem = _resnet18_stem()
+    for name, p in stem.named_parameters():
+        p.requires_grad_(not (
+            (frozen == "bn" and p.dim() == 1 and "conv" not in name) or
+            (frozen == "weights" and name.endswith("weight")) or
+            (frozen == "early" and name.split(".")[0] in ("0", "1", "4")) or
+            frozen == "all"))
+    sm = streamcnn.StreamingModule(stem, 120, halo_cache=halo_cache)
+    for grad_x in (False, True):
+        if frozen == "all" and not grad_x:
+            continue
+        x = torch.randn(1, 3, 150, 130, dtype=torch.float64, requires_grad=grad_x)
+        compare(stem, x, 120, FP64_TOL, sm=sm)
+
+
+def test_frozen_channel_ops_stay_exact():
+    """The same for ConvNeXt's channel linears and layer scales (frozen:
+    no input kept) next to trainable ones."""
+    tv = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    stem = tv.models.convnext_tiny(weights=None).features[:2].double().eval()
+    with torch.no_grad():
+        for blk in stem.modules():
+            if type(blk).__name__ == "CNBlock":
+                blk.layer_scale.uniform_(0.5, 1.5)
+    for i, blk in enumerate(m for m in stem.modules() if type(m).__name__ == "CNBlock"):
+        if i % 2 == 0:  # every other block frozen but for its depthwise conv
+            blk.layer_scale.requires_grad_(False)
+            for lin in (blk.block[3], blk.block[5]):
+                lin.weight.requires_grad_(False)
+    x = torch.randn(1, 3, 77, 69, dtype=torch.float64, requires_grad=True)
+    compare(stem, x, 224, FP64_TOL)
