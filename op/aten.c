@@ -576,6 +576,12 @@ static int permute(sc_ctx *ctx, AtenTensorHandle x, const int64_t *dims,
   return stk_call(ctx, &s, "aten::permute", "", 1, out);
 }
 
+/* Size 0 of x: a weight's output channels. */
+static int64_t size0(sc_ctx *ctx, AtenTensorHandle x) {
+  int64_t dim, *sz, *st;
+  return _sc_meta(ctx, x, &dim, &sz, &st) || dim < 1 ? -1 : sz[0];
+}
+
 /* Size 1 of x: the channels of an NCHW tensor, the inputs of a weight. */
 static int64_t channels_of(sc_ctx *ctx, AtenTensorHandle x) {
   int64_t dim, *sz, *st;
@@ -861,6 +867,127 @@ int _sc_batchnorm_backward(sc_ctx *ctx, AtenTensorHandle g,
   for (int i = 0; i < 3; i++)
     if (!mask[i]) _sc_drop(&res[i]);
   return SC_OK;
+}
+
+/* a - b */
+static int sub(sc_ctx *ctx, AtenTensorHandle a, AtenTensorHandle b,
+               AtenTensorHandle *out) {
+  *out = NULL;
+  if (aoti_torch_aten_subtract_Tensor(a, b, 1.0, out))
+    return sc_fail(&ctx->err, "streamcnn: aten::sub failed inside PyTorch");
+  return SC_OK;
+}
+
+/* A per-channel [C] tensor as [C, 1, 1, 1] (a weight's output channels). */
+static int per_out_channel(sc_ctx *ctx, AtenTensorHandle t, int64_t c,
+                           AtenTensorHandle *out) {
+  const int64_t shape[4] = {c, 1, 1, 1};
+  stk s = {0};
+  push_tensor(&s, t);
+  push_ints(&s, shape, 4);
+  return stk_call(ctx, &s, "aten::reshape", "", 1, out);
+}
+
+int _sc_fold_bn(sc_ctx *ctx, AtenTensorHandle w, AtenTensorHandle b,
+                AtenTensorHandle const *p4, double eps,
+                AtenTensorHandle out[4]) {
+  AtenTensorHandle e = NULL, ve = NULL, sd = NULL, ms = NULL, s4 = NULL,
+                   bs = NULL, shift = NULL;
+  const int64_t c = size0(ctx, w);
+  for (int k = 0; k < 4; k++) out[k] = NULL;
+  /* as PyTorch's frozen batch norm: inv = 1 / sqrt(var + eps),
+   * scale = gamma * inv, shift = beta - mean * scale */
+  int rc = c < 1 || scalar_tensor(ctx, eps, &e) ||
+           _sc_add(ctx, p4[3], e, &ve) ||
+           call1(ctx, "aten::sqrt", "", ve, &sd) ||
+           call1(ctx, "aten::reciprocal", "", sd, &out[3]);
+  if (!rc)
+    rc = p4[0] ? call2(ctx, "aten::mul", "Tensor", out[3], p4[0], &out[2])
+               : call1(ctx, "aten::clone", "", out[3], &out[2]);
+  if (!rc) rc = call2(ctx, "aten::mul", "Tensor", p4[2], out[2], &ms);
+  if (!rc)
+    rc = p4[1] ? sub(ctx, p4[1], ms, &shift)
+               : call1(ctx, "aten::neg", "", ms, &shift);
+  if (!rc)
+    rc = per_out_channel(ctx, out[2], c, &s4) ||
+         call2(ctx, "aten::mul", "Tensor", w, s4, &out[0]);
+  if (!rc && b)
+    rc = call2(ctx, "aten::mul", "Tensor", b, out[2], &bs) ||
+         _sc_add(ctx, bs, shift, &out[1]);
+  if (!rc && !b) {
+    out[1] = shift;
+    shift = NULL;
+  }
+  _sc_drop(&e);
+  _sc_drop(&ve);
+  _sc_drop(&sd);
+  _sc_drop(&ms);
+  _sc_drop(&s4);
+  _sc_drop(&bs);
+  _sc_drop(&shift);
+  if (rc) drop_n(out, 4);
+  return rc ? (ctx->err.set ? SC_ERR
+                               : sc_fail(&ctx->err, "streamcnn: internal "
+                                                    "error: folding a batch "
+                                                    "norm"))
+            : SC_OK;
+}
+
+int _sc_fold_bn_grads(sc_ctx *ctx, AtenTensorHandle w, AtenTensorHandle b,
+                      AtenTensorHandle const *p4, AtenTensorHandle const *fold,
+                      AtenTensorHandle gw, AtenTensorHandle gs,
+                      const int want[4], AtenTensorHandle res[4]) {
+  AtenTensorHandle s4 = NULL, wg = NULL, dot = NULL, dotc = NULL, bm = NULL,
+                   bms = NULL, sum = NULL;
+  const int64_t c = size0(ctx, w), c4[4] = {c, 1, 1, 1};
+  for (int k = 0; k < 4; k++) res[k] = NULL;
+  int rc = c < 1;
+  if (!rc && want[0]) /* d/dw = scale * d/dw' */
+    rc = per_out_channel(ctx, fold[2], c, &s4) ||
+         call2(ctx, "aten::mul", "Tensor", gw, s4, &res[0]);
+  if (!rc && want[1]) /* d/db = scale * sum g */
+    rc = call2(ctx, "aten::mul", "Tensor", gs, fold[2], &res[1]);
+  if (!rc && want[2]) {
+    /* d/dgamma = inv * sum g (x - mean), x = conv(in, w) + b, and
+     * sum_p g x = <w, d/dw'> + b sum_p g (the weight gradient is the same
+     * sum, reassociated): inv * (<w, gw> + (b - mean) gs) */
+    stk t = {0}, u = {0};
+    rc = call2(ctx, "aten::mul", "Tensor", w, gw, &wg);
+    if (!rc) {
+      push_tensor(&t, wg);
+      push_ints(&t, c4, 4);
+      rc = stk_call(ctx, &t, "aten::sum_to_size", "", 1, &dot);
+    }
+    if (!rc) {
+      push_tensor(&u, dot);
+      push_ints(&u, &c, 1);
+      rc = stk_call(ctx, &u, "aten::reshape", "", 1, &dotc);
+    }
+    if (!rc)
+      rc = (b ? sub(ctx, b, p4[2], &bm)
+              : call1(ctx, "aten::neg", "", p4[2], &bm)) ||
+           call2(ctx, "aten::mul", "Tensor", bm, gs, &bms) ||
+           _sc_add(ctx, dotc, bms, &sum) ||
+           call2(ctx, "aten::mul", "Tensor", sum, fold[3], &res[2]);
+  }
+  if (!rc && want[3]) rc = call1(ctx, "aten::clone", "", gs, &res[3]);
+  _sc_drop(&s4);
+  _sc_drop(&wg);
+  _sc_drop(&dot);
+  _sc_drop(&dotc);
+  _sc_drop(&bm);
+  _sc_drop(&bms);
+  _sc_drop(&sum);
+  if (rc) drop_n(res, 4);
+  return rc ? (ctx->err.set ? SC_ERR
+                               : sc_fail(&ctx->err, "streamcnn: internal "
+                                                    "error: batch-norm "
+                                                    "gradients"))
+            : SC_OK;
+}
+
+int _sc_channel_sum(sc_ctx *ctx, AtenTensorHandle g, AtenTensorHandle *out) {
+  return channel_sum(ctx, g, out);
 }
 
 static int slope_tensor(sc_ctx *ctx, const sc_instr *in,

@@ -360,21 +360,47 @@ static int param_wanted(const int *mask, int64_t k) {
   return k >= 0 && (!mask || mask[1 + k]);
 }
 
-void _sc_needs(const sc_program *p, const int *mask, unsigned char *needs) {
+void _sc_fusion(const sc_program *p, int fuse, int64_t *fused) {
+  for (int64_t i = 0; i < p->n_instr; i++) fused[i] = -1;
+  for (int64_t j = 0; fuse && j < p->n_instr; j++) {
+    const sc_instr *bn = &p->instr[j];
+    const int64_t v = bn->in[0];
+    if (bn->op != SC_OP_BATCHNORM || v < 1 || p->n_consumers[v] != 1 ||
+        p->instr[v - 1].op != SC_OP_CONV)
+      continue;
+    fused[v - 1] = j;
+    fused[j] = v - 1;
+  }
+}
+
+/* Parameters whose gradient instruction i computes: its own, and a fused
+ * convolution's the batch norm's too. */
+static int instr_wants(const sc_program *p, const int64_t *fused, int64_t i,
+                       const int *mask) {
+  const sc_instr *in = &p->instr[i];
+  if (param_wanted(mask, in->weight) || param_wanted(mask, in->bias) ||
+      param_wanted(mask, in->bn_weight) || param_wanted(mask, in->bn_bias))
+    return 1;
+  if (fused && fused[i] >= 0 && in->op == SC_OP_CONV) {
+    const sc_instr *bn = &p->instr[fused[i]];
+    return param_wanted(mask, bn->bn_weight) || param_wanted(mask, bn->bn_bias);
+  }
+  return 0;
+}
+
+void _sc_needs(const sc_program *p, const int *mask, const int64_t *fused,
+               unsigned char *needs) {
   needs[0] = (unsigned char)(!mask || mask[0]);
   for (int64_t i = 0; i < p->n_instr; i++) {
     const sc_instr *in = &p->instr[i];
     const int nd = needs[in->in[0]] || (in->n_in > 1 && needs[in->in[1]]) ||
-                   param_wanted(mask, in->weight) ||
-                   param_wanted(mask, in->bias) ||
-                   param_wanted(mask, in->bn_weight) ||
-                   param_wanted(mask, in->bn_bias);
+                   instr_wants(p, fused, i, mask);
     needs[i + 1] = (unsigned char)nd;
   }
 }
 
 void _sc_keep_set(const sc_program *p, const unsigned char *needs,
-                  const int *mask, unsigned char *keep) {
+                  const int *mask, const int64_t *fused, unsigned char *keep) {
   for (int64_t v = 0; v <= p->n_instr; v++) keep[v] = 0;
   for (int64_t i = 0; i < p->n_instr; i++) {
     const sc_instr *in = &p->instr[i];
@@ -386,12 +412,18 @@ void _sc_keep_set(const sc_program *p, const unsigned char *needs,
       keep[_sc_act_uses_output(in->act) ? i + 1 : in->in[0]] = 1;
       break;
     case SC_OP_CONV: /* linear in the input: it only takes the weight's */
+      if (param_wanted(mask, in->weight) ||
+          (fused && fused[i] >= 0 && /* and a fused batch norm's weight's */
+           param_wanted(mask, p->instr[fused[i]].bn_weight)))
+        keep[in->in[0]] = 1;
+      break;
     case SC_OP_LINEAR_C:
     case SC_OP_SCALE_C:
       if (param_wanted(mask, in->weight)) keep[in->in[0]] = 1;
       break;
     case SC_OP_BATCHNORM: /* frozen statistics: affine in the input */
-      if (param_wanted(mask, in->bn_weight)) keep[in->in[0]] = 1;
+      if (param_wanted(mask, in->bn_weight) && !(fused && fused[i] >= 0))
+        keep[in->in[0]] = 1;
       break;
     default: /* pools (their input's maxima and shape), layer norm */
       keep[in->in[0]] = 1;
@@ -549,10 +581,12 @@ done:
  * The tile of the image counts as the tile's (a uint8 or host image is
  * gathered into one). Forward without gradient (*fwd): each value lives
  * until its last consumer ran; a ReLU or an add whose input nothing else
- * reads works in place. Backward (*bwd): the recompute keeps the values
- * in keep (and max-pool indices); then each instruction backward, with
- * its transients (a window op's padded input and input gradient, a
- * pointwise op's input gradient; a ReLU's in place), the first gradient
+ * reads works in place, as does a batch norm fused into its convolution
+ * (fused, see _sc_fusion). Backward (*bwd): the recompute keeps the values
+ * in keep; then each instruction backward, with its transients (a window
+ * op's padded input and input gradient, a max pool's output and indices
+ * taken again, a pointwise op's input gradient; a ReLU's in place), the
+ * first gradient
  * of an input adopted, later ones added and freed, and the instruction's
  * output and its gradient freed after it. A convolution's library may
  * hold a copy of its input and of its output (oneDNN reorders them to its
@@ -560,7 +594,8 @@ done:
  * Conservative where the replay may save: every window op is taken to pad
  * (only border tiles do). */
 static void tile_peak(const sc_program *p, const unsigned char *needs,
-                      const unsigned char *keep, const double *sz,
+                      const unsigned char *keep, const int64_t *fused,
+                      const double *sz,
                       const double *own, const double *rd, double ix,
                       int64_t *left, unsigned char *has_grad, double *bwd,
                       double *fwd) {
@@ -573,17 +608,17 @@ static void tile_peak(const sc_program *p, const unsigned char *needs,
       const int64_t o = i + 1, x = in->in[0];
       const double lib = rd[i] + own[o]; /* see below */
       const int halo = own[o] < sz[o];
-      const int pool = pass && in->op == SC_OP_MAXPOOL && needs[o];
+
+      const int folded = in->op == SC_OP_BATCHNORM && fused[i] >= 0;
       const int in_place =
-          (in->op == SC_OP_ADD ||
+          (folded || in->op == SC_OP_ADD ||
            (in->op == SC_OP_ACT && in->act == SC_ACT_RELU)) &&
           x != 0 && p->n_consumers[x] == 1 && !(pass && keep[x]) && !halo;
       double t = in_place ? 0.0 : own[o] + (halo ? sz[o] : 0.0);
       if (_sc_is_window(in->op)) t += rd[i];
       if (in->op == SC_OP_CONV) t += lib;
-      if (pool) t += ix * own[o];
       if (live + t > peak) peak = live + t;
-      live += sz[o] + (pool ? ix * own[o] : 0.0);
+      live += sz[o];
       for (int j = 0; j < in->n_in; j++) {
         const int64_t v = in->in[j];
         if (--left[v] == 0 && v != ov && !(pass && keep[v])) live -= sz[v];
@@ -593,7 +628,7 @@ static void tile_peak(const sc_program *p, const unsigned char *needs,
       *fwd = peak;
       continue;
     }
-    /* backward; live holds the kept values, the output and the indices */
+    /* backward; live holds the kept values and the output */
     for (int64_t v = 0; v < nv; v++) has_grad[v] = 0;
     for (int64_t i = p->n_instr - 1; i >= 0; i--) {
       const sc_instr *in = &p->instr[i];
@@ -610,6 +645,7 @@ static void tile_peak(const sc_program *p, const unsigned char *needs,
             gi = rd[i];
           else if (mine && j == 0 &&
                    (in->op == SC_OP_ADD ||
+                    (in->op == SC_OP_BATCHNORM && fused[i] >= 0) ||
                     (in->op == SC_OP_ACT && in->act == SC_ACT_RELU)))
             gi = 0.0; /* the output's gradient itself */
           else
@@ -621,22 +657,32 @@ static void tile_peak(const sc_program *p, const unsigned char *needs,
           }
         }
         if (_sc_is_window(in->op)) t += rd[i]; /* its (padded) input */
+        if (in->op == SC_OP_MAXPOOL) t += (1.0 + ix) * own[o]; /* again */
         if (in->op == SC_OP_CONV) t += lib;
         if (live + t > peak) peak = live + t;
         live += adopt - (mine ? sz[o] : 0.0);
       }
       if (keep[o] || o == ov) live -= sz[o];
-      if (in->op == SC_OP_MAXPOOL && needs[o]) live -= ix * own[o];
     }
     *bwd = peak;
   }
 }
 
 /* Elements of the parameter gradients a backward accumulates over the
- * tiles (each wanted parameter once) plus the largest one (a tile's share,
+ * tiles (each wanted parameter once; a fused convolution's weight-shaped
+ * sum for itself and its batch norm) plus the largest one (a tile's share,
  * before it is added). */
-static double param_grad_elements(const sc_program *p, const int *mask) {
+static double param_grad_elements(const sc_program *p, const int *mask,
+                                  const int64_t *fused) {
   double sum = 0.0, big = 0.0;
+  for (int64_t i = 0; i < p->n_instr; i++) {
+    const sc_instr *in = &p->instr[i];
+    if (in->op == SC_OP_CONV && fused[i] >= 0 &&
+        (param_wanted(mask, in->weight) ||
+         param_wanted(mask, p->instr[fused[i]].bn_weight)))
+      sum += (double)in->c_out * (double)(in->c_in / in->groups) *
+             (double)in->win[0].k * (double)in->win[1].k;
+  }
   for (int64_t k = 0; k < p->n_params; k++) {
     if (!param_wanted(mask, k)) continue;
     double n = 0.0; /* its size, from the first instruction using it */
@@ -667,6 +713,7 @@ int sc_memory_info(const int64_t *words, int64_t n_words, int64_t h,
   int64_t *sizes = NULL, *left = NULL;
   axis_sum ax[2] = {{0}, {0}};
   unsigned char *needs = NULL, *keep = NULL, *has_grad = NULL;
+  int64_t *fused = NULL;
   double *sz = NULL, *own = NULL, *rd = NULL;
   sc_axis_plan *plan = NULL;
   int64_t t[2];
@@ -688,14 +735,17 @@ int sc_memory_info(const int64_t *words, int64_t n_words, int64_t h,
   sz = malloc((size_t)nv * sizeof *sz);
   own = malloc((size_t)nv * sizeof *own);
   rd = malloc((size_t)(ni + 1) * sizeof *rd);
-  if (!plan || !needs || !keep || !has_grad || !left || !sz || !own || !rd) {
+  fused = malloc((size_t)(ni + 1) * sizeof *fused);
+  if (!plan || !needs || !keep || !has_grad || !left || !sz || !own || !rd ||
+      !fused) {
     sc_fail(&err, "streamcnn: out of memory");
     goto done;
   }
   for (int a = 0; a < 2; a++)
     if (axis_summary(p, sizes, a, t[a], cached, plan, &ax[a], &err)) goto done;
-  _sc_needs(p, mask, needs);
-  _sc_keep_set(p, needs, mask, keep);
+  _sc_fusion(p, itemsize >= 4, fused); /* as the replay does */
+  _sc_needs(p, mask, fused, needs);
+  _sc_keep_set(p, needs, mask, fused, keep);
   const double item = (double)itemsize, ix = 8.0 / item; /* int64 indices */
   double bwd = 0.0, fwd = 0.0, strips = 0.0;
   for (int64_t i = 0; i < ax[0].n_shapes; i++)
@@ -712,7 +762,8 @@ int sc_memory_info(const int64_t *words, int64_t n_words, int64_t h,
         rd[k] = (double)r0[k] * (double)r1[k] *
                 (double)p->channels[p->instr[k].in[0]] * item;
       double b, f;
-      tile_peak(p, needs, keep, sz, own, rd, ix, left, has_grad, &b, &f);
+      tile_peak(p, needs, keep, fused, sz, own, rd, ix, left, has_grad, &b,
+                &f);
       if (b > bwd) bwd = b;
       if (f > fwd) fwd = f;
     }
@@ -725,7 +776,7 @@ int sc_memory_info(const int64_t *words, int64_t n_words, int64_t h,
   if (n_rows > 1) bands /= (double)(n_rows - 1);
   /* a cached pass holds two rows' bands at a time: the forward the one it
    * reads and the one it writes, the backward their pending gradients */
-  mem[0] = bwd + 2.0 * bands + param_grad_elements(p, mask) * item;
+  mem[0] = bwd + 2.0 * bands + param_grad_elements(p, mask, fused) * item;
   mem[1] = fwd + 2.0 * bands;
   mem[2] = strips;
   rc = SC_OK;
@@ -739,6 +790,7 @@ done:
   free(sz);
   free(own);
   free(rd);
+  free(fused);
   sc_axis_plan_free(plan);
   free(sizes);
   sc_program_free(p);

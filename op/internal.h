@@ -24,21 +24,31 @@ int _sc_tiling(const sc_program *p, const int64_t *sizes, int64_t tile_h,
 /* Activations whose derivative ATen computes from the output. */
 int _sc_act_uses_output(int act);
 
+/* Batch norms folded into the convolution before them (fuse = 1; the
+ * replay does so for float32 / float64): fused[i] = j for a convolution i
+ * whose output only batch norm j reads, fused[j] = i, else -1 (n_instr
+ * entries). The convolution then runs with the weight w * s and the bias
+ * (b - mean) * s + beta, s = gamma / sqrt(var + eps), and the batch norm
+ * passes its input on: no intermediate value, nothing kept for it. */
+void _sc_fusion(const sc_program *p, int fuse, int64_t *fused);
+
 /* Which values carry a gradient (needs[v]) when the backward is asked for
  * mask[0] the image's and mask[1 + k] params[k]'s gradient (mask NULL:
- * all of them). */
-void _sc_needs(const sc_program *p, const int *mask, unsigned char *needs);
+ * all of them); fused from _sc_fusion, or NULL. */
+void _sc_needs(const sc_program *p, const int *mask, const int64_t *fused,
+               unsigned char *needs);
 
 /* The values a backward op reads (keep[v] = 1), for the instructions whose
  * output needs a gradient (needs[i + 1]) and the parameter gradients asked
  * for (mask as for _sc_needs): inputs of pools, layer norms and
  * input-based activations, outputs of output-based ones, and the inputs of
  * the ops linear in their input (conv, batch norm with frozen statistics,
- * channel linear / scale) only when their weight's gradient is wanted: the
- * input's gradient needs no input. The recompute frees everything else
+ * channel linear / scale) only when their weight's gradient is wanted (a
+ * fused convolution's: or its batch norm's weight's): the input's gradient
+ * needs no input; fused batch norms keep nothing. The recompute frees everything else
  * (batch-norm and add outputs, ...) as soon as it was consumed. */
 void _sc_keep_set(const sc_program *p, const unsigned char *needs,
-                  const int *mask, unsigned char *keep);
+                  const int *mask, const int64_t *fused, unsigned char *keep);
 
 /* ---- slides (slide.c, tiffwrite.c) ------------------------------------------ */
 
@@ -152,6 +162,24 @@ int _sc_avgpool_backward(sc_ctx *ctx, AtenTensorHandle g, AtenTensorHandle x,
                          AtenTensorHandle *out);
 int _sc_batchnorm(sc_ctx *ctx, AtenTensorHandle x, AtenTensorHandle const *p4,
                   double eps, AtenTensorHandle *out);
+/* A frozen batch norm folded into the convolution before it (weight w,
+ * bias b or NULL; p4 as for _sc_batchnorm): out[0] the weight w * scale,
+ * out[1] the bias b * scale + beta - mean * scale, out[2] scale = gamma *
+ * inv, out[3] inv = 1 / sqrt(var + eps) ([C] each). */
+int _sc_fold_bn(sc_ctx *ctx, AtenTensorHandle w, AtenTensorHandle b,
+                AtenTensorHandle const *p4, double eps,
+                AtenTensorHandle out[4]);
+/* The gradients of a folded pair from gw, the weight gradient taken
+ * against out[0] with the batch norm's output gradient g, and gs, g summed
+ * per channel (both summed over the tiles), where want[] asks: res[0] the
+ * convolution's weight, [1] its bias, [2] the batch norm's weight, [3] its
+ * bias. fold: _sc_fold_bn's out. */
+int _sc_fold_bn_grads(sc_ctx *ctx, AtenTensorHandle w, AtenTensorHandle b,
+                      AtenTensorHandle const *p4, AtenTensorHandle const *fold,
+                      AtenTensorHandle gw, AtenTensorHandle gs,
+                      const int want[4], AtenTensorHandle res[4]);
+/* g summed over batch and pixels per channel, as [C]. */
+int _sc_channel_sum(sc_ctx *ctx, AtenTensorHandle g, AtenTensorHandle *out);
 int _sc_batchnorm_backward(sc_ctx *ctx, AtenTensorHandle g,
                            AtenTensorHandle x, AtenTensorHandle const *p4,
                            double eps, const int mask[3],

@@ -63,8 +63,8 @@ typedef struct run {
   AtenTensorHandle *val;    /* nv: forward value over its region */
   AtenTensorHandle *grad;   /* nv: gradient over the value's region */
   unsigned char *grad_mine; /* nv: grad[v] may be written in place */
-  AtenTensorHandle *aux;    /* n_instr: max-pool indices / avg-pool divisor
-                               map, from the recompute, for the backward */
+  AtenTensorHandle *aux;    /* n_instr: avg-pool divisor map, from the
+                               recompute, for the backward */
   int64_t *left;            /* nv: consumers still to run in the forward */
   unsigned char *keep;      /* nv: a backward op reads this value */
 
@@ -74,6 +74,14 @@ typedef struct run {
   const int *mask;          /* 1 + n_params */
   unsigned char *needs;     /* nv: value needs a gradient */
   AtenTensorHandle *pgrad;  /* n_params: gradient sums */
+
+  /* batch norms folded into the convolution before them (_sc_fusion) */
+  int64_t *fused;           /* n_instr: the partner instruction, or -1 */
+  AtenTensorHandle *fold;   /* 4 per fused convolution: _sc_fold_bn's */
+  AtenTensorHandle *fgw;    /* n_instr: a fused convolution's weight
+                               gradient against its folded weight, summed */
+  AtenTensorHandle *fgs;    /* n_instr: its output gradient, summed per
+                               channel */
   AtenTensorHandle igrad;   /* image gradient, when mask[0] */
 
   /* halo caching: plans on both axes are cached plans, each value computed
@@ -277,6 +285,13 @@ static void run_release(run *r) {
   }
   if (r->pgrad)
     for (int64_t k = 0; k < r->p->n_params; k++) _sc_drop(&r->pgrad[k]);
+  if (r->fold) drop_all(r->fold, 4 * r->p->n_instr);
+  if (r->fgw) drop_all(r->fgw, r->p->n_instr);
+  if (r->fgs) drop_all(r->fgs, r->p->n_instr);
+  free(r->fused);
+  free(r->fold);
+  free(r->fgw);
+  free(r->fgs);
   _sc_drop(&r->igrad);
   free(r->order);
   free(r->sizes);
@@ -368,6 +383,8 @@ static int host_layout(const int64_t *sz, const int64_t *st, int64_t *plane,
 
 #endif
 
+static AtenTensorHandle param(const run *r, int64_t k);
+
 static int run_init(run *r, sc_ctx *ctx, const sc_call *call) {
   const sc_program *p = call->prog;
   int64_t dim, *isz, *ist;
@@ -387,6 +404,10 @@ static int run_init(run *r, sc_ctx *ctx, const sc_call *call) {
   r->left = calloc((size_t)r->nv, sizeof *r->left);
   r->needs = calloc((size_t)r->nv, 1);
   r->pgrad = calloc((size_t)p->n_params + 1, sizeof *r->pgrad);
+  r->fused = calloc((size_t)p->n_instr + 1, sizeof *r->fused);
+  r->fold = calloc(4 * (size_t)p->n_instr + 1, sizeof *r->fold);
+  r->fgw = calloc((size_t)p->n_instr + 1, sizeof *r->fgw);
+  r->fgs = calloc((size_t)p->n_instr + 1, sizeof *r->fgs);
   r->cached = call->cached;
   r->next_tile[0] = r->next_tile[1] = -1;
   AtenTensorHandle **arrays[] = HALO_ARRAYS(r);
@@ -394,8 +415,23 @@ static int run_init(run *r, sc_ctx *ctx, const sc_call *call) {
   for (size_t k = 0; k < sizeof arrays / sizeof *arrays; k++)
     have &= (*arrays[k] = calloc((size_t)r->nv, sizeof **arrays[k])) != NULL;
   if (!r->sizes || !r->val || !r->grad || !r->grad_mine || !r->keep ||
-      !r->aux || !r->left || !r->needs || !r->pgrad || !have)
+      !r->aux || !r->left || !r->needs || !r->pgrad || !r->fused ||
+      !r->fold || !r->fgw || !r->fgs || !have)
     return sc_fail(&ctx->err, "streamcnn: out of memory");
+  /* fold batch norms into their convolutions in float32 / float64 (in half
+   * precision the folded weight would round once more) */
+  _sc_fusion(p, ctx->kdtype == SC_DTYPE_F32 || ctx->kdtype == SC_DTYPE_F64,
+             r->fused);
+  for (int64_t i = 0; i < p->n_instr; i++) {
+    const sc_instr *in = &p->instr[i];
+    if (in->op != SC_OP_CONV || r->fused[i] < 0) continue;
+    const sc_instr *bn = &p->instr[r->fused[i]];
+    AtenTensorHandle p4[4] = {param(r, bn->bn_weight), param(r, bn->bn_bias),
+                              param(r, bn->bn_mean), param(r, bn->bn_var)};
+    if (_sc_fold_bn(ctx, param(r, in->weight), param(r, in->bias), p4,
+                    bn->eps, &r->fold[4 * i]))
+      return SC_ERR;
+  }
   if (sc_value_sizes(p, isz[2], isz[3], r->sizes, &ctx->err) ||
       _sc_tiling(p, r->sizes, call->tile[0], call->tile[1], r->tile_out,
                  &ctx->err))
@@ -617,16 +653,19 @@ static int forward_instr(run *r, int64_t i, int keep) {
   AtenTensorHandle x = NULL, y = NULL, aux = NULL, t = NULL;
   int rc = SC_ERR;
   switch (in->op) {
-  case SC_OP_CONV:
+  case SC_OP_CONV: {
+    const int f = r->fused[i] >= 0; /* with its batch norm folded in */
     if (layer_input(r, i, 0, 0.0, &x) ||
-        _sc_conv(ctx, x, param(r, in->weight), param(r, in->bias), in, &y))
+        _sc_conv(ctx, x, f ? r->fold[4 * i] : param(r, in->weight),
+                 f ? r->fold[4 * i + 1] : param(r, in->bias), in, &y))
       goto done;
     break;
+  }
   case SC_OP_MAXPOOL:
-    /* NB: max pooling pads with -inf, not 0 */
-    if (layer_input(r, i, 0, -INFINITY, &x) ||
-        _sc_maxpool(ctx, x, in, &y,
-                    keep && i >= r->keep_from && r->needs[i + 1] ? &aux : NULL))
+    /* NB: max pooling pads with -inf, not 0. No indices: the backward
+     * takes them again from the input it keeps anyway (int64 indices are
+     * twice a float32 output, held from the recompute to the backward) */
+    if (layer_input(r, i, 0, -INFINITY, &x) || _sc_maxpool(ctx, x, in, &y, NULL))
       goto done;
     break;
   case SC_OP_AVGPOOL:
@@ -642,6 +681,10 @@ static int forward_instr(run *r, int64_t i, int keep) {
   case SC_OP_BATCHNORM: {
     AtenTensorHandle p4[4] = {param(r, in->bn_weight), param(r, in->bn_bias),
                               param(r, in->bn_mean), param(r, in->bn_var)};
+    if (r->fused[i] >= 0) { /* the convolution applied it */
+      if (pointwise_input(r, i, 0, &y)) goto done;
+      break;
+    }
     if (pointwise_input(r, i, 0, &x) ||
         _sc_batchnorm(ctx, x, p4, in->eps, &y))
       goto done;
@@ -692,8 +735,8 @@ static int forward_instr(run *r, int64_t i, int keep) {
   }
   r->val[i + 1] = y;
   y = NULL;
-  if (keep && i >= r->keep_from) { /* max-pool indices / avg-pool divisor
-                                       map, for this layer's backward */
+  if (keep && i >= r->keep_from) { /* avg-pool divisor map, for this
+                                       layer's backward */
     r->aux[i] = aux;
     aux = NULL;
   }
@@ -1142,6 +1185,70 @@ static int accum_param(run *r, int64_t k, AtenTensorHandle *t) {
 
 static int wants(const run *r, int64_t k) { return k >= 0 && r->mask[1 + k]; }
 
+/* t summed into *acc (adopted when it is the first), t released. */
+static int sum_into(run *r, AtenTensorHandle *acc, AtenTensorHandle *t) {
+  if (!*acc) {
+    *acc = *t;
+    *t = NULL;
+    return SC_OK;
+  }
+  const int rc = _sc_copy(r->ctx, *acc, *t, 1);
+  _sc_drop(t);
+  return rc;
+}
+
+/* Backward of convolution i with batch norm fused[i] folded in, given g,
+ * the batch norm's output gradient over the tile's own span: the input's
+ * gradient against the folded weight; the weight gradient against it and
+ * g's per-channel sum are summed over the tiles (fgw, fgs), and
+ * fused_param_grads turns them into the four parameters' gradients. */
+static int fused_conv_backward(run *r, int64_t i, AtenTensorHandle g) {
+  const sc_instr *in = &r->p->instr[i], *bn = &r->p->instr[r->fused[i]];
+  const int want_w = wants(r, in->weight) || wants(r, bn->bn_weight);
+  const int want_s = wants(r, in->bias) || wants(r, bn->bn_weight) ||
+                     wants(r, bn->bn_bias);
+  const int m[3] = {r->needs[in->in[0]], want_w, 0};
+  AtenTensorHandle x = NULL, s = NULL, res[3] = {NULL, NULL, NULL};
+  int rc = SC_OK;
+  if (m[0] || m[1])
+    rc = (m[1] ? layer_input(r, i, 0, 0.0, &x) : layer_shape(r, i, 0, &x)) ||
+         _sc_conv_backward(r->ctx, g, x, r->fold[4 * i], in, m, res) ||
+         (m[1] && sum_into(r, &r->fgw[i], &res[1])) ||
+         (m[0] && accum_input(r, i, 0, res[0], 1));
+  if (!rc && want_s)
+    rc = _sc_channel_sum(r->ctx, g, &s) || sum_into(r, &r->fgs[i], &s);
+  _sc_drop(&x);
+  _sc_drop(&s);
+  for (int k = 0; k < 3; k++) _sc_drop(&res[k]);
+  return rc;
+}
+
+/* After the last tile: the parameter gradients of the fused pairs. */
+static int fused_param_grads(run *r) {
+  for (int64_t i = 0; i < r->p->n_instr; i++) {
+    const sc_instr *in = &r->p->instr[i];
+    if (in->op != SC_OP_CONV || r->fused[i] < 0 || (!r->fgw[i] && !r->fgs[i]))
+      continue;
+    const sc_instr *bn = &r->p->instr[r->fused[i]];
+    const int64_t k[4] = {in->weight, in->bias, bn->bn_weight, bn->bn_bias};
+    const int want[4] = {wants(r, k[0]), wants(r, k[1]), wants(r, k[2]),
+                         wants(r, k[3])};
+    AtenTensorHandle p4[4] = {param(r, bn->bn_weight), param(r, bn->bn_bias),
+                              param(r, bn->bn_mean), param(r, bn->bn_var)};
+    AtenTensorHandle res[4];
+    if (_sc_fold_bn_grads(r->ctx, param(r, in->weight), param(r, in->bias),
+                          p4, &r->fold[4 * i], r->fgw[i], r->fgs[i], want,
+                          res))
+      return SC_ERR;
+    int rc = SC_OK;
+    for (int j = 0; j < 4; j++)
+      if (!rc && want[j]) rc = accum_param(r, k[j], &res[j]);
+    for (int j = 0; j < 4; j++) _sc_drop(&res[j]);
+    if (rc) return SC_ERR;
+  }
+  return SC_OK;
+}
+
 static int backward_instr(run *r, int64_t i) {
   const sc_instr *in = &r->p->instr[i];
   sc_ctx *ctx = r->ctx;
@@ -1156,6 +1263,10 @@ static int backward_instr(run *r, int64_t i) {
     goto done;
   switch (in->op) {
   case SC_OP_CONV: {
+    if (r->fused[i] >= 0) {
+      if (fused_conv_backward(r, i, g)) goto done;
+      break;
+    }
     const int m[3] = {need_in, wants(r, in->weight), wants(r, in->bias)};
     if (!m[0] && !m[1] && !m[2]) break;
     /* the padded input is rebuilt rather than held through the forward;
@@ -1168,9 +1279,10 @@ static int backward_instr(run *r, int64_t i) {
       goto done;
     break;
   }
-  case SC_OP_MAXPOOL: /* indices from the recompute (aux) */
+  case SC_OP_MAXPOOL: /* the indices again, from the kept input */
     if (need_in && (layer_input(r, i, 0, -INFINITY, &x) ||
-                    _sc_maxpool_backward(ctx, g, x, in, r->aux[i], &gi) ||
+                    _sc_maxpool(ctx, x, in, &t, &res[0]) ||
+                    _sc_maxpool_backward(ctx, g, x, in, res[0], &gi) ||
                     accum_input(r, i, 0, gi, 1)))
       goto done;
     break;
@@ -1188,6 +1300,10 @@ static int backward_instr(run *r, int64_t i) {
     if (accum_input(r, i, 0, gi, 1)) goto done;
     break;
   case SC_OP_BATCHNORM: {
+    if (r->fused[i] >= 0) { /* the convolution's backward does its part */
+      if (need_in && accum_input(r, i, 0, g, r->grad_mine[o])) goto done;
+      break;
+    }
     const int m[3] = {need_in, wants(r, in->bn_weight),
                       wants(r, in->bn_bias)};
     AtenTensorHandle p4[4] = {param(r, in->bn_weight), param(r, in->bn_bias),
@@ -1527,8 +1643,8 @@ int _sc_backward(sc_ctx *ctx, const sc_call *call, AtenTensorHandle grad_out,
                    "device");
   }
   if (!rc) {
-    _sc_needs(p, mask, r.needs);
-    _sc_keep_set(p, r.needs, mask, r.keep);
+    _sc_needs(p, mask, r.fused, r.needs);
+    _sc_keep_set(p, r.needs, mask, r.fused, r.keep);
     if (!r.cached) choose_cut(&r);
   }
   if (!rc && mask[0]) {
@@ -1584,6 +1700,7 @@ int _sc_backward(sc_ctx *ctx, const sc_call *call, AtenTensorHandle grad_out,
       run_tile_release(&r);
       if (!rc) report(1, k + 1, r.n_order);
     }
+  if (!rc) rc = fused_param_grads(&r);
   /* hand over the requested gradients, contiguous, zeros where unused */
   if (!rc && mask[0]) {
     grads[0] = r.igrad;

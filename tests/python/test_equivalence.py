@@ -408,3 +408,62 @@ def test_frozen_channel_ops_stay_exact():
                 lin.weight.requires_grad_(False)
     x = torch.randn(1, 3, 77, 69, dtype=torch.float64, requires_grad=True)
     compare(stem, x, 224, FP64_TOL)
+
+
+class _ConvBN(nn.Module):
+    """conv (with bias) -> BN -> ReLU, a conv -> BN whose conv output is
+    also read elsewhere (not fused), and a conv -> BN ending the stem."""
+
+    def __init__(self, affine=True):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 6, 3, padding=1, bias=True), nn.BatchNorm2d(6, affine=affine)
+        self.c2, self.b2 = nn.Conv2d(6, 6, 3, stride=2), nn.BatchNorm2d(6)
+        self.c3, self.b3 = nn.Conv2d(6, 5, 3, padding=2, dilation=2, bias=False), nn.BatchNorm2d(5)
+
+    def forward(self, x):
+        y = torch.relu(self.b1(self.c1(x)))
+        z = self.c2(y)
+        return self.b3(self.c3(torch.relu(self.b2(z) + z)))
+
+
+@pytest.mark.parametrize("case", ["trainable", "frozen_weights", "zero_gamma", "not_affine",
+                                  "cone"])
+def test_batch_norm_folded_into_its_conv_is_exact(case):
+    """In float32 / float64 a batch norm reading a conv's output alone is
+    folded into it (weight w * s, bias (b - mean) * s + beta); its gradients
+    come from the conv's weight gradient against the folded weight
+    (d/dgamma = inv * (<w, gw> + (b - mean) * sum g)): exact, also with
+    gamma = 0, a conv bias, no affine, a frozen conv weight."""
+    torch.manual_seed(1)
+    stem = _ConvBN(affine=case != "not_affine").double().eval()
+    randomize_bn(stem, torch.Generator().manual_seed(2))
+    if case == "zero_gamma":
+        with torch.no_grad():
+            stem.b1.weight[1:3] = 0
+            stem.b3.weight.zero_()
+    if case == "frozen_weights":
+        for c in (stem.c1, stem.c2, stem.c3):
+            c.weight.requires_grad_(False)
+    sm = streamcnn.StreamingModule(stem, 24, halo_cache=case != "cone")
+    x = torch.randn(2, 3, 41, 37, dtype=torch.float64, requires_grad=True)
+    compare(stem, x, 24, FP64_TOL, sm=sm)
+    compare(stem.float(), x.detach().float().requires_grad_(), 24, FP32_TOL, sm=sm)
+
+
+def test_batch_norm_folding_only_in_float32_and_float64():
+    """No batch-norm kernel runs in a folded (float32) streamed pass; in
+    bfloat16 (folding would round the folded weight once more) they do."""
+    tv = pytest.importorskip("torchvision")
+    from torch.profiler import ProfilerActivity, profile
+    r = tv.models.resnet18(weights=None)
+    stem = nn.Sequential(r.conv1, r.bn1, r.relu, r.maxpool, r.layer1).eval()
+    sm = streamcnn.StreamingModule(stem, 200)
+
+    def bn_calls(x):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            sm(x).sum().backward()
+        return sum(e.count for e in prof.key_averages() if "batch_norm" in e.key)
+
+    assert bn_calls(torch.randn(1, 3, 300, 300)) == 0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert bn_calls(torch.randn(1, 3, 300, 300)) > 0
