@@ -11,7 +11,11 @@ Columns: "cone" (every tile recomputes its whole cone, halo_cache=False) and
 "cached" (halo caching along rows, the default: only the column overlap is
 recomputed), plus the strips the cache keeps from forward to backward
 (float32). Exact streaming with one recompute cannot beat 4/3 = 1.33x;
-cached with tiles as wide as the image reaches it.
+cached with tiles as wide as the image reaches it. "step memory": the C
+memory model's peak of a cached float32 training step of batch 1 (largest
+tile's backward, strips, folded weights, parameter gradients) plus the
+stem output and its gradient, what max_memory_allocated would show
+(without the convolution library's workspace).
 
     python bench/recompute.py [--sizes 2048 4096 8192 16384 32768 65536] [--tiles 1024 1920 2880 4096]
 """
@@ -22,6 +26,7 @@ import torch.nn as nn
 import torchvision
 
 import streamcnn
+from streamcnn._library import memory_info
 
 
 def main() -> None:
@@ -36,18 +41,22 @@ def main() -> None:
           f"{streamcnn.StreamingModule(stem, 4096).receptive_field[0]}, multiply-adds "
           "streamed / whole-image")
     print("| image   | tile | tiles   | fwd cone | step cone | fwd cached | step cached "
-          "| strips fp32 | whole fwd GMAC |")
+          "| strips fp32 | step memory | whole fwd GMAC |")
     print("|---------|------|---------|----------|-----------|------------|-------------"
-          "|-------------|----------------|")
+          "|-------------|-------------|----------------|")
     for size in args.sizes:
         for tile in args.tiles:
             sm = streamcnn.StreamingModule(stem, tile)
             w = sm.work(size, size)
             n = sm.tiling(size, size)["tiles"]
             fwd, c = w["recompute"], w["recompute_cached"]
+            oh, ow = sm.tiling(size, size)["output"]
+            bwd, _, strips = memory_info(sm.program, size, size, sm.tile_size, True, None, 4)
+            step = bwd + strips + 2 * 256 * oh * ow * 4  # + output and its gradient
             print(f"| {size:>6}² | {tile:>4} | {n[0]:>3}x{n[1]:<3} | {fwd:7.3f}x | "
                   f"{4 * fwd / 3:8.3f}x | {c:9.3f}x | {4 * c / 3:10.3f}x | "
-                  f"{w['strip_elements'] * 4 / 2**30:8.2f} GB | {w['macs_whole'] / 1e9:14.1f} |")
+                  f"{w['strip_elements'] * 4 / 1e9:8.2f} GB | {step / 1e9:8.2f} GB "
+                  f"| {w['macs_whole'] / 1e9:14.1f} |")
 
 
 if __name__ == "__main__":

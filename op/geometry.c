@@ -312,6 +312,72 @@ int _sc_tiling(const sc_program *p, const int64_t *sizes, int64_t tile_h,
   return SC_OK;
 }
 
+/* Extent of the image (value 0) a cached plan of output [lo, hi) reads. */
+static int cached_input_extent(const sc_program *p, const int64_t *sizes,
+                               int axis, int64_t lo, int64_t hi,
+                               sc_axis_plan *plan, int64_t *ext,
+                               sc_error *err) {
+  if (sc_plan_axis_cached(p, sizes, axis, lo, hi, plan, err)) return SC_ERR;
+  *ext = plan->region[1] > plan->region[0] ? plan->region[1] - plan->region[0]
+                                           : 0;
+  return SC_OK;
+}
+
+/* Extents of the image a cached first tile [0, t0) and the next tile
+ * read, the other tiles sharing n_out - t0 evenly. */
+static int first_and_next(const sc_program *p, const int64_t *sizes,
+                          int axis, int64_t n, int64_t t0, sc_axis_plan *plan,
+                          int64_t e[2], sc_error *err) {
+  const int64_t n_out = sizes[2 * p->n_instr + axis];
+  const int64_t rest = (n_out - t0 + n - 2) / (n - 1);
+  return cached_input_extent(p, sizes, axis, 0, t0, plan, &e[0], err) ||
+         cached_input_extent(p, sizes, axis, t0,
+                             t0 + rest < n_out ? t0 + rest : n_out, plan,
+                             &e[1], err);
+}
+
+int _sc_tile_bounds(const sc_program *p, const int64_t *sizes, int axis,
+                    int64_t t_out, int64_t tile_in, int cached,
+                    sc_axis_plan *plan, int64_t *bounds, sc_error *err) {
+  const int64_t n_out = sizes[2 * p->n_instr + axis];
+  const int64_t n = (n_out + t_out - 1) / t_out;
+  bounds[0] = 0;
+  if (!cached || n < 2) { /* tiles of t_out */
+    for (int64_t k = 1; k <= n; k++)
+      bounds[k] = k * t_out < n_out ? k * t_out : n_out;
+    return SC_OK;
+  }
+  /* The first tile reads its whole cone, the others their own part and a
+   * thin halo: shrink the first until it reads about as much as the next
+   * (the largest tile sets the memory), the others sharing the remainder
+   * evenly, none reading more than tile_in. Binary search for the smallest
+   * first size reading at least as much as the next (both monotone). */
+  int64_t lo = 1, hi = t_out, e[2];
+  while (lo < hi) {
+    const int64_t t0 = lo + (hi - lo) / 2;
+    if (first_and_next(p, sizes, axis, n, t0, plan, e, err)) return SC_ERR;
+    if (e[0] >= e[1] && e[1] <= tile_in)
+      hi = t0;
+    else
+      lo = t0 + 1;
+  }
+  int64_t first = lo;
+  if (lo > 1) { /* one less may read less at most */
+    int64_t f[2];
+    if (first_and_next(p, sizes, axis, n, lo, plan, e, err) ||
+        first_and_next(p, sizes, axis, n, lo - 1, plan, f, err))
+      return SC_ERR;
+    if (f[1] <= tile_in && (f[0] > f[1] ? f[0] : f[1]) <
+                               (e[0] > e[1] ? e[0] : e[1]))
+      first = lo - 1;
+  }
+  const int64_t rest = n_out - first;
+  bounds[1] = first;
+  for (int64_t k = 2; k <= n; k++) /* evenly: sizes differ by one at most */
+    bounds[k] = first + (rest * (k - 1) + (n - 2)) / (n - 1);
+  return SC_OK;
+}
+
 /* Decode a program and tile an h x w image with it: the shared start of
  * sc_tiling_info and sc_work_info. On success *p, *sizes (per value
  * extents) and tile_out are set; the caller frees *p and *sizes either way. */
@@ -465,11 +531,34 @@ static void axis_sum_free(axis_sum *s) {
   s->owned = s->halo = NULL;
 }
 
+static int axis_summary_bounds(const sc_program *p, const int64_t *sizes,
+                               int axis, int64_t count, const int64_t *bounds,
+                               int cached, sc_axis_plan *plan, axis_sum *s,
+                               sc_error *err);
+
 static int axis_summary(const sc_program *p, const int64_t *sizes, int axis,
-                        int64_t t, int cached, sc_axis_plan *plan,
-                        axis_sum *s, sc_error *err) {
-  const int64_t nv = p->n_instr + 1, n_out = sizes[2 * p->n_instr + axis];
+                        int64_t t, int64_t tile_in, int cached,
+                        sc_axis_plan *plan, axis_sum *s, sc_error *err) {
+  const int64_t n_out = sizes[2 * p->n_instr + axis];
   const int64_t count = (n_out + t - 1) / t;
+  int64_t *bounds = malloc((size_t)(count + 1) * sizeof *bounds);
+  if (!bounds) return sc_fail(err, "streamcnn: out of memory");
+  if (_sc_tile_bounds(p, sizes, axis, t, tile_in, cached, plan, bounds,
+                      err)) {
+    free(bounds);
+    return SC_ERR;
+  }
+  const int rc = axis_summary_bounds(p, sizes, axis, count, bounds, cached,
+                                     plan, s, err);
+  free(bounds);
+  return rc;
+}
+
+static int axis_summary_bounds(const sc_program *p, const int64_t *sizes,
+                               int axis, int64_t count, const int64_t *bounds,
+                               int cached, sc_axis_plan *plan, axis_sum *s,
+                               sc_error *err) {
+  const int64_t nv = p->n_instr + 1;
   s->n_shapes = 0;
   s->ext = malloc((size_t)(count * nv) * sizeof *s->ext);
   s->rext = malloc((size_t)(count * p->n_instr + 1) * sizeof *s->rext);
@@ -478,8 +567,8 @@ static int axis_summary(const sc_program *p, const int64_t *sizes, int axis,
   s->halo = calloc((size_t)nv, sizeof *s->halo);
   if (!s->ext || !s->rext || !s->oext || !s->owned || !s->halo)
     return sc_fail(err, "streamcnn: out of memory");
-  for (int64_t lo = 0; lo < n_out; lo += t) {
-    const int64_t hi = lo + t < n_out ? lo + t : n_out;
+  for (int64_t k = 0; k < count; k++) {
+    const int64_t lo = bounds[k], hi = bounds[k + 1];
     if (cached ? sc_plan_axis_cached(p, sizes, axis, lo, hi, plan, err)
                : sc_plan_axis(p, sizes, axis, lo, hi, plan, err))
       return SC_ERR;
@@ -518,6 +607,37 @@ static double strip_elements(const sc_program *p, const axis_sum s[2],
          (double)p->channels[v];
 }
 
+int sc_tile_bounds(const int64_t *words, int64_t n_words, int64_t h,
+                   int64_t w, int64_t tile_h, int64_t tile_w, int cached,
+                   int64_t *rows, int64_t rows_cap, int64_t *cols,
+                   int64_t cols_cap, char *errbuf, size_t errlen) {
+  sc_error err = {0};
+  sc_program *p;
+  int64_t *sizes;
+  sc_axis_plan *plan = NULL;
+  const int64_t tile[2] = {tile_h, tile_w}, cap[2] = {rows_cap, cols_cap};
+  int64_t *out[2] = {rows, cols}, t[2];
+  int rc = decode_and_tile(words, n_words, h, w, tile_h, tile_w, &p, &sizes,
+                           t, &err);
+  if (!rc && !(plan = sc_axis_plan_new(p)))
+    rc = sc_fail(&err, "streamcnn: out of memory");
+  for (int a = 0; a < 2 && !rc; a++) {
+    const int64_t n_out = sizes[2 * p->n_instr + a];
+    const int64_t n = (n_out + t[a] - 1) / t[a];
+    if (!out[a] || cap[a] < n + 1)
+      rc = sc_fail(&err, "streamcnn: sc_tile_bounds needs %lld entries",
+                   (long long)(n + 1));
+    else
+      rc = _sc_tile_bounds(p, sizes, a, t[a], tile[a], cached, plan, out[a],
+                           &err);
+  }
+  if (rc) copy_err(&err, errbuf, errlen);
+  sc_axis_plan_free(plan);
+  free(sizes);
+  sc_program_free(p);
+  return rc;
+}
+
 int sc_work_info(const int64_t *words, int64_t n_words, int64_t h, int64_t w,
                  int64_t tile_h, int64_t tile_w, double *work, char *errbuf,
                  size_t errlen) {
@@ -526,6 +646,7 @@ int sc_work_info(const int64_t *words, int64_t n_words, int64_t h, int64_t w,
   int64_t *sizes;
   axis_sum cone[2] = {{0}, {0}}, cached[2] = {{0}, {0}};
   sc_axis_plan *plan = NULL;
+  const int64_t tile[2] = {tile_h, tile_w};
   int64_t t[2];
   int rc = SC_ERR;
   if (decode_and_tile(words, n_words, h, w, tile_h, tile_w, &p, &sizes, t,
@@ -540,8 +661,8 @@ int sc_work_info(const int64_t *words, int64_t n_words, int64_t h, int64_t w,
    * summed area over all tiles is (sum of its row extents) x (sum of its
    * column extents), of the regions (cones) or of the own spans (cached) */
   for (int a = 0; a < 2; a++)
-    if (axis_summary(p, sizes, a, t[a], 0, plan, &cone[a], &err) ||
-        axis_summary(p, sizes, a, t[a], 1, plan, &cached[a], &err))
+    if (axis_summary(p, sizes, a, t[a], tile[a], 0, plan, &cone[a], &err) ||
+        axis_summary(p, sizes, a, t[a], tile[a], 1, plan, &cached[a], &err))
       goto done;
   for (int k = 0; k < SC_WORK_WORDS; k++) work[k] = 0.0;
   for (int64_t i = 0; i < p->n_instr; i++) {
@@ -641,18 +762,28 @@ static void tile_peak(const sc_program *p, const unsigned char *needs,
           const int64_t v = in->in[j];
           if (!needs[v]) continue;
           double gi; /* the input gradient this op makes */
-          if (_sc_is_window(in->op))
+          /* a pointwise op's covers v's own part: with a halo, v's
+           * gradient is a new region-sized buffer it is added into */
+          int whole = own[v] >= sz[v];
+          if (_sc_is_window(in->op)) {
             gi = rd[i];
-          else if (mine && j == 0 &&
-                   (in->op == SC_OP_ADD ||
-                    (in->op == SC_OP_BATCHNORM && fused[i] >= 0) ||
-                    (in->op == SC_OP_ACT && in->act == SC_ACT_RELU)))
+            whole = 1; /* it reads all of v's region */
+          } else if (mine && j == 0 &&
+                     (in->op == SC_OP_ADD ||
+                      (in->op == SC_OP_BATCHNORM && fused[i] >= 0) ||
+                      (in->op == SC_OP_ACT && in->act == SC_ACT_RELU))) {
             gi = 0.0; /* the output's gradient itself */
-          else
+          } else {
             gi = own[o];
+          }
           t += gi;
           if (!has_grad[v]) {
-            adopt += gi > 0.0 ? gi : sz[o];
+            if (whole) {
+              adopt += gi > 0.0 ? gi : sz[o];
+            } else {
+              adopt += sz[v];
+              t += sz[v];
+            }
             has_grad[v] = 1;
           }
         }
@@ -668,21 +799,28 @@ static void tile_peak(const sc_program *p, const unsigned char *needs,
   }
 }
 
-/* Elements of the parameter gradients a backward accumulates over the
- * tiles (each wanted parameter once; a fused convolution's weight-shaped
- * sum for itself and its batch norm) plus the largest one (a tile's share,
- * before it is added). */
-static double param_grad_elements(const sc_program *p, const int *mask,
-                                  const int64_t *fused) {
-  double sum = 0.0, big = 0.0;
+/* Elements of the folded weights, biases and scales the replay holds for a
+ * call: one weight-sized tensor and three per-channel ones per fused
+ * convolution. */
+static double fold_elements(const sc_program *p, const int64_t *fused) {
+  double sum = 0.0;
   for (int64_t i = 0; i < p->n_instr; i++) {
     const sc_instr *in = &p->instr[i];
-    if (in->op == SC_OP_CONV && fused[i] >= 0 &&
-        (param_wanted(mask, in->weight) ||
-         param_wanted(mask, p->instr[fused[i]].bn_weight)))
-      sum += (double)in->c_out * (double)(in->c_in / in->groups) *
-             (double)in->win[0].k * (double)in->win[1].k;
+    if (in->op == SC_OP_CONV && fused[i] >= 0)
+      sum += (double)in->c_out * ((double)(in->c_in / in->groups) *
+                                      (double)in->win[0].k *
+                                      (double)in->win[1].k +
+                                  3.0);
   }
+  return sum;
+}
+
+/* Elements of the parameter gradients a backward accumulates over the
+ * tiles (each wanted parameter once) plus twice the largest one (a tile's
+ * share before it is added, and a fused pair's weight gradient against the
+ * folded weight). */
+static double param_grad_elements(const sc_program *p, const int *mask) {
+  double sum = 0.0, big = 0.0;
   for (int64_t k = 0; k < p->n_params; k++) {
     if (!param_wanted(mask, k)) continue;
     double n = 0.0; /* its size, from the first instruction using it */
@@ -701,7 +839,7 @@ static double param_grad_elements(const sc_program *p, const int *mask,
     sum += n;
     if (n > big) big = n;
   }
-  return sum + big;
+  return sum + 2.0 * big;
 }
 
 int sc_memory_info(const int64_t *words, int64_t n_words, int64_t h,
@@ -716,6 +854,7 @@ int sc_memory_info(const int64_t *words, int64_t n_words, int64_t h,
   int64_t *fused = NULL;
   double *sz = NULL, *own = NULL, *rd = NULL;
   sc_axis_plan *plan = NULL;
+  const int64_t tile[2] = {tile_h, tile_w};
   int64_t t[2];
   int rc = SC_ERR;
   if (itemsize != 1 && itemsize != 2 && itemsize != 4 && itemsize != 8) {
@@ -742,7 +881,8 @@ int sc_memory_info(const int64_t *words, int64_t n_words, int64_t h,
     goto done;
   }
   for (int a = 0; a < 2; a++)
-    if (axis_summary(p, sizes, a, t[a], cached, plan, &ax[a], &err)) goto done;
+    if (axis_summary(p, sizes, a, t[a], tile[a], cached, plan, &ax[a], &err))
+      goto done;
   _sc_fusion(p, itemsize >= 4, fused); /* as the replay does */
   _sc_needs(p, mask, fused, needs);
   _sc_keep_set(p, needs, mask, fused, keep);
@@ -776,8 +916,9 @@ int sc_memory_info(const int64_t *words, int64_t n_words, int64_t h,
   if (n_rows > 1) bands /= (double)(n_rows - 1);
   /* a cached pass holds two rows' bands at a time: the forward the one it
    * reads and the one it writes, the backward their pending gradients */
-  mem[0] = bwd + 2.0 * bands + param_grad_elements(p, mask, fused) * item;
-  mem[1] = fwd + 2.0 * bands;
+  const double folds = fold_elements(p, fused) * item;
+  mem[0] = bwd + 2.0 * bands + param_grad_elements(p, mask) * item + folds;
+  mem[1] = fwd + 2.0 * bands + folds;
   mem[2] = strips;
   rc = SC_OK;
 done:

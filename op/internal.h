@@ -16,6 +16,18 @@ extern "C" {
 const char *_sc_op_name(int op);
 int _sc_is_window(int op);
 
+/* Tile boundaries along one axis for output tiles of t_out (from
+ * _sc_tiling) and an input tile edge tile_in: bounds[0 .. n] with n =
+ * ceil(output extent / t_out) (bounds must hold n + 1). Cone plans
+ * (cached = 0): tiles of t_out, the last the remainder. Cached plans: the
+ * first tile, which reads its whole cone while the others read only their
+ * own part and a thin halo, shrunk until it reads about as much as the
+ * next; the others share the rest evenly, none reading more than tile_in.
+ * plan is scratch from sc_axis_plan_new. */
+int _sc_tile_bounds(const sc_program *p, const int64_t *sizes, int axis,
+                    int64_t t_out, int64_t tile_in, int cached,
+                    sc_axis_plan *plan, int64_t *bounds, sc_error *err);
+
 /* Output tile edge per axis for an input tile of tile_h x tile_w, capped at
  * the output extent; fails with the minimum tile when it is too small. */
 int _sc_tiling(const sc_program *p, const int64_t *sizes, int64_t tile_h,
@@ -171,7 +183,7 @@ int _sc_fold_bn(sc_ctx *ctx, AtenTensorHandle w, AtenTensorHandle b,
                 AtenTensorHandle out[4]);
 /* The gradients of a folded pair from gw, the weight gradient taken
  * against out[0] with the batch norm's output gradient g, and gs, g summed
- * per channel (both summed over the tiles), where want[] asks: res[0] the
+ * per channel (over a tile: all is linear in g), where want[] asks: res[0] the
  * convolution's weight, [1] its bias, [2] the batch norm's weight, [3] its
  * bias. fold: _sc_fold_bn's out. */
 int _sc_fold_bn_grads(sc_ctx *ctx, AtenTensorHandle w, AtenTensorHandle b,

@@ -78,10 +78,6 @@ typedef struct run {
   /* batch norms folded into the convolution before them (_sc_fusion) */
   int64_t *fused;           /* n_instr: the partner instruction, or -1 */
   AtenTensorHandle *fold;   /* 4 per fused convolution: _sc_fold_bn's */
-  AtenTensorHandle *fgw;    /* n_instr: a fused convolution's weight
-                               gradient against its folded weight, summed */
-  AtenTensorHandle *fgs;    /* n_instr: its output gradient, summed per
-                               channel */
   AtenTensorHandle igrad;   /* image gradient, when mask[0] */
 
   /* halo caching: plans on both axes are cached plans, each value computed
@@ -286,12 +282,8 @@ static void run_release(run *r) {
   if (r->pgrad)
     for (int64_t k = 0; k < r->p->n_params; k++) _sc_drop(&r->pgrad[k]);
   if (r->fold) drop_all(r->fold, 4 * r->p->n_instr);
-  if (r->fgw) drop_all(r->fgw, r->p->n_instr);
-  if (r->fgs) drop_all(r->fgs, r->p->n_instr);
   free(r->fused);
   free(r->fold);
-  free(r->fgw);
-  free(r->fgs);
   _sc_drop(&r->igrad);
   free(r->order);
   free(r->sizes);
@@ -406,8 +398,6 @@ static int run_init(run *r, sc_ctx *ctx, const sc_call *call) {
   r->pgrad = calloc((size_t)p->n_params + 1, sizeof *r->pgrad);
   r->fused = calloc((size_t)p->n_instr + 1, sizeof *r->fused);
   r->fold = calloc(4 * (size_t)p->n_instr + 1, sizeof *r->fold);
-  r->fgw = calloc((size_t)p->n_instr + 1, sizeof *r->fgw);
-  r->fgs = calloc((size_t)p->n_instr + 1, sizeof *r->fgs);
   r->cached = call->cached;
   r->next_tile[0] = r->next_tile[1] = -1;
   AtenTensorHandle **arrays[] = HALO_ARRAYS(r);
@@ -416,7 +406,7 @@ static int run_init(run *r, sc_ctx *ctx, const sc_call *call) {
     have &= (*arrays[k] = calloc((size_t)r->nv, sizeof **arrays[k])) != NULL;
   if (!r->sizes || !r->val || !r->grad || !r->grad_mine || !r->keep ||
       !r->aux || !r->left || !r->needs || !r->pgrad || !r->fused ||
-      !r->fold || !r->fgw || !r->fgs || !have)
+      !r->fold || !have)
     return sc_fail(&ctx->err, "streamcnn: out of memory");
   /* fold batch norms into their convolutions in float32 / float64 (in half
    * precision the folded weight would round once more) */
@@ -440,20 +430,35 @@ static int run_init(run *r, sc_ctx *ctx, const sc_call *call) {
     const int64_t n = r->sizes[2 * p->n_instr + a];
     r->n_tiles[a] = (n + r->tile_out[a] - 1) / r->tile_out[a];
     r->plans[a] = calloc((size_t)r->n_tiles[a], sizeof *r->plans[a]);
-    if (!r->plans[a]) return sc_fail(&ctx->err, "streamcnn: out of memory");
+    int64_t *bounds = malloc((size_t)(r->n_tiles[a] + 1) * sizeof *bounds);
+    sc_axis_plan *scratch = sc_axis_plan_new(p);
+    const int bad = !r->plans[a] || !bounds || !scratch ||
+                    _sc_tile_bounds(p, r->sizes, a, r->tile_out[a],
+                                    call->tile[a], r->cached, scratch, bounds,
+                                    &ctx->err);
+    sc_axis_plan_free(scratch);
+    if (bad) {
+      free(bounds);
+      return ctx->err.set ? SC_ERR
+                          : sc_fail(&ctx->err, "streamcnn: out of memory");
+    }
     for (int64_t t = 0; t < r->n_tiles[a]; t++) {
-      const int64_t lo = t * r->tile_out[a];
-      const int64_t hi = lo + r->tile_out[a] < n ? lo + r->tile_out[a] : n;
+      const int64_t lo = bounds[t], hi = bounds[t + 1];
       r->plans[a][t] = sc_axis_plan_new(p);
-      if (!r->plans[a][t])
+      if (!r->plans[a][t]) {
+        free(bounds);
         return sc_fail(&ctx->err, "streamcnn: out of memory");
+      }
       if (r->cached
               ? sc_plan_axis_cached(p, r->sizes, a, lo, hi, r->plans[a][t],
                                     &ctx->err)
               : sc_plan_axis(p, r->sizes, a, lo, hi, r->plans[a][t],
-                             &ctx->err))
+                             &ctx->err)) {
+        free(bounds);
         return SC_ERR;
+      }
     }
+    free(bounds);
   }
   if (r->cached && plan_strips(r)) return SC_ERR;
 #ifdef SC_WITH_CUDA
@@ -1185,68 +1190,38 @@ static int accum_param(run *r, int64_t k, AtenTensorHandle *t) {
 
 static int wants(const run *r, int64_t k) { return k >= 0 && r->mask[1 + k]; }
 
-/* t summed into *acc (adopted when it is the first), t released. */
-static int sum_into(run *r, AtenTensorHandle *acc, AtenTensorHandle *t) {
-  if (!*acc) {
-    *acc = *t;
-    *t = NULL;
-    return SC_OK;
-  }
-  const int rc = _sc_copy(r->ctx, *acc, *t, 1);
-  _sc_drop(t);
-  return rc;
-}
-
 /* Backward of convolution i with batch norm fused[i] folded in, given g,
  * the batch norm's output gradient over the tile's own span: the input's
- * gradient against the folded weight; the weight gradient against it and
- * g's per-channel sum are summed over the tiles (fgw, fgs), and
- * fused_param_grads turns them into the four parameters' gradients. */
+ * gradient against the folded weight; the four parameters' gradients from
+ * the weight gradient against it and g's per-channel sum (linear in g, so
+ * per tile). */
 static int fused_conv_backward(run *r, int64_t i, AtenTensorHandle g) {
   const sc_instr *in = &r->p->instr[i], *bn = &r->p->instr[r->fused[i]];
-  const int want_w = wants(r, in->weight) || wants(r, bn->bn_weight);
-  const int want_s = wants(r, in->bias) || wants(r, bn->bn_weight) ||
-                     wants(r, bn->bn_bias);
-  const int m[3] = {r->needs[in->in[0]], want_w, 0};
-  AtenTensorHandle x = NULL, s = NULL, res[3] = {NULL, NULL, NULL};
+  const int64_t k[4] = {in->weight, in->bias, bn->bn_weight, bn->bn_bias};
+  const int want[4] = {wants(r, k[0]), wants(r, k[1]), wants(r, k[2]),
+                       wants(r, k[3])};
+  const int m[3] = {r->needs[in->in[0]], want[0] || want[2], 0};
+  AtenTensorHandle p4[4] = {param(r, bn->bn_weight), param(r, bn->bn_bias),
+                            param(r, bn->bn_mean), param(r, bn->bn_var)};
+  AtenTensorHandle x = NULL, s = NULL, res[3] = {NULL, NULL, NULL},
+                   pg[4] = {NULL, NULL, NULL, NULL};
   int rc = SC_OK;
   if (m[0] || m[1])
     rc = (m[1] ? layer_input(r, i, 0, 0.0, &x) : layer_shape(r, i, 0, &x)) ||
          _sc_conv_backward(r->ctx, g, x, r->fold[4 * i], in, m, res) ||
-         (m[1] && sum_into(r, &r->fgw[i], &res[1])) ||
          (m[0] && accum_input(r, i, 0, res[0], 1));
-  if (!rc && want_s)
-    rc = _sc_channel_sum(r->ctx, g, &s) || sum_into(r, &r->fgs[i], &s);
+  if (!rc && (want[1] || want[2] || want[3]))
+    rc = _sc_channel_sum(r->ctx, g, &s);
+  if (!rc && (want[0] || want[1] || want[2] || want[3]))
+    rc = _sc_fold_bn_grads(r->ctx, param(r, in->weight), param(r, in->bias),
+                           p4, &r->fold[4 * i], res[1], s, want, pg);
+  for (int j = 0; j < 4; j++)
+    if (!rc && want[j]) rc = accum_param(r, k[j], &pg[j]);
   _sc_drop(&x);
   _sc_drop(&s);
-  for (int k = 0; k < 3; k++) _sc_drop(&res[k]);
+  for (int j = 0; j < 3; j++) _sc_drop(&res[j]);
+  for (int j = 0; j < 4; j++) _sc_drop(&pg[j]);
   return rc;
-}
-
-/* After the last tile: the parameter gradients of the fused pairs. */
-static int fused_param_grads(run *r) {
-  for (int64_t i = 0; i < r->p->n_instr; i++) {
-    const sc_instr *in = &r->p->instr[i];
-    if (in->op != SC_OP_CONV || r->fused[i] < 0 || (!r->fgw[i] && !r->fgs[i]))
-      continue;
-    const sc_instr *bn = &r->p->instr[r->fused[i]];
-    const int64_t k[4] = {in->weight, in->bias, bn->bn_weight, bn->bn_bias};
-    const int want[4] = {wants(r, k[0]), wants(r, k[1]), wants(r, k[2]),
-                         wants(r, k[3])};
-    AtenTensorHandle p4[4] = {param(r, bn->bn_weight), param(r, bn->bn_bias),
-                              param(r, bn->bn_mean), param(r, bn->bn_var)};
-    AtenTensorHandle res[4];
-    if (_sc_fold_bn_grads(r->ctx, param(r, in->weight), param(r, in->bias),
-                          p4, &r->fold[4 * i], r->fgw[i], r->fgs[i], want,
-                          res))
-      return SC_ERR;
-    int rc = SC_OK;
-    for (int j = 0; j < 4; j++)
-      if (!rc && want[j]) rc = accum_param(r, k[j], &res[j]);
-    for (int j = 0; j < 4; j++) _sc_drop(&res[j]);
-    if (rc) return SC_ERR;
-  }
-  return SC_OK;
 }
 
 static int backward_instr(run *r, int64_t i) {
@@ -1700,7 +1675,6 @@ int _sc_backward(sc_ctx *ctx, const sc_call *call, AtenTensorHandle grad_out,
       run_tile_release(&r);
       if (!rc) report(1, k + 1, r.n_order);
     }
-  if (!rc) rc = fused_param_grads(&r);
   /* hand over the requested gradients, contiguous, zeros where unused */
   if (!rc && mask[0]) {
     grads[0] = r.igrad;

@@ -220,6 +220,18 @@ SC_API int sc_tiling_info(const int64_t *words, int64_t n_words, int64_t h,
                    int64_t w, int64_t tile_h, int64_t tile_w, int64_t *plan,
                    char *errbuf, size_t errlen);
 
+/* The output rows (axis 0) and columns (axis 1) at which the tiles of an
+ * h x w image start and end: rows[0 .. n] for n tiles along the rows,
+ * cols[0 .. m] (the caps give the arrays' lengths; n, m as sc_tiling_info
+ * counts them). cached = 1: as halo caching tiles (the first tile along an
+ * axis is smaller: it reads its whole cone, the others their own part and
+ * a thin halo), else tiles of the sc_tiling_info edge. */
+SC_API int sc_tile_bounds(const int64_t *words, int64_t n_words, int64_t h,
+                          int64_t w, int64_t tile_h, int64_t tile_w,
+                          int cached, int64_t *rows, int64_t rows_cap,
+                          int64_t *cols, int64_t cols_cap, char *errbuf,
+                          size_t errlen);
+
 /* Work of one forward pass over an h x w image (per batch element) with an
  * input tile of tile_h x tile_w, whole-image vs tiled:
  * work[0] / work[1] multiply-adds of the convolutions and channel linears,
@@ -248,7 +260,9 @@ SC_API int sc_work_info(const int64_t *words, int64_t n_words, int64_t h,
  * keeps less. The peak of a training step is about mem[0] + mem[2], of a
  * forward without gradient mem[1] (cached = 1: the forward op always
  * caches halos). mem[0] includes the parameter gradients the backward
- * accumulates. Not modelled: the convolution library's workspace. */
+ * accumulates, both the folded weights (batch norms folded into their
+ * convolutions, float32 / float64). Not modelled: the convolution
+ * library's workspace. */
 #define SC_MEMORY_WORDS 3
 SC_API int sc_memory_info(const int64_t *words, int64_t n_words, int64_t h,
                           int64_t w, int64_t tile_h, int64_t tile_w,

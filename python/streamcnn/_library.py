@@ -56,6 +56,9 @@ def load_library() -> str:
                                      ctypes.POINTER(ctypes.c_int), ctypes.c_int,
                                      ctypes.POINTER(ctypes.c_double), ctypes.c_char_p,
                                      ctypes.c_size_t]
+    _cdll.sc_tile_bounds.restype = ctypes.c_int
+    _cdll.sc_tile_bounds.argtypes = [i64p, i64, i64, i64, i64, i64, ctypes.c_int, i64p, i64,
+                                     i64p, i64, ctypes.c_char_p, ctypes.c_size_t]
     _cdll.sc_macs.restype = None
     _cdll.sc_macs.argtypes = [ctypes.POINTER(ctypes.c_double), ctypes.c_int]
     _declare_slide_api(_cdll)
@@ -92,6 +95,22 @@ def tiling_info(program: Sequence[int], h: int, w: int, tile: Tuple[int, int]) -
     image and an input tile (rows, cols). Raises ValueError."""
     return _query("sc_tiling_info", program, (h, w, tile[0], tile[1]),
                   (ctypes.c_int64 * 6)())
+
+
+def tile_bounds(program: Sequence[int], h: int, w: int, tile: Tuple[int, int],
+                cached: bool) -> Tuple[List[int], List[int]]:
+    """Output rows and columns where the tiles start and end (n + 1 each),
+    as halo caching (cached) or the cone recompute tiles; see
+    sc_tile_bounds. Raises ValueError."""
+    n = tiling_info(program, h, w, tile)[4:6]
+    rows, cols = (ctypes.c_int64 * (n[0] + 1))(), (ctypes.c_int64 * (n[1] + 1))()
+    load_library()
+    arr, nw = _words(program)
+    err = ctypes.create_string_buffer(768)
+    if _cdll.sc_tile_bounds(arr, nw, h, w, tile[0], tile[1], int(bool(cached)), rows,
+                            n[0] + 1, cols, n[1] + 1, err, len(err)) != 0:
+        raise ValueError(err.value.decode())
+    return list(rows), list(cols)
 
 
 def work_info(program: Sequence[int], h: int, w: int, tile: Tuple[int, int]) -> List[float]:

@@ -10,7 +10,7 @@ import torch.nn as nn
 from . import ops  # noqa: F401  (registers fake kernels and autograd)
 from .ops import compute_dtype
 from .budget import Budget, choose_tile, parse_bytes, tile_bytes
-from ._library import program_info, tiling_info, work_info
+from ._library import program_info, tile_bounds, tiling_info, work_info
 from .program import convert, prepend_normalize
 
 TileSize = Union[int, Sequence[int]]
@@ -209,9 +209,19 @@ class StreamingModule(nn.Module):
 
     @torch.jit.unused
     def tiling(self, height: int, width: int) -> dict:
-        """How an image of height x width is tiled (for inspection)."""
+        """How an image of height x width is tiled (for inspection): the
+        output size, the output tile edge, the tile counts, and the output
+        rows / columns where the tiles start and end (``row_bounds``,
+        ``col_bounds``) as a training step's backward tiles them: with halo
+        caching the first tile of each row and column is smaller (it reads
+        its whole cone, the others only their own part and a thin halo);
+        with halo_cache=False all are output_tile but the last. (The
+        forward op always caches halos, so it tiles as halo caching.)"""
         oh, ow, th, tw, nh, nw = tiling_info(self.program, height, width, self.tile_size)
-        return {"output": (oh, ow), "output_tile": (th, tw), "tiles": (nh, nw)}
+        rows, cols = tile_bounds(self.program, height, width, self.tile_size,
+                                 self.halo_cache)
+        return {"output": (oh, ow), "output_tile": (th, tw), "tiles": (nh, nw),
+                "row_bounds": rows, "col_bounds": cols}
 
     @torch.jit.unused
     def budget_tile(self, batch: int, height: int, width: int,

@@ -320,6 +320,45 @@ static void test_tiling_info(void) {
   CHECK_EQ(plan[5], 1);
 }
 
+/* Tile bounds: cone tiles of the output tile edge; cached tiles with the
+ * first shrunk to read about as much as the next. Six 3x3 convolutions
+ * (receptive field 13, stride 1) on 40 x 40, tile 20: output tiles of 8,
+ * 5 per axis. A cached first tile [0, t0) reads t0 + 6 input rows, a next
+ * one of r rows r + 2 (its own r rows from t0 + 6 on, and the first
+ * convolution reads 2 more before them: rows t0 + 4, t0 + 5 were computed
+ * by the first tile); the smallest t0 with t0 + 6 >= r + 2, r =
+ * ceil((40 - t0) / 4), is 5, and 4 reads no less at most. */
+static void test_tile_bounds(void) {
+  tprog t;
+  tp_begin(&t, 1, 6);
+  int64_t v = 0;
+  for (int k = 0; k < 6; k++) v = tp_conv(&t, v, k, 1, 1, 3, 1, 1, 1);
+  tp_end(&t);
+  int64_t rows[6], cols[6];
+  char msg[256];
+  CHECK_EQ(sc_tile_bounds(t.w, t.n, 40, 40, 20, 20, 0, rows, 6, cols, 6, msg,
+                          sizeof msg),
+           SC_OK);
+  const int64_t cone[6] = {0, 8, 16, 24, 32, 40};
+  for (int k = 0; k < 6; k++) CHECK_EQ(rows[k], cone[k]);
+  CHECK_EQ(sc_tile_bounds(t.w, t.n, 40, 40, 20, 20, 1, rows, 6, cols, 6, msg,
+                          sizeof msg),
+           SC_OK);
+  const int64_t cached[6] = {0, 5, 14, 23, 32, 40};
+  for (int k = 0; k < 6; k++) {
+    CHECK_EQ(rows[k], cached[k]);
+    CHECK_EQ(cols[k], cached[k]);
+  }
+  /* arrays too short: an error naming the length, nothing written past */
+  CHECK_EQ(sc_tile_bounds(t.w, t.n, 40, 40, 20, 20, 1, rows, 5, cols, 6, msg,
+                          sizeof msg),
+           SC_ERR);
+  CHECK(strstr(msg, "needs 6 entries") != NULL);
+  CHECK_EQ(sc_tile_bounds(t.w, t.n, 40, 40, 20, 20, 1, NULL, 6, cols, 6, msg,
+                          sizeof msg),
+           SC_ERR);
+}
+
 int main(void) {
   test_window_out();
   test_receptive_field();
@@ -329,6 +368,7 @@ int main(void) {
   test_plan_ceil_and_padding_only();
   test_sizes_errors();
   test_tiling_info();
+  test_tile_bounds();
   if (g_failures) fprintf(stderr, "%d check(s) failed\n", g_failures);
   else printf("test_geometry: all checks passed\n");
   return g_failures ? 1 : 0;

@@ -190,3 +190,52 @@ def test_uint8_normalised_image_cached():
     assert rel_err(y, y_ref) < 1e-12
     for u, v in zip(a, b):
         assert rel_err(u, v) < 1e-10
+
+
+def test_first_cached_tile_is_smaller():
+    """With halo caching the first tile along an axis reads its whole cone
+    and the others their own part and a thin halo: the first is shrunk (as
+    many tiles) so that it reads about as much as the next. Cone tiles are
+    all output_tile but the last. The split covers the output exactly."""
+    tv = pytest.importorskip("torchvision")
+    r = tv.models.resnet34(weights=None)
+    stem = nn.Sequential(r.conv1, r.bn1, r.relu, r.maxpool, r.layer1, r.layer2,
+                         r.layer3).eval()
+    sm = streamcnn.StreamingModule(stem, 1920)
+    t = sm.tiling(8192, 8192)
+    assert t["tiles"] == (6, 6) and t["output_tile"] == (86, 86)
+    assert t["row_bounds"] == [0, 72, 160, 248, 336, 424, 512] == t["col_bounds"]
+    sm.halo_cache = False
+    t = sm.tiling(8192, 8192)
+    assert t["row_bounds"] == [0, 86, 172, 258, 344, 430, 512]
+    for size, tile in [(600, 547), (1000, 999), (2048, 700), (2555, 4096)]:
+        for cached in (True, False):
+            sm = streamcnn.StreamingModule(stem, tile, halo_cache=cached)
+            t = sm.tiling(size, size + 37)
+            for a, b in enumerate([t["row_bounds"], t["col_bounds"]]):
+                n, out, edge = t["tiles"][a], t["output"][a], t["output_tile"][a]
+                steps = [hi - lo for lo, hi in zip(b, b[1:])]
+                assert len(b) == n + 1 and b[0] == 0 and b[-1] == out
+                assert min(steps) >= 1 and steps[0] <= edge
+                if cached and n > 1:  # the others share the rest evenly
+                    assert max(steps[1:]) - min(steps[1:]) <= 1
+                else:
+                    assert steps[:-1] == [edge] * (n - 1)
+
+
+def test_balanced_cached_tiles_are_exact():
+    """The shrunk first tiles through a 2-D cached step, float64."""
+    tv = pytest.importorskip("torchvision")
+    r = tv.models.resnet18(weights=None)
+    stem = nn.Sequential(r.conv1, r.bn1, r.relu, r.maxpool, r.layer1, r.layer2).double().eval()
+    randomize_bn(stem, torch.Generator().manual_seed(3))
+    sm = streamcnn.StreamingModule(stem, 160)
+    t = sm.tiling(420, 390)
+    assert t["row_bounds"][1] < t["output_tile"][0]  # the first tile was shrunk
+    x = torch.randn(1, 3, 420, 390, dtype=torch.float64, requires_grad=True)
+    y, y_ref = sm(x), stem(x)
+    g = torch.randn_like(y_ref)
+    ps = [x] + list(stem.parameters())
+    for a, b in zip(torch.autograd.grad(y, ps, g), torch.autograd.grad(y_ref, ps, g)):
+        assert rel_err(a, b) < 1e-10
+    assert rel_err(y, y_ref) < 1e-12
