@@ -16,7 +16,12 @@ float32 image on the device. Whole-image runs that do not fit print "OOM". strea
 with halo caching (the default); --cone adds a column without it. The last
 columns are the multiply-adds a streamed step actually executed (the C
 core's counters, streamcnn.macs_executed) over those of a whole-image step
-(the same gradients, one forward), with and without halo caching.
+(the same gradients, one forward), with and without halo caching; then
+the strips, and "model": the C memory model's peak of the streamed step
+(largest tile's backward, strips, folded weights, parameter gradients,
+sc_memory_info) plus the stem output, its gradient and the image where it
+is on the device, to set against the measured peak (which also holds the
+parameters, the head and cuDNN's workspace).
 `--device cpu` runs the same code on the CPU (smoke test; small sizes only).
 """
 
@@ -30,6 +35,7 @@ import torch.nn as nn
 import torchvision
 
 import streamcnn
+from streamcnn._library import memory_info
 
 MEAN = [0.485 * 255, 0.456 * 255, 0.406 * 255]
 STD = [0.229 * 255, 0.224 * 255, 0.225 * 255]
@@ -104,9 +110,16 @@ def run(args):
                 loss.backward()
             return step
 
+        itemsize = 2 if autocast is not None else 4
+        mask = [False] + [p.requires_grad for p in sm.stream_params()]
+        bwd, _, strips = memory_info(sm.program, size, size, sm.tile_size, True, mask,
+                                     itemsize)
+        oh, ow = sm.tiling(size, size)["output"]
+        on_device = image.numel() * image.element_size() if image.device == device else 0
         row = {"size": size, "tile": str(t0) if t0 == t1 else f"{t0}x{t1}", "uint8": uint8,
                "recompute": work["recompute"],
-               "strips_gb": work["strip_elements"] * 4 / 1e9}
+               "strips_gb": work["strip_elements"] * itemsize / 1e9,
+               "model_gb": (bwd + strips + 2 * 256 * oh * ow * itemsize + on_device) / 1e9}
         models = [("whole", stem), ("stream", sm)]
         if args.cone:
             models.append(("cone", streamcnn.StreamingModule(
@@ -162,7 +175,7 @@ def print_row(r, flush=False):
     line += f"{macs('stream')} | "
     if "cone" in r:
         line += f"{macs('cone')} | "
-    print(line + f"{r['strips_gb']:6.2f} GB |", flush=flush)
+    print(line + f"{r['strips_gb']:6.2f} GB | {r['model_gb']:6.2f} GB |", flush=flush)
 
 
 def main():
@@ -196,8 +209,8 @@ def main():
     if args.cone:
         head += "no cache | "
         rule += "---------|"
-    print(head + "strips   |")
-    print(rule + "----------|")
+    print(head + "strips   | model    |")
+    print(rule + "----------|----------|")
     rows = run(args)
     if args.out:
         with open(args.out, "w") as f:

@@ -350,8 +350,9 @@ int _sc_tile_bounds(const sc_program *p, const int64_t *sizes, int axis,
   /* The first tile reads its whole cone, the others their own part and a
    * thin halo: shrink the first until it reads about as much as the next
    * (the largest tile sets the memory), the others sharing the remainder
-   * evenly, none reading more than tile_in. Binary search for the smallest
-   * first size reading at least as much as the next (both monotone). */
+   * (see below), none reading more than tile_in. Binary search for the
+   * smallest first size reading at least as much as the next (both
+   * monotone). */
   int64_t lo = 1, hi = t_out, e[2];
   while (lo < hi) {
     const int64_t t0 = lo + (hi - lo) / 2;
@@ -371,10 +372,15 @@ int _sc_tile_bounds(const sc_program *p, const int64_t *sizes, int axis,
                                (e[0] > e[1] ? e[0] : e[1]))
       first = lo - 1;
   }
-  const int64_t rest = n_out - first;
+  /* the others of one size, the last the remainder (fewer distinct
+   * shapes: the allocator reuses their buffers), or evenly where that
+   * would leave the last empty */
+  const int64_t rest = n_out - first, step = (rest + n - 2) / (n - 1);
   bounds[1] = first;
-  for (int64_t k = 2; k <= n; k++) /* evenly: sizes differ by one at most */
-    bounds[k] = first + (rest * (k - 1) + (n - 2)) / (n - 1);
+  for (int64_t k = 2; k <= n; k++)
+    bounds[k] = first + (step * (n - 2) < rest
+                             ? (k < n ? step * (k - 1) : rest)
+                             : (rest * (k - 1) + (n - 2)) / (n - 1));
   return SC_OK;
 }
 

@@ -22,7 +22,8 @@ int _sc_is_window(int op);
  * (cached = 0): tiles of t_out, the last the remainder. Cached plans: the
  * first tile, which reads its whole cone while the others read only their
  * own part and a thin halo, shrunk until it reads about as much as the
- * next; the others share the rest evenly, none reading more than tile_in.
+ * next; the others share the rest in tiles of one size (the last the
+ * remainder), none reading more than tile_in.
  * plan is scratch from sc_axis_plan_new. */
 int _sc_tile_bounds(const sc_program *p, const int64_t *sizes, int axis,
                     int64_t t_out, int64_t tile_in, int cached,

@@ -26,6 +26,9 @@ def test_gpu_benchmark_script_smoke_on_cpu(tmp_path):
     for r in rows:
         assert 1.0 < r["stream_macs"] < 1.4 and r["cone_macs"] > r["stream_macs"] + 0.05, r
     assert "|   1040² | fp32  | 1024 |" in res.stdout
+    # the memory model's peak beside the measured one (a GPU's): above the
+    # stem output and its gradient alone
+    assert all(r["model_gb"] > 2 * 256 * 65 * 65 * 4 / 1e9 for r in rows), rows
 
 
 def test_recompute_script():
