@@ -43,10 +43,14 @@ def _grads(y, x, module, g):
 
 # float32 gradients through max-pool argmax or ReLU masks: near-ties flip
 # under any change of rounding (whole-image NCHW vs channels_last differ from
-# float64 by up to ~1e-2 on a ResNet-18 stem, just as a tiled pass does), so
-# such stems get this sanity bound against the float64 ground truth; the
-# exactness of the same stems is what the float64 tests check at 1e-10.
-TIE_BOUND = 5e-2
+# float64 by up to ~1e-2 on a ResNet-18 stem, just as a tiled pass does; one
+# flipped max-pool tie moves a whole gradient entry: the whole-image float32
+# pass itself was 3.3e-2 and 6.0e-2 from float64 on 2 of 24 random ResNet-18
+# inputs, the streamed one, with its batch norms folded into the
+# convolutions, 6.3e-2 on one), so such stems get this sanity bound against
+# the float64 ground truth; the exactness of the same stems is what the
+# float64 tests check at 1e-10.
+TIE_BOUND = 1e-1
 
 
 def compare(stem, x, tile_size, tol, sm=None, in_channels=None, ties=False):
