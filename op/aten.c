@@ -675,13 +675,31 @@ int _sc_linear_c(sc_ctx *ctx, AtenTensorHandle x, AtenTensorHandle w,
   return rc;
 }
 
+/* t reshaped to (op "aten::reshape") or summed to (op "aten::sum_to_size")
+ * the n sizes in v. */
+static int to_sizes(sc_ctx *ctx, const char *op, AtenTensorHandle t,
+                    const int64_t *v, int n, AtenTensorHandle *out) {
+  stk s = {0};
+  push_tensor(&s, t);
+  push_ints(&s, v, n);
+  return stk_call(ctx, &s, op, "", 1, out);
+}
+
+/* t summed to the 4-D shape keep (a per-channel gradient, as autograd's
+ * sum_to_size), then reshaped to the n sizes in shape (its parameter's). */
+static int sum_as(sc_ctx *ctx, AtenTensorHandle t, const int64_t keep[4],
+                  const int64_t *shape, int n, AtenTensorHandle *out) {
+  AtenTensorHandle sum = NULL;
+  const int rc = to_sizes(ctx, "aten::sum_to_size", t, keep, 4, &sum) ||
+                 to_sizes(ctx, "aten::reshape", sum, shape, n, out);
+  _sc_drop(&sum);
+  return rc;
+}
+
 static int reshape2(sc_ctx *ctx, AtenTensorHandle t, int64_t cols,
                     AtenTensorHandle *out) {
   const int64_t shape[2] = {-1, cols};
-  stk s = {0};
-  push_tensor(&s, t);
-  push_ints(&s, shape, 2);
-  return stk_call(ctx, &s, "aten::reshape", "", 1, out);
+  return to_sizes(ctx, "aten::reshape", t, shape, 2, out);
 }
 
 /* As autograd differentiates linear (aten::linear_backward has no dense
@@ -705,12 +723,8 @@ int _sc_linear_c_backward(sc_ctx *ctx, AtenTensorHandle g, AtenTensorHandle x,
     rc = permute(ctx, x, to_nhwc, &xp) || reshape2(ctx, xp, c_in, &x2) ||
          call1(ctx, "aten::t", "", g2, &gt) ||
          call2(ctx, "aten::mm", "", gt, x2, &res[1]);
-  if (!rc && mask[2]) {
-    stk s = {0};
-    push_tensor(&s, g2);
-    push_ints(&s, &c_out, 1);
-    rc = stk_call(ctx, &s, "aten::sum_to_size", "", 1, &res[2]);
-  }
+  if (!rc && mask[2])
+    rc = to_sizes(ctx, "aten::sum_to_size", g2, &c_out, 1, &res[2]);
   if (!rc && mask[0]) count_macs(1, g, (double)c_in);
   if (!rc && mask[1]) count_macs(2, g, (double)c_in);
   _sc_drop(&xp);
@@ -727,10 +741,7 @@ int _sc_linear_c_backward(sc_ctx *ctx, AtenTensorHandle g, AtenTensorHandle x,
 static int scale4(sc_ctx *ctx, AtenTensorHandle s, int64_t c,
                   AtenTensorHandle *out) {
   const int64_t shape[4] = {1, c, 1, 1};
-  stk st = {0};
-  push_tensor(&st, s);
-  push_ints(&st, shape, 4);
-  return stk_call(ctx, &st, "aten::reshape", "", 1, out);
+  return to_sizes(ctx, "aten::reshape", s, shape, 4, out);
 }
 
 int _sc_scale_c(sc_ctx *ctx, AtenTensorHandle x, AtenTensorHandle s,
@@ -746,32 +757,20 @@ int _sc_scale_c(sc_ctx *ctx, AtenTensorHandle x, AtenTensorHandle s,
 int _sc_scale_c_backward(sc_ctx *ctx, AtenTensorHandle g, AtenTensorHandle x,
                          AtenTensorHandle s, const int mask[2],
                          AtenTensorHandle res[2]) {
-  AtenTensorHandle s4 = NULL, gx = NULL, sum = NULL;
+  AtenTensorHandle s4 = NULL, gx = NULL;
   const int64_t c = channels_of(ctx, g); /* x: the weight's gradient only */
   res[0] = res[1] = NULL;
   int rc = c < 1 || scale4(ctx, s, c, &s4);
   if (!rc && mask[0]) rc = call2(ctx, "aten::mul", "Tensor", g, s4, &res[0]);
   if (!rc && mask[1]) { /* as autograd: sum_to_size(g * x), in s's shape */
-    const int64_t shape[4] = {1, c, 1, 1};
+    const int64_t keep[4] = {1, c, 1, 1};
     int64_t dim, *sz, *st;
-    stk t = {0};
-    rc = call2(ctx, "aten::mul", "Tensor", g, x, &gx);
-    if (!rc) {
-      push_tensor(&t, gx);
-      push_ints(&t, shape, 4);
-      rc = stk_call(ctx, &t, "aten::sum_to_size", "", 1, &sum);
-    }
-    if (!rc) rc = _sc_meta(ctx, s, &dim, &sz, &st);
-    if (!rc) {
-      stk v = {0};
-      push_tensor(&v, sum);
-      push_ints(&v, sz, (int)dim);
-      rc = stk_call(ctx, &v, "aten::reshape", "", 1, &res[1]);
-    }
+    rc = call2(ctx, "aten::mul", "Tensor", g, x, &gx) ||
+         _sc_meta(ctx, s, &dim, &sz, &st) ||
+         sum_as(ctx, gx, keep, sz, (int)dim, &res[1]);
   }
   _sc_drop(&s4);
   _sc_drop(&gx);
-  _sc_drop(&sum);
   if (rc) drop_n(res, 2);
   return rc;
 }
@@ -796,22 +795,34 @@ int _sc_batchnorm(sc_ctx *ctx, AtenTensorHandle x, AtenTensorHandle const *p4,
   return SC_OK;
 }
 
-/* Sum of g over batch and pixels, as a [C] tensor (a bias's gradient). */
-static int channel_sum(sc_ctx *ctx, AtenTensorHandle g, AtenTensorHandle *out) {
-  const int64_t c = channels_of(ctx, g), shape[4] = {1, c, 1, 1};
-  AtenTensorHandle sum = NULL;
-  stk s = {0}, t = {0};
+int _sc_channel_sum(sc_ctx *ctx, AtenTensorHandle g, AtenTensorHandle *out) {
+  const int64_t c = channels_of(ctx, g), keep[4] = {1, c, 1, 1};
   *out = NULL;
   if (c < 1) return sc_fail(&ctx->err, "streamcnn: internal error: channels");
-  push_tensor(&s, g);
-  push_ints(&s, shape, 4);
-  int rc = stk_call(ctx, &s, "aten::sum_to_size", "", 1, &sum);
-  if (!rc) {
-    push_tensor(&t, sum);
-    push_ints(&t, &c, 1);
-    rc = stk_call(ctx, &t, "aten::reshape", "", 1, out);
+  return sum_as(ctx, g, keep, &c, 1, out);
+}
+
+/* A frozen batch norm's per-channel factors, as PyTorch computes them:
+ * inv = 1 / sqrt(var + eps) and scale = gamma * inv (inv itself without
+ * gamma); new references. */
+static int bn_factors(sc_ctx *ctx, AtenTensorHandle const *p4, double eps,
+                      AtenTensorHandle *inv, AtenTensorHandle *scale) {
+  AtenTensorHandle e = NULL, ve = NULL, sd = NULL;
+  *inv = *scale = NULL;
+  int rc = scalar_tensor(ctx, eps, &e) || _sc_add(ctx, p4[3], e, &ve) ||
+           call1(ctx, "aten::sqrt", "", ve, &sd) ||
+           call1(ctx, "aten::reciprocal", "", sd, inv);
+  if (!rc && p4[0])
+    rc = call2(ctx, "aten::mul", "Tensor", *inv, p4[0], scale);
+  else if (!rc && aoti_torch_new_tensor_handle(*inv, scale))
+    rc = sc_fail(&ctx->err, "streamcnn: cannot reference a tensor");
+  _sc_drop(&e);
+  _sc_drop(&ve);
+  _sc_drop(&sd);
+  if (rc) {
+    _sc_drop(inv);
+    _sc_drop(scale);
   }
-  _sc_drop(&sum);
   return rc;
 }
 
@@ -822,21 +833,13 @@ static int batchnorm_backward_affine(sc_ctx *ctx, AtenTensorHandle g,
                                      AtenTensorHandle const *p4, double eps,
                                      const int mask[3],
                                      AtenTensorHandle res[3]) {
-  AtenTensorHandle e = NULL, ve = NULL, sd = NULL, inv = NULL, sc = NULL,
-                   s4 = NULL;
+  AtenTensorHandle inv = NULL, sc = NULL, s4 = NULL;
   int rc = SC_OK;
-  if (mask[0]) {
-    rc = scalar_tensor(ctx, eps, &e) || _sc_add(ctx, p4[3], e, &ve) ||
-         call1(ctx, "aten::sqrt", "", ve, &sd) ||
-         call1(ctx, "aten::reciprocal", "", sd, &inv) ||
-         (p4[0] && call2(ctx, "aten::mul", "Tensor", inv, p4[0], &sc)) ||
-         scale4(ctx, sc ? sc : inv, channels_of(ctx, g), &s4) ||
+  if (mask[0])
+    rc = bn_factors(ctx, p4, eps, &inv, &sc) ||
+         scale4(ctx, sc, channels_of(ctx, g), &s4) ||
          call2(ctx, "aten::mul", "Tensor", g, s4, &res[0]);
-  }
-  if (!rc && mask[2]) rc = channel_sum(ctx, g, &res[2]);
-  _sc_drop(&e);
-  _sc_drop(&ve);
-  _sc_drop(&sd);
+  if (!rc && mask[2]) rc = _sc_channel_sum(ctx, g, &res[2]);
   _sc_drop(&inv);
   _sc_drop(&sc);
   _sc_drop(&s4);
@@ -882,29 +885,26 @@ static int sub(sc_ctx *ctx, AtenTensorHandle a, AtenTensorHandle b,
 static int per_out_channel(sc_ctx *ctx, AtenTensorHandle t, int64_t c,
                            AtenTensorHandle *out) {
   const int64_t shape[4] = {c, 1, 1, 1};
-  stk s = {0};
-  push_tensor(&s, t);
-  push_ints(&s, shape, 4);
-  return stk_call(ctx, &s, "aten::reshape", "", 1, out);
+  return to_sizes(ctx, "aten::reshape", t, shape, 4, out);
+}
+
+/* rc, with a message where the failing step left none (a bad size). */
+static int internal_unless_said(sc_ctx *ctx, int rc, const char *what) {
+  if (!rc) return SC_OK;
+  return ctx->err.set ? SC_ERR
+                      : sc_fail(&ctx->err, "streamcnn: internal error: %s",
+                                what);
 }
 
 int _sc_fold_bn(sc_ctx *ctx, AtenTensorHandle w, AtenTensorHandle b,
                 AtenTensorHandle const *p4, double eps,
                 AtenTensorHandle out[4]) {
-  AtenTensorHandle e = NULL, ve = NULL, sd = NULL, ms = NULL, s4 = NULL,
-                   bs = NULL, shift = NULL;
+  AtenTensorHandle ms = NULL, s4 = NULL, bs = NULL, shift = NULL;
   const int64_t c = size0(ctx, w);
   for (int k = 0; k < 4; k++) out[k] = NULL;
-  /* as PyTorch's frozen batch norm: inv = 1 / sqrt(var + eps),
-   * scale = gamma * inv, shift = beta - mean * scale */
-  int rc = c < 1 || scalar_tensor(ctx, eps, &e) ||
-           _sc_add(ctx, p4[3], e, &ve) ||
-           call1(ctx, "aten::sqrt", "", ve, &sd) ||
-           call1(ctx, "aten::reciprocal", "", sd, &out[3]);
-  if (!rc)
-    rc = p4[0] ? call2(ctx, "aten::mul", "Tensor", out[3], p4[0], &out[2])
-               : call1(ctx, "aten::clone", "", out[3], &out[2]);
-  if (!rc) rc = call2(ctx, "aten::mul", "Tensor", p4[2], out[2], &ms);
+  /* as PyTorch's frozen batch norm: shift = beta - mean * scale */
+  int rc = c < 1 || bn_factors(ctx, p4, eps, &out[3], &out[2]) ||
+           call2(ctx, "aten::mul", "Tensor", p4[2], out[2], &ms);
   if (!rc)
     rc = p4[1] ? sub(ctx, p4[1], ms, &shift)
                : call1(ctx, "aten::neg", "", ms, &shift);
@@ -918,27 +918,20 @@ int _sc_fold_bn(sc_ctx *ctx, AtenTensorHandle w, AtenTensorHandle b,
     out[1] = shift;
     shift = NULL;
   }
-  _sc_drop(&e);
-  _sc_drop(&ve);
-  _sc_drop(&sd);
   _sc_drop(&ms);
   _sc_drop(&s4);
   _sc_drop(&bs);
   _sc_drop(&shift);
   if (rc) drop_n(out, 4);
-  return rc ? (ctx->err.set ? SC_ERR
-                               : sc_fail(&ctx->err, "streamcnn: internal "
-                                                    "error: folding a batch "
-                                                    "norm"))
-            : SC_OK;
+  return internal_unless_said(ctx, rc, "folding a batch norm");
 }
 
 int _sc_fold_bn_grads(sc_ctx *ctx, AtenTensorHandle w, AtenTensorHandle b,
                       AtenTensorHandle const *p4, AtenTensorHandle const *fold,
                       AtenTensorHandle gw, AtenTensorHandle gs,
                       const int want[4], AtenTensorHandle res[4]) {
-  AtenTensorHandle s4 = NULL, wg = NULL, dot = NULL, dotc = NULL, bm = NULL,
-                   bms = NULL, sum = NULL;
+  AtenTensorHandle s4 = NULL, wg = NULL, dot = NULL, bm = NULL, bms = NULL,
+                   sum = NULL;
   const int64_t c = size0(ctx, w), c4[4] = {c, 1, 1, 1};
   for (int k = 0; k < 4; k++) res[k] = NULL;
   int rc = c < 1;
@@ -951,43 +944,23 @@ int _sc_fold_bn_grads(sc_ctx *ctx, AtenTensorHandle w, AtenTensorHandle b,
     /* d/dgamma = inv * sum g (x - mean), x = conv(in, w) + b, and
      * sum_p g x = <w, d/dw'> + b sum_p g (the weight gradient is the same
      * sum, reassociated): inv * (<w, gw> + (b - mean) gs) */
-    stk t = {0}, u = {0};
-    rc = call2(ctx, "aten::mul", "Tensor", w, gw, &wg);
-    if (!rc) {
-      push_tensor(&t, wg);
-      push_ints(&t, c4, 4);
-      rc = stk_call(ctx, &t, "aten::sum_to_size", "", 1, &dot);
-    }
-    if (!rc) {
-      push_tensor(&u, dot);
-      push_ints(&u, &c, 1);
-      rc = stk_call(ctx, &u, "aten::reshape", "", 1, &dotc);
-    }
-    if (!rc)
-      rc = (b ? sub(ctx, b, p4[2], &bm)
-              : call1(ctx, "aten::neg", "", p4[2], &bm)) ||
-           call2(ctx, "aten::mul", "Tensor", bm, gs, &bms) ||
-           _sc_add(ctx, dotc, bms, &sum) ||
+    rc = call2(ctx, "aten::mul", "Tensor", w, gw, &wg) ||
+         sum_as(ctx, wg, c4, &c, 1, &dot) ||
+         (b ? sub(ctx, b, p4[2], &bm)
+            : call1(ctx, "aten::neg", "", p4[2], &bm)) ||
+         call2(ctx, "aten::mul", "Tensor", bm, gs, &bms) ||
+         _sc_add(ctx, dot, bms, &sum) ||
            call2(ctx, "aten::mul", "Tensor", sum, fold[3], &res[2]);
   }
   if (!rc && want[3]) rc = call1(ctx, "aten::clone", "", gs, &res[3]);
   _sc_drop(&s4);
   _sc_drop(&wg);
   _sc_drop(&dot);
-  _sc_drop(&dotc);
   _sc_drop(&bm);
   _sc_drop(&bms);
   _sc_drop(&sum);
   if (rc) drop_n(res, 4);
-  return rc ? (ctx->err.set ? SC_ERR
-                               : sc_fail(&ctx->err, "streamcnn: internal "
-                                                    "error: batch-norm "
-                                                    "gradients"))
-            : SC_OK;
-}
-
-int _sc_channel_sum(sc_ctx *ctx, AtenTensorHandle g, AtenTensorHandle *out) {
-  return channel_sum(ctx, g, out);
+  return internal_unless_said(ctx, rc, "batch-norm gradients");
 }
 
 static int slope_tensor(sc_ctx *ctx, const sc_instr *in,
