@@ -512,6 +512,13 @@ static double macs_per_pixel(const sc_instr *in) {
   return 0.0;
 }
 
+/* Elements of instruction i's weight: one multiply-add per weight element
+ * and output pixel for conv and linear_c, one per channel otherwise. */
+static double weight_elements(const sc_instr *in) {
+  const double m = macs_per_pixel(in);
+  return m > 0.0 ? m : (double)in->c_out;
+}
+
 /* What the tiles along one axis hold: their distinct region extents per
  * value (interior tiles share one; the first and last differ) and, per
  * value, the own extents and (cached plans) the halo extents summed over
@@ -537,47 +544,30 @@ static void axis_sum_free(axis_sum *s) {
   s->owned = s->halo = NULL;
 }
 
-static int axis_summary_bounds(const sc_program *p, const int64_t *sizes,
-                               int axis, int64_t count, const int64_t *bounds,
-                               int cached, sc_axis_plan *plan, axis_sum *s,
-                               sc_error *err);
-
 static int axis_summary(const sc_program *p, const int64_t *sizes, int axis,
                         int64_t t, int64_t tile_in, int cached,
                         sc_axis_plan *plan, axis_sum *s, sc_error *err) {
   const int64_t n_out = sizes[2 * p->n_instr + axis];
   const int64_t count = (n_out + t - 1) / t;
-  int64_t *bounds = malloc((size_t)(count + 1) * sizeof *bounds);
-  if (!bounds) return sc_fail(err, "streamcnn: out of memory");
-  if (_sc_tile_bounds(p, sizes, axis, t, tile_in, cached, plan, bounds,
-                      err)) {
-    free(bounds);
-    return SC_ERR;
-  }
-  const int rc = axis_summary_bounds(p, sizes, axis, count, bounds, cached,
-                                     plan, s, err);
-  free(bounds);
-  return rc;
-}
-
-static int axis_summary_bounds(const sc_program *p, const int64_t *sizes,
-                               int axis, int64_t count, const int64_t *bounds,
-                               int cached, sc_axis_plan *plan, axis_sum *s,
-                               sc_error *err) {
   const int64_t nv = p->n_instr + 1;
+  int64_t *bounds = malloc((size_t)(count + 1) * sizeof *bounds);
   s->n_shapes = 0;
   s->ext = malloc((size_t)(count * nv) * sizeof *s->ext);
   s->rext = malloc((size_t)(count * p->n_instr + 1) * sizeof *s->rext);
   s->oext = malloc((size_t)(count * nv) * sizeof *s->oext);
   s->owned = calloc((size_t)nv, sizeof *s->owned);
   s->halo = calloc((size_t)nv, sizeof *s->halo);
-  if (!s->ext || !s->rext || !s->oext || !s->owned || !s->halo)
-    return sc_fail(err, "streamcnn: out of memory");
-  for (int64_t k = 0; k < count; k++) {
+  int rc;
+  if (!bounds || !s->ext || !s->rext || !s->oext || !s->owned || !s->halo)
+    rc = sc_fail(err, "streamcnn: out of memory");
+  else
+    rc = _sc_tile_bounds(p, sizes, axis, t, tile_in, cached, plan, bounds,
+                         err);
+  for (int64_t k = 0; !rc && k < count; k++) {
     const int64_t lo = bounds[k], hi = bounds[k + 1];
-    if (cached ? sc_plan_axis_cached(p, sizes, axis, lo, hi, plan, err)
-               : sc_plan_axis(p, sizes, axis, lo, hi, plan, err))
-      return SC_ERR;
+    rc = cached ? sc_plan_axis_cached(p, sizes, axis, lo, hi, plan, err)
+                : sc_plan_axis(p, sizes, axis, lo, hi, plan, err);
+    if (rc) break;
     int64_t *e = &s->ext[s->n_shapes * nv], *oe = &s->oext[s->n_shapes * nv];
     for (int64_t v = 0; v < nv; v++) {
       const int64_t *rg = &plan->region[2 * v], *ow = &plan->own[2 * v];
@@ -592,16 +582,17 @@ static int axis_summary_bounds(const sc_program *p, const int64_t *sizes,
       const int64_t *rd = &plan->read[4 * i];
       re[i] = rd[1] > rd[0] ? rd[1] - rd[0] : 0;
     }
-    int64_t k = 0;
-    for (; k < s->n_shapes; k++)
-      if (!memcmp(&s->ext[k * nv], e, (size_t)nv * sizeof *e) &&
-          !memcmp(&s->oext[k * nv], oe, (size_t)nv * sizeof *oe) &&
-          !memcmp(&s->rext[k * p->n_instr], re,
+    int64_t u = 0; /* a shape seen before? */
+    for (; u < s->n_shapes; u++)
+      if (!memcmp(&s->ext[u * nv], e, (size_t)nv * sizeof *e) &&
+          !memcmp(&s->oext[u * nv], oe, (size_t)nv * sizeof *oe) &&
+          !memcmp(&s->rext[u * p->n_instr], re,
                   (size_t)p->n_instr * sizeof *re))
         break;
-    if (k == s->n_shapes) s->n_shapes++;
+    if (u == s->n_shapes) s->n_shapes++;
   }
-  return SC_OK;
+  free(bounds);
+  return rc;
 }
 
 /* Elements of value v's halos over all tiles (cached summaries): the bands
@@ -713,17 +704,26 @@ done:
  * in keep; then each instruction backward, with its transients (a window
  * op's padded input and input gradient, a max pool's output and indices
  * taken again, a pointwise op's input gradient; a ReLU's in place), the
- * first gradient
- * of an input adopted, later ones added and freed, and the instruction's
- * output and its gradient freed after it. A convolution's library may
+ * first gradient of an input adopted, later ones added and freed, and the
+ * instruction's output and its gradient freed after it. A convolution's
+ * library (lib below) may
  * hold a copy of its input and of its output (oneDNN reorders them to its
  * blocked layouts; cuDNN's workspace): counted as transients too.
  * Conservative where the replay may save: every window op is taken to pad
  * (only border tiles do). */
+/* Instruction i hands its input's buffer on as its output (forward, when
+ * nothing else reads it) and its output's gradient on as its input's
+ * (backward): add, ReLU, a batch norm folded into its convolution. */
+static int passes_on(const sc_instr *in, const int64_t *fused, int64_t i) {
+  return in->op == SC_OP_ADD ||
+         (in->op == SC_OP_ACT && in->act == SC_ACT_RELU) ||
+         (in->op == SC_OP_BATCHNORM && fused[i] >= 0);
+}
+
 static void tile_peak(const sc_program *p, const unsigned char *needs,
                       const unsigned char *keep, const int64_t *fused,
-                      const double *sz,
-                      const double *own, const double *rd, double ix,
+                      const double *sz, const double *own, const double *rd,
+                      double ix,
                       int64_t *left, unsigned char *has_grad, double *bwd,
                       double *fwd) {
   const int64_t nv = p->n_instr + 1, ov = p->n_instr;
@@ -733,17 +733,13 @@ static void tile_peak(const sc_program *p, const unsigned char *needs,
     for (int64_t i = 0; i < p->n_instr; i++) {
       const sc_instr *in = &p->instr[i];
       const int64_t o = i + 1, x = in->in[0];
-      const double lib = rd[i] + own[o]; /* see below */
       const int halo = own[o] < sz[o];
-
-      const int folded = in->op == SC_OP_BATCHNORM && fused[i] >= 0;
-      const int in_place =
-          (folded || in->op == SC_OP_ADD ||
-           (in->op == SC_OP_ACT && in->act == SC_ACT_RELU)) &&
-          x != 0 && p->n_consumers[x] == 1 && !(pass && keep[x]) && !halo;
+      const int in_place = passes_on(in, fused, i) && x != 0 &&
+                           p->n_consumers[x] == 1 && !(pass && keep[x]) &&
+                           !halo;
       double t = in_place ? 0.0 : own[o] + (halo ? sz[o] : 0.0);
       if (_sc_is_window(in->op)) t += rd[i];
-      if (in->op == SC_OP_CONV) t += lib;
+      if (in->op == SC_OP_CONV) t += rd[i] + own[o]; /* lib */
       if (live + t > peak) peak = live + t;
       live += sz[o];
       for (int j = 0; j < in->n_in; j++) {
@@ -761,7 +757,6 @@ static void tile_peak(const sc_program *p, const unsigned char *needs,
       const sc_instr *in = &p->instr[i];
       const int64_t o = i + 1;
       const int mine = o != ov; /* the output's gradient is the caller's */
-      const double lib = rd[i] + own[o];
       if (needs[o]) {
         double t = 0.0, adopt = 0.0;
         for (int j = 0; j < in->n_in; j++) {
@@ -774,10 +769,7 @@ static void tile_peak(const sc_program *p, const unsigned char *needs,
           if (_sc_is_window(in->op)) {
             gi = rd[i];
             whole = 1; /* it reads all of v's region */
-          } else if (mine && j == 0 &&
-                     (in->op == SC_OP_ADD ||
-                      (in->op == SC_OP_BATCHNORM && fused[i] >= 0) ||
-                      (in->op == SC_OP_ACT && in->act == SC_ACT_RELU))) {
+          } else if (mine && j == 0 && passes_on(in, fused, i)) {
             gi = 0.0; /* the output's gradient itself */
           } else {
             gi = own[o];
@@ -795,7 +787,7 @@ static void tile_peak(const sc_program *p, const unsigned char *needs,
         }
         if (_sc_is_window(in->op)) t += rd[i]; /* its (padded) input */
         if (in->op == SC_OP_MAXPOOL) t += (1.0 + ix) * own[o]; /* again */
-        if (in->op == SC_OP_CONV) t += lib;
+        if (in->op == SC_OP_CONV) t += rd[i] + own[o]; /* lib */
         if (live + t > peak) peak = live + t;
         live += adopt - (mine ? sz[o] : 0.0);
       }
@@ -813,10 +805,7 @@ static double fold_elements(const sc_program *p, const int64_t *fused) {
   for (int64_t i = 0; i < p->n_instr; i++) {
     const sc_instr *in = &p->instr[i];
     if (in->op == SC_OP_CONV && fused[i] >= 0)
-      sum += (double)in->c_out * ((double)(in->c_in / in->groups) *
-                                      (double)in->win[0].k *
-                                      (double)in->win[1].k +
-                                  3.0);
+      sum += weight_elements(in) + 3.0 * (double)in->c_out;
   }
   return sum;
 }
@@ -832,15 +821,10 @@ static double param_grad_elements(const sc_program *p, const int *mask) {
     double n = 0.0; /* its size, from the first instruction using it */
     for (int64_t i = 0; i < p->n_instr && n == 0.0; i++) {
       const sc_instr *in = &p->instr[i];
-      const double co = (double)in->c_out;
-      if (in->op == SC_OP_CONV && in->weight == k)
-        n = co * (double)(in->c_in / in->groups) * (double)in->win[0].k *
-            (double)in->win[1].k;
-      else if (in->op == SC_OP_LINEAR_C && in->weight == k)
-        n = co * (double)in->c_in;
-      else if (in->weight == k || in->bias == k || in->bn_weight == k ||
-               in->bn_bias == k)
-        n = co; /* per-channel: biases, norms, scales */
+      if (in->weight == k)
+        n = weight_elements(in);
+      else if (in->bias == k || in->bn_weight == k || in->bn_bias == k)
+        n = (double)in->c_out; /* per-channel: biases, norms */
     }
     sum += n;
     if (n > big) big = n;

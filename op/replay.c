@@ -375,6 +375,33 @@ static int host_layout(const int64_t *sz, const int64_t *st, int64_t *plane,
 
 #endif
 
+/* The plans of the tiles along one axis, between _sc_tile_bounds's
+ * bounds (the first of the plans serves as their scratch). */
+static int plan_axis_tiles(run *r, int a, int64_t tile_in) {
+  const sc_program *p = r->p;
+  sc_error *err = &r->ctx->err;
+  const int64_t n = r->sizes[2 * p->n_instr + a];
+  r->n_tiles[a] = (n + r->tile_out[a] - 1) / r->tile_out[a];
+  r->plans[a] = calloc((size_t)r->n_tiles[a], sizeof *r->plans[a]);
+  int64_t *bounds = malloc((size_t)(r->n_tiles[a] + 1) * sizeof *bounds);
+  int rc = !r->plans[a] || !bounds;
+  for (int64_t t = 0; !rc && t < r->n_tiles[a]; t++)
+    rc = !(r->plans[a][t] = sc_axis_plan_new(p));
+  if (rc) {
+    free(bounds);
+    return sc_fail(err, "streamcnn: out of memory");
+  }
+  rc = _sc_tile_bounds(p, r->sizes, a, r->tile_out[a], tile_in, r->cached,
+                       r->plans[a][0], bounds, err);
+  for (int64_t t = 0; !rc && t < r->n_tiles[a]; t++)
+    rc = r->cached ? sc_plan_axis_cached(p, r->sizes, a, bounds[t],
+                                         bounds[t + 1], r->plans[a][t], err)
+                   : sc_plan_axis(p, r->sizes, a, bounds[t], bounds[t + 1],
+                                  r->plans[a][t], err);
+  free(bounds);
+  return rc;
+}
+
 static AtenTensorHandle param(const run *r, int64_t k);
 
 static int run_init(run *r, sc_ctx *ctx, const sc_call *call) {
@@ -426,40 +453,8 @@ static int run_init(run *r, sc_ctx *ctx, const sc_call *call) {
       _sc_tiling(p, r->sizes, call->tile[0], call->tile[1], r->tile_out,
                  &ctx->err))
     return SC_ERR;
-  for (int a = 0; a < 2; a++) {
-    const int64_t n = r->sizes[2 * p->n_instr + a];
-    r->n_tiles[a] = (n + r->tile_out[a] - 1) / r->tile_out[a];
-    r->plans[a] = calloc((size_t)r->n_tiles[a], sizeof *r->plans[a]);
-    int64_t *bounds = malloc((size_t)(r->n_tiles[a] + 1) * sizeof *bounds);
-    sc_axis_plan *scratch = sc_axis_plan_new(p);
-    const int bad = !r->plans[a] || !bounds || !scratch ||
-                    _sc_tile_bounds(p, r->sizes, a, r->tile_out[a],
-                                    call->tile[a], r->cached, scratch, bounds,
-                                    &ctx->err);
-    sc_axis_plan_free(scratch);
-    if (bad) {
-      free(bounds);
-      return ctx->err.set ? SC_ERR
-                          : sc_fail(&ctx->err, "streamcnn: out of memory");
-    }
-    for (int64_t t = 0; t < r->n_tiles[a]; t++) {
-      const int64_t lo = bounds[t], hi = bounds[t + 1];
-      r->plans[a][t] = sc_axis_plan_new(p);
-      if (!r->plans[a][t]) {
-        free(bounds);
-        return sc_fail(&ctx->err, "streamcnn: out of memory");
-      }
-      if (r->cached
-              ? sc_plan_axis_cached(p, r->sizes, a, lo, hi, r->plans[a][t],
-                                    &ctx->err)
-              : sc_plan_axis(p, r->sizes, a, lo, hi, r->plans[a][t],
-                             &ctx->err)) {
-        free(bounds);
-        return SC_ERR;
-      }
-    }
-    free(bounds);
-  }
+  for (int a = 0; a < 2; a++)
+    if (plan_axis_tiles(r, a, call->tile[a])) return SC_ERR;
   if (r->cached && plan_strips(r)) return SC_ERR;
 #ifdef SC_WITH_CUDA
   if (ctx->image_host) { /* prefetch only what a plain 2-D copy reads */
