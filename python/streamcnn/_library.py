@@ -72,14 +72,19 @@ def _words(program: Sequence[int]):
     return arr, n
 
 
-def _query(name: str, program: Sequence[int], args: Sequence[int], out) -> list:
-    """Call the C query `name(words, n, *args, out, errbuf, errlen)`; the
-    filled `out` as a list, or ValueError with the C message."""
+def _call(name: str, program: Sequence[int], *args) -> None:
+    """Call the C query `name(words, n, *args, errbuf, errlen)`; ValueError
+    with the C message when it fails."""
     load_library()
     arr, n = _words(program)
     err = ctypes.create_string_buffer(768)
-    if getattr(_cdll, name)(arr, n, *args, out, err, len(err)) != 0:
+    if getattr(_cdll, name)(arr, n, *args, err, len(err)) != 0:
         raise ValueError(err.value.decode())
+
+
+def _query(name: str, program: Sequence[int], args: Sequence, out) -> list:
+    """The same for a query with one output array `out` last; it as a list."""
+    _call(name, program, *args, out)
     return list(out)
 
 
@@ -104,12 +109,8 @@ def tile_bounds(program: Sequence[int], h: int, w: int, tile: Tuple[int, int],
     sc_tile_bounds. Raises ValueError."""
     n = tiling_info(program, h, w, tile)[4:6]
     rows, cols = (ctypes.c_int64 * (n[0] + 1))(), (ctypes.c_int64 * (n[1] + 1))()
-    load_library()
-    arr, nw = _words(program)
-    err = ctypes.create_string_buffer(768)
-    if _cdll.sc_tile_bounds(arr, nw, h, w, tile[0], tile[1], int(bool(cached)), rows,
-                            n[0] + 1, cols, n[1] + 1, err, len(err)) != 0:
-        raise ValueError(err.value.decode())
+    _call("sc_tile_bounds", program, h, w, tile[0], tile[1], int(bool(cached)), rows,
+          n[0] + 1, cols, n[1] + 1)
     return list(rows), list(cols)
 
 

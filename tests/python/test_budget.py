@@ -89,9 +89,24 @@ def test_budget_module_is_exact_and_sets_tile_size():
         assert rel_err(u, v) < 1e-10
 
 
-_MEASURE = textwrap.dedent("""
-    import json, resource, sys, torch, torch.nn as nn, torchvision, streamcnn
+# Peak of the bytes live in PyTorch's allocator while step() runs, from the
+# profiler's memory events (+ per allocation, - per free): on the CPU what
+# max_memory_allocated counts on a GPU. Prepended to the measuring scripts.
+_ALLOCATOR_PEAK = textwrap.dedent("""
     from torch.profiler import ProfilerActivity, profile
+    def allocator_peak(step):
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            step()
+        live = peak = 0
+        events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+        for e in sorted(events, key=lambda e: e.start_ns()):
+            live += e.nbytes()
+            peak = max(peak, live)
+        return peak
+""")
+
+_MEASURE = _ALLOCATOR_PEAK + textwrap.dedent("""
+    import json, resource, sys, torch, torch.nn as nn, torchvision, streamcnn
     torch.set_num_threads(2)
     budget, size = sys.argv[1], int(sys.argv[2])
     r = torchvision.models.resnet18()
@@ -108,13 +123,8 @@ _MEASURE = textwrap.dedent("""
     base = max(rss(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     sm(x).backward(g)
     rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        sm(x).backward(g)  # again, profiled (the profiler's own memory is in the RSS)
-    live = peak = 0  # allocator bytes: + per allocation, - per free
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    for e in sorted(events, key=lambda e: e.start_ns()):
-        live += e.nbytes()
-        peak = max(peak, live)
+    # again, profiled (the profiler's own memory is in the RSS)
+    peak = allocator_peak(lambda: sm(x).backward(g))
     print(json.dumps({"peak": peak, "rss": rss_peak - base, "out": g.numel() * 4,
                       "choice": choice}))
 """)
@@ -193,9 +203,8 @@ def test_budget_module_scripts_with_the_last_tile():
     assert torch.equal(scripted(x), y)
 
 
-_MODEL_VS_PEAK = textwrap.dedent("""
+_MODEL_VS_PEAK = _ALLOCATOR_PEAK + textwrap.dedent("""
     import json, torch, torch.nn as nn, torchvision, streamcnn
-    from torch.profiler import ProfilerActivity, profile
     from streamcnn._library import memory_info
     torch.set_num_threads(2)
     r = torchvision.models.resnet18()
@@ -209,13 +218,7 @@ _MODEL_VS_PEAK = textwrap.dedent("""
         sm(torch.randn(1, 3, 128, 128)).sum().backward()
         x = torch.randn(1, 3, 1024, 1024)
         g = torch.randn(1, 128, 128, 128)
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            sm(x).backward(g)
-        live = peak = 0
-        events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-        for e in sorted(events, key=lambda e: e.start_ns()):
-            live += e.nbytes()
-            peak = max(peak, live)
+        peak = allocator_peak(lambda: sm(x).backward(g))
         mask = sm._grad_mask(False, sm.stream_params())
         bwd, _, strips = memory_info(sm.program, 1024, 1024, sm.tile_size, cached, mask, 4)
         out.append({"cached": cached, "frozen": frozen, "tile": tile,
