@@ -9,20 +9,27 @@ memory (torch.cuda.max_memory_allocated) per configuration.
         [--out results.json]
 
 fp32 uses PyTorch's defaults (TF32 convolutions on), as the reference table
-of the issue. Sizes from --uint8-from (default 32768) feed a uint8 image in
-pinned host memory (on a GPU; the gather kernel reads each tile from it)
-with per-tile normalisation (mean/std in the StreamingModule), the rest a
-float32 image on the device. Whole-image runs that do not fit print "OOM". streamcnn runs
-with halo caching (the default); --cone adds a column without it. The last
-columns are the multiply-adds a streamed step actually executed (the C
-core's counters, streamcnn.macs_executed) over those of a whole-image step
-(the same gradients, one forward), with and without halo caching; then
-the strips, and "model": the C memory model's peak of the streamed step
-(largest tile's backward, strips, folded weights, parameter gradients,
-sc_memory_info) plus the stem output, its gradient and the image where it
-is on the device, to set against the measured peak (which also holds the
+of the issue. Columns: whole-image PyTorch on a float32 image on the device
+("OOM" where it does not fit); streamcnn on the same image; streamcnn on a
+uint8 image in pinned host memory (the target user's setting: the gather
+kernel reads each tile from it and normalises with the StreamingModule's
+mean/std, and the image takes no GPU memory), each with its ratio to
+whole-image time. Sizes from --uint8-from (default 32768) have the host
+column alone. streamcnn runs with halo caching (the default); --cone adds
+a column without it. Then the multiply-adds a streamed step actually
+executed (the C core's counters, streamcnn.macs_executed) over those of a
+whole-image step (the same gradients, one forward), with and without halo
+caching; the strips; and "model": the C memory model's peak of the
+streamed step (sc_memory_info: the larger of the tile's forward and
+backward, the strips, folded weights, parameter gradients) plus one
+stem-output-sized tensor (the output, then its gradient: the head lets go
+of the output before the stem's backward), for the host image / with the
+device image added, to set against the measured peaks (which also hold the
 parameters, the head and cuDNN's workspace).
-`--device cpu` runs the same code on the CPU (smoke test; small sizes only).
+`--device cpu` runs the same code on the CPU (smoke test; small sizes
+only); its peaks are those of PyTorch's CPU allocator during a step (from
+the profiler's memory events), above what was live before it: without the
+parameters and a device image.
 """
 
 import argparse
@@ -55,9 +62,26 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+def cpu_allocator_peak(step):
+    """Peak bytes live in PyTorch's CPU allocator during step() above what
+    was live before it, from the profiler's memory events (+ per
+    allocation, - per free)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    live = peak = 0
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
 def measure(step, device, reps):
     """Median seconds of `reps` steps after one warm-up, and peak memory (GPU:
-    max_memory_allocated; CPU: None)."""
+    max_memory_allocated over the timed steps, so with the parameters and a
+    device image; CPU: the allocator's peak during one more, profiled step,
+    above what was live before it)."""
     step()
     sync(device)
     if device.type == "cuda":
@@ -70,8 +94,21 @@ def measure(step, device, reps):
         sync(device)
         times.append(time.perf_counter() - t0)
     times.sort()
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        peak = cpu_allocator_peak(step)
     return times[len(times) // 2], peak
+
+
+def make_image(size, uint8, device):
+    """Random image of one size: uint8 in (pinned, on a GPU) host memory,
+    the streamed path's input, else float32 on the device."""
+    g = torch.Generator(device="cpu").manual_seed(size)
+    if uint8:
+        image = torch.randint(0, 256, (1, 3, size, size), dtype=torch.uint8, generator=g)
+        return image.pin_memory() if device.type == "cuda" else image
+    return torch.randn(1, 3, size, size, generator=g).to(device)
 
 
 def run(args):
@@ -80,27 +117,26 @@ def run(args):
     stem, head = build(device)
     params = list(stem.parameters()) + list(head.parameters())
     target = torch.tensor([1], device=device)
+    itemsize = 2 if autocast is not None else 4
     rows = []
     for size in args.sizes:
-        uint8 = size >= args.uint8_from
-        g = torch.Generator(device="cpu").manual_seed(size)
-        if uint8:
-            image = torch.randint(0, 256, (1, 3, size, size), dtype=torch.uint8, generator=g)
-        else:
-            image = torch.randn(1, 3, size, size, generator=g)
-        if uint8 and device.type == "cuda":  # stays in (pinned) host memory:
-            image = image.pin_memory()        # tiles are streamed to the GPU
-        else:
-            image = image.to(device)
-        norm = dict(mean=MEAN if uint8 else None, std=STD if uint8 else None)
+        host_only = size >= args.uint8_from
+        images = {"host": make_image(size, True, device)}
+        if not host_only:
+            images["device"] = make_image(size, False, device)
         tiling = dict(memory_budget=args.budget) if args.budget else dict(tile_size=args.tile)
-        sm = streamcnn.StreamingModule(stem, **tiling, **norm).to(device)
+
+        def streaming(on, **kw):
+            norm = dict(mean=MEAN, std=STD) if on == "host" else {}
+            return streamcnn.StreamingModule(stem, **tiling, **norm, **kw).to(device)
+
+        sm = streaming("host")
         if args.budget:  # the tile the budget gives (the forward sets it too)
             sm.tile_size = sm.budget_tile(1, size, size, autocast or torch.float32)["tile_size"]
         work = sm.work(size, size)
         t0, t1 = sm.tile_size
 
-        def step_with(model):
+        def step_with(model, image):
             def step():
                 for p in params:
                     p.grad = None
@@ -110,30 +146,35 @@ def run(args):
                 loss.backward()
             return step
 
-        itemsize = 2 if autocast is not None else 4
+        # The C memory model of the streamed step: the larger of the tile's
+        # forward and backward peaks (with the bands, folded weights and
+        # parameter gradients) + the strips + one stem-output-sized tensor
+        # (the output in the forward; its gradient in the backward, by when
+        # the head has let go of the output); a device image adds its size.
         mask = [False] + [p.requires_grad for p in sm.stream_params()]
-        bwd, _, strips = memory_info(sm.program, size, size, sm.tile_size, True, mask,
-                                     itemsize)
+        bwd, fwd, strips = memory_info(sm.program, size, size, sm.tile_size, True, mask,
+                                       itemsize)
         oh, ow = sm.tiling(size, size)["output"]
-        on_device = image.numel() * image.element_size() if image.device == device else 0
-        row = {"size": size, "tile": str(t0) if t0 == t1 else f"{t0}x{t1}", "uint8": uint8,
-               "recompute": work["recompute"],
+        row = {"size": size, "tile": str(t0) if t0 == t1 else f"{t0}x{t1}",
+               "uint8": host_only, "recompute": work["recompute"],
                "strips_gb": work["strip_elements"] * itemsize / 1e9,
-               "model_gb": (bwd + strips + 2 * 256 * oh * ow * itemsize + on_device) / 1e9}
-        models = [("whole", stem), ("stream", sm)]
+               "model_gb": (max(bwd, fwd) + strips + 256 * oh * ow * itemsize) / 1e9,
+               "image_gb": 3 * size * size * 4 / 1e9 if not host_only else 0.0}
+        configs = [("whole", stem, "device"), ("stream", sm if host_only else streaming(
+            "device"), "device"), ("host", sm, "host")]
         if args.cone:
-            models.append(("cone", streamcnn.StreamingModule(
-                stem, **tiling, **norm, halo_cache=False).to(device)))
-        for name, model in models:
-            if name == "whole" and (uint8 or size > args.whole_max):
-                row[name] = None  # a uint8 image is the streamed path's input
+            configs.append(("cone", streaming("device", halo_cache=False), "device"))
+        for name, model, on in configs:
+            if on not in images or (name == "whole" and size > args.whole_max):
+                row[name] = None
                 continue
+            image = images[on]
             try:
-                t, peak = measure(step_with(model), device, args.reps)
+                t, peak = measure(step_with(model, image), device, args.reps)
                 row[name] = {"s": t, "peak_gb": peak / 1e9 if peak is not None else None}
                 if name != "whole":  # executed multiply-adds of one step
                     streamcnn.macs_executed(reset=True)
-                    step_with(model)()
+                    step_with(model, image)()
                     sync(device)
                     f, bi, bw = streamcnn.macs_executed(reset=True)
                     row[name + "_macs"] = (f + bi + bw) / (work["macs_whole"] + bi + bw)
@@ -145,8 +186,8 @@ def run(args):
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
         rows.append(row)
-        print_row(row, flush=True)
-        del image
+        print_row(row, args.cone, flush=True)
+        del images
     return rows
 
 
@@ -155,11 +196,11 @@ def fmt(cell):
         return "          -"
     if cell == "OOM":
         return "        OOM"
-    mem = f"{cell['peak_gb']:5.1f} GB" if cell["peak_gb"] is not None else "        "
+    mem = f"{cell['peak_gb']:5.2f} GB"
     return f"{cell['s']:7.3f} s, {mem}"
 
 
-def print_row(r, flush=False):
+def print_row(r, cone, flush=False):
     def ratio(name):
         if isinstance(r.get("whole"), dict) and isinstance(r.get(name), dict):
             return f"{r[name]['s'] / r['whole']['s']:5.2f}x"
@@ -168,14 +209,16 @@ def print_row(r, flush=False):
     def macs(name):
         return f"{r[name + '_macs']:5.2f}x" if name + "_macs" in r else "     -"
 
-    line = (f"| {r['size']:>6}² | {'uint8' if r['uint8'] else 'fp32 '} | {r['tile']:>4} | "
-            f"{fmt(r['whole']):>19} | {fmt(r['stream']):>19} | {ratio('stream'):>6} | ")
-    if "cone" in r:
-        line += f"{fmt(r['cone']):>19} | {ratio('cone'):>6} | "
-    line += f"{macs('stream')} | "
-    if "cone" in r:
-        line += f"{macs('cone')} | "
-    print(line + f"{r['strips_gb']:6.2f} GB | {r['model_gb']:6.2f} GB |", flush=flush)
+    line = f"| {r['size']:>6}² | {r['tile']:>4} | {fmt(r['whole']):>20} | "
+    for name in ("stream", "host") + (("cone",) if cone else ()):
+        line += f"{fmt(r.get(name)):>20} | {ratio(name):>6} | "
+    line += f"{macs('host'):>10} | "
+    if cone:
+        line += f"{macs('cone'):>8} | "
+    model = f"{r['model_gb']:5.2f}"
+    if r["image_gb"]:
+        model += f" / {r['model_gb'] + r['image_gb']:5.2f}"
+    print(line + f"{r['strips_gb']:5.2f} GB | {model:>14} GB |", flush=flush)
 
 
 def main():
@@ -199,18 +242,20 @@ def main():
     card = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU {platform.machine()}"
     print(f"# ResNet-34 conv1..layer3, batch 1, fwd+bwd, {args.dtype}; {card}; torch "
           f"{torch.__version__}; median of {args.reps} after a warm-up")
-    head = ("| image   | input | tile |   whole-image PyTorch |             streamcnn | ratio  | ")
-    rule = "|---------|-------|------|---------------------|---------------------|--------|"
+    head = ("| image   | tile |  whole-image PyTorch | streamcnn, dev. fp32 | ratio  | "
+            "streamcnn, host u8   | ratio  | ")
+    rule = "|---------|------|----------------------|----------------------|--------|" \
+           "----------------------|--------|"
     if args.cone:
-        head += "  streamcnn, no cache | ratio  | "
-        rule += "---------------------|--------|"
+        head += "no cache, dev. fp32  | ratio  | "
+        rule += "----------------------|--------|"
     head += "MACs/whole | "
-    rule += "-----------|"
+    rule += "------------|"
     if args.cone:
         head += "no cache | "
-        rule += "---------|"
-    print(head + "strips   | model    |")
-    print(rule + "----------|----------|")
+        rule += "----------|"
+    print(head + "strips   | model host / dev. |")
+    print(rule + "----------|-------------------|")
     rows = run(args)
     if args.out:
         with open(args.out, "w") as f:

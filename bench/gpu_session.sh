@@ -56,7 +56,7 @@ fi
 if want large; then
 stage bench large: $LARGE_SIZES
 # shellcheck disable=SC2086
-timeout 150 "$PY" bench/gpu_resnet34.py --sizes $LARGE_SIZES --tile 2880 --reps 1 \
+timeout 170 "$PY" bench/gpu_resnet34.py --sizes $LARGE_SIZES --tile 2880 --reps 1 \
   --out "$OUT/bench_large.json" > "$OUT/bench_large.txt" 2>&1
 echo "rc=$?"; cat "$OUT/bench_large.txt"
 fi

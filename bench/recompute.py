@@ -12,10 +12,13 @@ Columns: "cone" (every tile recomputes its whole cone, halo_cache=False) and
 recomputed), plus the strips the cache keeps from forward to backward
 (float32). Exact streaming with one recompute cannot beat 4/3 = 1.33x;
 cached with tiles as wide as the image reaches it. "step memory": the C
-memory model's peak of a cached float32 training step of batch 1 (largest
-tile's backward, strips, folded weights, parameter gradients) plus the
-stem output and its gradient, what max_memory_allocated would show
-(without the convolution library's workspace).
+memory model's peak of a cached float32 training step of batch 1 (the
+larger of the largest tile's forward and backward, with folded weights
+and parameter gradients; the strips) plus one stem-output-sized tensor
+(the output in the forward, its gradient in the backward: a head such as
+average pooling lets go of the output before the stem's backward), what
+max_memory_allocated would show with the image in host memory, less the
+parameters and the convolution library's workspace.
 
     python bench/recompute.py [--sizes 2048 4096 8192 16384 32768 65536] [--tiles 1024 1920 2880 4096]
 """
@@ -51,8 +54,9 @@ def main() -> None:
             n = sm.tiling(size, size)["tiles"]
             fwd, c = w["recompute"], w["recompute_cached"]
             oh, ow = sm.tiling(size, size)["output"]
-            bwd, _, strips = memory_info(sm.program, size, size, sm.tile_size, True, None, 4)
-            step = bwd + strips + 2 * 256 * oh * ow * 4  # + output and its gradient
+            m_bwd, m_fwd, strips = memory_info(sm.program, size, size, sm.tile_size, True,
+                                               None, 4)
+            step = max(m_bwd, m_fwd) + strips + 256 * oh * ow * 4  # + output, then its gradient
             print(f"| {size:>6}² | {tile:>4} | {n[0]:>3}x{n[1]:<3} | {fwd:7.3f}x | "
                   f"{4 * fwd / 3:8.3f}x | {c:9.3f}x | {4 * c / 3:10.3f}x | "
                   f"{w['strip_elements'] * 4 / 1e9:8.2f} GB | {step / 1e9:8.2f} GB "
