@@ -78,6 +78,10 @@ typedef struct run {
   /* batch norms folded into the convolution before them (_sc_fusion) */
   int64_t *fused;           /* n_instr: the partner instruction, or -1 */
   AtenTensorHandle *fold;   /* 4 per fused convolution: _sc_fold_bn's */
+  AtenTensorHandle *fsum;   /* 2 per fused convolution: its weight gradient
+                               against the folded weight and its output
+                               gradient's per-channel sum, summed over the
+                               tiles (converted once, fold_grads_finish) */
   AtenTensorHandle igrad;   /* image gradient, when mask[0] */
 
   /* halo caching: plans on both axes are cached plans, each value computed
@@ -282,8 +286,10 @@ static void run_release(run *r) {
   if (r->pgrad)
     for (int64_t k = 0; k < r->p->n_params; k++) _sc_drop(&r->pgrad[k]);
   if (r->fold) drop_all(r->fold, 4 * r->p->n_instr);
+  if (r->fsum) drop_all(r->fsum, 2 * r->p->n_instr);
   free(r->fused);
   free(r->fold);
+  free(r->fsum);
   _sc_drop(&r->igrad);
   free(r->order);
   free(r->sizes);
@@ -425,6 +431,7 @@ static int run_init(run *r, sc_ctx *ctx, const sc_call *call) {
   r->pgrad = calloc((size_t)p->n_params + 1, sizeof *r->pgrad);
   r->fused = calloc((size_t)p->n_instr + 1, sizeof *r->fused);
   r->fold = calloc(4 * (size_t)p->n_instr + 1, sizeof *r->fold);
+  r->fsum = calloc(2 * (size_t)p->n_instr + 1, sizeof *r->fsum);
   r->cached = call->cached;
   r->next_tile[0] = r->next_tile[1] = -1;
   AtenTensorHandle **arrays[] = HALO_ARRAYS(r);
@@ -433,7 +440,7 @@ static int run_init(run *r, sc_ctx *ctx, const sc_call *call) {
     have &= (*arrays[k] = calloc((size_t)r->nv, sizeof **arrays[k])) != NULL;
   if (!r->sizes || !r->val || !r->grad || !r->grad_mine || !r->keep ||
       !r->aux || !r->left || !r->needs || !r->pgrad || !r->fused ||
-      !r->fold || !have)
+      !r->fold || !r->fsum || !have)
     return sc_fail(&ctx->err, "streamcnn: out of memory");
   /* fold batch norms into their convolutions in float32 / float64 (in half
    * precision the folded weight would round once more) */
@@ -1161,6 +1168,18 @@ done:
   return rc;
 }
 
+/* *sum += *t (owned; adopted when *sum is NULL), *t dropped. */
+static int accum_sum(sc_ctx *ctx, AtenTensorHandle *sum, AtenTensorHandle *t) {
+  if (!*sum) {
+    *sum = *t;
+    *t = NULL;
+    return SC_OK;
+  }
+  int rc = _sc_copy(ctx, *sum, *t, 1);
+  _sc_drop(t);
+  return rc;
+}
+
 /* Sum a parameter gradient (owned t) over tiles and uses; in float32 for
  * half-precision computations (the caller converts at the end). */
 static int accum_param(run *r, int64_t k, AtenTensorHandle *t) {
@@ -1173,50 +1192,77 @@ static int accum_param(run *r, int64_t k, AtenTensorHandle *t) {
       return SC_ERR;
     }
   }
-  if (!r->pgrad[k]) {
-    r->pgrad[k] = *t;
-    *t = NULL;
-    return SC_OK;
-  }
-  int rc = _sc_copy(r->ctx, r->pgrad[k], *t, 1);
-  _sc_drop(t);
-  return rc;
+  return accum_sum(r->ctx, &r->pgrad[k], t);
 }
 
 static int wants(const run *r, int64_t k) { return k >= 0 && r->mask[1 + k]; }
 
+/* The four parameters of convolution i and its folded batch norm, and
+ * which of their gradients are wanted. */
+static void fused_params(const run *r, int64_t i, int64_t k[4], int want[4]) {
+  const sc_instr *in = &r->p->instr[i], *bn = &r->p->instr[r->fused[i]];
+  k[0] = in->weight;
+  k[1] = in->bias;
+  k[2] = bn->bn_weight;
+  k[3] = bn->bn_bias;
+  for (int j = 0; j < 4; j++) want[j] = wants(r, k[j]);
+}
+
 /* Backward of convolution i with batch norm fused[i] folded in, given g,
  * the batch norm's output gradient over the tile's own span: the input's
- * gradient against the folded weight; the four parameters' gradients from
- * the weight gradient against it and g's per-channel sum (linear in g, so
- * per tile). */
+ * gradient against the folded weight; for the parameters, the weight
+ * gradient against it and g's per-channel sum, summed over the tiles
+ * (the four gradients are linear in them: fold_grads_finish). */
 static int fused_conv_backward(run *r, int64_t i, AtenTensorHandle g) {
-  const sc_instr *in = &r->p->instr[i], *bn = &r->p->instr[r->fused[i]];
-  const int64_t k[4] = {in->weight, in->bias, bn->bn_weight, bn->bn_bias};
-  const int want[4] = {wants(r, k[0]), wants(r, k[1]), wants(r, k[2]),
-                       wants(r, k[3])};
-  const int m[3] = {r->needs[in->in[0]], want[0] || want[2], 0};
-  AtenTensorHandle p4[4] = {param(r, bn->bn_weight), param(r, bn->bn_bias),
-                            param(r, bn->bn_mean), param(r, bn->bn_var)};
-  AtenTensorHandle x = NULL, s = NULL, res[3] = {NULL, NULL, NULL},
-                   pg[4] = {NULL, NULL, NULL, NULL};
+  const sc_instr *in = &r->p->instr[i];
+  int64_t k[4];
+  int want[4];
+  fused_params(r, i, k, want);
+  const int sums = want[1] || want[2] || want[3];
+  /* g's per-channel sum is the convolution's bias gradient: one call */
+  const int m[3] = {r->needs[in->in[0]], want[0] || want[2], sums};
+  AtenTensorHandle x = NULL, res[3] = {NULL, NULL, NULL};
   int rc = SC_OK;
   if (m[0] || m[1])
     rc = (m[1] ? layer_input(r, i, 0, 0.0, &x) : layer_shape(r, i, 0, &x)) ||
          _sc_conv_backward(r->ctx, g, x, r->fold[4 * i], in, m, res) ||
-         (m[0] && accum_input(r, i, 0, res[0], 1));
-  if (!rc && (want[1] || want[2] || want[3]))
-    rc = _sc_channel_sum(r->ctx, g, &s);
-  if (!rc && (want[0] || want[1] || want[2] || want[3]))
-    rc = _sc_fold_bn_grads(r->ctx, param(r, in->weight), param(r, in->bias),
-                           p4, &r->fold[4 * i], res[1], s, want, pg);
-  for (int j = 0; j < 4; j++)
-    if (!rc && want[j]) rc = accum_param(r, k[j], &pg[j]);
+         (m[0] && accum_input(r, i, 0, res[0], 1)) ||
+         (m[1] && accum_sum(r->ctx, &r->fsum[2 * i], &res[1]));
+  else if (sums)
+    rc = _sc_channel_sum(r->ctx, g, &res[2]);
+  if (!rc && sums) rc = accum_sum(r->ctx, &r->fsum[2 * i + 1], &res[2]);
   _sc_drop(&x);
-  _sc_drop(&s);
   for (int j = 0; j < 3; j++) _sc_drop(&res[j]);
-  for (int j = 0; j < 4; j++) _sc_drop(&pg[j]);
   return rc;
+}
+
+/* After the last tile: each fused pair's parameter gradients from its sums
+ * (_sc_fold_bn_grads), added to the parameters' (which other uses of the
+ * same tensors may share). */
+static int fold_grads_finish(run *r) {
+  for (int64_t i = 0; i < r->p->n_instr; i++) {
+    if (r->p->instr[i].op != SC_OP_CONV || r->fused[i] < 0) continue;
+    const sc_instr *in = &r->p->instr[i], *bn = &r->p->instr[r->fused[i]];
+    int64_t k[4];
+    int want[4], rc = SC_OK;
+    fused_params(r, i, k, want);
+    if (!want[0] && !want[1] && !want[2] && !want[3]) continue;
+    if ((want[0] || want[2]) && !r->fsum[2 * i]) continue; /* no tile ran */
+    if ((want[1] || want[2] || want[3]) && !r->fsum[2 * i + 1]) continue;
+    AtenTensorHandle p4[4] = {param(r, bn->bn_weight), param(r, bn->bn_bias),
+                              param(r, bn->bn_mean), param(r, bn->bn_var)};
+    AtenTensorHandle pg[4] = {NULL, NULL, NULL, NULL};
+    rc = _sc_fold_bn_grads(r->ctx, param(r, in->weight), param(r, in->bias),
+                           p4, &r->fold[4 * i], r->fsum[2 * i],
+                           r->fsum[2 * i + 1], want, pg);
+    _sc_drop(&r->fsum[2 * i]);
+    _sc_drop(&r->fsum[2 * i + 1]);
+    for (int j = 0; j < 4; j++)
+      if (!rc && want[j]) rc = accum_param(r, k[j], &pg[j]);
+    for (int j = 0; j < 4; j++) _sc_drop(&pg[j]);
+    if (rc) return SC_ERR;
+  }
+  return SC_OK;
 }
 
 static int backward_instr(run *r, int64_t i) {
@@ -1670,6 +1716,7 @@ int _sc_backward(sc_ctx *ctx, const sc_call *call, AtenTensorHandle grad_out,
       run_tile_release(&r);
       if (!rc) report(1, k + 1, r.n_order);
     }
+  if (!rc) rc = fold_grads_finish(&r);
   /* hand over the requested gradients, contiguous, zeros where unused */
   if (!rc && mask[0]) {
     grads[0] = r.igrad;

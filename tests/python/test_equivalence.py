@@ -428,13 +428,16 @@ class _ConvBN(nn.Module):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", ["trainable", "frozen_weights", "zero_gamma", "not_affine",
-                                  "cone"])
+                                  "cone", "frozen_bn", "beta_only"])
 def test_batch_norm_folded_into_its_conv_is_exact(case, device):
     """In float32 / float64 a batch norm reading a conv's output alone is
     folded into it (weight w * s, bias (b - mean) * s + beta); its gradients
-    come from the conv's weight gradient against the folded weight
+    come from the conv's weight gradient against the folded weight and the
+    output gradient's channel sums, summed over the tiles and converted once
     (d/dgamma = inv * (<w, gw> + (b - mean) * sum g)): exact, also with
-    gamma = 0, a conv bias, no affine, a frozen conv weight."""
+    gamma = 0, a conv bias, no affine, a frozen conv weight, a frozen batch
+    norm, and only the batch norms' biases trained (no weight or input
+    gradient: the sums alone)."""
     torch.manual_seed(1)
     stem = _ConvBN(affine=case != "not_affine").double().eval()
     randomize_bn(stem, torch.Generator().manual_seed(2))
@@ -443,16 +446,24 @@ def test_batch_norm_folded_into_its_conv_is_exact(case, device):
         with torch.no_grad():
             stem.b1.weight[1:3] = 0
             stem.b3.weight.zero_()
-    if case == "frozen_weights":
-        for c in (stem.c1, stem.c2, stem.c3):
+    if case in ("frozen_weights", "beta_only"):
+        for c in (stem.c1, stem.c2, stem.c3):  # beta_only: the conv biases too
             c.weight.requires_grad_(False)
+            if c.bias is not None:
+                c.bias.requires_grad_(case == "frozen_weights")
+    if case in ("frozen_bn", "beta_only"):
+        for b in (stem.b1, stem.b2, stem.b3):
+            b.weight.requires_grad_(False)
+            b.bias.requires_grad_(case == "beta_only")
     sm = streamcnn.StreamingModule(stem, 24, halo_cache=case != "cone")
-    x = torch.randn(2, 3, 41, 37, dtype=torch.float64, device=device, requires_grad=True)
+    x = torch.randn(2, 3, 41, 37, dtype=torch.float64, device=device,
+                    requires_grad=case != "beta_only")
     compare(stem, x, 24, FP64_TOL, sm=sm)
     tf32 = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = False  # fp32 against fp32 on a GPU, as issue 5 asks
     try:
-        compare(stem.float(), x.detach().float().requires_grad_(), 24, FP32_TOL, sm=sm)
+        compare(stem.float(), x.detach().float().requires_grad_(x.requires_grad), 24,
+                FP32_TOL, sm=sm)
     finally:
         torch.backends.cudnn.allow_tf32 = tf32
 
