@@ -78,10 +78,11 @@ def cpu_allocator_peak(step):
 
 
 def measure(step, device, reps):
-    """Median seconds of `reps` steps after one warm-up, and peak memory (GPU:
+    """Median seconds of `reps` steps after one warm-up; peak memory (GPU:
     max_memory_allocated over the timed steps, so with the parameters and a
     device image; CPU: the allocator's peak during one more, profiled step,
-    above what was live before it)."""
+    above what was live before it); the C core's multiply-add counters over
+    the last timed step (forward, input gradients, weight gradients)."""
     step()
     sync(device)
     if device.type == "cuda":
@@ -89,26 +90,39 @@ def measure(step, device, reps):
     times = []
     for _ in range(reps):
         sync(device)
+        streamcnn.macs_executed(reset=True)
         t0 = time.perf_counter()
         step()
         sync(device)
         times.append(time.perf_counter() - t0)
+    macs = streamcnn.macs_executed(reset=True)
     times.sort()
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
     else:
         peak = cpu_allocator_peak(step)
-    return times[len(times) // 2], peak
+    return times[len(times) // 2], peak, macs
 
 
 def make_image(size, uint8, device):
     """Random image of one size: uint8 in (pinned, on a GPU) host memory,
-    the streamed path's input, else float32 on the device."""
+    the streamed path's input, else float32 on the device. A uint8 image
+    over 1 GB repeats one random band of 2048 rows (drawing 12.9 GB of
+    random bytes takes ~40 s, copying the band ~5 s; the timing does not
+    depend on the pixels) and is allocated pinned in place."""
     g = torch.Generator(device="cpu").manual_seed(size)
-    if uint8:
+    if not uint8:
+        return torch.randn(1, 3, size, size, generator=g).to(device)
+    pin = device.type == "cuda"
+    if 3 * size * size <= 1e9:
         image = torch.randint(0, 256, (1, 3, size, size), dtype=torch.uint8, generator=g)
-        return image.pin_memory() if device.type == "cuda" else image
-    return torch.randn(1, 3, size, size, generator=g).to(device)
+        return image.pin_memory() if pin else image
+    image = torch.empty((1, 3, size, size), dtype=torch.uint8, pin_memory=pin)
+    band = torch.randint(0, 256, (1, 3, 2048, size), dtype=torch.uint8, generator=g)
+    for r in range(0, size, 2048):
+        n = min(2048, size - r)
+        image[:, :, r:r + n] = band[:, :, :n]
+    return image
 
 
 def run(args):
@@ -170,13 +184,9 @@ def run(args):
                 continue
             image = images[on]
             try:
-                t, peak = measure(step_with(model, image), device, args.reps)
-                row[name] = {"s": t, "peak_gb": peak / 1e9 if peak is not None else None}
+                t, peak, (f, bi, bw) = measure(step_with(model, image), device, args.reps)
+                row[name] = {"s": t, "peak_gb": peak / 1e9}
                 if name != "whole":  # executed multiply-adds of one step
-                    streamcnn.macs_executed(reset=True)
-                    step_with(model, image)()
-                    sync(device)
-                    f, bi, bw = streamcnn.macs_executed(reset=True)
                     row[name + "_macs"] = (f + bi + bw) / (work["macs_whole"] + bi + bw)
             except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
                 if "out of memory" not in str(e):

@@ -14,6 +14,7 @@
 #include "internal.h"
 #include "tile.h"
 
+#include <stdatomic.h>
 #include <string.h>
 
 /* ---- stack builder ------------------------------------------------------- */
@@ -457,12 +458,15 @@ static void push_avgpool_window(stk *s, const sc_instr *in, int64_t divisor) {
 
 /* ---- multiply-add counter (sc_macs) ------------------------------------- */
 
-static _Thread_local double t_macs[3];
+/* Process-wide: a CUDA backward runs on autograd's device thread, not on
+ * the thread that called the forward. */
+static _Atomic double g_macs[3];
 
 void sc_macs(double out[3], int reset) {
   for (int k = 0; k < 3; k++) {
-    if (out) out[k] = t_macs[k];
-    if (reset) t_macs[k] = 0.0;
+    const double v = reset ? atomic_exchange(&g_macs[k], 0.0)
+                           : atomic_load(&g_macs[k]);
+    if (out) out[k] = v;
   }
 }
 
@@ -474,7 +478,9 @@ static void count_macs(int k, AtenTensorHandle y, double per) {
     return;
   double n = 1.0;
   for (int64_t d = 0; d < dim; d++) n *= (double)sz[d];
-  t_macs[k] += n * per;
+  double cur = atomic_load(&g_macs[k]);
+  while (!atomic_compare_exchange_weak(&g_macs[k], &cur, cur + n * per)) {
+  }
 }
 
 static double conv_macs_per_output(const sc_instr *in) {

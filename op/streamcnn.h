@@ -270,9 +270,10 @@ SC_API int sc_memory_info(const int64_t *words, int64_t n_words, int64_t h,
                           double *mem, char *errbuf, size_t errlen);
 
 /* Multiply-adds the convolutions and channel linears of the operators
- * called on this thread executed so far: out[0] forward (recomputes
- * included), out[1] input gradients, out[2] weight gradients; reset sets
- * them to 0 (after reading, when out is given). Thread-local. */
+ * executed so far, on any thread (autograd runs a CUDA backward on a
+ * thread of its own): out[0] forward (recomputes included), out[1] input
+ * gradients, out[2] weight gradients; reset sets them to 0 (read and
+ * zeroed at once, when out is given). */
 SC_API void sc_macs(double out[3], int reset);
 
 /* Progress over tiles: while set on a thread, the operators called on that

@@ -143,10 +143,11 @@ def memory_info(program: Sequence[int], h: int, w: int, tile: Tuple[int, int],
 
 
 def macs_executed(reset: bool = False) -> Tuple[float, float, float]:
-    """Multiply-adds the operators called on this thread executed in their
-    convolutions and channel linears since the last reset: (forward incl.
-    recomputes, input gradients, weight gradients). reset=True reads and
-    zeroes the counters."""
+    """Multiply-adds the operators executed in their convolutions and
+    channel linears since the last reset, on any thread (autograd runs a
+    CUDA backward on a thread of its own): (forward incl. recomputes, input
+    gradients, weight gradients). reset=True reads and zeroes the
+    counters."""
     load_library()
     out = (ctypes.c_double * 3)()
     _cdll.sc_macs(out, int(bool(reset)))

@@ -88,6 +88,24 @@ def test_macs_executed_each_value_once():
         assert work["macs_cached"] < work["macs_streamed"]
 
 
+def test_macs_counted_on_any_thread():
+    """The counters are process-wide: autograd runs a CUDA backward on a
+    device thread of its own, and its multiply-adds count all the same
+    (here: a forward and backward on another thread, read on this one)."""
+    import threading
+    stem = _resnet_stem().double()
+    x = torch.randn(1, 3, 256, 200, dtype=torch.float64)
+    sm = streamcnn.StreamingModule(stem, 128)
+    work = sm.work(256, 200)
+    streamcnn.macs_executed(reset=True)
+    t = threading.Thread(target=lambda: sm(x).sum().backward())
+    t.start()
+    t.join()
+    got = streamcnn.macs_executed(reset=True)
+    assert got[0] == 2 * work["macs_cached"] and got[2] == work["macs_cached"], (got, work)
+    assert streamcnn.macs_executed() == (0.0, 0.0, 0.0)
+
+
 def test_strips_size_matches_work_info_and_fake():
     stem = _resnet_stem()
     sm = streamcnn.StreamingModule(stem, (120, 150))
