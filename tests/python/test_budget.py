@@ -91,18 +91,14 @@ def test_budget_module_is_exact_and_sets_tile_size():
 
 # Peak of the bytes live in PyTorch's allocator while step() runs, from the
 # profiler's memory events (+ per allocation, - per free): on the CPU what
-# max_memory_allocated counts on a GPU. Prepended to the measuring scripts.
-_ALLOCATOR_PEAK = textwrap.dedent("""
-    from torch.profiler import ProfilerActivity, profile
-    def allocator_peak(step):
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            step()
-        live = peak = 0
-        events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-        for e in sorted(events, key=lambda e: e.start_ns()):
-            live += e.nbytes()
-            peak = max(peak, live)
-        return peak
+# max_memory_allocated counts on a GPU; the GPU benchmark's function.
+# Prepended to the measuring scripts.
+_BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), "bench")
+_ALLOCATOR_PEAK = textwrap.dedent(f"""
+    import sys
+    sys.path.insert(0, {_BENCH!r})
+    from gpu_resnet34 import cpu_allocator_peak as allocator_peak
 """)
 
 _MEASURE = _ALLOCATOR_PEAK + textwrap.dedent("""
