@@ -1024,6 +1024,17 @@ int _sc_relu_(sc_ctx *ctx, AtenTensorHandle x, AtenTensorHandle *out) {
   return call1(ctx, "aten::relu_", "", x, out);
 }
 
+/* dst = relu(x) written in place of dst (a view, any strides): maximum(x, 0)
+ * propagates NaN as relu does. */
+int _sc_relu_into(sc_ctx *ctx, AtenTensorHandle x, AtenTensorHandle dst) {
+  AtenTensorHandle zero = NULL, ret = NULL;
+  if (const_zero(ctx, &zero) ||
+      call3(ctx, "aten::maximum", "out", x, zero, dst, &ret))
+    return SC_ERR;
+  _sc_drop(&ret);
+  return SC_OK;
+}
+
 int _sc_relu_backward_(sc_ctx *ctx, AtenTensorHandle g, AtenTensorHandle y) {
   AtenTensorHandle zero = NULL, mask = NULL, r = NULL;
   if (const_zero(ctx, &zero) ||

@@ -223,6 +223,7 @@ int _sc_act_backward(sc_ctx *ctx, const sc_instr *in, AtenTensorHandle g,
                      AtenTensorHandle *out);
 /* In place: x = relu(x); *out is a new reference to x. */
 int _sc_relu_(sc_ctx *ctx, AtenTensorHandle x, AtenTensorHandle *out);
+int _sc_relu_into(sc_ctx *ctx, AtenTensorHandle x, AtenTensorHandle dst);
 /* In place: g = y > 0 ? g : 0 (ReLU's threshold_backward without a new
  * tensor; g must be writable). */
 int _sc_relu_backward_(sc_ctx *ctx, AtenTensorHandle g, AtenTensorHandle y);

@@ -649,6 +649,42 @@ static int reusable(const run *r, int64_t i, int j, int keep) {
   return 1;
 }
 
+/* Cached plans: value o's tile region reaches beyond the span the tile
+ * computes (its halo comes from the tiles before). */
+static int has_halo(const run *r, int64_t o) {
+  const int64_t *rr = region(r, 0, o), *rc = region(r, 1, o);
+  return r->cached && !(same(rr, own(r, 0, o)) && same(rc, own(r, 1, o))) &&
+         !empty(rr) && !empty(rc);
+}
+
+/* Rows and columns of value o's region above and left of its own span. */
+static void halo_offsets(const run *r, int64_t o, int64_t *top,
+                         int64_t *lft) {
+  const int64_t *rr = region(r, 0, o), *rc = region(r, 1, o);
+  const int64_t *orr = own(r, 0, o), *oc = own(r, 1, o);
+  *top = (empty(orr) ? rr[1] : orr[0]) - rr[0];
+  *lft = (empty(oc) ? rc[1] : oc[0]) - rc[0];
+}
+
+/* A new buffer over value o's region (*buf) and a view of its own span in
+ * it (*own_part), for an instruction to write into. */
+static int halo_buffer(run *r, int64_t o, AtenTensorHandle *buf,
+                       AtenTensorHandle *own_part) {
+  const int64_t *rr = region(r, 0, o), *rc = region(r, 1, o);
+  const int64_t *orr = own(r, 0, o), *oc = own(r, 1, o);
+  const int64_t shape[4] = {r->batch, r->p->channels[o], rr[1] - rr[0],
+                            rc[1] - rc[0]};
+  int64_t top, lft;
+  halo_offsets(r, o, &top, &lft);
+  if (_sc_tile_buffer(r->ctx, shape, 0, buf) ||
+      _sc_view(r->ctx, *buf, top, orr[1] - orr[0], lft, oc[1] - oc[0],
+               own_part)) {
+    _sc_drop(buf);
+    return SC_ERR;
+  }
+  return SC_OK;
+}
+
 static AtenTensorHandle param(const run *r, int64_t k) {
   return k >= 0 ? r->call->params[k] : NULL;
 }
@@ -714,6 +750,14 @@ static int forward_instr(run *r, int64_t i, int keep) {
       goto done;
     break;
   case SC_OP_ACT:
+    if (in->act == SC_ACT_RELU && has_halo(r, i + 1)) {
+      /* straight into the region-sized buffer add_halo completes: no
+       * in-place pass and copy */
+      if (pointwise_input(r, i, 0, &x) || halo_buffer(r, i + 1, &y, &t) ||
+          _sc_relu_into(ctx, x, t))
+        goto done;
+      break;
+    }
     if (in->act == SC_ACT_RELU && reusable(r, i, 0, keep)) {
       if (_sc_relu_(ctx, r->val[in->in[0]], &y)) goto done;
       break;
@@ -792,29 +836,37 @@ static int copy_into(run *r, AtenTensorHandle dst, int64_t r0, int64_t nr,
 }
 
 /* Cached plans: val[o] holds value o over its own span (or nothing, when
- * that is empty); make it the region: the top band from r->band[o], the
+ * that is empty), or already over its region with the own span written
+ * (halo_buffer); make it the region: the top band from r->band[o], the
  * left strip from r->lhalo[o], the own span below right of them. */
 static int add_halo(run *r, int64_t o) {
   const int64_t *rr = region(r, 0, o), *rc = region(r, 1, o);
-  const int64_t *orr = own(r, 0, o), *oc = own(r, 1, o);
   AtenTensorHandle buf = NULL, src = NULL;
-  if ((same(rr, orr) && same(rc, oc)) || empty(rr) || empty(rc)) return SC_OK;
-  const int64_t top = (empty(orr) ? rr[1] : orr[0]) - rr[0];
-  const int64_t lft = (empty(oc) ? rc[1] : oc[0]) - rc[0];
+  if (!has_halo(r, o)) return SC_OK;
+  int64_t top, lft, dim, *sz, *st;
+  halo_offsets(r, o, &top, &lft);
   const int64_t h = rr[1] - rr[0], w = rc[1] - rc[0];
   if ((top > 0 && !r->band[o]) || (lft > 0 && top < h && !r->lhalo[o]))
     return sc_fail(&r->ctx->err,
                    "streamcnn: internal error: no halo for value %lld",
                    (long long)o);
   const int64_t shape[4] = {r->batch, r->p->channels[o], h, w};
-  int rc_ = _sc_tile_buffer(r->ctx, shape, 0, &buf);
+  if (r->val[o] && _sc_meta(r->ctx, r->val[o], &dim, &sz, &st)) return SC_ERR;
+  const int placed = r->val[o] && sz[2] == h && sz[3] == w;
+  int rc_ = SC_OK;
+  if (placed) {
+    buf = r->val[o];
+    r->val[o] = NULL;
+  } else {
+    rc_ = _sc_tile_buffer(r->ctx, shape, 0, &buf);
+  }
   if (!rc_ && top > 0) /* the band over this tile's columns */
     rc_ = _sc_view(r->ctx, r->band[o], 0, top, rc[0], w, &src) ||
           copy_into(r, buf, 0, top, 0, w, src, 0);
   _sc_drop(&src);
   if (!rc_ && lft > 0 && top < h)
     rc_ = copy_into(r, buf, top, h - top, 0, lft, r->lhalo[o], 0);
-  if (!rc_ && top < h && lft < w)
+  if (!rc_ && !placed && top < h && lft < w)
     rc_ = copy_into(r, buf, top, h - top, lft, w - lft, r->val[o], 0);
   if (rc_) {
     _sc_drop(&buf);
