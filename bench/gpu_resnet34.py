@@ -20,11 +20,11 @@ a column without it. Then the multiply-adds a streamed step actually
 executed (the C core's counters, streamcnn.macs_executed) over those of a
 whole-image step (the same gradients, one forward), with and without halo
 caching; the strips; and "model": the C memory model's peak of the
-streamed step (sc_memory_info: the larger of the tile's forward and
-backward, the strips, folded weights, parameter gradients) plus one
-stem-output-sized tensor (the output, then its gradient: the head lets go
-of the output before the stem's backward), for the host image / with the
-device image added, to set against the measured peaks (which also hold the
+streamed step (step_model: the larger of the tile's forward and backward,
+the strips, folded weights, parameter gradients, and one stem-output-sized
+tensor, the output and then its gradient: the head's average pooling runs
+as a mean, which keeps nothing), for the host image / with the device
+image added, to set against the measured peaks (which also hold the
 parameters, the head and cuDNN's workspace).
 `--device cpu` runs the same code on the CPU (smoke test; small sizes
 only); its peaks are those of PyTorch's CPU allocator during a step (from
@@ -104,6 +104,19 @@ def measure(step, device, reps):
     return times[len(times) // 2], peak, macs
 
 
+def step_model(info, out_bytes):
+    """The C memory model's peak of a streamed training step with this
+    benchmark's head (bytes, image on the host): the larger of the tile's
+    forward and backward peaks (sc_memory_info's, with the bands, folded
+    weights and parameter gradients), the strips, and one stem-output-sized
+    tensor: the output in the forward, its gradient in the backward. The
+    head never holds the output: AdaptiveAvgPool2d(1) runs as a mean, which
+    saves nothing for its backward. info: memory_info(...) = [backward,
+    forward, strips]."""
+    bwd, fwd, strips = info
+    return max(bwd, fwd) + strips + out_bytes
+
+
 def make_image(size, uint8, device):
     """Random image of one size: uint8 in (pinned, on a GPU) host memory,
     the streamed path's input, else float32 on the device. A uint8 image
@@ -160,19 +173,14 @@ def run(args):
                 loss.backward()
             return step
 
-        # The C memory model of the streamed step: the larger of the tile's
-        # forward and backward peaks (with the bands, folded weights and
-        # parameter gradients) + the strips + one stem-output-sized tensor
-        # (the output in the forward; its gradient in the backward, by when
-        # the head has let go of the output); a device image adds its size.
         mask = [False] + [p.requires_grad for p in sm.stream_params()]
-        bwd, fwd, strips = memory_info(sm.program, size, size, sm.tile_size, True, mask,
-                                       itemsize)
         oh, ow = sm.tiling(size, size)["output"]
+        model = step_model(memory_info(sm.program, size, size, sm.tile_size, True, mask,
+                                       itemsize), 256 * oh * ow * itemsize)
         row = {"size": size, "tile": str(t0) if t0 == t1 else f"{t0}x{t1}",
                "uint8": host_only, "recompute": work["recompute"],
                "strips_gb": work["strip_elements"] * itemsize / 1e9,
-               "model_gb": (max(bwd, fwd) + strips + 256 * oh * ow * itemsize) / 1e9,
+               "model_gb": model / 1e9,
                "image_gb": 3 * size * size * 4 / 1e9 if not host_only else 0.0}
         configs = [("whole", stem, "device"), ("stream", sm if host_only else streaming(
             "device"), "device"), ("host", sm, "host")]

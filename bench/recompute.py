@@ -15,10 +15,11 @@ cached with tiles as wide as the image reaches it. "step memory": the C
 memory model's peak of a cached float32 training step of batch 1 (the
 larger of the largest tile's forward and backward, with folded weights
 and parameter gradients; the strips) plus one stem-output-sized tensor
-(the output in the forward, its gradient in the backward: a head such as
-average pooling lets go of the output before the stem's backward), what
-max_memory_allocated would show with the image in host memory, less the
-parameters and the convolution library's workspace.
+(the output in the forward, its gradient in the backward: the GPU
+benchmark's head, average pooling run as a mean, keeps nothing;
+gpu_resnet34.step_model), what max_memory_allocated would show with the
+image in host memory, less the parameters and the convolution library's
+workspace.
 
     python bench/recompute.py [--sizes 2048 4096 8192 16384 32768 65536] [--tiles 1024 1920 2880 4096]
 """
@@ -30,6 +31,7 @@ import torchvision
 
 import streamcnn
 from streamcnn._library import memory_info
+from gpu_resnet34 import step_model
 
 
 def main() -> None:
@@ -54,9 +56,8 @@ def main() -> None:
             n = sm.tiling(size, size)["tiles"]
             fwd, c = w["recompute"], w["recompute_cached"]
             oh, ow = sm.tiling(size, size)["output"]
-            m_bwd, m_fwd, strips = memory_info(sm.program, size, size, sm.tile_size, True,
-                                               None, 4)
-            step = max(m_bwd, m_fwd) + strips + 256 * oh * ow * 4  # + output, then its gradient
+            step = step_model(memory_info(sm.program, size, size, sm.tile_size, True, None, 4),
+                              256 * oh * ow * 4)
             print(f"| {size:>6}² | {tile:>4} | {n[0]:>3}x{n[1]:<3} | {fwd:7.3f}x | "
                   f"{4 * fwd / 3:8.3f}x | {c:9.3f}x | {4 * c / 3:10.3f}x | "
                   f"{w['strip_elements'] * 4 / 1e9:8.2f} GB | {step / 1e9:8.2f} GB "

@@ -57,3 +57,37 @@ def test_aten_calls_script():
     assert "81 tiles" in head, head
     per_tile = float(head.split(", ")[-1].split()[0])
     assert per_tile < 200, head
+
+
+def test_step_model_where_the_stem_output_dominates():
+    """The GPU benchmark's memory model of a step (gpu_resnet34.step_model)
+    where the stem output, not a tile, is the largest tensor: one
+    output-sized tensor at a time, since the head (average pooling run as a
+    mean) keeps nothing; against the CPU allocator's peak (measured 310 MB,
+    model 315 MB; output and gradient together would be 539 MB)."""
+    import torch
+    import torch.nn as nn
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import gpu_resnet34 as bench
+    import streamcnn
+    from streamcnn._library import memory_info
+    torch.manual_seed(0)
+    stem = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(32, 64, 3, padding=1)).eval()
+    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 2))
+    size = 1024
+    image = bench.make_image(size, True, torch.device("cpu"))
+    sm = streamcnn.StreamingModule(stem, 256, mean=bench.MEAN, std=bench.STD)
+
+    def step():
+        for p in list(stem.parameters()) + list(head.parameters()):
+            p.grad = None
+        head(sm(image)).sum().backward()
+
+    step()
+    peak = bench.cpu_allocator_peak(step)
+    mask = [False] + [p.requires_grad for p in sm.stream_params()]
+    out = 64 * size * size * 4
+    model = bench.step_model(memory_info(sm.program, size, size, sm.tile_size, True, mask, 4),
+                             out)
+    assert out < peak <= model <= 1.1 * peak, (peak, model)
