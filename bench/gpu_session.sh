@@ -1,21 +1,21 @@
 #!/usr/bin/env bash
-# One prepared call for a lent GPU machine (issue 5): build for Hopper, run
-# the CUDA tests, then the GPU benchmark; everything lands under $OUT
-# (env.txt, build.log, tests.log, bench_small.txt/.json, bench_large.txt/.json).
-# Stages have their own time limits so that a slow or failing stage still
-# leaves the others' results; the whole stays under the 10-minute limit of
-# one device call. 65536² takes a call of its own (a reused build, if the
-# machine is still warm):
+# Prepared calls for a lent GPU machine (issue 5): build for Hopper, run
+# the CUDA tests, the GPU benchmark and a profile; everything lands under
+# $OUT (env.txt, build.log, tests.log, bench_small.txt/.json, profile.txt,
+# bench_large.txt/.json). Stages have their own time limits so that a slow
+# or failing stage still leaves the others' results; each call stays under
+# the 10-minute limit of one device call. The large sizes take a second
+# call (the build is reused if the machine is still warm):
 #
 #   device tool:  bash bench/gpu_session.sh                     (no carry needed)
-#                 STAGES="build large" LARGE_SIZES=65536 bash bench/gpu_session.sh
+#                 STAGES="build large" bash bench/gpu_session.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/streamcnn-gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 PY=${PY:-python3}
-STAGES=${STAGES:-"build tests small large"}
-LARGE_SIZES=${LARGE_SIZES:-"16384 32768"}
+STAGES=${STAGES:-"build tests small profile"}
+LARGE_SIZES=${LARGE_SIZES:-"16384 32768 65536"}
 stage() { echo "== $(date +%T) $*"; }
 want() { case " $STAGES " in *" $1 "*) return 0 ;; esac; return 1; }
 
@@ -53,10 +53,17 @@ timeout 120 "$PY" bench/gpu_resnet34.py --sizes 2048 4096 8192 --tile 1920 --rep
 echo "rc=$?"; cat "$OUT/bench_small.txt"
 fi
 
+if want profile; then
+stage profile 8192
+timeout 90 "$PY" bench/gpu_profile.py --size 8192 --tile 1920 --top 25 \
+  > "$OUT/profile.txt" 2>&1
+echo "rc=$?"; grep -E "^#|^## |^device time|^\|" "$OUT/profile.txt"
+fi
+
 if want large; then
 stage bench large: $LARGE_SIZES
 # shellcheck disable=SC2086
-timeout 170 "$PY" bench/gpu_resnet34.py --sizes $LARGE_SIZES --tile 2880 --reps 1 \
+timeout 420 "$PY" bench/gpu_resnet34.py --sizes $LARGE_SIZES --tile 2880 --reps 1 \
   --out "$OUT/bench_large.json" > "$OUT/bench_large.txt" 2>&1
 echo "rc=$?"; cat "$OUT/bench_large.txt"
 fi

@@ -55,7 +55,7 @@ template <> __device__ __nv_bfloat16 from_acc<__nv_bfloat16>(double v) {
 }
 
 template <typename T, typename S>
-__global__ void copy_kernel(sc_copy_params p, int64_t total) {
+__global__ void sc_copy_kernel(sc_copy_params p, int64_t total) {
   using A = typename Acc<T>::type;
   const int64_t C = p.size[1], H = p.size[2], W = p.size[3];
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total;
@@ -73,7 +73,7 @@ __global__ void copy_kernel(sc_copy_params p, int64_t total) {
 }
 
 template <typename T, typename S>
-__global__ void gather_kernel(sc_gather_params p, int64_t total) {
+__global__ void sc_gather_kernel(sc_gather_params p, int64_t total) {
   using A = typename Acc<T>::type;
   const T pad = from_acc<T>(p.pad_value);
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total;
@@ -98,14 +98,14 @@ __global__ void gather_kernel(sc_gather_params p, int64_t total) {
 struct CopyLaunch {
   template <typename T, typename S>
   static void go(const sc_copy_params &p, int64_t total, cudaStream_t s) {
-    copy_kernel<T, S><<<blocks_for(total), kThreads, 0, s>>>(p, total);
+    sc_copy_kernel<T, S><<<blocks_for(total), kThreads, 0, s>>>(p, total);
   }
 };
 
 struct GatherLaunch {
   template <typename T, typename S>
   static void go(const sc_gather_params &p, int64_t total, cudaStream_t s) {
-    gather_kernel<T, S><<<blocks_for(total), kThreads, 0, s>>>(p, total);
+    sc_gather_kernel<T, S><<<blocks_for(total), kThreads, 0, s>>>(p, total);
   }
 };
 

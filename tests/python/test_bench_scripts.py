@@ -91,3 +91,15 @@ def test_step_model_where_the_stem_output_dominates():
     model = bench.step_model(memory_info(sm.program, size, size, sm.tile_size, True, mask, 4),
                              out)
     assert out < peak <= model <= 1.1 * peak, (peak, model)
+
+
+def test_gpu_profile_script_smoke_on_cpu():
+    """bench/gpu_profile.py (where a GPU step's time goes) runs; on the CPU
+    it prints both modes' operator tables and an empty device summary."""
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu_profile.py"),
+                          "--device", "cpu", "--size", "1040", "--tile", "1024", "--top", "40"],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "## whole:" in res.stdout and "## stream:" in res.stdout
+    assert "streamcnn::backward_cached" in res.stdout  # the op, under the profiler
+    assert "| stream |" in res.stdout
