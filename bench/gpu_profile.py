@@ -60,7 +60,7 @@ def profile_step(step, device, top):
         bench.sync(device)
         wall = time.perf_counter() - t0
     table = prof.key_averages().table(
-        sort_by="cuda_time_total" if cuda else "self_cpu_time_total", row_limit=top)
+        sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=top)
     groups = {}
     if cuda:
         for e in prof.profiler.kineto_results.events():
