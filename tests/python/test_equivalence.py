@@ -468,6 +468,34 @@ def test_batch_norm_folded_into_its_conv_is_exact(case, device):
         torch.backends.cudnn.allow_tf32 = tf32
 
 
+class _SharedConvBN(nn.Module):
+    """One conv applied twice, each time followed by its own batch norm:
+    two folded pairs share the conv's weight and bias."""
+
+    def __init__(self):
+        super().__init__()
+        self.c0 = nn.Conv2d(3, 6, 3, padding=1)
+        self.c = nn.Conv2d(6, 6, 3, padding=1)
+        self.b1, self.b2 = nn.BatchNorm2d(6), nn.BatchNorm2d(6)
+
+    def forward(self, x):
+        y = torch.relu(self.c0(x))
+        y = torch.relu(self.b1(self.c(y)))
+        return self.b2(self.c(y))
+
+
+@pytest.mark.parametrize("halo_cache", [True, False])
+def test_shared_conv_with_two_folded_batch_norms(halo_cache):
+    """The shared weight's gradient is the sum of both folded pairs'
+    (each converted once per call from its own sums)."""
+    torch.manual_seed(0)
+    stem = _SharedConvBN().double().eval()
+    randomize_bn(stem, torch.Generator().manual_seed(1))
+    x = torch.randn(2, 3, 45, 39, dtype=torch.float64, requires_grad=True)
+    compare(stem, x, 24, FP64_TOL, sm=streamcnn.StreamingModule(stem, 24,
+                                                                halo_cache=halo_cache))
+
+
 def test_batch_norm_folding_only_in_float32_and_float64():
     """No batch-norm kernel runs in a folded (float32) streamed pass; in
     bfloat16 (folding would round the folded weight once more) they do."""
