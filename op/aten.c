@@ -887,6 +887,12 @@ static int sub(sc_ctx *ctx, AtenTensorHandle a, AtenTensorHandle b,
   return SC_OK;
 }
 
+/* a - b, with a missing a (NULL: an absent bias) taken as 0. */
+static int sub_from_opt(sc_ctx *ctx, AtenTensorHandle a, AtenTensorHandle b,
+                        AtenTensorHandle *out) {
+  return a ? sub(ctx, a, b, out) : call1(ctx, "aten::neg", "", b, out);
+}
+
 /* A per-channel [C] tensor as [C, 1, 1, 1] (a weight's output channels). */
 static int per_out_channel(sc_ctx *ctx, AtenTensorHandle t, int64_t c,
                            AtenTensorHandle *out) {
@@ -911,9 +917,7 @@ int _sc_fold_bn(sc_ctx *ctx, AtenTensorHandle w, AtenTensorHandle b,
   /* as PyTorch's frozen batch norm: shift = beta - mean * scale */
   int rc = c < 1 || bn_factors(ctx, p4, eps, &out[3], &out[2]) ||
            call2(ctx, "aten::mul", "Tensor", p4[2], out[2], &ms);
-  if (!rc)
-    rc = p4[1] ? sub(ctx, p4[1], ms, &shift)
-               : call1(ctx, "aten::neg", "", ms, &shift);
+  if (!rc) rc = sub_from_opt(ctx, p4[1], ms, &shift);
   if (!rc)
     rc = per_out_channel(ctx, out[2], c, &s4) ||
          call2(ctx, "aten::mul", "Tensor", w, s4, &out[0]);
@@ -952,11 +956,10 @@ int _sc_fold_bn_grads(sc_ctx *ctx, AtenTensorHandle w, AtenTensorHandle b,
      * sum, reassociated): inv * (<w, gw> + (b - mean) gs) */
     rc = call2(ctx, "aten::mul", "Tensor", w, gw, &wg) ||
          sum_as(ctx, wg, c4, &c, 1, &dot) ||
-         (b ? sub(ctx, b, p4[2], &bm)
-            : call1(ctx, "aten::neg", "", p4[2], &bm)) ||
+         sub_from_opt(ctx, b, p4[2], &bm) ||
          call2(ctx, "aten::mul", "Tensor", bm, gs, &bms) ||
          _sc_add(ctx, dot, bms, &sum) ||
-           call2(ctx, "aten::mul", "Tensor", sum, fold[3], &res[2]);
+         call2(ctx, "aten::mul", "Tensor", sum, fold[3], &res[2]);
   }
   if (!rc && want[3]) rc = call1(ctx, "aten::clone", "", gs, &res[3]);
   _sc_drop(&s4);
