@@ -20,7 +20,6 @@ import sys
 import time
 
 import torch
-import torch.nn as nn
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -80,7 +79,6 @@ def main() -> None:
     args = ap.parse_args()
     device = torch.device(args.device)
     stem, head = bench.build(device)
-    params = list(stem.parameters()) + list(head.parameters())
     target = torch.tensor([1], device=device)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"# ResNet-34 conv1..layer3, {args.size}², tile {args.tile}, batch 1, fwd+bwd, "
@@ -90,18 +88,11 @@ def main() -> None:
     sm = streamcnn.StreamingModule(stem, args.tile, mean=bench.MEAN, std=bench.STD).to(device)
     print(f"# streamcnn tiles {sm.tiling(args.size, args.size)['tiles']}")
 
-    def step_with(model, image):
-        def step():
-            for p in params:
-                p.grad = None
-            out = head(model(image))
-            nn.functional.cross_entropy(out.float(), target).backward()
-        return step
-
     summary = []
     for name, model, image in (("whole", stem, whole_image), ("stream", sm, host_image)):
         try:
-            wall, table, groups, prof = profile_step(step_with(model, image), device, args.top)
+            step = bench.training_step(model, head, image, target)
+            wall, table, groups, prof = profile_step(step, device, args.top)
         except (torch.cuda.OutOfMemoryError, RuntimeError) as e:
             if "out of memory" not in str(e):
                 raise

@@ -104,6 +104,22 @@ def measure(step, device, reps):
     return times[len(times) // 2], peak, macs
 
 
+def training_step(model, head, image, target, autocast=None):
+    """One benchmarked step as a function: the parameters' gradients of the
+    stem and head cleared, head(model(image)) under autocast (a dtype, or
+    None for none), cross-entropy against target, backward."""
+    params = list(model.parameters()) + list(head.parameters())
+    device = target.device
+
+    def step():
+        for p in params:
+            p.grad = None
+        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+            out = head(model(image))
+        nn.functional.cross_entropy(out.float(), target).backward()
+    return step
+
+
 def step_model(info, out_bytes):
     """The C memory model's peak of a streamed training step with this
     benchmark's head (bytes, image on the host): the larger of the tile's
@@ -142,7 +158,6 @@ def run(args):
     device = torch.device(args.device)
     autocast = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     stem, head = build(device)
-    params = list(stem.parameters()) + list(head.parameters())
     target = torch.tensor([1], device=device)
     itemsize = 2 if autocast is not None else 4
     rows = []
@@ -163,16 +178,6 @@ def run(args):
         work = sm.work(size, size)
         t0, t1 = sm.tile_size
 
-        def step_with(model, image):
-            def step():
-                for p in params:
-                    p.grad = None
-                with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-                    out = head(model(image))
-                loss = nn.functional.cross_entropy(out.float(), target)
-                loss.backward()
-            return step
-
         mask = [False] + [p.requires_grad for p in sm.stream_params()]
         oh, ow = sm.tiling(size, size)["output"]
         model = step_model(memory_info(sm.program, size, size, sm.tile_size, True, mask,
@@ -192,7 +197,8 @@ def run(args):
                 continue
             image = images[on]
             try:
-                t, peak, (f, bi, bw) = measure(step_with(model, image), device, args.reps)
+                step = training_step(model, head, image, target, autocast)
+                t, peak, (f, bi, bw) = measure(step, device, args.reps)
                 row[name] = {"s": t, "peak_gb": peak / 1e9}
                 if name != "whole":  # executed multiply-adds of one step
                     row[name + "_macs"] = (f + bi + bw) / (work["macs_whole"] + bi + bw)
