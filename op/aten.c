@@ -981,10 +981,39 @@ static const char *gelu_mode(const sc_instr *in) {
   return in->act_iarg ? "tanh" : "none";
 }
 
+/* *out = x > 0 ? v : v * slope (a leaky ReLU of x: v = x; its backward:
+ * v = its output's gradient), selected in place of v * slope: no
+ * temporary but the mask. */
+static int leaky_select(sc_ctx *ctx, const sc_instr *in, AtenTensorHandle x,
+                        AtenTensorHandle v, AtenTensorHandle *out) {
+  AtenTensorHandle zero = NULL, slope = NULL, mask = NULL, vs = NULL,
+                   ret = NULL;
+  *out = NULL;
+  if (const_zero(ctx, &zero) || slope_tensor(ctx, in, &slope)) return SC_ERR;
+  int rc = call2(ctx, "aten::mul", "Tensor", v, slope, &vs);
+  if (!rc) rc = call2(ctx, "aten::gt", "Tensor", x, zero, &mask);
+  if (!rc) {
+    stk s = {0};
+    push_tensor(&s, mask);
+    push_tensor(&s, v);
+    push_tensor(&s, vs);
+    push_tensor(&s, vs); /* out: the selection is elementwise */
+    rc = stk_call(ctx, &s, "aten::where", "self_out", 1, &ret);
+  }
+  _sc_drop(&slope);
+  _sc_drop(&mask);
+  _sc_drop(&ret);
+  if (rc) {
+    _sc_drop(&vs);
+    return rc;
+  }
+  *out = vs;
+  return SC_OK;
+}
+
 int _sc_act(sc_ctx *ctx, const sc_instr *in, AtenTensorHandle x,
             AtenTensorHandle *out) {
-  AtenTensorHandle zero = NULL, six = NULL, t1 = NULL, t2 = NULL;
-  int rc;
+  AtenTensorHandle zero = NULL, six = NULL;
   *out = NULL;
   switch (in->act) {
   case SC_ACT_RELU: return call1(ctx, "aten::relu", "", x, out);
@@ -1006,17 +1035,8 @@ int _sc_act(sc_ctx *ctx, const sc_instr *in, AtenTensorHandle x,
     push_opt_tensor(&s, six);
     return stk_call(ctx, &s, "aten::clamp", "Tensor", 1, out);
   }
-  case SC_ACT_LEAKY_RELU: { /* x > 0 ? x : x * slope, as ATen computes it */
-    AtenTensorHandle xs = NULL;
-    if (const_zero(ctx, &zero) || slope_tensor(ctx, in, &t1)) return SC_ERR;
-    rc = call2(ctx, "aten::gt", "Tensor", x, zero, &t2);
-    if (!rc) rc = call2(ctx, "aten::mul", "Tensor", x, t1, &xs);
-    if (!rc) rc = call3(ctx, "aten::where", "self", t2, x, xs, out);
-    _sc_drop(&t1);
-    _sc_drop(&t2);
-    _sc_drop(&xs);
-    return rc;
-  }
+  case SC_ACT_LEAKY_RELU: /* x > 0 ? x : x * slope, as ATen computes it */
+    return leaky_select(ctx, in, x, x, out);
   default:
     return sc_fail(&ctx->err, "streamcnn: internal error: activation %d",
                    in->act);
@@ -1069,11 +1089,7 @@ int _sc_act_backward(sc_ctx *ctx, const sc_instr *in, AtenTensorHandle g,
     if (!rc) rc = call3(ctx, "aten::where", "self", m[2], g, zero, out);
     break;
   case SC_ACT_LEAKY_RELU: /* x > 0 ? g : g * slope */
-    if (const_zero(ctx, &zero) || slope_tensor(ctx, in, &m[0])) return SC_ERR;
-    rc = call2(ctx, "aten::gt", "Tensor", x, zero, &m[1]);
-    if (!rc) rc = call2(ctx, "aten::mul", "Tensor", g, m[0], &m[2]);
-    if (!rc) rc = call3(ctx, "aten::where", "self", m[1], g, m[2], out);
-    break;
+    return leaky_select(ctx, in, x, g, out);
   case SC_ACT_SILU:
     return call2(ctx, "aten::silu_backward", "", g, x, out);
   case SC_ACT_SIGMOID:

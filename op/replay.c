@@ -1013,6 +1013,28 @@ static int host_tile(run *r) {
 #endif
 }
 
+/* Replace the tile's image view r->val[0] with a dense copy in the
+ * computation's dtype (a uint8 image normalised by the gather), NHWC or
+ * NCHW. */
+static int copy_image_tile(run *r, int nhwc) {
+  AtenTensorHandle px = r->val[0];
+  const int64_t *rh = region(r, 0, 0), *rw = region(r, 1, 0);
+  r->val[0] = NULL;
+  const int rc = _sc_gather(r->ctx, px, r->batch, r->p->channels[0],
+                            rh[1] - rh[0], rw[1] - rw[0], 0, 0, 0.0, nhwc,
+                            &r->val[0]);
+  _sc_drop(&px);
+  return rc;
+}
+
+/* Whether an instruction other than a convolution reads the image. */
+static int image_read_by_non_conv(const sc_program *p) {
+  for (int64_t i = 0; i < p->n_instr; i++)
+    for (int j = 0; j < p->instr[i].n_in; j++)
+      if (p->instr[i].in[j] == 0 && p->instr[i].op != SC_OP_CONV) return 1;
+  return 0;
+}
+
 /* Forward of the current tile's cone. Each value is freed once its last
  * consumer ran, unless keep = 1 and a backward op reads it (r->keep). */
 static int forward_tile(run *r, int keep) {
@@ -1025,14 +1047,14 @@ static int forward_tile(run *r, int keep) {
       return SC_ERR;
     if (r->ctx->image_host && host_tile(r)) return SC_ERR;
     if (r->ctx->image_u8 || r->ctx->image_host) { /* pixels -> the tile */
-      AtenTensorHandle px = r->val[0];
-      const int64_t *rh = region(r, 0, 0), *rw = region(r, 1, 0);
-      r->val[0] = NULL;
-      const int rc = _sc_gather(r->ctx, px, r->batch, p->channels[0],
-                                rh[1] - rh[0], rw[1] - rw[0], 0, 0, 0.0,
-                                r->ctx->tiles_nhwc, &r->val[0]);
-      _sc_drop(&px);
-      if (rc) return SC_ERR;
+      if (copy_image_tile(r, r->ctx->tiles_nhwc)) return SC_ERR;
+    } else if (r->ctx->tiles_nhwc && image_read_by_non_conv(p) &&
+               !_sc_is_channels_last(r->ctx, r->val[0])) {
+      /* a pool or pointwise op of the image keeps its layout: a
+       * channels-last copy keeps the tile channels-last (a convolution of
+       * the image takes a channels-last copy anyway, layer_input); in
+       * NCHW oneDNN pads few channels to blocks of 16 in its copies */
+      if (copy_image_tile(r, 1)) return SC_ERR;
     }
   }
   for (int64_t v = 0; v < r->nv; v++) r->left[v] = p->n_consumers[v];
