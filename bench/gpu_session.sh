@@ -9,6 +9,8 @@
 #
 #   device tool:  bash bench/gpu_session.sh                     (no carry needed)
 #                 STAGES="build large" bash bench/gpu_session.sh
+#
+# Optional stage "budget" (60 s): bench/budget_check.py on CUDA.
 set -uo pipefail
 OUT=${OUT:-/tmp/streamcnn-gpu}
 mkdir -p "$OUT"
@@ -58,6 +60,15 @@ stage profile 8192
 timeout 90 "$PY" bench/gpu_profile.py --size 8192 --tile 1920 --top 25 \
   > "$OUT/profile.txt" 2>&1
 echo "rc=$?"; grep -E "^#|^## |^device time|^\|" "$OUT/profile.txt"
+fi
+
+if want budget; then
+stage budget
+# memory_budget on random stems: measured peaks (max_memory_allocated, so
+# with cuDNN's workspace) against budget + output + gradient
+timeout 60 "$PY" bench/budget_check.py --device cuda --seeds 60 --start 1000 \
+  > "$OUT/budget.txt" 2>&1
+echo "rc=$?"; cat "$OUT/budget.txt" | grep -v "^\[W"
 fi
 
 if want large; then

@@ -56,7 +56,8 @@ def main() -> None:
             n = sm.tiling(size, size)["tiles"]
             fwd, c = w["recompute"], w["recompute_cached"]
             oh, ow = sm.tiling(size, size)["output"]
-            step = step_model(memory_info(sm.program, size, size, sm.tile_size, True, None, 4),
+            mask = [False] + [True] * len(sm.stream_params())  # no image gradient
+            step = step_model(memory_info(sm.program, size, size, sm.tile_size, True, mask, 4),
                               256 * oh * ow * 4)
             print(f"| {size:>6}² | {tile:>4} | {n[0]:>3}x{n[1]:<3} | {fwd:7.3f}x | "
                   f"{4 * fwd / 3:8.3f}x | {c:9.3f}x | {4 * c / 3:10.3f}x | "

@@ -706,11 +706,50 @@ done:
  * taken again, a pointwise op's input gradient; a ReLU's in place), the
  * first gradient of an input adopted, later ones added and freed, and the
  * instruction's output and its gradient freed after it. A convolution's
- * library (lib below) may
- * hold a copy of its input and of its output (oneDNN reorders them to its
- * blocked layouts; cuDNN's workspace): counted as transients too.
+ * library holds transients of its own in both passes (lib[i], conv_lib).
  * Conservative where the replay may save: every window op is taken to pad
  * (only border tiles do). */
+/* Bytes a convolution's library holds while instruction in runs (forward
+ * or backward), reading rd bytes and computing own bytes of output, of
+ * itemsize item. CUDA (cuDNN): a copy of its input and of its output
+ * (conservative; its workspace is not modelled). CPU (cpu = 1): oneDNN
+ * (float32) runs the channels-last tiles in place, counted as on CUDA;
+ * ATen's own im2col convolution, which float64 always takes, float32 for
+ * small inputs (batch 1, groups 1, not both kernel extents over 3, at most
+ * 20480 input values; taken as possible for any batch) and float16 /
+ * bfloat16 where oneDNN lacks them, holds the columns: c_in / groups x
+ * kh x kw values per output pixel, one group at a time (none for a 1 x 1
+ * kernel of stride 1). With under 16 channels in and out, oneDNN may
+ * instead run a gemm convolution with about as much scratch, or copy
+ * input and output in a layout blocked by 16 channels (a 1-channel value
+ * is as much NCHW as channels-last, and its tile runs NCHW from there);
+ * the larger is counted. */
+static int64_t pad16(int64_t c) { return (c + 15) / 16 * 16; }
+
+static double conv_lib(const sc_instr *in, double rd, double own, double item,
+                       int cpu) {
+  const double copies = rd + own;
+  if (!cpu) return copies;
+  const sc_window *wr = &in->win[0], *wc = &in->win[1];
+  const int unit = wr->k == 1 && wc->k == 1 && wr->s == 1 && wc->s == 1;
+  const double cols =
+      unit ? 0.0
+           : own / (double)in->c_out * (double)(in->c_in / in->groups) *
+                 (double)(wr->k * wc->k);
+  if (item == 8.0) return cols;
+  double lib = copies;
+  if (in->groups == 1 && in->c_in < 16 && in->c_out < 16) {
+    /* oneDNN, few channels: its copies may be NCHW blocked by 16 */
+    const double padded = rd * (double)pad16(in->c_in) / (double)in->c_in +
+                          own * (double)pad16(in->c_out) / (double)in->c_out;
+    lib = padded > cols ? padded : cols;
+  }
+  const int im2col = item != 4.0 || (in->groups == 1 &&
+                                     !(wr->k > 3 && wc->k > 3) &&
+                                     rd / item <= 20480.0);
+  return im2col && cols > lib ? cols : lib;
+}
+
 /* Instruction i hands its input's buffer on as its output (forward, when
  * nothing else reads it) and its output's gradient on as its input's
  * (backward): add, ReLU, a batch norm folded into its convolution. */
@@ -723,7 +762,7 @@ static int passes_on(const sc_instr *in, const int64_t *fused, int64_t i) {
 static void tile_peak(const sc_program *p, const unsigned char *needs,
                       const unsigned char *keep, const int64_t *fused,
                       const double *sz, const double *own, const double *rd,
-                      double ix,
+                      const double *lib, double ix,
                       int64_t *left, unsigned char *has_grad, double *bwd,
                       double *fwd) {
   const int64_t nv = p->n_instr + 1, ov = p->n_instr;
@@ -739,7 +778,9 @@ static void tile_peak(const sc_program *p, const unsigned char *needs,
                            !halo;
       double t = in_place ? 0.0 : own[o] + (halo ? sz[o] : 0.0);
       if (_sc_is_window(in->op)) t += rd[i];
-      if (in->op == SC_OP_CONV) t += rd[i] + own[o]; /* lib */
+      /* ATen's max_pool2d takes the indices too, and drops them */
+      if (in->op == SC_OP_MAXPOOL) t += ix * own[o];
+      t += lib[i]; /* a convolution library's transients */
       if (live + t > peak) peak = live + t;
       live += sz[o];
       for (int j = 0; j < in->n_in; j++) {
@@ -787,7 +828,7 @@ static void tile_peak(const sc_program *p, const unsigned char *needs,
         }
         if (_sc_is_window(in->op)) t += rd[i]; /* its (padded) input */
         if (in->op == SC_OP_MAXPOOL) t += (1.0 + ix) * own[o]; /* again */
-        if (in->op == SC_OP_CONV) t += rd[i] + own[o]; /* lib */
+        t += lib[i];
         if (live + t > peak) peak = live + t;
         live += adopt - (mine ? sz[o] : 0.0);
       }
@@ -833,20 +874,25 @@ static double param_grad_elements(const sc_program *p, const int *mask) {
 }
 
 int sc_memory_info(const int64_t *words, int64_t n_words, int64_t h,
-                   int64_t w, int64_t tile_h, int64_t tile_w, int cached,
+                   int64_t w, int64_t tile_h, int64_t tile_w, int flags,
                    const int *mask, int itemsize, double *mem, char *errbuf,
                    size_t errlen) {
+  const int cached = flags & SC_MEMORY_CACHED, cpu = !!(flags & SC_MEMORY_CPU);
   sc_error err = {0};
   sc_program *p = NULL;
   int64_t *sizes = NULL, *left = NULL;
   axis_sum ax[2] = {{0}, {0}};
   unsigned char *needs = NULL, *keep = NULL, *has_grad = NULL;
   int64_t *fused = NULL;
-  double *sz = NULL, *own = NULL, *rd = NULL;
+  double *sz = NULL, *own = NULL, *rd = NULL, *lib = NULL;
   sc_axis_plan *plan = NULL;
   const int64_t tile[2] = {tile_h, tile_w};
   int64_t t[2];
   int rc = SC_ERR;
+  if (flags & ~(SC_MEMORY_CACHED | SC_MEMORY_CPU)) {
+    sc_fail(&err, "streamcnn: unknown memory_info flags %d", flags);
+    goto done;
+  }
   if (itemsize != 1 && itemsize != 2 && itemsize != 4 && itemsize != 8) {
     sc_fail(&err, "streamcnn: itemsize must be 1, 2, 4 or 8, got %d",
             itemsize);
@@ -864,9 +910,10 @@ int sc_memory_info(const int64_t *words, int64_t n_words, int64_t h,
   sz = malloc((size_t)nv * sizeof *sz);
   own = malloc((size_t)nv * sizeof *own);
   rd = malloc((size_t)(ni + 1) * sizeof *rd);
+  lib = malloc((size_t)(ni + 1) * sizeof *lib);
   fused = malloc((size_t)(ni + 1) * sizeof *fused);
   if (!plan || !needs || !keep || !has_grad || !left || !sz || !own || !rd ||
-      !fused) {
+      !lib || !fused) {
     sc_fail(&err, "streamcnn: out of memory");
     goto done;
   }
@@ -888,12 +935,17 @@ int sc_memory_info(const int64_t *words, int64_t n_words, int64_t h,
         sz[v] = (double)e0[v] * (double)e1[v] * c;
         own[v] = v ? (double)o0[v] * (double)o1[v] * c : sz[v];
       }
-      for (int64_t k = 0; k < ni; k++)
+      for (int64_t k = 0; k < ni; k++) {
+        const sc_instr *in = &p->instr[k];
         rd[k] = (double)r0[k] * (double)r1[k] *
-                (double)p->channels[p->instr[k].in[0]] * item;
+                (double)p->channels[in->in[0]] * item;
+        lib[k] = in->op == SC_OP_CONV
+                     ? conv_lib(in, rd[k], own[k + 1], item, cpu)
+                     : 0.0;
+      }
       double b, f;
-      tile_peak(p, needs, keep, fused, sz, own, rd, ix, left, has_grad, &b,
-                &f);
+      tile_peak(p, needs, keep, fused, sz, own, rd, lib, ix, left, has_grad,
+                &b, &f);
       if (b > bwd) bwd = b;
       if (f > fwd) fwd = f;
     }
@@ -907,7 +959,13 @@ int sc_memory_info(const int64_t *words, int64_t n_words, int64_t h,
   /* a cached pass holds two rows' bands at a time: the forward the one it
    * reads and the one it writes, the backward their pending gradients */
   const double folds = fold_elements(p, fused) * item;
-  mem[0] = bwd + 2.0 * bands + param_grad_elements(p, mask) * item + folds;
+  /* the image's gradient (mask[0]): one image-sized tensor the tiles'
+   * input gradients are added into */
+  const double image_grad =
+      !mask || mask[0] ? (double)p->channels[0] * (double)h * (double)w * item
+                      : 0.0;
+  mem[0] = bwd + 2.0 * bands + param_grad_elements(p, mask) * item + folds +
+           image_grad;
   mem[1] = fwd + 2.0 * bands + folds;
   mem[2] = strips;
   rc = SC_OK;
@@ -921,6 +979,7 @@ done:
   free(sz);
   free(own);
   free(rd);
+  free(lib);
   free(fused);
   sc_axis_plan_free(plan);
   free(sizes);

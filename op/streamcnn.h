@@ -253,20 +253,26 @@ SC_API int sc_work_info(const int64_t *words, int64_t n_words, int64_t h,
  * tile's backward (its recompute keeping the values its backward ops read,
  * then the backward with its gradients and transients), mem[1] the
  * largest tile's forward without gradient, both with two rows of halo
- * bands (cached = 1); mem[2] the strips halo caching keeps from the
- * forward to the backward (cached = 1; 0 otherwise). mask is the
- * backward's output_mask, 1 + n_params ints: mask[0] the image's
- * gradient, mask[1 + k] params[k]'s (NULL: all of them); a frozen layer
- * keeps less. The peak of a training step is about mem[0] + mem[2], of a
- * forward without gradient mem[1] (cached = 1: the forward op always
- * caches halos). mem[0] includes the parameter gradients the backward
- * accumulates, both the folded weights (batch norms folded into their
- * convolutions, float32 / float64). Not modelled: the convolution
- * library's workspace. */
+ * bands (when cached); mem[2] the strips halo caching keeps from the
+ * forward to the backward (when cached; 0 otherwise). flags:
+ * SC_MEMORY_CACHED for halo caching (1, as the earlier int cached),
+ * SC_MEMORY_CPU when the convolutions run on the CPU (ATen's im2col
+ * convolution, for float64 and small inputs, holds its columns; without
+ * it, a convolution holds a copy of its input and output, as cuDNN may).
+ * mask is the backward's output_mask, 1 + n_params ints: mask[0] the
+ * image's gradient (one image-sized tensor in mem[0]), mask[1 + k]
+ * params[k]'s (NULL: all of them); a frozen layer keeps less. mem[0]
+ * includes the parameter gradients the backward accumulates and the
+ * folded weights (batch norms folded into their convolutions, float32 /
+ * float64). The peak of a training step is about mem[0] + mem[2], of a
+ * forward without gradient mem[1] (cached: the forward op always caches
+ * halos). Not modelled: cuDNN's workspace. */
 #define SC_MEMORY_WORDS 3
+#define SC_MEMORY_CACHED 1
+#define SC_MEMORY_CPU 2
 SC_API int sc_memory_info(const int64_t *words, int64_t n_words, int64_t h,
                           int64_t w, int64_t tile_h, int64_t tile_w,
-                          int cached, const int *mask, int itemsize,
+                          int flags, const int *mask, int itemsize,
                           double *mem, char *errbuf, size_t errlen);
 
 /* Multiply-adds the convolutions and channel linears of the operators

@@ -124,12 +124,13 @@ def work_info(program: Sequence[int], h: int, w: int, tile: Tuple[int, int]) -> 
 
 def memory_info(program: Sequence[int], h: int, w: int, tile: Tuple[int, int],
                 cached: bool, mask: Optional[Sequence[bool]] = None,
-                itemsize: int = 4) -> List[float]:
+                itemsize: int = 4, cpu: bool = False) -> List[float]:
     """[backward peak, forward peak, strips] of the largest tile, in bytes
     per batch element of a compute dtype of itemsize bytes (stem output and
     its gradient excluded); see sc_memory_info. mask: the gradients the
     backward computes, as its output_mask ([image] + one per parameter);
-    None: all of them."""
+    None: all of them. cpu: the convolutions run on the CPU (ATen's im2col
+    convolution holds its columns), else as with cuDNN."""
     arr = None
     if mask is not None:
         n_params = program_info(program)[6]
@@ -138,7 +139,8 @@ def memory_info(program: Sequence[int], h: int, w: int, tile: Tuple[int, int],
                              f"one per parameter), got {len(mask)}")
         arr = (ctypes.c_int * len(mask))(*[int(bool(m)) for m in mask])
     return _query("sc_memory_info", program,
-                  (h, w, tile[0], tile[1], int(bool(cached)), arr, int(itemsize)),
+                  (h, w, tile[0], tile[1], int(bool(cached)) | (2 if cpu else 0), arr,
+                   int(itemsize)),
                   (ctypes.c_double * 3)())
 
 

@@ -2,11 +2,17 @@
 
 The C core's memory model (``sc_memory_info``) gives, for an image size, a
 tile and the gradients a step computes, the bytes the largest tile's
-backward holds (simulated in the replay's order of allocations and frees:
-kept values, gradients, padded copies, a convolution library's copies,
-the parameter gradients) and the strips halo caching keeps from the forward
-to the backward. The stem output and its gradient are not part of the
-budget: they are the caller's, and their size does not depend on the tile.
+forward and backward hold (simulated in the replay's order of allocations
+and frees: kept values, gradients, padded copies, the convolution
+library's transients, the parameter gradients, the image's gradient when
+it has one) and the strips halo caching keeps from the forward to the
+backward. The convolution library's transients depend on the device: on
+CUDA a copy of a convolution's input and output (cuDNN's workspace is
+left to the headroom); on the CPU also the im2col columns of ATen's own
+convolution (float64, small float32 inputs) and oneDNN's copies of
+few-channel values, blocked by 16 channels. The stem output and its
+gradient are not part of the budget: they are the caller's, and their
+size does not depend on the tile.
 
 The chooser tries a grid of tile counts per axis, with and without halo
 caching (the strips it keeps grow with the number of tiles, so small tiles
@@ -74,25 +80,36 @@ def _counts(n: int, most: int):
     return out
 
 
+def _recompute(work: Sequence[float]) -> Tuple[float, float]:
+    """Work of a forward streamed with halo caching and with whole cones,
+    over the whole-image forward's: in multiply-adds, or in elements
+    computed when the stem has no convolution or channel linear."""
+    whole, cone, cached = (work[0], work[1], work[4]) if work[0] > 0 else \
+        (work[2], work[3], work[5])
+    return (cached / whole, cone / whole) if whole > 0 else (1.0, 1.0)
+
+
 def tile_bytes(program: Sequence[int], h: int, w: int, tile: Tuple[int, int], cached: bool,
                batch: int, itemsize: int, training: bool = True,
-               mask: Optional[Sequence[bool]] = None) -> int:
+               mask: Optional[Sequence[bool]] = None, cpu: bool = False) -> int:
     """Modelled peak bytes with this tile, stem output and gradient
-    excluded: of a training step (backward of the largest tile plus, when
-    cached, the strips), or of a forward without gradient (training=False;
+    excluded: of a training step (the larger of the largest tile's forward
+    and backward plus, when cached, the strips), or of a forward without gradient (training=False;
     the forward op always caches halos, dropping each once used). mask: the
     gradients the step computes ([image] + one per parameter, as the
-    backward's output_mask); None: all."""
+    backward's output_mask); None: all. cpu: the convolutions run on the
+    CPU (see memory_info)."""
     if not training:
-        return int(memory_info(program, h, w, tile, True, None, itemsize)[1] * batch)
-    bwd, _, strips = memory_info(program, h, w, tile, cached, mask, itemsize)
-    return int((bwd + strips) * batch)
+        return int(memory_info(program, h, w, tile, True, None, itemsize, cpu)[1] * batch)
+    bwd, fwd, strips = memory_info(program, h, w, tile, cached, mask, itemsize, cpu)
+    return int((max(bwd, fwd) + strips) * batch)
 
 
 def choose_tile(program: Sequence[int], h: int, w: int, batch: int, itemsize: int,
                 budget: int, allow_cached: bool, receptive_field: Tuple[int, int],
                 stride: Tuple[int, int], training: bool = True,
-                mask: Optional[Sequence[bool]] = None) -> Tuple[Tuple[int, int], bool]:
+                mask: Optional[Sequence[bool]] = None,
+                cpu: bool = False) -> Tuple[Tuple[int, int], bool]:
     """The input tile (rows, cols) for an h x w image within budget bytes,
     and whether to cache halos (when allowed: it keeps strips, so with
     small tiles the cone recompute may be the only fit). Tiles are tried on
@@ -100,8 +117,8 @@ def choose_tile(program: Sequence[int], h: int, w: int, batch: int, itemsize: in
     halo (the stem's receptive field over its stride) on a side; the fitting
     one with the least modelled training-step work wins. training=False
     (a forward without gradient): the forward's memory, and the fewest
-    tiles. mask: the gradients of the step (see tile_bytes). ValueError
-    when none fits."""
+    tiles. mask: the gradients of the step, cpu: where it runs (see
+    tile_bytes). ValueError when none fits."""
     rf, s = receptive_field, stride
     oh, ow = tiling_info(program, h, w, tuple(rf))[:2]
     # smallest output tile edge considered: half the halo (smaller tiles
@@ -119,19 +136,18 @@ def choose_tile(program: Sequence[int], h: int, w: int, batch: int, itemsize: in
             modes = (True, False) if allow_cached and training else (allow_cached,)
             for cached in modes:
                 if tile_bytes(program, h, w, tile, cached, batch, itemsize,
-                              training, mask) > usable:
+                              training, mask, cpu) > usable:
                     continue
-                work = work_info(program, h, w, tile)
+                fwd, cone = _recompute(work_info(program, h, w, tile))
                 n_tiles = tiling_info(program, h, w, tile)[4:6]
-                fwd = work[4] / work[0]  # the forward op always caches
-                again = fwd if cached else work[1] / work[0]  # backward's recompute
+                again = fwd if cached else cone  # the backward's recompute
                 step = (fwd + again + 2 * again) / 3 if training else fwd
                 cost = step + TILE_COST * n_tiles[0] * n_tiles[1]
                 if cost < best_cost:
                     best, best_cost = (tile, cached), cost
     if best is None:
         need = tile_bytes(program, h, w, (rf[0], rf[1]), False, batch, itemsize, training,
-                          mask)
+                          mask, cpu)
         raise ValueError(
             f"streamcnn: memory_budget of {budget} bytes is too small for a batch of {batch} "
             f"{h} x {w} images: even small tiles need more (the smallest possible, "

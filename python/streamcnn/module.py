@@ -83,7 +83,7 @@ class StreamingModule(nn.Module):
             such as ``"6GB"`` or ``"512MiB"``) the streamed pass may hold
             besides the stem output and its gradient. Each call picks the
             tile for its image size, batch and dtype from the C core's
-            memory model (the largest tile's backward plus the halo strips;
+            memory model (the largest tile's forward or backward plus the strips;
             ``budget_tile()``), the one with the least recompute that fits,
             and stores it in ``tile_size`` (which TorchScript and
             torch.compile use as it is).
@@ -226,7 +226,7 @@ class StreamingModule(nn.Module):
     @torch.jit.unused
     def budget_tile(self, batch: int, height: int, width: int,
                     dtype: torch.dtype = torch.float32, training: bool = True,
-                    image_grad: bool = False) -> dict:
+                    image_grad: bool = False, device=None) -> dict:
         """What memory_budget chooses for a batch of height x width images
         computed in dtype, for a training step or (training=False) a forward
         without gradient: ``tile_size``, ``halo_cache`` (used only where
@@ -234,14 +234,18 @@ class StreamingModule(nn.Module):
         peak ``bytes`` (stem output and its gradient excluded). The step
         computes the gradients of the parameters that require one now (a
         frozen layer keeps less for its backward) and, with image_grad, the
-        image's."""
+        image's. device: where the stem runs (its convolutions' transients
+        differ); None: the parameters' device."""
         mask = self._grad_mask(image_grad, self.stream_params())
+        if device is None:
+            device = next((p.device for p in self.stream_params()), torch.device("cpu"))
+        cpu = torch.device(device).type == "cpu"
         tile, cached = self._budget_choice(batch, height, width, dtype, self.halo_cache,
-                                           training, mask)
+                                           training, mask, cpu)
         itemsize = torch.empty(0, dtype=dtype).element_size()
         return {"tile_size": tile, "halo_cache": cached,
                 "bytes": tile_bytes(self.program, height, width, (tile[0], tile[1]), cached,
-                                    batch, itemsize, training, mask)}
+                                    batch, itemsize, training, mask, cpu)}
 
     @staticmethod
     def _grad_mask(image_grad: bool, params: List[torch.Tensor]) -> Tuple[bool, ...]:
@@ -249,18 +253,18 @@ class StreamingModule(nn.Module):
 
     @torch.jit.unused
     def _budget_choice(self, batch: int, height: int, width: int, dtype: torch.dtype,
-                       allow_cached: bool, training: bool,
-                       mask: Tuple[bool, ...]) -> Tuple[List[int], bool]:
+                       allow_cached: bool, training: bool, mask: Tuple[bool, ...],
+                       cpu: bool) -> Tuple[List[int], bool]:
         if not self.memory_budget:
             raise ValueError("streamcnn: this module was built with a tile_size, not a "
                              "memory_budget")
         itemsize = torch.empty(0, dtype=dtype).element_size()
         key = (int(batch), int(height), int(width), itemsize, bool(allow_cached),
-               bool(training), mask)
+               bool(training), mask, bool(cpu))
         if key not in self._budget_tiles:
             self._budget_tiles[key] = choose_tile(
                 self.program, key[1], key[2], key[0], itemsize, self.memory_budget,
-                key[4], self.receptive_field, self.output_stride, key[5], mask)
+                key[4], self.receptive_field, self.output_stride, key[5], mask, key[7])
         tile, cached = self._budget_tiles[key]
         return [tile[0], tile[1]], cached
 
@@ -367,9 +371,12 @@ class StreamingModule(nn.Module):
                 training = torch.is_grad_enabled() and (
                     x.requires_grad or any(p.requires_grad for p in params))
                 mask = self._grad_mask(x.requires_grad, params)
+                # where the stem runs: the parameters' device (a host image
+                # is streamed to them)
+                cpu = (params[0].device if params else x.device).type == "cpu"
                 tile, cached = self._budget_choice(x.shape[0], x.shape[2], x.shape[3],
                                                    compute_dtype(x, params), cached,
-                                                   training, mask)
+                                                   training, mask, cpu)
                 self.tile_size = tile
             if self.progress or self.deterministic:
                 from .ops import call_options
