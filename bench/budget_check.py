@@ -13,9 +13,10 @@ the peak of the bytes live in PyTorch's allocator (profiler memory
 events), on CUDA max_memory_allocated, both above what was live before.
 "over" counts the steps whose peak exceeds budget + stem output + its
 gradient (the contract); peak / model is the measured peak (stem output
-excluded) over the modelled bytes of the chosen tile.
+excluded) over the modelled bytes of the chosen tile. --inference: forwards
+without gradient instead (any stem; over: peak > budget + stem output).
 
-    python bench/budget_check.py [--seeds 200] [--start 100] [--device cpu]
+    python bench/budget_check.py [--seeds 200] [--start 100] [--device cpu] [--inference]
     python bench/budget_check.py --resnet 1536 [--device cpu]
 
 --resnet SIZE instead: torchvision ResNet-34 conv1..layer3 (eval BN, all
@@ -52,12 +53,12 @@ def step_peak(step, device):
     return torch.cuda.max_memory_allocated(device) - base
 
 
-def check(seed: int, device: torch.device):
+def check(seed: int, device: torch.device, inference: bool = False):
     """One random case: a dict, or None where the seed gives no usable
-    stem (no parameters, no valid size)."""
+    stem (no parameters to train, no valid size)."""
     rng = random.Random(seed)
     stem = random_stem(seed)  # float64, for the size search
-    if not any(True for _ in stem.parameters()):
+    if not inference and not any(True for _ in stem.parameters()):
         return None
     for p in stem.parameters():
         if rng.random() < 0.15:
@@ -75,20 +76,31 @@ def check(seed: int, device: torch.device):
         g = torch.randn_like(stem(x))
     out = g.numel() * g.element_size()
     cpu = device.type == "cpu"
-    whole = streamcnn.StreamingModule(stem, (h + 1000, w + 1000), halo_cache=halo_cache)
+    try:
+        whole = streamcnn.StreamingModule(stem, (h + 1000, w + 1000), in_channels=3,
+                                          halo_cache=halo_cache)
+    except ValueError:  # only identities
+        return None
     mask = whole._grad_mask(image_grad, whole.stream_params())
-    if not any(mask):
+    if not inference and not any(mask):
         return None
     bwd, fwd, strips = memory_info(whole.program, h, w, whole.tile_size, halo_cache, mask, 4,
                                    cpu)
-    budget = int((max(bwd, fwd) + strips) * batch * rng.uniform(0.05, 0.8)) + 200_000
-    sm = streamcnn.StreamingModule(stem, memory_budget=budget, halo_cache=halo_cache)
+    need = fwd if inference else max(bwd, fwd) + strips
+    budget = int(need * batch * rng.uniform(0.05, 0.8)) + 200_000
+    sm = streamcnn.StreamingModule(stem, memory_budget=budget, in_channels=3,
+                                   halo_cache=halo_cache)
     try:
-        choice = sm.budget_tile(batch, h, w, image_grad=image_grad, device=device)
+        choice = sm.budget_tile(batch, h, w, training=not inference, image_grad=image_grad,
+                                device=device)
     except ValueError:
         return {"seed": seed, "fits": False}
 
     def step():
+        if inference:
+            with torch.no_grad():
+                sm(x)
+            return
         x.grad = None
         sm(x).backward(g)
 
@@ -96,7 +108,8 @@ def check(seed: int, device: torch.device):
     peak = step_peak(step, device)
     return {"seed": seed, "fits": True, "size": size, "batch": batch,
             "image_grad": image_grad, "budget": budget, "model": choice["bytes"],
-            "peak": peak, "out": out, "over": peak > budget + 2 * out,
+            "peak": peak, "out": out,
+            "over": peak > budget + (1 if inference else 2) * out,
             "ratio": (peak - out) / choice["bytes"], "tile": choice["tile_size"],
             "cached": choice["halo_cache"]}
 
@@ -135,18 +148,21 @@ def main():
     ap.add_argument("--start", type=int, default=100)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--resnet", type=int, default=0, metavar="SIZE")
+    ap.add_argument("--inference", action="store_true",
+                    help="forwards without gradient (their budget holds the output only)")
     args = ap.parse_args()
     device = torch.device(args.device)
     if args.resnet:
         torch.set_num_threads(min(2, torch.get_num_threads()))
         return resnet(args.resnet, device)
-    rows = [r for r in (check(s, device) for s in range(args.start, args.start + args.seeds))
-            if r is not None]
+    rows = [r for r in (check(s, device, args.inference)
+                        for s in range(args.start, args.start + args.seeds)) if r is not None]
     fit = [r for r in rows if r["fits"]]
     over = [r for r in fit if r["over"]]
     ratios = sorted(r["ratio"] for r in fit)
     q = (lambda f: ratios[min(len(ratios) - 1, int(f * len(ratios)))]) if ratios else None
-    print(f"# memory_budget on random stems, {device}, seeds {args.start}.."
+    print(f"# memory_budget on random stems, {device}, "
+          f"{'inference' if args.inference else 'training steps'}, seeds {args.start}.."
           f"{args.start + args.seeds - 1}")
     print("| cases | no tile fits | over budget | peak/model p10 | median | p90 | max |")
     print("|-------|--------------|-------------|----------------|--------|-----|-----|")
@@ -156,7 +172,7 @@ def main():
     for r in over:
         print(f"over: seed {r['seed']} size {r['size']} batch {r['batch']} image_grad "
               f"{r['image_grad']} tile {r['tile']} cached {r['cached']}: peak {r['peak']} > "
-              f"budget {r['budget']} + 2 x output {r['out']} (model {r['model']})")
+              f"budget {r['budget']} + output (and gradient) {r['out']} (model {r['model']})")
     return 1 if over else 0
 
 

@@ -399,6 +399,13 @@ int _sc_div(sc_ctx *ctx, AtenTensorHandle a, AtenTensorHandle b,
   return call2(ctx, "aten::div", "Tensor", a, b, out);
 }
 
+int _sc_div_(sc_ctx *ctx, AtenTensorHandle a, AtenTensorHandle b) {
+  AtenTensorHandle r = NULL;
+  if (call2(ctx, "aten::div_", "Tensor", a, b, &r)) return SC_ERR;
+  _sc_drop(&r);
+  return SC_OK;
+}
+
 int _sc_copy_across(sc_ctx *ctx, AtenTensorHandle dst, AtenTensorHandle src) {
   AtenTensorHandle r = NULL;
   stk s = {0};

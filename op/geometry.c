@@ -778,8 +778,10 @@ static void tile_peak(const sc_program *p, const unsigned char *needs,
                            !halo;
       double t = in_place ? 0.0 : own[o] + (halo ? sz[o] : 0.0);
       if (_sc_is_window(in->op)) t += rd[i];
-      /* ATen's max_pool2d takes the indices too, and drops them */
+      /* ATen's max_pool2d takes the indices too, and drops them; an
+       * average pool may divide by a map of divisors (one channel) */
       if (in->op == SC_OP_MAXPOOL) t += ix * own[o];
+      if (in->op == SC_OP_AVGPOOL) t += own[o] / (double)p->channels[o];
       t += lib[i]; /* a convolution library's transients */
       if (live + t > peak) peak = live + t;
       live += sz[o];
@@ -828,6 +830,8 @@ static void tile_peak(const sc_program *p, const unsigned char *needs,
         }
         if (_sc_is_window(in->op)) t += rd[i]; /* its (padded) input */
         if (in->op == SC_OP_MAXPOOL) t += (1.0 + ix) * own[o]; /* again */
+        if (in->op == SC_OP_AVGPOOL) /* g over the divisor map, and it */
+          t += own[o] * (1.0 + 1.0 / (double)p->channels[o]);
         t += lib[i];
         if (live + t > peak) peak = live + t;
         live += adopt - (mine ? sz[o] : 0.0);

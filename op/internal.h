@@ -231,6 +231,8 @@ int _sc_add(sc_ctx *ctx, AtenTensorHandle a, AtenTensorHandle b,
             AtenTensorHandle *out);
 int _sc_div(sc_ctx *ctx, AtenTensorHandle a, AtenTensorHandle b,
             AtenTensorHandle *out);
+/* a /= b in place (a owned by the caller and writable). */
+int _sc_div_(sc_ctx *ctx, AtenTensorHandle a, AtenTensorHandle b);
 /* dst.copy_(src) across devices (small host-built tensors). */
 int _sc_copy_across(sc_ctx *ctx, AtenTensorHandle dst, AtenTensorHandle src);
 

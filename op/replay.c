@@ -716,8 +716,7 @@ static int forward_instr(run *r, int64_t i, int keep) {
     if (!aux) {
       if (_sc_avgpool(ctx, x, in, in->divisor_override, &y)) goto done;
     } else { /* window sums over the zero-padded input / ATen's divisors */
-      if (_sc_avgpool(ctx, x, in, 1, &t) || _sc_div(ctx, t, aux, &y))
-        goto done;
+      if (_sc_avgpool(ctx, x, in, 1, &y) || _sc_div_(ctx, y, aux)) goto done;
     }
     if (!keep) _sc_drop(&aux);
     break;

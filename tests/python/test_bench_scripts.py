@@ -119,3 +119,16 @@ def test_budget_check_script():
     row = [ln for ln in res.stdout.splitlines() if ln.startswith("|") and ln[2:7].strip().isdigit()]
     assert len(row) == 1 and int(row[0].split("|")[1]) >= 25, res.stdout
     assert int(row[0].split("|")[3]) == 0, res.stdout
+
+
+def test_budget_check_script_inference():
+    """The same for forwards without gradient (budget + stem output; 0 of
+    599 on seeds 1000..1599; before the average pool divided in place, 1 of
+    298 on 3000..3299 overran, by 1.38x the model)."""
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "budget_check.py"),
+                          "--seeds", "40", "--start", "3000", "--inference"],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    row = [ln for ln in res.stdout.splitlines() if ln.startswith("|") and ln[2:7].strip().isdigit()]
+    assert len(row) == 1 and int(row[0].split("|")[1]) >= 30, res.stdout
+    assert int(row[0].split("|")[3]) == 0, res.stdout
