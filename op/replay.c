@@ -110,6 +110,9 @@ typedef struct run {
                                 strips, pending for this tile; then this
                                 tile's, for the left neighbour */
 
+  int nhwc_image;             /* tiles_nhwc, and more than convolutions read
+                                the image: its tile is copied channels-last */
+
   /* a pinned host image: the next tile's pixels are copied to the device
    * on a side stream while this tile computes */
   int64_t next_tile[2];      /* row, col of the tile after this one; -1 none */
@@ -410,6 +413,14 @@ static int plan_axis_tiles(run *r, int a, int64_t tile_in) {
 
 static AtenTensorHandle param(const run *r, int64_t k);
 
+/* Whether an instruction other than a convolution reads the image. */
+static int image_read_by_non_conv(const sc_program *p) {
+  for (int64_t i = 0; i < p->n_instr; i++)
+    for (int j = 0; j < p->instr[i].n_in; j++)
+      if (p->instr[i].in[j] == 0 && p->instr[i].op != SC_OP_CONV) return 1;
+  return 0;
+}
+
 static int run_init(run *r, sc_ctx *ctx, const sc_call *call) {
   const sc_program *p = call->prog;
   int64_t dim, *isz, *ist;
@@ -472,6 +483,7 @@ static int run_init(run *r, sc_ctx *ctx, const sc_call *call) {
                     host_layout(isz, ist, &plane, &pitch, &px) != 0;
   }
 #endif
+  r->nhwc_image = ctx->tiles_nhwc && image_read_by_non_conv(p);
   r->n_order = r->n_tiles[0] * r->n_tiles[1];
   return r->cached ? SC_OK : order_tiles(r); /* cached: a fixed sweep */
 }
@@ -1026,14 +1038,6 @@ static int copy_image_tile(run *r, int nhwc) {
   return rc;
 }
 
-/* Whether an instruction other than a convolution reads the image. */
-static int image_read_by_non_conv(const sc_program *p) {
-  for (int64_t i = 0; i < p->n_instr; i++)
-    for (int j = 0; j < p->instr[i].n_in; j++)
-      if (p->instr[i].in[j] == 0 && p->instr[i].op != SC_OP_CONV) return 1;
-  return 0;
-}
-
 /* Forward of the current tile's cone. Each value is freed once its last
  * consumer ran, unless keep = 1 and a backward op reads it (r->keep). */
 static int forward_tile(run *r, int keep) {
@@ -1047,8 +1051,7 @@ static int forward_tile(run *r, int keep) {
     if (r->ctx->image_host && host_tile(r)) return SC_ERR;
     if (r->ctx->image_u8 || r->ctx->image_host) { /* pixels -> the tile */
       if (copy_image_tile(r, r->ctx->tiles_nhwc)) return SC_ERR;
-    } else if (r->ctx->tiles_nhwc && image_read_by_non_conv(p) &&
-               !_sc_is_channels_last(r->ctx, r->val[0])) {
+    } else if (r->nhwc_image && !_sc_is_channels_last(r->ctx, r->val[0])) {
       /* a pool or pointwise op of the image keeps its layout: a
        * channels-last copy keeps the tile channels-last (a convolution of
        * the image takes a channels-last copy anyway, layer_input); in

@@ -122,6 +122,9 @@ def work_info(program: Sequence[int], h: int, w: int, tile: Tuple[int, int]) -> 
                   (ctypes.c_double * 7)())
 
 
+MEMORY_CACHED, MEMORY_CPU = 1, 2  # sc_memory_info's flags (streamcnn.h)
+
+
 def memory_info(program: Sequence[int], h: int, w: int, tile: Tuple[int, int],
                 cached: bool, mask: Optional[Sequence[bool]] = None,
                 itemsize: int = 4, cpu: bool = False) -> List[float]:
@@ -139,7 +142,8 @@ def memory_info(program: Sequence[int], h: int, w: int, tile: Tuple[int, int],
                              f"one per parameter), got {len(mask)}")
         arr = (ctypes.c_int * len(mask))(*[int(bool(m)) for m in mask])
     return _query("sc_memory_info", program,
-                  (h, w, tile[0], tile[1], int(bool(cached)) | (2 if cpu else 0), arr,
+                  (h, w, tile[0], tile[1],
+                   (MEMORY_CACHED if cached else 0) | (MEMORY_CPU if cpu else 0), arr,
                    int(itemsize)),
                   (ctypes.c_double * 3)())
 

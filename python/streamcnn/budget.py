@@ -94,11 +94,11 @@ def tile_bytes(program: Sequence[int], h: int, w: int, tile: Tuple[int, int], ca
                mask: Optional[Sequence[bool]] = None, cpu: bool = False) -> int:
     """Modelled peak bytes with this tile, stem output and gradient
     excluded: of a training step (the larger of the largest tile's forward
-    and backward plus, when cached, the strips), or of a forward without gradient (training=False;
-    the forward op always caches halos, dropping each once used). mask: the
-    gradients the step computes ([image] + one per parameter, as the
-    backward's output_mask); None: all. cpu: the convolutions run on the
-    CPU (see memory_info)."""
+    and backward plus, when cached, the strips), or of a forward without
+    gradient (training=False; the forward op always caches halos, dropping
+    each once used). mask: the gradients the step computes ([image] + one
+    per parameter, as the backward's output_mask); None: all. cpu: the
+    convolutions run on the CPU (see memory_info)."""
     if not training:
         return int(memory_info(program, h, w, tile, True, None, itemsize, cpu)[1] * batch)
     bwd, fwd, strips = memory_info(program, h, w, tile, cached, mask, itemsize, cpu)

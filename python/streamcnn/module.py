@@ -83,8 +83,8 @@ class StreamingModule(nn.Module):
             such as ``"6GB"`` or ``"512MiB"``) the streamed pass may hold
             besides the stem output and its gradient. Each call picks the
             tile for its image size, batch and dtype from the C core's
-            memory model (the largest tile's forward or backward plus the strips;
-            ``budget_tile()``), the one with the least recompute that fits,
+            memory model (the largest tile's forward or backward plus the
+            strips; ``budget_tile()``), the one with the least recompute that fits,
             and stores it in ``tile_size`` (which TorchScript and
             torch.compile use as it is).
         in_channels: channels of the image, when the stem has no Conv2d or
