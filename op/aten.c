@@ -867,9 +867,18 @@ int _sc_batchnorm_backward(sc_ctx *ctx, AtenTensorHandle g,
   int64_t m[3] = {!!mask[0], !!mask[1], !!mask[2]};
   stk s = {0};
   for (int i = 0; i < 3; i++) res[i] = NULL;
-  if (!mask[1]) return batchnorm_backward_affine(ctx, g, p4, eps, mask, res);
+  int32_t gd = 0, pd = 0;
+  if (aoti_torch_get_dtype(g, &gd) || aoti_torch_get_dtype(p4[2], &pd))
+    return sc_fail(&ctx->err, "streamcnn: cannot read a batch norm's dtype");
+  /* float32 statistics with half-precision values: ATen's mixed-dtype
+   * kernel, which forms g * w / sqrt(var + eps) in float32 and rounds once,
+   * as the whole-image pass does; in eval mode only the weight's gradient
+   * depends on the input, so without it g stands in for the input */
+  const int mixed = gd != pd;
+  if (!mask[1] && !mixed)
+    return batchnorm_backward_affine(ctx, g, p4, eps, mask, res);
   push_tensor(&s, g);
-  push_tensor(&s, x);
+  push_tensor(&s, x ? x : g);
   push_opt_tensor(&s, p4[0]);
   push_opt_tensor(&s, p4[2]);
   push_opt_tensor(&s, p4[3]);

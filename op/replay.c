@@ -1800,10 +1800,15 @@ int _sc_backward(sc_ctx *ctx, const sc_call *call, AtenTensorHandle grad_out,
   }
   for (int64_t k = 0; !rc && k < p->n_params; k++) {
     if (!mask[1 + k]) continue;
-    if (r.pgrad[k] && _sc_is_half(ctx)) { /* float32 sum -> the dtype */
+    int32_t pd = 0, gd = 0;
+    if (r.pgrad[k] && (aoti_torch_get_dtype(call->params[k], &pd) ||
+                       aoti_torch_get_dtype(r.pgrad[k], &gd))) {
+      rc = sc_fail(&ctx->err, "streamcnn: cannot read params[%lld]",
+                   (long long)k);
+    } else if (r.pgrad[k] && pd != gd) { /* float32 sum -> the dtype */
       int64_t dim, *sz, *st;
       rc = _sc_meta(ctx, r.pgrad[k], &dim, &sz, &st) ||
-           _sc_empty(ctx, dim, sz, &grads[1 + k]) ||
+           _sc_empty_as(ctx, pd, dim, sz, 0, &grads[1 + k]) ||
            _sc_copy(ctx, grads[1 + k], r.pgrad[k], 0);
     } else if (r.pgrad[k]) {
       grads[1 + k] = r.pgrad[k];
@@ -1833,7 +1838,8 @@ static const char *dtype_name(int32_t d) {
  * (ndim -1: any shape of shape[0] elements with at most one dim > 1). */
 static int check_param(sc_ctx *ctx, const sc_call *call, int64_t i,
                        const char *role, int64_t k, int64_t ndim,
-                       const int64_t *shape) {
+                       const int64_t *shape, int32_t want,
+                       const char *against) {
   if (k < 0) return SC_OK;
   AtenTensorHandle t = call->params[k];
   const sc_instr *in = &call->prog->instr[i];
@@ -1843,15 +1849,18 @@ static int check_param(sc_ctx *ctx, const sc_call *call, int64_t i,
   snprintf(what, sizeof what, "params[%lld]", (long long)k);
   if (describe(ctx, t, what, &dim, &sz, &st, &dtype, &dt, &di))
     return SC_ERR;
-  if (dtype != ctx->dtype)
+  if (dtype != want)
     return sc_fail(&ctx->err,
                    "streamcnn: params[%lld] (%s of instruction %lld, %s) is "
-                   "%s but the %s is %s: convert the module and the image "
-                   "to one dtype",
+                   "%s but %s %s: convert the module and the image to one "
+                   "dtype%s",
                    (long long)k, role, (long long)i, _sc_op_name(in->op),
                    dtype_name(dtype),
-                   ctx->image_u8 ? "first parameter (uint8 image)" : "image",
-                   dtype_name(ctx->dtype));
+                   against, dtype_name(want),
+                   _sc_is_half(ctx) && in->op == SC_OP_BATCHNORM
+                       ? " (a batch norm's parameters may instead all be "
+                         "float32)"
+                       : "");
   if (dt != ctx->device_type || di != ctx->device_index)
     return sc_fail(&ctx->err,
                    "streamcnn: params[%lld] (%s of instruction %lld, %s) is "
@@ -1887,6 +1896,27 @@ static int check_param(sc_ctx *ctx, const sc_call *call, int64_t i,
   return SC_OK;
 }
 
+/* Whether batch norm `in` holds float32 statistics (its running_mean). */
+static int bn_float32(const sc_call *call, const sc_instr *in) {
+  int32_t dtype;
+  return in->bn_mean >= 0 &&
+         !aoti_torch_get_dtype(call->params[in->bn_mean], &dtype) &&
+         dtype == aoti_torch_dtype_float32();
+}
+
+/* Whether parameter k belongs to a batch norm (it may be float32 in a
+ * float16 / bfloat16 computation). */
+static int bn_param(const sc_program *p, int64_t k) {
+  for (int64_t i = 0; i < p->n_instr; i++) {
+    const sc_instr *in = &p->instr[i];
+    if (in->op == SC_OP_BATCHNORM &&
+        (k == in->bn_weight || k == in->bn_bias || k == in->bn_mean ||
+         k == in->bn_var))
+      return 1;
+  }
+  return 0;
+}
+
 int _sc_validate(sc_ctx *ctx, const sc_call *call) {
   const sc_program *p = call->prog;
   int64_t dim, *sz, *st;
@@ -1916,10 +1946,16 @@ int _sc_validate(sc_ctx *ctx, const sc_call *call) {
   ctx->image_u8 = dtype == aoti_torch_dtype_uint8();
   if (ctx->image_u8) {
     /* uint8 pixels are converted in the tile gather; the computation runs
-     * in the parameters' dtype (float32 without parameters) */
+     * in the parameters' dtype (float32 without parameters): the first
+     * one's that is not a batch norm's (those may be float32 in a half
+     * precision computation) */
+    int64_t k0 = 0;
+    while (k0 < p->n_params && bn_param(p, k0)) k0++;
+    if (k0 == p->n_params) k0 = 0;
     dtype = aoti_torch_dtype_float32();
-    if (p->n_params > 0 && aoti_torch_get_dtype(call->params[0], &dtype))
-      return sc_fail(&ctx->err, "streamcnn: cannot read params[0]");
+    if (p->n_params > 0 && aoti_torch_get_dtype(call->params[k0], &dtype))
+      return sc_fail(&ctx->err, "streamcnn: cannot read params[%lld]",
+                     (long long)k0);
   }
   ctx->kdtype = _sc_kdtype(dtype);
   if (ctx->kdtype == SC_DTYPE_U8) ctx->kdtype = 0;
@@ -1958,31 +1994,54 @@ int _sc_validate(sc_ctx *ctx, const sc_call *call) {
     const sc_instr *in = &p->instr[i];
     const int64_t c = p->channels[in->in[0]];
     const int64_t vec[1] = {c};
+    int32_t want = ctx->dtype;
+    const char *against = ctx->image_u8
+                              ? "the computation (uint8 image: the first "
+                                "non-batch-norm parameter's dtype) is"
+                              : "the image is";
+    if (in->op == SC_OP_BATCHNORM && _sc_is_half(ctx) &&
+        bn_float32(call, in)) {
+      /* float32 statistics and affine parameters with float16 / bfloat16
+       * values, as torch.autocast leaves a batch norm's */
+      want = aoti_torch_dtype_float32();
+      against = "its running_mean is";
+    }
     if (in->op == SC_OP_CONV) {
       const int64_t w[4] = {in->c_out, in->c_in / in->groups, in->win[0].k,
                             in->win[1].k};
       const int64_t b[1] = {in->c_out};
-      if (check_param(ctx, call, i, "weight", in->weight, 4, w) ||
-          check_param(ctx, call, i, "bias", in->bias, 1, b))
+      if (check_param(ctx, call, i, "weight", in->weight, 4, w,
+                      want, against) ||
+          check_param(ctx, call, i, "bias", in->bias, 1, b,
+                      want, against))
         return SC_ERR;
     } else if (in->op == SC_OP_LAYERNORM_C) {
-      if (check_param(ctx, call, i, "weight", in->weight, 1, vec) ||
-          check_param(ctx, call, i, "bias", in->bias, 1, vec))
+      if (check_param(ctx, call, i, "weight", in->weight, 1, vec,
+                      want, against) ||
+          check_param(ctx, call, i, "bias", in->bias, 1, vec,
+                      want, against))
         return SC_ERR;
     } else if (in->op == SC_OP_LINEAR_C) {
       const int64_t w[2] = {in->c_out, in->c_in};
       const int64_t b[1] = {in->c_out};
-      if (check_param(ctx, call, i, "weight", in->weight, 2, w) ||
-          check_param(ctx, call, i, "bias", in->bias, 1, b))
+      if (check_param(ctx, call, i, "weight", in->weight, 2, w,
+                      want, against) ||
+          check_param(ctx, call, i, "bias", in->bias, 1, b,
+                      want, against))
         return SC_ERR;
     } else if (in->op == SC_OP_SCALE_C) {
-      if (check_param(ctx, call, i, "scale", in->weight, -1, vec))
+      if (check_param(ctx, call, i, "scale", in->weight, -1, vec,
+                      want, against))
         return SC_ERR;
     } else if (in->op == SC_OP_BATCHNORM) {
-      if (check_param(ctx, call, i, "weight", in->bn_weight, 1, vec) ||
-          check_param(ctx, call, i, "bias", in->bn_bias, 1, vec) ||
-          check_param(ctx, call, i, "running_mean", in->bn_mean, 1, vec) ||
-          check_param(ctx, call, i, "running_var", in->bn_var, 1, vec))
+      if (check_param(ctx, call, i, "weight", in->bn_weight, 1, vec,
+                      want, against) ||
+          check_param(ctx, call, i, "bias", in->bn_bias, 1, vec,
+                      want, against) ||
+          check_param(ctx, call, i, "running_mean", in->bn_mean, 1, vec,
+                      want, against) ||
+          check_param(ctx, call, i, "running_var", in->bn_var, 1, vec,
+                      want, against))
         return SC_ERR;
     }
   }

@@ -11,7 +11,7 @@ from . import ops  # noqa: F401  (registers fake kernels and autograd)
 from .ops import compute_dtype
 from .budget import Budget, choose_tile, parse_bytes, tile_bytes
 from ._library import program_info, tile_bounds, tiling_info, work_info
-from .program import convert, prepend_normalize
+from .program import batchnorm_params, convert, has_autocast_ops, prepend_normalize
 
 TileSize = Union[int, Sequence[int]]
 
@@ -109,9 +109,11 @@ class StreamingModule(nn.Module):
 
     ``sm(x)`` takes ``x`` of shape ``N x C x H x W`` (float32, float64,
     float16 or bfloat16 with the dtype and device of the stem's parameters,
-    or uint8) of any size and
+    or uint8; in float16 / bfloat16 the batch norms' parameters may be
+    float32) of any size and
     returns ``module(x)``; a uint8 image is converted tile by tile (the
-    float image never exists) and the stem computes in its parameters' dtype.
+    float image never exists) and the stem computes in its parameters' dtype
+    (the first one's that is not a batch norm's).
     With ``mean`` / ``std`` (per channel, in the image's units, e.g. 0..255
     for uint8) it returns ``module((x - mean) / std)``, normalised per tile. ``loss.backward()`` fills ``.grad`` of the stem's
     parameters that require grad, and of ``x`` when it requires grad.
@@ -191,6 +193,10 @@ class StreamingModule(nn.Module):
         self.receptive_field: Tuple[int, int] = (info[2], info[3])
         self.output_stride: Tuple[int, int] = (info[4], info[5])
         self._mode_paths: List[str] = [p for p, _ in conv.mode_modules]
+        # parameters that may stay float32 in a half-precision computation,
+        # and whether autocast would run any layer of the stem in half
+        self._bn_params: List[int] = batchnorm_params(self.program)
+        self._autocast_casts: bool = has_autocast_ops(conv.program)
         self._stem = (module,)  # a tuple: not registered a second time
         self._budget_tiles: dict = {}
 
@@ -314,16 +320,20 @@ class StreamingModule(nn.Module):
                             f"or float64, got {x.dtype}")
         if x.dtype == torch.uint8 and x.requires_grad:
             raise ValueError("streamcnn: a uint8 image cannot require grad")
-        want = compute_dtype(x, params)
-        for p in params:
-            if x.dtype == torch.uint8 and p.dtype != want:
+        want = compute_dtype(x, params, self.program)
+        half = want in (torch.float16, torch.bfloat16)
+        bn = set(self._bn_params)
+        for k, p in enumerate(params):
+            if p.dtype == want or (half and k in bn and p.dtype == torch.float32):
+                continue  # a batch norm's may stay float32 in half precision
+            if x.dtype == torch.uint8:
                 raise TypeError(f"streamcnn: with a uint8 image the stem computes in its "
                                 f"parameters' dtype, which must be one: found {want} and "
                                 f"{p.dtype}")
-            if p.dtype != x.dtype and x.dtype != torch.uint8:
-                raise TypeError(f"streamcnn: the image is {x.dtype} but the stem's parameters "
-                                f"are {p.dtype}; convert one of them (e.g. x.to({p.dtype}) or "
-                                f"module.to({x.dtype}))")
+            raise TypeError(f"streamcnn: the image is {x.dtype} but the stem's parameters "
+                            f"are {p.dtype}; convert one of them (e.g. x.to({p.dtype}) or "
+                            f"module.to({x.dtype}))")
+        for p in params:
             if p.device != x.device and not (x.device.type == "cpu"
                                              and p.device.type == "cuda"):
                 raise ValueError(f"streamcnn: the image is on {x.device} but the stem's "
@@ -375,7 +385,7 @@ class StreamingModule(nn.Module):
                 # is streamed to them)
                 cpu = (params[0].device if params else x.device).type == "cpu"
                 tile, cached = self._budget_choice(x.shape[0], x.shape[2], x.shape[3],
-                                                   compute_dtype(x, params), cached,
+                                                   compute_dtype(x, params, self.program), cached,
                                                    training, mask, cpu)
                 self.tile_size = tile
             if self.progress or self.deterministic:
@@ -387,14 +397,21 @@ class StreamingModule(nn.Module):
     @torch.jit.unused
     def _forward_autocast(self, x: torch.Tensor, params: List[torch.Tensor]) -> torch.Tensor:
         """Under torch.autocast: the stem runs in the autocast dtype (image
-        and parameters cast, as autocast casts a convolution's inputs); the
-        gradients flow back through the casts to the float32 parameters,
-        and the op sums weight gradients over tiles in float32."""
+        and parameters cast, as autocast casts a convolution's inputs, but
+        batch norms keep their float32 parameters, as they do under autocast:
+        float16 running variances would overflow past 65504); the gradients
+        flow back through the casts to the float32 parameters, and the op
+        sums weight gradients over tiles in float32. A stem without a
+        convolution or Linear, which autocast leaves alone, runs as it is."""
+        if not self._autocast_casts:
+            return self._forward_eager(x, params)
         dev = x.device.type
         dtype = torch.get_autocast_dtype(dev)
         # as autocast does for a convolution: float32 inputs are cast, float64
         # (and uint8 images) are left alone
-        params = [p.to(dtype) if p.dtype == torch.float32 else p for p in params]
+        bn = set(self._bn_params)
+        params = [p.to(dtype) if p.dtype == torch.float32 and k not in bn else p
+                  for k, p in enumerate(params)]
         if x.dtype == torch.float32:
             x = x.to(dtype)
         with torch.autocast(dev, enabled=False):

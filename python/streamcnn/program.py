@@ -141,6 +141,29 @@ def prepend_normalize(program: Sequence[int]) -> List[int]:
     return out
 
 
+def _instructions(program: Sequence[int]):
+    """(opcode, fields) of each instruction of a valid program."""
+    pos = HEADER
+    for _ in range(program[3]):
+        op, nf = program[pos], program[pos + 1]
+        yield op, program[pos + 2: pos + 2 + nf]
+        pos += 2 + nf
+
+
+def batchnorm_params(program: Sequence[int]) -> List[int]:
+    """Indices of the parameters that batch norms read (weight, bias,
+    running statistics): in a float16 / bfloat16 computation they may stay
+    float32, as torch.autocast leaves them."""
+    return sorted({k for op, f in _instructions(program) if op == OP_BATCHNORM
+                   for k in f[1:5] if k >= 0})
+
+
+def has_autocast_ops(program: Sequence[int]) -> bool:
+    """Whether the program has a layer that torch.autocast runs in the
+    lower precision (a convolution or a channel Linear)."""
+    return any(op in (OP_CONV, OP_LINEAR_C) for op, _ in _instructions(program))
+
+
 def _window_out(n, k, s, d, pad_lo, pad_hi, ceil_mode):
     num = n + pad_lo + pad_hi - (d * (k - 1) + 1)
     if ceil_mode:

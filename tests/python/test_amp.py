@@ -13,7 +13,7 @@ import torch.nn as nn
 import torchvision
 
 import streamcnn
-from conftest import randomize_bn
+from conftest import DEVICES, randomize_bn
 
 HALF = [torch.bfloat16, torch.float16]
 
@@ -117,3 +117,123 @@ def test_autocast_leaves_float64_alone():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = sm(x)
     assert y.dtype == torch.float64 and torch.equal(y, sm(x))
+
+
+def _big_statistics_stem():
+    """Activations of a few hundred (a first convolution of 0..255-scale
+    pixels) and running variances past float16's largest value (65504)."""
+    torch.manual_seed(0)
+    stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, stride=2), nn.BatchNorm2d(8)).eval()
+    randomize_bn(stem, torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        stem[0].weight.mul_(300)
+        stem[1].running_var.uniform_(7e4, 1e5)
+        stem[1].running_mean.fill_(50.0)
+    return stem
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", HALF)
+def test_autocast_keeps_batch_norm_parameters_float32(dtype, device):
+    """Autocast leaves a batch norm's parameters float32; cast to float16,
+    these running variances would be inf and the output all wrong (the
+    library as of 2bb9fce: relative error 1.0 against the whole-image 6e-4)."""
+    stem = _big_statistics_stem().to(device)
+    sm = streamcnn.StreamingModule(stem, 21)
+    x = torch.randn(2, 3, 40, 37, device=device)
+    with torch.no_grad():
+        g = torch.randn_like(stem(x))
+    truth, gt = _truth(stem, x, g)
+    params = list(stem.parameters())
+    res = {}
+    for name, f in (("stream", sm), ("whole", stem)):
+        with torch.autocast(device, dtype=dtype):
+            y = f(x)
+        assert y.dtype == dtype and bool(torch.isfinite(y).all())
+        grads = torch.autograd.grad((y.float() * g).sum(), params)
+        assert all(gr.dtype == torch.float32 for gr in grads)
+        res[name] = (_err(y, truth), max(_err(a, b) for a, b in zip(grads, gt)))
+    (out_s, grad_s), (out_w, grad_w) = res["stream"], res["whole"]
+    assert out_s <= 1.5 * out_w + 1e-3, res
+    assert grad_s <= 1.5 * grad_w + 1e-2, res
+    # the parameters were not cast for the call: still float32, same storage
+    assert all(p.dtype == torch.float32 for p in stem.parameters())
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_autocast_leaves_a_stem_without_convolutions_alone(dtype):
+    """Autocast casts convolutions and Linears only: a stem of batch norms,
+    pools and activations runs in float32 there, and so it does here."""
+    stem = nn.Sequential(nn.BatchNorm2d(3), nn.Sigmoid(), nn.MaxPool2d(3, 2)).eval()
+    randomize_bn(stem, torch.Generator().manual_seed(5))
+    sm = streamcnn.StreamingModule(stem, 9)
+    x = torch.randn(1, 3, 30, 26)
+    with torch.autocast("cpu", dtype=dtype):
+        y, ref = sm(x), stem(x)
+    assert y.dtype == ref.dtype == torch.float32
+    torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("halo_cache", [True, False])
+def test_half_module_with_float32_batch_norms(device, halo_cache):
+    """module.half() with the batch norms kept float32 (a common recipe)
+    works as in PyTorch: half values, float32 batch-norm gradients, also
+    with a frozen batch-norm weight (whose backward reads no input)."""
+    stem = _big_statistics_stem()
+    with torch.no_grad():
+        stem[1].running_var.uniform_(1e3, 2e3)  # float16 conv outputs stay finite
+    stem = stem.half().to(device)
+    for bn in (stem[1], stem[4]):
+        bn.float()
+    stem[4].weight.requires_grad_(False)
+    sm = streamcnn.StreamingModule(stem, 21, halo_cache=halo_cache)
+    x = torch.randn(2, 3, 40, 37, device=device, dtype=torch.float16, requires_grad=True)
+    with torch.no_grad():
+        g = torch.randn_like(stem(x))
+    params = [p for p in stem.parameters() if p.requires_grad]
+    res = {}
+    for name, f in (("stream", sm), ("whole", stem)):
+        y = f(x)
+        assert y.dtype == torch.float16
+        grads = torch.autograd.grad((y * g).sum(), [x] + params)
+        assert [gr.dtype for gr in grads] == [x.dtype] + [p.dtype for p in params]
+        res[name] = (y, grads)
+    (y_s, g_s), (y_w, g_w) = res["stream"], res["whole"]
+    assert _err(y_s, y_w.double()) <= 2e-3
+    for a, b in zip(g_s, g_w):
+        assert _err(a, b.double()) <= 1e-2
+
+
+def test_uint8_image_with_float32_batch_norm_first():
+    """With a uint8 image the computation takes the dtype of the first
+    parameter that is not a batch norm's: here float16, after a float32
+    batch norm of the pixels."""
+    torch.manual_seed(0)
+    stem = nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3), nn.ReLU()).eval()
+    with torch.no_grad():
+        stem[0].running_mean.fill_(120.0)
+        stem[0].running_var.fill_(3600.0)
+    stem[1].half()
+    sm = streamcnn.StreamingModule(stem, 11)
+    x8 = torch.randint(0, 256, (1, 3, 30, 25), dtype=torch.uint8)
+    y = sm(x8)
+    assert y.dtype == torch.float16
+    ref = stem[2](stem[1](stem[0](x8.float()).half()))
+    assert _err(y, ref.double()) <= 2e-3
+
+
+def test_batch_norm_parameters_of_two_dtypes_are_refused():
+    stem = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval().half()
+    stem[1].running_var.data = stem[1].running_var.float()
+    sm = streamcnn.StreamingModule(stem, 9)
+    x = torch.randn(1, 3, 20, 20, dtype=torch.float16)
+    with pytest.raises(RuntimeError, match=r"running_var of instruction 1, .*\) is float32 "
+                       r"but the image is float16.*may instead all be float32"):
+        sm(x)
+    # float32 batch-norm parameters in a float64 computation: refused too
+    stem64 = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval().double()
+    stem64[1].float()
+    with pytest.raises(TypeError, match="float64 but the stem's parameters are torch.float32"):
+        streamcnn.StreamingModule(stem64, 9)(torch.randn(1, 3, 20, 20, dtype=torch.float64))

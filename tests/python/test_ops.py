@@ -162,3 +162,29 @@ def test_reference_unfold_conv(groups, stride, dilation):
     b = torch.randn(8, dtype=torch.float64, generator=g)
     want = torch.nn.functional.conv2d(x, w, b, stride, 0, dilation, groups)
     assert rel_err(_conv_unfold(x, w, b, stride, dilation, groups), want) < 1e-13
+
+
+@pytest.mark.parametrize("op", ["forward_cached", "backward_cached"])
+def test_opcheck_half_values_with_float32_batch_norm(op):
+    """bfloat16 values with a batch norm's parameters float32 (as autocast
+    leaves them): the fake kernels give the C core's dtypes, the batch
+    norm's gradients float32 (uint8 image: the first non-batch-norm
+    parameter's dtype)."""
+    sm, x = _args(requires_grad=False)
+    sm.module.half()
+    sm.stem[1].float()
+    params = [p.detach().bfloat16() if p.dtype == torch.float16 else p.detach()
+              for p in sm.stream_params()]
+    for image in (x.bfloat16(), (x * 40 + 120).clamp(0, 255).to(torch.uint8)):
+        out, strips = torch.ops.streamcnn.forward_cached(image, params, sm.program,
+                                                         sm.tile_size)
+        assert out.dtype == torch.bfloat16
+        if op == "forward_cached":
+            torch.library.opcheck(torch.ops.streamcnn.forward_cached.default,
+                                  (image, params, sm.program, sm.tile_size))
+            continue
+        mask = [image.dtype != torch.uint8] + [True] * len(params)
+        args = (torch.randn_like(out), strips, image, params, sm.program, sm.tile_size, mask)
+        grads = torch.ops.streamcnn.backward_cached(*args)
+        assert [g.dtype for g in grads[mask[0]:]] == [p.dtype for p in params]
+        torch.library.opcheck(torch.ops.streamcnn.backward_cached.default, args)

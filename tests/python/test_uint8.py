@@ -122,8 +122,9 @@ def test_bad_normalisation_and_dtypes():
     stem[0].weight.data = stem[0].weight.data.float()
     with pytest.raises(TypeError, match="parameters' dtype"):
         sm(_image(1, 40, 40))
-    with pytest.raises(RuntimeError, match=r"is float64 but the first parameter \(uint8 "
-                                           r"image\) is float32"):
+    with pytest.raises(RuntimeError, match=r"is float64 but the computation \(uint8 image: "
+                                           r"the first non-batch-norm parameter's dtype\) is "
+                                           r"float32"):
         torch.ops.streamcnn.forward(_image(1, 40, 40), sm.stream_params(), sm.program,
                                     sm.tile_size)
 
