@@ -38,24 +38,31 @@ def _truth(stem, x, g):
     return y, torch.autograd.grad((y * g.double()).sum(), wrt)
 
 
-@pytest.mark.parametrize("dtype", HALF)
-def test_autocast_matches_whole_image_precision(dtype):
-    stem = _resnet_stem()
-    sm = streamcnn.StreamingModule(stem, 96)
-    x = torch.randn(1, 3, 200, 176)
+def _autocast_errors(stem, sm, x, dtype):
+    """(output error, worst parameter-gradient error) against float64 of
+    the streamed and of the whole-image pass under autocast; both give a
+    finite output in the autocast dtype and float32 gradients."""
     with torch.no_grad():
         g = torch.randn_like(stem(x))
     truth, gt = _truth(stem, x, g)
     params = list(stem.parameters())
     res = {}
     for name, f in (("stream", sm), ("whole", stem)):
-        with torch.autocast("cpu", dtype=dtype):
+        with torch.autocast(x.device.type, dtype=dtype):
             y = f(x)
-        assert y.dtype == dtype
+        assert y.dtype == dtype and bool(torch.isfinite(y).all())
         grads = torch.autograd.grad((y.float() * g).sum(), params)
         assert all(gr.dtype == torch.float32 for gr in grads)
         res[name] = (_err(y, truth), max(_err(a, b) for a, b in zip(grads, gt)))
-    (out_s, grad_s), (out_w, grad_w) = res["stream"], res["whole"]
+    return res["stream"], res["whole"]
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_autocast_matches_whole_image_precision(dtype):
+    stem = _resnet_stem()
+    sm = streamcnn.StreamingModule(stem, 96)
+    (out_s, grad_s), (out_w, grad_w) = _autocast_errors(stem, sm, torch.randn(1, 3, 200, 176),
+                                                        dtype)
     assert out_s <= 1.5 * out_w + 1e-3
     assert grad_s <= 1.5 * grad_w + 1e-3
 
@@ -141,20 +148,8 @@ def test_autocast_keeps_batch_norm_parameters_float32(dtype, device):
     library as of 2bb9fce: relative error 1.0 against the whole-image 6e-4)."""
     stem = _big_statistics_stem().to(device)
     sm = streamcnn.StreamingModule(stem, 21)
-    x = torch.randn(2, 3, 40, 37, device=device)
-    with torch.no_grad():
-        g = torch.randn_like(stem(x))
-    truth, gt = _truth(stem, x, g)
-    params = list(stem.parameters())
-    res = {}
-    for name, f in (("stream", sm), ("whole", stem)):
-        with torch.autocast(device, dtype=dtype):
-            y = f(x)
-        assert y.dtype == dtype and bool(torch.isfinite(y).all())
-        grads = torch.autograd.grad((y.float() * g).sum(), params)
-        assert all(gr.dtype == torch.float32 for gr in grads)
-        res[name] = (_err(y, truth), max(_err(a, b) for a, b in zip(grads, gt)))
-    (out_s, grad_s), (out_w, grad_w) = res["stream"], res["whole"]
+    res = _autocast_errors(stem, sm, torch.randn(2, 3, 40, 37, device=device), dtype)
+    (out_s, grad_s), (out_w, grad_w) = res
     assert out_s <= 1.5 * out_w + 1e-3, res
     assert grad_s <= 1.5 * grad_w + 1e-2, res
     # the parameters were not cast for the call: still float32, same storage
