@@ -348,10 +348,20 @@ class StreamingModule(nn.Module):
                                  "training mode; streaming needs it frozen: call .eval() on it")
         tiling_info(self.program, x.shape[2], x.shape[3], self.tile_size)  # size errors
 
+    @staticmethod
+    @torch.jit.unused
+    def _stem_device(x: torch.Tensor, params: List[torch.Tensor]) -> torch.device:
+        """Where the stem runs: its parameters' device (an image in host
+        memory is streamed to them), else the image's."""
+        return params[0].device if params else x.device
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         params = self.stream_params()
         if not torch.jit.is_scripting():
-            if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
+            # autocast of the device the stem runs on (a host image's stem
+            # is on the GPU: autocast("cuda") applies)
+            if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(
+                    self._stem_device(x, params).type):
                 return self._forward_autocast(x, params)
             return self._forward_eager(x, params)
         return self._call(x, params, self.halo_cache)
@@ -381,9 +391,7 @@ class StreamingModule(nn.Module):
                 training = torch.is_grad_enabled() and (
                     x.requires_grad or any(p.requires_grad for p in params))
                 mask = self._grad_mask(x.requires_grad, params)
-                # where the stem runs: the parameters' device (a host image
-                # is streamed to them)
-                cpu = (params[0].device if params else x.device).type == "cpu"
+                cpu = self._stem_device(x, params).type == "cpu"
                 tile, cached = self._budget_choice(x.shape[0], x.shape[2], x.shape[3],
                                                    compute_dtype(x, params, self.program), cached,
                                                    training, mask, cpu)
@@ -405,7 +413,7 @@ class StreamingModule(nn.Module):
         convolution or Linear, which autocast leaves alone, runs as it is."""
         if not self._autocast_casts:
             return self._forward_eager(x, params)
-        dev = x.device.type
+        dev = self._stem_device(x, params).type
         dtype = torch.get_autocast_dtype(dev)
         # as autocast does for a convolution: float32 inputs are cast, float64
         # (and uint8 images) are left alone

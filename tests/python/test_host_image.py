@@ -63,3 +63,24 @@ def test_host_image_has_no_gradient():
     with pytest.raises(RuntimeError, match="host memory"):
         torch.ops.streamcnn.backward(torch.ones_like(y), x.detach(), params, sm.program,
                                      sm.tile_size, [True] + [False] * len(params))
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_host_image_under_cuda_autocast(dtype):
+    """The stem runs on the GPU, so autocast("cuda") applies to a uint8
+    image in host memory as to one on the device (before, the host image's
+    CPU device was asked and the stem ran in float32)."""
+    stem = _stem().float()
+    sm = streamcnn.StreamingModule(stem, 64, mean=[120.0, 110.0, 100.0],
+                                   std=[60.0, 50.0, 55.0])
+    g = torch.Generator().manual_seed(2)
+    host = torch.randint(0, 256, (1, 3, 203, 187), generator=g, dtype=torch.uint8).pin_memory()
+    with torch.autocast("cuda", dtype=dtype):
+        y_host = sm(host)
+        y_dev = sm(host.cuda())
+    assert y_host.dtype == y_dev.dtype == dtype and y_host.device.type == "cuda"
+    assert rel_err(y_host, y_dev) < 1e-3
+    params = list(stem.parameters())
+    grads = torch.autograd.grad(y_host.float().sum(), params)
+    assert all(gr.dtype == torch.float32 for gr in grads)
