@@ -291,8 +291,10 @@ int _sc_tiling(const sc_program *p, const int64_t *sizes, int64_t tile_h,
   for (int a = 0; a < 2; a++) {
     if (tile[a] < 1 || tile[a] > SC_MAX_EXTENT)
       return sc_fail(err,
-                     "streamcnn: tile_size must be positive (got %lld x %lld)",
-                     (long long)tile_h, (long long)tile_w);
+                     "streamcnn: tile_size must be in [1, %lld] (got %lld x "
+                     "%lld)",
+                     (long long)SC_MAX_EXTENT, (long long)tile_h,
+                     (long long)tile_w);
     const int64_t t = sc_tile_out_extent(p, a, tile[a]);
     if (t < 1)
       return sc_fail(err,

@@ -61,6 +61,9 @@ def _tile_pair(tile_size: TileSize) -> List[int]:
                              f"{tile_size!r}")
     if pair[0] <= 0 or pair[1] <= 0:
         raise ValueError(f"streamcnn: tile_size must be positive, got {tile_size!r}")
+    if pair[0] > 2**31 or pair[1] > 2**31:
+        raise ValueError(f"streamcnn: tile_size must be at most {2**31} (the largest image "
+                         f"extent), got {tile_size!r}")
     return pair
 
 

@@ -30,6 +30,12 @@ def test_tile_not_positive(tile):
         _sm(tile)
 
 
+@pytest.mark.parametrize("tile", [2**31 + 1, (8, 2**62)])
+def test_tile_too_large(tile):
+    with pytest.raises(ValueError, match=r"tile_size must be at most 2147483648"):
+        _sm(tile)
+
+
 @pytest.mark.parametrize("tile", [1.5, "16", (8, 8, 8), True, (8.5, 8)])
 def test_tile_wrong_type(tile):
     with pytest.raises((TypeError, ValueError), match="tile_size"):
@@ -212,8 +218,8 @@ def test_raw_op_bad_tile_and_grad():
     for tile in ([], [1, 2, 3]):
         with pytest.raises(RuntimeError, match="tile_size must have 1 or 2 entries"):
             torch.ops.streamcnn.forward(x, ps, sm.program, tile)
-    for tile in ([0], [16, -1]):
-        with pytest.raises(RuntimeError, match="tile_size must be positive"):
+    for tile in ([0], [16, -1], [2**62], [16, 2**31 + 1]):
+        with pytest.raises(RuntimeError, match=r"tile_size must be in \[1, 2147483648\]"):
             torch.ops.streamcnn.forward(x, ps, sm.program, tile)
     with pytest.raises(RuntimeError, match="minimum tile_size for this stem is 8 x 8"):
         torch.ops.streamcnn.forward(x, ps, sm.program, [7, 7])
