@@ -1665,6 +1665,14 @@ static void choose_cut(run *r) {
 static int describe(sc_ctx *ctx, AtenTensorHandle t, const char *what,
                     int64_t *dim, int64_t **sz, int64_t **st, int32_t *dtype,
                     int32_t *dt, int32_t *di) {
+  int32_t layout;
+  if (aoti_torch_get_layout(t, &layout))
+    return sc_fail(&ctx->err, "streamcnn: cannot read %s", what);
+  if (layout != aoti_torch_layout_strided())
+    return sc_fail(&ctx->err,
+                   "streamcnn: %s must be a dense (strided) tensor, not "
+                   "sparse or mkldnn: call .to_dense()",
+                   what);
   if (_sc_meta(ctx, t, dim, sz, st) || aoti_torch_get_dtype(t, dtype) ||
       aoti_torch_get_device_type(t, dt) || aoti_torch_get_device_index(t, di))
     return sc_fail(&ctx->err, "streamcnn: cannot read %s", what);

@@ -312,6 +312,9 @@ class StreamingModule(nn.Module):
     def _check(self, x: torch.Tensor, params: List[torch.Tensor]) -> None:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"streamcnn: expected a tensor, got {type(x).__name__}")
+        if x.layout != torch.strided:
+            raise TypeError(f"streamcnn: the image must be a dense (strided) tensor, got "
+                            f"{x.layout}: call x.to_dense()")
         if x.dim() != 4:
             raise ValueError(f"streamcnn: expected an N x C x H x W image, got shape "
                              f"{tuple(x.shape)}")

@@ -187,6 +187,19 @@ def test_not_a_tensor():
         _sm()([1, 2, 3])
 
 
+def test_sparse_image_or_parameter():
+    sm = _sm()
+    x = torch.randn(1, 3, 20, 20)
+    with pytest.raises(TypeError, match=r"dense \(strided\) tensor, got torch.sparse_coo"):
+        sm(x.to_sparse())
+    ps = sm.stream_params()
+    with pytest.raises(RuntimeError, match=r"the image tensor must be a dense \(strided\)"):
+        torch.ops.streamcnn.forward(x.to_sparse(), ps, sm.program, sm.tile_size)
+    bad = [ps[0].detach().to_sparse()] + ps[1:]
+    with pytest.raises(RuntimeError, match=r"params\[0\] must be a dense \(strided\)"):
+        torch.ops.streamcnn.forward(x, bad, sm.program, sm.tile_size)
+
+
 def test_batchnorm_switched_to_train_after_wrapping():
     sm = _sm()
     sm.stem[1].train()
