@@ -82,3 +82,44 @@ def test_cone_path_and_failed_cached_calls_release_everything():
     stem.zero_grad(set_to_none=True)
     assert [t._use_count() for t in [x, *params, g, bad, *detached]] == uses
     assert after - before < 8_000, f"resident memory grew by {after - before} kB"
+
+
+def test_half_values_with_float32_batch_norms_and_refusals_release_everything():
+    """float16 values with float32 batch-norm parameters (the mixed-dtype
+    batch-norm forward and backward, a frozen batch-norm weight included),
+    and calls refused for a batch norm of two dtypes or a sparse image."""
+    torch.manual_seed(0)
+    stem = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                         nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4)).eval().half()
+    stem[1].float()
+    stem[4].float()
+    stem[4].weight.requires_grad_(False)
+    sm = streamcnn.StreamingModule(stem, 10)
+    x = torch.randn(1, 3, 21, 19, dtype=torch.float16, requires_grad=True)
+    params = sm.stream_params()
+    two_dtypes = [p.detach() for p in params]
+    two_dtypes[5] = two_dtypes[5].half()  # the first batch norm's running_var
+    sparse = x.detach().to_sparse()
+    uses = [t._use_count() for t in [x, *params, *two_dtypes, sparse]]
+
+    def step():
+        sm(x).float().square().sum().backward()
+        for image, ps, msg in ((x.detach(), two_dtypes, "running_var"),
+                               (sparse, params, "dense")):
+            try:
+                torch.ops.streamcnn.forward(image, ps, sm.program, sm.tile_size)
+            except RuntimeError as e:
+                assert msg in str(e)
+            else:
+                raise AssertionError("a bad call was accepted")
+
+    for _ in range(100):
+        step()
+    before = _resident_kb()
+    for _ in range(1000):
+        step()
+    after = _resident_kb()
+    x.grad = None
+    stem.zero_grad(set_to_none=True)
+    assert [t._use_count() for t in [x, *params, *two_dtypes, sparse]] == uses
+    assert after - before < 8_000, f"resident memory grew by {after - before} kB"
