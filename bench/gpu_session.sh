@@ -11,6 +11,15 @@
 #                 STAGES="build large" bash bench/gpu_session.sh
 #
 # Optional stage "budget" (60 s): bench/budget_check.py on CUDA.
+#
+# DEADLINE (seconds, default 570) bounds the whole call: each stage gets
+# its own limit or what is left before the deadline, whichever is less,
+# and a stage with under 20 s left is skipped (said so in the log). With
+# the 15 device-minutes a drawn task has, the machine's start included:
+#   call 1  DEADLINE=540 bash bench/gpu_session.sh
+#   call 2  at once (the machine is still warm and keeps build/gpu):
+#           STAGES="build large" LARGE_SIZES="32768 65536" DEADLINE=<what
+#           status says is left, minus 60> bash bench/gpu_session.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/streamcnn-gpu}
 mkdir -p "$OUT"
@@ -18,8 +27,17 @@ export PYTHONUNBUFFERED=1
 PY=${PY:-python3}
 STAGES=${STAGES:-"build tests small profile"}
 LARGE_SIZES=${LARGE_SIZES:-"16384 32768 65536"}
-stage() { echo "== $(date +%T) $*"; }
+DEADLINE=${DEADLINE:-570}
+T0=$SECONDS
+stage() { echo "== $(date +%T) +$((SECONDS - T0))s $*"; }
 want() { case " $STAGES " in *" $1 "*) return 0 ;; esac; return 1; }
+# limit N: the seconds a stage may run (N, or what is left before the
+# deadline less 5 s); fails when under 20 s are left
+limit() {
+  local left=$((DEADLINE - (SECONDS - T0) - 5))
+  if [ "$left" -lt 20 ]; then echo "skipped: ${left}s left before DEADLINE=$DEADLINE" >&2; return 1; fi
+  if [ "$1" -lt "$left" ]; then echo "$1"; else echo "$left"; fi
+}
 
 stage env
 {
@@ -30,7 +48,7 @@ stage env
 cat "$OUT/env.txt"
 
 stage build
-if ! timeout 150 bash -c "cmake -S . -B build/gpu -G Ninja -DSTREAMCNN_TESTS=ON \
+if ! timeout "$(limit 150 || echo 1)" bash -c "cmake -S . -B build/gpu -G Ninja -DSTREAMCNN_TESTS=ON \
       -DCMAKE_CUDA_ARCHITECTURES=90 -DPython_EXECUTABLE=$(command -v "$PY") &&
     cmake --build build/gpu" > "$OUT/build.log" 2>&1; then
   echo "build failed"; tail -40 "$OUT/build.log"; exit 1
@@ -43,39 +61,49 @@ stage tests
 # every test with a CUDA case (test_cuda.py, the host-image tests, the CUDA
 # parameters of the equivalence and budget tests); no -x: one failure must
 # not hide the rest
-timeout 150 "$PY" -m pytest -q -rA -p no:cacheprovider tests/python -k "cuda or host_image" \
+if t=$(limit 150); then
+timeout "$t" "$PY" -m pytest -q -rA -p no:cacheprovider tests/python -k "cuda or host_image" \
   > "$OUT/tests.log" 2>&1
 echo "tests rc=$?"; grep -E "passed|failed|autocast|Error" "$OUT/tests.log" | tail -12
+fi
 fi
 
 if want small; then
 stage bench small
-timeout 120 "$PY" bench/gpu_resnet34.py --sizes 2048 4096 8192 --tile 1920 --reps 3 --cone \
+if t=$(limit 120); then
+timeout "$t" "$PY" bench/gpu_resnet34.py --sizes 2048 4096 8192 --tile 1920 --reps 3 --cone \
   --out "$OUT/bench_small.json" > "$OUT/bench_small.txt" 2>&1
 echo "rc=$?"; cat "$OUT/bench_small.txt"
+fi
 fi
 
 if want profile; then
 stage profile 8192
-timeout 90 "$PY" bench/gpu_profile.py --size 8192 --tile 1920 --top 25 \
+if t=$(limit 90); then
+timeout "$t" "$PY" bench/gpu_profile.py --size 8192 --tile 1920 --top 25 \
   > "$OUT/profile.txt" 2>&1
 echo "rc=$?"; grep -E "^#|^## |^device time|^\|" "$OUT/profile.txt"
+fi
 fi
 
 if want budget; then
 stage budget
 # memory_budget on random stems: measured peaks (max_memory_allocated, so
 # with cuDNN's workspace) against budget + output + gradient
-timeout 60 "$PY" bench/budget_check.py --device cuda --seeds 60 --start 1000 \
+if t=$(limit 60); then
+timeout "$t" "$PY" bench/budget_check.py --device cuda --seeds 60 --start 1000 \
   > "$OUT/budget.txt" 2>&1
-echo "rc=$?"; cat "$OUT/budget.txt" | grep -v "^\[W"
+echo "rc=$?"; grep -v "^\[W" "$OUT/budget.txt"
+fi
 fi
 
 if want large; then
 stage bench large: $LARGE_SIZES
 # shellcheck disable=SC2086
-timeout 420 "$PY" bench/gpu_resnet34.py --sizes $LARGE_SIZES --tile 2880 --reps 1 \
+if t=$(limit 420); then
+timeout "$t" "$PY" bench/gpu_resnet34.py --sizes $LARGE_SIZES --tile 2880 --reps 1 \
   --out "$OUT/bench_large.json" > "$OUT/bench_large.txt" 2>&1
 echo "rc=$?"; cat "$OUT/bench_large.txt"
+fi
 fi
 stage done
