@@ -62,6 +62,7 @@ int32_t aoti_torch_dtype_float16(void);
 int32_t aoti_torch_dtype_bfloat16(void);
 int32_t aoti_torch_device_type_cpu(void);
 int32_t aoti_torch_device_type_cuda(void);
+int32_t aoti_torch_layout_strided(void);
 
 /* --- tensor handles ----------------------------------------------------- */
 AOTITorchError aoti_torch_delete_tensor_object(AtenTensorHandle tensor);
@@ -80,6 +81,8 @@ AOTITorchError aoti_torch_get_device_type(AtenTensorHandle tensor,
                                           int32_t *ret_device_type);
 AOTITorchError aoti_torch_get_device_index(AtenTensorHandle tensor,
                                            int32_t *ret_device_index);
+AOTITorchError aoti_torch_get_layout(AtenTensorHandle tensor,
+                                     int32_t *ret_layout);
 AOTITorchError aoti_torch_is_defined(AtenTensorHandle tensor,
                                      bool *ret_is_defined);
 AOTITorchError aoti_torch_is_contiguous(AtenTensorHandle tensor,
