@@ -138,6 +138,15 @@ int sc_prefetch_copy(sc_prefetch *f, void *main_stream, void *dst,
 int sc_prefetch_wait(sc_prefetch *f, void *main_stream, char *err,
                      size_t errlen);
 
+/* Pinned host memory read by kernels outlives the call only as long as
+ * its tensor does: torch's host allocator may hand the block out again as
+ * soon as the tensor is freed, and it knows nothing of our kernels. Record
+ * *event (created on first use) on stream after such a kernel; before the
+ * call returns, sc_host_reads_wait blocks until the last recorded point
+ * has run and destroys the event (NULL: no-op). */
+int sc_host_reads_mark(void **event, void *stream, char *err, size_t errlen);
+void sc_host_reads_wait(void **event);
+
 #ifdef __cplusplus
 }
 #endif

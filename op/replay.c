@@ -121,6 +121,8 @@ typedef struct run {
   sc_prefetch pf;
   AtenTensorHandle pf_buf;   /* the copy (owned), or NULL */
   int64_t pf_span[2][2];     /* its rows and cols of the image */
+  int host_direct;           /* this tile's pixels are read from pinned memory */
+  void *host_ev;             /* cudaEvent_t after the last such read, or NULL */
 } run;
 
 /* ---- spans ------------------------------------------------------------------ */
@@ -270,6 +272,8 @@ static void move_all(AtenTensorHandle *dst, AtenTensorHandle *src, int64_t n) {
 static void run_release(run *r) {
 #ifdef SC_WITH_CUDA
   if (r->pf_open) sc_prefetch_close(&r->pf); /* waits for its copies */
+  /* the caller may free the pinned image once the call returns */
+  sc_host_reads_wait(&r->host_ev);
 #endif
   _sc_drop(&r->pf_buf);
   if (r->val && r->grad && r->grad_mine && r->aux) run_tile_release(r);
@@ -987,6 +991,7 @@ static int host_tile(run *r) {
   void *ptr = NULL;
   int64_t dim, *sz, *st;
   char msg[256];
+  r->host_direct = 0;
   if (r->pf_buf) { /* the side stream's copy, if it is this tile's */
     const int hit = same(r->pf_span[0], region(r, 0, 0)) &&
                     same(r->pf_span[1], region(r, 1, 0));
@@ -1008,7 +1013,11 @@ static int host_tile(run *r) {
       aoti_torch_get_data_ptr(r->val[0], &ptr))
     return sc_fail(&r->ctx->err, "streamcnn: cannot read the image's data");
   if (dt != aoti_torch_device_type_cpu()) return SC_OK; /* prefetched */
-  if (!ptr || sc_cuda_host_mapped(ptr)) return SC_OK;   /* read directly */
+  if (!ptr) return SC_OK;
+  if (sc_cuda_host_mapped(ptr)) { /* read directly by the gather */
+    r->host_direct = 1;
+    return SC_OK;
+  }
   AtenTensorHandle dev = NULL;
   if (_sc_meta(r->ctx, r->val[0], &dim, &sz, &st) ||
       _sc_empty_as(r->ctx, r->ctx->image_dtype, 4, sz, 0, &dev) ||
@@ -1018,6 +1027,19 @@ static int host_tile(run *r) {
   }
   _sc_drop(&r->val[0]);
   r->val[0] = dev;
+  return SC_OK;
+#else
+  return sc_fail(&r->ctx->err, "streamcnn: this library was built without CUDA");
+#endif
+}
+
+/* After a kernel that read the pinned host image: the point the call
+ * waits for before it returns (run_release). */
+static int mark_host_reads(run *r) {
+#ifdef SC_WITH_CUDA
+  char msg[256];
+  if (sc_host_reads_mark(&r->host_ev, r->ctx->stream, msg, sizeof msg))
+    return sc_fail(&r->ctx->err, "streamcnn: CUDA event: %s", msg);
   return SC_OK;
 #else
   return sc_fail(&r->ctx->err, "streamcnn: this library was built without CUDA");
@@ -1051,6 +1073,7 @@ static int forward_tile(run *r, int keep) {
     if (r->ctx->image_host && host_tile(r)) return SC_ERR;
     if (r->ctx->image_u8 || r->ctx->image_host) { /* pixels -> the tile */
       if (copy_image_tile(r, r->ctx->tiles_nhwc)) return SC_ERR;
+      if (r->host_direct && mark_host_reads(r)) return SC_ERR;
     } else if (r->nhwc_image && !_sc_is_channels_last(r->ctx, r->val[0])) {
       /* a pool or pointwise op of the image keeps its layout: a
        * channels-last copy keeps the tile channels-last (a convolution of

@@ -198,6 +198,26 @@ extern "C" int sc_prefetch_wait(sc_prefetch *f, void *main_stream, char *err,
   return 0;
 }
 
+extern "C" int sc_host_reads_mark(void **event, void *stream, char *err,
+                                  size_t errlen) {
+  if (!*event) {
+    cudaEvent_t e = nullptr;
+    SC_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+    *event = e;
+  }
+  SC_CUDA_CHECK(cudaEventRecord(static_cast<cudaEvent_t>(*event),
+                                static_cast<cudaStream_t>(stream)));
+  return 0;
+}
+
+extern "C" void sc_host_reads_wait(void **event) {
+  if (!*event) return;
+  cudaEventSynchronize(static_cast<cudaEvent_t>(*event));
+  cudaEventDestroy(static_cast<cudaEvent_t>(*event));
+  (void)cudaGetLastError();
+  *event = nullptr;
+}
+
 extern "C" int sc_cuda_host_mapped(const void *p) {
   cudaPointerAttributes attr;
   if (cudaPointerGetAttributes(&attr, p) != cudaSuccess) {

@@ -84,3 +84,29 @@ def test_host_image_under_cuda_autocast(dtype):
     params = list(stem.parameters())
     grads = torch.autograd.grad(y_host.float().sum(), params)
     assert all(gr.dtype == torch.float32 for gr in grads)
+
+
+@cuda
+@pytest.mark.parametrize("halo_cache", [True, False])
+def test_pinned_image_may_be_freed_when_the_call_returns(halo_cache):
+    """The gather kernels read pinned pixels asynchronously; torch's host
+    allocator hands a freed pinned block out again at once, knowing nothing
+    of them. The call returns only after its last read from the image, so
+    freeing it and refilling the block right away changes no result."""
+    stem = _stem().float()
+    sm = streamcnn.StreamingModule(stem, 96, halo_cache=halo_cache,
+                                   mean=[120.0, 110.0, 100.0], std=[60.0, 50.0, 55.0])
+    g = torch.Generator().manual_seed(3)
+    pixels = torch.randint(0, 256, (1, 3, 1536, 1024), generator=g, dtype=torch.uint8)
+    with torch.no_grad():
+        expected = sm(pixels.cuda())
+        torch.cuda.synchronize()
+        for _ in range(3):
+            x = pixels.pin_memory()
+            y = sm(x)  # queued; the last tiles may still be running
+            del x
+            reuse = torch.empty_like(pixels).pin_memory()  # likely the same block
+            reuse.fill_(255)
+            torch.cuda.synchronize()
+            assert torch.equal(y, expected)
+            del reuse
