@@ -1,13 +1,20 @@
 """Splitting torchvision backbones into a streamed stem and a head."""
 
 from collections import OrderedDict
-from typing import Tuple, Union
+from typing import Any, Optional, Tuple
 
 import torch.nn as nn
 
 from .module import StreamingModule, TileSize
 
 _RESNET_STAGES = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
+
+
+def _wrap(stem: nn.Module, tile_size: Optional[TileSize], options: Any) -> StreamingModule:
+    """The stem streamed: tile_size 1024 unless a memory_budget is given."""
+    if tile_size is None and options.get("memory_budget") is None:
+        tile_size = 1024
+    return StreamingModule(stem, tile_size, **options)
 
 
 def _freeze_norms(module: nn.Module) -> None:
@@ -18,7 +25,8 @@ def _freeze_norms(module: nn.Module) -> None:
 
 
 def split_resnet(model: nn.Module, stream_upto: str = "layer3",
-                 tile_size: TileSize = 1024) -> Tuple[StreamingModule, nn.Sequential]:
+                 tile_size: Optional[TileSize] = None,
+                 **options: Any) -> Tuple[StreamingModule, nn.Sequential]:
     """Split a torchvision ResNet (18/34/50/101/152, ResNeXt, Wide ResNet) into
     ``(streaming_stem, head)`` such that ``head(stem(x))`` computes
     ``model(x)`` (with the stem's batch norms in eval mode).
@@ -26,6 +34,10 @@ def split_resnet(model: nn.Module, stream_upto: str = "layer3",
     The stem is ``conv1 .. stream_upto`` (one of ``"maxpool"``, ``"layer1"`` ..
     ``"layer4"``) wrapped in :class:`StreamingModule`; the head is the rest of
     the network: the remaining layers, the average pool, flatten and ``fc``.
+    ``tile_size`` (default 1024 unless ``memory_budget`` is given) and the
+    keyword ``options`` (``memory_budget``, ``mean``, ``std``,
+    ``halo_cache``, ``progress``, ``deterministic``) go to the
+    :class:`StreamingModule`.
 
     Note: the stem's BatchNorm layers are put in eval mode and stay there
     (frozen running statistics; their weight and bias still train): a
@@ -47,11 +59,12 @@ def split_resnet(model: nn.Module, stream_upto: str = "layer3",
     head = nn.Sequential(OrderedDict(
         [(n, getattr(model, n)) for n in _RESNET_STAGES[k:]] +
         [("avgpool", model.avgpool), ("flatten", nn.Flatten(1)), ("fc", model.fc)]))
-    return StreamingModule(stem, tile_size), head
+    return _wrap(stem, tile_size, options), head
 
 
 def split_convnext(model: nn.Module, stream_upto: int = 4,
-                   tile_size: TileSize = 1024) -> Tuple[StreamingModule, nn.Sequential]:
+                   tile_size: Optional[TileSize] = None,
+                   **options: Any) -> Tuple[StreamingModule, nn.Sequential]:
     """Split a torchvision ConvNeXt (tiny / small / base / large) into
     ``(streaming_stem, head)`` with ``head(stem(x))`` computing ``model(x)``
     (with stochastic depth off in the stem).
@@ -59,7 +72,8 @@ def split_convnext(model: nn.Module, stream_upto: int = 4,
     The stem is ``features[:stream_upto]`` (1 .. 7: the patchify stem, then
     alternating stages and downsampling layers) wrapped in
     :class:`StreamingModule`; the head is ``features[stream_upto:]``, the
-    average pool and the classifier.
+    average pool and the classifier. ``tile_size`` and ``options`` as for
+    :func:`split_resnet`.
 
     Note: ConvNeXt normalises with LayerNorm over the channels of each
     pixel, which is local and streams exactly (and trains). The stem's
@@ -80,4 +94,4 @@ def split_convnext(model: nn.Module, stream_upto: int = 4,
     head = nn.Sequential(OrderedDict([("features", model.features[stream_upto:]),
                                       ("avgpool", model.avgpool),
                                       ("classifier", model.classifier)]))
-    return StreamingModule(stem, tile_size), head
+    return _wrap(stem, tile_size, options), head

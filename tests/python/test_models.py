@@ -58,6 +58,25 @@ def test_resnet34_layer3_receptive_field():
     assert stem.output_stride == (16, 16)
 
 
+def test_split_with_module_options():
+    """memory_budget, mean / std and the other StreamingModule options pass
+    through the splitters."""
+    model = _resnet("resnet18").double().eval()
+    mean, std = [120.0, 115.0, 100.0], [60.0, 58.0, 57.0]
+    stem, head = streamcnn.models.split_resnet(model, "layer1", memory_budget="10MB",
+                                               mean=mean, std=std, halo_cache=False)
+    assert stem.memory_budget == 10 * 10**6 and not stem.halo_cache
+    x8 = torch.randint(0, 256, (1, 3, 150, 131), dtype=torch.uint8)
+    xf = (x8.double() - torch.tensor(mean, dtype=torch.float64).view(1, 3, 1, 1)) / \
+        torch.tensor(std, dtype=torch.float64).view(1, 3, 1, 1)
+    assert rel_err(head(stem(x8)), model(xf)) < 1e-10
+    assert stem.tile_size[0] < 150 or stem.tile_size[1] < 131  # chosen from the budget
+    stem, _ = streamcnn.models.split_convnext(_convnext(), 2, tile_size=200, progress=True)
+    assert stem.tile_size == [200, 200] and stem.progress
+    with pytest.raises(TypeError, match="unexpected keyword argument 'tile'"):
+        streamcnn.models.split_resnet(model, "layer1", tile=100)
+
+
 def test_split_resnet_bad_arguments():
     with pytest.raises(ValueError, match="stream_upto must be one of"):
         streamcnn.models.split_resnet(_resnet("resnet18"), stream_upto="layer9")
