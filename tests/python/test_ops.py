@@ -188,3 +188,20 @@ def test_opcheck_half_values_with_float32_batch_norm(op):
         grads = torch.ops.streamcnn.backward_cached(*args)
         assert [g.dtype for g in grads[mask[0]:]] == [p.dtype for p in params]
         torch.library.opcheck(torch.ops.streamcnn.backward_cached.default, args)
+
+
+def test_inference_mode_and_functional_call():
+    """Entry points the README names: inference_mode, and
+    torch.func.functional_call with substituted parameters (read at call
+    time, as in optimizer steps)."""
+    sm, x = _args(requires_grad=False)
+    with torch.inference_mode():
+        y = sm(x)
+    assert y.is_inference() and rel_err(y, sm.stem(x)) < 1e-12
+    gen = torch.Generator().manual_seed(1)
+    new = {k: (torch.randn(v.shape, generator=gen, dtype=v.dtype) if v.is_floating_point()
+               and "running" not in k else v) for k, v in sm.state_dict().items()}
+    got = torch.func.functional_call(sm, new, (x,))
+    ref = torch.func.functional_call(sm.stem, {k[len("module."):]: v for k, v in new.items()},
+                                     (x,))
+    assert rel_err(got, ref) < 1e-10 and rel_err(got, sm(x)) > 1e-3
