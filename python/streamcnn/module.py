@@ -181,8 +181,14 @@ class StreamingModule(nn.Module):
             if not bool(torch.isfinite(m).all()) or not bool((d > 0).all()) \
                     or not bool(torch.isfinite(d).all()):
                 raise ValueError("streamcnn: mean must be finite and std finite and positive")
-            dtype = next((t.dtype for t in self.module() if t.is_floating_point()),
-                         torch.float32)
+            # the compute dtype's (batch norms' parameters may be float32 in
+            # a half-precision stem)
+            stem_params = self.module()
+            bn = set(batchnorm_params(conv.program))
+            dtype = next((t.dtype for k, t in enumerate(stem_params)
+                          if t.is_floating_point() and k not in bn),
+                         next((t.dtype for t in stem_params if t.is_floating_point()),
+                              torch.float32))
             # the tile runs (x - mean) / std as a depthwise 1 x 1 convolution
             self.register_buffer("norm_weight", (1 / d).to(dtype).reshape(c, 1, 1, 1))
             self.register_buffer("norm_bias", (-m / d).to(dtype))

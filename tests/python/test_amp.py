@@ -232,3 +232,14 @@ def test_batch_norm_parameters_of_two_dtypes_are_refused():
     stem64[1].float()
     with pytest.raises(TypeError, match="float64 but the stem's parameters are torch.float32"):
         streamcnn.StreamingModule(stem64, 9)(torch.randn(1, 3, 20, 20, dtype=torch.float64))
+
+
+def test_normalisation_follows_the_half_convolutions_not_float32_batch_norms():
+    """mean / std buffers take the compute dtype: the convolutions', not
+    that of a float32 batch norm in front of them."""
+    stem = nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3), nn.ReLU()).eval()
+    stem[1].half()
+    sm = streamcnn.StreamingModule(stem, 11, mean=[120.0, 110.0, 100.0], std=[60.0, 50.0, 55.0])
+    assert sm.norm_weight.dtype == torch.float16
+    x8 = torch.randint(0, 256, (1, 3, 30, 25), dtype=torch.uint8)
+    assert sm(x8).dtype == torch.float16
