@@ -47,8 +47,11 @@ typedef struct sc_copy_params {
 
 /* dst (N x C x dst_h x dst_w, dense: NCHW or channels-last NHWC order) =
  * pad_value everywhere, except the src_h x src_w source window placed at
- * (off_h, off_w). Builds the explicitly padded input of a window layer at
- * the true image border, and the channels-last copy of an image tile. */
+ * (off_h, off_w), each value of channel c mapped to v * scale[c] +
+ * shift[c] when scale is given. Builds the explicitly padded input of a
+ * window layer at the true image border, the channels-last copy of an
+ * image tile, and the normalised image tile (x - mean) / std straight from
+ * its uint8 or float pixels. */
 typedef struct sc_gather_params {
   const void *src;       /* element (0, 0, 0, 0) of the source window; may be
                             NULL when src_h or src_w is 0 (all padding) */
@@ -63,6 +66,15 @@ typedef struct sc_gather_params {
   int dtype;             /* sc_dtype of dst (and of src unless src_dtype) */
   int src_dtype;         /* 0: as dtype; else the source's sc_dtype (uint8
                             or another float dtype), converted */
+  const void *scale;     /* NULL: none; else c elements of affine_dtype,
+                            scale_stride apart: the source window's values
+                            are mapped to v * scale[c] + shift[c] (in float,
+                            or double for float64, rounded once); padding
+                            is not mapped */
+  const void *shift;     /* NULL: 0; else c elements of affine_dtype */
+  int64_t scale_stride, shift_stride;
+  int affine_dtype;      /* 0: as dtype; else SC_DTYPE_F32 (float32
+                            constants for a half-precision tile) */
 } sc_gather_params;
 
 /* NULL when p is well-formed, else what is wrong. */

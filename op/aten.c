@@ -490,6 +490,8 @@ static void count_macs(int k, AtenTensorHandle y, double per) {
   }
 }
 
+void _sc_count_macs(AtenTensorHandle y, double per) { count_macs(0, y, per); }
+
 static double conv_macs_per_output(const sc_instr *in) {
   return (double)(in->c_in / in->groups) * (double)in->win[0].k *
          (double)in->win[1].k;

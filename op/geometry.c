@@ -699,7 +699,10 @@ done:
  * rd[i] of what instruction i reads through slot 0 (window ops: their
  * padded input copy), ix the bytes of a max-pool index per byte of value.
  * The tile of the image counts as the tile's (a uint8 or host image is
- * gathered into one). Forward without gradient (*fwd): each value lives
+ * gathered into one; with a normalisation fused into that gather, see
+ * affine_image in op/replay.c, neither it nor the normalising convolution's
+ * transients exist: conservative by a few channels' tile). Forward without
+ * gradient (*fwd): each value lives
  * until its last consumer ran; a ReLU or an add whose input nothing else
  * reads works in place, as does a batch norm fused into its convolution
  * (fused, see _sc_fusion). Backward (*bwd): the recompute keeps the values

@@ -97,6 +97,8 @@ typedef struct sc_ctx {
   int32_t device_index;
   int is_cuda;
   void *stream;         /* current cudaStream_t when is_cuda */
+  int affine_f32;       /* a half computation whose instruction 0 (the
+                           image's mean / std) holds float32 constants */
   int tiles_nhwc;       /* run tiles channels-last (float32 on the CPU) */
   AtenTensorHandle k_zero, k_six; /* 0-dim constants, owned, may be NULL */
 } sc_ctx;
@@ -149,6 +151,13 @@ int _sc_copy(sc_ctx *ctx, AtenTensorHandle dst, AtenTensorHandle src,
 int _sc_gather(sc_ctx *ctx, AtenTensorHandle src, int64_t n, int64_t c,
                int64_t dst_h, int64_t dst_w, int64_t off_h, int64_t off_w,
                double pad_value, int channels_last, AtenTensorHandle *out);
+/* src (N x C x h x w, any strides, any dtype the gather converts) mapped
+ * per channel to src * scale[c] + shift[c] (shift may be NULL) in a new
+ * dense tile of the computation's dtype: a depthwise 1 x 1 convolution of
+ * the image (mean / std) fused into the gather. */
+int _sc_gather_affine(sc_ctx *ctx, AtenTensorHandle src, int64_t n,
+                      int64_t c, int channels_last, AtenTensorHandle scale,
+                      AtenTensorHandle shift, AtenTensorHandle *out);
 /* 4-D with the channel stride 1 (and more than one channel). */
 int _sc_is_channels_last(sc_ctx *ctx, AtenTensorHandle t);
 
@@ -156,6 +165,10 @@ int _sc_is_channels_last(sc_ctx *ctx, AtenTensorHandle t);
 int _sc_make_contiguous(sc_ctx *ctx, AtenTensorHandle *t);
 
 /* ---- ATen calls (op/aten.c). Inputs are borrowed, outputs owned. ------- */
+
+/* Count numel(y) x per forward multiply-adds done by our own kernels (the
+ * normalisation fused into the image gather), beside ATen's. */
+void _sc_count_macs(AtenTensorHandle y, double per);
 
 int _sc_conv(sc_ctx *ctx, AtenTensorHandle x, AtenTensorHandle w,
              AtenTensorHandle b, const sc_instr *in, AtenTensorHandle *out);

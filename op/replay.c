@@ -416,6 +416,9 @@ static int plan_axis_tiles(run *r, int a, int64_t tile_in) {
 }
 
 static AtenTensorHandle param(const run *r, int64_t k);
+static int image_affine_shape(const sc_program *p);
+static int affine_image(const run *r);
+static int affine_image_forward(run *r, AtenTensorHandle *y);
 
 /* Whether an instruction other than a convolution reads the image. */
 static int image_read_by_non_conv(const sc_program *p) {
@@ -714,6 +717,20 @@ static int forward_instr(run *r, int64_t i, int keep) {
   switch (in->op) {
   case SC_OP_CONV: {
     const int f = r->fused[i] >= 0; /* with its batch norm folded in */
+    if (i == 0 && affine_image(r)) {
+      if (affine_image_forward(r, &y)) goto done;
+      break;
+    }
+    if (i == 0 && r->ctx->affine_f32) {
+      sc_fail(&ctx->err,
+              "streamcnn: params[%lld] (weight of instruction 0, conv) is "
+              "float32 in a %s computation: a float32 per-channel map of "
+              "the image (mean / std) is applied only while its weight "
+              "takes no gradient",
+              (long long)in->weight,
+              ctx->kdtype == SC_DTYPE_F16 ? "float16" : "bfloat16");
+      goto done;
+    }
     if (layer_input(r, i, 0, 0.0, &x) ||
         _sc_conv(ctx, x, f ? r->fold[4 * i] : param(r, in->weight),
                  f ? r->fold[4 * i + 1] : param(r, in->bias), in, &y))
@@ -1046,6 +1063,50 @@ static int mark_host_reads(run *r) {
 #endif
 }
 
+/* Instruction 0 is a per-channel affine map of the image read by nothing
+ * else, e.g. the mean / std normalisation a StreamingModule puts in front
+ * (a depthwise 1 x 1 convolution, stride 1, no padding, no folded batch
+ * norm), whose weight takes no gradient in this call: the image gather
+ * applies it (_sc_gather_affine), so neither the image tile in the
+ * computation's dtype nor a convolution pass over it exists. The
+ * convolution's backward needs only the input's shape then. */
+static int image_affine_shape(const sc_program *p) {
+  if (p->n_instr < 1 || p->n_consumers[0] != 1) return 0;
+  const sc_instr *in = &p->instr[0];
+  if (in->op != SC_OP_CONV || in->in[0] != 0 || in->groups != in->c_in ||
+      in->c_out != in->c_in)
+    return 0;
+  for (int a = 0; a < 2; a++) {
+    const sc_window *w = &in->win[a];
+    if (w->k != 1 || w->s != 1 || w->pad_lo != 0 || w->pad_hi != 0) return 0;
+  }
+  return 1;
+}
+
+static int affine_image(const run *r) {
+  return image_affine_shape(r->p) && r->fused[0] < 0 &&
+         !(r->mask && r->mask[1 + r->p->instr[0].weight]);
+}
+
+/* Instruction 0 through the image gather (affine_image): the tile's own
+ * span of value 1, normalised straight from the image's pixels. */
+static int affine_image_forward(run *r, AtenTensorHandle *y) {
+  const sc_instr *in = &r->p->instr[0];
+  AtenTensorHandle src = NULL;
+  *y = NULL;
+  if (subview(r, r->val[0], region(r, 0, 0), region(r, 1, 0),
+              readspan(r, 0, 0, 0), readspan(r, 1, 0, 0), &src))
+    return SC_ERR;
+  const int nhwc = r->ctx->tiles_nhwc || _sc_is_channels_last(r->ctx, src);
+  int rc = _sc_gather_affine(r->ctx, src, r->batch, in->c_in, nhwc,
+                             param(r, in->weight),
+                             in->bias >= 0 ? param(r, in->bias) : NULL, y);
+  _sc_drop(&src);
+  if (!rc) _sc_count_macs(*y, 1.0);
+  if (!rc && r->host_direct) rc = mark_host_reads(r);
+  return rc;
+}
+
 /* Replace the tile's image view r->val[0] with a dense copy in the
  * computation's dtype (a uint8 image normalised by the gather), NHWC or
  * NCHW. */
@@ -1071,7 +1132,9 @@ static int forward_tile(run *r, int keep) {
                 region(r, 1, 0), &r->val[0]))
       return SC_ERR;
     if (r->ctx->image_host && host_tile(r)) return SC_ERR;
-    if (r->ctx->image_u8 || r->ctx->image_host) { /* pixels -> the tile */
+    if (affine_image(r)) {
+      /* instruction 0 reads the pixels themselves */
+    } else if (r->ctx->image_u8 || r->ctx->image_host) { /* pixels -> tile */
       if (copy_image_tile(r, r->ctx->tiles_nhwc)) return SC_ERR;
       if (r->host_direct && mark_host_reads(r)) return SC_ERR;
     } else if (r->nhwc_image && !_sc_is_channels_last(r->ctx, r->val[0])) {
@@ -1927,24 +1990,24 @@ static int check_param(sc_ctx *ctx, const sc_call *call, int64_t i,
   return SC_OK;
 }
 
-/* Whether batch norm `in` holds float32 statistics (its running_mean). */
-static int bn_float32(const sc_call *call, const sc_instr *in) {
+/* Whether params[k] is float32. */
+static int param_float32(const sc_call *call, int64_t k) {
   int32_t dtype;
-  return in->bn_mean >= 0 &&
-         !aoti_torch_get_dtype(call->params[in->bn_mean], &dtype) &&
+  return k >= 0 && !aoti_torch_get_dtype(call->params[k], &dtype) &&
          dtype == aoti_torch_dtype_float32();
 }
 
-/* Whether parameter k belongs to a batch norm (it may be float32 in a
- * float16 / bfloat16 computation). */
-static int bn_param(const sc_program *p, int64_t k) {
-  for (int64_t i = 0; i < p->n_instr; i++) {
-    const sc_instr *in = &p->instr[i];
-    if (in->op == SC_OP_BATCHNORM &&
-        (k == in->bn_weight || k == in->bn_bias || k == in->bn_mean ||
-         k == in->bn_var))
-      return 1;
-  }
+/* Whether batch norm `in` holds float32 statistics (its running_mean). */
+static int bn_float32(const sc_call *call, const sc_instr *in) {
+  return param_float32(call, in->bn_mean);
+}
+
+/* Bytes per element of a float dtype (0 for others). */
+static int dtype_width(int32_t d) {
+  if (d == aoti_torch_dtype_float16() || d == aoti_torch_dtype_bfloat16())
+    return 2;
+  if (d == aoti_torch_dtype_float32()) return 4;
+  if (d == aoti_torch_dtype_float64()) return 8;
   return 0;
 }
 
@@ -1977,16 +2040,22 @@ int _sc_validate(sc_ctx *ctx, const sc_call *call) {
   ctx->image_u8 = dtype == aoti_torch_dtype_uint8();
   if (ctx->image_u8) {
     /* uint8 pixels are converted in the tile gather; the computation runs
-     * in the parameters' dtype (float32 without parameters): the first
-     * one's that is not a batch norm's (those may be float32 in a half
-     * precision computation) */
-    int64_t k0 = 0;
-    while (k0 < p->n_params && bn_param(p, k0)) k0++;
-    if (k0 == p->n_params) k0 = 0;
+     * in the parameters' dtype (float32 without parameters): their
+     * narrowest (batch norms' and mean / std may be float32 in a half
+     * precision computation), the first of two of one width */
     dtype = aoti_torch_dtype_float32();
-    if (p->n_params > 0 && aoti_torch_get_dtype(call->params[k0], &dtype))
-      return sc_fail(&ctx->err, "streamcnn: cannot read params[%lld]",
-                     (long long)k0);
+    int width = 0;
+    for (int64_t k = 0; k < p->n_params; k++) {
+      int32_t d;
+      if (aoti_torch_get_dtype(call->params[k], &d))
+        return sc_fail(&ctx->err, "streamcnn: cannot read params[%lld]",
+                       (long long)k);
+      const int w = dtype_width(d);
+      if (k == 0 || (w && w < width)) {
+        dtype = d;
+        width = w;
+      }
+    }
   }
   ctx->kdtype = _sc_kdtype(dtype);
   if (ctx->kdtype == SC_DTYPE_U8) ctx->kdtype = 0;
@@ -2027,8 +2096,8 @@ int _sc_validate(sc_ctx *ctx, const sc_call *call) {
     const int64_t vec[1] = {c};
     int32_t want = ctx->dtype;
     const char *against = ctx->image_u8
-                              ? "the computation (uint8 image: the first "
-                                "non-batch-norm parameter's dtype) is"
+                              ? "the computation (uint8 image: its "
+                                "parameters' narrowest dtype) is"
                               : "the image is";
     if (in->op == SC_OP_BATCHNORM && _sc_is_half(ctx) &&
         bn_float32(call, in)) {
@@ -2036,6 +2105,13 @@ int _sc_validate(sc_ctx *ctx, const sc_call *call) {
        * values, as torch.autocast leaves a batch norm's */
       want = aoti_torch_dtype_float32();
       against = "its running_mean is";
+    } else if (i == 0 && _sc_is_half(ctx) && image_affine_shape(p) &&
+               param_float32(call, in->weight)) {
+      /* mean / std in float32 for a half-precision stem (the image gather
+       * applies them in float32 and rounds once) */
+      want = aoti_torch_dtype_float32();
+      against = "its weight is";
+      ctx->affine_f32 = 1;
     }
     if (in->op == SC_OP_CONV) {
       const int64_t w[4] = {in->c_out, in->c_in / in->groups, in->win[0].k,

@@ -99,9 +99,31 @@ int _sc_is_channels_last(sc_ctx *ctx, AtenTensorHandle t) {
   return dim == 4 && sz[1] > 1 && st[1] == 1;
 }
 
-int _sc_gather(sc_ctx *ctx, AtenTensorHandle src, int64_t n, int64_t c,
-               int64_t dst_h, int64_t dst_w, int64_t off_h, int64_t off_w,
-               double pad_value, int channels_last, AtenTensorHandle *out) {
+/* Data pointer, element stride and sc_dtype of a per-channel vector (c
+ * elements, e.g. a depthwise 1 x 1 convolution's weight C x 1 x 1 x 1) in
+ * the computation's dtype or float32. */
+static int channel_vector(sc_ctx *ctx, AtenTensorHandle t, int64_t c,
+                          const void **ptr, int64_t *stride, int *kdt) {
+  int64_t dim, *sz, *st, numel = 1;
+  int32_t dt;
+  void *d;
+  if (_sc_meta(ctx, t, &dim, &sz, &st) || aoti_torch_get_dtype(t, &dt) ||
+      data_ptr(ctx, t, &d))
+    return SC_ERR;
+  for (int64_t i = 0; i < dim; i++) numel *= sz[i];
+  *kdt = _sc_kdtype(dt);
+  if (dim < 1 || numel != c || sz[0] != c ||
+      (*kdt != ctx->kdtype && *kdt != SC_DTYPE_F32))
+    return sc_fail(&ctx->err, "streamcnn: internal error: channel vector");
+  *ptr = d;
+  *stride = st[0];
+  return SC_OK;
+}
+
+static int gather(sc_ctx *ctx, AtenTensorHandle src, int64_t n, int64_t c,
+                  int64_t dst_h, int64_t dst_w, int64_t off_h, int64_t off_w,
+                  double pad_value, int channels_last, AtenTensorHandle scale,
+                  AtenTensorHandle shift, AtenTensorHandle *out) {
   sc_gather_params p = {0};
   const int64_t shape[4] = {n, c, dst_h, dst_w};
   /* NHWC: strides (h w c, 1, w c, c) */
@@ -122,6 +144,14 @@ int _sc_gather(sc_ctx *ctx, AtenTensorHandle src, int64_t n, int64_t c,
     p.src_h = size[2];
     p.src_w = size[3];
   }
+  int adt = 0, bdt = 0;
+  if ((scale &&
+       channel_vector(ctx, scale, c, &p.scale, &p.scale_stride, &adt)) ||
+      (shift && channel_vector(ctx, shift, c, &p.shift, &p.shift_stride, &bdt)))
+    return SC_ERR;
+  if (scale && shift && adt != bdt)
+    return sc_fail(&ctx->err, "streamcnn: internal error: affine dtypes");
+  p.affine_dtype = adt == ctx->kdtype ? 0 : adt;
   if (channels_last) {
     if (aoti_torch_empty_strided(4, shape, nhwc, ctx->dtype, ctx->device_type,
                                  ctx->device_index, out))
@@ -149,6 +179,22 @@ int _sc_gather(sc_ctx *ctx, AtenTensorHandle src, int64_t n, int64_t c,
     return SC_ERR;
   }
   return SC_OK;
+}
+
+int _sc_gather(sc_ctx *ctx, AtenTensorHandle src, int64_t n, int64_t c,
+               int64_t dst_h, int64_t dst_w, int64_t off_h, int64_t off_w,
+               double pad_value, int channels_last, AtenTensorHandle *out) {
+  return gather(ctx, src, n, c, dst_h, dst_w, off_h, off_w, pad_value,
+                channels_last, NULL, NULL, out);
+}
+
+int _sc_gather_affine(sc_ctx *ctx, AtenTensorHandle src, int64_t n,
+                      int64_t c, int channels_last, AtenTensorHandle scale,
+                      AtenTensorHandle shift, AtenTensorHandle *out) {
+  int64_t size[4], stride[4];
+  if (as4d(ctx, src, size, stride)) return SC_ERR;
+  return gather(ctx, src, n, c, size[2], size[3], 0, 0, 0.0, channels_last,
+                scale, shift, out);
 }
 
 int _sc_make_contiguous(sc_ctx *ctx, AtenTensorHandle *t) {

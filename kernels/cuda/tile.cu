@@ -72,6 +72,13 @@ __global__ void sc_copy_kernel(sc_copy_params p, int64_t total) {
   }
 }
 
+// A normalisation constant: float32, or the tile's own dtype T.
+template <typename T, typename A>
+__device__ A affine_at(const sc_gather_params &p, const void *v, int64_t i) {
+  return p.affine_dtype == SC_DTYPE_F32 ? to_acc<A>(static_cast<const float *>(v)[i])
+                                        : to_acc<A>(static_cast<const T *>(v)[i]);
+}
+
 template <typename T, typename S>
 __global__ void sc_gather_kernel(sc_gather_params p, int64_t total) {
   using A = typename Acc<T>::type;
@@ -83,11 +90,16 @@ __global__ void sc_gather_kernel(sc_gather_params p, int64_t total) {
                   n = i / (p.dst_w * p.dst_h * p.c);
     const int64_t sy = y - p.off_h, sx = x - p.off_w;
     T v = pad;
-    if (sy >= 0 && sy < p.src_h && sx >= 0 && sx < p.src_w)
-      v = from_acc<T>(to_acc<A>(static_cast<const S *>(p.src)[n * p.src_stride[0] +
-                                                            c * p.src_stride[1] +
-                                                            sy * p.src_stride[2] +
-                                                            sx * p.src_stride[3]]));
+    if (sy >= 0 && sy < p.src_h && sx >= 0 && sx < p.src_w) {
+      A u = to_acc<A>(static_cast<const S *>(p.src)[n * p.src_stride[0] +
+                                                    c * p.src_stride[1] +
+                                                    sy * p.src_stride[2] +
+                                                    sx * p.src_stride[3]]);
+      if (p.scale) /* normalised: u * scale[c] + shift[c], rounded once */
+        u = u * affine_at<T, A>(p, p.scale, c * p.scale_stride) +
+            (p.shift ? affine_at<T, A>(p, p.shift, c * p.shift_stride) : A(0));
+      v = from_acc<T>(u);
+    }
     const int64_t di = p.channels_last
                            ? ((n * p.dst_h + y) * p.dst_w + x) * p.c + c
                            : i;

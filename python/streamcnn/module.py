@@ -93,8 +93,9 @@ class StreamingModule(nn.Module):
         in_channels: channels of the image, when the stem has no Conv2d or
             BatchNorm2d to read them from.
         mean, std: optional per-channel (or scalar) normalisation applied to
-            the image inside each tile (buffers ``norm_weight`` /
-            ``norm_bias`` of this module; no gradient).
+            the image inside each tile by the tile gather (buffers
+            ``norm_weight`` / ``norm_bias`` of this module, float32 or
+            float64; no gradient).
         progress: show per-tile progress of the forward (and of the backward
             it leads to) on stderr; eager mode only, off by default.
         deterministic: bit-identical results run to run: cuDNN's
@@ -181,19 +182,23 @@ class StreamingModule(nn.Module):
             if not bool(torch.isfinite(m).all()) or not bool((d > 0).all()) \
                     or not bool(torch.isfinite(d).all()):
                 raise ValueError("streamcnn: mean must be finite and std finite and positive")
-            # the compute dtype's (batch norms' parameters may be float32 in
-            # a half-precision stem)
-            stem_params = self.module()
-            bn = set(batchnorm_params(conv.program))
-            dtype = next((t.dtype for k, t in enumerate(stem_params)
-                          if t.is_floating_point() and k not in bn),
-                         next((t.dtype for t in stem_params if t.is_floating_point()),
-                              torch.float32))
+            # the compute dtype's, but at least float32: the gather
+            # normalises in float32 and rounds once (also after .half(),
+            # see _apply)
+            stem_params = [t for t in self.module() if t.is_floating_point()]
+            dtype = min(stem_params, key=lambda t: t.element_size()).dtype \
+                if stem_params else torch.float32
+            if dtype in (torch.float16, torch.bfloat16):
+                dtype = torch.float32
             # the tile runs (x - mean) / std as a depthwise 1 x 1 convolution
+            # (which the image gather applies); the exact constants are kept
+            # for dtype changes (_apply)
+            self._norm_exact: List[List[float]] = [(1 / d).tolist(), (-m / d).tolist()]
             self.register_buffer("norm_weight", (1 / d).to(dtype).reshape(c, 1, 1, 1))
             self.register_buffer("norm_bias", (-m / d).to(dtype))
             self.program = prepend_normalize(conv.program)
         else:  # (unused; buffers so that TorchScript sees tensors)
+            self._norm_exact = [[], []]
             self.register_buffer("norm_weight", torch.empty(0), persistent=False)
             self.register_buffer("norm_bias", torch.empty(0), persistent=False)
         self.tile_size: List[int] = tile
@@ -202,9 +207,13 @@ class StreamingModule(nn.Module):
         self.receptive_field: Tuple[int, int] = (info[2], info[3])
         self.output_stride: Tuple[int, int] = (info[4], info[5])
         self._mode_paths: List[str] = [p for p, _ in conv.mode_modules]
-        # parameters that may stay float32 in a half-precision computation,
-        # and whether autocast would run any layer of the stem in half
-        self._bn_params: List[int] = batchnorm_params(self.program)
+        # parameters that may stay float32 in a half-precision computation
+        # (batch norms', and mean / std, which the image gather applies in
+        # float32), and whether autocast would run any layer of the stem in
+        # half
+        n_params = conv.program[4]  # the norm's weight and bias come after
+        self._float32_ok: List[int] = batchnorm_params(self.program) + (
+            [n_params, n_params + 1] if self.normalize else [])
         self._autocast_casts: bool = has_autocast_ops(conv.program)
         self._stem = (module,)  # a tuple: not registered a second time
         self._budget_tiles: dict = {}
@@ -213,6 +222,22 @@ class StreamingModule(nn.Module):
     def stem(self) -> nn.Module:
         """The module passed in (its submodules are shared with ``.module``)."""
         return self._stem[0]
+
+    @torch.jit.unused
+    def _apply(self, fn, recurse=True):
+        """.to() / .half() / .double() as usual, except that mean / std are
+        rebuilt from their exact values in the new dtype, and in float32
+        for float16 / bfloat16 (the image gather normalises in float32 and
+        rounds once), never rounded twice."""
+        super()._apply(fn, recurse)
+        if getattr(self, "normalize", False):
+            for name, exact in zip(("norm_weight", "norm_bias"), self._norm_exact):
+                t = getattr(self, name)
+                dtype = torch.float32 if t.dtype in (torch.float16, torch.bfloat16) \
+                    else t.dtype
+                setattr(self, name, torch.tensor(exact, dtype=torch.float64).to(
+                    device=t.device, dtype=dtype).reshape(t.shape))
+        return self
 
     def stream_params(self) -> List[torch.Tensor]:
         """The tensors the program indexes, read from the stem now (and the
@@ -332,12 +357,12 @@ class StreamingModule(nn.Module):
                             f"or float64, got {x.dtype}")
         if x.dtype == torch.uint8 and x.requires_grad:
             raise ValueError("streamcnn: a uint8 image cannot require grad")
-        want = compute_dtype(x, params, self.program)
+        want = compute_dtype(x, params)
         half = want in (torch.float16, torch.bfloat16)
-        bn = set(self._bn_params)
+        keep32 = set(self._float32_ok)
         for k, p in enumerate(params):
-            if p.dtype == want or (half and k in bn and p.dtype == torch.float32):
-                continue  # a batch norm's may stay float32 in half precision
+            if p.dtype == want or (half and k in keep32 and p.dtype == torch.float32):
+                continue  # batch norms' and mean / std may stay float32 in half
             if x.dtype == torch.uint8:
                 raise TypeError(f"streamcnn: with a uint8 image the stem computes in its "
                                 f"parameters' dtype, which must be one: found {want} and "
@@ -405,7 +430,7 @@ class StreamingModule(nn.Module):
                 mask = self._grad_mask(x.requires_grad, params)
                 cpu = self._stem_device(x, params).type == "cpu"
                 tile, cached = self._budget_choice(x.shape[0], x.shape[2], x.shape[3],
-                                                   compute_dtype(x, params, self.program), cached,
+                                                   compute_dtype(x, params), cached,
                                                    training, mask, cpu)
                 self.tile_size = tile
             if self.progress or self.deterministic:
@@ -419,7 +444,9 @@ class StreamingModule(nn.Module):
         """Under torch.autocast: the stem runs in the autocast dtype (image
         and parameters cast, as autocast casts a convolution's inputs, but
         batch norms keep their float32 parameters, as they do under autocast:
-        float16 running variances would overflow past 65504); the gradients
+        float16 running variances would overflow past 65504; and mean / std
+        stay float32: the image gather normalises in float32 and rounds
+        once, as normalising in PyTorch and then casting does); the gradients
         flow back through the casts to the float32 parameters, and the op
         sums weight gradients over tiles in float32. A stem without a
         convolution or Linear, which autocast leaves alone, runs as it is."""
@@ -429,8 +456,8 @@ class StreamingModule(nn.Module):
         dtype = torch.get_autocast_dtype(dev)
         # as autocast does for a convolution: float32 inputs are cast, float64
         # (and uint8 images) are left alone
-        bn = set(self._bn_params)
-        params = [p.to(dtype) if p.dtype == torch.float32 and k not in bn else p
+        keep32 = set(self._float32_ok)
+        params = [p.to(dtype) if p.dtype == torch.float32 and k not in keep32 else p
                   for k, p in enumerate(params)]
         if x.dtype == torch.float32:
             x = x.to(dtype)

@@ -48,29 +48,29 @@ import torch
 
 from . import progress as _progress
 from ._library import load_library
-from .program import batchnorm_params, output_shape
+from .program import output_shape
 
 load_library()
 
 
-def compute_dtype(image, params, program) -> torch.dtype:
+def compute_dtype(image, params) -> torch.dtype:
     """The dtype the op computes in: the image's, or for a uint8 image
-    (converted per tile) the parameters' (float32 without parameters): the
-    first one's that is not a batch norm's, as the C core picks it (a batch
-    norm's may be float32 in a float16 / bfloat16 computation)."""
+    (converted per tile) the parameters' (float32 without parameters): their
+    narrowest, the first of two of one width, as the C core picks it (batch
+    norms' and mean / std may be float32 in a float16 / bfloat16
+    computation)."""
     if image.dtype != torch.uint8:
         return image.dtype
     if not len(params):
         return torch.float32
-    bn = set(batchnorm_params(program))
-    return next((p.dtype for k, p in enumerate(params) if k not in bn), params[0].dtype)
+    return min(params, key=lambda p: p.element_size()).dtype
 
 
 @torch.library.register_fake("streamcnn::forward")
 def _forward_fake(image, params, program, tile_size):
     torch._check(image.dim() == 4, lambda: "streamcnn: image must be N x C x H x W")
     c, h, w = output_shape(program, image.shape[2], image.shape[3])
-    dtype = compute_dtype(image, params, program)
+    dtype = compute_dtype(image, params)
     device = image.device
     if device.type == "cpu" and len(params) and params[0].device.type == "cuda":
         device = params[0].device  # a host image streamed to the device

@@ -234,12 +234,33 @@ def test_batch_norm_parameters_of_two_dtypes_are_refused():
         streamcnn.StreamingModule(stem64, 9)(torch.randn(1, 3, 20, 20, dtype=torch.float64))
 
 
-def test_normalisation_follows_the_half_convolutions_not_float32_batch_norms():
-    """mean / std buffers take the compute dtype: the convolutions', not
-    that of a float32 batch norm in front of them."""
-    stem = nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3), nn.ReLU()).eval()
-    stem[1].half()
-    sm = streamcnn.StreamingModule(stem, 11, mean=[120.0, 110.0, 100.0], std=[60.0, 50.0, 55.0])
-    assert sm.norm_weight.dtype == torch.float16
-    x8 = torch.randint(0, 256, (1, 3, 30, 25), dtype=torch.uint8)
-    assert sm(x8).dtype == torch.float16
+@pytest.mark.parametrize("dtype", HALF)
+def test_half_stem_normalises_in_float32(dtype):
+    """mean / std stay float32 for a half-precision stem, made half before
+    or after wrapping (and exact again after .double()): the gather
+    normalises in float32 and rounds once, so the streamed output is as
+    close to the float64 truth as the stem on the image normalised in
+    float64 and then cast."""
+    torch.manual_seed(0)
+    stem = nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 8, 3), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3)).eval()
+    randomize_bn(stem, torch.Generator().manual_seed(6))
+    mean, std = [123.7, 116.3, 103.5], [58.4, 57.1, 57.4]
+    x8 = torch.randint(0, 256, (2, 3, 40, 37), dtype=torch.uint8)
+    xf = (x8.double() - torch.tensor(mean, dtype=torch.float64).view(1, 3, 1, 1)) / \
+        torch.tensor(std, dtype=torch.float64).view(1, 3, 1, 1)
+    truth = copy.deepcopy(stem).double()(xf)
+    stem[1:].to(dtype)  # the batch norm in front stays float32
+    before = streamcnn.StreamingModule(stem, 15, mean=mean, std=std)
+    after = streamcnn.StreamingModule(copy.deepcopy(stem).float(), 15, mean=mean, std=std)
+    after.to(dtype)
+    after.stem[0].float()
+    for sm in (before, after):
+        assert sm.norm_weight.dtype == sm.norm_bias.dtype == torch.float32
+        y = sm(x8)
+        assert y.dtype == dtype
+        ref = stem(xf.to(dtype))  # normalised in float64, then cast
+        assert _err(y, truth) <= 1.5 * _err(ref, truth) + 1e-3, (_err(y, truth), _err(ref, truth))
+    after.double()  # constants exact in float64 again, not float32's rounding
+    assert after.norm_weight.dtype == torch.float64
+    assert _err(after(x8), after.stem(xf)) < 1e-10

@@ -123,8 +123,7 @@ def test_bad_normalisation_and_dtypes():
     with pytest.raises(TypeError, match="parameters' dtype"):
         sm(_image(1, 40, 40))
     with pytest.raises(RuntimeError, match=r"is float64 but the computation \(uint8 image: "
-                                           r"the first non-batch-norm parameter's dtype\) is "
-                                           r"float32"):
+                                           r"its parameters' narrowest dtype\) is float32"):
         torch.ops.streamcnn.forward(_image(1, 40, 40), sm.stream_params(), sm.program,
                                     sm.tile_size)
 
@@ -139,3 +138,56 @@ def test_uint8_compiled_and_exported():
     assert rel_err(torch.compile(model)(x8), eager) < 1e-5
     ep = torch.export.export(model, (x8,))
     assert rel_err(ep.module()(x8), eager) < 1e-5
+
+
+def _aten_convolutions(f):
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        f()
+    return sum(e.count for e in prof.key_averages() if e.key == "aten::convolution")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_normalisation_fused_into_the_tile_gather(dtype):
+    """mean / std run in the image gather (one pass from the uint8 pixels
+    to the normalised tile): no convolution is called for them, forward or
+    backward, and the results equal the whole-image pass on the normalised
+    image (float64: 1e-10)."""
+    stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, stride=2)).eval().to(dtype)
+    sm = streamcnn.StreamingModule(stem, 32, mean=MEAN, std=STD)
+    x8 = _image(2, 70, 64)
+    tiles = sm.tiling(70, 64)["tiles"]
+    n_tiles = tiles[0] * tiles[1]
+    y = None
+
+    def forward():
+        nonlocal y
+        y = sm(x8)
+    assert _aten_convolutions(forward) == 2 * n_tiles  # the stem's two only
+    assert _aten_convolutions(lambda: y.float().square().sum().backward()) == 2 * n_tiles
+    ref = stem(_normalised(x8, torch.float64).to(dtype))
+    if dtype == torch.bfloat16:  # as close to the float64 truth as PyTorch
+        truth = stem.double()(_normalised(x8, torch.float64))
+        assert rel_err(y, truth) <= 1.5 * rel_err(ref, truth) + 1e-3
+    else:
+        assert rel_err(y, ref) < {torch.float64: 1e-10, torch.float32: 1e-5}[dtype]
+
+
+def test_trained_first_depthwise_conv_is_not_fused():
+    """A stem whose own first layer is a depthwise 1 x 1 convolution: fused
+    into the gather when its weight is frozen, run as a convolution when it
+    trains (its gradient needs the image tile); exact either way."""
+    stem = nn.Sequential(nn.Conv2d(3, 3, 1, groups=3), nn.Conv2d(3, 4, 3), nn.ReLU()).double()
+    x = torch.randn(1, 3, 40, 37, dtype=torch.float64, requires_grad=True)
+    for trained in (True, False):
+        stem[0].requires_grad_(trained)
+        sm = streamcnn.StreamingModule(stem, 16)
+        params = [x] + [p for p in stem.parameters() if p.requires_grad]
+        g = torch.randn(1, 4, 38, 35, dtype=torch.float64)
+        a = torch.autograd.grad(sm(x), params, g)
+        b = torch.autograd.grad(stem(x), params, g)
+        assert max(rel_err(u, v) for u, v in zip(a, b)) < 1e-10
+        n_tiles = sm.tiling(40, 37)["tiles"][0] * sm.tiling(40, 37)["tiles"][1]
+        with torch.no_grad():
+            assert _aten_convolutions(lambda: sm(x)) == n_tiles  # inference: fused
