@@ -239,6 +239,16 @@ class StreamingModule(nn.Module):
                     device=t.device, dtype=dtype).reshape(t.shape))
         return self
 
+    @torch.jit.unused
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Loaded mean / std become the exact values _apply rebuilds from."""
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if getattr(self, "normalize", False):
+            for j, name in enumerate(("norm_weight", "norm_bias")):
+                t = state_dict.get(prefix + name)
+                if isinstance(t, torch.Tensor) and t.numel() == len(self._norm_exact[j]):
+                    self._norm_exact[j] = t.detach().double().flatten().tolist()
+
     def stream_params(self) -> List[torch.Tensor]:
         """The tensors the program indexes, read from the stem now (and the
         normalisation's, when mean/std were given)."""

@@ -191,3 +191,15 @@ def test_trained_first_depthwise_conv_is_not_fused():
         n_tiles = sm.tiling(40, 37)["tiles"][0] * sm.tiling(40, 37)["tiles"][1]
         with torch.no_grad():
             assert _aten_convolutions(lambda: sm(x)) == n_tiles  # inference: fused
+
+
+def test_loaded_normalisation_survives_dtype_and_device_moves():
+    """mean / std loaded from a state_dict are what .half() / .double()
+    rebuild from (not the constructor's)."""
+    stem = nn.Sequential(nn.Conv2d(3, 4, 3)).double()
+    a = streamcnn.StreamingModule(stem, 9, mean=MEAN, std=STD)
+    b = streamcnn.StreamingModule(stem, 9, mean=[0.0, 0.0, 0.0], std=[1.0, 1.0, 1.0])
+    b.load_state_dict(a.state_dict())
+    b.float().double()
+    x8 = _image(1, 20, 20)
+    assert rel_err(b(x8), a(x8)) < 1e-12
