@@ -262,6 +262,50 @@ static void gather_rows_affine(int64_t begin, int64_t end, void *ctx) {
   }
 }
 
+/* The same for float32 / float64 tiles from pixels of that dtype or uint8,
+ * constants of the tile's dtype: typed loops, destination order. */
+#define GATHER_AFFINE(T, S, NAME)                                             \
+  static void NAME(int64_t begin, int64_t end, void *ctx) {                   \
+    const sc_gather_params *p = ctx;                                          \
+    const T *a = p->scale, *b = p->shift, pad = (T)p->pad_value;              \
+    const int64_t H = p->dst_h, W = p->dst_w, C = p->c;                       \
+    const int64_t s1 = p->src_stride[1], s3 = p->src_stride[3];               \
+    const int64_t x0 = p->off_w, x1 = p->off_w + p->src_w;                    \
+    for (int64_t r = begin; r < end; r++) {                                   \
+      const int64_t y = r % H, n = r / H, sy = y - p->off_h;                  \
+      const int in_rows = sy >= 0 && sy < p->src_h;                           \
+      const S *srow = (const S *)p->src + n * p->src_stride[0] +              \
+                      sy * p->src_stride[2] - x0 * s3;                        \
+      for (int64_t c = 0; c < C; c++) {                                       \
+        const T ac = a[c * p->scale_stride];                                  \
+        const T bc = b ? b[c * p->shift_stride] : (T)0;                       \
+        const S *sc = srow + c * s1;                                          \
+        T *d;                                                                 \
+        int64_t step;                                                         \
+        if (p->channels_last) {                                               \
+          d = (T *)p->dst + r * W * C + c;                                    \
+          step = C;                                                           \
+        } else {                                                              \
+          d = (T *)p->dst + ((n * C + c) * H + y) * W;                        \
+          step = 1;                                                           \
+        }                                                                     \
+        if (!in_rows) {                                                       \
+          for (int64_t x = 0; x < W; x++) d[x * step] = pad;                  \
+          continue;                                                           \
+        }                                                                     \
+        for (int64_t x = 0; x < x0; x++) d[x * step] = pad;                   \
+        for (int64_t x = x0; x < x1; x++)                                     \
+          d[x * step] = (T)sc[x * s3] * ac + bc;                              \
+        for (int64_t x = x1; x < W; x++) d[x * step] = pad;                   \
+      }                                                                       \
+    }                                                                         \
+  }
+
+GATHER_AFFINE(float, float, gather_affine_float)
+GATHER_AFFINE(double, double, gather_affine_double)
+GATHER_AFFINE(float, uint8_t, gather_affine_u8_float)
+GATHER_AFFINE(double, uint8_t, gather_affine_u8_double)
+
 int sc_gather_cpu(const sc_gather_params *p) {
   if (sc_gather_check(p)) return 1;
   const int f32 = p->dtype == SC_DTYPE_F32, u8 = p->src_dtype == SC_DTYPE_U8;
@@ -271,6 +315,10 @@ int sc_gather_cpu(const sc_gather_params *p) {
     rows = p->n * p->dst_h;
     row_len = p->dst_w * p->c;
     fn = gather_rows_affine;
+    if (!p->affine_dtype && (plain_float(p->dtype, p->src_dtype) ||
+                             (u8 && (f32 || p->dtype == SC_DTYPE_F64))))
+      fn = u8 ? (f32 ? gather_affine_u8_float : gather_affine_u8_double)
+              : (f32 ? gather_affine_float : gather_affine_double);
   } else if (!(plain_float(p->dtype, p->src_dtype) ||
                (u8 && (p->dtype == SC_DTYPE_F32 || p->dtype == SC_DTYPE_F64)))) {
     rows = p->n * p->dst_h;
