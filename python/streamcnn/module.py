@@ -142,6 +142,8 @@ class StreamingModule(nn.Module):
     __jit_unused_properties__ = ["stem"]
     __jit_ignored_attributes__ = ["_budget_tiles"]  # eager-only cache
 
+    _norm_exact: List[List[float]]  # mean / std's exact constants (TorchScript type)
+
     def __init__(self, module: nn.Module, tile_size: Optional[TileSize] = None, *,
                  in_channels: Optional[int] = None,
                  mean: Optional[Sequence[float]] = None,
@@ -193,7 +195,7 @@ class StreamingModule(nn.Module):
             # the tile runs (x - mean) / std as a depthwise 1 x 1 convolution
             # (which the image gather applies); the exact constants are kept
             # for dtype changes (_apply)
-            self._norm_exact: List[List[float]] = [(1 / d).tolist(), (-m / d).tolist()]
+            self._norm_exact = [(1 / d).tolist(), (-m / d).tolist()]
             self.register_buffer("norm_weight", (1 / d).to(dtype).reshape(c, 1, 1, 1))
             self.register_buffer("norm_bias", (-m / d).to(dtype))
             self.program = prepend_normalize(conv.program)
@@ -215,6 +217,7 @@ class StreamingModule(nn.Module):
         self._float32_ok: List[int] = batchnorm_params(self.program) + (
             [n_params, n_params + 1] if self.normalize else [])
         self._autocast_casts: bool = has_autocast_ops(conv.program)
+        self._norm_only: bool = self.normalize and conv.program[4] == 0
         self._stem = (module,)  # a tuple: not registered a second time
         self._budget_tiles: dict = {}
 
@@ -404,6 +407,12 @@ class StreamingModule(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         params = self.stream_params()
+        if self._norm_only and x.dtype in (torch.float32, torch.float64) and \
+                params[0].dtype != x.dtype:
+            # a stem without parameters computes in the image's dtype: mean
+            # / std follow it, from their exact values
+            params = [torch.tensor(v, dtype=x.dtype, device=params[k].device).reshape(
+                params[k].shape) for k, v in enumerate(self._norm_exact)]
         if not torch.jit.is_scripting():
             # autocast of the device the stem runs on (a host image's stem
             # is on the GPU: autocast("cuda") applies)

@@ -203,3 +203,16 @@ def test_loaded_normalisation_survives_dtype_and_device_moves():
     b.float().double()
     x8 = _image(1, 20, 20)
     assert rel_err(b(x8), a(x8)) < 1e-12
+
+
+def test_parameter_free_stem_normalises_in_the_image_dtype():
+    """A stem without parameters computes in the image's dtype; its mean /
+    std follow that dtype (exact in float64), whatever the buffers' dtype."""
+    stem = nn.Sequential(nn.AvgPool2d(3, 2), nn.Tanh())
+    sm = streamcnn.StreamingModule(stem, 9, in_channels=3, mean=MEAN, std=STD)
+    x = torch.rand(1, 3, 30, 27, dtype=torch.float64) * 255
+    xf = _normalised(x, torch.float64)
+    for moved in (sm, sm.double(), sm.float()):
+        for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-6)):
+            y = moved(x.to(dtype))
+            assert y.dtype == dtype and rel_err(y, stem(xf)) < tol
