@@ -142,6 +142,17 @@ static const int64_t *own(const run *r, int axis, int64_t v) {
 
 static int empty(const int64_t *s) { return s[1] <= s[0]; }
 
+/* Bytes per element of an image or parameter dtype (uint8, float16,
+ * bfloat16, float32, float64; 0 for others). */
+static int dtype_size(int32_t d) {
+  if (d == aoti_torch_dtype_uint8()) return 1;
+  if (d == aoti_torch_dtype_float16() || d == aoti_torch_dtype_bfloat16())
+    return 2;
+  if (d == aoti_torch_dtype_float32()) return 4;
+  if (d == aoti_torch_dtype_float64()) return 8;
+  return 0;
+}
+
 static int same(const int64_t *a, const int64_t *b) {
   return a[0] == b[0] && a[1] == b[1];
 }
@@ -957,7 +968,6 @@ static int prefetch_issue(run *r, int64_t t, int64_t c) {
   const int64_t *cols = &r->plans[1][c]->region[0];
   int64_t dim, *sz, *st, plane, pitch, px;
   void *base = NULL, *dst = NULL;
-  int32_t es_dtype = ctx->image_dtype;
   char msg[256];
   if (empty(rows) || empty(cols) || r->batch == 0) return SC_OK;
   if (_sc_meta(ctx, r->call->image, &dim, &sz, &st) ||
@@ -965,10 +975,7 @@ static int prefetch_issue(run *r, int64_t t, int64_t c) {
     return SC_ERR;
   const int kind = host_layout(sz, st, &plane, &pitch, &px);
   if (!kind) return SC_OK;
-  const int64_t es = es_dtype == aoti_torch_dtype_uint8()     ? 1
-                     : es_dtype == aoti_torch_dtype_float64() ? 8
-                     : es_dtype == aoti_torch_dtype_float32() ? 4
-                                                              : 2;
+  const int64_t es = dtype_size(ctx->image_dtype);
   const int64_t nr = rows[1] - rows[0], nc = cols[1] - cols[0];
   const int64_t shape[4] = {sz[0], sz[1], nr, nc};
   const int64_t nchw[4] = {sz[1] * nr * nc, nr * nc, nc, 1};
@@ -980,9 +987,9 @@ static int prefetch_issue(run *r, int64_t t, int64_t c) {
     }
     r->pf_open = 1;
   }
-  if (aoti_torch_empty_strided(4, shape, kind == 1 ? nchw : nhwc, es_dtype,
-                               ctx->device_type, ctx->device_index,
-                               &r->pf_buf) ||
+  if (aoti_torch_empty_strided(4, shape, kind == 1 ? nchw : nhwc,
+                               ctx->image_dtype, ctx->device_type,
+                               ctx->device_index, &r->pf_buf) ||
       aoti_torch_get_data_ptr(r->pf_buf, &dst))
     return sc_fail(&ctx->err, "streamcnn: could not allocate a tile buffer");
   const int64_t start = (rows[0] * sz[3] + cols[0]) * px;
@@ -2002,15 +2009,6 @@ static int bn_float32(const sc_call *call, const sc_instr *in) {
   return param_float32(call, in->bn_mean);
 }
 
-/* Bytes per element of a float dtype (0 for others). */
-static int dtype_width(int32_t d) {
-  if (d == aoti_torch_dtype_float16() || d == aoti_torch_dtype_bfloat16())
-    return 2;
-  if (d == aoti_torch_dtype_float32()) return 4;
-  if (d == aoti_torch_dtype_float64()) return 8;
-  return 0;
-}
-
 int _sc_validate(sc_ctx *ctx, const sc_call *call) {
   const sc_program *p = call->prog;
   int64_t dim, *sz, *st;
@@ -2050,8 +2048,8 @@ int _sc_validate(sc_ctx *ctx, const sc_call *call) {
       if (aoti_torch_get_dtype(call->params[k], &d))
         return sc_fail(&ctx->err, "streamcnn: cannot read params[%lld]",
                        (long long)k);
-      const int w = dtype_width(d);
-      if (k == 0 || (w && w < width)) {
+      const int w = dtype_size(d);
+      if (k == 0 || (w > 1 && w < width)) { /* floats only */
         dtype = d;
         width = w;
       }

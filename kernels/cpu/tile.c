@@ -206,43 +206,20 @@ GATHER_ROWS_NHWC(float, uint8_t, gather_rows_nhwc_u8_float)
 GATHER_ROWS_NHWC(double, uint8_t, gather_rows_nhwc_u8_double)
 
 /* Any dtypes (half precision, conversions): one (n, y) row of the
- * destination per task row, elementwise through double. */
+ * destination per task row, elementwise through double. With scale /
+ * shift, v * scale[c] + shift[c] is formed in double for float64, else in
+ * float (as ATen's float / half convolutions accumulate), rounded once. */
 static void gather_rows_any(int64_t begin, int64_t end, void *ctx) {
   const sc_gather_params *p = ctx;
   const int sdt = p->src_dtype ? p->src_dtype : p->dtype, ddt = p->dtype;
-  const int64_t H = p->dst_h, W = p->dst_w, C = p->c;
-  for (int64_t r = begin; r < end; r++) {
-    const int64_t y = r % H, n = r / H, sy = y - p->off_h;
-    const int in_rows = sy >= 0 && sy < p->src_h;
-    for (int64_t c = 0; c < C; c++)
-      for (int64_t x = 0; x < W; x++) {
-        const int64_t sx = x - p->off_w;
-        const int64_t di = p->channels_last ? ((n * H + y) * W + x) * C + c
-                                            : ((n * C + c) * H + y) * W + x;
-        double v = p->pad_value;
-        if (in_rows && sx >= 0 && sx < p->src_w)
-          v = ld(sdt, p->src,
-                 n * p->src_stride[0] + c * p->src_stride[1] +
-                     sy * p->src_stride[2] + sx * p->src_stride[3]);
-        st(ddt, p->dst, di, v);
-      }
-  }
-}
-
-/* With scale / shift: one (n, y) row of the destination per task row,
- * v * scale[c] + shift[c] formed in double for float64, else in float (as
- * ATen's float / half convolutions accumulate), rounded once. */
-static void gather_rows_affine(int64_t begin, int64_t end, void *ctx) {
-  const sc_gather_params *p = ctx;
-  const int sdt = p->src_dtype ? p->src_dtype : p->dtype, ddt = p->dtype;
+  const int adt = p->affine_dtype ? p->affine_dtype : ddt;
   const int wide = ddt == SC_DTYPE_F64;
   const int64_t H = p->dst_h, W = p->dst_w, C = p->c;
   for (int64_t r = begin; r < end; r++) {
     const int64_t y = r % H, n = r / H, sy = y - p->off_h;
     const int in_rows = sy >= 0 && sy < p->src_h;
     for (int64_t c = 0; c < C; c++) {
-      const int adt = p->affine_dtype ? p->affine_dtype : ddt;
-      const double a = ld(adt, p->scale, c * p->scale_stride);
+      const double a = p->scale ? ld(adt, p->scale, c * p->scale_stride) : 1.0;
       const double b = p->shift ? ld(adt, p->shift, c * p->shift_stride) : 0.0;
       for (int64_t x = 0; x < W; x++) {
         const int64_t sx = x - p->off_w;
@@ -250,11 +227,11 @@ static void gather_rows_affine(int64_t begin, int64_t end, void *ctx) {
                                             : ((n * C + c) * H + y) * W + x;
         double v = p->pad_value;
         if (in_rows && sx >= 0 && sx < p->src_w) {
-          const double u =
-              ld(sdt, p->src,
+          v = ld(sdt, p->src,
                  n * p->src_stride[0] + c * p->src_stride[1] +
                      sy * p->src_stride[2] + sx * p->src_stride[3]);
-          v = wide ? u * a + b : (double)((float)u * (float)a + (float)b);
+          if (p->scale)
+            v = wide ? v * a + b : (double)((float)v * (float)a + (float)b);
         }
         st(ddt, p->dst, di, v);
       }
@@ -262,8 +239,8 @@ static void gather_rows_affine(int64_t begin, int64_t end, void *ctx) {
   }
 }
 
-/* The same for float32 / float64 tiles from pixels of that dtype or uint8,
- * constants of the tile's dtype: typed loops, destination order. */
+/* Scale / shift for float32 / float64 tiles from pixels of that dtype or
+ * uint8, constants of the tile's dtype: typed loops, in the tile's dtype. */
 #define GATHER_AFFINE(T, S, NAME)                                             \
   static void NAME(int64_t begin, int64_t end, void *ctx) {                   \
     const sc_gather_params *p = ctx;                                          \
@@ -314,7 +291,7 @@ int sc_gather_cpu(const sc_gather_params *p) {
   if (p->scale) { /* normalised */
     rows = p->n * p->dst_h;
     row_len = p->dst_w * p->c;
-    fn = gather_rows_affine;
+    fn = gather_rows_any;
     if (!p->affine_dtype && (plain_float(p->dtype, p->src_dtype) ||
                              (u8 && (f32 || p->dtype == SC_DTYPE_F64))))
       fn = u8 ? (f32 ? gather_affine_u8_float : gather_affine_u8_double)
