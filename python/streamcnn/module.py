@@ -117,7 +117,7 @@ class StreamingModule(nn.Module):
     float32) of any size and
     returns ``module(x)``; a uint8 image is converted tile by tile (the
     float image never exists) and the stem computes in its parameters' dtype
-    (the first one's that is not a batch norm's).
+    (their narrowest: batch norms' and mean / std may be float32).
     With ``mean`` / ``std`` (per channel, in the image's units, e.g. 0..255
     for uint8) it returns ``module((x - mean) / std)``, normalised per tile. ``loss.backward()`` fills ``.grad`` of the stem's
     parameters that require grad, and of ``x`` when it requires grad.
@@ -217,7 +217,7 @@ class StreamingModule(nn.Module):
         self._float32_ok: List[int] = batchnorm_params(self.program) + (
             [n_params, n_params + 1] if self.normalize else [])
         self._autocast_casts: bool = has_autocast_ops(conv.program)
-        self._norm_only: bool = self.normalize and conv.program[4] == 0
+        self._norm_only: bool = self.normalize and n_params == 0
         self._stem = (module,)  # a tuple: not registered a second time
         self._budget_tiles: dict = {}
 

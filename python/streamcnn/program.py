@@ -119,6 +119,15 @@ class ProgramBuilder:
 # shapes (mirror of op/geometry.c, used by the fake kernels; works on SymInts)
 
 
+def _instructions(program: Sequence[int]):
+    """(opcode, fields) of each instruction of a valid program."""
+    pos = HEADER
+    for _ in range(program[3]):
+        op, nf = program[pos], program[pos + 1]
+        yield op, program[pos + 2: pos + 2 + nf]
+        pos += 2 + nf
+
+
 def prepend_normalize(program: Sequence[int]) -> List[int]:
     """The program with a per-channel affine map of the image in front: a
     depthwise 1 x 1 convolution (weight ``params[n]``, C x 1 x 1 x 1, bias
@@ -129,25 +138,13 @@ def prepend_normalize(program: Sequence[int]) -> List[int]:
     c, n_instr, n_params = w[2], w[3], w[4]
     out = [w[0], w[1], c, n_instr + 1, n_params + 2,
            OP_CONV, 16, 0, n_params, n_params + 1, c, c, c, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0]
-    at = 5
-    for _ in range(n_instr):
-        op, nf = w[at], w[at + 1]
-        f = list(w[at + 2:at + 2 + nf])
+    for op, fields in _instructions(w):
+        f = list(fields)
         f[0] += 1                      # every instruction's first field is a value
         if op == OP_ADD:
             f[1] += 1                  # add reads two
-        out += [op, nf, *f]
-        at += 2 + nf
+        out += [op, len(f), *f]
     return out
-
-
-def _instructions(program: Sequence[int]):
-    """(opcode, fields) of each instruction of a valid program."""
-    pos = HEADER
-    for _ in range(program[3]):
-        op, nf = program[pos], program[pos + 1]
-        yield op, program[pos + 2: pos + 2 + nf]
-        pos += 2 + nf
 
 
 def batchnorm_params(program: Sequence[int]) -> List[int]:
@@ -179,13 +176,8 @@ def output_shape(program: Sequence[int], h, w) -> Tuple[int, Any, Any]:
     Assumes a valid program (the C decoder validates)."""
     if len(program) < HEADER or program[0] != MAGIC:
         raise ValueError("streamcnn: not a streamcnn program")
-    n_instr = program[3]
     sizes = [(program[2], h, w)]
-    pos = HEADER
-    for _ in range(n_instr):
-        op, nf = program[pos], program[pos + 1]
-        f = program[pos + 2: pos + 2 + nf]
-        pos += 2 + nf
+    for op, f in _instructions(program):
         c, hh, ww = sizes[f[0]]
         if op == OP_CONV:
             kh, kw, sh, sw, dh, dw, pt, pb, pl, pr = f[6:16]
