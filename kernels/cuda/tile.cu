@@ -2,10 +2,8 @@
 // same validation, in the same order, as kernels/cpu/tile.c. Launched on
 // the caller's current stream; never synchronises.
 #include "tile.h"
+#include "tile_elem.cuh"
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
 #include <stdio.h>
 
 // Records the failing expression, file and line in err; returns 1.
@@ -27,6 +25,8 @@ static int fail_msg(char *err, size_t errlen, const char *msg) {
 
 namespace {
 
+using namespace sc_tile;
+
 constexpr int kThreads = 256;
 
 // Enough blocks to fill the device; the grid-stride loops cover the rest.
@@ -35,76 +35,18 @@ unsigned blocks_for(int64_t n) {
   return (unsigned)(b < 65536 ? (b > 0 ? b : 1) : 65536);
 }
 
-// Values travel as A (float, or double for float64) between the types.
-template <typename T> struct Acc { using type = float; };
-template <> struct Acc<double> { using type = double; };
-template <typename A> __device__ A to_acc(float v) { return static_cast<A>(v); }
-template <typename A> __device__ A to_acc(double v) { return static_cast<A>(v); }
-template <typename A> __device__ A to_acc(uint8_t v) { return static_cast<A>(v); }
-template <typename A> __device__ A to_acc(__half v) { return static_cast<A>(__half2float(v)); }
-template <typename A> __device__ A to_acc(__nv_bfloat16 v) {
-  return static_cast<A>(__bfloat162float(v));
-}
-template <typename T> __device__ T from_acc(double v) { return static_cast<T>(v); }
-template <> __device__ float from_acc<float>(double v) { return static_cast<float>(v); }
-template <> __device__ __half from_acc<__half>(double v) {
-  return __float2half_rn(static_cast<float>(v));
-}
-template <> __device__ __nv_bfloat16 from_acc<__nv_bfloat16>(double v) {
-  return __float2bfloat16_rn(static_cast<float>(v));
-}
-
 template <typename T, typename S>
 __global__ void sc_copy_kernel(sc_copy_params p, int64_t total) {
-  using A = typename Acc<T>::type;
-  const int64_t C = p.size[1], H = p.size[2], W = p.size[3];
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total;
-       i += (int64_t)gridDim.x * blockDim.x) {
-    const int64_t x = i % W, y = (i / W) % H, c = (i / (W * H)) % C,
-                  n = i / (W * H * C);
-    const A s = to_acc<A>(static_cast<const S *>(p.src)[n * p.src_stride[0] +
-                                                       c * p.src_stride[1] +
-                                                       y * p.src_stride[2] +
-                                                       x * p.src_stride[3]]);
-    T *d = static_cast<T *>(p.dst) + n * p.dst_stride[0] +
-           c * p.dst_stride[1] + y * p.dst_stride[2] + x * p.dst_stride[3];
-    *d = from_acc<T>(p.accumulate ? to_acc<A>(*d) + s : s);
-  }
-}
-
-// A normalisation constant: float32, or the tile's own dtype T.
-template <typename T, typename A>
-__device__ A affine_at(const sc_gather_params &p, const void *v, int64_t i) {
-  return p.affine_dtype == SC_DTYPE_F32 ? to_acc<A>(static_cast<const float *>(v)[i])
-                                        : to_acc<A>(static_cast<const T *>(v)[i]);
+       i += (int64_t)gridDim.x * blockDim.x)
+    copy_elem<T, S>(p, i);
 }
 
 template <typename T, typename S>
 __global__ void sc_gather_kernel(sc_gather_params p, int64_t total) {
-  using A = typename Acc<T>::type;
-  const T pad = from_acc<T>(p.pad_value);
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total;
-       i += (int64_t)gridDim.x * blockDim.x) {
-    const int64_t x = i % p.dst_w, y = (i / p.dst_w) % p.dst_h,
-                  c = (i / (p.dst_w * p.dst_h)) % p.c,
-                  n = i / (p.dst_w * p.dst_h * p.c);
-    const int64_t sy = y - p.off_h, sx = x - p.off_w;
-    T v = pad;
-    if (sy >= 0 && sy < p.src_h && sx >= 0 && sx < p.src_w) {
-      A u = to_acc<A>(static_cast<const S *>(p.src)[n * p.src_stride[0] +
-                                                    c * p.src_stride[1] +
-                                                    sy * p.src_stride[2] +
-                                                    sx * p.src_stride[3]]);
-      if (p.scale) /* normalised: u * scale[c] + shift[c], rounded once */
-        u = u * affine_at<T, A>(p, p.scale, c * p.scale_stride) +
-            (p.shift ? affine_at<T, A>(p, p.shift, c * p.shift_stride) : A(0));
-      v = from_acc<T>(u);
-    }
-    const int64_t di = p.channels_last
-                           ? ((n * p.dst_h + y) * p.dst_w + x) * p.c + c
-                           : i;
-    static_cast<T *>(p.dst)[di] = v;
-  }
+       i += (int64_t)gridDim.x * blockDim.x)
+    gather_elem<T, S>(p, i);
 }
 
 struct CopyLaunch {
@@ -121,30 +63,6 @@ struct GatherLaunch {
   }
 };
 
-// Launch L::go<T, S> for the sc_dtype pair (dst, src); false if unsupported.
-template <typename L, typename T, typename P>
-bool dispatch_src(int src, const P &p, int64_t total, cudaStream_t s) {
-  switch (src) {
-  case SC_DTYPE_F32: L::template go<T, float>(p, total, s); return true;
-  case SC_DTYPE_F64: L::template go<T, double>(p, total, s); return true;
-  case SC_DTYPE_U8: L::template go<T, uint8_t>(p, total, s); return true;
-  case SC_DTYPE_F16: L::template go<T, __half>(p, total, s); return true;
-  case SC_DTYPE_BF16: L::template go<T, __nv_bfloat16>(p, total, s); return true;
-  default: return false;
-  }
-}
-
-template <typename L, typename P>
-bool dispatch2(int dst, int src, const P &p, int64_t total, cudaStream_t s) {
-  switch (dst) {
-  case SC_DTYPE_F32: return dispatch_src<L, float>(src, p, total, s);
-  case SC_DTYPE_F64: return dispatch_src<L, double>(src, p, total, s);
-  case SC_DTYPE_F16: return dispatch_src<L, __half>(src, p, total, s);
-  case SC_DTYPE_BF16: return dispatch_src<L, __nv_bfloat16>(src, p, total, s);
-  default: return false;
-  }
-}
-
 }  // namespace
 
 extern "C" int sc_copy_cuda(const sc_copy_params *p, void *stream, char *err,
@@ -154,7 +72,8 @@ extern "C" int sc_copy_cuda(const sc_copy_params *p, void *stream, char *err,
   const int64_t total = p->size[0] * p->size[1] * p->size[2] * p->size[3];
   if (total == 0) return 0;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  if (!dispatch2<CopyLaunch>(p->dtype, p->src_dtype ? p->src_dtype : p->dtype, *p,
+  const sc_copy_params q = copy_walk_order(*p);
+  if (!dispatch2<CopyLaunch>(p->dtype, p->src_dtype ? p->src_dtype : p->dtype, q,
                              total, s))
     return fail_msg(err, errlen, "tile copy: unsupported dtype pair");
   SC_CUDA_CHECK(cudaGetLastError());
