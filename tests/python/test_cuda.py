@@ -3,7 +3,9 @@ at 1e-10, float32 with TF32 off at 1e-5 (stems without max-pool / ReLU
 ties), CPU vs CUDA agreement, a uint8 image normalised per tile vs the same
 image normalised in PyTorch, autocast as close to the float64 truth as the
 whole-image autocast pass, deterministic runs bit-identical, with and
-without halo caching. Every test skips without a GPU, saying so."""
+without halo caching; the tile kernels' results (normalising gather from
+device and pinned images, gradient scatter-add) bit-identical to the CPU
+kernels'. Every test skips without a GPU, saying so."""
 
 import copy
 import random
@@ -137,3 +139,58 @@ def test_deterministic_runs_are_bit_identical(halo_cache):
                                                    [x] + list(stem.parameters()))))
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+# ---- the CUDA tile kernels against the CPU ones, bit for bit ----------------
+# Stems of max pools only: with mean / std, the normalised image tile comes
+# straight from the gather kernel and max pooling is exact, so the CUDA
+# output must equal the CPU output bit for bit (tests/cuda/test_tile_elem.cu
+# checks the same element code on the host; this runs the launches).
+
+MEAN, STD = [123.7, 116.3, 103.5], [58.4, 57.1, 57.4]
+
+
+def _pool_stem():
+    return nn.Sequential(nn.MaxPool2d(3, stride=2, padding=1), nn.MaxPool2d(2, 2))
+
+
+@pytest.mark.parametrize("halo_cache", CACHE)
+@pytest.mark.parametrize("where", ["cuda", "pinned"])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32, torch.float16, torch.bfloat16])
+def test_gather_bit_identical_to_cpu(dtype, layout, where, halo_cache):
+    gen = torch.Generator().manual_seed(3)
+    if dtype == torch.uint8:
+        img = torch.randint(0, 256, (2, 3, 203, 177), dtype=dtype, generator=gen)
+    else:
+        img = (torch.randn(2, 3, 203, 177, generator=gen) * 60 + 120).to(dtype)
+    img = img.contiguous(memory_format=layout)
+    sm = streamcnn.StreamingModule(_pool_stem(), 40, in_channels=3, mean=MEAN, std=STD,
+                                   halo_cache=halo_cache)
+    y_cpu = sm(img)
+    src = img.pin_memory() if where == "pinned" else img.cuda()
+    assert src.stride() == img.stride()
+    y = sm.cuda()(src)
+    assert y.device.type == "cuda" and y.dtype == y_cpu.dtype
+    assert torch.equal(y.cpu(), y_cpu)
+
+
+@pytest.mark.parametrize("halo_cache", CACHE)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_scatter_add_bit_identical_to_cpu(dtype, halo_cache):
+    """The image gradient: per-tile input gradients added into the image's
+    (the copy kernel, accumulating). Overlapping 3 x 3 windows send up to
+    four contributions to a pixel; integer gradients make every sum exact
+    whatever the order of ATen's atomic adds."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 3, 130, 98, generator=gen).to(dtype)
+    stem = nn.Sequential(nn.MaxPool2d(3, stride=2), nn.MaxPool2d(3, stride=2, padding=1))
+    sm = streamcnn.StreamingModule(stem, 37, in_channels=3, halo_cache=halo_cache)
+    out = {}
+    for dev in ("cpu", "cuda"):
+        xd = x.to(dev).requires_grad_()
+        y = sm.to(dev)(xd)
+        g = torch.randint(-4, 5, y.shape, generator=gen.manual_seed(5)).to(dtype).to(dev)
+        out[dev] = (y.cpu(), torch.autograd.grad(y, xd, g)[0].cpu())
+    assert torch.equal(out["cpu"][0], out["cuda"][0])
+    assert torch.equal(out["cpu"][1], out["cuda"][1])
