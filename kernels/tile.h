@@ -13,6 +13,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 #ifdef __cplusplus
 extern "C" {
@@ -134,18 +135,63 @@ typedef struct sc_prefetch {
   void *ready;  /* cudaEvent_t recorded on the main stream before a copy */
   void *done;   /* cudaEvent_t recorded on the side stream after it */
 } sc_prefetch;
+/* Rows [rows[0], rows[1]) x cols [cols[0], cols[1]) of a dense NCHW or
+ * NHWC image as the 2-D copies sc_prefetch_copy makes: `planes` planes of
+ * `rows` rows of `row_bytes` bytes, read `src_pitch` apart from the image
+ * at `offset` + i * `src_plane` (bytes), written densely one after
+ * another, which is a tensor of shape N x C x rows x cols in the image's
+ * layout with strides dst_stride (elements). */
+typedef struct sc_region_copy {
+  int64_t offset, planes, src_plane, rows, src_pitch, row_bytes;
+  int64_t dst_stride[4];
+} sc_region_copy;
+
+/* 1 for a dense NCHW image, 2 for a dense NHWC one (sizes sz, strides st
+ * in elements of es bytes; the region inside the image), with *out
+ * filled; 0 for any other layout (no plain 2-D copy reads it). */
+static inline int sc_region_copy_plan(const int64_t sz[4], const int64_t st[4],
+                                      int64_t es, const int64_t rows[2],
+                                      const int64_t cols[2],
+                                      sc_region_copy *out) {
+  const int64_t N = sz[0], C = sz[1], H = sz[2], W = sz[3];
+  const int64_t nr = rows[1] - rows[0], nc = cols[1] - cols[0];
+  int64_t px; /* elements per pixel in a row: 1 (NCHW) or C (NHWC) */
+  int kind;
+  if (st[3] == 1 && st[2] == W && st[1] == H * W && st[0] == C * H * W) {
+    kind = 1;
+    px = 1;
+    out->planes = N * C; /* one plane per (n, c) */
+    out->src_plane = H * W * es;
+    const int64_t d[4] = {C * nr * nc, nr * nc, nc, 1};
+    memcpy(out->dst_stride, d, sizeof d);
+  } else if (st[1] == 1 && st[3] == C && st[2] == W * C && st[0] == H * W * C) {
+    kind = 2;
+    px = C;
+    out->planes = N; /* one plane per n, pixels of C channels */
+    out->src_plane = H * W * C * es;
+    const int64_t d[4] = {nr * nc * C, 1, nc * C, C};
+    memcpy(out->dst_stride, d, sizeof d);
+  } else {
+    return 0;
+  }
+  out->offset = (rows[0] * W + cols[0]) * px * es;
+  out->rows = nr;
+  out->src_pitch = W * px * es;
+  out->row_bytes = nc * px * es;
+  return kind;
+}
+
 /* Create the side stream and events on the current device. */
 int sc_prefetch_open(sc_prefetch *f, char *err, size_t errlen);
 /* Wait for the side stream, then destroy it (NULL members: no-op). */
 void sc_prefetch_close(sc_prefetch *f);
-/* Copy `planes` planes of `rows` rows of `row_bytes` bytes each from host
- * memory (src + i * src_plane, rows src_pitch apart) to the dense device
- * buffer dst (planes one after another), on the side stream, after the
- * work queued so far on main_stream (dst may be memory it just freed). */
+/* Copy the region `rc` (sc_region_copy_plan) of the host image whose
+ * element (0, 0, 0, 0) is at `image` to the dense device buffer dst, on
+ * the side stream, after the work queued so far on main_stream (dst may
+ * be memory it just freed). */
 int sc_prefetch_copy(sc_prefetch *f, void *main_stream, void *dst,
-                     const void *src, int64_t planes, int64_t src_plane,
-                     int64_t rows, int64_t src_pitch, int64_t row_bytes,
-                     char *err, size_t errlen);
+                     const void *image, const sc_region_copy *rc, char *err,
+                     size_t errlen);
 /* Make main_stream wait for the last sc_prefetch_copy. */
 int sc_prefetch_wait(sc_prefetch *f, void *main_stream, char *err,
                      size_t errlen);

@@ -375,29 +375,6 @@ static int plan_strips(run *r) {
   return SC_OK;
 }
 
-#ifdef SC_WITH_CUDA
-/* Layout of a dense host image for region copies: planes of rows, as
- * sc_prefetch_copy takes them (0 when it is neither dense NCHW nor dense
- * NHWC). Element counts; the caller scales by the element size. */
-static int host_layout(const int64_t *sz, const int64_t *st, int64_t *plane,
-                       int64_t *pitch, int64_t *px) {
-  const int64_t C = sz[1], H = sz[2], W = sz[3];
-  if (st[3] == 1 && st[2] == W && st[1] == H * W && st[0] == C * H * W) {
-    *plane = H * W; /* one plane per (n, c) */
-    *pitch = W;
-    *px = 1;
-    return 1;
-  }
-  if (st[1] == 1 && st[3] == C && st[2] == W * C && st[0] == H * W * C) {
-    *plane = H * W * C; /* one plane per n, pixels of C channels */
-    *pitch = W * C;
-    *px = C;
-    return 2;
-  }
-  return 0;
-}
-
-#endif
 
 /* The plans of the tiles along one axis, between _sc_tile_bounds's
  * bounds (the first of the plans serves as their scratch). */
@@ -494,11 +471,12 @@ static int run_init(run *r, sc_ctx *ctx, const sc_call *call) {
   if (r->cached && plan_strips(r)) return SC_ERR;
 #ifdef SC_WITH_CUDA
   if (ctx->image_host) { /* prefetch only what a plain 2-D copy reads */
-    int64_t plane, pitch, px;
+    sc_region_copy rc;
     void *ptr = NULL;
     r->img_pinned = !aoti_torch_get_data_ptr(call->image, &ptr) && ptr &&
                     sc_cuda_host_mapped(ptr) &&
-                    host_layout(isz, ist, &plane, &pitch, &px) != 0;
+                    sc_region_copy_plan(isz, ist, 1, (const int64_t[2]){0, 0},
+                                        (const int64_t[2]){0, 0}, &rc) != 0;
   }
 #endif
   r->nhwc_image = ctx->tiles_nhwc && image_read_by_non_conv(p);
@@ -966,20 +944,17 @@ static int prefetch_issue(run *r, int64_t t, int64_t c) {
   sc_ctx *ctx = r->ctx;
   const int64_t *rows = &r->plans[0][t]->region[0];
   const int64_t *cols = &r->plans[1][c]->region[0];
-  int64_t dim, *sz, *st, plane, pitch, px;
+  int64_t dim, *sz, *st;
   void *base = NULL, *dst = NULL;
+  sc_region_copy rc;
   char msg[256];
   if (empty(rows) || empty(cols) || r->batch == 0) return SC_OK;
   if (_sc_meta(ctx, r->call->image, &dim, &sz, &st) ||
       aoti_torch_get_data_ptr(r->call->image, &base))
     return SC_ERR;
-  const int kind = host_layout(sz, st, &plane, &pitch, &px);
-  if (!kind) return SC_OK;
-  const int64_t es = dtype_size(ctx->image_dtype);
-  const int64_t nr = rows[1] - rows[0], nc = cols[1] - cols[0];
-  const int64_t shape[4] = {sz[0], sz[1], nr, nc};
-  const int64_t nchw[4] = {sz[1] * nr * nc, nr * nc, nc, 1};
-  const int64_t nhwc[4] = {nr * nc * sz[1], 1, nc * sz[1], sz[1]};
+  if (!sc_region_copy_plan(sz, st, dtype_size(ctx->image_dtype), rows, cols, &rc))
+    return SC_OK;
+  const int64_t shape[4] = {sz[0], sz[1], rows[1] - rows[0], cols[1] - cols[0]};
   if (!r->pf_open) {
     if (sc_prefetch_open(&r->pf, msg, sizeof msg)) {
       sc_prefetch_close(&r->pf);
@@ -987,15 +962,11 @@ static int prefetch_issue(run *r, int64_t t, int64_t c) {
     }
     r->pf_open = 1;
   }
-  if (aoti_torch_empty_strided(4, shape, kind == 1 ? nchw : nhwc,
-                               ctx->image_dtype, ctx->device_type,
-                               ctx->device_index, &r->pf_buf) ||
+  if (aoti_torch_empty_strided(4, shape, rc.dst_stride, ctx->image_dtype,
+                               ctx->device_type, ctx->device_index, &r->pf_buf) ||
       aoti_torch_get_data_ptr(r->pf_buf, &dst))
     return sc_fail(&ctx->err, "streamcnn: could not allocate a tile buffer");
-  const int64_t start = (rows[0] * sz[3] + cols[0]) * px;
-  if (sc_prefetch_copy(&r->pf, ctx->stream, dst, (char *)base + start * es,
-                       kind == 1 ? sz[0] * sz[1] : sz[0], plane * es, nr,
-                       pitch * es, nc * px * es, msg, sizeof msg))
+  if (sc_prefetch_copy(&r->pf, ctx->stream, dst, base, &rc, msg, sizeof msg))
     return sc_fail(&ctx->err, "streamcnn: CUDA prefetch: %s", msg);
   r->pf_span[0][0] = rows[0];
   r->pf_span[0][1] = rows[1];

@@ -105,19 +105,18 @@ extern "C" void sc_prefetch_close(sc_prefetch *f) {
 }
 
 extern "C" int sc_prefetch_copy(sc_prefetch *f, void *main_stream, void *dst,
-                                const void *src, int64_t planes,
-                                int64_t src_plane, int64_t rows,
-                                int64_t src_pitch, int64_t row_bytes,
+                                const void *image, const sc_region_copy *rc,
                                 char *err, size_t errlen) {
   cudaStream_t side = static_cast<cudaStream_t>(f->stream);
+  const char *src = static_cast<const char *>(image) + rc->offset;
   SC_CUDA_CHECK(cudaEventRecord(static_cast<cudaEvent_t>(f->ready),
                                 static_cast<cudaStream_t>(main_stream)));
   SC_CUDA_CHECK(cudaStreamWaitEvent(side, static_cast<cudaEvent_t>(f->ready), 0));
-  for (int64_t i = 0; i < planes; i++)
+  for (int64_t i = 0; i < rc->planes; i++)
     SC_CUDA_CHECK(cudaMemcpy2DAsync(
-        static_cast<char *>(dst) + i * rows * row_bytes, (size_t)row_bytes,
-        static_cast<const char *>(src) + i * src_plane, (size_t)src_pitch,
-        (size_t)row_bytes, (size_t)rows, cudaMemcpyHostToDevice, side));
+        static_cast<char *>(dst) + i * rc->rows * rc->row_bytes,
+        (size_t)rc->row_bytes, src + i * rc->src_plane, (size_t)rc->src_pitch,
+        (size_t)rc->row_bytes, (size_t)rc->rows, cudaMemcpyHostToDevice, side));
   SC_CUDA_CHECK(cudaEventRecord(static_cast<cudaEvent_t>(f->done), side));
   return 0;
 }
