@@ -54,22 +54,6 @@ SC_HD double mul_add(double u, double a, double b) {
   return u * a + b;
 #endif
 }
-// s + d in A, unfused likewise (the accumulating copy).
-SC_HD float add(float s, float d) {
-#ifdef __CUDA_ARCH__
-  return __fadd_rn(s, d);
-#else
-  return s + d;
-#endif
-}
-SC_HD double add(double s, double d) {
-#ifdef __CUDA_ARCH__
-  return __dadd_rn(s, d);
-#else
-  return s + d;
-#endif
-}
-
 // Element i of a copy, the window walked in N, C, H, W order, W fastest.
 // copy_walk_order permutes the window first so that consecutive i are
 // consecutive in the destination.
@@ -85,7 +69,7 @@ SC_HD void copy_elem(const sc_copy_params &p, int64_t i) {
                                                      x * p.src_stride[3]]);
   T *d = static_cast<T *>(p.dst) + n * p.dst_stride[0] + c * p.dst_stride[1] +
          y * p.dst_stride[2] + x * p.dst_stride[3];
-  *d = from_acc<T>(p.accumulate ? add(s, to_acc<A>(*d)) : s);
+  *d = from_acc<T>(p.accumulate ? mul_add(s, A(1), to_acc<A>(*d)) : s); /* s + d */
 }
 
 // The same copy with its dimensions reordered (the operation is unchanged:

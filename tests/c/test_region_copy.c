@@ -18,27 +18,13 @@ static uint32_t next(void) {
 }
 static int64_t pick(int64_t lo, int64_t hi) { return lo + next() % (hi - lo + 1); }
 
-static void dense(const int64_t sz[4], int nhwc, int64_t st[4]) {
-  if (nhwc) {
-    st[1] = 1;
-    st[3] = sz[1];
-    st[2] = sz[1] * sz[3];
-    st[0] = st[2] * sz[2];
-  } else {
-    st[3] = 1;
-    st[2] = sz[3];
-    st[1] = sz[2] * sz[3];
-    st[0] = st[1] * sz[1];
-  }
-}
-
 /* One random case; 0 when the copy gives the region exactly. */
 static int one_case(void) {
   const int64_t sz[4] = {pick(1, 3), pick(1, 5), pick(1, 17), pick(1, 19)};
   const int nhwc = (int)(next() % 2);
   const int64_t es = (int64_t)1 << pick(0, 3);
   int64_t st[4];
-  dense(sz, nhwc, st);
+  dense_strides(sz, nhwc, st);
   const int64_t r0 = pick(0, sz[2] - 1), c0 = pick(0, sz[3] - 1);
   const int64_t rows[2] = {r0, pick(r0 + 1, sz[2])};
   const int64_t cols[2] = {c0, pick(c0 + 1, sz[3])};

@@ -28,6 +28,21 @@ static int g_failures = 0;
     }                                                                        \
   } while (0)
 
+/* Strides (elements) of a dense N x C x H x W tensor, NCHW or NHWC. */
+static inline void dense_strides(const int64_t size[4], int nhwc, int64_t st[4]) {
+  if (nhwc) {
+    st[1] = 1;
+    st[3] = size[1];
+    st[2] = size[1] * size[3];
+    st[0] = st[2] * size[2];
+  } else {
+    st[3] = 1;
+    st[2] = size[3];
+    st[1] = size[2] * size[3];
+    st[0] = st[1] * size[1];
+  }
+}
+
 /* Program builder for tests: words in a fixed buffer. */
 typedef struct tprog {
   int64_t w[4096];

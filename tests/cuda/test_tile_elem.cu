@@ -81,21 +81,6 @@ static const int kDst[4] = {SC_DTYPE_F32, SC_DTYPE_F64, SC_DTYPE_F16, SC_DTYPE_B
 static const int kSrc[5] = {SC_DTYPE_F32, SC_DTYPE_F64, SC_DTYPE_U8, SC_DTYPE_F16,
                             SC_DTYPE_BF16};
 
-// Strides (elements) of a dense N x C x H x W tensor, NCHW or NHWC.
-static void dense_strides(const int64_t size[4], bool nhwc, int64_t st[4]) {
-  if (nhwc) {
-    st[1] = 1;
-    st[3] = size[1];
-    st[2] = size[1] * size[3];
-    st[0] = st[2] * size[2];
-  } else {
-    st[3] = 1;
-    st[2] = size[3];
-    st[1] = size[2] * size[3];
-    st[0] = st[1] * size[1];
-  }
-}
-
 static int gather_case(int ddt, int sdt, int k) {
   sc_gather_params p = {};
   p.n = pick(1, 2);
