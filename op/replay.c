@@ -1860,6 +1860,9 @@ int _sc_backward(sc_ctx *ctx, const sc_call *call, AtenTensorHandle grad_out,
   } else if (!rc && r.needs[ov] && r.batch > 0)
     for (int64_t k = 0; !rc && k < r.n_order; k++) {
       select_tile(&r, k);
+      /* the tile whose pixels a pinned host image prefetches meanwhile */
+      r.next_tile[0] = k + 1 < r.n_order ? r.order[k + 1] / r.n_tiles[1] : -1;
+      r.next_tile[1] = k + 1 < r.n_order ? r.order[k + 1] % r.n_tiles[1] : 0;
       rc = backward_tile(&r, grad_out);
       run_tile_release(&r);
       if (!rc) report(1, k + 1, r.n_order);

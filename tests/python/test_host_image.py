@@ -22,16 +22,18 @@ def _stem():
 
 
 @cuda
+@pytest.mark.parametrize("halo_cache", [True, False])
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("pinned", [True, False])
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.float64])
-def test_host_image_equals_device_image(pinned, dtype, layout):
-    """Pinned dense images take the side-stream prefetch (NCHW and NHWC),
+def test_host_image_equals_device_image(pinned, dtype, layout, halo_cache):
+    """Pinned dense images take the side-stream prefetch (NCHW and NHWC;
+    the backward's tile order differs with and without halo caching),
     pageable ones the staged copy."""
     stem = _stem()
     mean, std = ([120.0, 110.0, 100.0], [60.0, 50.0, 55.0]) if dtype == torch.uint8 \
         else (None, None)
-    sm = streamcnn.StreamingModule(stem, 64, mean=mean, std=std)
+    sm = streamcnn.StreamingModule(stem, 64, mean=mean, std=std, halo_cache=halo_cache)
     g = torch.Generator().manual_seed(1)
     host = (torch.randint(0, 256, (2, 3, 301, 257), generator=g, dtype=torch.uint8)
             if dtype == torch.uint8 else torch.randn(2, 3, 301, 257, generator=g,
