@@ -1,6 +1,7 @@
 """``StreamingModule``: run an ``nn.Module`` stem tile by tile."""
 
 
+import operator
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -48,8 +49,14 @@ _IMAGE_DTYPES = (torch.uint8, torch.float16, torch.bfloat16, torch.float32, torc
 def _tile_pair(tile_size: TileSize) -> List[int]:
     if isinstance(tile_size, bool):
         raise TypeError("streamcnn: tile_size must be an int or a pair of ints")
-    if isinstance(tile_size, int):
-        pair = [tile_size, tile_size]
+    if hasattr(tile_size, "__index__") and not hasattr(tile_size, "__len__"):
+        pair = [operator.index(tile_size)] * 2  # int, numpy integer
+    elif isinstance(tile_size, torch.Tensor) and tile_size.dim() == 0:
+        try:
+            pair = [operator.index(tile_size)] * 2  # an integer 0-d tensor
+        except TypeError:
+            raise TypeError("streamcnn: tile_size must be an int or a pair of ints, got "
+                            f"{tile_size!r}") from None
     else:
         try:
             pair = [int(t) for t in tile_size]

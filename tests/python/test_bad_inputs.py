@@ -36,10 +36,19 @@ def test_tile_too_large(tile):
         _sm(tile)
 
 
-@pytest.mark.parametrize("tile", [1.5, "16", (8, 8, 8), True, (8.5, 8)])
+@pytest.mark.parametrize("tile", [1.5, "16", (8, 8, 8), True, (8.5, 8), torch.tensor(16.0)])
 def test_tile_wrong_type(tile):
     with pytest.raises((TypeError, ValueError), match="tile_size"):
         _sm(tile)
+
+
+def test_tile_integer_like():
+    """Integers of other types, as PyTorch's own size arguments take them."""
+    np = pytest.importorskip("numpy")
+    for tile in (np.int64(16), torch.tensor(16), (np.int32(16), 12)):
+        sm = _sm(tile)
+        assert sm.tile_size == ([16, 16] if not isinstance(tile, tuple) else [16, 12])
+        assert all(type(t) is int for t in sm.tile_size)
 
 
 def test_tile_smaller_than_receptive_field():
