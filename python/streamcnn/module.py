@@ -179,8 +179,12 @@ class StreamingModule(nn.Module):
         self.normalize: bool = mean is not None or std is not None
         if self.normalize:
             c = info[0]
-            m = torch.as_tensor(0.0 if mean is None else mean, dtype=torch.float64).flatten()
-            d = torch.as_tensor(1.0 if std is None else std, dtype=torch.float64).flatten()
+            try:
+                m = torch.as_tensor(0.0 if mean is None else mean, dtype=torch.float64).flatten()
+                d = torch.as_tensor(1.0 if std is None else std, dtype=torch.float64).flatten()
+            except (TypeError, ValueError, RuntimeError):
+                raise TypeError("streamcnn: mean and std must be numbers or sequences of "
+                                f"numbers, got mean={mean!r}, std={std!r}") from None
             if m.numel() == 1:
                 m = m.expand(c)
             if d.numel() == 1:

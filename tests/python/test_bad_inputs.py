@@ -42,6 +42,12 @@ def test_tile_wrong_type(tile):
         _sm(tile)
 
 
+def test_mean_std_not_numbers():
+    for kw in (dict(mean="abc"), dict(std=[1.0, "x", 2.0]), dict(mean=[[1.0, 2.0], [3.0]])):
+        with pytest.raises(TypeError, match="mean and std must be numbers"):
+            streamcnn.StreamingModule(_stem(), 16, **kw)
+
+
 def test_tile_integer_like():
     """Integers of other types, as PyTorch's own size arguments take them."""
     np = pytest.importorskip("numpy")
