@@ -17,9 +17,13 @@ from .program import batchnorm_params, convert, has_autocast_ops, prepend_normal
 TileSize = Union[int, Sequence[int]]
 
 
-def _tensor(t: Optional[torch.Tensor]) -> torch.Tensor:
-    """Refine Optional[Tensor] (e.g. Conv2d.bias) for TorchScript."""
-    assert t is not None
+def _tensor(t: Optional[torch.Tensor], name: str) -> torch.Tensor:
+    """Refine Optional[Tensor] (e.g. Conv2d.bias) for TorchScript; a tensor
+    the program reads must still be there."""
+    if t is None:
+        raise ValueError("streamcnn: the stem's " + name + " is None, but it was a tensor "
+                         "when this StreamingModule was built; build a new one after "
+                         "changing the stem's layers")
     return t
 
 
@@ -33,7 +37,8 @@ def _param_gatherer(stem: nn.Module, refs: List[Tuple[str, str]]) -> fx.GraphMod
     # the state_dict keys are the stem's (e.g. num_batches_tracked)
     installs += [graph.get_attr(name) for name, _ in stem.named_parameters(recurse=False)]
     installs += [graph.get_attr(name) for name, _ in stem.named_buffers(recurse=False)]
-    outs = [graph.call_function(_tensor, (graph.get_attr(f"{path}.{attr}" if path else attr),))
+    outs = [graph.call_function(_tensor, (graph.get_attr(f"{path}.{attr}" if path else attr),
+                                          f"{path}.{attr}" if path else attr))
             for path, attr in refs]
     graph.output(outs)
     gm = fx.GraphModule(stem, graph, class_name="StreamParams")

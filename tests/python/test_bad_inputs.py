@@ -42,6 +42,14 @@ def test_tile_wrong_type(tile):
         _sm(tile)
 
 
+def test_parameter_removed_after_construction():
+    stem = _stem()
+    sm = streamcnn.StreamingModule(stem, 16)
+    stem[0].bias = None
+    with pytest.raises(ValueError, match=r"stem's 0\.bias is None"):
+        sm(torch.randn(1, 3, 20, 20))
+
+
 def test_mean_std_not_numbers():
     for kw in (dict(mean="abc"), dict(std=[1.0, "x", 2.0]), dict(mean=[[1.0, 2.0], [3.0]])):
         with pytest.raises(TypeError, match="mean and std must be numbers"):
