@@ -116,7 +116,7 @@ typedef struct run {
   /* a pinned host image: the next tile's pixels are copied to the device
    * on a side stream while this tile computes */
   int64_t next_tile[2];      /* row, col of the tile after this one; -1 none */
-  int img_pinned;            /* host image, pinned and dense (NCHW / NHWC) */
+  int img_pinned;            /* host image, pinned */
   int pf_open;
   sc_prefetch pf;
   AtenTensorHandle pf_buf;   /* the copy (owned), or NULL */
@@ -470,13 +470,10 @@ static int run_init(run *r, sc_ctx *ctx, const sc_call *call) {
     if (plan_axis_tiles(r, a, call->tile[a])) return SC_ERR;
   if (r->cached && plan_strips(r)) return SC_ERR;
 #ifdef SC_WITH_CUDA
-  if (ctx->image_host) { /* prefetch only what a plain 2-D copy reads */
-    sc_region_copy rc;
+  if (ctx->image_host) { /* prefetch_issue skips layouts no 2-D copy reads */
     void *ptr = NULL;
     r->img_pinned = !aoti_torch_get_data_ptr(call->image, &ptr) && ptr &&
-                    sc_cuda_host_mapped(ptr) &&
-                    sc_region_copy_plan(isz, ist, 1, (const int64_t[2]){0, 0},
-                                        (const int64_t[2]){0, 0}, &rc) != 0;
+                    sc_cuda_host_mapped(ptr);
   }
 #endif
   r->nhwc_image = ctx->tiles_nhwc && image_read_by_non_conv(p);

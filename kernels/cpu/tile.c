@@ -286,27 +286,21 @@ GATHER_AFFINE(double, uint8_t, gather_affine_u8_double)
 int sc_gather_cpu(const sc_gather_params *p) {
   if (sc_gather_check(p)) return 1;
   const int f32 = p->dtype == SC_DTYPE_F32, u8 = p->src_dtype == SC_DTYPE_U8;
-  int64_t rows, row_len;
-  ParallelFunc fn;
+  /* typed loops: float32 / float64 tiles from pixels of that dtype or uint8 */
+  const int typed = plain_float(p->dtype, p->src_dtype) ||
+                    (u8 && (f32 || p->dtype == SC_DTYPE_F64));
+  /* task rows: (n, y) rows of dst_w x c elements, but (n, c, y) rows of
+   * dst_w for the plain NCHW loops */
+  int64_t rows = p->n * p->dst_h, row_len = p->dst_w * p->c;
+  ParallelFunc fn = gather_rows_any;
   if (p->scale) { /* normalised */
-    rows = p->n * p->dst_h;
-    row_len = p->dst_w * p->c;
-    fn = gather_rows_any;
-    if (!p->affine_dtype && (plain_float(p->dtype, p->src_dtype) ||
-                             (u8 && (f32 || p->dtype == SC_DTYPE_F64))))
+    if (typed && !p->affine_dtype)
       fn = u8 ? (f32 ? gather_affine_u8_float : gather_affine_u8_double)
               : (f32 ? gather_affine_float : gather_affine_double);
-  } else if (!(plain_float(p->dtype, p->src_dtype) ||
-               (u8 && (p->dtype == SC_DTYPE_F32 || p->dtype == SC_DTYPE_F64)))) {
-    rows = p->n * p->dst_h;
-    row_len = p->dst_w * p->c;
-    fn = gather_rows_any;
-  } else if (p->channels_last) {
-    rows = p->n * p->dst_h;
-    row_len = p->dst_w * p->c;
+  } else if (typed && p->channels_last) {
     fn = u8 ? (f32 ? gather_rows_nhwc_u8_float : gather_rows_nhwc_u8_double)
             : (f32 ? gather_rows_nhwc_float : gather_rows_nhwc_double);
-  } else {
+  } else if (typed) {
     rows = p->n * p->c * p->dst_h;
     row_len = p->dst_w;
     fn = u8 ? (f32 ? gather_rows_u8_float : gather_rows_u8_double)
