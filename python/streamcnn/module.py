@@ -51,6 +51,12 @@ def _param_gatherer(stem: nn.Module, refs: List[Tuple[str, str]]) -> fx.GraphMod
 _IMAGE_DTYPES = (torch.uint8, torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def _norm_dtype(dtype: torch.dtype) -> torch.dtype:
+    """mean / std's dtype in a stem computing in dtype: float32 for float16
+    / bfloat16 (the image gather normalises in float32 and rounds once)."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def _tile_pair(tile_size: TileSize) -> List[int]:
     if isinstance(tile_size, bool):
         raise TypeError("streamcnn: tile_size must be an int or a pair of ints")
@@ -204,16 +210,15 @@ class StreamingModule(nn.Module):
             # normalises in float32 and rounds once (also after .half(),
             # see _apply)
             stem_params = [t for t in self.module() if t.is_floating_point()]
-            dtype = min(stem_params, key=lambda t: t.element_size()).dtype \
-                if stem_params else torch.float32
-            if dtype in (torch.float16, torch.bfloat16):
-                dtype = torch.float32
+            dtype = _norm_dtype(min(stem_params, key=lambda t: t.element_size()).dtype
+                                if stem_params else torch.float32)
             # the tile runs (x - mean) / std as a depthwise 1 x 1 convolution
             # (which the image gather applies); the exact constants are kept
             # for dtype changes (_apply)
             self._norm_exact = [(1 / d).tolist(), (-m / d).tolist()]
-            self.register_buffer("norm_weight", (1 / d).to(dtype).reshape(c, 1, 1, 1))
-            self.register_buffer("norm_bias", (-m / d).to(dtype))
+            weight, bias = self._norm_tensors(dtype, torch.device("cpu"))
+            self.register_buffer("norm_weight", weight)
+            self.register_buffer("norm_bias", bias)
             self.program = prepend_normalize(conv.program)
         else:  # (unused; buffers so that TorchScript sees tensors)
             self._norm_exact = [[], []]
@@ -250,13 +255,16 @@ class StreamingModule(nn.Module):
         rounds once), never rounded twice."""
         super()._apply(fn, recurse)
         if getattr(self, "normalize", False):
-            for name, exact in zip(("norm_weight", "norm_bias"), self._norm_exact):
-                t = getattr(self, name)
-                dtype = torch.float32 if t.dtype in (torch.float16, torch.bfloat16) \
-                    else t.dtype
-                setattr(self, name, torch.tensor(exact, dtype=torch.float64).to(
-                    device=t.device, dtype=dtype).reshape(t.shape))
+            w = self.norm_weight
+            self.norm_weight, self.norm_bias = self._norm_tensors(_norm_dtype(w.dtype), w.device)
         return self
+
+    def _norm_tensors(self, dtype: torch.dtype, device: torch.device) -> List[torch.Tensor]:
+        """mean / std as the program's depthwise 1 x 1 convolution (weight
+        C x 1 x 1 x 1, bias C), in dtype from their exact values."""
+        w, b = self._norm_exact[0], self._norm_exact[1]
+        return [torch.tensor(w, dtype=dtype, device=device).reshape(len(w), 1, 1, 1),
+                torch.tensor(b, dtype=dtype, device=device)]
 
     @torch.jit.unused
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -427,8 +435,7 @@ class StreamingModule(nn.Module):
                 params[0].dtype != x.dtype:
             # a stem without parameters computes in the image's dtype: mean
             # / std follow it, from their exact values
-            params = [torch.tensor(v, dtype=x.dtype, device=params[k].device).reshape(
-                params[k].shape) for k, v in enumerate(self._norm_exact)]
+            params = self._norm_tensors(x.dtype, params[0].device)
         if not torch.jit.is_scripting():
             # autocast of the device the stem runs on (a host image's stem
             # is on the GPU: autocast("cuda") applies)
