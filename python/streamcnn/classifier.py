@@ -1,0 +1,202 @@
+"""Slide classifiers: a streamed torchvision stem, the rest of the network,
+a global pool and a linear layer -- the model the training application
+trains, checkpoints, evaluates, exports and draws heatmaps of.
+
+    model = build_model("resnet18", num_outputs=2, head="max", tile_size=512)
+    logits = model(uint8_images)                  # N x num_outputs
+    f = model.stem(x); a = model.head.body(f)     # feature map before the pool
+    cam = model.head.class_map(a)                 # N x num_outputs x h x w
+
+``model.head(model.stem(x)) == model(x)``; ``head.body`` holds the layers of
+the backbone after ``stream_upto`` (run whole-image on the small stem
+output), ``head.pool`` the global pool ("max", as in the paper, or "avg"),
+``head.fc`` the linear layer.
+"""
+
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from .models import split_convnext, split_resnet
+from .module import StreamingModule
+
+# ImageNet statistics in uint8 units (0..255): torchvision's weights expect them.
+IMAGENET_MEAN = (123.675, 116.28, 103.53)
+IMAGENET_STD = (58.395, 57.12, 57.375)
+
+ARCHITECTURES = ("resnet18", "resnet34", "resnet50", "convnext_tiny")
+POOLS = ("max", "avg")
+# The default streamed part: everything before the last stage (stride 16), so
+# the head's body is the last stage on a 1/16 feature map.
+DEFAULT_STREAM_UPTO = {"resnet18": "layer3", "resnet34": "layer3", "resnet50": "layer3",
+                       "convnext_tiny": 6}
+
+
+class GlobalPool(nn.Module):
+    """N x C x h x w -> N x C: the maximum (``"max"``) or the mean (``"avg"``)
+    over all locations."""
+
+    def __init__(self, kind: str = "max"):
+        super().__init__()
+        if kind not in POOLS:
+            raise ValueError(f"streamcnn: head pool must be one of {list(POOLS)}, got {kind!r}")
+        self.kind = kind
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "max":
+            return x.amax(dim=(2, 3))
+        return x.mean(dim=(2, 3))
+
+    def extra_repr(self) -> str:
+        return repr(self.kind)
+
+
+class Head(nn.Module):
+    """``fc(pool(body(features)))``: the part of the classifier after the
+    streamed stem."""
+
+    def __init__(self, body: nn.Module, pool: GlobalPool, fc: nn.Linear):
+        super().__init__()
+        self.body = body
+        self.pool = pool
+        self.fc = fc
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(self.body(x)))
+
+    def class_map(self, a: torch.Tensor) -> torch.Tensor:
+        """The class-activation map of ``a = body(features)``: the linear
+        layer applied at every location, N x num_outputs x h x w. For an
+        average pool its mean over the locations is the model's output."""
+        return torch.einsum("nchw,kc->nkhw", a, self.fc.weight) + \
+            self.fc.bias.view(1, -1, 1, 1)
+
+
+class SlideClassifier(nn.Module):
+    """``head(stem(x))`` with ``stem`` a :class:`StreamingModule`."""
+
+    def __init__(self, stem: StreamingModule, head: Head):
+        super().__init__()
+        self.stem = stem
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.stem(x))
+
+
+def _backbone(arch: str) -> nn.Module:
+    import torchvision.models as tvm
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"streamcnn: unknown model {arch!r}; choose one of {list(ARCHITECTURES)}")
+    return getattr(tvm, arch)(weights=None)
+
+
+def load_weights(model: nn.Module, path: str, arch: str) -> None:
+    """Load a local torchvision state_dict (no download). A file that is not
+    a state_dict, or whose keys or shapes do not match ``arch``, raises a
+    ValueError naming the file and the first differences."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"streamcnn: weights file {path} does not exist") from None
+    except Exception as e:
+        raise ValueError(f"streamcnn: cannot read weights file {path}: {e}") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"streamcnn: weights file {path} is not a state_dict (name -> tensor)")
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys (e.g. {missing[:3]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]})")
+        if shapes:
+            k = shapes[0]
+            parts.append(f"{len(shapes)} shape mismatches (e.g. {k}: file "
+                         f"{tuple(state[k].shape)}, model {tuple(own[k].shape)})")
+        raise ValueError(f"streamcnn: weights file {path} does not match {arch}: "
+                         + "; ".join(parts))
+    model.load_state_dict(state)
+
+
+def build_model(arch: str, *, num_outputs: int = 2, stream_upto: Union[str, int, None] = None,
+                head: str = "max", weights: Optional[str] = None,
+                tile_size: Union[int, Sequence[int], None] = None,
+                memory_budget: Union[int, str, None] = None,
+                mean: Optional[Sequence[float]] = IMAGENET_MEAN,
+                std: Optional[Sequence[float]] = IMAGENET_STD,
+                halo_cache: bool = True, deterministic: bool = False) -> SlideClassifier:
+    """A :class:`SlideClassifier` from a torchvision backbone.
+
+    ``arch``: one of :data:`ARCHITECTURES`; ``weights``: a local torchvision
+    state_dict for the whole backbone (its ``fc`` / classifier is replaced
+    afterwards; nothing is downloaded); ``stream_upto``: the last streamed
+    layer (ResNets: ``"maxpool"``, ``"layer1"`` .. ``"layer4"``; ConvNeXt:
+    an int 1 .. 7 of ``features``), default :data:`DEFAULT_STREAM_UPTO`;
+    ``head``: the global pool, ``"max"`` or ``"avg"``; ``num_outputs``: the
+    linear layer's outputs (2 for classification, 1 for regression).
+    ``mean`` / ``std`` normalise uint8 images inside the stem (0..255
+    units). ``tile_size`` or ``memory_budget`` tile the stem (tile 1024 when
+    neither is given)."""
+    if head not in POOLS:
+        raise ValueError(f"streamcnn: head must be one of {list(POOLS)}, got {head!r}")
+    if not isinstance(num_outputs, int) or num_outputs < 1:
+        raise ValueError(f"streamcnn: num_outputs must be a positive int, got {num_outputs!r}")
+    backbone = _backbone(arch)
+    if weights is not None:
+        load_weights(backbone, weights, arch)
+    upto = DEFAULT_STREAM_UPTO[arch] if stream_upto is None else stream_upto
+    options = dict(memory_budget=memory_budget, halo_cache=halo_cache,
+                   deterministic=deterministic)
+    if mean is not None or std is not None:
+        options.update(mean=mean, std=std)
+    if arch.startswith("resnet"):
+        if not isinstance(upto, str):
+            raise ValueError(f"streamcnn: stream_upto for {arch} is a layer name "
+                             f"(maxpool, layer1 .. layer4), got {upto!r}")
+        stem, rest = split_resnet(backbone, upto, tile_size, **options)
+        body = nn.Sequential(*[m for n, m in rest.named_children()
+                               if n not in ("avgpool", "flatten", "fc")])
+        features = _channels(stem, body)
+    else:
+        if isinstance(upto, str):
+            try:
+                upto = int(upto)
+            except ValueError:
+                raise ValueError(f"streamcnn: stream_upto for {arch} is an int (1 .. 7 of "
+                                 f"features), got {upto!r}") from None
+        stem, rest = split_convnext(backbone, upto, tile_size, **options)
+        # ConvNeXt's classifier is LayerNorm2d, Flatten, Linear: keep the norm
+        # in the body (per location, so the class map stays linear in it)
+        norm = rest.classifier[0]
+        body = nn.Sequential(rest.features, norm)
+        features = _channels(stem, body)
+    fc = nn.Linear(features, num_outputs)
+    return SlideClassifier(stem, Head(body, GlobalPool(head), fc))
+
+
+def _channels(stem: StreamingModule, body: nn.Module) -> int:
+    """Channels of body(stem(x)), from a tiny forward of the plain modules."""
+    s = stem.stem
+    rf = max(max(stem.receptive_field), 32)
+    p = next(iter(s.parameters()))
+    with torch.no_grad():
+        x = torch.zeros(1, 3, rf, rf, dtype=p.dtype, device=p.device)
+        was = body.training
+        body.eval()
+        try:
+            y = body(s(x))
+        finally:
+            body.train(was)
+    return int(y.shape[1])
+
+
+def split(model: SlideClassifier) -> Tuple[StreamingModule, Head]:
+    """``(stem, head)`` of a classifier."""
+    return model.stem, model.head
