@@ -1,0 +1,98 @@
+"""Checkpoints of the training application: one ``torch.save`` dict per
+file, written atomically, and the model rebuilt from one.
+
+A checkpoint is a dict::
+
+    {"format": "streamcnn-checkpoint", "version": 1,
+     "config": {...},          # the run's resolved config (plain values; see MODEL_KEYS)
+     "model": state_dict,      # of the SlideClassifier (keys "stem.*", "head.*")
+     ...}                      # the trainer's own entries: optimizer, scheduler,
+                               # scaler, epoch, RNG states, metrics
+
+``config`` holds at least :data:`MODEL_KEYS`, enough to rebuild the model
+without the original files (no ``weights`` file is needed: the state_dict
+has the trained weights).
+"""
+
+import os
+import tempfile
+from typing import Any, Dict, Tuple
+
+import torch
+
+from ..classifier import SlideClassifier, build_model
+
+FORMAT = "streamcnn-checkpoint"
+VERSION = 1
+# config entries build_model needs; "task" is "classification" or "regression"
+MODEL_KEYS = ("model", "stream_upto", "head", "num_outputs", "tile_size", "memory_budget",
+              "mean", "std", "task", "image_size", "mpp")
+
+
+def save_checkpoint(path: str, payload: Dict[str, Any]) -> None:
+    """Write ``payload`` (with format and version added) to ``path``
+    atomically: a temporary file in the same folder, fsynced, then renamed
+    over ``path``, so an interrupted write (Ctrl-C, a crash, a full disk)
+    leaves the previous file intact."""
+    payload = dict(payload, format=FORMAT, version=VERSION)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
+                               dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def load_checkpoint(path: str, map_location: Any = "cpu") -> Dict[str, Any]:
+    """The checkpoint dict at ``path``. A missing file raises
+    FileNotFoundError, anything that is not a streamcnn checkpoint a
+    ValueError naming the file."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"streamcnn: checkpoint {path} does not exist")
+    if os.path.isdir(path):
+        raise ValueError(f"streamcnn: checkpoint {path} is a directory, not a file")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:
+        raise ValueError(f"streamcnn: cannot read checkpoint {path}: {e}") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise ValueError(f"streamcnn: {path} is not a streamcnn checkpoint")
+    if ckpt.get("version") != VERSION:
+        raise ValueError(f"streamcnn: checkpoint {path} has version {ckpt.get('version')}, "
+                         f"this streamcnn reads version {VERSION}")
+    missing = [k for k in MODEL_KEYS if k not in ckpt.get("config", {})]
+    if missing or "model" not in ckpt:
+        raise ValueError(f"streamcnn: checkpoint {path} lacks "
+                         f"{missing or ['model']} (a damaged or foreign file)")
+    return ckpt
+
+
+def model_from_config(config: Dict[str, Any]) -> SlideClassifier:
+    """A freshly initialised model of the shape ``config`` describes."""
+    return build_model(config["model"], num_outputs=int(config["num_outputs"]),
+                       stream_upto=config["stream_upto"], head=config["head"],
+                       tile_size=config["tile_size"], memory_budget=config["memory_budget"],
+                       mean=config["mean"], std=config["std"])
+
+
+def load_model(path: str, device: Any = "cpu") -> Tuple[SlideClassifier, Dict[str, Any]]:
+    """``(model, config)`` from a checkpoint: the trained model in eval mode
+    on ``device``, and the run's config."""
+    ckpt = load_checkpoint(path)
+    config = ckpt["config"]
+    model = model_from_config(config)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise ValueError(f"streamcnn: checkpoint {path}: the weights do not fit its config: "
+                         f"{e}") from None
+    return model.to(device).eval(), config
