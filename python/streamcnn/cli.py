@@ -3,8 +3,9 @@
 
 Each subcommand is a module of ``streamcnn.app`` with ``add_arguments(parser)``
 and ``run(args) -> int``, listed once in :data:`SUBCOMMANDS`. Errors the
-user caused print one line, ``streamcnn: <message>``, on stderr and exit with
-2; Ctrl-C exits with 130.
+user caused (:class:`UsageError`, and the library's ValueError /
+FileNotFoundError whose message starts with ``streamcnn:``) print one line,
+``streamcnn: <message>``, on stderr and exit with 2; Ctrl-C exits with 130.
 """
 
 import argparse
@@ -65,6 +66,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         args = build_parser().parse_args(argv)
         return int(args._run(args) or 0)
     except UsageError as e:
+        print(f"streamcnn: {_message(e)}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError) as e:
+        # the library's own checks of arguments and named files say
+        # "streamcnn: ..."; anything else is a bug and keeps its traceback
+        if not str(e).startswith("streamcnn: "):
+            raise
         print(f"streamcnn: {_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -273,13 +273,13 @@ def _train(cfg, ckpt, dist: Dist, device, quiet: bool, resume: bool, overwrite: 
         rows = list(ckpt["metrics"])
         best = ckpt.get("best")
         start = int(ckpt["epoch"])
+        if start >= cfg["epochs"]:
+            if dist.main:
+                print(f"streamcnn: {out}/last.pt has finished epoch {start} of "
+                      f"{cfg['epochs']}; nothing to do (raise --epochs to train longer)")
+            return 0
         if dist.main:        # the rows of the checkpoint (a later row was never finished)
             _write_metrics(out, rows, mname)
-    if start >= cfg["epochs"]:
-        if dist.main:
-            print(f"streamcnn: {out}/last.pt has finished epoch {start} of {cfg['epochs']}; "
-                  "nothing to do (raise --epochs to train longer)")
-        return 0
     show = dist.main and not quiet
     writer = writer_cls(os.path.join(out, "tensorboard")) if writer_cls and dist.main else None
     warned = False
