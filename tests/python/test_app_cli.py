@@ -97,7 +97,7 @@ def test_evaluate_and_export(run_dir, slides, tmp_path):
               tmp_path / "ev", "--quiet", check_rc=0)
     auc = float(res.stdout.split()[1])
     rows = _csv(run_dir / "metrics.csv")
-    assert abs(auc - float(rows[-1]["val_auc"])) < 1e-6, (auc, rows[-1])
+    assert abs(auc - float(rows[-1]["val_auc"])) < 1e-4, (auc, rows[-1])   # 4 decimals
     got = _csv(tmp_path / "ev" / "predictions.csv")
     want = _csv(run_dir / "val_predictions.csv")      # the last epoch's, from training
     assert [r["path"] for r in got] == [r["path"] for r in want]
@@ -170,8 +170,8 @@ def test_bad_tables(slides, tmp_path, capsys):
          out=out)
     (tmp_path / "notaslide.svs").write_text("hello")
     t.write_text("path,label\nnotaslide.svs,1\n")
-    _bad(capsys, _train(slides, out, train=t), "t.csv line 2", "notaslide.svs", "not a readable slide",
-         out=out)
+    _bad(capsys, _train(slides, out, train=t), "t.csv line 2", "notaslide.svs",
+         "not a readable slide", out=out)
     t.write_text(f"path,label\n{slides / 'train_0.svs'},0\n{slides / 'train_1.svs'},2\n")
     _bad(capsys, _train(slides, out, train=t), "t.csv line 3", "label '2'", "not 0 or 1", out=out)
     t.write_text(f"path,label\n{slides / 'train_0.svs'},1.5\n{slides / 'train_1.svs'},abc\n")
@@ -192,7 +192,7 @@ def test_bad_options(slides, tmp_path, capsys):
     w = tmp_path / "r18_10.pt"
     torch.save(torchvision.models.resnet18(weights=None, num_classes=10).state_dict(), w)
     _bad(capsys, _train(slides, out, "--weights", w), "r18_10.pt", "does not match resnet18",
-         "fc.weight", out=out)
+         "shape mismatches", "fc.", out=out)
     cfg = tmp_path / "c.yaml"
     cfg.write_text("epochs: 2\nlearning_rate: 0.1\n")
     _bad(capsys, _train(slides, out, "--config", cfg), "c.yaml", "unknown option", "learning_rate",
@@ -202,7 +202,8 @@ def test_bad_options(slides, tmp_path, capsys):
     toml = tmp_path / "c.toml"
     toml.write_text("epochs = [\n")
     _bad(capsys, _train(slides, out, "--config", toml), "c.toml", "not valid TOML", out=out)
-    _bad(capsys, ["train", "--val", slides / "val.csv", "--out", out], "--train is required", out=out)
+    _bad(capsys, ["train", "--val", slides / "val.csv", "--out", out], "--train is required",
+         out=out)
 
 
 def test_bad_run_folder(slides, run_dir, tmp_path, capsys):

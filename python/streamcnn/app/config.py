@@ -100,8 +100,8 @@ BY_NAME = {o.name: o for o in OPTIONS}
 DERIVED = ("num_outputs", "mean", "std")
 # entries that may change when a run is resumed: they do not change the result
 # (epochs: the run goes on longer; with --schedule cosine the curve follows the
-# new total)
-RESUME_FREE = ("epochs", "workers", "device", "tensorboard")
+# new total; out: the run folder may have moved)
+RESUME_FREE = ("epochs", "workers", "device", "tensorboard", "out")
 
 
 class ArgumentParser(argparse.ArgumentParser):
