@@ -89,3 +89,23 @@ void _sc_keep_set(const sc_program *p, const unsigned char *needs,
     }
   }
 }
+
+/* Instruction 0 is a per-channel affine map of the image read by nothing
+ * else, e.g. the mean / std normalisation a StreamingModule puts in front
+ * (a depthwise 1 x 1 convolution, stride 1, no padding, no folded batch
+ * norm), whose weight takes no gradient in this call: the image gather
+ * applies it (_sc_gather_affine), so neither the image tile in the
+ * computation's dtype nor a convolution pass over it exists. The
+ * convolution's backward needs only the input's shape then. */
+int _sc_image_affine_shape(const sc_program *p) {
+  if (p->n_instr < 1 || p->n_consumers[0] != 1) return 0;
+  const sc_instr *in = &p->instr[0];
+  if (in->op != SC_OP_CONV || in->in[0] != 0 || in->groups != in->c_in ||
+      in->c_out != in->c_in)
+    return 0;
+  for (int a = 0; a < 2; a++) {
+    const sc_window *w = &in->win[a];
+    if (w->k != 1 || w->s != 1 || w->pad_lo != 0 || w->pad_hi != 0) return 0;
+  }
+  return 1;
+}
