@@ -26,15 +26,7 @@ SUBCOMMANDS = {
 
 
 def _module(name: str):
-    try:
-        return importlib.import_module(f"streamcnn.app.{name}")
-    except ModuleNotFoundError as e:
-        # app/synth.py is written on another branch: until it is merged the
-        # subcommand is listed without it (the one tolerant import; make it
-        # plain once every module is on main)
-        if name == "synth" and e.name == "streamcnn.app.synth":
-            return None
-        raise
+    return importlib.import_module(f"streamcnn.app.{name}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,8 +38,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     for name, (modname, help_) in SUBCOMMANDS.items():
         mod = _module(modname)
-        if mod is None:
-            continue
         p = sub.add_parser(name, help=help_, description=(mod.__doc__ or help_).strip()
                            .split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
         mod.add_arguments(p)

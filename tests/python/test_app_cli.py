@@ -1,6 +1,6 @@
 """The ``streamcnn`` command line end to end, through the console script in
-a subprocess: train -> evaluate -> export -> the TorchScript file in a fresh
-process; the run folder's files; every bad input (exit 2, one line naming
+a subprocess: synth -> train -> evaluate -> export -> the TorchScript file in
+a fresh process; the run folder's files; every bad input (exit 2, one line naming
 the file / field / row, nothing written); Ctrl-C during an epoch."""
 
 import csv
@@ -46,11 +46,19 @@ def slides(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def run_dir(slides, tmp_path_factory):
+def synth_set(tmp_path_factory):
+    """``streamcnn synth``: 8 slides of 512^2 (6 train, 2 validation)."""
+    d = tmp_path_factory.mktemp("synth") / "data"
+    cli("synth", d, "--slides", "8", "--size", "512", "--seed", "1", "--quiet", check_rc=0)
+    return d
+
+
+@pytest.fixture(scope="module")
+def run_dir(synth_set, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "run"
-    cli("train", "--train", slides / "train.csv", "--val", slides / "val.csv", "--out", out,
-        *SMALL, "--epochs", "2", "--batch-size", "2", "--optimizer", "sgd", "--lr", "0.01",
-        "--augment", check_rc=0)
+    cli("train", "--train", synth_set / "train.csv", "--val", synth_set / "val.csv", "--out",
+        out, *SMALL, "--mpp", "0.5", "--epochs", "2", "--batch-size", "3", "--optimizer",
+        "sgd", "--lr", "0.01", "--augment", check_rc=0)
     return out
 
 
@@ -86,13 +94,17 @@ def test_run_folder(run_dir):
             assert im.format == "PNG" and im.size == size, (png, im.size)
             im.load()
     preds = _csv(run_dir / "val_predictions.csv")
-    assert list(preds[0]) == ["path", "label", "score"] and len(preds) == 4
-    assert [p["path"] for p in preds] == [f"val_{i}.svs" for i in range(4)]
+    assert list(preds[0]) == ["path", "label", "score"]
+    assert [(p["path"], p["label"]) for p in preds] == [
+        (r["path"], r["label"]) for r in _csv(Path(cfg["val"]))]
     assert all(0 <= float(p["score"]) <= 1 for p in preds)
     assert not [p for p in run_dir.iterdir() if p.name.endswith(".tmp")]
 
 
-def test_evaluate_and_export(run_dir, slides, tmp_path):
+def test_evaluate_and_export(run_dir, synth_set, tmp_path):
+    """synth -> train (run_dir) -> evaluate -> export -> the TorchScript file
+    in a fresh process that only loads the operator library."""
+    slides = synth_set
     res = cli("evaluate", run_dir / "last.pt", "--csv", slides / "val.csv", "--out",
               tmp_path / "ev", "--quiet", check_rc=0)
     auc = float(res.stdout.split()[1])
@@ -206,11 +218,12 @@ def test_bad_options(slides, tmp_path, capsys):
          out=out)
 
 
-def test_bad_run_folder(slides, run_dir, tmp_path, capsys):
+def test_bad_run_folder(synth_set, run_dir, tmp_path, capsys):
+    slides = synth_set
     before = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()}
     _bad(capsys, _train(slides, run_dir), "holds another run", "--resume", "--overwrite")
     _bad(capsys, _train(slides, run_dir, "--resume", "--lr", "0.5", "--head", "avg",
-                "--optimizer", "sgd", "--batch-size", "2", "--augment"), "last.pt",
+                "--optimizer", "sgd", "--batch-size", "3", "--augment"), "last.pt",
          "another config", "lr 0.01 (checkpoint) vs 0.5 (now)", "head 'max' (checkpoint)")
     assert {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()} == before
     empty = tmp_path / "empty"
@@ -219,11 +232,11 @@ def test_bad_run_folder(slides, run_dir, tmp_path, capsys):
     assert list(empty.iterdir()) == []
     _bad(capsys, ["evaluate", tmp_path / "none.pt", "--csv", slides / "val.csv"], "none.pt",
          "does not exist")
-    _bad(capsys, ["export", slides / "train_0.svs", tmp_path / "m.pt"], "train_0.svs",
+    _bad(capsys, ["export", slides / "train.csv", tmp_path / "m.pt"], "train.csv",
          "cannot read checkpoint")
     assert not (tmp_path / "m.pt").exists()
     # a finished run resumed: nothing to do, exit 0
-    res = cli(*_train(slides, run_dir, "--resume"), check_rc=0)
+    res = cli(*_train(slides, run_dir, "--resume", "--mpp", "0.5"), check_rc=0)
     assert "nothing to do" in res.stdout
 
 
@@ -251,7 +264,9 @@ def test_single_class_validation_and_toml_config(slides, tmp_path):
 
 def test_ctrl_c_keeps_last_checkpoint(slides, tmp_path):
     out = tmp_path / "run"
-    args = _train(slides, out, "--epochs", "2", "--batch-size", "1")
+    val = tmp_path / "val.csv"
+    val.write_text(f"path,label\n{slides / 'val_0.svs'},0\n{slides / 'val_1.svs'},1\n")
+    args = _train(slides, out, "--epochs", "2", "--batch-size", "1", val=val)
     proc = subprocess.Popen([str(STREAMCNN), *map(str, args)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
@@ -274,5 +289,5 @@ def test_ctrl_c_keeps_last_checkpoint(slides, tmp_path):
     assert cfg["epochs"] == 2
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
     # and the run goes on from there
-    cli(*_train(slides, out, "--resume"), check_rc=0)
+    cli(*_train(slides, out, "--resume", val=val), check_rc=0)
     assert [int(r["epoch"]) for r in _csv(out / "metrics.csv")] == [1, 2]
