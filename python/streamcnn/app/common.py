@@ -231,6 +231,8 @@ def metric(labels: Sequence[float], scores: Sequence[float], task: str) -> Tuple
     """``(value, why_undefined)``: ROC AUC (scikit-learn) or Spearman's rho
     (scipy); NaN with the reason when it is undefined (one class, constant
     labels or scores)."""
+    if not all(math.isfinite(v) for v in scores):
+        return math.nan, "some scores are not finite: the metric is undefined"
     if task == "classification":
         classes = sorted(set(int(v) for v in labels))
         if len(classes) < 2:

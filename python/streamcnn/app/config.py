@@ -75,6 +75,9 @@ OPTIONS: Tuple[Option, ...] = (
     Option("momentum", float, 0.9, "SGD momentum", check=lambda v: 0 <= v < 1,
            need="in [0, 1)"),
     Option("weight_decay", float, 1e-4, "weight decay", check=_nonneg, need="non-negative"),
+    Option("clip_grad", float, 1.0, "clip the gradient norm of each optimizer step at this "
+           "value (0: off); keeps a from-scratch backbone from diverging",
+           check=_nonneg, need="non-negative", metavar="NORM"),
     Option("schedule", str, "cosine", "learning-rate schedule per optimizer step: constant, "
            "cosine (to 0 at the last step) or step (x gamma every step-epochs)",
            choices=("constant", "cosine", "step")),

@@ -34,6 +34,11 @@ RUN_FILES = ("config.yaml", "metrics.csv", "last.pt", "best.pt", "curves.png", "
              "val_predictions.csv")
 
 
+class Diverged(UsageError):
+    """The loss is not finite: the options (learning rate, ...) make the
+    training diverge (exit 2 with the epoch and image)."""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE",
                         help="TOML (.toml) or YAML file of options; flags override it")
@@ -249,7 +254,8 @@ def _train(cfg, ckpt, dist: Dist, device, quiet: bool, resume: bool, overwrite: 
         ddp = DistributedDataParallel(model, device_ids=[device.index]
                                       if device.type == "cuda" else None)
         net = ddp
-    opt = _optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = _optimizer(cfg, params)
     sampler = torch.utils.data.DistributedSampler(train_ds, num_replicas=dist.world,
                                                   rank=dist.rank, shuffle=True,
                                                   seed=cfg["seed"], drop_last=False)
@@ -313,9 +319,18 @@ def _train(cfg, ckpt, dist: Dist, device, quiet: bool, resume: bool, overwrite: 
                     loss = loss_of(y, label, task)
                     scaled = loss / group
                     (scaler.scale(scaled) if scaler is not None else scaled).backward()
-                loss_sum += float(loss.detach())
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise Diverged(f"training diverged in epoch {epoch + 1}, image {k + 1} "
+                                   f"(loss {value}); lower --lr, or use --warmup or "
+                                   "--clip-grad")
+                loss_sum += value
                 count += 1
                 if final:
+                    if cfg["clip_grad"] > 0:
+                        if scaler is not None:
+                            scaler.unscale_(opt)
+                        torch.nn.utils.clip_grad_norm_(params, cfg["clip_grad"])
                     if scaler is not None:
                         scaler.step(opt)
                         scaler.update()
