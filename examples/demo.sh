@@ -18,6 +18,7 @@ SIZE=${SIZE:-1024}         # slide edge, level-0 pixels at 0.5 um/px
 IMAGE=${IMAGE:-512}        # training image edge: the tissue at 0.5 um/px (full resolution)
 EPOCHS=${EPOCHS:-4}
 
+mkdir -p "$DIR"
 t0=$(date +%s)
 if [ ! -f "$DIR/data/train.csv" ]; then
   "$STREAMCNN" synth "$DIR/data" --slides "$SLIDES" --size "$SIZE" --seed 0
