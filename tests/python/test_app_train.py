@@ -45,13 +45,14 @@ def _same_weights(a, b, rtol=1e-5, atol=1e-6):
 
 def test_learns_an_easy_signal(tmp_path):
     """Dark tumour discs in half of the slides: validation AUC >= 0.9 and a
-    validation loss below chance (ln 2) within 3 epochs."""
-    write_set(tmp_path, n_train=8, n_val=8, size=512, seed=7)
+    validation loss below chance (ln 2) after 2 epochs (12 training slides,
+    SGD, batch 4)."""
+    write_set(tmp_path, n_train=12, n_val=8, size=512, seed=1)
     out = tmp_path / "run"
-    train(tmp_path, out, "--epochs", "3", "--batch-size", "2", "--optimizer", "sgd",
-          "--lr", "0.01", "--schedule", "cosine")
+    train(tmp_path, out, "--epochs", "2", "--batch-size", "4", "--optimizer", "sgd",
+          "--lr", "0.01", "--clip-grad", "0", "--tile-size", "256")
     rows = _rows(out / "metrics.csv")
-    assert len(rows) == 3
+    assert len(rows) == 2
     last = rows[-1]
     assert float(last["val_auc"]) >= 0.9, rows
     assert float(last["val_loss"]) < 0.6931, rows

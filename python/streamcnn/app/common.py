@@ -334,7 +334,7 @@ def save_figure(fig, path: str) -> None:
 
 def plot_roc(path: str, labels: Sequence[float], scores: Sequence[float], title: str) -> bool:
     """The ROC curve as a PNG; False (nothing written) with a single class."""
-    if len(set(int(v) for v in labels)) < 2:
+    if len(set(int(v) for v in labels)) < 2 or not all(math.isfinite(v) for v in scores):
         return False
     import matplotlib
     matplotlib.use("Agg")

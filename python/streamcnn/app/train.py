@@ -338,6 +338,11 @@ def _train(cfg, ckpt, dist: Dist, device, quiet: bool, resume: bool, overwrite: 
                         opt.step()
                     opt.zero_grad(set_to_none=True)
                     sched.step()
+                    if not all(bool(torch.isfinite(p).all()) for p in params):
+                        raise Diverged(f"training diverged in epoch {epoch + 1}, image "
+                                       f"{k + 1}: the weights are not finite after the "
+                                       "optimizer step; lower --lr, or use --warmup or "
+                                       "--clip-grad")
                     now = time.perf_counter()
                     bar.set_postfix(loss=f"{loss_sum / count:.4f}",
                                     s_step=f"{now - t_step:.2f}")
