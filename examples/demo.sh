@@ -14,8 +14,8 @@ set -euo pipefail
 STREAMCNN=${STREAMCNN:-streamcnn}
 DIR=${1:-build/demo}
 SLIDES=${SLIDES:-16}       # slides (3/4 train, 1/4 validation)
-SIZE=${SIZE:-1024}         # slide edge, level-0 pixels at 0.5 um/px
-IMAGE=${IMAGE:-512}        # training image edge: the tissue at 0.5 um/px (full resolution)
+SIZE=${SIZE:-512}          # slide edge, level-0 pixels at 0.5 um/px
+IMAGE=${IMAGE:-256}        # training image edge: the tissue at 0.5 um/px (full resolution)
 EPOCHS=${EPOCHS:-4}
 
 mkdir -p "$DIR"
@@ -24,8 +24,8 @@ if [ ! -f "$DIR/data/train.csv" ]; then
   "$STREAMCNN" synth "$DIR/data" --slides "$SLIDES" --size "$SIZE" --seed 0
 fi
 "$STREAMCNN" train --train "$DIR/data/train.csv" --val "$DIR/data/val.csv" --out "$DIR/run" \
-  --overwrite --image-size "$IMAGE" --mpp 0.5 --model resnet18 --stream-upto layer2 \
-  --tile-size 256 --head max --epochs "$EPOCHS" --batch-size 4 --optimizer sgd --lr 0.01 \
+  --overwrite --image-size "$IMAGE" --mpp 0.5 --model resnet18 --stream-upto layer1 \
+  --tile-size 160 --head max --epochs "$EPOCHS" --batch-size 4 --optimizer sgd --lr 0.01 \
   --schedule cosine --augment --device cpu
 evaluation=$("$STREAMCNN" evaluate "$DIR/run/best.pt" --csv "$DIR/data/val.csv" \
   --out "$DIR/eval" --quiet)
