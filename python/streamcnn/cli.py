@@ -25,18 +25,6 @@ SUBCOMMANDS = {
 }
 
 
-def _module(name: str):
-    try:
-        return importlib.import_module(f"streamcnn.app.{name}")
-    except ModuleNotFoundError as e:
-        # app/synth.py is written on another branch: until it is merged the
-        # subcommand is listed without it (the one tolerant import; make it
-        # plain once every module is on main)
-        if name == "synth" and e.name == "streamcnn.app.synth":
-            return None
-        raise
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="streamcnn", description="streamcnn: train, evaluate and "
                             "export streamed CNNs on whole-slide images.")
@@ -45,9 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
     sub.required = True
     for name, (modname, help_) in SUBCOMMANDS.items():
-        mod = _module(modname)
-        if mod is None:
-            continue
+        mod = importlib.import_module(f"streamcnn.app.{modname}")
         p = sub.add_parser(name, help=help_, description=(mod.__doc__ or help_).strip()
                            .split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
         mod.add_arguments(p)
