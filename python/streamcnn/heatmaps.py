@@ -261,11 +261,16 @@ class _Pooler:
 
 
 def _output_gradient(stem: StreamingModule, head: nn.Module, x: torch.Tensor,
-                     target: Target) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     target: Target, features: Optional[torch.Tensor] = None
+                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d score / d stem output, logits, targets): the stem runs without
-    gradient (streamed forward), the head by autograd on its output."""
-    with torch.no_grad():
-        f = stem(x)
+    gradient (streamed forward; or its output is given as features), the
+    head by autograd on its output."""
+    if features is None:
+        with torch.no_grad():
+            f = stem(x)
+    else:
+        f = features.detach()
     f.requires_grad_(True)
     with torch.enable_grad():
         logits = head(f)
@@ -280,7 +285,8 @@ def _output_gradient(stem: StreamingModule, head: nn.Module, x: torch.Tensor,
 
 def saliency(stem: StreamingModule, head: nn.Module, image: torch.Tensor,
              target: Target = None, *, pool: int = 1, band_rows: Optional[int] = None,
-             progress=None, return_logits: bool = False):
+             progress=None, return_logits: bool = False,
+             features: Optional[torch.Tensor] = None):
     """The saliency map: ``max_c |d score / d image[n, c, y, x]|``, float32
     (float64 for a float64 stem) ``N x ceil(H / pool) x ceil(W / pool)`` (with ``pool > 1`` the maximum
     over each ``pool x pool`` block), where score is ``head(stem(image))[n,
@@ -293,7 +299,8 @@ def saliency(stem: StreamingModule, head: nn.Module, image: torch.Tensor,
     2^24 values; see the module docstring), exactly. ``progress``: a
     callable ``(done, total)`` called after each band (e.g. a tqdm's
     update). With ``return_logits`` also returns the logits (N x outputs)
-    and the targets."""
+    and the targets. ``features``: ``stem(image)`` when already computed
+    (saves one forward)."""
     if not isinstance(stem, StreamingModule):
         raise TypeError("streamcnn: saliency needs the stem as a StreamingModule")
     if not isinstance(pool, int) or isinstance(pool, bool) or pool < 1:
@@ -301,7 +308,8 @@ def saliency(stem: StreamingModule, head: nn.Module, image: torch.Tensor,
     x = _batch(image).detach()
     n, c, h, w = x.shape
     cone = stem_cone(stem)
-    g, logits, t = _output_gradient(stem, head, x, target)
+    g, logits, t = _output_gradient(stem, head, x, target, features)
+    features = None
     dtype = compute_dtype(x, stem.stream_params()) if x.dtype == torch.uint8 else x.dtype
     if band_rows is None:
         band_rows = _default_band_rows(cone, w, c)
