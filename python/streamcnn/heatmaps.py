@@ -34,6 +34,7 @@ Display helpers: :func:`upsample`, :func:`smooth`, :func:`normalize`,
 :func:`colorize`.
 """
 
+import contextlib
 import math
 from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -316,6 +317,29 @@ def saliency(stem: StreamingModule, head: nn.Module, image: torch.Tensor,
     if not isinstance(band_rows, int) or band_rows < 1:
         raise ValueError(f"streamcnn: band_rows must be a positive int, got {band_rows!r}")
     plan = band_plan(cone, h, g.shape[2], band_rows)
+    with _frozen(stem):   # the bands' backward computes the image gradient only
+        out = _band_gradients(stem, x, g, plan, cone, dtype, pool, progress)
+    if return_logits:
+        return out, logits, t
+    return out
+
+
+@contextlib.contextmanager
+def _frozen(module: nn.Module):
+    """Parameters without requires_grad inside the block (restored after)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+def _band_gradients(stem, x, g, plan, cone, dtype, pool, progress) -> torch.Tensor:
+    """The reduced image gradient, band by band (see :func:`saliency`)."""
+    n, c, h, w = x.shape
     odt = torch.float64 if dtype == torch.float64 else torch.float32
     out = torch.zeros(n, -(-h // pool), -(-w // pool), dtype=odt)
     pooler = _Pooler(out, pool)
@@ -349,8 +373,6 @@ def saliency(stem: StreamingModule, head: nn.Module, image: torch.Tensor,
         if progress is not None:
             progress(i + 1, len(plan))
     pooler.close()
-    if return_logits:
-        return out, logits, t
     return out
 
 
