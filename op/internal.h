@@ -11,7 +11,7 @@
 extern "C" {
 #endif
 
-/* ---- program / geometry (no torch) ---------------------------------------- */
+/* ---- program / geometry (op/program.c, op/geometry.c; no torch) ---------- */
 
 const char *_sc_op_name(int op);
 int _sc_is_window(int op);
@@ -34,8 +34,27 @@ int _sc_tile_bounds(const sc_program *p, const int64_t *sizes, int axis,
 int _sc_tiling(const sc_program *p, const int64_t *sizes, int64_t tile_h,
                int64_t tile_w, int64_t tile_out[2], sc_error *err);
 
+/* Decode a program and tile an h x w image with it: the shared start of
+ * sc_tiling_info, sc_tile_bounds, sc_work_info and sc_memory_info. On
+ * success *p, *sizes (per value extents) and tile_out are set; the caller
+ * frees *p (sc_program_free) and *sizes (free) either way. */
+int _sc_decode_and_tile(const int64_t *words, int64_t n_words, int64_t h,
+                        int64_t w, int64_t tile_h, int64_t tile_w,
+                        sc_program **p, int64_t **sizes, int64_t tile_out[2],
+                        sc_error *err);
+
+/* The error's message into buf (len bytes, NUL-terminated); buf NULL or
+ * len 0: nothing. */
+void _sc_copy_err(const sc_error *e, char *buf, size_t len);
+
+/* ---- program analysis (op/analysis.c, no torch) -------------------------- */
+
 /* Activations whose derivative ATen computes from the output. */
 int _sc_act_uses_output(int act);
+
+/* Parameter k (-1: none) takes a gradient under mask (as for _sc_needs;
+ * NULL: all do). */
+int _sc_param_wanted(const int *mask, int64_t k);
 
 /* Batch norms folded into the convolution before them (fuse = 1; the
  * replay does so for float32 / float64): fused[i] = j for a convolution i
