@@ -238,6 +238,7 @@ class _Pooler:
         self.row = 0          # next output row
 
     def add(self, rows: torch.Tensor) -> None:
+        rows = rows.to(self.out.device)
         if rows.shape[1] == 0:
             return
         if self.pool == 1:
@@ -340,6 +341,7 @@ def _frozen(module: nn.Module):
 def _band_gradients(stem, x, g, plan, cone, dtype, pool, progress) -> torch.Tensor:
     """The reduced image gradient, band by band (see :func:`saliency`)."""
     n, c, h, w = x.shape
+    device = g.device
     odt = torch.float64 if dtype == torch.float64 else torch.float32
     out = torch.zeros(n, -(-h // pool), -(-w // pool), dtype=odt)
     pooler = _Pooler(out, pool)
@@ -347,7 +349,9 @@ def _band_gradients(stem, x, g, plan, cone, dtype, pool, progress) -> torch.Tens
     done_r = 0                     # rows [0, done_r) are final and emitted
     s = cone.stride[0]
     for i, b in enumerate(plan):
-        xb = x[:, :, b.r0:b.r1].to(dtype).detach().requires_grad_(True)
+        # the band on the stem's device (an image in host memory streams to
+        # a CUDA stem, but its gradient needs the band there)
+        xb = x[:, :, b.r0:b.r1].to(device=device, dtype=dtype).detach().requires_grad_(True)
         with torch.enable_grad():
             fb = stem(xb)
             gb = torch.zeros_like(fb)

@@ -179,3 +179,21 @@ def test_command_line_exit_code(data, tmp_path):
     assert r.returncode == 2
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("streamcnn: ") and "regression" in lines[0]
+
+
+def test_pointing_game_after_training():
+    """After a tiny training on synthetic tumour / normal slides, the CAM's
+    top location (through the streamed stem) lies on a true tumour cluster
+    (the generator's boxes) on held-out slides; the full measurement is
+    bench/pointing_game.py."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path.insert(0, os.path.join(root, "bench"))
+    try:
+        import pointing_game as pg
+    finally:
+        sys.path.pop(0)
+    sm, head, loss = pg.train(n_train=4, steps=150, batch=16)
+    hits, n, chance, rows = pg.pointing_game(sm, head, range(200, 204))
+    print(f"pointing game: {hits}/{n} hits, chance {chance:.2f}, loss {loss:.4f}", rows)
+    assert chance < 0.4
+    assert hits >= 3, rows

@@ -43,6 +43,7 @@ from .checkpoint import load_model
 
 HEATMAPS = ("saliency", "cam", "both", "none")
 MPP_TOLERANCE = 0.05
+OUTPUTS = ("_saliency.png", "_cam.png", "_cam.tif")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -318,7 +319,9 @@ def _predict_slide(path: str, name: str, model, config, args, want_sal: bool,
             bars.write(msg)
             row["status"], row["message"] = "blank", "no tissue: empty maps"
         h, w = img.shape[1:]
-        x = img.unsqueeze(0).to(dev)
+        # on a CUDA device the uint8 region stays in host memory: the stem
+        # streams it tile by tile (and the saliency band by band)
+        x = img.unsqueeze(0) if dev.type == "cuda" else img.unsqueeze(0).to(dev)
         del img
         with bars.tiles(f"{name}"):
             with torch.no_grad():
@@ -448,6 +451,8 @@ def run(args) -> int:
         except (ValueError, FileNotFoundError, RuntimeError, OSError, MemoryError) as e:
             failed += 1
             msg = str(e) if str(e).startswith("streamcnn:") else f"streamcnn: {path}: {e}"
+            for suffix in OUTPUTS:   # no partial set of maps for a failed slide
+                _unlink(os.path.join(args.out, name + suffix))
             bars.write(msg)
             rows.append({"slide": name, "path": path, "status": "error", "message": msg})
     _write_csv(os.path.join(args.out, "predictions.csv"), rows)
