@@ -88,7 +88,7 @@ def train(n_train: int = 4, steps: int = 150, batch: int = 16, seed: int = 0):
         loss.backward()
         opt.step()
     sm = streamcnn.StreamingModule(stem, tile_size=128, mean=[128.0] * 3, std=[64.0] * 3)
-    return sm, head, float(loss)
+    return sm, head, float(loss.detach())
 
 
 def pointing_game(sm, head, seeds):
