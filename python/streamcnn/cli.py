@@ -22,6 +22,7 @@ SUBCOMMANDS = {
     "train": ("train", "train a slide classifier (or regressor) end to end, streamed"),
     "evaluate": ("evaluate", "score slides with a checkpoint: AUC / Spearman, predictions.csv"),
     "export": ("export", "write a checkpoint's model as TorchScript (stem + head)"),
+    "predict": ("predict", "score whole slides and draw saliency / class-activation heatmaps"),
 }
 
 

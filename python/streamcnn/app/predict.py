@@ -416,7 +416,8 @@ def _write_csv(path: str, rows: List[Dict]) -> None:
 
 def run(args) -> int:
     """Run ``streamcnn predict``; 0 when every slide worked, 2 when some
-    failed (each reported on stderr and in predictions.csv). Errors that
+    failed or were blank (each reported on stderr and in predictions.csv;
+    a blank slide still gets its score and empty maps). Errors that
     stop everything (checkpoint, arguments, output folder) raise ValueError
     / FileNotFoundError with a ``streamcnn:`` message."""
     _check_args(args)
@@ -459,19 +460,5 @@ def run(args) -> int:
     if not args.quiet:
         bars.write(f"streamcnn predict: {len(rows) - failed} of {len(rows)} slides -> "
                    f"{os.path.join(args.out, 'predictions.csv')}")
-    return 2 if failed else 0
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="streamcnn predict", description=__doc__.split("\n")[0])
-    add_arguments(p)
-    args = p.parse_args(argv)
-    try:
-        return run(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(str(e).splitlines()[0] if str(e) else repr(e), file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    blank = sum(r.get("status") == "blank" for r in rows)
+    return 2 if failed or blank else 0
