@@ -54,6 +54,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   FZ_CHECK(info[4] == p->stride[0] && info[5] == p->stride[1]);
   FZ_CHECK(info[6] == p->n_params && info[7] == p->n_instr);
   FZ_CHECK(info[2] >= 1 && info[3] >= 1); /* receptive field */
+  FZ_CHECK(info[2] <= SC_MAX_EXTENT && info[3] <= SC_MAX_EXTENT);
   sc_program_free(p);
   free(words);
   return 0;
