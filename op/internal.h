@@ -11,7 +11,7 @@
 extern "C" {
 #endif
 
-/* ---- program / geometry (no torch) ---------------------------------------- */
+/* ---- program / geometry (op/program.c, op/geometry.c; no torch) ---------- */
 
 const char *_sc_op_name(int op);
 int _sc_is_window(int op);
@@ -34,8 +34,32 @@ int _sc_tile_bounds(const sc_program *p, const int64_t *sizes, int axis,
 int _sc_tiling(const sc_program *p, const int64_t *sizes, int64_t tile_h,
                int64_t tile_w, int64_t tile_out[2], sc_error *err);
 
+/* Decode a program and tile an h x w image with it: the shared start of
+ * sc_tiling_info, sc_tile_bounds, sc_work_info and sc_memory_info. On
+ * success *p, *sizes (per value extents) and tile_out are set; the caller
+ * frees *p (sc_program_free) and *sizes (free) either way. */
+int _sc_decode_and_tile(const int64_t *words, int64_t n_words, int64_t h,
+                        int64_t w, int64_t tile_h, int64_t tile_w,
+                        sc_program **p, int64_t **sizes, int64_t tile_out[2],
+                        sc_error *err);
+
+/* The error's message into buf (len bytes, NUL-terminated); buf NULL or
+ * len 0: nothing. */
+void _sc_copy_err(const sc_error *e, char *buf, size_t len);
+
+/* ---- program analysis (op/analysis.c, no torch) -------------------------- */
+
 /* Activations whose derivative ATen computes from the output. */
 int _sc_act_uses_output(int act);
+
+/* Instruction 0 is a per-channel affine map of the image read by nothing
+ * else (a depthwise 1 x 1 convolution, stride 1, no padding): the image
+ * gather may apply it (forward.c). */
+int _sc_image_affine_shape(const sc_program *p);
+
+/* Parameter k (-1: none) takes a gradient under mask (as for _sc_needs;
+ * NULL: all do). */
+int _sc_param_wanted(const int *mask, int64_t k);
 
 /* Batch norms folded into the convolution before them (fuse = 1; the
  * replay does so for float32 / float64): fused[i] = j for a convolution i
@@ -249,7 +273,7 @@ int _sc_div_(sc_ctx *ctx, AtenTensorHandle a, AtenTensorHandle b);
 /* dst.copy_(src) across devices (small host-built tensors). */
 int _sc_copy_across(sc_ctx *ctx, AtenTensorHandle dst, AtenTensorHandle src);
 
-/* ---- replay (op/replay.c) ----------------------------------------------- */
+/* ---- replay (op/replay.c, op/validate.c) -------------------------------- */
 
 /* Inputs of one call, all borrowed; params has p->n_params entries. */
 typedef struct sc_call {
@@ -277,6 +301,238 @@ int _sc_forward(sc_ctx *ctx, const sc_call *call, AtenTensorHandle *out,
  * are set (owned, contiguous) where mask is true, NULL elsewhere. */
 int _sc_backward(sc_ctx *ctx, const sc_call *call, AtenTensorHandle grad_out,
                  const int *mask, AtenTensorHandle *grads);
+
+#ifdef STREAMCNN_REPLAY /* ---- the replay's rooms (see op/README.md) ---- */
+
+/* One replay call's state, shared by run.c, halo.c, hostimage.c,
+ * forward.c, fold.c, validate.c, backward.c and replay.c.
+ *
+ * Ownership: a sc_run owns every handle stored in it (NULL or owned, never
+ * borrowed, except `strips`, the caller's); _sc_run_tile_release frees the
+ * per-tile state (val, grad, aux), _sc_run_release everything. Who writes
+ * what: run_init (replay.c) the per-call fields; fold.c fused, fold and
+ * fsum; halo.c the strips' layout (band_off, lstrip_off, strip_total) and
+ * the halo arrays; hostimage.c the prefetch fields; forward.c and
+ * backward.c the per-tile state. Borrowed inputs (image, params,
+ * grad_output) are only read, never written. */
+#include "tile.h"
+
+typedef struct sc_run {
+  sc_ctx *ctx;
+  const sc_call *call;
+  const sc_program *p;
+  int64_t nv;           /* values: n_instr + 1 */
+  int64_t batch;
+  int64_t *sizes;       /* 2 * nv: extent of every value (rows, cols) */
+  int64_t tile_out[2];  /* output tile edge (rows, cols) */
+  int64_t n_tiles[2];
+  sc_axis_plan **plans[2]; /* per axis, one plan per tile index */
+  int64_t n_order;          /* n_tiles[0] * n_tiles[1] */
+  int64_t *order;           /* tiles as row * n_tiles[1] + col, largest first */
+
+  /* per-tile state */
+  const sc_axis_plan *cur[2]; /* plans in use: the tile's, or a piece's */
+  int64_t keep_from;        /* values below this are not kept (recomputed) */
+  AtenTensorHandle *val;    /* nv: forward value over its region */
+  AtenTensorHandle *grad;   /* nv: gradient over the value's region */
+  unsigned char *grad_mine; /* nv: grad[v] may be written in place */
+  AtenTensorHandle *aux;    /* n_instr: avg-pool divisor map, from the
+                               recompute, for the backward */
+  int64_t *left;            /* nv: consumers still to run in the forward */
+  unsigned char *keep;      /* nv: a backward op reads this value */
+
+  /* backward */
+  int64_t cut;              /* 0, or the value the backward splits at */
+  int64_t pieces;           /* row pieces for the part below the cut */
+  const int *mask;          /* 1 + n_params */
+  unsigned char *needs;     /* nv: value needs a gradient */
+  AtenTensorHandle *pgrad;  /* n_params: gradient sums */
+
+  /* batch norms folded into the convolution before them (_sc_fusion) */
+  int64_t *fused;           /* n_instr: the partner instruction, or -1 */
+  AtenTensorHandle *fold;   /* 4 per fused convolution: _sc_fold_bn's */
+  AtenTensorHandle *fsum;   /* 2 per fused convolution: its weight gradient
+                               against the folded weight and its output
+                               gradient's per-channel sum, summed over the
+                               tiles (converted once, _sc_fold_grads_finish) */
+  AtenTensorHandle igrad;   /* image gradient, when mask[0] */
+
+  /* halo caching: plans on both axes are cached plans, each value computed
+   * once. Tiles run row by row, left to right in the forward and in the
+   * reverse order in the backward. A tile's region beyond its own span is
+   * its halo: the top band (rows above its own, all its region's columns,
+   * computed by the rows of tiles above) and the left strip (its own rows,
+   * columns left of its own, computed by the tile on the left). */
+  int cached;
+  int64_t row, col;          /* the tile in use */
+  AtenTensorHandle strips;   /* flat store of all halos (borrowed), or NULL */
+  int64_t *band_off;         /* row * nv + v: element offset in strips of
+                                row tile `row`'s band (full width), -1 none */
+  int64_t *lstrip_off;       /* (row * n_tiles[1] + col) * nv + v: of tile
+                                (row, col)'s left strip, -1 none */
+  int64_t strip_total;       /* elements of strips */
+  AtenTensorHandle *band;    /* nv: this row's bands (full width) */
+  AtenTensorHandle *band_next; /* nv: the next row's (forward sweep) */
+  AtenTensorHandle *lhalo;   /* nv: this tile's left strips */
+  AtenTensorHandle *lnext;   /* nv: the next tile's (forward sweep) */
+  int sweep;                 /* _sc_forward_tile fills band_next / lnext */
+  AtenTensorHandle *gband;   /* nv: gradient of the next row's bands,
+                                pending for this row (backward) */
+  AtenTensorHandle *gband_up; /* nv: gradient of this row's bands */
+  AtenTensorHandle *gleft;   /* nv: gradient of the right neighbour's left
+                                strips, pending for this tile; then this
+                                tile's, for the left neighbour */
+
+  int nhwc_image;             /* tiles_nhwc, and more than convolutions read
+                                the image: its tile is copied channels-last */
+
+  /* a pinned host image: the next tile's pixels are copied to the device
+   * on a side stream while this tile computes */
+  int64_t next_tile[2];      /* row, col of the tile after this one; -1 none */
+  int img_pinned;            /* host image, pinned */
+  int pf_open;
+  sc_prefetch pf;
+  AtenTensorHandle pf_buf;   /* the copy (owned), or NULL */
+  int64_t pf_span[2][2];     /* its rows and cols of the image */
+  int host_direct;           /* this tile's pixels are read from pinned memory */
+  void *host_ev;             /* cudaEvent_t after the last such read, or NULL */
+} sc_run;
+
+/* The per-value handle arrays of halo caching (run_init allocates
+ * them, _sc_run_release frees them). */
+#define HALO_ARRAYS(r)                                                        \
+  {&(r)->band, &(r)->band_next, &(r)->lhalo, &(r)->lnext, &(r)->gband,       \
+   &(r)->gband_up, &(r)->gleft}
+
+/* ---- spans of the current tile (r->cur) and small helpers ---- */
+
+/* The span of value v the tile holds (its region: own span and halo). */
+static inline const int64_t *region(const sc_run *r, int axis, int64_t v) {
+  return &r->cur[axis]->region[2 * v];
+}
+
+/* The span instruction i reads through input slot `slot`. */
+static inline const int64_t *readspan(const sc_run *r, int axis, int64_t i,
+                                      int slot) {
+  return &r->cur[axis]->read[4 * i + 2 * slot];
+}
+
+/* The span of value v the tile computes (region minus the halo). */
+static inline const int64_t *own(const sc_run *r, int axis, int64_t v) {
+  return &r->cur[axis]->own[2 * v];
+}
+
+static inline int empty(const int64_t *s) { return s[1] <= s[0]; }
+
+static inline int same(const int64_t *a, const int64_t *b) {
+  return a[0] == b[0] && a[1] == b[1];
+}
+
+static inline int value_empty(const sc_run *r, int64_t v) {
+  return empty(region(r, 0, v)) || empty(region(r, 1, v));
+}
+
+/* [lo, hi) clipped to [0, n) */
+static inline void clip(const int64_t *s, int64_t n, int64_t out[2]) {
+  out[0] = s[0] < 0 ? 0 : s[0];
+  out[1] = s[1] > n ? n : s[1];
+  if (out[1] < out[0]) out[1] = out[0];
+}
+
+/* params[k] (borrowed), or NULL for k = -1 (no such parameter). */
+static inline AtenTensorHandle param(const sc_run *r, int64_t k) {
+  return k >= 0 ? r->call->params[k] : NULL;
+}
+
+/* Parameter k (-1: none) takes a gradient in this backward. */
+static inline int wants(const sc_run *r, int64_t k) {
+  return k >= 0 && r->mask[1 + k];
+}
+
+/* run.c */
+/* Bytes per element of an image or parameter dtype (uint8, float16,
+ * bfloat16, float32, float64; 0 for others). */
+int _sc_dtype_size(int32_t d);
+/* New reference to t restricted to the absolute spans (row, col), given
+ * that t covers the absolute spans (trow, tcol). */
+int _sc_subview(sc_run *r, AtenTensorHandle t, const int64_t *trow,
+                const int64_t *tcol, const int64_t *row, const int64_t *col,
+                AtenTensorHandle *out);
+/* r->order: the tiles, largest cone first (cone plans). */
+int _sc_order_tiles(sc_run *r);
+/* Make the k-th tile of r->order current (cone plans). */
+void _sc_select_tile(sc_run *r, int64_t k);
+/* Cached plans: make row tile t, column tile c the current tile. */
+void _sc_select_cached(sc_run *r, int64_t t, int64_t c);
+/* Once per CPU call: hand free heap pages back to the OS. */
+void _sc_release_free_pages(const sc_ctx *ctx);
+void _sc_run_tile_release(sc_run *r);
+void _sc_run_release(sc_run *r);
+/* Drop n handles (h NULL: nothing); move n handles (dst's released). */
+void _sc_drop_all(AtenTensorHandle *h, int64_t n);
+void _sc_move_all(AtenTensorHandle *dst, AtenTensorHandle *src, int64_t n);
+/* The progress callback (sc_set_progress) of this thread, if any. */
+void _sc_report(int phase, int64_t done, int64_t total);
+/* Add g (the gradient of the span instruction i reads through slot j)
+ * into its input value's gradient (or the image's); mine: g's storage may
+ * be adopted. */
+int _sc_accum_input(sc_run *r, int64_t i, int j, AtenTensorHandle g,
+                    int mine);
+/* Add gv (borrowed: value v's gradient over the spans cl, inside v's
+ * region) into grad[v]; mine: gv's storage may be adopted. */
+int _sc_add_grad(sc_run *r, int64_t v, int64_t cl[2][2], AtenTensorHandle gv,
+                 int mine);
+/* *sum += *t (owned; adopted when *sum is NULL), *t dropped. */
+int _sc_accum_sum(sc_ctx *ctx, AtenTensorHandle *sum, AtenTensorHandle *t);
+/* Sum parameter k's gradient (owned t) over tiles and uses. */
+int _sc_accum_param(sc_run *r, int64_t k, AtenTensorHandle *t);
+
+/* halo.c */
+int _sc_plan_strips(sc_run *r);
+int _sc_has_halo(const sc_run *r, int64_t o);
+int _sc_halo_buffer(sc_run *r, int64_t o, AtenTensorHandle *buf,
+                    AtenTensorHandle *own_part);
+int _sc_band_view(sc_run *r, int64_t t, int64_t v, AtenTensorHandle *out);
+int _sc_lstrip_view(sc_run *r, int64_t t, int64_t c, int64_t v,
+                    AtenTensorHandle *out);
+int _sc_add_halo(sc_run *r, int64_t o);
+int _sc_save_halo(sc_run *r, int64_t o);
+int _sc_pass_pending(sc_run *r, int64_t o);
+
+/* hostimage.c */
+int _sc_host_tile(sc_run *r);
+int _sc_mark_host_reads(sc_run *r);
+
+/* forward.c */
+int _sc_layer_input(sc_run *r, int64_t i, int j, double pad_value,
+                    AtenTensorHandle *out);
+int _sc_layer_shape(sc_run *r, int64_t i, int j, AtenTensorHandle *out);
+int _sc_pointwise_input(sc_run *r, int64_t i, int j, AtenTensorHandle *out);
+int _sc_own_view(sc_run *r, AtenTensorHandle t, int64_t v,
+                 AtenTensorHandle *out);
+int _sc_forward_tile(sc_run *r, int keep);
+int _sc_forward_into(sc_run *r, AtenTensorHandle out);
+
+/* fold.c */
+/* Decide the fusion (_sc_fusion) and fold each fused pair's weights. */
+int _sc_fold_init(sc_run *r);
+int _sc_fused_conv_backward(sc_run *r, int64_t i, AtenTensorHandle g);
+int _sc_fold_grads_finish(sc_run *r);
+
+/* validate.c */
+/* Shape, strides (borrowed: valid while t lives), dtype and device of t;
+ * on failure what names t (`what`) goes into the error. */
+int _sc_describe(sc_ctx *ctx, AtenTensorHandle t, const char *what,
+                 int64_t *dim, int64_t **sz, int64_t **st, int32_t *dtype,
+                 int32_t *dt, int32_t *di);
+/* dtype and device are those of the computation. */
+int _sc_on_compute(const sc_ctx *ctx, int32_t dtype, int32_t dt, int32_t di);
+
+/* backward.c */
+int _sc_backward_tile(sc_run *r, AtenTensorHandle grad_out);
+void _sc_choose_cut(sc_run *r);
+
+#endif /* STREAMCNN_REPLAY */
 
 #endif /* STREAMCNN_TORCH */
 
