@@ -2,9 +2,9 @@
  * fuzz_slide.c — libFuzzer target: the slide reader on mutated TIFF files,
  * through sc_slide_open / sc_slide_read (OpenSlide and libtiff underneath).
  *
- * The input is written to a file of this process (OpenSlide opens paths),
- * opened, and, when it opens, its metadata and a few small regions of
- * every level (corner, far corner, and one straddling the right/bottom
+ * The input is written to a file of this process (OpenSlide opens paths;
+ * removed after each input), opened, and, when it opens, its metadata and
+ * a few small regions of every level (corner, far corner, and one straddling the right/bottom
  * border) are read with 1 and 3 threads; both reads must agree or both
  * fail. A failing open or read must give a message. Regions are at most
  * 96 x 96: the reader's own allocation is 3 * w * h bytes by the caller.
@@ -53,6 +53,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   char err[512] = {0};
   sc_slide *s = sc_slide_open(g_path, err, sizeof err);
   if (!s) {
+    unlink(g_path);
     FZ_CHECK(err[0]);
     return 0;
   }
@@ -83,5 +84,6 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   FZ_CHECK(sc_slide_read(s, n, 0, 0, 1, 1, one, 0, 1, e2, sizeof e2) ==
                SC_ERR && e2[0]);
   sc_slide_close(s);
+  unlink(g_path); /* OpenSlide reopens by path while open: remove it after */
   return 0;
 }
