@@ -41,9 +41,9 @@ ASAN_OPTIONS=detect_leaks=1:halt_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:hal
   ctest --test-dir "$BUILD" --output-on-failure
 
 if (($# == 0)); then
-  # ops, bad inputs, halo cache, equivalence (small images), slides, threads,
-  # huge sizes and out-of-memory; the slow and the CUDA-only tests excluded
-  set -- tests/python/test_ops.py tests/python/test_bad_inputs.py \
+  # the harness check, ops, bad inputs, halo cache, equivalence (small
+  # images), slides, threads, huge sizes and out-of-memory
+  set -- tests/python/test_sanitizer.py tests/python/test_ops.py tests/python/test_bad_inputs.py \
     tests/python/test_halo_cache.py tests/python/test_equivalence.py \
     tests/python/test_slide.py tests/python/test_threads.py \
     tests/python/test_overflow.py tests/python/test_oom.py
