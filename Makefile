@@ -3,7 +3,7 @@ VENV    := .venv
 PY      := $(abspath $(VENV))/bin/python
 STAMP   := $(VENV)/.setup-stamp
 BUILD   := build/dev
-SOURCES := $(shell find op kernels cmake python tests/abi tests/c tests/cuda -type f 2>/dev/null) CMakeLists.txt pyproject.toml
+SOURCES := $(shell find op io kernels cmake python tests/abi tests/c tests/cuda -type f 2>/dev/null) CMakeLists.txt pyproject.toml
 
 .PHONY: all setup build test ctest pytest demo bench abi-check clean sanitize fuzz valgrind
 

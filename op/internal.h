@@ -106,15 +106,6 @@ void _sc_needs(const sc_program *p, const int *mask, const int64_t *fused,
 void _sc_keep_set(const sc_program *p, const unsigned char *needs,
                   const int *mask, const int64_t *fused, unsigned char *keep);
 
-/* ---- slides (slide.c, tiffwrite.c) ------------------------------------------ */
-
-/* printf into err (when given); returns SC_ERR. */
-int _sc_slide_fail(char *err, size_t errlen, const char *fmt, ...)
-#if defined(__GNUC__)
-    __attribute__((format(printf, 3, 4)))
-#endif
-    ;
-
 #ifdef STREAMCNN_TORCH /* ---- everything below talks to libtorch ---------- */
 
 #include "abi.h"

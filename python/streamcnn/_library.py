@@ -176,7 +176,7 @@ def macs_executed(reset: bool = False) -> Tuple[float, float, float]:
 
 
 def _declare_slide_api(lib: ctypes.CDLL) -> None:
-    """ctypes prototypes of op/slide.h."""
+    """ctypes prototypes of io/slide.h."""
     vp, cp, sz, i32, i64 = (ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t,
                             ctypes.c_int32, ctypes.c_int64)
     i64p = ctypes.POINTER(ctypes.c_int64)

@@ -1,6 +1,6 @@
 """Writing maps too large to hold as pyramidal tiled TIFFs that OpenSlide
 (and so slide viewers) open as slides: :class:`PyramidWriter`, on the C
-streaming writer (``sc_tiff_stream_*`` in ``op/tiffwrite.c``).
+streaming writer (``sc_tiff_stream_*`` in ``io/tiffwrite.c``).
 
     with PyramidWriter("map.tif", width, height, mpp=0.5) as w:
         for rows in bands:                # uint8 r x width x 3, top to bottom

@@ -4,8 +4,7 @@
  * read), sc_tiff_stream_* for maps too large to hold (rows in order, reduced
  * levels built on the way). Tiles are staged in one tile-sized buffer.
  */
-#include "slide.h"
-#include "internal.h"
+#include "io_internal.h"
 
 #include <stdio.h>
 #include <stdlib.h>
