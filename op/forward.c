@@ -362,7 +362,7 @@ int _sc_forward_tile(sc_run *r, int keep) {
   const sc_program *p = r->p;
   const int64_t out_v = p->n_instr;
   if (!value_empty(r, 0)) {
-    if (_sc_subview(r, r->call->image, (const int64_t[2]){0, r->sizes[0]},
+    if (_sc_subview(r, r->call->image, r->img_rows,
                     (const int64_t[2]){0, r->sizes[1]}, region(r, 0, 0),
                     region(r, 1, 0), &r->val[0]))
       return SC_ERR;
@@ -405,8 +405,8 @@ int _sc_forward_into(sc_run *r, AtenTensorHandle out) {
   AtenTensorHandle dst = NULL;
   int rc = _sc_forward_tile(r, 0);
   if (!rc && !empty(rs) && !empty(cs))
-    rc = _sc_view(r->ctx, out, rs[0], rs[1] - rs[0], cs[0], cs[1] - cs[0],
-                  &dst) ||
+    rc = _sc_view(r->ctx, out, rs[0] - r->out_row0, rs[1] - rs[0], cs[0],
+                  cs[1] - cs[0], &dst) || /* out starts at out_row0 */
          _sc_copy(r->ctx, dst, r->val[ov], 0);
   _sc_drop(&dst);
   _sc_run_tile_release(r);

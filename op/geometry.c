@@ -183,21 +183,35 @@ int sc_plan_axis_to(const sc_program *p, const int64_t *sizes, int axis,
 int sc_plan_axis_cached(const sc_program *p, const int64_t *sizes, int axis,
                         int64_t lo, int64_t hi, sc_axis_plan *plan,
                         sc_error *err) {
+  return _sc_plan_axis_cached_from(p, sizes, axis, 0, lo, hi, plan, err);
+}
+
+/* See internal.h. The end of v's span in the cone of [base, x) equals
+ * that in the cone of [0, x) (a span's end depends only on the output
+ * span's end), so only the band's first tile (lo == base) differs from
+ * sc_plan_axis_cached: it owns its whole cone, which starts where the
+ * cone of [base, hi) starts instead of at 0. */
+int _sc_plan_axis_cached_from(const sc_program *p, const int64_t *sizes,
+                              int axis, int64_t base, int64_t lo, int64_t hi,
+                              sc_axis_plan *plan, sc_error *err) {
   const int64_t nv = p->n_instr + 1;
-  if (!sizes || axis < 0 || axis > 1 || plan->n_values != nv || lo < 0 ||
-      hi <= lo)
+  if (!sizes || axis < 0 || axis > 1 || plan->n_values != nv || base < 0 ||
+      lo < base || hi <= lo)
     return sc_fail(err, "streamcnn: internal error: bad cached plan request");
   /* e_v(lo) into own[2v], e_v(hi) into own[2v + 1], via the cones of
-   * [0, lo) and [0, hi) (plan's own arrays as scratch) */
+   * [base, lo) and [base, hi) (plan's own arrays as scratch); for the
+   * first tile (lo == base) prev[v] is where v's cone of [base, hi)
+   * starts */
   int64_t *prev = malloc((size_t)nv * sizeof *prev);
   if (!prev) return sc_fail(err, "streamcnn: out of memory");
   for (int64_t v = 0; v < nv; v++) prev[v] = 0;
-  if (lo > 0) {
-    if (sc_plan_axis(p, sizes, axis, 0, lo, plan, err)) {
+  if (lo > base || base > 0) {
+    if (sc_plan_axis(p, sizes, axis, base, lo > base ? lo : hi, plan, err)) {
       free(prev);
       return SC_ERR;
     }
-    for (int64_t v = 0; v < nv; v++) prev[v] = plan->region[2 * v + 1];
+    for (int64_t v = 0; v < nv; v++)
+      prev[v] = plan->region[2 * v + (lo > base ? 1 : 0)];
   }
   if (sc_plan_axis(p, sizes, axis, 0, hi, plan, err)) {
     free(prev);
@@ -319,39 +333,56 @@ int _sc_tiling(const sc_program *p, const int64_t *sizes, int64_t tile_h,
   return SC_OK;
 }
 
-/* Extent of the image (value 0) a cached plan of output [lo, hi) reads. */
+/* Extent of the image (value 0) a cached plan of output [lo, hi) reads
+ * (tiles from base on). */
 static int cached_input_extent(const sc_program *p, const int64_t *sizes,
-                               int axis, int64_t lo, int64_t hi,
+                               int axis, int64_t base, int64_t lo, int64_t hi,
                                sc_axis_plan *plan, int64_t *ext,
                                sc_error *err) {
-  if (sc_plan_axis_cached(p, sizes, axis, lo, hi, plan, err)) return SC_ERR;
+  if (_sc_plan_axis_cached_from(p, sizes, axis, base, lo, hi, plan, err))
+    return SC_ERR;
   *ext = plan->region[1] > plan->region[0] ? plan->region[1] - plan->region[0]
                                            : 0;
   return SC_OK;
 }
 
-/* Extents of the image a cached first tile [0, t0) and the next tile
- * read, the other tiles sharing n_out - t0 evenly. */
+/* Extents of the image a cached first tile [b, b + t0) and the next tile
+ * read, the other tiles sharing n_out - t0 evenly (b: the first output
+ * row or col of the tiled range, n_out its extent). */
 static int first_and_next(const sc_program *p, const int64_t *sizes,
-                          int axis, int64_t n, int64_t t0, sc_axis_plan *plan,
-                          int64_t e[2], sc_error *err) {
-  const int64_t n_out = sizes[2 * p->n_instr + axis];
+                          int axis, int64_t b, int64_t n_out, int64_t n,
+                          int64_t t0, sc_axis_plan *plan, int64_t e[2],
+                          sc_error *err) {
   const int64_t rest = (n_out - t0 + n - 2) / (n - 1);
-  return cached_input_extent(p, sizes, axis, 0, t0, plan, &e[0], err) ||
-         cached_input_extent(p, sizes, axis, t0,
-                             t0 + rest < n_out ? t0 + rest : n_out, plan,
-                             &e[1], err);
+  return cached_input_extent(p, sizes, axis, b, b, b + t0, plan, &e[0],
+                             err) ||
+         cached_input_extent(p, sizes, axis, b, b + t0,
+                             b + (t0 + rest < n_out ? t0 + rest : n_out),
+                             plan, &e[1], err);
 }
 
 int _sc_tile_bounds(const sc_program *p, const int64_t *sizes, int axis,
                     int64_t t_out, int64_t tile_in, int cached,
                     sc_axis_plan *plan, int64_t *bounds, sc_error *err) {
-  const int64_t n_out = sizes[2 * p->n_instr + axis];
+  return _sc_tile_bounds_range(p, sizes, axis, 0,
+                               sizes[2 * p->n_instr + axis], t_out, tile_in,
+                               cached, plan, bounds, err);
+}
+
+/* See internal.h: _sc_tile_bounds over the output span [b, e) alone, in
+ * absolute coordinates (bounds[0] = b, bounds[n] = e). */
+int _sc_tile_bounds_range(const sc_program *p, const int64_t *sizes,
+                          int axis, int64_t b, int64_t e_out, int64_t t_out,
+                          int64_t tile_in, int cached, sc_axis_plan *plan,
+                          int64_t *bounds, sc_error *err) {
+  const int64_t n_out = e_out - b;
   const int64_t n = (n_out + t_out - 1) / t_out;
-  bounds[0] = 0;
+  if (b < 0 || n_out < 1 || e_out > sizes[2 * p->n_instr + axis])
+    return sc_fail(err, "streamcnn: internal error: bad tile range");
+  bounds[0] = b;
   if (!cached || n < 2) { /* tiles of t_out */
     for (int64_t k = 1; k <= n; k++)
-      bounds[k] = k * t_out < n_out ? k * t_out : n_out;
+      bounds[k] = b + (k * t_out < n_out ? k * t_out : n_out);
     return SC_OK;
   }
   /* The first tile reads its whole cone, the others their own part and a
@@ -363,7 +394,8 @@ int _sc_tile_bounds(const sc_program *p, const int64_t *sizes, int axis,
   int64_t lo = 1, hi = t_out, e[2];
   while (lo < hi) {
     const int64_t t0 = lo + (hi - lo) / 2;
-    if (first_and_next(p, sizes, axis, n, t0, plan, e, err)) return SC_ERR;
+    if (first_and_next(p, sizes, axis, b, n_out, n, t0, plan, e, err))
+      return SC_ERR;
     if (e[0] >= e[1] && e[1] <= tile_in)
       hi = t0;
     else
@@ -372,8 +404,8 @@ int _sc_tile_bounds(const sc_program *p, const int64_t *sizes, int axis,
   int64_t first = lo;
   if (lo > 1) { /* one less may read less at most */
     int64_t f[2];
-    if (first_and_next(p, sizes, axis, n, lo, plan, e, err) ||
-        first_and_next(p, sizes, axis, n, lo - 1, plan, f, err))
+    if (first_and_next(p, sizes, axis, b, n_out, n, lo, plan, e, err) ||
+        first_and_next(p, sizes, axis, b, n_out, n, lo - 1, plan, f, err))
       return SC_ERR;
     if (f[1] <= tile_in && (f[0] > f[1] ? f[0] : f[1]) <
                                (e[0] > e[1] ? e[0] : e[1]))
@@ -383,9 +415,9 @@ int _sc_tile_bounds(const sc_program *p, const int64_t *sizes, int axis,
    * shapes: the allocator reuses their buffers), or evenly where that
    * would leave the last empty */
   const int64_t rest = n_out - first, step = (rest + n - 2) / (n - 1);
-  bounds[1] = first;
+  bounds[1] = b + first;
   for (int64_t k = 2; k <= n; k++)
-    bounds[k] = first + (step * (n - 2) < rest
+    bounds[k] = b + first + (step * (n - 2) < rest
                              ? (k < n ? step * (k - 1) : rest)
                              : (rest * (k - 1) + (n - 2)) / (n - 1));
   return SC_OK;

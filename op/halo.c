@@ -40,6 +40,22 @@ static int64_t band_width(const sc_run *r, int64_t v) {
   return r->plans[1][r->n_tiles[1] - 1]->own[2 * v + 1];
 }
 
+/* *total += batch * channels * rows * cols, checked: a strips store past
+ * int64 elements (absurd channels x extents) is refused, not wrapped. */
+static int add_strip(sc_run *r, int64_t channels, int64_t rows, int64_t cols) {
+  int64_t n;
+  if (__builtin_mul_overflow(r->batch, channels, &n) ||
+      __builtin_mul_overflow(n, rows, &n) ||
+      __builtin_mul_overflow(n, cols, &n) ||
+      __builtin_add_overflow(r->strip_total, n, &r->strip_total))
+    return sc_fail(&r->ctx->err,
+                   "streamcnn: the halo strips of this call would exceed "
+                   "2^63 elements (batch %lld); use larger tiles or "
+                   "halo_cache=False",
+                   (long long)r->batch);
+  return SC_OK;
+}
+
 /* Offsets of every halo in the flat strips store: the bands of row tiles
  * 1.., full width, then the left strips of column tiles 1.. of every row;
  * per value (the image has none: it is always at hand). */
@@ -59,7 +75,7 @@ int _sc_plan_strips(sc_run *r) {
       *off = -1;
       if (t == 0 || v == 0 || empty(rows) || w <= 0) continue;
       *off = r->strip_total;
-      r->strip_total += r->batch * r->p->channels[v] * (rows[1] - rows[0]) * w;
+      if (add_strip(r, r->p->channels[v], rows[1] - rows[0], w)) return SC_ERR;
     }
   for (int64_t t = 0; t < nr; t++)
     for (int64_t c = 0; c < nc; c++)
@@ -71,8 +87,9 @@ int _sc_plan_strips(sc_run *r) {
         *off = -1;
         if (c == 0 || v == 0 || empty(cols) || empty(rows)) continue;
         *off = r->strip_total;
-        r->strip_total += r->batch * r->p->channels[v] * (rows[1] - rows[0]) *
-                          (cols[1] - cols[0]);
+        if (add_strip(r, r->p->channels[v], rows[1] - rows[0],
+                      cols[1] - cols[0]))
+          return SC_ERR;
       }
   return SC_OK;
 }

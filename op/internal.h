@@ -29,6 +29,25 @@ int _sc_tile_bounds(const sc_program *p, const int64_t *sizes, int axis,
                     int64_t t_out, int64_t tile_in, int cached,
                     sc_axis_plan *plan, int64_t *bounds, sc_error *err);
 
+/* _sc_tile_bounds over the output span [b, e) of the axis alone (an
+ * output row band, tile-parallel streaming): bounds[0] = b .. bounds[n] =
+ * e, n = ceil((e - b) / t_out), absolute coordinates; with cached the
+ * band's first tile reads its whole cone (see _sc_plan_axis_cached_from).
+ * _sc_tile_bounds is the span [0, extent). */
+int _sc_tile_bounds_range(const sc_program *p, const int64_t *sizes,
+                          int axis, int64_t b, int64_t e, int64_t t_out,
+                          int64_t tile_in, int cached, sc_axis_plan *plan,
+                          int64_t *bounds, sc_error *err);
+
+/* sc_plan_axis_cached for tiles that start at output row (or col) base
+ * instead of 0: the tile owning [lo, hi) had predecessors owning
+ * [base, lo); the first (lo == base) owns its whole cone (own = region, no
+ * halo), as if nothing before base existed, while the borders of the
+ * values stay where they are (sizes). base = 0: sc_plan_axis_cached. */
+int _sc_plan_axis_cached_from(const sc_program *p, const int64_t *sizes,
+                              int axis, int64_t base, int64_t lo, int64_t hi,
+                              sc_axis_plan *plan, sc_error *err);
+
 /* Output tile edge per axis for an input tile of tile_h x tile_w, capped at
  * the output extent; fails with the minimum tile when it is too small. */
 int _sc_tiling(const sc_program *p, const int64_t *sizes, int64_t tile_h,
@@ -86,15 +105,6 @@ void _sc_needs(const sc_program *p, const int *mask, const int64_t *fused,
  * (batch-norm and add outputs, ...) as soon as it was consumed. */
 void _sc_keep_set(const sc_program *p, const unsigned char *needs,
                   const int *mask, const int64_t *fused, unsigned char *keep);
-
-/* ---- slides (slide.c, tiffwrite.c) ------------------------------------------ */
-
-/* printf into err (when given); returns SC_ERR. */
-int _sc_slide_fail(char *err, size_t errlen, const char *fmt, ...)
-#if defined(__GNUC__)
-    __attribute__((format(printf, 3, 4)))
-#endif
-    ;
 
 #ifdef STREAMCNN_TORCH /* ---- everything below talks to libtorch ---------- */
 
@@ -285,6 +295,12 @@ typedef struct sc_call {
                             once per column of tiles */
   AtenTensorHandle strips; /* cached backward: the halos its forward saved
                               (borrowed); NULL otherwise */
+  /* Tile-parallel streaming (the *_rows ops): only the output rows
+   * [rows[0], rows[1]) of an image of rows[3] rows, whose rows
+   * [rows[2], rows[2] + image rows) the image tensor holds. banded = 0:
+   * the whole output of the whole image (rows unused). */
+  int banded;
+  int64_t rows[4];
 } sc_call;
 
 /* Validate image, params and tile against the program. */
@@ -329,6 +345,11 @@ typedef struct sc_run {
   sc_axis_plan **plans[2]; /* per axis, one plan per tile index */
   int64_t n_order;          /* n_tiles[0] * n_tiles[1] */
   int64_t *order;           /* tiles as row * n_tiles[1] + col, largest first */
+  int64_t out_row0;         /* first output row computed (call->rows[0] of
+                               a band, else 0): the stem output and
+                               grad_output tensors start there */
+  int64_t img_rows[2];      /* image rows the image tensor holds (absolute,
+                               half-open): its gradient covers the same */
 
   /* per-tile state */
   const sc_axis_plan *cur[2]; /* plans in use: the tile's, or a piece's */

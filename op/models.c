@@ -472,3 +472,77 @@ done:
   sc_program_free(p);
   return rc;
 }
+
+/* See streamcnn.h. The rows are planned as run_init (replay.c) plans a
+ * band with halo caching (_sc_tile_bounds_range, _sc_plan_axis_cached_from:
+ * the first row tile owns its whole cone, the others take their band halo
+ * from the row above), the columns as for the whole image. */
+int sc_band_info(const int64_t *words, int64_t n_words, int64_t h, int64_t w,
+                 int64_t tile_h, int64_t tile_w, int64_t out_lo,
+                 int64_t out_hi, double *info, char *errbuf, size_t errlen) {
+  sc_error err = {0};
+  sc_program *p;
+  int64_t *sizes, *bounds = NULL;
+  axis_sum cols = {0};
+  sc_axis_plan *plan = NULL;
+  double *owned = NULL, *halo = NULL;
+  int64_t t[2];
+  int rc = SC_ERR;
+  if (_sc_decode_and_tile(words, n_words, h, w, tile_h, tile_w, &p, &sizes,
+                          t, &err))
+    goto done;
+  const int64_t nv = p->n_instr + 1, out_h = sizes[2 * p->n_instr];
+  if (out_lo < 0 || out_hi <= out_lo || out_hi > out_h) {
+    sc_fail(&err,
+            "streamcnn: rows [%lld, %lld) is not a non-empty range of the "
+            "stem output's %lld rows",
+            (long long)out_lo, (long long)out_hi, (long long)out_h);
+    goto done;
+  }
+  const int64_t n = (out_hi - out_lo + t[0] - 1) / t[0];
+  plan = sc_axis_plan_new(p);
+  bounds = malloc((size_t)(n + 1) * sizeof *bounds);
+  owned = calloc((size_t)nv, sizeof *owned);
+  halo = calloc((size_t)nv, sizeof *halo);
+  if (!plan || !bounds || !owned || !halo) {
+    sc_fail(&err, "streamcnn: out of memory");
+    goto done;
+  }
+  /* image rows: the cone of the band's output rows */
+  if (sc_plan_axis(p, sizes, 0, out_lo, out_hi, plan, &err)) goto done;
+  info[0] = (double)plan->region[0];
+  info[1] = (double)plan->region[1];
+  if (axis_summary(p, sizes, 1, t[1], tile_w, 1, plan, &cols, &err) ||
+      _sc_tile_bounds_range(p, sizes, 0, out_lo, out_hi, t[0], tile_h, 1,
+                            plan, bounds, &err))
+    goto done;
+  for (int64_t k = 0; k < n; k++) {
+    if (_sc_plan_axis_cached_from(p, sizes, 0, out_lo, bounds[k],
+                                  bounds[k + 1], plan, &err))
+      goto done;
+    for (int64_t v = 0; v < nv; v++) {
+      const int64_t *rg = &plan->region[2 * v], *ow = &plan->own[2 * v];
+      if (ow[1] > ow[0]) owned[v] += (double)(ow[1] - ow[0]);
+      if (k > 0 && v > 0 && rg[1] > rg[0] && ow[0] > rg[0])
+        halo[v] += (double)(ow[0] - rg[0]);
+    }
+  }
+  info[2] = info[3] = 0.0;
+  for (int64_t i = 0; i < p->n_instr; i++) {
+    const int64_t v = i + 1;
+    info[2] += (halo[v] * cols.owned[v] + owned[v] * cols.halo[v]) *
+               (double)p->channels[v];
+    info[3] += macs_per_pixel(&p->instr[i]) * owned[v] * cols.owned[v];
+  }
+  rc = SC_OK;
+done:
+  if (rc) _sc_copy_err(&err, errbuf, errlen);
+  axis_sum_free(&cols);
+  free(bounds);
+  free(owned);
+  free(halo);
+  free(sizes);
+  sc_axis_plan_free(plan);
+  sc_program_free(p);
+  return rc;
+}

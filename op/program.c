@@ -378,6 +378,17 @@ int sc_program_decode(const int64_t *words, int64_t n_words,
   }
   p->channels[0] = p->in_channels;
   vstride[0] = vstride[1] = 1;
+  /* Image span [reach_lo, reach_hi] (inclusive, per axis) one pixel of each
+   * value reads. Its extent, the receptive field, is bounded by
+   * SC_MAX_EXTENT (no tile could hold more), which keeps all plan
+   * arithmetic in int64: each instruction adds at most 2^24 taps times a
+   * stride <= 2^31 to a span that was <= 2^31, and the offsets (padding
+   * times stride, <= 2^43 each) sum to < 2^60 over 2^16 instructions. */
+  int64_t *reach = calloc(4 * ((size_t)p->n_instr + 1), sizeof *reach);
+  if (!reach) {
+    sc_program_free(p);
+    return sc_fail(err, "streamcnn: out of memory decoding program");
+  }
 
   int64_t pos = SC_PROGRAM_HEADER;
   for (int64_t i = 0; i < p->n_instr; i++) {
@@ -442,6 +453,30 @@ int sc_program_decode(const int64_t *words, int64_t n_words,
         goto fail;
       }
       vstride[2 * (i + 1) + a] = s;
+      const int64_t *rx = &reach[4 * in->in[0] + 2 * a];
+      int64_t *ro = &reach[4 * (i + 1) + 2 * a];
+      ro[0] = rx[0];
+      ro[1] = rx[1];
+      if (_sc_is_window(in->op)) {
+        const sc_window *w = &in->win[a];
+        const int64_t si = vstride[2 * in->in[0] + a];
+        ro[0] = rx[0] - w->pad_lo * si;
+        ro[1] = rx[1] + (w->d * (w->k - 1) - w->pad_lo) * si;
+      } else if (in->op == SC_OP_ADD) {
+        const int64_t *ry = &reach[4 * in->in[1] + 2 * a];
+        if (ry[0] < ro[0]) ro[0] = ry[0];
+        if (ry[1] > ro[1]) ro[1] = ry[1];
+      }
+      if (ro[1] - ro[0] + 1 > SC_MAX_EXTENT) {
+        sc_fail(err,
+                "streamcnn: program instruction %lld (%s): receptive field "
+                "%lld along %s exceeds %lld (no tile could hold one output "
+                "pixel's input)",
+                (long long)i, _sc_op_name(in->op),
+                (long long)(ro[1] - ro[0] + 1), a ? "columns" : "rows",
+                (long long)SC_MAX_EXTENT);
+        goto fail;
+      }
     }
   }
   if (pos != n_words) {
@@ -453,10 +488,12 @@ int sc_program_decode(const int64_t *words, int64_t n_words,
   }
   p->stride[0] = vstride[2 * p->n_instr];
   p->stride[1] = vstride[2 * p->n_instr + 1];
+  free(reach);
   *out = p;
   return SC_OK;
 
 fail:
+  free(reach);
   sc_program_free(p);
   return SC_ERR;
 }

@@ -7,6 +7,8 @@
  *   streamcnn::backward(Tensor grad_output, Tensor image, Tensor[] params,
  *                       int[] program, int[] tile_size,
  *                       bool[] output_mask) -> Tensor[]
+ *   forward_rows, backward_rows, forward_cached_rows, backward_cached_rows:
+ *     the same with a trailing `int[] rows` (an output row band, take_rows)
  *
  * A boxed kernel owns every handle and list it receives. It unpacks them,
  * runs the replay with status codes, releases everything it owns and only
@@ -176,6 +178,40 @@ static int args_prepare(call_args *a, StableIValue *stack, int first,
   return SC_OK;
 }
 
+/* Tile-parallel streaming: the trailing `int[] rows` of the *_rows ops,
+ * [out_lo, out_hi, image_row0, image_height]: only the stem output rows
+ * [out_lo, out_hi) of an image of image_height rows, whose rows
+ * [image_row0, image_row0 + H) the image tensor (H rows) holds. Takes
+ * ownership of the list (v); call must be prepared (args_prepare) unless
+ * rc is already set. The range itself is checked against the output in
+ * run_init (replay.c), which knows the output's extent. */
+static int take_rows(sc_ctx *ctx, StableIValue v, int rc, sc_call *call) {
+  int64_t *rows = NULL;
+  size_t n = 0;
+  rc |= take_ints(ctx, v, "rows", &rows, &n);
+  if (!rc && n != 4)
+    rc = sc_fail(&ctx->err,
+                 "streamcnn: rows must have 4 entries [out_lo, out_hi, "
+                 "image_row0, image_height], got %zu",
+                 n);
+  if (!rc) {
+    int64_t dim, *sz, *st;
+    rc = _sc_meta(ctx, call->image, &dim, &sz, &st);
+    if (!rc && (rows[2] < 0 || rows[3] < 1 || rows[2] + sz[2] > rows[3]))
+      rc = sc_fail(&ctx->err,
+                   "streamcnn: an image tensor of %lld rows cannot hold rows "
+                   "from image_row0 = %lld of an image of image_height = "
+                   "%lld rows",
+                   (long long)sz[2], (long long)rows[2], (long long)rows[3]);
+  }
+  if (!rc) {
+    call->banded = 1;
+    for (int k = 0; k < 4; k++) call->rows[k] = rows[k];
+  }
+  free(rows);
+  return rc;
+}
+
 /* Release everything, then raise with the stored message. */
 static void fail_call(call_args *a) {
   char msg[sizeof a->ctx.err.msg];
@@ -190,13 +226,14 @@ static void fail_call(call_args *a) {
 /* forward and forward_cached: both carry halos down the rows (every value
  * computed once per column of tiles); forward_cached also returns them all
  * (the strips) for backward_cached. */
-static void forward_impl(StableIValue *stack, int save) {
+static void forward_impl(StableIValue *stack, int save, int banded) {
   call_args a;
   sc_call call;
   AtenTensorHandle out = NULL, strips = NULL;
   memset(&a, 0, sizeof a);
-  if (args_prepare(&a, stack, 0, &call) ||
-      _sc_forward(&a.ctx, &call, &out, save ? &strips : NULL)) {
+  int rc = args_prepare(&a, stack, 0, &call);
+  if (banded) rc = take_rows(&a.ctx, stack[4], rc, &call);
+  if (rc || _sc_forward(&a.ctx, &call, &out, save ? &strips : NULL)) {
     fail_call(&a);
     return;
   }
@@ -209,21 +246,21 @@ static void kernel_forward(StableIValue *stack, uint64_t num_args,
                            uint64_t num_outputs) {
   (void)num_args;
   (void)num_outputs;
-  forward_impl(stack, 0);
+  forward_impl(stack, 0, 0);
 }
 
 static void kernel_forward_cached(StableIValue *stack, uint64_t num_args,
                                   uint64_t num_outputs) {
   (void)num_args;
   (void)num_outputs;
-  forward_impl(stack, 1);
+  forward_impl(stack, 1, 0);
 }
 
 /* backward (halos recomputed: each tile's whole cone) and backward_cached
  * (halos from the strips of forward_cached, gradients of the halo rows
  * passed up the column): stack = grad_output, [strips], image, params,
  * program, tile_size, output_mask. */
-static void backward_impl(StableIValue *stack, int cached) {
+static void backward_impl(StableIValue *stack, int cached, int banded) {
   call_args a;
   sc_call call;
   AtenTensorHandle grad_out = (AtenTensorHandle)(uintptr_t)stack[0];
@@ -238,6 +275,7 @@ static void backward_impl(StableIValue *stack, int cached) {
   memset(&a, 0, sizeof a);
   int rc = take_ints(&a.ctx, stack[first + 4], "output_mask", &mask64, &n_mask);
   rc |= args_prepare(&a, stack, first, &call);
+  if (banded) rc = take_rows(&a.ctx, stack[first + 5], rc, &call);
   call.cached = cached;
   call.strips = strips;
   if (!rc && n_mask != a.n_params + 1)
@@ -294,14 +332,44 @@ static void kernel_backward(StableIValue *stack, uint64_t num_args,
                             uint64_t num_outputs) {
   (void)num_args;
   (void)num_outputs;
-  backward_impl(stack, 0);
+  backward_impl(stack, 0, 0);
 }
 
 static void kernel_backward_cached(StableIValue *stack, uint64_t num_args,
                                    uint64_t num_outputs) {
   (void)num_args;
   (void)num_outputs;
-  backward_impl(stack, 1);
+  backward_impl(stack, 1, 0);
+}
+
+/* The *_rows ops (tile-parallel streaming): an output row band. */
+static void kernel_forward_rows(StableIValue *stack, uint64_t num_args,
+                                uint64_t num_outputs) {
+  (void)num_args;
+  (void)num_outputs;
+  forward_impl(stack, 0, 1);
+}
+
+static void kernel_forward_cached_rows(StableIValue *stack, uint64_t num_args,
+                                       uint64_t num_outputs) {
+  (void)num_args;
+  (void)num_outputs;
+  forward_impl(stack, 1, 1);
+}
+
+static void kernel_backward_rows(StableIValue *stack, uint64_t num_args,
+                                 uint64_t num_outputs) {
+  (void)num_args;
+  (void)num_outputs;
+  backward_impl(stack, 0, 1);
+}
+
+static void kernel_backward_cached_rows(StableIValue *stack,
+                                        uint64_t num_args,
+                                        uint64_t num_outputs) {
+  (void)num_args;
+  (void)num_outputs;
+  backward_impl(stack, 1, 1);
 }
 
 /* ---- registration ------------------------------------------------------------ */
@@ -320,7 +388,18 @@ __attribute__((constructor)) static void sc_register(void) {
       "tile_size) -> (Tensor, Tensor)",
       "backward_cached(Tensor grad_output, Tensor strips, Tensor image, "
       "Tensor[] params, int[] program, int[] tile_size, bool[] output_mask) "
-      "-> Tensor[]"};
+      "-> Tensor[]",
+      /* tile-parallel: the same for an output row band (take_rows) */
+      "forward_rows(Tensor image, Tensor[] params, int[] program, int[] "
+      "tile_size, int[] rows) -> Tensor",
+      "backward_rows(Tensor grad_output, Tensor image, Tensor[] params, "
+      "int[] program, int[] tile_size, bool[] output_mask, int[] rows) -> "
+      "Tensor[]",
+      "forward_cached_rows(Tensor image, Tensor[] params, int[] program, "
+      "int[] tile_size, int[] rows) -> (Tensor, Tensor)",
+      "backward_cached_rows(Tensor grad_output, Tensor strips, Tensor image, "
+      "Tensor[] params, int[] program, int[] tile_size, bool[] output_mask, "
+      "int[] rows) -> Tensor[]"};
   int ok = !aoti_torch_library_init_def("streamcnn", __FILE__, __LINE__,
                                         &g_def);
   for (size_t i = 0; ok && i < sizeof schemas / sizeof *schemas; i++)
@@ -336,6 +415,16 @@ __attribute__((constructor)) static void sc_register(void) {
                                  kernel_forward_cached, SC_TORCH_BUILD_VERSION);
   ok = ok && !torch_library_impl(g_impl, "backward_cached",
                                  kernel_backward_cached,
+                                 SC_TORCH_BUILD_VERSION);
+  ok = ok && !torch_library_impl(g_impl, "forward_rows", kernel_forward_rows,
+                                 SC_TORCH_BUILD_VERSION);
+  ok = ok && !torch_library_impl(g_impl, "backward_rows",
+                                 kernel_backward_rows, SC_TORCH_BUILD_VERSION);
+  ok = ok && !torch_library_impl(g_impl, "forward_cached_rows",
+                                 kernel_forward_cached_rows,
+                                 SC_TORCH_BUILD_VERSION);
+  ok = ok && !torch_library_impl(g_impl, "backward_cached_rows",
+                                 kernel_backward_cached_rows,
                                  SC_TORCH_BUILD_VERSION);
   if (!ok)
     fprintf(stderr, "streamcnn: registering torch.ops.streamcnn failed (is "

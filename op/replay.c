@@ -26,7 +26,11 @@
 static int plan_axis_tiles(sc_run *r, int a, int64_t tile_in) {
   const sc_program *p = r->p;
   sc_error *err = &r->ctx->err;
-  const int64_t n = r->sizes[2 * p->n_instr + a];
+  /* output rows of a band (tile-parallel), else the whole extent */
+  const int band = a == 0 && r->call->banded;
+  const int64_t lo = band ? r->call->rows[0] : 0;
+  const int64_t hi = band ? r->call->rows[1] : r->sizes[2 * p->n_instr + a];
+  const int64_t n = hi - lo;
   r->n_tiles[a] = (n + r->tile_out[a] - 1) / r->tile_out[a];
   r->plans[a] = calloc((size_t)r->n_tiles[a], sizeof *r->plans[a]);
   int64_t *bounds = malloc((size_t)(r->n_tiles[a] + 1) * sizeof *bounds);
@@ -37,11 +41,12 @@ static int plan_axis_tiles(sc_run *r, int a, int64_t tile_in) {
     free(bounds);
     return sc_fail(err, "streamcnn: out of memory");
   }
-  rc = _sc_tile_bounds(p, r->sizes, a, r->tile_out[a], tile_in, r->cached,
-                       r->plans[a][0], bounds, err);
+  rc = _sc_tile_bounds_range(p, r->sizes, a, lo, hi, r->tile_out[a], tile_in,
+                             r->cached, r->plans[a][0], bounds, err);
   for (int64_t t = 0; !rc && t < r->n_tiles[a]; t++)
-    rc = r->cached ? sc_plan_axis_cached(p, r->sizes, a, bounds[t],
-                                         bounds[t + 1], r->plans[a][t], err)
+    rc = r->cached ? _sc_plan_axis_cached_from(p, r->sizes, a, lo, bounds[t],
+                                               bounds[t + 1], r->plans[a][t],
+                                               err)
                    : sc_plan_axis(p, r->sizes, a, bounds[t], bounds[t + 1],
                                   r->plans[a][t], err);
   free(bounds);
@@ -89,12 +94,46 @@ static int run_init(sc_run *r, sc_ctx *ctx, const sc_call *call) {
       !r->fold || !r->fsum || !have)
     return sc_fail(&ctx->err, "streamcnn: out of memory");
   if (_sc_fold_init(r)) return SC_ERR;
-  if (sc_value_sizes(p, isz[2], isz[3], r->sizes, &ctx->err) ||
+  /* a band: the image tensor holds rows [rows[2], rows[2] + isz[2]) of an
+   * image of rows[3] rows (validated in register.c) */
+  const int64_t full_h = call->banded ? call->rows[3] : isz[2];
+  r->img_rows[0] = call->banded ? call->rows[2] : 0;
+  r->img_rows[1] = r->img_rows[0] + isz[2];
+  if (sc_value_sizes(p, full_h, isz[3], r->sizes, &ctx->err) ||
       _sc_tiling(p, r->sizes, call->tile[0], call->tile[1], r->tile_out,
                  &ctx->err))
     return SC_ERR;
+  const int64_t out_h = r->sizes[2 * p->n_instr];
+  if (call->banded &&
+      (call->rows[0] < 0 || call->rows[1] <= call->rows[0] ||
+       call->rows[1] > out_h))
+    return sc_fail(&ctx->err,
+                   "streamcnn: rows [%lld, %lld) is not a non-empty range of "
+                   "the stem output's %lld rows (image of %lld rows)",
+                   (long long)call->rows[0], (long long)call->rows[1],
+                   (long long)out_h, (long long)full_h);
+  r->out_row0 = call->banded ? call->rows[0] : 0;
   for (int a = 0; a < 2; a++)
     if (plan_axis_tiles(r, a, call->tile[a])) return SC_ERR;
+  if (call->banded) { /* the image rows the band reads must be at hand */
+    const int64_t *first = r->plans[0][0]->region;
+    const int64_t *last = r->plans[0][r->n_tiles[0] - 1]->region;
+    if (first[0] < r->img_rows[0] || last[1] > r->img_rows[1])
+      return sc_fail(&ctx->err,
+                     "streamcnn: output rows [%lld, %lld) read image rows "
+                     "[%lld, %lld), but the image tensor holds rows [%lld, "
+                     "%lld) of %lld (streamcnn.band_info says which)",
+                     (long long)call->rows[0], (long long)call->rows[1],
+                     (long long)first[0], (long long)last[1],
+                     (long long)r->img_rows[0], (long long)r->img_rows[1],
+                     (long long)full_h);
+    if (ctx->image_host && r->img_rows[0] != 0)
+      return sc_fail(&ctx->err,
+                     "streamcnn: an image in host memory streamed to the "
+                     "device must hold the image from row 0 for a band "
+                     "(image_row0 = %lld)",
+                     (long long)r->img_rows[0]);
+  }
   if (r->cached && _sc_plan_strips(r)) return SC_ERR;
 #ifdef SC_WITH_CUDA
   if (ctx->image_host) { /* prefetch_issue skips layouts no 2-D copy reads */
@@ -118,8 +157,10 @@ int _sc_forward(sc_ctx *ctx, const sc_call *call, AtenTensorHandle *out,
   int rc = run_init(&r, ctx, &cached_call);
   const int64_t ov = call->prog->n_instr;
   if (!rc) {
-    const int64_t shape[4] = {r.batch, call->prog->channels[ov],
-                              r.sizes[2 * ov], r.sizes[2 * ov + 1]};
+    const int64_t rows = call->banded ? call->rows[1] - call->rows[0]
+                                      : r.sizes[2 * ov];
+    const int64_t shape[4] = {r.batch, call->prog->channels[ov], rows,
+                              r.sizes[2 * ov + 1]};
     rc = _sc_empty(ctx, 4, shape, out);
   }
   if (!rc && strips) { /* the halos the backward will need, all of them */
@@ -193,7 +234,9 @@ int _sc_backward(sc_ctx *ctx, const sc_call *call, AtenTensorHandle grad_out,
   if (!rc) { /* check grad_output against the forward's output */
     int64_t dim, *sz, *st;
     int32_t dtype, dt, di;
-    const int64_t want[4] = {r.batch, p->channels[ov], r.sizes[2 * ov],
+    const int64_t want[4] = {r.batch, p->channels[ov],
+                             call->banded ? call->rows[1] - call->rows[0]
+                                          : r.sizes[2 * ov],
                              r.sizes[2 * ov + 1]};
     rc = _sc_describe(ctx, grad_out, "grad_output", &dim, &sz, &st, &dtype, &dt,
                       &di);

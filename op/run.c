@@ -218,7 +218,8 @@ int _sc_accum_input(sc_run *r, int64_t i, int j, AtenTensorHandle g, int mine) {
   }
   if (_sc_subview(r, g, rd[0], rd[1], cl[0], cl[1], &gv)) return SC_ERR;
   if (v == 0) { /* the image: scatter-add straight into its gradient */
-    rc = _sc_view(ctx, r->igrad, cl[0][0], cl[0][1] - cl[0][0], cl[1][0],
+    rc = _sc_view(ctx, r->igrad, cl[0][0] - r->img_rows[0], /* its rows */
+                  cl[0][1] - cl[0][0], cl[1][0],
                   cl[1][1] - cl[1][0], &dst) ||
          _sc_copy(ctx, dst, gv, 1);
     _sc_drop(&dst);

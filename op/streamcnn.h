@@ -246,6 +246,20 @@ SC_API int sc_work_info(const int64_t *words, int64_t n_words, int64_t h,
                         int64_t w, int64_t tile_h, int64_t tile_w, double *work,
                         char *errbuf, size_t errlen);
 
+/* One output row band [out_lo, out_hi) of the stem output of an h x w
+ * image, as the *_rows ops (tile-parallel streaming) run it: info[0],
+ * info[1] the image rows it reads (half-open: the cone of those output
+ * rows, clipped to the image); info[2] the elements (per batch element) of
+ * the strips forward_cached_rows returns; info[3] its multiply-adds per
+ * batch element with halo caching (the band's first tile row computes its
+ * whole cone: the overhead of a band over the same rows of the whole
+ * pass). Fails (errbuf) for an empty or out-of-range band. */
+#define SC_BAND_WORDS 4
+SC_API int sc_band_info(const int64_t *words, int64_t n_words, int64_t h,
+                        int64_t w, int64_t tile_h, int64_t tile_w,
+                        int64_t out_lo, int64_t out_hi, double *info,
+                        char *errbuf, size_t errlen);
+
 /* Memory model of a streamed pass over an h x w image, in bytes per batch
  * element of a compute dtype of itemsize bytes (the stem output and its
  * gradient are not included), from a simulation of the replay's

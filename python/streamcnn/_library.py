@@ -59,6 +59,10 @@ def load_library() -> str:
     _cdll.sc_tile_bounds.restype = ctypes.c_int
     _cdll.sc_tile_bounds.argtypes = [i64p, i64, i64, i64, i64, i64, ctypes.c_int, i64p, i64,
                                      i64p, i64, ctypes.c_char_p, ctypes.c_size_t]
+    _cdll.sc_band_info.restype = ctypes.c_int
+    _cdll.sc_band_info.argtypes = [i64p, i64, i64, i64, i64, i64, i64, i64,
+                                   ctypes.POINTER(ctypes.c_double), ctypes.c_char_p,
+                                   ctypes.c_size_t]
     _cdll.sc_macs.restype = None
     _cdll.sc_macs.argtypes = [ctypes.POINTER(ctypes.c_double), ctypes.c_int]
     _declare_slide_api(_cdll)
@@ -122,6 +126,17 @@ def work_info(program: Sequence[int], h: int, w: int, tile: Tuple[int, int]) -> 
                   (ctypes.c_double * 7)())
 
 
+def band_info(program: Sequence[int], h: int, w: int, tile: Tuple[int, int],
+              out_rows: Tuple[int, int]) -> List[float]:
+    """[first image row, end image row (half-open) read, strip elements,
+    multiply-adds with halo caching] of the stem output rows
+    ``out_rows = (lo, hi)`` of an h x w image as the ``*_rows`` ops compute
+    them, per batch element; see sc_band_info. Raises ValueError."""
+    return _query("sc_band_info", program,
+                  (h, w, tile[0], tile[1], int(out_rows[0]), int(out_rows[1])),
+                  (ctypes.c_double * 4)())
+
+
 MEMORY_CACHED, MEMORY_CPU = 1, 2  # sc_memory_info's flags (streamcnn.h)
 
 
@@ -161,7 +176,7 @@ def macs_executed(reset: bool = False) -> Tuple[float, float, float]:
 
 
 def _declare_slide_api(lib: ctypes.CDLL) -> None:
-    """ctypes prototypes of op/slide.h."""
+    """ctypes prototypes of io/slide.h."""
     vp, cp, sz, i32, i64 = (ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t,
                             ctypes.c_int32, ctypes.c_int64)
     i64p = ctypes.POINTER(ctypes.c_int64)

@@ -22,11 +22,8 @@ SUBCOMMANDS = {
     "train": ("train", "train a slide classifier (or regressor) end to end, streamed"),
     "evaluate": ("evaluate", "score slides with a checkpoint: AUC / Spearman, predictions.csv"),
     "export": ("export", "write a checkpoint's model as TorchScript (stem + head)"),
+    "predict": ("predict", "score whole slides and draw saliency / class-activation heatmaps"),
 }
-
-
-def _module(name: str):
-    return importlib.import_module(f"streamcnn.app.{name}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
     sub.required = True
     for name, (modname, help_) in SUBCOMMANDS.items():
-        mod = _module(modname)
+        mod = importlib.import_module(f"streamcnn.app.{modname}")
         p = sub.add_parser(name, help=help_, description=(mod.__doc__ or help_).strip()
                            .split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
         mod.add_arguments(p)

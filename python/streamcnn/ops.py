@@ -35,6 +35,23 @@ program, tile_size, output_mask) -> Tensor[]``
 
 ``forward`` also carries halos down the rows (each value computed once),
 without keeping them.
+
+``torch.ops.streamcnn.forward_rows(image, params, program, tile_size, rows)``,
+``backward_rows(grad_output, image, params, program, tile_size, output_mask,
+rows)``, ``forward_cached_rows(..., rows)``, ``backward_cached_rows(...,
+rows)``
+    The same for one band of stem output rows (tile-parallel streaming,
+    ``streamcnn.distributed``): ``rows = [out_lo, out_hi, image_row0,
+    image_height]`` asks for the output rows ``[out_lo, out_hi)`` of an
+    image of ``image_height`` rows of which ``image`` holds the rows
+    ``[image_row0, image_row0 + image.shape[2])`` (at least the rows the
+    band reads, ``streamcnn.band_info``). The output is
+    ``N x C' x (out_hi - out_lo) x W'``, equal to those rows of the
+    whole-image output; the band's first tile row computes its whole cone,
+    the image's true borders pad only where the cone reaches them. The
+    backward takes that band's output gradient and returns the parameter
+    gradients of the band and the image gradient over the rows ``image``
+    holds (zeros outside the band's cone).
 """
 
 from __future__ import annotations
@@ -112,6 +129,50 @@ def _backward_cached_fake(grad_output, strips, image, params, program, tile_size
     return _backward_fake(grad_output, image, params, program, tile_size, output_mask)
 
 
+def _band_rows(rows):
+    torch._check(len(rows) == 4, lambda: "streamcnn: rows must be [out_lo, out_hi, "
+                 "image_row0, image_height]")
+    return int(rows[1]) - int(rows[0])
+
+
+@torch.library.register_fake("streamcnn::forward_rows")
+def _forward_rows_fake(image, params, program, tile_size, rows):
+    torch._check(image.dim() == 4, lambda: "streamcnn: image must be N x C x H x W")
+    c, h, w = output_shape(program, rows[3], image.shape[3])
+    dtype = compute_dtype(image, params)
+    device = image.device
+    if device.type == "cpu" and len(params) and params[0].device.type == "cuda":
+        device = params[0].device
+    return image.new_empty((image.shape[0], c, _band_rows(rows), w), dtype=dtype,
+                           device=device)
+
+
+@torch.library.register_fake("streamcnn::forward_cached_rows")
+def _forward_cached_rows_fake(image, params, program, tile_size, rows):
+    out = _forward_rows_fake(image, params, program, tile_size, rows)
+    n, w = image.shape[0], image.shape[3]
+    if all(isinstance(v, int) for v in (n, w)):
+        from ._library import band_info
+        tile = list(tile_size)
+        count = int(band_info(program, int(rows[3]), w, (tile[0], tile[-1]),
+                              (rows[0], rows[1]))[2]) * n
+    else:
+        count = torch.library.get_ctx().new_dynamic_size()
+    return out, out.new_empty((count,))
+
+
+@torch.library.register_fake("streamcnn::backward_rows")
+def _backward_rows_fake(grad_output, image, params, program, tile_size, output_mask,
+                        rows):
+    return _backward_fake(grad_output, image, params, program, tile_size, output_mask)
+
+
+@torch.library.register_fake("streamcnn::backward_cached_rows")
+def _backward_cached_rows_fake(grad_output, strips, image, params, program, tile_size,
+                               output_mask, rows):
+    return _backward_fake(grad_output, image, params, program, tile_size, output_mask)
+
+
 _local = threading.local()
 
 
@@ -138,9 +199,11 @@ def call_options(progress: bool = False, deterministic: bool = False):
 
 
 def _setup_context(ctx, inputs, output):
-    """For forward and forward_cached; the latter's output is (stem output,
+    """For forward and forward_cached (and their *_rows, whose trailing
+    rows go to the backward); the latter's output is (stem output,
     strips), and the strips go to backward_cached."""
-    image, params, program, tile_size = inputs
+    image, params, program, tile_size = inputs[:4]
+    ctx.rows = list(inputs[4]) if len(inputs) > 4 else None
     ctx.opts = getattr(_local, "opts", (False, False))  # the forward's options
     ctx.mask = [bool(image.requires_grad)] + [bool(p.requires_grad) for p in params]
     ctx.program = program
@@ -158,10 +221,19 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad, *grad_strips):
     n = len(ctx.mask) - 1
+    tail = (None,) * (2 if ctx.rows is None else 3)  # program, tile_size[, rows]
     if not any(ctx.mask) or grad is None:  # None: no gradient reached the output
-        return None, [None] * n, None, None
+        return (None, [None] * n) + tail
     with call_options(*ctx.opts):
-        if ctx.cached:
+        if ctx.rows is not None and ctx.cached:
+            strips, image, *params = ctx.saved_tensors
+            grads = torch.ops.streamcnn.backward_cached_rows(
+                grad, strips, image, params, ctx.program, ctx.tile_size, ctx.mask, ctx.rows)
+        elif ctx.rows is not None:
+            image, *params = ctx.saved_tensors
+            grads = torch.ops.streamcnn.backward_rows(grad, image, params, ctx.program,
+                                                      ctx.tile_size, ctx.mask, ctx.rows)
+        elif ctx.cached:
             strips, image, *params = ctx.saved_tensors
             grads = torch.ops.streamcnn.backward_cached(grad, strips, image, params,
                                                         ctx.program, ctx.tile_size, ctx.mask)
@@ -172,12 +244,34 @@ def _backward(ctx, grad, *grad_strips):
     it = iter(grads)
     grad_image = next(it) if ctx.mask[0] else None
     grad_params = [next(it) if m else None for m in ctx.mask[1:]]
-    return grad_image, grad_params, None, None
+    return (grad_image, grad_params) + tail
 
 
 torch.library.register_autograd("streamcnn::forward", _backward, setup_context=_setup_context)
 torch.library.register_autograd("streamcnn::forward_cached", _backward,
                                 setup_context=_setup_context)
+torch.library.register_autograd("streamcnn::forward_rows", _backward,
+                                setup_context=_setup_context)
+torch.library.register_autograd("streamcnn::forward_cached_rows", _backward,
+                                setup_context=_setup_context)
+
+
+def _no_double_backward_rows(ctx, *grads):
+    raise RuntimeError("streamcnn: double backward (create_graph=True) through a row band "
+                       "(tile-parallel streaming) is not supported; run the stem in one "
+                       "process for second derivatives")
+
+
+def _setup_nothing(ctx, inputs, output):
+    pass
+
+
+# Without a formula autograd would treat these backward ops as constants and
+# give silently wrong second derivatives: refuse instead.
+torch.library.register_autograd("streamcnn::backward_rows", _no_double_backward_rows,
+                                setup_context=_setup_nothing)
+torch.library.register_autograd("streamcnn::backward_cached_rows", _no_double_backward_rows,
+                                setup_context=_setup_nothing)
 
 
 def _setup_double(ctx, inputs, output):

@@ -32,6 +32,17 @@ int main(void) {
   err[0] = 0;
   CHECK_EQ(sc_tiff_write_striped("/tmp/x.tif", px, 1, 1, err, sizeof err), SC_ERR);
   expect_msg(err);
+  err[0] = 0;
+  CHECK(sc_tiff_stream_open("/tmp/x.tif", 16, 16, 1, 16, 1, 0.5, NULL, err,
+                            sizeof err) == NULL);
+  expect_msg(err);
+  err[0] = 0;
+  CHECK_EQ(sc_tiff_stream_write(NULL, px, 1, err, sizeof err), SC_ERR);
+  expect_msg(err);
+  err[0] = 0;
+  CHECK_EQ(sc_tiff_stream_close(NULL, err, sizeof err), SC_ERR);
+  expect_msg(err);
+  sc_tiff_stream_abort(NULL);
   if (g_failures) fprintf(stderr, "%d check(s) failed\n", g_failures);
   else printf("test_slide_off: all checks passed\n");
   return g_failures ? 1 : 0;

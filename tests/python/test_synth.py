@@ -5,6 +5,8 @@ import argparse
 import csv
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -230,3 +232,27 @@ def test_split_is_stratified():
     assert sum(labels[i] for i in val) == 2 and len(val) == 4       # round(0.25 * 10) per class
     train, val = synth.split([0, 1, 0, 1], 0.9, seed=0)
     assert len(train) == 2 and len(val) == 2
+
+
+# -- through the console script ----------------------------------------------------------
+
+STREAMCNN = os.path.join(os.path.dirname(sys.executable), "streamcnn")
+
+
+@pytest.mark.skipif(not os.path.exists(STREAMCNN), reason="the console script is installed "
+                    "by pip install . / make build; not in this environment")
+def test_console_script(tmp_path):
+    out = tmp_path / "set"
+    r = subprocess.run([STREAMCNN, "synth", str(out), "--slides", "4", "--size", "256",
+                        "--tumour-size", "30"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "wrote 4 slides (2 with tumour" in r.stdout
+    assert len(_rows(out / "train.csv")) == 2 and len(_rows(out / "val.csv")) == 2
+    bad = tmp_path / "bad"
+    r = subprocess.run([STREAMCNN, "synth", str(bad), "--slides", "3"], capture_output=True,
+                       text=True)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        "streamcnn: --slides must be at least 4 (two of each class, so that train.csv and "
+        "val.csv both hold both classes), got 3"]
+    assert not bad.exists()

@@ -56,9 +56,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="diameter of a tumour cluster in microns (default 60)")
     p.add_argument("--fine", type=float, default=40.0, metavar="GREY",
                    help="amplitude of the 1-pixel chromatin texture (default 40)")
-    p.add_argument("--coarse", type=float, default=12.0, metavar="GREY",
+    p.add_argument("--coarse", type=float, default=6.0, metavar="GREY",
                    help="amplitude of the 2-pixel chromatin texture, the part a 2x coarser "
-                   "read still sees (default 12)")
+                   "read still sees (default 6)")
     p.add_argument("--tissue-fraction", type=float, default=0.35, metavar="F",
                    help="fraction of the slide covered by tissue (default 0.35)")
     p.add_argument("--quality", type=int, default=90, metavar="Q",

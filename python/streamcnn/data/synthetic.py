@@ -184,6 +184,16 @@ def _discs(height: int, width: int, radius: float, cell: int, prob: float,
     return out.reshape(ch * cell, cw * cell)[:height, :width]
 
 
+def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of an (h, w) float tensor (edges replicated)."""
+    r = max(1, int(math.ceil(2.5 * sigma)))
+    k = torch.exp(-torch.arange(-r, r + 1, dtype=torch.float32) ** 2 / (2 * sigma * sigma))
+    k = k / k.sum()
+    y = F.pad(x[None, None], (r, r, r, r), mode="replicate")
+    y = F.conv2d(y, k.view(1, 1, 1, -1))
+    return F.conv2d(y, k.view(1, 1, -1, 1))[0, 0]
+
+
 def _eroded(mask: torch.Tensor, r: int) -> torch.Tensor:
     """Points whose (2r+1)^2 square neighbourhood lies in ``mask`` (inside
     the image): two 1-D window sums from cumulative sums, O(h w) for any r."""
@@ -247,7 +257,7 @@ def _texture(mask: torch.Tensor, headroom: torch.Tensor, fine: float, coarse: fl
 
 def camelyon_image(width: int, height: int, *, tumour: bool = False, seed: int = 0,
                    mpp: float = 0.5, tissue_fraction: float = 0.35, clusters: int = 3,
-                   cluster_um: float = 60.0, fine: float = 40.0, coarse: float = 12.0):
+                   cluster_um: float = 60.0, fine: float = 40.0, coarse: float = 6.0):
     """A CAMELYON-like slide image at ``mpp`` microns per pixel (level 0).
 
     Returns ``(img, tissue, boxes)``: uint8 ``height x width x 3``, the
@@ -257,8 +267,8 @@ def camelyon_image(width: int, height: int, *, tumour: bool = False, seed: int =
     touches, clipped to the image -- every changed pixel lies in a box);
     ``[]`` for a normal slide.
 
-    Normal tissue: pink stroma with mild per-pixel texture and round nuclei
-    of ``NUCLEUS_UM`` microns, inside a blob covering ``tissue_fraction`` of
+    Normal tissue: pink stroma with mild per-pixel texture and round,
+    soft-edged nuclei of ``NUCLEUS_UM`` microns, inside a blob covering ``tissue_fraction`` of
     the slide. Tumour: ``clusters`` discs of ``cluster_um`` microns, centred
     on tissue, filled with nuclei of ``TUMOUR_NUCLEUS_UM`` microns that carry
     a grey chromatin texture of amplitude ``fine`` (1-pixel scale) and
@@ -290,14 +300,15 @@ def camelyon_image(width: int, height: int, *, tumour: bool = False, seed: int =
     # stroma: eosin pink, a smooth shade plus mild per-pixel texture
     shade = F.interpolate(torch.rand(1, 1, cells * 4, cells * 4, generator=g),
                           size=(height, width), mode="bilinear", align_corners=False)[0, 0]
-    tex = (torch.randn(height, width, generator=g) * 5 + shade * 25)[..., None]
+    tex = (torch.randn(height, width, generator=g) * 3 + shade * 25)[..., None]
     stroma = torch.tensor([225.0, 145.0, 195.0]) - tex * torch.tensor([1.0, 1.0, 0.5])
-    # normal nuclei: round haematoxylin discs covering about 5 % of the tissue
+    # normal nuclei: round haematoxylin discs covering about 5 % of the tissue,
+    # with soft edges (a blur of about a micron): smooth at the pixel scale
     rn = NUCLEUS_UM / 2 / mpp
     cell = max(2, int(math.ceil(rn)), round(math.sqrt(math.pi * rn * rn / 0.05)))
-    nuclei = _discs(height, width, rn, cell, 1.0, g)[..., None]
-    purple = torch.tensor([95.0, 50.0, 145.0]) + torch.randn(height, width, 1, generator=g) * 4
-    img = torch.where(tissue[..., None], torch.where(nuclei, purple, stroma),
+    nuclei = _blur(_discs(height, width, rn, cell, 1.0, g).float(), 1.0 / mpp)[..., None]
+    purple = torch.tensor([95.0, 50.0, 145.0])
+    img = torch.where(tissue[..., None], stroma + nuclei * (purple - stroma),
                       torch.tensor(255.0))
     img = img.round_().clamp_(0, 255).to(torch.uint8)
     boxes: List[dict] = []
@@ -325,7 +336,7 @@ def camelyon_image(width: int, height: int, *, tumour: bool = False, seed: int =
                               min(w4, ((x0 + r) // 4 + 1) * 4),
                               min(h4, ((y0 + r) // 4 + 1) * 4)]})
     rt = TUMOUR_NUCLEUS_UM / 2 / mpp
-    cell = max(2, int(math.ceil(rt)), round(math.sqrt(math.pi * rt * rt / 0.6)))
+    cell = max(2, int(math.ceil(rt)), round(math.sqrt(math.pi * rt * rt / 0.9)))
     tnuclei = _discs(h4, w4, rt, cell, 1.0, gt) & region & tissue[:h4, :w4]
     base = img[:h4, :w4].to(torch.int16)
     room = torch.minimum(base, 255 - base)

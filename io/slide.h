@@ -70,6 +70,43 @@ SC_API int sc_tiff_write_pyramid(const char *path, int n_levels,
                                  const char *description, char *err,
                                  size_t errlen);
 
+/* A pyramidal tiled TIFF written as a stream of rows: for maps too large
+ * to hold (a heatmap at full resolution). sc_tiff_stream_open creates the
+ * file for a width x height RGB level 0 and n_levels - 1 reduced levels,
+ * each half the previous (ceil; 2 x 2 means rounded half up, an odd last
+ * row / column averaged with itself, as synthetic.downsample2).
+ * sc_tiff_stream_write takes the next n_rows rows of level 0 (n_rows x
+ * width x 3 uint8, row-major, owned by the caller, only read); every row
+ * goes into a one-tile-row buffer per level (tile x width x 3 bytes at
+ * level 0, written out as tiles when full) and is averaged into the next
+ * level on the way. Reduced levels are written, as they fill, to
+ * temporary tiled TIFFs beside path (path + ".levelN.tmp"), whose tiles
+ * sc_tiff_stream_close copies without recompression into path as
+ * SUBFILETYPE=REDUCEDIMAGE directories before deleting them. Memory: one
+ * tile row per level plus a row; never a whole level.
+ * tile: edge, a multiple of 16 in [16, 4096] (levels smaller than a tile
+ * get the largest multiple of 16 that fits, as sc_tiff_write_pyramid);
+ * compression: 0 none, 1 deflate; mpp > 0: level 0's microns per pixel,
+ * written as resolution tags (pixels per centimetre) of every level;
+ * description: ImageDescription of level 0 or NULL (an Aperio-style one
+ * makes OpenSlide report openslide.mpp-x). BigTIFF when the data may
+ * exceed 2 GB.
+ * The caller owns the stream and ends it with exactly one of
+ * sc_tiff_stream_close (which fails unless all height rows were written)
+ * or sc_tiff_stream_abort; both free it, and on failure or abort remove
+ * path and the temporary files (no partial file is left). */
+typedef struct sc_tiff_stream sc_tiff_stream;
+SC_API sc_tiff_stream *sc_tiff_stream_open(const char *path, int64_t width,
+                                           int64_t height, int n_levels,
+                                           int tile, int compression,
+                                           double mpp,
+                                           const char *description,
+                                           char *err, size_t errlen);
+SC_API int sc_tiff_stream_write(sc_tiff_stream *s, const uint8_t *rows,
+                                int64_t n_rows, char *err, size_t errlen);
+SC_API int sc_tiff_stream_close(sc_tiff_stream *s, char *err, size_t errlen);
+SC_API void sc_tiff_stream_abort(sc_tiff_stream *s); /* NULL: no-op */
+
 /* A plain striped (untiled) RGB TIFF: not a slide; for tests. */
 SC_API int sc_tiff_write_striped(const char *path, const uint8_t *rgb,
                                  int64_t w, int64_t h, char *err,

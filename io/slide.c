@@ -6,8 +6,7 @@
  * ARGB buffer per thread and free it before returning.
  */
 #define _POSIX_C_SOURCE 200809L
-#include "slide.h"
-#include "internal.h"
+#include "io_internal.h"
 
 #include <stdarg.h>
 #include <stdio.h>

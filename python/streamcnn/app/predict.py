@@ -1,0 +1,464 @@
+"""``streamcnn predict``: slide-level scores and heatmaps of a trained model.
+
+    streamcnn predict run/best.pt a.svs b.svs --out maps/ [--full-slide] [--heatmap both]
+
+Per slide: a row of ``DIR/predictions.csv``; ``DIR/<slide>_saliency.png``
+and ``DIR/<slide>_cam.png`` (the map over the slide's thumbnail, with a
+colour bar; for a max-pool head the locations that won the max are
+marked); ``DIR/<slide>_cam.tif``, the class map as a tiled pyramidal TIFF
+over the whole slide at the analysis mpp (mpp in its metadata; opens with
+OpenSlide / ``streamcnn.Slide`` and in slide viewers), written in rows of
+tiles from the feature-resolution map.
+
+The analysed region is the training view (``--image-size``, default the
+checkpoint's: that many pixels centred on the tissue, as the training
+data's ``crop="tissue"``) or, with ``--full-slide``, the whole tissue box
+at the analysis mpp, whatever its size. The region is read as uint8 and
+the stem streams over it; the image gradient of the saliency is computed
+in bands (``streamcnn.heatmaps``), so the memory is the uint8 region, the
+stem output (and, for the saliency, its gradient and the head's
+activations) and one band.
+
+Errors that concern one slide (unreadable, an mpp it cannot provide) are
+reported and the other slides still processed; the exit code is then 2.
+A slide without tissue gets a score (of its centre) and empty maps, with
+a warning.
+"""
+
+import argparse
+import csv
+import math
+import os
+import sys
+import tempfile
+import warnings
+from contextlib import contextmanager
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from .. import heatmaps as hm
+from ..slide import Slide
+from .checkpoint import load_model
+
+HEATMAPS = ("saliency", "cam", "both", "none")
+MPP_TOLERANCE = 0.05
+OUTPUTS = ("_saliency.png", "_cam.png", "_cam.tif")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="a checkpoint written by streamcnn train")
+    p.add_argument("slides", nargs="+", metavar="SLIDE", help="whole-slide images")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="output folder (created): predictions.csv and the maps")
+    region = p.add_mutually_exclusive_group()
+    region.add_argument("--image-size", type=int, metavar="PX",
+                        help="analyse PX x PX pixels centred on the tissue (default: the "
+                             "checkpoint's training image size)")
+    region.add_argument("--full-slide", action="store_true",
+                        help="analyse the whole tissue box at the analysis mpp")
+    p.add_argument("--mpp", type=float, metavar="UM",
+                   help="analysis resolution in microns per pixel (default: the "
+                        "checkpoint's)")
+    p.add_argument("--heatmap", choices=HEATMAPS, default=None,
+                   help="maps to draw (default: both for a classifier, saliency for a "
+                        "regression model)")
+    p.add_argument("--target", type=int, default=None,
+                   help="class whose maps are drawn (default: the predicted class)")
+    p.add_argument("--device", default="cpu", help="where the model runs (cpu, cuda, ...)")
+    p.add_argument("--tile-size", type=int, default=None, metavar="PX",
+                   help="the stem's input tile (default: the checkpoint's tiling)")
+    p.add_argument("--png-size", type=int, default=1024, metavar="PX",
+                   help="longest side of the PNG overlays' thumbnail (default 1024)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _check_args(args) -> None:
+    if args.image_size is not None and args.image_size < 1:
+        raise ValueError(f"streamcnn: --image-size must be positive, got {args.image_size}")
+    if args.mpp is not None and not (math.isfinite(args.mpp) and args.mpp > 0):
+        raise ValueError(f"streamcnn: --mpp must be positive, got {args.mpp}")
+    if args.tile_size is not None and args.tile_size < 1:
+        raise ValueError(f"streamcnn: --tile-size must be positive, got {args.tile_size}")
+    if args.png_size < 16:
+        raise ValueError(f"streamcnn: --png-size must be at least 16, got {args.png_size}")
+
+
+def _check_out_dir(path: str) -> None:
+    """Create ``path`` and make sure files can be written there."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".streamcnn-probe-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ValueError(f"streamcnn: output directory {path} is not writable: "
+                         f"{e.strerror or e}") from None
+
+
+# ---------------------------------------------------------------------------
+# progress
+
+
+class _Bars:
+    """tqdm bars over slides and over the operator's tiles (a thread-local
+    C callback, as streamcnn.progress), both off with quiet."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+
+    def slides(self, items):
+        if self.quiet:
+            return items
+        from tqdm import tqdm
+        return tqdm(items, desc="slides", unit="slide", file=sys.stderr)
+
+    def write(self, msg: str) -> None:
+        if self.quiet:
+            print(msg, file=sys.stderr)
+        else:
+            from tqdm import tqdm
+            tqdm.write(msg, file=sys.stderr)
+
+    @contextmanager
+    def tiles(self, desc: str):
+        if self.quiet:
+            yield None
+            return
+        from tqdm import tqdm
+        from .. import progress as prog
+        from .._library import clib
+        bar = tqdm(total=0, desc=desc, unit="tile", leave=False, file=sys.stderr)
+        state = {"key": None}
+
+        def update(user, phase, done, total):
+            try:
+                key = (phase, total)
+                if state["key"] != key or done < bar.n:
+                    state["key"] = key
+                    bar.reset(total=total)
+                    bar.set_description(f"{desc} {('forward', 'backward')[phase] if phase in (0, 1) else phase}")
+                bar.update(done - bar.n)
+            except Exception:  # noqa: BLE001 - display never breaks the call
+                pass
+
+        fn = prog._PROGRESS_FN(update)
+        lib = clib()
+        lib.sc_set_progress(fn, None)
+        try:
+            yield bar
+        finally:
+            lib.sc_set_progress(None, None)
+            bar.close()
+
+
+# ---------------------------------------------------------------------------
+# one slide
+
+
+def _slide_name(path: str, taken: Dict[str, int]) -> str:
+    base = os.path.splitext(os.path.basename(path))[0] or "slide"
+    n = taken.get(base, 0)
+    taken[base] = n + 1
+    return base if n == 0 else f"{base}_{n + 1}"
+
+
+def _open(path: str) -> Slide:
+    try:
+        return Slide(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"streamcnn: slide {path} does not exist") from None
+    except (ValueError, RuntimeError) as e:
+        msg = str(e)
+        raise ValueError(msg if path in msg else f"streamcnn: cannot read slide {path}: "
+                         f"{msg}") from None
+
+
+def _downsample(s: Slide, mpp: Optional[float]) -> Tuple[float, Optional[float]]:
+    """(downsample w.r.t. level 0, analysis mpp) for the requested mpp."""
+    if mpp is None:
+        return 1.0, (s.mpp[0] if s.mpp else None)
+    if s.mpp is None:
+        raise ValueError(f"streamcnn: slide {s.path} has no microns-per-pixel metadata "
+                         f"(openslide.mpp-x), so it cannot be read at {mpp:g} um/px")
+    if mpp < s.mpp[0] * (1 - MPP_TOLERANCE):
+        raise ValueError(f"streamcnn: slide {s.path} has {s.mpp[0]:g} um/px at its finest "
+                         f"level; it cannot provide {mpp:g} um/px (use --mpp "
+                         f"{s.mpp[0]:g} or coarser)")
+    return mpp / s.mpp[0], mpp
+
+
+def _read_region(s: Slide, ds: float, full: bool, size: int):
+    """(uint8 3 x h x w image, level-0 origin (x, y) of its pixel (0, 0),
+    blank). Pixel (i, j) of the image is at level-0 (x + j ds, y + i ds)."""
+    box = s.tissue_box()
+    blank = box is None
+    w0, h0 = s.dimensions
+    if full and not blank:
+        bx, by, bw, bh = box
+        w, h = max(1, round(bw / ds)), max(1, round(bh / ds))
+        return s.read_scaled((bx, by), ds, (w, h)), (bx, by), blank
+    # the training view: size x size centred on the tissue box (the slide's
+    # centre without tissue); outside the slide is its background colour
+    if blank:
+        cx, cy = w0 / 2, h0 / 2
+    else:
+        bx, by, bw, bh = box
+        cx, cy = bx + bw / 2, by + bh / 2
+    x, y = round(cx - size * ds / 2), round(cy - size * ds / 2)
+    return s.read_scaled((x, y), ds, (size, size)), (x, y), blank
+
+
+def _atomic(path: str):
+    """A temporary name beside path (move it there with os.replace)."""
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
+                               dir=os.path.dirname(os.path.abspath(path)))
+    os.close(fd)
+    return tmp
+
+
+def _save_figure(fig, path: str) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    FigureCanvasAgg(fig)
+    tmp = _atomic(path)
+    try:
+        fig.savefig(tmp, format="png", dpi=100)
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink(tmp)
+        raise
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _overlay_png(path: str, thumb: torch.Tensor, thumb_ds: float, m: Optional[torch.Tensor],
+                 extent, title: str, label: str, vmin: float, vmax: float, cmap: str,
+                 points=None) -> None:
+    """The slide thumbnail (uint8 3 x th x tw, thumb_ds level-0 px per pixel)
+    with the map m drawn over extent = (x0, x1, y1, y0) in thumbnail pixels,
+    a colour bar and the analysed box; points: (x, y, size) in thumbnail
+    pixels (max-pool winners)."""
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+    th, tw = thumb.shape[1:]
+    fig = Figure(figsize=(max(4.0, 8.0 * tw / max(th, tw)) + 1.5, max(4.0, 8.0 * th / max(th, tw))))
+    ax = fig.add_subplot(1, 1, 1)
+    ax.imshow(thumb.permute(1, 2, 0).numpy(), interpolation="bilinear")
+    if m is not None:
+        im = ax.imshow(m.numpy(), extent=extent, cmap=cmap, alpha=0.55, vmin=vmin, vmax=vmax,
+                       interpolation="bilinear")
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label=label)
+        if points is not None and len(points[0]):
+            ax.scatter(points[0], points[1], s=points[2], facecolors="none",
+                       edgecolors="cyan", linewidths=0.8, label="max-pool winners")
+            ax.legend(loc="lower right", fontsize=7)
+    x0, x1, y1, y0 = extent
+    ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="black",
+                           linewidth=0.8, linestyle="--"))
+    ax.set_xlim(0, tw)
+    ax.set_ylim(th, 0)
+    ax.set_axis_off()
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    _save_figure(fig, path)
+
+
+def _cam_tiff(path: str, s: Slide, m: Optional[torch.Tensor], cone: hm.Cone, ds: float,
+              origin: Tuple[int, int], shape: Tuple[int, int], mpp: Optional[float],
+              vmin: float, vmax: float, cmap: str, rows: int = 512) -> Tuple[int, int]:
+    """The class map over the whole slide at the analysis resolution
+    (level-0 pixel (X, Y) is map pixel (X / ds, Y / ds)): colour-mapped
+    inside the analysed region, white outside (everywhere for a blank
+    slide), written in bands of ``rows`` rows; each band's values are
+    upsampled from the feature map for that band alone. Returns its size."""
+    from ..tiff import PyramidWriter
+    w0, h0 = s.dimensions
+    width, height = max(1, math.ceil(w0 / ds)), max(1, math.ceil(h0 / ds))
+    lut = hm.colormap_lut(cmap)
+    h, w = shape
+    # the analysed image's pixel (i, j) is map pixel (oy + i, ox + j)
+    oy, ox = origin[1] / ds, origin[0] / ds
+    c0, c1 = max(0, math.floor(ox)), min(width, math.ceil(ox + w))
+    with PyramidWriter(path, width, height, mpp=mpp) as wr:
+        for y0 in range(0, height, rows):
+            n = min(rows, height - y0)
+            band = torch.full((n, width, 3), 255, dtype=torch.uint8)
+            r0, r1 = max(y0, math.floor(oy)), min(y0 + n, math.ceil(oy + h))
+            if m is not None and r1 > r0 and c1 > c0:
+                vals = hm.upsample_map(m, cone, (r1 - r0, c1 - c0),
+                                       origin=(r0 - oy, c0 - ox))
+                band[r0 - y0:r1 - y0, c0:c1] = hm.colorize(
+                    hm.normalize(vals, vmin=vmin, vmax=vmax), lut=lut)
+            wr.write(band)
+    return width, height
+
+
+
+def _predict_slide(path: str, name: str, model, config, args, want_sal: bool,
+                   want_cam: bool, bars: _Bars) -> Dict:
+    task = config.get("task", "classification")
+    stem, head = model.stem, model.head
+    dev = next(model.parameters()).device
+    row = {"slide": name, "path": path, "status": "ok", "message": ""}
+    with _open(path) as s:
+        ds, mpp = _downsample(s, args.mpp if args.mpp is not None else config.get("mpp"))
+        size = args.image_size or int(config.get("image_size") or 0)
+        if not args.full_slide and size < 1:
+            raise ValueError("streamcnn: the checkpoint has no image_size; give --image-size "
+                             "or --full-slide")
+        img, origin, blank = _read_region(s, ds, args.full_slide,
+                                          size or int(config.get("image_size") or 1024))
+        if blank:
+            msg = (f"streamcnn: warning: slide {path} has no tissue (blank); its score is of "
+                   f"its centre and its maps are empty")
+            bars.write(msg)
+            row["status"], row["message"] = "blank", "no tissue: empty maps"
+        h, w = img.shape[1:]
+        # on a CUDA device the uint8 region stays in host memory: the stem
+        # streams it tile by tile (and the saliency band by band)
+        x = img.unsqueeze(0) if dev.type == "cuda" else img.unsqueeze(0).to(dev)
+        del img
+        with bars.tiles(f"{name}"):
+            with torch.no_grad():
+                f = stem(x)
+            m, winners, logits, t = hm.class_maps(head, f, args.target) if task != \
+                "regression" else (None, None, head(f).detach(), None)
+            if t is None:
+                t = hm._targets(logits, args.target)
+            sal = None
+            if want_sal and not blank:
+                thumb_px = args.png_size
+                pool = max(1, math.ceil(max(h, w) / thumb_px))
+                sal = hm.saliency(stem, head, x, args.target if args.target is not None
+                                  else int(t[0]), pool=pool, features=f)
+        del f, x
+        logits = logits.float().cpu()[0]
+        k = int(t[0])
+        row.update(target=k, mpp=f"{mpp:g}" if mpp else "", downsample=f"{ds:g}",
+                   x=origin[0], y=origin[1], width=round(w * ds), height=round(h * ds),
+                   region=f"{w}x{h}")
+        if task == "regression":
+            row["prediction"] = f"{float(logits[0]):.6g}"
+            row["score"] = row["prediction"]
+        else:
+            p = torch.softmax(logits.double(), 0)
+            row["prediction"] = int(logits.argmax())
+            row["score"] = f"{float(p[k]):.6g}"
+            for j in range(p.numel()):
+                row[f"prob_{j}"] = f"{float(p[j]):.6g}"
+        # pictures: over the slide thumbnail
+        thumb = s.thumbnail(args.png_size)
+        tds = max(s.dimensions) / max(thumb.shape[1:])
+        ex0, ey0 = origin[0] / tds, origin[1] / tds
+        extent = (ex0, ex0 + w * ds / tds, ey0 + h * ds / tds, ey0)
+        tsize = (max(1, round(h * ds / tds)), max(1, round(w * ds / tds)))
+        scale = tds / ds           # image pixels per thumbnail pixel
+        out = args.out
+        title = f"{name}: target {k}, score {row['score']}" + (" (no tissue)" if blank else "")
+        if want_cam:
+            cone = hm.map_cone(stem, head)
+            vmin, vmax = hm.percentiles(m, 1, 99) if not blank else (0.0, 1.0)
+            if not vmax > vmin:
+                vmin, vmax = vmin - 1e-6, vmin + 1e-6
+            small = hm.upsample_map(m[0], cone, tsize, scale=scale)
+            pts = None
+            if winners is not None and not blank:
+                wv = winners[0]
+                idx = torch.nonzero(wv > 0)
+                if idx.numel():
+                    cy = idx[:, 0].double() * cone.stride[0] + cone.center[0]
+                    cx = idx[:, 1].double() * cone.stride[1] + cone.center[1]
+                    v = wv[idx[:, 0], idx[:, 1]].double()
+                    pts = (((cx + 0.5) / scale + ex0).numpy(), ((cy + 0.5) / scale + ey0).numpy(),
+                           (10 + 90 * v / v.max()).numpy())
+            _overlay_png(os.path.join(out, f"{name}_cam.png"), thumb, tds,
+                         None if blank else small, extent, title,
+                         f"class {k} score (logit units)", vmin, vmax, "jet", pts)
+            _cam_tiff(os.path.join(out, f"{name}_cam.tif"), s, None if blank else m[0], cone,
+                      ds, origin, (h, w), mpp, vmin, vmax, "jet")
+        if want_sal:
+            disp = None
+            if sal is not None:
+                disp = hm.normalize(hm.smooth(sal[0], 1.0), 1, 99)
+            _overlay_png(os.path.join(out, f"{name}_saliency.png"), thumb, tds, disp, extent,
+                         title, "saliency |d score / d pixel| (1-99 percentile)", 0.0, 1.0,
+                         "inferno")
+    return row
+
+
+# ---------------------------------------------------------------------------
+# the command
+
+
+def _write_csv(path: str, rows: List[Dict]) -> None:
+    keys: List[str] = []
+    for r in rows:
+        for k in r:
+            if k not in keys:
+                keys.append(k)
+    tmp = _atomic(path)
+    try:
+        with open(tmp, "w", newline="") as f:
+            wr = csv.DictWriter(f, fieldnames=keys)
+            wr.writeheader()
+            for r in rows:
+                wr.writerow(r)
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink(tmp)
+        raise
+
+
+def run(args) -> int:
+    """Run ``streamcnn predict``; 0 when every slide worked, 2 when some
+    failed or were blank (each reported on stderr and in predictions.csv;
+    a blank slide still gets its score and empty maps). Errors that
+    stop everything (checkpoint, arguments, output folder) raise ValueError
+    / FileNotFoundError with a ``streamcnn:`` message."""
+    _check_args(args)
+    _check_out_dir(args.out)
+    model, config = load_model(args.checkpoint, args.device)
+    task = config.get("task", "classification")
+    heat = args.heatmap or ("both" if task != "regression" else "saliency")
+    if task == "regression" and heat in ("cam", "both"):
+        raise ValueError(f"streamcnn: checkpoint {args.checkpoint} is a regression model "
+                         f"(task: regression): it has no class map; use --heatmap saliency")
+    if task != "regression" and args.target is not None and \
+            not 0 <= args.target < model.head.fc.out_features:
+        raise ValueError(f"streamcnn: --target {args.target} is out of range for "
+                         f"{model.head.fc.out_features} classes")
+    if args.tile_size is not None:
+        rf = max(model.stem.receptive_field)
+        if args.tile_size < rf:
+            raise ValueError(f"streamcnn: --tile-size {args.tile_size} is smaller than the "
+                             f"stem's receptive field ({rf})")
+        model.stem.memory_budget = 0
+        model.stem.tile_size = [args.tile_size, args.tile_size]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    want_sal, want_cam = heat in ("saliency", "both"), heat in ("cam", "both")
+    bars = _Bars(args.quiet)
+    rows, failed, taken = [], 0, {}
+    for path in bars.slides(args.slides):
+        name = _slide_name(path, taken)
+        try:
+            rows.append(_predict_slide(path, name, model, config, args, want_sal, want_cam,
+                                       bars))
+        except (ValueError, FileNotFoundError, RuntimeError, OSError, MemoryError) as e:
+            failed += 1
+            msg = str(e) if str(e).startswith("streamcnn:") else f"streamcnn: {path}: {e}"
+            for suffix in OUTPUTS:   # no partial set of maps for a failed slide
+                _unlink(os.path.join(args.out, name + suffix))
+            bars.write(msg)
+            rows.append({"slide": name, "path": path, "status": "error", "message": msg})
+    _write_csv(os.path.join(args.out, "predictions.csv"), rows)
+    if not args.quiet:
+        bars.write(f"streamcnn predict: {len(rows) - failed} of {len(rows)} slides -> "
+                   f"{os.path.join(args.out, 'predictions.csv')}")
+    blank = sum(r.get("status") == "blank" for r in rows)
+    return 2 if failed or blank else 0

@@ -1,0 +1,90 @@
+"""Write the committed seed corpora of the fuzz targets (tests/fuzz/corpus/).
+
+Run from the repository root with the package importable:
+    PYTHONPATH=python STREAMCNN_LIBRARY=build/dev/libstreamcnn.so \
+        python tests/fuzz/make_seeds.py
+Programs come from real stems converted by streamcnn.program.convert (so
+the decoder's seeds are valid and mutations start deep inside it); the
+geometry / memory seeds prefix a header of six uint32 (h, w, tile_h,
+tile_w, flags, mask; see fuzz_common.h); the slide seeds are tiny tiled
+pyramidal TIFFs written by sc_tiff_write_pyramid.
+"""
+import os
+import struct
+import sys
+
+import torch
+import torch.nn as nn
+import torchvision
+
+from streamcnn.program import convert
+from streamcnn.data.synthetic import write_slide, aperio_description
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpus")
+
+
+def stems():
+    torch.manual_seed(0)
+    r18 = torchvision.models.resnet18().eval()
+    yield "resnet18_layer1", nn.Sequential(r18.conv1, r18.bn1, r18.relu, r18.maxpool, r18.layer1)
+    yield "resnet18_layer2", nn.Sequential(r18.conv1, r18.bn1, r18.relu, r18.maxpool, r18.layer1,
+                                           r18.layer2)
+    yield "convs", nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(),
+                                 nn.Conv2d(4, 4, 5, stride=2, padding=2, dilation=1),
+                                 nn.LeakyReLU(0.1), nn.AvgPool2d(3, 2, 1, ceil_mode=True),
+                                 nn.Conv2d(4, 2, 3, dilation=2), nn.GELU())
+    yield "pools", nn.Sequential(nn.MaxPool2d(3, 2, 1, ceil_mode=True), nn.Conv2d(3, 3, (1, 3)),
+                                 nn.AvgPool2d(2, count_include_pad=False, divisor_override=3),
+                                 nn.Sigmoid(), nn.Tanh(), nn.SiLU(), nn.Hardswish())
+    cnx = torchvision.models.convnext_tiny().eval()
+    yield "convnext_stage0", nn.Sequential(cnx.features[0], cnx.features[1][0])
+
+
+def words_bytes(words):
+    return struct.pack(f"<{len(words)}q", *words)
+
+
+def header(h, w, th, tw, flags, mask=0xFFFFFFFF):
+    return struct.pack("<6I", h - 1, w - 1, th - 1, tw - 1, flags, mask)
+
+
+def write(target, name, data):
+    d = os.path.join(ROOT, target)
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, name), "wb") as f:
+        f.write(data)
+
+
+def main():
+    for name, stem in stems():
+        prog = convert(stem).program
+        write("program", name, words_bytes(prog))
+        for tag, hdr in [("small", header(300, 257, 128, 96, 0)),
+                         ("huge", header(1 << 20, (1 << 31), 1 << 16, 1 << 12, 1)),
+                         ("tiny_tile", header(97, 64, 40, 300, 0))]:
+            write("geometry", f"{name}_{tag}", hdr + words_bytes(prog))
+        for tag, hdr in [("cached_cpu_f32", header(512, 384, 160, 200, 2 | 4 | (2 << 3))),
+                         ("cone_f16_mask", header(300, 300, 96, 128, (1 << 3) | 32, 0x5))]:
+            write("memory", f"{name}_{tag}", hdr + words_bytes(prog))
+    g = torch.Generator().manual_seed(0)
+    # smooth content with a little noise: small files (fast fuzzing), real
+    # compressed tiles
+    yy, xx = torch.meshgrid(torch.arange(48), torch.arange(64), indexing="ij")
+    noise = torch.randint(0, 8, (48, 64, 3), dtype=torch.int64, generator=g)
+    lv0 = (torch.stack([xx * 4, yy * 5, (xx + yy) * 2], -1) + noise).clamp(0, 255).to(torch.uint8)
+    lv1 = lv0[::2, ::2].contiguous()
+    d = os.path.join(ROOT, "slide")
+    os.makedirs(d, exist_ok=True)
+    write_slide(os.path.join(d, "generic_deflate.tiff"), [lv0, lv1], tile=16)
+    write_slide(os.path.join(d, "generic_jpeg.tiff"), [lv0[:32, :32].contiguous()], tile=16,
+                compression="jpeg", quality=50)
+    write_slide(os.path.join(d, "aperio.svs"), [lv0, lv1], tile=16,
+                description=aperio_description(64, 48, 16, 0.25))
+    for t in sorted(os.listdir(ROOT)):
+        files = os.listdir(os.path.join(ROOT, t))
+        size = sum(os.path.getsize(os.path.join(ROOT, t, f)) for f in files)
+        print(f"{t}: {len(files)} seeds, {size} bytes")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,200 @@
+"""streamcnn predict: outputs, the CAM TIFF as a slide, bad input, and a
+pointing game on synthetic tumour slides."""
+
+import argparse
+import csv
+import functools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import streamcnn
+from streamcnn.app import predict
+from streamcnn.app.checkpoint import save_checkpoint
+from streamcnn.classifier import build_model
+from streamcnn.data import synthetic
+
+pytestmark = pytest.mark.skipif(not streamcnn.slide.available(),
+                                reason="built without OpenSlide / libtiff")
+
+MEAN, STD = [124.0, 116.0, 104.0], [58.0, 57.0, 57.0]
+
+
+def _config(task="classification", outputs=2, head="max", mpp=1.0, size=128):
+    return dict(model="resnet18", stream_upto="layer1", head=head, num_outputs=outputs,
+                tile_size=256, memory_budget=None, mean=MEAN, std=STD, task=task,
+                image_size=size, mpp=mpp)
+
+
+def _checkpoint(path, **kw):
+    cfg = _config(**kw)
+    torch.manual_seed(0)
+    m = build_model("resnet18", num_outputs=cfg["num_outputs"], stream_upto="layer1",
+                    head=cfg["head"], tile_size=256, mean=MEAN, std=STD)
+    save_checkpoint(str(path), {"config": cfg, "model": m.state_dict()})
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("predict")
+    synthetic.make_slide(str(d / "a.svs"), 520, 400, tumour=True, seed=1, mpp=0.5)
+    synthetic.make_slide(str(d / "b.svs"), 384, 384, seed=2, mpp=0.5)
+    synthetic.write_slide(str(d / "blank.svs"),
+                          [torch.full((256, 320, 3), 255, dtype=torch.uint8)],
+                          description=synthetic.aperio_description(320, 256, 256, 0.5))
+    synthetic.make_slide(str(d / "coarse.svs"), 256, 256, seed=3, mpp=2.0)
+    synthetic.write_striped_tiff(str(d / "striped.tif"),
+                                 torch.zeros(64, 64, 3, dtype=torch.uint8))
+    return {"dir": d, "ckpt": _checkpoint(d / "c.pt"),
+            "reg": _checkpoint(d / "r.pt", task="regression", outputs=1)}
+
+
+def _args(*argv):
+    p = argparse.ArgumentParser()
+    predict.add_arguments(p)
+    return p.parse_args([str(a) for a in argv])
+
+
+def _rows(out):
+    with open(os.path.join(out, "predictions.csv"), newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_full_slide_outputs_and_tiff(data, tmp_path, capsys):
+    d = data["dir"]
+    out = tmp_path / "out"
+    rc = predict.run(_args(data["ckpt"], d / "a.svs", d / "b.svs", "--out", out,
+                           "--full-slide", "--quiet"))
+    assert rc == 0
+    rows = _rows(out)
+    assert [r["slide"] for r in rows] == ["a", "b"] and all(r["status"] == "ok" for r in rows)
+    for r in rows:
+        p0, p1 = float(r["prob_0"]), float(r["prob_1"])
+        assert abs(p0 + p1 - 1) < 1e-5 and r["prediction"] in ("0", "1")
+        assert r["mpp"] == "1"
+    for name, (w0, h0) in (("a", (520, 400)), ("b", (384, 384))):
+        for suffix in ("_cam.png", "_saliency.png", "_cam.tif"):
+            assert (out / f"{name}{suffix}").stat().st_size > 0
+        # the CAM covers the whole slide at the analysis mpp (1 um/px = 2x level 0)
+        with streamcnn.Slide(out / f"{name}_cam.tif") as s:
+            assert s.dimensions == ((w0 + 1) // 2, (h0 + 1) // 2)
+            assert s.mpp == (1.0, 1.0)
+            assert s.level_count == 1
+            px = s.read_region((0, 0), 0, s.dimensions)
+        # coloured inside the analysed box, white outside
+        r = rows[0 if name == "a" else 1]
+        x, y = int(r["x"]) // 2, int(r["y"]) // 2
+        bw, bh = (int(v) for v in r["region"].split("x"))
+        inside = px[:, y + 2:y + bh - 2, x + 2:x + bw - 2]
+        assert (inside != 255).any(dim=0).float().mean() > 0.9
+        outside = torch.ones(px.shape[1:], dtype=torch.bool)
+        outside[max(0, y - 1):y + bh + 1, max(0, x - 1):x + bw + 1] = False   # (half-pixel origin)
+        assert (px[:, outside] == 255).all()
+    assert not [f for f in os.listdir(out) if f.startswith(".")]   # no temporaries
+
+
+def test_cam_tiff_pyramid_levels(data, tmp_path):
+    """A larger analysis region: the TIFF has reduced levels, each half the
+    previous, with the mpp at level 0."""
+    d = data["dir"]
+    synthetic.make_slide(str(d / "big.svs"), 1400, 1100, seed=5, mpp=0.5)
+    out = tmp_path / "o"
+    rc = predict.run(_args(data["ckpt"], d / "big.svs", "--out", out, "--mpp", "0.5",
+                           "--heatmap", "cam", "--quiet"))
+    assert rc == 0
+    with streamcnn.Slide(out / "big_cam.tif") as s:
+        assert s.level_dimensions == [(1400, 1100), (700, 550), (350, 275)]
+        assert s.mpp == (0.5, 0.5)
+    assert not (out / "big_saliency.png").exists()
+
+
+def test_bad_slides_reported_others_processed(data, tmp_path, capsys):
+    d = data["dir"]
+    out = tmp_path / "out"
+    rc = predict.run(_args(data["ckpt"], d / "missing.svs", d / "striped.tif",
+                           d / "coarse.svs", d / "b.svs", "--out", out, "--quiet"))
+    assert rc == 2
+    err = capsys.readouterr().err
+    rows = {r["slide"]: r for r in _rows(out)}
+    assert rows["b"]["status"] == "ok" and (out / "b_cam.tif").exists()
+    assert rows["missing"]["status"] == "error" and "missing.svs does not exist" in err
+    assert rows["striped"]["status"] == "error" and "striped.tif" in rows["striped"]["message"]
+    # the checkpoint's 1 um/px is finer than the slide's 2 um/px: say the slide's mpp
+    assert rows["coarse"]["status"] == "error"
+    assert "has 2 um/px at its finest level; it cannot provide 1 um/px" in \
+        rows["coarse"]["message"]
+    for name in ("missing", "striped", "coarse"):
+        assert not list(out.glob(f"{name}_*"))
+
+
+def test_mpp_cannot_provide(data, tmp_path, capsys):
+    rc = predict.run(_args(data["ckpt"], data["dir"] / "a.svs", "--out", tmp_path,
+                           "--mpp", "0.25", "--quiet"))
+    assert rc == 2
+    assert "has 0.5 um/px at its finest level; it cannot provide 0.25 um/px" in \
+        capsys.readouterr().err
+
+
+def test_blank_slide_score_empty_map_warning(data, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = predict.run(_args(data["ckpt"], data["dir"] / "blank.svs", "--out", out, "--quiet"))
+    assert rc == 2      # reported like a bad input, with its score and empty maps
+    assert "has no tissue (blank)" in capsys.readouterr().err
+    (row,) = _rows(out)
+    assert row["status"] == "blank" and 0 <= float(row["score"]) <= 1
+    with streamcnn.Slide(out / "blank_cam.tif") as s:
+        assert (s.read_region((0, 0), 0, s.dimensions) == 255).all()   # empty map
+    assert (out / "blank_cam.png").exists() and (out / "blank_saliency.png").exists()
+
+
+def test_regression_checkpoint(data, tmp_path):
+    with pytest.raises(ValueError, match="regression model .* has no class map"):
+        predict.run(_args(data["reg"], data["dir"] / "b.svs", "--out", tmp_path,
+                          "--heatmap", "cam"))
+    out = tmp_path / "o"
+    assert predict.run(_args(data["reg"], data["dir"] / "b.svs", "--out", out,
+                             "--quiet")) == 0
+    (row,) = _rows(out)
+    float(row["prediction"])
+    assert (out / "b_saliency.png").exists() and not (out / "b_cam.png").exists()
+
+
+def test_output_dir_not_writable(data, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ValueError, match="output directory .* is not writable"):
+        predict.run(_args(data["ckpt"], data["dir"] / "b.svs", "--out", blocker / "sub"))
+
+
+def test_command_line_exit_code(data, tmp_path):
+    """As a process: a one-line message on stderr and exit code 2."""
+    env = dict(os.environ)
+    r = subprocess.run([str(Path(sys.executable).parent / "streamcnn"), "predict", data["reg"],
+                        str(data["dir"] / "b.svs"), "--out", str(tmp_path), "--heatmap",
+                        "both"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 2
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("streamcnn: ") and "regression" in lines[0]
+
+
+def test_pointing_game_after_training():
+    """After a tiny training on synthetic tumour / normal slides, the CAM's
+    top location (through the streamed stem) lies on a true tumour cluster
+    (the generator's boxes) on held-out slides; the full measurement is
+    bench/pointing_game.py."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path.insert(0, os.path.join(root, "bench"))
+    try:
+        import pointing_game as pg
+    finally:
+        sys.path.pop(0)
+    sm, head, loss = pg.train(n_train=4, steps=150, batch=16)
+    hits, n, chance, rows = pg.pointing_game(sm, head, range(200, 204))
+    print(f"pointing game: {hits}/{n} hits, chance {chance:.2f}, loss {loss:.4f}", rows)
+    assert chance < 0.4
+    assert hits >= 3, rows

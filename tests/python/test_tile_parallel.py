@@ -1,0 +1,300 @@
+"""Tile-parallel streaming (streamcnn.distributed.TileParallel): one image's
+stem over 2 and 3 CPU processes (gloo, torch.multiprocessing.spawn, a
+file:// rendezvous, 60 s timeouts). float64 output, every parameter
+gradient and the image gradient against the single-process whole-image
+autograd pass; also the raw *_rows ops (opcheck, bands equal to the
+whole output's rows, bad ranges refused)."""
+
+import datetime
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+
+import streamcnn
+from conftest import randomize_bn, rel_err
+
+TOL = 1e-10
+TIMEOUT = datetime.timedelta(seconds=60)
+
+
+def _random_stem():
+    """Convolution, batch norm, ReLU, a ceil-mode max pool, a residual
+    block, a strided convolution and a padded average pool (float64)."""
+    from torchvision.models.resnet import BasicBlock
+    stem = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                         nn.MaxPool2d(3, 2, 1, ceil_mode=True), BasicBlock(4, 4),
+                         nn.Conv2d(4, 5, 3, stride=2),
+                         nn.AvgPool2d(2, 1, count_include_pad=False, padding=1))
+    stem = stem.double().eval()
+    randomize_bn(stem, torch.Generator().manual_seed(0))
+    return stem
+
+
+def _resnet18_stem():
+    import torchvision
+    torch.manual_seed(1)
+    model = torchvision.models.resnet18(weights=None).double()
+    randomize_bn(model, torch.Generator().manual_seed(2))
+    return nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool,
+                         model.layer1).eval()
+
+
+def _loss(y, w):
+    """A head run identically on every rank: linear and quadratic terms."""
+    return (y * w).sum() + 0.1 * y.square().sum()
+
+
+def _reference(stem, x, w):
+    """Output, parameter gradients and image gradient of the whole image."""
+    xr = x.detach().double().requires_grad_(x.is_floating_point())
+    y = stem(xr)
+    params = [p for p in stem.parameters() if p.requires_grad]
+    wrt = ([xr] if x.is_floating_point() else []) + params
+    got = torch.autograd.grad(_loss(y, w), wrt)
+    gx = got[0] if x.is_floating_point() else None
+    return y.detach(), list(got[1:] if x.is_floating_point() else got), gx
+
+
+def _check(tp, stem, x, w, label, part=False):
+    """Run tp on x (the whole image, or only this rank's rows) and compare
+    with the whole-image pass; every rank checks."""
+    ref_y, ref_p, ref_x = _reference(stem, x, w)
+    params = [p for p in stem.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = None
+    h, wd = x.shape[2], x.shape[3]
+    if part:
+        a, b = tp.rows_needed(h, wd)
+        xp = x.detach()[:, :, a:b].clone().requires_grad_(x.is_floating_point())
+        y = tp(xp, image_row0=a, image_height=h)
+    else:
+        xp = x.detach().clone().requires_grad_(x.is_floating_point())
+        y = tp(xp)
+    assert rel_err(y, ref_y) < TOL, (label, "output", rel_err(y, ref_y))
+    _loss(y, w).backward()
+    for k, (p, g) in enumerate(zip(params, ref_p)):
+        assert p.grad is not None, (label, k)
+        assert rel_err(p.grad, g) < TOL, (label, "param", k, rel_err(p.grad, g))
+    if ref_x is not None:
+        if part:  # a part's gradient is this rank's share: sum them
+            full = torch.zeros_like(ref_x)
+            if b > a:
+                full[:, :, a:b] = xp.grad
+            dist.all_reduce(full)
+            gx = full
+        else:
+            gx = xp.grad
+        assert rel_err(gx, ref_x) < TOL, (label, "image", rel_err(gx, ref_x))
+
+
+def _init(rank, world, path):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank,
+                            world_size=world, timeout=TIMEOUT)
+
+
+def _worker_two(rank, path):
+    _init(rank, 2, path)
+    from streamcnn.distributed import TileParallel
+    try:
+        torch.manual_seed(0)
+        stem = _random_stem()
+        x = torch.randn(2, 3, 45, 37, dtype=torch.float64)
+        for cached in (True, False):
+            sm = streamcnn.StreamingModule(stem, 22, halo_cache=cached)
+            oh, ow = streamcnn.tiling_info(sm.program, 45, 37, sm.tile_size)[:2]
+            assert streamcnn.tiling_info(sm.program, 45, 37, sm.tile_size)[4] >= 3
+            w = torch.randn(2, 5, oh, ow, dtype=torch.float64)
+            # balanced, and splits that cut through the halos of every
+            # layer (the first / last row alone, an odd row in the middle)
+            for bands in (None, [(0, 1), (1, oh)], [(0, oh - 1), (oh - 1, oh)],
+                          [(0, 5), (5, oh)]):
+                tp = TileParallel(sm, bands=bands)
+                _check(tp, stem, x, w, ("random", cached, bands))
+            tp = TileParallel(sm)
+            _check(tp, stem, x, w, ("random part", cached), part=True)
+            # a uint8 image (no image gradient), each rank its rows only
+            xu = torch.randint(0, 256, (2, 3, 45, 37), dtype=torch.uint8)
+            _check(tp, stem, xu, w, ("uint8 part", cached), part=True)
+        stem18 = _resnet18_stem()
+        x18 = torch.randn(2, 3, 67, 51, dtype=torch.float64)
+        for cached in (True, False):
+            sm = streamcnn.StreamingModule(stem18, 48, halo_cache=cached)
+            oh, ow = streamcnn.tiling_info(sm.program, 67, 51, sm.tile_size)[:2]
+            w = torch.randn(2, 64, oh, ow, dtype=torch.float64)
+            for bands in (None, [(0, 7), (7, oh)]):
+                _check(TileParallel(sm, bands=bands), stem18, x18, w,
+                       ("resnet18", cached, bands))
+        # ranks that disagree (here: the image width) are refused on every
+        # rank, and the group still works afterwards
+        sm = streamcnn.StreamingModule(stem, 22)
+        tp = TileParallel(sm)
+        bad = torch.randn(1, 3, 45, 37 - rank, dtype=torch.float64)
+        with pytest.raises(RuntimeError, match="ranks disagree"):
+            tp(bad)
+        with torch.no_grad():
+            y = tp(x)
+            assert rel_err(y, stem(x)) < TOL
+    finally:
+        dist.destroy_process_group()
+
+
+def _worker_three(rank, path):
+    _init(rank, 3, path)
+    from streamcnn.distributed import TileParallel
+    try:
+        torch.manual_seed(0)
+        stem = _random_stem()
+        for cached in (True, False):
+            sm = streamcnn.StreamingModule(stem, 22, halo_cache=cached)
+            # an output of 2 rows over 3 ranks: the third band is empty
+            x = torch.randn(2, 3, 7, 29, dtype=torch.float64)
+            oh, ow = streamcnn.tiling_info(sm.program, 7, 29, sm.tile_size)[:2]
+            assert oh == 2
+            tp = TileParallel(sm)
+            assert tp.bands(7, 29)[2] == (2, 2)
+            assert tp.rows_needed(7, 29, 2) == (0, 0)
+            w = torch.randn(2, 5, oh, ow, dtype=torch.float64)
+            _check(tp, stem, x, w, ("empty band", cached))
+            _check(tp, stem, x, w, ("empty band part", cached), part=True)
+            # an empty band in the middle
+            x = torch.randn(2, 3, 33, 21, dtype=torch.float64)
+            oh, ow = streamcnn.tiling_info(sm.program, 33, 21, sm.tile_size)[:2]
+            w = torch.randn(2, 5, oh, ow, dtype=torch.float64)
+            _check(TileParallel(sm, bands=[(0, 3), (3, 3), (3, oh)]), stem, x, w,
+                   ("middle empty", cached))
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(fn, world, tmp_path):
+    path = str(tmp_path / "rendezvous")
+    ctx = mp.start_processes(fn, args=(path,), nprocs=world, join=False,
+                             start_method="spawn")
+    while not ctx.join(timeout=180):
+        pass
+
+
+def test_two_ranks_equal_whole_image(tmp_path):
+    _spawn(_worker_two, 2, tmp_path)
+
+
+def test_three_ranks_empty_band(tmp_path):
+    _spawn(_worker_three, 3, tmp_path)
+
+
+# ---- the raw *_rows ops, in this process ----------------------------------
+
+def _setup(cached_rows=(3, 8)):
+    sm = streamcnn.StreamingModule(_random_stem(), 22)
+    x = torch.randn(2, 3, 45, 37, dtype=torch.float64)
+    return sm, x, [p.detach() for p in sm.stream_params()]
+
+
+def test_rows_ops_opcheck():
+    sm, x, params = _setup()
+    tile = sm.tile_size
+    a, b = (int(v) for v in streamcnn.band_info(sm.program, 45, 37, tile, (3, 8))[:2])
+    xp = x[:, :, a:b].clone().requires_grad_()
+    ps = sm.stream_params()
+    rows = [3, 8, a, 45]
+    torch.library.opcheck(torch.ops.streamcnn.forward_rows.default,
+                          (xp, ps, sm.program, tile, rows))
+    torch.library.opcheck(torch.ops.streamcnn.forward_cached_rows.default,
+                          (xp, ps, sm.program, tile, rows))
+    y, strips = torch.ops.streamcnn.forward_cached_rows(xp.detach(), params, sm.program,
+                                                        tile, rows)
+    g = torch.randn_like(y)
+    mask = [True] + [k % 2 == 0 for k in range(len(params))]
+    torch.library.opcheck(torch.ops.streamcnn.backward_rows.default,
+                          (g, xp.detach(), params, sm.program, tile, mask, rows))
+    torch.library.opcheck(torch.ops.streamcnn.backward_cached_rows.default,
+                          (g, strips, xp.detach(), params, sm.program, tile, mask, rows))
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_rows_ops_sum_to_the_whole(cached):
+    """Bands (each given only its rows of the image) concatenate to the
+    whole output; their gradients sum to the whole-image gradients."""
+    sm, x, params = _setup()
+    tile = sm.tile_size
+    y = torch.ops.streamcnn.forward(x, params, sm.program, tile)
+    oh = y.shape[2]
+    g = torch.randn_like(y)
+    mask = [True] * (1 + len(params))
+    whole = torch.ops.streamcnn.backward(g, x, params, sm.program, tile, mask)
+    for cuts in ([0, 1, oh], [0, 4, 5, oh], [0, oh - 1, oh]):
+        outs, sums = [], [torch.zeros_like(t) for t in whole]
+        for lo, hi in zip(cuts[:-1], cuts[1:]):
+            a, b, n_strips, _ = streamcnn.band_info(sm.program, 45, 37, tile, (lo, hi))
+            a, b = int(a), int(b)
+            rows, xp, gb = [lo, hi, a, 45], x[:, :, a:b], g[:, :, lo:hi].contiguous()
+            if cached:
+                yb, strips = torch.ops.streamcnn.forward_cached_rows(xp, params, sm.program,
+                                                                     tile, rows)
+                assert strips.numel() == 2 * n_strips
+                got = torch.ops.streamcnn.backward_cached_rows(gb, strips, xp, params,
+                                                               sm.program, tile, mask, rows)
+            else:
+                yb = torch.ops.streamcnn.forward_rows(xp, params, sm.program, tile, rows)
+                got = torch.ops.streamcnn.backward_rows(gb, xp, params, sm.program, tile,
+                                                        mask, rows)
+            outs.append(yb)
+            assert got[0].shape == xp.shape
+            sums[0][:, :, a:b] += got[0]
+            for s, t in zip(sums[1:], got[1:]):
+                s += t
+        assert rel_err(torch.cat(outs, 2), y) < TOL
+        for s, t in zip(sums, whole):
+            assert rel_err(s, t) < TOL
+
+
+@pytest.mark.parametrize("rows, match", [
+    ([3, 3, 0, 45], "not a non-empty range"),
+    ([0, 999, 0, 45], "not a non-empty range"),
+    ([-1, 2, 0, 45], "not a non-empty range"),
+    ([3, 8], "4 entries"),
+    ([3, 8, 0, 30], "cannot hold rows"),
+    ([3, 8, -1, 45], "cannot hold rows"),
+    ([3, 8, 10, 55], "read image rows"),
+])
+def test_rows_ops_bad_ranges(rows, match):
+    sm, x, params = _setup()
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.streamcnn.forward_rows(x, params, sm.program, sm.tile_size, rows)
+    y = torch.zeros(2, 5, 5, 10, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.streamcnn.backward_rows(y, x, params, sm.program, sm.tile_size,
+                                          [True] * (1 + len(params)), rows)
+
+
+def test_rows_double_backward_refused():
+    sm, x, params = _setup()
+    ps = [p.detach().requires_grad_() for p in params]
+    y = torch.ops.streamcnn.forward_rows(x, ps, sm.program, sm.tile_size, [0, 3, 0, 45])
+    (g,) = torch.autograd.grad(y.sum(), ps[0], create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        g.sum().backward()
+
+
+def test_balanced_bands():
+    from streamcnn.distributed import balanced_bands
+    sm, _, _ = _setup()
+    oh = streamcnn.tiling_info(sm.program, 301, 37, sm.tile_size)[0]
+    for n in (1, 2, 3, 5):
+        bands = balanced_bands(sm.program, 301, 37, sm.tile_size, n)
+        assert len(bands) == n and bands[0][0] == 0 and bands[-1][1] == oh
+        assert all(bands[k][1] == bands[k + 1][0] for k in range(n - 1))
+        costs = [streamcnn.band_info(sm.program, 301, 37, sm.tile_size, b)[3] for b in bands]
+        # no band costs more than an equal split's largest (the bisection
+        # minimises the largest band's work)
+        step = -(-oh // n)
+        even = [(k * step, min(oh, (k + 1) * step)) for k in range(n)]
+        even_max = max(streamcnn.band_info(sm.program, 301, 37, sm.tile_size, b)[3]
+                       for b in even if b[1] > b[0])
+        assert max(costs) <= even_max * (1 + 1e-6)
+    assert balanced_bands(sm.program, 7, 29, sm.tile_size, 4)[2:] == [(2, 2), (2, 2)]
