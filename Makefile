@@ -33,8 +33,9 @@ pytest: build
 
 test: ctest pytest
 
+# synth + train + evaluate + export on the CPU (examples/demo.sh, into build/demo)
 demo: build
-	$(PY) examples/demo.py
+	STREAMCNN=$(abspath $(VENV))/bin/streamcnn bash examples/demo.sh build/demo
 
 bench: build
 	$(PY) bench/cpu_resnet18.py

@@ -43,6 +43,9 @@ def save_checkpoint(path: str, payload: Dict[str, Any]) -> None:
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)            # mkstemp's 0600 -> as open() would make
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -137,3 +137,217 @@ def write_striped_tiff(path: str, img: torch.Tensor) -> None:
                                       img.shape[0], err, len(err))
     if rc != 0:
         raise RuntimeError(err.value.decode(errors="replace"))
+
+
+# -- CAMELYON-like slides: tumour evidence only at high resolution ----------------------
+#
+# Physical scales are in microns and converted with the level-0 pixel size
+# ``mpp``. A slide is normal tissue (eosin-pink stroma with round haematoxylin
+# nuclei on white); a tumour slide adds a few clusters whose nuclei carry
+# coarse chromatin: a grey texture at the scale of one pixel ("fine") and of
+# two pixels ("coarse"). The texture is added with the *4 x 4 block sums of
+# the normal tissue kept exactly*, so
+#
+#   * level 2 (4x downsampled, what a 4x coarser read sees) is bit-identical
+#     to that of the same slide (same seed) without tumour;
+#   * level 1 (2x) differs only by the coarse part, constant on 2 x 2 blocks;
+#   * level 0 carries both parts.
+#
+# Resolution therefore decides what a model can see: nothing at 4x, the
+# coarse part at 2x, everything at 1x.
+
+NUCLEUS_UM = 6.0          # diameter of a normal nucleus
+TUMOUR_NUCLEUS_UM = 9.0   # diameter of a tumour nucleus (the textured area)
+
+
+def _discs(height: int, width: int, radius: float, cell: int, prob: float,
+           g: torch.Generator) -> torch.Tensor:
+    """Boolean height x width: discs of ``radius`` pixels, at most one centred
+    in each ``cell`` x ``cell`` square (present with probability ``prob``, at
+    a uniform position in it). ``radius <= cell``, so a pixel is only
+    reached from its own and the 8 neighbouring cells; the work is nine
+    broadcast comparisons on the (rows, cell, cols, cell) view, no gather."""
+    ch, cw = -(-height // cell), -(-width // cell)
+    # centres relative to their cell's corner, with a ring of absent cells around
+    cy = F.pad(torch.rand(ch, cw, generator=g) * cell, (1, 1, 1, 1))
+    cx = F.pad(torch.rand(ch, cw, generator=g) * cell, (1, 1, 1, 1))
+    on = F.pad(torch.rand(ch, cw, generator=g) < prob, (1, 1, 1, 1))
+    u = torch.arange(cell, dtype=torch.float32) + 0.5           # pixel centre in its cell
+    out = torch.zeros(ch, cell, cw, cell, dtype=torch.bool)
+    r2 = radius * radius
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            sl = (slice(1 + dy, 1 + dy + ch), slice(1 + dx, 1 + dx + cw))
+            ey = (u[None, :, None, None] - (cy[sl] + dy * cell)[:, None, :, None]) ** 2
+            ex = (u[None, None, None, :] - (cx[sl] + dx * cell)[:, None, :, None]) ** 2
+            out |= on[sl][:, None, :, None] & (ey + ex <= r2)
+    return out.reshape(ch * cell, cw * cell)[:height, :width]
+
+
+def _eroded(mask: torch.Tensor, r: int) -> torch.Tensor:
+    """Points whose (2r+1)^2 square neighbourhood lies in ``mask`` (inside
+    the image): two 1-D window sums from cumulative sums, O(h w) for any r."""
+    k = 2 * r + 1
+    h, w = mask.shape
+    out = torch.zeros(h, w, dtype=torch.bool)
+    if h < k or w < k:
+        return out
+    c = F.pad(mask.to(torch.int32).cumsum(1), (1, 0))
+    rows = c[:, k:] - c[:, :-k]                                  # h x (w - k + 1)
+    c = F.pad(rows.cumsum(0), (0, 0, 1, 0))
+    box = c[k:] - c[:-k]                                         # (h-k+1) x (w-k+1)
+    out[r:h - r, r:w - r] = box == k * k
+    return out
+
+
+def _block_sum(x: torch.Tensor, b: int) -> torch.Tensor:
+    """Sums over b x b blocks of an (h, w) tensor with h, w multiples of b."""
+    h, w = x.shape
+    return x.reshape(h // b, b, w // b, b).sum(dim=(1, 3))
+
+
+def _up(x: torch.Tensor, b: int) -> torch.Tensor:
+    return x.repeat_interleave(b, 0).repeat_interleave(b, 1)
+
+
+def _fix_first(q: torch.Tensor, b: int) -> torch.Tensor:
+    """Integer (h, w) ``q``: subtract each b x b block's sum from the block's
+    top-left element, so that every block sums to exactly zero."""
+    q = q.clone()
+    q[0::b, 0::b] -= _block_sum(q, b)
+    return q
+
+
+def _texture(mask: torch.Tensor, headroom: torch.Tensor, fine: float, coarse: float,
+             g: torch.Generator) -> torch.Tensor:
+    """Integer grey perturbation (h, w), h and w multiples of 4, nonzero only
+    on 4 x 4 blocks that touch ``mask``: ``coarse`` (constant on 2 x 2
+    blocks) plus ``fine`` (per pixel), both of zero sum over every 4 x 4
+    block, and the fine part of zero sum over every 2 x 2 block. Each
+    block's amplitude is scaled down to its ``headroom`` (per 4 x 4 block:
+    how far the darkest/brightest channel is from 0/255), so adding it to
+    the image never clips."""
+    h, w = mask.shape
+    m = mask.float()
+    s1 = torch.randint(0, 2, (h, w), generator=g).float() * 2 - 1
+    s2 = torch.randint(0, 2, (h // 2, w // 2), generator=g).float() * 2 - 1
+    f = fine * s1 * m
+    d1 = f - _up(_block_sum(f, 2) / 4, 2)          # per pixel, zero 2 x 2 sums
+    c = coarse * s2 * (_block_sum(m, 2) / 4)       # per 2 x 2 block
+    d2 = c - _up(_block_sum(c, 2) / 4, 2)          # zero 4 x 4 sums
+    # keep |d1| + |d2| under the headroom (with 3 grey levels for the rounding below)
+    peak = F.max_pool2d((d1.abs() + _up(d2.abs(), 2))[None, None], 4)[0, 0]
+    scale = ((headroom - 3).clamp(min=0) / peak.clamp(min=1e-6)).clamp(max=1)
+    d1 = d1 * _up(scale, 4)
+    d2 = d2 * _up(scale, 2)
+    q1 = _fix_first(d1.round().long(), 2)
+    q2 = _fix_first(d2.round().long(), 2)
+    return q1 + _up(q2, 2)
+
+
+def camelyon_image(width: int, height: int, *, tumour: bool = False, seed: int = 0,
+                   mpp: float = 0.5, tissue_fraction: float = 0.35, clusters: int = 3,
+                   cluster_um: float = 60.0, fine: float = 40.0, coarse: float = 12.0):
+    """A CAMELYON-like slide image at ``mpp`` microns per pixel (level 0).
+
+    Returns ``(img, tissue, boxes)``: uint8 ``height x width x 3``, the
+    boolean tissue mask (h x w) and, for a ``tumour`` slide, one dict per
+    cluster ``{"x", "y", "radius", "box"}`` in level-0 pixels (centre,
+    radius, and ``[x0, y0, x1, y1]`` half-open: the 4 x 4 blocks the disc
+    touches, clipped to the image -- every changed pixel lies in a box);
+    ``[]`` for a normal slide.
+
+    Normal tissue: pink stroma with mild per-pixel texture and round nuclei
+    of ``NUCLEUS_UM`` microns, inside a blob covering ``tissue_fraction`` of
+    the slide. Tumour: ``clusters`` discs of ``cluster_um`` microns, centred
+    on tissue, filled with nuclei of ``TUMOUR_NUCLEUS_UM`` microns that carry
+    a grey chromatin texture of amplitude ``fine`` (1-pixel scale) and
+    ``coarse`` (2-pixel scale). The texture keeps the 4 x 4 block sums of
+    the normal image, so the slide's 4x downsampled level is identical to
+    that of the same ``seed`` without tumour (see the module notes). The
+    normal part depends only on ``seed``, not on ``tumour``."""
+    if width < 16 or height < 16:
+        raise ValueError(f"streamcnn: slide size {width} x {height} must be at least 16 x 16")
+    if not mpp > 0:
+        raise ValueError(f"streamcnn: mpp must be positive, got {mpp!r}")
+    if not 0 < tissue_fraction < 1:
+        raise ValueError(f"streamcnn: tissue_fraction must be in (0, 1), got {tissue_fraction!r}")
+    if clusters < 0 or not cluster_um > 0 or fine < 0 or coarse < 0:
+        raise ValueError("streamcnn: clusters must be >= 0, cluster_um > 0, fine and coarse "
+                         f">= 0 (got {clusters}, {cluster_um}, {fine}, {coarse})")
+    g = torch.Generator().manual_seed(seed)
+    # tissue: low-frequency noise under a Gaussian envelope, thresholded
+    cells = max(2, min(width, height) // 160)
+    low = torch.rand(1, 1, cells, max(2, round(cells * width / height)), generator=g)
+    field = F.interpolate(low, size=(height, width), mode="bicubic", align_corners=False)[0, 0]
+    cy, cx = (0.4 + 0.2 * torch.rand(2, generator=g)).tolist()
+    yy = (torch.arange(height, dtype=torch.float32) / height - cy)[:, None]
+    xx = (torch.arange(width, dtype=torch.float32) / width - cx)[None, :]
+    field = (0.5 + field) * torch.exp(-(yy ** 2 + xx ** 2) / (2 * 0.22 ** 2))
+    cut = torch.quantile(field.flatten()[:: max(1, field.numel() // 65536)],
+                         1 - tissue_fraction)
+    tissue = field > cut
+    # stroma: eosin pink, a smooth shade plus mild per-pixel texture
+    shade = F.interpolate(torch.rand(1, 1, cells * 4, cells * 4, generator=g),
+                          size=(height, width), mode="bilinear", align_corners=False)[0, 0]
+    tex = (torch.randn(height, width, generator=g) * 5 + shade * 25)[..., None]
+    stroma = torch.tensor([225.0, 145.0, 195.0]) - tex * torch.tensor([1.0, 1.0, 0.5])
+    # normal nuclei: round haematoxylin discs covering about 5 % of the tissue
+    rn = NUCLEUS_UM / 2 / mpp
+    cell = max(2, int(math.ceil(rn)), round(math.sqrt(math.pi * rn * rn / 0.05)))
+    nuclei = _discs(height, width, rn, cell, 1.0, g)[..., None]
+    purple = torch.tensor([95.0, 50.0, 145.0]) + torch.randn(height, width, 1, generator=g) * 4
+    img = torch.where(tissue[..., None], torch.where(nuclei, purple, stroma),
+                      torch.tensor(255.0))
+    img = img.round_().clamp_(0, 255).to(torch.uint8)
+    boxes: List[dict] = []
+    if not tumour or clusters == 0:
+        return img, tissue, boxes
+    # tumour: its own generator, so the normal part above does not depend on it
+    gt = torch.Generator().manual_seed(seed * 7919 + 104729)
+    radius = cluster_um / 2 / mpp
+    inner = _eroded(tissue, int(radius))
+    ys, xs = torch.nonzero(inner if inner.any() else tissue, as_tuple=True)
+    if ys.numel() == 0:
+        return img, tissue, boxes
+    h4, w4 = height // 4 * 4, width // 4 * 4
+    yy, xx = torch.meshgrid(torch.arange(h4, dtype=torch.float32),
+                            torch.arange(w4, dtype=torch.float32), indexing="ij")
+    region = torch.zeros(h4, w4, dtype=torch.bool)
+    for _ in range(clusters):
+        k = int(torch.randint(0, ys.numel(), (1,), generator=gt))
+        y0, x0 = int(ys[k]), int(xs[k])
+        region |= (yy - y0) ** 2 + (xx - x0) ** 2 <= radius ** 2
+        r = int(math.ceil(radius))
+        # the texture changes whole 4 x 4 blocks: the box is the blocks the disc touches
+        boxes.append({"x": x0, "y": y0, "radius": float(radius),
+                      "box": [max(0, (x0 - r) // 4 * 4), max(0, (y0 - r) // 4 * 4),
+                              min(w4, ((x0 + r) // 4 + 1) * 4),
+                              min(h4, ((y0 + r) // 4 + 1) * 4)]})
+    rt = TUMOUR_NUCLEUS_UM / 2 / mpp
+    cell = max(2, int(math.ceil(rt)), round(math.sqrt(math.pi * rt * rt / 0.6)))
+    tnuclei = _discs(h4, w4, rt, cell, 1.0, gt) & region & tissue[:h4, :w4]
+    base = img[:h4, :w4].to(torch.int16)
+    room = torch.minimum(base, 255 - base)
+    room = torch.minimum(torch.minimum(room[..., 0], room[..., 1]), room[..., 2]).float()
+    headroom = -F.max_pool2d(-room[None, None], 4)[0, 0]
+    d = _texture(tnuclei, headroom, fine, coarse, gt)
+    img[:h4, :w4] = (base + d.to(torch.int16)[..., None]).to(torch.uint8)
+    return img, tissue, boxes
+
+
+def make_camelyon_slide(path: str, width: int, height: Optional[int] = None, *,
+                        tumour: bool = False, seed: int = 0, mpp: float = 0.5,
+                        tile: int = 256, quality: int = 90, min_size: int = 256,
+                        **options) -> List[dict]:
+    """Generate :func:`camelyon_image` and write it to ``path`` as an
+    Aperio-style pyramidal TIFF (``.svs``: JPEG tiles, MPP and AppMag in the
+    ImageDescription, so OpenSlide reports ``openslide.mpp-x``); levels are
+    exact 2 x 2 halvings down to ``min_size`` and at least to 4x. Returns the tumour clusters
+    (see :func:`camelyon_image`). ``options`` go to :func:`camelyon_image`."""
+    height = width if height is None else height
+    img, _, boxes = camelyon_image(width, height, tumour=tumour, seed=seed, mpp=mpp, **options)
+    levels = pyramid(img, min(min_size, max(width, height) // 4))   # always the 2x and 4x levels
+    desc = aperio_description(width, height, tile, mpp, app_mag=round(10 / mpp))
+    write_slide(path, levels, tile=tile, compression="jpeg", quality=quality, description=desc)
+    return boxes

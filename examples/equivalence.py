@@ -1,11 +1,11 @@
 #!/usr/bin/env python
-"""streamcnn demo: train a ResNet-18 stem + head end to end on synthetic
+"""streamcnn equivalence demo: train a ResNet-18 stem + head end to end on synthetic
 whole-slide images (multi-megapixel tissue regions read through OpenSlide),
 streamed tile by tile and, for comparison, as a whole-image pass. Both runs start from the same weights and see the same
 images, so their losses agree step by step (up to float32 rounding); the
 streamed run needs a fraction of the memory.
 
-    python examples/demo.py [--size 2048] [--tile 768] [--steps 4] [--device cpu]
+    python examples/equivalence.py [--size 2048] [--tile 768] [--steps 4] [--device cpu]
 
 Each mode runs in its own process so that peak memory is its own.
 """
@@ -130,16 +130,16 @@ def main():
 
     import streamcnn
     if not streamcnn.slide.available():
-        sys.exit("demo: streamcnn was built without OpenSlide (install libopenslide-dev and "
+        sys.exit("equivalence: streamcnn was built without OpenSlide (install libopenslide-dev and "
                  "libtiff-dev, then make build)")
-    folder = tempfile.mkdtemp(prefix="streamcnn-demo-")
+    folder = tempfile.mkdtemp(prefix="streamcnn-equivalence-")
     t0 = time.perf_counter()
     table = make_slides(folder, a.size)
     print(f"wrote two synthetic {2 * a.size}x{2 * a.size} slides (Aperio .svs, 0.25 um/px, "
           f"JPEG tiles, pyramid) to {folder} in {time.perf_counter() - t0:.1f} s; "
           "training on their tissue at 0.5 um/px")
 
-    print(f"streamcnn demo: ResNet-18 conv1..layer2 + average-pool/linear head, "
+    print(f"streamcnn equivalence demo: ResNet-18 conv1..layer2 + average-pool/linear head, "
           f"{a.size}x{a.size} RGB ({a.size * a.size / 1e6:.1f} MP), {a.steps} SGD steps, "
           f"tile_size {a.tile}, {a.device}")
     rows = []
@@ -151,7 +151,7 @@ def main():
                               "--device", a.device], capture_output=True, text=True)
         if res.returncode:
             print(res.stderr[-2000:])
-            sys.exit(f"demo: the {mode} run failed")
+            sys.exit(f"equivalence: the {mode} run failed")
         rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
     shutil.rmtree(folder, ignore_errors=True)
     print()
@@ -176,7 +176,7 @@ def main():
         print(f"streamed/{ref['mode']}: time {s['step_s'] / ref['step_s']:.2f}x, memory "
               f"{s.get('peak_gpu_mb', s['peak_rss_mb']) / ref.get('peak_gpu_mb', ref['peak_rss_mb']):.2f}x")
     if diff > max(1e-3, 3 * noise):
-        sys.exit("demo: the streamed and whole-image losses disagree beyond float32 noise")
+        sys.exit("equivalence: the streamed and whole-image losses disagree beyond float32 noise")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,376 @@
+"""What the subcommands share: the user-error type, slide tables checked row
+by row, the per-process distributed context, metrics, predictions and the
+run folder's small files (written atomically)."""
+
+import contextlib
+import csv
+import io
+import math
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+
+
+class UsageError(Exception):
+    """An error the user caused (a bad file, option or value): the command
+    line prints ``streamcnn: <message>`` on one line and exits with 2."""
+
+
+TASKS = ("classification", "regression")
+
+
+# -- slide tables --------------------------------------------------------------------------
+@dataclass
+class Table:
+    """A ``path,label`` CSV checked row by row: ``paths`` resolved (relative
+    to the CSV's folder), ``names`` as written in the CSV, ``labels`` as
+    numbers (0/1 for classification, floats for regression)."""
+    csv: str
+    paths: List[str]
+    names: List[str]
+    labels: List[float]
+
+
+def read_slide_table(path: str, task: str, what: str = "CSV", mpp: bool = True) -> Table:
+    """Read and check a slide table: the file, its header, every row's slide
+    (exists, opens as a slide, carries microns per pixel when ``mpp``) and
+    label (0 or 1 for classification, a finite number for regression). Any
+    problem raises :class:`UsageError` naming the file, the line and the
+    value."""
+    from ..slide import Slide
+    if not path:
+        raise UsageError(f"no {what} given")
+    if os.path.isdir(path):
+        raise UsageError(f"{what} {path} is a directory, not a CSV file")
+    try:
+        with open(path, newline="") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise UsageError(f"{what} {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read {what} {path}: {e}") from None
+    reader = csv.DictReader(io.StringIO(text))
+    fields = [(c or "").strip() for c in (reader.fieldnames or [])]
+    if "path" not in fields or "label" not in fields:
+        raise UsageError(f"{what} {path} needs a header with 'path' and 'label' columns, "
+                         f"got {fields}")
+    base = os.path.dirname(os.path.abspath(path))
+    paths, names, labels = [], [], []
+    try:
+        rows = list(_rows(reader))
+    except csv.Error as e:
+        raise UsageError(f"{what} {path}: {e}") from None
+    for line, row in rows:
+        name, label = row.get("path", ""), row.get("label", "")
+        where = f"{what} {path} line {line}"
+        if not name:
+            raise UsageError(f"{where}: empty path")
+        full = name if os.path.isabs(name) else os.path.join(base, name)
+        if not os.path.exists(full):
+            raise UsageError(f"{where}: slide {full} does not exist")
+        try:
+            with Slide(full) as s:
+                if mpp and s.mpp is None:
+                    raise UsageError(f"{where}: slide {full} has no microns-per-pixel "
+                                     "metadata (openslide.mpp-x)")
+        except UsageError:
+            raise
+        except (OSError, ValueError, RuntimeError) as e:
+            raise UsageError(f"{where}: {full} is not a readable slide: "
+                             f"{_strip(str(e))}") from None
+        labels.append(_label(label, task, where))
+        paths.append(full)
+        names.append(name)
+    if not paths:
+        raise UsageError(f"{what} {path} has no rows")
+    return Table(path, paths, names, labels)
+
+
+def _rows(reader: csv.DictReader) -> Iterator[Tuple[int, Dict[str, str]]]:
+    for row in reader:
+        row = {(k or "").strip(): (v or "").strip() if isinstance(v, str) else ""
+               for k, v in row.items()}
+        if not any(row.values()):
+            continue
+        yield reader.line_num, row
+
+
+def _label(text: str, task: str, where: str) -> float:
+    if task == "classification":
+        if text not in ("0", "1"):
+            raise UsageError(f"{where}: label {text!r} is not 0 or 1 (task classification)")
+        return float(text)
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
+    if not math.isfinite(v):
+        raise UsageError(f"{where}: label {text!r} is not a number (task regression)")
+    return v
+
+
+def _strip(msg: str) -> str:
+    return msg[len("streamcnn: "):] if msg.startswith("streamcnn: ") else msg
+
+
+class Slides(torch.utils.data.Dataset):
+    """``(uint8 3 x S x S, label, index)`` of a checked :class:`Table`, read
+    by :class:`streamcnn.data.SlideDataset` (whose labels are not used: a
+    regression label is a float)."""
+
+    def __init__(self, table: Table, size: int, mpp: float, crop: str,
+                 augment: bool = False, seed: Optional[int] = None):
+        from ..data import SlideDataset
+        self.table = table
+        self.ds = SlideDataset([(p, 0) for p in table.paths], size, mpp=mpp, crop=crop,
+                               augment=augment, seed=seed)
+
+    def __len__(self) -> int:
+        return len(self.table.paths)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.ds.set_epoch(epoch)
+
+    def __getitem__(self, i: int):
+        img, _ = self.ds[i]
+        return img, torch.tensor(self.table.labels[i], dtype=torch.float32), i
+
+
+# -- distributed context ------------------------------------------------------------------
+@dataclass
+class Dist:
+    """This process's place in a ``torchrun`` job (rank 0 of 1 otherwise)."""
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            torch.distributed.barrier()
+
+    def gather(self, obj: Any) -> List[Any]:
+        """Every rank's ``obj``, in rank order (on every rank)."""
+        if not self.enabled:
+            return [obj]
+        out: List[Any] = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def all_true(self, flag: bool) -> bool:
+        return all(self.gather(bool(flag)))
+
+
+def dist_from_env() -> Dist:
+    """The ranks ``torchrun`` describes in RANK / WORLD_SIZE / LOCAL_RANK."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    return Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def init_distributed(dist: Dist, device: torch.device) -> None:
+    """The process group: NCCL for CUDA devices, gloo for the CPU."""
+    if dist.enabled and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+
+def resolve_device(name: str, dist: Dist) -> torch.device:
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda: no CUDA device is available")
+        return torch.device("cuda", dist.local_rank % torch.cuda.device_count())
+    if name != "cpu":
+        raise UsageError(f"--device must be cpu or cuda, got {name!r}")
+    return torch.device("cpu")
+
+
+# -- scores and metrics -------------------------------------------------------------------
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device: torch.device, amp: str):
+    dtype = AMP_DTYPES[amp]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def loss_of(out: torch.Tensor, label: torch.Tensor, task: str) -> torch.Tensor:
+    """Cross-entropy on two logits, or MSE of one output (float32)."""
+    out = out.float()
+    if task == "classification":
+        return torch.nn.functional.cross_entropy(out, label.long())
+    return torch.nn.functional.mse_loss(out[:, 0], label.float())
+
+
+def score_of(out: torch.Tensor, task: str) -> torch.Tensor:
+    """The per-image score: P(class 1), or the regression output."""
+    out = out.float()
+    if task == "classification":
+        return out.softmax(dim=1)[:, 1]
+    return out[:, 0]
+
+
+def metric_name(task: str) -> str:
+    return "val_auc" if task == "classification" else "val_spearman"
+
+
+def metric(labels: Sequence[float], scores: Sequence[float], task: str) -> Tuple[float, str]:
+    """``(value, why_undefined)``: ROC AUC (scikit-learn) or Spearman's rho
+    (scipy); NaN with the reason when it is undefined (one class, constant
+    labels or scores)."""
+    if task == "classification":
+        classes = sorted(set(int(v) for v in labels))
+        if len(classes) < 2:
+            return math.nan, (f"the validation set has a single class (every label is "
+                              f"{classes[0] if classes else '-'}): AUC is undefined")
+        from sklearn.metrics import roc_auc_score
+        return float(roc_auc_score(labels, scores)), ""
+    if len(set(labels)) < 2:
+        return math.nan, "the validation labels are all equal: Spearman is undefined"
+    if len(set(scores)) < 2:
+        return math.nan, "the model's scores are all equal: Spearman is undefined"
+    from scipy.stats import spearmanr
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rho = spearmanr(labels, scores).statistic
+    return float(rho), ""
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, data: "Slides", device: torch.device, task: str,
+            amp: str = "off", dist: Dist = Dist(), workers: int = 0, progress: bool = True,
+            desc: str = "evaluate") -> Tuple[List[int], List[float], float]:
+    """Scores of every slide of ``data`` (``(indices, scores, mean_loss)``,
+    in table order), each rank scoring its share ``rank::world`` and the
+    results gathered over ranks."""
+    from tqdm import tqdm
+    mine = list(range(dist.rank, len(data), dist.world))
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(data, mine), batch_size=1,
+                                         num_workers=workers)
+    was = model.training
+    model.eval()
+    out: List[Tuple[int, float, float]] = []
+    try:
+        for img, label, index in tqdm(loader, desc=desc, unit="slide", leave=False,
+                                      disable=not progress, dynamic_ncols=True):
+            img, label = img.to(device), label.to(device)
+            with autocast(device, amp):
+                y = model(img)
+            out.append((int(index), float(score_of(y, task)), float(loss_of(y, label, task))))
+    finally:
+        model.train(was)
+    merged = sorted(r for part in dist.gather(out) for r in part)
+    indices = [r[0] for r in merged]
+    scores = [r[1] for r in merged]
+    loss = sum(r[2] for r in merged) / max(1, len(merged))
+    return indices, scores, loss
+
+
+# -- files --------------------------------------------------------------------------------
+def write_atomic(path: str, data: bytes) -> None:
+    """``data`` to ``path`` through a temporary file in the same folder and a
+    rename: readers never see a partial file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
+                               dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, file_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def file_mode() -> int:
+    """0666 less the umask: what ``open(path, "w")`` would have made
+    (mkstemp's files are 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def write_csv(path: str, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    w.writerows(rows)
+    write_atomic(path, buf.getvalue().encode())
+
+
+def write_predictions(path: str, table: Table, indices: Sequence[int],
+                      scores: Sequence[float]) -> None:
+    """``path,label,score`` per slide (the path as the CSV names it)."""
+    rows = []
+    for i, s in zip(indices, scores):
+        lab = table.labels[i]
+        rows.append([table.names[i], int(lab) if float(lab).is_integer() else lab,
+                     f"{s:.6g}"])
+    write_csv(path, ["path", "label", "score"], rows)
+
+
+def save_figure(fig, path: str) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    write_atomic(path, buf.getvalue())
+
+
+def plot_roc(path: str, labels: Sequence[float], scores: Sequence[float], title: str) -> bool:
+    """The ROC curve as a PNG; False (nothing written) with a single class."""
+    if len(set(int(v) for v in labels)) < 2:
+        return False
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_auc_score, roc_curve
+    fpr, tpr, _ = roc_curve(labels, scores)
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot(fpr, tpr, lw=2, label=f"AUC {roc_auc_score(labels, scores):.3f}")
+    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title,
+           xlim=(0, 1), ylim=(0, 1.01))
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)
+    return True
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory since :func:`reset_peak_memory`: CUDA's allocator peak,
+    or this process's peak resident set (VmHWM) on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    with contextlib.suppress(OSError):
+        with open("/proc/self/clear_refs", "w") as f:   # Linux: resets VmHWM
+            f.write("5")

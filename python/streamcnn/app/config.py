@@ -1,0 +1,266 @@
+"""The training options: one table that makes the command-line flags, reads
+config files (TOML or YAML) and checks their values.
+
+Precedence: defaults < ``--config FILE`` < flags. The resolved config (the
+options, plus what the model needs: ``num_outputs``, ``mean``, ``std``) is
+what ``RUN_DIR/config.yaml`` and the checkpoints hold.
+"""
+
+import argparse
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+
+from ..classifier import ARCHITECTURES, DEFAULT_STREAM_UPTO, IMAGENET_MEAN, IMAGENET_STD, POOLS
+from .common import TASKS, UsageError
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str                      # the config key; the flag is --name-with-dashes
+    kind: type                     # int, float, str or bool
+    default: Any
+    help: str
+    choices: Optional[Sequence[str]] = None
+    check: Optional[Callable[[Any], bool]] = None   # a value's constraint
+    need: str = ""                                   # ... said in words
+    path: bool = False                               # a file name (made absolute)
+    metavar: Optional[str] = None
+
+
+def _pos(v):
+    return v > 0
+
+
+def _nonneg(v):
+    return v >= 0
+
+
+OPTIONS: Tuple[Option, ...] = (
+    Option("train", str, None, "training slides: CSV with path,label", path=True,
+           metavar="CSV"),
+    Option("val", str, None, "validation slides: CSV with path,label", path=True,
+           metavar="CSV"),
+    Option("out", str, None, "the run folder (created)", path=True, metavar="RUN_DIR"),
+    Option("task", str, "classification", "classification (labels 0/1, cross-entropy, AUC) "
+           "or regression (numbers, MSE, Spearman)", choices=TASKS),
+    Option("image_size", int, 1024, "image edge in pixels (one S x S image per slide)",
+           check=_pos, need="positive", metavar="PX"),
+    Option("mpp", float, 1.0, "microns per pixel the slides are read at", check=_pos,
+           need="positive", metavar="UM"),
+    Option("crop", str, "tissue", "tissue: the tissue's bounding box centred; center: the "
+           "slide's centre", choices=("tissue", "center")),
+    Option("model", str, "resnet18", "torchvision backbone", choices=ARCHITECTURES),
+    Option("weights", str, None, "a local torchvision state_dict of the backbone (nothing "
+           "is downloaded)", path=True, metavar="FILE"),
+    Option("stream_upto", str, None, "last streamed layer: maxpool, layer1 .. layer4 "
+           "(ResNets), 1 .. 7 (ConvNeXt); default: the stage before the last",
+           metavar="LAYER"),
+    Option("head", str, "max", "global pool of the head: max (as in the paper) or avg",
+           choices=POOLS),
+    Option("bn", str, "frozen", "batch norms of the head: frozen (eval statistics, as the "
+           "stem's; the affine parameters train) or train (per-image statistics)",
+           choices=("frozen", "train")),
+    Option("tile_size", int, None, "streaming tile edge (default 1024 unless "
+           "--memory-budget)", check=_pos, need="positive", metavar="T"),
+    Option("memory_budget", str, None, "instead of --tile-size: bytes the streamed pass may "
+           "hold, e.g. 2GB", metavar="B"),
+    Option("epochs", int, 10, "epochs to train", check=_pos, need="positive"),
+    Option("batch_size", int, 4, "images per optimizer step (gradient accumulation of "
+           "per-image steps; over all processes)", check=_pos, need="positive",
+           metavar="B"),
+    Option("optimizer", str, "adamw", "optimizer", choices=("sgd", "adamw")),
+    Option("lr", float, 1e-3, "peak learning rate", check=_pos, need="positive"),
+    Option("momentum", float, 0.9, "SGD momentum", check=lambda v: 0 <= v < 1,
+           need="in [0, 1)"),
+    Option("weight_decay", float, 1e-4, "weight decay", check=_nonneg, need="non-negative"),
+    Option("schedule", str, "cosine", "learning-rate schedule per optimizer step: constant, "
+           "cosine (to 0 at the last step) or step (x gamma every step-epochs)",
+           choices=("constant", "cosine", "step")),
+    Option("warmup", int, 0, "optimizer steps of linear warm-up", check=_nonneg,
+           need="non-negative", metavar="STEPS"),
+    Option("step_epochs", int, 10, "schedule step: epochs between decays", check=_pos,
+           need="positive", metavar="N"),
+    Option("gamma", float, 0.1, "schedule step: decay factor", check=lambda v: 0 < v <= 1,
+           need="in (0, 1]"),
+    Option("amp", str, "off", "mixed precision (torch.autocast; fp16 with a GradScaler)",
+           choices=("off", "bf16", "fp16")),
+    Option("augment", bool, False, "flips, 90-degree rotations and colour jitter (uint8)"),
+    Option("workers", int, 0, "DataLoader worker processes", check=_nonneg,
+           need="non-negative"),
+    Option("seed", int, 0, "seed of the weights, data order and augmentation"),
+    Option("device", str, None, "cpu or cuda (default: cuda when available)",
+           choices=("cpu", "cuda")),
+    Option("tensorboard", bool, False, "also log to RUN_DIR/tensorboard (needs the "
+           "tensorboard package)"),
+)
+BY_NAME = {o.name: o for o in OPTIONS}
+# derived entries of a resolved config (accepted in a config file when they agree)
+DERIVED = ("num_outputs", "mean", "std")
+# entries that may change when a run is resumed: they do not change the result
+# (epochs: the run goes on longer; with --schedule cosine the curve follows the
+# new total; out: the run folder may have moved)
+RESUME_FREE = ("epochs", "workers", "device", "tensorboard", "out")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are :class:`UsageError` (one line, exit 2)."""
+
+    def error(self, message):
+        words = self.prog.split()
+        raise UsageError(f"{words[-1]}: {message}" if len(words) > 1 else message)
+
+
+def add_options(parser: argparse.ArgumentParser) -> None:
+    """The flags of :data:`OPTIONS` (defaults None: what was not given stays
+    unset, so config files and checkpoints can fill it)."""
+    for o in OPTIONS:
+        flag = "--" + o.name.replace("_", "-")
+        default = f" (default {o.default})" if o.default not in (None, False) else ""
+        if o.kind is bool:
+            parser.add_argument(flag, dest=o.name, action=argparse.BooleanOptionalAction,
+                                default=None, help=o.help)
+        else:
+            parser.add_argument(flag, dest=o.name, type=o.kind if o.kind is not str else str,
+                                default=None, choices=o.choices, metavar=o.metavar,
+                                help=o.help + default)
+
+
+def check_value(o: Option, v: Any, where: str) -> Any:
+    """``v`` as option ``o``'s type, or a UsageError naming ``where``."""
+    if v is None:
+        return None
+    if o.kind is bool:
+        ok = isinstance(v, bool)
+    elif o.kind is int:
+        ok = isinstance(v, int) and not isinstance(v, bool)
+    elif o.kind is float:
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        v = float(v) if ok else v
+    else:
+        if o.name == "stream_upto" and isinstance(v, int) and not isinstance(v, bool):
+            v = str(v)
+        ok = isinstance(v, str)
+    if not ok:
+        raise UsageError(f"{where}: {o.name} must be {o.kind.__name__}, got {v!r}")
+    if o.choices is not None and v not in o.choices:
+        raise UsageError(f"{where}: {o.name} must be one of {list(o.choices)}, got {v!r}")
+    if o.check is not None and not o.check(v):
+        raise UsageError(f"{where}: {o.name} must be {o.need}, got {v!r}")
+    return v
+
+
+def read_config_file(path: str) -> Dict[str, Any]:
+    """The options set in a TOML (``.toml``) or YAML file (flat keys as in
+    :data:`OPTIONS`, dashes or underscores)."""
+    if os.path.isdir(path):
+        raise UsageError(f"config {path} is a directory, not a file")
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise UsageError(f"config {path} does not exist") from None
+    except OSError as e:
+        raise UsageError(f"cannot read config {path}: {e}") from None
+    if path.endswith(".toml"):
+        try:
+            import tomllib
+        except ImportError:                               # Python 3.10
+            raise UsageError(f"config {path}: TOML needs Python 3.11 (tomllib); use "
+                             "YAML") from None
+        try:
+            data = tomllib.loads(raw.decode())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise UsageError(f"config {path} is not valid TOML: {e}") from None
+    else:
+        import yaml
+        try:
+            data = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            msg = " ".join(str(e).split())
+            raise UsageError(f"config {path} is not valid YAML: {msg}") from None
+        if data is None:
+            data = {}
+    if not isinstance(data, dict):
+        raise UsageError(f"config {path} must be a mapping of option: value")
+    out = {}
+    for key, v in data.items():
+        name = str(key).replace("-", "_")
+        if name in DERIVED:
+            out[name] = v
+            continue
+        if name not in BY_NAME:
+            raise UsageError(f"config {path}: unknown option {key!r}")
+        o = BY_NAME[name]
+        v = check_value(o, v, f"config {path}")
+        if o.path and v is not None:
+            v = os.path.join(os.path.dirname(os.path.abspath(path)), v) \
+                if not os.path.isabs(v) else v
+        out[name] = v
+    return out
+
+
+def explicit_options(args: argparse.Namespace) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """``(from_file, from_flags)``: the options the config file and the
+    flags set, checked, file names made absolute."""
+    from_file = read_config_file(args.config) if getattr(args, "config", None) else {}
+    flags = {}
+    for o in OPTIONS:
+        v = getattr(args, o.name, None)
+        if v is None:
+            continue
+        v = check_value(o, v, "--" + o.name.replace("_", "-"))
+        if o.path:
+            v = os.path.abspath(v)
+        flags[o.name] = v
+    return from_file, flags
+
+
+def resolve(given: Dict[str, Any], base: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """The full config: ``base`` (defaults, or a checkpoint's config)
+    updated with ``given``, with the derived entries filled in."""
+    cfg = {o.name: o.default for o in OPTIONS} if base is None else dict(base)
+    derived = {k: given[k] for k in DERIVED if k in given}
+    cfg.update({k: v for k, v in given.items() if k not in DERIVED})
+    for name in ("train", "val", "out"):
+        if not cfg.get(name):
+            raise UsageError(f"train: --{name} is required")
+    if cfg["tile_size"] is not None and cfg["memory_budget"] is not None:
+        raise UsageError("give --tile-size or --memory-budget, not both")
+    if cfg["tile_size"] is None and cfg["memory_budget"] is None:
+        cfg["tile_size"] = 1024
+    if cfg["stream_upto"] is None:
+        cfg["stream_upto"] = DEFAULT_STREAM_UPTO[cfg["model"]]
+    if cfg["model"].startswith("convnext"):
+        try:
+            cfg["stream_upto"] = int(cfg["stream_upto"])
+        except ValueError:
+            raise UsageError(f"--stream-upto for {cfg['model']} is a number 1 .. 7 of its "
+                             f"features, got {cfg['stream_upto']!r}") from None
+    else:
+        cfg["stream_upto"] = str(cfg["stream_upto"])
+    if cfg["device"] is None:
+        import torch
+        cfg["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+    want = {"num_outputs": 2 if cfg["task"] == "classification" else 1,
+            "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+    for k, v in derived.items():
+        if v != want[k]:
+            raise UsageError(f"config: {k} is {want[k]!r} for this config, got {v!r} "
+                             "(derived; leave it out)")
+    cfg.update(want)
+    return cfg
+
+
+def differences(ckpt: Dict[str, Any], given: Dict[str, Any]) -> Dict[str, Tuple[Any, Any]]:
+    """``{name: (checkpoint's value, given value)}`` for the given options
+    that differ from a checkpoint's config and may not change on resume."""
+    out = {}
+    for k, v in given.items():
+        if k in RESUME_FREE or k in DERIVED:
+            continue
+        a = ckpt.get(k)
+        if (str(a) != str(v)) if k == "stream_upto" else (a != v):
+            out[k] = (a, v)
+    return out

@@ -1,0 +1,62 @@
+"""``streamcnn evaluate CHECKPOINT --csv CSV [--out DIR]``: score slides
+with a trained model, print the AUC (classification) or Spearman's rho
+(regression) and write ``DIR/predictions.csv`` (``path,label,score``).
+
+The slides are read as the run read its validation set (the checkpoint's
+image size, mpp and crop; no augmentation).
+"""
+
+import argparse
+import math
+import os
+
+import torch
+
+from .checkpoint import load_model
+from .common import (AMP_DTYPES, Dist, Slides, UsageError, metric, predict, read_slide_table,
+                     resolve_device, write_predictions)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", metavar="CHECKPOINT", help="best.pt or last.pt of a run")
+    parser.add_argument("--csv", required=True, metavar="CSV",
+                        help="slides to score: CSV with path,label")
+    parser.add_argument("--out", metavar="DIR",
+                        help="folder for predictions.csv (default: the checkpoint's)")
+    parser.add_argument("--device", choices=("cpu", "cuda"),
+                        help="default: cuda when available")
+    parser.add_argument("--amp", choices=tuple(AMP_DTYPES), default="off",
+                        help="mixed precision of the forward (default off)")
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args) -> int:
+    if args.workers < 0:
+        raise UsageError(f"--workers must be non-negative, got {args.workers}")
+    out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"--out {out} exists and is not a directory")
+    device = resolve_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+                            Dist())
+    try:
+        model, cfg = load_model(args.checkpoint, device)
+    except (ValueError, FileNotFoundError) as e:
+        raise UsageError(str(e)) from None
+    task = cfg["task"]
+    table = read_slide_table(args.csv, task, "--csv")
+    try:
+        data = Slides(table, cfg["image_size"], cfg["mpp"], cfg["crop"])
+    except (ValueError, FileNotFoundError) as e:
+        raise UsageError(str(e)) from None
+    indices, scores, loss = predict(model, data, device, task, args.amp, workers=args.workers,
+                                    progress=not args.quiet)
+    value, why = metric([table.labels[i] for i in indices], scores, task)
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "predictions.csv")
+    write_predictions(path, table, indices, scores)
+    name = "AUC" if task == "classification" else "Spearman"
+    shown = "nan" if math.isnan(value) else f"{value:.4f}"
+    print(f"{name} {shown} (loss {loss:.4f}, {len(scores)} slides){'; ' + why if why else ''}")
+    print(f"predictions: {path}")
+    return 0

@@ -1,0 +1,49 @@
+"""``streamcnn export CHECKPOINT OUT.pt``: the trained stem + head as one
+TorchScript file.
+
+The scripted model takes ``N x 3 x H x W`` images in 0..255 units (uint8,
+or float32 with the value range of uint8; normalised inside the stem) of any
+size and returns ``N x num_outputs`` (two logits, or the regression output).
+It runs in any process that loads the operator library first -- no
+``import streamcnn``::
+
+    torch.ops.load_library(path_to_libstreamcnn)   # streamcnn.library_path()
+    model = torch.jit.load("model.pt")
+
+or from C++ (``examples/cpp_infer``).
+"""
+
+import argparse
+import io
+import os
+
+import torch
+
+from .checkpoint import load_model
+from .common import UsageError, write_atomic
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", metavar="CHECKPOINT", help="best.pt or last.pt of a run")
+    parser.add_argument("output", metavar="OUT.pt", help="the TorchScript file to write")
+
+
+def run(args) -> int:
+    out = os.path.abspath(args.output)
+    if os.path.isdir(out):
+        raise UsageError(f"{args.output} is a directory; give a file name such as model.pt")
+    if not os.path.isdir(os.path.dirname(out)):
+        raise UsageError(f"the folder of {args.output} does not exist")
+    try:
+        model, cfg = load_model(args.checkpoint, "cpu")
+    except (ValueError, FileNotFoundError) as e:
+        raise UsageError(str(e)) from None
+    scripted = torch.jit.script(model)
+    buf = io.BytesIO()
+    torch.jit.save(scripted, buf)
+    write_atomic(out, buf.getvalue())
+    print(f"wrote {args.output}: TorchScript of {cfg['model']} (streamed up to "
+          f"{cfg['stream_upto']}, {cfg['head']} pool, {cfg['num_outputs']} output"
+          f"{'s' if cfg['num_outputs'] > 1 else ''}); input N x 3 x H x W in 0..255 "
+          f"({cfg['image_size']}^2 at {cfg['mpp']} um/px in training)")
+    return 0

@@ -1,0 +1,403 @@
+"""``streamcnn train``: train a slide classifier (or regressor) end to end,
+streamed, with validation every epoch, checkpoints, plots and resume; data
+parallel under ``torchrun``.
+
+    streamcnn train --train train.csv --val val.csv --out runs/a [options]
+    torchrun --nproc_per_node=2 -m streamcnn train ...
+
+Each optimizer step accumulates the gradients of ``--batch-size`` per-image
+steps (split over the processes). The data order (a seeded permutation per
+epoch, sharded like ``DistributedSampler``) and the augmentation are
+functions of ``(seed, epoch, index)``, so a resumed run repeats an
+uninterrupted one.
+"""
+
+import argparse
+import contextlib
+import math
+import os
+import random
+import sys
+import time
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from . import checkpoint as ckpt_io
+from . import config as C
+from .common import (Dist, Slides, UsageError, autocast, dist_from_env, init_distributed,
+                     loss_of, metric, metric_name, peak_memory_mb, plot_roc, predict,
+                     read_slide_table, reset_peak_memory, resolve_device, save_figure,
+                     write_atomic, write_csv, write_predictions)
+
+RUN_FILES = ("config.yaml", "metrics.csv", "last.pt", "best.pt", "curves.png", "roc.png",
+             "val_predictions.csv")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="FILE",
+                        help="TOML (.toml) or YAML file of options; flags override it")
+    C.add_options(parser)
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out from its last.pt")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the run that --out holds")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+# -- set-up -------------------------------------------------------------------------------
+def _run_files(out: str) -> List[str]:
+    return [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
+
+
+def _check_out(out: str, resume: bool, overwrite: bool) -> None:
+    if resume and overwrite:
+        raise UsageError("give --resume or --overwrite, not both")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UsageError(f"--out {out} exists and is not a directory")
+    held = _run_files(out) if os.path.isdir(out) else []
+    if resume:
+        if not os.path.exists(os.path.join(out, "last.pt")):
+            why = (" (the run stopped before its first epoch ended; start it again with "
+                   "--overwrite)" if held else "")
+            raise UsageError(f"--resume: no checkpoint {os.path.join(out, 'last.pt')}{why}")
+    elif held and not overwrite:
+        raise UsageError(f"--out {out} holds another run ({', '.join(held)}); use --resume "
+                         "to continue it or --overwrite to replace it")
+
+
+def _resolve(args) -> Dict[str, Any]:
+    """The run's config and, on resume, the checkpoint: ``{"cfg", "ckpt"}``."""
+    from_file, flags = C.explicit_options(args)
+    given = {**from_file, **flags}
+    if "stream_upto" in given and given["stream_upto"] is not None:
+        given["stream_upto"] = str(given["stream_upto"])
+    out = given.get("out")
+    if not out:
+        raise UsageError("train: --out is required")
+    _check_out(out, args.resume, args.overwrite)
+    if not args.resume:
+        return {"cfg": C.resolve(given), "ckpt": None}
+    path = os.path.join(out, "last.pt")
+    try:
+        ckpt = ckpt_io.load_checkpoint(path)
+    except (ValueError, FileNotFoundError) as e:
+        raise UsageError(str(e)) from None
+    saved = ckpt["config"]
+    diff = C.differences(saved, given)
+    if diff:
+        parts = [f"{k} {a!r} (checkpoint) vs {b!r} (now)" for k, (a, b) in diff.items()]
+        raise UsageError(f"--resume: {path} was trained with another config: "
+                         + "; ".join(parts))
+    cfg = C.resolve({k: v for k, v in given.items() if k in C.RESUME_FREE}, base=saved)
+    return {"cfg": cfg, "ckpt": ckpt}
+
+
+def _build_model(cfg):
+    from ..classifier import build_model
+    torch.manual_seed(cfg["seed"])
+    try:
+        return build_model(cfg["model"], num_outputs=cfg["num_outputs"],
+                           stream_upto=cfg["stream_upto"], head=cfg["head"],
+                           weights=cfg["weights"], tile_size=cfg["tile_size"],
+                           memory_budget=cfg["memory_budget"], mean=cfg["mean"],
+                           std=cfg["std"])
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        raise UsageError(str(e)) from None
+
+
+def _optimizer(cfg, params):
+    if cfg["optimizer"] == "sgd":
+        return torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"],
+                               weight_decay=cfg["weight_decay"])
+    return torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+
+
+def _schedule(cfg, opt, steps_per_epoch: int):
+    """LambdaLR per optimizer step: linear warm-up, then constant, cosine to
+    0 at the last step, or x gamma every step_epochs epochs."""
+    total = max(1, cfg["epochs"] * steps_per_epoch)
+    warm, kind = cfg["warmup"], cfg["schedule"]
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / (warm + 1)
+        if kind == "cosine":
+            t = min(1.0, (step - warm) / max(1, total - warm))
+            return 0.5 * (1 + math.cos(math.pi * t))
+        if kind == "step":
+            return cfg["gamma"] ** (step // (cfg["step_epochs"] * steps_per_epoch))
+        return 1.0
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def _freeze_bn(model: torch.nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+def _rng_state() -> Dict[str, Any]:
+    import numpy as np
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Dict[str, Any]) -> None:
+    import numpy as np
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _plot_curves(path: str, rows: List[Dict[str, Any]], mname: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ep = [r["epoch"] for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.6))
+    a.plot(ep, [r["train_loss"] for r in rows], "o-", label="train")
+    a.plot(ep, [r["val_loss"] for r in rows], "o-", label="validation")
+    a.set(xlabel="epoch", ylabel="loss", title="loss")
+    a.legend()
+    b.plot(ep, [r[mname] for r in rows], "o-", c="C2")
+    b.set(xlabel="epoch", ylabel=mname, title=mname.replace("val_", "validation "))
+    for ax in (a, b):
+        ax.grid(alpha=0.3)
+        if len(ep) < 12:
+            ax.set_xticks(ep)
+    fig.tight_layout()
+    save_figure(fig, path)
+    plt.close(fig)
+
+
+def _fmt(v: float) -> str:
+    return "nan" if v is None or math.isnan(v) else f"{v:.6g}"
+
+
+# -- the run ------------------------------------------------------------------------------
+def run(args) -> int:
+    dist = dist_from_env()
+    r = _resolve(args)
+    cfg, ckpt = r["cfg"], r["ckpt"]
+    device = resolve_device(cfg["device"], dist)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    init_distributed(dist, device)
+    try:
+        return _train(cfg, ckpt, dist, device, quiet=args.quiet, resume=args.resume,
+                      overwrite=args.overwrite)
+    finally:
+        if dist.enabled and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _train(cfg, ckpt, dist: Dist, device, quiet: bool, resume: bool, overwrite: bool) -> int:
+    from tqdm import tqdm
+    out, task = cfg["out"], cfg["task"]
+    mname = metric_name(task)
+    if cfg["batch_size"] % dist.world:
+        raise UsageError(f"--batch-size {cfg['batch_size']} must be a multiple of the "
+                         f"{dist.world} processes")
+    if cfg["amp"] == "fp16" and device.type == "cpu":
+        pass                               # CPU autocast runs float16 too (slowly)
+    writer_cls = None
+    if cfg["tensorboard"]:
+        try:
+            from torch.utils.tensorboard import SummaryWriter as writer_cls
+        except ImportError:
+            raise UsageError("--tensorboard needs the tensorboard package (pip install "
+                             "tensorboard)") from None
+    train_t = read_slide_table(cfg["train"], task, "--train CSV")
+    val_t = read_slide_table(cfg["val"], task, "--val CSV")
+    model = _build_model(cfg)
+    if ckpt is not None:
+        try:
+            model.load_state_dict(ckpt["model"])
+        except RuntimeError as e:
+            raise UsageError(f"--resume: the weights in {out}/last.pt do not fit its "
+                             f"config: {e}") from None
+    try:
+        train_ds = Slides(train_t, cfg["image_size"], cfg["mpp"], cfg["crop"],
+                          augment=cfg["augment"], seed=cfg["seed"])
+        val_ds = Slides(val_t, cfg["image_size"], cfg["mpp"], cfg["crop"])
+    except (ValueError, FileNotFoundError) as e:
+        raise UsageError(str(e)) from None
+    # every rank has checked everything before rank 0 writes anything
+    dist.barrier()
+    if dist.main:
+        os.makedirs(out, exist_ok=True)
+        if overwrite:
+            for f in _run_files(out):
+                os.unlink(os.path.join(out, f))
+        if not resume:
+            import yaml
+            write_atomic(os.path.join(out, "config.yaml"),
+                         yaml.safe_dump(cfg, sort_keys=False).encode())
+    dist.barrier()
+
+    model.to(device)
+    net = model
+    ddp = None
+    if dist.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+        ddp = DistributedDataParallel(model, device_ids=[device.index]
+                                      if device.type == "cuda" else None)
+        net = ddp
+    opt = _optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
+    sampler = torch.utils.data.DistributedSampler(train_ds, num_replicas=dist.world,
+                                                  rank=dist.rank, shuffle=True,
+                                                  seed=cfg["seed"], drop_last=False)
+    loader = torch.utils.data.DataLoader(train_ds, batch_size=1, sampler=sampler,
+                                         num_workers=cfg["workers"])
+    per_rank = cfg["batch_size"] // dist.world
+    n_local = len(sampler)
+    steps_per_epoch = math.ceil(n_local / per_rank)
+    sched = _schedule(cfg, opt, steps_per_epoch)
+    scaler = torch.amp.GradScaler(device.type) if cfg["amp"] == "fp16" else None
+
+    rows: List[Dict[str, Any]] = []
+    best: Optional[list] = None
+    start = 0
+    if ckpt is not None:
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        _set_rng_state(ckpt["rng"])
+        rows = list(ckpt["metrics"])
+        best = ckpt.get("best")
+        start = int(ckpt["epoch"])
+        if start >= cfg["epochs"]:
+            if dist.main:
+                print(f"streamcnn: {out}/last.pt has finished epoch {start} of "
+                      f"{cfg['epochs']}; nothing to do (raise --epochs to train longer)")
+            return 0
+        if dist.main:        # the rows of the checkpoint (a later row was never finished)
+            _write_metrics(out, rows, mname)
+    show = dist.main and not quiet
+    writer = writer_cls(os.path.join(out, "tensorboard")) if writer_cls and dist.main else None
+    warned = False
+    epoch = start
+    try:
+        for epoch in tqdm(range(start, cfg["epochs"]), desc="epochs", unit="epoch",
+                          initial=start, total=cfg["epochs"], disable=not show,
+                          dynamic_ncols=True):
+            t0 = time.perf_counter()
+            reset_peak_memory(device)
+            sampler.set_epoch(epoch)
+            train_ds.set_epoch(epoch)
+            model.train()
+            if cfg["bn"] == "frozen":
+                _freeze_bn(model)
+            opt.zero_grad(set_to_none=True)
+            loss_sum, count = 0.0, 0
+            bar = tqdm(loader, desc=f"epoch {epoch + 1}", unit="img", leave=False,
+                       disable=not show, dynamic_ncols=True)
+            t_step = time.perf_counter()
+            for k, (img, label, _) in enumerate(bar):
+                first = (k // per_rank) * per_rank
+                group = min(per_rank, n_local - first)
+                final = k - first == group - 1
+                img, label = img.to(device, non_blocking=True), label.to(device)
+                sync = ddp.no_sync() if ddp is not None and not final else \
+                    contextlib.nullcontext()
+                with sync:
+                    with autocast(device, cfg["amp"]):
+                        y = net(img)
+                    loss = loss_of(y, label, task)
+                    scaled = loss / group
+                    (scaler.scale(scaled) if scaler is not None else scaled).backward()
+                loss_sum += float(loss.detach())
+                count += 1
+                if final:
+                    if scaler is not None:
+                        scaler.step(opt)
+                        scaler.update()
+                    else:
+                        opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    sched.step()
+                    now = time.perf_counter()
+                    bar.set_postfix(loss=f"{loss_sum / count:.4f}",
+                                    s_step=f"{now - t_step:.2f}")
+                    t_step = now
+            bar.close()
+            sums = dist.gather((loss_sum, count))
+            train_loss = sum(s for s, _ in sums) / max(1, sum(c for _, c in sums))
+            indices, scores, val_loss = predict(model, val_ds, device, task, cfg["amp"], dist,
+                                                cfg["workers"], show,
+                                                desc=f"validate {epoch + 1}")
+            labels = [val_t.labels[i] for i in indices]
+            value, why = metric(labels, scores, task)
+            if why and dist.main and not warned:
+                tqdm.write(f"streamcnn: warning: {why}; {mname} is written as nan, "
+                           "training goes on", file=sys.stderr)
+                warned = True
+            peak = max(dist.gather(peak_memory_mb(device)))
+            row = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss,
+                   mname: value, "seconds": time.perf_counter() - t0,
+                   "peak_memory_mb": peak}
+            rows.append(row)
+            key = [1, value] if not math.isnan(value) else [0, -val_loss]
+            improved = best is None or key > best
+            if improved:
+                best = key
+            if dist.main:
+                payload = {"config": cfg, "model": model.state_dict(),
+                           "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                           "scaler": scaler.state_dict() if scaler is not None else None,
+                           "epoch": epoch + 1, "rng": _rng_state(), "metrics": rows,
+                           "best": best}
+                write_predictions(os.path.join(out, "val_predictions.csv"), val_t, indices,
+                                  scores)
+                if task == "classification":
+                    plot_roc(os.path.join(out, "roc.png"), labels, scores,
+                             f"validation, epoch {epoch + 1}")
+                _plot_curves(os.path.join(out, "curves.png"), rows, mname)
+                if improved:
+                    ckpt_io.save_checkpoint(os.path.join(out, "best.pt"), payload)
+                ckpt_io.save_checkpoint(os.path.join(out, "last.pt"), payload)
+                _write_metrics(out, rows, mname)
+                if writer is not None:
+                    for k in ("train_loss", "val_loss", mname):
+                        writer.add_scalar(k, row[k], epoch + 1)
+                    writer.flush()
+                if not quiet:
+                    tqdm.write(f"epoch {epoch + 1}/{cfg['epochs']}: train_loss "
+                               f"{train_loss:.4f} val_loss {val_loss:.4f} {mname} "
+                               f"{_fmt(value)} ({row['seconds']:.1f} s, "
+                               f"{peak:.0f} MB)", file=sys.stderr)
+            dist.barrier()
+    except KeyboardInterrupt:
+        if dist.main:
+            done = rows[-1]["epoch"] if rows else 0
+            held = (f"{out}/last.pt holds epoch {done}; continue with --resume" if done else
+                    "no epoch finished, so there is no last.pt")
+            print(f"streamcnn: interrupted during epoch {epoch + 1}; {held}", file=sys.stderr)
+        return 130
+    finally:
+        if writer is not None:
+            writer.close()
+    if dist.main:
+        b = max(rows, key=lambda r: ([1, r[mname]] if not math.isnan(r[mname])
+                                     else [0, -r["val_loss"]]))
+        print(f"best epoch {b['epoch']}: {mname} {_fmt(b[mname])}, val_loss "
+              f"{b['val_loss']:.4f} -> {os.path.join(out, 'best.pt')}")
+        print(f"run folder {out}: metrics.csv, curves.png"
+              + (", roc.png" if os.path.exists(os.path.join(out, "roc.png")) else "")
+              + ", val_predictions.csv, last.pt, best.pt, config.yaml")
+    return 0
+
+
+def _write_metrics(out: str, rows: List[Dict[str, Any]], mname: str) -> None:
+    cols = ["epoch", "train_loss", "val_loss", mname, "seconds", "peak_memory_mb"]
+    write_csv(os.path.join(out, "metrics.csv"), cols,
+              [[r["epoch"]] + [_fmt(r[c]) if c != "seconds" and c != "peak_memory_mb"
+                               else f"{r[c]:.3f}" if c == "seconds" else f"{r[c]:.1f}"
+                               for c in cols[1:]] for r in rows])

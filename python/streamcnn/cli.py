@@ -1,0 +1,72 @@
+"""The ``streamcnn`` command line: ``streamcnn SUBCOMMAND ...`` (also
+``python -m streamcnn`` and ``torchrun -m streamcnn``).
+
+Each subcommand is a module of ``streamcnn.app`` with ``add_arguments(parser)``
+and ``run(args) -> int``, listed once in :data:`SUBCOMMANDS`. Errors the
+user caused (:class:`UsageError`, and the library's ValueError /
+FileNotFoundError whose message starts with ``streamcnn:``) print one line,
+``streamcnn: <message>``, on stderr and exit with 2; Ctrl-C exits with 130.
+"""
+
+import argparse
+import importlib
+import sys
+from typing import List, Optional
+
+from .app.common import UsageError
+from .app.config import ArgumentParser
+
+# name -> (module of streamcnn.app, one-line help)
+SUBCOMMANDS = {
+    "synth": ("synth", "write a synthetic CAMELYON-like set of slides and its CSVs"),
+    "train": ("train", "train a slide classifier (or regressor) end to end, streamed"),
+    "evaluate": ("evaluate", "score slides with a checkpoint: AUC / Spearman, predictions.csv"),
+    "export": ("export", "write a checkpoint's model as TorchScript (stem + head)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(prog="streamcnn", description="streamcnn: train, evaluate and "
+                            "export streamed CNNs on whole-slide images.")
+    from . import __version__
+    parser.add_argument("--version", action="version", version=f"streamcnn {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=ArgumentParser)
+    sub.required = True
+    for name, (modname, help_) in SUBCOMMANDS.items():
+        mod = importlib.import_module(f"streamcnn.app.{modname}")
+        p = sub.add_parser(name, help=help_, description=(mod.__doc__ or help_).strip()
+                           .split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def _message(e: BaseException) -> str:
+    msg = " ".join(str(e).split()) or type(e).__name__
+    return msg[len("streamcnn: "):] if msg.startswith("streamcnn: ") else msg
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Run ``streamcnn ARGV``; returns the exit status."""
+    try:
+        args = build_parser().parse_args(argv)
+        return int(args._run(args) or 0)
+    except UsageError as e:
+        print(f"streamcnn: {_message(e)}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError) as e:
+        # the library's own checks of arguments and named files say
+        # "streamcnn: ..."; anything else is a bug and keeps its traceback
+        if not str(e).startswith("streamcnn: "):
+            raise
+        print(f"streamcnn: {_message(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("streamcnn: interrupted", file=sys.stderr)
+        return 130
+    except SystemExit as e:             # --help, --version
+        return e.code if isinstance(e.code, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,278 @@
+"""The ``streamcnn`` command line end to end, through the console script in
+a subprocess: train -> evaluate -> export -> the TorchScript file in a fresh
+process; the run folder's files; every bad input (exit 2, one line naming
+the file / field / row, nothing written); Ctrl-C during an epoch."""
+
+import csv
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import streamcnn
+from app_slides import write_set
+from streamcnn.app.checkpoint import MODEL_KEYS, load_checkpoint, load_model
+
+STREAMCNN = Path(sys.executable).parent / "streamcnn"
+# small and fast: 256^2 images (the 512^2 slides at 1 um/px), ResNet-18
+# streamed up to layer1 in 160-px tiles (several tiles per image)
+SMALL = ["--image-size", "256", "--mpp", "1.0", "--model", "resnet18", "--stream-upto",
+         "layer1", "--tile-size", "160", "--device", "cpu", "--quiet"]
+
+
+def cli(*args, timeout=600, check_rc=None):
+    assert STREAMCNN.exists(), (f"{STREAMCNN} is missing: install the package "
+                                "(make build, or pip install --no-build-isolation .)")
+    res = subprocess.run([str(STREAMCNN), *map(str, args)], capture_output=True, text=True,
+                         timeout=timeout)
+    if check_rc is not None:
+        assert res.returncode == check_rc, (res.returncode, res.stdout[-3000:],
+                                            res.stderr[-3000:])
+    return res
+
+
+@pytest.fixture(scope="module")
+def slides(tmp_path_factory):
+    d = tmp_path_factory.mktemp("slides")
+    write_set(d, n_train=4, n_val=4, size=512, seed=3)
+    return d
+
+
+@pytest.fixture(scope="module")
+def run_dir(slides, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "run"
+    cli("train", "--train", slides / "train.csv", "--val", slides / "val.csv", "--out", out,
+        *SMALL, "--epochs", "2", "--batch-size", "2", "--optimizer", "sgd", "--lr", "0.01",
+        "--augment", check_rc=0)
+    return out
+
+
+def _csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_run_folder(run_dir):
+    from PIL import Image
+    names = sorted(p.name for p in run_dir.iterdir())
+    assert names == sorted(["config.yaml", "metrics.csv", "last.pt", "best.pt", "curves.png",
+                            "roc.png", "val_predictions.csv"]), names
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert all(k in cfg for k in MODEL_KEYS) and cfg["epochs"] == 2 and cfg["augment"] is True
+    rows = _csv(run_dir / "metrics.csv")
+    assert list(rows[0]) == ["epoch", "train_loss", "val_loss", "val_auc", "seconds",
+                             "peak_memory_mb"]
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    for r in rows:
+        assert math.isfinite(float(r["train_loss"])) and float(r["val_loss"]) > 0
+        assert 0 <= float(r["val_auc"]) <= 1
+        assert float(r["seconds"]) > 0 and float(r["peak_memory_mb"]) > 50
+    last = load_checkpoint(str(run_dir / "last.pt"))
+    assert last["epoch"] == 2 and len(last["metrics"]) == 2
+    for k in ("model", "optimizer", "scheduler", "scaler", "rng", "config"):
+        assert k in last, k
+    assert set(last["rng"]) >= {"python", "numpy", "torch"}
+    best = load_checkpoint(str(run_dir / "best.pt"))
+    assert best["epoch"] in (1, 2)
+    for png, size in (("curves.png", (900, 360)), ("roc.png", (450, 450))):
+        with Image.open(run_dir / png) as im:
+            assert im.format == "PNG" and im.size == size, (png, im.size)
+            im.load()
+    preds = _csv(run_dir / "val_predictions.csv")
+    assert list(preds[0]) == ["path", "label", "score"] and len(preds) == 4
+    assert [p["path"] for p in preds] == [f"val_{i}.svs" for i in range(4)]
+    assert all(0 <= float(p["score"]) <= 1 for p in preds)
+    assert not [p for p in run_dir.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_evaluate_and_export(run_dir, slides, tmp_path):
+    res = cli("evaluate", run_dir / "last.pt", "--csv", slides / "val.csv", "--out",
+              tmp_path / "ev", "--quiet", check_rc=0)
+    auc = float(res.stdout.split()[1])
+    rows = _csv(run_dir / "metrics.csv")
+    assert abs(auc - float(rows[-1]["val_auc"])) < 1e-4, (auc, rows[-1])   # 4 decimals
+    got = _csv(tmp_path / "ev" / "predictions.csv")
+    want = _csv(run_dir / "val_predictions.csv")      # the last epoch's, from training
+    assert [r["path"] for r in got] == [r["path"] for r in want]
+    assert max(abs(float(a["score"]) - float(b["score"])) for a, b in zip(got, want)) < 1e-5
+
+    cli("export", run_dir / "last.pt", tmp_path / "model.pt", check_rc=0)
+    model, cfg = load_model(str(run_dir / "last.pt"))
+    from streamcnn.data import SlideDataset
+    ds = SlideDataset(str(slides / "val.csv"), cfg["image_size"], mpp=cfg["mpp"],
+                      crop=cfg["crop"])
+    x = torch.stack([ds[0][0], ds[1][0]])
+    with torch.no_grad():
+        want = model(x)
+    torch.save(x, tmp_path / "x.pt")
+    fresh = ("import sys, torch\n"
+             "torch.ops.load_library(sys.argv[1])\n"
+             "m = torch.jit.load(sys.argv[2])\n"
+             "torch.save(m(torch.load(sys.argv[3])), sys.argv[4])\n"
+             "assert 'streamcnn' not in sys.modules\n")
+    subprocess.run([sys.executable, "-c", fresh, streamcnn.library_path(),
+                    str(tmp_path / "model.pt"), str(tmp_path / "x.pt"),
+                    str(tmp_path / "y.pt")], check=True, capture_output=True, timeout=300)
+    got = torch.load(tmp_path / "y.pt")
+    assert got.shape == (2, 2)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+# -- bad input ----------------------------------------------------------------------------
+def _bad(capsys, args, *needles, out=None):
+    """``streamcnn ARGS`` in this process (fast): exit status 2 and one line
+    on stderr naming what is wrong; the run folder ``out`` not created."""
+    from streamcnn.cli import main
+    capsys.readouterr()
+    rc = main([str(a) for a in args])
+    err = capsys.readouterr().err
+    assert rc == 2, (rc, err[-2000:])
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("streamcnn: "), err
+    for n in needles:
+        assert str(n) in lines[0], (n, lines[0])
+    if out is not None:
+        assert not Path(out).exists(), "a refused run wrote its folder"
+    return lines[0]
+
+
+def test_console_script_usage_error(slides, tmp_path):
+    res = cli(*_train(slides, tmp_path / "run", "--model", "vgg11"), timeout=300)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [
+        "streamcnn: train: argument --model: invalid choice: 'vgg11' (choose from "
+        "'resnet18', 'resnet34', 'resnet50', 'convnext_tiny')"], res.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def _train(slides, out, *extra, train=None, val=None):
+    return ["train", "--train", train or slides / "train.csv", "--val", val or slides /
+            "val.csv", "--out", out, *SMALL, *extra]
+
+
+def test_bad_tables(slides, tmp_path, capsys):
+    out = tmp_path / "run"
+    _bad(capsys, _train(slides, out, train=tmp_path / "nope.csv"), "nope.csv", "does not exist",
+         out=out)
+    _bad(capsys, _train(slides, out, val=tmp_path), str(tmp_path), "is a directory", out=out)
+    t = tmp_path / "t.csv"
+    t.write_text("file,y\ntrain_0.svs,0\n")
+    _bad(capsys, _train(slides, out, train=t), "t.csv", "'path' and 'label'", out=out)
+    t.write_text(f"path,label\n{slides / 'train_0.svs'},0\nmissing.svs,1\n")
+    _bad(capsys, _train(slides, out, train=t), "t.csv line 3", "missing.svs", "does not exist",
+         out=out)
+    (tmp_path / "notaslide.svs").write_text("hello")
+    t.write_text("path,label\nnotaslide.svs,1\n")
+    _bad(capsys, _train(slides, out, train=t), "t.csv line 2", "notaslide.svs",
+         "not a readable slide", out=out)
+    t.write_text(f"path,label\n{slides / 'train_0.svs'},0\n{slides / 'train_1.svs'},2\n")
+    _bad(capsys, _train(slides, out, train=t), "t.csv line 3", "label '2'", "not 0 or 1", out=out)
+    t.write_text(f"path,label\n{slides / 'train_0.svs'},1.5\n{slides / 'train_1.svs'},abc\n")
+    _bad(capsys, _train(slides, out, "--task", "regression", train=t), "t.csv line 3", "'abc'",
+         "not a number", out=out)
+
+
+def test_bad_options(slides, tmp_path, capsys):
+    out = tmp_path / "run"
+    _bad(capsys, _train(slides, out, "--model", "vgg11"), "--model", "vgg11", out=out)
+    _bad(capsys, _train(slides, out, "--stream-upto", "layer9"), "stream_upto", "layer9", out=out)
+    _bad(capsys, _train(slides, out, "--tile-size", "20"), "tile_size", "43", "receptive field",
+         out=out)
+    _bad(capsys, _train(slides, out, "--tile-size", "256", "--memory-budget", "1GB"),
+         "--tile-size or --memory-budget", out=out)
+    _bad(capsys, _train(slides, out, "--lr", "-1"), "lr", "positive", out=out)
+    import torchvision
+    w = tmp_path / "r18_10.pt"
+    torch.save(torchvision.models.resnet18(weights=None, num_classes=10).state_dict(), w)
+    _bad(capsys, _train(slides, out, "--weights", w), "r18_10.pt", "does not match resnet18",
+         "shape mismatches", "fc.", out=out)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("epochs: 2\nlearning_rate: 0.1\n")
+    _bad(capsys, _train(slides, out, "--config", cfg), "c.yaml", "unknown option", "learning_rate",
+         out=out)
+    cfg.write_text("epochs: two\n")
+    _bad(capsys, _train(slides, out, "--config", cfg), "c.yaml", "epochs must be int", out=out)
+    toml = tmp_path / "c.toml"
+    toml.write_text("epochs = [\n")
+    _bad(capsys, _train(slides, out, "--config", toml), "c.toml", "not valid TOML", out=out)
+    _bad(capsys, ["train", "--val", slides / "val.csv", "--out", out], "--train is required",
+         out=out)
+
+
+def test_bad_run_folder(slides, run_dir, tmp_path, capsys):
+    before = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()}
+    _bad(capsys, _train(slides, run_dir), "holds another run", "--resume", "--overwrite")
+    _bad(capsys, _train(slides, run_dir, "--resume", "--lr", "0.5", "--head", "avg",
+                "--optimizer", "sgd", "--batch-size", "2", "--augment"), "last.pt",
+         "another config", "lr 0.01 (checkpoint) vs 0.5 (now)", "head 'max' (checkpoint)")
+    assert {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()} == before
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _bad(capsys, _train(slides, empty, "--resume"), "--resume", "no checkpoint", "last.pt")
+    assert list(empty.iterdir()) == []
+    _bad(capsys, ["evaluate", tmp_path / "none.pt", "--csv", slides / "val.csv"], "none.pt",
+         "does not exist")
+    _bad(capsys, ["export", slides / "train_0.svs", tmp_path / "m.pt"], "train_0.svs",
+         "cannot read checkpoint")
+    assert not (tmp_path / "m.pt").exists()
+    # a finished run resumed: nothing to do, exit 0
+    res = cli(*_train(slides, run_dir, "--resume"), check_rc=0)
+    assert "nothing to do" in res.stdout
+
+
+def test_single_class_validation_and_toml_config(slides, tmp_path):
+    """AUC undefined: a warning, nan in metrics.csv, training goes on; a
+    TOML config with a flag overriding it, and --overwrite."""
+    val = tmp_path / "val.csv"
+    val.write_text(f"path,label\n{slides / 'val_1.svs'},1\n{slides / 'val_3.svs'},1\n")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('epochs = 3\nbatch-size = 2\noptimizer = "sgd"\nlr = 0.02\n'
+                   'schedule = "constant"\n')
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.csv").write_text("epoch\n")            # "another run"
+    res = cli(*_train(slides, out, "--config", cfg, "--epochs", "1", "--overwrite", val=val),
+              check_rc=0)
+    assert "single class" in res.stderr and "AUC is undefined" in res.stderr
+    rows = _csv(out / "metrics.csv")
+    assert len(rows) == 1 and math.isnan(float(rows[0]["val_auc"]))
+    assert math.isfinite(float(rows[0]["val_loss"]))
+    assert not (out / "roc.png").exists() and (out / "best.pt").exists()
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["epochs"] == 1 and saved["lr"] == 0.02 and saved["schedule"] == "constant"
+
+
+def test_ctrl_c_keeps_last_checkpoint(slides, tmp_path):
+    out = tmp_path / "run"
+    args = _train(slides, out, "--epochs", "2", "--batch-size", "1")
+    proc = subprocess.Popen([str(STREAMCNN), *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        t0 = time.monotonic()
+        while not (out / "metrics.csv").exists():   # written after last.pt, at epoch 1's end
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() - t0 < 300
+            time.sleep(0.05)
+        time.sleep(0.5)                            # into epoch 2 (4 steps of >= 0.5 s)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, (proc.returncode, stderr[-2000:])
+    assert "interrupted during epoch 2" in stderr and "holds epoch 1" in stderr
+    ckpt = load_checkpoint(str(out / "last.pt"))
+    assert ckpt["epoch"] == 1
+    model, cfg = load_model(str(out / "last.pt"))
+    assert cfg["epochs"] == 2
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    # and the run goes on from there
+    cli(*_train(slides, out, "--resume"), check_rc=0)
+    assert [int(r["epoch"]) for r in _csv(out / "metrics.csv")] == [1, 2]
