@@ -469,12 +469,21 @@ static void push_avgpool_window(stk *s, const sc_instr *in, int64_t divisor) {
  * the thread that called the forward. */
 static _Atomic double g_macs[3];
 
-void sc_macs(double out[3], int reset) {
-  for (int k = 0; k < 3; k++) {
-    const double v = reset ? atomic_exchange(&g_macs[k], 0.0)
-                           : atomic_load(&g_macs[k]);
+void _sc_counters_read(_Atomic double *c, int n, double *out, int reset) {
+  for (int k = 0; k < n; k++) {
+    const double v = reset ? atomic_exchange(&c[k], 0.0) : atomic_load(&c[k]);
     if (out) out[k] = v;
   }
+}
+
+void _sc_counter_add(_Atomic double *c, double v) {
+  double cur = atomic_load(c);
+  while (!atomic_compare_exchange_weak(c, &cur, cur + v)) {
+  }
+}
+
+void sc_macs(double out[3], int reset) {
+  _sc_counters_read(g_macs, 3, out, reset);
 }
 
 /* Count numel(y) x per multiply-adds under kind k (y: an output-shaped
@@ -485,9 +494,7 @@ static void count_macs(int k, AtenTensorHandle y, double per) {
     return;
   double n = 1.0;
   for (int64_t d = 0; d < dim; d++) n *= (double)sz[d];
-  double cur = atomic_load(&g_macs[k]);
-  while (!atomic_compare_exchange_weak(&g_macs[k], &cur, cur + n * per)) {
-  }
+  _sc_counter_add(&g_macs[k], n * per);
 }
 
 void _sc_count_macs(AtenTensorHandle y, double per) { count_macs(0, y, per); }
@@ -1128,5 +1135,37 @@ int _sc_act_backward(sc_ctx *ctx, const sc_instr *in, AtenTensorHandle g,
                    in->act);
   }
   drop_n(m, 3);
+  return rc;
+}
+
+/* ---- non-zeros (the sparse backward) ------------------------------------- */
+
+int _sc_nonzero_map(sc_ctx *ctx, AtenTensorHandle g, AtenTensorHandle *out) {
+  static const int64_t batch_channels[2] = {0, 1};
+  AtenTensorHandle zero = NULL, nz = NULL, m = NULL;
+  *out = NULL;
+  if (const_zero(ctx, &zero) || call2(ctx, "aten::ne", "Tensor", g, zero, &nz))
+    return SC_ERR;
+  stk s = {0};
+  push_tensor(&s, nz);
+  push_opt_ints(&s, batch_channels, 2);
+  push_bool(&s, 0);
+  int rc = stk_call(ctx, &s, "aten::any", "dims", 1, &m);
+  _sc_drop(&nz);
+  if (rc || !ctx->is_cuda) {
+    *out = m;
+    return rc;
+  }
+  int64_t dim, *sz, *st; /* to host memory, for the caller to read */
+  rc = _sc_meta(ctx, m, &dim, &sz, &st);
+  if (!rc) {
+    const int64_t strides[2] = {sz[1], 1};
+    if (aoti_torch_empty_strided(2, sz, strides, aoti_torch_dtype_bool(),
+                                 aoti_torch_device_type_cpu(), 0, out))
+      rc = sc_fail(&ctx->err, "streamcnn: could not allocate a map");
+  }
+  if (!rc) rc = _sc_copy_across(ctx, *out, m);
+  if (rc) _sc_drop(out);
+  _sc_drop(&m);
   return rc;
 }

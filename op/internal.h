@@ -203,6 +203,12 @@ int _sc_make_contiguous(sc_ctx *ctx, AtenTensorHandle *t);
 /* Count numel(y) x per forward multiply-adds done by our own kernels (the
  * normalisation fused into the image gather), beside ATen's. */
 void _sc_count_macs(AtenTensorHandle y, double per);
+#ifndef __cplusplus
+/* Process-wide counters (sc_macs, sc_backward_tiles): read n of them into
+ * out (when given), zeroing them when reset; add v to one, atomically. */
+void _sc_counters_read(_Atomic double *c, int n, double *out, int reset);
+void _sc_counter_add(_Atomic double *c, double v);
+#endif
 
 int _sc_conv(sc_ctx *ctx, AtenTensorHandle x, AtenTensorHandle w,
              AtenTensorHandle b, const sc_instr *in, AtenTensorHandle *out);
@@ -282,6 +288,10 @@ int _sc_div(sc_ctx *ctx, AtenTensorHandle a, AtenTensorHandle b,
 int _sc_div_(sc_ctx *ctx, AtenTensorHandle a, AtenTensorHandle b);
 /* dst.copy_(src) across devices (small host-built tensors). */
 int _sc_copy_across(sc_ctx *ctx, AtenTensorHandle dst, AtenTensorHandle src);
+/* Which pixels of g (N x C x h x w, any strides) hold a non-zero (NaN
+ * counts) over batch and channels: a new contiguous h x w bool tensor in
+ * host memory (copied there from a CUDA device: a synchronisation). */
+int _sc_nonzero_map(sc_ctx *ctx, AtenTensorHandle g, AtenTensorHandle *out);
 
 /* ---- replay (op/replay.c, op/validate.c) -------------------------------- */
 
@@ -417,6 +427,9 @@ typedef struct sc_run {
   int64_t pf_span[2][2];     /* its rows and cols of the image */
   int host_direct;           /* this tile's pixels are read from pinned memory */
   void *host_ev;             /* cudaEvent_t after the last such read, or NULL */
+
+  /* the sparse backward (sparse.c): plans of one box, made on first use */
+  sc_axis_plan *box_plan[2];
 } sc_run;
 
 /* The per-value handle arrays of halo caching (run_init allocates
@@ -552,6 +565,23 @@ int _sc_on_compute(const sc_ctx *ctx, int32_t dtype, int32_t dt, int32_t di);
 /* backward.c */
 int _sc_backward_tile(sc_run *r, AtenTensorHandle grad_out);
 void _sc_choose_cut(sc_run *r);
+
+/* sparse.c */
+enum {
+  SC_SPARSE_OFF = 0,   /* every tile whole */
+  SC_SPARSE_SKIP = 1,  /* tiles without a non-zero gradient skipped */
+  SC_SPARSE_BOXES = 2, /* and sparse tiles back-propagated in boxes */
+};
+enum { SC_TILE_WHOLE = 0, SC_TILE_BOXED = 1, SC_TILE_SKIPPED = 2 };
+/* The mode STREAMCNN_SPARSE_BACKWARD asks for (unset: SC_SPARSE_BOXES);
+ * fails on a value it does not know. */
+int _sc_sparse_mode(sc_ctx *ctx, int *mode);
+/* The current tile's backward where it is sparse: *how = SC_TILE_SKIPPED
+ * (nothing to do) or SC_TILE_BOXED (done, in boxes), or SC_TILE_WHOLE: the
+ * caller runs the tile (its halos and _sc_backward_tile) as without
+ * sparsity. Cached plans: the tile's pending gradients must be in place;
+ * a tile not run whole leaves none for its left neighbour. */
+int _sc_sparse_tile(sc_run *r, AtenTensorHandle grad_out, int mode, int *how);
 
 #endif /* STREAMCNN_REPLAY */
 

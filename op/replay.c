@@ -9,8 +9,10 @@
  * grad_output (and the strips), decides what carries a gradient and what
  * the recompute keeps (analysis.c), then runs the tiles, cached in the
  * forward's order reversed with the pending halo gradients, else largest
- * first (backward.c); finally the folded gradients (fold.c) and the hand
- * over of the requested gradients, zeros where nothing contributed.
+ * first (backward.c; sparse.c skips the tiles without a non-zero gradient
+ * and back-propagates sparse ones in boxes); finally the folded gradients
+ * (fold.c) and the hand over of the requested gradients, zeros where
+ * nothing contributed.
  *
  * The rooms and their call order: op/README.md. Calls every room below;
  * called by register.c.
@@ -252,6 +254,8 @@ int _sc_backward(sc_ctx *ctx, const sc_call *call, AtenTensorHandle grad_out,
                    "streamcnn: grad_output must have the image's dtype and "
                    "device");
   }
+  int sparse = SC_SPARSE_OFF; /* tiles without non-zeros: sparse.c */
+  if (!rc) rc = _sc_sparse_mode(ctx, &sparse);
   if (!rc) {
     _sc_needs(p, mask, r.fused, r.needs);
     _sc_keep_set(p, r.needs, mask, r.fused, r.keep);
@@ -289,13 +293,15 @@ int _sc_backward(sc_ctx *ctx, const sc_call *call, AtenTensorHandle grad_out,
         _sc_select_cached(&r, t, c);
         r.next_tile[0] = c > 0 ? t : t - 1; /* -1 after the last */
         r.next_tile[1] = c > 0 ? c - 1 : nc - 1;
-        for (int64_t v = 1; !rc && v < r.nv; v++) {
+        int how = SC_TILE_WHOLE;
+        rc = _sc_sparse_tile(&r, grad_out, sparse, &how);
+        for (int64_t v = 1; !rc && how == SC_TILE_WHOLE && v < r.nv; v++) {
           if (r.band_off[t * r.nv + v] >= 0)
             rc = _sc_band_view(&r, t, v, &r.band[v]);
           if (!rc && r.lstrip_off[(t * nc + c) * r.nv + v] >= 0)
             rc = _sc_lstrip_view(&r, t, c, v, &r.lhalo[v]);
         }
-        rc = rc || _sc_backward_tile(&r, grad_out);
+        if (!rc && how == SC_TILE_WHOLE) rc = _sc_backward_tile(&r, grad_out);
         _sc_run_tile_release(&r);
         _sc_drop_all(r.band, r.nv);
         _sc_drop_all(r.lhalo, r.nv);
@@ -310,7 +316,9 @@ int _sc_backward(sc_ctx *ctx, const sc_call *call, AtenTensorHandle grad_out,
       /* the tile whose pixels a pinned host image prefetches meanwhile */
       r.next_tile[0] = k + 1 < r.n_order ? r.order[k + 1] / r.n_tiles[1] : -1;
       r.next_tile[1] = k + 1 < r.n_order ? r.order[k + 1] % r.n_tiles[1] : 0;
-      rc = _sc_backward_tile(&r, grad_out);
+      int how = SC_TILE_WHOLE;
+      rc = _sc_sparse_tile(&r, grad_out, sparse, &how);
+      if (!rc && how == SC_TILE_WHOLE) rc = _sc_backward_tile(&r, grad_out);
       _sc_run_tile_release(&r);
       if (!rc) _sc_report(1, k + 1, r.n_order);
     }

@@ -296,6 +296,12 @@ SC_API int sc_memory_info(const int64_t *words, int64_t n_words, int64_t h,
  * zeroed at once, when out is given). */
 SC_API void sc_macs(double out[3], int reset);
 
+/* Backward tiles since the last reset, process-wide (op/sparse.c): out[0]
+ * run whole, out[1] run as boxes of their non-zero output gradient, out[2]
+ * skipped (no non-zero gradient), out[3] the boxes the boxed ones ran;
+ * reset as for sc_macs. */
+SC_API void sc_backward_tiles(double out[4], int reset);
+
 /* Progress over tiles: while set on a thread, the operators called on that
  * thread report after each tile: phase 0 forward, 1 backward; done of
  * total tiles. Pass NULL to stop. Thread-local: calls on other threads are

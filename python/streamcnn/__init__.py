@@ -7,8 +7,8 @@ whole-image pass.
     loss = head(stem(image)).sum(); loss.backward()
 """
 
-from ._library import (band_info, library_path, load_library, macs_executed, program_info,
-                       tiling_info, work_info)
+from ._library import (backward_tiles, band_info, library_path, load_library, macs_executed,
+                       program_info, tiling_info, work_info)
 from . import data, models, ops, progress, reference
 from .module import StreamingModule
 from .program import convert
@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Slide",
     "StreamingModule",
+    "backward_tiles",
     "band_info",
     "data",
     "convert",

@@ -65,6 +65,8 @@ def load_library() -> str:
                                    ctypes.c_size_t]
     _cdll.sc_macs.restype = None
     _cdll.sc_macs.argtypes = [ctypes.POINTER(ctypes.c_double), ctypes.c_int]
+    _cdll.sc_backward_tiles.restype = None
+    _cdll.sc_backward_tiles.argtypes = [ctypes.POINTER(ctypes.c_double), ctypes.c_int]
     _declare_slide_api(_cdll)
     _loaded_path = path
     return path
@@ -173,6 +175,21 @@ def macs_executed(reset: bool = False) -> Tuple[float, float, float]:
     out = (ctypes.c_double * 3)()
     _cdll.sc_macs(out, int(bool(reset)))
     return out[0], out[1], out[2]
+
+
+def backward_tiles(reset: bool = False) -> dict:
+    """Backward tiles the operators ran since the last reset, on any thread:
+    ``whole`` (as without sparsity), ``boxed`` (back-propagated through the
+    cones of a few boxes around their non-zero output gradient; ``boxes``
+    counts those), ``skipped`` (no non-zero gradient: neither recomputed nor
+    back-propagated). The sparse backward is on unless the environment
+    variable STREAMCNN_SPARSE_BACKWARD is 0 (off) or skip (skipping only).
+    reset=True reads and zeroes the counters."""
+    load_library()
+    out = (ctypes.c_double * 4)()
+    _cdll.sc_backward_tiles(out, int(bool(reset)))
+    return {"whole": int(out[0]), "boxed": int(out[1]), "skipped": int(out[2]),
+            "boxes": int(out[3])}
 
 
 def _declare_slide_api(lib: ctypes.CDLL) -> None:
