@@ -260,8 +260,8 @@ int _sc_sparse_tile(sc_run *r, AtenTensorHandle grad_out, int mode,
   if (mode == SC_SPARSE_OFF || empty(rs) || empty(cs)) goto counted;
   if (r->cached && pending(r, &any)) return SC_ERR;
   if (any) goto counted; /* the halo's gradient needs the cached tile */
-  if (_sc_view(r->ctx, grad_out, rs[0], rs[1] - rs[0], cs[0], cs[1] - cs[0],
-               &g))
+  if (_sc_view(r->ctx, grad_out, rs[0] - r->out_row0, /* a band's rows */
+               rs[1] - rs[0], cs[0], cs[1] - cs[0], &g))
     return SC_ERR;
   rc = nonzeros(r, g, &any, mode == SC_SPARSE_BOXES ? &map : NULL, &h, &w);
   _sc_drop(&g);

@@ -216,15 +216,22 @@ def test_rows_ops_opcheck():
                           (g, strips, xp.detach(), params, sm.program, tile, mask, rows))
 
 
+@pytest.mark.parametrize("grad", ["dense", "maxpool"])
 @pytest.mark.parametrize("cached", [True, False])
-def test_rows_ops_sum_to_the_whole(cached):
+def test_rows_ops_sum_to_the_whole(cached, grad):
     """Bands (each given only its rows of the image) concatenate to the
-    whole output; their gradients sum to the whole-image gradients."""
+    whole output; their gradients sum to the whole-image gradients. With a
+    max-pool head's gradient (one non-zero per channel) the sparse backward
+    skips and boxes tiles of each band, in the band's own coordinates."""
     sm, x, params = _setup()
     tile = sm.tile_size
     y = torch.ops.streamcnn.forward(x, params, sm.program, tile)
     oh = y.shape[2]
-    g = torch.randn_like(y)
+    if grad == "dense":
+        g = torch.randn_like(y)
+    else:   # the gradient of sum(amax over space): 1 at each channel's arg-max
+        flat = y.flatten(2)
+        g = torch.zeros_like(flat).scatter_(2, flat.argmax(2, keepdim=True), 1.0).view_as(y)
     mask = [True] * (1 + len(params))
     whole = torch.ops.streamcnn.backward(g, x, params, sm.program, tile, mask)
     for cuts in ([0, 1, oh], [0, 4, 5, oh], [0, oh - 1, oh]):
