@@ -29,14 +29,6 @@ import sys
 import time
 
 
-def peak_rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def build(tile: int):
     """The compact model, the same at every resolution: a streamed stem of
     three stride-2 3 x 3 convolutions (8, 16, 32 channels; output stride 8),
@@ -57,6 +49,7 @@ def train_one(args) -> dict:
     """One run (in this process): returns its metrics."""
     import torch
     from sklearn.metrics import roc_auc_score
+    from streamcnn.app.common import peak_rss_mb
     from streamcnn.data import Augment, SlideDataset
 
     torch.manual_seed(args.seed)

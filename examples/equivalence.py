@@ -12,25 +12,11 @@ Each mode runs in its own process so that peak memory is its own.
 
 import argparse
 import json
-import resource
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory: VmHWM (ru_maxrss would count the
-    parent's memory at fork, which Linux carries over exec)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -108,6 +94,7 @@ def run(mode: str, table: str, size: int, tile: int, steps: int, device: str) ->
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
         losses.append(loss.item())
+    from streamcnn.app.common import peak_rss_mb
     out = {"mode": mode, "losses": losses, "step_s": min(times[1:] or times),
            "peak_rss_mb": peak_rss_mb()}
     if device == "cuda":

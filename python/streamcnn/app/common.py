@@ -353,11 +353,9 @@ def plot_roc(path: str, labels: Sequence[float], scores: Sequence[float], title:
     return True
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory since :func:`reset_peak_memory`: CUDA's allocator peak,
-    or this process's peak resident set (VmHWM) on the CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MiB: VmHWM (ru_maxrss would
+    count the parent's memory at fork, which Linux carries over exec)."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -367,6 +365,14 @@ def peak_memory_mb(device: torch.device) -> float:
         pass
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory since :func:`reset_peak_memory`: CUDA's allocator peak,
+    or this process's peak resident set (VmHWM) on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return peak_rss_mb()
 
 
 def reset_peak_memory(device: torch.device) -> None:

@@ -6,7 +6,7 @@ label. Deterministic for a seed, so tests can regenerate the exact pixels."""
 import ctypes
 import math
 import os
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +14,26 @@ import torch.nn.functional as F
 from .._library import clib
 
 _COMPRESSIONS = {"deflate": 1, "jpeg": 2}
+
+
+def _tissue_mask(width: int, height: int, g: torch.Generator, fraction: float, *,
+                 cell_px: int, centre: Tuple[float, float], sigma: float, base: float):
+    """``(mask, cells)``: a boolean h x w tissue mask, low-frequency noise
+    (``cells`` values along the shorter side, one per ``cell_px`` pixels)
+    plus ``base`` under a Gaussian envelope of width ``sigma`` (in image
+    fractions) around a random centre in ``centre[0] + centre[1] * U(0, 1)``,
+    thresholded to cover ``fraction`` of the image. Draws from ``g``."""
+    cells = max(2, min(width, height) // cell_px)
+    low = torch.rand(1, 1, cells, max(2, round(cells * width / height)), generator=g)
+    field = F.interpolate(low, size=(height, width), mode="bicubic", align_corners=False)[0, 0]
+    cy, cx = (centre[0] + centre[1] * torch.rand(2, generator=g)).tolist()
+    yy = (torch.arange(height, dtype=torch.float32) / height - cy)[:, None]
+    xx = (torch.arange(width, dtype=torch.float32) / width - cx)[None, :]
+    if base:
+        field = base + field
+    field = field * torch.exp(-(yy ** 2 + xx ** 2) / (2 * sigma ** 2))
+    cut = torch.quantile(field.flatten()[:: max(1, field.numel() // 65536)], 1 - fraction)
+    return field > cut, cells
 
 
 def tissue_image(width: int, height: int, *, tumour: bool = False, seed: int = 0,
@@ -24,17 +44,8 @@ def tissue_image(width: int, height: int, *, tumour: bool = False, seed: int = 0
     clusters of large dark nuclei. With ``return_mask`` also the boolean
     tissue mask (h x w)."""
     g = torch.Generator().manual_seed(seed)
-    # tissue: low-frequency noise under a Gaussian envelope, thresholded
-    cells = max(2, min(width, height) // 128)
-    low = torch.rand(1, 1, cells, max(2, round(cells * width / height)), generator=g)
-    field = F.interpolate(low, size=(height, width), mode="bicubic", align_corners=False)[0, 0]
-    cy, cx = (0.3 + 0.4 * torch.rand(2, generator=g)).tolist()
-    yy = (torch.arange(height, dtype=torch.float32) / height - cy)[:, None]
-    xx = (torch.arange(width, dtype=torch.float32) / width - cx)[None, :]
-    field = field * torch.exp(-(yy ** 2 + xx ** 2) / (2 * 0.15 ** 2))
-    cut = torch.quantile(field.flatten()[:: max(1, field.numel() // 65536)],
-                         1 - tissue_fraction)
-    tissue = field > cut
+    tissue, _ = _tissue_mask(width, height, g, tissue_fraction, cell_px=128, centre=(0.3, 0.4),
+                             sigma=0.15, base=0.0)
     # colours: eosin pink with texture, haematoxylin purple nuclei
     tex = torch.rand(height, width, generator=g) * 30
     img = torch.full((height, width, 3), 255.0)
@@ -286,17 +297,8 @@ def camelyon_image(width: int, height: int, *, tumour: bool = False, seed: int =
         raise ValueError("streamcnn: clusters must be >= 0, cluster_um > 0, fine and coarse "
                          f">= 0 (got {clusters}, {cluster_um}, {fine}, {coarse})")
     g = torch.Generator().manual_seed(seed)
-    # tissue: low-frequency noise under a Gaussian envelope, thresholded
-    cells = max(2, min(width, height) // 160)
-    low = torch.rand(1, 1, cells, max(2, round(cells * width / height)), generator=g)
-    field = F.interpolate(low, size=(height, width), mode="bicubic", align_corners=False)[0, 0]
-    cy, cx = (0.4 + 0.2 * torch.rand(2, generator=g)).tolist()
-    yy = (torch.arange(height, dtype=torch.float32) / height - cy)[:, None]
-    xx = (torch.arange(width, dtype=torch.float32) / width - cx)[None, :]
-    field = (0.5 + field) * torch.exp(-(yy ** 2 + xx ** 2) / (2 * 0.22 ** 2))
-    cut = torch.quantile(field.flatten()[:: max(1, field.numel() // 65536)],
-                         1 - tissue_fraction)
-    tissue = field > cut
+    tissue, cells = _tissue_mask(width, height, g, tissue_fraction, cell_px=160,
+                                 centre=(0.4, 0.2), sigma=0.22, base=0.5)
     # stroma: eosin pink, a smooth shade plus mild per-pixel texture
     shade = F.interpolate(torch.rand(1, 1, cells * 4, cells * 4, generator=g),
                           size=(height, width), mode="bilinear", align_corners=False)[0, 0]
