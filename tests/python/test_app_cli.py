@@ -291,3 +291,33 @@ def test_ctrl_c_keeps_last_checkpoint(slides, tmp_path):
     # and the run goes on from there
     cli(*_train(slides, out, "--resume", val=val), check_rc=0)
     assert [int(r["epoch"]) for r in _csv(out / "metrics.csv")] == [1, 2]
+
+
+@pytest.mark.parametrize("options, metric", [
+    # regression (labels as numbers, Spearman), bf16 autocast, a DataLoader
+    # worker, a memory budget instead of a tile size
+    (["--task", "regression", "--amp", "bf16", "--workers", "1", "--memory-budget", "300MB",
+      "--optimizer", "adamw", "--lr", "1e-4"], "val_spearman"),
+    # fp16 autocast with a GradScaler, a step schedule
+    (["--amp", "fp16", "--schedule", "step", "--step-epochs", "1", "--tile-size", "160"],
+     "val_auc"),
+])
+def test_train_options(slides, tmp_path, options, metric):
+    """The options a short run does not otherwise reach train, evaluate and
+    write a well-formed run folder."""
+    out = tmp_path / "run"
+    small = [a for a in SMALL]
+    i = small.index("--tile-size")
+    del small[i:i + 2]
+    cli("train", "--train", slides / "train.csv", "--val", slides / "val.csv", "--out", out,
+        *small, "--epochs", "1", "--batch-size", "2", *options, check_rc=0)
+    (row,) = _csv(out / "metrics.csv")
+    assert metric in row and math.isfinite(float(row["train_loss"]))
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["amp"] == options[options.index("--amp") + 1]
+    ev = cli("evaluate", out / "last.pt", "--csv", slides / "val.csv", "--out", tmp_path / "ev",
+             check_rc=0)
+    name = "Spearman" if metric == "val_spearman" else "AUC"
+    assert name in ev.stdout, ev.stdout
+    preds = _csv(tmp_path / "ev" / "predictions.csv")
+    assert len(preds) == 4 and all(math.isfinite(float(p["score"])) for p in preds)
