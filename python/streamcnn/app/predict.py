@@ -31,7 +31,6 @@ import math
 import os
 import sys
 import tempfile
-import warnings
 from contextlib import contextmanager
 from typing import Dict, List, Optional, Tuple
 
