@@ -1,6 +1,7 @@
 /*
  * io_internal.h — private declarations shared by the files of io/ (the
- * whole-slide reader slide.c and the TIFF writers tiffwrite.c). io/ is no
+ * whole-slide reader slide.c, its pre-OpenSlide TIFF check tiffcheck.c
+ * and the TIFF writers tiffwrite.c). io/ is no
  * part of the operator: it needs neither torch nor op/'s internals, only
  * the public status codes and SC_API of streamcnn.h.
  */
@@ -17,5 +18,9 @@ int _sc_slide_fail(char *err, size_t errlen, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)))
 #endif
     ;
+
+/* tiffcheck.c: SC_OK unless path is a TIFF with a directory OpenSlide
+ * must not be given (message in err); SC_OK for files that are no TIFF. */
+int _sc_tiff_precheck(const char *path, char *err, size_t errlen);
 
 #endif /* STREAMCNN_IO_INTERNAL_H */

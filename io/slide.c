@@ -112,8 +112,10 @@ sc_slide *sc_slide_open(const char *path, char *err, size_t errlen) {
     return NULL;
   }
   if (stat(path, &st) != 0) {
+    char why[256] = "unknown error"; /* strerror is not thread-safe */
+    (void)strerror_r(errno, why, sizeof why);
     _sc_slide_fail(err, errlen, "streamcnn: cannot open slide '%s': %s", path,
-               strerror(errno));
+                   why);
     return NULL;
   }
   if (!S_ISREG(st.st_mode)) {
@@ -122,6 +124,7 @@ sc_slide *sc_slide_open(const char *path, char *err, size_t errlen) {
                S_ISDIR(st.st_mode) ? " (a directory)" : "");
     return NULL;
   }
+  if (_sc_tiff_precheck(path, err, errlen) != SC_OK) return NULL;
   openslide_t *osr = openslide_open(path);
   if (!osr) {
     _sc_slide_fail(err, errlen,

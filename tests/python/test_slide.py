@@ -5,6 +5,7 @@ import gc
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -239,6 +240,28 @@ def test_truncated_and_corrupt(slides, tmp_path):
         for _ in range(2):
             with pytest.raises(RuntimeError, match="corrupt.tif.*reopen"):
                 s.read(level=0)
+
+
+@needs
+def test_openslide_crasher_refused(tmp_path):
+    """The fuzzer's input on which OpenSlide 3.4 dies with SIGFPE (an Aperio
+    file whose second level is far wider than its first): refused with a
+    message before OpenSlide sees it. In a subprocess, so that a regression
+    fails this test instead of killing the test run."""
+    src = os.path.join(os.path.dirname(__file__), "..", "fuzz", "regress", "slide",
+                       "aperio_level1_wider_than_level0.tiff")
+    dst = tmp_path / "crasher.svs"
+    shutil.copy(src, dst)
+    code = ("import streamcnn\n"
+            "try:\n"
+            f"    streamcnn.Slide({str(dst)!r})\n"
+            "except ValueError as e:\n"
+            "    print('refused:', e)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+    assert "refused:" in r.stdout and "crasher.svs" in r.stdout
+    assert "over twice the size of the first one" in r.stdout
 
 
 @needs
