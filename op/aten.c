@@ -15,6 +15,7 @@
 #include "tile.h"
 
 #include <stdatomic.h>
+#include <stdio.h>
 #include <string.h>
 
 /* ---- stack builder ------------------------------------------------------- */
@@ -270,6 +271,17 @@ int _sc_empty(sc_ctx *ctx, int64_t ndim, const int64_t *sizes,
   return _sc_empty_as(ctx, ctx->dtype, ndim, sizes, 0, out);
 }
 
+/* Bytes per element of an image or parameter dtype (uint8, float16,
+ * bfloat16, float32, float64; 0 for others). */
+int _sc_dtype_size(int32_t d) {
+  if (d == aoti_torch_dtype_uint8()) return 1;
+  if (d == aoti_torch_dtype_float16() || d == aoti_torch_dtype_bfloat16())
+    return 2;
+  if (d == aoti_torch_dtype_float32()) return 4;
+  if (d == aoti_torch_dtype_float64()) return 8;
+  return 0;
+}
+
 int _sc_kdtype(int32_t dtype) {
   if (dtype == aoti_torch_dtype_float32()) return SC_DTYPE_F32;
   if (dtype == aoti_torch_dtype_float64()) return SC_DTYPE_F64;
@@ -281,6 +293,28 @@ int _sc_kdtype(int32_t dtype) {
 
 int _sc_is_half(const sc_ctx *ctx) {
   return ctx->kdtype == SC_DTYPE_F16 || ctx->kdtype == SC_DTYPE_BF16;
+}
+
+int _sc_oom(sc_ctx *ctx, const char *what, int64_t ndim, const int64_t *sizes,
+            int32_t dtype, int32_t device_type) {
+  char shape[160] = "";
+  size_t used = 0;
+  double bytes = _sc_dtype_size(dtype);
+  for (int64_t i = 0; i < ndim && i < 8; i++) {
+    bytes *= (double)sizes[i];
+    int n = snprintf(shape + used, sizeof shape - used, "%s%lld", i ? "x" : "",
+                     (long long)sizes[i]);
+    if (n < 0 || (size_t)n >= sizeof shape - used) break;
+    used += (size_t)n;
+  }
+  char device[32] = "cpu";
+  if (device_type == aoti_torch_device_type_cuda())
+    snprintf(device, sizeof device, "cuda:%d", (int)ctx->device_index);
+  return sc_fail(&ctx->err,
+                 "streamcnn: out of memory: could not allocate %s (%s, %d-byte "
+                 "elements, %.1f MiB) on %s; a smaller tile_size or a "
+                 "memory_budget lowers the peak",
+                 what, shape, _sc_dtype_size(dtype), bytes / 1048576.0, device);
 }
 
 int _sc_empty_as(sc_ctx *ctx, int32_t dtype, int64_t ndim,
@@ -297,9 +331,7 @@ int _sc_empty_as(sc_ctx *ctx, int32_t dtype, int64_t ndim,
   }
   if (aoti_torch_empty_strided(ndim, sizes, strides, dtype,
                                ctx->device_type, ctx->device_index, out))
-    return sc_fail(&ctx->err,
-                   "streamcnn: could not allocate a tensor (out of memory? "
-                   "PyTorch's message is printed above)");
+    return _sc_oom(ctx, "a tensor", ndim, sizes, dtype, ctx->device_type);
   if (zero && aoti_torch_zero_(*out)) {
     _sc_drop(out);
     return sc_fail(&ctx->err, "streamcnn: zero_ failed");
@@ -326,7 +358,7 @@ int _sc_tile_buffer(sc_ctx *ctx, const int64_t *sizes, int zero,
   *out = NULL;
   if (aoti_torch_empty_strided(4, sizes, nhwc, ctx->dtype, ctx->device_type,
                                ctx->device_index, out))
-    return sc_fail(&ctx->err, "streamcnn: could not allocate a tile buffer");
+    return _sc_oom(ctx, "a tile buffer", 4, sizes, ctx->dtype, ctx->device_type);
   if (zero && aoti_torch_zero_(*out)) {
     _sc_drop(out);
     return sc_fail(&ctx->err, "streamcnn: zero_ failed");

@@ -73,7 +73,8 @@ static int avg_divisor(sc_run *r, int64_t i, AtenTensorHandle *out) {
   if (aoti_torch_empty_strided(4, shape, strides, r->ctx->dtype,
                                aoti_torch_device_type_cpu(), 0, &host) ||
       aoti_torch_get_data_ptr(host, &data)) {
-    sc_fail(&r->ctx->err, "streamcnn: could not allocate a divisor map");
+    _sc_oom(r->ctx, "a divisor map", 4, shape, r->ctx->dtype,
+            aoti_torch_device_type_cpu());
     goto done;
   }
   for (int64_t y = 0; y < h; y++)

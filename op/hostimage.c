@@ -42,7 +42,8 @@ static int prefetch_issue(sc_run *r, int64_t t, int64_t c) {
   if (aoti_torch_empty_strided(4, shape, rc.dst_stride, ctx->image_dtype,
                                ctx->device_type, ctx->device_index, &r->pf_buf) ||
       aoti_torch_get_data_ptr(r->pf_buf, &dst))
-    return sc_fail(&ctx->err, "streamcnn: could not allocate a tile buffer");
+    return _sc_oom(ctx, "a tile buffer", 4, shape, ctx->image_dtype,
+                   ctx->device_type);
   if (sc_prefetch_copy(&r->pf, ctx->stream, dst, base, &rc, msg, sizeof msg))
     return sc_fail(&ctx->err, "streamcnn: CUDA prefetch: %s", msg);
   r->pf_span[0][0] = rows[0];

@@ -156,12 +156,21 @@ int _sc_view(sc_ctx *ctx, AtenTensorHandle t, int64_t r0, int64_t nr,
 int _sc_flat_view(sc_ctx *ctx, AtenTensorHandle flat, int64_t offset,
                   const int64_t sizes[4], AtenTensorHandle *out);
 
+/* Records "streamcnn: out of memory: could not allocate WHAT (sizes,
+ * dtype, MiB, device)" in ctx->err and returns SC_ERR: every failed
+ * allocation of the replay says so, with what and how much. */
+int _sc_oom(sc_ctx *ctx, const char *what, int64_t ndim, const int64_t *sizes,
+            int32_t dtype, int32_t device_type);
+
 /* New owned contiguous tensor of this ctx's dtype and device. */
 int _sc_empty(sc_ctx *ctx, int64_t ndim, const int64_t *sizes,
               AtenTensorHandle *out);
 /* The same with an explicit aoti dtype; zeroed when zero is set. */
 int _sc_empty_as(sc_ctx *ctx, int32_t dtype, int64_t ndim,
                  const int64_t *sizes, int zero, AtenTensorHandle *out);
+/* Bytes per element of an image or parameter dtype (uint8, float16,
+ * bfloat16, float32, float64; 0 for others). */
+int _sc_dtype_size(int32_t d);
 /* sc_dtype of an aoti dtype code (0 when the kernels lack it). */
 int _sc_kdtype(int32_t dtype);
 /* Half precision (float16 / bfloat16) computation: parameter gradients
@@ -484,9 +493,6 @@ static inline int wants(const sc_run *r, int64_t k) {
 }
 
 /* run.c */
-/* Bytes per element of an image or parameter dtype (uint8, float16,
- * bfloat16, float32, float64; 0 for others). */
-int _sc_dtype_size(int32_t d);
 /* New reference to t restricted to the absolute spans (row, col), given
  * that t covers the absolute spans (trow, tcol). */
 int _sc_subview(sc_run *r, AtenTensorHandle t, const int64_t *trow,

@@ -212,7 +212,7 @@ static int zeros_like(sc_ctx *ctx, AtenTensorHandle t, AtenTensorHandle *out) {
   if (aoti_torch_empty_strided(dim, sz, strides, dtype, dt, di, out) ||
       aoti_torch_zero_(*out)) {
     _sc_drop(out);
-    return sc_fail(&ctx->err, "streamcnn: could not allocate a gradient");
+    return _sc_oom(ctx, "a parameter gradient", dim, sz, dtype, dt);
   }
   return SC_OK;
 }

@@ -22,16 +22,6 @@
 #include <malloc.h>
 #endif
 
-/* Bytes per element of an image or parameter dtype (uint8, float16,
- * bfloat16, float32, float64; 0 for others). */
-int _sc_dtype_size(int32_t d) {
-  if (d == aoti_torch_dtype_uint8()) return 1;
-  if (d == aoti_torch_dtype_float16() || d == aoti_torch_dtype_bfloat16())
-    return 2;
-  if (d == aoti_torch_dtype_float32()) return 4;
-  if (d == aoti_torch_dtype_float64()) return 8;
-  return 0;
-}
 
 /* New reference to `t` restricted to the absolute spans (rows, cols), given
  * that t covers the absolute spans (trow, tcol). */

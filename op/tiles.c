@@ -155,7 +155,7 @@ static int gather(sc_ctx *ctx, AtenTensorHandle src, int64_t n, int64_t c,
   if (channels_last) {
     if (aoti_torch_empty_strided(4, shape, nhwc, ctx->dtype, ctx->device_type,
                                  ctx->device_index, out))
-      return sc_fail(&ctx->err, "streamcnn: could not allocate a tile");
+      return _sc_oom(ctx, "a tile", 4, shape, ctx->dtype, ctx->device_type);
   } else if (_sc_empty(ctx, 4, shape, out)) {
     return SC_ERR;
   }

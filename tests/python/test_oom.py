@@ -58,7 +58,7 @@ CHILD = textwrap.dedent(r"""
                 step(big)
         except RuntimeError as e:  # torch.OutOfMemoryError is one
             msg = str(e)
-            assert "streamcnn" in msg, msg
+            assert "streamcnn" in msg and "out of memory" in msg, msg
             if not failures:
                 print(what, type(e).__name__, msg.splitlines()[0][:300])
             failures += 1
