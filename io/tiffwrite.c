@@ -71,9 +71,24 @@ void sc_tiff_stream_abort(sc_tiff_stream *s) { (void)s; }
 
 #include <tiffio.h>
 
-/* libtiff reports through handlers; keep them quiet, we check return codes. */
-static void tiff_silent(const char *module, const char *fmt, va_list ap) {
-  (void)module, (void)fmt, (void)ap;
+/* libtiff reports through handlers; keep them quiet, we check return
+ * codes. Per-handle handlers (libtiff >= 4.5), not the global
+ * TIFFSetErrorHandler: that would race between threads writing TIFFs and
+ * silence libtiff for OpenSlide and everyone else in the process. */
+static int tiff_silent(TIFF *tif, void *user, const char *module,
+                       const char *fmt, va_list ap) {
+  (void)tif, (void)user, (void)module, (void)fmt, (void)ap;
+  return 1; /* handled: the global handlers are not called */
+}
+
+static TIFF *tiff_open(const char *path, const char *mode) {
+  TIFFOpenOptions *opts = TIFFOpenOptionsAlloc();
+  if (!opts) return NULL;
+  TIFFOpenOptionsSetErrorHandlerExtR(opts, tiff_silent, NULL);
+  TIFFOpenOptionsSetWarningHandlerExtR(opts, tiff_silent, NULL);
+  TIFF *t = TIFFOpenExt(path, mode, opts);
+  TIFFOpenOptionsFree(opts);
+  return t;
 }
 
 static int set_rgb_tags(TIFF *t, int64_t w, int64_t h, int compression,
@@ -117,9 +132,7 @@ int sc_tiff_write_pyramid(const char *path, int n_levels,
                      (long long)widths[l], (long long)heights[l]);
     bytes += 3.0 * (double)widths[l] * (double)heights[l];
   }
-  TIFFSetErrorHandler(tiff_silent);
-  TIFFSetWarningHandler(tiff_silent);
-  TIFF *t = TIFFOpen(path, bytes > 2e9 ? "w8" : "w");
+  TIFF *t = tiff_open(path, bytes > 2e9 ? "w8" : "w");
   if (!t) return _sc_slide_fail(err, errlen, "streamcnn: cannot create '%s'", path);
   uint8_t *buf = malloc((size_t)tile * tile * 3);
   int rc = SC_ERR;
@@ -175,9 +188,7 @@ int sc_tiff_write_striped(const char *path, const uint8_t *rgb, int64_t w,
                           int64_t h, char *err, size_t errlen) {
   if (!path || !rgb || w < 1 || h < 1 || w > 65535 || h > 65535)
     return _sc_slide_fail(err, errlen, "streamcnn: bad striped TIFF arguments");
-  TIFFSetErrorHandler(tiff_silent);
-  TIFFSetWarningHandler(tiff_silent);
-  TIFF *t = TIFFOpen(path, "w");
+  TIFF *t = tiff_open(path, "w");
   if (!t) return _sc_slide_fail(err, errlen, "streamcnn: cannot create '%s'", path);
   int rc = SC_ERR;
   if (!set_rgb_tags(t, w, h, 1, 0) ||
@@ -327,8 +338,6 @@ sc_tiff_stream *sc_tiff_stream_open(const char *path, int64_t width,
     L->tile = fit >= tile ? tile : fit >= 16 ? (int)fit : 16;
     w = (w + 1) / 2, h = (h + 1) / 2;
   }
-  TIFFSetErrorHandler(tiff_silent);
-  TIFFSetWarningHandler(tiff_silent);
   s->path = malloc(strlen(path) + 1);
   s->tilebuf = malloc((size_t)tile * tile * 3);
   if (!s->path || !s->tilebuf) {
@@ -356,7 +365,7 @@ sc_tiff_stream *sc_tiff_stream_open(const char *path, int64_t width,
       }
     }
     const char *name = l ? L->tmp : path;
-    L->t = TIFFOpen(name, s->big ? "w8" : "w");
+    L->t = tiff_open(name, s->big ? "w8" : "w");
     if (!L->t) {
       _sc_slide_fail(err, errlen, "streamcnn: cannot create '%s'", name);
       stream_free(s, 1);
@@ -462,7 +471,7 @@ static int stream_copy_level(sc_tiff_stream *s, int l, TIFF *out, char *err,
   stream_level *L = &s->lv[l];
   TIFFClose(L->t); /* writes its directory */
   L->t = NULL;
-  TIFF *in = TIFFOpen(L->tmp, "r");
+  TIFF *in = tiff_open(L->tmp, "r");
   if (!in) return _sc_slide_fail(err, errlen, "streamcnn: cannot reopen '%s'", L->tmp);
   int rc = SC_ERR;
   uint8_t *buf = NULL;
