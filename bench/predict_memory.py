@@ -6,16 +6,34 @@ Writes a size x size synthetic slide (tissue everywhere, so the tissue box
 is the whole slide; streamed to disk by streamcnn.tiff.PyramidWriter, never
 held whole), a checkpoint of a ResNet-18 classifier streamed up to layer3
 (max-pool head, random weights: memory does not depend on them), and runs
-`predict --full-slide` in a fresh process, which reports its peak resident
-memory (VmHWM of /proc/self/status) and its resident memory just before
-predicting (imports, matplotlib included, and model loaded). Prints a table with the parts of the
-stated bound:
+`predict --full-slide` in a fresh process, which reports its resident
+memory before predicting (imports, matplotlib included, the model loaded
+once and dropped: the baseline), its peak resident memory (VmHWM of
+/proc/self/status) and the peak of each phase (VmHWM reset at the phase
+boundaries through /proc/self/clear_refs). Prints a table of the stated
+bound, term by term, and one of the phases:
 
-    bound = baseline + image (uint8, 3 H W) + 3 x stem output (float32; the
-            output and the head body's activations, at most twice its size,
-            on it) + the stem's largest tile (the C core's memory model,
-            forward without gradient) + 5% of the image (maps, thumbnails,
-            TIFF rows)
+    bound = baseline
+          + model        parameters and buffers (predict loads its own copy)
+          + image        uint8, 3 H W
+          + stem out     float32, the stem output
+          + head         HEAD x stem out: the head body's activations on it
+                         (ResNet-18's layer4, eval: measured 2.03-2.14 x
+                         on 256 x 512^2 and 256 x 256^2 stem outputs;
+                         HEAD = 2.25)
+          + maps         the class map and the max-pool winners at the
+                         feature map's resolution (float32)
+          + tile         the stem's largest tile (the C core's memory
+                         model, forward without gradient)
+          + fixed        0.1 GB: tissue mask and thumbnails (2048 px and
+                         --png-size), the PNG figure, the TIFF writer's
+                         bands and rows of tiles, allocator slack
+
+The phases do not all overlap (the image is dropped before the head when
+no saliency is drawn; the pictures come after the stem output is
+dropped), so the sum is an upper bound, not the peak itself. The bound is
+for --heatmap cam (the default here); a saliency also holds the stem
+output's gradient and one band of the image gradient.
 """
 
 import argparse
@@ -28,26 +46,60 @@ import time
 
 import torch
 
+FIXED = 0.1e9       # the bound's fixed term (see the docstring), bytes
+HEAD = 2.25         # the head body's activations per byte of stem output
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "python"))
 
 CHILD = r"""
-import argparse, json, sys, time
+import argparse, functools, json, sys, time
 def status(key):
     for line in open("/proc/self/status"):
         if line.startswith(key):
             return int(line.split()[1]) * 1024
+phases = []                 # (phase, peak RSS while it ran, RSS at its end)
+def mark(name):
+    phases.append((name, status("VmHWM"), status("VmRSS")))
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")        # reset VmHWM: the next phase's peak is its own
+def phase(obj, attr, name):
+    fn = getattr(obj, attr)
+    @functools.wraps(fn)
+    def wrapped(*a, **k):
+        mark("between")
+        try:
+            return fn(*a, **k)
+        finally:
+            mark(name)
+    setattr(obj, attr, wrapped)
 from streamcnn.app import predict
 from streamcnn.app.checkpoint import load_model
+from streamcnn import heatmaps
 p = argparse.ArgumentParser(); predict.add_arguments(p)
 args = p.parse_args(sys.argv[1:])
 load_model(args.checkpoint)          # warm the imports and the model once
 import matplotlib.figure, matplotlib.backends.backend_agg, scipy.ndimage, tqdm  # noqa
+phase(predict, "_read_region", "read (tissue box, region)")
+phase(heatmaps, "class_maps", "head (class map)")
+phase(heatmaps, "saliency", "saliency")
+phase(predict, "_overlay_png", "PNG")
+phase(predict, "_cam_tiff", "TIFF")
 base = status("VmRSS")
+mark("start")
 t0 = time.perf_counter()
 rc = predict.run(args)
-print(json.dumps({"rc": rc, "baseline": base, "peak": status("VmHWM"),
-                  "seconds": time.perf_counter() - t0}))
+seconds = time.perf_counter() - t0
+mark("end")
+# a "between" segment before the head is the stem's forward
+out, prev = [], None
+for name, peak, rss in phases[1:]:
+    if name == "between":
+        name = {None: "setup (checkpoint, model)",
+                "read (tissue box, region)": "stem forward"}.get(prev, "other")
+    out.append((name, peak, rss))
+    prev = name
+print(json.dumps({"rc": rc, "baseline": base, "peak": max(pk for _, pk, _ in phases),
+                  "seconds": seconds, "phases": out}))
 """
 
 
@@ -106,18 +158,32 @@ def main():
     w, h = (int(v) for v in row["region"].split("x"))
     stem = model.stem
     oh, ow = -(-h // stem.output_stride[0]), -(-w // stem.output_stride[1])
-    image = 3 * h * w
-    stem_out = 4 * stem.out_channels * oh * ow
-    tile_fwd = memory_info(stem.program, h, w, (a.tile, a.tile), True, None, 4, True)[1]
-    bound = res["baseline"] + image + 3 * stem_out + tile_fwd + 0.05 * image
     gb = 1e9
-    print(f"| region | heatmap | tile | time s | baseline GB | image GB | stem out GB | "
-          f"tile GB | bound GB | peak RSS GB | peak / bound |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    print(f"| {w}x{h} | {a.heatmap} | {a.tile} | {res['seconds']:.0f} | "
-          f"{res['baseline'] / gb:.2f} | {image / gb:.2f} | {stem_out / gb:.2f} | "
-          f"{tile_fwd / gb:.2f} | {bound / gb:.2f} | {res['peak'] / gb:.2f} | "
-          f"{res['peak'] / bound:.2f} |")
+    terms = {
+        "baseline": res["baseline"],
+        "model": sum(t.numel() * t.element_size() for t in model.state_dict().values()),
+        "image": 3 * h * w,
+        "stem out": 4 * stem.out_channels * oh * ow,
+    }
+    terms["head"] = HEAD * terms["stem out"]
+    from streamcnn.heatmaps import map_cone
+    ms = map_cone(stem, model.head).stride
+    terms["maps"] = 2 * 4 * -(-h // ms[0]) * -(-w // ms[1])
+    terms["tile"] = memory_info(stem.program, h, w, (a.tile, a.tile), True, None, 4, True)[1]
+    terms["fixed"] = FIXED
+    bound = sum(terms.values())
+    print("| region | heatmap | tile px | time s | " + " | ".join(f"{k} GB" for k in terms) +
+          " | bound GB | peak RSS GB | peak / bound |")
+    print("|---" * (len(terms) + 7) + "|")
+    print(f"| {w}x{h} | {a.heatmap} | {a.tile} | {res['seconds']:.0f} | " +
+          " | ".join(f"{v / gb:.3f}" for v in terms.values()) +
+          f" | {bound / gb:.3f} | {res['peak'] / gb:.3f} | {res['peak'] / bound:.2f} |")
+    print()
+    print("| phase | peak RSS GB | above baseline GB | RSS at its end GB |")
+    print("|---|---|---|---|")
+    for name, peak, rss in res["phases"]:
+        print(f"| {name} | {peak / gb:.3f} | {(peak - res['baseline']) / gb:.3f} | "
+              f"{rss / gb:.3f} |")
     print(f"(slide written in {t_slide:.0f} s; outputs in {out}; rc {res['rc']})")
     sys.exit(0 if res["peak"] <= bound and res["rc"] == 0 else 1)
 

@@ -13,7 +13,8 @@
  * independent, so a 2-D tile plan is a row plan times a column plan.
  *
  * Owns: windows, value extents, axis plans (cone and cached), the tiling
- * and the tile bounds (sc_tiling_info, sc_tile_bounds). Calls: program.c.
+ * and the tile bounds (sc_tiling_info, sc_tile_bounds), the unclipped cone
+ * of an output box (sc_cone_info). Calls: program.c.
  * The work and memory models built on these plans are in models.c; what
  * the backward needs of the program (fusion, keep sets) in analysis.c.
  */
@@ -302,6 +303,43 @@ int sc_program_info(const int64_t *words, int64_t n_words, int64_t *info,
     return SC_ERR;
   }
   return SC_OK;
+}
+
+/* See streamcnn.h: sc_plan_axis without value extents (no clipping). */
+int sc_cone_info(const int64_t *words, int64_t n_words, int64_t out_r0,
+                 int64_t out_r1, int64_t out_c0, int64_t out_c1, int64_t *box,
+                 char *errbuf, size_t errlen) {
+  sc_error err = {0};
+  sc_program *p = NULL;
+  sc_axis_plan *plan = NULL;
+  const int64_t lo[2] = {out_r0, out_c0}, hi[2] = {out_r1, out_c1};
+  int rc = SC_ERR;
+  if (sc_program_decode(words, n_words, &p, &err)) goto done;
+  for (int a = 0; a < 2; a++)
+    if (lo[a] >= hi[a] || lo[a] < -SC_MAX_EXTENT || hi[a] > SC_MAX_EXTENT) {
+      sc_fail(&err,
+              "streamcnn: output %s [%lld, %lld) is not a non-empty range "
+              "within [-%lld, %lld]",
+              a ? "columns" : "rows", (long long)lo[a], (long long)hi[a],
+              (long long)SC_MAX_EXTENT, (long long)SC_MAX_EXTENT);
+      goto done;
+    }
+  plan = sc_axis_plan_new(p);
+  if (!plan) {
+    sc_fail(&err, "streamcnn: out of memory");
+    goto done;
+  }
+  for (int a = 0; a < 2; a++) {
+    if (sc_plan_axis(p, NULL, a, lo[a], hi[a], plan, &err)) goto done;
+    box[2 * a] = plan->region[0];
+    box[2 * a + 1] = plan->region[1];
+  }
+  rc = SC_OK;
+done:
+  if (rc) _sc_copy_err(&err, errbuf, errlen);
+  sc_axis_plan_free(plan);
+  sc_program_free(p);
+  return rc;
 }
 
 int _sc_tiling(const sc_program *p, const int64_t *sizes, int64_t tile_h,

@@ -260,6 +260,18 @@ SC_API int sc_band_info(const int64_t *words, int64_t n_words, int64_t h,
                         int64_t out_lo, int64_t out_hi, double *info,
                         char *errbuf, size_t errlen);
 
+/* The cone of the stem output box [out_r0, out_r1) x [out_c0, out_c1):
+ * the image box its values depend on, unclipped (padding counts as
+ * input, so it may start before 0 or end beyond any image; independent of
+ * the image size): box[0], box[1] its rows, box[2], box[3] its columns,
+ * half-open. sc_band_info's rows are these clipped to the image. The
+ * output box may lie anywhere in [-SC_MAX_EXTENT, SC_MAX_EXTENT]; fails
+ * (errbuf) for an empty box or one outside that range. */
+#define SC_CONE_WORDS 4
+SC_API int sc_cone_info(const int64_t *words, int64_t n_words, int64_t out_r0,
+                        int64_t out_r1, int64_t out_c0, int64_t out_c1,
+                        int64_t *box, char *errbuf, size_t errlen);
+
 /* Memory model of a streamed pass over an h x w image, in bytes per batch
  * element of a compute dtype of itemsize bytes (the stem output and its
  * gradient are not included), from a simulation of the replay's

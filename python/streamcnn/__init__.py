@@ -7,8 +7,8 @@ whole-image pass.
     loss = head(stem(image)).sum(); loss.backward()
 """
 
-from ._library import (backward_tiles, band_info, library_path, load_library, macs_executed,
-                       program_info, tiling_info, work_info)
+from ._library import (backward_tiles, band_info, cone_info, library_path, load_library,
+                       macs_executed, program_info, tiling_info, work_info)
 from . import data, models, ops, progress, reference
 from .module import StreamingModule
 from .program import convert
@@ -21,6 +21,7 @@ __all__ = [
     "StreamingModule",
     "backward_tiles",
     "band_info",
+    "cone_info",
     "data",
     "convert",
     "library_path",

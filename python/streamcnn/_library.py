@@ -63,6 +63,9 @@ def load_library() -> str:
     _cdll.sc_band_info.argtypes = [i64p, i64, i64, i64, i64, i64, i64, i64,
                                    ctypes.POINTER(ctypes.c_double), ctypes.c_char_p,
                                    ctypes.c_size_t]
+    _cdll.sc_cone_info.restype = ctypes.c_int
+    _cdll.sc_cone_info.argtypes = [i64p, i64, i64, i64, i64, i64, i64p, ctypes.c_char_p,
+                                   ctypes.c_size_t]
     _cdll.sc_macs.restype = None
     _cdll.sc_macs.argtypes = [ctypes.POINTER(ctypes.c_double), ctypes.c_int]
     _cdll.sc_backward_tiles.restype = None
@@ -137,6 +140,17 @@ def band_info(program: Sequence[int], h: int, w: int, tile: Tuple[int, int],
     return _query("sc_band_info", program,
                   (h, w, tile[0], tile[1], int(out_rows[0]), int(out_rows[1])),
                   (ctypes.c_double * 4)())
+
+
+def cone_info(program: Sequence[int], out_rows: Tuple[int, int],
+              out_cols: Tuple[int, int]) -> List[int]:
+    """[first row, end row, first column, end column] (half-open) of the
+    image box the stem output box ``out_rows x out_cols`` (``(lo, hi)``
+    each) depends on, unclipped: padding counts, so it may start before 0
+    or end beyond any image; see sc_cone_info. Raises ValueError."""
+    return _query("sc_cone_info", program,
+                  (int(out_rows[0]), int(out_rows[1]), int(out_cols[0]), int(out_cols[1])),
+                  (ctypes.c_int64 * 4)())
 
 
 MEMORY_CACHED, MEMORY_CPU = 1, 2  # sc_memory_info's flags (streamcnn.h)

@@ -44,10 +44,8 @@ import torch.nn.functional as F
 
 from .module import StreamingModule
 from .ops import compute_dtype
-from .program import (HEADER, MAGIC, OP_ACT, OP_ADD, OP_AVGPOOL, OP_BATCHNORM, OP_CONV,
-                      OP_LAYERNORM_C, OP_LINEAR_C, OP_MAXPOOL, OP_SCALE_C, _instructions,
-                      convert)
-from ._library import program_info
+from .program import convert
+from ._library import cone_info, program_info
 
 Target = Union[None, int, Sequence[int], torch.Tensor]
 
@@ -89,50 +87,14 @@ class Cone(NamedTuple):
 
 
 def program_cone(program: Sequence[int]) -> Cone:
-    """The :class:`Cone` of a (valid) program, walked from its layers: a
-    window layer (k, s, d, padding p) maps output rows ``[a, b)`` to input
-    rows ``[a s - p, (b - 1) s - p + d (k - 1) + 1)``, per-pixel layers keep
-    the rows, a residual add takes the hull of its two inputs. Checked
-    against the C decoder's receptive field and stride."""
-    if len(program) < HEADER or program[0] != MAGIC:
-        raise ValueError("streamcnn: not a streamcnn program")
-    # per value and axis: (stride, before, after)
-    vals = [((1, 0, 1), (1, 0, 1))]
-    for op, f in _instructions(program):
-        src = vals[f[0]]
-        if op in (OP_CONV, OP_MAXPOOL, OP_AVGPOOL):
-            if op == OP_CONV:
-                kh, kw, sh, sw, dh, dw, pt, _, pl, _ = f[6:16]
-            elif op == OP_MAXPOOL:
-                kh, kw, sh, sw, dh, dw, pt, pl = f[1:9]
-            else:
-                kh, kw, sh, sw, pt, pl = f[1:7]
-                dh = dw = 1
-            new = []
-            for (s_u, b_u, a_u), k, s, d, p in ((src[0], kh, sh, dh, pt), (src[1], kw, sw, dw, pl)):
-                new.append((s * s_u, p * s_u + b_u, (d * (k - 1) - p) * s_u + a_u))
-            vals.append(tuple(new))
-        elif op == OP_ADD:
-            other = vals[f[1]]
-            new = []
-            for ax in range(2):
-                if src[ax][0] != other[ax][0]:
-                    raise ValueError("streamcnn: a residual add of values with different "
-                                     "strides")
-                new.append((src[ax][0], max(src[ax][1], other[ax][1]),
-                            max(src[ax][2], other[ax][2])))
-            vals.append(tuple(new))
-        elif op in (OP_BATCHNORM, OP_ACT, OP_LAYERNORM_C, OP_LINEAR_C, OP_SCALE_C):
-            vals.append(src)
-        else:
-            raise ValueError(f"streamcnn: unknown opcode {op} in the program")
-    out = vals[-1]
-    cone = Cone((out[0][0], out[1][0]), (out[0][1], out[1][1]), (out[0][2], out[1][2]))
+    """The :class:`Cone` of a program, from the C core: output 0's
+    unclipped cone (``streamcnn.cone_info``, the box arithmetic the
+    replay plans its tiles with) and the total stride
+    (``streamcnn.program_info``). Raises ValueError for an invalid
+    program."""
+    r0, r1, c0, c1 = cone_info(program, (0, 1), (0, 1))
     info = program_info(program)
-    if cone.receptive_field != (info[2], info[3]) or cone.stride != (info[4], info[5]):
-        raise ValueError(f"streamcnn: the program's cone {cone} disagrees with the C "
-                         f"decoder (receptive field {info[2:4]}, stride {info[4:6]})")
-    return cone
+    return Cone((info[4], info[5]), (-r0, -c0), (r1, c1))
 
 
 def stem_cone(stem: StreamingModule) -> Cone:

@@ -113,13 +113,19 @@ static void test_plan_conv(void) {
 }
 
 /* v1 = relu(x); v2 = conv3 p1 (v1); v3 = v2 + v1; v4 = conv1 s2 (v3) */
+static int64_t residual_words(tprog *t) {
+  tp_begin(t, 2, 2);
+  int64_t v1 = tp_relu(t, 0);
+  int64_t v2 = tp_conv(t, v1, 0, 2, 2, 3, 1, 1, 1);
+  int64_t v3 = tp_add(t, v2, v1);
+  tp_conv(t, v3, 1, 2, 2, 1, 2, 0, 1);
+  tp_end(t);
+  return v1;
+}
+
 static sc_program *residual_program(int64_t *v1) {
   tprog t;
-  tp_begin(&t, 2, 2);
-  *v1 = tp_relu(&t, 0);
-  int64_t v2 = tp_conv(&t, *v1, 0, 2, 2, 3, 1, 1, 1);
-  int64_t v3 = tp_add(&t, v2, *v1);
-  tp_conv(&t, v3, 1, 2, 2, 1, 2, 0, 1);
+  *v1 = residual_words(&t);
   return decode(&t);
 }
 
@@ -290,12 +296,18 @@ static void test_sizes_errors(void) {
   sc_program_free(p);
 }
 
+/* ResNet's conv1 (7, stride 2, padding 3; 3 -> 8 channels), max pool
+ * (3, 2, 1) */
+static void conv1_pool_words(tprog *t) {
+  tp_begin(t, 3, 1);
+  int64_t v = tp_conv(t, 0, 0, 3, 8, 7, 2, 3, 1);
+  tp_maxpool(t, v, 3, 2, 1, 0);
+  tp_end(t);
+}
+
 static void test_tiling_info(void) {
   tprog t;
-  tp_begin(&t, 3, 1);
-  int64_t v = tp_conv(&t, 0, 0, 3, 8, 7, 2, 3, 1);
-  tp_maxpool(&t, v, 3, 2, 1, 0);
-  tp_end(&t);
+  conv1_pool_words(&t);
   int64_t plan[SC_PLAN_WORDS];
   char msg[256];
   /* 97 x 131 -> conv 49 x 66 -> pool 25 x 33; tile 27 -> (27-11)/4+1 = 5 */
@@ -411,6 +423,64 @@ static void test_band_info(void) {
            SC_ERR);
 }
 
+/* sc_cone_info: the unclipped cone of an output box, negative and beyond
+ * any image included, independent of the image size. */
+static void test_cone_info(void) {
+  tprog t;
+  conv1_pool_words(&t);
+  int64_t box[SC_CONE_WORDS];
+  char msg[256];
+  /* output 0: pool reads conv [-1, 2), conv reads [-5, 6) */
+  CHECK_EQ(sc_cone_info(t.w, t.n, 0, 1, 0, 1, box, msg, sizeof msg), SC_OK);
+  CHECK_EQ(box[0], -5);
+  CHECK_EQ(box[1], 6);
+  CHECK_EQ(box[2], -5);
+  CHECK_EQ(box[3], 6);
+  /* rows [-2, 3): conv [-5, 6), image [-13, 14); columns [10, 12): conv
+   * [19, 24), image [35, 50) */
+  CHECK_EQ(sc_cone_info(t.w, t.n, -2, 3, 10, 12, box, msg, sizeof msg), SC_OK);
+  CHECK_EQ(box[0], -13);
+  CHECK_EQ(box[1], 14);
+  CHECK_EQ(box[2], 35);
+  CHECK_EQ(box[3], 50);
+  /* a residual add reads the hull of its inputs' cones: output [-1, 1) ->
+   * add [-2, 1) -> conv3 reads [-3, 2), relu [-2, 1): image [-3, 2);
+   * [10, 12) -> add [20, 23) -> image [19, 24) */
+  tprog r;
+  residual_words(&r);
+  CHECK_EQ(sc_cone_info(r.w, r.n, -1, 1, 10, 12, box, msg, sizeof msg), SC_OK);
+  CHECK_EQ(box[0], -3);
+  CHECK_EQ(box[1], 2);
+  CHECK_EQ(box[2], 19);
+  CHECK_EQ(box[3], 24);
+  /* the clipped rows of sc_band_info are these clipped to the image */
+  double info[SC_BAND_WORDS];
+  CHECK_EQ(sc_band_info(r.w, r.n, 9, 9, 9, 9, 0, 2, info, msg, sizeof msg),
+           SC_OK);
+  CHECK_EQ(sc_cone_info(r.w, r.n, 0, 2, 0, 1, box, msg, sizeof msg), SC_OK);
+  CHECK_EQ(info[0], box[0] < 0 ? 0 : box[0]);
+  CHECK_EQ(info[1], box[1]);
+  /* empty or out-of-range boxes, bad programs: a message, no crash */
+  CHECK_EQ(sc_cone_info(t.w, t.n, 3, 3, 0, 1, box, msg, sizeof msg), SC_ERR);
+  CHECK(strstr(msg, "output rows [3, 3) is not a non-empty range") != NULL);
+  CHECK_EQ(sc_cone_info(t.w, t.n, 0, 1, 2, 1, box, msg, sizeof msg), SC_ERR);
+  CHECK(strstr(msg, "output columns [2, 1)") != NULL);
+  CHECK_EQ(sc_cone_info(t.w, t.n, -SC_MAX_EXTENT - 1, 1, 0, 1, box, msg,
+                        sizeof msg),
+           SC_ERR);
+  CHECK_EQ(sc_cone_info(t.w, t.n, 0, SC_MAX_EXTENT + 1, 0, 1, box, msg,
+                        sizeof msg),
+           SC_ERR);
+  CHECK_EQ(sc_cone_info(t.w, 3, 0, 1, 0, 1, box, msg, sizeof msg), SC_ERR);
+  CHECK(strstr(msg, "header words") != NULL);
+  /* the extremes of the range do not overflow: -2^31 * 4 - 5 */
+  CHECK_EQ(sc_cone_info(t.w, t.n, -SC_MAX_EXTENT, SC_MAX_EXTENT, 0, 1, box,
+                        msg, sizeof msg),
+           SC_OK);
+  CHECK_EQ(box[0], -4 * SC_MAX_EXTENT - 5);
+  CHECK_EQ(box[1], 4 * (SC_MAX_EXTENT - 1) + 6);
+}
+
 int main(void) {
   test_window_out();
   test_receptive_field();
@@ -422,6 +492,7 @@ int main(void) {
   test_tiling_info();
   test_tile_bounds();
   test_band_info();
+  test_cone_info();
   if (g_failures) fprintf(stderr, "%d check(s) failed\n", g_failures);
   else printf("test_geometry: all checks passed\n");
   return g_failures ? 1 : 0;

@@ -47,11 +47,85 @@ def _reference_saliency(m, img, target=None):
 
 def test_cone_matches_decoder():
     m = _model(upto="layer2")
-    c = hm.stem_cone(m.stem)          # program_cone checks it against the C decoder
+    c = hm.stem_cone(m.stem)
     assert c.receptive_field == m.stem.receptive_field
     assert c.stride == m.stem.output_stride
     full = hm.map_cone(m.stem, m.head)  # stem + layer3 + layer4
     assert full.stride == (32, 32)
+
+
+def test_cone_info_resnet_conv1_pool():
+    """The unclipped cone of ResNet's conv1 (7, stride 2, padding 3) and
+    max pool (3, 2, 1), by hand: output 0 reads rows [-5, 6)."""
+    stem = streamcnn.StreamingModule(torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 7, 2, 3), torch.nn.MaxPool2d(3, 2, 1)), tile_size=64)
+    assert streamcnn.cone_info(stem.program, (0, 1), (0, 1)) == [-5, 6, -5, 6]
+    # rows [-2, 3): conv rows [-5, 6), image [-13, 14); columns [10, 12):
+    # conv [19, 24), image [35, 50)
+    assert streamcnn.cone_info(stem.program, (-2, 3), (10, 12)) == [-13, 14, 35, 50]
+    assert hm.program_cone(stem.program) == hm.Cone((4, 4), (5, 5), (6, 6))
+    with pytest.raises(ValueError, match=r"output rows \[3, 3\) is not a non-empty range"):
+        streamcnn.cone_info(stem.program, (3, 3), (0, 1))
+    with pytest.raises(ValueError, match="magic"):
+        streamcnn.cone_info([1, 2, 3, 4, 5], (0, 1), (0, 1))
+
+
+class _Branch(torch.nn.Module):
+    """x + conv(x) and a strided conv: a residual hull (the branch reads
+    more rows than the identity)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Conv2d(2, 3, 3, 2, 1)
+        self.b = torch.nn.Conv2d(3, 3, (5, 3), 1, (4, 1), dilation=(2, 1))
+        self.c = torch.nn.AvgPool2d(3, 2, 1)
+
+    def forward(self, x):
+        x = self.a(x)
+        return self.c(x + self.b(x))
+
+
+@pytest.mark.parametrize("box", [((0, 1), (0, 1)), ((2, 4), (1, 3)), ((5, 7), (3, 4)),
+                                 ((6, 7), (0, 4))])
+def test_cone_info_is_the_gradient_support(box):
+    """For a linear stem (no max pool, no activation; random weights) the
+    image pixels an output box depends on are where the box's gradient is
+    non-zero: exactly its cone clipped to the image (whole-image autograd,
+    float64; boxes in the interior and at every border)."""
+    torch.manual_seed(0)
+    net = _Branch().double().eval()
+    stem = streamcnn.StreamingModule(net, tile_size=32)
+    x = torch.randn(1, 2, 27, 15, dtype=torch.float64, requires_grad=True)
+    y = net(x)
+    (rows, cols) = box
+    assert rows[1] <= y.shape[2] and cols[1] <= y.shape[3]
+    y[:, :, rows[0]:rows[1], cols[0]:cols[1]].sum().backward()
+    nz = x.grad.abs().sum(dim=(0, 1)) != 0
+    r = torch.nonzero(nz.any(dim=1)).flatten()
+    c = torch.nonzero(nz.any(dim=0)).flatten()
+    r0, r1, c0, c1 = streamcnn.cone_info(stem.program, rows, cols)
+    assert (int(r[0]), int(r[-1]) + 1) == (max(r0, 0), min(r1, 27))
+    assert (int(c[0]), int(c[-1]) + 1) == (max(c0, 0), min(c1, 15))
+
+
+def test_cone_info_affine_on_random_stems():
+    """On random stems (all supported layers): the cone of rows [lo, hi) is
+    [lo S - before, (hi - 1) S + after) and output 0's is one receptive
+    field long, as the C decoder's receptive field and stride say."""
+    import random
+    from test_equivalence import random_stem
+    for seed in range(12):
+        stem = streamcnn.StreamingModule(random_stem(seed).eval(), tile_size=512, in_channels=3)
+        cone = hm.program_cone(stem.program)
+        assert cone.receptive_field == stem.receptive_field
+        assert cone.stride == stem.output_stride
+        rng = random.Random(seed)
+        for _ in range(5):
+            lo, c = rng.randint(-40, 40), rng.randint(-40, 40)
+            hi, d = lo + rng.randint(1, 9), c + rng.randint(1, 9)
+            s, b, a = cone.stride, cone.before, cone.after
+            assert streamcnn.cone_info(stem.program, (lo, hi), (c, d)) == [
+                lo * s[0] - b[0], (hi - 1) * s[0] + a[0], c * s[1] - b[1], (d - 1) * s[1] + a[1]]
 
 
 @pytest.mark.parametrize("band_rows", [12, 40, 10_000])

@@ -27,6 +27,7 @@ a warning.
 
 import argparse
 import csv
+import ctypes
 import math
 import os
 import sys
@@ -41,6 +42,9 @@ from ..slide import Slide
 from .checkpoint import load_model
 
 HEATMAPS = ("saliency", "cam", "both", "none")
+# glibc serves allocations from this size up by mmap, returned to the system
+# when freed (see _return_freed_memory)
+MMAP_THRESHOLD = 1 << 20
 MPP_TOLERANCE = 0.05
 OUTPUTS = ("_saliency.png", "_cam.png", "_cam.tif")
 
@@ -81,6 +85,23 @@ def _check_args(args) -> None:
         raise ValueError(f"streamcnn: --tile-size must be positive, got {args.tile_size}")
     if args.png_size < 16:
         raise ValueError(f"streamcnn: --png-size must be at least 16, got {args.png_size}")
+
+
+def _return_freed_memory() -> None:
+    """Fix glibc's mmap threshold at MMAP_THRESHOLD (no-op elsewhere).
+    By default glibc raises it to the largest block freed so far (up to 32
+    MiB), after which the stem's tile buffers of a few MiB come from the
+    heap and, once freed, stay resident: at 4096^2 about 0.25 GB of the
+    peak was such freed memory (bench/RESULTS.md, predict memory). A fixed
+    threshold keeps blocks of 1 MiB and more out of the heap."""
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    mallopt(-3, MMAP_THRESHOLD)        # M_MMAP_THRESHOLD (malloc.h)
 
 
 def _check_out_dir(path: str) -> None:
@@ -269,15 +290,20 @@ def _overlay_png(path: str, thumb: torch.Tensor, thumb_ds: float, m: Optional[to
 
 def _cam_tiff(path: str, s: Slide, m: Optional[torch.Tensor], cone: hm.Cone, ds: float,
               origin: Tuple[int, int], shape: Tuple[int, int], mpp: Optional[float],
-              vmin: float, vmax: float, cmap: str, rows: int = 512) -> Tuple[int, int]:
+              vmin: float, vmax: float, cmap: str, rows: Optional[int] = None
+              ) -> Tuple[int, int]:
     """The class map over the whole slide at the analysis resolution
     (level-0 pixel (X, Y) is map pixel (X / ds, Y / ds)): colour-mapped
     inside the analysed region, white outside (everywhere for a blank
-    slide), written in bands of ``rows`` rows; each band's values are
-    upsampled from the feature map for that band alone. Returns its size."""
+    slide), written in bands of ``rows`` rows (default: about 2^21 pixels,
+    at most 512 rows); each band's values are upsampled from the feature
+    map for that band alone (float64 transients of a few band sizes).
+    Returns its size."""
     from ..tiff import PyramidWriter
     w0, h0 = s.dimensions
     width, height = max(1, math.ceil(w0 / ds)), max(1, math.ceil(h0 / ds))
+    if rows is None:
+        rows = max(8, min(512, (1 << 21) // width))
     lut = hm.colormap_lut(cmap)
     h, w = shape
     # the analysed image's pixel (i, j) is map pixel (oy + i, ox + j)
@@ -325,6 +351,9 @@ def _predict_slide(path: str, name: str, model, config, args, want_sal: bool,
         with bars.tiles(f"{name}"):
             with torch.no_grad():
                 f = stem(x)
+            if not (want_sal and not blank):
+                del x       # the head and the pictures need no image
+                x = None
             m, winners, logits, t = hm.class_maps(head, f, args.target) if task != \
                 "regression" else (None, None, head(f).detach(), None)
             if t is None:
@@ -421,6 +450,7 @@ def run(args) -> int:
     / FileNotFoundError with a ``streamcnn:`` message."""
     _check_args(args)
     _check_out_dir(args.out)
+    _return_freed_memory()
     model, config = load_model(args.checkpoint, args.device)
     task = config.get("task", "classification")
     heat = args.heatmap or ("both" if task != "regression" else "saliency")
