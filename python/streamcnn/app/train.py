@@ -290,7 +290,7 @@ def _spawn(args, n: int) -> int:
         for p in procs.processes:
             p.join()
         return 130
-    except mp.ProcessException as e:
+    except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
         if not errors.empty():
             print(f"streamcnn: {errors.get()[1]}", file=sys.stderr)
             return 2
