@@ -148,7 +148,7 @@ def _same_as_single(d, run, world):
     """The run's last.pt == the single process's (float32 tolerance, see
     below), its ranks' weights bit-identical, the same metrics rows."""
     from streamcnn.app.checkpoint import model_from_config
-    from streamcnn.app.train import weights_digest
+    from streamcnn.app.tile_parallel import weights_digest
     single = load_checkpoint(str(d / "single" / "last.pt"))
     tp = load_checkpoint(str(d / run / "last.pt"))
     assert tp["config"]["tile_parallel"] == 2 and tp["epoch"] == 2
