@@ -218,6 +218,55 @@ def test_bad_options(slides, tmp_path, capsys):
          out=out)
 
 
+def test_bad_tile_parallel(slides, tmp_path, capsys, monkeypatch):
+    """--tile-parallel: a count that is not a positive int, options that do
+    not compose with it and a torchrun world it does not divide, refused
+    before any process starts (exit 2, one line, nothing written)."""
+    out = tmp_path / "run"
+    for v in ("0", "-1"):
+        _bad(capsys, _train(slides, out, "--tile-parallel", v), "tile_parallel",
+             "positive number of processes", f"got {v}", out=out)
+    for v in ("1.5", "two"):
+        _bad(capsys, _train(slides, out, "--tile-parallel", v), "--tile-parallel",
+             f"invalid int value: '{v}'", out=out)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("tile_parallel: 1.5\n")
+    _bad(capsys, _train(slides, out, "--config", cfg), "c.yaml", "tile_parallel must be int",
+         out=out)
+    no_tile = [a for a in _train(slides, out) if a not in ("--tile-size", "160")]
+    _bad(capsys, no_tile + ["--memory-budget", "1GB", "--tile-parallel", "2"],
+         "--tile-parallel 2 needs --tile-size", out=out)
+    _bad(capsys, _train(slides, out, "--tile-parallel", "2", "--amp", "bf16"),
+         "--tile-parallel 2 does not compose with --amp bf16", out=out)
+    monkeypatch.setenv("STREAMCNN_DIST_TIMEOUT", "soon")
+    _bad(capsys, _train(slides, out, "--tile-parallel", "2"), "STREAMCNN_DIST_TIMEOUT",
+         "'soon'", out=out)
+    monkeypatch.delenv("STREAMCNN_DIST_TIMEOUT")
+    # as torchrun describes the processes (the check comes before the rendezvous)
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("RANK", "0")
+    _bad(capsys, _train(slides, out, "--tile-parallel", "2"),
+         "--tile-parallel 2 must divide the 3 processes", out=out)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    _bad(capsys, _train(slides, out, "--tile-parallel", "2", "--batch-size", "3"),
+         "--batch-size 3", "2 data-parallel groups", out=out)
+
+
+def test_tile_parallel_error_in_the_ranks(slides, tmp_path):
+    """A user error the spawned ranks find (weights that do not fit the
+    model): every rank ends, one line on stderr, exit 2, nothing written."""
+    import torchvision
+    w = tmp_path / "r18_10.pt"
+    torch.save(torchvision.models.resnet18(weights=None, num_classes=10).state_dict(), w)
+    out = tmp_path / "run"
+    res = cli(*_train(slides, out, "--tile-parallel", "2", "--weights", w), timeout=300)
+    assert res.returncode == 2, (res.returncode, res.stderr[-3000:])
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("streamcnn: "), res.stderr[-3000:]
+    assert "r18_10.pt" in lines[0] and "does not match resnet18" in lines[0], lines
+    assert not out.exists()
+
+
 def test_bad_run_folder(synth_set, run_dir, tmp_path, capsys):
     slides = synth_set
     before = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()}

@@ -1,8 +1,11 @@
 """``streamcnn train``: it learns an easy signal, ``--resume`` repeats an
-uninterrupted run, and ``torchrun`` (2 processes, gloo on the CPU) takes the
-same optimizer step as one process with the same effective batch."""
+uninterrupted run, ``torchrun`` (2 processes, gloo on the CPU) takes the
+same optimizer step as one process with the same effective batch, and
+``--tile-parallel 2`` (2 processes sharing each image) trains the weights of
+one process."""
 
 import csv
+import os
 import socket
 import subprocess
 import sys
@@ -19,16 +22,18 @@ SMALL = ["--image-size", "256", "--mpp", "1.0", "--model", "resnet18", "--stream
          "layer1", "--tile-size", "160", "--device", "cpu", "--quiet"]
 
 
-def _run(args, timeout=900):
-    res = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+def _run(args, timeout=900, env=None):
+    res = subprocess.run(args, capture_output=True, text=True, timeout=timeout,
+                         env=None if env is None else {**os.environ, **env})
     assert res.returncode == 0, (res.returncode, res.stdout[-3000:], res.stderr[-3000:])
     return res
 
 
-def train(slides, out, *extra, train_csv="train.csv"):
+def train(slides, out, *extra, train_csv="train.csv", env=None):
     assert STREAMCNN.exists(), f"{STREAMCNN} is missing: install the package (make build)"
     return _run([str(STREAMCNN), "train", "--train", str(slides / train_csv), "--val",
-                 str(slides / "val.csv"), "--out", str(out), *SMALL, *map(str, extra)])
+                 str(slides / "val.csv"), "--out", str(out), *SMALL, *map(str, extra)],
+                env=env)
 
 
 def _rows(path):
@@ -121,3 +126,79 @@ def test_ddp_step_equals_single_process(tmp_path):
     for key in ("train_loss", "val_loss", "val_auc"):
         assert float(rd[0][key]) == pytest.approx(float(rs[0][key]), rel=1e-4, abs=1e-6)
     assert len(_rows(tmp_path / "ddp" / "val_predictions.csv")) == 2
+
+
+
+# --tile-parallel: 2 epochs of one SGD step (momentum, clipping, augmentation)
+TP_OPTS = ["--epochs", "2", "--batch-size", "2", "--optimizer", "sgd", "--lr", "0.01",
+           "--augment"]
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}       # as torchrun sets it
+
+
+@pytest.fixture(scope="module")
+def tp_single(tmp_path_factory):
+    """2 training slides and the run of one process (one thread)."""
+    d = tmp_path_factory.mktemp("tp")
+    write_set(d, n_train=2, n_val=2, size=512, seed=9)
+    train(d, d / "single", *TP_OPTS, env=ONE_THREAD)
+    return d
+
+
+def _same_as_single(d, run, world):
+    """The run's last.pt == the single process's (float32 tolerance, see
+    below), its ranks' weights bit-identical, the same metrics rows."""
+    from streamcnn.app.checkpoint import model_from_config
+    from streamcnn.app.tile_parallel import weights_digest
+    single = load_checkpoint(str(d / "single" / "last.pt"))
+    tp = load_checkpoint(str(d / run / "last.pt"))
+    assert tp["config"]["tile_parallel"] == 2 and tp["epoch"] == 2
+    assert tp["model"].keys() == single["model"].keys()
+    for k, v in single["model"].items():
+        torch.testing.assert_close(tp["model"][k], v, rtol=1e-5, atol=1e-7, msg=k)
+    digests = tp["rank_digests"]
+    assert len(digests) == world and set(digests) == {weights_digest(tp["model"])}
+    assert "rank_digests" not in single
+    # the weights moved: the comparison is not of two initial models
+    torch.manual_seed(single["config"]["seed"])
+    start = model_from_config(single["config"]).state_dict()
+    for k in ("head.fc.weight", "stem.module.conv1.weight"):
+        assert (single["model"][k] - start[k]).abs().max() > 1e-4, k
+    rs, rt = _rows(d / "single" / "metrics.csv"), _rows(d / run / "metrics.csv")
+    assert len(rt) == 2
+    for x, y in zip(rs, rt):
+        for key in ("train_loss", "val_loss", "val_auc"):
+            assert float(y[key]) == pytest.approx(float(x[key]), rel=1e-5, abs=1e-6), (key, x, y)
+    assert sorted(p.name for p in (d / run).iterdir()) == sorted(
+        p.name for p in (d / "single").iterdir())
+    return tp
+
+
+def test_tile_parallel_trains_the_weights_of_one_process(tp_single):
+    """``--tile-parallel 2`` (the command spawns 2 gloo processes, each
+    computing one row band of every image's stem) == the same run in one
+    process. Both use one thread per process, so the head computes alike;
+    what differs is only the order of float32 sums in the stem (bands, the
+    all_reduce over the ranks): a few ulps of the weights (seen: 1.5e-8
+    absolute, weights ~0.05), hence rtol 1e-5 / atol 1e-7. The ranks'
+    weights are bit-identical (every rank's digest, kept in the
+    checkpoint)."""
+    d = tp_single
+    res = train(d, d / "tp", *TP_OPTS, "--tile-parallel", "2", env=ONE_THREAD)
+    assert "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert res.stdout.count("best epoch") == 1, res.stdout      # rank 0 alone reports
+    _same_as_single(d, "tp", 2)
+
+
+def test_tile_parallel_grid_under_torchrun(tp_single):
+    """torchrun --nproc_per_node=4 --tile-parallel 2: a 2 x 2 grid (2
+    tile-parallel groups, one image per group and step, gradients averaged
+    over the 2 replicas) == one process accumulating the 2 images."""
+    d = tp_single
+    res = _run([sys.executable, "-m", "torch.distributed.run", "--nnodes=1",
+                "--nproc_per_node=4", "--master_addr=127.0.0.1",
+                f"--master_port={_free_port()}", "-m", "streamcnn", "train", "--train",
+                str(d / "train.csv"), "--val", str(d / "val.csv"), "--out", str(d / "grid"),
+                *SMALL, *TP_OPTS, "--tile-parallel", "2"], timeout=600)
+    assert "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert res.stdout.count("best epoch") == 1, res.stdout
+    _same_as_single(d, "grid", 4)

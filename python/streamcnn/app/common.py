@@ -143,10 +143,14 @@ class Slides(torch.utils.data.Dataset):
 # -- distributed context ------------------------------------------------------------------
 @dataclass
 class Dist:
-    """This process's place in a ``torchrun`` job (rank 0 of 1 otherwise)."""
+    """This process's place in a ``torchrun`` job (rank 0 of 1 otherwise);
+    with ``group`` its place in that process group (``barrier`` and
+    ``gather`` over it), e.g. the data-parallel ranks of a tile-parallel
+    run."""
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    group: Any = None
 
     @property
     def enabled(self) -> bool:
@@ -158,14 +162,14 @@ class Dist:
 
     def barrier(self) -> None:
         if self.enabled:
-            torch.distributed.barrier()
+            torch.distributed.barrier(group=self.group)
 
     def gather(self, obj: Any) -> List[Any]:
         """Every rank's ``obj``, in rank order (on every rank)."""
         if not self.enabled:
             return [obj]
         out: List[Any] = [None] * self.world
-        torch.distributed.all_gather_object(out, obj)
+        torch.distributed.all_gather_object(out, obj, group=self.group)
         return out
 
     def all_true(self, flag: bool) -> bool:

@@ -95,6 +95,10 @@ OPTIONS: Tuple[Option, ...] = (
     Option("seed", int, 0, "seed of the weights, data order and augmentation"),
     Option("device", str, None, "cpu or cuda (default: cuda when available)",
            choices=("cpu", "cuda")),
+    Option("tile_parallel", int, 1, "processes that share each image: its stem output split "
+           "into N row bands (streamcnn.distributed.TileParallel); started by the command "
+           "itself, or under torchrun groups of N consecutive ranks (data parallel across "
+           "the groups)", check=_pos, need="a positive number of processes", metavar="N"),
     Option("tensorboard", bool, False, "also log to RUN_DIR/tensorboard (needs the "
            "tensorboard package)"),
 )
@@ -104,7 +108,8 @@ DERIVED = ("num_outputs", "mean", "std")
 # entries that may change when a run is resumed: they do not change the result
 # (epochs: the run goes on longer; with --schedule cosine the curve follows the
 # new total; out: the run folder may have moved)
-RESUME_FREE = ("epochs", "workers", "device", "tensorboard", "out")
+# tile_parallel: how many processes share an image does not change the result
+RESUME_FREE = ("epochs", "workers", "device", "tensorboard", "out", "tile_parallel")
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -224,6 +229,8 @@ def resolve(given: Dict[str, Any], base: Optional[Dict[str, Any]] = None) -> Dic
     """The full config: ``base`` (defaults, or a checkpoint's config)
     updated with ``given``, with the derived entries filled in."""
     cfg = {o.name: o.default for o in OPTIONS} if base is None else dict(base)
+    for o in OPTIONS:               # a checkpoint from before an option existed
+        cfg.setdefault(o.name, o.default)
     derived = {k: given[k] for k in DERIVED if k in given}
     cfg.update({k: v for k, v in given.items() if k not in DERIVED})
     for name in ("train", "val", "out"):

@@ -4,12 +4,27 @@ parallel under ``torchrun``.
 
     streamcnn train --train train.csv --val val.csv --out runs/a [options]
     torchrun --nproc_per_node=2 -m streamcnn train ...
+    streamcnn train ... --tile-parallel 2          # 2 processes share each image
+    torchrun --nproc_per_node=4 -m streamcnn train ... --tile-parallel 2
 
 Each optimizer step accumulates the gradients of ``--batch-size`` per-image
 steps (split over the processes). The data order (a seeded permutation per
 epoch, sharded like ``DistributedSampler``) and the augmentation are
 functions of ``(seed, epoch, index)``, so a resumed run repeats an
 uninterrupted one.
+
+``--tile-parallel N``: N processes cooperate on each image, each computing
+one row band of the stem output (``streamcnn.distributed.TileParallel``).
+Without ``torchrun`` the command starts the N processes itself
+(``torch.multiprocessing``, a local TCP rendezvous); under ``torchrun`` the
+world is a 2-D grid: tile-parallel groups of N consecutive ranks, each
+group one data-parallel replica (seeing its share of the images, the same
+images in the same order with the same augmentation on every rank of the
+group). At each optimizer step the accumulated gradients (the stem's
+already summed over the tile-parallel group) are averaged over the
+data-parallel group and broadcast from the first rank of each tile-parallel
+group, so every rank takes the same step and the ranks never drift
+(checked every epoch: a digest of every rank's weights).
 """
 
 import argparse
@@ -25,6 +40,7 @@ import torch
 
 from . import checkpoint as ckpt_io
 from . import config as C
+from . import tile_parallel as TP
 from .common import (Dist, Slides, UsageError, autocast, dist_from_env, init_distributed,
                      loss_of, metric, metric_name, peak_memory_mb, plot_roc, predict,
                      read_slide_table, reset_peak_memory, resolve_device, save_figure,
@@ -190,23 +206,39 @@ def run(args) -> int:
     dist = dist_from_env()
     r = _resolve(args)
     cfg, ckpt = r["cfg"], r["ckpt"]
+    n = cfg["tile_parallel"]
+    TP.check_options(cfg, dist)
+    if n > 1 and not dist.enabled:
+        del r, ckpt                              # each process reads its own
+        return TP.spawn(args, n)
     device = resolve_device(cfg["device"], dist)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    init_distributed(dist, device)
+    grid = None
+    if n > 1:
+        if not torch.distributed.is_initialized():
+            torch.distributed.init_process_group(TP.backend(device, dist),
+                                                 timeout=TP.dist_timeout())
+        grid = TP.make_grid(dist, n, device)
+    else:
+        init_distributed(dist, device)
     try:
         return _train(cfg, ckpt, dist, device, quiet=args.quiet, resume=args.resume,
-                      overwrite=args.overwrite)
+                      overwrite=args.overwrite, grid=grid)
     finally:
         if dist.enabled and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 
-def _train(cfg, ckpt, dist: Dist, device, quiet: bool, resume: bool, overwrite: bool) -> int:
+def _train(cfg, ckpt, dist: Dist, device, quiet: bool, resume: bool, overwrite: bool,
+           grid: Optional[TP.Grid] = None) -> int:
     from tqdm import tqdm
     out, task = cfg["out"], cfg["task"]
     mname = metric_name(task)
-    if cfg["batch_size"] % dist.world:
+    # replicas: the processes that see different images (the data-parallel
+    # ranks; with --tile-parallel the tile-parallel groups)
+    replicas = dist if grid is None else grid.dp
+    if cfg["batch_size"] % replicas.world:
         raise UsageError(f"--batch-size {cfg['batch_size']} must be a multiple of the "
                          f"{dist.world} processes")
     if cfg["amp"] == "fp16" and device.type == "cpu":
@@ -249,19 +281,30 @@ def _train(cfg, ckpt, dist: Dist, device, quiet: bool, resume: bool, overwrite: 
     model.to(device)
     net = model
     ddp = None
-    if dist.enabled:
+    buffers: List[torch.Tensor] = []
+    if grid is not None:
+        # the same initial (or resumed) weights on every rank, as DDP does
+        for t in model.state_dict().values():
+            c = t.to(grid.comm)
+            torch.distributed.broadcast(c, src=0)
+            t.copy_(c)
+        net = TP.TileParallelNet(model, grid)
+        if cfg["bn"] == "train":
+            buffers = list(model.head.buffers())
+    elif dist.enabled:
         from torch.nn.parallel import DistributedDataParallel
         ddp = DistributedDataParallel(model, device_ids=[device.index]
                                       if device.type == "cuda" else None)
         net = ddp
     params = [p for p in model.parameters() if p.requires_grad]
     opt = _optimizer(cfg, params)
-    sampler = torch.utils.data.DistributedSampler(train_ds, num_replicas=dist.world,
-                                                  rank=dist.rank, shuffle=True,
+    # every rank of a tile-parallel group: the same images, order and augmentation
+    sampler = torch.utils.data.DistributedSampler(train_ds, num_replicas=replicas.world,
+                                                  rank=replicas.rank, shuffle=True,
                                                   seed=cfg["seed"], drop_last=False)
     loader = torch.utils.data.DataLoader(train_ds, batch_size=1, sampler=sampler,
                                          num_workers=cfg["workers"])
-    per_rank = cfg["batch_size"] // dist.world
+    per_rank = cfg["batch_size"] // replicas.world
     n_local = len(sampler)
     steps_per_epoch = math.ceil(n_local / per_rank)
     sched = _schedule(cfg, opt, steps_per_epoch)
@@ -327,6 +370,8 @@ def _train(cfg, ckpt, dist: Dist, device, quiet: bool, resume: bool, overwrite: 
                 loss_sum += value
                 count += 1
                 if final:
+                    if grid is not None:
+                        TP.sync_step(params, buffers, grid)
                     if cfg["clip_grad"] > 0:
                         if scaler is not None:
                             scaler.unscale_(opt)
@@ -348,9 +393,12 @@ def _train(cfg, ckpt, dist: Dist, device, quiet: bool, resume: bool, overwrite: 
                                     s_step=f"{now - t_step:.2f}")
                     t_step = now
             bar.close()
-            sums = dist.gather((loss_sum, count))
+            sums = replicas.gather((loss_sum, count))
             train_loss = sum(s for s, _ in sums) / max(1, sum(c for _, c in sums))
-            indices, scores, val_loss = predict(model, val_ds, device, task, cfg["amp"], dist,
+            # the replicas split the validation set; a tile-parallel group
+            # scores each of its slides together
+            indices, scores, val_loss = predict(net if grid is not None else model, val_ds,
+                                                device, task, cfg["amp"], replicas,
                                                 cfg["workers"], show,
                                                 desc=f"validate {epoch + 1}")
             labels = [val_t.labels[i] for i in indices]
@@ -368,12 +416,21 @@ def _train(cfg, ckpt, dist: Dist, device, quiet: bool, resume: bool, overwrite: 
             improved = best is None or key > best
             if improved:
                 best = key
+            digests = None
+            if grid is not None:
+                digests = dist.gather(TP.weights_digest(model.state_dict()))
+                if len(set(digests)) != 1:
+                    raise RuntimeError(f"streamcnn: the ranks' weights differ after epoch "
+                                       f"{epoch + 1} (digests {digests}): a tile-parallel "
+                                       "step was not the same on every rank")
             if dist.main:
                 payload = {"config": cfg, "model": model.state_dict(),
                            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                            "scaler": scaler.state_dict() if scaler is not None else None,
                            "epoch": epoch + 1, "rng": _rng_state(), "metrics": rows,
                            "best": best}
+                if digests is not None:     # every rank's weights_digest (all equal)
+                    payload["rank_digests"] = digests
                 write_predictions(os.path.join(out, "val_predictions.csv"), val_t, indices,
                                   scores)
                 if task == "classification":

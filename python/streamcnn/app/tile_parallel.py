@@ -1,0 +1,211 @@
+"""``streamcnn train --tile-parallel N``: the processes, the 2-D process
+grid and the optimizer step's synchronisation of a tile-parallel run (see
+:mod:`streamcnn.app.train`).
+
+Global rank ``d * N + t`` is rank ``t`` of tile-parallel group ``d`` (the
+ranks that share each image: ``streamcnn.distributed.TileParallel`` over
+them) and rank ``d`` of data-parallel group ``t`` (one rank of every
+replica). Without ``torchrun`` :func:`spawn` starts the N processes of one
+group; every collective waits at most :func:`dist_timeout`.
+"""
+
+import dataclasses
+import datetime
+import hashlib
+import math
+import os
+import sys
+from typing import Any, Dict, List
+
+import torch
+
+from .common import Dist, UsageError
+
+def dist_timeout() -> datetime.timedelta:
+    """The bound on every collective's wait in a tile-parallel run:
+    ``STREAMCNN_DIST_TIMEOUT`` seconds (default 1800)."""
+    text = os.environ.get("STREAMCNN_DIST_TIMEOUT", "1800")
+    try:
+        s = float(text)
+    except ValueError:
+        s = math.nan
+    if not (math.isfinite(s) and s > 0):
+        raise UsageError(f"STREAMCNN_DIST_TIMEOUT must be a positive number of seconds, "
+                         f"got {text!r}")
+    return datetime.timedelta(seconds=s)
+
+
+def check_options(cfg, dist: Dist) -> None:
+    """The options a tile-parallel run refuses (before any process starts)."""
+    n = cfg["tile_parallel"]
+    if n == 1:
+        return
+    if cfg["memory_budget"] is not None:
+        raise UsageError(f"--tile-parallel {n} needs --tile-size, not --memory-budget (every "
+                         "rank must stream the same tiles; a budget picks them per process)")
+    if cfg["amp"] != "off":
+        raise UsageError(f"--tile-parallel {n} does not compose with --amp {cfg['amp']} (the "
+                         "tile-parallel stem computes in the parameters' dtype, float32)")
+    if dist.enabled and dist.world % n:
+        raise UsageError(f"--tile-parallel {n} must divide the {dist.world} processes of "
+                         "torchrun (WORLD_SIZE): tile-parallel groups of N consecutive ranks")
+    replicas = dist.world // n if dist.enabled else 1
+    if cfg["batch_size"] % replicas:
+        raise UsageError(f"--batch-size {cfg['batch_size']} must be a multiple of the "
+                         f"{replicas} data-parallel groups ({dist.world} processes / "
+                         f"--tile-parallel {n})")
+    dist_timeout()
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawned(rank: int, args, n: int, port: int, errors) -> None:
+    """A process started by :func:`_spawn`: rank ``rank`` of ``n``. A user
+    error goes to the parent (which prints one line) and exits with 2."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(n), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(n))
+    if "OMP_NUM_THREADS" not in os.environ:         # the CPU's cores shared out
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
+            (os.cpu_count() or 1)
+        torch.set_num_threads(max(1, cores // n))
+    from ..cli import _message
+    from .train import run
+    try:
+        code = run(args)
+    except UsageError as e:
+        errors.put((rank, _message(e)))
+        sys.exit(2)
+    except (ValueError, FileNotFoundError) as e:
+        if not str(e).startswith("streamcnn: "):
+            raise
+        errors.put((rank, _message(e)))
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    sys.exit(int(code or 0))
+
+
+def spawn(args, n: int) -> int:
+    """Run the training in ``n`` local processes (``--tile-parallel n``
+    without torchrun): the exit status of the first to fail, or 0. A user
+    error on any rank ends all of them and prints that rank's one line."""
+    import logging
+    import torch.multiprocessing as mp
+    errors = mp.get_context("spawn").SimpleQueue()
+    # the terminations of the other ranks after a failure are expected
+    logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
+    procs = mp.start_processes(_spawned, args=(args, n, _free_port(), errors), nprocs=n,
+                               join=False, start_method="spawn")
+    try:
+        while not procs.join():
+            pass
+    except KeyboardInterrupt:                 # the ranks got SIGINT too: let them end
+        for p in procs.processes:
+            p.join()
+        return 130
+    except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
+        if not errors.empty():
+            print(f"streamcnn: {errors.get()[1]}", file=sys.stderr)
+            return 2
+        code = getattr(e, "exit_code", 1)
+        if isinstance(e, mp.ProcessExitedException) and code > 0:
+            return code                          # e.g. 130: it said why itself
+        print(f"streamcnn: train: tile-parallel rank {e.error_index} failed: "
+              f"{str(e).strip()}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def backend(device: torch.device, dist: Dist) -> str:
+    """NCCL when every local rank has a GPU of its own, else gloo (several
+    ranks sharing one GPU: NCCL refuses a duplicate GPU)."""
+    if device.type != "cuda":
+        return "gloo"
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", dist.world))
+    return "nccl" if local <= torch.cuda.device_count() else "gloo"
+
+
+@dataclasses.dataclass
+class Grid:
+    """A tile-parallel run's 2-D process grid: global rank ``d * tp + t``
+    is rank ``t`` of tile-parallel group ``d`` and rank ``d`` of
+    data-parallel group ``t``."""
+    tp: int                       # ranks per image
+    tp_group: Any
+    tp_root: int                  # global rank of this tile-parallel group's rank 0
+    dp: Dist                      # this rank among the replicas (its data-parallel group)
+    comm: torch.device            # where the collectives' tensors live
+
+
+def make_grid(dist: Dist, n: int, device: torch.device) -> Grid:
+    """The groups of :class:`Grid` (every rank creates every group, in
+    the same order, as ``new_group`` asks)."""
+    timeout = dist_timeout()
+    tp_group = dp_group = None
+    for d in range(dist.world // n):
+        g = torch.distributed.new_group(list(range(d * n, (d + 1) * n)), timeout=timeout)
+        if dist.rank // n == d:
+            tp_group = g
+    for t in range(n):
+        g = torch.distributed.new_group(list(range(t, dist.world, n)), timeout=timeout)
+        if dist.rank % n == t:
+            dp_group = g
+    backend = torch.distributed.get_backend()
+    comm = device if backend == "nccl" else torch.device("cpu")
+    return Grid(n, tp_group, dist.rank // n * n,
+                Dist(dist.rank // n, dist.world // n, dist.local_rank, dp_group), comm)
+
+
+class TileParallelNet(torch.nn.Module):
+    """``head(TileParallel(stem)(x))``: the classifier with its stem's
+    bands over the tile-parallel group (the modules are the classifier's)."""
+
+    def __init__(self, model, grid: Grid):
+        super().__init__()
+        from ..distributed import TileParallel
+        self.tp = TileParallel(model.stem, grid.tp_group)
+        self.head = model.head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.tp(x))
+
+
+def sync_step(params: List[torch.Tensor], buffers: List[torch.Tensor], grid: Grid) -> None:
+    """Before a tile-parallel optimizer step: the accumulated gradients
+    averaged over the replicas (the data-parallel group; the stem's are
+    already summed over the tile-parallel group by TileParallel), then
+    broadcast from the tile-parallel group's first rank (the head's are
+    computed on every rank of the group from the same output, equal only
+    if every kernel is deterministic: the broadcast makes them equal);
+    ``buffers`` (the head's batch-norm statistics with ``--bn train``)
+    broadcast from rank 0, as DDP does."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if grads:
+        flat = torch.cat([g.reshape(-1) for g in grads]).to(grid.comm)
+        if grid.dp.world > 1:
+            torch.distributed.all_reduce(flat, group=grid.dp.group)
+            flat /= grid.dp.world
+        torch.distributed.broadcast(flat, src=grid.tp_root, group=grid.tp_group)
+        off = 0
+        for g in grads:
+            g.copy_(flat[off:off + g.numel()].view_as(g))
+            off += g.numel()
+    for b in buffers:
+        t = b.detach().to(grid.comm)
+        torch.distributed.broadcast(t, src=0)
+        b.detach().copy_(t)
+
+
+def weights_digest(state: Dict[str, torch.Tensor]) -> str:
+    """A digest of a state_dict's names and bytes (equal iff bit-identical)."""
+    h = hashlib.sha256()
+    for k, v in state.items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+                 .tobytes())
+    return h.hexdigest()[:32]
