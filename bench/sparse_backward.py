@@ -3,7 +3,9 @@
 max-pool head (the paper's: one arg-max location per channel) against an
 average-pool head (dense gradient), with the sparse backward on (default)
 and off (STREAMCNN_SPARSE_BACKWARD=0), with halo caching (--cone: also
-without); "vs dense": against the average-pool head without sparsity;
+without); "vs dense": against the average-pool head without sparsity; tiles run
+whole, boxed, restricted (halo caching: to the cone of their non-zero
+output and pending gradients) or skipped;
 torchvision ResNet-18 conv1..layer1 (frozen BN), fp32, batch 1. Then the
 modelled 65536² ResNet-34 conv1..layer3 case: the backward multiply-adds
 of one arg-max location measured (a single-pixel gradient in the middle of
@@ -13,6 +15,7 @@ StreamingModule.work and the counters' 2x ratio).
 Environment: STREAMCNN_SPARSE_BACKWARD is set by the script.
 
     python bench/sparse_backward.py [--size 512] [--tile 96] [--reps 1] [--cone] [--all]
+                                    [--no-model]
 """
 
 import argparse
@@ -81,6 +84,7 @@ def main():
     ap.add_argument("--model-size", type=int, default=576)
     ap.add_argument("--cone", action="store_true", help="also without halo caching")
     ap.add_argument("--all", action="store_true", help="also the max-pool head without sparsity")
+    ap.add_argument("--no-model", action="store_true", help="skip the modelled 65536² case")
     args = ap.parse_args()
     torch.manual_seed(0)
     r = torchvision.models.resnet18(weights=None)
@@ -88,8 +92,8 @@ def main():
     x = torch.randn(1, 3, args.size, args.size)
     print(f"# ResNet-18 conv1..layer1, {args.size}², tile {args.tile}, fp32, batch 1, "
           f"{torch.get_num_threads()} threads")
-    print("| halo cache | head | sparse | tiles whole/boxed/skipped (boxes) | backward GMAC "
-          "| vs dense | backward s | vs dense |")
+    print("| halo cache | head | sparse | tiles whole/boxed/restricted/skipped (boxes) "
+          "| backward GMAC | vs dense | backward s | vs dense |")
     print("|---|---|---|---|---|---|---|---|")
     for hc in (True, False) if args.cone else (True,):
         sm = streamcnn.StreamingModule(stem, args.tile, halo_cache=hc)
@@ -103,10 +107,12 @@ def main():
                 base = (t, m)
             print(f"| {'on' if hc else 'off'} ({n[0]}x{n[1]}) | {head} | "
                   f"{'on' if mode == '1' else 'off'} | {tl['whole']}/{tl['boxed']}/"
-                  f"{tl['skipped']} ({tl['boxes']}) | {m / 1e9:.2f} | "
+                  f"{tl.get('restricted', 0)}/{tl['skipped']} ({tl['boxes']}) | {m / 1e9:.2f} | "
                   f"{m / base[1]:.3f}x | {t:.2f} | {t / base[0]:.3f}x |", flush=True)
     print()
     sys.stdout.flush()
+    if args.no_model:
+        return
     one, tiles, w = model_65536(args.model_tile, args.model_size)
     print(f"# modelled: ResNet-34 conv1..layer3 at 65536², tile {args.model_tile}, max-pool head: "
           f"256 arg-max locations x one location's backward (measured at {args.model_size}²: "

@@ -48,6 +48,22 @@ int _sc_plan_axis_cached_from(const sc_program *p, const int64_t *sizes,
                               int axis, int64_t base, int64_t lo, int64_t hi,
                               sc_axis_plan *plan, sc_error *err);
 
+/* A cached tile's plans (full: its cached plans along rows and cols)
+ * restricted to what back-propagating a sparse gradient needs: seed[4 v ..
+ * 4 v + 3] is the box (rows, cols, absolute, half-open; empty: {0, 0, 0,
+ * 0}) of the non-zero gradient value v receives from outside the tile's
+ * own backward (the output gradient; the pending halo gradients of the
+ * tiles after it), inside its full region. Each value's region becomes the
+ * hull of its seed and of the spans its consumers read for their own
+ * spans, its own span that region's part inside the full own span (the
+ * rest is the halo, as before); the reads follow. So every non-zero
+ * gradient of the tile's backward lies in the restricted regions, and the
+ * halo parts hold its gradient for the tiles before it. out: scratch from
+ * sc_axis_plan_new. */
+int _sc_plan_restrict(const sc_program *p, const int64_t *sizes,
+                      const sc_axis_plan *const full[2], const int64_t *seed,
+                      sc_axis_plan *const out[2], sc_error *err);
+
 /* Output tile edge per axis for an input tile of tile_h x tile_w, capped at
  * the output extent; fails with the minimum tile when it is too small. */
 int _sc_tiling(const sc_program *p, const int64_t *sizes, int64_t tile_h,
@@ -532,6 +548,14 @@ int _sc_lstrip_view(sc_run *r, int64_t t, int64_t c, int64_t v,
 int _sc_add_halo(sc_run *r, int64_t o);
 int _sc_save_halo(sc_run *r, int64_t o);
 int _sc_pass_pending(sc_run *r, int64_t o);
+/* Cached backward: r->band / r->lhalo for the current tile (r->row,
+ * r->col), views of the strips narrowed to the current plans' regions. */
+int _sc_halo_views(sc_run *r);
+/* The absolute spans of value v a pending gradient covers: left = 0 the
+ * row below's band over this tile's own columns (r->gband[v] is full
+ * width), left = 1 the right neighbour's left strip (r->gleft[v]). */
+void _sc_pending_span(const sc_run *r, int64_t v, int left, int64_t rows[2],
+                      int64_t cols[2]);
 
 /* hostimage.c */
 int _sc_host_tile(sc_run *r);
@@ -572,15 +596,23 @@ enum {
   SC_SPARSE_SKIP = 1,  /* tiles without a non-zero gradient skipped */
   SC_SPARSE_BOXES = 2, /* and sparse tiles back-propagated in boxes */
 };
-enum { SC_TILE_WHOLE = 0, SC_TILE_BOXED = 1, SC_TILE_SKIPPED = 2 };
+/* How a tile ran (the index of its counter; 3 counts the boxes) */
+enum {
+  SC_TILE_WHOLE = 0,
+  SC_TILE_BOXED = 1,
+  SC_TILE_SKIPPED = 2,
+  SC_TILE_RESTRICTED = 4,
+};
 /* The mode STREAMCNN_SPARSE_BACKWARD asks for (unset: SC_SPARSE_BOXES);
  * fails on a value it does not know. */
 int _sc_sparse_mode(sc_ctx *ctx, int *mode);
 /* The current tile's backward where it is sparse: *how = SC_TILE_SKIPPED
- * (nothing to do) or SC_TILE_BOXED (done, in boxes), or SC_TILE_WHOLE: the
- * caller runs the tile (its halos and _sc_backward_tile) as without
- * sparsity. Cached plans: the tile's pending gradients must be in place;
- * a tile not run whole leaves none for its left neighbour. */
+ * (nothing to do), SC_TILE_BOXED (done, in boxes) or SC_TILE_RESTRICTED
+ * (done, cached plans restricted to its non-zero gradients), or
+ * SC_TILE_WHOLE: the caller runs the tile (_sc_halo_views and
+ * _sc_backward_tile) as without sparsity. Cached plans: the tile's pending
+ * gradients must be in place; a skipped or boxed tile leaves none for its
+ * left neighbour. */
 int _sc_sparse_tile(sc_run *r, AtenTensorHandle grad_out, int mode, int *how);
 
 #endif /* STREAMCNN_REPLAY */
