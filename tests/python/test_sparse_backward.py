@@ -171,8 +171,9 @@ def test_bad_mode_names_the_variable():
 def _border_gradient(stem, x, tile=64):
     """A sparse output gradient whose cones cross the borders of the
     halo-cached tiles: a 3 x 3 block of random values on the corner where
-    four tiles meet (each tile's part of it dense: those tiles run
-    restricted and pass their halos' gradient on to tiles with no output
+    four tiles meet and the whole first row of another tile
+    (each tile's part of them dense: those tiles run restricted and pass
+    their halos' gradient on, the row's to tiles with no output
     gradient of their own) and single points on the first row, the first
     column and the first pixel of other tiles. Also the number of tiles
     whose own output gradient is non-zero."""
@@ -184,6 +185,8 @@ def _border_gradient(stem, x, tile=64):
     g = torch.zeros(x.shape[0], 12, *t["output"], dtype=x.dtype)
     g[:, :, rows[2] - 1:rows[2] + 2, cols[2] - 1:cols[2] + 2] = torch.randn(
         x.shape[0], 12, 3, 3, dtype=x.dtype)
+    g[:, :, rows[3], cols[3]:cols[4]] = torch.randn(x.shape[0], 12, cols[4] - cols[3],
+                                                    dtype=x.dtype)
     g[0, 3, rows[1], cols[3] + 1] = 1.0
     g[-1, 5, rows[3] + 1, cols[1]] = -2.0
     g[0, 0, rows[4], cols[4]] = 0.5
