@@ -48,18 +48,12 @@ int _sc_plan_axis_cached_from(const sc_program *p, const int64_t *sizes,
                               int axis, int64_t base, int64_t lo, int64_t hi,
                               sc_axis_plan *plan, sc_error *err);
 
-/* A cached tile's plans (full: its cached plans along rows and cols)
- * restricted to what back-propagating a sparse gradient needs: seed[4 v ..
- * 4 v + 3] is the box (rows, cols, absolute, half-open; empty: {0, 0, 0,
- * 0}) of the non-zero gradient value v receives from outside the tile's
- * own backward (the output gradient; the pending halo gradients of the
- * tiles after it), inside its full region. Each value's region becomes the
- * hull of its seed and of the spans its consumers read for their own
- * spans, its own span that region's part inside the full own span (the
- * rest is the halo, as before); the reads follow. So every non-zero
- * gradient of the tile's backward lies in the restricted regions, and the
- * halo parts hold its gradient for the tiles before it. out: scratch from
- * sc_axis_plan_new. */
+/* A cached tile's plans (full, rows and cols) restricted to a sparse
+ * gradient: seed[4 v .. 4 v + 3] boxes (rows, cols, absolute; empty: all 0)
+ * the non-zero gradient value v gets from outside the tile's backward
+ * (output, pending halo gradients). v's region becomes the hull of its seed
+ * and of what its consumers read for their own spans, its own span the
+ * region's part in the full own span (the rest is halo). out: scratch. */
 int _sc_plan_restrict(const sc_program *p, const int64_t *sizes,
                       const sc_axis_plan *const full[2], const int64_t *seed,
                       sc_axis_plan *const out[2], sc_error *err);
@@ -548,12 +542,11 @@ int _sc_lstrip_view(sc_run *r, int64_t t, int64_t c, int64_t v,
 int _sc_add_halo(sc_run *r, int64_t o);
 int _sc_save_halo(sc_run *r, int64_t o);
 int _sc_pass_pending(sc_run *r, int64_t o);
-/* Cached backward: r->band / r->lhalo for the current tile (r->row,
- * r->col), views of the strips narrowed to the current plans' regions. */
+/* Cached backward: r->band / r->lhalo of the current tile, strip views
+ * narrowed to the current plans' regions. */
 int _sc_halo_views(sc_run *r);
-/* The absolute spans of value v a pending gradient covers: left = 0 the
- * row below's band over this tile's own columns (r->gband[v] is full
- * width), left = 1 the right neighbour's left strip (r->gleft[v]). */
+/* The spans of v a pending gradient covers: left = 0 the band below over
+ * our own columns (r->gband[v]), 1 the right one's left strip (gleft). */
 void _sc_pending_span(const sc_run *r, int64_t v, int left, int64_t rows[2],
                       int64_t cols[2]);
 
@@ -596,13 +589,8 @@ enum {
   SC_SPARSE_SKIP = 1,  /* tiles without a non-zero gradient skipped */
   SC_SPARSE_BOXES = 2, /* and sparse tiles back-propagated in boxes */
 };
-/* How a tile ran (the index of its counter; 3 counts the boxes) */
-enum {
-  SC_TILE_WHOLE = 0,
-  SC_TILE_BOXED = 1,
-  SC_TILE_SKIPPED = 2,
-  SC_TILE_RESTRICTED = 4,
-};
+/* How a tile ran: the index of its counter (3 counts the boxes). */
+enum { SC_TILE_WHOLE, SC_TILE_BOXED, SC_TILE_SKIPPED, SC_TILE_RESTRICTED = 4 };
 /* The mode STREAMCNN_SPARSE_BACKWARD asks for (unset: SC_SPARSE_BOXES);
  * fails on a value it does not know. */
 int _sc_sparse_mode(sc_ctx *ctx, int *mode);
