@@ -317,15 +317,17 @@ static int select_restricted(sc_run *r, const sc_axis_plan *const tile[2],
  * computes, and when
  * their halos hold part of the cone, the tiles before compute that part
  * from the gradient passed on, which they might have skipped: about the
- * cone of the boxes' hull then, unless the gradient is dense (its
+ * cone of the boxes' hull then, at most the whole tile's (as many tiles
+ * around hold non-zeros as not), unless the gradient is dense (its
  * neighbours run anyway). The tile's own plans are current again after. */
 static int costs(sc_run *r, const box *b, int64_t n, int64_t *seed,
                  int dense, double *boxes, double *run) {
   const sc_axis_plan *tile[2] = {r->cur[0], r->cur[1]};
   box all = b[0];
   int rc = SC_OK;
+  const double whole = plans_size(r, 1);
   *boxes = 0.0;
-  *run = plans_size(r, 1);
+  *run = whole;
   for (int64_t k = 0; !rc && k < n; k++) {
     all = hull(&all, &b[k]);
     if (!(rc = select_box(r, &b[k]))) *boxes += plans_size(r, 1);
@@ -337,8 +339,10 @@ static int costs(sc_run *r, const box *b, int64_t n, int64_t *seed,
   if (!rc && seed) {
     const double computed = plans_size(r, 1), held = plans_size(r, 0);
     *run = computed;
-    if (held > computed && !dense && !(rc = select_box(r, &all)))
-      *run = plans_size(r, 1);
+    if (held > computed && !dense && !(rc = select_box(r, &all))) {
+      const double cone = plans_size(r, 1);
+      *run = cone < whole ? cone : whole;
+    }
   }
   r->cur[0] = tile[0];
   r->cur[1] = tile[1];
