@@ -1,9 +1,12 @@
 #!/usr/bin/env python
 """Sparse backward on the CPU: backward multiply-adds and time of a
-max-pool head (the paper's: one arg-max location per channel) against an
-average-pool head (dense gradient), with the sparse backward on (default)
+max-pool head (the paper's: one arg-max location per channel; --topk K:
+also the mean of the K largest) against an average-pool head (dense
+gradient), with the sparse backward on (default)
 and off (STREAMCNN_SPARSE_BACKWARD=0), with halo caching (--cone: also
-without); "vs dense": against the average-pool head without sparsity;
+without); "vs dense": against the average-pool head without sparsity; tiles run
+whole, boxed, restricted (halo caching: to the cone of their non-zero
+output and pending gradients) or skipped;
 torchvision ResNet-18 conv1..layer1 (frozen BN), fp32, batch 1. Then the
 modelled 65536² ResNet-34 conv1..layer3 case: the backward multiply-adds
 of one arg-max location measured (a single-pixel gradient in the middle of
@@ -13,6 +16,7 @@ StreamingModule.work and the counters' 2x ratio).
 Environment: STREAMCNN_SPARSE_BACKWARD is set by the script.
 
     python bench/sparse_backward.py [--size 512] [--tile 96] [--reps 1] [--cone] [--all]
+                                    [--no-model] [--topk K]
 """
 
 import argparse
@@ -27,6 +31,16 @@ import torchvision
 import streamcnn
 
 
+def pool(y, head):
+    """Global pooling per channel: max (one location), top<k> (the mean of
+    the k largest: k locations), avg (dense)."""
+    if head == "max":
+        return y.amax(dim=(2, 3))
+    if head.startswith("top"):
+        return y.flatten(2).topk(int(head[3:]), dim=2).values.mean(dim=2)
+    return y.mean(dim=(2, 3))
+
+
 def measure(sm, x, head, mode, reps):
     os.environ["STREAMCNN_SPARSE_BACKWARD"] = mode
     best, macs, tiles = None, None, None
@@ -35,7 +49,7 @@ def measure(sm, x, head, mode, reps):
         y = sm(x)
         c = y.shape[1]
         w = torch.linspace(-1.0, 1.0, c)
-        loss = ((y.amax(dim=(2, 3)) if head == "max" else y.mean(dim=(2, 3))) * w).sum()
+        loss = (pool(y, head) * w).sum()
         streamcnn.macs_executed(reset=True)
         streamcnn.backward_tiles(reset=True)
         t0 = time.perf_counter()
@@ -81,6 +95,9 @@ def main():
     ap.add_argument("--model-size", type=int, default=576)
     ap.add_argument("--cone", action="store_true", help="also without halo caching")
     ap.add_argument("--all", action="store_true", help="also the max-pool head without sparsity")
+    ap.add_argument("--no-model", action="store_true", help="skip the modelled 65536² case")
+    ap.add_argument("--topk", type=int, default=0,
+                    help="also a top-k head (the mean of each channel's k largest)")
     args = ap.parse_args()
     torch.manual_seed(0)
     r = torchvision.models.resnet18(weights=None)
@@ -88,25 +105,28 @@ def main():
     x = torch.randn(1, 3, args.size, args.size)
     print(f"# ResNet-18 conv1..layer1, {args.size}², tile {args.tile}, fp32, batch 1, "
           f"{torch.get_num_threads()} threads")
-    print("| halo cache | head | sparse | tiles whole/boxed/skipped (boxes) | backward GMAC "
-          "| vs dense | backward s | vs dense |")
+    print("| halo cache | head | sparse | tiles whole/boxed/restricted/skipped (boxes) "
+          "| backward GMAC | vs dense | backward s | vs dense |")
     print("|---|---|---|---|---|---|---|---|")
     for hc in (True, False) if args.cone else (True,):
         sm = streamcnn.StreamingModule(stem, args.tile, halo_cache=hc)
         n = sm.tiling(args.size, args.size)["tiles"]
         assert n[0] * n[1] >= 64, n
         base = None  # the dense backward: average-pool head, sparsity off
-        for head, mode in (("avg", "0"), ("avg", "1"), ("max", "1")) + (
+        top = ((f"top{args.topk}", "1"),) if args.topk else ()
+        for head, mode in (("avg", "0"), ("avg", "1"), ("max", "1")) + top + (
                 (("max", "0"),) if args.all else ()):
             t, m, tl = measure(sm, x, head, mode, args.reps)
             if base is None:
                 base = (t, m)
             print(f"| {'on' if hc else 'off'} ({n[0]}x{n[1]}) | {head} | "
                   f"{'on' if mode == '1' else 'off'} | {tl['whole']}/{tl['boxed']}/"
-                  f"{tl['skipped']} ({tl['boxes']}) | {m / 1e9:.2f} | "
+                  f"{tl.get('restricted', 0)}/{tl['skipped']} ({tl['boxes']}) | {m / 1e9:.2f} | "
                   f"{m / base[1]:.3f}x | {t:.2f} | {t / base[0]:.3f}x |", flush=True)
     print()
     sys.stdout.flush()
+    if args.no_model:
+        return
     one, tiles, w = model_65536(args.model_tile, args.model_size)
     print(f"# modelled: ResNet-34 conv1..layer3 at 65536², tile {args.model_tile}, max-pool head: "
           f"256 arg-max locations x one location's backward (measured at {args.model_size}²: "

@@ -224,7 +224,9 @@ int _sc_backward_tile(sc_run *r, AtenTensorHandle grad_out) {
   r->keep_from = r->cut; /* below the cut: recomputed piecewise */
   if (_sc_forward_tile(r, 1)) return SC_ERR;
   const int64_t *rs = region(r, 0, ov), *cs = region(r, 1, ov);
-  if (_sc_view(r->ctx, grad_out, rs[0] - r->out_row0, /* a band's rows */
+  /* (empty: a restricted tile with pending gradients only, sparse.c) */
+  if (!value_empty(r, ov) &&
+      _sc_view(r->ctx, grad_out, rs[0] - r->out_row0, /* a band's rows */
                rs[1] - rs[0], cs[0], cs[1] - cs[0], &r->grad[ov]))
     return SC_ERR;
   r->grad_mine[ov] = 0; /* the caller's tensor: read only */

@@ -250,6 +250,74 @@ int _sc_plan_axis_cached_from(const sc_program *p, const int64_t *sizes,
   return SC_OK;
 }
 
+/* b = hull(b, s) for 2-D boxes (rows, cols: b[0..1], b[2..3]); an empty
+ * box (either axis) is {0, 0, 0, 0}. */
+static void box_hull(int64_t b[4], const int64_t s[4]) {
+  if (s[1] <= s[0] || s[3] <= s[2]) return;
+  if (b[1] <= b[0] || b[3] <= b[2]) {
+    memcpy(b, s, 4 * sizeof *b);
+    return;
+  }
+  for (int a = 0; a < 2; a++) {
+    if (s[2 * a] < b[2 * a]) b[2 * a] = s[2 * a];
+    if (s[2 * a + 1] > b[2 * a + 1]) b[2 * a + 1] = s[2 * a + 1];
+  }
+}
+
+/* See internal.h. Top down: value o's region is the hull of its seed and
+ * of what its consumers read (clipped to its extent), its own span the
+ * region's part inside the tile's own span; the reads of that own span
+ * feed the values below. */
+int _sc_plan_restrict(const sc_program *p, const int64_t *sizes,
+                      const sc_axis_plan *const full[2], const int64_t *seed,
+                      sc_axis_plan *const out[2], sc_error *err) {
+  const int64_t nv = p->n_instr + 1;
+  for (int a = 0; a < 2; a++)
+    if (full[a]->n_values != nv || out[a]->n_values != nv)
+      return sc_fail(err, "streamcnn: internal error: bad restricted plan");
+  int64_t *acc = calloc(4 * (size_t)nv, sizeof *acc); /* box per value */
+  if (!acc) return sc_fail(err, "streamcnn: out of memory");
+  for (int64_t o = nv - 1; o >= 0; o--) {
+    int64_t *b = &acc[4 * o];
+    box_hull(b, &seed[4 * o]);
+    int own_empty = b[1] <= b[0] || b[3] <= b[2];
+    for (int a = 0; a < 2; a++) {
+      int64_t *rg = &out[a]->region[2 * o], *ow = &out[a]->own[2 * o];
+      const int64_t *fo = &full[a]->own[2 * o], *fr = &full[a]->region[2 * o];
+      rg[0] = b[2 * a];
+      rg[1] = b[2 * a + 1];
+      if (rg[1] > rg[0] && (rg[0] < fr[0] || rg[1] > fr[1])) {
+        free(acc);
+        return sc_fail(err, "streamcnn: internal error: a restricted plan "
+                            "reaches past its tile's region");
+      }
+      ow[0] = rg[0] > fo[0] ? rg[0] : fo[0];
+      ow[1] = rg[1] < fo[1] ? rg[1] : fo[1];
+      if (ow[1] <= ow[0]) { /* all of it in the halo along this axis */
+        ow[0] = ow[1] = rg[1];
+        own_empty = 1;
+      }
+    }
+    if (o == 0) break;
+    const sc_instr *in = &p->instr[o - 1];
+    for (int j = 0; j < 2; j++) {
+      int64_t rd[4] = {0, 0, 0, 0};
+      for (int a = 0; a < 2; a++) {
+        int64_t *r = &out[a]->read[4 * (o - 1) + 2 * j];
+        r[0] = r[1] = 0;
+        if (j >= in->n_in || own_empty) continue;
+        read_of(in, a, &out[a]->own[2 * o], r);
+        const int64_t n = sizes[2 * in->in[j] + a];
+        rd[2 * a] = r[0] < 0 ? 0 : r[0];
+        rd[2 * a + 1] = r[1] > n ? n : r[1];
+      }
+      if (j < in->n_in) box_hull(&acc[4 * in->in[j]], rd);
+    }
+  }
+  free(acc);
+  return SC_OK;
+}
+
 int64_t sc_input_extent(const sc_program *p, int axis, int64_t t) {
   if (t < 1 || axis < 0 || axis > 1) return -1;
   sc_axis_plan *plan = sc_axis_plan_new(p);

@@ -246,60 +246,129 @@ int _sc_save_halo(sc_run *r, int64_t o) {
   return rc_;
 }
 
+/* a ∩ b (empty: out[1] = out[0]) */
+static void meet(const int64_t *a, const int64_t *b, int64_t out[2]) {
+  out[0] = a[0] > b[0] ? a[0] : b[0];
+  out[1] = a[1] < b[1] ? a[1] : b[1];
+  if (out[1] < out[0]) out[1] = out[0];
+}
+
+/* The tile's own span of value v along axis in its full (cached) plans:
+ * the current plans may be restricted ones (_sc_plan_restrict). */
+static const int64_t *full_own(const sc_run *r, int axis, int64_t v) {
+  return &r->plans[axis][axis ? r->col : r->row]->own[2 * v];
+}
+
+/* Cached backward: the current tile's halos, views of the strips (the
+ * band and the left strip of every value) narrowed to what the current
+ * plans' regions hold of them (all of them, unless restricted). */
+int _sc_halo_views(sc_run *r) {
+  const int64_t t = r->row, c = r->col, nc = r->n_tiles[1];
+  AtenTensorHandle full = NULL;
+  for (int64_t v = 1; v < r->nv; v++) {
+    if (value_empty(r, v)) continue;
+    const int64_t *rr = region(r, 0, v), *rc = region(r, 1, v);
+    const int64_t *orr = own(r, 0, v);
+    int64_t top, lft, hs[2];
+    halo_offsets(r, v, &top, &lft);
+    if (top > 0 && r->band_off[t * r->nv + v] >= 0) {
+      const int64_t rows[2] = {rr[0], rr[0] + top};
+      const int64_t cols[2] = {0, band_width(r, v)};
+      halo_span(r, 0, t, v, hs);
+      const int rc_ = _sc_band_view(r, t, v, &full) ||
+                      _sc_subview(r, full, hs, cols, rows, cols, &r->band[v]);
+      _sc_drop(&full);
+      if (rc_) return SC_ERR;
+    }
+    if (lft > 0 && top < rr[1] - rr[0] &&
+        r->lstrip_off[(t * nc + c) * r->nv + v] >= 0) {
+      const int64_t cols[2] = {rc[0], rc[0] + lft};
+      halo_span(r, 1, c, v, hs);
+      const int rc_ =
+          _sc_lstrip_view(r, t, c, v, &full) ||
+          _sc_subview(r, full, full_own(r, 0, v), hs, orr, cols, &r->lhalo[v]);
+      _sc_drop(&full);
+      if (rc_) return SC_ERR;
+    }
+  }
+  return SC_OK;
+}
+
+/* See internal.h. */
+void _sc_pending_span(const sc_run *r, int64_t v, int left, int64_t rows[2],
+                      int64_t cols[2]) {
+  const int64_t *o = full_own(r, left ? 0 : 1, v);
+  int64_t *own_side = left ? rows : cols;
+  own_side[0] = o[0];
+  own_side[1] = o[1];
+  if (left)
+    halo_span(r, 1, r->col + 1, v, cols);
+  else
+    halo_span(r, 0, r->row + 1, v, rows);
+}
+
 /* Cached plans, once every consumer of value o ran its backward: add the
  * gradients the tiles after this one left for o's positions here (the row
  * below: its bands' gradient over this tile's own columns; the tile on the
  * right: its left strip's), then pass on the part of o's gradient in this
  * tile's halo: the top band's to the row above (summed over the row, full
- * width), the left strip's to the tile on the left. */
+ * width), the left strip's to the tile on the left. Restricted plans
+ * (sparse.c) hold only a part of each: the pending gradients are non-zero
+ * only there, and what they pass on is that part, the rest zeros. */
 int _sc_pass_pending(sc_run *r, int64_t o) {
-  int64_t cl[2][2], hr[2], hc[2];
+  int64_t cl[2][2], span[2];
   const int64_t *rr = region(r, 0, o), *rc = region(r, 1, o);
-  const int64_t *orr = own(r, 0, o), *oc = own(r, 1, o);
+  const int64_t *orr = own(r, 0, o), *forr = full_own(r, 0, o);
   AtenTensorHandle src = NULL;
   int rc_ = SC_OK;
-  if (r->gband[o] && !empty(oc)) {
-    halo_span(r, 0, r->row + 1, o, cl[0]);
-    cl[1][0] = oc[0];
-    cl[1][1] = oc[1];
-    rc_ = _sc_view(r->ctx, r->gband[o], 0, cl[0][1] - cl[0][0], oc[0],
-                   oc[1] - oc[0], &src) ||
-          _sc_add_grad(r, o, cl, src, 0);
+  for (int left = 0; left < 2; left++) {
+    AtenTensorHandle *g = left ? &r->gleft[o] : &r->gband[o];
+    int64_t ps[2][2], gcols[2];
+    if (!*g) continue;
+    _sc_pending_span(r, o, left, ps[0], ps[1]);
+    meet(ps[0], rr, cl[0]);
+    meet(ps[1], rc, cl[1]);
+    gcols[0] = left ? ps[1][0] : 0; /* a band is full width */
+    gcols[1] = left ? ps[1][1] : band_width(r, o);
+    if (!empty(cl[0]) && !empty(cl[1]))
+      rc_ = _sc_subview(r, *g, ps[0], gcols, cl[0], cl[1], &src) ||
+            _sc_add_grad(r, o, cl, src, 0);
     _sc_drop(&src);
-    if (rc_) return SC_ERR;
-  }
-  if (r->gleft[o]) {
-    cl[0][0] = orr[0];
-    cl[0][1] = orr[1];
-    halo_span(r, 1, r->col + 1, o, cl[1]);
-    rc_ = _sc_add_grad(r, o, cl, r->gleft[o], 0);
-    _sc_drop(&r->gleft[o]);
+    if (left) _sc_drop(g); /* the band serves the whole row */
     if (rc_) return SC_ERR;
   }
   if (!r->grad[o]) return SC_OK;
   if (r->row > 0) {
-    halo_span(r, 0, r->row, o, hr);
+    int64_t hr[2];
+    halo_span(r, 0, r->row, o, span);
+    meet(span, rr, hr);
     if (!empty(hr)) {
       if (!r->gband_up[o]) {
-        const int64_t shape[4] = {r->batch, r->p->channels[o], hr[1] - hr[0],
-                                  band_width(r, o)};
+        const int64_t shape[4] = {r->batch, r->p->channels[o],
+                                  span[1] - span[0], band_width(r, o)};
         if (_sc_tile_buffer(r->ctx, shape, 1, &r->gband_up[o])) return SC_ERR;
       }
       rc_ = _sc_subview(r, r->grad[o], rr, rc, hr, rc, &src) ||
-            copy_into(r, r->gband_up[o], 0, hr[1] - hr[0], rc[0], rc[1] - rc[0],
-                      src, 1);
+            copy_into(r, r->gband_up[o], hr[0] - span[0], hr[1] - hr[0], rc[0],
+                      rc[1] - rc[0], src, 1);
       _sc_drop(&src);
       if (rc_) return SC_ERR;
     }
   }
   if (r->col > 0 && !empty(orr)) {
-    halo_span(r, 1, r->col, o, hc);
+    int64_t hc[2];
+    halo_span(r, 1, r->col, o, span);
+    meet(span, rc, hc);
     if (!empty(hc)) {
-      const int64_t shape[4] = {r->batch, r->p->channels[o], orr[1] - orr[0],
-                                hc[1] - hc[0]};
+      /* the left neighbour reads it over its own rows and our halo's
+       * columns: zeros where the restricted region holds none */
+      const int part = !same(orr, forr) || !same(hc, span);
+      const int64_t shape[4] = {r->batch, r->p->channels[o],
+                                forr[1] - forr[0], span[1] - span[0]};
       rc_ = _sc_subview(r, r->grad[o], rr, rc, orr, hc, &src) ||
-            _sc_tile_buffer(r->ctx, shape, 0, &r->gleft[o]) ||
-            _sc_copy(r->ctx, r->gleft[o], src, 0);
+            _sc_tile_buffer(r->ctx, shape, part, &r->gleft[o]) ||
+            copy_into(r, r->gleft[o], orr[0] - forr[0], orr[1] - orr[0],
+                      hc[0] - span[0], hc[1] - hc[0], src, 0);
       _sc_drop(&src);
     }
   }

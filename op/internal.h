@@ -48,6 +48,16 @@ int _sc_plan_axis_cached_from(const sc_program *p, const int64_t *sizes,
                               int axis, int64_t base, int64_t lo, int64_t hi,
                               sc_axis_plan *plan, sc_error *err);
 
+/* A cached tile's plans (full, rows and cols) restricted to a sparse
+ * gradient: seed[4 v .. 4 v + 3] boxes (rows, cols, absolute; empty: all 0)
+ * the non-zero gradient value v gets from outside the tile's backward
+ * (output, pending halo gradients). v's region becomes the hull of its seed
+ * and of what its consumers read for their own spans, its own span the
+ * region's part in the full own span (the rest is halo). out: scratch. */
+int _sc_plan_restrict(const sc_program *p, const int64_t *sizes,
+                      const sc_axis_plan *const full[2], const int64_t *seed,
+                      sc_axis_plan *const out[2], sc_error *err);
+
 /* Output tile edge per axis for an input tile of tile_h x tile_w, capped at
  * the output extent; fails with the minimum tile when it is too small. */
 int _sc_tiling(const sc_program *p, const int64_t *sizes, int64_t tile_h,
@@ -538,6 +548,13 @@ int _sc_lstrip_view(sc_run *r, int64_t t, int64_t c, int64_t v,
 int _sc_add_halo(sc_run *r, int64_t o);
 int _sc_save_halo(sc_run *r, int64_t o);
 int _sc_pass_pending(sc_run *r, int64_t o);
+/* Cached backward: r->band / r->lhalo of the current tile, strip views
+ * narrowed to the current plans' regions. */
+int _sc_halo_views(sc_run *r);
+/* The spans of v a pending gradient covers: left = 0 the band below over
+ * our own columns (r->gband[v]), 1 the right one's left strip (gleft). */
+void _sc_pending_span(const sc_run *r, int64_t v, int left, int64_t rows[2],
+                      int64_t cols[2]);
 
 /* hostimage.c */
 int _sc_host_tile(sc_run *r);
@@ -578,15 +595,18 @@ enum {
   SC_SPARSE_SKIP = 1,  /* tiles without a non-zero gradient skipped */
   SC_SPARSE_BOXES = 2, /* and sparse tiles back-propagated in boxes */
 };
-enum { SC_TILE_WHOLE = 0, SC_TILE_BOXED = 1, SC_TILE_SKIPPED = 2 };
+/* How a tile ran: the index of its counter (3 counts the boxes). */
+enum { SC_TILE_WHOLE, SC_TILE_BOXED, SC_TILE_SKIPPED, SC_TILE_RESTRICTED = 4 };
 /* The mode STREAMCNN_SPARSE_BACKWARD asks for (unset: SC_SPARSE_BOXES);
  * fails on a value it does not know. */
 int _sc_sparse_mode(sc_ctx *ctx, int *mode);
 /* The current tile's backward where it is sparse: *how = SC_TILE_SKIPPED
- * (nothing to do) or SC_TILE_BOXED (done, in boxes), or SC_TILE_WHOLE: the
- * caller runs the tile (its halos and _sc_backward_tile) as without
- * sparsity. Cached plans: the tile's pending gradients must be in place;
- * a tile not run whole leaves none for its left neighbour. */
+ * (nothing to do), SC_TILE_BOXED (done, in boxes) or SC_TILE_RESTRICTED
+ * (done, cached plans restricted to its non-zero gradients), or
+ * SC_TILE_WHOLE: the caller runs the tile (_sc_halo_views and
+ * _sc_backward_tile) as without sparsity. Cached plans: the tile's pending
+ * gradients must be in place; a skipped or boxed tile leaves none for its
+ * left neighbour. */
 int _sc_sparse_tile(sc_run *r, AtenTensorHandle grad_out, int mode, int *how);
 
 #endif /* STREAMCNN_REPLAY */

@@ -295,13 +295,8 @@ int _sc_backward(sc_ctx *ctx, const sc_call *call, AtenTensorHandle grad_out,
         r.next_tile[1] = c > 0 ? c - 1 : nc - 1;
         int how = SC_TILE_WHOLE;
         rc = _sc_sparse_tile(&r, grad_out, sparse, &how);
-        for (int64_t v = 1; !rc && how == SC_TILE_WHOLE && v < r.nv; v++) {
-          if (r.band_off[t * r.nv + v] >= 0)
-            rc = _sc_band_view(&r, t, v, &r.band[v]);
-          if (!rc && r.lstrip_off[(t * nc + c) * r.nv + v] >= 0)
-            rc = _sc_lstrip_view(&r, t, c, v, &r.lhalo[v]);
-        }
-        if (!rc && how == SC_TILE_WHOLE) rc = _sc_backward_tile(&r, grad_out);
+        if (!rc && how == SC_TILE_WHOLE)
+          rc = _sc_halo_views(&r) || _sc_backward_tile(&r, grad_out);
         _sc_run_tile_release(&r);
         _sc_drop_all(r.band, r.nv);
         _sc_drop_all(r.lhalo, r.nv);

@@ -8,18 +8,27 @@
  *     through the cones of a few boxes of its output that hold all its
  *     non-zeros (cone plans: each box recomputes its own cone from the
  *     image, as a tile of halo_cache=False, and leaves nothing pending);
+ *   - else, with halo caching, restricted: its cached plans cut down to
+ *     the cone of the box around its non-zero output gradient joined, value
+ *     by value, with the boxes around its non-zero pending gradients
+ *     (_sc_plan_restrict); it recomputes and back-propagates only there,
+ *     takes the halo parts from the strips and passes on only their
+ *     gradient;
  *   - else run whole, as without sparsity.
  * Exact by the linearity argument of the tiling itself: the boxes'
  * non-zeros partition the tile's, and every non-zero is back-propagated
- * once. Rounding differs from the whole tile's only in the order of the
- * weight gradients' sums; skipping alone changes nothing.
+ * once (a restricted tile drops only zeros). Rounding differs from the
+ * whole tile's only in the order of the sums inside the ATen ops (spans of
+ * another size) and of the weight gradients' sums; skipping alone changes
+ * nothing.
  *
- * Mode (STREAMCNN_SPARSE_BACKWARD): unset, "1": skip and boxes; "skip":
- * skip only; "0": off (every tile whole, as before).
+ * Mode (STREAMCNN_SPARSE_BACKWARD): unset, "1": skip, boxes and restricted
+ * tiles; "skip": skip only; "0": off (every tile whole, as before).
  *
  * Owns: r->box_plan (released by _sc_run_release), the tile counters
- * (sc_backward_tiles). Calls: run.c, backward.c (_sc_backward_tile),
- * aten.c (_sc_nonzero_map). Called by replay.c.
+ * (sc_backward_tiles). Calls: run.c, halo.c (pending spans, halo views),
+ * backward.c (_sc_backward_tile), aten.c (_sc_nonzero_map), geometry.c
+ * (_sc_plan_restrict). Called by replay.c.
  */
 #define STREAMCNN_TORCH
 #define STREAMCNN_REPLAY
@@ -33,12 +42,12 @@
 
 /* ---- counters ------------------------------------------------------------ */
 
-/* Process-wide, as sc_macs: whole, boxed and skipped backward tiles, and
- * the boxes the boxed ones ran. */
-static _Atomic double g_tiles[4];
+/* Process-wide, as sc_macs: whole, boxed and skipped backward tiles, the
+ * boxes the boxed ones ran, restricted tiles (indexed by SC_TILE_*). */
+static _Atomic double g_tiles[5];
 
-void sc_backward_tiles(double out[4], int reset) {
-  _sc_counters_read(g_tiles, 4, out, reset);
+void sc_backward_tiles(double out[5], int reset) {
+  _sc_counters_read(g_tiles, 5, out, reset);
 }
 
 static void count(int k, double n) { _sc_counter_add(&g_tiles[k], n); }
@@ -99,27 +108,6 @@ static int nonzeros(sc_run *r, AtenTensorHandle t, int *any,
   return SC_OK;
 }
 
-/* Cached plans: a non-zero gradient is pending for the current tile (from
- * the row below, over its own columns, or from the tile on its right). */
-static int pending(sc_run *r, int *any) {
-  *any = 0;
-  for (int64_t v = 1; v < r->nv && !*any; v++) {
-    const int64_t *oc = own(r, 1, v);
-    AtenTensorHandle t = NULL;
-    int64_t dim, *sz, *st;
-    if (r->gleft[v] && nonzeros(r, r->gleft[v], any, NULL, NULL, NULL))
-      return SC_ERR;
-    if (*any || !r->gband[v] || empty(oc)) continue;
-    if (_sc_meta(r->ctx, r->gband[v], &dim, &sz, &st) ||
-        _sc_view(r->ctx, r->gband[v], 0, sz[2], oc[0], oc[1] - oc[0], &t))
-      return SC_ERR;
-    const int rc = nonzeros(r, t, any, NULL, NULL, NULL);
-    _sc_drop(&t);
-    if (rc) return SC_ERR;
-  }
-  return SC_OK;
-}
-
 /* ---- boxes --------------------------------------------------------------- */
 
 typedef struct box {
@@ -139,6 +127,69 @@ static box hull(const box *a, const box *b) {
   if (b->c0 < h.c0) h.c0 = b->c0;
   if (b->c1 > h.c1) h.c1 = b->c1;
   return h;
+}
+
+/* The bounding box of the non-zeros of map (h x w, at row0, col0), and
+ * how many there are (*nnz). */
+static box map_box(const unsigned char *map, int64_t h, int64_t w,
+                   int64_t row0, int64_t col0, int64_t *nnz) {
+  box b = {INT64_MAX, INT64_MIN, INT64_MAX, INT64_MIN};
+  *nnz = 0;
+  for (int64_t y = 0; y < h; y++)
+    for (int64_t x = 0; x < w; x++)
+      if (map[y * w + x]) {
+        const box px = {row0 + y, row0 + y + 1, col0 + x, col0 + x + 1};
+        b = hull(&b, &px);
+        ++*nnz;
+      }
+  return b;
+}
+
+/* seed[0 .. 3] (rows, cols; {0, 0, 0, 0} empty) = its hull with b. */
+static void seed_hull(int64_t *seed, const box *b) {
+  if (b->r1 <= b->r0 || b->c1 <= b->c0) return;
+  box s = {seed[0], seed[1], seed[2], seed[3]};
+  if (seed[1] > seed[0] && seed[3] > seed[2]) s = hull(&s, b);
+  else s = *b;
+  seed[0] = s.r0;
+  seed[1] = s.r1;
+  seed[2] = s.c0;
+  seed[3] = s.c1;
+}
+
+/* Cached plans: whether a non-zero gradient is pending for the current
+ * tile (from the row below, over its own columns, or from the tile on its
+ * right); with seed, also the box around each value's (seed[4 v ..], as
+ * for _sc_plan_restrict). */
+static int pending(sc_run *r, int64_t *seed, int *any) {
+  *any = 0;
+  for (int64_t v = 1; v < r->nv && (seed || !*any); v++)
+    for (int left = 0; left < 2; left++) {
+      AtenTensorHandle g = left ? r->gleft[v] : r->gband[v], t = NULL;
+      unsigned char *map = NULL;
+      int64_t ps[2][2], h = 0, w = 0;
+      int nz = 0;
+      if (!g) continue;
+      _sc_pending_span(r, v, left, ps[0], ps[1]);
+      if (empty(ps[0]) || empty(ps[1])) continue;
+      int64_t dim, *sz, *st;
+      if (left ? aoti_torch_new_tensor_handle(g, &t) != 0
+               : (_sc_meta(r->ctx, g, &dim, &sz, &st) ||
+                  _sc_view(r->ctx, g, 0, sz[2], ps[1][0],
+                           ps[1][1] - ps[1][0], &t)))
+        return sc_fail(&r->ctx->err, "streamcnn: cannot view a halo gradient");
+      const int rc = nonzeros(r, t, &nz, seed ? &map : NULL, &h, &w);
+      _sc_drop(&t);
+      if (rc) return SC_ERR;
+      if (nz && seed) {
+        int64_t nnz;
+        const box b = map_box(map, h, w, ps[0][0], ps[1][0], &nnz);
+        seed_hull(&seed[4 * v], &b);
+      }
+      free(map);
+      *any |= nz;
+    }
+  return SC_OK;
 }
 
 static int overlap(const box *a, const box *b) {
@@ -218,12 +269,14 @@ static int64_t cluster(const sc_program *p, const unsigned char *map,
   return n;
 }
 
-/* Elements the current plans' cone computes (own spans: what a cached
- * tile computes itself; cone plans: their regions). */
-static double plans_size(const sc_run *r) {
+/* Elements the current plans compute (computed = 1: own spans, what a
+ * cached tile computes itself; cone plans: their regions) or hold
+ * (computed = 0: regions, a cached tile's halos included). */
+static double plans_size(const sc_run *r, int computed) {
   double total = 0.0;
   for (int64_t v = 0; v < r->nv; v++) {
-    const int64_t *a = own(r, 0, v), *b = own(r, 1, v);
+    const int64_t *a = computed ? own(r, 0, v) : region(r, 0, v);
+    const int64_t *b = computed ? own(r, 1, v) : region(r, 1, v);
     if (!empty(a) && !empty(b))
       total += (double)(a[1] - a[0]) * (double)(b[1] - b[0]) *
                (double)r->p->channels[v];
@@ -244,70 +297,175 @@ static int select_box(sc_run *r, const box *b) {
   return SC_OK;
 }
 
+/* Make the tile's cached plans (tile) restricted to seed current. */
+static int select_restricted(sc_run *r, const sc_axis_plan *const tile[2],
+                             const int64_t *seed) {
+  if (_sc_plan_restrict(r->p, r->sizes, tile, seed, r->box_plan,
+                        &r->ctx->err))
+    return SC_ERR;
+  r->cur[0] = r->box_plan[0];
+  r->cur[1] = r->box_plan[1];
+  return SC_OK;
+}
+
 /* ---- the tile ------------------------------------------------------------ */
 
-int _sc_sparse_tile(sc_run *r, AtenTensorHandle grad_out, int mode,
-                    int *how) {
-  const int64_t ov = r->p->n_instr;
-  /* the output gradient this tile back-propagates: its own span's */
-  const int64_t *rs = own(r, 0, ov), *cs = own(r, 1, ov);
-  AtenTensorHandle g = NULL;
-  unsigned char *map = NULL;
-  box b[BOX_MAX];
-  int any = 0, rc = SC_OK;
-  int64_t h = 0, w = 0, n = 0;
-  *how = SC_TILE_WHOLE;
-  if (mode == SC_SPARSE_OFF || empty(rs) || empty(cs)) goto counted;
-  if (r->cached && pending(r, &any)) return SC_ERR;
-  if (any) goto counted; /* the halo's gradient needs the cached tile */
-  if (_sc_view(r->ctx, grad_out, rs[0] - r->out_row0, /* a band's rows */
-               rs[1] - rs[0], cs[0], cs[1] - cs[0], &g))
-    return SC_ERR;
-  rc = nonzeros(r, g, &any, mode == SC_SPARSE_BOXES ? &map : NULL, &h, &w);
-  _sc_drop(&g);
-  if (rc) return SC_ERR;
-  if (!any) {
-    *how = SC_TILE_SKIPPED;
-    goto counted;
+/* What back-propagating the output gradient in the boxes b[0 .. n) costs
+ * (what their cone plans compute: *boxes) against running the tile (*run):
+ * without halo caching the whole tile; with it the plans restricted to
+ * the output gradient's box (seed: zeros, scratch), whose own spans it
+ * computes, and when
+ * their halos hold part of the cone, the tiles before compute that part
+ * from the gradient passed on, which they might have skipped: about the
+ * cone of the boxes' hull then, at most the whole tile's (as many tiles
+ * around hold non-zeros as not), unless the gradient is dense (its
+ * neighbours run anyway). The tile's own plans are current again after. */
+static int costs(sc_run *r, const box *b, int64_t n, int64_t *seed,
+                 int dense, double *boxes, double *run) {
+  const sc_axis_plan *tile[2] = {r->cur[0], r->cur[1]};
+  box all = b[0];
+  int rc = SC_OK;
+  const double whole = plans_size(r, 1);
+  *boxes = 0.0;
+  *run = whole;
+  for (int64_t k = 0; !rc && k < n; k++) {
+    all = hull(&all, &b[k]);
+    if (!(rc = select_box(r, &b[k]))) *boxes += plans_size(r, 1);
   }
-  if (mode != SC_SPARSE_BOXES) goto counted;
-  n = cluster(r->p, map, h, w, rs[0], cs[0], b);
-  free(map);
-  if (n < 0) return sc_fail(&r->ctx->err, "streamcnn: out of memory");
-  if (!r->box_plan[0] && !(r->box_plan[0] = sc_axis_plan_new(r->p)))
-    return sc_fail(&r->ctx->err, "streamcnn: out of memory");
-  if (!r->box_plan[1] && !(r->box_plan[1] = sc_axis_plan_new(r->p)))
-    return sc_fail(&r->ctx->err, "streamcnn: out of memory");
-  const sc_axis_plan *tile_plans[2] = {r->cur[0], r->cur[1]};
-  const double whole = plans_size(r);
-  double boxes = 0.0;
-  for (int64_t k = 0; k < n; k++) {
-    if (select_box(r, &b[k])) {
-      rc = SC_ERR;
-      break;
+  if (!rc && seed) {
+    seed_hull(&seed[4 * r->p->n_instr], &all); /* the output's box alone */
+    rc = select_restricted(r, tile, seed);
+  }
+  if (!rc && seed) {
+    const double computed = plans_size(r, 1), held = plans_size(r, 0);
+    *run = computed;
+    if (held > computed && !dense && !(rc = select_box(r, &all))) {
+      const double cone = plans_size(r, 1);
+      *run = cone < whole ? cone : whole;
     }
-    boxes += plans_size(r);
   }
-  r->cur[0] = tile_plans[0];
-  r->cur[1] = tile_plans[1];
-  if (rc) return SC_ERR;
-  if (boxes >= whole) goto counted;
-  *how = SC_TILE_BOXED;
-  /* each box as a tile of its own: cone plans, no halo, nothing pending */
+  r->cur[0] = tile[0];
+  r->cur[1] = tile[1];
+  return rc;
+}
+
+/* Back-propagate boxes b[0 .. n) of the current tile, each as a tile of
+ * its own (cone plans, no halo, nothing pending). */
+static int run_boxes(sc_run *r, AtenTensorHandle grad_out, const box *b,
+                     int64_t n) {
+  const sc_axis_plan *tile[2] = {r->cur[0], r->cur[1]};
   const int cached = r->cached;
+  int rc = SC_OK;
   r->cached = 0;
   for (int64_t k = 0; !rc && k < n; k++) {
     rc = select_box(r, &b[k]) || _sc_backward_tile(r, grad_out);
     _sc_run_tile_release(r);
   }
   r->cached = cached;
-  r->cur[0] = tile_plans[0];
-  r->cur[1] = tile_plans[1];
-  if (rc) return SC_ERR;
-  count(3, (double)n);
+  r->cur[0] = tile[0];
+  r->cur[1] = tile[1];
+  return rc;
+}
+
+/* The same spans for every value and instruction input. */
+static int same_plan(const sc_axis_plan *a, const sc_axis_plan *b,
+                     int64_t n_instr) {
+  const size_t nv = (size_t)a->n_values;
+  return !memcmp(a->region, b->region, 2 * nv * sizeof *a->region) &&
+         !memcmp(a->own, b->own, 2 * nv * sizeof *a->own) &&
+         !memcmp(a->read, b->read, 4 * (size_t)n_instr * sizeof *a->read);
+}
+
+/* The current cached tile, restricted to seed: its halos narrowed, the
+ * pending gradients added and the halos' passed on (_sc_pass_pending).
+ * *ran = 0: nothing restricted it (the caller runs it whole). */
+static int run_restricted(sc_run *r, AtenTensorHandle grad_out,
+                          const int64_t *seed, int *ran) {
+  const sc_axis_plan *tile[2] = {r->cur[0], r->cur[1]};
+  int rc = select_restricted(r, tile, seed);
+  *ran = !rc && !(same_plan(tile[0], r->cur[0], r->p->n_instr) &&
+                  same_plan(tile[1], r->cur[1], r->p->n_instr));
+  if (*ran) rc = _sc_halo_views(r) || _sc_backward_tile(r, grad_out);
+  r->cur[0] = tile[0];
+  r->cur[1] = tile[1];
+  return rc;
+}
+
+int _sc_sparse_tile(sc_run *r, AtenTensorHandle grad_out, int mode,
+                    int *how) {
+  const int64_t ov = r->p->n_instr;
+  /* the output gradient this tile back-propagates: its own span's */
+  const int64_t *rs = own(r, 0, ov), *cs = own(r, 1, ov);
+  /* cached: restricted tiles, seeded with the boxes around the non-zero
+   * output and pending gradients */
+  const int restrict_ = r->cached && mode == SC_SPARSE_BOXES;
+  AtenTensorHandle g = NULL;
+  unsigned char *map = NULL;
+  int64_t *seed = NULL, *scratch = NULL; /* 4 per value each */
+  box b[BOX_MAX];
+  int any = 0, pend = 0, rc = SC_OK;
+  int64_t h = 0, w = 0, n = 0;
+  *how = SC_TILE_WHOLE;
+  if (mode == SC_SPARSE_OFF || empty(rs) || empty(cs)) goto counted;
+  if (restrict_ && !(seed = calloc(8 * (size_t)r->nv, sizeof *seed)))
+    return sc_fail(&r->ctx->err, "streamcnn: out of memory");
+  scratch = seed ? seed + 4 * r->nv : NULL;
+  if (r->cached && pending(r, seed, &pend)) goto fail;
+  if (pend && !restrict_) goto counted; /* the halo's gradient needs the
+                                           cached tile */
+  if (_sc_view(r->ctx, grad_out, rs[0] - r->out_row0, /* a band's rows */
+               rs[1] - rs[0], cs[0], cs[1] - cs[0], &g))
+    goto fail;
+  rc = nonzeros(r, g, &any, mode == SC_SPARSE_BOXES ? &map : NULL, &h, &w);
+  _sc_drop(&g);
+  if (rc) goto fail;
+  if (!any && !pend) {
+    *how = SC_TILE_SKIPPED;
+    goto counted;
+  }
+  if (mode != SC_SPARSE_BOXES) goto counted;
+  n = any ? cluster(r->p, map, h, w, rs[0], cs[0], b) : 0;
+  if (n < 0) {
+    sc_fail(&r->ctx->err, "streamcnn: out of memory");
+    goto fail;
+  }
+  for (int a = 0; a < 2; a++)
+    if (!r->box_plan[a] && !(r->box_plan[a] = sc_axis_plan_new(r->p))) {
+      sc_fail(&r->ctx->err, "streamcnn: out of memory");
+      goto fail;
+    }
+  double boxes = 0.0, run = 0.0;
+  if (n > 0) { /* the output gradient's boxes, or the tile run */
+    int64_t nnz = 0;
+    const box ob = map_box(map, h, w, rs[0], cs[0], &nnz);
+    const int dense = 4 * nnz >= h * w;
+    if (costs(r, b, n, scratch, dense, &boxes, &run)) goto fail;
+    /* ties: boxes pass nothing on, unless the tile runs anyway for its
+     * pending gradients and its own is dense */
+    if (boxes < run || (seed && boxes == run && !(pend && dense))) {
+      if (run_boxes(r, grad_out, b, n)) goto fail;
+      count(3, (double)n);
+      *how = SC_TILE_BOXED;
+    } else if (seed) {
+      seed_hull(&seed[4 * ov], &ob);
+    }
+  }
+  free(map);
+  map = NULL;
+  if (seed && (pend || *how != SC_TILE_BOXED)) {
+    /* the rest restricted: pending gradients, the output's unless boxed */
+    int ran = 0;
+    if (run_restricted(r, grad_out, seed, &ran)) goto fail;
+    if (ran) *how = SC_TILE_RESTRICTED;
+  }
 counted:
-  if (*how != SC_TILE_WHOLE && r->cached) /* nothing passes on */
-    _sc_drop_all(r->gleft, r->nv);
+  if ((*how == SC_TILE_BOXED || *how == SC_TILE_SKIPPED) && r->cached)
+    _sc_drop_all(r->gleft, r->nv); /* nothing passes on */
   count(*how, 1.0);
+  free(seed);
   return SC_OK;
+fail:
+  free(map);
+  free(seed);
+  return SC_ERR;
 }

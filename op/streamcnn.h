@@ -310,9 +310,10 @@ SC_API void sc_macs(double out[3], int reset);
 
 /* Backward tiles since the last reset, process-wide (op/sparse.c): out[0]
  * run whole, out[1] run as boxes of their non-zero output gradient, out[2]
- * skipped (no non-zero gradient), out[3] the boxes the boxed ones ran;
- * reset as for sc_macs. */
-SC_API void sc_backward_tiles(double out[4], int reset);
+ * skipped (no non-zero gradient), out[3] the boxes the boxed ones ran,
+ * out[4] restricted (halo caching: run over the cone of their non-zero
+ * output and pending gradients only); reset as for sc_macs. */
+SC_API void sc_backward_tiles(double out[5], int reset);
 
 /* Progress over tiles: while set on a thread, the operators called on that
  * thread report after each tile: phase 0 forward, 1 backward; done of

@@ -195,15 +195,17 @@ def backward_tiles(reset: bool = False) -> dict:
     """Backward tiles the operators ran since the last reset, on any thread:
     ``whole`` (as without sparsity), ``boxed`` (back-propagated through the
     cones of a few boxes around their non-zero output gradient; ``boxes``
-    counts those), ``skipped`` (no non-zero gradient: neither recomputed nor
-    back-propagated). The sparse backward is on unless the environment
+    counts those), ``restricted`` (halo caching: recomputed and
+    back-propagated only over the cone of their non-zero output and pending
+    halo gradients), ``skipped`` (no non-zero gradient: neither recomputed
+    nor back-propagated). The sparse backward is on unless the environment
     variable STREAMCNN_SPARSE_BACKWARD is 0 (off) or skip (skipping only).
     reset=True reads and zeroes the counters."""
     load_library()
-    out = (ctypes.c_double * 4)()
+    out = (ctypes.c_double * 5)()
     _cdll.sc_backward_tiles(out, int(bool(reset)))
     return {"whole": int(out[0]), "boxed": int(out[1]), "skipped": int(out[2]),
-            "boxes": int(out[3])}
+            "boxes": int(out[3]), "restricted": int(out[4])}
 
 
 def _declare_slide_api(lib: ctypes.CDLL) -> None:
