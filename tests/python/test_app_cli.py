@@ -316,8 +316,12 @@ def test_ctrl_c_keeps_last_checkpoint(slides, tmp_path):
     val = tmp_path / "val.csv"
     val.write_text(f"path,label\n{slides / 'val_0.svs'},0\n{slides / 'val_1.svs'},1\n")
     args = _train(slides, out, "--epochs", "2", "--batch-size", "1", val=val)
+    # SIGINT back to its default in the child: a test run started in the
+    # background (`make test &`) ignores SIGINT, the child would inherit
+    # that, and Python installs its KeyboardInterrupt handler only over SIG_DFL
     proc = subprocess.Popen([str(STREAMCNN), *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         t0 = time.monotonic()
         while not (out / "metrics.csv").exists():   # written after last.pt, at epoch 1's end
