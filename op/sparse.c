@@ -108,6 +108,13 @@ static int nonzeros(sc_run *r, AtenTensorHandle t, int *any,
   return SC_OK;
 }
 
+/* Every one of the n entries of map is set. */
+static int all_set(const unsigned char *map, int64_t n) {
+  for (int64_t k = 0; k < n; k++)
+    if (!map[k]) return 0;
+  return 1;
+}
+
 /* ---- boxes --------------------------------------------------------------- */
 
 typedef struct box {
@@ -407,18 +414,26 @@ int _sc_sparse_tile(sc_run *r, AtenTensorHandle grad_out, int mode,
   int64_t h = 0, w = 0, n = 0;
   *how = SC_TILE_WHOLE;
   if (mode == SC_SPARSE_OFF || empty(rs) || empty(cs)) goto counted;
-  if (restrict_ && !(seed = calloc(8 * (size_t)r->nv, sizeof *seed)))
-    return sc_fail(&r->ctx->err, "streamcnn: out of memory");
-  scratch = seed ? seed + 4 * r->nv : NULL;
-  if (r->cached && pending(r, seed, &pend)) goto fail;
-  if (pend && !restrict_) goto counted; /* the halo's gradient needs the
-                                           cached tile */
   if (_sc_view(r->ctx, grad_out, rs[0] - r->out_row0, /* a band's rows */
                rs[1] - rs[0], cs[0], cs[1] - cs[0], &g))
     goto fail;
   rc = nonzeros(r, g, &any, mode == SC_SPARSE_BOXES ? &map : NULL, &h, &w);
   _sc_drop(&g);
   if (rc) goto fail;
+  /* A non-zero output gradient and no boxes to try (skip mode), or one
+   * non-zero at every pixel (no boxes cost less than the tile, and the
+   * restriction's hull is the whole tile): the tile runs whole, whatever
+   * its pending gradients; their scan (two ATen calls per halo strip, a
+   * device sync each on a GPU) is not needed. */
+  if (any && (mode != SC_SPARSE_BOXES || all_set(map, h * w))) goto counted;
+  if (restrict_ && !(seed = calloc(8 * (size_t)r->nv, sizeof *seed))) {
+    sc_fail(&r->ctx->err, "streamcnn: out of memory");
+    goto fail;
+  }
+  scratch = seed ? seed + 4 * r->nv : NULL;
+  if (r->cached && pending(r, seed, &pend)) goto fail;
+  if (pend && !restrict_) goto counted; /* the halo's gradient needs the
+                                           cached tile */
   if (!any && !pend) {
     *how = SC_TILE_SKIPPED;
     goto counted;
@@ -462,6 +477,7 @@ counted:
   if ((*how == SC_TILE_BOXED || *how == SC_TILE_SKIPPED) && r->cached)
     _sc_drop_all(r->gleft, r->nv); /* nothing passes on */
   count(*how, 1.0);
+  free(map);
   free(seed);
   return SC_OK;
 fail:
