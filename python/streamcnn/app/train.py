@@ -239,8 +239,9 @@ def _train(cfg, ckpt, dist: Dist, device, quiet: bool, resume: bool, overwrite: 
     # ranks; with --tile-parallel the tile-parallel groups)
     replicas = dist if grid is None else grid.dp
     if cfg["batch_size"] % replicas.world:
+        what = "processes" if grid is None else "data-parallel groups"
         raise UsageError(f"--batch-size {cfg['batch_size']} must be a multiple of the "
-                         f"{dist.world} processes")
+                         f"{replicas.world} {what}")
     if cfg["amp"] == "fp16" and device.type == "cpu":
         pass                               # CPU autocast runs float16 too (slowly)
     writer_cls = None
