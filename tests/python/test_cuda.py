@@ -5,7 +5,9 @@ image normalised in PyTorch, autocast as close to the float64 truth as the
 whole-image autocast pass, deterministic runs bit-identical, with and
 without halo caching; the tile kernels' results (normalising gather from
 device and pinned images, gradient scatter-add) bit-identical to the CPU
-kernels'. Every test skips without a GPU, saying so."""
+kernels'; the sparse backward (skip-only bit-identical, boxes and restricted
+tiles within 1e-12 of the dense backward). Every test skips without a GPU,
+saying so."""
 
 import copy
 import random
@@ -194,3 +196,54 @@ def test_scatter_add_bit_identical_to_cpu(dtype, halo_cache):
         out[dev] = (y.cpu(), torch.autograd.grad(y, xd, g)[0].cpu())
     assert torch.equal(out["cpu"][0], out["cuda"][0])
     assert torch.equal(out["cpu"][1], out["cuda"][1])
+
+
+# ---- the sparse backward on the GPU (op/sparse.c: non-zero maps copied to
+# host memory, boxes, restricted tiles with pending halo gradients) ---------
+
+def sparse_backward_checks(device, halo_cache):
+    """The sparse backward of a max-pool head and of a gradient crossing
+    tile borders, on ``device``: skip-only bit-identical to the dense
+    backward (deterministic kernels), boxes / restricted tiles within 1e-12
+    of it (float64) and within 1e-10 of whole-image autograd on the CPU."""
+    from test_sparse_backward import _autograd, _border_gradient, _image, _stem, sparse_mode
+    stem = _stem(torch.float64)
+    x = _image(2, torch.float64)
+    g_border, _ = _border_gradient(stem, x)
+    dev_stem = copy.deepcopy(stem).to(device)
+
+    def grads(net, head, mode, dev):
+        sm = streamcnn.StreamingModule(net, 64, halo_cache=halo_cache, deterministic=True)
+        xi = x.detach().clone().to(dev).requires_grad_(True)
+        net.zero_grad()
+        y = sm(xi)
+        if isinstance(head, torch.Tensor):
+            loss = (y * head.to(dev)).sum()
+        else:
+            loss = (y.amax(dim=(2, 3)) * torch.linspace(-1.0, 1.0, y.shape[1],
+                                                        dtype=y.dtype, device=dev)).sum()
+        with sparse_mode(mode):
+            streamcnn.backward_tiles(reset=True)
+            loss.backward()
+            tiles = streamcnn.backward_tiles(reset=True)
+        return [xi.grad.cpu()] + [p.grad.cpu() for p in net.parameters()], tiles
+
+    for head in ("max", g_border):
+        dense, t0 = grads(dev_stem, head, "0", device)
+        skip, ts = grads(dev_stem, head, "skip", device)
+        sparse, t1 = grads(dev_stem, head, "1", device)
+        truth = _autograd(stem, x, head)
+        assert t0["skipped"] == 0 and ts["skipped"] > 0 and t1["skipped"] > 0, (t0, ts, t1)
+        assert t1["boxed"] + t1["restricted"] > 0, t1
+        if halo_cache:
+            assert t1["restricted"] > 0, t1
+        for a, b in zip(dense, skip):
+            assert torch.equal(a, b)
+        for a, b, c in zip(dense, sparse, truth):
+            assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+            assert (b - c).abs().max().item() <= 1e-10
+
+
+@pytest.mark.parametrize("halo_cache", CACHE)
+def test_sparse_backward_cuda(halo_cache):
+    sparse_backward_checks("cuda", halo_cache)
