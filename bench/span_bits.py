@@ -15,11 +15,12 @@ not: the sums are blocked (and, for the weight gradient, reduced) by span
 size, so the order of the non-zero terms changes. Skipping a tile changes
 no span, and is bit-identical.
 
+Environment: STREAMCNN_SPARSE_BACKWARD is set by the script.
+
     python bench/span_bits.py [--threads N]
 """
 
 import argparse
-import contextlib
 import os
 
 import torch
@@ -76,19 +77,6 @@ def conv_rows(dtype):
     return rows
 
 
-@contextlib.contextmanager
-def sparse_mode(value):
-    old = os.environ.get("STREAMCNN_SPARSE_BACKWARD")
-    os.environ["STREAMCNN_SPARSE_BACKWARD"] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("STREAMCNN_SPARSE_BACKWARD", None)
-        else:
-            os.environ["STREAMCNN_SPARSE_BACKWARD"] = old
-
-
 def streamcnn_rows(dtype):
     """The streamed forward vs whole-image PyTorch, and the sparse backward
     (on / skip) vs the dense streamed backward, max-pool head."""
@@ -103,27 +91,27 @@ def streamcnn_rows(dtype):
         sm = streamcnn.StreamingModule(stem, 64, halo_cache=hc)
         grads = {}
         for mode in ("0", "skip", "1"):
-            with sparse_mode(mode):
-                sm.zero_grad()
-                xi = x.clone().requires_grad_()
-                y = sm(xi)
-                loss = (y.amax(dim=(2, 3)) * torch.linspace(-1, 1, y.shape[1],
-                                                            dtype=dtype)).sum()
-                streamcnn.backward_tiles(reset=True)
-                loss.backward()
-                grads[mode] = [xi.grad] + [p.grad.clone() for p in sm.parameters()]
-                tiles = streamcnn.backward_tiles(reset=True)
-                if mode == "0":
-                    fwd = ulps(y.detach(), whole)
-                else:
-                    worst = max(ulps(a, b) for a, b in zip(grads[mode], grads["0"]))
-                    same = all(torch.equal(a, b) for a, b in zip(grads[mode], grads["0"]))
-                    rows.append((f"backward, halo cache {'on' if hc else 'off'}, sparse "
-                                 f"{'skip' if mode == 'skip' else 'on'} vs off "
-                                 f"(whole/boxed/restricted/skipped "
-                                 f"{tiles['whole']}/{tiles['boxed']}/"
-                                 f"{tiles.get('restricted', 0)}/{tiles['skipped']})",
-                                 same, worst))
+            os.environ["STREAMCNN_SPARSE_BACKWARD"] = mode
+            sm.zero_grad()
+            xi = x.clone().requires_grad_()
+            y = sm(xi)
+            loss = (y.amax(dim=(2, 3)) * torch.linspace(-1, 1, y.shape[1],
+                                                        dtype=dtype)).sum()
+            streamcnn.backward_tiles(reset=True)
+            loss.backward()
+            grads[mode] = [xi.grad] + [p.grad.clone() for p in sm.parameters()]
+            tiles = streamcnn.backward_tiles(reset=True)
+            if mode == "0":
+                fwd = ulps(y.detach(), whole)
+            else:
+                worst = max(ulps(a, b) for a, b in zip(grads[mode], grads["0"]))
+                same = all(torch.equal(a, b) for a, b in zip(grads[mode], grads["0"]))
+                rows.append((f"backward, halo cache {'on' if hc else 'off'}, sparse "
+                             f"{'skip' if mode == 'skip' else 'on'} vs off "
+                             f"(whole/boxed/restricted/skipped "
+                             f"{tiles['whole']}/{tiles['boxed']}/"
+                             f"{tiles.get('restricted', 0)}/{tiles['skipped']})",
+                             same, worst))
         rows.insert(0, (f"forward, halo cache {'on' if hc else 'off'}, vs whole image",
                         fwd == 0.0, fwd))
     return rows
