@@ -13,6 +13,11 @@
  *    file, which libFuzzer's malloc limit reports;
  *  - an Aperio file whose second level is far larger than its first: a
  *    per-axis downsample rounds to 0 and OpenSlide divides by it (SIGFPE).
+ *    Only Aperio files (directory 0's ImageDescription begins "Aperio", as
+ *    OpenSlide's Aperio driver tells them) are held to shrinking levels:
+ *    other vendors order their directories otherwise (Leica SCN puts the
+ *    macro image first; OpenSlide's generic TIFF driver sorts the levels
+ *    by size), and a small first tiled directory is valid there.
  * We cannot fix OpenSlide, and a slide reader must not crash its caller,
  * so sc_slide_open refuses such files here with a message. The walk reads
  * directory entries only (no pixels, no tag values): classic TIFF and
@@ -26,6 +31,7 @@
 
 #include <stdint.h>
 #include <stdio.h>
+#include <string.h>
 #include <sys/types.h>
 
 #define MAX_DIRS 4096 /* more is no slide; OpenSlide's loop check does the rest */
@@ -97,6 +103,7 @@ int _sc_tiff_precheck(const char *path, char *err, size_t errlen) {
   const int cnt_n = t.big ? 8 : 2, val_n = t.big ? 8 : 4;
   const uint64_t entry = t.big ? 20 : 12;
   uint64_t w0 = 0, h0 = 0; /* the first tiled directory: level 0 */
+  int aperio = 0;          /* OpenSlide's Aperio driver takes the file */
   for (int dir = 0; next && dir < MAX_DIRS; dir++) {
     uint8_t buf[20];
     if (read_at(&t, next, buf, (size_t)cnt_n)) break; /* OpenSlide says so */
@@ -131,6 +138,13 @@ int _sc_tiff_precheck(const char *path, char *err, size_t errlen) {
                             (unsigned long long)size);
         break;
       }
+      if (dir == 0 && tag == 270 && type == 2 && count >= 6) {
+        uint8_t d[6]; /* the description's start: inline, or at its offset */
+        const uint8_t *start = value;
+        if (count > (uint64_t)val_n)
+          start = read_at(&t, uint_of(&t, value, val_n), d, 6) ? NULL : d;
+        aperio = start && !memcmp(start, "Aperio", 6);
+      }
       if (count != 1 || (type != 3 && type != 4 && type != 16)) continue;
       const uint64_t v = uint_of(&t, value, type == 3 ? 2 : type == 4 ? 4 : 8);
       if (tag == 256) w = v;
@@ -151,13 +165,13 @@ int _sc_tiff_precheck(const char *path, char *err, size_t errlen) {
       }
       if (!w0) {
         w0 = w, h0 = h;
-      } else if (w / 2 > w0 || h / 2 > h0) { /* w > 2 w0 (no overflow) */
+      } else if (aperio && (w / 2 > w0 || h / 2 > h0)) { /* w > 2 w0 */
         rc = _sc_slide_fail(
             err, errlen,
-            "streamcnn: '%s' is a damaged slide: tiled directory %d "
+            "streamcnn: '%s' is a damaged Aperio slide: tiled directory %d "
             "(%llux%llu) is over twice the size of the first one "
-            "(%llux%llu), a pyramid's levels shrink (refused before "
-            "OpenSlide, which can crash on it)",
+            "(%llux%llu), an Aperio pyramid's levels shrink (refused "
+            "before OpenSlide, which can crash on it)",
             path, dir, (unsigned long long)w, (unsigned long long)h,
             (unsigned long long)w0, (unsigned long long)h0);
         break;

@@ -78,6 +78,9 @@ def main():
     write_slide(os.path.join(d, "generic_deflate.tiff"), [lv0, lv1], tile=16)
     write_slide(os.path.join(d, "generic_jpeg.tiff"), [lv0[:32, :32].contiguous()], tile=16,
                 compression="jpeg", quality=50)
+    # a small tiled directory first (as a Leica SCN's macro image): only
+    # Aperio files are held to shrinking levels, the others reach OpenSlide
+    write_slide(os.path.join(d, "generic_small_first.tiff"), [lv1, lv0], tile=16)
     write_slide(os.path.join(d, "aperio.svs"), [lv0, lv1], tile=16,
                 description=aperio_description(64, 48, 16, 0.25))
     for t in sorted(os.listdir(ROOT)):

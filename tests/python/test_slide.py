@@ -309,6 +309,29 @@ def test_bigtiff_opens_and_damaged_bigtiff_refused(tmp_path):
 
 
 @needs
+def test_small_first_tiled_directory(tmp_path):
+    """Vendors other than Aperio may put a small tiled image first (Leica SCN
+    its macro image; OpenSlide's generic TIFF driver sorts the levels by
+    size): the pre-check lets them through, and the slide reads exactly.
+    An Aperio file so ordered is refused (the crasher below is one)."""
+    g = torch.Generator().manual_seed(5)
+    lv = [torch.randint(0, 256, (n, n, 3), generator=g, dtype=torch.uint8)
+          for n in (64, 512, 256)]
+    path = tmp_path / "macro_first.tif"
+    synthetic.write_slide(str(path), lv, tile=64)
+    with Slide(str(path)) as s:
+        assert s.level_dimensions == [(512, 512), (256, 256), (64, 64)]
+        assert torch.equal(s.read_region((0, 0), 0, (512, 512), channels_last=True), lv[1])
+        assert torch.equal(s.read_region((0, 0), 2, (64, 64), channels_last=True), lv[0])
+    aperio = tmp_path / "macro_first.svs"
+    synthetic.write_slide(str(aperio), lv, tile=64,
+                          description=synthetic.aperio_description(64, 64, 64, 0.5))
+    with pytest.raises(ValueError, match=r"macro_first.svs.*damaged Aperio slide: tiled "
+                                         r"directory 1 \(512x512\)"):
+        Slide(str(aperio))
+
+
+@needs
 @pytest.mark.parametrize("name,says", [
     # OpenSlide 3.4 dies with SIGFPE: a per-axis downsample rounds to 0
     ("aperio_level1_wider_than_level0.tiff", "over twice the size of the first one"),
