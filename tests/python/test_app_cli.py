@@ -1,7 +1,11 @@
 """The ``streamcnn`` command line end to end, through the console script in
 a subprocess: synth -> train -> evaluate -> export -> the TorchScript file in
 a fresh process; the run folder's files; every bad input (exit 2, one line naming
-the file / field / row, nothing written); Ctrl-C during an epoch."""
+the file / field / row, nothing written); Ctrl-C during an epoch. Runs whose
+own process adds nothing under test (the options' runs, the resumes, the
+single-class run, the bad inputs) call ``streamcnn.cli.main`` in this
+process: each console-script process costs an interpreter start and the
+torch / torchvision imports (~5-8 s here)."""
 
 import csv
 import math
@@ -35,6 +39,22 @@ def cli(*args, timeout=600, check_rc=None):
     if check_rc is not None:
         assert res.returncode == check_rc, (res.returncode, res.stdout[-3000:],
                                             res.stderr[-3000:])
+    return res
+
+
+def cli_here(capsys, *args, check_rc=0):
+    """``streamcnn ARGS`` in this process (``streamcnn.cli.main``, what the
+    console script runs), for the runs where a process of its own adds
+    nothing under test (the console script, its exit status through the
+    OS and Ctrl-C are tested by the subprocess runs above and below):
+    the same fields as ``cli``'s result."""
+    from streamcnn.cli import main
+    capsys.readouterr()
+    rc = main([str(a) for a in args])
+    cap = capsys.readouterr()
+    res = subprocess.CompletedProcess(list(args), rc, cap.out, cap.err)
+    if check_rc is not None:
+        assert rc == check_rc, (rc, cap.out[-3000:], cap.err[-3000:])
     return res
 
 
@@ -285,11 +305,11 @@ def test_bad_run_folder(synth_set, run_dir, tmp_path, capsys):
          "cannot read checkpoint")
     assert not (tmp_path / "m.pt").exists()
     # a finished run resumed: nothing to do, exit 0
-    res = cli(*_train(slides, run_dir, "--resume", "--mpp", "0.5"), check_rc=0)
+    res = cli_here(capsys, *_train(slides, run_dir, "--resume", "--mpp", "0.5"))
     assert "nothing to do" in res.stdout
 
 
-def test_single_class_validation_and_toml_config(slides, tmp_path):
+def test_single_class_validation_and_toml_config(slides, tmp_path, capsys):
     """AUC undefined: a warning, nan in metrics.csv, training goes on; a
     TOML config with a flag overriding it, and --overwrite."""
     val = tmp_path / "val.csv"
@@ -300,8 +320,8 @@ def test_single_class_validation_and_toml_config(slides, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / "metrics.csv").write_text("epoch\n")            # "another run"
-    res = cli(*_train(slides, out, "--config", cfg, "--epochs", "1", "--overwrite", val=val),
-              check_rc=0)
+    res = cli_here(capsys, *_train(slides, out, "--config", cfg, "--epochs", "1",
+                                   "--overwrite", val=val))
     assert "single class" in res.stderr and "AUC is undefined" in res.stderr
     rows = _csv(out / "metrics.csv")
     assert len(rows) == 1 and math.isnan(float(rows[0]["val_auc"]))
@@ -311,7 +331,7 @@ def test_single_class_validation_and_toml_config(slides, tmp_path):
     assert saved["epochs"] == 1 and saved["lr"] == 0.02 and saved["schedule"] == "constant"
 
 
-def test_ctrl_c_keeps_last_checkpoint(slides, tmp_path):
+def test_ctrl_c_keeps_last_checkpoint(slides, tmp_path, capsys):
     out = tmp_path / "run"
     val = tmp_path / "val.csv"
     val.write_text(f"path,label\n{slides / 'val_0.svs'},0\n{slides / 'val_1.svs'},1\n")
@@ -342,7 +362,7 @@ def test_ctrl_c_keeps_last_checkpoint(slides, tmp_path):
     assert cfg["epochs"] == 2
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
     # and the run goes on from there
-    cli(*_train(slides, out, "--resume", val=val), check_rc=0)
+    cli_here(capsys, *_train(slides, out, "--resume", val=val))
     assert [int(r["epoch"]) for r in _csv(out / "metrics.csv")] == [1, 2]
 
 
@@ -355,21 +375,21 @@ def test_ctrl_c_keeps_last_checkpoint(slides, tmp_path):
     (["--amp", "fp16", "--schedule", "step", "--step-epochs", "1", "--tile-size", "160"],
      "val_auc"),
 ])
-def test_train_options(slides, tmp_path, options, metric):
+def test_train_options(slides, tmp_path, capsys, options, metric):
     """The options a short run does not otherwise reach train, evaluate and
     write a well-formed run folder."""
     out = tmp_path / "run"
     small = [a for a in SMALL]
     i = small.index("--tile-size")
     del small[i:i + 2]
-    cli("train", "--train", slides / "train.csv", "--val", slides / "val.csv", "--out", out,
-        *small, "--epochs", "1", "--batch-size", "2", *options, check_rc=0)
+    cli_here(capsys, "train", "--train", slides / "train.csv", "--val", slides / "val.csv",
+             "--out", out, *small, "--epochs", "1", "--batch-size", "2", *options)
     (row,) = _csv(out / "metrics.csv")
     assert metric in row and math.isfinite(float(row["train_loss"]))
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     assert cfg["amp"] == options[options.index("--amp") + 1]
-    ev = cli("evaluate", out / "last.pt", "--csv", slides / "val.csv", "--out", tmp_path / "ev",
-             check_rc=0)
+    ev = cli_here(capsys, "evaluate", out / "last.pt", "--csv", slides / "val.csv", "--out",
+                  tmp_path / "ev")
     name = "Spearman" if metric == "val_spearman" else "AUC"
     assert name in ev.stdout, ev.stdout
     preds = _csv(tmp_path / "ev" / "predictions.csv")

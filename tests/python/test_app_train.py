@@ -2,7 +2,9 @@
 uninterrupted run, ``torchrun`` (2 processes, gloo on the CPU) takes the
 same optimizer step as one process with the same effective batch, and
 ``--tile-parallel 2`` (2 processes sharing each image) trains the weights of
-one process."""
+one process. The single-process runs call ``streamcnn.cli.main`` in this
+process (no interpreter start-up, torch / torchvision imports per run); the
+spawned and torchrun runs are processes of their own."""
 
 import csv
 import os
@@ -36,6 +38,23 @@ def train(slides, out, *extra, train_csv="train.csv", env=None):
                 env=env)
 
 
+def train_here(slides, out, *extra, train_csv="train.csv", threads=None):
+    """``train`` in this process (``streamcnn.cli.main``, what the console
+    script runs): the single-process runs, whose own process adds nothing
+    under test. ``threads=1``: one intra-op thread, as ``OMP_NUM_THREADS=1``
+    gives a process of its own (and torchrun each of its processes)."""
+    from streamcnn.cli import main
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        rc = main(["train", "--train", str(slides / train_csv), "--val",
+                   str(slides / "val.csv"), "--out", str(out), *SMALL, *map(str, extra)])
+    finally:
+        torch.set_num_threads(before)
+    assert rc == 0, rc
+
+
 def _rows(path):
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
@@ -54,8 +73,8 @@ def test_learns_an_easy_signal(tmp_path):
     SGD, batch 4)."""
     write_set(tmp_path, n_train=12, n_val=8, size=512, seed=1)
     out = tmp_path / "run"
-    train(tmp_path, out, "--epochs", "2", "--batch-size", "4", "--optimizer", "sgd",
-          "--lr", "0.01", "--clip-grad", "0", "--tile-size", "256")
+    train_here(tmp_path, out, "--epochs", "2", "--batch-size", "4", "--optimizer", "sgd",
+               "--lr", "0.01", "--clip-grad", "0", "--tile-size", "256")
     rows = _rows(out / "metrics.csv")
     assert len(rows) == 2
     last = rows[-1]
@@ -71,10 +90,10 @@ def test_resume_repeats_an_uninterrupted_run(tmp_path):
     write_set(tmp_path, n_train=4, n_val=2, size=512, seed=5)
     opts = ["--batch-size", "2", "--optimizer", "sgd", "--lr", "0.01", "--schedule", "step",
             "--step-epochs", "1", "--gamma", "0.5", "--warmup", "1", "--augment"]
-    train(tmp_path, tmp_path / "a", "--epochs", "2", *opts)
-    train(tmp_path, tmp_path / "b", "--epochs", "1", *opts)
+    train_here(tmp_path, tmp_path / "a", "--epochs", "2", *opts)
+    train_here(tmp_path, tmp_path / "b", "--epochs", "1", *opts)
     assert len(_rows(tmp_path / "b" / "metrics.csv")) == 1
-    train(tmp_path, tmp_path / "b", "--epochs", "2", "--resume")
+    train_here(tmp_path, tmp_path / "b", "--epochs", "2", "--resume")
     _same_weights(tmp_path / "a" / "last.pt", tmp_path / "b" / "last.pt")
     ra, rb = _rows(tmp_path / "a" / "metrics.csv"), _rows(tmp_path / "b" / "metrics.csv")
     assert [r["epoch"] for r in rb] == ["1", "2"]
@@ -103,7 +122,7 @@ def test_ddp_step_equals_single_process(tmp_path):
     write_set(tmp_path, n_train=2, n_val=2, size=512, seed=9)
     opts = ["--epochs", "1", "--batch-size", "2", "--optimizer", "sgd", "--lr", "0.1",
             "--momentum", "0", "--augment"]
-    train(tmp_path, tmp_path / "single", *opts)
+    train_here(tmp_path, tmp_path / "single", *opts)
     res = _run([sys.executable, "-m", "torch.distributed.run", "--nnodes=1",
                 "--nproc_per_node=2", "--master_addr=127.0.0.1",
                 f"--master_port={_free_port()}", "-m", "streamcnn", "train", "--train",
@@ -140,7 +159,7 @@ def tp_single(tmp_path_factory):
     """2 training slides and the run of one process (one thread)."""
     d = tmp_path_factory.mktemp("tp")
     write_set(d, n_train=2, n_val=2, size=512, seed=9)
-    train(d, d / "single", *TP_OPTS, env=ONE_THREAD)
+    train_here(d, d / "single", *TP_OPTS, threads=1)
     return d
 
 

@@ -59,10 +59,11 @@ def _reference(stem, x, w):
     return y.detach(), list(got[1:] if x.is_floating_point() else got), gx
 
 
-def _check(tp, stem, x, w, label, part=False):
+def _check(tp, stem, ref, x, w, label, part=False):
     """Run tp on x (the whole image, or only this rank's rows) and compare
-    with the whole-image pass; every rank checks."""
-    ref_y, ref_p, ref_x = _reference(stem, x, w)
+    with the whole-image pass ``ref = _reference(stem, x, w)`` (computed once
+    for the several splits of one image); every rank checks."""
+    ref_y, ref_p, ref_x = ref
     params = [p for p in stem.parameters() if p.requires_grad]
     for p in params:
         p.grad = None
@@ -104,30 +105,36 @@ def _worker_two(rank, path):
         torch.manual_seed(0)
         stem = _random_stem()
         x = torch.randn(2, 3, 45, 37, dtype=torch.float64)
+        xu = torch.randint(0, 256, (2, 3, 45, 37), dtype=torch.uint8)
+        w = None
         for cached in (True, False):
             sm = streamcnn.StreamingModule(stem, 22, halo_cache=cached)
             oh, ow = streamcnn.tiling_info(sm.program, 45, 37, sm.tile_size)[:2]
             assert streamcnn.tiling_info(sm.program, 45, 37, sm.tile_size)[4] >= 3
-            w = torch.randn(2, 5, oh, ow, dtype=torch.float64)
+            if w is None:   # the whole-image passes, once for every split below
+                w = torch.randn(2, 5, oh, ow, dtype=torch.float64)
+                ref, ref_u = _reference(stem, x, w), _reference(stem, xu, w)
             # balanced, and splits that cut through the halos of every
             # layer (the first / last row alone, an odd row in the middle)
             for bands in (None, [(0, 1), (1, oh)], [(0, oh - 1), (oh - 1, oh)],
                           [(0, 5), (5, oh)]):
                 tp = TileParallel(sm, bands=bands)
-                _check(tp, stem, x, w, ("random", cached, bands))
+                _check(tp, stem, ref, x, w, ("random", cached, bands))
             tp = TileParallel(sm)
-            _check(tp, stem, x, w, ("random part", cached), part=True)
+            _check(tp, stem, ref, x, w, ("random part", cached), part=True)
             # a uint8 image (no image gradient), each rank its rows only
-            xu = torch.randint(0, 256, (2, 3, 45, 37), dtype=torch.uint8)
-            _check(tp, stem, xu, w, ("uint8 part", cached), part=True)
+            _check(tp, stem, ref_u, xu, w, ("uint8 part", cached), part=True)
         stem18 = _resnet18_stem()
         x18 = torch.randn(2, 3, 67, 51, dtype=torch.float64)
+        w = None
         for cached in (True, False):
             sm = streamcnn.StreamingModule(stem18, 48, halo_cache=cached)
             oh, ow = streamcnn.tiling_info(sm.program, 67, 51, sm.tile_size)[:2]
-            w = torch.randn(2, 64, oh, ow, dtype=torch.float64)
+            if w is None:
+                w = torch.randn(2, 64, oh, ow, dtype=torch.float64)
+                ref = _reference(stem18, x18, w)
             for bands in (None, [(0, 7), (7, oh)]):
-                _check(TileParallel(sm, bands=bands), stem18, x18, w,
+                _check(TileParallel(sm, bands=bands), stem18, ref, x18, w,
                        ("resnet18", cached, bands))
         # ranks that disagree (here: the image width) are refused on every
         # rank, and the group still works afterwards
@@ -149,23 +156,28 @@ def _worker_three(rank, path):
     try:
         torch.manual_seed(0)
         stem = _random_stem()
+        # an output of 2 rows over 3 ranks: the third band is empty; and
+        # an empty band in the middle (the whole-image passes computed once)
+        x2 = torch.randn(2, 3, 7, 29, dtype=torch.float64)
+        x3 = torch.randn(2, 3, 33, 21, dtype=torch.float64)
+        w2 = w3 = None
         for cached in (True, False):
             sm = streamcnn.StreamingModule(stem, 22, halo_cache=cached)
-            # an output of 2 rows over 3 ranks: the third band is empty
-            x = torch.randn(2, 3, 7, 29, dtype=torch.float64)
             oh, ow = streamcnn.tiling_info(sm.program, 7, 29, sm.tile_size)[:2]
             assert oh == 2
             tp = TileParallel(sm)
             assert tp.bands(7, 29)[2] == (2, 2)
             assert tp.rows_needed(7, 29, 2) == (0, 0)
-            w = torch.randn(2, 5, oh, ow, dtype=torch.float64)
-            _check(tp, stem, x, w, ("empty band", cached))
-            _check(tp, stem, x, w, ("empty band part", cached), part=True)
-            # an empty band in the middle
-            x = torch.randn(2, 3, 33, 21, dtype=torch.float64)
+            if w2 is None:
+                w2 = torch.randn(2, 5, oh, ow, dtype=torch.float64)
+                ref2 = _reference(stem, x2, w2)
+            _check(tp, stem, ref2, x2, w2, ("empty band", cached))
+            _check(tp, stem, ref2, x2, w2, ("empty band part", cached), part=True)
             oh, ow = streamcnn.tiling_info(sm.program, 33, 21, sm.tile_size)[:2]
-            w = torch.randn(2, 5, oh, ow, dtype=torch.float64)
-            _check(TileParallel(sm, bands=[(0, 3), (3, 3), (3, oh)]), stem, x, w,
+            if w3 is None:
+                w3 = torch.randn(2, 5, oh, ow, dtype=torch.float64)
+                ref3 = _reference(stem, x3, w3)
+            _check(TileParallel(sm, bands=[(0, 3), (3, 3), (3, oh)]), stem, ref3, x3, w3,
                    ("middle empty", cached))
     finally:
         dist.destroy_process_group()
