@@ -31,10 +31,14 @@ def _run(args, timeout=900, env=None):
     return res
 
 
+def _train_args(slides, out, *extra, train_csv="train.csv"):
+    return ["train", "--train", str(slides / train_csv), "--val", str(slides / "val.csv"),
+            "--out", str(out), *SMALL, *map(str, extra)]
+
+
 def train(slides, out, *extra, train_csv="train.csv", env=None):
     assert STREAMCNN.exists(), f"{STREAMCNN} is missing: install the package (make build)"
-    return _run([str(STREAMCNN), "train", "--train", str(slides / train_csv), "--val",
-                 str(slides / "val.csv"), "--out", str(out), *SMALL, *map(str, extra)],
+    return _run([str(STREAMCNN), *_train_args(slides, out, *extra, train_csv=train_csv)],
                 env=env)
 
 
@@ -48,8 +52,7 @@ def train_here(slides, out, *extra, train_csv="train.csv", threads=None):
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        rc = main(["train", "--train", str(slides / train_csv), "--val",
-                   str(slides / "val.csv"), "--out", str(out), *SMALL, *map(str, extra)])
+        rc = main(_train_args(slides, out, *extra, train_csv=train_csv))
     finally:
         torch.set_num_threads(before)
     assert rc == 0, rc

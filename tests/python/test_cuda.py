@@ -206,32 +206,20 @@ def sparse_backward_checks(device, halo_cache):
     tile borders, on ``device``: skip-only bit-identical to the dense
     backward (deterministic kernels), boxes / restricted tiles within 1e-12
     of it (float64) and within 1e-10 of whole-image autograd on the CPU."""
-    from test_sparse_backward import _autograd, _border_gradient, _image, _stem, sparse_mode
+    from test_sparse_backward import _autograd, _border_gradient, _grads, _image, _stem
     stem = _stem(torch.float64)
     x = _image(2, torch.float64)
     g_border, _ = _border_gradient(stem, x)
-    dev_stem = copy.deepcopy(stem).to(device)
+    dev_stem, dev_x = copy.deepcopy(stem).to(device), x.to(device)
 
-    def grads(net, head, mode, dev):
-        sm = streamcnn.StreamingModule(net, 64, halo_cache=halo_cache, deterministic=True)
-        xi = x.detach().clone().to(dev).requires_grad_(True)
-        net.zero_grad()
-        y = sm(xi)
-        if isinstance(head, torch.Tensor):
-            loss = (y * head.to(dev)).sum()
-        else:
-            loss = (y.amax(dim=(2, 3)) * torch.linspace(-1.0, 1.0, y.shape[1],
-                                                        dtype=y.dtype, device=dev)).sum()
-        with sparse_mode(mode):
-            streamcnn.backward_tiles(reset=True)
-            loss.backward()
-            tiles = streamcnn.backward_tiles(reset=True)
-        return [xi.grad.cpu()] + [p.grad.cpu() for p in net.parameters()], tiles
+    def grads(head, mode):
+        got, _, tiles = _grads(dev_stem, dev_x, head, mode, halo_cache, deterministic=True)
+        return [g.cpu() for g in got], tiles
 
     for head in ("max", g_border):
-        dense, t0 = grads(dev_stem, head, "0", device)
-        skip, ts = grads(dev_stem, head, "skip", device)
-        sparse, t1 = grads(dev_stem, head, "1", device)
+        dense, t0 = grads(head, "0")
+        skip, ts = grads(head, "skip")
+        sparse, t1 = grads(head, "1")
         truth = _autograd(stem, x, head)
         assert t0["skipped"] == 0 and ts["skipped"] > 0 and t1["skipped"] > 0, (t0, ts, t1)
         assert t1["boxed"] + t1["restricted"] > 0, t1

@@ -68,14 +68,20 @@ def _loss(y, head, w):
     return (y[:, :, 5, 7] * w).sum()
 
 
-def _grads(stem, x, head, mode, halo_cache=True, tile=64, channels_last=False):
-    sm = streamcnn.StreamingModule(stem, tile, halo_cache=halo_cache)
+def _grads(stem, x, head, mode, halo_cache=True, tile=64, channels_last=False,
+           deterministic=False):
+    """The gradients (image, then parameters) of the loss of head, in mode,
+    on the device of stem and x; the executed multiply-adds and tiles."""
+    sm = streamcnn.StreamingModule(stem, tile, halo_cache=halo_cache,
+                                   deterministic=deterministic)
     x = x.clone().requires_grad_(True)
     if channels_last:
         x = x.detach().to(memory_format=torch.channels_last).requires_grad_(True)
     sm.zero_grad()
     y = sm(x)
-    w = torch.linspace(-1.0, 1.0, y.shape[1], dtype=y.dtype)
+    w = torch.linspace(-1.0, 1.0, y.shape[1], dtype=y.dtype, device=y.device)
+    if isinstance(head, torch.Tensor):
+        head = head.to(y.device)
     with sparse_mode(mode):
         streamcnn.macs_executed(reset=True)
         streamcnn.backward_tiles(reset=True)
