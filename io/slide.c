@@ -64,6 +64,14 @@ int sc_slide_read(sc_slide *s, int32_t level, int64_t x, int64_t y, int64_t w,
   (void)hwc, (void)threads;
   return _sc_slide_fail(err, errlen, "%s", k_missing);
 }
+int sc_slide_read_box(sc_slide *s, int32_t level, int64_t x, int64_t y,
+                      int64_t w, int64_t h, int64_t bx, int64_t by, int64_t bw,
+                      int64_t bh, uint8_t *out, int hwc, int threads, char *err,
+                      size_t errlen) {
+  (void)s, (void)level, (void)x, (void)y, (void)w, (void)h, (void)bx;
+  (void)by, (void)bw, (void)bh, (void)out, (void)hwc, (void)threads;
+  return _sc_slide_fail(err, errlen, "%s", k_missing);
+}
 
 #else /* SC_WITH_OPENSLIDE ------------------------------------------------------- */
 
@@ -218,8 +226,11 @@ typedef struct read_job {
   int32_t level;
   int64_t x, y;       /* level-0 coordinates of the region's top-left */
   int64_t w, h;       /* region extent, level pixels */
-  int64_t cols;       /* chunks per row */
-  int64_t n_chunks;
+  int64_t px, py;     /* the part read: offset in the region ... */
+  int64_t pw, ph;     /* ... and extent, level pixels (out is pw x ph) */
+  int64_t kx0, ky0;   /* the first chunk column / row meeting the part */
+  int64_t cols;       /* chunks per row meeting the part */
+  int64_t n_chunks;   /* chunks meeting the part */
   int64_t *bx, *by;   /* chunk starts, level pixels: cols+1 / rows+1 */
   int64_t *x0, *y0;   /* their level-0 coordinates */
   uint8_t *out;
@@ -279,7 +290,7 @@ static void *read_worker(void *arg) {
   for (;;) {
     const long long k = atomic_fetch_add(&j->next, 1);
     if (k >= j->n_chunks || atomic_load(&j->failed)) break;
-    const int64_t kx = k % j->cols, ky = k / j->cols;
+    const int64_t kx = j->kx0 + k % j->cols, ky = j->ky0 + k / j->cols;
     const int64_t cx = j->bx[kx], cy = j->by[ky];
     const int64_t cw = j->bx[kx + 1] - cx, ch = j->by[ky + 1] - cy;
     openslide_read_region(j->s->osr, buf, j->x0[kx], j->y0[ky], j->level, cw,
@@ -291,21 +302,28 @@ static void *read_worker(void *arg) {
                oerr);
       break;
     }
-    for (int64_t r = 0; r < ch; r++) {
-      const uint32_t *src = buf + r * cw;
-      const int64_t row = cy + r;
+    /* the chunk's pixels inside the part: columns [c0, c1), rows [r0, r1)
+     * of the region */
+    const int64_t c0 = cx > j->px ? cx : j->px;
+    const int64_t c1 = cx + cw < j->px + j->pw ? cx + cw : j->px + j->pw;
+    const int64_t r0 = cy > j->py ? cy : j->py;
+    const int64_t r1 = cy + ch < j->py + j->ph ? cy + ch : j->py + j->ph;
+    const int64_t n = c1 - c0;
+    for (int64_t row = r0; row < r1; row++) {
+      const uint32_t *src = buf + (row - cy) * cw + (c0 - cx);
+      const int64_t orow = row - j->py, ocol = c0 - j->px;
       if (j->hwc) {
-        uint8_t *dst = j->out + (row * j->w + cx) * 3;
-        for (int64_t c = 0; c < cw; c++) {
+        uint8_t *dst = j->out + (orow * j->pw + ocol) * 3;
+        for (int64_t c = 0; c < n; c++) {
           const uint32_t p = src[c], a = p >> 24;
           dst[3 * c] = over((p >> 16) & 255, a, bg[0]);
           dst[3 * c + 1] = over((p >> 8) & 255, a, bg[1]);
           dst[3 * c + 2] = over(p & 255, a, bg[2]);
         }
       } else {
-        const int64_t plane = j->w * j->h, off = row * j->w + cx;
+        const int64_t plane = j->pw * j->ph, off = orow * j->pw + ocol;
         uint8_t *d0 = j->out + off, *d1 = d0 + plane, *d2 = d1 + plane;
-        for (int64_t c = 0; c < cw; c++) {
+        for (int64_t c = 0; c < n; c++) {
           const uint32_t p = src[c], a = p >> 24;
           d0[c] = over((p >> 16) & 255, a, bg[0]);
           d1[c] = over((p >> 8) & 255, a, bg[1]);
@@ -321,6 +339,14 @@ static void *read_worker(void *arg) {
 int sc_slide_read(sc_slide *s, int32_t level, int64_t x, int64_t y, int64_t w,
                   int64_t h, uint8_t *out, int hwc, int threads, char *err,
                   size_t errlen) {
+  return sc_slide_read_box(s, level, x, y, w, h, 0, 0, w, h, out, hwc, threads,
+                           err, errlen);
+}
+
+int sc_slide_read_box(sc_slide *s, int32_t level, int64_t x, int64_t y,
+                      int64_t w, int64_t h, int64_t bx, int64_t by, int64_t bw,
+                      int64_t bh, uint8_t *out, int hwc, int threads, char *err,
+                      size_t errlen) {
   if (!s) return _sc_slide_fail(err, errlen, "streamcnn: the slide is closed");
   if (level < 0 || level >= s->levels)
     return _sc_slide_fail(err, errlen,
@@ -337,6 +363,12 @@ int sc_slide_read(sc_slide *s, int32_t level, int64_t x, int64_t y, int64_t w,
     return _sc_slide_fail(err, errlen,
                       "streamcnn: region origin (%lld, %lld) is out of range",
                       (long long)x, (long long)y);
+  if (bw < 1 || bh < 1 || bx < 0 || by < 0 || bw > w - bx || bh > h - by)
+    return _sc_slide_fail(err, errlen,
+                      "streamcnn: part (%lld, %lld) + %lld x %lld is not "
+                      "inside the %lld x %lld region",
+                      (long long)bx, (long long)by, (long long)bw,
+                      (long long)bh, (long long)w, (long long)h);
   if (!out) return _sc_slide_fail(err, errlen, "streamcnn: no output buffer");
   if (threads < 1) threads = 1;
   if (threads > MAX_THREADS) threads = MAX_THREADS;
@@ -348,6 +380,10 @@ int sc_slide_read(sc_slide *s, int32_t level, int64_t x, int64_t y, int64_t w,
   j.y = y;
   j.w = w;
   j.h = h;
+  j.px = bx;
+  j.py = by;
+  j.pw = bw;
+  j.ph = bh;
   const double ds = s->downsample[level];
   const int64_t ncx = (w + CHUNK - 1) / CHUNK + 1;
   const int64_t ncy = (h + CHUNK - 1) / CHUNK + 1;
@@ -358,8 +394,14 @@ int sc_slide_read(sc_slide *s, int32_t level, int64_t x, int64_t y, int64_t w,
   j.x0 = j.bx + ncx;
   j.by = j.x0 + ncx;
   j.y0 = j.by + ncy;
-  j.cols = cuts(x, w, ds, j.bx, j.x0);
-  j.n_chunks = j.cols * cuts(y, h, ds, j.by, j.y0);
+  /* the region's grid (as a read of the whole region), then the chunks
+   * that meet the part */
+  (void)cuts(x, w, ds, j.bx, j.x0);
+  (void)cuts(y, h, ds, j.by, j.y0);
+  j.kx0 = bx / CHUNK;
+  j.ky0 = by / CHUNK;
+  j.cols = (bx + bw - 1) / CHUNK + 1 - j.kx0;
+  j.n_chunks = j.cols * ((by + bh - 1) / CHUNK + 1 - j.ky0);
   j.out = out;
   j.hwc = !!hwc;
   atomic_init(&j.next, 0);

@@ -57,6 +57,58 @@ SC_API int sc_slide_read(sc_slide *s, int32_t level, int64_t x, int64_t y,
                          int64_t w, int64_t h, uint8_t *out, int hwc,
                          int threads, char *err, size_t errlen);
 
+/* The part (bx, by) + bw x bh (level pixels, relative to the region's
+ * top-left) of the region that sc_slide_read(s, level, x, y, w, h, ...)
+ * reads, pixel for pixel as that call gives it (the same chunk grid, so
+ * also at levels whose downsample is not an integer), into out: 3 x bh x bw
+ * or bh x bw x 3 bytes owned by the caller. Only the chunks that meet the
+ * part are read. The part must lie inside the region. */
+SC_API int sc_slide_read_box(sc_slide *s, int32_t level, int64_t x, int64_t y,
+                             int64_t w, int64_t h, int64_t bx, int64_t by,
+                             int64_t bw, int64_t bh, uint8_t *out, int hwc,
+                             int threads, char *err, size_t errlen);
+
+/* --- resampling (resample.c; needs no OpenSlide) ---------------------------
+ * Antialiased bilinear resampling of uint8 planes (a triangle filter
+ * stretched by the downscale factor, as Pillow's and torch's antialias) in
+ * fixed point: integer weights of 22 fraction bits summing to exactly
+ * 1 << 22 per output pixel, integer sums, rows resampled first (rounded to
+ * uint8), then columns. Each output pixel depends only on its indices and
+ * its source pixels, so a box of the output is computed bit for bit as the
+ * same box of the whole resample: read only the source rows a band needs
+ * (sc_resample_span) and resample the band. A constant image stays
+ * constant; equal sizes copy. */
+
+/* The source indices [span[0], span[1]) that output indices [out_lo,
+ * out_hi) read, along one axis of an in_size -> out_size resample
+ * (1 <= sizes <= 2^31, 0 <= out_lo < out_hi <= out_size). */
+SC_API int sc_resample_span(int64_t in_size, int64_t out_size, int64_t out_lo,
+                            int64_t out_hi, int64_t span[2], char *err,
+                            size_t errlen);
+
+/* Arguments of sc_resample_u8 (zero-initialise; sizes in pixels). */
+typedef struct sc_resample_args {
+  const uint8_t *src;    /* planes x src_h x src_w, contiguous: the part of
+                            the source held (caller's, only read) */
+  int64_t planes;        /* 1 .. 4096 */
+  int64_t src_y, src_x;  /* the part's offset in the whole source */
+  int64_t src_h, src_w;  /* the part's extent */
+  int64_t in_h, in_w;    /* the whole source */
+  int64_t out_h, out_w;  /* the whole result */
+  int64_t box_y, box_x;  /* the part of the result computed: offset ... */
+  int64_t box_h, box_w;  /* ... and extent */
+  uint8_t *dst;          /* planes x box_h x box_w, contiguous (caller's) */
+  int threads;           /* 1 .. 64 threads over 64-row strips; the result
+                            does not depend on it */
+} sc_resample_args;
+
+/* Resample: the box of the in_h x in_w -> out_h x out_w result into dst.
+ * The source part must hold the spans the box reads (refused with both
+ * ranges named otherwise). Memory: per thread one strip of rows-resampled
+ * source rows (box_w x (64 x in_h / out_h + 3) bytes) and the weights. */
+SC_API int sc_resample_u8(const sc_resample_args *args, char *err,
+                          size_t errlen);
+
 /* Write a pyramidal tiled TIFF: n_levels RGB images (h x w x 3 uint8,
  * row-major), level 0 first, the others marked SUBFILETYPE=REDUCEDIMAGE.
  * compression: 1 deflate (lossless), 2 JPEG (quality 1 .. 100). tile: edge

@@ -208,6 +208,18 @@ def backward_tiles(reset: bool = False) -> dict:
             "boxes": int(out[3]), "restricted": int(out[4])}
 
 
+class ResampleArgs(ctypes.Structure):
+    """``sc_resample_args`` of io/slide.h (sizes in pixels)."""
+    _fields_ = [("src", ctypes.c_void_p), ("planes", ctypes.c_int64),
+                ("src_y", ctypes.c_int64), ("src_x", ctypes.c_int64),
+                ("src_h", ctypes.c_int64), ("src_w", ctypes.c_int64),
+                ("in_h", ctypes.c_int64), ("in_w", ctypes.c_int64),
+                ("out_h", ctypes.c_int64), ("out_w", ctypes.c_int64),
+                ("box_y", ctypes.c_int64), ("box_x", ctypes.c_int64),
+                ("box_h", ctypes.c_int64), ("box_w", ctypes.c_int64),
+                ("dst", ctypes.c_void_p), ("threads", ctypes.c_int)]
+
+
 def _declare_slide_api(lib: ctypes.CDLL) -> None:
     """ctypes prototypes of io/slide.h."""
     vp, cp, sz, i32, i64 = (ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t,
@@ -225,6 +237,10 @@ def _declare_slide_api(lib: ctypes.CDLL) -> None:
         "sc_slide_background": (None, [vp, ctypes.POINTER(ctypes.c_uint8)]),
         "sc_slide_read": (ctypes.c_int, [vp, i32, i64, i64, i64, i64, vp, ctypes.c_int,
                                          ctypes.c_int, cp, sz]),
+        "sc_slide_read_box": (ctypes.c_int, [vp, i32, i64, i64, i64, i64, i64, i64, i64, i64,
+                                             vp, ctypes.c_int, ctypes.c_int, cp, sz]),
+        "sc_resample_span": (ctypes.c_int, [i64, i64, i64, i64, i64p, cp, sz]),
+        "sc_resample_u8": (ctypes.c_int, [ctypes.POINTER(ResampleArgs), cp, sz]),
         "sc_tiff_write_pyramid": (ctypes.c_int, [cp, ctypes.c_int, ctypes.POINTER(vp), i64p,
                                                  i64p, ctypes.c_int, ctypes.c_int,
                                                  ctypes.c_int, cp, cp, sz]),

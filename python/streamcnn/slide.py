@@ -6,7 +6,6 @@ import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from ._library import clib
 
@@ -134,11 +133,19 @@ class Slide:
         return level
 
     def read_region(self, location: Sequence[int], level: int, size: Sequence[int], *,
-                    channels_last: bool = False, threads: Optional[int] = None) -> torch.Tensor:
+                    box: Optional[Sequence[int]] = None, channels_last: bool = False,
+                    threads: Optional[int] = None) -> torch.Tensor:
         """Read ``size = (w, h)`` pixels of ``level`` whose top-left is
         ``location = (x, y)`` in level-0 coordinates, as uint8 ``3 x h x w``
         (``h x w x 3`` with channels_last). Read in chunks by ``threads``
-        threads (default: up to 8)."""
+        threads (default: up to 8).
+
+        ``box = (bx, by, bw, bh)`` (level pixels, relative to the region's
+        top-left, inside it): only that part of the region, pixel for pixel
+        as the whole region's read gives it (also at levels whose downsample
+        is not an integer, where a read of the part as a region of its own
+        may differ by a sub-pixel shift); only the chunks meeting it are
+        read."""
         if self._h is None:
             raise ValueError("streamcnn: the slide is closed")
         self._check_level(level)
@@ -149,19 +156,17 @@ class Slide:
         if max(abs(x), abs(y)) > MAX_ORIGIN:
             raise ValueError(f"streamcnn: region origin ({x}, {y}) is out of range "
                              f"(|x|, |y| <= {MAX_ORIGIN})")
-        if w * h > MAX_REGION_PIXELS:
-            raise ValueError(f"streamcnn: region size {w} x {h} is too large "
+        bx, by, bw, bh = _check_box(box, w, h, "region")
+        if bw * bh > MAX_REGION_PIXELS:
+            raise ValueError(f"streamcnn: region size {bw} x {bh} is too large "
                              f"(> {MAX_REGION_PIXELS} pixels)")
-        if threads is None:
-            threads = _default_threads()
-        if not isinstance(threads, int) or isinstance(threads, bool) or not 1 <= threads <= 64:
-            raise ValueError(f"streamcnn: threads must be an int in 1 .. 64, got {threads!r}")
-        shape = (h, w, 3) if channels_last else (3, h, w)
+        threads = _check_threads(threads)
+        shape = (bh, bw, 3) if channels_last else (3, bh, bw)
         out = torch.empty(shape, dtype=torch.uint8)
         err = _err()
-        rc = self._lib.sc_slide_read(self._h, level, x, y, w, h, out.data_ptr(),
-                                     int(channels_last), threads, err,
-                                     _ERR)
+        rc = self._lib.sc_slide_read_box(self._h, level, x, y, w, h, bx, by, bw, bh,
+                                         out.data_ptr(), int(channels_last), threads, err,
+                                         _ERR)
         if rc != 0:
             raise RuntimeError(err.value.decode(errors="replace"))
         return out
@@ -207,25 +212,38 @@ class Slide:
                                 threads=threads)
 
     def read_scaled(self, location: Sequence[int], downsample: float, size: Sequence[int], *,
-                    tolerance: float = 0.05, threads: Optional[int] = None) -> torch.Tensor:
+                    box: Optional[Sequence[int]] = None, tolerance: float = 0.05,
+                    threads: Optional[int] = None) -> torch.Tensor:
         """Exactly ``size = (w, h)`` pixels at ``downsample`` (w.r.t. level 0)
         whose top-left is ``location`` in level-0 pixels, uint8 ``3 x h x w``.
         Reads the coarsest level at least that fine (within ``tolerance``,
         relative); a level within ``tolerance`` of ``downsample`` is read
-        as is, otherwise the region is resampled (antialiased bilinear)."""
+        as is, otherwise the region is resampled (antialiased bilinear,
+        :func:`resize_uint8`).
+
+        ``box = (bx, by, bw, bh)`` (output pixels, inside ``size``): only
+        that part, bit for bit as the same part of the whole result; only
+        the level pixels it needs are read and resampled (for a band of
+        rows: memory and time in proportion to the band)."""
         if not downsample > 0:
             raise ValueError(f"streamcnn: downsample must be positive, got {downsample!r}")
         out_w, out_h = (int(v) for v in size)
         if out_w < 1 or out_h < 1:
             raise ValueError(f"streamcnn: size {out_w} x {out_h} must be positive")
+        bx, by, bw, bh = _check_box(box, out_w, out_h, "image")
         lvl = self.best_level_for_downsample(downsample, tolerance)
         ds = self.level_downsamples[lvl]
         if abs(ds - downsample) <= tolerance * downsample:
-            return self.read_region(location, lvl, (out_w, out_h), threads=threads)
+            return self.read_region(location, lvl, (out_w, out_h), box=(bx, by, bw, bh),
+                                    threads=threads)
         rw = max(1, math.ceil(out_w * downsample / ds))
         rh = max(1, math.ceil(out_h * downsample / ds))
-        region = self.read_region(location, lvl, (rw, rh), threads=threads)
-        return resize_uint8(region, (out_h, out_w))
+        r0, r1 = resample_span(rh, out_h, by, by + bh)
+        c0, c1 = resample_span(rw, out_w, bx, bx + bw)
+        region = self.read_region(location, lvl, (rw, rh), box=(c0, r0, c1 - c0, r1 - r0),
+                                  threads=threads)
+        return resize_uint8(region, (out_h, out_w), source_size=(rh, rw),
+                            source_offset=(r0, c0), box=(by, bx, bh, bw), threads=threads)
 
     def thumbnail(self, max_size: int = 1024) -> torch.Tensor:
         """The whole slide, longest side ``max_size`` pixels, uint8 3 x h x w."""
@@ -272,15 +290,75 @@ def box_of_mask(mask: torch.Tensor, ds: float, dimensions: Tuple[int, int],
     return x0, y0, x1 - x0, y1 - y0
 
 
-def resize_uint8(img: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
-    """Antialiased bilinear resize of a uint8 C x h x w image to size (h, w),
-    one channel at a time (a float copy of one plane at most, not of the
-    whole region)."""
-    out = torch.empty((img.shape[0], *size), dtype=torch.uint8)
-    for c in range(img.shape[0]):
-        plane = F.interpolate(img[None, c:c + 1].float(), size=size, mode="bilinear",
-                              align_corners=False, antialias=True)
-        out[c] = plane[0, 0].round_().clamp_(0, 255).to(torch.uint8)
+def _check_box(box, w: int, h: int, what: str) -> Tuple[int, int, int, int]:
+    """``(x, y, w, h)`` of a part of a w x h region (default: all of it)."""
+    if box is None:
+        return 0, 0, w, h
+    try:
+        bx, by, bw, bh = (int(v) for v in box)
+    except (TypeError, ValueError):
+        raise ValueError(f"streamcnn: box must be (x, y, w, h), got {box!r}") from None
+    if bw < 1 or bh < 1 or bx < 0 or by < 0 or bx + bw > w or by + bh > h:
+        raise ValueError(f"streamcnn: box (x, y, w, h) = {(bx, by, bw, bh)} is not a "
+                         f"non-empty part of the {w} x {h} {what}")
+    return bx, by, bw, bh
+
+
+def _check_threads(threads) -> int:
+    if threads is None:
+        return _default_threads()
+    if not isinstance(threads, int) or isinstance(threads, bool) or not 1 <= threads <= 64:
+        raise ValueError(f"streamcnn: threads must be an int in 1 .. 64, got {threads!r}")
+    return threads
+
+
+def resample_span(in_size: int, out_size: int, lo: int, hi: int) -> Tuple[int, int]:
+    """The source indices ``[a, b)`` that output indices ``[lo, hi)`` read
+    along one axis of an ``in_size -> out_size`` :func:`resize_uint8`."""
+    span = (ctypes.c_int64 * 2)()
+    err = _err()
+    if clib().sc_resample_span(int(in_size), int(out_size), int(lo), int(hi), span, err,
+                               _ERR):
+        raise ValueError(err.value.decode(errors="replace"))
+    return int(span[0]), int(span[1])
+
+
+def resize_uint8(img: torch.Tensor, size: Tuple[int, int], *,
+                 source_size: Optional[Tuple[int, int]] = None,
+                 source_offset: Tuple[int, int] = (0, 0),
+                 box: Optional[Tuple[int, int, int, int]] = None,
+                 threads: Optional[int] = None) -> torch.Tensor:
+    """Antialiased bilinear resize of a uint8 ``C x h x w`` image to
+    ``size = (H, W)`` (a triangle filter stretched by the downscale factor,
+    as torch's ``interpolate(..., antialias=True)``, in fixed point, in the
+    C library: within 1 of an exact float evaluation of the filter; rows
+    first, then columns; no float copy of the image).
+
+    Any part of the result is computed bit for bit as the same part of the
+    whole: ``box = (y, x, h, w)`` of the result (default: all of it), from
+    ``img`` holding only the part of the ``source_size = (h0, w0)`` source
+    at ``source_offset = (y, x)`` (it must cover :func:`resample_span` of
+    the box's rows and columns)."""
+    if not isinstance(img, torch.Tensor) or img.dtype != torch.uint8 or img.dim() != 3:
+        raise ValueError("streamcnn: resize_uint8 expects a uint8 C x H x W tensor, got "
+                         f"{getattr(img, 'dtype', type(img))} "
+                         f"{tuple(getattr(img, 'shape', ()))}")
+    if img.device.type != "cpu":
+        raise ValueError("streamcnn: resize_uint8 works on CPU tensors")
+    out_h, out_w = (int(v) for v in size)
+    in_h, in_w = (int(v) for v in (source_size or img.shape[1:]))
+    sy, sx = (int(v) for v in source_offset)
+    y, x, h, w = (0, 0, out_h, out_w) if box is None else (int(v) for v in box)
+    src = img.contiguous()
+    out = torch.empty((img.shape[0], max(h, 0), max(w, 0)), dtype=torch.uint8)
+    from ._library import ResampleArgs
+    a = ResampleArgs(src=src.data_ptr(), planes=img.shape[0], src_y=sy, src_x=sx,
+                     src_h=img.shape[1], src_w=img.shape[2], in_h=in_h, in_w=in_w,
+                     out_h=out_h, out_w=out_w, box_y=y, box_x=x, box_h=h, box_w=w,
+                     dst=out.data_ptr(), threads=_check_threads(threads))
+    err = _err()
+    if clib().sc_resample_u8(ctypes.byref(a), err, _ERR):
+        raise ValueError(err.value.decode(errors="replace"))
     return out
 
 

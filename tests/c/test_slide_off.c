@@ -23,6 +23,11 @@ int main(void) {
   CHECK_EQ(sc_slide_read(NULL, 0, 0, 0, 1, 1, px, 0, 1, err, sizeof err), SC_ERR);
   expect_msg(err);
   err[0] = 0;
+  CHECK_EQ(sc_slide_read_box(NULL, 0, 0, 0, 1, 1, 0, 0, 1, 1, px, 0, 1, err,
+                             sizeof err),
+           SC_ERR);
+  expect_msg(err);
+  err[0] = 0;
   const uint8_t *lv[1] = {px};
   int64_t w = 1, h = 1;
   CHECK_EQ(sc_tiff_write_pyramid("/tmp/x.tif", 1, lv, &w, &h, 16, 1, 90, NULL, err,

@@ -109,6 +109,86 @@ def test_non_integer_downsample(slides):
 
 
 @needs
+@pytest.mark.parametrize("name", ["odd", "jpeg"])
+def test_parts_equal_the_whole_read(slides, name):
+    """A part (box) of a region, of a resampled read, equals the same part of
+    the whole read bit for bit: also at levels whose downsample is not an
+    integer (where OpenSlide paints each chunk at a sub-pixel offset) and
+    through the resampler. What a tile-parallel rank reads rests on it."""
+    path, _ = slides[name]
+    g = torch.Generator().manual_seed(11)
+    with Slide(path) as s:
+        for level in range(min(3, s.level_count)):
+            w, h = s.level_dimensions[level]
+            loc = (-37, 21)
+            whole = s.read_region(loc, level, (w, h), threads=2)
+            for _ in range(6):
+                bx, by = (int(torch.randint(0, n, (1,), generator=g)) for n in (w, h))
+                bw = int(torch.randint(1, w - bx + 1, (1,), generator=g))
+                bh = int(torch.randint(1, h - by + 1, (1,), generator=g))
+                part = s.read_region(loc, level, (w, h), box=(bx, by, bw, bh),
+                                     threads=int(torch.randint(1, 4, (1,), generator=g)))
+                assert torch.equal(part, whole[:, by:by + bh, bx:bx + bw]), (level, bx, by)
+        # resampled reads: a downsample between levels, one at a level, an upscale
+        for ds in (3.3, 2 * s.level_downsamples[1] / 2, 0.7):
+            size = (round(s.dimensions[0] / ds) - 3, round(s.dimensions[1] / ds) - 5)
+            whole = s.read_scaled((5, 9), ds, size)
+            assert whole.shape == (3, size[1], size[0])
+            for rows in ((0, 1), (0, 40), (17, 93), (size[1] - 31, size[1])):
+                band = s.read_scaled((5, 9), ds, size, box=(0, rows[0], size[0],
+                                                            rows[1] - rows[0]))
+                assert torch.equal(band, whole[:, rows[0]:rows[1]]), (ds, rows)
+            box = s.read_scaled((5, 9), ds, size, box=(33, 12, 50, 61), threads=3)
+            assert torch.equal(box, whole[:, 12:73, 33:83])
+        for bad in [(0, 0, 0, 5), (-1, 0, 5, 5), (0, 0, w + 1, 1), (1, 2, 3)]:
+            with pytest.raises(ValueError, match="box"):
+                s.read_region((0, 0), level, (w, h), box=bad)
+        with pytest.raises(ValueError, match="box"):
+            s.read_scaled((0, 0), 3.3, (100, 100), box=(90, 0, 20, 10))
+
+
+def test_resize_uint8_against_torch_and_its_parts():
+    """The fixed-point resampler is within 1 of torch's antialiased bilinear
+    (float32 sums) at random sizes up and down, and any box of the result,
+    computed from only the source rows and columns it needs
+    (resample_span), equals the same box of the whole."""
+    from streamcnn.slide import resample_span, resize_uint8
+    g = torch.Generator().manual_seed(5)
+    for _ in range(12):
+        h, w, oh, ow = (int(v) for v in torch.randint(1, 160, (4,), generator=g))
+        img = torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g)
+        out = resize_uint8(img, (oh, ow))
+        ref = torch.nn.functional.interpolate(img[None].float(), size=(oh, ow),
+                                              mode="bilinear", antialias=True,
+                                              align_corners=False)[0]
+        assert (out.float() - ref.round().clamp(0, 255)).abs().max() <= 1, (h, w, oh, ow)
+        y0 = int(torch.randint(0, oh, (1,), generator=g))
+        y1 = int(torch.randint(y0 + 1, oh + 1, (1,), generator=g))
+        x0 = int(torch.randint(0, ow, (1,), generator=g))
+        x1 = int(torch.randint(x0 + 1, ow + 1, (1,), generator=g))
+        (a, b), (c, d) = resample_span(h, oh, y0, y1), resample_span(w, ow, x0, x1)
+        part = resize_uint8(img[:, a:b, c:d], (oh, ow), source_size=(h, w),
+                            source_offset=(a, c), box=(y0, x0, y1 - y0, x1 - x0))
+        assert torch.equal(part, out[:, y0:y1, x0:x1])
+        if b - a > 1:   # a source part one row short is refused, naming both
+            with pytest.raises(ValueError, match="source box holds rows"):
+                resize_uint8(img[:, a + 1:b, c:d], (oh, ow), source_size=(h, w),
+                             source_offset=(a + 1, c), box=(y0, x0, y1 - y0, x1 - x0))
+    flat = torch.full((3, 33, 47), 201, dtype=torch.uint8)
+    assert (resize_uint8(flat, (70, 9)) == 201).all()
+    img = torch.randint(0, 256, (3, 20, 30), dtype=torch.uint8, generator=g)
+    assert torch.equal(resize_uint8(img, (20, 30)), img)
+    with pytest.raises(ValueError, match="uint8 C x H x W"):
+        resize_uint8(img.float(), (5, 5))
+    with pytest.raises(ValueError, match="sizes"):
+        resize_uint8(img, (0, 5))
+    with pytest.raises(ValueError, match="output range"):
+        resize_uint8(img, (10, 10), box=(8, 0, 5, 10))
+    with pytest.raises(ValueError, match="threads"):
+        resize_uint8(img, (10, 10), threads=0)
+
+
+@needs
 def test_threads_equal_single_thread(slides):
     path, levels = slides["jpeg"]
     with Slide(path) as s:
