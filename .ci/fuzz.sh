@@ -8,14 +8,14 @@
 # (fuzz_<target> -minimize_crash=1 FILE), fix the bug, and commit the input
 # to tests/fuzz/regress/<target>/ (ctest runs it from then on).
 #
-# Usage: .ci/fuzz.sh PYTHON SECONDS [targets...]   (default: all four)
+# Usage: .ci/fuzz.sh PYTHON SECONDS [targets...]   (default: all five)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${1:?usage: fuzz.sh PYTHON SECONDS [targets]}
 SECONDS_EACH=${2:?usage: fuzz.sh PYTHON SECONDS [targets]}
 shift 2
 TARGETS=("$@")
-((${#TARGETS[@]})) || TARGETS=(program geometry memory slide)
+((${#TARGETS[@]})) || TARGETS=(program geometry memory slide resample)
 BUILD=build/fuzz
 if ! command -v clang >/dev/null; then
   echo "fuzz: needs clang (libFuzzer); Debian: apt-get install clang" >&2
@@ -29,7 +29,8 @@ mkdir -p "$BUILD/artifacts"
 fail=0
 for t in "${TARGETS[@]}"; do
   mkdir -p "$BUILD/corpus/$t"
-  # slide inputs are whole TIFF files; the others are programs (< 8 KB)
+  # slide inputs are whole TIFF files; the others are programs, or a
+  # resample header and pixel bytes (< 8 KB)
   max_len=8192
   [ "$t" = slide ] && max_len=65536
   echo "fuzz: $t for ${SECONDS_EACH}s"
