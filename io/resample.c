@@ -177,6 +177,15 @@ static int check_sizes(int64_t in, int64_t out, int64_t lo, int64_t hi,
   return SC_OK;
 }
 
+/* lo + n, saturated: a hostile box offset and extent (int64 from Python)
+ * must reach check_sizes as a range it refuses, not overflow on the way
+ * (UB; found by fuzz_resample). */
+static int64_t end_of(int64_t lo, int64_t n) {
+  int64_t hi;
+  if (__builtin_add_overflow(lo, n, &hi)) return n > 0 ? INT64_MAX : INT64_MIN;
+  return hi;
+}
+
 int sc_resample_span(int64_t in_size, int64_t out_size, int64_t out_lo,
                      int64_t out_hi, int64_t span[2], char *err,
                      size_t errlen) {
@@ -276,10 +285,10 @@ int sc_resample_u8(const sc_resample_args *p, char *err, size_t errlen) {
                           "streamcnn: resample: planes %lld must be in "
                           "[1, 4096]",
                           (long long)p->planes);
-  if (check_sizes(p->in_h, p->out_h, p->box_y, p->box_y + p->box_h, "rows",
-                  err, errlen) ||
-      check_sizes(p->in_w, p->out_w, p->box_x, p->box_x + p->box_w, "columns",
-                  err, errlen))
+  if (check_sizes(p->in_h, p->out_h, p->box_y, end_of(p->box_y, p->box_h),
+                  "rows", err, errlen) ||
+      check_sizes(p->in_w, p->out_w, p->box_x, end_of(p->box_x, p->box_w),
+                  "columns", err, errlen))
     return SC_ERR;
   int64_t t1, t2;
   if (!p->src || !p->dst)
