@@ -130,6 +130,81 @@ def test_augment():
         Augment()(img.float())
 
 
+def test_augment_steps_on_parts():
+    """draw / geometry / colour: the rows of the result come from
+    AugmentDraw.source_box of the image, and the jitter of any rows, given
+    the whole image's channel sums, equals those rows of the whole's: for
+    every flip, turn and row range."""
+    from streamcnn.data import AugmentDraw
+    g = torch.Generator().manual_seed(3)
+    for h, w in [(7, 7), (6, 9)]:
+        img = torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g)
+        sums = img.sum((1, 2)).tolist()
+        for k in range(4 if h == w else 1):
+            for fw in (False, True):
+                for fh in (False, True):
+                    d = AugmentDraw(fw, fh, k, 1.07, 0.91, 1.05)
+                    whole = Augment.geometry(img, d)
+                    jit = Augment.colour(whole, d, sums, h * w)
+                    for a in range(whole.shape[1]):
+                        for b in range(a + 1, whole.shape[1] + 1):
+                            x, y, bw, bh = d.source_box(h, w, (a, b))
+                            part = Augment.geometry(img[:, y:y + bh, x:x + bw], d)
+                            assert torch.equal(part, whole[:, a:b]), (k, fw, fh, a, b)
+                            assert torch.equal(Augment.colour(part, d, sums, h * w),
+                                               jit[:, a:b])
+    # the call is the three steps; a draw round-trips through a tensor
+    aug = Augment()
+    img = torch.randint(0, 256, (3, 12, 12), dtype=torch.uint8, generator=g)
+    d = aug.draw(12, 12, torch.Generator().manual_seed(4))
+    assert AugmentDraw.from_tensor(d.as_tensor()) == d
+    geo = Augment.geometry(img, d)
+    assert torch.equal(aug(img, torch.Generator().manual_seed(4)),
+                       Augment.colour(geo, d, geo.sum((1, 2)).tolist(), 144))
+    # contrast is around the mean: a constant image stays constant under it
+    flat = torch.full((3, 5, 5), 100, dtype=torch.uint8)
+    assert (Augment.colour(flat, AugmentDraw(contrast=1.09), [2500] * 3, 25) == 100).all()
+
+
+@pytest.mark.parametrize("crop", ["tissue", "random", "center"])
+def test_read_rows_equals_the_rows_of_the_item(table, crop):
+    """What a tile-parallel rank reads: rows [a, b) of an item (random crop,
+    flips, turns), jittered with the sums of disjoint row ranges added up,
+    equal those rows of ds[i] bit for bit; mpp 1.3 resamples the slide."""
+    d, csv = table
+    ds = SlideDataset(csv, 150, mpp=1.3, crop=crop, augment=True, seed=7)
+    # the same draws without the jitter: the image the sums are taken of
+    geo = SlideDataset(csv, 150, mpp=1.3, crop=crop, seed=7,
+                       augment=Augment(brightness=0, contrast=0, saturation=0))
+    for epoch in (0, 1):
+        ds.set_epoch(epoch)
+        geo.set_epoch(epoch)
+        for i in range(len(ds)):
+            whole, _ = ds[i]
+            cuts = [0, 37, 38, 101, 150]
+            parts = [ds.read_rows(i, (max(0, a - 5), min(150, b + 9)), (a, b))
+                     for a, b in zip(cuts, cuts[1:])]
+            sums = sum(p["sums"] for p in parts)
+            plain = geo[i][0]
+            assert torch.equal(sums, plain.sum((1, 2)))
+            for (a, b), p in zip(zip(cuts, cuts[1:]), parts):
+                lo, hi = max(0, a - 5), min(150, b + 9)
+                assert torch.equal(p["part"], plain[:, lo:hi])
+                dr = streamcnn.data.AugmentDraw.from_tensor(p["draw"])
+                got = Augment.colour(p["part"], dr, sums.tolist(), 150 * 150)
+                assert torch.equal(got, whole[:, lo:hi]), (epoch, i, a, b)
+    # no rows: an empty part; bad ranges are refused
+    p = ds.read_rows(0, (20, 20))
+    assert p["part"].shape == (3, 0, 150) and int(p["sums"].sum()) == 0
+    with pytest.raises(ValueError, match="sum_rows"):
+        ds.read_rows(0, (10, 20), (5, 15))
+    with pytest.raises(ValueError, match="rows"):
+        ds.read_rows(0, (10, 151))
+    custom = SlideDataset(csv, 64, level=1, augment=lambda im: im)
+    with pytest.raises(ValueError, match="whole images only"):
+        custom.read_rows(0, (0, 10))
+
+
 @pytest.mark.parametrize("ctx", ["fork", "spawn"])
 def test_dataloader_workers(table, ctx):
     d, csv = table

@@ -1,6 +1,6 @@
 """Data: slide datasets and synthetic slides."""
 
 from . import synthetic
-from .dataset import Augment, SlideDataset, read_table
+from .dataset import Augment, AugmentDraw, SlideDataset, read_table
 
-__all__ = ["Augment", "SlideDataset", "read_table", "synthetic"]
+__all__ = ["Augment", "AugmentDraw", "SlideDataset", "read_table", "synthetic"]

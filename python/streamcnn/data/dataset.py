@@ -2,6 +2,7 @@
 for training a streamed network end to end on whole-slide images."""
 
 import csv
+import dataclasses
 import math
 import os
 from collections import OrderedDict
@@ -14,6 +15,57 @@ from ..slide import Slide, box_of_mask
 _CROPS = ("tissue", "center", "random")
 
 
+@dataclasses.dataclass(frozen=True)
+class AugmentDraw:
+    """One draw of :class:`Augment` for an image: flips, the number of
+    quarter turns and the colour factors (1.0 = unchanged)."""
+    flip_w: bool = False          # mirror left-right
+    flip_h: bool = False          # mirror top-bottom
+    quarter_turns: int = 0        # torch.rot90(k, dims=(1, 2)), k in 0..3
+    brightness: float = 1.0
+    contrast: float = 1.0
+    saturation: float = 1.0
+
+    def as_tensor(self) -> torch.Tensor:
+        """The draw as 6 float64 values (what DataLoader can batch)."""
+        return torch.tensor([float(self.flip_w), float(self.flip_h),
+                             float(self.quarter_turns), self.brightness, self.contrast,
+                             self.saturation], dtype=torch.float64)
+
+    @staticmethod
+    def from_tensor(t: torch.Tensor) -> "AugmentDraw":
+        v = t.reshape(-1).tolist()
+        return AugmentDraw(bool(v[0]), bool(v[1]), int(v[2]), v[3], v[4], v[5])
+
+    def source_box(self, height: int, width: int, rows: Tuple[int, int]
+                   ) -> Tuple[int, int, int, int]:
+        """The box ``(x, y, w, h)`` of the image before the flips and turns
+        (``height x width``) that rows ``[a, b)`` of the result come from:
+        :meth:`Augment.geometry` of that box alone gives those rows."""
+        a, b = rows
+        pts = [self._source_of(a, 0, height, width),
+               self._source_of(b - 1, (height if self.quarter_turns % 2 else width) - 1,
+                               height, width)]
+        ys, xs = [p[0] for p in pts], [p[1] for p in pts]
+        return min(xs), min(ys), max(xs) - min(xs) + 1, max(ys) - min(ys) + 1
+
+    def _source_of(self, y: int, x: int, h: int, w: int) -> Tuple[int, int]:
+        """The source pixel of result pixel (y, x): the turns undone, then
+        the flips (the reverse of Augment.geometry's order)."""
+        k = self.quarter_turns % 4            # rot90 k: out[y][x] = in[x][w-1-y] (k=1)
+        if k == 1:
+            y, x = x, w - 1 - y
+        elif k == 2:
+            y, x = h - 1 - y, w - 1 - x
+        elif k == 3:
+            y, x = h - 1 - x, y
+        if self.flip_h:
+            y = h - 1 - y
+        if self.flip_w:
+            x = w - 1 - x
+        return y, x
+
+
 class Augment:
     """Augmentation of a uint8 ``3 x H x W`` image, drawn from ``generator``
     (or torch's default generator, which DataLoader seeds per worker):
@@ -22,10 +74,18 @@ class Augment:
     * ``rot90``: a rotation by k * 90 degrees, k uniform in 0..3 (square
       images only, so the size stays; skipped for non-square ones);
     * light colour jitter: brightness, contrast and saturation factors drawn
-      uniformly from ``[1 - b, 1 + b]`` etc., applied in float and rounded
-      back to uint8 (0 turns a jitter off).
+      uniformly from ``[1 - b, 1 + b]`` etc., applied in float32 and rounded
+      back to uint8 (0 turns a jitter off): each pixel scaled by the
+      brightness, moved away from its grey (0.299 R + 0.587 G + 0.114 B) by
+      the saturation, then away from the image's mean by the contrast. The
+      mean is worked out in float64 from the exact integer sums of the
+      image's channels, so it is the same however the image is split: a
+      part of the image is jittered exactly as in the whole, given the
+      whole's sums (:meth:`colour`; how a tile-parallel rank that reads
+      only its rows jitters them).
 
-    The result is uint8 of the same shape."""
+    The result is uint8 of the same shape. ``draw`` / ``geometry`` /
+    ``colour`` are the three steps of a call."""
 
     def __init__(self, flip: bool = True, rot90: bool = True, brightness: float = 0.1,
                  contrast: float = 0.1, saturation: float = 0.1):
@@ -40,30 +100,57 @@ class Augment:
         return (f"Augment(flip={self.flip}, rot90={self.rot90}, brightness={self.brightness}, "
                 f"contrast={self.contrast}, saturation={self.saturation})")
 
+    def draw(self, height: int, width: int,
+             generator: Optional[torch.Generator] = None) -> AugmentDraw:
+        """The random choices for a ``height x width`` image (six uniform
+        numbers from ``generator``, whatever is switched off)."""
+        u = torch.rand(6, generator=generator, dtype=torch.float64).tolist()
+        k = min(3, int(u[2] * 4)) if self.rot90 and height == width else 0
+        return AugmentDraw(self.flip and u[0] < 0.5, self.flip and u[1] < 0.5, k,
+                           1 + self.brightness * (2 * u[3] - 1),
+                           1 + self.contrast * (2 * u[4] - 1),
+                           1 + self.saturation * (2 * u[5] - 1))
+
+    @staticmethod
+    def geometry(img: torch.Tensor, d: AugmentDraw) -> torch.Tensor:
+        """The flips, then the quarter turns, of ``C x H x W`` ``img`` (a
+        whole image or the :meth:`AugmentDraw.source_box` of some rows)."""
+        if d.flip_w:
+            img = img.flip(2)
+        if d.flip_h:
+            img = img.flip(1)
+        if d.quarter_turns:
+            img = torch.rot90(img, d.quarter_turns, dims=(1, 2))
+        return img
+
+    @staticmethod
+    def colour(img: torch.Tensor, d: AugmentDraw, sums: Sequence[int],
+               pixels: int) -> torch.Tensor:
+        """The colour jitter of ``img`` (uint8 ``3 x h x w``: the image or
+        any part of it), given the per-channel sums ``sums`` of the whole
+        image's uint8 values and its number of pixels. Each result pixel
+        depends only on its own value and these numbers."""
+        b, c, s = d.brightness, d.contrast, d.saturation
+        if (b, c, s) == (1.0, 1.0, 1.0):
+            return img
+        m = [float(int(v)) / pixels for v in sums]
+        # the mean of x below over the whole image, from the exact sums
+        mean = b * ((1 - s) * (0.299 * m[0] + 0.587 * m[1] + 0.114 * m[2])
+                    + s * (m[0] + m[1] + m[2]) / 3)
+        x = img.float() * b
+        grey = 0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2]
+        x = grey + s * (x - grey)                       # saturation around the grey
+        x = mean + c * (x - mean)                       # contrast around the mean
+        return x.round_().clamp_(0, 255).to(torch.uint8)
+
     def __call__(self, img: torch.Tensor,
                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
         if img.dtype != torch.uint8 or img.dim() != 3 or img.shape[0] != 3:
             raise ValueError("streamcnn: Augment expects a uint8 3 x H x W image, got "
                              f"{img.dtype} {tuple(img.shape)}")
-        u = torch.rand(6, generator=generator, dtype=torch.float64).tolist()
-        if self.flip and u[0] < 0.5:
-            img = img.flip(2)
-        if self.flip and u[1] < 0.5:
-            img = img.flip(1)
-        if self.rot90 and img.shape[1] == img.shape[2]:
-            k = min(3, int(u[2] * 4))
-            if k:
-                img = torch.rot90(img, k, dims=(1, 2))
-        b = 1 + self.brightness * (2 * u[3] - 1)
-        c = 1 + self.contrast * (2 * u[4] - 1)
-        s = 1 + self.saturation * (2 * u[5] - 1)
-        if (b, c, s) != (1.0, 1.0, 1.0):
-            x = img.float()
-            x = x * b
-            grey = (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2])
-            x = grey + s * (x - grey)                       # saturation around the grey
-            x = x.mean() + c * (x - x.mean())              # contrast around the mean
-            img = x.round_().clamp_(0, 255).to(torch.uint8)
+        d = self.draw(img.shape[1], img.shape[2], generator)
+        img = self.geometry(img, d)
+        img = self.colour(img, d, img.sum(dim=(1, 2)).tolist(), img.shape[1] * img.shape[2])
         return img.contiguous()
 
 
@@ -292,29 +379,84 @@ class SlideDataset(torch.utils.data.Dataset):
         return (x, y, ow, oh), (0, 0), (oh, ow), d
 
     # -- items ---------------------------------------------------------------------------
-    def read(self, i: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """The image of item ``i`` before augmentation (uint8 3 x H x W)."""
-        s = self.slide(i)
-        (x, y, rw, rh), (r0, c0), _, d = self.window(i, generator)
-        part = s.read_scaled((x, y), d, (rw, rh), tolerance=self.tolerance,
-                             threads=self.threads)
-        if (rh, rw) == self.size:
-            return part
+    def read(self, i: int, generator: Optional[torch.Generator] = None,
+             box: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """The image of item ``i`` before augmentation (uint8 3 x H x W);
+        with ``box = (x, y, w, h)`` only that part of it, bit for bit as in
+        the whole image, reading only the slide pixels it needs."""
+        return self._read_window(self.slide(i), self.window(i, generator), box)
+
+    def _read_window(self, s: Slide, win, box: Optional[Sequence[int]]) -> torch.Tensor:
+        (x, y, rw, rh), (r0, c0), _, d = win
+        oh, ow = self.size
+        bx, by, bw, bh = (0, 0, ow, oh) if box is None else (int(v) for v in box)
+        if bw < 1 or bh < 1 or bx < 0 or by < 0 or bx + bw > ow or by + bh > oh:
+            raise ValueError(f"streamcnn: box (x, y, w, h) = {(bx, by, bw, bh)} is not a "
+                             f"non-empty part of the {oh} x {ow} image")
+        # the part of the read window (at (r0, c0), rh x rw) inside the box
+        ix0, ix1 = max(bx, c0), min(bx + bw, c0 + rw)
+        iy0, iy1 = max(by, r0), min(by + bh, r0 + rh)
+        inside = ix1 > ix0 and iy1 > iy0
+        if inside and (ix0, iy0, ix1, iy1) == (bx, by, bx + bw, by + bh):
+            return s.read_scaled((x, y), d, (rw, rh), tolerance=self.tolerance,
+                                 threads=self.threads,
+                                 box=(ix0 - c0, iy0 - r0, ix1 - ix0, iy1 - iy0))
         out = torch.tensor(s.background, dtype=torch.uint8).view(3, 1, 1).expand(
-            3, *self.size).contiguous()
-        out[:, r0:r0 + rh, c0:c0 + rw] = part
+            3, bh, bw).contiguous()
+        if inside:
+            out[:, iy0 - by:iy1 - by, ix0 - bx:ix1 - bx] = s.read_scaled(
+                (x, y), d, (rw, rh), tolerance=self.tolerance, threads=self.threads,
+                box=(ix0 - c0, iy0 - r0, ix1 - ix0, iy1 - iy0))
         return out
 
     def __getitem__(self, i: int) -> Tuple[torch.Tensor, int]:
-        if not -len(self) <= i < len(self):
-            raise IndexError(f"streamcnn: index {i} out of range for {len(self)} slides")
-        i %= len(self)
+        i = self._index(i)
         g = self._generator(i)
         img = self.read(i, g)
         if self.augment is not None:
             img = self.augment(img, g) if isinstance(self.augment, Augment) \
                 else self.augment(img)
         return img, self.labels[i]
+
+    def _index(self, i: int) -> int:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"streamcnn: index {i} out of range for {len(self)} slides")
+        return i % len(self)
+
+    def read_rows(self, i: int, rows: Tuple[int, int],
+                  sum_rows: Optional[Tuple[int, int]] = None) -> dict:
+        """Rows ``[a, b)`` of item ``i`` as ``self[i]`` gives it, reading
+        only the slide pixels they need (what a tile-parallel rank reads).
+
+        The flips and turns are applied; the colour jitter is not, because
+        its contrast needs the sums of the whole image: the result holds
+        ``part`` (uint8 3 x (b - a) x W, geometry only), ``draw`` (the
+        augmentation's :meth:`AugmentDraw.as_tensor`; the identity without
+        augmentation) and ``sums`` (int64, the per-channel sums of the
+        rows ``sum_rows``, which must lie inside ``[a, b)``: the ranks sum
+        disjoint rows covering the image, all-reduce, and call
+        :meth:`Augment.colour` with the total). Same random numbers as
+        ``self[i]``. ``a == b`` gives no rows (an empty band)."""
+        i = self._index(i)
+        oh, ow = self.size
+        a, b = (int(v) for v in rows)
+        s0, s1 = (a, a) if sum_rows is None else (int(v) for v in sum_rows)
+        if not 0 <= a <= b <= oh or not a <= s0 <= s1 <= b:
+            raise ValueError(f"streamcnn: rows {(a, b)} and sum_rows {(s0, s1)} must satisfy "
+                             f"0 <= a <= sum_rows <= b <= {oh}")
+        if self.augment is not None and not isinstance(self.augment, Augment):
+            raise ValueError("streamcnn: read_rows needs augment=None/True or an Augment "
+                             f"(a callable {self.augment!r} works on whole images only)")
+        g = self._generator(i)
+        s = self.slide(i)
+        win = self.window(i, g)
+        d = self.augment.draw(oh, ow, g) if self.augment is not None else AugmentDraw()
+        # the width of the result (the turns keep the size: square images)
+        part = torch.empty((3, 0, ow), dtype=torch.uint8)
+        if b > a:
+            part = Augment.geometry(self._read_window(s, win, d.source_box(oh, ow, (a, b))), d)
+        sums = part[:, s0 - a:s1 - a].sum(dim=(1, 2), dtype=torch.int64)
+        return {"part": part.contiguous(), "sums": sums, "draw": d.as_tensor()}
 
 
 def _is_int(v) -> bool:
