@@ -200,8 +200,8 @@ class TileParallel(nn.Module):
     process group, each rank computing one band of stem output rows.
 
     Args:
-        sm: the streamed stem (with a ``tile_size``; ``memory_budget`` is
-            not supported here: give the tile).
+        sm: the streamed stem (with a ``tile_size``; a ``memory_budget``
+            module after ``sm.fix_tile(height, width)``).
         process_group: the ranks cooperating on each image (default: the
             whole world). For data parallelism as well, build a 2-D grid:
             ranks ``r = d * T + t`` with tile-parallel groups
@@ -240,7 +240,9 @@ class TileParallel(nn.Module):
                             f"{type(sm).__name__}")
         if sm.memory_budget:
             raise ValueError("streamcnn: TileParallel needs a StreamingModule with a fixed "
-                             "tile_size (memory_budget picks it per call and rank)")
+                             "tile_size (memory_budget picks it per call): give tile_size, "
+                             "or fix the budget's choice for the image size first "
+                             "(sm.fix_tile(height, width))")
         self.sm = sm
         self.process_group = process_group
         self._bands: Dict[tuple, List[Tuple[int, int]]] = {}
@@ -292,10 +294,23 @@ class TileParallel(nn.Module):
         sm = self.sm
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
             raise ValueError("streamcnn: expected an N x C x H x W image tensor")
+        params = sm.stream_params()
+        dev = sm._stem_device(x, params).type
+        if torch.is_autocast_enabled(dev) and sm._autocast_casts:
+            # as StreamingModule under autocast: the bands in the autocast
+            # dtype, the casts differentiable back to float32 parameters
+            x, params = sm._autocast_args(x, params, dev)
+            with torch.autocast(dev, enabled=False):
+                return self._forward(x, params, image_row0, image_height, rank, world)
+        return self._forward(x, params, image_row0, image_height, rank, world)
+
+    def _forward(self, x: torch.Tensor, params: List[torch.Tensor],
+                 image_row0: Optional[int], image_height: Optional[int], rank: int,
+                 world: int) -> torch.Tensor:
+        sm = self.sm
         whole = image_row0 is None and image_height is None
         row0 = 0 if image_row0 is None else int(image_row0)
         height = x.shape[2] if image_height is None else int(image_height)
-        params = sm.stream_params()
         if whole:
             sm._check(x, params)  # dtype, device, eval mode, size errors
         width = x.shape[3]

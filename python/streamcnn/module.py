@@ -324,6 +324,23 @@ class StreamingModule(nn.Module):
                 "bytes": tile_bytes(self.program, height, width, (tile[0], tile[1]), cached,
                                     batch, itemsize, training, mask, cpu)}
 
+    @torch.jit.unused
+    def fix_tile(self, height: int, width: int, *, batch: int = 1,
+                 dtype: torch.dtype = torch.float32, training: bool = True,
+                 image_grad: bool = False, device=None) -> dict:
+        """Fix what memory_budget picks for such images (``budget_tile``'s
+        arguments and result): from now on the module streams that
+        ``tile_size`` with that ``halo_cache`` and picks no more
+        (``memory_budget`` becomes 0). What ``TileParallel`` needs, every
+        rank streaming the same tiles: the choice is a function of the
+        program, the sizes, the dtype, the budget and the device type
+        only, so every rank fixes the same tile."""
+        choice = self.budget_tile(batch, height, width, dtype, training, image_grad, device)
+        self.tile_size = [int(v) for v in choice["tile_size"]]
+        self.halo_cache = bool(choice["halo_cache"])
+        self.memory_budget = 0
+        return choice
+
     @staticmethod
     def _grad_mask(image_grad: bool, params: List[torch.Tensor]) -> Tuple[bool, ...]:
         return (bool(image_grad),) + tuple(bool(p.requires_grad) for p in params)
@@ -495,16 +512,24 @@ class StreamingModule(nn.Module):
         if not self._autocast_casts:
             return self._forward_eager(x, params)
         dev = self._stem_device(x, params).type
+        x, params = self._autocast_args(x, params, dev)
+        with torch.autocast(dev, enabled=False):
+            return self._forward_eager(x, params)
+
+    @torch.jit.unused
+    def _autocast_args(self, x: torch.Tensor, params: List[torch.Tensor],
+                       dev: str) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """The image and parameters cast as autocast on ``dev`` casts a
+        convolution's inputs: float32 to the autocast dtype; float64 (and
+        uint8 images) left alone; batch norms and mean / std kept float32
+        (see _forward_autocast). The casts are differentiable."""
         dtype = torch.get_autocast_dtype(dev)
-        # as autocast does for a convolution: float32 inputs are cast, float64
-        # (and uint8 images) are left alone
         keep32 = set(self._float32_ok)
         params = [p.to(dtype) if p.dtype == torch.float32 and k not in keep32 else p
                   for k, p in enumerate(params)]
         if x.dtype == torch.float32:
             x = x.to(dtype)
-        with torch.autocast(dev, enabled=False):
-            return self._forward_eager(x, params)
+        return x, params
 
     def extra_repr(self) -> str:
         budget = f"memory_budget={self.memory_budget}, " if self.memory_budget else ""

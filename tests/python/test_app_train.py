@@ -32,8 +32,12 @@ def _run(args, timeout=900, env=None):
 
 
 def _train_args(slides, out, *extra, train_csv="train.csv"):
+    small = SMALL
+    if "--memory-budget" in extra:              # the budget instead of SMALL's tile
+        i = SMALL.index("--tile-size")
+        small = SMALL[:i] + SMALL[i + 2:]
     return ["train", "--train", str(slides / train_csv), "--val", str(slides / "val.csv"),
-            "--out", str(out), *SMALL, *map(str, extra)]
+            "--out", str(out), *small, *map(str, extra)]
 
 
 def train(slides, out, *extra, train_csv="train.csv", env=None):
@@ -179,7 +183,14 @@ def _same_as_single(d, run, world):
         torch.testing.assert_close(tp["model"][k], v, rtol=1e-5, atol=1e-7, msg=k)
     digests = tp["rank_digests"]
     assert len(digests) == world and set(digests) == {weights_digest(tp["model"])}
-    assert "rank_digests" not in single
+    assert "rank_digests" not in single and "rank_rows" not in single
+    # each rank of a group read only its band's rows of the 256-row images,
+    # and the ranks' sums of the channels covered every row once
+    (read0, sums0), (read1, sums1) = tp["rank_rows"]
+    assert read0[0] == 0 and read1[1] == 256
+    assert read0[1] < 256 and read1[0] > 0, tp["rank_rows"]
+    assert sums0 == [0, sums1[0]] and sums1[1] == 256
+    assert read1[0] <= sums1[0] <= read0[1]
     # the weights moved: the comparison is not of two initial models
     torch.manual_seed(single["config"]["seed"])
     start = model_from_config(single["config"]).state_dict()
@@ -209,6 +220,36 @@ def test_tile_parallel_trains_the_weights_of_one_process(tp_single):
     assert "Traceback" not in res.stderr, res.stderr[-3000:]
     assert res.stdout.count("best epoch") == 1, res.stdout      # rank 0 alone reports
     _same_as_single(d, "tp", 2)
+
+
+def test_tile_parallel_bf16_with_a_memory_budget(tp_single):
+    """``--tile-parallel 2 --amp bf16 --memory-budget 300MB``: the bands run
+    under autocast (bfloat16) with the tile the budget picks for one image,
+    fixed on every rank; the run trains the weights of one process with the
+    same options up to bfloat16 rounding: the bands' sums round differently
+    (and the head, under autocast too, sees that), so each tensor's
+    difference is held to a fraction of how far training moved it (seen:
+    at most 0.13; a wrong row, band or jitter moves it as far as training)."""
+    d = tp_single
+    opts = TP_OPTS + ["--amp", "bf16", "--memory-budget", "300MB"]
+    train_here(d, d / "single_bf16", *opts, threads=1)
+    res = train(d, d / "tp_bf16", *opts, "--tile-parallel", "2", env=ONE_THREAD)
+    assert "Traceback" not in res.stderr, res.stderr[-3000:]
+    single = load_checkpoint(str(d / "single_bf16" / "last.pt"))
+    tp = load_checkpoint(str(d / "tp_bf16" / "last.pt"))
+    assert tp["config"]["amp"] == "bf16" and tp["config"]["memory_budget"] == "300MB"
+    assert len(set(tp["rank_digests"])) == 1 and len(tp["rank_rows"]) == 2
+    from streamcnn.app.checkpoint import model_from_config
+    torch.manual_seed(single["config"]["seed"])
+    start = model_from_config(single["config"]).state_dict()
+    checked = 0
+    for k, v in single["model"].items():
+        moved = float((v - start[k]).abs().max()) if v.is_floating_point() else 0.0
+        diff = float((tp["model"][k] - v).abs().max()) if v.is_floating_point() else 0.0
+        if moved > 1e-6:
+            assert diff <= 0.3 * moved, (k, diff, moved)
+            checked += 1
+    assert checked > 40, checked
 
 
 def test_tile_parallel_grid_under_torchrun(tp_single):

@@ -317,3 +317,103 @@ def test_balanced_bands():
                        for b in even if b[1] > b[0])
         assert max(costs) <= even_max * (1 + 1e-6)
     assert balanced_bands(sm.program, 7, 29, sm.tile_size, 4)[2:] == [(2, 2), (2, 2)]
+
+
+def test_row_plans_cover_every_row_once():
+    """The training app's RowPlans: the ranks' sum ranges are disjoint and
+    cover the image; each lies inside its rank's read, and the reads hold
+    the cones (rows_needed) they were made from."""
+    from streamcnn.app.tile_parallel import plans_of
+    cases = [[(0, 40), (30, 70), (60, 90)],          # overlapping cones
+             [(0, 40), (45, 70)],                    # a gap (widened)
+             [(0, 30), (0, 0), (25, 60), (0, 0)],    # empty bands
+             [(3, 50)]]                              # rows above and below the cone
+    for needed in cases:
+        plans = plans_of(needed, 100, 64)
+        covered = []
+        for (a, b), p in zip(needed, plans):
+            if b <= a:
+                assert p.read == p.sums == (0, 0)
+                continue
+            assert p.read[0] <= a and b <= p.read[1]
+            assert p.read[0] <= p.sums[0] <= p.sums[1] <= p.read[1]
+            covered += list(range(*p.sums))
+        assert covered == list(range(100)), needed
+    with pytest.raises(ValueError, match="no rank"):
+        plans_of([(0, 0)], 10, 10)
+
+
+def _worker_app_rows(rank, path):
+    """The app's TileParallelNet on rows dicts (each rank reads its
+    RowPlan's rows, colour jitter from the all-reduced sums) == the whole
+    augmented image through the StreamingModule in one process; and the
+    bands under autocast (bfloat16 on the CPU) == StreamingModule under the
+    same autocast."""
+    _init(rank, 2, path)
+    from streamcnn.app.common import Dist
+    from streamcnn.app.tile_parallel import Grid, TileParallelNet, row_plans
+    from streamcnn.data import Augment
+    from streamcnn.distributed import TileParallel
+    try:
+        torch.manual_seed(0)
+        stem = _random_stem()
+        sm = streamcnn.StreamingModule(stem, 22, mean=[120.0, 110.0, 100.0],
+                                       std=[50.0, 60.0, 55.0])
+
+        class Model(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.stem = sm
+                self.head = nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten(),
+                                          nn.Linear(5, 2)).double()
+
+        model = Model()
+        grid = Grid(2, None, 0, Dist(0, 1, 0, None), torch.device("cpu"))
+        h = w = 41
+        plans = row_plans(TileParallel(sm), h, w)
+        net = TileParallelNet(model, grid, plans[rank])
+        aug = Augment()
+        g = torch.Generator().manual_seed(3)
+        for k in range(4):
+            img = torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g)
+            d = aug.draw(h, w, torch.Generator().manual_seed(k))
+            whole = aug(img, torch.Generator().manual_seed(k))
+            for p in model.parameters():
+                p.grad = None
+            ref = model.head(sm(whole[None]))
+            ref.sum().backward()
+            ref_grads = [p.grad.clone() for p in model.parameters()]
+            for p in model.parameters():
+                p.grad = None
+            plan = plans[rank]
+            a, b = plan.read
+            x, y, bw, bh = d.source_box(h, w, (a, b))
+            part = Augment.geometry(img[:, y:y + bh, x:x + bw], d)
+            s0, s1 = plan.sums
+            item = {"part": part[None], "draw": d.as_tensor()[None],
+                    "sums": part[:, s0 - a:s1 - a].sum((1, 2))[None]}
+            out = net(item)
+            assert rel_err(out, ref) < TOL, (k, rel_err(out, ref))
+            out.sum().backward()
+            for p, r in zip(model.parameters(), ref_grads):
+                assert rel_err(p.grad, r) < TOL, (k, rel_err(p.grad, r))
+        # autocast: bfloat16 bands, float32 parameters' gradients
+        sm32 = streamcnn.StreamingModule(_random_stem().float(), 22)
+        tp = TileParallel(sm32)
+        x = torch.randn(1, 3, 45, 37)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y1 = sm32(x)
+            y2 = tp(x)
+        assert y1.dtype == y2.dtype == torch.bfloat16
+        assert (y1.float() - y2.float()).abs().max() <= 0.02 * y1.float().abs().max()
+        g1 = torch.autograd.grad(y1.float().square().sum(), list(sm32.parameters()))
+        g2 = torch.autograd.grad(y2.float().square().sum(), list(sm32.parameters()))
+        for a1, a2 in zip(g1, g2):
+            assert a2.dtype == torch.float32
+            assert rel_err(a2, a1) < 0.05, rel_err(a2, a1)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_app_rows_and_autocast(tmp_path):
+    _spawn(_worker_app_rows, 2, tmp_path)

@@ -120,12 +120,20 @@ def _strip(msg: str) -> str:
 class Slides(torch.utils.data.Dataset):
     """``(uint8 3 x S x S, label, index)`` of a checked :class:`Table`, read
     by :class:`streamcnn.data.SlideDataset` (whose labels are not used: a
-    regression label is a float)."""
+    regression label is a float).
+
+    ``rows = ((a, b), (s0, s1))``: a tile-parallel rank's share of each
+    image instead (``app.tile_parallel.RowPlan``): the image is
+    ``SlideDataset.read_rows(i, (a, b), (s0, s1))``, a dict of the rows
+    (flipped and turned, not yet colour-jittered), the draw and the
+    channel sums of rows ``[s0, s1)``."""
 
     def __init__(self, table: Table, size: int, mpp: float, crop: str,
-                 augment: bool = False, seed: Optional[int] = None):
+                 augment: bool = False, seed: Optional[int] = None,
+                 rows: Optional[Tuple[Tuple[int, int], Tuple[int, int]]] = None):
         from ..data import SlideDataset
         self.table = table
+        self.rows = rows
         self.ds = SlideDataset([(p, 0) for p in table.paths], size, mpp=mpp, crop=crop,
                                augment=augment, seed=seed)
 
@@ -136,8 +144,18 @@ class Slides(torch.utils.data.Dataset):
         self.ds.set_epoch(epoch)
 
     def __getitem__(self, i: int):
-        img, _ = self.ds[i]
+        if self.rows is not None:
+            img = self.ds.read_rows(i, *self.rows)
+        else:
+            img, _ = self.ds[i]
         return img, torch.tensor(self.table.labels[i], dtype=torch.float32), i
+
+
+def to_device(img, device: torch.device):
+    """An image batch (a tensor, or the dict of a rows read) on ``device``."""
+    if isinstance(img, dict):
+        return {k: v.to(device, non_blocking=True) for k, v in img.items()}
+    return img.to(device, non_blocking=True)
 
 
 # -- distributed context ------------------------------------------------------------------
@@ -272,7 +290,7 @@ def predict(model: torch.nn.Module, data: "Slides", device: torch.device, task: 
     try:
         for img, label, index in tqdm(loader, desc=desc, unit="slide", leave=False,
                                       disable=not progress, dynamic_ncols=True):
-            img, label = img.to(device), label.to(device)
+            img, label = to_device(img, device), label.to(device)
             with autocast(device, amp):
                 y = model(img)
             out.append((int(index), float(score_of(y, task)), float(loss_of(y, label, task))))

@@ -15,7 +15,7 @@ import hashlib
 import math
 import os
 import sys
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -40,12 +40,6 @@ def check_options(cfg, dist: Dist) -> None:
     n = cfg["tile_parallel"]
     if n == 1:
         return
-    if cfg["memory_budget"] is not None:
-        raise UsageError(f"--tile-parallel {n} needs --tile-size, not --memory-budget (every "
-                         "rank must stream the same tiles; a budget picks them per process)")
-    if cfg["amp"] != "off":
-        raise UsageError(f"--tile-parallel {n} does not compose with --amp {cfg['amp']} (the "
-                         "tile-parallel stem computes in the parameters' dtype, float32)")
     if dist.enabled and dist.world % n:
         raise UsageError(f"--tile-parallel {n} must divide the {dist.world} processes of "
                          "torchrun (WORLD_SIZE): tile-parallel groups of N consecutive ranks")
@@ -161,18 +155,84 @@ def make_grid(dist: Dist, n: int, device: torch.device) -> Grid:
                 Dist(dist.rank // n, dist.world // n, dist.local_rank, dp_group), comm)
 
 
+@dataclasses.dataclass(frozen=True)
+class RowPlan:
+    """What one rank of a tile-parallel group reads of each ``height x
+    width`` image: rows ``read = [a, b)`` (its band's cone,
+    ``TileParallel.rows_needed``, widened where needed so that the ranks'
+    ``sums`` ranges are disjoint and cover every row) and the rows ``sums =
+    [s0, s1)`` whose channel sums it adds to the group's total (the colour
+    jitter's contrast needs the whole image's mean). ``a == b`` for a rank
+    with an empty band: it reads nothing."""
+    read: Tuple[int, int]
+    sums: Tuple[int, int]
+    height: int
+    width: int
+
+
+def row_plans(tp, height: int, width: int) -> List[RowPlan]:
+    """Every rank's :class:`RowPlan` for ``tp`` (a ``TileParallel``), in
+    rank order."""
+    world = torch.distributed.get_world_size(tp.process_group)
+    return plans_of([tp.rows_needed(height, width, r) for r in range(world)], height, width)
+
+
+def plans_of(needed: List[Tuple[int, int]], height: int, width: int) -> List[RowPlan]:
+    """The :class:`RowPlan` of each rank from the image rows ``[a, b)``
+    each must read (``(0, 0)``: none): the sum ranges are consecutive,
+    from row 0 to ``height``; a read is widened to hold its sum range (a
+    gap between two ranks' reads, the rows below the last cone)."""
+    busy = [r for r, (a, b) in enumerate(needed) if b > a]
+    if not busy:
+        raise ValueError("streamcnn: no rank reads any row")
+    plans, start = [], 0
+    for r, (a, b) in enumerate(needed):
+        if b <= a:
+            plans.append(RowPlan((0, 0), (0, 0), height, width))
+            continue
+        a = min(a, start)
+        if r == busy[-1]:
+            b = height
+        plans.append(RowPlan((a, b), (min(start, b), b), height, width))
+        start = max(start, b)
+    return plans
+
+
 class TileParallelNet(torch.nn.Module):
     """``head(TileParallel(stem)(x))``: the classifier with its stem's
-    bands over the tile-parallel group (the modules are the classifier's)."""
+    bands over the tile-parallel group (the modules are the classifier's).
 
-    def __init__(self, model, grid: Grid):
+    ``x`` is a whole image, or with ``plan`` this rank's rows of it: the
+    dict of ``SlideDataset.read_rows`` (batch 1: ``part``, ``sums``,
+    ``draw``): the channel sums are added up over the group, the colour
+    jitter is applied to the rows (``Augment.colour``, exactly as on the
+    whole image) and they go to ``TileParallel`` as rows
+    ``plan.read`` of a ``plan.height``-row image."""
+
+    def __init__(self, model, grid: Grid, plan: Optional[RowPlan] = None):
         super().__init__()
         from ..distributed import TileParallel
         self.tp = TileParallel(model.stem, grid.tp_group)
         self.head = model.head
+        self.grid, self.plan = grid, plan
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.tp(x))
+    def forward(self, x) -> torch.Tensor:
+        if not isinstance(x, dict):
+            return self.head(self.tp(x))
+        from ..data import Augment, AugmentDraw
+        plan = self.plan
+        if plan is None:
+            raise ValueError("streamcnn: rows of an image need the TileParallelNet's plan")
+        part, draw = x["part"], AugmentDraw.from_tensor(x["draw"][0])
+        if part.shape[0] != 1:
+            raise ValueError("streamcnn: tile-parallel rows come one image at a time")
+        if (draw.brightness, draw.contrast, draw.saturation) != (1.0, 1.0, 1.0):
+            # the same draw on every rank of the group (same seed and index)
+            sums = x["sums"][0].to(self.grid.comm, torch.int64)
+            torch.distributed.all_reduce(sums, group=self.grid.tp_group)
+            part = Augment.colour(part[0], draw, sums.tolist(),
+                                  plan.height * plan.width)[None]
+        return self.head(self.tp(part, image_row0=plan.read[0], image_height=plan.height))
 
 
 def sync_step(params: List[torch.Tensor], buffers: List[torch.Tensor], grid: Grid) -> None:

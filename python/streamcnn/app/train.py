@@ -41,10 +41,10 @@ import torch
 from . import checkpoint as ckpt_io
 from . import config as C
 from . import tile_parallel as TP
-from .common import (Dist, Slides, UsageError, autocast, dist_from_env, init_distributed,
+from .common import (AMP_DTYPES, Dist, Slides, UsageError, autocast, dist_from_env, init_distributed,
                      loss_of, metric, metric_name, peak_memory_mb, plot_roc, predict,
                      read_slide_table, reset_peak_memory, resolve_device, save_figure,
-                     write_atomic, write_csv, write_predictions)
+                     to_device, write_atomic, write_csv, write_predictions)
 
 RUN_FILES = ("config.yaml", "metrics.csv", "last.pt", "best.pt", "curves.png", "roc.png",
              "val_predictions.csv")
@@ -260,10 +260,24 @@ def _train(cfg, ckpt, dist: Dist, device, quiet: bool, resume: bool, overwrite: 
         except RuntimeError as e:
             raise UsageError(f"--resume: the weights in {out}/last.pt do not fit its "
                              f"config: {e}") from None
+    plan = rows = None
+    plans: List[TP.RowPlan] = []
+    if grid is not None:
+        # each rank reads only the rows of each image its band needs
+        from ..distributed import TileParallel
+        size = cfg["image_size"]
+        if model.stem.memory_budget:
+            # every rank streams the tile the budget picks for a training
+            # step of one image (in the autocast dtype with --amp)
+            model.stem.fix_tile(size, size, dtype=AMP_DTYPES[cfg["amp"]] or torch.float32,
+                                device=device)
+        plans = TP.row_plans(TileParallel(model.stem, grid.tp_group), size, size)
+        plan = plans[torch.distributed.get_rank(grid.tp_group)]
+        rows = (plan.read, plan.sums)
     try:
         train_ds = Slides(train_t, cfg["image_size"], cfg["mpp"], cfg["crop"],
-                          augment=cfg["augment"], seed=cfg["seed"])
-        val_ds = Slides(val_t, cfg["image_size"], cfg["mpp"], cfg["crop"])
+                          augment=cfg["augment"], seed=cfg["seed"], rows=rows)
+        val_ds = Slides(val_t, cfg["image_size"], cfg["mpp"], cfg["crop"], rows=rows)
     except (ValueError, FileNotFoundError) as e:
         raise UsageError(str(e)) from None
     # every rank has checked everything before rank 0 writes anything
@@ -289,7 +303,7 @@ def _train(cfg, ckpt, dist: Dist, device, quiet: bool, resume: bool, overwrite: 
             c = t.to(grid.comm)
             torch.distributed.broadcast(c, src=0)
             t.copy_(c)
-        net = TP.TileParallelNet(model, grid)
+        net = TP.TileParallelNet(model, grid, plan)
         if cfg["bn"] == "train":
             buffers = list(model.head.buffers())
     elif dist.enabled:
@@ -354,7 +368,7 @@ def _train(cfg, ckpt, dist: Dist, device, quiet: bool, resume: bool, overwrite: 
                 first = (k // per_rank) * per_rank
                 group = min(per_rank, n_local - first)
                 final = k - first == group - 1
-                img, label = img.to(device, non_blocking=True), label.to(device)
+                img, label = to_device(img, device), label.to(device)
                 sync = ddp.no_sync() if ddp is not None and not final else \
                     contextlib.nullcontext()
                 with sync:
@@ -432,6 +446,8 @@ def _train(cfg, ckpt, dist: Dist, device, quiet: bool, resume: bool, overwrite: 
                            "best": best}
                 if digests is not None:     # every rank's weights_digest (all equal)
                     payload["rank_digests"] = digests
+                    # the image rows each rank of a group read (and summed)
+                    payload["rank_rows"] = [[list(p.read), list(p.sums)] for p in plans]
                 write_predictions(os.path.join(out, "val_predictions.csv"), val_t, indices,
                                   scores)
                 if task == "classification":
