@@ -35,6 +35,22 @@ def test_gpu_benchmark_script_smoke_on_cpu(tmp_path):
     assert rows[0]["image_gb"] == 3 * 1040 * 1040 * 4 / 1e9 and rows[1]["image_gb"] == 0
 
 
+def test_tile_parallel_rows_script():
+    """bench/tile_parallel_rows.py runs at tiny sizes: every rank's rows
+    checked bit for bit against the whole augmented image (in the script),
+    and 2 ranks' largest read is under the whole image."""
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "tile_parallel_rows.py"),
+                          "--slide", "1024", "--size", "600", "--mpp", "0.375", "--upto",
+                          "layer1", "--tile", "256", "--ranks", "1", "2", "3", "--reps", "1"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("| ")]
+    assert lines[2].startswith("| whole image | 600 | 1.000 |"), res.stdout
+    one, two = lines[3].split(" | "), lines[4].split(" | ")
+    assert one[0] == "| 1" and one[2] == "1.000", res.stdout
+    assert two[0] == "| 2" and float(two[2]) < 0.75, res.stdout
+
+
 def test_recompute_script():
     res = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "recompute.py"),
                           "--sizes", "2048", "--tiles", "1920"],
