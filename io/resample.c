@@ -192,11 +192,26 @@ int sc_resample_span(int64_t in_size, int64_t out_size, int64_t out_lo,
   if (!span) return _sc_slide_fail(err, errlen, "streamcnn: resample: no span");
   if (check_sizes(in_size, out_size, out_lo, out_hi, "span", err, errlen))
     return SC_ERR;
-  axis a;
-  if (axis_init(&a, in_size, out_size, out_lo, out_hi))
+  /* The taps of the first and the last output index only: as j grows the
+   * centre does, and the first and the last tap with tri() != 0 never move
+   * back (t = (k + 0.5 - c) / fs falls with c for every k, in floating
+   * point too). sc_resample_u8 checks the source part against every
+   * index's taps, so a span that were short would be refused, not read
+   * past. */
+  axis a, b;
+  if (axis_init(&a, in_size, out_size, out_lo, out_lo + 1))
     return _sc_slide_fail(err, errlen, "streamcnn: resample: out of memory");
-  axis_span(&a, out_lo, out_hi, &span[0], &span[1]);
+  if (axis_init(&b, in_size, out_size, out_hi - 1, out_hi)) {
+    axis_free(&a);
+    return _sc_slide_fail(err, errlen, "streamcnn: resample: out of memory");
+  }
+  int64_t s0, s1;
+  axis_span(&a, out_lo, out_lo + 1, &span[0], &span[1]);
+  axis_span(&b, out_hi - 1, out_hi, &s0, &s1);
   axis_free(&a);
+  axis_free(&b);
+  if (s0 < span[0]) span[0] = s0;
+  if (s1 > span[1]) span[1] = s1;
   return SC_OK;
 }
 

@@ -231,7 +231,8 @@ typedef struct read_job {
   int64_t kx0, ky0;   /* the first chunk column / row meeting the part */
   int64_t cols;       /* chunks per row meeting the part */
   int64_t n_chunks;   /* chunks meeting the part */
-  int64_t *bx, *by;   /* chunk starts, level pixels: cols+1 / rows+1 */
+  int64_t *bx, *by;   /* starts of the chunks from kx0 / ky0 (and the end
+                         of the last), level pixels: cols+1 / rows+1 */
   int64_t *x0, *y0;   /* their level-0 coordinates */
   uint8_t *out;
   int hwc;
@@ -267,16 +268,14 @@ static inline uint8_t over(uint32_t c, uint32_t a, uint32_t bg) {
  * differs from the region's by less than 0.5 / downsample of a pixel. The
  * grid depends only on the region, never on the thread count.
  */
-static int64_t cuts(int64_t origin, int64_t extent, double ds, int64_t *b,
-                    int64_t *l0) {
-  int64_t n = 0;
-  for (int64_t at = 0; at < extent; at += CHUNK, n++) {
-    b[n] = at;
-    l0[n] = origin + llround((double)at * ds);
+static void cuts(int64_t origin, int64_t extent, double ds, int64_t k0,
+                 int64_t k1, int64_t *b, int64_t *l0) {
+  /* chunks k0 .. k1 - 1 of the grid and the end of the last: b[k - k0] */
+  for (int64_t k = k0; k <= k1; k++) {
+    const int64_t at = k * CHUNK < extent ? k * CHUNK : extent;
+    b[k - k0] = at;
+    l0[k - k0] = origin + llround((double)at * ds);
   }
-  b[n] = extent;
-  l0[n] = origin + llround((double)extent * ds);
-  return n;
 }
 
 static void *read_worker(void *arg) {
@@ -290,7 +289,7 @@ static void *read_worker(void *arg) {
   for (;;) {
     const long long k = atomic_fetch_add(&j->next, 1);
     if (k >= j->n_chunks || atomic_load(&j->failed)) break;
-    const int64_t kx = j->kx0 + k % j->cols, ky = j->ky0 + k / j->cols;
+    const int64_t kx = k % j->cols, ky = k / j->cols; /* from kx0, ky0 */
     const int64_t cx = j->bx[kx], cy = j->by[ky];
     const int64_t cw = j->bx[kx + 1] - cx, ch = j->by[ky + 1] - cy;
     openslide_read_region(j->s->osr, buf, j->x0[kx], j->y0[ky], j->level, cw,
@@ -385,8 +384,21 @@ int sc_slide_read_box(sc_slide *s, int32_t level, int64_t x, int64_t y,
   j.pw = bw;
   j.ph = bh;
   const double ds = s->downsample[level];
-  const int64_t ncx = (w + CHUNK - 1) / CHUNK + 1;
-  const int64_t ncy = (h + CHUNK - 1) / CHUNK + 1;
+  /* level-0 offsets of up to MAX_EDGE level pixels must stay far inside
+   * int64 (llround of a larger value is undefined) */
+  if (!(ds >= 1e-6 && ds <= (double)(1LL << 24)))
+    return _sc_slide_fail(err, errlen,
+                      "streamcnn: level %d of '%s' has a downsample (%g) out "
+                      "of range",
+                      (int)level, s->path, ds);
+  /* the chunks of the region's grid (as a read of the whole region) that
+   * meet the part: columns [kx0, kx1), rows [ky0, ky1) */
+  j.kx0 = bx / CHUNK;
+  j.ky0 = by / CHUNK;
+  const int64_t kx1 = (bx + bw - 1) / CHUNK + 1, ky1 = (by + bh - 1) / CHUNK + 1;
+  j.cols = kx1 - j.kx0;
+  j.n_chunks = j.cols * (ky1 - j.ky0);
+  const int64_t ncx = j.cols + 1, ncy = ky1 - j.ky0 + 1;
   j.bx = malloc(2 * (size_t)(ncx + ncy) * sizeof *j.bx);
   if (!j.bx)
     return _sc_slide_fail(err, errlen, "streamcnn: out of memory reading '%s'",
@@ -394,14 +406,8 @@ int sc_slide_read_box(sc_slide *s, int32_t level, int64_t x, int64_t y,
   j.x0 = j.bx + ncx;
   j.by = j.x0 + ncx;
   j.y0 = j.by + ncy;
-  /* the region's grid (as a read of the whole region), then the chunks
-   * that meet the part */
-  (void)cuts(x, w, ds, j.bx, j.x0);
-  (void)cuts(y, h, ds, j.by, j.y0);
-  j.kx0 = bx / CHUNK;
-  j.ky0 = by / CHUNK;
-  j.cols = (bx + bw - 1) / CHUNK + 1 - j.kx0;
-  j.n_chunks = j.cols * ((by + bh - 1) / CHUNK + 1 - j.ky0);
+  cuts(x, w, ds, j.kx0, kx1, j.bx, j.x0);
+  cuts(y, h, ds, j.ky0, ky1, j.by, j.y0);
   j.out = out;
   j.hwc = !!hwc;
   atomic_init(&j.next, 0);
