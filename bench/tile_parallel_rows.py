@@ -9,6 +9,7 @@ from level 0 unless the mpp is a level's) with augmentation on, and the
 stem of ``--model`` to ``--upto`` streamed in ``--tile`` tiles, prints per N
 the rows of the largest read, and for that rank and for the whole image:
 the seconds and the peak resident memory above the process's baseline
+(the rows include their colour jitter, as the training step applies it)
 (each measurement in a fresh process: the reads are a function of the
 plan, not of the collectives, so no process group is needed). The rows are
 checked against the same rows of the whole augmented image (colour jitter
@@ -47,7 +48,8 @@ def _plans(args, n):
                         tile_size=args.tile)
     prog, tile = model.stem.program, model.stem.tile_size
     bands = balanced_bands(prog, args.size, args.size, tile, n)
-    needed = [tuple(streamcnn.band_info(prog, args.size, args.size, tile, b)[:2])
+    needed = [tuple(int(v) for v in streamcnn.band_info(prog, args.size, args.size, tile,
+                                                         b)[:2])
               if b[1] > b[0] else (0, 0) for b in bands]
     return plans_of(needed, args.size, args.size)
 
@@ -62,25 +64,29 @@ def child(args) -> None:
     t0 = time.perf_counter()
     if args.rows is None:
         out = ds[0][0]
-    else:
+    else:   # the rows and their colour jitter with the group's sums
+        from streamcnn.data import Augment, AugmentDraw
         a, b, s0, s1 = args.rows
-        out = ds.read_rows(0, (a, b), (s0, s1))["part"]
+        got = ds.read_rows(0, (a, b), (s0, s1))
+        out = Augment.colour(got["part"], AugmentDraw.from_tensor(got["draw"]), args.sums,
+                             args.size * args.size)
     dt = time.perf_counter() - t0
     peak = peak_rss_mb() - base
     print(json.dumps({"seconds": dt, "peak_mb": peak, "shape": list(out.shape)}))
 
 
-def run(args, rows=None) -> dict:
+def run(args, rows=None, sums=None) -> dict:
     cmd = [sys.executable, __file__, "--child", "--path", args.path, "--size", str(args.size),
            "--mpp", str(args.mpp), "--threads", str(args.threads)]
     if rows is not None:
-        cmd += ["--rows", *map(str, rows)]
+        cmd += ["--rows", *map(str, rows), "--sums", *map(str, sums)]
     res = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def check(args, plans) -> None:
-    """The ranks' rows, jittered with the summed sums, == the whole item."""
+def check(args, plans) -> list:
+    """The ranks' rows, jittered with the summed sums, == the whole item;
+    returns the sums."""
     from streamcnn.data import Augment, AugmentDraw
     ds = _dataset(args)
     whole = ds[0][0]
@@ -92,6 +98,7 @@ def check(args, plans) -> None:
             got = Augment.colour(part["part"], AugmentDraw.from_tensor(part["draw"]), sums,
                                  args.size * args.size)
             assert torch.equal(got, whole[:, a:b]), plan
+    return sums
 
 
 def main() -> None:
@@ -108,6 +115,7 @@ def main() -> None:
     ap.add_argument("--child", action="store_true")
     ap.add_argument("--path")
     ap.add_argument("--rows", type=int, nargs=4)
+    ap.add_argument("--sums", type=int, nargs=3)
     args = ap.parse_args()
     if args.child:
         child(args)
@@ -132,9 +140,9 @@ def main() -> None:
         print(f"| whole image | {args.size} | 1.000 | {ws:.2f} | 1.00 | {wm:.0f} | 1.00 |")
         for n in args.ranks:
             plans = _plans(args, n)
-            check(args, plans)
+            sums = check(args, plans)
             big = max(plans, key=lambda p: p.read[1] - p.read[0])
-            got = [run(args, (*big.read, *big.sums)) for _ in range(args.reps)]
+            got = [run(args, (*big.read, *big.sums), sums) for _ in range(args.reps)]
             s = statistics.median(r["seconds"] for r in got)
             m = statistics.median(r["peak_mb"] for r in got)
             rows = big.read[1] - big.read[0]

@@ -137,11 +137,18 @@ class Augment:
         # the mean of x below over the whole image, from the exact sums
         mean = b * ((1 - s) * (0.299 * m[0] + 0.587 * m[1] + 0.114 * m[2])
                     + s * (m[0] + m[1] + m[2]) / 3)
-        x = img.float() * b
-        grey = 0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2]
-        x = grey + s * (x - grey)                       # saturation around the grey
-        x = mean + c * (x - mean)                       # contrast around the mean
-        return x.round_().clamp_(0, 255).to(torch.uint8)
+        out = torch.empty_like(img)
+        # in bands of ~2^20 pixels: the float32 temporaries stay small (a
+        # whole 8192² image at once peaked at 14x its uint8 size), and each
+        # pixel's arithmetic is the same in any band
+        step = max(1, (1 << 20) // max(1, img.shape[2]))
+        for r in range(0, img.shape[1], step):
+            x = img[:, r:r + step].float() * b
+            grey = 0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2]
+            x = grey + s * (x - grey)                   # saturation around the grey
+            x = mean + c * (x - mean)                   # contrast around the mean
+            out[:, r:r + step] = x.round_().clamp_(0, 255)
+        return out
 
     def __call__(self, img: torch.Tensor,
                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
