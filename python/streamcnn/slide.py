@@ -14,6 +14,10 @@ _ERR = 768
 # this bound only catches nonsense sizes before allocating.
 MAX_REGION_PIXELS = 1 << 36
 MAX_ORIGIN = 1 << 37  # as the C reader's bound
+# read_scaled reads a region to resample in bands of about this many level
+# rows (16 rows of the reader's 512-pixel chunks: the chunk row two bands
+# share is read twice, ~6 %)
+BAND_ROWS = 8192
 
 
 def _err() -> ctypes.Array:
@@ -224,7 +228,9 @@ class Slide:
         ``box = (bx, by, bw, bh)`` (output pixels, inside ``size``): only
         that part, bit for bit as the same part of the whole result; only
         the level pixels it needs are read and resampled (for a band of
-        rows: memory and time in proportion to the band)."""
+        rows: memory and time in proportion to the band). A resampled read
+        of more than ``2 * BAND_ROWS`` level rows goes in bands of
+        ``BAND_ROWS``, so the level region is never held whole."""
         if not downsample > 0:
             raise ValueError(f"streamcnn: downsample must be positive, got {downsample!r}")
         out_w, out_h = (int(v) for v in size)
@@ -239,6 +245,17 @@ class Slide:
         rw = max(1, math.ceil(out_w * downsample / ds))
         rh = max(1, math.ceil(out_h * downsample / ds))
         r0, r1 = resample_span(rh, out_h, by, by + bh)
+        if r1 - r0 > 2 * BAND_ROWS:
+            # in bands of ~BAND_ROWS level rows: the level region is never
+            # held whole (each band is bit for bit those rows of the whole)
+            out = torch.empty((3, bh, bw), dtype=torch.uint8)
+            step = max(1, BAND_ROWS * out_h // rh)
+            for a in range(by, by + bh, step):
+                b = min(by + bh, a + step)
+                out[:, a - by:b - by] = self.read_scaled(
+                    location, downsample, size, box=(bx, a, bw, b - a), tolerance=tolerance,
+                    threads=threads)
+            return out
         c0, c1 = resample_span(rw, out_w, bx, bx + bw)
         region = self.read_region(location, lvl, (rw, rh), box=(c0, r0, c1 - c0, r1 - r0),
                                   threads=threads)

@@ -140,6 +140,18 @@ def test_parts_equal_the_whole_read(slides, name):
                 assert torch.equal(band, whole[:, rows[0]:rows[1]]), (ds, rows)
             box = s.read_scaled((5, 9), ds, size, box=(33, 12, 50, 61), threads=3)
             assert torch.equal(box, whole[:, 12:73, 33:83])
+            # a large region is read and resampled in bands of BAND_ROWS
+            # level rows (made small here): the same pixels
+            if ds != 2 * s.level_downsamples[1] / 2:
+                import streamcnn.slide as slide_module
+                keep = slide_module.BAND_ROWS
+                slide_module.BAND_ROWS = 40
+                try:
+                    assert torch.equal(s.read_scaled((5, 9), ds, size), whole)
+                    assert torch.equal(s.read_scaled((5, 9), ds, size, box=(7, 3, 90, 200)),
+                                       whole[:, 3:203, 7:97])
+                finally:
+                    slide_module.BAND_ROWS = keep
         for bad in [(0, 0, 0, 5), (-1, 0, 5, 5), (0, 0, w + 1, 1), (1, 2, 3)]:
             with pytest.raises(ValueError, match="box"):
                 s.read_region((0, 0), level, (w, h), box=bad)
