@@ -217,3 +217,17 @@ def test_slide_reader_workers_and_threads_at_once(tmp_path):
         shared.close()
     assert not any(t.is_alive() for t in threads)
     assert not bad
+
+
+def test_resampler_from_threads():
+    """resize_uint8 (io/resample.c) from four threads at once, each with
+    its own thread count inside: the results equal one call's."""
+    from streamcnn.slide import resize_uint8
+    g = torch.Generator().manual_seed(0)
+    imgs = [torch.randint(0, 256, (3, 300 + 17 * k, 280), dtype=torch.uint8, generator=g)
+            for k in range(4)]
+    want = [resize_uint8(im, (131, 97), threads=1) for im in imgs]
+    got = _in_threads([lambda k=k: [resize_uint8(imgs[k], (131, 97), threads=1 + k)
+                                    for _ in range(5)] for k in range(4)])
+    for k in range(4):
+        assert all(torch.equal(r, want[k]) for r in got[k]), k
