@@ -41,10 +41,10 @@ import torch
 from . import checkpoint as ckpt_io
 from . import config as C
 from . import tile_parallel as TP
-from .common import (AMP_DTYPES, Dist, Slides, UsageError, autocast, dist_from_env, init_distributed,
-                     loss_of, metric, metric_name, peak_memory_mb, plot_roc, predict,
-                     read_slide_table, reset_peak_memory, resolve_device, save_figure,
-                     to_device, write_atomic, write_csv, write_predictions)
+from .common import (AMP_DTYPES, Dist, Slides, UsageError, autocast, dist_from_env,
+                     init_distributed, loss_of, metric, metric_name, peak_memory_mb, plot_roc,
+                     predict, read_slide_table, reset_peak_memory, resolve_device,
+                     save_figure, to_device, write_atomic, write_csv, write_predictions)
 
 RUN_FILES = ("config.yaml", "metrics.csv", "last.pt", "best.pt", "curves.png", "roc.png",
              "val_predictions.csv")
