@@ -45,8 +45,9 @@ def test_tile_parallel_rows_script():
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith("| ")]
-    assert lines[2].startswith("| whole image | 600 | 1.000 |"), res.stdout
-    one, two = lines[3].split(" | "), lines[4].split(" | ")
+    assert lines[0].startswith("| ranks N |"), res.stdout
+    assert lines[1].startswith("| whole image | 600 | 1.000 |"), res.stdout
+    one, two = lines[2].split(" | "), lines[3].split(" | ")
     assert one[0] == "| 1" and one[2] == "1.000", res.stdout
     assert two[0] == "| 2" and float(two[2]) < 0.75, res.stdout
 
