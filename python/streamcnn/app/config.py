@@ -96,9 +96,9 @@ OPTIONS: Tuple[Option, ...] = (
     Option("device", str, None, "cpu or cuda (default: cuda when available)",
            choices=("cpu", "cuda")),
     Option("tile_parallel", int, 1, "processes that share each image: its stem output split "
-           "into N row bands (streamcnn.distributed.TileParallel); started by the command "
-           "itself, or under torchrun groups of N consecutive ranks (data parallel across "
-           "the groups)", check=_pos, need="a positive number of processes", metavar="N"),
+           "into N row bands (streamcnn.distributed.TileParallel), each process reading only "
+           "the image rows its band needs; started by the command itself, or under torchrun "
+           "groups of N consecutive ranks (data parallel across the groups)", check=_pos, need="a positive number of processes", metavar="N"),
     Option("tensorboard", bool, False, "also log to RUN_DIR/tensorboard (needs the "
            "tensorboard package)"),
 )

@@ -20,7 +20,9 @@ Without ``torchrun`` the command starts the N processes itself
 world is a 2-D grid: tile-parallel groups of N consecutive ranks, each
 group one data-parallel replica (seeing its share of the images, the same
 images in the same order with the same augmentation on every rank of the
-group). At each optimizer step the accumulated gradients (the stem's
+group). Each rank reads only the rows of each image its band needs
+(``tile_parallel.RowPlan``), jittered with the image's channel sums added up
+over the group. At each optimizer step the accumulated gradients (the stem's
 already summed over the tile-parallel group) are averaged over the
 data-parallel group and broadcast from the first rank of each tile-parallel
 group, so every rank takes the same step and the ranks never drift
