@@ -94,6 +94,28 @@ def test_budget_module_is_exact_and_sets_tile_size():
     _assert_exact(stem, x, y)
 
 
+def test_fix_tile_keeps_the_choice():
+    """fix_tile: the budget's choice for an image size becomes the module's
+    fixed tile (memory_budget 0: no more choosing); TileParallel refuses a
+    budget module, naming fix_tile, and takes it once fixed."""
+    from streamcnn.distributed import TileParallel
+    stem = _stem().double()
+    sm = streamcnn.StreamingModule(stem, memory_budget="3MB")
+    with pytest.raises(ValueError, match="fix_tile"):
+        TileParallel(sm)
+    c = sm.budget_tile(1, 300, 260, torch.float64)
+    got = sm.fix_tile(300, 260, dtype=torch.float64)
+    assert got == c and sm.memory_budget == 0
+    assert sm.tile_size == c["tile_size"] and sm.halo_cache == c["halo_cache"]
+    assert sm.tiling(300, 260)["tiles"] != (1, 1)
+    # another size no longer re-picks: the tile stays
+    x = torch.randn(1, 3, 500, 420, dtype=torch.float64, requires_grad=True)
+    y = sm(x)
+    assert sm.tile_size == c["tile_size"]
+    _assert_exact(stem, x, y)
+    TileParallel(sm)
+
+
 # Peak of the bytes live in PyTorch's allocator while step() runs, from the
 # profiler's memory events (+ per allocation, - per free): on the CPU what
 # max_memory_allocated counts on a GPU; the GPU benchmark's function.
