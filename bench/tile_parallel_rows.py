@@ -40,17 +40,14 @@ def _dataset(args):
 
 def _plans(args, n):
     """Every rank's RowPlan for n ranks (balanced bands of the stem)."""
-    import streamcnn
     from streamcnn.app.tile_parallel import plans_of
     from streamcnn.classifier import build_model
-    from streamcnn.distributed import balanced_bands
+    from streamcnn.distributed import balanced_bands, band_rows
     model = build_model(args.model, num_outputs=2, stream_upto=args.upto,
                         tile_size=args.tile)
     prog, tile = model.stem.program, model.stem.tile_size
     bands = balanced_bands(prog, args.size, args.size, tile, n)
-    needed = [tuple(int(v) for v in streamcnn.band_info(prog, args.size, args.size, tile,
-                                                         b)[:2])
-              if b[1] > b[0] else (0, 0) for b in bands]
+    needed = [band_rows(prog, args.size, args.size, tile, b) for b in bands]
     return plans_of(needed, args.size, args.size)
 
 

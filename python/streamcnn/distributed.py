@@ -33,7 +33,7 @@ import torch.nn as nn
 from ._library import band_info, tiling_info
 from .module import StreamingModule
 
-__all__ = ["TileParallel", "balanced_bands"]
+__all__ = ["TileParallel", "balanced_bands", "band_rows"]
 
 
 def balanced_bands(program: Sequence[int], height: int, width: int, tile: Sequence[int],
@@ -92,6 +92,18 @@ def balanced_bands(program: Sequence[int], height: int, width: int, tile: Sequen
         lo = e
     bands += [(out_h, out_h)] * (n - len(bands))
     return bands
+
+
+def band_rows(program: Sequence[int], height: int, width: int, tile: Sequence[int],
+              band: Tuple[int, int]) -> Tuple[int, int]:
+    """The image rows ``[a, b)`` that stem output rows ``band = (lo, hi)``
+    read (their cone, ``band_info``); ``(0, 0)`` for an empty band."""
+    lo, hi = band
+    if hi <= lo:
+        return (0, 0)
+    info = band_info(program, int(height), int(width), (int(tile[0]), int(tile[-1])),
+                     (lo, hi))
+    return (int(info[0]), int(info[1]))
 
 
 def _checksum(parts) -> int:
@@ -281,12 +293,8 @@ class TileParallel(nn.Module):
         """The image rows ``[a, b)`` rank (default: this one) reads for a
         height x width image; ``(0, 0)`` for an empty band."""
         r = self._group()[0] if rank is None else int(rank)
-        lo, hi = self.bands(height, width)[r]
-        if hi <= lo:
-            return (0, 0)
-        tile = (self.sm.tile_size[0], self.sm.tile_size[-1])
-        info = band_info(self.sm.program, int(height), int(width), tile, (lo, hi))
-        return (int(info[0]), int(info[1]))
+        return band_rows(self.sm.program, height, width, self.sm.tile_size,
+                         self.bands(height, width)[r])
 
     def forward(self, x: torch.Tensor, image_row0: Optional[int] = None,
                 image_height: Optional[int] = None) -> torch.Tensor:

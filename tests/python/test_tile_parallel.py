@@ -370,8 +370,9 @@ def _worker_app_rows(rank, path):
         model = Model()
         grid = Grid(2, None, 0, Dist(0, 1, 0, None), torch.device("cpu"))
         h = w = 41
+        net = TileParallelNet(model, grid, h)
         plans = row_plans(TileParallel(sm), h, w)
-        net = TileParallelNet(model, grid, plans[rank])
+        assert net.plans == plans and net.plan == plans[rank]
         aug = Augment()
         g = torch.Generator().manual_seed(3)
         for k in range(4):

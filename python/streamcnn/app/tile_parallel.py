@@ -202,19 +202,24 @@ class TileParallelNet(torch.nn.Module):
     """``head(TileParallel(stem)(x))``: the classifier with its stem's
     bands over the tile-parallel group (the modules are the classifier's).
 
-    ``x`` is a whole image, or with ``plan`` this rank's rows of it: the
+    ``x`` is a whole image, or with ``image_size`` this rank's rows of it
+    (``self.plan``, of ``self.plans`` of all ranks): the
     dict of ``SlideDataset.read_rows`` (batch 1: ``part``, ``sums``,
     ``draw``): the channel sums are added up over the group, the colour
     jitter is applied to the rows (``Augment.colour``, exactly as on the
     whole image) and they go to ``TileParallel`` as rows
     ``plan.read`` of a ``plan.height``-row image."""
 
-    def __init__(self, model, grid: Grid, plan: Optional[RowPlan] = None):
+    def __init__(self, model, grid: Grid, image_size: Optional[int] = None):
         super().__init__()
         from ..distributed import TileParallel
         self.tp = TileParallel(model.stem, grid.tp_group)
         self.head = model.head
-        self.grid, self.plan = grid, plan
+        self.grid = grid
+        # every rank's RowPlan for image_size x image_size images, and this one's
+        self.plans = [] if image_size is None else row_plans(self.tp, image_size, image_size)
+        self.plan = self.plans[torch.distributed.get_rank(grid.tp_group)] \
+            if self.plans else None
 
     def forward(self, x) -> torch.Tensor:
         if not isinstance(x, dict):
@@ -222,7 +227,8 @@ class TileParallelNet(torch.nn.Module):
         from ..data import Augment, AugmentDraw
         plan = self.plan
         if plan is None:
-            raise ValueError("streamcnn: rows of an image need the TileParallelNet's plan")
+            raise ValueError("streamcnn: rows of an image need the TileParallelNet's "
+                             "image_size (its RowPlan)")
         part, draw = x["part"], AugmentDraw.from_tensor(x["draw"][0])
         if part.shape[0] != 1:
             raise ValueError("streamcnn: tile-parallel rows come one image at a time")

@@ -262,24 +262,21 @@ def _train(cfg, ckpt, dist: Dist, device, quiet: bool, resume: bool, overwrite: 
         except RuntimeError as e:
             raise UsageError(f"--resume: the weights in {out}/last.pt do not fit its "
                              f"config: {e}") from None
-    plan = rows = None
-    plans: List[TP.RowPlan] = []
+    tp_net, my_rows = None, None
     if grid is not None:
-        # each rank reads only the rows of each image its band needs
-        from ..distributed import TileParallel
         size = cfg["image_size"]
         if model.stem.memory_budget:
             # every rank streams the tile the budget picks for a training
             # step of one image (in the autocast dtype with --amp)
             model.stem.fix_tile(size, size, dtype=AMP_DTYPES[cfg["amp"]] or torch.float32,
                                 device=device)
-        plans = TP.row_plans(TileParallel(model.stem, grid.tp_group), size, size)
-        plan = plans[torch.distributed.get_rank(grid.tp_group)]
-        rows = (plan.read, plan.sums)
+        # each rank reads only the rows of each image its band needs
+        tp_net = TP.TileParallelNet(model, grid, size)
+        my_rows = (tp_net.plan.read, tp_net.plan.sums)
     try:
         train_ds = Slides(train_t, cfg["image_size"], cfg["mpp"], cfg["crop"],
-                          augment=cfg["augment"], seed=cfg["seed"], rows=rows)
-        val_ds = Slides(val_t, cfg["image_size"], cfg["mpp"], cfg["crop"], rows=rows)
+                          augment=cfg["augment"], seed=cfg["seed"], rows=my_rows)
+        val_ds = Slides(val_t, cfg["image_size"], cfg["mpp"], cfg["crop"], rows=my_rows)
     except (ValueError, FileNotFoundError) as e:
         raise UsageError(str(e)) from None
     # every rank has checked everything before rank 0 writes anything
@@ -305,7 +302,7 @@ def _train(cfg, ckpt, dist: Dist, device, quiet: bool, resume: bool, overwrite: 
             c = t.to(grid.comm)
             torch.distributed.broadcast(c, src=0)
             t.copy_(c)
-        net = TP.TileParallelNet(model, grid, plan)
+        net = tp_net
         if cfg["bn"] == "train":
             buffers = list(model.head.buffers())
     elif dist.enabled:
@@ -449,7 +446,8 @@ def _train(cfg, ckpt, dist: Dist, device, quiet: bool, resume: bool, overwrite: 
                 if digests is not None:     # every rank's weights_digest (all equal)
                     payload["rank_digests"] = digests
                     # the image rows each rank of a group read (and summed)
-                    payload["rank_rows"] = [[list(p.read), list(p.sums)] for p in plans]
+                    payload["rank_rows"] = [[list(p.read), list(p.sums)]
+                                            for p in tp_net.plans]
                 write_predictions(os.path.join(out, "val_predictions.csv"), val_t, indices,
                                   scores)
                 if task == "classification":

@@ -10,19 +10,25 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ..slide import Slide, box_of_mask
+from ..slide import Slide, _check_box, box_of_mask
 
 _CROPS = ("tissue", "center", "random")
 
 
+def _row_bands(img: torch.Tensor):
+    """Slices of ~2^20 pixels of rows of a ``C x H x W`` image, in order:
+    per-pixel work done band by band keeps its temporaries small."""
+    step = max(1, (1 << 20) // max(1, img.shape[2]))
+    return (slice(r, r + step) for r in range(0, img.shape[1], step))
+
+
 def channel_sums(img: torch.Tensor) -> torch.Tensor:
     """Exact int64 sums of each channel of a uint8 ``C x H x W`` image, in
-    bands of ~2^20 pixels (torch's sum of a uint8 image over H and W makes
-    an int64 copy of it first: 8x its size, 1.5 GB at 8192²)."""
+    bands of rows (torch's sum of a uint8 image over H and W makes an
+    int64 copy of it first: 8x its size, 1.5 GB at 8192²)."""
     out = torch.zeros(img.shape[0], dtype=torch.int64, device=img.device)
-    step = max(1, (1 << 20) // max(1, img.shape[2]))
-    for r in range(0, img.shape[1], step):
-        out += img[:, r:r + step].sum(dim=(1, 2), dtype=torch.int64)
+    for rows in _row_bands(img):
+        out += img[:, rows].sum(dim=(1, 2), dtype=torch.int64)
     return out
 
 
@@ -149,16 +155,15 @@ class Augment:
         mean = b * ((1 - s) * (0.299 * m[0] + 0.587 * m[1] + 0.114 * m[2])
                     + s * (m[0] + m[1] + m[2]) / 3)
         out = torch.empty_like(img)
-        # in bands of ~2^20 pixels: the float32 temporaries stay small (a
-        # whole 8192² image at once peaked at 14x its uint8 size), and each
+        # in bands of rows: the float32 temporaries stay small (a whole
+        # 8192² image at once peaked at 14x its uint8 size), and each
         # pixel's arithmetic is the same in any band
-        step = max(1, (1 << 20) // max(1, img.shape[2]))
-        for r in range(0, img.shape[1], step):
-            x = img[:, r:r + step].float() * b
+        for rows in _row_bands(img):
+            x = img[:, rows].float() * b
             grey = 0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2]
             x = grey + s * (x - grey)                   # saturation around the grey
             x = mean + c * (x - mean)                   # contrast around the mean
-            out[:, r:r + step] = x.round_().clamp_(0, 255)
+            out[:, rows] = x.round_().clamp_(0, 255)
         return out
 
     def __call__(self, img: torch.Tensor,
@@ -407,24 +412,21 @@ class SlideDataset(torch.utils.data.Dataset):
     def _read_window(self, s: Slide, win, box: Optional[Sequence[int]]) -> torch.Tensor:
         (x, y, rw, rh), (r0, c0), _, d = win
         oh, ow = self.size
-        bx, by, bw, bh = (0, 0, ow, oh) if box is None else (int(v) for v in box)
-        if bw < 1 or bh < 1 or bx < 0 or by < 0 or bx + bw > ow or by + bh > oh:
-            raise ValueError(f"streamcnn: box (x, y, w, h) = {(bx, by, bw, bh)} is not a "
-                             f"non-empty part of the {oh} x {ow} image")
+        bx, by, bw, bh = _check_box(box, ow, oh, "image")
         # the part of the read window (at (r0, c0), rh x rw) inside the box
         ix0, ix1 = max(bx, c0), min(bx + bw, c0 + rw)
         iy0, iy1 = max(by, r0), min(by + bh, r0 + rh)
-        inside = ix1 > ix0 and iy1 > iy0
-        if inside and (ix0, iy0, ix1, iy1) == (bx, by, bx + bw, by + bh):
-            return s.read_scaled((x, y), d, (rw, rh), tolerance=self.tolerance,
+        part = None
+        if ix1 > ix0 and iy1 > iy0:
+            part = s.read_scaled((x, y), d, (rw, rh), tolerance=self.tolerance,
                                  threads=self.threads,
                                  box=(ix0 - c0, iy0 - r0, ix1 - ix0, iy1 - iy0))
+            if (ix0, iy0, ix1, iy1) == (bx, by, bx + bw, by + bh):
+                return part
         out = torch.tensor(s.background, dtype=torch.uint8).view(3, 1, 1).expand(
             3, bh, bw).contiguous()
-        if inside:
-            out[:, iy0 - by:iy1 - by, ix0 - bx:ix1 - bx] = s.read_scaled(
-                (x, y), d, (rw, rh), tolerance=self.tolerance, threads=self.threads,
-                box=(ix0 - c0, iy0 - r0, ix1 - ix0, iy1 - iy0))
+        if part is not None:
+            out[:, iy0 - by:iy1 - by, ix0 - bx:ix1 - bx] = part
         return out
 
     def __getitem__(self, i: int) -> Tuple[torch.Tensor, int]:
