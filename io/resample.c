@@ -272,6 +272,14 @@ static void strip(const job *J, int64_t plane, int64_t r0, int64_t r1,
   }
 }
 
+/* The output rows [*r0, *r1) of strip s of the box. */
+static void strip_rows(const sc_resample_args *p, int64_t s, int64_t *r0,
+                       int64_t *r1) {
+  const int64_t end = p->box_y + p->box_h;
+  *r0 = p->box_y + s * STRIP;
+  *r1 = *r0 + STRIP < end ? *r0 + STRIP : end;
+}
+
 static void *worker(void *arg) {
   job *J = arg;
   const sc_resample_args *p = J->p;
@@ -283,9 +291,9 @@ static void *worker(void *arg) {
     for (;;) {
       const long long k = atomic_fetch_add(&J->next, 1);
       if (k >= J->strips * p->planes || atomic_load(&J->failed)) break;
-      const int64_t s = k % J->strips, r0 = p->box_y + s * STRIP;
-      const int64_t end = p->box_y + p->box_h;
-      strip(J, k / J->strips, r0, r0 + STRIP < end ? r0 + STRIP : end, tmp, acc);
+      int64_t r0, r1;
+      strip_rows(p, k % J->strips, &r0, &r1);
+      strip(J, k / J->strips, r0, r1, tmp, acc);
     }
   }
   free(tmp);
@@ -351,9 +359,9 @@ int sc_resample_u8(const sc_resample_args *p, char *err, size_t errlen) {
   }
   J.strips = (p->box_h + STRIP - 1) / STRIP;
   for (int64_t s = 0; s < J.strips; s++) {
-    const int64_t a = p->box_y + s * STRIP, end = p->box_y + p->box_h;
-    int64_t y0, y1;
-    axis_span(&J.ay, a, a + STRIP < end ? a + STRIP : end, &y0, &y1);
+    int64_t r0, r1, y0, y1;
+    strip_rows(p, s, &r0, &r1);
+    axis_span(&J.ay, r0, r1, &y0, &y1);
     if (y1 - y0 > J.buf_rows) J.buf_rows = y1 - y0;
   }
   atomic_init(&J.next, 0);
