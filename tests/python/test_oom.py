@@ -13,7 +13,7 @@ import sys
 import textwrap
 
 CHILD = textwrap.dedent(r"""
-    import gc, os, resource, sys
+    import ctypes, gc, os, resource, sys
     import torch, torch.nn as nn
     import streamcnn
     torch.set_num_threads(1)
@@ -31,6 +31,19 @@ CHILD = textwrap.dedent(r"""
         with open("/proc/self/statm") as f:
             return int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
 
+    class MallInfo2(ctypes.Structure):  # glibc >= 2.33, summed over every arena
+        _fields_ = [(n, ctypes.c_size_t) for n in
+                    "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+    _mallinfo2 = getattr(ctypes.CDLL(None), "mallinfo2", None)
+    if _mallinfo2 is not None:
+        _mallinfo2.restype = MallInfo2
+
+    def heap():  # bytes the allocator has handed out and not had back (torch's CPU
+        if _mallinfo2 is None:  # tensors come from malloc), or None
+            return None
+        m = _mallinfo2()
+        return m.uordblks + m.hblkhd
+
     def step(x):
         x = x.clone().requires_grad_(True)
         y = sm(x)
@@ -46,9 +59,9 @@ CHILD = textwrap.dedent(r"""
     gc.collect()
     soft, hard = resource.getrlimit(resource.RLIMIT_AS)
     if not asan:
-        base = vm()
+        base, heap_base = vm(), heap()
         resource.setrlimit(resource.RLIMIT_AS, (base + (96 << 20), hard))
-    failures, sizes = 0, []
+    failures, sizes, held = 0, [], []
     for what in ("forward", "backward") * 3:
         try:
             if what == "forward":
@@ -65,6 +78,8 @@ CHILD = textwrap.dedent(r"""
         gc.collect()
         if not asan:
             sizes.append(vm() - base)
+            if heap_base is not None:
+                held.append(heap() - heap_base)
     if not asan:
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
     # the next calls work: small always, big once the memory is back
@@ -73,12 +88,18 @@ CHILD = textwrap.dedent(r"""
     if not asan:
         y_big, _ = step(big)
         assert abs(float(y_big.double().sum()) - ref_big_sum) <= 1e-6 * abs(ref_big_sum) + 1e-3
-    print("failures", failures, "growth_mb", [s >> 20 for s in sizes])
+    print("failures", failures, "growth_mb", [s >> 20 for s in sizes],
+          "held_kb", [h >> 10 for h in held])
     sys.stdout.flush()
     assert failures == 6, failures
-    # nothing held after a failure: the address space does not grow
+    # nothing held after a failure. Exact: what malloc has handed out does not
+    # grow (a tile is 64 MiB or more; a few KB of Python objects come and go).
+    # Coarse: the address space, which also moves with glibc's arenas and
+    # trimming (up to 18 MB under load, CI 2026-12-06), stays under one tile.
+    if held:
+        assert max(held) - min(held) < (1 << 20), held
     if sizes:
-        assert max(sizes) - min(sizes) < (16 << 20), sizes
+        assert max(sizes) - min(sizes) < (48 << 20), sizes
     print("ok")
 """)
 
