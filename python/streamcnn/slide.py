@@ -2,8 +2,9 @@
 
 import ctypes
 import math
+import numbers
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -14,6 +15,9 @@ _ERR = 768
 # this bound only catches nonsense sizes before allocating.
 MAX_REGION_PIXELS = 1 << 36
 MAX_ORIGIN = 1 << 37  # as the C reader's bound
+# the C reader's words for a file OpenSlide does not recognise (then the file
+# is tried as a plain image; a recognised but damaged slide is not)
+_NOT_A_SLIDE = "is not a slide OpenSlide can read"
 # read_scaled reads a region to resample in bands of about this many level
 # rows (16 rows of the reader's 512-pixel chunks: the chunk row two bands
 # share is read twice, ~6 %)
@@ -35,7 +39,9 @@ def available() -> bool:
 
 class Slide:
     """A whole-slide image opened with OpenSlide (Aperio .svs, Hamamatsu,
-    MIRAX, ..., generic tiled pyramidal TIFF).
+    MIRAX, ..., generic tiled pyramidal TIFF), or a plain image (PNG, JPEG,
+    striped TIFF, BMP, WebP, ...: anything else Pillow reads) as a slide of
+    one level.
 
     Coordinates ``(x, y)`` are level-0 pixels (OpenSlide's convention);
     sizes are ``(width, height)`` at the level read. Regions come back as
@@ -43,25 +49,43 @@ class Slide:
     premultiplied ARGB composited over the slide's background colour:
     transparent and out-of-bounds pixels are the background.
 
+    ``mpp``: the microns per level-0 pixel, a number or ``(x, y)``; it
+    replaces what the file says (``openslide.mpp-x``), for slides that
+    carry a wrong one. ``default_mpp``: the same, only for a file that
+    says nothing.
+
+    A plain image is decoded whole on its first read and held until
+    ``close()`` (3 bytes a pixel; at most ``streamcnn._plain.MAX_IMAGE_PIXELS``
+    pixels, 2^30: larger images belong in a tiled pyramidal TIFF). Grey,
+    palette, CMYK and alpha images become RGB (alpha composited over white);
+    16-bit and float images are refused. Its pixels are read as stored (no
+    EXIF orientation). A TIFF's resolution gives its ``mpp`` when the unit
+    is the centimetre, as OpenSlide's; other plain images carry none
+    (``properties``: ``streamcnn.reader`` = ``pillow``, ``streamcnn.format``).
+
     The handle is safe to read from several threads; use one ``Slide`` per
     process (it does not pickle). ``close()`` (or a ``with`` block) frees it.
     """
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, mpp: Union[None, float, Sequence[float]] = None, *,
+                 default_mpp: Union[None, float, Sequence[float]] = None):
         self.path = os.fspath(path)
         self._lib = clib()
+        self._h = None
+        self._plain = None
+        self._mpp_override = _check_mpp(mpp)
+        self._mpp_default = _check_mpp(default_mpp)
         err = _err()
-        if not self._lib.sc_slide_available():
-            self._h = None
-            raise RuntimeError(
-                "streamcnn was built without OpenSlide (STREAMCNN_OPENSLIDE=OFF): install "
-                "libopenslide-dev and libtiff-dev and rebuild to read slides")
-        self._h = self._lib.sc_slide_open(self.path.encode(), err, _ERR)
+        if self._lib.sc_slide_available():
+            self._h = self._lib.sc_slide_open(self.path.encode(), err, _ERR)
         if not self._h:
             msg = err.value.decode(errors="replace")
             if not os.path.exists(self.path):
-                raise FileNotFoundError(msg)
-            raise ValueError(msg)
+                raise FileNotFoundError(msg or f"streamcnn: {self.path!r} does not exist")
+            if self._lib.sc_slide_available() and _NOT_A_SLIDE not in msg:
+                raise ValueError(msg)  # a slide OpenSlide knows, damaged: no fallback
+            self._open_plain()
+            return
         lib = self._lib
         n = lib.sc_slide_level_count(self._h)
         dims, ds = [], []
@@ -85,6 +109,30 @@ class Slide:
             self.properties[key] = val.decode(errors="replace") if val else ""
             i += 1
 
+    def _open_plain(self) -> None:
+        from ._plain import NotAnImage, PlainImage
+        if os.path.isdir(self.path):
+            raise ValueError(f"streamcnn: {self.path!r} is a directory, not a slide")
+        try:
+            self._plain = PlainImage(self.path)
+        except NotAnImage as e:
+            if self._lib.sc_slide_available():
+                raise ValueError(
+                    f"streamcnn: {self.path!r} is neither a slide OpenSlide can read (Aperio "
+                    ".svs, Hamamatsu, MIRAX, ..., tiled pyramidal TIFF) nor an image Pillow "
+                    f"can read (PNG, JPEG, TIFF, ...), or it is damaged or truncated "
+                    f"(Pillow: {e})") from None
+            raise ValueError(
+                f"streamcnn: {self.path!r} is not an image Pillow can read (Pillow: {e}), "
+                "and streamcnn was built without OpenSlide (STREAMCNN_OPENSLIDE=OFF), so it "
+                "reads no whole-slide formats: install libopenslide-dev and libtiff-dev and "
+                "rebuild") from None
+        self.level_count = 1
+        self.level_dimensions = [self._plain.size]
+        self.level_downsamples = [1.0]
+        self.background = (255, 255, 255)
+        self.properties = dict(self._plain.properties)
+
     # -- metadata ----------------------------------------------------------------
     @property
     def dimensions(self) -> Tuple[int, int]:
@@ -95,19 +143,42 @@ class Slide:
         return self.properties.get("openslide.vendor")
 
     @property
+    def in_memory(self) -> bool:
+        """True for a plain image (decoded whole, held while open)."""
+        return self._plain is not None
+
+    @property
     def mpp(self) -> Optional[Tuple[float, float]]:
-        """Microns per level-0 pixel (x, y), or None when the slide lacks it."""
+        """Microns per level-0 pixel (x, y): the ``mpp`` given when opened,
+        else the file's, else ``default_mpp``; None when none says."""
+        if self._mpp_override is not None:
+            return self._mpp_override
+        return self.file_mpp or self._mpp_default
+
+    @property
+    def file_mpp(self) -> Optional[Tuple[float, float]]:
+        """Microns per level-0 pixel (x, y) as the file says, or None."""
+        if self._plain is not None:
+            return self._plain.mpp
         try:
-            return (float(self.properties["openslide.mpp-x"]),
-                    float(self.properties["openslide.mpp-y"]))
+            m = (float(self.properties["openslide.mpp-x"]),
+                 float(self.properties["openslide.mpp-y"]))
         except (KeyError, ValueError):
             return None
+        return m if all(math.isfinite(v) and v > 0 for v in m) else None
 
     # -- life ------------------------------------------------------------------------
     def close(self) -> None:
         if getattr(self, "_h", None):
             self._lib.sc_slide_close(self._h)
             self._h = None
+        if getattr(self, "_plain", None) is not None:
+            self._plain.close()
+            self._plain = None
+
+    @property
+    def closed(self) -> bool:
+        return getattr(self, "_h", None) is None and getattr(self, "_plain", None) is None
 
     def __enter__(self):
         return self
@@ -122,7 +193,7 @@ class Slide:
         raise TypeError("streamcnn.Slide does not pickle; open the slide in each process")
 
     def __repr__(self):
-        if getattr(self, "_h", None) is None:
+        if self.closed:
             return f"Slide({getattr(self, 'path', None)!r}, closed)"
         return (f"Slide({self.path!r}, levels={self.level_dimensions}, mpp={self.mpp}, "
                 f"vendor={self.vendor!r})")
@@ -150,7 +221,7 @@ class Slide:
         is not an integer, where a read of the part as a region of its own
         may differ by a sub-pixel shift); only the chunks meeting it are
         read."""
-        if self._h is None:
+        if self.closed:
             raise ValueError("streamcnn: the slide is closed")
         self._check_level(level)
         x, y = (int(v) for v in location)
@@ -165,6 +236,8 @@ class Slide:
             raise ValueError(f"streamcnn: region size {bw} x {bh} is too large "
                              f"(> {MAX_REGION_PIXELS} pixels)")
         threads = _check_threads(threads)
+        if self._plain is not None:  # one level, no chunks: the box is the region
+            return self._plain.read(x + bx, y + by, bw, bh, self.background, channels_last)
         shape = (bh, bw, 3) if channels_last else (3, bh, bw)
         out = torch.empty(shape, dtype=torch.uint8)
         err = _err()
@@ -305,6 +378,22 @@ def box_of_mask(mask: torch.Tensor, ds: float, dimensions: Tuple[int, int],
     x0, y0 = max(0, math.floor(x0 - mx)), max(0, math.floor(y0 - my))
     x1, y1 = min(w0, math.ceil(x1 + mx)), min(h0, math.ceil(y1 + my))
     return x0, y0, x1 - x0, y1 - y0
+
+
+def _check_mpp(mpp) -> Optional[Tuple[float, float]]:
+    """``mpp`` (a number or ``(x, y)``) as a pair of positive finite floats."""
+    if mpp is None:
+        return None
+    try:
+        pair = (mpp, mpp) if isinstance(mpp, numbers.Real) else tuple(mpp)
+        x, y = (float(v) for v in pair)
+        if isinstance(mpp, bool) or any(isinstance(v, bool) for v in pair):
+            raise TypeError
+    except (TypeError, ValueError):
+        raise ValueError(f"streamcnn: mpp must be a number or (x, y), got {mpp!r}") from None
+    if not (math.isfinite(x) and math.isfinite(y) and x > 0 and y > 0):
+        raise ValueError(f"streamcnn: mpp must be positive and finite, got {mpp!r}")
+    return x, y
 
 
 def _check_box(box, w: int, h: int, what: str) -> Tuple[int, int, int, int]:

@@ -389,3 +389,53 @@ def test_train_options(slides, tmp_path, capsys, options, metric):
     assert name in ev.stdout, ev.stdout
     preds = _csv(tmp_path / "ev" / "predictions.csv")
     assert len(preds) == 4 and all(math.isfinite(float(p["score"])) for p in preds)
+
+
+def test_plain_images_and_slide_mpp(tmp_path, capsys):
+    """PNG and JPEG images, whose files say nothing of the pixel size:
+    without --slide-mpp or an mpp column, exit 2 naming the row and the
+    way out; with them, train -> evaluate -> predict, evaluate and predict
+    taking --slide-mpp from the checkpoint."""
+    from PIL import Image
+    from app_slides import slide_image
+    d = tmp_path / "images"
+    d.mkdir()
+    for split, n in (("train", 4), ("val", 2)):
+        names = []
+        for i in range(n):
+            name = f"{split}_{i}.{'png' if i % 2 == 0 else 'jpg'}"
+            Image.fromarray(slide_image(512, bool(i % 2), seed=50 + 10 * n + i).numpy()).save(
+                d / name)
+            names.append(f"{name},{i % 2}")
+        (d / f"{split}.csv").write_text("path,label\n" + "\n".join(names) + "\n")
+    out = tmp_path / "run"
+    _bad(capsys, _train(d, out), "train.csv line 2", "train_0.png",
+         "no microns-per-pixel metadata", "--slide-mpp", out=out)
+    _bad(capsys, _train(d, out, "--slide-mpp", "0"), "--slide-mpp", "positive", out=out)
+    (d / "cols.csv").write_text("path,label,mpp\ntrain_0.png,0,abc\n")
+    _bad(capsys, _train(d, out, "--slide-mpp", "0.5", train=d / "cols.csv"),
+         "cols.csv line 2", "mpp 'abc'", out=out)
+    # the validation table gives one image its own pixel size
+    (d / "val_mpp.csv").write_text("path,label,mpp\nval_0.png,0,1.0\nval_1.jpg,1,\n")
+    cli_here(capsys, *_train(d, out, "--slide-mpp", "0.5", "--epochs", "1", "--batch-size",
+                             "2", val=d / "val_mpp.csv"))
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["slide_mpp"] == 0.5
+    preds = _csv(out / "val_predictions.csv")
+    assert len(preds) == 2 and all(math.isfinite(float(r["score"])) for r in preds)
+    res = cli_here(capsys, "evaluate", out / "best.pt", "--csv", d / "val_mpp.csv", "--out",
+                   tmp_path / "ev", "--quiet")
+    got = _csv(tmp_path / "ev" / "predictions.csv")
+    assert [r["score"] for r in got] == [r["score"] for r in preds], (got, preds)
+    res = cli_here(capsys, "predict", out / "best.pt", d / "val_1.jpg", "--out",
+                   tmp_path / "maps", "--heatmap", "cam", "--quiet")
+    row = _csv(tmp_path / "maps" / "predictions.csv")[0]
+    assert (row["status"], row["mpp"], row["downsample"]) == ("ok", "1", "2"), row
+    assert (tmp_path / "maps" / "val_1_cam.png").exists()
+    assert (tmp_path / "maps" / "val_1_cam.tif").exists()
+    # --slide-mpp replaces the checkpoint's: 1 um/px is 4 pixels of 0.25 um
+    cli_here(capsys, "predict", out / "best.pt", d / "val_1.jpg", "--out", tmp_path / "m2",
+             "--heatmap", "none", "--slide-mpp", "0.25", "--quiet")
+    assert _csv(tmp_path / "m2" / "predictions.csv")[0]["downsample"] == "4"
+    _bad(capsys, ["predict", out / "best.pt", d / "val_1.jpg", "--out", tmp_path / "m3",
+                  "--slide-mpp", "-1"], "--slide-mpp must be positive")

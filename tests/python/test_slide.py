@@ -297,8 +297,8 @@ def test_missing_file_and_directory(tmp_path):
 def test_striped_tiff_and_garbage(tmp_path):
     striped = str(tmp_path / "striped.tif")
     synthetic.write_striped_tiff(striped, torch.zeros(64, 80, 3, dtype=torch.uint8))
-    with pytest.raises(ValueError, match="striped.tif.*striped TIFF is not a slide"):
-        Slide(striped)
+    with Slide(striped) as s:  # not a slide: a plain image (test_plain_images.py)
+        assert s.in_memory and s.dimensions == (80, 64)
     junk = tmp_path / "junk.svs"
     junk.write_bytes(b"II*\x00" + bytes(range(256)) * 20)
     with pytest.raises(ValueError, match="junk.svs"):
@@ -536,5 +536,13 @@ def test_built_without_openslide_message(monkeypatch, tmp_path):
 
     monkeypatch.setattr(slide_mod, "clib", lambda: NoSlides())
     assert not slide_mod.available()
-    with pytest.raises(RuntimeError, match="built without OpenSlide"):
+    with pytest.raises(FileNotFoundError, match="any.svs"):
         Slide(str(tmp_path / "any.svs"))
+    (tmp_path / "any.svs").write_bytes(b"II*\x00" + bytes(range(256)) * 4)
+    with pytest.raises(ValueError, match="any.svs.*built without OpenSlide"):
+        Slide(str(tmp_path / "any.svs"))
+    # plain images need no OpenSlide
+    synthetic.write_striped_tiff(str(tmp_path / "s.tif"), torch.full((8, 9, 3), 7,
+                                                                      dtype=torch.uint8))
+    with Slide(str(tmp_path / "s.tif")) as s:
+        assert (s.read(level=0) == 7).all()

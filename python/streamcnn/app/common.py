@@ -28,19 +28,23 @@ TASKS = ("classification", "regression")
 class Table:
     """A ``path,label`` CSV checked row by row: ``paths`` resolved (relative
     to the CSV's folder), ``names`` as written in the CSV, ``labels`` as
-    numbers (0/1 for classification, floats for regression)."""
+    numbers (0/1 for classification, floats for regression), ``mpps`` the
+    optional ``mpp`` column (microns per level-0 pixel; None where empty)."""
     csv: str
     paths: List[str]
     names: List[str]
     labels: List[float]
+    mpps: List[Optional[float]]
 
 
-def read_slide_table(path: str, task: str, what: str = "CSV", mpp: bool = True) -> Table:
+def read_slide_table(path: str, task: str, what: str = "CSV", mpp: bool = True,
+                     slide_mpp: Optional[float] = None) -> Table:
     """Read and check a slide table: the file, its header, every row's slide
-    (exists, opens as a slide, carries microns per pixel when ``mpp``) and
-    label (0 or 1 for classification, a finite number for regression). Any
-    problem raises :class:`UsageError` naming the file, the line and the
-    value."""
+    (exists, opens as a slide or an image, carries microns per pixel when
+    ``mpp``: its ``mpp`` column, the file's own, or ``slide_mpp``), its
+    ``mpp`` (empty or positive) and label (0 or 1 for classification, a
+    finite number for regression). Any problem raises :class:`UsageError`
+    naming the file, the line and the value."""
     from ..slide import Slide
     if not path:
         raise UsageError(f"no {what} given")
@@ -59,7 +63,7 @@ def read_slide_table(path: str, task: str, what: str = "CSV", mpp: bool = True) 
         raise UsageError(f"{what} {path} needs a header with 'path' and 'label' columns, "
                          f"got {fields}")
     base = os.path.dirname(os.path.abspath(path))
-    paths, names, labels = [], [], []
+    paths, names, labels, mpps = [], [], [], []
     try:
         rows = list(_rows(reader))
     except csv.Error as e:
@@ -72,11 +76,13 @@ def read_slide_table(path: str, task: str, what: str = "CSV", mpp: bool = True) 
         full = name if os.path.isabs(name) else os.path.join(base, name)
         if not os.path.exists(full):
             raise UsageError(f"{where}: slide {full} does not exist")
+        row_mpp = _mpp(row.get("mpp", ""), where)
         try:
-            with Slide(full) as s:
+            with Slide(full, mpp=row_mpp, default_mpp=slide_mpp) as s:
                 if mpp and s.mpp is None:
                     raise UsageError(f"{where}: slide {full} has no microns-per-pixel "
-                                     "metadata (openslide.mpp-x)")
+                                     "metadata (openslide.mpp-x): give it with --slide-mpp "
+                                     "or in an mpp column")
         except UsageError:
             raise
         except (OSError, ValueError, RuntimeError) as e:
@@ -85,9 +91,22 @@ def read_slide_table(path: str, task: str, what: str = "CSV", mpp: bool = True) 
         labels.append(_label(label, task, where))
         paths.append(full)
         names.append(name)
+        mpps.append(row_mpp)
     if not paths:
         raise UsageError(f"{what} {path} has no rows")
-    return Table(path, paths, names, labels)
+    return Table(path, paths, names, labels, mpps)
+
+
+def _mpp(text: str, where: str) -> Optional[float]:
+    if not text:
+        return None
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
+    if not (math.isfinite(v) and v > 0):
+        raise UsageError(f"{where}: mpp {text!r} is not a positive number")
+    return v
 
 
 def _rows(reader: csv.DictReader) -> Iterator[Tuple[int, Dict[str, str]]]:
@@ -130,12 +149,14 @@ class Slides(torch.utils.data.Dataset):
 
     def __init__(self, table: Table, size: int, mpp: float, crop: str,
                  augment: bool = False, seed: Optional[int] = None,
-                 rows: Optional[Tuple[Tuple[int, int], Tuple[int, int]]] = None):
+                 rows: Optional[Tuple[Tuple[int, int], Tuple[int, int]]] = None,
+                 slide_mpp: Optional[float] = None):
         from ..data import SlideDataset
         self.table = table
         self.rows = rows
-        self.ds = SlideDataset([(p, 0) for p in table.paths], size, mpp=mpp, crop=crop,
-                               augment=augment, seed=seed)
+        self.ds = SlideDataset([(p, 0, m) for p, m in zip(table.paths, table.mpps)], size,
+                               mpp=mpp, crop=crop, augment=augment, seed=seed,
+                               slide_mpp=slide_mpp)
 
     def __len__(self) -> int:
         return len(self.table.paths)

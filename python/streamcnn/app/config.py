@@ -49,6 +49,9 @@ OPTIONS: Tuple[Option, ...] = (
            check=_pos, need="positive", metavar="PX"),
     Option("mpp", float, 1.0, "microns per pixel the slides are read at", check=_pos,
            need="positive", metavar="UM"),
+    Option("slide_mpp", float, None, "microns per level-0 pixel of slides whose file "
+           "carries none (PNG, JPEG, a TIFF without a centimetre resolution); an mpp column "
+           "of a CSV gives it per slide", check=_pos, need="positive", metavar="UM"),
     Option("crop", str, "tissue", "tissue: the tissue's bounding box centred; center: the "
            "slide's centre", choices=("tissue", "center")),
     Option("model", str, "resnet18", "torchvision backbone", choices=ARCHITECTURES),

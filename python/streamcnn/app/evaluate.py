@@ -27,6 +27,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="default: cuda when available")
     parser.add_argument("--amp", choices=tuple(AMP_DTYPES), default="off",
                         help="mixed precision of the forward (default off)")
+    parser.add_argument("--slide-mpp", type=float, metavar="UM",
+                        help="microns per level-0 pixel of slides whose file carries none "
+                             "(default: the run's --slide-mpp); an mpp column of the CSV "
+                             "gives it per slide")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -34,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     if args.workers < 0:
         raise UsageError(f"--workers must be non-negative, got {args.workers}")
+    if args.slide_mpp is not None and not (math.isfinite(args.slide_mpp) and
+                                           args.slide_mpp > 0):
+        raise UsageError(f"--slide-mpp must be positive, got {args.slide_mpp}")
     out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
     if os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f"--out {out} exists and is not a directory")
@@ -44,9 +51,10 @@ def run(args) -> int:
     except (ValueError, FileNotFoundError) as e:
         raise UsageError(str(e)) from None
     task = cfg["task"]
-    table = read_slide_table(args.csv, task, "--csv")
+    slide_mpp = args.slide_mpp if args.slide_mpp is not None else cfg.get("slide_mpp")
+    table = read_slide_table(args.csv, task, "--csv", slide_mpp=slide_mpp)
     try:
-        data = Slides(table, cfg["image_size"], cfg["mpp"], cfg["crop"])
+        data = Slides(table, cfg["image_size"], cfg["mpp"], cfg["crop"], slide_mpp=slide_mpp)
     except (ValueError, FileNotFoundError) as e:
         raise UsageError(str(e)) from None
     indices, scores, loss = predict(model, data, device, task, args.amp, workers=args.workers,

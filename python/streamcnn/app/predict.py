@@ -63,6 +63,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mpp", type=float, metavar="UM",
                    help="analysis resolution in microns per pixel (default: the "
                         "checkpoint's)")
+    p.add_argument("--slide-mpp", type=float, metavar="UM",
+                   help="microns per level-0 pixel of slides whose file carries none (PNG, "
+                        "JPEG, ...; default: the checkpoint's --slide-mpp)")
     p.add_argument("--heatmap", choices=HEATMAPS, default=None,
                    help="maps to draw (default: both for a classifier, saliency for a "
                         "regression model)")
@@ -79,8 +82,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _check_args(args) -> None:
     if args.image_size is not None and args.image_size < 1:
         raise ValueError(f"streamcnn: --image-size must be positive, got {args.image_size}")
-    if args.mpp is not None and not (math.isfinite(args.mpp) and args.mpp > 0):
-        raise ValueError(f"streamcnn: --mpp must be positive, got {args.mpp}")
+    for flag, v in (("--mpp", args.mpp), ("--slide-mpp", args.slide_mpp)):
+        if v is not None and not (math.isfinite(v) and v > 0):
+            raise ValueError(f"streamcnn: {flag} must be positive, got {v}")
     if args.tile_size is not None and args.tile_size < 1:
         raise ValueError(f"streamcnn: --tile-size must be positive, got {args.tile_size}")
     if args.png_size < 16:
@@ -183,9 +187,9 @@ def _slide_name(path: str, taken: Dict[str, int]) -> str:
     return base if n == 0 else f"{base}_{n + 1}"
 
 
-def _open(path: str) -> Slide:
+def _open(path: str, default_mpp: Optional[float] = None) -> Slide:
     try:
-        return Slide(path)
+        return Slide(path, default_mpp=default_mpp)
     except FileNotFoundError:
         raise FileNotFoundError(f"streamcnn: slide {path} does not exist") from None
     except (ValueError, RuntimeError) as e:
@@ -200,7 +204,8 @@ def _downsample(s: Slide, mpp: Optional[float]) -> Tuple[float, Optional[float]]
         return 1.0, (s.mpp[0] if s.mpp else None)
     if s.mpp is None:
         raise ValueError(f"streamcnn: slide {s.path} has no microns-per-pixel metadata "
-                         f"(openslide.mpp-x), so it cannot be read at {mpp:g} um/px")
+                         f"(openslide.mpp-x), so it cannot be read at {mpp:g} um/px: give "
+                         "its resolution with --slide-mpp")
     if mpp < s.mpp[0] * (1 - MPP_TOLERANCE):
         raise ValueError(f"streamcnn: slide {s.path} has {s.mpp[0]:g} um/px at its finest "
                          f"level; it cannot provide {mpp:g} um/px (use --mpp "
@@ -330,7 +335,8 @@ def _predict_slide(path: str, name: str, model, config, args, want_sal: bool,
     stem, head = model.stem, model.head
     dev = next(model.parameters()).device
     row = {"slide": name, "path": path, "status": "ok", "message": ""}
-    with _open(path) as s:
+    slide_mpp = args.slide_mpp if args.slide_mpp is not None else config.get("slide_mpp")
+    with _open(path, slide_mpp) as s:
         ds, mpp = _downsample(s, args.mpp if args.mpp is not None else config.get("mpp"))
         size = args.image_size or int(config.get("image_size") or 0)
         if not args.full_slide and size < 1:

@@ -253,8 +253,8 @@ def _train(cfg, ckpt, dist: Dist, device, quiet: bool, resume: bool, overwrite: 
         except ImportError:
             raise UsageError("--tensorboard needs the tensorboard package (pip install "
                              "tensorboard)") from None
-    train_t = read_slide_table(cfg["train"], task, "--train CSV")
-    val_t = read_slide_table(cfg["val"], task, "--val CSV")
+    train_t = read_slide_table(cfg["train"], task, "--train CSV", slide_mpp=cfg["slide_mpp"])
+    val_t = read_slide_table(cfg["val"], task, "--val CSV", slide_mpp=cfg["slide_mpp"])
     model = _build_model(cfg)
     if ckpt is not None:
         try:
@@ -275,8 +275,10 @@ def _train(cfg, ckpt, dist: Dist, device, quiet: bool, resume: bool, overwrite: 
         my_rows = (tp_net.plan.read, tp_net.plan.sums)
     try:
         train_ds = Slides(train_t, cfg["image_size"], cfg["mpp"], cfg["crop"],
-                          augment=cfg["augment"], seed=cfg["seed"], rows=my_rows)
-        val_ds = Slides(val_t, cfg["image_size"], cfg["mpp"], cfg["crop"], rows=my_rows)
+                          augment=cfg["augment"], seed=cfg["seed"], rows=my_rows,
+                          slide_mpp=cfg["slide_mpp"])
+        val_ds = Slides(val_t, cfg["image_size"], cfg["mpp"], cfg["crop"], rows=my_rows,
+                        slide_mpp=cfg["slide_mpp"])
     except (ValueError, FileNotFoundError) as e:
         raise UsageError(str(e)) from None
     # every rank has checked everything before rank 0 writes anything

@@ -182,6 +182,12 @@ def read_table(table: Union[str, os.PathLike, Sequence[Tuple[str, object]]]
     """``(path, label)`` rows of a CSV file with a ``path,label`` header (other
     columns are ignored; relative paths are relative to the CSV's folder) or
     of a sequence of pairs."""
+    return [(p, label) for p, label, _ in _read_rows(table)]
+
+
+def _read_rows(table) -> List[Tuple[str, object, Optional[float]]]:
+    """``(path, label, mpp)`` rows: a CSV's optional ``mpp`` column (empty:
+    None), or the third item of a sequence's triples."""
     if isinstance(table, (str, os.PathLike)):
         name = os.fspath(table)
         base = os.path.dirname(os.path.abspath(name))
@@ -197,19 +203,38 @@ def read_table(table: Union[str, os.PathLike, Sequence[Tuple[str, object]]]
                 if not row["path"]:
                     raise ValueError(f"streamcnn: {name!r} line {i}: empty path")
                 p = row["path"]
-                rows.append((p if os.path.isabs(p) else os.path.join(base, p), row["label"]))
+                mpp = _row_mpp(row.get("mpp", ""), f"{name!r} line {i}")
+                rows.append((p if os.path.isabs(p) else os.path.join(base, p), row["label"],
+                             mpp))
     else:
         rows = []
         for i, item in enumerate(table):
             try:
-                p, label = item
+                p, label, *rest = item
+                if len(rest) > 1:
+                    raise ValueError
             except (TypeError, ValueError):
-                raise ValueError(f"streamcnn: table row {i} must be a (path, label) pair, "
-                                 f"got {item!r}") from None
-            rows.append((os.fspath(p), str(label) if not isinstance(label, int) else label))
+                raise ValueError(f"streamcnn: table row {i} must be a (path, label) pair or "
+                                 f"a (path, label, mpp) triple, got {item!r}") from None
+            mpp = _row_mpp(rest[0] if rest else None, f"table row {i}")
+            rows.append((os.fspath(p), str(label) if not isinstance(label, int) else label,
+                         mpp))
     if not rows:
         raise ValueError("streamcnn: the slide table is empty")
     return rows
+
+
+def _row_mpp(value, where: str) -> Optional[float]:
+    """A row's microns per pixel (None or empty: the slide's own)."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        v = math.nan
+    if isinstance(value, bool) or not (math.isfinite(v) and v > 0):
+        raise ValueError(f"streamcnn: {where}: mpp {value!r} is not a positive number")
+    return v
 
 
 class SlideDataset(torch.utils.data.Dataset):
@@ -219,7 +244,13 @@ class SlideDataset(torch.utils.data.Dataset):
     ``(path, label)`` pairs). Labels that are all integers are used as
     such; otherwise they are class names, numbered in sorted order
     (``.classes``). ``size``: ``S`` or ``(H, W)``. Exactly one of ``mpp``
-    (microns per pixel; the slide must carry it) or ``level``.
+    (the microns per pixel to read at) or ``level``.
+
+    The microns per level-0 pixel of a slide are, in this order: the row's
+    own (an ``mpp`` column of the CSV, or ``(path, label, mpp)`` triples),
+    what the slide file says (``Slide.mpp``), ``slide_mpp`` (for files that
+    say nothing, e.g. PNG or JPEG images). A slide with none of them is
+    refused when read at ``mpp``.
 
     ``crop``:
 
@@ -240,7 +271,8 @@ class SlideDataset(torch.utils.data.Dataset):
     (``set_epoch`` like DistributedSampler), so runs repeat exactly.
 
     Slides are opened lazily in the process that reads them (at most
-    ``max_open`` at a time, least recently used closed first), so the
+    ``max_open`` at a time, least recently used closed first; of plain
+    images, decoded whole, at most ``max_decoded``), so the
     dataset works with ``DataLoader(num_workers > 0)`` under fork or spawn.
     Tissue geometry is computed once per slide and process.
     """
@@ -249,8 +281,11 @@ class SlideDataset(torch.utils.data.Dataset):
                  level: Optional[int] = None, crop: str = "tissue",
                  augment: Union[bool, Callable, None] = None, seed: Optional[int] = None,
                  tolerance: float = 0.05, threads: Optional[int] = None, max_open: int = 16,
-                 tissue_thumbnail: int = 1024):
-        rows = read_table(table)
+                 tissue_thumbnail: int = 1024, slide_mpp: Optional[float] = None,
+                 max_decoded: int = 2):
+        rows = _read_rows(table)
+        if slide_mpp is not None:
+            slide_mpp = _row_mpp(slide_mpp, "slide_mpp")
         if isinstance(size, int) and not isinstance(size, bool):
             size = (size, size)
         try:
@@ -275,13 +310,14 @@ class SlideDataset(torch.utils.data.Dataset):
         if augment is not None and not callable(augment):
             raise TypeError(f"streamcnn: augment must be True/False or a callable, got "
                             f"{augment!r}")
-        if max_open < 1:
-            raise ValueError(f"streamcnn: max_open must be positive, got {max_open}")
-        missing = [p for p, _ in rows if not os.path.isfile(p)]
+        if max_open < 1 or max_decoded < 1:
+            raise ValueError(f"streamcnn: max_open and max_decoded must be positive, got "
+                             f"{max_open} and {max_decoded}")
+        missing = [p for p, _, _ in rows if not os.path.isfile(p)]
         if missing:
             more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
             raise FileNotFoundError(f"streamcnn: slide not found: {missing[0]!r}{more}")
-        labels = [lab for _, lab in rows]
+        labels = [lab for _, lab, _ in rows]
         if all(isinstance(v, int) or _is_int(v) for v in labels):
             self.classes: Optional[List[str]] = None
             self.labels = [int(v) for v in labels]
@@ -289,7 +325,9 @@ class SlideDataset(torch.utils.data.Dataset):
             self.classes = sorted({str(v) for v in labels})
             index = {c: i for i, c in enumerate(self.classes)}
             self.labels = [index[str(v)] for v in labels]
-        self.paths = [p for p, _ in rows]
+        self.paths = [p for p, _, _ in rows]
+        self.mpps: List[Optional[float]] = [m for _, _, m in rows]
+        self.slide_mpp, self.max_decoded = slide_mpp, max_decoded
         self.size = (h, w)
         self.mpp, self.level, self.crop = mpp, level, crop
         self.augment, self.seed, self.epoch = augment, seed, 0
@@ -326,15 +364,19 @@ class SlideDataset(torch.utils.data.Dataset):
         if self._pid != os.getpid():            # forked: the parent's handles are not ours
             self._open = OrderedDict()
             self._pid = os.getpid()
-        path = self.paths[i]
-        s = self._open.get(path)
+        path, mpp = self.paths[i], self.mpps[i]
+        key = (path, mpp)
+        s = self._open.get(key)
         if s is None:
-            s = Slide(path)
-            self._open[path] = s
+            s = Slide(path, mpp=mpp, default_mpp=self.slide_mpp)
+            self._open[key] = s
             while len(self._open) > self.max_open:
                 self._open.popitem(last=False)[1].close()
+            decoded = [k for k, v in self._open.items() if v.in_memory]
+            for k in decoded[:max(0, len(decoded) - self.max_decoded)]:
+                self._open.pop(k).close()
         else:
-            self._open.move_to_end(path)
+            self._open.move_to_end(key)
         return s
 
     # -- geometry ------------------------------------------------------------------------
@@ -342,7 +384,8 @@ class SlideDataset(torch.utils.data.Dataset):
         if self.mpp is not None:
             if s.mpp is None:
                 raise ValueError(f"streamcnn: {s.path!r} has no microns-per-pixel metadata "
-                                 "(openslide.mpp-x); use level= for such slides")
+                                 "(openslide.mpp-x): give it in an mpp column of the table "
+                                 "or as slide_mpp=, or use level=")
             return self.mpp / s.mpp[0]
         if self.level >= s.level_count:
             raise ValueError(f"streamcnn: level {self.level} is out of range for {s.path!r} "

@@ -1,0 +1,176 @@
+"""Plain images (PNG, JPEG, striped TIFF, BMP, WebP, ...) as one-level
+slides, read with Pillow: what ``streamcnn.Slide`` falls back to when a file
+is not a slide OpenSlide can read. Such an image has no chunks to read
+separately: it is decoded whole, once, on its first read, and held until
+the slide is closed."""
+
+import math
+import threading
+from typing import Dict, Optional, Tuple
+
+import torch
+
+# The most pixels an image decoded whole may have (3 bytes each: 1 << 30 is
+# 3 GiB). Larger images belong in a tiled pyramidal TIFF, read in chunks.
+MAX_IMAGE_PIXELS = 1 << 30
+
+# Pillow modes and how they become RGB: "rgb" converts, "alpha" composites
+# over the background (white, as OpenSlide's default), anything else is refused.
+_RGB_MODES = {"RGB": "rgb", "L": "rgb", "1": "rgb", "CMYK": "rgb", "YCbCr": "rgb",
+              "LAB": "rgb", "HSV": "rgb", "RGBX": "rgb", "P": "alpha", "PA": "alpha",
+              "RGBA": "alpha", "RGBa": "alpha", "LA": "alpha", "La": "alpha"}
+# Pillow's own bound on pixels (a decompression-bomb check) is a module
+# global; it is lifted under this lock while a header is read, and
+# MAX_IMAGE_PIXELS above bounds the size instead.
+_PIL_LOCK = threading.Lock()
+_RESUNIT_CM = 3  # TIFF ResolutionUnit
+
+
+class NotAnImage(ValueError):
+    """Pillow does not recognise the file (the reason in words)."""
+
+
+class PlainImage:
+    """The header of an image file Pillow reads (nothing decoded yet)."""
+
+    def __init__(self, path: str):
+        from PIL import Image, UnidentifiedImageError
+        self.path = path
+        with _PIL_LOCK:
+            old = Image.MAX_IMAGE_PIXELS
+            Image.MAX_IMAGE_PIXELS = None
+            try:
+                im = Image.open(path)
+            except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+                raise NotAnImage(_first_line(e)) from None
+            finally:
+                Image.MAX_IMAGE_PIXELS = old
+        self._im: Optional["Image.Image"] = im
+        self.format: str = im.format or "image"
+        try:  # walk a TIFF's chain of pages: a truncated pyramid is damaged, not an image
+            if getattr(im, "n_frames", 1) > 1:
+                im.seek(0)
+        except (OSError, ValueError, TypeError, SyntaxError, EOFError) as e:
+            self.close()
+            raise ValueError(f"streamcnn: {path!r}: a damaged or truncated {self.format} file "
+                             f"(its pages: {_first_line(e)})") from None
+        self.mode: str = im.mode
+        w, h = im.size
+        if w < 1 or h < 1:
+            self.close()
+            raise ValueError(f"streamcnn: {path!r}: a {self.format} image of {w} x {h} pixels is empty")
+        if self.mode not in _RGB_MODES:
+            self.close()
+            raise ValueError(f"streamcnn: {path!r}: {self.format} image mode {self.mode!r} is not 8-bit colour or "
+                             "grey (e.g. a 16-bit or float image): convert it to 8-bit RGB")
+        if w * h > MAX_IMAGE_PIXELS:
+            self.close()
+            raise ValueError(
+                f"streamcnn: {path!r}: {self.format} image of {w} x {h} pixels is larger than "
+                f"streamcnn._plain.MAX_IMAGE_PIXELS ({MAX_IMAGE_PIXELS}) for an image decoded "
+                "whole: write it as a tiled pyramidal TIFF, which is read in chunks (e.g. "
+                "`vips tiffsave IN OUT.tif --tile --pyramid --compression jpeg`)")
+        self.size: Tuple[int, int] = (w, h)
+        self.properties: Dict[str, str] = {"streamcnn.reader": "pillow",
+                                           "streamcnn.format": self.format,
+                                           "streamcnn.mode": self.mode}
+        self.mpp: Optional[Tuple[float, float]] = _tiff_mpp(im) if self.format == "TIFF" \
+            else None
+        if self.mpp is not None:
+            self.properties["streamcnn.mpp-x"] = f"{self.mpp[0]:g}"
+            self.properties["streamcnn.mpp-y"] = f"{self.mpp[1]:g}"
+        self._pixels: Optional[torch.Tensor] = None
+        self._lock = threading.Lock()
+
+    def pixels(self) -> torch.Tensor:
+        """The whole image, uint8 ``h x w x 3`` (decoded on the first call)."""
+        with self._lock:
+            if self._pixels is None:
+                if self._im is None:
+                    raise ValueError("streamcnn: the slide is closed")
+                self._pixels = self._decode()
+                self._im.close()
+                self._im = None
+            return self._pixels
+
+    @property
+    def decoded(self) -> bool:
+        return self._pixels is not None
+
+    def _decode(self) -> torch.Tensor:
+        im = self._im
+        w, h = self.size
+        out = None
+        try:
+            im.load()
+            if im.size != (w, h):
+                raise ValueError(f"decoded to {im.size[0]} x {im.size[1]} pixels")
+            out = torch.empty((h, w, 3), dtype=torch.uint8)
+            # converted in bands of rows: the converted copies stay small
+            step = max(1, (1 << 22) // w)
+            for y0 in range(0, h, step):
+                y1 = min(h, y0 + step)
+                band = _to_rgb(im.crop((0, y0, w, y1)))
+                out[y0:y1] = torch.frombuffer(bytearray(band.tobytes()),
+                                              dtype=torch.uint8).view(y1 - y0, w, 3)
+        except (OSError, ValueError, SyntaxError) as e:
+            # a truncated or damaged file shows itself only when decoded
+            raise ValueError(f"streamcnn: {self.path!r}: cannot decode the "
+                             f"{self.format} image ({_first_line(e)})") from None
+        except MemoryError:
+            raise MemoryError(f"streamcnn: out of memory decoding {self.path!r} "
+                              f"({w} x {h} pixels, {3 * w * h >> 20} MiB)") from None
+        return out
+
+    def read(self, x: int, y: int, w: int, h: int, background: Tuple[int, int, int],
+             channels_last: bool) -> torch.Tensor:
+        """``w x h`` pixels whose top-left is ``(x, y)`` (may reach outside:
+        the background there), uint8 ``3 x h x w`` or ``h x w x 3``."""
+        img = self.pixels()
+        out = torch.empty((h, w, 3), dtype=torch.uint8)
+        iw, ih = self.size
+        x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, iw), min(y + h, ih)
+        if x0 >= x1 or y0 >= y1:
+            out[:] = torch.tensor(background, dtype=torch.uint8)
+        else:
+            if x0 > x or y0 > y or x1 < x + w or y1 < y + h:
+                out[:] = torch.tensor(background, dtype=torch.uint8)
+            out[y0 - y:y1 - y, x0 - x:x1 - x] = img[y0:y1, x0:x1]
+        return out if channels_last else out.permute(2, 0, 1).contiguous()
+
+    def close(self) -> None:
+        if self._im is not None:
+            self._im.close()
+            self._im = None
+        self._pixels = None
+
+
+def _to_rgb(im):
+    """An RGB copy of a Pillow image of one of the modes in _RGB_MODES."""
+    from PIL import Image
+    if _RGB_MODES[im.mode] == "alpha":
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return im.convert("RGB")
+
+
+def _tiff_mpp(im) -> Optional[Tuple[float, float]]:
+    """Microns per pixel from a TIFF's resolution tags when their unit is the
+    centimetre (as OpenSlide's generic TIFF reader; an inch resolution is
+    most often a default 72 or 96 dpi that says nothing of the pixel)."""
+    tags = getattr(im, "tag_v2", None)
+    if tags is None or tags.get(296) != _RESUNIT_CM:
+        return None
+    try:
+        rx, ry = float(tags.get(282)), float(tags.get(283))
+    except (TypeError, ValueError, ZeroDivisionError):
+        return None
+    if not (math.isfinite(rx) and math.isfinite(ry) and rx > 0 and ry > 0):
+        return None
+    return 1e4 / rx, 1e4 / ry
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return s[0][:200] if s else type(e).__name__
