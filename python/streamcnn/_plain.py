@@ -19,9 +19,11 @@ MAX_IMAGE_PIXELS = 1 << 30
 _RGB_MODES = {"RGB": "rgb", "L": "rgb", "1": "rgb", "CMYK": "rgb", "YCbCr": "rgb",
               "LAB": "rgb", "HSV": "rgb", "RGBX": "rgb", "P": "alpha", "PA": "alpha",
               "RGBA": "alpha", "RGBa": "alpha", "LA": "alpha", "La": "alpha"}
-# Pillow's own bound on pixels (a decompression-bomb check) is a module
-# global; it is lifted under this lock while a header is read, and
-# MAX_IMAGE_PIXELS above bounds the size instead.
+# Pillow's own bound on pixels (a decompression-bomb check) and its
+# LOAD_TRUNCATED_IMAGES are module globals: under this lock the bound is
+# lifted while a header is read (MAX_IMAGE_PIXELS above bounds the size
+# instead) and truncated images are refused while pixels are decoded (one
+# decode at a time in a process; DataLoader workers are processes).
 _PIL_LOCK = threading.Lock()
 _RESUNIT_CM = 3  # TIFF ResolutionUnit
 
@@ -98,9 +100,18 @@ class PlainImage:
         return self._pixels is not None
 
     def _decode(self) -> torch.Tensor:
+        with _PIL_LOCK:  # a truncated file must fail, whatever the process set
+            from PIL import ImageFile
+            old = ImageFile.LOAD_TRUNCATED_IMAGES
+            ImageFile.LOAD_TRUNCATED_IMAGES = False
+            try:
+                return self._decode_strict()
+            finally:
+                ImageFile.LOAD_TRUNCATED_IMAGES = old
+
+    def _decode_strict(self) -> torch.Tensor:
         im = self._im
         w, h = self.size
-        out = None
         try:
             im.load()
             if im.size != (w, h):

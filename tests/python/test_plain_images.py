@@ -320,3 +320,78 @@ def test_multipage_tiff_reads_its_first_page(tmp_path):
     with Slide(str(tmp_path / "pages.tif")) as s:
         assert s.level_count == 1 and s.dimensions == (50, 40)
         assert torch.equal(s.read(level=0), _chw(a))
+
+
+def test_truncated_refused_even_when_pillow_is_told_to_load_them(tmp_path):
+    """A training script that sets ImageFile.LOAD_TRUNCATED_IMAGES (a common
+    way to silence errors) still gets an error, never a partly grey image."""
+    from PIL import ImageFile
+    Image.fromarray(_pixels(200, 200)).save(tmp_path / "full.jpg")
+    data = (tmp_path / "full.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[:len(data) // 2])
+    old = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = True
+    try:
+        with Slide(str(tmp_path / "cut.jpg")) as s:
+            with pytest.raises(ValueError, match="cut.jpg.*cannot decode"):
+                s.read(level=0)
+        assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # the caller's setting is kept
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = old
+
+
+MUTATE = r"""
+import os, random, sys, warnings
+import numpy as np
+from PIL import Image
+from streamcnn import Slide
+warnings.simplefilter("ignore")
+folder, n = sys.argv[1], int(sys.argv[2])
+rng = random.Random(0)
+a = np.random.RandomState(1).randint(0, 256, (37, 45, 3)).astype(np.uint8)
+seeds = []
+for ext, opts in (("png", {}), ("jpg", {"quality": 70}), ("tif", {"compression": "tiff_lzw"}),
+                  ("bmp", {}), ("gif", {}), ("webp", {})):
+    p = os.path.join(folder, "seed." + ext)
+    Image.fromarray(a).save(p, **opts)
+    seeds.append((ext, open(p, "rb").read()))
+counts = {"opened": 0, "read": 0, "refused": 0}
+for k in range(n):
+    ext, data = seeds[k % len(seeds)]
+    b = bytearray(data)
+    what = rng.random()
+    if what < 0.3:
+        b = b[:rng.randrange(1, len(b))]
+    else:
+        for _ in range(rng.randint(1, 8)):
+            i = rng.randrange(min(len(b), 64) if rng.random() < 0.5 else len(b))
+            b[i] = rng.randrange(256)
+    p = os.path.join(folder, f"m{k}.{ext}")
+    with open(p, "wb") as f:
+        f.write(bytes(b))
+    try:
+        with Slide(p) as s:
+            counts["opened"] += 1
+            w, h = s.dimensions
+            x = s.read_region((0, 0), 0, (min(w, 64), min(h, 64)))
+            assert x.shape == (3, min(h, 64), min(w, 64)) and x.dtype.is_floating_point is False
+            counts["read"] += 1
+    except (ValueError, MemoryError) as e:
+        assert "streamcnn" in str(e), repr(e)
+        counts["refused"] += 1
+    os.unlink(p)
+print(counts)
+"""
+
+
+def test_mutated_files_raise_or_read_never_crash(tmp_path):
+    """600 truncated or byte-flipped PNG, JPEG, TIFF, BMP, GIF and WebP
+    files: each opens and reads a full-shape region, or raises a ValueError
+    naming streamcnn; the process survives (run in a child)."""
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-c", MUTATE, str(tmp_path), "600"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
+    counts = eval(r.stdout.strip().splitlines()[-1])
+    assert counts["read"] > 50 and counts["refused"] > 50, counts
