@@ -439,3 +439,55 @@ def test_plain_images_and_slide_mpp(tmp_path, capsys):
     assert _csv(tmp_path / "m2" / "predictions.csv")[0]["downsample"] == "4"
     _bad(capsys, ["predict", out / "best.pt", d / "val_1.jpg", "--out", tmp_path / "m3",
                   "--slide-mpp", "-1"], "--slide-mpp must be positive")
+
+
+def test_multiclass(slides, tmp_path, capsys):
+    """--num-classes 3: labels 0 .. 2, three logits, val_auc the macro
+    one-vs-rest AUC, predictions with the class probabilities (evaluate
+    gives the run's), a per-class ROC plot, predict's class maps of any
+    class; bad labels and options refused."""
+    from sklearn.metrics import roc_auc_score
+    train, val = tmp_path / "train3.csv", tmp_path / "val3.csv"
+    train.write_text("path,label\n" + "".join(f"{slides / f'train_{i}.svs'},{i % 3}\n"
+                                              for i in range(4)))
+    val.write_text("path,label\n" + "".join(f"{slides / f'val_{i}.svs'},{c}\n"
+                                            for i, c in enumerate((0, 1, 2, 1))))
+    out = tmp_path / "run"
+    _bad(capsys, _train(slides, out, train=train), "train3.csv line 4", "label '2'",
+         "not 0 or 1", out=out)
+    (tmp_path / "v.csv").write_text(f"path,label\n{slides / 'val_0.svs'},3\n")
+    _bad(capsys, _train(slides, out, "--num-classes", "3", train=train, val=tmp_path / "v.csv"),
+         "v.csv line 2", "label '3'", "integer in 0 .. 2", "--num-classes 3", out=out)
+    _bad(capsys, _train(slides, out, "--num-classes", "1"), "--num-classes", "at least 2",
+         out=out)
+    _bad(capsys, _train(slides, out, "--num-classes", "3", "--task", "regression"),
+         "--num-classes 3 is for --task classification", out=out)
+    cli_here(capsys, *_train(slides, out, "--num-classes", "3", "--epochs", "1",
+                             "--batch-size", "2", train=train, val=val))
+    model, cfg = load_model(str(out / "best.pt"))
+    assert cfg["num_classes"] == 3 and cfg["num_outputs"] == 3
+    assert model.head.fc.out_features == 3
+    preds = _csv(out / "val_predictions.csv")
+    assert list(preds[0]) == ["path", "label", "prediction", "prob_0", "prob_1", "prob_2"]
+    probs = [[float(r[f"prob_{j}"]) for j in range(3)] for r in preds]
+    assert all(abs(sum(p) - 1) < 1e-5 for p in probs)
+    assert all(int(r["prediction"]) == max(range(3), key=p.__getitem__)
+               for r, p in zip(preds, probs))
+    auc = float(_csv(out / "metrics.csv")[0]["val_auc"])
+    want = roc_auc_score([int(r["label"]) for r in preds], probs, multi_class="ovr")
+    assert abs(auc - want) < 1e-4, (auc, want)  # probabilities written to 6 digits
+    assert (out / "roc.png").exists()
+    res = cli_here(capsys, "evaluate", out / "best.pt", "--csv", val, "--out", tmp_path / "ev",
+                   "--quiet")
+    assert res.stdout.startswith("AUC ") and abs(float(res.stdout.split()[1]) - auc) < 1e-4
+    assert _csv(tmp_path / "ev" / "predictions.csv") == preds
+    cli_here(capsys, "predict", out / "best.pt", slides / "val_2.svs", "--out",
+             tmp_path / "maps", "--heatmap", "cam", "--target", "2", "--quiet")
+    row = _csv(tmp_path / "maps" / "predictions.csv")[0]
+    assert row["target"] == "2" and "prob_2" in row and row["status"] == "ok"
+    # a validation set lacking a class: the macro AUC is undefined (nan, a warning)
+    val2 = tmp_path / "val2.csv"
+    val2.write_text(f"path,label\n{slides / 'val_0.svs'},0\n{slides / 'val_1.svs'},1\n")
+    res = cli_here(capsys, "evaluate", out / "best.pt", "--csv", val2, "--out",
+                   tmp_path / "ev2", "--quiet")
+    assert "nan" in res.stdout and "no slide of class(es) 2" in res.stdout

@@ -28,7 +28,7 @@ TASKS = ("classification", "regression")
 class Table:
     """A ``path,label`` CSV checked row by row: ``paths`` resolved (relative
     to the CSV's folder), ``names`` as written in the CSV, ``labels`` as
-    numbers (0/1 for classification, floats for regression), ``mpps`` the
+    numbers (0 .. K-1 for classification, floats for regression), ``mpps`` the
     optional ``mpp`` column (microns per level-0 pixel; None where empty)."""
     csv: str
     paths: List[str]
@@ -38,12 +38,12 @@ class Table:
 
 
 def read_slide_table(path: str, task: str, what: str = "CSV", mpp: bool = True,
-                     slide_mpp: Optional[float] = None) -> Table:
+                     slide_mpp: Optional[float] = None, num_classes: int = 2) -> Table:
     """Read and check a slide table: the file, its header, every row's slide
     (exists, opens as a slide or an image, carries microns per pixel when
     ``mpp``: its ``mpp`` column, the file's own, or ``slide_mpp``), its
-    ``mpp`` (empty or positive) and label (0 or 1 for classification, a
-    finite number for regression). Any problem raises :class:`UsageError`
+    ``mpp`` (empty or positive) and label (0 .. num_classes - 1 for
+    classification, a finite number for regression). Any problem raises :class:`UsageError`
     naming the file, the line and the value."""
     from ..slide import Slide
     if not path:
@@ -88,7 +88,7 @@ def read_slide_table(path: str, task: str, what: str = "CSV", mpp: bool = True,
         except (OSError, ValueError, RuntimeError) as e:
             raise UsageError(f"{where}: {full} is not a readable slide: "
                              f"{_strip(str(e))}") from None
-        labels.append(_label(label, task, where))
+        labels.append(_label(label, task, where, num_classes))
         paths.append(full)
         names.append(name)
         mpps.append(row_mpp)
@@ -118,11 +118,16 @@ def _rows(reader: csv.DictReader) -> Iterator[Tuple[int, Dict[str, str]]]:
         yield reader.line_num, row
 
 
-def _label(text: str, task: str, where: str) -> float:
+def _label(text: str, task: str, where: str, num_classes: int = 2) -> float:
     if task == "classification":
-        if text not in ("0", "1"):
-            raise UsageError(f"{where}: label {text!r} is not 0 or 1 (task classification)")
-        return float(text)
+        if not (text.isdigit() and text.isascii() and int(text) < num_classes):
+            if num_classes == 2:
+                raise UsageError(f"{where}: label {text!r} is not 0 or 1 (task "
+                                 "classification)")
+            raise UsageError(f"{where}: label {text!r} is not an integer in 0 .. "
+                             f"{num_classes - 1} (task classification, --num-classes "
+                             f"{num_classes})")
+        return float(int(text))
     try:
         v = float(text)
     except ValueError:
@@ -251,7 +256,7 @@ def autocast(device: torch.device, amp: str):
 
 
 def loss_of(out: torch.Tensor, label: torch.Tensor, task: str) -> torch.Tensor:
-    """Cross-entropy on two logits, or MSE of one output (float32)."""
+    """Cross-entropy on the class logits, or MSE of one output (float32)."""
     out = out.float()
     if task == "classification":
         return torch.nn.functional.cross_entropy(out, label.long())
@@ -259,22 +264,29 @@ def loss_of(out: torch.Tensor, label: torch.Tensor, task: str) -> torch.Tensor:
 
 
 def score_of(out: torch.Tensor, task: str) -> torch.Tensor:
-    """The per-image score: P(class 1), or the regression output."""
+    """The per-image score: P(class 1) of two classes, the K class
+    probabilities (``N x K``) of more, or the regression output."""
     out = out.float()
     if task == "classification":
-        return out.softmax(dim=1)[:, 1]
+        p = out.softmax(dim=1)
+        return p[:, 1] if p.shape[1] == 2 else p
     return out[:, 0]
+
+
+def _flat(scores) -> List[float]:
+    return [v for s in scores for v in (s if isinstance(s, (list, tuple)) else [s])]
 
 
 def metric_name(task: str) -> str:
     return "val_auc" if task == "classification" else "val_spearman"
 
 
-def metric(labels: Sequence[float], scores: Sequence[float], task: str) -> Tuple[float, str]:
-    """``(value, why_undefined)``: ROC AUC (scikit-learn) or Spearman's rho
-    (scipy); NaN with the reason when it is undefined (one class, constant
-    labels or scores)."""
-    if not all(math.isfinite(v) for v in scores):
+def metric(labels: Sequence[float], scores: Sequence, task: str) -> Tuple[float, str]:
+    """``(value, why_undefined)``: ROC AUC (scikit-learn; of more than two
+    classes, whose scores are the class probabilities, the macro average of
+    the one-vs-rest AUCs) or Spearman's rho (scipy); NaN with the reason
+    when it is undefined (a class missing, constant labels or scores)."""
+    if not all(math.isfinite(v) for v in _flat(scores)):
         return math.nan, "some scores are not finite: the metric is undefined"
     if task == "classification":
         classes = sorted(set(int(v) for v in labels))
@@ -282,6 +294,15 @@ def metric(labels: Sequence[float], scores: Sequence[float], task: str) -> Tuple
             return math.nan, (f"the validation set has a single class (every label is "
                               f"{classes[0] if classes else '-'}): AUC is undefined")
         from sklearn.metrics import roc_auc_score
+        if scores and isinstance(scores[0], (list, tuple)):
+            k = len(scores[0])
+            missing = sorted(set(range(k)) - set(classes))
+            if missing:
+                return math.nan, (f"the validation set has no slide of class(es) "
+                                  f"{', '.join(map(str, missing))}: the macro one-vs-rest "
+                                  "AUC is undefined")
+            return float(roc_auc_score([int(v) for v in labels], scores, multi_class="ovr",
+                                       average="macro", labels=list(range(k)))), ""
         return float(roc_auc_score(labels, scores)), ""
     if len(set(labels)) < 2:
         return math.nan, "the validation labels are all equal: Spearman is undefined"
@@ -297,7 +318,7 @@ def metric(labels: Sequence[float], scores: Sequence[float], task: str) -> Tuple
 @torch.no_grad()
 def predict(model: torch.nn.Module, data: "Slides", device: torch.device, task: str,
             amp: str = "off", dist: Dist = Dist(), workers: int = 0, progress: bool = True,
-            desc: str = "evaluate") -> Tuple[List[int], List[float], float]:
+            desc: str = "evaluate") -> Tuple[List[int], List[Any], float]:
     """Scores of every slide of ``data`` (``(indices, scores, mean_loss)``,
     in table order), each rank scoring its share ``rank::world`` and the
     results gathered over ranks."""
@@ -314,7 +335,9 @@ def predict(model: torch.nn.Module, data: "Slides", device: torch.device, task: 
             img, label = to_device(img, device), label.to(device)
             with autocast(device, amp):
                 y = model(img)
-            out.append((int(index), float(score_of(y, task)), float(loss_of(y, label, task))))
+            score = score_of(y, task)[0]
+            out.append((int(index), score.item() if score.dim() == 0 else score.tolist(),
+                        float(loss_of(y, label, task))))
     finally:
         model.train(was)
     merged = sorted(r for part in dist.gather(out) for r in part)
@@ -359,14 +382,22 @@ def write_csv(path: str, header: Sequence[str], rows: Sequence[Sequence[Any]]) -
 
 
 def write_predictions(path: str, table: Table, indices: Sequence[int],
-                      scores: Sequence[float]) -> None:
-    """``path,label,score`` per slide (the path as the CSV names it)."""
+                      scores: Sequence) -> None:
+    """``path,label,score`` per slide (the path as the CSV names it); of
+    more than two classes ``path,label,prediction,prob_0,...,prob_K-1``."""
     rows = []
+    multi = bool(scores) and isinstance(scores[0], (list, tuple))
     for i, s in zip(indices, scores):
         lab = table.labels[i]
-        rows.append([table.names[i], int(lab) if float(lab).is_integer() else lab,
-                     f"{s:.6g}"])
-    write_csv(path, ["path", "label", "score"], rows)
+        lab = int(lab) if float(lab).is_integer() else lab
+        if multi:
+            rows.append([table.names[i], lab, max(range(len(s)), key=s.__getitem__),
+                         *(f"{v:.6g}" for v in s)])
+        else:
+            rows.append([table.names[i], lab, f"{s:.6g}"])
+    header = ["path", "label", "score"] if not multi else \
+        ["path", "label", "prediction", *(f"prob_{j}" for j in range(len(scores[0])))]
+    write_csv(path, header, rows)
 
 
 def save_figure(fig, path: str) -> None:
@@ -375,17 +406,28 @@ def save_figure(fig, path: str) -> None:
     write_atomic(path, buf.getvalue())
 
 
-def plot_roc(path: str, labels: Sequence[float], scores: Sequence[float], title: str) -> bool:
-    """The ROC curve as a PNG; False (nothing written) with a single class."""
-    if len(set(int(v) for v in labels)) < 2 or not all(math.isfinite(v) for v in scores):
+def plot_roc(path: str, labels: Sequence[float], scores: Sequence, title: str) -> bool:
+    """The ROC curve as a PNG (of more than two classes, one curve per
+    class against the rest, for the classes present with others); False
+    (nothing written) with a single class."""
+    if len(set(int(v) for v in labels)) < 2 or \
+            not all(math.isfinite(v) for v in _flat(scores)):
         return False
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from sklearn.metrics import roc_auc_score, roc_curve
-    fpr, tpr, _ = roc_curve(labels, scores)
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    ax.plot(fpr, tpr, lw=2, label=f"AUC {roc_auc_score(labels, scores):.3f}")
+    if isinstance(scores[0], (list, tuple)):
+        for c in range(len(scores[0])):
+            y = [int(v) == c for v in labels]
+            if 0 < sum(y) < len(y):
+                p = [s[c] for s in scores]
+                fpr, tpr, _ = roc_curve(y, p)
+                ax.plot(fpr, tpr, lw=1.5, label=f"class {c}: AUC {roc_auc_score(y, p):.3f}")
+    else:
+        fpr, tpr, _ = roc_curve(labels, scores)
+        ax.plot(fpr, tpr, lw=2, label=f"AUC {roc_auc_score(labels, scores):.3f}")
     ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title,
            xlim=(0, 1), ylim=(0, 1.01))

@@ -43,8 +43,11 @@ OPTIONS: Tuple[Option, ...] = (
     Option("val", str, None, "validation slides: CSV with path,label", path=True,
            metavar="CSV"),
     Option("out", str, None, "the run folder (created)", path=True, metavar="RUN_DIR"),
-    Option("task", str, "classification", "classification (labels 0/1, cross-entropy, AUC) "
+    Option("task", str, "classification", "classification (labels 0 .. K-1, cross-entropy, AUC) "
            "or regression (numbers, MSE, Spearman)", choices=TASKS),
+    Option("num_classes", int, 2, "classes of --task classification, labels 0 .. K-1 "
+           "(K > 2: softmax over K logits, val_auc the macro one-vs-rest AUC)",
+           check=lambda v: v >= 2, need="at least 2", metavar="K"),
     Option("image_size", int, 1024, "image edge in pixels (one S x S image per slide)",
            check=_pos, need="positive", metavar="PX"),
     Option("mpp", float, 1.0, "microns per pixel the slides are read at", check=_pos,
@@ -256,7 +259,10 @@ def resolve(given: Dict[str, Any], base: Optional[Dict[str, Any]] = None) -> Dic
     if cfg["device"] is None:
         import torch
         cfg["device"] = "cuda" if torch.cuda.is_available() else "cpu"
-    want = {"num_outputs": 2 if cfg["task"] == "classification" else 1,
+    if cfg["task"] != "classification" and cfg["num_classes"] != 2:
+        raise UsageError(f"--num-classes {cfg['num_classes']} is for --task classification "
+                         f"(the task is {cfg['task']})")
+    want = {"num_outputs": cfg["num_classes"] if cfg["task"] == "classification" else 1,
             "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
     for k, v in derived.items():
         if v != want[k]:

@@ -52,7 +52,9 @@ def run(args) -> int:
         raise UsageError(str(e)) from None
     task = cfg["task"]
     slide_mpp = args.slide_mpp if args.slide_mpp is not None else cfg.get("slide_mpp")
-    table = read_slide_table(args.csv, task, "--csv", slide_mpp=slide_mpp)
+    table = read_slide_table(args.csv, task, "--csv", slide_mpp=slide_mpp,
+                             num_classes=int(cfg["num_outputs"]) if task == "classification"
+                             else 2)
     try:
         data = Slides(table, cfg["image_size"], cfg["mpp"], cfg["crop"], slide_mpp=slide_mpp)
     except (ValueError, FileNotFoundError) as e:

@@ -253,8 +253,10 @@ def _train(cfg, ckpt, dist: Dist, device, quiet: bool, resume: bool, overwrite: 
         except ImportError:
             raise UsageError("--tensorboard needs the tensorboard package (pip install "
                              "tensorboard)") from None
-    train_t = read_slide_table(cfg["train"], task, "--train CSV", slide_mpp=cfg["slide_mpp"])
-    val_t = read_slide_table(cfg["val"], task, "--val CSV", slide_mpp=cfg["slide_mpp"])
+    train_t = read_slide_table(cfg["train"], task, "--train CSV", slide_mpp=cfg["slide_mpp"],
+                               num_classes=cfg["num_classes"])
+    val_t = read_slide_table(cfg["val"], task, "--val CSV", slide_mpp=cfg["slide_mpp"],
+                             num_classes=cfg["num_classes"])
     model = _build_model(cfg)
     if ckpt is not None:
         try:
