@@ -491,3 +491,21 @@ def test_multiclass(slides, tmp_path, capsys):
     res = cli_here(capsys, "evaluate", out / "best.pt", "--csv", val2, "--out",
                    tmp_path / "ev2", "--quiet")
     assert "nan" in res.stdout and "no slide of class(es) 2" in res.stdout
+
+
+def test_spreadsheet_tables(slides, tmp_path):
+    """Tables as spreadsheets save them: a UTF-8 byte-order mark, CRLF line
+    ends, semicolons or tabs between the columns; the same rows as a plain
+    CSV, in the application and in SlideDataset."""
+    from streamcnn.app.common import read_slide_table
+    from streamcnn.data import SlideDataset
+    want = read_slide_table(str(slides / "train.csv"), "classification")
+    lines = (slides / "train.csv").read_text().strip().splitlines()
+    for sep in (",", ";", "\t"):
+        t = slides / f"t{ord(sep)}.csv"   # beside the slides: the paths are relative
+        t.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(ln.replace(",", sep) for ln in lines)
+                      .encode() + b"\r\n")
+        got = read_slide_table(str(t), "classification")
+        assert (got.paths, got.labels) == (want.paths, want.labels), sep
+        ds = SlideDataset(str(t), 64, mpp=4.0)
+        assert ds.paths == want.paths and ds.labels == [int(v) for v in want.labels]

@@ -51,13 +51,14 @@ def read_slide_table(path: str, task: str, what: str = "CSV", mpp: bool = True,
     if os.path.isdir(path):
         raise UsageError(f"{what} {path} is a directory, not a CSV file")
     try:
-        with open(path, newline="") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # Excel writes a BOM
             text = f.read()
     except FileNotFoundError:
         raise UsageError(f"{what} {path} does not exist") from None
     except (OSError, UnicodeDecodeError) as e:
         raise UsageError(f"cannot read {what} {path}: {e}") from None
-    reader = csv.DictReader(io.StringIO(text))
+    from ..data.dataset import table_reader
+    reader = table_reader(text)
     fields = [(c or "").strip() for c in (reader.fieldnames or [])]
     if "path" not in fields or "label" not in fields:
         raise UsageError(f"{what} {path} needs a header with 'path' and 'label' columns, "

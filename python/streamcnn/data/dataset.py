@@ -3,6 +3,7 @@ for training a streamed network end to end on whole-slide images."""
 
 import csv
 import dataclasses
+import io
 import math
 import os
 from collections import OrderedDict
@@ -185,14 +186,26 @@ def read_table(table: Union[str, os.PathLike, Sequence[Tuple[str, object]]]
     return [(p, label) for p, label, _ in _read_rows(table)]
 
 
+def table_reader(text: str) -> csv.DictReader:
+    """A ``csv.DictReader`` of a slide table's text: comma-separated, or
+    semicolon- or tab-separated when the header line has no comma (as
+    spreadsheets write them in some locales)."""
+    header = text.split("\n", 1)[0]
+    delimiter = ","
+    if "," not in header:
+        delimiter = max(";\t", key=header.count) if header.count(";") + header.count(
+            "\t") else ","
+    return csv.DictReader(io.StringIO(text), delimiter=delimiter)
+
+
 def _read_rows(table) -> List[Tuple[str, object, Optional[float]]]:
     """``(path, label, mpp)`` rows: a CSV's optional ``mpp`` column (empty:
     None), or the third item of a sequence's triples."""
     if isinstance(table, (str, os.PathLike)):
         name = os.fspath(table)
         base = os.path.dirname(os.path.abspath(name))
-        with open(name, newline="") as f:
-            reader = csv.DictReader(f)
+        with open(name, newline="", encoding="utf-8-sig") as f:  # Excel writes a BOM
+            reader = table_reader(f.read())
             fields = [c.strip() for c in (reader.fieldnames or [])]
             if "path" not in fields or "label" not in fields:
                 raise ValueError(f"streamcnn: {name!r} needs a header with 'path' and 'label' "
