@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import numpy as np
 import torch
 import yaml
 
@@ -509,3 +510,47 @@ def test_spreadsheet_tables(slides, tmp_path):
         assert (got.paths, got.labels) == (want.paths, want.labels), sep
         ds = SlideDataset(str(t), 64, mpp=4.0)
         assert ds.paths == want.paths and ds.labels == [int(v) for v in want.labels]
+
+
+def test_class_weights(slides, tmp_path, capsys):
+    """--class-weights: balanced is scikit-learn's n / (K n_c); each image's
+    cross-entropy times its class's weight (also alone in a batch, where
+    torch's weighted mean would cancel it); bad values refused."""
+    from sklearn.utils.class_weight import compute_class_weight
+    from streamcnn.app.common import class_weights, loss_of
+    labels = [0.0, 0.0, 0.0, 1.0, 2.0, 2.0]
+    w = class_weights("balanced", labels, 3)
+    want = compute_class_weight("balanced", classes=np.arange(3), y=np.array(labels))
+    assert torch.allclose(w, torch.tensor(want, dtype=torch.float32))
+    assert class_weights("none", labels, 3) is None
+    assert class_weights("1,0,2.5", labels, 3).tolist() == [1.0, 0.0, 2.5]
+    out = torch.randn(1, 3)
+    for c in range(3):
+        y = torch.tensor([float(c)])
+        assert torch.allclose(loss_of(out, y, "classification", w),
+                              w[c] * torch.nn.functional.cross_entropy(out, y.long()))
+    out = tmp_path / "run"
+    for bad in ("1,2,3", "a,b", "-1,1", "0,0", "nan,1", "", "unbalanced"):
+        _bad(capsys, _train(slides, out, f"--class-weights={bad}"),
+             f"--class-weights {bad!r} is not none, balanced or 2 comma-separated", out=out)
+    _bad(capsys, _train(slides, out, "--class-weights", "balanced", "--task", "regression"),
+         "--class-weights is for --task classification", out=out)
+    one = tmp_path / "one.csv"
+    one.write_text(f"path,label\n{slides / 'train_0.svs'},0\n")
+    _bad(capsys, _train(slides, out, "--class-weights", "balanced", train=one),
+         "--class-weights balanced", "no slide of class(es) 1", out=out)
+    # 3 slides of class 0 and 1 of class 1: weights 2/3 and 2; the loss of
+    # epoch 1 with weights 2,2 is twice that of none (AdamW does not see the
+    # scale: the same steps)
+    train = tmp_path / "t.csv"
+    train.write_text("path,label\n" + "".join(f"{slides / f'train_{i}.svs'},{int(i == 3)}\n"
+                                              for i in range(4)))
+    losses = {}
+    for wts in ("none", "2,2", "balanced"):
+        run = tmp_path / f"run_{wts.replace(',', '_')}"
+        cli_here(capsys, *_train(slides, run, "--class-weights", wts, "--epochs", "1",
+                                 "--batch-size", "2", "--clip-grad", "0", train=train))
+        losses[wts] = float(_csv(run / "metrics.csv")[0]["train_loss"])
+        assert load_checkpoint(str(run / "last.pt"))["config"]["class_weights"] == wts
+    assert abs(losses["2,2"] / losses["none"] - 2) < 1e-3, losses
+    assert losses["balanced"] != losses["none"]

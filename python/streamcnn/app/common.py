@@ -256,12 +256,41 @@ def autocast(device: torch.device, amp: str):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def loss_of(out: torch.Tensor, label: torch.Tensor, task: str) -> torch.Tensor:
-    """Cross-entropy on the class logits, or MSE of one output (float32)."""
+def loss_of(out: torch.Tensor, label: torch.Tensor, task: str,
+            weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Cross-entropy on the class logits (each image's times ``weights`` of
+    its class), or MSE of one output (float32)."""
     out = out.float()
     if task == "classification":
-        return torch.nn.functional.cross_entropy(out, label.long())
+        label = label.long()
+        if weights is None:
+            return torch.nn.functional.cross_entropy(out, label)
+        # per image, not torch's weighted mean (which divides by the batch's
+        # weights: an image alone would get weight 1)
+        ce = torch.nn.functional.cross_entropy(out, label, reduction="none")
+        return (weights.to(ce.device)[label] * ce).mean()
     return torch.nn.functional.mse_loss(out[:, 0], label.float())
+
+
+def class_weights(text: str, labels: Sequence[float], num_classes: int
+                  ) -> Optional[torch.Tensor]:
+    """The ``--class-weights`` of a run: None, the given weights, or
+    ``balanced``: ``n / (K n_c)`` of the training labels (scikit-learn's
+    ``compute_class_weight``); a class without a training slide cannot be
+    balanced."""
+    from .config import parse_class_weights
+    given = parse_class_weights(text, num_classes)
+    if given is not None:
+        return torch.tensor(given, dtype=torch.float32)
+    if text != "balanced":
+        return None
+    counts = [sum(int(v) == c for v in labels) for c in range(num_classes)]
+    missing = [c for c, n in enumerate(counts) if n == 0]
+    if missing:
+        raise UsageError(f"--class-weights balanced: the training set has no slide of "
+                         f"class(es) {', '.join(map(str, missing))}")
+    return torch.tensor([len(labels) / (num_classes * n) for n in counts],
+                        dtype=torch.float32)
 
 
 def score_of(out: torch.Tensor, task: str) -> torch.Tensor:

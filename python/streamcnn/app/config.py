@@ -48,6 +48,9 @@ OPTIONS: Tuple[Option, ...] = (
     Option("num_classes", int, 2, "classes of --task classification, labels 0 .. K-1 "
            "(K > 2: softmax over K logits, val_auc the macro one-vs-rest AUC)",
            check=lambda v: v >= 2, need="at least 2", metavar="K"),
+    Option("class_weights", str, "none", "weights of the classes in the training loss: "
+           "none, balanced (n / (K n_c) of the training labels, as scikit-learn) or K "
+           "comma-separated numbers", metavar="W"),
     Option("image_size", int, 1024, "image edge in pixels (one S x S image per slide)",
            check=_pos, need="positive", metavar="PX"),
     Option("mpp", float, 1.0, "microns per pixel the slides are read at", check=_pos,
@@ -262,6 +265,10 @@ def resolve(given: Dict[str, Any], base: Optional[Dict[str, Any]] = None) -> Dic
     if cfg["task"] != "classification" and cfg["num_classes"] != 2:
         raise UsageError(f"--num-classes {cfg['num_classes']} is for --task classification "
                          f"(the task is {cfg['task']})")
+    if cfg["task"] != "classification" and cfg["class_weights"] != "none":
+        raise UsageError(f"--class-weights is for --task classification (the task is "
+                         f"{cfg['task']})")
+    parse_class_weights(cfg["class_weights"], cfg["num_classes"])
     want = {"num_outputs": cfg["num_classes"] if cfg["task"] == "classification" else 1,
             "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
     for k, v in derived.items():
@@ -270,6 +277,23 @@ def resolve(given: Dict[str, Any], base: Optional[Dict[str, Any]] = None) -> Dic
                              "(derived; leave it out)")
     cfg.update(want)
     return cfg
+
+
+def parse_class_weights(text: str, num_classes: int) -> Optional[list]:
+    """``--class-weights``: None for ``none`` and ``balanced`` (worked out
+    from the training labels), else the K weights (finite, non-negative,
+    not all zero)."""
+    if text in ("none", "balanced"):
+        return None
+    try:
+        w = [float(v) for v in text.split(",")]
+    except ValueError:
+        w = []
+    if len(w) != num_classes or not all(math.isfinite(v) and v >= 0 for v in w) or \
+            not any(w):
+        raise UsageError(f"--class-weights {text!r} is not none, balanced or {num_classes} "
+                         "comma-separated non-negative numbers (not all 0)")
+    return w
 
 
 def differences(ckpt: Dict[str, Any], given: Dict[str, Any]) -> Dict[str, Tuple[Any, Any]]:

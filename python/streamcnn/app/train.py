@@ -43,10 +43,11 @@ import torch
 from . import checkpoint as ckpt_io
 from . import config as C
 from . import tile_parallel as TP
-from .common import (AMP_DTYPES, Dist, Slides, UsageError, autocast, dist_from_env,
-                     init_distributed, loss_of, metric, metric_name, peak_memory_mb, plot_roc,
-                     predict, read_slide_table, reset_peak_memory, resolve_device,
-                     save_figure, to_device, write_atomic, write_csv, write_predictions)
+from .common import (AMP_DTYPES, Dist, Slides, UsageError, autocast, class_weights,
+                     dist_from_env, init_distributed, loss_of, metric, metric_name,
+                     peak_memory_mb, plot_roc, predict, read_slide_table, reset_peak_memory,
+                     resolve_device, save_figure, to_device, write_atomic, write_csv,
+                     write_predictions)
 
 RUN_FILES = ("config.yaml", "metrics.csv", "last.pt", "best.pt", "curves.png", "roc.png",
              "val_predictions.csv")
@@ -257,6 +258,8 @@ def _train(cfg, ckpt, dist: Dist, device, quiet: bool, resume: bool, overwrite: 
                                num_classes=cfg["num_classes"])
     val_t = read_slide_table(cfg["val"], task, "--val CSV", slide_mpp=cfg["slide_mpp"],
                              num_classes=cfg["num_classes"])
+    weights = class_weights(cfg["class_weights"], train_t.labels, cfg["num_classes"]) \
+        if task == "classification" else None
     model = _build_model(cfg)
     if ckpt is not None:
         try:
@@ -377,7 +380,7 @@ def _train(cfg, ckpt, dist: Dist, device, quiet: bool, resume: bool, overwrite: 
                 with sync:
                     with autocast(device, cfg["amp"]):
                         y = net(img)
-                    loss = loss_of(y, label, task)
+                    loss = loss_of(y, label, task, weights)
                     scaled = loss / group
                     (scaler.scale(scaled) if scaler is not None else scaled).backward()
                 value = float(loss.detach())
