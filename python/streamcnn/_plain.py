@@ -60,11 +60,13 @@ class PlainImage:
         w, h = im.size
         if w < 1 or h < 1:
             self.close()
-            raise ValueError(f"streamcnn: {path!r}: a {self.format} image of {w} x {h} pixels is empty")
+            raise ValueError(f"streamcnn: {path!r}: a {self.format} image of {w} x {h} "
+                             "pixels is empty")
         if self.mode not in _RGB_MODES:
             self.close()
-            raise ValueError(f"streamcnn: {path!r}: {self.format} image mode {self.mode!r} is not 8-bit colour or "
-                             "grey (e.g. a 16-bit or float image): convert it to 8-bit RGB")
+            raise ValueError(f"streamcnn: {path!r}: {self.format} image mode {self.mode!r} is "
+                             "not 8-bit colour or grey (e.g. a 16-bit or float image): "
+                             "convert it to 8-bit RGB")
         if w * h > MAX_IMAGE_PIXELS:
             self.close()
             raise ValueError(
@@ -94,10 +96,6 @@ class PlainImage:
                 self._im.close()
                 self._im = None
             return self._pixels
-
-    @property
-    def decoded(self) -> bool:
-        return self._pixels is not None
 
     def _decode(self) -> torch.Tensor:
         with _PIL_LOCK:  # a truncated file must fail, whatever the process set

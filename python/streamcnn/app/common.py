@@ -43,8 +43,8 @@ def read_slide_table(path: str, task: str, what: str = "CSV", mpp: bool = True,
     (exists, opens as a slide or an image, carries microns per pixel when
     ``mpp``: its ``mpp`` column, the file's own, or ``slide_mpp``), its
     ``mpp`` (empty or positive) and label (0 .. num_classes - 1 for
-    classification, a finite number for regression). Any problem raises :class:`UsageError`
-    naming the file, the line and the value."""
+    classification, a finite number for regression). Any problem raises
+    :class:`UsageError` naming the file, the line and the value."""
     from ..slide import Slide
     if not path:
         raise UsageError(f"no {what} given")
@@ -99,15 +99,11 @@ def read_slide_table(path: str, task: str, what: str = "CSV", mpp: bool = True,
 
 
 def _mpp(text: str, where: str) -> Optional[float]:
-    if not text:
-        return None
+    from ..data.dataset import _row_mpp
     try:
-        v = float(text)
-    except ValueError:
-        v = math.nan
-    if not (math.isfinite(v) and v > 0):
-        raise UsageError(f"{where}: mpp {text!r} is not a positive number")
-    return v
+        return _row_mpp(text, where)
+    except ValueError as e:
+        raise UsageError(_strip(str(e))) from None
 
 
 def _rows(reader: csv.DictReader) -> Iterator[Tuple[int, Dict[str, str]]]:
