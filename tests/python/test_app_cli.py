@@ -554,3 +554,53 @@ def test_class_weights(slides, tmp_path, capsys):
         assert load_checkpoint(str(run / "last.pt"))["config"]["class_weights"] == wts
     assert abs(losses["2,2"] / losses["none"] - 2) < 1e-3, losses
     assert losses["balanced"] != losses["none"]
+
+
+def test_named_classes(slides, tmp_path, capsys):
+    """--classes normal,tumour: labels by name (or index), the names kept in
+    the config and written beside the indices in every output; a table of
+    names without --classes says to give it; bad --classes refused."""
+    val = tmp_path / "val.csv"
+    train = tmp_path / "train.csv"
+    train.write_text("path,label\n" + "".join(
+        f"{slides / f'train_{i}.svs'},{('normal', 'tumour')[i % 2]}\n" for i in range(4)))
+    val.write_text("path,label\n" + "".join(
+        f"{slides / f'val_{i}.svs'},{('normal', '1')[i % 2]}\n" for i in range(4)))
+    out = tmp_path / "run"
+    _bad(capsys, _train(slides, out, train=train), "train.csv line 2", "label 'normal'",
+         "not 0 or 1", "give --classes", out=out)
+    _bad(capsys, _train(slides, out, "--classes", "normal,tumor", train=train),
+         "train.csv line 3", "label 'tumour' is not one of normal, tumor", out=out)
+    for bad in ("normal", "a,a", "a,,b", "0,1", " , x"):
+        _bad(capsys, _train(slides, out, f"--classes={bad}", train=train),
+             f"--classes {bad!r} is not 2 or more distinct", out=out)
+    _bad(capsys, _train(slides, out, "--classes", "a,b,c", "--num-classes", "2", train=train),
+         "--num-classes 2 and --classes 'a,b,c' (3 names) disagree", out=out)
+    cli_here(capsys, *_train(slides, out, "--classes", "normal,tumour", "--epochs", "1",
+                             "--batch-size", "2", train=train, val=val))
+    _, cfg = load_model(str(out / "best.pt"))
+    assert cfg["classes"] == "normal,tumour" and cfg["num_classes"] == 2
+    preds = _csv(out / "val_predictions.csv")
+    assert list(preds[0]) == ["path", "label", "label_name", "score"]
+    assert [(r["label"], r["label_name"]) for r in preds] == \
+        [("0", "normal"), ("1", "tumour")] * 2
+    cli_here(capsys, "evaluate", out / "best.pt", "--csv", val, "--out", tmp_path / "ev",
+             "--quiet")
+    assert _csv(tmp_path / "ev" / "predictions.csv") == preds
+    cli_here(capsys, "predict", out / "best.pt", slides / "val_1.svs", "--out",
+             tmp_path / "maps", "--heatmap", "none", "--quiet")
+    row = _csv(tmp_path / "maps" / "predictions.csv")[0]
+    assert row["prediction_name"] == ("normal", "tumour")[int(row["prediction"])]
+    assert row["target_name"] == ("normal", "tumour")[int(row["target"])]
+    # three named classes: prediction_name beside prediction
+    train.write_text("path,label\n" + "".join(
+        f"{slides / f'train_{i}.svs'},{'abc'[i % 3]}\n" for i in range(4)))
+    val.write_text("path,label\n" + "".join(
+        f"{slides / f'val_{i}.svs'},{'abc'[i % 3]}\n" for i in range(3)))
+    out3 = tmp_path / "run3"
+    cli_here(capsys, *_train(slides, out3, "--classes", "a,b,c", "--epochs", "1",
+                             "--batch-size", "2", train=train, val=val))
+    preds = _csv(out3 / "val_predictions.csv")
+    assert list(preds[0]) == ["path", "label", "label_name", "prediction", "prediction_name",
+                              "prob_0", "prob_1", "prob_2"]
+    assert all(r["prediction_name"] == "abc"[int(r["prediction"])] for r in preds)

@@ -38,12 +38,14 @@ class Table:
 
 
 def read_slide_table(path: str, task: str, what: str = "CSV", mpp: bool = True,
-                     slide_mpp: Optional[float] = None, num_classes: int = 2) -> Table:
+                     slide_mpp: Optional[float] = None, num_classes: int = 2,
+                     classes: Optional[Sequence[str]] = None) -> Table:
     """Read and check a slide table: the file, its header, every row's slide
     (exists, opens as a slide or an image, carries microns per pixel when
     ``mpp``: its ``mpp`` column, the file's own, or ``slide_mpp``), its
-    ``mpp`` (empty or positive) and label (0 .. num_classes - 1 for
-    classification, a finite number for regression). Any problem raises
+    ``mpp`` (empty or positive) and label (0 .. num_classes - 1, or one of
+    the names ``classes``, for classification, a finite number for
+    regression). Any problem raises
     :class:`UsageError` naming the file, the line and the value."""
     from ..slide import Slide
     if not path:
@@ -89,7 +91,7 @@ def read_slide_table(path: str, task: str, what: str = "CSV", mpp: bool = True,
         except (OSError, ValueError, RuntimeError) as e:
             raise UsageError(f"{where}: {full} is not a readable slide: "
                              f"{_strip(str(e))}") from None
-        labels.append(_label(label, task, where, num_classes))
+        labels.append(_label(label, task, where, num_classes, classes))
         paths.append(full)
         names.append(name)
         mpps.append(row_mpp)
@@ -115,15 +117,22 @@ def _rows(reader: csv.DictReader) -> Iterator[Tuple[int, Dict[str, str]]]:
         yield reader.line_num, row
 
 
-def _label(text: str, task: str, where: str, num_classes: int = 2) -> float:
+def _label(text: str, task: str, where: str, num_classes: int = 2,
+           classes: Optional[Sequence[str]] = None) -> float:
     if task == "classification":
+        if classes is not None and text in classes:
+            return float(list(classes).index(text))
         if not (text.isdigit() and text.isascii() and int(text) < num_classes):
+            if classes is not None:
+                raise UsageError(f"{where}: label {text!r} is not one of {', '.join(classes)} "
+                                 f"(--classes) or 0 .. {num_classes - 1}")
+            hint = "" if is_number(text) else "; named classes: give --classes"
             if num_classes == 2:
                 raise UsageError(f"{where}: label {text!r} is not 0 or 1 (task "
-                                 "classification)")
+                                 f"classification{hint})")
             raise UsageError(f"{where}: label {text!r} is not an integer in 0 .. "
                              f"{num_classes - 1} (task classification, --num-classes "
-                             f"{num_classes})")
+                             f"{num_classes}{hint})")
         return float(int(text))
     try:
         v = float(text)
@@ -132,6 +141,14 @@ def _label(text: str, task: str, where: str, num_classes: int = 2) -> float:
     if not math.isfinite(v):
         raise UsageError(f"{where}: label {text!r} is not a number (task regression)")
     return v
+
+
+def is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _strip(msg: str) -> str:
@@ -408,21 +425,30 @@ def write_csv(path: str, header: Sequence[str], rows: Sequence[Sequence[Any]]) -
 
 
 def write_predictions(path: str, table: Table, indices: Sequence[int],
-                      scores: Sequence) -> None:
+                      scores: Sequence, classes: Optional[Sequence[str]] = None) -> None:
     """``path,label,score`` per slide (the path as the CSV names it); of
-    more than two classes ``path,label,prediction,prob_0,...,prob_K-1``."""
+    more than two classes ``path,label,prediction,prob_0,...,prob_K-1``;
+    with class names (``classes``) ``label_name`` after ``label`` and
+    ``prediction_name`` after ``prediction``."""
     rows = []
     multi = bool(scores) and isinstance(scores[0], (list, tuple))
+    named = classes is not None
     for i, s in zip(indices, scores):
         lab = table.labels[i]
         lab = int(lab) if float(lab).is_integer() else lab
+        row = [table.names[i], lab] + ([classes[int(lab)]] if named else [])
         if multi:
-            rows.append([table.names[i], lab, max(range(len(s)), key=s.__getitem__),
-                         *(f"{v:.6g}" for v in s)])
+            pred = max(range(len(s)), key=s.__getitem__)
+            row += [pred] + ([classes[pred]] if named else []) + [f"{v:.6g}" for v in s]
         else:
-            rows.append([table.names[i], lab, f"{s:.6g}"])
-    header = ["path", "label", "score"] if not multi else \
-        ["path", "label", "prediction", *(f"prob_{j}" for j in range(len(scores[0])))]
+            row.append(f"{s:.6g}")
+        rows.append(row)
+    header = ["path", "label"] + (["label_name"] if named else [])
+    if multi:
+        header += ["prediction"] + (["prediction_name"] if named else []) + \
+            [f"prob_{j}" for j in range(len(scores[0]))]
+    else:
+        header.append("score")
     write_csv(path, header, rows)
 
 

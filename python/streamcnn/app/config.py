@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 from ..classifier import ARCHITECTURES, DEFAULT_STREAM_UPTO, IMAGENET_MEAN, IMAGENET_STD, POOLS
-from .common import TASKS, UsageError
+from .common import TASKS, UsageError, is_number
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,9 @@ OPTIONS: Tuple[Option, ...] = (
     Option("num_classes", int, 2, "classes of --task classification, labels 0 .. K-1 "
            "(K > 2: softmax over K logits, val_auc the macro one-vs-rest AUC)",
            check=lambda v: v >= 2, need="at least 2", metavar="K"),
+    Option("classes", str, None, "class names in the order of the logits, comma-separated "
+           "(e.g. normal,tumour): labels may be these names; sets --num-classes; the outputs "
+           "name each class", metavar="NAMES"),
     Option("class_weights", str, "none", "weights of the classes in the training loss: "
            "none, balanced (n / (K n_c) of the training labels, as scikit-learn) or K "
            "comma-separated numbers", metavar="W"),
@@ -262,6 +265,15 @@ def resolve(given: Dict[str, Any], base: Optional[Dict[str, Any]] = None) -> Dic
     if cfg["device"] is None:
         import torch
         cfg["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg["classes"] is not None:
+        names = parse_classes(cfg["classes"])
+        if given.get("num_classes") not in (None, len(names)):
+            raise UsageError(f"--num-classes {given['num_classes']} and --classes "
+                             f"{cfg['classes']!r} ({len(names)} names) disagree")
+        if cfg["task"] != "classification":
+            raise UsageError(f"--classes is for --task classification (the task is "
+                             f"{cfg['task']})")
+        cfg["num_classes"] = len(names)
     if cfg["task"] != "classification" and cfg["num_classes"] != 2:
         raise UsageError(f"--num-classes {cfg['num_classes']} is for --task classification "
                          f"(the task is {cfg['task']})")
@@ -277,6 +289,19 @@ def resolve(given: Dict[str, Any], base: Optional[Dict[str, Any]] = None) -> Dic
                              "(derived; leave it out)")
     cfg.update(want)
     return cfg
+
+
+def parse_classes(text: Optional[str]) -> Optional[list]:
+    """``--classes``: the class names (at least 2, distinct, non-empty, not
+    numbers: a label that is a number is an index), or None."""
+    if text is None:
+        return None
+    names = [v.strip() for v in text.split(",")]
+    if len(names) < 2 or not all(names) or len(set(names)) != len(names) or \
+            any(is_number(v) for v in names):
+        raise UsageError(f"--classes {text!r} is not 2 or more distinct, non-empty, "
+                         "non-numeric names separated by commas")
+    return names
 
 
 def parse_class_weights(text: str, num_classes: int) -> Optional[list]:

@@ -13,6 +13,7 @@ import os
 import torch
 
 from .checkpoint import load_model
+from .config import parse_classes
 from .common import (AMP_DTYPES, Dist, Slides, UsageError, metric, predict, read_slide_table,
                      resolve_device, write_predictions)
 
@@ -52,9 +53,10 @@ def run(args) -> int:
         raise UsageError(str(e)) from None
     task = cfg["task"]
     slide_mpp = args.slide_mpp if args.slide_mpp is not None else cfg.get("slide_mpp")
+    names = parse_classes(cfg.get("classes"))
     table = read_slide_table(args.csv, task, "--csv", slide_mpp=slide_mpp,
                              num_classes=int(cfg["num_outputs"]) if task == "classification"
-                             else 2)
+                             else 2, classes=names)
     try:
         data = Slides(table, cfg["image_size"], cfg["mpp"], cfg["crop"], slide_mpp=slide_mpp)
     except (ValueError, FileNotFoundError) as e:
@@ -64,7 +66,7 @@ def run(args) -> int:
     value, why = metric([table.labels[i] for i in indices], scores, task)
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "predictions.csv")
-    write_predictions(path, table, indices, scores)
+    write_predictions(path, table, indices, scores, names)
     name = "AUC" if task == "classification" else "Spearman"
     shown = "nan" if math.isnan(value) else f"{value:.4f}"
     print(f"{name} {shown} (loss {loss:.4f}, {len(scores)} slides){'; ' + why if why else ''}")

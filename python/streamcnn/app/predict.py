@@ -40,6 +40,7 @@ import torch
 from .. import heatmaps as hm
 from ..slide import Slide
 from .checkpoint import load_model
+from .config import parse_classes
 
 HEATMAPS = ("saliency", "cam", "both", "none")
 # glibc serves allocations from this size up by mmap, returned to the system
@@ -382,6 +383,10 @@ def _predict_slide(path: str, name: str, model, config, args, want_sal: bool,
         else:
             p = torch.softmax(logits.double(), 0)
             row["prediction"] = int(logits.argmax())
+            names = parse_classes(config.get("classes"))
+            if names is not None:
+                row["prediction_name"] = names[row["prediction"]]
+                row["target_name"] = names[k]
             row["score"] = f"{float(p[k]):.6g}"
             for j in range(p.numel()):
                 row[f"prob_{j}"] = f"{float(p[j]):.6g}"

@@ -254,10 +254,11 @@ def _train(cfg, ckpt, dist: Dist, device, quiet: bool, resume: bool, overwrite: 
         except ImportError:
             raise UsageError("--tensorboard needs the tensorboard package (pip install "
                              "tensorboard)") from None
+    names = C.parse_classes(cfg["classes"])
     train_t = read_slide_table(cfg["train"], task, "--train CSV", slide_mpp=cfg["slide_mpp"],
-                               num_classes=cfg["num_classes"])
+                               num_classes=cfg["num_classes"], classes=names)
     val_t = read_slide_table(cfg["val"], task, "--val CSV", slide_mpp=cfg["slide_mpp"],
-                             num_classes=cfg["num_classes"])
+                             num_classes=cfg["num_classes"], classes=names)
     weights = class_weights(cfg["class_weights"], train_t.labels, cfg["num_classes"]) \
         if task == "classification" else None
     model = _build_model(cfg)
@@ -456,7 +457,7 @@ def _train(cfg, ckpt, dist: Dist, device, quiet: bool, resume: bool, overwrite: 
                     payload["rank_rows"] = [[list(p.read), list(p.sums)]
                                             for p in tp_net.plans]
                 write_predictions(os.path.join(out, "val_predictions.csv"), val_t, indices,
-                                  scores)
+                                  scores, names)
                 if task == "classification":
                     plot_roc(os.path.join(out, "roc.png"), labels, scores,
                              f"validation, epoch {epoch + 1}")
