@@ -604,3 +604,51 @@ def test_named_classes(slides, tmp_path, capsys):
     assert list(preds[0]) == ["path", "label", "label_name", "prediction", "prediction_name",
                               "prob_0", "prob_1", "prob_2"]
     assert all(r["prediction_name"] == "abc"[int(r["prediction"])] for r in preds)
+
+
+def test_metric_choice(slides, tmp_path, capsys):
+    """--metric kappa / accuracy / balanced_accuracy: the metrics.csv column
+    and what picks best.pt; the values are scikit-learn's of the predicted
+    classes; evaluate prints the run's metric or --metric's; metrics of the
+    other task refused."""
+    from sklearn import metrics as skm
+    from streamcnn.app.common import metric
+    # unit: binary P(class 1) and three-class probabilities
+    y2, s2 = [0, 1, 1, 0], [0.2, 0.7, 0.4, 0.5]
+    p2 = [0, 1, 0, 1]
+    assert metric(y2, s2, "classification", "accuracy")[0] == skm.accuracy_score(y2, p2)
+    assert metric(y2, s2, "classification", "kappa")[0] == pytest.approx(
+        skm.cohen_kappa_score(y2, p2, weights="quadratic"))
+    y3 = [0, 1, 2, 2, 1]
+    s3 = [[.7, .2, .1], [.1, .3, .6], [.1, .1, .8], [.2, .5, .3], [.2, .6, .2]]
+    p3 = [0, 2, 2, 1, 1]
+    assert metric(y3, s3, "classification", "kappa")[0] == pytest.approx(
+        skm.cohen_kappa_score(y3, p3, weights="quadratic"))
+    assert metric(y3, s3, "classification", "balanced_accuracy")[0] == pytest.approx(
+        skm.balanced_accuracy_score(y3, p3))
+    v, why = metric([1, 1], [0.9, 0.8], "classification", "kappa")
+    assert math.isnan(v) and "kappa is undefined" in why
+    out = tmp_path / "run"
+    _bad(capsys, _train(slides, out, "--metric", "spearman"), "--metric spearman",
+         "not a metric of --task classification", out=out)
+    _bad(capsys, _train(slides, out, "--metric", "kappa", "--task", "regression"),
+         "--metric kappa", "not a metric of --task regression", out=out)
+    cli_here(capsys, *_train(slides, out, "--metric", "kappa", "--epochs", "1",
+                             "--batch-size", "2"))
+    rows = _csv(out / "metrics.csv")
+    assert list(rows[0]) == ["epoch", "train_loss", "val_loss", "val_kappa", "seconds",
+                             "peak_memory_mb"]
+    preds = _csv(out / "val_predictions.csv")
+    y = [int(r["label"]) for r in preds]
+    p = [int(float(r["score"]) >= 0.5) for r in preds]
+    want = skm.cohen_kappa_score(y, p, weights="quadratic")
+    got = float(rows[0]["val_kappa"])
+    assert (math.isnan(got) and len(set(y + p)) == 1) or abs(got - want) < 1e-9, (got, want)
+    res = cli_here(capsys, "evaluate", out / "best.pt", "--csv", slides / "val.csv", "--out",
+                   tmp_path / "ev", "--quiet")
+    assert res.stdout.split()[0] == "kappa"
+    res = cli_here(capsys, "evaluate", out / "best.pt", "--csv", slides / "val.csv", "--out",
+                   tmp_path / "ev", "--quiet", "--metric", "accuracy")
+    assert res.stdout.split()[:2] == ["accuracy", f"{skm.accuracy_score(y, p):.4f}"]
+    _bad(capsys, ["evaluate", out / "best.pt", "--csv", slides / "val.csv", "--metric",
+                  "spearman"], "--metric spearman is not a metric of a classification model")

@@ -21,6 +21,11 @@ class UsageError(Exception):
 
 
 TASKS = ("classification", "regression")
+# validation metrics: classification's, then regression's
+METRICS = ("auc", "kappa", "accuracy", "balanced_accuracy", "spearman")
+# as evaluate prints them (one word each)
+METRIC_WORDS = {"auc": "AUC", "kappa": "kappa", "accuracy": "accuracy",
+                "balanced_accuracy": "balanced_accuracy", "spearman": "Spearman"}
 
 
 # -- slide tables --------------------------------------------------------------------------
@@ -320,17 +325,52 @@ def _flat(scores) -> List[float]:
     return [v for s in scores for v in (s if isinstance(s, (list, tuple)) else [s])]
 
 
-def metric_name(task: str) -> str:
-    return "val_auc" if task == "classification" else "val_spearman"
+def default_metric(task: str) -> str:
+    return "auc" if task == "classification" else "spearman"
 
 
-def metric(labels: Sequence[float], scores: Sequence, task: str) -> Tuple[float, str]:
-    """``(value, why_undefined)``: ROC AUC (scikit-learn; of more than two
-    classes, whose scores are the class probabilities, the macro average of
-    the one-vs-rest AUCs) or Spearman's rho (scipy); NaN with the reason
+def metric_name(task: str, kind: Optional[str] = None) -> str:
+    """The metrics.csv column: ``val_auc``, ``val_kappa``, ..."""
+    return "val_" + (kind or default_metric(task))
+
+
+def predicted_classes(scores: Sequence) -> List[int]:
+    """The most probable class of each score (P(class 1) of two classes,
+    or the class probabilities)."""
+    return [max(range(len(s)), key=s.__getitem__) if isinstance(s, (list, tuple))
+            else int(s >= 0.5) for s in scores]
+
+
+def metric(labels: Sequence[float], scores: Sequence, task: str,
+           kind: Optional[str] = None) -> Tuple[float, str]:
+    """``(value, why_undefined)`` of ``kind`` (default: ``auc`` for
+    classification, ``spearman`` for regression): ROC AUC (scikit-learn;
+    of more than two classes, whose scores are the class probabilities, the
+    macro average of the one-vs-rest AUCs), ``kappa`` (quadratic weighted
+    Cohen's kappa of the predicted classes), ``accuracy``,
+    ``balanced_accuracy`` or Spearman's rho (scipy); NaN with the reason
     when it is undefined (a class missing, constant labels or scores)."""
+    kind = kind or default_metric(task)
     if not all(math.isfinite(v) for v in _flat(scores)):
         return math.nan, "some scores are not finite: the metric is undefined"
+    if task == "classification" and kind != "auc":
+        from sklearn import metrics as skm
+        y, pred = [int(v) for v in labels], predicted_classes(scores)
+        if kind == "accuracy":
+            return float(skm.accuracy_score(y, pred)), ""
+        if kind == "balanced_accuracy":
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")   # a predicted class with no slide
+                return float(skm.balanced_accuracy_score(y, pred)), ""
+        k = len(scores[0]) if scores and isinstance(scores[0], (list, tuple)) else 2
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            v = float(skm.cohen_kappa_score(y, pred, weights="quadratic",
+                                            labels=list(range(k))))
+        if not math.isfinite(v):
+            return math.nan, ("every label and prediction is the same class: the quadratic "
+                              "weighted kappa is undefined")
+        return v, ""
     if task == "classification":
         classes = sorted(set(int(v) for v in labels))
         if len(classes) < 2:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 from ..classifier import ARCHITECTURES, DEFAULT_STREAM_UPTO, IMAGENET_MEAN, IMAGENET_STD, POOLS
-from .common import TASKS, UsageError, is_number
+from .common import METRICS, TASKS, UsageError, is_number
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,10 @@ OPTIONS: Tuple[Option, ...] = (
     Option("classes", str, None, "class names in the order of the logits, comma-separated "
            "(e.g. normal,tumour): labels may be these names; sets --num-classes; the outputs "
            "name each class", metavar="NAMES"),
+    Option("metric", str, None, "the validation metric that picks best.pt: auc (the "
+           "default of classification), kappa (quadratic weighted Cohen's kappa of the "
+           "predicted classes, for ordinal grades), accuracy, balanced_accuracy; spearman "
+           "(regression, its default)", choices=METRICS),
     Option("class_weights", str, "none", "weights of the classes in the training loss: "
            "none, balanced (n / (K n_c) of the training labels, as scikit-learn) or K "
            "comma-separated numbers", metavar="W"),
@@ -274,6 +278,12 @@ def resolve(given: Dict[str, Any], base: Optional[Dict[str, Any]] = None) -> Dic
             raise UsageError(f"--classes is for --task classification (the task is "
                              f"{cfg['task']})")
         cfg["num_classes"] = len(names)
+    if cfg["metric"] is None:
+        cfg["metric"] = "auc" if cfg["task"] == "classification" else "spearman"
+    if (cfg["metric"] == "spearman") != (cfg["task"] == "regression"):
+        have = "spearman" if cfg["task"] == "regression" else ", ".join(METRICS[:-1])
+        raise UsageError(f"--metric {cfg['metric']} is not a metric of --task {cfg['task']} "
+                         f"({have})")
     if cfg["task"] != "classification" and cfg["num_classes"] != 2:
         raise UsageError(f"--num-classes {cfg['num_classes']} is for --task classification "
                          f"(the task is {cfg['task']})")

@@ -1,6 +1,8 @@
 """``streamcnn evaluate CHECKPOINT --csv CSV [--out DIR]``: score slides
-with a trained model, print the AUC (classification) or Spearman's rho
-(regression) and write ``DIR/predictions.csv`` (``path,label,score``).
+with a trained model, print the run's validation metric (``--metric``: the
+AUC, kappa, accuracy or balanced accuracy of a classifier, Spearman's rho
+of a regression) and write ``DIR/predictions.csv`` (the columns of the
+run's ``val_predictions.csv``).
 
 The slides are read as the run read its validation set (the checkpoint's
 image size, mpp and crop; no augmentation).
@@ -14,8 +16,9 @@ import torch
 
 from .checkpoint import load_model
 from .config import parse_classes
-from .common import (AMP_DTYPES, Dist, Slides, UsageError, metric, predict, read_slide_table,
-                     resolve_device, write_predictions)
+from .common import (AMP_DTYPES, METRIC_WORDS, METRICS, Dist, Slides, UsageError,
+                     default_metric, metric, predict, read_slide_table, resolve_device,
+                     write_predictions)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="microns per level-0 pixel of slides whose file carries none "
                              "(default: the run's --slide-mpp); an mpp column of the CSV "
                              "gives it per slide")
+    parser.add_argument("--metric", choices=METRICS,
+                        help="the metric printed (default: the run's --metric)")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -52,6 +57,9 @@ def run(args) -> int:
     except (ValueError, FileNotFoundError) as e:
         raise UsageError(str(e)) from None
     task = cfg["task"]
+    kind = args.metric or cfg.get("metric") or default_metric(task)
+    if (kind == "spearman") != (task == "regression"):
+        raise UsageError(f"--metric {kind} is not a metric of a {task} model")
     slide_mpp = args.slide_mpp if args.slide_mpp is not None else cfg.get("slide_mpp")
     names = parse_classes(cfg.get("classes"))
     table = read_slide_table(args.csv, task, "--csv", slide_mpp=slide_mpp,
@@ -63,11 +71,11 @@ def run(args) -> int:
         raise UsageError(str(e)) from None
     indices, scores, loss = predict(model, data, device, task, args.amp, workers=args.workers,
                                     progress=not args.quiet)
-    value, why = metric([table.labels[i] for i in indices], scores, task)
+    value, why = metric([table.labels[i] for i in indices], scores, task, kind)
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "predictions.csv")
     write_predictions(path, table, indices, scores, names)
-    name = "AUC" if task == "classification" else "Spearman"
+    name = METRIC_WORDS[kind]
     shown = "nan" if math.isnan(value) else f"{value:.4f}"
     print(f"{name} {shown} (loss {loss:.4f}, {len(scores)} slides){'; ' + why if why else ''}")
     print(f"predictions: {path}")

@@ -237,7 +237,7 @@ def _train(cfg, ckpt, dist: Dist, device, quiet: bool, resume: bool, overwrite: 
            grid: Optional[TP.Grid] = None) -> int:
     from tqdm import tqdm
     out, task = cfg["out"], cfg["task"]
-    mname = metric_name(task)
+    mname = metric_name(task, cfg["metric"])
     # replicas: the processes that see different images (the data-parallel
     # ranks; with --tile-parallel the tile-parallel groups)
     replicas = dist if grid is None else grid.dp
@@ -424,7 +424,7 @@ def _train(cfg, ckpt, dist: Dist, device, quiet: bool, resume: bool, overwrite: 
                                                 cfg["workers"], show,
                                                 desc=f"validate {epoch + 1}")
             labels = [val_t.labels[i] for i in indices]
-            value, why = metric(labels, scores, task)
+            value, why = metric(labels, scores, task, cfg["metric"])
             if why and dist.main and not warned:
                 tqdm.write(f"streamcnn: warning: {why}; {mname} is written as nan, "
                            "training goes on", file=sys.stderr)
