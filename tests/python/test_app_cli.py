@@ -628,6 +628,12 @@ def test_metric_choice(slides, tmp_path, capsys):
         skm.balanced_accuracy_score(y3, p3))
     v, why = metric([1, 1], [0.9, 0.8], "classification", "kappa")
     assert math.isnan(v) and "kappa is undefined" in why
+    # a checkpoint from before these options resumes with them at what it ran with
+    from streamcnn.app import config as C
+    old = {"task": "classification", "lr": 0.1}
+    assert C.differences(old, {"metric": "auc", "num_classes": 2, "classes": None,
+                               "class_weights": "none", "slide_mpp": None}) == {}
+    assert C.differences(old, {"metric": "kappa"}) == {"metric": ("auc", "kappa")}
     out = tmp_path / "run"
     _bad(capsys, _train(slides, out, "--metric", "spearman"), "--metric spearman",
          "not a metric of --task classification", out=out)

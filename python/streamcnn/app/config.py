@@ -331,6 +331,14 @@ def parse_class_weights(text: str, num_classes: int) -> Optional[list]:
     return w
 
 
+def _before_option(ckpt: Dict[str, Any], name: str) -> Any:
+    """What a checkpoint written before option ``name`` existed ran with."""
+    if name == "metric":
+        return "auc" if ckpt.get("task", "classification") == "classification" else "spearman"
+    o = BY_NAME.get(name)
+    return o.default if o is not None else None
+
+
 def differences(ckpt: Dict[str, Any], given: Dict[str, Any]) -> Dict[str, Tuple[Any, Any]]:
     """``{name: (checkpoint's value, given value)}`` for the given options
     that differ from a checkpoint's config and may not change on resume."""
@@ -338,7 +346,7 @@ def differences(ckpt: Dict[str, Any], given: Dict[str, Any]) -> Dict[str, Tuple[
     for k, v in given.items():
         if k in RESUME_FREE or k in DERIVED:
             continue
-        a = ckpt.get(k)
+        a = ckpt.get(k, _before_option(ckpt, k))
         if (str(a) != str(v)) if k == "stream_upto" else (a != v):
             out[k] = (a, v)
     return out
