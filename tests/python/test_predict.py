@@ -198,3 +198,38 @@ def test_pointing_game_after_training():
     print(f"pointing game: {hits}/{n} hits, chance {chance:.2f}, loss {loss:.4f}", rows)
     assert chance < 0.4
     assert hits >= 3, rows
+
+
+def test_slides_from_a_table(data, tmp_path, capsys):
+    """--csv: the slides of a table (paths relative to it, its mpp column
+    per slide), after any given on the command line; bad tables stop
+    before anything is written."""
+    d = data["dir"]
+    t = d / "t.csv"
+    # striped.tif carries no mpp: the table gives it (2 um/px: coarser than the
+    # checkpoint's 1, so it is refused like coarse.svs, by the table's value)
+    t.write_text("label;path;mpp\nx;a.svs;\ny;striped.tif;2\n")
+    out = tmp_path / "out"
+    rc = predict.run(_args(data["ckpt"], d / "b.svs", "--csv", t, "--out", out, "--quiet",
+                           "--heatmap", "none"))
+    rows = _rows(out)
+    assert [r["slide"] for r in rows] == ["b", "a", "striped"] and rc == 2
+    assert rows[0]["status"] == rows[1]["status"] == "ok"
+    assert "has 2 um/px at its finest level" in rows[2]["message"]
+    # the table's mpp replaces a.svs's 0.5: 1 um/px is 4 of its pixels
+    t.write_text("path,mpp\na.svs,0.25\n")
+    assert predict.run(_args(data["ckpt"], "--csv", t, "--out", tmp_path / "o2", "--quiet",
+                             "--heatmap", "none")) == 0
+    assert _rows(tmp_path / "o2")[0]["downsample"] == "4"
+    for text, msg in (("file\na.svs\n", "needs a header with a 'path' column"),
+                      ("path,mpp\na.svs,-1\n", "line 2: mpp '-1' is not a positive"),
+                      ("path,mpp\n,\n\n", "no slides"), ("path\n", "no slides"),
+                      ("path,mpp\n,0.5\n", "line 2: empty path")):
+        t.write_text(text)
+        with pytest.raises(ValueError, match=msg):
+            predict.run(_args(data["ckpt"], "--csv", t, "--out", tmp_path / "bad", "--quiet"))
+        assert not (tmp_path / "bad").exists()
+    with pytest.raises(FileNotFoundError, match="nope.csv"):
+        predict.run(_args(data["ckpt"], "--csv", d / "nope.csv", "--out", tmp_path / "bad"))
+    with pytest.raises(ValueError, match="no slides: give SLIDE"):
+        predict.run(_args(data["ckpt"], "--out", tmp_path / "bad"))

@@ -40,6 +40,7 @@ import torch
 from .. import heatmaps as hm
 from ..slide import Slide
 from .checkpoint import load_model
+from .common import _rows
 from .config import parse_classes
 
 HEATMAPS = ("saliency", "cam", "both", "none")
@@ -52,7 +53,12 @@ OUTPUTS = ("_saliency.png", "_cam.png", "_cam.tif")
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="a checkpoint written by streamcnn train")
-    p.add_argument("slides", nargs="+", metavar="SLIDE", help="whole-slide images")
+    p.add_argument("slides", nargs="*", metavar="SLIDE",
+                   help="whole-slide images (or plain images)")
+    p.add_argument("--csv", metavar="CSV",
+                   help="also the slides of a table: a 'path' column (relative to the CSV), "
+                        "an optional 'mpp' column (microns per level-0 pixel of each); other "
+                        "columns ignored")
     p.add_argument("--out", required=True, metavar="DIR",
                    help="output folder (created): predictions.csv and the maps")
     region = p.add_mutually_exclusive_group()
@@ -78,6 +84,41 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--png-size", type=int, default=1024, metavar="PX",
                    help="longest side of the PNG overlays' thumbnail (default 1024)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _slides(args) -> List[Tuple[str, Optional[float]]]:
+    """``(path, mpp or None)`` of the command line's slides, then the
+    ``--csv`` table's."""
+    items = [(p, None) for p in args.slides]
+    if args.csv:
+        from ..data.dataset import _row_mpp, table_reader
+        if not os.path.isfile(args.csv):
+            raise FileNotFoundError(f"streamcnn: --csv {args.csv} does not exist or is not "
+                                    "a file")
+        try:
+            with open(args.csv, newline="", encoding="utf-8-sig") as f:
+                reader = table_reader(f.read())
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"streamcnn: cannot read --csv {args.csv}: {e}") from None
+        fields = [(c or "").strip() for c in (reader.fieldnames or [])]
+        if "path" not in fields:
+            raise ValueError(f"streamcnn: --csv {args.csv} needs a header with a 'path' "
+                             f"column, got {fields}")
+        base = os.path.dirname(os.path.abspath(args.csv))
+        try:
+            rows = list(_rows(reader))
+        except csv.Error as e:
+            raise ValueError(f"streamcnn: --csv {args.csv}: {e}") from None
+        for line, row in rows:
+            where = f"--csv {args.csv} line {line}"
+            if not row.get("path"):
+                raise ValueError(f"streamcnn: {where}: empty path")
+            path = row["path"] if os.path.isabs(row["path"]) else \
+                os.path.join(base, row["path"])
+            items.append((path, _row_mpp(row.get("mpp", ""), where)))
+    if not items:
+        raise ValueError("streamcnn: no slides: give SLIDE ... or --csv TABLE")
+    return items
 
 
 def _check_args(args) -> None:
@@ -188,9 +229,10 @@ def _slide_name(path: str, taken: Dict[str, int]) -> str:
     return base if n == 0 else f"{base}_{n + 1}"
 
 
-def _open(path: str, default_mpp: Optional[float] = None) -> Slide:
+def _open(path: str, default_mpp: Optional[float] = None,
+          mpp: Optional[float] = None) -> Slide:
     try:
-        return Slide(path, default_mpp=default_mpp)
+        return Slide(path, mpp=mpp, default_mpp=default_mpp)
     except FileNotFoundError:
         raise FileNotFoundError(f"streamcnn: slide {path} does not exist") from None
     except (ValueError, RuntimeError) as e:
@@ -331,13 +373,14 @@ def _cam_tiff(path: str, s: Slide, m: Optional[torch.Tensor], cone: hm.Cone, ds:
 
 
 def _predict_slide(path: str, name: str, model, config, args, want_sal: bool,
-                   want_cam: bool, bars: _Bars) -> Dict:
+                   want_cam: bool, bars: _Bars, slide_mpp_of_row: Optional[float] = None
+                   ) -> Dict:
     task = config.get("task", "classification")
     stem, head = model.stem, model.head
     dev = next(model.parameters()).device
     row = {"slide": name, "path": path, "status": "ok", "message": ""}
     slide_mpp = args.slide_mpp if args.slide_mpp is not None else config.get("slide_mpp")
-    with _open(path, slide_mpp) as s:
+    with _open(path, slide_mpp, slide_mpp_of_row) as s:
         ds, mpp = _downsample(s, args.mpp if args.mpp is not None else config.get("mpp"))
         size = args.image_size or int(config.get("image_size") or 0)
         if not args.full_slide and size < 1:
@@ -460,6 +503,7 @@ def run(args) -> int:
     stop everything (checkpoint, arguments, output folder) raise ValueError
     / FileNotFoundError with a ``streamcnn:`` message."""
     _check_args(args)
+    items = _slides(args)
     _check_out_dir(args.out)
     _return_freed_memory()
     model, config = load_model(args.checkpoint, args.device)
@@ -484,11 +528,11 @@ def run(args) -> int:
     want_sal, want_cam = heat in ("saliency", "both"), heat in ("cam", "both")
     bars = _Bars(args.quiet)
     rows, failed, taken = [], 0, {}
-    for path in bars.slides(args.slides):
+    for path, row_mpp in bars.slides(items):
         name = _slide_name(path, taken)
         try:
             rows.append(_predict_slide(path, name, model, config, args, want_sal, want_cam,
-                                       bars))
+                                       bars, row_mpp))
         except (ValueError, FileNotFoundError, RuntimeError, OSError, MemoryError) as e:
             failed += 1
             msg = str(e) if str(e).startswith("streamcnn:") else f"streamcnn: {path}: {e}"
