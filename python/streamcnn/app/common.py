@@ -53,29 +53,8 @@ def read_slide_table(path: str, task: str, what: str = "CSV", mpp: bool = True,
     regression). Any problem raises
     :class:`UsageError` naming the file, the line and the value."""
     from ..slide import Slide
-    if not path:
-        raise UsageError(f"no {what} given")
-    if os.path.isdir(path):
-        raise UsageError(f"{what} {path} is a directory, not a CSV file")
-    try:
-        with open(path, newline="", encoding="utf-8-sig") as f:  # Excel writes a BOM
-            text = f.read()
-    except FileNotFoundError:
-        raise UsageError(f"{what} {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"cannot read {what} {path}: {e}") from None
-    from ..data.dataset import table_reader
-    reader = table_reader(text)
-    fields = [(c or "").strip() for c in (reader.fieldnames or [])]
-    if "path" not in fields or "label" not in fields:
-        raise UsageError(f"{what} {path} needs a header with 'path' and 'label' columns, "
-                         f"got {fields}")
-    base = os.path.dirname(os.path.abspath(path))
+    base, rows = read_table(path, what, ("path", "label"))
     paths, names, labels, mpps = [], [], [], []
-    try:
-        rows = list(_rows(reader))
-    except csv.Error as e:
-        raise UsageError(f"{what} {path}: {e}") from None
     for line, row in rows:
         name, label = row.get("path", ""), row.get("label", "")
         where = f"{what} {path} line {line}"
@@ -103,6 +82,38 @@ def read_slide_table(path: str, task: str, what: str = "CSV", mpp: bool = True,
     if not paths:
         raise UsageError(f"{what} {path} has no rows")
     return Table(path, paths, names, labels, mpps)
+
+
+def read_table(path: str, what: str, columns: Sequence[str]
+               ) -> Tuple[str, List[Tuple[int, Dict[str, str]]]]:
+    """``(folder of the file, [(line, row)])`` of a CSV table (as
+    spreadsheets save it too: see ``data.dataset.table_reader``) whose
+    header has ``columns``; cells stripped, blank rows left out. A missing,
+    unreadable or malformed file raises :class:`UsageError` naming ``what``
+    and the file."""
+    if not path:
+        raise UsageError(f"no {what} given")
+    if os.path.isdir(path):
+        raise UsageError(f"{what} {path} is a directory, not a CSV file")
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # Excel writes a BOM
+            text = f.read()
+    except FileNotFoundError:
+        raise UsageError(f"{what} {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read {what} {path}: {e}") from None
+    from ..data.dataset import table_reader
+    reader = table_reader(text)
+    fields = [(c or "").strip() for c in (reader.fieldnames or [])]
+    if not all(c in fields for c in columns):
+        need = f"a {columns[0]!r} column" if len(columns) == 1 else \
+            " and ".join(map(repr, columns)) + " columns"
+        raise UsageError(f"{what} {path} needs a header with {need}, got {fields}")
+    try:
+        rows = list(_rows(reader))
+    except csv.Error as e:
+        raise UsageError(f"{what} {path}: {e}") from None
+    return os.path.dirname(os.path.abspath(path)), rows
 
 
 def _mpp(text: str, where: str) -> Optional[float]:
@@ -473,12 +484,11 @@ def write_predictions(path: str, table: Table, indices: Sequence[int],
     rows = []
     multi = bool(scores) and isinstance(scores[0], (list, tuple))
     named = classes is not None
-    for i, s in zip(indices, scores):
+    for i, s, pred in zip(indices, scores, predicted_classes(scores)):
         lab = table.labels[i]
         lab = int(lab) if float(lab).is_integer() else lab
         row = [table.names[i], lab] + ([classes[int(lab)]] if named else [])
         if multi:
-            pred = max(range(len(s)), key=s.__getitem__)
             row += [pred] + ([classes[pred]] if named else []) + [f"{v:.6g}" for v in s]
         else:
             row.append(f"{s:.6g}")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 from ..classifier import ARCHITECTURES, DEFAULT_STREAM_UPTO, IMAGENET_MEAN, IMAGENET_STD, POOLS
-from .common import METRICS, TASKS, UsageError, is_number
+from .common import METRICS, TASKS, UsageError, default_metric, is_number
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,8 @@ OPTIONS: Tuple[Option, ...] = (
     Option("tile_parallel", int, 1, "processes that share each image: its stem output split "
            "into N row bands (streamcnn.distributed.TileParallel), each process reading only "
            "the image rows its band needs; started by the command itself, or under torchrun "
-           "groups of N consecutive ranks (data parallel across the groups)", check=_pos, need="a positive number of processes", metavar="N"),
+           "groups of N consecutive ranks (data parallel across the groups)", check=_pos,
+           need="a positive number of processes", metavar="N"),
     Option("tensorboard", bool, False, "also log to RUN_DIR/tensorboard (needs the "
            "tensorboard package)"),
 )
@@ -279,7 +280,7 @@ def resolve(given: Dict[str, Any], base: Optional[Dict[str, Any]] = None) -> Dic
                              f"{cfg['task']})")
         cfg["num_classes"] = len(names)
     if cfg["metric"] is None:
-        cfg["metric"] = "auc" if cfg["task"] == "classification" else "spearman"
+        cfg["metric"] = default_metric(cfg["task"])
     if (cfg["metric"] == "spearman") != (cfg["task"] == "regression"):
         have = "spearman" if cfg["task"] == "regression" else ", ".join(METRICS[:-1])
         raise UsageError(f"--metric {cfg['metric']} is not a metric of --task {cfg['task']} "
@@ -334,7 +335,7 @@ def parse_class_weights(text: str, num_classes: int) -> Optional[list]:
 def _before_option(ckpt: Dict[str, Any], name: str) -> Any:
     """What a checkpoint written before option ``name`` existed ran with."""
     if name == "metric":
-        return "auc" if ckpt.get("task", "classification") == "classification" else "spearman"
+        return default_metric(ckpt.get("task", "classification"))
     o = BY_NAME.get(name)
     return o.default if o is not None else None
 

@@ -40,7 +40,7 @@ import torch
 from .. import heatmaps as hm
 from ..slide import Slide
 from .checkpoint import load_model
-from .common import _rows
+from .common import UsageError, read_table
 from .config import parse_classes
 
 HEATMAPS = ("saliency", "cam", "both", "none")
@@ -91,24 +91,12 @@ def _slides(args) -> List[Tuple[str, Optional[float]]]:
     ``--csv`` table's."""
     items = [(p, None) for p in args.slides]
     if args.csv:
-        from ..data.dataset import _row_mpp, table_reader
-        if not os.path.isfile(args.csv):
-            raise FileNotFoundError(f"streamcnn: --csv {args.csv} does not exist or is not "
-                                    "a file")
+        from ..data.dataset import _row_mpp
         try:
-            with open(args.csv, newline="", encoding="utf-8-sig") as f:
-                reader = table_reader(f.read())
-        except (OSError, UnicodeDecodeError) as e:
-            raise ValueError(f"streamcnn: cannot read --csv {args.csv}: {e}") from None
-        fields = [(c or "").strip() for c in (reader.fieldnames or [])]
-        if "path" not in fields:
-            raise ValueError(f"streamcnn: --csv {args.csv} needs a header with a 'path' "
-                             f"column, got {fields}")
-        base = os.path.dirname(os.path.abspath(args.csv))
-        try:
-            rows = list(_rows(reader))
-        except csv.Error as e:
-            raise ValueError(f"streamcnn: --csv {args.csv}: {e}") from None
+            base, rows = read_table(args.csv, "--csv", ("path",))
+        except UsageError as e:  # this command's errors are ValueError / FileNotFoundError
+            missing = not os.path.exists(args.csv)
+            raise (FileNotFoundError if missing else ValueError)(f"streamcnn: {e}") from None
         for line, row in rows:
             where = f"--csv {args.csv} line {line}"
             if not row.get("path"):
