@@ -149,3 +149,14 @@ def test_budget_check_script_inference():
     row = [ln for ln in res.stdout.splitlines() if ln.startswith("|") and ln[2:7].strip().isdigit()]
     assert len(row) == 1 and int(row[0].split("|")[1]) >= 30, res.stdout
     assert int(row[0].split("|")[3]) == 0, res.stdout
+
+
+def test_augment_script():
+    """bench/augment.py: the augmentation and the way it was computed
+    before agree bit for bit (checked in the script) for every turn."""
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "augment.py"),
+                          "--size", "300", "--reps", "1"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = [ln for ln in res.stdout.splitlines() if ln.startswith("| ") and "True" in ln]
+    assert len(rows) == 4, res.stdout

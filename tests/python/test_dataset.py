@@ -166,6 +166,43 @@ def test_augment_steps_on_parts():
     assert (Augment.colour(flat, AugmentDraw(contrast=1.09), [2500] * 3, 25) == 100).all()
 
 
+def test_augment_geometry_is_flips_then_rot90():
+    """Augment.geometry (one flip at most, an odd turn as a transposed
+    view) equals the flips then torch.rot90 it stands for, for all 16
+    draws; its blocked copy (dataset.contiguous) equals .contiguous() for
+    any block size, edges included; a call returns a contiguous image
+    whose sums are the input's."""
+    from streamcnn.data import AugmentDraw
+    from streamcnn.data.dataset import contiguous
+    g = torch.Generator().manual_seed(5)
+    for h, w in [(7, 7), (6, 9)]:
+        img = torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g)
+        for k in range(4 if h == w else 1):
+            for fw in (False, True):
+                for fh in (False, True):
+                    d = AugmentDraw(fw, fh, k)
+                    ref = img.flip(2) if fw else img
+                    ref = ref.flip(1) if fh else ref
+                    ref = torch.rot90(ref, k, dims=(1, 2))
+                    got = Augment.geometry(img, d)
+                    assert torch.equal(got, ref), (k, fw, fh)
+                    for block in (1, 2, 3, 256):
+                        c = contiguous(got, block)
+                        assert c.is_contiguous() and torch.equal(c, ref)
+                    out = Augment(brightness=0, contrast=0, saturation=0).geometry(img, d)
+                    assert torch.equal(out, ref)
+    aug = Augment()
+    sq = torch.randint(0, 256, (3, 40, 40), dtype=torch.uint8, generator=g)
+    for seed in range(8):
+        out = aug(sq, torch.Generator().manual_seed(seed))
+        assert out.is_contiguous()
+    plain = Augment(brightness=0, contrast=0, saturation=0)
+    turned = [plain(sq, torch.Generator().manual_seed(s)) for s in range(16)]
+    assert all(t.is_contiguous() and torch.equal(t.sum((1, 2)), sq.sum((1, 2)))
+               for t in turned)
+    assert any(t.shape == sq.shape and not torch.equal(t, sq) for t in turned)
+
+
 @pytest.mark.parametrize("crop", ["tissue", "random", "center"])
 def test_read_rows_equals_the_rows_of_the_item(table, crop):
     """What a tile-parallel rank reads: rows [a, b) of an item (random crop,

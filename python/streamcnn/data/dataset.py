@@ -33,6 +33,22 @@ def channel_sums(img: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def contiguous(img: torch.Tensor, block: int = 256) -> torch.Tensor:
+    """``img.contiguous()`` of a ``C x H x W`` image, copying a transposed
+    view (an odd quarter turn) in ``block``-square pieces: torch copies it
+    row by row, reading a column of the source per row (2x slower at
+    8192², ``bench/augment.py``)."""
+    if img.is_contiguous():
+        return img
+    if img.stride(1) >= img.stride(2):
+        return img.contiguous()
+    out = torch.empty(img.shape, dtype=img.dtype, device=img.device)
+    for r in range(0, img.shape[1], block):
+        for c in range(0, img.shape[2], block):
+            out[:, r:r + block, c:c + block] = img[:, r:r + block, c:c + block]
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class AugmentDraw:
     """One draw of :class:`Augment` for an image: flips, the number of
@@ -132,14 +148,17 @@ class Augment:
     @staticmethod
     def geometry(img: torch.Tensor, d: AugmentDraw) -> torch.Tensor:
         """The flips, then the quarter turns, of ``C x H x W`` ``img`` (a
-        whole image or the :meth:`AugmentDraw.source_box` of some rows)."""
-        if d.flip_w:
-            img = img.flip(2)
-        if d.flip_h:
-            img = img.flip(1)
-        if d.quarter_turns:
-            img = torch.rot90(img, d.quarter_turns, dims=(1, 2))
-        return img
+        whole image or the :meth:`AugmentDraw.source_box` of some rows),
+        as ``torch.rot90(img.flip(...), k, dims=(1, 2))`` gives it, made
+        with at most one copy: the flips of ``rot90`` (k = 1: columns, 2:
+        both, 3: rows) are folded into the draw's, and an odd turn is a
+        transposed view (:func:`contiguous` copies it in blocks)."""
+        k = d.quarter_turns % 4
+        dims = [dim for dim, flip in ((1, d.flip_h != (k in (2, 3))),
+                                      (2, d.flip_w != (k in (1, 2)))) if flip]
+        if dims:
+            img = img.flip(dims)
+        return img.transpose(1, 2) if k % 2 else img
 
     @staticmethod
     def colour(img: torch.Tensor, d: AugmentDraw, sums: Sequence[int],
@@ -155,15 +174,19 @@ class Augment:
         # the mean of x below over the whole image, from the exact sums
         mean = b * ((1 - s) * (0.299 * m[0] + 0.587 * m[1] + 0.114 * m[2])
                     + s * (m[0] + m[1] + m[2]) / 3)
-        out = torch.empty_like(img)
+        # contiguous whatever img's strides: the jitter of a turned view
+        # is also its (cache-friendly) copy
+        out = torch.empty(img.shape, dtype=img.dtype, device=img.device)
         # in bands of rows: the float32 temporaries stay small (a whole
         # 8192² image at once peaked at 14x its uint8 size), and each
         # pixel's arithmetic is the same in any band
+        # (in place: the same float32 operations as grey + s * (x - grey),
+        # each commuted exactly, at half the time of new tensors)
         for rows in _row_bands(img):
-            x = img[:, rows].float() * b
+            x = img[:, rows].float().mul_(b)
             grey = 0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2]
-            x = grey + s * (x - grey)                   # saturation around the grey
-            x = mean + c * (x - mean)                   # contrast around the mean
+            x.sub_(grey).mul_(s).add_(grey)             # saturation around the grey
+            x.sub_(mean).mul_(c).add_(mean)             # contrast around the mean
             out[:, rows] = x.round_().clamp_(0, 255)
         return out
 
@@ -173,9 +196,13 @@ class Augment:
             raise ValueError("streamcnn: Augment expects a uint8 3 x H x W image, got "
                              f"{img.dtype} {tuple(img.shape)}")
         d = self.draw(img.shape[1], img.shape[2], generator)
-        img = self.geometry(img, d)
-        img = self.colour(img, d, channel_sums(img).tolist(), img.shape[1] * img.shape[2])
-        return img.contiguous()
+        # flips and turns move pixels and the jitter maps each pixel alone,
+        # given the channel sums (which the moves keep): the sums of the
+        # image as read (contiguous, faster) and the jitter of the moved view
+        # (its result is contiguous, so the turn's copy comes free)
+        sums = channel_sums(img).tolist()
+        return contiguous(self.colour(self.geometry(img, d), d, sums,
+                                      img.shape[1] * img.shape[2]))
 
 
 def read_table(table: Union[str, os.PathLike, Sequence[Tuple[str, object]]]
@@ -530,9 +557,10 @@ class SlideDataset(torch.utils.data.Dataset):
         # the width of the result (the turns keep the size: square images)
         part = torch.empty((3, 0, ow), dtype=torch.uint8)
         if b > a:
-            part = Augment.geometry(self._read_window(s, win, d.source_box(oh, ow, (a, b))), d)
+            part = contiguous(Augment.geometry(
+                self._read_window(s, win, d.source_box(oh, ow, (a, b))), d))
         sums = channel_sums(part[:, s0 - a:s1 - a])
-        return {"part": part.contiguous(), "sums": sums, "draw": d.as_tensor()}
+        return {"part": part, "sums": sums, "draw": d.as_tensor()}
 
 
 def _is_int(v) -> bool:
