@@ -18,6 +18,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
+from . import models
 from .models import split_convnext, split_resnet
 from .module import StreamingModule
 
@@ -25,12 +26,17 @@ from .module import StreamingModule
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
 
-ARCHITECTURES = ("resnet18", "resnet34", "resnet50", "convnext_tiny")
+# torchvision's ResNets (ResNeXt and Wide ResNet are ResNets with grouped or
+# wider bottlenecks) and ConvNeXts: every layer of theirs streams exactly.
+RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+           "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d",
+           "wide_resnet50_2", "wide_resnet101_2")
+CONVNEXTS = ("convnext_tiny", "convnext_small", "convnext_base", "convnext_large")
+ARCHITECTURES = RESNETS + CONVNEXTS
 POOLS = ("max", "avg")
 # The default streamed part: everything before the last stage (stride 16), so
 # the head's body is the last stage on a 1/16 feature map.
-DEFAULT_STREAM_UPTO = {"resnet18": "layer3", "resnet34": "layer3", "resnet50": "layer3",
-                       "convnext_tiny": 6}
+DEFAULT_STREAM_UPTO = {**{a: "layer3" for a in RESNETS}, **{a: 6 for a in CONVNEXTS}}
 
 
 class GlobalPool(nn.Module):
@@ -142,8 +148,8 @@ def build_model(arch: str, *, num_outputs: int = 2, stream_upto: Union[str, int,
     ``head``: the global pool, ``"max"`` or ``"avg"``; ``num_outputs``: the
     linear layer's outputs (2 for classification, 1 for regression).
     ``mean`` / ``std`` normalise uint8 images inside the stem (0..255
-    units). ``tile_size`` or ``memory_budget`` tile the stem (tile 1024 when
-    neither is given)."""
+    units). ``tile_size`` or ``memory_budget`` tile the stem (when neither
+    is given: :func:`default_tile_size`, 1024 or the receptive field)."""
     if head not in POOLS:
         raise ValueError(f"streamcnn: head must be one of {list(POOLS)}, got {head!r}")
     if not isinstance(num_outputs, int) or num_outputs < 1:
@@ -151,26 +157,17 @@ def build_model(arch: str, *, num_outputs: int = 2, stream_upto: Union[str, int,
     backbone = _backbone(arch)
     if weights is not None:
         load_weights(backbone, weights, arch)
-    upto = DEFAULT_STREAM_UPTO[arch] if stream_upto is None else stream_upto
+    upto = _stream_upto(arch, stream_upto)
     options = dict(memory_budget=memory_budget, halo_cache=halo_cache,
                    deterministic=deterministic)
     if mean is not None or std is not None:
         options.update(mean=mean, std=std)
-    if arch.startswith("resnet"):
-        if not isinstance(upto, str):
-            raise ValueError(f"streamcnn: stream_upto for {arch} is a layer name "
-                             f"(maxpool, layer1 .. layer4), got {upto!r}")
+    if arch in RESNETS:
         stem, rest = split_resnet(backbone, upto, tile_size, **options)
         body = nn.Sequential(*[m for n, m in rest.named_children()
                                if n not in ("avgpool", "flatten", "fc")])
         features = _channels(stem, body)
     else:
-        if isinstance(upto, str):
-            try:
-                upto = int(upto)
-            except ValueError:
-                raise ValueError(f"streamcnn: stream_upto for {arch} is an int (1 .. 7 of "
-                                 f"features), got {upto!r}") from None
         stem, rest = split_convnext(backbone, upto, tile_size, **options)
         # ConvNeXt's classifier is LayerNorm2d, Flatten, Linear: keep the norm
         # in the body (per location, so the class map stays linear in it)
@@ -181,19 +178,53 @@ def build_model(arch: str, *, num_outputs: int = 2, stream_upto: Union[str, int,
     return SlideClassifier(stem, Head(body, GlobalPool(head), fc))
 
 
-def _channels(stem: StreamingModule, body: nn.Module) -> int:
-    """Channels of body(stem(x)), from a tiny forward of the plain modules."""
-    s = stem.stem
-    rf = max(max(stem.receptive_field), 32)
-    p = next(iter(s.parameters()))
-    with torch.no_grad():
-        x = torch.zeros(1, 3, rf, rf, dtype=p.dtype, device=p.device)
-        was = body.training
-        body.eval()
+def _stream_upto(arch: str, stream_upto: Union[str, int, None]) -> Union[str, int]:
+    """The last streamed layer of ``arch`` (the default for None): a layer
+    name for ResNets, an int of ``features`` for ConvNeXts."""
+    upto = DEFAULT_STREAM_UPTO[arch] if stream_upto is None else stream_upto
+    if arch in RESNETS:
+        if not isinstance(upto, str):
+            raise ValueError(f"streamcnn: stream_upto for {arch} is a layer name "
+                             f"(maxpool, layer1 .. layer4), got {upto!r}")
+        return upto
+    if isinstance(upto, str):
         try:
-            y = body(s(x))
-        finally:
-            body.train(was)
+            return int(upto)
+        except ValueError:
+            raise ValueError(f"streamcnn: stream_upto for {arch} is an int (1 .. 7 of "
+                             f"features), got {upto!r}") from None
+    return upto
+
+
+def default_tile_size(arch: str, stream_upto: Union[str, int, None] = None) -> int:
+    """The tile edge :func:`build_model` streams ``arch`` to ``stream_upto``
+    in when given neither ``tile_size`` nor ``memory_budget``: 1024, or the
+    stem's receptive field where that is larger
+    (:func:`streamcnn.models.default_tile_size`; worked out on the meta
+    device, no weights are made)."""
+    with torch.device("meta"):
+        backbone = _backbone(arch)
+    upto = _stream_upto(arch, stream_upto)
+    parts = models.resnet_parts if arch in RESNETS else models.convnext_parts
+    return max(models.default_tile_size(parts(backbone, upto)[0]))
+
+
+def _channels(stem: StreamingModule, body: nn.Module) -> int:
+    """Channels of body(stem(x)), from a forward of the plain modules on
+    the meta device (shapes only: the receptive field's forward itself took
+    90 s for ConvNeXt-Large to features[6], 2824²)."""
+    net = nn.Sequential(stem.stem, body)
+    state = {k: torch.empty_like(v, device="meta")
+             for k, v in net.state_dict(keep_vars=True).items()}
+    rf = max(max(stem.receptive_field), 32)
+    was = body.training
+    body.eval()
+    try:
+        with torch.no_grad():
+            y = torch.func.functional_call(net, state, (torch.zeros(1, 3, rf, rf,
+                                                                    device="meta"),))
+    finally:
+        body.train(was)
     return int(y.shape[1])
 
 

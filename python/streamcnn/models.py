@@ -1,19 +1,32 @@
 """Splitting torchvision backbones into a streamed stem and a head."""
 
 from collections import OrderedDict
-from typing import Any, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import torch.nn as nn
 
+from ._library import program_info
 from .module import StreamingModule, TileSize
+from .program import convert
 
 _RESNET_STAGES = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
+DEFAULT_TILE = 1024
+
+
+def default_tile_size(stem: nn.Module) -> List[int]:
+    """The tile a backbone's stem streams in when neither a tile size nor
+    a memory budget is given: 1024 x 1024, or the stem's receptive field
+    where that is larger (the smallest tile that gives an output pixel:
+    ResNet-152 to layer3 needs 1291, ConvNeXt-Tiny to features[6] 1096)."""
+    info = program_info(convert(stem).program)
+    return [max(DEFAULT_TILE, info[2]), max(DEFAULT_TILE, info[3])]
 
 
 def _wrap(stem: nn.Module, tile_size: Optional[TileSize], options: Any) -> StreamingModule:
-    """The stem streamed: tile_size 1024 unless a memory_budget is given."""
+    """The stem streamed: :func:`default_tile_size` unless a tile size or
+    a memory_budget is given."""
     if tile_size is None and options.get("memory_budget") is None:
-        tile_size = 1024
+        tile_size = default_tile_size(stem)
     return StreamingModule(stem, tile_size, **options)
 
 
@@ -34,7 +47,8 @@ def split_resnet(model: nn.Module, stream_upto: str = "layer3",
     The stem is ``conv1 .. stream_upto`` (one of ``"maxpool"``, ``"layer1"`` ..
     ``"layer4"``) wrapped in :class:`StreamingModule`; the head is the rest of
     the network: the remaining layers, the average pool, flatten and ``fc``.
-    ``tile_size`` (default 1024 unless ``memory_budget`` is given) and the
+    ``tile_size`` (default :func:`default_tile_size` unless ``memory_budget``
+    is given) and the
     keyword ``options`` (``memory_budget``, ``mean``, ``std``,
     ``halo_cache``, ``progress``, ``deterministic``) go to the
     :class:`StreamingModule`.
@@ -47,6 +61,14 @@ def split_resnet(model: nn.Module, stream_upto: str = "layer3",
     (``module.layer1.0.conv1.weight`` in the stem, ``layer4...``, ``fc...`` in
     the head).
     """
+    stem, head = resnet_parts(model, stream_upto)
+    return _wrap(stem, tile_size, options), head
+
+
+def resnet_parts(model: nn.Module, stream_upto: str = "layer3"
+                 ) -> Tuple[nn.Sequential, nn.Sequential]:
+    """:func:`split_resnet`'s ``(stem, head)`` with the stem not yet
+    streamed (its norms frozen)."""
     missing = [n for n in _RESNET_STAGES + ["avgpool", "fc"] if not hasattr(model, n)]
     if missing:
         raise ValueError(f"streamcnn: not a torchvision ResNet (missing {missing})")
@@ -59,7 +81,7 @@ def split_resnet(model: nn.Module, stream_upto: str = "layer3",
     head = nn.Sequential(OrderedDict(
         [(n, getattr(model, n)) for n in _RESNET_STAGES[k:]] +
         [("avgpool", model.avgpool), ("flatten", nn.Flatten(1)), ("fc", model.fc)]))
-    return _wrap(stem, tile_size, options), head
+    return stem, head
 
 
 def split_convnext(model: nn.Module, stream_upto: int = 4,
@@ -81,6 +103,14 @@ def split_convnext(model: nn.Module, stream_upto: int = 4,
     samples at random, which a tiled pass cannot reproduce); the head keeps
     following ``.train()`` / ``.eval()``.
     """
+    stem, head = convnext_parts(model, stream_upto)
+    return _wrap(stem, tile_size, options), head
+
+
+def convnext_parts(model: nn.Module, stream_upto: int = 4
+                   ) -> Tuple[nn.Sequential, nn.Sequential]:
+    """:func:`split_convnext`'s ``(stem, head)`` with the stem not yet
+    streamed (its stochastic depth off)."""
     if not (hasattr(model, "features") and hasattr(model, "avgpool") and
             hasattr(model, "classifier")):
         raise ValueError("streamcnn: not a torchvision ConvNeXt (needs features, avgpool, "
@@ -94,4 +124,4 @@ def split_convnext(model: nn.Module, stream_upto: int = 4,
     head = nn.Sequential(OrderedDict([("features", model.features[stream_upto:]),
                                       ("avgpool", model.avgpool),
                                       ("classifier", model.classifier)]))
-    return _wrap(stem, tile_size, options), head
+    return stem, head

@@ -22,6 +22,7 @@ import torch
 import yaml
 
 import streamcnn
+import streamcnn.classifier
 from app_slides import write_set
 from streamcnn.app.checkpoint import MODEL_KEYS, load_checkpoint, load_model
 
@@ -181,8 +182,23 @@ def test_console_script_usage_error(slides, tmp_path):
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [
         "streamcnn: train: argument --model: invalid choice: 'vgg11' (choose from "
-        "'resnet18', 'resnet34', 'resnet50', 'convnext_tiny')"], res.stderr
+        + ", ".join(repr(a) for a in streamcnn.classifier.ARCHITECTURES) + ")"], res.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_default_tile_covers_the_receptive_field(slides, tmp_path, capsys):
+    """--model convnext_tiny without --tile-size: its stem to features[6]
+    needs 1096 pixels for one output pixel, so the default tile is 1096,
+    not 1024 (which the stem refused); the run trains and says so."""
+    out = tmp_path / "run"
+    cli_here(capsys, "train", "--train", slides / "train.csv", "--val", slides / "val.csv",
+             "--out", out, "--image-size", "256", "--mpp", "1.0", "--model", "convnext_tiny",
+             "--device", "cpu", "--quiet", "--epochs", "1")
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["tile_size"] == 1096 and saved["stream_upto"] == 6
+    assert (out / "best.pt").exists()
+    model, _ = load_model(str(out / "best.pt"))
+    assert list(model.stem.tile_size) == [1096, 1096]
 
 
 def _train(slides, out, *extra, train=None, val=None):

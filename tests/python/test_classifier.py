@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from streamcnn.classifier import (IMAGENET_MEAN, IMAGENET_STD, GlobalPool, build_model,
-                                  load_weights)
+from streamcnn.classifier import (ARCHITECTURES, IMAGENET_MEAN, IMAGENET_STD, GlobalPool,
+                                  build_model, default_tile_size, load_weights)
 
 
 def _normalised(x):
@@ -22,6 +22,50 @@ def test_resnet18_equals_whole_image(pool):
     ref = m.head(m.stem.stem(_normalised(x)))
     assert y.shape == (2, 2)
     torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("arch,upto", [("resnet152", "layer2"), ("resnext50_32x4d", "layer2"),
+                                       ("wide_resnet50_2", "layer1"), ("convnext_small", 3)])
+def test_deeper_grouped_wider_backbones_equal_whole_image(arch, upto):
+    """One of each kind the application offers beyond resnet18..50 and
+    convnext_tiny: a deeper stem (receptive field 155), grouped and wider
+    bottlenecks, a ConvNeXt with a downsampling layer: streamed in several
+    tiles each way, the model equals its stem run whole, then the head."""
+    torch.manual_seed(2)
+    probe = build_model(arch, stream_upto=upto, tile_size=4096)
+    rf = probe.stem.receptive_field[0]
+    tile = rf + 37
+    # eval: the head's stochastic depth (ConvNeXt) is random in training mode
+    m = build_model(arch, num_outputs=3, stream_upto=upto, tile_size=tile).double().eval()
+    x = (torch.rand(1, 3, tile + 70, tile + 45) * 255).to(torch.uint8)
+    nh, nw = m.stem.tiling(x.shape[2], x.shape[3])["tiles"]
+    assert nh >= 2 and nw >= 2, (nh, nw)
+    y = m(x)
+    ref = m.head(m.stem.stem(_normalised(x)))
+    assert y.shape == (1, 3)
+    torch.testing.assert_close(y, ref, rtol=1e-9, atol=1e-10)
+
+
+def test_default_tile_is_the_receptive_field_where_1024_is_too_small():
+    """Without tile_size or memory_budget a stem streams in 1024 tiles or,
+    where its receptive field is larger, tiles of that field: every
+    architecture builds with its defaults (ConvNeXt-Tiny to features[6]
+    needs 1096, ResNet-152 to layer3 1291), and default_tile_size (made on
+    the meta device, no weights) says which without building it."""
+    seen = {}
+    for arch in ARCHITECTURES:
+        m = build_model(arch)
+        rf = m.stem.receptive_field
+        assert list(m.stem.tile_size) == [max(1024, rf[0]), max(1024, rf[1])], arch
+        assert default_tile_size(arch) == m.stem.tile_size[0], arch
+        seen[arch] = m.stem.tile_size[0]
+        del m
+    assert seen["resnet18"] == seen["resnet50"] == 1024
+    assert seen["convnext_tiny"] == 1096 and seen["resnet152"] == 1291
+    assert default_tile_size("resnet152", "layer2") == 1024
+    assert default_tile_size("convnext_tiny", "4") == 1024
+    with pytest.raises(ValueError, match="stream_upto"):
+        default_tile_size("resnet18", "layer9")
 
 
 def test_class_map_averages_to_output():

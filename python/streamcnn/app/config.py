@@ -78,8 +78,9 @@ OPTIONS: Tuple[Option, ...] = (
     Option("bn", str, "frozen", "batch norms of the head: frozen (eval statistics, as the "
            "stem's; the affine parameters train) or train (per-image statistics)",
            choices=("frozen", "train")),
-    Option("tile_size", int, None, "streaming tile edge (default 1024 unless "
-           "--memory-budget)", check=_pos, need="positive", metavar="T"),
+    Option("tile_size", int, None, "streaming tile edge (default 1024, or the stem's "
+           "receptive field if larger, unless --memory-budget)", check=_pos,
+           need="positive", metavar="T"),
     Option("memory_budget", str, None, "instead of --tile-size: bytes the streamed pass may "
            "hold, e.g. 2GB", metavar="B"),
     Option("epochs", int, 10, "epochs to train", check=_pos, need="positive"),
@@ -255,8 +256,6 @@ def resolve(given: Dict[str, Any], base: Optional[Dict[str, Any]] = None) -> Dic
             raise UsageError(f"train: --{name} is required")
     if cfg["tile_size"] is not None and cfg["memory_budget"] is not None:
         raise UsageError("give --tile-size or --memory-budget, not both")
-    if cfg["tile_size"] is None and cfg["memory_budget"] is None:
-        cfg["tile_size"] = 1024
     if cfg["stream_upto"] is None:
         cfg["stream_upto"] = DEFAULT_STREAM_UPTO[cfg["model"]]
     if cfg["model"].startswith("convnext"):
@@ -267,6 +266,9 @@ def resolve(given: Dict[str, Any], base: Optional[Dict[str, Any]] = None) -> Dic
                              f"features, got {cfg['stream_upto']!r}") from None
     else:
         cfg["stream_upto"] = str(cfg["stream_upto"])
+    if cfg["tile_size"] is None and cfg["memory_budget"] is None:
+        from ..classifier import default_tile_size
+        cfg["tile_size"] = default_tile_size(cfg["model"], cfg["stream_upto"])
     if cfg["device"] is None:
         import torch
         cfg["device"] = "cuda" if torch.cuda.is_available() else "cpu"
