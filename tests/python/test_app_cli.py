@@ -514,7 +514,7 @@ def test_spreadsheet_tables(slides, tmp_path):
     """Tables as spreadsheets save them: a UTF-8 byte-order mark, CRLF line
     ends, semicolons or tabs between the columns; the same rows as a plain
     CSV, in the application and in SlideDataset."""
-    from streamcnn.app.common import read_slide_table
+    from streamcnn.app.common import UsageError, read_slide_table
     from streamcnn.data import SlideDataset
     want = read_slide_table(str(slides / "train.csv"), "classification")
     lines = (slides / "train.csv").read_text().strip().splitlines()
@@ -526,6 +526,31 @@ def test_spreadsheet_tables(slides, tmp_path):
         assert (got.paths, got.labels) == (want.paths, want.labels), sep
         ds = SlideDataset(str(t), 64, mpp=4.0)
         assert ds.paths == want.paths and ds.labels == [int(v) for v in want.labels]
+    # blank lines and rows of empty cells (a spreadsheet's ",,") are left out
+    # by both readers, and a bad row is named by its line in the file
+    t = slides / "gaps.csv"
+    t.write_text("path,label,mpp\n\n" + "\n,,\n".join(lines[1:]) + "\n,,\n,,\n")
+    got = read_slide_table(str(t), "classification")
+    assert (got.paths, got.labels) == (want.paths, want.labels)
+    assert SlideDataset(str(t), 64, mpp=4.0).paths == want.paths
+    t.write_text(f"path,label,mpp\n\n{lines[1]}\n,,\n{lines[2]},abc\n")
+    with pytest.raises(UsageError, match="gaps.csv line 5: mpp 'abc'"):
+        read_slide_table(str(t), "classification")
+    with pytest.raises(ValueError, match="gaps.csv line 5: mpp 'abc'"):
+        SlideDataset(str(t), 64, mpp=4.0)
+    t.write_text(f"path,label\n{lines[1]}\n,1\n")
+    with pytest.raises(ValueError, match="gaps.csv line 3: empty path"):
+        SlideDataset(str(t), 64, mpp=4.0)
+    t.write_text("path,label\n" + "a" * 200000 + ",1\n")  # csv.Error: over its field limit
+    with pytest.raises(ValueError, match="slide table .*gaps.csv: field larger than"):
+        SlideDataset(str(t), 64, mpp=4.0)
+    with pytest.raises(UsageError, match="CSV .*gaps.csv: field larger than"):
+        read_slide_table(str(t), "classification")
+    t.write_bytes(b"path,label\n\xff\xfe,1\n")            # not UTF-8
+    with pytest.raises(ValueError, match="cannot read slide table .*gaps.csv"):
+        SlideDataset(str(t), 64, mpp=4.0)
+    with pytest.raises(ValueError, match="is a directory, not a CSV file"):
+        SlideDataset(str(slides), 64, mpp=4.0)
 
 
 def test_class_weights(slides, tmp_path, capsys):

@@ -300,7 +300,7 @@ def test_dataset_bad_mpp(tmp_path):
     t = tmp_path / "t.csv"
     for bad in ("0", "-1", "abc", "nan", "inf"):
         t.write_text(f"path,label,mpp\nim0.png,0,{bad}\n")
-        with pytest.raises(ValueError, match=f"t.csv' line 2: mpp '{bad}' is not a positive"):
+        with pytest.raises(ValueError, match=f"t.csv line 2: mpp '{bad}' is not a positive"):
             SlideDataset(str(t), 32, mpp=1.0)
     with pytest.raises(ValueError, match="table row 0: mpp -2"):
         SlideDataset([(pairs[0][0], 0, -2)], 32, mpp=1.0)

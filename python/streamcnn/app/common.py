@@ -10,7 +10,7 @@ import os
 import tempfile
 import warnings
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -86,34 +86,16 @@ def read_slide_table(path: str, task: str, what: str = "CSV", mpp: bool = True,
 
 def read_table(path: str, what: str, columns: Sequence[str]
                ) -> Tuple[str, List[Tuple[int, Dict[str, str]]]]:
-    """``(folder of the file, [(line, row)])`` of a CSV table (as
-    spreadsheets save it too: see ``data.dataset.table_reader``) whose
-    header has ``columns``; cells stripped, blank rows left out. A missing,
-    unreadable or malformed file raises :class:`UsageError` naming ``what``
-    and the file."""
+    """``data.dataset.read_csv`` of a table the user named with ``what``
+    (``--train CSV``): a missing, unreadable or malformed file raises
+    :class:`UsageError` naming ``what`` and the file."""
     if not path:
         raise UsageError(f"no {what} given")
-    if os.path.isdir(path):
-        raise UsageError(f"{what} {path} is a directory, not a CSV file")
+    from ..data.dataset import read_csv
     try:
-        with open(path, newline="", encoding="utf-8-sig") as f:  # Excel writes a BOM
-            text = f.read()
-    except FileNotFoundError:
-        raise UsageError(f"{what} {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"cannot read {what} {path}: {e}") from None
-    from ..data.dataset import table_reader
-    reader = table_reader(text)
-    fields = [(c or "").strip() for c in (reader.fieldnames or [])]
-    if not all(c in fields for c in columns):
-        need = f"a {columns[0]!r} column" if len(columns) == 1 else \
-            " and ".join(map(repr, columns)) + " columns"
-        raise UsageError(f"{what} {path} needs a header with {need}, got {fields}")
-    try:
-        rows = list(_rows(reader))
-    except csv.Error as e:
-        raise UsageError(f"{what} {path}: {e}") from None
-    return os.path.dirname(os.path.abspath(path)), rows
+        return read_csv(path, columns, what)
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(_strip(str(e))) from None
 
 
 def _mpp(text: str, where: str) -> Optional[float]:
@@ -122,15 +104,6 @@ def _mpp(text: str, where: str) -> Optional[float]:
         return _row_mpp(text, where)
     except ValueError as e:
         raise UsageError(_strip(str(e))) from None
-
-
-def _rows(reader: csv.DictReader) -> Iterator[Tuple[int, Dict[str, str]]]:
-    for row in reader:
-        row = {(k or "").strip(): (v or "").strip() if isinstance(v, str) else ""
-               for k, v in row.items()}
-        if not any(row.values()):
-            continue
-        yield reader.line_num, row
 
 
 def _label(text: str, task: str, where: str, num_classes: int = 2,

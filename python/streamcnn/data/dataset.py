@@ -225,27 +225,59 @@ def table_reader(text: str) -> csv.DictReader:
     return csv.DictReader(io.StringIO(text), delimiter=delimiter)
 
 
+def read_csv(path: Union[str, os.PathLike], columns: Sequence[str], what: str = "table"
+             ) -> Tuple[str, List[Tuple[int, Dict[str, str]]]]:
+    """``(folder of the file, [(line, row)])`` of a CSV table whose header
+    has ``columns`` (as spreadsheets save it too: a byte-order mark, CRLF,
+    semicolons or tabs, see :func:`table_reader`): each row a dict of its
+    stripped cells (missing ones empty) with the line it ends on; blank rows
+    (no cell filled, e.g. a spreadsheet's trailing ``,,``) left out. A
+    missing file raises ``FileNotFoundError``, an unreadable or malformed
+    one ``ValueError``, each naming ``what`` and the file."""
+    name = os.fspath(path)
+    if os.path.isdir(name):
+        raise ValueError(f"streamcnn: {what} {name} is a directory, not a CSV file")
+    try:
+        with open(name, newline="", encoding="utf-8-sig") as f:  # Excel writes a BOM
+            text = f.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"streamcnn: {what} {name} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"streamcnn: cannot read {what} {name}: {e}") from None
+    reader = table_reader(text)
+    try:
+        fields = [(c or "").strip() for c in (reader.fieldnames or [])]
+        if not all(c in fields for c in columns):
+            need = f"a {columns[0]!r} column" if len(columns) == 1 else \
+                " and ".join(map(repr, columns)) + " columns"
+            raise ValueError(f"streamcnn: {what} {name} needs a header with {need}, "
+                             f"got {fields}")
+        rows = []
+        for row in reader:
+            row = {(k or "").strip(): (v or "").strip() if isinstance(v, str) else ""
+                   for k, v in row.items()}
+            if any(row.values()):
+                rows.append((reader.line_num, row))
+    except csv.Error as e:
+        raise ValueError(f"streamcnn: {what} {name}: {e}") from None
+    return os.path.dirname(os.path.abspath(name)), rows
+
+
 def _read_rows(table) -> List[Tuple[str, object, Optional[float]]]:
     """``(path, label, mpp)`` rows: a CSV's optional ``mpp`` column (empty:
     None), or the third item of a sequence's triples."""
     if isinstance(table, (str, os.PathLike)):
         name = os.fspath(table)
-        base = os.path.dirname(os.path.abspath(name))
-        with open(name, newline="", encoding="utf-8-sig") as f:  # Excel writes a BOM
-            reader = table_reader(f.read())
-            fields = [c.strip() for c in (reader.fieldnames or [])]
-            if "path" not in fields or "label" not in fields:
-                raise ValueError(f"streamcnn: {name!r} needs a header with 'path' and 'label' "
-                                 f"columns, got {fields}")
-            rows = []
-            for i, row in enumerate(reader, start=2):
-                row = {(k or "").strip(): (v or "").strip() for k, v in row.items()}
-                if not row["path"]:
-                    raise ValueError(f"streamcnn: {name!r} line {i}: empty path")
-                p = row["path"]
-                mpp = _row_mpp(row.get("mpp", ""), f"{name!r} line {i}")
-                rows.append((p if os.path.isabs(p) else os.path.join(base, p), row["label"],
-                             mpp))
+        base, lines = read_csv(name, ("path", "label"), "slide table")
+        rows = []
+        for line, row in lines:
+            where = f"slide table {name} line {line}"
+            p = row["path"]
+            if not p:
+                raise ValueError(f"streamcnn: {where}: empty path")
+            mpp = _row_mpp(row.get("mpp", ""), where)
+            rows.append((p if os.path.isabs(p) else os.path.join(base, p), row["label"],
+                         mpp))
     else:
         rows = []
         for i, item in enumerate(table):
