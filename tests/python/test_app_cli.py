@@ -8,6 +8,7 @@ process: each console-script process costs an interpreter start and the
 torch / torchvision imports (~5-8 s here)."""
 
 import csv
+import json
 import math
 import os
 import signal
@@ -647,6 +648,57 @@ def test_named_classes(slides, tmp_path, capsys):
     assert all(r["prediction_name"] == "abc"[int(r["prediction"])] for r in preds)
 
 
+def test_bootstrap_interval(monkeypatch):
+    """metric_interval: a stratified percentile bootstrap of the slides
+    (scipy), against a plain numpy one of the AUC (20000 resamples,
+    Mann-Whitney counting): the same interval to the noise of 2000
+    resamples; every resample keeps each class's count; seeded; no
+    interval (and why) for a class of one slide, a single class, or a
+    regression whose resamples can be constant."""
+    from streamcnn.app import common
+    rng = np.random.default_rng(1)
+    y = [0] * 30 + [1] * 20
+    s = [float(v) for v in np.concatenate([rng.normal(0.4, 0.2, 30), rng.normal(0.6, 0.2, 20)])]
+    value = common.metric(y, s, "classification")[0]
+    lo, hi, why = common.metric_interval(y, s, "classification", resamples=2000, seed=3)
+    neg, pos = np.array(s[:30]), np.array(s[30:])
+    r = np.random.default_rng(7)
+    a = neg[r.integers(0, 30, (20000, 30))][:, None, :]
+    b = pos[r.integers(0, 20, (20000, 20))][:, :, None]
+    auc = (b > a).mean((1, 2)) + 0.5 * (b == a).mean((1, 2))
+    ref = np.percentile(auc, [2.5, 97.5])
+    assert why == "" and lo < value < hi
+    assert abs(lo - ref[0]) < 0.015 and abs(hi - ref[1]) < 0.015, (lo, hi, ref)
+    assert common.metric_interval(y, s, "classification", resamples=2000, seed=3)[:2] == (lo, hi)
+    lo50, hi50, _ = common.metric_interval(y, s, "classification", resamples=2000,
+                                           confidence=0.5, seed=3)
+    assert lo < lo50 < value < hi50 < hi
+    seen = []
+    real = common.metric
+
+    def spy(labels, scores, task, kind=None):
+        seen.append(sorted(int(v) for v in labels))
+        return real(labels, scores, task, kind)
+    monkeypatch.setattr(common, "metric", spy)
+    common.metric_interval(y, s, "classification", resamples=60)
+    assert len(seen) >= 60 and all(v == sorted(y) for v in seen)
+    monkeypatch.undo()
+    # three classes, kappa of the predicted classes
+    y3 = [0, 0, 1, 1, 2, 2, 2]
+    s3 = [[.7, .2, .1], [.4, .5, .1], [.1, .6, .3], [.2, .5, .3], [.1, .1, .8], [.2, .2, .6],
+          [.1, .7, .2]]
+    k = common.metric(y3, s3, "classification", "kappa")[0]
+    lo, hi, why = common.metric_interval(y3, s3, "classification", "kappa", resamples=300)
+    assert why == "" and lo <= k <= hi
+    lo, hi, why = common.metric_interval([0, 0, 1], [.1, .2, .9], "classification")
+    assert math.isnan(lo) and math.isnan(hi) and why.startswith("class(es) 1 have a single")
+    lo, hi, why = common.metric_interval([1, 1, 1], [.1, .2, .9], "classification")
+    assert math.isnan(lo) and "single class" in why
+    lo, hi, why = common.metric_interval([1.0, 2.0, 3.0], [0.1, 0.3, 0.2], "regression",
+                                         resamples=200)
+    assert math.isnan(lo) and "undefined on some resamples" in why
+
+
 def test_metric_choice(slides, tmp_path, capsys):
     """--metric kappa / accuracy / balanced_accuracy: the metrics.csv column
     and what picks best.pt; the values are scikit-learn's of the predicted
@@ -697,5 +749,22 @@ def test_metric_choice(slides, tmp_path, capsys):
     res = cli_here(capsys, "evaluate", out / "best.pt", "--csv", slides / "val.csv", "--out",
                    tmp_path / "ev", "--quiet", "--metric", "accuracy")
     assert res.stdout.split()[:2] == ["accuracy", f"{skm.accuracy_score(y, p):.4f}"]
+    # the interval (2 validation slides of each class) printed and in metrics.json
+    summary = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert summary["metric"] == "accuracy" and summary["slides"] == 4
+    assert summary["value"] == pytest.approx(skm.accuracy_score(y, p))
+    assert summary["resamples"] == 2000 and summary["stratified"] is True
+    assert summary["ci_low"] <= summary["value"] <= summary["ci_high"]
+    assert f"(95% CI {summary['ci_low']:.4f}-{summary['ci_high']:.4f}, 2000 stratified " \
+        "bootstrap resamples; loss" in res.stdout
+    res = cli_here(capsys, "evaluate", out / "best.pt", "--csv", slides / "val.csv", "--out",
+                   tmp_path / "ev", "--quiet", "--bootstrap", "0")
+    assert "CI" not in res.stdout
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["ci_low"] is None
+    for flag, bad, what in (("--bootstrap", "-1", "--bootstrap must be non-negative"),
+                            ("--confidence", "1", "--confidence must be in (0, 1)"),
+                            ("--confidence", "0", "--confidence must be in (0, 1)")):
+        _bad(capsys, ["evaluate", out / "best.pt", "--csv", slides / "val.csv", flag, bad],
+             what)
     _bad(capsys, ["evaluate", out / "best.pt", "--csv", slides / "val.csv", "--metric",
                   "spearman"], "--metric spearman is not a metric of a classification model")

@@ -382,6 +382,51 @@ def metric(labels: Sequence[float], scores: Sequence, task: str,
     return float(rho), ""
 
 
+def metric_interval(labels: Sequence[float], scores: Sequence, task: str,
+                    kind: Optional[str] = None, resamples: int = 2000,
+                    confidence: float = 0.95, seed: int = 0) -> Tuple[float, float, str]:
+    """``(low, high, why_undefined)``: the ``confidence`` percentile
+    interval of :func:`metric` over ``resamples`` bootstrap resamples of the
+    slides (``scipy.stats.bootstrap``). For classification the resampling is
+    stratified by label, as pROC's ``ci.auc`` does: each resample keeps
+    every class's number of slides, so a metric defined on the slides is
+    defined on every resample. NaNs with the reason when there is no
+    interval: the metric is undefined on the slides or on some resample (a
+    regression's resample with constant labels or scores), or a class (or a
+    regression's set) has a single slide, which every resample would repeat."""
+    import numpy as np
+    from scipy.stats import bootstrap
+    value, why = metric(labels, scores, task, kind)
+    if math.isnan(value):
+        return math.nan, math.nan, why
+    n = len(labels)
+    if task == "classification":
+        classes = sorted(set(int(v) for v in labels))
+        strata = [np.array([i for i in range(n) if int(labels[i]) == c]) for c in classes]
+        single = [c for c, a in zip(classes, strata) if len(a) < 2]
+        if single:
+            return math.nan, math.nan, (f"class(es) {', '.join(map(str, single))} have a "
+                                        "single slide: no bootstrap interval")
+    else:
+        strata = [np.arange(n)]
+        if n < 2:
+            return math.nan, math.nan, "a single slide: no bootstrap interval"
+
+    def statistic(*parts):
+        idx = [int(i) for a in parts for i in a]
+        return metric([labels[i] for i in idx], [scores[i] for i in idx], task, kind)[0]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # a degenerate distribution (e.g. AUC 1 always)
+        res = bootstrap(strata, statistic, n_resamples=resamples, vectorized=False,
+                        paired=False, confidence_level=confidence, method="percentile",
+                        random_state=np.random.default_rng(seed))
+    if not np.isfinite(np.asarray(res.bootstrap_distribution, dtype=np.float64)).all():
+        return math.nan, math.nan, ("the metric is undefined on some resamples (constant "
+                                    "labels or scores): no bootstrap interval")
+    return float(res.confidence_interval.low), float(res.confidence_interval.high), ""
+
+
 @torch.no_grad()
 def predict(model: torch.nn.Module, data: "Slides", device: torch.device, task: str,
             amp: str = "off", dist: Dist = Dist(), workers: int = 0, progress: bool = True,

@@ -1,14 +1,16 @@
 """``streamcnn evaluate CHECKPOINT --csv CSV [--out DIR]``: score slides
 with a trained model, print the run's validation metric (``--metric``: the
 AUC, kappa, accuracy or balanced accuracy of a classifier, Spearman's rho
-of a regression) and write ``DIR/predictions.csv`` (the columns of the
-run's ``val_predictions.csv``).
+of a regression) with its bootstrap confidence interval, and write
+``DIR/predictions.csv`` (the columns of the run's ``val_predictions.csv``)
+and ``DIR/metrics.json``.
 
 The slides are read as the run read its validation set (the checkpoint's
 image size, mpp and crop; no augmentation).
 """
 
 import argparse
+import json
 import math
 import os
 
@@ -17,8 +19,8 @@ import torch
 from .checkpoint import load_model
 from .config import parse_classes
 from .common import (AMP_DTYPES, METRIC_WORDS, METRICS, Dist, Slides, UsageError,
-                     default_metric, metric, predict, read_slide_table, resolve_device,
-                     write_predictions)
+                     default_metric, metric, metric_interval, predict, read_slide_table,
+                     resolve_device, write_atomic, write_predictions)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,6 +39,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "gives it per slide")
     parser.add_argument("--metric", choices=METRICS,
                         help="the metric printed (default: the run's --metric)")
+    parser.add_argument("--bootstrap", type=int, default=2000, metavar="N",
+                        help="resamples of the slides for the metric's confidence interval "
+                             "(default 2000; stratified by label for a classifier; 0: none)")
+    parser.add_argument("--confidence", type=float, default=0.95, metavar="C",
+                        help="the interval's confidence level (default 0.95)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the bootstrap's resampling (default 0)")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -44,6 +53,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     if args.workers < 0:
         raise UsageError(f"--workers must be non-negative, got {args.workers}")
+    if args.bootstrap < 0:
+        raise UsageError(f"--bootstrap must be non-negative, got {args.bootstrap}")
+    if not 0 < args.confidence < 1:
+        raise UsageError(f"--confidence must be in (0, 1), got {args.confidence}")
     if args.slide_mpp is not None and not (math.isfinite(args.slide_mpp) and
                                            args.slide_mpp > 0):
         raise UsageError(f"--slide-mpp must be positive, got {args.slide_mpp}")
@@ -71,12 +84,39 @@ def run(args) -> int:
         raise UsageError(str(e)) from None
     indices, scores, loss = predict(model, data, device, task, args.amp, workers=args.workers,
                                     progress=not args.quiet)
-    value, why = metric([table.labels[i] for i in indices], scores, task, kind)
+    labels = [table.labels[i] for i in indices]
+    value, why = metric(labels, scores, task, kind)
+    low = high = math.nan
+    no_ci = ""
+    if args.bootstrap and not math.isnan(value):
+        low, high, no_ci = metric_interval(labels, scores, task, kind, args.bootstrap,
+                                           args.confidence, args.seed)
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "predictions.csv")
     write_predictions(path, table, indices, scores, names)
+    summary = {"metric": kind, "value": _num(value), "ci_low": _num(low),
+               "ci_high": _num(high), "confidence": args.confidence,
+               "resamples": args.bootstrap, "stratified": task == "classification",
+               "loss": _num(loss), "slides": len(scores), "undefined": why or None,
+               "no_interval": no_ci or None,
+               "checkpoint": os.path.abspath(args.checkpoint),
+               "csv": os.path.abspath(args.csv)}
+    write_atomic(os.path.join(out, "metrics.json"),
+                 (json.dumps(summary, indent=2) + "\n").encode())
     name = METRIC_WORDS[kind]
     shown = "nan" if math.isnan(value) else f"{value:.4f}"
-    print(f"{name} {shown} (loss {loss:.4f}, {len(scores)} slides){'; ' + why if why else ''}")
+    ci = ""
+    if args.bootstrap and not math.isnan(value):
+        level = f"{100 * args.confidence:g}% CI"
+        ci = f"no {level}: {no_ci.split(': ')[0]}; " if math.isnan(low) else \
+            (f"{level} {low:.4f}-{high:.4f}, {args.bootstrap}"
+             f"{' stratified' if task == 'classification' else ''} bootstrap resamples; ")
+    print(f"{name} {shown} ({ci}loss {loss:.4f}, {len(scores)} slides)"
+          f"{'; ' + why if why else ''}")
     print(f"predictions: {path}")
     return 0
+
+
+def _num(v: float):
+    """A float for JSON (which has no NaN: null)."""
+    return None if math.isnan(v) else float(v)
