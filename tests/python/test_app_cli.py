@@ -511,6 +511,50 @@ def test_multiclass(slides, tmp_path, capsys):
     assert "nan" in res.stdout and "no slide of class(es) 2" in res.stdout
 
 
+def _damage_tiles(path):
+    """Overwrite the start of every tile of every page of a tiled TIFF: the
+    file still opens (its directories are intact), every pixel read fails."""
+    from PIL import Image
+    spots = []
+    with Image.open(path) as im:
+        for page in range(getattr(im, "n_frames", 1)):
+            im.seek(page)
+            spots += list(im.tag_v2.get(324, ()))          # TileOffsets
+    data = bytearray(path.read_bytes())
+    for off in spots:
+        data[off:off + 4] = b"\x55" * 4
+    path.write_bytes(bytes(data))
+
+
+def test_slide_damaged_after_the_checks(slides, tmp_path, capsys):
+    """A slide that opens (the checks before the run pass) but whose tiles
+    cannot be decoded stops the run with one line naming it and exit 2,
+    in the process or from a DataLoader worker; evaluate likewise."""
+    import shutil
+    d = tmp_path / "d"
+    d.mkdir()
+    for f in ("train_0.svs", "train_1.svs"):
+        shutil.copy(slides / f, d / f)
+    _damage_tiles(d / "train_1.svs")
+    (d / "t.csv").write_text("path,label\ntrain_0.svs,0\ntrain_1.svs,1\n")
+    want = (f"slide {d / 'train_1.svs'} (of {d / 't.csv'}) cannot be read: OpenSlide "
+            "failed reading")
+    out = tmp_path / "run"
+    for workers in ("0", "1"):
+        res = cli_here(capsys, *_train(slides, out, "--workers", workers, "--overwrite",
+                                       train=d / "t.csv"), check_rc=2)
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("streamcnn: " + want), res.stderr
+        assert "Not a JPEG file" in lines[0]
+    good = tmp_path / "good"
+    cli_here(capsys, *_train(slides, good, "--epochs", "1"))
+    res = cli_here(capsys, "evaluate", good / "last.pt", "--csv", d / "t.csv", "--quiet",
+                   "--out", tmp_path / "ev", check_rc=2)
+    assert res.stderr.strip().splitlines() == [res.stderr.strip()]
+    assert res.stderr.startswith("streamcnn: " + want), res.stderr
+    assert not (tmp_path / "ev" / "predictions.csv").exists()
+
+
 def test_spreadsheet_tables(slides, tmp_path):
     """Tables as spreadsheets save them: a UTF-8 byte-order mark, CRLF line
     ends, semicolons or tabs between the columns; the same rows as a plain

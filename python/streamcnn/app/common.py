@@ -20,6 +20,21 @@ class UsageError(Exception):
     line prints ``streamcnn: <message>`` on one line and exits with 2."""
 
 
+class SlideError(UsageError):
+    """A slide that passed the checks before the run but fails when read
+    (a damaged tile, a file removed or truncated since): the run stops with
+    this one line and exit 2, its checkpoints kept."""
+
+    def __init__(self, msg: str):
+        # a DataLoader worker's exception comes back as SlideError("Caught
+        # SlideError in DataLoader worker process 0.\nOriginal Traceback
+        # ...\nstreamcnn.app.common.SlideError: <message>"): keep the message
+        marker = "SlideError: "
+        if msg.startswith("Caught ") and marker in msg:
+            msg = msg.rsplit(marker, 1)[1].strip()
+        super().__init__(msg)
+
+
 TASKS = ("classification", "regression")
 # validation metrics: classification's, then regression's
 METRICS = ("auc", "kappa", "accuracy", "balanced_accuracy", "spearman")
@@ -173,10 +188,20 @@ class Slides(torch.utils.data.Dataset):
         self.ds.set_epoch(epoch)
 
     def __getitem__(self, i: int):
-        if self.rows is not None:
-            img = self.ds.read_rows(i, *self.rows)
-        else:
-            img, _ = self.ds[i]
+        try:
+            if self.rows is not None:
+                img = self.ds.read_rows(i, *self.rows)
+            else:
+                img, _ = self.ds[i]
+        except (RuntimeError, ValueError, OSError) as e:
+            # the reader's own errors (OpenSlide failing on a tile, a
+            # truncated image) and a file gone; anything else is a bug
+            text = str(e).strip()
+            if not (text.startswith("streamcnn: ") or isinstance(e, OSError)):
+                raise
+            first = text.splitlines()[0] if text else type(e).__name__
+            raise SlideError(f"slide {self.table.paths[i]} (of {self.table.csv}) cannot be "
+                             f"read: {_strip(first)}") from None
         return img, torch.tensor(self.table.labels[i], dtype=torch.float32), i
 
 
