@@ -5,7 +5,9 @@ Each subcommand is a module of ``streamcnn.app`` with ``add_arguments(parser)``
 and ``run(args) -> int``, listed once in :data:`SUBCOMMANDS`. Errors the
 user caused (:class:`UsageError`, and the library's ValueError /
 FileNotFoundError whose message starts with ``streamcnn:``) print one line,
-``streamcnn: <message>``, on stderr and exit with 2; Ctrl-C exits with 130.
+``streamcnn: <message>``, on stderr and exit with 2; a file that cannot be
+written (:class:`WriteError`: a full disk) prints one line and exits with 1;
+Ctrl-C exits with 130.
 """
 
 import argparse
@@ -13,7 +15,7 @@ import importlib
 import sys
 from typing import List, Optional
 
-from .app.common import UsageError
+from .app.common import UsageError, WriteError
 from .app.config import ArgumentParser
 
 # name -> (module of streamcnn.app, one-line help)
@@ -55,6 +57,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except UsageError as e:
         print(f"streamcnn: {_message(e)}", file=sys.stderr)
         return 2
+    except WriteError as e:             # a full disk, no permission: not a bug
+        print(f"streamcnn: {_message(e)}", file=sys.stderr)
+        return 1
     except (ValueError, FileNotFoundError) as e:
         # the library's own checks of arguments and named files say
         # "streamcnn: ..."; anything else is a bug and keeps its traceback

@@ -555,6 +555,44 @@ def test_slide_damaged_after_the_checks(slides, tmp_path, capsys):
     assert not (tmp_path / "ev" / "predictions.csv").exists()
 
 
+def test_failed_writes_keep_the_previous_files(slides, tmp_path, capsys, monkeypatch):
+    """A full disk: a write that fails (fsync: ENOSPC; torch.save's
+    'file write failed') raises WriteError naming the file, leaves the
+    previous file and no temporary behind; train stops with one line and
+    exit 1, its last checkpoint loadable."""
+    from streamcnn.app import checkpoint as ckpt_io
+    from streamcnn.app.common import WriteError, write_atomic
+    f = tmp_path / "a.json"
+    write_atomic(str(f), b"old")
+
+    def full(fd):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(WriteError, match="cannot write .*a.json .*No space left on device.*"
+                       "as it was is kept"):
+        write_atomic(str(f), b"new")
+    monkeypatch.undo()
+    assert f.read_bytes() == b"old" and sorted(os.listdir(tmp_path)) == ["a.json"]
+    out = tmp_path / "run"
+    saves = []
+    real = torch.save
+
+    def failing(obj, fh, *a, **k):
+        saves.append(1)
+        if len(saves) > 2:           # epoch 1 writes best.pt and last.pt
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter"
+                               " failed writing file data/3: file write failed")
+        return real(obj, fh, *a, **k)
+    monkeypatch.setattr(ckpt_io.torch, "save", failing)
+    res = cli_here(capsys, *_train(slides, out, "--epochs", "2"), check_rc=1)
+    monkeypatch.undo()
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("streamcnn: cannot write ") and \
+        "file write failed); the file as it was is kept" in lines[0], res.stderr
+    assert load_checkpoint(str(out / "last.pt"))["epoch"] == 1
+    assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
+
+
 def test_spreadsheet_tables(slides, tmp_path):
     """Tables as spreadsheets save them: a UTF-8 byte-order mark, CRLF line
     ends, semicolons or tabs between the columns; the same rows as a plain

@@ -15,7 +15,6 @@ has the trained weights).
 """
 
 import os
-import tempfile
 from typing import Any, Dict, Tuple
 
 import torch
@@ -31,28 +30,14 @@ MODEL_KEYS = ("model", "stream_upto", "head", "num_outputs", "tile_size", "memor
 
 def save_checkpoint(path: str, payload: Dict[str, Any]) -> None:
     """Write ``payload`` (with format and version added) to ``path``
-    atomically: a temporary file in the same folder, fsynced, then renamed
-    over ``path``, so an interrupted write (Ctrl-C, a crash, a full disk)
-    leaves the previous file intact."""
+    atomically (``common.atomic_file``: a temporary file in the same folder,
+    fsynced, then renamed over ``path``), so an interrupted or failed write
+    (Ctrl-C, a crash, a full disk: ``common.WriteError``) leaves the
+    previous file intact."""
+    from .common import atomic_file
     payload = dict(payload, format=FORMAT, version=VERSION)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
-                               dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)            # mkstemp's 0600 -> as open() would make
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_file(path) as f:
+        torch.save(payload, f)
 
 
 def load_checkpoint(path: str, map_location: Any = "cpu") -> Dict[str, Any]:

@@ -485,21 +485,49 @@ def predict(model: torch.nn.Module, data: "Slides", device: torch.device, task: 
 
 
 # -- files --------------------------------------------------------------------------------
-def write_atomic(path: str, data: bytes) -> None:
-    """``data`` to ``path`` through a temporary file in the same folder and a
-    rename: readers never see a partial file."""
+class WriteError(OSError):
+    """A file of the run could not be written (a full disk, no permission):
+    the file as it was is kept, and the command line prints
+    ``streamcnn: <message>`` on one line and exits with 1."""
+
+
+@contextlib.contextmanager
+def atomic_file(path: str):
+    """A binary file to write ``path`` through: a temporary file in the same
+    folder, fsynced and renamed over ``path`` when the block ends, removed
+    if it raises, so readers never see a partial file and an interrupted or
+    failed write (Ctrl-C, a crash, a full disk) leaves the previous file
+    intact. Failures to write raise :class:`WriteError` naming ``path``."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
-                               dir=folder)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".",
+                                   suffix=".tmp", dir=folder)
+    except OSError as e:
+        raise WriteError(f"streamcnn: cannot write {path}: {e}") from None
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
         os.chmod(tmp, file_mode())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        # torch.save reports a failed write as a RuntimeError
+        failed = isinstance(e, OSError) or (isinstance(e, RuntimeError) and
+                                            "writ" in str(e))
+        if failed and not isinstance(e, WriteError):
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise WriteError(f"streamcnn: cannot write {path} ({_strip(why)}); the file as "
+                             "it was is kept") from None
         raise
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    """``data`` to ``path`` through :func:`atomic_file`."""
+    with atomic_file(path) as f:
+        f.write(data)
 
 
 def file_mode() -> int:

@@ -26,7 +26,6 @@ a warning.
 """
 
 import argparse
-import csv
 import ctypes
 import math
 import os
@@ -40,7 +39,7 @@ import torch
 from .. import heatmaps as hm
 from ..slide import Slide
 from .checkpoint import load_model
-from .common import UsageError, read_table
+from .common import UsageError, read_table, save_figure, write_csv
 from .config import parse_classes
 
 HEATMAPS = ("saliency", "cam", "both", "none")
@@ -265,24 +264,10 @@ def _read_region(s: Slide, ds: float, full: bool, size: int):
     return s.read_scaled((x, y), ds, (size, size)), (x, y), blank
 
 
-def _atomic(path: str):
-    """A temporary name beside path (move it there with os.replace)."""
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp",
-                               dir=os.path.dirname(os.path.abspath(path)))
-    os.close(fd)
-    return tmp
-
-
 def _save_figure(fig, path: str) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     FigureCanvasAgg(fig)
-    tmp = _atomic(path)
-    try:
-        fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink(tmp)
-        raise
+    save_figure(fig, path)
 
 
 def _unlink(path: str) -> None:
@@ -466,22 +451,13 @@ def _predict_slide(path: str, name: str, model, config, args, want_sal: bool,
 
 
 def _write_csv(path: str, rows: List[Dict]) -> None:
+    """``rows`` under the union of their keys, in the order first seen."""
     keys: List[str] = []
     for r in rows:
         for k in r:
             if k not in keys:
                 keys.append(k)
-    tmp = _atomic(path)
-    try:
-        with open(tmp, "w", newline="") as f:
-            wr = csv.DictWriter(f, fieldnames=keys)
-            wr.writeheader()
-            for r in rows:
-                wr.writerow(r)
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink(tmp)
-        raise
+    write_csv(path, keys, [[r.get(k, "") for k in keys] for r in rows])
 
 
 def run(args) -> int:
