@@ -216,7 +216,10 @@ class StreamingModule(nn.Module):
             # (which the image gather applies); the exact constants are kept
             # for dtype changes (_apply)
             self._norm_exact = [(1 / d).tolist(), (-m / d).tolist()]
-            weight, bias = self._norm_tensors(dtype, torch.device("cpu"))
+            # on the stem's device: a stem already on the GPU gets its
+            # normalisation there too (as .cuda() after would move it)
+            weight, bias = self._norm_tensors(
+                dtype, stem_params[0].device if stem_params else torch.device("cpu"))
             self.register_buffer("norm_weight", weight)
             self.register_buffer("norm_bias", bias)
             self.program = prepend_normalize(conv.program)

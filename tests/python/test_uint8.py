@@ -216,3 +216,15 @@ def test_parameter_free_stem_normalises_in_the_image_dtype():
         for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-6)):
             y = moved(x.to(dtype))
             assert y.dtype == dtype and rel_err(y, stem(xf)) < tol
+
+
+def test_normalisation_made_on_the_stems_device():
+    """mean / std are made on the device of the stem's parameters (a stem
+    already on the GPU gets them there, not on the CPU to be moved by hand):
+    checked with the meta device, which needs no GPU."""
+    stem = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).to("meta")
+    sm = streamcnn.StreamingModule(stem, 9, mean=MEAN, std=STD)
+    assert sm.norm_weight.device.type == "meta" and sm.norm_bias.device.type == "meta"
+    assert sm.norm_weight.dtype == torch.float32
+    cpu = streamcnn.StreamingModule(nn.Sequential(nn.Conv2d(3, 4, 3)), 9, mean=MEAN, std=STD)
+    assert cpu.norm_weight.device.type == "cpu"
