@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Prepared calls for a lent GPU machine (issue 5): build for Hopper, run
 # the CUDA tests, the GPU benchmark and a profile; everything lands under
-# $OUT (env.txt, build.log, tests.log, bench_small.txt/.json, profile.txt,
-# bench_large.txt/.json). Stages have their own time limits so that a slow
+# $OUT (env.txt, build.log, tests_1..3.log, bench_small.txt/.json,
+# profile.txt, bench_large.txt/.json). A build without CUDA kernels stops
+# the call. Stages have their own time limits so that a slow
 # or failing stage still leaves the others' results; each call stays under
 # the 10-minute limit of one device call. The large sizes take a second
 # call (the build is reused if the machine is still warm):
@@ -48,24 +49,45 @@ stage env
 cat "$OUT/env.txt"
 
 stage build
+NVCC=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
 if ! timeout "$(limit 150 || echo 1)" bash -c "cmake -S . -B build/gpu -G Ninja -DSTREAMCNN_TESTS=ON \
-      -DCMAKE_CUDA_ARCHITECTURES=90 -DPython_EXECUTABLE=$(command -v "$PY") &&
+      -DCMAKE_CUDA_ARCHITECTURES=90 -DCMAKE_CUDA_COMPILER=$NVCC -DSTREAMCNN_CUDA=ON \
+      -DPython_EXECUTABLE=$(command -v "$PY") &&
     cmake --build build/gpu" > "$OUT/build.log" 2>&1; then
   echo "build failed"; tail -40 "$OUT/build.log"; exit 1
 fi
-grep -i "CUDA kernels" "$OUT/build.log"
+grep -i "CUDA kernels\|slide reading" "$OUT/build.log"
+# a build that fell back to the CPU would fail every test and time the CPU
+if ! grep -q "CUDA kernels ON" "$OUT/build.log"; then
+  echo "the build has no CUDA kernels (nvcc: $NVCC); stopping"; exit 1
+fi
 export STREAMCNN_LIBRARY=$PWD/build/gpu/libstreamcnn.so PYTHONPATH=$PWD/python
 
 if want tests; then
 stage tests
 # every test with a CUDA case (test_cuda.py, the host-image tests, the CUDA
-# parameters of the equivalence and budget tests); no -x: one failure must
-# not hide the rest
-if t=$(limit 150); then
-timeout "$t" "$PY" -m pytest -q -rA -p no:cacheprovider tests/python -k "cuda or host_image" \
-  > "$OUT/tests.log" 2>&1
-echo "tests rc=$?"; grep -E "passed|failed|autocast|Error" "$OUT/tests.log" | tail -12
-fi
+# parameters of the equivalence, amp and budget tests), in three processes
+# so that a sticky CUDA error (an illegal address) cannot poison the rest:
+# the kernels bit for bit against the CPU first, then the host images, then
+# the others; no -x (one failure must not hide the rest), -v and a per-test
+# timeout (pytest-timeout, in the device image) so that a hang still
+# leaves the names of what passed
+PT=(-p no:cacheprovider -v -rfE --durations=15)
+"$PY" -c "import pytest_timeout" 2>/dev/null && PT+=(-p timeout --timeout=90)
+run_tests() {  # N CAP PYTEST-ARGS...: one pytest process, log tests_N.log
+  local n=$1 cap=$2 t
+  shift 2
+  if t=$(limit "$cap"); then
+    timeout "$t" "$PY" -m pytest "${PT[@]}" "$@" > "$OUT/tests_$n.log" 2>&1
+    echo "tests $n rc=$? ($*)"
+    grep -E "passed|failed|error|skipped|no tests ran" "$OUT/tests_$n.log" | tail -3
+    grep -E "^(FAILED|ERROR)" "$OUT/tests_$n.log" | head -20
+  fi
+}
+run_tests 1 90 tests/python/test_cuda.py -k "gather_bit_identical or scatter_add_bit_identical"
+run_tests 2 90 tests/python/test_host_image.py
+run_tests 3 150 tests/python --ignore=tests/python/test_host_image.py \
+  -k "cuda and not gather_bit_identical and not scatter_add_bit_identical"
 fi
 
 if want small; then
