@@ -593,6 +593,59 @@ def test_failed_writes_keep_the_previous_files(slides, tmp_path, capsys, monkeyp
     assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
 
 
+def test_patience_stops_early_and_resumes(slides, tmp_path, capsys, monkeypatch):
+    """--patience N: the run stops once the metric that picks best.pt has
+    not improved for N epochs (here a validation metric held constant: best
+    stays epoch 1); resumed with the same patience there is nothing to do,
+    with --patience 0 it trains on to --epochs."""
+    from streamcnn.app import train as T
+    rows = [{"epoch": i + 1, "val_loss": 1.0, "val_auc": v}
+            for i, v in enumerate([0.5, 0.7, 0.6, 0.7])]
+    assert T._stale(rows, "val_auc", 2) == ("val_auc has not improved for 2 epochs "
+                                            "(--patience 2; best epoch 2)")
+    assert T._stale(rows, "val_auc", 3) == "" and T._stale(rows, "val_auc", 0) == ""
+    nan = [{"epoch": i + 1, "val_loss": v, "val_auc": math.nan}
+           for i, v in enumerate([3.0, 2.0, 2.5])]             # no AUC: the loss decides
+    assert T._stale(nan, "val_auc", 1).endswith("best epoch 2)")
+    monkeypatch.setattr(T, "metric", lambda *a, **k: (0.5, ""))
+    out = tmp_path / "run"
+    res = cli_here(capsys, *_train(slides, out, "--epochs", "4", "--patience", "1"))
+    assert "early stop after epoch 2: val_auc has not improved for 1 epochs" in res.stderr
+    assert [r["epoch"] for r in _csv(out / "metrics.csv")] == ["1", "2"]
+    assert load_checkpoint(str(out / "last.pt"))["epoch"] == 2
+    assert load_checkpoint(str(out / "best.pt"))["epoch"] == 1
+    res = cli_here(capsys, *_train(slides, out, "--epochs", "4", "--patience", "1",
+                                   "--resume"))
+    assert "stopped early at epoch 2" in res.stdout and "nothing to do" in res.stdout
+    cli_here(capsys, *_train(slides, out, "--epochs", "4", "--patience", "0", "--resume"))
+    assert [r["epoch"] for r in _csv(out / "metrics.csv")] == ["1", "2", "3", "4"]
+    _bad(capsys, _train(slides, tmp_path / "r2", "--patience", "-1"),
+         "--patience", "non-negative", out=tmp_path / "r2")
+
+
+def test_freeze_stem_trains_the_head_alone(slides, tmp_path, capsys):
+    """--freeze-stem: after training, the stem's weights are those the run
+    started from (its seeded build), the head's moved; config.yaml says so;
+    a resume that would unfreeze it is refused."""
+    from streamcnn.app import train as T
+    out = tmp_path / "run"
+    cli_here(capsys, *_train(slides, out, "--epochs", "2", "--freeze-stem"))
+    ck = load_checkpoint(str(out / "last.pt"))
+    assert ck["config"]["freeze_stem"] is True
+    assert yaml.safe_load((out / "config.yaml").read_text())["freeze_stem"] is True
+    start = T._build_model(ck["config"]).state_dict()
+    stem = [k for k in start if k.startswith("stem.") and start[k].is_floating_point()]
+    head = [k for k in start if k.startswith("head.") and start[k].is_floating_point()]
+    assert stem and head
+    assert all(torch.equal(ck["model"][k], start[k]) for k in stem)
+    assert any(not torch.equal(ck["model"][k], start[k]) for k in head)
+    # the optimizer holds the head's parameters only
+    n_head = sum(1 for p in T._build_model(ck["config"]).head.parameters())
+    assert len(ck["optimizer"]["param_groups"][0]["params"]) == n_head
+    _bad(capsys, _train(slides, out, "--epochs", "3", "--resume", "--no-freeze-stem"),
+         "freeze_stem True (checkpoint) vs False (now)")
+
+
 def test_spreadsheet_tables(slides, tmp_path):
     """Tables as spreadsheets save them: a UTF-8 byte-order mark, CRLF line
     ends, semicolons or tabs between the columns; the same rows as a plain

@@ -83,7 +83,12 @@ OPTIONS: Tuple[Option, ...] = (
            need="positive", metavar="T"),
     Option("memory_budget", str, None, "instead of --tile-size: bytes the streamed pass may "
            "hold, e.g. 2GB", metavar="B"),
+    Option("freeze_stem", bool, False, "keep the streamed stem's weights as they are "
+           "(e.g. --weights): only the head trains, and the stem runs forward only"),
     Option("epochs", int, 10, "epochs to train", check=_pos, need="positive"),
+    Option("patience", int, 0, "stop when the validation metric (what picks best.pt) has "
+           "not improved for this many epochs (0: train every epoch)", check=_nonneg,
+           need="non-negative", metavar="EPOCHS"),
     Option("batch_size", int, 4, "images per optimizer step (gradient accumulation of "
            "per-image steps; over all processes)", check=_pos, need="positive",
            metavar="B"),
@@ -127,7 +132,9 @@ DERIVED = ("num_outputs", "mean", "std")
 # (epochs: the run goes on longer; with --schedule cosine the curve follows the
 # new total; out: the run folder may have moved)
 # tile_parallel: how many processes share an image does not change the result
-RESUME_FREE = ("epochs", "workers", "device", "tensorboard", "out", "tile_parallel")
+# patience: when to stop, not what an epoch computes
+RESUME_FREE = ("epochs", "workers", "device", "tensorboard", "out", "tile_parallel",
+               "patience")
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -262,6 +262,10 @@ def _train(cfg, ckpt, dist: Dist, device, quiet: bool, resume: bool, overwrite: 
     weights = class_weights(cfg["class_weights"], train_t.labels, cfg["num_classes"]) \
         if task == "classification" else None
     model = _build_model(cfg)
+    if cfg["freeze_stem"]:
+        # no gradient reaches the stem: it runs forward only (its autograd
+        # node is not recorded) and the optimizer holds the head alone
+        model.stem.requires_grad_(False)
     if ckpt is not None:
         try:
             model.load_state_dict(ckpt["model"])
@@ -348,6 +352,12 @@ def _train(cfg, ckpt, dist: Dist, device, quiet: bool, resume: bool, overwrite: 
             if dist.main:
                 print(f"streamcnn: {out}/last.pt has finished epoch {start} of "
                       f"{cfg['epochs']}; nothing to do (raise --epochs to train longer)")
+            return 0
+        stale = _stale(rows, mname, cfg["patience"])
+        if stale:
+            if dist.main:
+                print(f"streamcnn: {out} stopped early at epoch {start}: {stale}; nothing "
+                      "to do (raise --patience, or 0, to train on)")
             return 0
         if dist.main:        # the rows of the checkpoint (a later row was never finished)
             _write_metrics(out, rows, mname)
@@ -476,6 +486,13 @@ def _train(cfg, ckpt, dist: Dist, device, quiet: bool, resume: bool, overwrite: 
                                f"{_fmt(value)} ({row['seconds']:.1f} s, "
                                f"{peak:.0f} MB)", file=sys.stderr)
             dist.barrier()
+            # every rank has the same rows (the validation is gathered)
+            stale = _stale(rows, mname, cfg["patience"])
+            if stale and epoch + 1 < cfg["epochs"]:
+                if dist.main:
+                    tqdm.write(f"streamcnn: early stop after epoch {epoch + 1}: {stale}",
+                               file=sys.stderr)
+                break
     except KeyboardInterrupt:
         if dist.main:
             done = rows[-1]["epoch"] if rows else 0
@@ -487,14 +504,32 @@ def _train(cfg, ckpt, dist: Dist, device, quiet: bool, resume: bool, overwrite: 
         if writer is not None:
             writer.close()
     if dist.main:
-        b = max(rows, key=lambda r: ([1, r[mname]] if not math.isnan(r[mname])
-                                     else [0, -r["val_loss"]]))
+        b = rows[_best_index(rows, mname)]
         print(f"best epoch {b['epoch']}: {mname} {_fmt(b[mname])}, val_loss "
               f"{b['val_loss']:.4f} -> {os.path.join(out, 'best.pt')}")
         print(f"run folder {out}: metrics.csv, curves.png"
               + (", roc.png" if os.path.exists(os.path.join(out, "roc.png")) else "")
               + ", val_predictions.csv, last.pt, best.pt, config.yaml")
     return 0
+
+
+def _best_index(rows: List[Dict[str, Any]], mname: str) -> int:
+    """The row of best.pt: the first with the highest metric (or, where it
+    is nan, the lowest validation loss), as the run saves it."""
+    def key(r):
+        return [1, r[mname]] if not math.isnan(r[mname]) else [0, -r["val_loss"]]
+    return max(range(len(rows)), key=lambda i: key(rows[i]))
+
+
+def _stale(rows: List[Dict[str, Any]], mname: str, patience: int) -> str:
+    """Why to stop early ('' to go on): ``patience`` epochs since best.pt's."""
+    if not patience or not rows:
+        return ""
+    b = _best_index(rows, mname)
+    if len(rows) - 1 - b < patience:
+        return ""
+    return (f"{mname} has not improved for {len(rows) - 1 - b} epochs (--patience "
+            f"{patience}; best epoch {rows[b]['epoch']})")
 
 
 def _write_metrics(out: str, rows: List[Dict[str, Any]], mname: str) -> None:
