@@ -73,15 +73,26 @@ def _spawned(rank: int, args, n: int, port: int, errors) -> None:
         code = run(args)
     except UsageError as e:
         errors.put((rank, _message(e)))
-        sys.exit(2)
+        _exit(2)
     except (ValueError, FileNotFoundError) as e:
         if not str(e).startswith("streamcnn: "):
             raise
         errors.put((rank, _message(e)))
-        sys.exit(2)
+        _exit(2)
     except KeyboardInterrupt:
-        sys.exit(130)
-    sys.exit(int(code or 0))
+        _exit(130)
+    _exit(int(code or 0))
+
+
+def _exit(code: int) -> None:
+    """End a spawned rank (its process group already destroyed by ``run``)
+    without the interpreter's finalization: gloo threads torn down there
+    ended finished ranks with SIGABRT ('terminate called without an active
+    exception') now and then, which the parent would report as a failed
+    run. The queue's put is synchronous; the streams are flushed here."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def spawn(args, n: int) -> int:

@@ -31,6 +31,7 @@ group, so every rank takes the same step and the ranks never drift
 
 import argparse
 import contextlib
+import gc
 import math
 import os
 import random
@@ -231,6 +232,9 @@ def run(args) -> int:
     finally:
         if dist.enabled and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+            # objects that still reference a group (cycles) freed now, while
+            # the interpreter is whole, not in its finalization
+            gc.collect()
 
 
 def _train(cfg, ckpt, dist: Dist, device, quiet: bool, resume: bool, overwrite: bool,
