@@ -67,18 +67,17 @@ def read_slide_table(path: str, task: str, what: str = "CSV", mpp: bool = True,
     the names ``classes``, for classification, a finite number for
     regression). Any problem raises
     :class:`UsageError` naming the file, the line and the value."""
+    from ..data.dataset import _row_mpp, row_path
     from ..slide import Slide
     base, rows = read_table(path, what, ("path", "label"))
     paths, names, labels, mpps = [], [], [], []
     for line, row in rows:
         name, label = row.get("path", ""), row.get("label", "")
         where = f"{what} {path} line {line}"
-        if not name:
-            raise UsageError(f"{where}: empty path")
-        full = name if os.path.isabs(name) else os.path.join(base, name)
+        full = _usage(row_path, base, row, where)
         if not os.path.exists(full):
             raise UsageError(f"{where}: slide {full} does not exist")
-        row_mpp = _mpp(row.get("mpp", ""), where)
+        row_mpp = _usage(_row_mpp, row.get("mpp", ""), where)
         try:
             with Slide(full, mpp=row_mpp, default_mpp=slide_mpp) as s:
                 if mpp and s.mpp is None:
@@ -113,10 +112,11 @@ def read_table(path: str, what: str, columns: Sequence[str]
         raise UsageError(_strip(str(e))) from None
 
 
-def _mpp(text: str, where: str) -> Optional[float]:
-    from ..data.dataset import _row_mpp
+def _usage(fn, *args):
+    """``fn(*args)``, the library's ValueError of a bad table cell raised as
+    a :class:`UsageError` (one line, exit 2)."""
     try:
-        return _row_mpp(text, where)
+        return fn(*args)
     except ValueError as e:
         raise UsageError(_strip(str(e))) from None
 

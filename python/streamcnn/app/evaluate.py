@@ -88,7 +88,8 @@ def run(args) -> int:
     value, why = metric(labels, scores, task, kind)
     low = high = math.nan
     no_ci = ""
-    if args.bootstrap and not math.isnan(value):
+    want_ci = bool(args.bootstrap) and not math.isnan(value)
+    if want_ci:
         low, high, no_ci = metric_interval(labels, scores, task, kind, args.bootstrap,
                                            args.confidence, args.seed)
     os.makedirs(out, exist_ok=True)
@@ -106,7 +107,7 @@ def run(args) -> int:
     name = METRIC_WORDS[kind]
     shown = "nan" if math.isnan(value) else f"{value:.4f}"
     ci = ""
-    if args.bootstrap and not math.isnan(value):
+    if want_ci:
         level = f"{100 * args.confidence:g}% CI"
         ci = f"no {level}: {no_ci.split(': ')[0]}; " if math.isnan(low) else \
             (f"{level} {low:.4f}-{high:.4f}, {args.bootstrap}"

@@ -90,7 +90,7 @@ def _slides(args) -> List[Tuple[str, Optional[float]]]:
     ``--csv`` table's."""
     items = [(p, None) for p in args.slides]
     if args.csv:
-        from ..data.dataset import _row_mpp
+        from ..data.dataset import _row_mpp, row_path
         try:
             base, rows = read_table(args.csv, "--csv", ("path",))
         except UsageError as e:  # this command's errors are ValueError / FileNotFoundError
@@ -98,11 +98,7 @@ def _slides(args) -> List[Tuple[str, Optional[float]]]:
             raise (FileNotFoundError if missing else ValueError)(f"streamcnn: {e}") from None
         for line, row in rows:
             where = f"--csv {args.csv} line {line}"
-            if not row.get("path"):
-                raise ValueError(f"streamcnn: {where}: empty path")
-            path = row["path"] if os.path.isabs(row["path"]) else \
-                os.path.join(base, row["path"])
-            items.append((path, _row_mpp(row.get("mpp", ""), where)))
+            items.append((row_path(base, row, where), _row_mpp(row.get("mpp", ""), where)))
     if not items:
         raise ValueError("streamcnn: no slides: give SLIDE ... or --csv TABLE")
     return items

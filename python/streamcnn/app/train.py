@@ -448,7 +448,7 @@ def _train(cfg, ckpt, dist: Dist, device, quiet: bool, resume: bool, overwrite: 
                    mname: value, "seconds": time.perf_counter() - t0,
                    "peak_memory_mb": peak}
             rows.append(row)
-            key = [1, value] if not math.isnan(value) else [0, -val_loss]
+            key = _best_key(row, mname)
             improved = best is None or key > best
             if improved:
                 best = key
@@ -517,12 +517,16 @@ def _train(cfg, ckpt, dist: Dist, device, quiet: bool, resume: bool, overwrite: 
     return 0
 
 
+def _best_key(row: Dict[str, Any], mname: str) -> list:
+    """What ranks an epoch for best.pt: its metric, or (a nan metric, ranked
+    below any number) its validation loss, lower being better."""
+    return [1, row[mname]] if not math.isnan(row[mname]) else [0, -row["val_loss"]]
+
+
 def _best_index(rows: List[Dict[str, Any]], mname: str) -> int:
-    """The row of best.pt: the first with the highest metric (or, where it
-    is nan, the lowest validation loss), as the run saves it."""
-    def key(r):
-        return [1, r[mname]] if not math.isnan(r[mname]) else [0, -r["val_loss"]]
-    return max(range(len(rows)), key=lambda i: key(rows[i]))
+    """The row of best.pt: the first with the highest :func:`_best_key`, as
+    the run saves it."""
+    return max(range(len(rows)), key=lambda i: _best_key(rows[i], mname))
 
 
 def _stale(rows: List[Dict[str, Any]], mname: str, patience: int) -> str:

@@ -272,12 +272,8 @@ def _read_rows(table) -> List[Tuple[str, object, Optional[float]]]:
         rows = []
         for line, row in lines:
             where = f"slide table {name} line {line}"
-            p = row["path"]
-            if not p:
-                raise ValueError(f"streamcnn: {where}: empty path")
-            mpp = _row_mpp(row.get("mpp", ""), where)
-            rows.append((p if os.path.isabs(p) else os.path.join(base, p), row["label"],
-                         mpp))
+            rows.append((row_path(base, row, where), row["label"],
+                         _row_mpp(row.get("mpp", ""), where)))
     else:
         rows = []
         for i, item in enumerate(table):
@@ -294,6 +290,15 @@ def _read_rows(table) -> List[Tuple[str, object, Optional[float]]]:
     if not rows:
         raise ValueError("streamcnn: the slide table is empty")
     return rows
+
+
+def row_path(base: str, row: Dict[str, str], where: str) -> str:
+    """A table row's ``path`` cell, relative to the table's folder ``base``
+    unless absolute; an empty one raises a ValueError naming ``where``."""
+    p = row.get("path", "")
+    if not p:
+        raise ValueError(f"streamcnn: {where}: empty path")
+    return p if os.path.isabs(p) else os.path.join(base, p)
 
 
 def _row_mpp(value, where: str) -> Optional[float]:
