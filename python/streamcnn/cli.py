@@ -15,7 +15,7 @@ import importlib
 import sys
 from typing import List, Optional
 
-from .app.common import UsageError, WriteError
+from .app.common import UsageError, WriteError, end_process, ends_without_finalization
 from .app.config import ArgumentParser
 
 # name -> (module of streamcnn.app, one-line help)
@@ -50,7 +50,17 @@ def _message(e: BaseException) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Run ``streamcnn ARGV``; returns the exit status."""
+    """Run ``streamcnn ARGV``; returns the exit status. As the command
+    (``argv`` None), a process that ran collectives (a ``torchrun`` rank of
+    ``train``) ends here, without the interpreter's finalization
+    (:func:`~streamcnn.app.common.end_process`)."""
+    code = _main(argv)
+    if argv is None and ends_without_finalization():
+        end_process(code)
+    return code
+
+
+def _main(argv: Optional[List[str]]) -> int:
     try:
         args = build_parser().parse_args(argv)
         return int(args._run(args) or 0)

@@ -7,6 +7,7 @@ import csv
 import io
 import math
 import os
+import sys
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -254,6 +255,35 @@ def dist_from_env() -> Dist:
     if world <= 1:
         return Dist()
     return Dist(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+# set once this process has destroyed a process group (train's end)
+_GROUP_ENDED = False
+
+
+def group_ended() -> None:
+    """Record that this process destroyed its process group: the command
+    line then ends it with :func:`end_process`."""
+    global _GROUP_ENDED
+    _GROUP_ENDED = True
+
+
+def ends_without_finalization() -> bool:
+    """Whether this process destroyed a process group (see
+    :func:`group_ended`)."""
+    return _GROUP_ENDED
+
+
+def end_process(code: int) -> None:
+    """End a process that ran collectives (its process group destroyed)
+    without the interpreter's finalization: gloo threads torn down there
+    ended finished ranks with SIGABRT ('terminate called without an active
+    exception') now and then, which torchrun, or the parent of spawned
+    ranks, reports as a failed run. Everything a run writes is written and
+    closed before it returns; the streams are flushed here."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def init_distributed(dist: Dist, device: torch.device) -> None:

@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from .common import Dist, UsageError
+from .common import Dist, UsageError, end_process
 
 def dist_timeout() -> datetime.timedelta:
     """The bound on every collective's wait in a tile-parallel run:
@@ -60,7 +60,8 @@ def _free_port() -> int:
 
 def _spawned(rank: int, args, n: int, port: int, errors) -> None:
     """A process started by :func:`_spawn`: rank ``rank`` of ``n``. A user
-    error goes to the parent (which prints one line) and exits with 2."""
+    error goes to the parent (which prints one line) and exits with 2; every
+    end is :func:`~.common.end_process` (no interpreter finalization)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(n), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(n))
     if "OMP_NUM_THREADS" not in os.environ:         # the CPU's cores shared out
@@ -73,26 +74,15 @@ def _spawned(rank: int, args, n: int, port: int, errors) -> None:
         code = run(args)
     except UsageError as e:
         errors.put((rank, _message(e)))
-        _exit(2)
+        end_process(2)
     except (ValueError, FileNotFoundError) as e:
         if not str(e).startswith("streamcnn: "):
             raise
         errors.put((rank, _message(e)))
-        _exit(2)
+        end_process(2)
     except KeyboardInterrupt:
-        _exit(130)
-    _exit(int(code or 0))
-
-
-def _exit(code: int) -> None:
-    """End a spawned rank (its process group already destroyed by ``run``)
-    without the interpreter's finalization: gloo threads torn down there
-    ended finished ranks with SIGABRT ('terminate called without an active
-    exception') now and then, which the parent would report as a failed
-    run. The queue's put is synchronous; the streams are flushed here."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+        end_process(130)
+    end_process(int(code or 0))
 
 
 def spawn(args, n: int) -> int:

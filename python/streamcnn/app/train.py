@@ -45,10 +45,10 @@ from . import checkpoint as ckpt_io
 from . import config as C
 from . import tile_parallel as TP
 from .common import (AMP_DTYPES, Dist, Slides, UsageError, autocast, class_weights,
-                     dist_from_env, init_distributed, loss_of, metric, metric_name,
-                     peak_memory_mb, plot_roc, predict, read_slide_table, reset_peak_memory,
-                     resolve_device, save_figure, to_device, write_atomic, write_csv,
-                     write_predictions)
+                     dist_from_env, group_ended, init_distributed, loss_of, metric,
+                     metric_name, peak_memory_mb, plot_roc, predict, read_slide_table,
+                     reset_peak_memory, resolve_device, save_figure, to_device, write_atomic,
+                     write_csv, write_predictions)
 
 RUN_FILES = ("config.yaml", "metrics.csv", "last.pt", "best.pt", "curves.png", "roc.png",
              "val_predictions.csv")
@@ -235,6 +235,7 @@ def run(args) -> int:
             # objects that still reference a group (cycles) freed now, while
             # the interpreter is whole, not in its finalization
             gc.collect()
+            group_ended()
 
 
 def _train(cfg, ckpt, dist: Dist, device, quiet: bool, resume: bool, overwrite: bool,
