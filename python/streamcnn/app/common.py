@@ -368,6 +368,15 @@ def default_metric(task: str) -> str:
     return "auc" if task == "classification" else "spearman"
 
 
+def check_metric(kind: str, task: str, of: str) -> None:
+    """Refuse a metric of the other task (Spearman is regression's alone);
+    ``of`` ends the message: ``"--task classification"``, ``"a regression
+    model"``."""
+    if (kind == "spearman") != (task == "regression"):
+        have = "spearman" if task == "regression" else ", ".join(METRICS[:-1])
+        raise UsageError(f"--metric {kind} is not a metric of {of} ({have})")
+
+
 def metric_name(task: str, kind: Optional[str] = None) -> str:
     """The metrics.csv column: ``val_auc``, ``val_kappa``, ..."""
     return "val_" + (kind or default_metric(task))

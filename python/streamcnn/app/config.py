@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 from ..classifier import ARCHITECTURES, DEFAULT_STREAM_UPTO, IMAGENET_MEAN, IMAGENET_STD, POOLS
-from .common import METRICS, TASKS, UsageError, default_metric, is_number
+from .common import METRICS, TASKS, UsageError, check_metric, default_metric, is_number
 
 
 @dataclass(frozen=True)
@@ -290,10 +290,7 @@ def resolve(given: Dict[str, Any], base: Optional[Dict[str, Any]] = None) -> Dic
         cfg["num_classes"] = len(names)
     if cfg["metric"] is None:
         cfg["metric"] = default_metric(cfg["task"])
-    if (cfg["metric"] == "spearman") != (cfg["task"] == "regression"):
-        have = "spearman" if cfg["task"] == "regression" else ", ".join(METRICS[:-1])
-        raise UsageError(f"--metric {cfg['metric']} is not a metric of --task {cfg['task']} "
-                         f"({have})")
+    check_metric(cfg["metric"], cfg["task"], f"--task {cfg['task']}")
     if cfg["task"] != "classification" and cfg["num_classes"] != 2:
         raise UsageError(f"--num-classes {cfg['num_classes']} is for --task classification "
                          f"(the task is {cfg['task']})")

@@ -19,8 +19,8 @@ import torch
 from .checkpoint import load_model
 from .config import parse_classes
 from .common import (AMP_DTYPES, METRIC_WORDS, METRICS, Dist, Slides, UsageError,
-                     default_metric, metric, metric_interval, predict, read_slide_table,
-                     resolve_device, write_atomic, write_predictions)
+                     check_metric, default_metric, metric, metric_interval, predict,
+                     read_slide_table, resolve_device, write_atomic, write_predictions)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -71,8 +71,7 @@ def run(args) -> int:
         raise UsageError(str(e)) from None
     task = cfg["task"]
     kind = args.metric or cfg.get("metric") or default_metric(task)
-    if (kind == "spearman") != (task == "regression"):
-        raise UsageError(f"--metric {kind} is not a metric of a {task} model")
+    check_metric(kind, task, f"a {task} model")
     slide_mpp = args.slide_mpp if args.slide_mpp is not None else cfg.get("slide_mpp")
     names = parse_classes(cfg.get("classes"))
     table = read_slide_table(args.csv, task, "--csv", slide_mpp=slide_mpp,
