@@ -10,6 +10,8 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from .slide import uint8_buffer
+
 # The most pixels an image decoded whole may have (3 bytes each: 1 << 30 is
 # 3 GiB). Larger images belong in a tiled pyramidal TIFF, read in chunks.
 MAX_IMAGE_PIXELS = 1 << 30
@@ -114,7 +116,7 @@ class PlainImage:
             im.load()
             if im.size != (w, h):
                 raise ValueError(f"decoded to {im.size[0]} x {im.size[1]} pixels")
-            out = torch.empty((h, w, 3), dtype=torch.uint8)
+            out = uint8_buffer((h, w, 3), f"{self.path!r} ({w} x {h} pixels)")
             # converted in bands of rows: the converted copies stay small
             step = max(1, (1 << 22) // w)
             for y0 in range(0, h, step):
@@ -136,7 +138,7 @@ class PlainImage:
         """``w x h`` pixels whose top-left is ``(x, y)`` (may reach outside:
         the background there), uint8 ``3 x h x w`` or ``h x w x 3``."""
         img = self.pixels()
-        out = torch.empty((h, w, 3), dtype=torch.uint8)
+        out = uint8_buffer((h, w, 3), f"a {w} x {h} region of {self.path!r}")
         iw, ih = self.size
         x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, iw), min(y + h, ih)
         if x0 >= x1 or y0 >= y1:

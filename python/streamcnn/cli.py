@@ -6,7 +6,8 @@ and ``run(args) -> int``, listed once in :data:`SUBCOMMANDS`. Errors the
 user caused (:class:`UsageError`, and the library's ValueError /
 FileNotFoundError whose message starts with ``streamcnn:``) print one line,
 ``streamcnn: <message>``, on stderr and exit with 2; a file that cannot be
-written (:class:`WriteError`: a full disk) prints one line and exits with 1;
+written (:class:`WriteError`: a full disk), or pixels that do not fit in
+memory (the library's MemoryError), print one line and exit with 1;
 Ctrl-C exits with 130.
 """
 
@@ -68,6 +69,11 @@ def _main(argv: Optional[List[str]]) -> int:
         print(f"streamcnn: {_message(e)}", file=sys.stderr)
         return 2
     except WriteError as e:             # a full disk, no permission: not a bug
+        print(f"streamcnn: {_message(e)}", file=sys.stderr)
+        return 1
+    except MemoryError as e:            # the library's, naming what did not fit
+        if not str(e).startswith("streamcnn: "):
+            raise
         print(f"streamcnn: {_message(e)}", file=sys.stderr)
         return 1
     except (ValueError, FileNotFoundError) as e:

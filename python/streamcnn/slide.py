@@ -24,6 +24,19 @@ _NOT_A_SLIDE = "is not a slide OpenSlide can read"
 BAND_ROWS = 8192
 
 
+def uint8_buffer(shape: Sequence[int], what: str) -> torch.Tensor:
+    """``torch.empty(shape, dtype=torch.uint8)`` for the pixels of ``what``
+    (a region, an image), or a MemoryError that says what they were and how
+    large (torch's allocator names neither)."""
+    try:
+        return torch.empty(tuple(shape), dtype=torch.uint8)
+    except RuntimeError as e:       # torch.OutOfMemoryError is one
+        if "alloc" not in str(e):
+            raise
+        raise MemoryError(f"streamcnn: out of memory for {what} "
+                          f"({math.prod(shape) / 2 ** 30:.1f} GiB)") from None
+
+
 def _err() -> ctypes.Array:
     return ctypes.create_string_buffer(_ERR)
 
@@ -239,7 +252,7 @@ class Slide:
         if self._plain is not None:  # one level, no chunks: the box is the region
             return self._plain.read(x + bx, y + by, bw, bh, self.background, channels_last)
         shape = (bh, bw, 3) if channels_last else (3, bh, bw)
-        out = torch.empty(shape, dtype=torch.uint8)
+        out = uint8_buffer(shape, f"a {bw} x {bh} region of {self.path!r}")
         err = _err()
         rc = self._lib.sc_slide_read_box(self._h, level, x, y, w, h, bx, by, bw, bh,
                                          out.data_ptr(), int(channels_last), threads, err,
@@ -321,7 +334,7 @@ class Slide:
         if r1 - r0 > 2 * BAND_ROWS:
             # in bands of ~BAND_ROWS level rows: the level region is never
             # held whole (each band is bit for bit those rows of the whole)
-            out = torch.empty((3, bh, bw), dtype=torch.uint8)
+            out = uint8_buffer((3, bh, bw), f"a {bw} x {bh} region of {self.path!r}")
             step = max(1, BAND_ROWS * out_h // rh)
             for a in range(by, by + bh, step):
                 b = min(by + bh, a + step)

@@ -283,6 +283,51 @@ def test_thumbnail_and_tissue_box(tmp_path):
 
 # -- bad inputs ------------------------------------------------------------------------
 
+OOM_CHILD = r"""
+import resource, sys
+from PIL import Image
+import torch
+from streamcnn import Slide
+slide, png = sys.argv[1:3]
+Image.new("RGB", (64, 48), (9, 8, 7)).save(png)
+with open("/proc/self/statm") as f:
+    vm = int(f.read().split()[0]) * resource.getpagesize()
+resource.setrlimit(resource.RLIMIT_AS, (vm + (1 << 30), resource.getrlimit(resource.RLIMIT_AS)[1]))
+with Slide(slide) as s, Slide(png) as p:
+    calls = [lambda: s.read_region((0, 0), 0, (100000, 100000)),
+             lambda: s.read_scaled((0, 0), 0.5, (100000, 100000)),
+             lambda: p.read_region((0, 0), 0, (100000, 100000))]
+    for call in calls:
+        try:
+            call()
+            print("no error")
+        except MemoryError as e:
+            print(e)
+    print(s.read_region((0, 0), 0, (64, 48)).shape[1:], p.read_region((0, 0), 0, (64, 48)).sum().item())
+"""
+
+
+@needs
+@pytest.mark.skipif("asan" in os.environ.get("LD_PRELOAD", ""),
+                    reason="AddressSanitizer reserves terabytes of address space "
+                           "(RLIMIT_AS cannot limit it)")
+def test_region_larger_than_memory(slides, tmp_path):
+    """A region within the size limit that memory cannot hold (30 GB with
+    the address space limited to 1 GB more than in use) raises MemoryError
+    naming the region, the file and the size (torch's allocator names
+    neither); the slides still read afterwards."""
+    out = subprocess.run([sys.executable, "-c", OOM_CHILD, slides["deflate"][0],
+                          str(tmp_path / "p.png")], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert len(lines) == 4, out.stdout
+    for line, path in zip(lines, [slides["deflate"][0]] * 2 + [str(tmp_path / "p.png")]):
+        assert line.startswith("streamcnn: out of memory for a 100000 x 100000 region "
+                               f"of {path!r} (27.9 GiB)"), line
+    assert lines[3] == f"torch.Size([48, 64]) {64 * 48 * (9 + 8 + 7)}"
+
+
 @needs
 def test_missing_file_and_directory(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.svs"):

@@ -194,9 +194,10 @@ class Slides(torch.utils.data.Dataset):
                 img = self.ds.read_rows(i, *self.rows)
             else:
                 img, _ = self.ds[i]
-        except (RuntimeError, ValueError, OSError) as e:
+        except (RuntimeError, ValueError, OSError, MemoryError) as e:
             # the reader's own errors (OpenSlide failing on a tile, a
-            # truncated image) and a file gone; anything else is a bug
+            # truncated image, pixels that do not fit in memory) and a file
+            # gone; anything else is a bug
             text = str(e).strip()
             if not (text.startswith("streamcnn: ") or isinstance(e, OSError)):
                 raise
