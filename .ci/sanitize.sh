@@ -42,11 +42,14 @@ ASAN_OPTIONS=detect_leaks=1:halt_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:hal
 
 if (($# == 0)); then
   # the harness check, ops, bad inputs, halo cache, equivalence (small
-  # images), slides, threads, huge sizes and out-of-memory
+  # images), slides, threads, huge sizes, out-of-memory, the sparse
+  # backward, row bands (tile-parallel) and heatmaps
   set -- tests/python/test_sanitizer.py tests/python/test_ops.py tests/python/test_bad_inputs.py \
     tests/python/test_halo_cache.py tests/python/test_equivalence.py \
     tests/python/test_slide.py tests/python/test_threads.py \
-    tests/python/test_overflow.py tests/python/test_oom.py
+    tests/python/test_overflow.py tests/python/test_oom.py \
+    tests/python/test_sparse_backward.py tests/python/test_tile_parallel.py \
+    tests/python/test_heatmaps.py
 fi
 export LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so)"
 export ASAN_OPTIONS=detect_leaks=0:halt_on_error=1:abort_on_error=0:quarantine_size_mb=8:allocator_may_return_null=1

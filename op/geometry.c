@@ -187,11 +187,12 @@ int sc_plan_axis_cached(const sc_program *p, const int64_t *sizes, int axis,
   return _sc_plan_axis_cached_from(p, sizes, axis, 0, lo, hi, plan, err);
 }
 
-/* See internal.h. The end of v's span in the cone of [base, x) equals
- * that in the cone of [0, x) (a span's end depends only on the output
- * span's end), so only the band's first tile (lo == base) differs from
- * sc_plan_axis_cached: it owns its whole cone, which starts where the
- * cone of [base, hi) starts instead of at 0. */
+/* See internal.h. Each tile owns, of every value v, its cone of [0, hi)
+ * less that of [0, lo) (what the tiles before it own), so only the band's
+ * first tile (lo == base) differs from sc_plan_axis_cached: it owns its
+ * whole cone, which starts where v's cone of [base, hi) starts instead of
+ * at 0, and nothing of a v that cone misses (rows of padding alone: the
+ * cone of [0, hi) would be all of v up to its end). */
 int _sc_plan_axis_cached_from(const sc_program *p, const int64_t *sizes,
                               int axis, int64_t base, int64_t lo, int64_t hi,
                               sc_axis_plan *plan, sc_error *err) {
@@ -199,20 +200,24 @@ int _sc_plan_axis_cached_from(const sc_program *p, const int64_t *sizes,
   if (!sizes || axis < 0 || axis > 1 || plan->n_values != nv || base < 0 ||
       lo < base || hi <= lo)
     return sc_fail(err, "streamcnn: internal error: bad cached plan request");
-  /* e_v(lo) into own[2v], e_v(hi) into own[2v + 1], via the cones of
-   * [base, lo) and [base, hi) (plan's own arrays as scratch); for the
-   * first tile (lo == base) prev[v] is where v's cone of [base, hi)
-   * starts */
+  /* prev[v]: where v's own span starts, the end of its cone of [0, lo);
+   * for the first tile (lo == base) where its cone of [base, hi) starts
+   * (INT64_MAX where that cone is empty: nothing to own). The first tile
+   * of the whole axis (lo == base == 0) starts at 0. */
   int64_t *prev = malloc((size_t)nv * sizeof *prev);
   if (!prev) return sc_fail(err, "streamcnn: out of memory");
   for (int64_t v = 0; v < nv; v++) prev[v] = 0;
   if (lo > base || base > 0) {
-    if (sc_plan_axis(p, sizes, axis, base, lo > base ? lo : hi, plan, err)) {
+    const int first = lo == base;
+    if (sc_plan_axis(p, sizes, axis, first ? base : 0, first ? hi : lo, plan,
+                     err)) {
       free(prev);
       return SC_ERR;
     }
-    for (int64_t v = 0; v < nv; v++)
-      prev[v] = plan->region[2 * v + (lo > base ? 1 : 0)];
+    for (int64_t v = 0; v < nv; v++) {
+      const int64_t *rg = &plan->region[2 * v];
+      prev[v] = !first ? rg[1] : rg[1] > rg[0] ? rg[0] : INT64_MAX;
+    }
   }
   if (sc_plan_axis(p, sizes, axis, 0, hi, plan, err)) {
     free(prev);

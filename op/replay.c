@@ -118,15 +118,22 @@ static int run_init(sc_run *r, sc_ctx *ctx, const sc_call *call) {
   for (int a = 0; a < 2; a++)
     if (plan_axis_tiles(r, a, call->tile[a])) return SC_ERR;
   if (call->banded) { /* the image rows the band reads must be at hand */
-    const int64_t *first = r->plans[0][0]->region;
-    const int64_t *last = r->plans[0][r->n_tiles[0] - 1]->region;
-    if (first[0] < r->img_rows[0] || last[1] > r->img_rows[1])
+    int64_t read[2] = {0, 0}; /* their hull over the tiles (none: rows of
+                                 padding alone) */
+    for (int64_t t = 0; t < r->n_tiles[0]; t++) {
+      const int64_t *rg = r->plans[0][t]->region;
+      if (rg[1] <= rg[0]) continue;
+      if (read[1] <= read[0] || rg[0] < read[0]) read[0] = rg[0];
+      if (rg[1] > read[1]) read[1] = rg[1];
+    }
+    if (read[1] > read[0] &&
+        (read[0] < r->img_rows[0] || read[1] > r->img_rows[1]))
       return sc_fail(&ctx->err,
                      "streamcnn: output rows [%lld, %lld) read image rows "
                      "[%lld, %lld), but the image tensor holds rows [%lld, "
                      "%lld) of %lld (streamcnn.band_info says which)",
                      (long long)call->rows[0], (long long)call->rows[1],
-                     (long long)first[0], (long long)last[1],
+                     (long long)read[0], (long long)read[1],
                      (long long)r->img_rows[0], (long long)r->img_rows[1],
                      (long long)full_h);
     if (ctx->image_host && r->img_rows[0] != 0)

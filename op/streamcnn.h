@@ -249,11 +249,11 @@ SC_API int sc_work_info(const int64_t *words, int64_t n_words, int64_t h,
 /* One output row band [out_lo, out_hi) of the stem output of an h x w
  * image, as the *_rows ops (tile-parallel streaming) run it: info[0],
  * info[1] the image rows it reads (half-open: the cone of those output
- * rows, clipped to the image); info[2] the elements (per batch element) of
- * the strips forward_cached_rows returns; info[3] its multiply-adds per
- * batch element with halo caching (the band's first tile row computes its
- * whole cone: the overhead of a band over the same rows of the whole
- * pass). Fails (errbuf) for an empty or out-of-range band. */
+ * rows, clipped to the image; [0, 0) for rows made of padding alone);
+ * info[2] the elements (per batch element) of the strips
+ * forward_cached_rows returns; info[3] its multiply-adds per batch element
+ * with halo caching (the band's first tile row computes its whole cone:
+ * the overhead of a band over the same rows of the whole pass). Fails (errbuf) for an empty or out-of-range band. */
 #define SC_BAND_WORDS 4
 SC_API int sc_band_info(const int64_t *words, int64_t n_words, int64_t h,
                         int64_t w, int64_t tile_h, int64_t tile_w,
@@ -264,7 +264,9 @@ SC_API int sc_band_info(const int64_t *words, int64_t n_words, int64_t h,
  * the image box its values depend on, unclipped (padding counts as
  * input, so it may start before 0 or end beyond any image; independent of
  * the image size): box[0], box[1] its rows, box[2], box[3] its columns,
- * half-open. sc_band_info's rows are these clipped to the image. The
+ * half-open. sc_band_info's rows lie within these clipped to the image
+ * (its cone is clipped to every value's extent on the way: padding read
+ * at any value reads no input, and rows of padding alone read none). The
  * output box may lie anywhere in [-SC_MAX_EXTENT, SC_MAX_EXTENT]; fails
  * (errbuf) for an empty box or one outside that range. */
 #define SC_CONE_WORDS 4

@@ -14,10 +14,22 @@
  *   - cached plans: own is a suffix of region, and the own parts of the
  *     tiles partition [0, e_v) of every value v, e_v the end of v's span in
  *     the cone of the whole output.
+ * Where both axes have at most MAX_TILES tiles, also (positions drawn
+ * from the header's mask):
+ *   - row bands (sc_band_info, as the *_rows ops run them): one band of
+ *     every output row has the whole pass's cached work (sc_work_info);
+ *     two bands splitting the rows read the image rows of their cones
+ *     (within sc_cone_info's, clipped), each at most that work;
+ *   - restricted plans (_sc_plan_restrict, the sparse backward): for a
+ *     cached tile and seed boxes inside its values, every value's region
+ *     holds its seed and lies in the tile's region, its own span in both,
+ *     and every read of an own span lies in the region it reads.
  * Extents go up to 2^31 (flags bit 0): the arithmetic must not overflow
  * (UBSan traps). Axes with more than MAX_TILES tiles are checked on a
  * sample of tiles (every tile would take minutes).
  */
+#include <math.h>
+
 #include "fuzz_common.h"
 #include "internal.h"
 
@@ -149,6 +161,142 @@ static void check_axis(const sc_program *p, const int64_t *sizes, int axis,
   free(end);
 }
 
+/* splitmix64: positions drawn from the header's mask */
+static uint64_t fz_next(uint64_t *x) {
+  uint64_t z = (*x += 0x9e3779b97f4a7c15ull);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+/* a non-empty span inside [lo, hi) (hi > lo) */
+static void fz_span(uint64_t *x, int64_t lo, int64_t hi, int64_t *s) {
+  const uint64_t n = (uint64_t)(hi - lo);
+  const int64_t a = lo + (int64_t)(fz_next(x) % n);
+  s[0] = a;
+  s[1] = a + 1 + (int64_t)(fz_next(x) % (uint64_t)(hi - a));
+}
+
+static void check_bands(const int64_t *words, int64_t n, const fz_params *q,
+                        const sc_program *p, const int64_t *sizes,
+                        sc_axis_plan *pl, uint64_t *x) {
+  sc_error err = {0};
+  char msg[256];
+  const int64_t out_h = sizes[2 * p->n_instr];
+  double whole[SC_WORK_WORDS], one[SC_BAND_WORDS], b[2][SC_BAND_WORDS];
+  FZ_CHECK(sc_work_info(words, n, q->h, q->w, q->tile_h, q->tile_w, whole,
+                        msg, sizeof msg) == SC_OK);
+  FZ_CHECK(sc_band_info(words, n, q->h, q->w, q->tile_h, q->tile_w, 0,
+                        out_h, one, msg, sizeof msg) == SC_OK);
+  FZ_CHECK(one[2] >= 0.0 && one[3] >= 0.0);
+  FZ_CHECK(fabs(one[3] - whole[4]) <= 1e-12 * whole[4]);
+  /* bad bands are refused */
+  FZ_CHECK(sc_band_info(words, n, q->h, q->w, q->tile_h, q->tile_w, 0,
+                        out_h + 1, one, msg, sizeof msg) == SC_ERR);
+  FZ_CHECK(sc_band_info(words, n, q->h, q->w, q->tile_h, q->tile_w, out_h,
+                        out_h, one, msg, sizeof msg) == SC_ERR);
+  if (out_h < 2) return;
+  const int64_t cut = 1 + (int64_t)(fz_next(x) % (uint64_t)(out_h - 1));
+  const int64_t lo[2] = {0, cut}, hi[2] = {cut, out_h};
+  for (int k = 0; k < 2; k++) {
+    int64_t box[SC_CONE_WORDS];
+    FZ_CHECK(sc_band_info(words, n, q->h, q->w, q->tile_h, q->tile_w, lo[k],
+                          hi[k], b[k], msg, sizeof msg) == SC_OK);
+    FZ_CHECK(sc_cone_info(words, n, lo[k], hi[k], 0, 1, box, msg,
+                          sizeof msg) == SC_OK);
+    /* the image rows of the cone through the values' extents (padding
+     * cut off at every value), within the unclipped cone */
+    FZ_CHECK(sc_plan_axis(p, sizes, 0, lo[k], hi[k], pl, &err) == SC_OK);
+    FZ_CHECK(b[k][0] == (double)pl->region[0] &&
+             b[k][1] == (double)pl->region[1]);
+    if (b[k][0] < b[k][1]) /* empty: rows made of padding alone */
+      FZ_CHECK(clip_lo(box[0]) <= pl->region[0] &&
+               pl->region[1] <= clip_hi(box[1], q->h));
+    FZ_CHECK(b[k][2] >= 0.0 && b[k][3] >= 0.0);
+  }
+  if (b[0][0] < b[0][1] && b[1][0] < b[1][1])
+    FZ_CHECK(b[0][0] <= b[1][0] && b[0][1] <= b[1][1]);
+  /* each band computes a part of every value's whole cone (a hull: the
+   * two parts may leave out rows no output row needs, so together they
+   * may do less) */
+  FZ_CHECK(b[0][3] <= whole[4] * (1.0 + 1e-12) &&
+           b[1][3] <= whole[4] * (1.0 + 1e-12));
+}
+
+static void check_restrict(const sc_program *p, const int64_t *sizes,
+                           const int64_t t[2], const int64_t tile[2],
+                           uint64_t *x) {
+  sc_error err = {0};
+  const int64_t nv = p->n_instr + 1;
+  sc_axis_plan *full[2] = {sc_axis_plan_new(p), sc_axis_plan_new(p)};
+  sc_axis_plan *out[2] = {sc_axis_plan_new(p), sc_axis_plan_new(p)};
+  int64_t *seed = calloc(4 * (size_t)nv, sizeof *seed);
+  FZ_CHECK(full[0] && full[1] && out[0] && out[1] && seed);
+  for (int a = 0; a < 2; a++) { /* a random cached tile along each axis */
+    const int64_t n_out = sizes[2 * p->n_instr + a];
+    const int64_t count = (n_out + t[a] - 1) / t[a];
+    int64_t *bounds = malloc((size_t)(count + 1) * sizeof *bounds);
+    FZ_CHECK(bounds);
+    FZ_CHECK(_sc_tile_bounds(p, sizes, a, t[a], tile[a], 1, full[a], bounds,
+                             &err) == SC_OK);
+    const int64_t k = (int64_t)(fz_next(x) % (uint64_t)count);
+    FZ_CHECK(sc_plan_axis_cached(p, sizes, a, bounds[k], bounds[k + 1],
+                                 full[a], &err) == SC_OK);
+    free(bounds);
+  }
+  /* seeds: a box in the output's own part, and in up to two other values */
+  for (int q = 0; q < 3; q++) {
+    const int64_t v = q ? (int64_t)(fz_next(x) % (uint64_t)nv) : nv - 1;
+    const int64_t *rr = q ? &full[0]->region[2 * v] : &full[0]->own[2 * v];
+    const int64_t *rc = q ? &full[1]->region[2 * v] : &full[1]->own[2 * v];
+    if (rr[1] <= rr[0] || rc[1] <= rc[0]) continue;
+    fz_span(x, rr[0], rr[1], &seed[4 * v]);
+    fz_span(x, rc[0], rc[1], &seed[4 * v + 2]);
+  }
+  FZ_CHECK(_sc_plan_restrict(p, sizes, (const sc_axis_plan *const *)full,
+                             seed, out, &err) == SC_OK);
+  for (int64_t v = 0; v < nv; v++) {
+    const int64_t *sd = &seed[4 * v];
+    const int seeded = sd[1] > sd[0] && sd[3] > sd[2];
+    for (int a = 0; a < 2; a++) {
+      const int64_t *rg = &out[a]->region[2 * v], *ow = &out[a]->own[2 * v];
+      const int64_t *fr = &full[a]->region[2 * v], *fo = &full[a]->own[2 * v];
+      if (seeded) FZ_CHECK(rg[0] <= sd[2 * a] && sd[2 * a + 1] <= rg[1]);
+      if (rg[1] > rg[0]) FZ_CHECK(fr[0] <= rg[0] && rg[1] <= fr[1]);
+      if (ow[1] > ow[0])
+        FZ_CHECK(rg[0] <= ow[0] && ow[1] <= rg[1] && fo[0] <= ow[0] &&
+                 ow[1] <= fo[1]);
+    }
+  }
+  for (int64_t i = 0; i < p->n_instr; i++) {
+    const sc_instr *in = &p->instr[i];
+    const int64_t *o[2] = {&out[0]->own[2 * (i + 1)],
+                           &out[1]->own[2 * (i + 1)]};
+    if (o[0][1] <= o[0][0] || o[1][1] <= o[1][0]) continue;
+    for (int j = 0; j < in->n_in; j++) {
+      /* the read box clipped to the input (empty: all of it padding) */
+      const int64_t u = in->in[j];
+      int64_t c[4];
+      for (int a = 0; a < 2; a++) {
+        const int64_t *rd = &out[a]->read[4 * i + 2 * j];
+        FZ_CHECK(rd[1] > rd[0]);
+        c[2 * a] = clip_lo(rd[0]);
+        c[2 * a + 1] = clip_hi(rd[1], sizes[2 * u + a]);
+      }
+      if (c[1] <= c[0] || c[3] <= c[2]) continue;
+      for (int a = 0; a < 2; a++) {
+        const int64_t *rg = &out[a]->region[2 * u];
+        FZ_CHECK(rg[0] <= c[2 * a] && c[2 * a + 1] <= rg[1]);
+      }
+    }
+  }
+  for (int a = 0; a < 2; a++) {
+    sc_axis_plan_free(full[a]);
+    sc_axis_plan_free(out[a]);
+  }
+  free(seed);
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   fz_params q;
   if (!fz_params_read(data, size, &q)) return 0;
@@ -175,11 +323,18 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     if (_sc_tiling(p, sizes, q.tile_h, q.tile_w, t, &err) == SC_OK) {
       FZ_CHECK(rc_info == SC_OK);
       const int64_t tile[2] = {q.tile_h, q.tile_w};
+      int few = 1;
       for (int a = 0; a < 2; a++) {
         const int64_t n_out = sizes[2 * p->n_instr + a];
         FZ_CHECK(info[a] == n_out && info[2 + a] == t[a] &&
                  info[4 + a] == (n_out + t[a] - 1) / t[a]);
         check_axis(p, sizes, a, t[a], tile[a], pl, full);
+        few &= info[4 + a] <= MAX_TILES;
+      }
+      if (few) {
+        uint64_t x = q.mask;
+        check_bands(words, n, &q, p, sizes, pl, &x);
+        check_restrict(p, sizes, t, tile, &x);
       }
     } else {
       FZ_CHECK(rc_info == SC_ERR && err.set);

@@ -146,13 +146,18 @@ def _worker_two(rank, path):
             for bands in (None, [(0, 7), (7, oh)]):
                 _check(TileParallel(sm, bands=bands), stem18, ref, x18, w,
                        ("resnet18", cached, bands))
-        # ranks that disagree (here: the image width) are refused on every
+        # ranks that disagree (the image width; the program: one more
+        # padded row and column in the last pooling) are refused on every
         # rank, and the group still works afterwards
         sm = streamcnn.StreamingModule(stem, 22)
         tp = TileParallel(sm)
         bad = torch.randn(1, 3, 45, 37 - rank, dtype=torch.float64)
         with pytest.raises(RuntimeError, match="ranks disagree"):
             tp(bad)
+        other = nn.Sequential(*stem[:-1], nn.AvgPool2d(2, 1, count_include_pad=False,
+                                                       padding=rank))
+        with pytest.raises(RuntimeError, match="ranks disagree"):
+            TileParallel(streamcnn.StreamingModule(other, 22))(x)
         with torch.no_grad():
             y = tp(x)
             assert rel_err(y, stem(x)) < TOL
@@ -253,48 +258,81 @@ def test_rows_ops_opcheck():
                           (g, strips, xp.detach(), params, sm.program, tile, mask, rows))
 
 
+def _bands_sum_to_the_whole(sm, x, g, cuts, cached):
+    """The bands between ``cuts`` (each given only its rows of the image,
+    as band_info names them) concatenate to the whole output; their
+    gradients for ``g`` sum to the whole-image gradients."""
+    params = [p.detach() for p in sm.stream_params()]
+    tile, (h, w) = sm.tile_size, x.shape[2:]
+    mask = [True] * (1 + len(params))
+    y = torch.ops.streamcnn.forward(x, params, sm.program, tile)
+    whole = torch.ops.streamcnn.backward(g, x, params, sm.program, tile, mask)
+    outs, sums = [], [torch.zeros_like(t) for t in whole]
+    for lo, hi in zip(cuts[:-1], cuts[1:]):
+        a, b, n_strips, _ = streamcnn.band_info(sm.program, h, w, tile, (lo, hi))
+        a, b = int(a), int(b)
+        rows, xp, gb = [lo, hi, a, h], x[:, :, a:b], g[:, :, lo:hi].contiguous()
+        if cached:
+            yb, strips = torch.ops.streamcnn.forward_cached_rows(xp, params, sm.program,
+                                                                 tile, rows)
+            assert strips.numel() == x.shape[0] * n_strips
+            got = torch.ops.streamcnn.backward_cached_rows(gb, strips, xp, params,
+                                                           sm.program, tile, mask, rows)
+        else:
+            yb = torch.ops.streamcnn.forward_rows(xp, params, sm.program, tile, rows)
+            got = torch.ops.streamcnn.backward_rows(gb, xp, params, sm.program, tile,
+                                                    mask, rows)
+        outs.append(yb)
+        assert got[0].shape == xp.shape
+        sums[0][:, :, a:b] += got[0]
+        for s, t in zip(sums[1:], got[1:]):
+            s += t
+    assert rel_err(torch.cat(outs, 2), y) < TOL, cuts
+    for s, t in zip(sums, whole):
+        assert rel_err(s, t) < TOL, cuts
+
+
 @pytest.mark.parametrize("grad", ["dense", "maxpool"])
 @pytest.mark.parametrize("cached", [True, False])
 def test_rows_ops_sum_to_the_whole(cached, grad):
-    """Bands (each given only its rows of the image) concatenate to the
-    whole output; their gradients sum to the whole-image gradients. With a
-    max-pool head's gradient (one non-zero per channel) the sparse backward
-    skips and boxes tiles of each band, in the band's own coordinates."""
+    """Bands concatenate to the whole output and their gradients sum to the
+    whole-image gradients. With a max-pool head's gradient (one non-zero
+    per channel) the sparse backward skips and boxes tiles of each band, in
+    the band's own coordinates."""
     sm, x, params = _setup()
-    tile = sm.tile_size
-    y = torch.ops.streamcnn.forward(x, params, sm.program, tile)
+    y = torch.ops.streamcnn.forward(x, params, sm.program, sm.tile_size)
     oh = y.shape[2]
     if grad == "dense":
         g = torch.randn_like(y)
     else:   # the gradient of sum(amax over space): 1 at each channel's arg-max
         flat = y.flatten(2)
         g = torch.zeros_like(flat).scatter_(2, flat.argmax(2, keepdim=True), 1.0).view_as(y)
-    mask = [True] * (1 + len(params))
-    whole = torch.ops.streamcnn.backward(g, x, params, sm.program, tile, mask)
     for cuts in ([0, 1, oh], [0, 4, 5, oh], [0, oh - 1, oh]):
-        outs, sums = [], [torch.zeros_like(t) for t in whole]
-        for lo, hi in zip(cuts[:-1], cuts[1:]):
-            a, b, n_strips, _ = streamcnn.band_info(sm.program, 45, 37, tile, (lo, hi))
-            a, b = int(a), int(b)
-            rows, xp, gb = [lo, hi, a, 45], x[:, :, a:b], g[:, :, lo:hi].contiguous()
-            if cached:
-                yb, strips = torch.ops.streamcnn.forward_cached_rows(xp, params, sm.program,
-                                                                     tile, rows)
-                assert strips.numel() == 2 * n_strips
-                got = torch.ops.streamcnn.backward_cached_rows(gb, strips, xp, params,
-                                                               sm.program, tile, mask, rows)
-            else:
-                yb = torch.ops.streamcnn.forward_rows(xp, params, sm.program, tile, rows)
-                got = torch.ops.streamcnn.backward_rows(gb, xp, params, sm.program, tile,
-                                                        mask, rows)
-            outs.append(yb)
-            assert got[0].shape == xp.shape
-            sums[0][:, :, a:b] += got[0]
-            for s, t in zip(sums[1:], got[1:]):
-                s += t
-        assert rel_err(torch.cat(outs, 2), y) < TOL
-        for s, t in zip(sums, whole):
-            assert rel_err(s, t) < TOL
+        _bands_sum_to_the_whole(sm, x, g, cuts, cached)
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_rows_of_padding_alone(cached):
+    """A convolution padded by more than its kernel reaches makes output
+    rows that read only its padding: a band of them reads no image row
+    (band_info: [0, 0)), takes an image tensor of none, and computes only
+    the values below that convolution (the band's first tile owned all of
+    each value up to its cone's end, and the op then asked for the whole
+    image: 'read image rows [0, 45)')."""
+    torch.manual_seed(0)
+    stem = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 5, 3, padding=6),
+                         nn.Conv2d(5, 5, 3, padding=1)).double().eval()
+    sm = streamcnn.StreamingModule(stem, 22)
+    x = torch.randn(2, 3, 45, 37, dtype=torch.float64)
+    oh = stem(x).shape[2]
+    whole_macs = streamcnn.work_info(sm.program, 45, 37, sm.tile_size)[4]
+    for lo in (oh - 3, oh - 1):
+        a, b, _, macs = streamcnn.band_info(sm.program, 45, 37, sm.tile_size, (lo, oh))
+        assert (a, b) == (0, 0)
+        assert macs < 0.06 * whole_macs       # before: 0.17 - 0.2
+    g = torch.randn(stem(x).shape, dtype=torch.float64)
+    for cuts in ([0, oh - 3, oh], [0, oh - 2, oh - 1, oh]):
+        _bands_sum_to_the_whole(sm, x, g, cuts, cached)
 
 
 @pytest.mark.parametrize("rows, match", [
