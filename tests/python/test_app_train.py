@@ -115,6 +115,24 @@ def test_resume_repeats_an_uninterrupted_run(tmp_path):
         cb["optimizer"]["param_groups"][0]["lr"])
 
 
+def test_resume_with_more_epochs_follows_the_new_cosine(tmp_path):
+    """1 epoch of cosine (its last step ends the curve at 0), then --resume
+    --epochs 2: the optimizer steps at the new curve's rates (the first was
+    taken at the checkpoint's 0 and, one step an epoch, nothing moved)."""
+    write_set(tmp_path, n_train=2, n_val=2, size=512, seed=6)
+    opts = ["--batch-size", "2", "--optimizer", "sgd", "--lr", "0.01", "--schedule", "cosine"]
+    train_here(tmp_path, tmp_path / "a", "--epochs", "1", *opts)
+    first = load_checkpoint(str(tmp_path / "a" / "last.pt"))
+    assert first["optimizer"]["param_groups"][0]["lr"] == 0.0
+    train_here(tmp_path, tmp_path / "a", "--epochs", "2", "--resume")
+    last = load_checkpoint(str(tmp_path / "a" / "last.pt"))
+    moved = [k for k, v in first["model"].items()
+             if v.is_floating_point() and not torch.equal(v, last["model"][k])]
+    assert "fc.weight" in " ".join(moved), moved
+    rows = _rows(tmp_path / "a" / "metrics.csv")
+    assert rows[0]["val_loss"] != rows[1]["val_loss"], rows
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -347,6 +347,12 @@ def _train(cfg, ckpt, dist: Dist, device, quiet: bool, resume: bool, overwrite: 
     if ckpt is not None:
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
+        # the next step's rate on this run's curve (the optimizer holds the
+        # checkpoint's: with --epochs raised, cosine's old end, 0); the
+        # same rate, bit for bit, when the curve is unchanged
+        for g, base, f in zip(opt.param_groups, sched.base_lrs, sched.lr_lambdas):
+            g["lr"] = base * f(sched.last_epoch)
+        sched._last_lr = [g["lr"] for g in opt.param_groups]
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         _set_rng_state(ckpt["rng"])
