@@ -312,6 +312,15 @@ def test_bad_run_folder(synth_set, run_dir, tmp_path, capsys):
     empty.mkdir()
     _bad(capsys, _train(slides, empty, "--resume"), "--resume", "no checkpoint", "last.pt")
     assert list(empty.iterdir()) == []
+    # a memory budget too small for the training images: refused before
+    # the run folder is written (it was at the first step, config.yaml kept)
+    small = _train(slides, tmp_path / "budget", "--memory-budget", "1MB")
+    i = small.index("--tile-size")
+    _bad(capsys, small[:i] + small[i + 2:], "memory_budget of 1000000 bytes is too small",
+         out=tmp_path / "budget")
+    # a run that stopped before its first epoch ended (config.yaml alone)
+    (empty / "config.yaml").write_text("lr: 0.01\n")
+    _bad(capsys, _train(slides, empty), "stopped before its first epoch ended", "--overwrite")
     _bad(capsys, ["evaluate", tmp_path / "none.pt", "--csv", slides / "val.csv"], "none.pt",
          "does not exist")
     _bad(capsys, ["export", slides / "train.csv", tmp_path / "m.pt"], "train.csv",

@@ -86,6 +86,9 @@ def _check_out(out: str, resume: bool, overwrite: bool) -> None:
             why = (" (the run stopped before its first epoch ended; start it again with "
                    "--overwrite)" if held else "")
             raise UsageError(f"--resume: no checkpoint {os.path.join(out, 'last.pt')}{why}")
+    elif held == ["config.yaml"] and not overwrite:
+        raise UsageError(f"--out {out} holds a run that stopped before its first epoch "
+                         "ended (config.yaml alone); start it again with --overwrite")
     elif held and not overwrite:
         raise UsageError(f"--out {out} holds another run ({', '.join(held)}); use --resume "
                          "to continue it or --overwrite to replace it")
@@ -296,6 +299,15 @@ def _train(cfg, ckpt, dist: Dist, device, quiet: bool, resume: bool, overwrite: 
                         slide_mpp=cfg["slide_mpp"])
     except (ValueError, FileNotFoundError) as e:
         raise UsageError(str(e)) from None
+    if model.stem.memory_budget:
+        # a budget too small for the training images is refused now, not at
+        # the first step with the run folder written
+        try:
+            model.stem.budget_tile(1, cfg["image_size"], cfg["image_size"],
+                                   dtype=AMP_DTYPES[cfg["amp"]] or torch.float32,
+                                   training=not cfg["freeze_stem"], device=device)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     # every rank has checked everything before rank 0 writes anything
     dist.barrier()
     if dist.main:
