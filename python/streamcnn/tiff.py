@@ -63,6 +63,14 @@ def aperio_description(width: int, height: int, tile: int, mpp: float) -> str:
             "|Software = streamcnn heatmap")
 
 
+def file_mode() -> int:
+    """0666 less the umask: what ``open(path, "w")`` would have made
+    (mkstemp's files, renamed into place, are 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 class PyramidWriter:
     """A ``width x height`` RGB pyramidal tiled TIFF at ``path``, fed rows
     top to bottom with :meth:`write` (uint8 ``r x width x 3``, or
@@ -132,6 +140,7 @@ class PyramidWriter:
             _unlink(self._tmp)
             raise RuntimeError(err.value.decode(errors="replace").replace(self._tmp,
                                                                            self.path))
+        os.chmod(self._tmp, file_mode())
         os.replace(self._tmp, self.path)
 
     def abort(self) -> None:

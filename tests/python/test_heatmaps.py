@@ -235,6 +235,11 @@ def test_pyramid_writer_levels_exact(tmp_path):
         for r in range(0, 776, 100):       # bands not aligned to the tiles
             w.write(img[r:r + 100])
     assert sorted(os.listdir(tmp_path)) == ["m.tif"]   # no temporaries left
+    # the mode open() gives (0644 under umask 022), not mkstemp's 0600:
+    # viewers run by other users open the map
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask
     ref = pyramid(img)
     with streamcnn.Slide(path) as s:
         assert s.level_dimensions == [(lv.shape[1], lv.shape[0]) for lv in ref]

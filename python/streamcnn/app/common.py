@@ -549,6 +549,7 @@ def atomic_file(path: str):
             yield f
             f.flush()
             os.fsync(f.fileno())
+        from ..tiff import file_mode
         os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except BaseException as e:
@@ -568,14 +569,6 @@ def write_atomic(path: str, data: bytes) -> None:
     """``data`` to ``path`` through :func:`atomic_file`."""
     with atomic_file(path) as f:
         f.write(data)
-
-
-def file_mode() -> int:
-    """0666 less the umask: what ``open(path, "w")`` would have made
-    (mkstemp's files are 0600)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
 
 
 def write_csv(path: str, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
