@@ -14,6 +14,15 @@ _loaded_path: str | None = None
 _cdll: ctypes.CDLL | None = None
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (ANSI colour codes
+    removed, at most 200 characters), or its type's name: for messages of
+    one line that quote another library's error."""
+    import re
+    lines = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()
+    return lines[0][:200] if lines else type(e).__name__
+
+
 def library_path() -> str:
     """Absolute path of the streamcnn shared library.
 

@@ -10,6 +10,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from ._library import first_line
 from .slide import uint8_buffer
 
 # The most pixels an image decoded whole may have (3 bytes each: 1 << 30 is
@@ -46,7 +47,7 @@ class PlainImage:
             try:
                 im = Image.open(path)
             except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-                raise NotAnImage(_first_line(e)) from None
+                raise NotAnImage(first_line(e)) from None
             finally:
                 Image.MAX_IMAGE_PIXELS = old
         self._im: Optional["Image.Image"] = im
@@ -57,7 +58,7 @@ class PlainImage:
         except (OSError, ValueError, TypeError, SyntaxError, EOFError) as e:
             self.close()
             raise ValueError(f"streamcnn: {path!r}: a damaged or truncated {self.format} file "
-                             f"(its pages: {_first_line(e)})") from None
+                             f"(its pages: {first_line(e)})") from None
         self.mode: str = im.mode
         w, h = im.size
         if w < 1 or h < 1:
@@ -127,7 +128,7 @@ class PlainImage:
         except (OSError, ValueError, SyntaxError) as e:
             # a truncated or damaged file shows itself only when decoded
             raise ValueError(f"streamcnn: {self.path!r}: cannot decode the "
-                             f"{self.format} image ({_first_line(e)})") from None
+                             f"{self.format} image ({first_line(e)})") from None
         except MemoryError:
             raise MemoryError(f"streamcnn: out of memory decoding {self.path!r} "
                               f"({w} x {h} pixels, {3 * w * h >> 20} MiB)") from None
@@ -180,8 +181,3 @@ def _tiff_mpp(im) -> Optional[Tuple[float, float]]:
     if not (math.isfinite(rx) and math.isfinite(ry) and rx > 0 and ry > 0):
         return None
     return 1e4 / rx, 1e4 / ry
-
-
-def _first_line(e: BaseException) -> str:
-    s = str(e).strip().splitlines()
-    return s[0][:200] if s else type(e).__name__

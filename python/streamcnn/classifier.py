@@ -13,6 +13,7 @@ output), ``head.pool`` the global pool ("max", as in the paper, or "avg"),
 ``head.fc`` the linear layer.
 """
 
+import re
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -107,7 +108,13 @@ def load_weights(model: nn.Module, path: str, arch: str) -> None:
     except FileNotFoundError:
         raise FileNotFoundError(f"streamcnn: weights file {path} does not exist") from None
     except Exception as e:
-        raise ValueError(f"streamcnn: cannot read weights file {path}: {e}") from None
+        glob = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if glob:        # pickled objects, e.g. torch.save(model)
+            raise ValueError(f"streamcnn: weights file {path} holds pickled objects "
+                             f"({glob.group(1)}), not a state_dict: save it with "
+                             "torch.save(model.state_dict(), path)") from None
+        raise ValueError(f"streamcnn: cannot read weights file {path}: not a state_dict "
+                         "torch.save wrote") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -324,7 +324,12 @@ def test_bad_run_folder(synth_set, run_dir, tmp_path, capsys):
     _bad(capsys, ["evaluate", tmp_path / "none.pt", "--csv", slides / "val.csv"], "none.pt",
          "does not exist")
     _bad(capsys, ["export", slides / "train.csv", tmp_path / "m.pt"], "train.csv",
-         "cannot read checkpoint")
+         "cannot read checkpoint", "not a file torch.save wrote")
+    # an exported TorchScript model given for a checkpoint: one line, no
+    # torch warning
+    torch.jit.script(torch.nn.Linear(2, 2)).save(str(tmp_path / "ts.pt"))
+    _bad(capsys, ["evaluate", tmp_path / "ts.pt", "--csv", slides / "val.csv"], "ts.pt",
+         "is a TorchScript model", "last.pt or best.pt")
     assert not (tmp_path / "m.pt").exists()
     # a finished run resumed: nothing to do, exit 0
     res = cli_here(capsys, *_train(slides, run_dir, "--resume", "--mpp", "0.5"))

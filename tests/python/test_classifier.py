@@ -100,7 +100,14 @@ def test_weights_must_match(tmp_path):
         build_model("resnet18", weights=str(bad), tile_size=448)
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="cannot read weights file"):
+    with pytest.raises(ValueError, match="cannot read weights file .*junk.pt: not a "
+                       "state_dict torch.save wrote$"):
         load_weights(torchvision.models.resnet18(weights=None), str(junk), "resnet18")
+    whole = tmp_path / "whole.pt"           # torch.save(model): one line that says so
+    torch.save(torchvision.models.resnet18(weights=None), whole)
+    with pytest.raises(ValueError, match=r"holds pickled objects \(torchvision.models.resnet"
+                       r".ResNet\), not a state_dict: save it with torch.save\(model."
+                       r"state_dict\(\), path\)$"):
+        load_weights(torchvision.models.resnet18(weights=None), str(whole), "resnet18")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         build_model("resnet18", weights=str(tmp_path / "nope.pt"))

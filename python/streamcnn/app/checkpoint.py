@@ -19,6 +19,7 @@ from typing import Any, Dict, Tuple
 
 import torch
 
+from .._library import first_line
 from ..classifier import SlideClassifier, build_model
 
 FORMAT = "streamcnn-checkpoint"
@@ -48,10 +49,14 @@ def load_checkpoint(path: str, map_location: Any = "cpu") -> Dict[str, Any]:
         raise FileNotFoundError(f"streamcnn: checkpoint {path} does not exist")
     if os.path.isdir(path):
         raise ValueError(f"streamcnn: checkpoint {path} is a directory, not a file")
+    if _is_torchscript(path):
+        raise ValueError(f"streamcnn: {path} is a TorchScript model (what streamcnn export "
+                         "writes), not a checkpoint: give the run's last.pt or best.pt")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:
-        raise ValueError(f"streamcnn: cannot read checkpoint {path}: {e}") from None
+        raise ValueError(f"streamcnn: cannot read checkpoint {path}: not a file torch.save "
+                         f"wrote ({first_line(e)})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise ValueError(f"streamcnn: {path} is not a streamcnn checkpoint")
     if ckpt.get("version") != VERSION:
@@ -62,6 +67,17 @@ def load_checkpoint(path: str, map_location: Any = "cpu") -> Dict[str, Any]:
         raise ValueError(f"streamcnn: checkpoint {path} lacks "
                          f"{missing or ['model']} (a damaged or foreign file)")
     return ckpt
+
+
+def _is_torchscript(path: str) -> bool:
+    """A TorchScript archive (a zip with the scripted code), which
+    torch.load would hand to torch.jit.load with a warning."""
+    import zipfile
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith("/constants.pkl") or "/code/" in n for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
 
 
 def model_from_config(config: Dict[str, Any]) -> SlideClassifier:
