@@ -154,8 +154,9 @@ def test_blank_slide_score_empty_map_warning(data, tmp_path, capsys):
 
 def test_regression_checkpoint(data, tmp_path):
     with pytest.raises(ValueError, match="regression model .* has no class map"):
-        predict.run(_args(data["reg"], data["dir"] / "b.svs", "--out", tmp_path,
+        predict.run(_args(data["reg"], data["dir"] / "b.svs", "--out", tmp_path / "no",
                           "--heatmap", "cam"))
+    assert not (tmp_path / "no").exists()       # refused: nothing written
     out = tmp_path / "o"
     assert predict.run(_args(data["reg"], data["dir"] / "b.svs", "--out", out,
                              "--quiet")) == 0
@@ -169,6 +170,32 @@ def test_output_dir_not_writable(data, tmp_path):
     blocker.write_text("x")
     with pytest.raises(ValueError, match="output directory .* is not writable"):
         predict.run(_args(data["ckpt"], data["dir"] / "b.svs", "--out", blocker / "sub"))
+    with pytest.raises(ValueError, match="output directory .*file exists and is not a "
+                       "directory"):
+        predict.run(_args(data["ckpt"], data["dir"] / "b.svs", "--out", blocker))
+
+
+def test_target_by_index_or_name(data, tmp_path):
+    """--target: a class index, or a name of the run's --classes; anything
+    else is refused before the output folder is made."""
+    named = str(tmp_path / "named.pt")
+    ckpt = torch.load(data["ckpt"], weights_only=False)
+    ckpt["config"]["classes"] = "normal,tumour"
+    torch.save(ckpt, named)
+    for target, out in (("tumour", "a"), ("1", "b")):
+        assert predict.run(_args(named, data["dir"] / "b.svs", "--out", tmp_path / out,
+                                 "--heatmap", "cam", "--target", target, "--quiet")) == 0
+        assert _rows(tmp_path / out)[0]["target"] == "1"
+    for ckpt, target, match in ((named, "stroma", r"--target 'stroma' is neither a class "
+                                 r"index nor a class name \(the run's --classes: normal, "
+                                 r"tumour\)"),
+                                (data["ckpt"], "tumour", "the run named no --classes"),
+                                (named, "2", "--target 2 is out of range for 2 classes"),
+                                (data["reg"], "1", "--target 1 is out of range for 1 output")):
+        with pytest.raises(ValueError, match=match):
+            predict.run(_args(ckpt, data["dir"] / "b.svs", "--out", tmp_path / "no",
+                              "--heatmap", "saliency", "--target", target))
+        assert not (tmp_path / "no").exists()
 
 
 def test_command_line_exit_code(data, tmp_path):

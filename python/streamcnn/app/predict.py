@@ -75,8 +75,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heatmap", choices=HEATMAPS, default=None,
                    help="maps to draw (default: both for a classifier, saliency for a "
                         "regression model)")
-    p.add_argument("--target", type=int, default=None,
-                   help="class whose maps are drawn (default: the predicted class)")
+    p.add_argument("--target", default=None, metavar="CLASS",
+                   help="class whose maps are drawn: its index, or its name from the run's "
+                        "--classes (default: the predicted class)")
     p.add_argument("--device", default="cpu", help="where the model runs (cpu, cuda, ...)")
     p.add_argument("--tile-size", type=int, default=None, metavar="PX",
                    help="the stem's input tile (default: the checkpoint's tiling)")
@@ -135,6 +136,8 @@ def _return_freed_memory() -> None:
 
 def _check_out_dir(path: str) -> None:
     """Create ``path`` and make sure files can be written there."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"streamcnn: output directory {path} exists and is not a directory")
     try:
         os.makedirs(path, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".streamcnn-probe-", dir=path)
@@ -456,6 +459,26 @@ def _write_csv(path: str, rows: List[Dict]) -> None:
     write_csv(path, keys, [[r.get(k, "") for k in keys] for r in rows])
 
 
+def _target(text: str, task: str, config: Dict, classes: int) -> int:
+    """``--target``: a class index, or a name of the run's ``--classes``
+    (a regression model's only output is 0)."""
+    names = parse_classes(config.get("classes")) or []
+    if text in names:
+        return names.index(text)
+    try:
+        k = int(text)
+    except ValueError:
+        known = f"the run's --classes: {', '.join(names)}" if names else \
+            "the run named no --classes"
+        raise ValueError(f"streamcnn: --target {text!r} is neither a class index nor a "
+                         f"class name ({known})") from None
+    n = classes if task != "regression" else 1
+    if not 0 <= k < n:
+        raise ValueError(f"streamcnn: --target {k} is out of range for {n} "
+                         f"{'classes' if task != 'regression' else 'output'}")
+    return k
+
+
 def run(args) -> int:
     """Run ``streamcnn predict``; 0 when every slide worked, 2 when some
     failed or were blank (each reported on stderr and in predictions.csv;
@@ -464,7 +487,6 @@ def run(args) -> int:
     / FileNotFoundError with a ``streamcnn:`` message."""
     _check_args(args)
     items = _slides(args)
-    _check_out_dir(args.out)
     _return_freed_memory()
     model, config = load_model(args.checkpoint, args.device)
     task = config.get("task", "classification")
@@ -472,10 +494,8 @@ def run(args) -> int:
     if task == "regression" and heat in ("cam", "both"):
         raise ValueError(f"streamcnn: checkpoint {args.checkpoint} is a regression model "
                          f"(task: regression): it has no class map; use --heatmap saliency")
-    if task != "regression" and args.target is not None and \
-            not 0 <= args.target < model.head.fc.out_features:
-        raise ValueError(f"streamcnn: --target {args.target} is out of range for "
-                         f"{model.head.fc.out_features} classes")
+    if args.target is not None:
+        args.target = _target(args.target, task, config, model.head.fc.out_features)
     if args.tile_size is not None:
         rf = max(model.stem.receptive_field)
         if args.tile_size < rf:
@@ -483,6 +503,7 @@ def run(args) -> int:
                              f"stem's receptive field ({rf})")
         model.stem.memory_budget = 0
         model.stem.tile_size = [args.tile_size, args.tile_size]
+    _check_out_dir(args.out)            # after every check: a refused run writes nothing
     for p in model.parameters():
         p.requires_grad_(False)
     want_sal, want_cam = heat in ("saliency", "both"), heat in ("cam", "both")
