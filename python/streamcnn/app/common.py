@@ -281,7 +281,12 @@ def end_process(code: int) -> None:
     ended finished ranks with SIGABRT ('terminate called without an active
     exception') now and then, which torchrun, or the parent of spawned
     ranks, reports as a failed run. Everything a run writes is written and
-    closed before it returns; the streams are flushed here."""
+    closed before it returns. Python's exit handlers still run here
+    (multiprocessing's finalizers: the semaphore of tqdm's lock is released,
+    else the resource tracker warned of 'leaked semaphore objects'); then
+    the streams are flushed."""
+    import atexit
+    atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
