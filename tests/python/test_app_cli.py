@@ -11,6 +11,7 @@ import csv
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -697,10 +698,110 @@ def test_spreadsheet_tables(slides, tmp_path):
     with pytest.raises(UsageError, match="CSV .*gaps.csv: field larger than"):
         read_slide_table(str(t), "classification")
     t.write_bytes(b"path,label\n\xff\xfe,1\n")            # not UTF-8
-    with pytest.raises(ValueError, match="cannot read slide table .*gaps.csv"):
+    with pytest.raises(ValueError, match=r"slide table .*gaps.csv is not UTF-8 text \(line 2\)"):
         SlideDataset(str(t), 64, mpp=4.0)
     with pytest.raises(ValueError, match="is a directory, not a CSV file"):
         SlideDataset(str(slides), 64, mpp=4.0)
+
+
+@pytest.fixture
+def user(slides):
+    """Tables as users' tools write them, of train.csv's rows (``.rows``,
+    read as ``.want``): ``.read(text or bytes, **kw)`` writes ``.t``
+    (user.csv beside the slides) and reads it with read_slide_table;
+    ``.same(table)``: train.csv's slides and labels."""
+    from types import SimpleNamespace
+    from streamcnn.app.common import read_slide_table
+    u = SimpleNamespace(t=slides / "user.csv",
+                        want=read_slide_table(str(slides / "train.csv"), "classification"),
+                        rows=(slides / "train.csv").read_text().strip().splitlines()[1:])
+
+    def read(text, **kw):
+        u.t.write_bytes(text if isinstance(text, bytes) else text.encode())
+        return read_slide_table(str(u.t), "classification", **kw)
+
+    def same(got):
+        assert (got.paths, got.labels) == (u.want.paths, u.want.labels)
+    u.read, u.same = read, same
+    return u
+
+
+def test_table_header_names(user):
+    """Header names in any case, spaces around them (the mpp column too); a
+    column named twice is refused, not the last one used."""
+    from streamcnn.app.common import UsageError
+    got = user.read(" PATH ;Label; Mpp \n" + "".join(f"{r.replace(',', ';')};0.5\n"
+                                                    for r in user.rows))
+    user.same(got)
+    assert got.mpps == [0.5] * len(user.rows)
+    with pytest.raises(UsageError, match=r"user.csv needs a header with 'path' and 'label' "
+                                         r"columns, got \['file', 'Label'\]"):
+        user.read("file,Label\n" + "\n".join(user.rows))
+    for head, col in (("path,label,label", "label"), ("Path, LABEL ,label", "label"),
+                      ("path,label,mpp,MPP", "mpp")):
+        with pytest.raises(UsageError, match=f"CSV .*user.csv line 1: the header has more "
+                                             f"than one '{col}' column"):
+            user.read(head + "\n" + "".join(f"{r},0\n" for r in user.rows))
+
+
+def test_table_blank_lines_and_cr(user):
+    """Blank lines (or of separators alone) before the header are left out,
+    messages keep the file's line numbers; an old Mac's CR line ends read
+    as any others, also inside a quoted field."""
+    from streamcnn.app.common import UsageError
+    from streamcnn.data.dataset import read_csv
+    rows, p1 = user.rows, user.rows[1].split(",")[0]
+    user.same(user.read("\n,,\n ; \n\npath,label\n" + "\n".join(rows) + "\n"))
+    with pytest.raises(UsageError, match="user.csv line 6: label 'x'"):
+        user.read(f"\n,,\n\npath,label\n{rows[0]}\n{p1},x\n")
+    user.same(user.read("path;label\r" + "\r".join(r.replace(",", ";") for r in rows) + "\r"))
+    user.same(user.read("path,label,note\r" + "".join(f'{r},"two\rlines"\r' for r in rows)))
+    assert [(n, r["note"]) for n, r in read_csv(user.t, ("path",))[1][:2]] == \
+        [(3, "two\rlines"), (5, "two\rlines")]
+    with pytest.raises(UsageError, match="user.csv line 3: label 'x'"):
+        user.read(f"path,label\r{rows[0]}\r{p1},x\r")
+
+
+def test_table_encodings(user, tmp_path, capsys):
+    """UTF-16 by its byte-order mark (Excel's "Unicode text"); bytes that
+    are not UTF-8 (cp1252, UTF-16 without its mark) refused with one line
+    naming the file and the line of the first bad byte, not guessed."""
+    from streamcnn.app.common import UsageError
+    from streamcnn.data import SlideDataset
+    text = "Path\tLabel\r\n" + "".join(r.replace(",", "\t") + "\r\n" for r in user.rows)
+    for data in (b"\xff\xfe" + text.encode("utf-16-le"), b"\xfe\xff" + text.encode("utf-16-be")):
+        user.same(user.read(data))
+        assert SlideDataset(str(user.t), 64, mpp=4.0).paths == user.want.paths
+    cp1252 = f"path,label\n{user.rows[0]}\n".encode() + "café.svs,1\n".encode("cp1252")
+    for data, line in ((cp1252, 3), (text.encode("utf-16-le"), 1)):
+        msg = rf"user.csv is not UTF-8 text \(line {line}\): save it as 'CSV UTF-8'"
+        with pytest.raises(UsageError, match="CSV .*" + msg):
+            user.read(data)
+        with pytest.raises(ValueError, match="slide table .*" + msg):
+            SlideDataset(str(user.t), 64, mpp=4.0)
+    out = tmp_path / "run"
+    _bad(capsys, _train(user.t.parent, out, train=user.t), "is not UTF-8 text (line 1)",
+         out=out)
+
+
+def test_table_float_labels(user):
+    """Classification labels as pandas writes a float column (1.0, 2.00)
+    are those indices, also beside --num-classes and --classes; a fraction
+    is refused as before."""
+    from streamcnn.app.common import UsageError
+    user.same(user.read("path,label\n" + "".join(f"{r}.0\n" for r in user.rows)))
+    p = [r.split(",")[0] for r in user.rows]
+    assert user.read(f"path,label\n{p[0]},2.00\n{p[1]},0.0\n", num_classes=3).labels == \
+        [2.0, 0.0]
+    assert user.read(f"path,label\n{p[0]},tumour\n{p[1]},0.0\n",
+                     classes=["normal", "tumour"]).labels == [1.0, 0.0]
+    for label, kw, msg in (("0.5", {}, "is not 0 or 1 (task classification)"),
+                           ("1.2", {"num_classes": 3}, "is not an integer in 0 .. 2"),
+                           ("2.0", {}, "is not 0 or 1"), ("1.", {}, "is not 0 or 1"),
+                           ("1.5", {"classes": ["a", "b"]}, "is not one of a, b")):
+        with pytest.raises(UsageError, match=re.escape(f"user.csv line 3: label '{label}' "
+                                                       f"{msg}")):
+            user.read(f"path,label\n{p[0]},0\n{p[1]},{label}\n", **kw)
 
 
 def test_class_weights(slides, tmp_path, capsys):

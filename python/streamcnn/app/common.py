@@ -127,7 +127,8 @@ def _label(text: str, task: str, where: str, num_classes: int = 2,
     if task == "classification":
         if classes is not None and text in classes:
             return float(list(classes).index(text))
-        if not (text.isdigit() and text.isascii() and int(text) < num_classes):
+        index = _class_index(text)
+        if index is None or index >= num_classes:
             if classes is not None:
                 raise UsageError(f"{where}: label {text!r} is not one of {', '.join(classes)} "
                                  f"(--classes) or 0 .. {num_classes - 1}")
@@ -138,7 +139,7 @@ def _label(text: str, task: str, where: str, num_classes: int = 2,
             raise UsageError(f"{where}: label {text!r} is not an integer in 0 .. "
                              f"{num_classes - 1} (task classification, --num-classes "
                              f"{num_classes}{hint})")
-        return float(int(text))
+        return float(index)
     try:
         v = float(text)
     except ValueError:
@@ -146,6 +147,15 @@ def _label(text: str, task: str, where: str, num_classes: int = 2,
     if not math.isfinite(v):
         raise UsageError(f"{where}: label {text!r} is not a number (task regression)")
     return v
+
+
+def _class_index(text: str) -> Optional[int]:
+    """A class index written as digits, or as an integral float (``1.0``:
+    what pandas writes for a float column); None for anything else."""
+    whole, dot, frac = text.partition(".")
+    if whole.isdigit() and whole.isascii() and (not dot or frac and set(frac) == {"0"}):
+        return int(whole)
+    return None
 
 
 def is_number(text: str) -> bool:

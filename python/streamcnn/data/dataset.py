@@ -1,6 +1,7 @@
 """Slide datasets: one uint8 image of a chosen size and resolution per slide,
 for training a streamed network end to end on whole-slide images."""
 
+import codecs
 import csv
 import dataclasses
 import io
@@ -213,51 +214,88 @@ def read_table(table: Union[str, os.PathLike, Sequence[Tuple[str, object]]]
     return [(p, label) for p, label, _ in _read_rows(table)]
 
 
-def table_reader(text: str) -> csv.DictReader:
-    """A ``csv.DictReader`` of a slide table's text: comma-separated, or
-    semicolon- or tab-separated when the header line has no comma (as
-    spreadsheets write them in some locales)."""
-    header = text.split("\n", 1)[0]
+def _decode(data: bytes, what: str, name: str) -> str:
+    """The text of a table's bytes by its byte-order mark: UTF-8 (also
+    without one) or UTF-16 LE/BE (Excel's "Unicode text"). Other bytes (a
+    Latin-1 or cp1252 file, UTF-16 without a mark) are refused naming the
+    line of the first bad one, not guessed."""
+    enc = "utf-8"
+    for bom, e in ((codecs.BOM_UTF8, "utf-8"), (codecs.BOM_UTF16_LE, "utf-16-le"),
+                   (codecs.BOM_UTF16_BE, "utf-16-be")):
+        if data.startswith(bom):
+            data, enc = data[len(bom):], e
+            break
+    try:
+        text = data.decode(enc)
+        bad = text.find("\0")
+    except UnicodeDecodeError as e:
+        text = data[:e.start].decode(enc, "replace")
+        bad = len(text)
+    if bad < 0:
+        return text
+    line = text[:bad].replace("\r\n", "\n").replace("\r", "\n").count("\n") + 1
+    raise ValueError(f"streamcnn: {what} {name} is not {enc.upper()} text (line {line}): "
+                     "save it as 'CSV UTF-8'")
+
+
+def _is_blank(line: str) -> bool:
+    """A line of no text: empty, or only separators (a spreadsheet's ``,,``)."""
+    return not line.strip(" \t\r\n,;\"")
+
+
+def table_reader(text: str):
+    """A ``csv.reader`` of a slide table's text (any line ends: LF, CRLF, an
+    old Mac's CR): comma-separated, or semicolon- or tab-separated when the
+    header (its first non-blank line) has no comma (as spreadsheets write
+    them in some locales)."""
+    lines = io.StringIO(text, newline="")
+    header = next((ln for ln in lines if not _is_blank(ln)), "")
     delimiter = ","
-    if "," not in header:
-        delimiter = max(";\t", key=header.count) if header.count(";") + header.count(
-            "\t") else ","
-    return csv.DictReader(io.StringIO(text), delimiter=delimiter)
+    if "," not in header and header.count(";") + header.count("\t"):
+        delimiter = max(";\t", key=header.count)
+    return csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
 
 
 def read_csv(path: Union[str, os.PathLike], columns: Sequence[str], what: str = "table"
              ) -> Tuple[str, List[Tuple[int, Dict[str, str]]]]:
     """``(folder of the file, [(line, row)])`` of a CSV table whose header
-    has ``columns`` (as spreadsheets save it too: a byte-order mark, CRLF,
-    semicolons or tabs, see :func:`table_reader`): each row a dict of its
-    stripped cells (missing ones empty) with the line it ends on; blank rows
-    (no cell filled, e.g. a spreadsheet's trailing ``,,``) left out. A
-    missing file raises ``FileNotFoundError``, an unreadable or malformed
-    one ``ValueError``, each naming ``what`` and the file."""
+    has ``columns`` (named in any case, spaces around them ignored; each at
+    most once), as spreadsheets save it too (see :func:`_decode` and
+    :func:`table_reader`): each row a dict of its stripped cells by
+    lower-case column name (missing ones empty) with the line it ends on;
+    blank lines before the header and blank rows (no cell filled, e.g. a
+    spreadsheet's trailing ``,,``) left out. A missing file raises
+    ``FileNotFoundError``, an unreadable or malformed one ``ValueError``,
+    each naming ``what`` and the file."""
     name = os.fspath(path)
     if os.path.isdir(name):
         raise ValueError(f"streamcnn: {what} {name} is a directory, not a CSV file")
     try:
-        with open(name, newline="", encoding="utf-8-sig") as f:  # Excel writes a BOM
-            text = f.read()
+        with open(name, "rb") as f:
+            text = _decode(f.read(), what, name)
     except FileNotFoundError:
         raise FileNotFoundError(f"streamcnn: {what} {name} does not exist") from None
-    except (OSError, UnicodeDecodeError) as e:
+    except OSError as e:
         raise ValueError(f"streamcnn: cannot read {what} {name}: {e}") from None
     reader = table_reader(text)
     try:
-        fields = [(c or "").strip() for c in (reader.fieldnames or [])]
+        header = [c.strip() for c in next((r for r in reader if not _is_blank("".join(r))),
+                                          [])]
+        fields = [c.lower() for c in header]
+        twice = sorted({c for c in fields if c and fields.count(c) > 1})
+        if twice:
+            raise ValueError(f"streamcnn: {what} {name} line {reader.line_num}: the header "
+                             f"has more than one {twice[0]!r} column")
         if not all(c in fields for c in columns):
             need = f"a {columns[0]!r} column" if len(columns) == 1 else \
                 " and ".join(map(repr, columns)) + " columns"
             raise ValueError(f"streamcnn: {what} {name} needs a header with {need}, "
-                             f"got {fields}")
+                             f"got {header}")
         rows = []
-        for row in reader:
-            row = {(k or "").strip(): (v or "").strip() if isinstance(v, str) else ""
-                   for k, v in row.items()}
-            if any(row.values()):
-                rows.append((reader.line_num, row))
+        for cells in reader:
+            cells = [c.strip() for c in cells[:len(fields)]]
+            if any(cells):
+                rows.append((reader.line_num, dict(zip(fields, cells + [""] * len(fields)))))
     except csv.Error as e:
         raise ValueError(f"streamcnn: {what} {name}: {e}") from None
     return os.path.dirname(os.path.abspath(name)), rows
