@@ -8,6 +8,7 @@ process: each console-script process costs an interpreter start and the
 torch / torchvision imports (~5-8 s here)."""
 
 import csv
+import itertools
 import json
 import math
 import os
@@ -610,7 +611,7 @@ def test_failed_writes_keep_the_previous_files(slides, tmp_path, capsys, monkeyp
 
 def test_patience_stops_early_and_resumes(slides, tmp_path, capsys, monkeypatch):
     """--patience N: the run stops once the metric that picks best.pt has
-    not improved for N epochs (here a validation metric held constant: best
+    not improved for N epochs (here a validation metric that falls: best
     stays epoch 1); resumed with the same patience there is nothing to do,
     with --patience 0 it trains on to --epochs."""
     from streamcnn.app import train as T
@@ -622,7 +623,13 @@ def test_patience_stops_early_and_resumes(slides, tmp_path, capsys, monkeypatch)
     nan = [{"epoch": i + 1, "val_loss": v, "val_auc": math.nan}
            for i, v in enumerate([3.0, 2.0, 2.5])]             # no AUC: the loss decides
     assert T._stale(nan, "val_auc", 1).endswith("best epoch 2)")
-    monkeypatch.setattr(T, "metric", lambda *a, **k: (0.5, ""))
+    # equal metrics: the lower validation loss is the better epoch
+    ties = [{"epoch": i + 1, "val_loss": v, "val_auc": 1.0}
+            for i, v in enumerate([0.9, 0.5, 0.7])]
+    assert T._best_index(ties, "val_auc") == 1
+    assert T._stale(ties, "val_auc", 1).endswith("best epoch 2)")
+    falling = itertools.count()         # best.pt stays epoch 1, whatever the losses
+    monkeypatch.setattr(T, "metric", lambda *a, **k: (0.5 - 0.01 * next(falling), ""))
     out = tmp_path / "run"
     res = cli_here(capsys, *_train(slides, out, "--epochs", "4", "--patience", "1"))
     assert "early stop after epoch 2: val_auc has not improved for 1 epochs" in res.stderr

@@ -537,9 +537,13 @@ def _train(cfg, ckpt, dist: Dist, device, quiet: bool, resume: bool, overwrite: 
 
 
 def _best_key(row: Dict[str, Any], mname: str) -> list:
-    """What ranks an epoch for best.pt: its metric, or (a nan metric, ranked
-    below any number) its validation loss, lower being better."""
-    return [1, row[mname]] if not math.isnan(row[mname]) else [0, -row["val_loss"]]
+    """What ranks an epoch for best.pt: its metric, ties (an AUC of 1 on a
+    small validation set, epoch after epoch) broken by the validation loss,
+    lower being better; a nan metric ranks below any number (then the loss
+    alone). A checkpoint's key of an earlier version (no loss after the
+    metric) ranks below the same metric with one."""
+    loss = -row["val_loss"] if math.isfinite(row["val_loss"]) else -math.inf
+    return [1, row[mname], loss] if not math.isnan(row[mname]) else [0, loss]
 
 
 def _best_index(rows: List[Dict[str, Any]], mname: str) -> int:
