@@ -360,6 +360,19 @@ def test_single_class_validation_and_toml_config(slides, tmp_path, capsys):
     assert saved["epochs"] == 1 and saved["lr"] == 0.02 and saved["schedule"] == "constant"
 
 
+def test_config_paths_relative_to_the_file(tmp_path):
+    """A config's file names are relative to its folder, normalised (no
+    ``cfg/../runs`` in the run's messages and config.yaml)."""
+    from streamcnn.app.config import read_config_file
+    (tmp_path / "cfg").mkdir()
+    cfg = tmp_path / "cfg" / "c.toml"
+    cfg.write_text('out = "../runs/a"\ntrain = "./data/train.csv"\nval = "/abs/v.csv"\n')
+    got = read_config_file(str(cfg))
+    assert got["out"] == str(tmp_path / "runs" / "a")
+    assert got["train"] == str(tmp_path / "cfg" / "data" / "train.csv")
+    assert got["val"] == "/abs/v.csv"
+
+
 def test_ctrl_c_keeps_last_checkpoint(slides, tmp_path, capsys):
     out = tmp_path / "run"
     val = tmp_path / "val.csv"

@@ -227,9 +227,8 @@ def read_config_file(path: str) -> Dict[str, Any]:
             raise UsageError(f"config {path}: unknown option {key!r}")
         o = BY_NAME[name]
         v = check_value(o, v, f"config {path}")
-        if o.path and v is not None:
-            v = os.path.join(os.path.dirname(os.path.abspath(path)), v) \
-                if not os.path.isabs(v) else v
+        if o.path and v is not None:        # relative to the config file's folder
+            v = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)), v))
         out[name] = v
     return out
 
