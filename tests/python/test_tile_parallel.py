@@ -312,6 +312,29 @@ def test_rows_ops_sum_to_the_whole(cached, grad):
 
 
 @pytest.mark.parametrize("cached", [True, False])
+def test_rows_ops_convnext(cached):
+    """A ConvNeXt stem (stem, a stage of two blocks: 7 x 7 depthwise
+    convolutions, channel layer norms, linear layers, layer scale; the
+    downsampling) of torchvision's ConvNeXt at a small width, in row bands
+    through tiles of 100: the bands sum to the whole."""
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+    torch.manual_seed(0)
+    net = ConvNeXt([CNBlockConfig(8, 16, 2), CNBlockConfig(16, None, 1)]).double().eval()
+    for m in net.modules():
+        if hasattr(m, "layer_scale"):
+            nn.init.normal_(m.layer_scale, 0, 0.5)
+    stem = net.features[:3]
+    sm = streamcnn.StreamingModule(stem, 100, halo_cache=cached)
+    x = torch.randn(2, 3, 189, 83, dtype=torch.float64)
+    assert streamcnn.tiling_info(sm.program, 189, 83, sm.tile_size)[4:] == [4, 2]
+    y = stem(x)
+    g = torch.randn_like(y)
+    oh = y.shape[2]
+    for cuts in ([0, 3, oh], [0, 9, 10, oh], [0, oh - 1, oh]):
+        _bands_sum_to_the_whole(sm, x, g, cuts, cached)
+
+
+@pytest.mark.parametrize("cached", [True, False])
 def test_rows_of_padding_alone(cached):
     """A convolution padded by more than its kernel reaches makes output
     rows that read only its padding: a band of them reads no image row
