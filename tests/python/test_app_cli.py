@@ -373,6 +373,24 @@ def test_config_paths_relative_to_the_file(tmp_path):
     assert got["val"] == "/abs/v.csv"
 
 
+def test_config_lists(tmp_path):
+    """classes and class_weights as YAML / TOML lists (what a user writes),
+    kept as the flags write them; other lists refused naming the key."""
+    from streamcnn.app.common import UsageError
+    from streamcnn.app.config import read_config_file
+    y = tmp_path / "c.yaml"
+    y.write_text("classes: [normal, tumour]\nclass_weights: [1, 2.5]\n")
+    assert read_config_file(str(y)) == {"classes": "normal,tumour", "class_weights": "1,2.5"}
+    t = tmp_path / "c.toml"
+    t.write_text('classes = ["a", "b", "c"]\n')
+    assert read_config_file(str(t)) == {"classes": "a,b,c"}
+    for bad in ("classes: [[a, b], c]", "classes: []", "class_weights: [true, 1]",
+                "optimizer: [sgd]"):
+        y.write_text(bad + "\n")
+        with pytest.raises(UsageError, match="c.yaml: .* must be str"):
+            read_config_file(str(y))
+
+
 def test_ctrl_c_keeps_last_checkpoint(slides, tmp_path, capsys):
     out = tmp_path / "run"
     val = tmp_path / "val.csv"

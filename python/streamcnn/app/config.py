@@ -160,6 +160,10 @@ def add_options(parser: argparse.ArgumentParser) -> None:
                                 help=o.help + default)
 
 
+# options given as comma-separated text that a config file may give as a list
+LISTS = ("classes", "class_weights")
+
+
 def check_value(o: Option, v: Any, where: str) -> Any:
     """``v`` as option ``o``'s type, or a UsageError naming ``where``."""
     if v is None:
@@ -174,6 +178,9 @@ def check_value(o: Option, v: Any, where: str) -> Any:
     else:
         if o.name == "stream_upto" and isinstance(v, int) and not isinstance(v, bool):
             v = str(v)
+        if o.name in LISTS and isinstance(v, list) and v and all(
+                isinstance(x, (str, int, float)) and not isinstance(x, bool) for x in v):
+            v = ",".join(map(str, v))       # a config file's list, as the flag writes it
         ok = isinstance(v, str)
     if not ok:
         raise UsageError(f"{where}: {o.name} must be {o.kind.__name__}, got {v!r}")
