@@ -49,6 +49,12 @@ def test_labels_and_center_crop(table):
     # integer labels stay integers
     ds2 = SlideDataset([(d / "s0.svs", 3), (d / "s1.svs", 7)], 64, level=0)
     assert ds2.classes is None and [ds2[i][1] for i in range(2)] == [3, 7]
+    # as pandas writes them (a float column): integers too, not names sorted
+    # as text ("10.0" before "2.0")
+    ds3 = SlideDataset([(d / "s0.svs", "2.0"), (d / "s1.svs", "10.0")], 64, level=0)
+    assert ds3.classes is None and ds3.labels == [2, 10]
+    ds4 = SlideDataset([(d / "s0.svs", "0.5"), (d / "s1.svs", "1")], 64, level=0)
+    assert ds4.classes == ["0.5", "1"]
 
 
 def test_tissue_crop_pads_with_background(table):

@@ -433,9 +433,10 @@ class SlideDataset(torch.utils.data.Dataset):
             more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
             raise FileNotFoundError(f"streamcnn: slide not found: {missing[0]!r}{more}")
         labels = [lab for _, lab, _ in rows]
-        if all(isinstance(v, int) or _is_int(v) for v in labels):
+        ints = [_as_int(v) for v in labels]
+        if all(v is not None for v in ints):
             self.classes: Optional[List[str]] = None
-            self.labels = [int(v) for v in labels]
+            self.labels = ints
         else:
             self.classes = sorted({str(v) for v in labels})
             index = {c: i for i, c in enumerate(self.classes)}
@@ -638,9 +639,15 @@ class SlideDataset(torch.utils.data.Dataset):
         return {"part": part, "sums": sums, "draw": d.as_tensor()}
 
 
-def _is_int(v) -> bool:
+def _as_int(v) -> Optional[int]:
+    """A label that is an integer (``3``, ``"3"``, or ``"3.0"`` as pandas
+    writes a float column) as an int; None for a class name."""
     try:
-        int(str(v))
-        return True
+        return int(str(v))
     except ValueError:
-        return False
+        pass
+    try:
+        f = float(str(v))
+    except ValueError:
+        return None
+    return int(f) if f.is_integer() else None
