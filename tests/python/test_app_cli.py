@@ -360,6 +360,27 @@ def test_single_class_validation_and_toml_config(slides, tmp_path, capsys):
     assert saved["epochs"] == 1 and saved["lr"] == 0.02 and saved["schedule"] == "constant"
 
 
+def test_tables_conflicting_or_shared_slides(tmp_path, capsys):
+    """A slide twice in a table with different labels is refused (twice with
+    one label, e.g. oversampled, is fine); slides in both the training and
+    the validation table are a warning."""
+    from streamcnn.app import train as T
+    from streamcnn.app.common import Table, UsageError
+    a, b = str(tmp_path / "a.svs"), str(tmp_path / "b.svs")
+    tr = Table("train.csv", [a, b, a], ["a.svs", "b.svs", "a.svs"], [0.0, 1.0, 0.0], [None] * 3)
+    va = Table("val.csv", [b], ["b.svs"], [1.0], [None])
+    T._check_tables(tr, va, True)
+    assert capsys.readouterr().err.strip() == (f"streamcnn: warning: {b} in both train.csv and "
+                                               "val.csv: the validation metric of slides "
+                                               "trained on is optimistic")
+    T._check_tables(tr, va, False)
+    assert capsys.readouterr().err == ""
+    bad = Table("t.csv", [a, str(tmp_path / "." / "a.svs")], ["a.svs", "./a.svs"], [0.0, 1.0],
+                [None] * 2)
+    with pytest.raises(UsageError, match=f"t.csv: slide .*a.svs is listed with labels 0 and 1"):
+        T._check_tables(bad, va, True)
+
+
 def test_config_paths_relative_to_the_file(tmp_path):
     """A config's file names are relative to its folder, normalised (no
     ``cfg/../runs`` in the run's messages and config.yaml)."""

@@ -267,6 +267,7 @@ def _train(cfg, ckpt, dist: Dist, device, quiet: bool, resume: bool, overwrite: 
                                num_classes=cfg["num_classes"], classes=names)
     val_t = read_slide_table(cfg["val"], task, "--val CSV", slide_mpp=cfg["slide_mpp"],
                              num_classes=cfg["num_classes"], classes=names)
+    _check_tables(train_t, val_t, dist.main)
     weights = class_weights(cfg["class_weights"], train_t.labels, cfg["num_classes"]) \
         if task == "classification" else None
     model = _build_model(cfg)
@@ -534,6 +535,25 @@ def _train(cfg, ckpt, dist: Dist, device, quiet: bool, resume: bool, overwrite: 
               + (", roc.png" if os.path.exists(os.path.join(out, "roc.png")) else "")
               + ", val_predictions.csv, last.pt, best.pt, config.yaml")
     return 0
+
+
+def _check_tables(train_t, val_t, say: bool) -> None:
+    """A slide listed twice with different labels is refused; slides in both
+    tables are a warning (``say``: this rank prints it): the validation
+    metric of seen slides is optimistic."""
+    for t in (train_t, val_t):
+        seen: Dict[str, float] = {}
+        for path, label in zip(t.paths, t.labels):
+            key = os.path.realpath(path)
+            if seen.setdefault(key, label) != label:
+                raise UsageError(f"{t.csv}: slide {path} is listed with labels {seen[key]:g} "
+                                 f"and {label:g}")
+    both = sorted({os.path.realpath(p) for p in train_t.paths} &
+                  {os.path.realpath(p) for p in val_t.paths})
+    if both and say:
+        more = f" and {len(both) - 1} more" if len(both) > 1 else ""
+        print(f"streamcnn: warning: {both[0]}{more} in both {train_t.csv} and {val_t.csv}: "
+              "the validation metric of slides trained on is optimistic", file=sys.stderr)
 
 
 def _best_key(row: Dict[str, Any], mname: str) -> list:
