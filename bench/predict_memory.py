@@ -1,6 +1,7 @@
 """Peak memory of `streamcnn predict --full-slide` on a large region (CPU).
 
-    nice python bench/predict_memory.py [--size 16384] [--tile 1024] [--heatmap cam]
+    nice python bench/predict_memory.py [--size 16384] [--tile 1024]
+        [--heatmap both|cam|saliency|none]
 
 Writes a size x size synthetic slide (tissue everywhere, so the tissue box
 is the whole slide; streamed to disk by streamcnn.tiff.PyramidWriter, never
@@ -29,15 +30,27 @@ bound, term by term, and one of the phases:
                          --png-size), the PNG figure, the TIFF writer's
                          bands and rows of tiles, allocator slack
 
+          + saliency     (--heatmap saliency or both) the larger of its two
+                         phases: the head's gradient, HEAD_GRAD x stem out
+                         (the head body's activations, their gradients and
+                         d score / d stem output; measured 5.7 x at 4096²),
+                         and the image gradient's bands: d score / d stem
+                         out, the pooled map, a float32 band of the image
+                         (and its halo) three times (the band, its gradient,
+                         the rows carried to the next band), the band's
+                         stem output twice (and its gradient) and the
+                         stem's backward tile of the band with its strips
+                         (the memory model, image gradient alone)
+
 The phases do not all overlap (the image is dropped before the head when
-no saliency is drawn; the pictures come after the stem output is
-dropped), so the sum is an upper bound, not the peak itself. The bound is
-for --heatmap cam (the default here); a saliency also holds the stem
-output's gradient and one band of the image gradient.
+no saliency is drawn; the head's activations of the class map are freed
+before the saliency's head gradient; the pictures come after the stem
+output is dropped), so the sum is an upper bound, not the peak itself.
 """
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -48,8 +61,8 @@ import torch
 
 FIXED = 0.1e9       # the bound's fixed term (see the docstring), bytes
 HEAD = 2.25         # the head body's activations per byte of stem output
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "python"))
+HEAD_GRAD = 6.5     # the head's gradient: its activations, their gradients and
+                    # d score / d stem output, per byte of stem output
 
 CHILD = r"""
 import argparse, functools, json, sys, time
@@ -81,7 +94,8 @@ load_model(args.checkpoint)          # warm the imports and the model once
 import matplotlib.figure, matplotlib.backends.backend_agg, scipy.ndimage, tqdm  # noqa
 phase(predict, "_read_region", "read (tissue box, region)")
 phase(heatmaps, "class_maps", "head (class map)")
-phase(heatmaps, "saliency", "saliency")
+phase(heatmaps, "_output_gradient", "saliency: head gradient")
+phase(heatmaps, "_band_gradients", "saliency: image gradient bands")
 phase(predict, "_overlay_png", "PNG")
 phase(predict, "_cam_tiff", "TIFF")
 base = status("VmRSS")
@@ -103,6 +117,23 @@ print(json.dumps({"rc": rc, "baseline": base, "peak": max(pk for _, pk, _ in pha
 """
 
 
+def saliency_term(stem, h: int, w: int, tile: int, stem_out: float) -> float:
+    """The saliency's own memory (see the docstring): the larger of its two
+    phases, the head's gradient and the image gradient's bands."""
+    from streamcnn._library import memory_info, program_info
+    from streamcnn.heatmaps import _default_band_rows, stem_cone
+    cone = stem_cone(stem)
+    rows = _default_band_rows(cone, w, 3) + cone.receptive_field[0]   # a band and its halo
+    band = 4 * 3 * rows * w                   # float32 image band
+    band_out = 4 * stem.out_channels * -(-rows // cone.stride[0]) * -(-w // cone.stride[1])
+    pool = max(1, math.ceil(max(h, w) / 1024))            # predict's --png-size 1024
+    mask = [True] + [False] * program_info(stem.program)[6]  # the image's gradient alone
+    bwd, _, strips = memory_info(stem.program, rows, w, (tile, tile), True, mask, 4, True)
+    bands = stem_out + 4 * -(-h // pool) * -(-w // pool) + 3 * band + 2 * band_out + \
+        bwd + strips
+    return max(HEAD_GRAD * stem_out, bands)
+
+
 def make_slide(path: str, size: int, mpp: float) -> None:
     """size x size tissue: a 2048-px synthetic tissue tile repeated with
     mirror flips, written row band by row band."""
@@ -122,7 +153,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", type=int, default=16384)
     ap.add_argument("--tile", type=int, default=1024)
-    ap.add_argument("--heatmap", default="cam", choices=["cam", "saliency", "both", "none"])
+    ap.add_argument("--heatmap", default="both", choices=["cam", "saliency", "both", "none"],
+                    help="predict's --heatmap (default both, as predict's for a classifier)")
     ap.add_argument("--work", default=None, help="folder for the slide and outputs")
     a = ap.parse_args()
     from streamcnn.app.checkpoint import save_checkpoint
@@ -170,6 +202,8 @@ def main():
     ms = map_cone(stem, model.head).stride
     terms["maps"] = 2 * 4 * -(-h // ms[0]) * -(-w // ms[1])
     terms["tile"] = memory_info(stem.program, h, w, (a.tile, a.tile), True, None, 4, True)[1]
+    if a.heatmap in ("saliency", "both"):
+        terms["saliency"] = saliency_term(stem, h, w, a.tile, terms["stem out"])
     terms["fixed"] = FIXED
     bound = sum(terms.values())
     print("| region | heatmap | tile px | time s | " + " | ".join(f"{k} GB" for k in terms) +

@@ -160,3 +160,15 @@ def test_augment_script():
     assert res.returncode == 0, res.stderr[-2000:]
     rows = [ln for ln in res.stdout.splitlines() if ln.startswith("| ") and "True" in ln]
     assert len(rows) == 4, res.stdout
+
+
+def test_predict_memory_script(tmp_path):
+    """bench/predict_memory.py at 1024²: predict --full-slide with both maps
+    runs in its own process and stays within the stated bound (the script
+    exits 1 otherwise); the saliency term is in the table."""
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "predict_memory.py"),
+                          "--size", "1024", "--work", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, (res.stdout[-2000:], res.stderr[-2000:])
+    header, _, row = res.stdout.splitlines()[:3]
+    assert "saliency GB" in header and "| both |" in row, res.stdout
