@@ -785,6 +785,29 @@ def user(slides):
     return u
 
 
+def test_table_decimal_commas(user, tmp_path):
+    """Semicolon and tab tables (locales with a decimal comma): 0,25 in the
+    mpp column and a regression target of 1,5 read as numbers; a path with a
+    comma is left alone; a comma table keeps its commas as separators."""
+    from streamcnn.app.common import read_slide_table
+    for sep in (";", "\t"):
+        got = user.read(f"path{sep}label{sep}mpp\n" + "".join(
+            f"{r.replace(',', sep)}{sep}0,25\n" for r in user.rows))
+        user.same(got)
+        assert got.mpps == [0.25] * len(user.rows)
+        reg = read_slide_table(str(user.t), "regression")
+        assert reg.labels == user.want.labels
+        user.t.write_text(f"path{sep}label\n" + "".join(
+            f"{r.split(',')[0]}{sep}{k},5\n" for k, r in enumerate(user.rows)))
+        assert read_slide_table(str(user.t), "regression").labels == \
+            [k + 0.5 for k in range(len(user.rows))]
+    import shutil
+    shutil.copy(user.want.paths[0], tmp_path / "a,5")
+    (tmp_path / "t.csv").write_text("path;label\na,5;1\n")
+    assert read_slide_table(str(tmp_path / "t.csv"), "classification").paths == \
+        [str(tmp_path / "a,5")]
+
+
 def test_table_header_names(user):
     """Header names in any case, spaces around them (the mpp column too); a
     column named twice is refused, not the last one used."""

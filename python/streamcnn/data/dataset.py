@@ -7,6 +7,7 @@ import dataclasses
 import io
 import math
 import os
+import re
 from collections import OrderedDict
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -256,13 +257,18 @@ def table_reader(text: str):
     return csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
 
 
+_DECIMAL_COMMA = re.compile(r"[+-]?[0-9]+,[0-9]+")
+
+
 def read_csv(path: Union[str, os.PathLike], columns: Sequence[str], what: str = "table"
              ) -> Tuple[str, List[Tuple[int, Dict[str, str]]]]:
     """``(folder of the file, [(line, row)])`` of a CSV table whose header
     has ``columns`` (named in any case, spaces around them ignored; each at
     most once), as spreadsheets save it too (see :func:`_decode` and
     :func:`table_reader`): each row a dict of its stripped cells by
-    lower-case column name (missing ones empty) with the line it ends on;
+    lower-case column name (missing ones empty; in a semicolon- or
+    tab-separated table a number with a decimal comma, ``0,25``, outside the
+    ``path`` column becomes ``0.25``) with the line it ends on;
     blank lines before the header and blank rows (no cell filled, e.g. a
     spreadsheet's trailing ``,,``) left out. A missing file raises
     ``FileNotFoundError``, an unreadable or malformed one ``ValueError``,
@@ -291,9 +297,14 @@ def read_csv(path: Union[str, os.PathLike], columns: Sequence[str], what: str = 
                 " and ".join(map(repr, columns)) + " columns"
             raise ValueError(f"streamcnn: {what} {name} needs a header with {need}, "
                              f"got {header}")
+        # semicolon or tab tables come from locales that write 0,25 for 0.25
+        comma = reader.dialect.delimiter != ","
         rows = []
         for cells in reader:
             cells = [c.strip() for c in cells[:len(fields)]]
+            if comma:
+                cells = [c.replace(",", ".") if f != "path" and _DECIMAL_COMMA.fullmatch(c)
+                         else c for f, c in zip(fields, cells)]
             if any(cells):
                 rows.append((reader.line_num, dict(zip(fields, cells + [""] * len(fields)))))
     except csv.Error as e:
