@@ -253,7 +253,8 @@ SC_API int sc_work_info(const int64_t *words, int64_t n_words, int64_t h,
  * info[2] the elements (per batch element) of the strips
  * forward_cached_rows returns; info[3] its multiply-adds per batch element
  * with halo caching (the band's first tile row computes its whole cone:
- * the overhead of a band over the same rows of the whole pass). Fails (errbuf) for an empty or out-of-range band. */
+ * the overhead of a band over the same rows of the whole pass). Fails
+ * (errbuf) for an empty or out-of-range band. */
 #define SC_BAND_WORDS 4
 SC_API int sc_band_info(const int64_t *words, int64_t n_words, int64_t h,
                         int64_t w, int64_t tile_h, int64_t tile_w,

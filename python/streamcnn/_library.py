@@ -14,13 +14,13 @@ _loaded_path: str | None = None
 _cdll: ctypes.CDLL | None = None
 
 
-def first_line(e: BaseException) -> str:
+def first_line(e: BaseException, limit: Optional[int] = 200) -> str:
     """The first line of an exception's message (ANSI colour codes
-    removed, at most 200 characters), or its type's name: for messages of
-    one line that quote another library's error."""
+    removed, at most ``limit`` characters; None: all of it), or its type's
+    name: for messages of one line that quote another error."""
     import re
     lines = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()
-    return lines[0][:200] if lines else type(e).__name__
+    return lines[0][:limit] if lines else type(e).__name__
 
 
 def library_path() -> str:

@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from .._library import first_line
 
 class UsageError(Exception):
     """An error the user caused (a bad file, option or value): the command
@@ -208,12 +209,10 @@ class Slides(torch.utils.data.Dataset):
             # the reader's own errors (OpenSlide failing on a tile, a
             # truncated image, pixels that do not fit in memory) and a file
             # gone; anything else is a bug
-            text = str(e).strip()
-            if not (text.startswith("streamcnn: ") or isinstance(e, OSError)):
+            if not (str(e).strip().startswith("streamcnn: ") or isinstance(e, OSError)):
                 raise
-            first = text.splitlines()[0] if text else type(e).__name__
             raise SlideError(f"slide {self.table.paths[i]} (of {self.table.csv}) cannot be "
-                             f"read: {_strip(first)}") from None
+                             f"read: {_strip(first_line(e, None))}") from None
         return img, torch.tensor(self.table.labels[i], dtype=torch.float32), i
 
 
@@ -574,9 +573,8 @@ def atomic_file(path: str):
         failed = isinstance(e, OSError) or (isinstance(e, RuntimeError) and
                                             "writ" in str(e))
         if failed and not isinstance(e, WriteError):
-            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise WriteError(f"streamcnn: cannot write {path} ({_strip(why)}); the file as "
-                             "it was is kept") from None
+            raise WriteError(f"streamcnn: cannot write {path} ({_strip(first_line(e, None))});"
+                             " the file as it was is kept") from None
         raise
 
 

@@ -459,9 +459,9 @@ def _write_csv(path: str, rows: List[Dict]) -> None:
     write_csv(path, keys, [[r.get(k, "") for k in keys] for r in rows])
 
 
-def _target(text: str, task: str, config: Dict, classes: int) -> int:
+def _target(text: str, task: str, config: Dict, outputs: int) -> int:
     """``--target``: a class index, or a name of the run's ``--classes``
-    (a regression model's only output is 0)."""
+    (of a regression model's one output: 0)."""
     names = parse_classes(config.get("classes")) or []
     if text in names:
         return names.index(text)
@@ -472,9 +472,8 @@ def _target(text: str, task: str, config: Dict, classes: int) -> int:
             "the run named no --classes"
         raise ValueError(f"streamcnn: --target {text!r} is neither a class index nor a "
                          f"class name ({known})") from None
-    n = classes if task != "regression" else 1
-    if not 0 <= k < n:
-        raise ValueError(f"streamcnn: --target {k} is out of range for {n} "
+    if not 0 <= k < outputs:
+        raise ValueError(f"streamcnn: --target {k} is out of range for {outputs} "
                          f"{'classes' if task != 'regression' else 'output'}")
     return k
 

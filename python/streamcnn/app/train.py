@@ -541,6 +541,7 @@ def _check_tables(train_t, val_t, say: bool) -> None:
     """A slide listed twice with different labels is refused; slides in both
     tables are a warning (``say``: this rank prints it): the validation
     metric of seen slides is optimistic."""
+    real = []           # each table's slides by their real paths
     for t in (train_t, val_t):
         seen: Dict[str, float] = {}
         for path, label in zip(t.paths, t.labels):
@@ -548,8 +549,8 @@ def _check_tables(train_t, val_t, say: bool) -> None:
             if seen.setdefault(key, label) != label:
                 raise UsageError(f"{t.csv}: slide {path} is listed with labels {seen[key]:g} "
                                  f"and {label:g}")
-    both = sorted({os.path.realpath(p) for p in train_t.paths} &
-                  {os.path.realpath(p) for p in val_t.paths})
+        real.append(seen.keys())
+    both = sorted(real[0] & real[1])
     if both and say:
         more = f" and {len(both) - 1} more" if len(both) > 1 else ""
         print(f"streamcnn: warning: {both[0]}{more} in both {train_t.csv} and {val_t.csv}: "
