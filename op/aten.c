@@ -247,6 +247,26 @@ int _sc_view(sc_ctx *ctx, AtenTensorHandle t, int64_t r0, int64_t nr,
   return SC_OK;
 }
 
+int _sc_channel_view(sc_ctx *ctx, AtenTensorHandle t, int64_t c0, int64_t nc,
+                     AtenTensorHandle *out) {
+  int64_t dim, *sz, *st, sizes[4];
+  *out = NULL;
+  if (_sc_meta(ctx, t, &dim, &sz, &st)) return SC_ERR;
+  if (dim != 4 || c0 < 0 || nc < 1 || c0 + nc > sz[1])
+    return sc_fail(&ctx->err,
+                   "streamcnn: internal error: channels [%lld +%lld) of a "
+                   "tensor of %lld",
+                   (long long)c0, (long long)nc,
+                   (long long)(dim == 4 ? sz[1] : -1));
+  for (int i = 0; i < 4; i++) sizes[i] = sz[i];
+  sizes[1] = nc;
+  /* an empty view starts anywhere (see _sc_view): keep it inside */
+  const int64_t offset = sz[0] && sz[2] && sz[3] ? c0 * st[1] : 0;
+  if (aoti_torch__reinterpret_tensor(t, 4, sizes, st, offset, out))
+    return sc_fail(&ctx->err, "streamcnn: could not make a tensor view");
+  return SC_OK;
+}
+
 int _sc_flat_view(sc_ctx *ctx, AtenTensorHandle flat, int64_t offset,
                   const int64_t sizes[4], AtenTensorHandle *out) {
   int64_t dim, *sz, *st;

@@ -141,6 +141,17 @@ static int backward_instr(sc_run *r, int64_t i) {
     }
     break;
   }
+  case SC_OP_CAT: { /* each input takes its channels of the gradient */
+    const int64_t ca = r->p->channels[in->in[0]];
+    for (int j = 0; j < 2; j++) {
+      if (!r->needs[in->in[j]]) continue;
+      if (_sc_channel_view(ctx, g, j ? ca : 0, j ? in->c_out - ca : ca, &gi) ||
+          _sc_accum_input(r, i, j, gi, 0))
+        goto done;
+      _sc_drop(&gi);
+    }
+    break;
+  }
   default:
     sc_fail(&ctx->err, "streamcnn: internal error: opcode %d", in->op);
     goto done;

@@ -337,6 +337,28 @@ static int forward_instr(sc_run *r, int64_t i, int keep) {
     if (rc) goto done;
     break;
   }
+  case SC_OP_CAT: { /* a new tile buffer: the channels of a, then of b */
+    const int64_t ca = r->p->channels[in->in[0]];
+    AtenTensorHandle src[2] = {NULL, NULL}, part = NULL;
+    rc = _sc_pointwise_input(r, i, 0, &src[0]) ||
+         _sc_pointwise_input(r, i, 1, &src[1]);
+    if (!rc) {
+      const int64_t *rs = own(r, 0, i + 1), *cs = own(r, 1, i + 1);
+      const int64_t shape[4] = {r->batch, in->c_out, rs[1] - rs[0],
+                                cs[1] - cs[0]};
+      rc = _sc_tile_buffer(ctx, shape, 0, &y);
+    }
+    for (int j = 0; j < 2 && !rc; j++) {
+      rc = _sc_channel_view(ctx, y, j ? ca : 0, j ? in->c_out - ca : ca,
+                            &part) ||
+           _sc_copy(ctx, part, src[j], 0);
+      _sc_drop(&part);
+    }
+    _sc_drop(&src[0]);
+    _sc_drop(&src[1]);
+    if (rc) goto done;
+    break;
+  }
   default:
     sc_fail(&ctx->err, "streamcnn: internal error: opcode %d", in->op);
     goto done;

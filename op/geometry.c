@@ -76,13 +76,15 @@ int sc_value_sizes(const sc_program *p, int64_t h, int64_t w,
       dst[0] = src[0];
       dst[1] = src[1];
     }
-    if (in->op == SC_OP_ADD) {
+    if (in->n_in == 2) {
       const int64_t *b = &sizes[2 * in->in[1]];
       if (b[0] != src[0] || b[1] != src[1])
         return sc_fail(err,
                        "streamcnn: for a %lld x %lld image, instruction %lld "
-                       "(add) adds values of %lld x %lld and %lld x %lld",
+                       "(%s) %s values of %lld x %lld and %lld x %lld",
                        (long long)h, (long long)w, (long long)i,
+                       _sc_op_name(in->op),
+                       in->op == SC_OP_ADD ? "adds" : "joins",
                        (long long)src[0], (long long)src[1], (long long)b[0],
                        (long long)b[1]);
     }

@@ -307,6 +307,9 @@ int _sc_div(sc_ctx *ctx, AtenTensorHandle a, AtenTensorHandle b,
 int _sc_div_(sc_ctx *ctx, AtenTensorHandle a, AtenTensorHandle b);
 /* dst.copy_(src) across devices (small host-built tensors). */
 int _sc_copy_across(sc_ctx *ctx, AtenTensorHandle dst, AtenTensorHandle src);
+/* View of channels [c0, c0 + nc) of an N x C x h x w tensor (its strides). */
+int _sc_channel_view(sc_ctx *ctx, AtenTensorHandle t, int64_t c0, int64_t nc,
+                     AtenTensorHandle *out);
 /* Which pixels of g (N x C x h x w, any strides) hold a non-zero (NaN
  * counts) over batch and channels: a new contiguous h x w bool tensor in
  * host memory (copied there from a CUDA device: a synchronisation). */

@@ -21,6 +21,8 @@
  *   linear_c  in, weight [c_out, c_in], bias [c_out], c_in, c_out: a Linear
  *             on the channels of each pixel (after a permute)
  *   scale_c   in, scale (c elements): per-channel scale (layer scale)
+ *   cat       a, b: the channels of a, then those of b (torch.cat along
+ *             the channels; a longer cat is a chain of these)
  * Parameter fields index the params tensor list; -1 means absent where a
  * field is optional (conv bias, batch-norm weight and bias).
  *
@@ -57,6 +59,7 @@ const char *_sc_op_name(int op) {
   case SC_OP_LAYERNORM_C: return "layernorm_c";
   case SC_OP_LINEAR_C: return "linear_c";
   case SC_OP_SCALE_C: return "scale_c";
+  case SC_OP_CAT: return "cat";
   default: return "unknown";
   }
 }
@@ -72,6 +75,7 @@ static int expected_fields(int64_t op) {
   case SC_OP_LAYERNORM_C: return SC_LAYERNORM_C_FIELDS;
   case SC_OP_LINEAR_C: return SC_LINEAR_C_FIELDS;
   case SC_OP_SCALE_C: return SC_SCALE_C_FIELDS;
+  case SC_OP_CAT: return SC_CAT_FIELDS;
   default: return -1;
   }
 }
@@ -282,6 +286,22 @@ static int decode_instr(reader *r, const sc_program *p, sc_instr *in) {
                      (long long)p->channels[in->in[1]]);
     in->c_out = p->channels[in->in[0]];
     return SC_OK;
+  case SC_OP_CAT:
+    in->n_in = 2;
+    if (field_value(r, 0, "a", &in->in[0]) ||
+        field_value(r, 1, "b", &in->in[1]))
+      return SC_ERR;
+    in->c_out = p->channels[in->in[0]] + p->channels[in->in[1]];
+    if (in->c_out > SC_MAX_CHANNELS)
+      return sc_fail(r->err,
+                     "streamcnn: program instruction %lld (cat): inputs %lld "
+                     "and %lld have %lld + %lld channels, more than %lld",
+                     (long long)r->index, (long long)in->in[0],
+                     (long long)in->in[1],
+                     (long long)p->channels[in->in[0]],
+                     (long long)p->channels[in->in[1]],
+                     (long long)SC_MAX_CHANNELS);
+    return SC_OK;
   case SC_OP_LAYERNORM_C:
     if (field_value(r, 0, "input", &in->in[0]) ||
         field_param(r, 1, "weight", 1, n_params, &in->weight) ||
@@ -443,11 +463,12 @@ int sc_program_decode(const int64_t *words, int64_t n_words,
                 (long long)SC_MAX_EXTENT);
         goto fail;
       }
-      if (in->op == SC_OP_ADD && vstride[2 * in->in[1] + a] != s) {
+      if (in->n_in == 2 && vstride[2 * in->in[1] + a] != s) {
         sc_fail(err,
-                "streamcnn: program instruction %lld (add): inputs %lld and "
+                "streamcnn: program instruction %lld (%s): inputs %lld and "
                 "%lld have different total strides along %s (%lld vs %lld)",
-                (long long)i, (long long)in->in[0], (long long)in->in[1],
+                (long long)i, _sc_op_name(in->op), (long long)in->in[0],
+                (long long)in->in[1],
                 a ? "columns" : "rows", (long long)s,
                 (long long)vstride[2 * in->in[1] + a]);
         goto fail;
@@ -462,7 +483,7 @@ int sc_program_decode(const int64_t *words, int64_t n_words,
         const int64_t si = vstride[2 * in->in[0] + a];
         ro[0] = rx[0] - w->pad_lo * si;
         ro[1] = rx[1] + (w->d * (w->k - 1) - w->pad_lo) * si;
-      } else if (in->op == SC_OP_ADD) {
+      } else if (in->n_in == 2) {
         const int64_t *ry = &reach[4 * in->in[1] + 2 * a];
         if (ry[0] < ro[0]) ro[0] = ry[0];
         if (ry[1] > ro[1]) ro[1] = ry[1];

@@ -55,7 +55,8 @@ typedef enum sc_opcode {
   SC_OP_ADD = 6,       /* elementwise sum of two values (residual) */
   SC_OP_LAYERNORM_C = 7, /* layer norm over the channels of each pixel */
   SC_OP_LINEAR_C = 8,    /* linear map of the channels of each pixel */
-  SC_OP_SCALE_C = 9      /* per-channel multiplication (layer scale) */
+  SC_OP_SCALE_C = 9,     /* per-channel multiplication (layer scale) */
+  SC_OP_CAT = 10         /* channels of a, then b (DenseNet, Inception) */
 } sc_opcode;
 
 /* Number of fields (words after [opcode, n_fields]) of each opcode. */
@@ -68,6 +69,7 @@ typedef enum sc_opcode {
 #define SC_LAYERNORM_C_FIELDS 4
 #define SC_LINEAR_C_FIELDS 5
 #define SC_SCALE_C_FIELDS 2
+#define SC_CAT_FIELDS 2
 
 typedef enum sc_activation {
   SC_ACT_RELU = 1,
@@ -99,7 +101,7 @@ typedef struct sc_window {
  * i + 1 = the output of instruction i. */
 typedef struct sc_instr {
   int op;             /* sc_opcode */
-  int n_in;           /* 1, or 2 for SC_OP_ADD */
+  int n_in;           /* 1, or 2 for SC_OP_ADD and SC_OP_CAT */
   int64_t in[2];      /* input value indices, each < this output's index */
   sc_window win[2];   /* [0] rows, [1] cols; conv and pools only */
   int64_t c_out;      /* channels of the output value */

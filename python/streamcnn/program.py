@@ -11,7 +11,6 @@ the program holds no data and parameters are read at call time.
 
 from __future__ import annotations
 
-import math
 import operator
 from collections import OrderedDict
 import struct
@@ -28,16 +27,17 @@ VERSION = 1
 HEADER = 5
 
 OP_CONV, OP_MAXPOOL, OP_AVGPOOL, OP_BATCHNORM, OP_ACT, OP_ADD = 1, 2, 3, 4, 5, 6
-OP_LAYERNORM_C, OP_LINEAR_C, OP_SCALE_C = 7, 8, 9
+OP_LAYERNORM_C, OP_LINEAR_C, OP_SCALE_C, OP_CAT = 7, 8, 9, 10
 N_FIELDS = {OP_CONV: 16, OP_MAXPOOL: 10, OP_AVGPOOL: 10, OP_BATCHNORM: 6, OP_ACT: 3, OP_ADD: 2,
-            OP_LAYERNORM_C: 4, OP_LINEAR_C: 5, OP_SCALE_C: 2}
+            OP_LAYERNORM_C: 4, OP_LINEAR_C: 5, OP_SCALE_C: 2, OP_CAT: 2}
 
 ACT_RELU, ACT_RELU6, ACT_LEAKY_RELU, ACT_SILU, ACT_GELU, ACT_SIGMOID, ACT_TANH, ACT_HARDSWISH = range(1, 9)
 
 SUPPORTED = (
     "Conv2d (padding_mode='zeros'), MaxPool2d, AvgPool2d, BatchNorm2d in eval mode, "
     "ReLU, ReLU6, LeakyReLU, SiLU, GELU, Sigmoid, Tanh, Hardswish, Identity, "
-    "Dropout / StochasticDepth in eval mode, residual adds, and per-pixel channel ops "
+    "Dropout / StochasticDepth in eval mode, residual adds, torch.cat along the channels "
+    "(DenseNet, Inception), and per-pixel channel ops "
     "(LayerNorm over channels, Linear on channels after a permute to channels-last, "
     "per-channel scales)"
 )
@@ -111,6 +111,9 @@ class ProgramBuilder:
     def scale_c(self, x, scale):
         return self._emit(OP_SCALE_C, [x, scale])
 
+    def cat(self, a, b):
+        return self._emit(OP_CAT, [a, b])
+
     def program(self) -> List[int]:
         return [MAGIC, VERSION, self.in_channels, self.n_instr, len(self.params), *self.words]
 
@@ -141,8 +144,8 @@ def prepend_normalize(program: Sequence[int]) -> List[int]:
     for op, fields in _instructions(w):
         f = list(fields)
         f[0] += 1                      # every instruction's first field is a value
-        if op == OP_ADD:
-            f[1] += 1                  # add reads two
+        if op in (OP_ADD, OP_CAT):
+            f[1] += 1                  # add and cat read two
         out += [op, len(f), *f]
     return out
 
@@ -193,6 +196,8 @@ def output_shape(program: Sequence[int], h, w) -> Tuple[int, Any, Any]:
                           _window_out(ww, kw, sw, 1, pw, pw, ceil)))
         elif op == OP_LINEAR_C:
             sizes.append((f[4], hh, ww))
+        elif op == OP_CAT:
+            sizes.append((c + sizes[f[1]][0], hh, ww))
         else:
             sizes.append((c, hh, ww))
     return sizes[-1]
@@ -261,6 +266,10 @@ class _Converter:
         self.layout: Dict[fx.Node, str] = {}
         self.attrs: Dict[fx.Node, Tuple[str, str]] = {}  # get_attr -> (path, attr)
         self.mode_modules: List[Tuple[str, nn.Module]] = []
+        # value of the cat of a tuple of values: DenseNet's layer k joins
+        # the features of layers 0 .. k, the cat of layer k - 1's and one
+        # more, so each layer adds one cat instruction, not k
+        self.cats: Dict[Tuple[int, ...], int] = {}
 
     # -- helpers ------------------------------------------------------------
     def _p(self, path: str, attr: str) -> int:
@@ -470,10 +479,41 @@ class _Converter:
                                f"channels and a {self.layout[b]} one of {self.chan[b]}")
         self._set(node, self.b.add(self.val[a], self.val[b]), self.chan[a], self.layout[a])
 
+    def _cat(self, node, what, args, kw):
+        seq = args[0] if args else kw.get("tensors")
+        dim = args[1] if len(args) > 1 else kw.get("dim", kw.get("axis", 0))
+        if kw.get("out") is not None:
+            raise _unsupported(node, what, "cat with out= is not supported")
+        if not isinstance(seq, (list, tuple)) or not seq:
+            raise _unsupported(node, what, "cat of something that is not a list of tensors of "
+                               "the stem")
+        xs = [self._input(node, a) for a in seq]
+        layouts = {self.layout[x] for x in xs}
+        if len(layouts) > 1:
+            raise _unsupported(node, what, "joins N x C x H x W tensors and ones permuted to "
+                               "N x H x W x C")
+        layout = layouts.pop()
+        channel_dim = 1 if layout == NCHW else 3
+        if not isinstance(dim, int) or dim % 4 != channel_dim:
+            raise _unsupported(node, what, f"cat along dim {dim!r} of an {layout} tensor: only "
+                               f"a cat of the channels (dim {channel_dim}) is local; one along "
+                               "the batch, the rows or the columns is not")
+        vals = tuple(self.val[x] for x in xs)
+        k = len(vals)
+        while k > 1 and vals[:k] not in self.cats:
+            k -= 1
+        v = self.cats[vals[:k]] if k > 1 else vals[0]
+        for j in range(k, len(vals)):
+            v = self.b.cat(v, vals[j])
+            self.cats[vals[:j + 1]] = v
+        self._set(node, v, sum(self.chan[x] for x in xs), layout)
+
     def function(self, node: fx.Node):
         t = node.target
         what = f"call to {getattr(t, '__module__', '')}.{getattr(t, '__name__', t)}"
         args, kw = node.args, dict(node.kwargs)
+        if t in (torch.cat, torch.concat, torch.concatenate):
+            return self._cat(node, what, args, kw)
         if t in (operator.add, operator.iadd, torch.add):
             return self._add(node, what, args[0], args[1], kw.get("alpha", 1))
         if t in (operator.mul, operator.imul, torch.mul) and len(args) == 2 and not kw:

@@ -120,6 +120,8 @@ def run_program(image: torch.Tensor, params: Sequence[torch.Tensor],
             y = F.linear(x.permute(0, 2, 3, 1), params[wi], _opt(params, bi)).permute(0, 3, 1, 2)
         elif op == 9:  # per-channel scale
             y = x * params[f[1]].reshape(1, -1, 1, 1)
+        elif op == 10:  # the channels of a, then of b
+            y = torch.cat([x, values[f[1]]], 1)
         else:
             raise ValueError(f"streamcnn: unknown opcode {op}")
         values.append(y)

@@ -301,8 +301,56 @@ static void test_fuzz(void) {
   printf("test_program: fuzz accepted %d of 200000 variants\n", accepted);
 }
 
+/* image (3) -> conv (5) -> cat(image, conv) (8) -> conv 3x3 -> cat of
+ * the two convs: DenseNet's join. Channels add up, the receptive field is
+ * the hull of both inputs', strides must agree. */
+static void test_cat(void) {
+  tprog t;
+  tp_begin(&t, 3, 2);
+  int64_t a = tp_conv(&t, 0, 0, 3, 5, 1, 1, 0, 1);
+  const int64_t j1[2] = {0, a};
+  int64_t c = tp_emit(&t, 10, 2, j1);
+  int64_t b = tp_conv(&t, c, 1, 8, 4, 3, 1, 1, 1);
+  const int64_t j2[2] = {b, a};
+  tp_emit(&t, 10, 2, j2);
+  tp_end(&t);
+  sc_program *p = NULL;
+  sc_error err = {0};
+  CHECK_EQ(sc_program_decode(t.w, t.n, &p, &err), SC_OK);
+  if (p) {
+    CHECK_EQ(p->instr[1].n_in, 2);
+    CHECK_EQ(p->channels[2], 8);
+    CHECK_EQ(p->channels[4], 9);
+    CHECK_EQ(p->n_consumers[1], 2);
+    CHECK_EQ(sc_input_extent(p, 0, 1), 3);
+    sc_program_free(p);
+  }
+  /* words: header 5, conv 18 (5..22), cat 4 (23..26), conv 18 (27..44),
+   * cat 4 (45..48) */
+  tprog m;
+  mutate(&m, &t, 45 + 2 + 1, 5); /* b: value 5 is not earlier */
+  EXPECT_ERROR(&m, "instruction 3 (cat): field 'b'");
+  tprog s;
+  tp_begin(&s, 1, 2);
+  a = tp_conv(&s, 0, 0, 1, 1, 1, 2, 0, 1);
+  const int64_t j3[2] = {a, 0};
+  tp_emit(&s, 10, 2, j3);
+  tp_end(&s);
+  EXPECT_ERROR(&s, "instruction 1 (cat): inputs 1 and 0 have different total strides "
+                   "along rows (2 vs 1)");
+  /* 2^23 + 2^23 + 1 channels: over SC_MAX_CHANNELS */
+  tprog w;
+  tp_begin(&w, 1 << 23, 1);
+  a = tp_conv(&w, 0, 0, 1 << 23, (1 << 23) + 1, 1, 1, 0, 1);
+  const int64_t j4[2] = {0, a};
+  tp_emit(&w, 10, 2, j4);
+  tp_end(&w);
+  EXPECT_ERROR(&w, "instruction 1 (cat): inputs 0 and 1 have 8388608 + 8388609 channels");
+}
+
 int main(void) {
   test_valid();
+  test_cat();
   test_header_errors();
   test_field_errors();
   test_stride_mismatch();

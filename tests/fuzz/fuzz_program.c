@@ -30,7 +30,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
   FZ_CHECK(p->channels[0] == p->in_channels);
   for (int64_t i = 0; i < p->n_instr; i++) {
     const sc_instr *in = &p->instr[i];
-    FZ_CHECK(in->n_in == (in->op == SC_OP_ADD ? 2 : 1));
+    FZ_CHECK(in->n_in ==
+             (in->op == SC_OP_ADD || in->op == SC_OP_CAT ? 2 : 1));
+    if (in->op == SC_OP_CAT)
+      FZ_CHECK(p->channels[i + 1] ==
+               p->channels[in->in[0]] + p->channels[in->in[1]]);
     for (int j = 0; j < in->n_in; j++)
       FZ_CHECK(in->in[j] >= 0 && in->in[j] <= i);
     const int64_t pk[] = {in->weight, in->bias, in->bn_weight, in->bn_bias,

@@ -37,6 +37,13 @@ def stems():
                                  nn.Sigmoid(), nn.Tanh(), nn.SiLU(), nn.Hardswish())
     cnx = torchvision.models.convnext_tiny().eval()
     yield "convnext_stage0", nn.Sequential(cnx.features[0], cnx.features[1][0])
+    # cat instructions: a dense block (a chain of joins), inception branches
+    f = torchvision.models.densenet121().features.eval()
+    yield "densenet_block1", nn.Sequential(f.conv0, f.norm0, f.relu0, f.pool0, f.denseblock1,
+                                           f.transition1)
+    g = torchvision.models.googlenet(aux_logits=False, init_weights=False).eval()
+    yield "googlenet_inception3a", nn.Sequential(g.conv1, g.maxpool1, g.conv2, g.conv3,
+                                                 g.maxpool2, g.inception3a)
 
 
 def words_bytes(words):

@@ -36,9 +36,15 @@ def no_tf32():
 
 
 @pytest.mark.parametrize("halo_cache", CACHE)
-@pytest.mark.parametrize("seed", range(10))
+@pytest.mark.parametrize("seed", [*range(10), "cat0", "cat1", "cat2", "cat3"])
 def test_random_stems_fp64_cuda(seed, halo_cache):
-    stem = random_stem(seed).cuda()
+    """Random stems; the "cat" seeds join branches along the channels (the
+    cat instruction's copies into channel views of a tile buffer)."""
+    if isinstance(seed, str):
+        seed = 500 + int(seed[3:])
+        stem = random_stem(seed, cat=True).cuda()
+    else:
+        stem = random_stem(seed).cuda()
     rng = random.Random(500 + seed)
     size = _valid_size(stem.cpu(), rng, 8, 60) or _valid_size(stem.cpu(), rng, 60, 120)
     stem.cuda()

@@ -58,16 +58,63 @@ def _conv(rng, cin):
                      bias=rng.random() < 0.6), cout
 
 
-def random_stem(seed: int, in_ch: int = 3, smooth: bool = False) -> nn.Module:
+class Join(nn.Module):
+    """torch.cat along the channels of branches that keep the size (and,
+    with keep_input, of the input itself), as DenseNet and Inception join."""
+
+    def __init__(self, branches, keep_input, spelling):
+        super().__init__()
+        self.branches = nn.ModuleList(branches)
+        self.keep_input, self.spelling = keep_input, spelling
+
+    def forward(self, x):
+        parts = ([x] if self.keep_input else []) + [b(x) for b in self.branches]
+        if self.spelling == 0:
+            return torch.cat(parts, 1)
+        if self.spelling == 1:
+            return torch.cat(parts, dim=-3)
+        return torch.concat(tuple(parts), dim=1)
+
+
+def _join(rng, c, smooth):
+    """A random Join of c channels in: 1 to 3 branches of size-keeping
+    convolutions (odd kernels, dilation, groups), pools and activations."""
+    branches = []
+    for _ in range(rng.randint(1, 3)):
+        k, d = rng.choice([1, 3, 5]), rng.choice([1, 1, 2])
+        pick = rng.random()
+        if pick < 0.6:
+            g = rng.choice([g for g in (1, c) if c % g == 0])
+            cout = g * rng.randint(1, 2)
+            branch = nn.Sequential(nn.Conv2d(c, cout, k, padding=d * (k // 2), dilation=d,
+                                              groups=g, bias=rng.random() < 0.5),
+                                   _act(rng, smooth))
+        elif pick < 0.8 or smooth:
+            branch = nn.AvgPool2d(3, 1, 1, count_include_pad=rng.random() < 0.5)
+        else:
+            branch = nn.MaxPool2d(3, 1, 1)
+        branches.append(branch)
+    return Join(branches, keep_input=rng.random() < 0.6, spelling=rng.randint(0, 2))
+
+
+def random_stem(seed: int, in_ch: int = 3, smooth: bool = False, cat: bool = False) -> nn.Module:
     """A seeded random stem of supported layers; smooth=True leaves out
     max pooling and piecewise-linear activations (no near-tie flips, so
-    float32 gradients are comparable at 1e-5)."""
+    float32 gradients are comparable at 1e-5); cat=True adds joins of
+    branches along the channels (Join)."""
     rng = random.Random(seed)
     layers, c = [], in_ch
     kinds = ["conv", "conv", "avgpool", "bn", "act", "res"] + ([] if smooth else ["maxpool"])
+    if cat:
+        kinds += ["join", "join"]
     for _ in range(rng.randint(2, 6)):
         kind = rng.choice(kinds)
-        if kind == "conv":
+        if kind == "join":
+            m = _join(rng, c, smooth)
+            with torch.no_grad():
+                c = m(torch.zeros(1, c, 9, 9)).shape[1]
+            layers.append(m)
+        elif kind == "conv":
             m, c = _conv(rng, c)
             layers.append(m)
         elif kind == "maxpool":
