@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from . import models
-from .models import split_convnext, split_resnet
+from .models import split_convnext, split_densenet, split_resnet
 from .module import StreamingModule
 
 # ImageNet statistics in uint8 units (0..255): torchvision's weights expect them.
@@ -33,11 +33,14 @@ RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
            "resnext50_32x4d", "resnext101_32x8d", "resnext101_64x4d",
            "wide_resnet50_2", "wide_resnet101_2")
 CONVNEXTS = ("convnext_tiny", "convnext_small", "convnext_base", "convnext_large")
-ARCHITECTURES = RESNETS + CONVNEXTS
+# DenseNets: their dense blocks join features with torch.cat along the channels
+DENSENETS = ("densenet121", "densenet161", "densenet169", "densenet201")
+ARCHITECTURES = RESNETS + CONVNEXTS + DENSENETS
 POOLS = ("max", "avg")
 # The default streamed part: everything before the last stage (stride 16), so
 # the head's body is the last stage on a 1/16 feature map.
-DEFAULT_STREAM_UPTO = {**{a: "layer3" for a in RESNETS}, **{a: 6 for a in CONVNEXTS}}
+DEFAULT_STREAM_UPTO = {**{a: "layer3" for a in RESNETS}, **{a: 6 for a in CONVNEXTS},
+                       **{a: "denseblock3" for a in DENSENETS}}
 
 
 class GlobalPool(nn.Module):
@@ -99,6 +102,10 @@ def _backbone(arch: str) -> nn.Module:
     return getattr(tvm, arch)(weights=None)
 
 
+_DENSENET_OLD_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\."
+                               r"((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+
+
 def load_weights(model: nn.Module, path: str, arch: str) -> None:
     """Load a local torchvision state_dict (no download). A file that is not
     a state_dict, or whose keys or shapes do not match ``arch``, raises a
@@ -117,10 +124,18 @@ def load_weights(model: nn.Module, path: str, arch: str) -> None:
                          "torch.save wrote") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
+    if arch in DENSENETS and isinstance(state, dict):
+        # torchvision's DenseNet files name 'denselayer1.norm.1.weight' what
+        # the module calls 'denselayer1.norm1.weight' (torchvision renames
+        # them when it loads its weights itself)
+        state = {_DENSENET_OLD_KEY.sub(r"\1\2", k) if isinstance(k, str) else k: v
+                 for k, v in state.items()}
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"streamcnn: weights file {path} is not a state_dict (name -> tensor)")
     own = model.state_dict()
-    missing = sorted(set(own) - set(state))
+    # batch norm fills in a missing num_batches_tracked (files saved before
+    # torch 0.4.1 have none, torchvision's DenseNet weights among them)
+    missing = sorted(k for k in set(own) - set(state) if not k.endswith(".num_batches_tracked"))
     unexpected = sorted(set(state) - set(own))
     shapes = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
     if missing or unexpected or shapes:
@@ -151,7 +166,9 @@ def build_model(arch: str, *, num_outputs: int = 2, stream_upto: Union[str, int,
     state_dict for the whole backbone (its ``fc`` / classifier is replaced
     afterwards; nothing is downloaded); ``stream_upto``: the last streamed
     layer (ResNets: ``"maxpool"``, ``"layer1"`` .. ``"layer4"``; ConvNeXt:
-    an int 1 .. 7 of ``features``), default :data:`DEFAULT_STREAM_UPTO`;
+    an int 1 .. 7 of ``features``; DenseNets: ``"pool0"``,
+    ``"denseblock1"``, ``"transition1"`` .. ``"denseblock4"``), default
+    :data:`DEFAULT_STREAM_UPTO`;
     ``head``: the global pool, ``"max"`` or ``"avg"``; ``num_outputs``: the
     linear layer's outputs (2 for classification, 1 for regression).
     ``mean`` / ``std`` normalise uint8 images inside the stem (0..255
@@ -174,6 +191,10 @@ def build_model(arch: str, *, num_outputs: int = 2, stream_upto: Union[str, int,
         body = nn.Sequential(*[m for n, m in rest.named_children()
                                if n not in ("avgpool", "flatten", "fc")])
         features = _channels(stem, body)
+    elif arch in DENSENETS:
+        stem, rest = split_densenet(backbone, upto, tile_size, **options)
+        body = nn.Sequential(rest.features, rest.relu)
+        features = _channels(stem, body)
     else:
         stem, rest = split_convnext(backbone, upto, tile_size, **options)
         # ConvNeXt's classifier is LayerNorm2d, Flatten, Linear: keep the norm
@@ -189,10 +210,12 @@ def _stream_upto(arch: str, stream_upto: Union[str, int, None]) -> Union[str, in
     """The last streamed layer of ``arch`` (the default for None): a layer
     name for ResNets, an int of ``features`` for ConvNeXts."""
     upto = DEFAULT_STREAM_UPTO[arch] if stream_upto is None else stream_upto
-    if arch in RESNETS:
+    if arch in RESNETS or arch in DENSENETS:
         if not isinstance(upto, str):
+            names = ("maxpool, layer1 .. layer4" if arch in RESNETS else
+                     "pool0, denseblock1, transition1 .. denseblock4")
             raise ValueError(f"streamcnn: stream_upto for {arch} is a layer name "
-                             f"(maxpool, layer1 .. layer4), got {upto!r}")
+                             f"({names}), got {upto!r}")
         return upto
     if isinstance(upto, str):
         try:
@@ -212,7 +235,8 @@ def default_tile_size(arch: str, stream_upto: Union[str, int, None] = None) -> i
     with torch.device("meta"):
         backbone = _backbone(arch)
     upto = _stream_upto(arch, stream_upto)
-    parts = models.resnet_parts if arch in RESNETS else models.convnext_parts
+    parts = (models.resnet_parts if arch in RESNETS else
+             models.densenet_parts if arch in DENSENETS else models.convnext_parts)
     return max(models.default_tile_size(parts(backbone, upto)[0]))
 
 

@@ -10,6 +10,9 @@ from .module import StreamingModule, TileSize
 from .program import convert
 
 _RESNET_STAGES = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
+_DENSENET_STAGES = ["conv0", "norm0", "relu0", "pool0", "denseblock1", "transition1",
+                    "denseblock2", "transition2", "denseblock3", "transition3", "denseblock4",
+                    "norm5"]
 DEFAULT_TILE = 1024
 
 
@@ -123,5 +126,48 @@ def convnext_parts(model: nn.Module, stream_upto: int = 4
     _freeze_norms(stem)
     head = nn.Sequential(OrderedDict([("features", model.features[stream_upto:]),
                                       ("avgpool", model.avgpool),
+                                      ("classifier", model.classifier)]))
+    return stem, head
+
+
+def split_densenet(model: nn.Module, stream_upto: str = "denseblock3",
+                   tile_size: Optional[TileSize] = None,
+                   **options: Any) -> Tuple[StreamingModule, nn.Sequential]:
+    """Split a torchvision DenseNet (121 / 161 / 169 / 201) into
+    ``(streaming_stem, head)`` with ``head(stem(x))`` computing ``model(x)``
+    (with the stem's batch norms in eval mode).
+
+    The stem is ``features`` up to ``stream_upto`` (one of ``"pool0"``,
+    ``"denseblock1"``, ``"transition1"`` .. ``"denseblock4"``) wrapped in
+    :class:`StreamingModule`: the dense blocks' joins are ``torch.cat``
+    along the channels, which streams exactly. The head is the rest of
+    ``features``, the final ReLU, the average pool and the classifier.
+    ``tile_size`` and ``options`` as for :func:`split_resnet`; the stem's
+    batch norms are frozen, as there.
+    """
+    stem, head = densenet_parts(model, stream_upto)
+    return _wrap(stem, tile_size, options), head
+
+
+def densenet_parts(model: nn.Module, stream_upto: str = "denseblock3"
+                   ) -> Tuple[nn.Sequential, nn.Sequential]:
+    """:func:`split_densenet`'s ``(stem, head)`` with the stem not yet
+    streamed (its norms frozen)."""
+    features = getattr(model, "features", None)
+    missing = [n for n in _DENSENET_STAGES if not hasattr(features, n)]
+    if not isinstance(features, nn.Sequential) or missing or not hasattr(model, "classifier"):
+        raise ValueError("streamcnn: not a torchvision DenseNet (needs features with "
+                         f"{_DENSENET_STAGES[0]} .. {_DENSENET_STAGES[-1]}, and classifier)")
+    stages = _DENSENET_STAGES[3:-1]
+    if stream_upto not in stages:
+        raise ValueError(f"streamcnn: stream_upto must be one of {stages}, got {stream_upto!r}")
+    names = list(features._modules)
+    k = names.index(stream_upto) + 1
+    stem = features[:k]
+    _freeze_norms(stem)
+    # DenseNet.forward: features, relu, adaptive average pool, flatten, classifier
+    head = nn.Sequential(OrderedDict([("features", features[k:]), ("relu", nn.ReLU()),
+                                      ("avgpool", nn.AdaptiveAvgPool2d(1)),
+                                      ("flatten", nn.Flatten(1)),
                                       ("classifier", model.classifier)]))
     return stem, head

@@ -579,6 +579,35 @@ def test_multiclass(slides, tmp_path, capsys):
     assert "nan" in res.stdout and "no slide of class(es) 2" in res.stdout
 
 
+def test_densenet_trains_evaluates_predicts_and_exports(slides, tmp_path, capsys):
+    """--model densenet121 streamed to transition1 (its dense block's
+    joins are cats along the channels): a run, its evaluation, a heatmap and
+    the TorchScript export, which gives the model's scores."""
+    out = tmp_path / "run"
+    small = list(SMALL)
+    small[small.index("resnet18")] = "densenet121"
+    small[small.index("layer1")] = "transition1"
+    cli_here(capsys, "train", "--train", slides / "train.csv", "--val", slides / "val.csv",
+             "--out", out, *small, "--epochs", "1", "--batch-size", "2")
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    assert cfg["model"] == "densenet121" and cfg["stream_upto"] == "transition1"
+    (row,) = _csv(out / "metrics.csv")
+    assert math.isfinite(float(row["train_loss"])) and math.isfinite(float(row["val_loss"]))
+    res = cli_here(capsys, "evaluate", out / "best.pt", "--csv", slides / "val.csv", "--out",
+                   tmp_path / "ev", "--quiet")
+    assert res.stdout.startswith("AUC ")
+    cli_here(capsys, "predict", out / "best.pt", slides / "val_1.svs", "--out",
+             tmp_path / "maps", "--heatmap", "cam", "--quiet")
+    assert _csv(tmp_path / "maps" / "predictions.csv")[0]["status"] == "ok"
+    cli_here(capsys, "export", out / "best.pt", tmp_path / "model.pt")
+    model, cfg = load_model(str(out / "best.pt"))
+    x = (torch.rand(1, 3, 256, 256) * 255).to(torch.uint8)
+    with torch.no_grad():
+        want = model(x)
+        got = torch.jit.load(str(tmp_path / "model.pt"))(x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 def _damage_tiles(path):
     """Overwrite the start of every tile of every page of a tiled TIFF: the
     file still opens (its directories are intact), every pixel read fails."""

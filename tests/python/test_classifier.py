@@ -62,6 +62,8 @@ def test_default_tile_is_the_receptive_field_where_1024_is_too_small():
         del m
     assert seen["resnet18"] == seen["resnet50"] == 1024
     assert seen["convnext_tiny"] == 1096 and seen["resnet152"] == 1291
+    assert seen["densenet121"] == 1031 and seen["densenet201"] == 1799
+    assert default_tile_size("densenet121", "transition2") == 1024
     assert default_tile_size("resnet152", "layer2") == 1024
     assert default_tile_size("convnext_tiny", "4") == 1024
     with pytest.raises(ValueError, match="stream_upto"):
@@ -111,3 +113,31 @@ def test_weights_must_match(tmp_path):
         load_weights(torchvision.models.resnet18(weights=None), str(whole), "resnet18")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         build_model("resnet18", weights=str(tmp_path / "nope.pt"))
+
+
+def test_densenet_weights_with_torchvision_legacy_names(tmp_path):
+    """torchvision's DenseNet weight files name 'denselayer1.norm.1.weight'
+    what the module calls 'denselayer1.norm1.weight', and hold no
+    num_batches_tracked: --weights loads them as torchvision itself does."""
+    import re
+    import torchvision
+    torch.manual_seed(0)
+    sd = {k: torch.randn_like(v) if v.is_floating_point() else v
+          for k, v in torchvision.models.densenet121(weights=None).state_dict().items()}
+    legacy = {re.sub(r"(denselayer\d+\.(?:norm|relu|conv))([12])\.", r"\1.\2.", k): v
+              for k, v in sd.items() if not k.endswith("num_batches_tracked")}
+    assert "features.denseblock1.denselayer1.norm.1.weight" in legacy
+    path = tmp_path / "densenet121-legacy.pth"
+    torch.save(legacy, path)
+    m = build_model("densenet121", weights=str(path), stream_upto="transition1",
+                    tile_size=200)
+    layer = m.stem.stem.denseblock1.denselayer1
+    assert torch.equal(layer.norm1.weight, sd["features.denseblock1.denselayer1.norm1.weight"])
+    assert torch.equal(layer.conv2.weight, sd["features.denseblock1.denselayer1.conv2.weight"])
+    assert torch.equal(m.head.body[0].denseblock2.denselayer3.norm2.running_var,
+                       sd["features.denseblock2.denselayer3.norm2.running_var"])
+    del legacy["features.denseblock1.denselayer1.conv.1.weight"]   # still checked
+    torch.save(legacy, path)
+    with pytest.raises(ValueError, match=r"1 missing keys \(e.g. \['features.denseblock1."
+                       r"denselayer1.conv1.weight'\]\)"):
+        build_model("densenet121", weights=str(path), tile_size=1100)

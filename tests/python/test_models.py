@@ -84,6 +84,36 @@ def test_split_resnet_bad_arguments():
         streamcnn.models.split_resnet(nn.Sequential(nn.Conv2d(3, 3, 3)))
 
 
+def _densenet(name="densenet121"):
+    torch.manual_seed(0)
+    m = getattr(tv.models, name)(weights=None).double()
+    randomize_bn(m, torch.Generator().manual_seed(1))
+    return m.eval()
+
+
+def test_split_densenet():
+    """DenseNet-121 streamed through its first dense block and transition:
+    head(stem(x)) is model(x); torchvision's names; the stem trains with
+    its batch norms frozen."""
+    model = _densenet()
+    stem, head = streamcnn.models.split_densenet(model, stream_upto="transition1",
+                                                 tile_size=150)
+    x = torch.randn(1, 3, 96, 80, dtype=torch.float64)
+    assert rel_err(head(stem(x)), model(x)) < 1e-10
+    assert "module.denseblock1.denselayer6.conv2.weight" in stem.state_dict()
+    assert "features.denseblock2.denselayer1.conv1.weight" in head.state_dict()
+    assert "classifier.weight" in head.state_dict()
+    model.train()
+    stem.train()
+    head(stem(x)).sum().backward()
+    assert model.features.denseblock1.denselayer6.conv2.weight.grad is not None
+    assert not any(m.training for m in stem.modules() if isinstance(m, nn.BatchNorm2d))
+    with pytest.raises(ValueError, match="stream_upto must be one of"):
+        streamcnn.models.split_densenet(model, stream_upto="norm5")
+    with pytest.raises(ValueError, match="not a torchvision DenseNet"):
+        streamcnn.models.split_densenet(_resnet("resnet18"))
+
+
 def _convnext(name="convnext_tiny"):
     torch.manual_seed(0)
     m = getattr(tv.models, name)(weights=None).double().eval()

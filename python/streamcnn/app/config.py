@@ -71,7 +71,8 @@ OPTIONS: Tuple[Option, ...] = (
     Option("weights", str, None, "a local torchvision state_dict of the backbone (nothing "
            "is downloaded)", path=True, metavar="FILE"),
     Option("stream_upto", str, None, "last streamed layer: maxpool, layer1 .. layer4 "
-           "(ResNets), 1 .. 7 (ConvNeXt); default: the stage before the last",
+           "(ResNets), 1 .. 7 (ConvNeXt), pool0, denseblock1, transition1 .. denseblock4 "
+           "(DenseNets); default: the stage before the last",
            metavar="LAYER"),
     Option("head", str, "max", "global pool of the head: max (as in the paper) or avg",
            choices=POOLS),
