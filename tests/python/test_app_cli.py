@@ -377,7 +377,7 @@ def test_tables_conflicting_or_shared_slides(tmp_path, capsys):
     assert capsys.readouterr().err == ""
     bad = Table("t.csv", [a, str(tmp_path / "." / "a.svs")], ["a.svs", "./a.svs"], [0.0, 1.0],
                 [None] * 2)
-    with pytest.raises(UsageError, match=f"t.csv: slide .*a.svs is listed with labels 0 and 1"):
+    with pytest.raises(UsageError, match="t.csv: slide .*a.svs is listed with labels 0 and 1"):
         T._check_tables(bad, va, True)
 
 
@@ -509,12 +509,12 @@ def test_plain_images_and_slide_mpp(tmp_path, capsys):
     assert cfg["slide_mpp"] == 0.5
     preds = _csv(out / "val_predictions.csv")
     assert len(preds) == 2 and all(math.isfinite(float(r["score"])) for r in preds)
-    res = cli_here(capsys, "evaluate", out / "best.pt", "--csv", d / "val_mpp.csv", "--out",
-                   tmp_path / "ev", "--quiet")
+    cli_here(capsys, "evaluate", out / "best.pt", "--csv", d / "val_mpp.csv", "--out",
+             tmp_path / "ev", "--quiet")
     got = _csv(tmp_path / "ev" / "predictions.csv")
     assert [r["score"] for r in got] == [r["score"] for r in preds], (got, preds)
-    res = cli_here(capsys, "predict", out / "best.pt", d / "val_1.jpg", "--out",
-                   tmp_path / "maps", "--heatmap", "cam", "--quiet")
+    cli_here(capsys, "predict", out / "best.pt", d / "val_1.jpg", "--out",
+             tmp_path / "maps", "--heatmap", "cam", "--quiet")
     row = _csv(tmp_path / "maps" / "predictions.csv")[0]
     assert (row["status"], row["mpp"], row["downsample"]) == ("ok", "1", "2"), row
     assert (tmp_path / "maps" / "val_1_cam.png").exists()
