@@ -49,7 +49,7 @@ if (($# == 0)); then
     tests/python/test_slide.py tests/python/test_threads.py \
     tests/python/test_overflow.py tests/python/test_oom.py \
     tests/python/test_sparse_backward.py tests/python/test_tile_parallel.py \
-    tests/python/test_heatmaps.py
+    tests/python/test_heatmaps.py tests/python/test_cat.py
 fi
 export LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libstdc++.so)"
 export ASAN_OPTIONS=detect_leaks=0:halt_on_error=1:abort_on_error=0:quarantine_size_mb=8:allocator_may_return_null=1

@@ -1,6 +1,8 @@
 #!/usr/bin/env python
 """CPU benchmark: torchvision ResNet-18 conv1..layer2 (frozen BN), fp32,
-batch 1, forward + backward including a small head and loss; whole-image
+batch 1, forward + backward including a small head and loss (--model
+densenet121: DenseNet-121 conv0..denseblock2, whose dense layers join
+their features with torch.cat, the cat instruction); whole-image
 PyTorch vs streamcnn with halo caching (``stream``, the default) and
 without (``cone``: each tile recomputes its whole cone in the backward).
 Every measurement runs in a fresh process (peak RSS
@@ -9,6 +11,7 @@ since the whole-image peak alone varies by ~15% between processes (glibc
 heap layout). Prints medians side by side with ratios, and the ranges.
 
     python bench/cpu_resnet18.py [--size 1536] [--tile 512] [--reps 3] [--runs 3]
+                                 [--model resnet18|densenet121]
 """
 
 import argparse
@@ -21,16 +24,27 @@ import sys
 import time
 
 
-def child(mode: str, size: int, tile: int, reps: int, threads: int) -> dict:
+MODELS = {"resnet18": "ResNet-18 conv1..layer2", "densenet121": "DenseNet-121 conv0..denseblock2"}
+
+
+def child(mode: str, size: int, tile: int, reps: int, threads: int,
+          model: str = "resnet18") -> dict:
     import torch
     import torch.nn as nn
     import torchvision
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    r = torchvision.models.resnet18(weights=None)
-    stem = nn.Sequential(r.conv1, r.bn1, r.relu, r.maxpool, r.layer1, r.layer2).eval()
-    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 2))
+    if model == "densenet121":
+        f = torchvision.models.densenet121(weights=None).features
+        stem = nn.Sequential(f.conv0, f.norm0, f.relu0, f.pool0, f.denseblock1, f.transition1,
+                             f.denseblock2).eval()
+        channels = 512
+    else:
+        r = torchvision.models.resnet18(weights=None)
+        stem = nn.Sequential(r.conv1, r.bn1, r.relu, r.maxpool, r.layer1, r.layer2).eval()
+        channels = 128
+    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, 2))
     if mode in ("stream", "cone"):
         import streamcnn
         stem = streamcnn.StreamingModule(stem, tile, halo_cache=mode == "stream")
@@ -63,17 +77,18 @@ def main():
     ap.add_argument("--reps", type=int, default=3, help="timed steps per process")
     ap.add_argument("--runs", type=int, default=3, help="processes per mode")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--model", choices=list(MODELS), default="resnet18")
     ap.add_argument("--child", choices=["whole", "stream", "cone"])
     a = ap.parse_args()
     if a.child:
-        print(json.dumps(child(a.child, a.size, a.tile, a.reps, a.threads)))
+        print(json.dumps(child(a.child, a.size, a.tile, a.reps, a.threads, a.model)))
         return
     runs = {"whole": [], "stream": [], "cone": []}
     for _ in range(a.runs):
         for mode in runs:
             out = subprocess.run([sys.executable, __file__, "--child", mode, "--size",
                                   str(a.size), "--tile", str(a.tile), "--reps", str(a.reps),
-                                  "--threads", str(a.threads)],
+                                  "--threads", str(a.threads), "--model", a.model],
                                  check=True, capture_output=True, text=True).stdout
             runs[mode].append(json.loads(out.strip().splitlines()[-1]))
     import statistics
@@ -81,7 +96,7 @@ def main():
     import torch
     med = {m: {k: statistics.median(r[k] for r in rs) for k in ("time_s", "peak_rss_mb")}
            for m, rs in runs.items()}
-    print(f"# ResNet-18 conv1..layer2, fp32, batch 1, fwd+bwd, {a.size}x{a.size}, "
+    print(f"# {MODELS[a.model]}, fp32, batch 1, fwd+bwd, {a.size}x{a.size}, "
           f"tile {a.tile}; torch {torch.__version__}, {a.threads} threads, "
           f"{platform.processor() or platform.machine()}; median of {a.runs} processes "
           f"x {a.reps} steps")

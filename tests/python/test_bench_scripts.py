@@ -172,3 +172,17 @@ def test_predict_memory_script(tmp_path):
     assert res.returncode == 0, (res.stdout[-2000:], res.stderr[-2000:])
     header, _, row = res.stdout.splitlines()[:3]
     assert "saliency GB" in header and "| both |" in row, res.stdout
+
+
+def test_cpu_benchmark_script_densenet():
+    """bench/cpu_resnet18.py --model densenet121 (the cat instruction's
+    benchmark) runs at a tiny size: whole, stream and cone rows and their
+    ratios."""
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "cpu_resnet18.py"),
+                          "--model", "densenet121", "--size", "400", "--tile", "456",
+                          "--reps", "1", "--runs", "1", "--threads", "1"],
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "# DenseNet-121 conv0..denseblock2, fp32, batch 1, fwd+bwd, 400x400" in res.stdout
+    for row in ("| whole ", "| stream ", "| cone ", "| stream/whole", "| cone/whole"):
+        assert row in res.stdout, res.stdout
