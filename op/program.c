@@ -272,36 +272,28 @@ static int decode_instr(reader *r, const sc_program *p, sc_instr *in) {
     return SC_OK;
   }
   case SC_OP_ADD:
+  case SC_OP_CAT: {
     in->n_in = 2;
     if (field_value(r, 0, "a", &in->in[0]) ||
         field_value(r, 1, "b", &in->in[1]))
       return SC_ERR;
-    if (p->channels[in->in[0]] != p->channels[in->in[1]])
+    const int64_t ca = p->channels[in->in[0]], cb = p->channels[in->in[1]];
+    if (r->op == SC_OP_ADD && ca != cb)
       return sc_fail(r->err,
                      "streamcnn: program instruction %lld (add): inputs %lld "
                      "and %lld have %lld and %lld channels",
                      (long long)r->index, (long long)in->in[0],
-                     (long long)in->in[1],
-                     (long long)p->channels[in->in[0]],
-                     (long long)p->channels[in->in[1]]);
-    in->c_out = p->channels[in->in[0]];
-    return SC_OK;
-  case SC_OP_CAT:
-    in->n_in = 2;
-    if (field_value(r, 0, "a", &in->in[0]) ||
-        field_value(r, 1, "b", &in->in[1]))
-      return SC_ERR;
-    in->c_out = p->channels[in->in[0]] + p->channels[in->in[1]];
-    if (in->c_out > SC_MAX_CHANNELS)
+                     (long long)in->in[1], (long long)ca, (long long)cb);
+    if (r->op == SC_OP_CAT && ca + cb > SC_MAX_CHANNELS)
       return sc_fail(r->err,
                      "streamcnn: program instruction %lld (cat): inputs %lld "
                      "and %lld have %lld + %lld channels, more than %lld",
                      (long long)r->index, (long long)in->in[0],
-                     (long long)in->in[1],
-                     (long long)p->channels[in->in[0]],
-                     (long long)p->channels[in->in[1]],
+                     (long long)in->in[1], (long long)ca, (long long)cb,
                      (long long)SC_MAX_CHANNELS);
+    in->c_out = r->op == SC_OP_CAT ? ca + cb : ca;
     return SC_OK;
+  }
   case SC_OP_LAYERNORM_C:
     if (field_value(r, 0, "input", &in->in[0]) ||
         field_param(r, 1, "weight", 1, n_params, &in->weight) ||

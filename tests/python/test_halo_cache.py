@@ -28,11 +28,16 @@ def _ops_grads(sm, x, params, g, cached):
     return y, grads
 
 
-@pytest.mark.parametrize("seed", range(24))
+@pytest.mark.parametrize("seed", [*range(24), *(f"cat{i}" for i in range(8))])
 def test_cached_ops_equal_cone_recompute_random_stems(seed):
     """Thin tiles (the receptive field: halos reach back over several row
-    tiles), wide and tall ones, batch 1 and 3, float64."""
-    stem = random_stem(seed)
+    tiles), wide and tall ones, batch 1 and 3, float64. The "cat" seeds:
+    stems with joins along the channels (the cat instruction)."""
+    if isinstance(seed, str):
+        seed = 600 + int(seed[3:])
+        stem = random_stem(seed, cat=True)
+    else:
+        stem = random_stem(seed)
     rng = random.Random(7000 + seed)
     size = _valid_size(stem, rng, 1, 48) or _valid_size(stem, rng, 48, 120)
     assert size is not None
