@@ -158,6 +158,28 @@ def test_join_of_the_image():
     assert torch.allclose(sm(u8), ref, rtol=0, atol=1e-10)
 
 
+class _RepeatedJoin(nn.Module):
+    """The same values joined more than once, in two orders: each input's
+    gradient is the sum over its places."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.b = nn.Conv2d(14, 5, 3, padding=1)
+
+    def forward(self, x):
+        y = torch.relu(self.a(x))
+        return self.b(torch.cat([y, y, x, x], 1)) + self.b(torch.cat([y, x, y, x], 1))
+
+
+def test_join_of_repeated_values():
+    torch.manual_seed(0)
+    stem = _RepeatedJoin().double()
+    x = torch.randn(2, 3, 33, 29, dtype=torch.float64, requires_grad=True)
+    for tile in [(5, 7), (12, 40)]:
+        compare(stem, x, tile, FP64_TOL)
+
+
 class _ChannelsLastJoin(nn.Module):
     """A join of tensors permuted to N x H x W x C, along their last dim."""
 
