@@ -43,7 +43,7 @@ ASAN_OPTIONS=detect_leaks=1:halt_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:hal
 if (($# == 0)); then
   # the harness check, ops, bad inputs, halo cache, equivalence (small
   # images), slides, threads, huge sizes, out-of-memory, the sparse
-  # backward, row bands (tile-parallel) and heatmaps
+  # backward, row bands (tile-parallel), heatmaps and channel cats
   set -- tests/python/test_sanitizer.py tests/python/test_ops.py tests/python/test_bad_inputs.py \
     tests/python/test_halo_cache.py tests/python/test_equivalence.py \
     tests/python/test_slide.py tests/python/test_threads.py \

@@ -273,3 +273,30 @@ def test_densenet121_memory_model():
     mask = sm._grad_mask(False, sm.stream_params())
     bwd, _, strips = memory_info(sm.program, 448, 448, sm.tile_size, True, mask, 4, cpu=True)
     assert 0.85 * (bwd + strips) <= peak <= 1.15 * (bwd + strips), (peak, bwd + strips)
+
+
+class _EndsInJoin(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.b = nn.Conv2d(4, 2, 3, stride=2)
+        self.c = nn.MaxPool2d(3, 2)
+
+    def forward(self, x):
+        y = self.a(x)
+        return torch.cat([self.b(y), self.c(y)], 1)
+
+
+def test_export_and_compile_of_a_stem_ending_in_a_cat():
+    """The fake kernel's output shape (program.output_shape) adds a cat's
+    channels: torch.export and torch.compile give the eager result."""
+    from streamcnn.program import output_shape
+    torch.manual_seed(0)
+    stem = _EndsInJoin()
+    sm = streamcnn.StreamingModule(stem, 16)
+    x = torch.randn(1, 3, 41, 37)
+    assert output_shape(sm.program, 41, 37) == (6, 20, 18)
+    ref = stem(x)
+    ep = torch.export.export(sm, (x,))
+    torch.testing.assert_close(ep.module()(x), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.compile(sm)(x), ref, rtol=1e-5, atol=1e-5)
