@@ -208,7 +208,7 @@ def build_model(arch: str, *, num_outputs: int = 2, stream_upto: Union[str, int,
 
 def _stream_upto(arch: str, stream_upto: Union[str, int, None]) -> Union[str, int]:
     """The last streamed layer of ``arch`` (the default for None): a layer
-    name for ResNets, an int of ``features`` for ConvNeXts."""
+    name for ResNets and DenseNets, an int of ``features`` for ConvNeXts."""
     upto = DEFAULT_STREAM_UPTO[arch] if stream_upto is None else stream_upto
     if arch in RESNETS or arch in DENSENETS:
         if not isinstance(upto, str):
