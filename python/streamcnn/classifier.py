@@ -190,19 +190,16 @@ def build_model(arch: str, *, num_outputs: int = 2, stream_upto: Union[str, int,
         stem, rest = split_resnet(backbone, upto, tile_size, **options)
         body = nn.Sequential(*[m for n, m in rest.named_children()
                                if n not in ("avgpool", "flatten", "fc")])
-        features = _channels(stem, body)
     elif arch in DENSENETS:
         stem, rest = split_densenet(backbone, upto, tile_size, **options)
         body = nn.Sequential(rest.features, rest.relu)
-        features = _channels(stem, body)
     else:
         stem, rest = split_convnext(backbone, upto, tile_size, **options)
         # ConvNeXt's classifier is LayerNorm2d, Flatten, Linear: keep the norm
         # in the body (per location, so the class map stays linear in it)
         norm = rest.classifier[0]
         body = nn.Sequential(rest.features, norm)
-        features = _channels(stem, body)
-    fc = nn.Linear(features, num_outputs)
+    fc = nn.Linear(_channels(stem, body), num_outputs)
     return SlideClassifier(stem, Head(body, GlobalPool(head), fc))
 
 
