@@ -34,7 +34,8 @@ N_FIELDS = {OP_CONV: 16, OP_MAXPOOL: 10, OP_AVGPOOL: 10, OP_BATCHNORM: 6, OP_ACT
 ACT_RELU, ACT_RELU6, ACT_LEAKY_RELU, ACT_SILU, ACT_GELU, ACT_SIGMOID, ACT_TANH, ACT_HARDSWISH = range(1, 9)
 
 SUPPORTED = (
-    "Conv2d (padding_mode='zeros'), MaxPool2d, AvgPool2d, BatchNorm2d in eval mode, "
+    "Conv2d (padding_mode='zeros'), MaxPool2d, AvgPool2d (and F.max_pool2d, F.avg_pool2d), "
+    "BatchNorm2d in eval mode, "
     "ReLU, ReLU6, LeakyReLU, SiLU, GELU, Sigmoid, Tanh, Hardswish, Identity, "
     "Dropout / StochasticDepth in eval mode, residual adds, torch.cat along the channels "
     "(DenseNet, Inception), and per-pixel channel ops "
@@ -244,6 +245,25 @@ NCHW, NHWC = "NCHW", "NHWC"
 _PERMUTES = {(NCHW, (0, 2, 3, 1)): NHWC, (NHWC, (0, 3, 1, 2)): NCHW}
 
 
+_SHAPE_HINT = ("it reads the shape of a tensor; a stem whose layers depend on the image's "
+               "shape cannot be streamed (each tile has another shape): use constant layer "
+               "arguments")
+
+# the functional poolings (F.max_pool2d is a dispatcher on return_indices;
+# torch.max_pool2d is ATen's, whose stride [] means the kernel size)
+_POOL_FNS = (F.max_pool2d, F.max_pool2d_with_indices, torch.max_pool2d, F.avg_pool2d)
+_MAXPOOL_ARGS = ("kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
+_AVGPOOL_ARGS = ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
+                 "divisor_override")
+
+
+def _pool_stride(stride, kernel) -> Tuple[int, int]:
+    """A pooling's stride: None or an empty list means the kernel size."""
+    if stride is None or (isinstance(stride, (list, tuple)) and len(stride) == 0):
+        return _pair(kernel)
+    return _pair(stride)
+
+
 def _is_stochastic_depth(m: nn.Module) -> bool:
     return type(m).__name__ == "StochasticDepth" and hasattr(m, "p")
 
@@ -341,6 +361,46 @@ class _Converter:
                                "N x C x H x W <-> N x H x W x C is supported")
         self._alias(node, x, layout)
 
+    def _maxpool(self, node, what, x, kernel, stride, padding, dilation, ceil_mode,
+                 return_indices):
+        self._need_nchw(node, what, x)
+        if return_indices:
+            raise _unsupported(node, what, "return_indices=True is not supported")
+        v = self.b.maxpool(self.val[x], _pair(kernel), _pool_stride(stride, kernel),
+                           _pair(dilation), _pair(padding), bool(ceil_mode))
+        self._set(node, v, self.chan[x])
+
+    def _avgpool(self, node, what, x, kernel, stride, padding, ceil_mode, count_include_pad,
+                 divisor_override):
+        self._need_nchw(node, what, x)
+        if divisor_override is not None and not (isinstance(divisor_override, int)
+                                                 and divisor_override > 0):
+            raise _unsupported(node, what, f"divisor_override={divisor_override!r}: it must be "
+                               "None or a positive int")
+        v = self.b.avgpool(self.val[x], _pair(kernel), _pool_stride(stride, kernel),
+                           _pair(padding), bool(ceil_mode), bool(count_include_pad),
+                           divisor_override)
+        self._set(node, v, self.chan[x])
+
+    def _pool_fn(self, node, what, x, rest, kw):
+        """F.max_pool2d / torch.max_pool2d / F.max_pool2d_with_indices and
+        F.avg_pool2d: the modules' instructions from the call's arguments."""
+        t = node.target
+        names = (_AVGPOOL_ARGS if t is F.avg_pool2d else _MAXPOOL_ARGS)
+        unknown = set(kw) - set(names)
+        if len(rest) > len(names) or unknown:
+            raise _unsupported(node, what, f"unexpected arguments {sorted(unknown) or rest!r}")
+        a = dict(zip(names, rest), **kw)
+        if "kernel_size" not in a:
+            raise _unsupported(node, what, "no kernel_size")
+        if t is F.avg_pool2d:
+            return self._avgpool(node, what, x, a["kernel_size"], a.get("stride"),
+                                 a.get("padding", 0), a.get("ceil_mode", False),
+                                 a.get("count_include_pad", True), a.get("divisor_override"))
+        return self._maxpool(node, what, x, a["kernel_size"], a.get("stride"),
+                             a.get("padding", 0), a.get("dilation", 1), a.get("ceil_mode", False),
+                             t is F.max_pool2d_with_indices or a.get("return_indices", False))
+
     # -- modules --------------------------------------------------------------
     def module(self, node: fx.Node):
         path = str(node.target)
@@ -396,19 +456,12 @@ class _Converter:
             return self._set(node, v, m.out_channels)
 
         if _same_forward(m, nn.MaxPool2d):
-            if m.return_indices:
-                raise _unsupported(node, what, "return_indices=True is not supported")
-            k = _pair(m.kernel_size)
-            s = _pair(m.stride if m.stride is not None else m.kernel_size)
-            v = self.b.maxpool(self.val[x], k, s, _pair(m.dilation), _pair(m.padding), m.ceil_mode)
-            return self._set(node, v, c)
+            return self._maxpool(node, what, x, m.kernel_size, m.stride, m.padding, m.dilation,
+                                 m.ceil_mode, m.return_indices)
 
         if _same_forward(m, nn.AvgPool2d):
-            k = _pair(m.kernel_size)
-            s = _pair(m.stride if m.stride is not None else m.kernel_size)
-            v = self.b.avgpool(self.val[x], k, s, _pair(m.padding), m.ceil_mode,
-                               m.count_include_pad, m.divisor_override)
-            return self._set(node, v, c)
+            return self._avgpool(node, what, x, m.kernel_size, m.stride, m.padding, m.ceil_mode,
+                                 m.count_include_pad, m.divisor_override)
 
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and type(m).forward in (
                 nn.BatchNorm2d.forward, nn.SyncBatchNorm.forward):
@@ -518,6 +571,8 @@ class _Converter:
             return self._add(node, what, args[0], args[1], kw.get("alpha", 1))
         if t in (operator.mul, operator.imul, torch.mul) and len(args) == 2 and not kw:
             return self._scale(node, what, args)
+        if t is getattr and len(args) == 2 and args[1] in ("shape", "ndim", "dtype", "device"):
+            raise _unsupported(node, f".{args[1]}", _SHAPE_HINT)
         if not args:
             raise _unsupported(node, what, f"unsupported call. Supported: {SUPPORTED}")
         x = self._input(node, args[0])
@@ -540,6 +595,8 @@ class _Converter:
             return self._act(node, x, ACT_TANH)
         if t is F.hardswish:
             return self._act(node, x, ACT_HARDSWISH)
+        if t in _POOL_FNS:
+            return self._pool_fn(node, what, x, rest, kw)
         if t is torch.permute:
             dims = rest[0] if rest else kw["dims"]
             return self._permute(node, what, x, dims)
@@ -584,6 +641,8 @@ class _Converter:
             return self._act(node, x, ACT_TANH)
         if name in ("add", "add_", "__add__", "__iadd__"):
             return self._add(node, what, node.args[0], node.args[1], node.kwargs.get("alpha", 1))
+        if name in ("size", "dim"):
+            raise _unsupported(node, what, _SHAPE_HINT)
         if name == "contiguous":
             return self._alias(node, x)
         if name == "permute":
