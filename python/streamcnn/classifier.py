@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from . import models
-from .models import split_convnext, split_densenet, split_resnet
+from .models import split_convnext, split_densenet, split_inception, split_resnet
 from .module import StreamingModule
 
 # ImageNet statistics in uint8 units (0..255): torchvision's weights expect them.
@@ -35,12 +35,18 @@ RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
 CONVNEXTS = ("convnext_tiny", "convnext_small", "convnext_base", "convnext_large")
 # DenseNets: their dense blocks join features with torch.cat along the channels
 DENSENETS = ("densenet121", "densenet161", "densenet169", "densenet201")
-ARCHITECTURES = RESNETS + CONVNEXTS + DENSENETS
+# Inception-v3: its blocks pool with F.avg_pool2d / F.max_pool2d and join
+# branches with torch.cat
+INCEPTIONS = ("inception_v3",)
+ARCHITECTURES = RESNETS + CONVNEXTS + DENSENETS + INCEPTIONS
+# stream_upto is a layer name for these (an int of features for ConvNeXts)
+NAMED_STAGES = RESNETS + DENSENETS + INCEPTIONS
 POOLS = ("max", "avg")
 # The default streamed part: everything before the last stage (stride 16), so
 # the head's body is the last stage on a 1/16 feature map.
 DEFAULT_STREAM_UPTO = {**{a: "layer3" for a in RESNETS}, **{a: 6 for a in CONVNEXTS},
-                       **{a: "denseblock3" for a in DENSENETS}}
+                       **{a: "denseblock3" for a in DENSENETS},
+                       **{a: "Mixed_6e" for a in INCEPTIONS}}
 
 
 class GlobalPool(nn.Module):
@@ -99,6 +105,13 @@ def _backbone(arch: str) -> nn.Module:
     import torchvision.models as tvm
     if arch not in ARCHITECTURES:
         raise ValueError(f"streamcnn: unknown model {arch!r}; choose one of {list(ARCHITECTURES)}")
+    if arch in INCEPTIONS:
+        # as torchvision builds it for its ImageNet weights: the input
+        # transform on (the stem folds it into its mean / std) and the
+        # auxiliary classifier there, so that those weights load (the
+        # classifier does not use it)
+        return tvm.inception_v3(weights=None, aux_logits=True, transform_input=True,
+                                init_weights=True)
     return getattr(tvm, arch)(weights=None)
 
 
@@ -167,13 +180,17 @@ def build_model(arch: str, *, num_outputs: int = 2, stream_upto: Union[str, int,
     afterwards; nothing is downloaded); ``stream_upto``: the last streamed
     layer (ResNets: ``"maxpool"``, ``"layer1"`` .. ``"layer4"``; ConvNeXt:
     an int 1 .. 7 of ``features``; DenseNets: ``"pool0"``,
-    ``"denseblock1"``, ``"transition1"`` .. ``"denseblock4"``), default
+    ``"denseblock1"``, ``"transition1"`` .. ``"denseblock4"``; Inception-v3:
+    ``"maxpool1"``, ``"Conv2d_3b_1x1"`` .. ``"Mixed_7c"``), default
     :data:`DEFAULT_STREAM_UPTO`;
     ``head``: the global pool, ``"max"`` or ``"avg"``; ``num_outputs``: the
     linear layer's outputs (2 for classification, 1 for regression).
     ``mean`` / ``std`` normalise uint8 images inside the stem (0..255
-    units). ``tile_size`` or ``memory_budget`` tile the stem (when neither
-    is given: :func:`default_tile_size`, 1024 or the receptive field)."""
+    units); Inception-v3 then applies torchvision's ``transform_input``
+    (as with its ImageNet weights: with the default mean / std the stem
+    computes ``(x - 127.5) / 127.5``). ``tile_size`` or ``memory_budget``
+    tile the stem (when neither is given: :func:`default_tile_size`, 1024
+    or the receptive field)."""
     if head not in POOLS:
         raise ValueError(f"streamcnn: head must be one of {list(POOLS)}, got {head!r}")
     if not isinstance(num_outputs, int) or num_outputs < 1:
@@ -193,6 +210,10 @@ def build_model(arch: str, *, num_outputs: int = 2, stream_upto: Union[str, int,
     elif arch in DENSENETS:
         stem, rest = split_densenet(backbone, upto, tile_size, **options)
         body = nn.Sequential(rest.features, rest.relu)
+    elif arch in INCEPTIONS:
+        stem, rest = split_inception(backbone, upto, tile_size, **options)
+        body = nn.Sequential(*[m for n, m in rest.named_children()
+                               if n not in ("avgpool", "dropout", "flatten", "fc")])
     else:
         stem, rest = split_convnext(backbone, upto, tile_size, **options)
         # ConvNeXt's classifier is LayerNorm2d, Flatten, Linear: keep the norm
@@ -205,12 +226,14 @@ def build_model(arch: str, *, num_outputs: int = 2, stream_upto: Union[str, int,
 
 def _stream_upto(arch: str, stream_upto: Union[str, int, None]) -> Union[str, int]:
     """The last streamed layer of ``arch`` (the default for None): a layer
-    name for ResNets and DenseNets, an int of ``features`` for ConvNeXts."""
+    name for ResNets, DenseNets and Inception-v3, an int of ``features``
+    for ConvNeXts."""
     upto = DEFAULT_STREAM_UPTO[arch] if stream_upto is None else stream_upto
-    if arch in RESNETS or arch in DENSENETS:
+    if arch in NAMED_STAGES:
         if not isinstance(upto, str):
             names = ("maxpool, layer1 .. layer4" if arch in RESNETS else
-                     "pool0, denseblock1, transition1 .. denseblock4")
+                     "pool0, denseblock1, transition1 .. denseblock4" if arch in DENSENETS
+                     else "maxpool1, Conv2d_3b_1x1 .. Mixed_7c")
             raise ValueError(f"streamcnn: stream_upto for {arch} is a layer name "
                              f"({names}), got {upto!r}")
         return upto
@@ -233,7 +256,8 @@ def default_tile_size(arch: str, stream_upto: Union[str, int, None] = None) -> i
         backbone = _backbone(arch)
     upto = _stream_upto(arch, stream_upto)
     parts = (models.resnet_parts if arch in RESNETS else
-             models.densenet_parts if arch in DENSENETS else models.convnext_parts)
+             models.densenet_parts if arch in DENSENETS else
+             models.inception_parts if arch in INCEPTIONS else models.convnext_parts)
     return max(models.default_tile_size(parts(backbone, upto)[0]))
 
 
@@ -244,12 +268,14 @@ def _channels(stem: StreamingModule, body: nn.Module) -> int:
     net = nn.Sequential(stem.stem, body)
     state = {k: torch.empty_like(v, device="meta")
              for k, v in net.state_dict(keep_vars=True).items()}
-    rf = max(max(stem.receptive_field), 32)
+    # 32 x 32 stem outputs: enough for the body's own strided layers
+    # (Inception-v3's Mixed_7a needs 3 x 3)
+    size = [r + 31 * s for r, s in zip(stem.receptive_field, stem.output_stride)]
     was = body.training
     body.eval()
     try:
         with torch.no_grad():
-            y = torch.func.functional_call(net, state, (torch.zeros(1, 3, rf, rf,
+            y = torch.func.functional_call(net, state, (torch.zeros(1, 3, *size,
                                                                     device="meta"),))
     finally:
         body.train(was)

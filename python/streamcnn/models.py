@@ -3,6 +3,7 @@
 from collections import OrderedDict
 from typing import Any, List, Optional, Tuple
 
+import torch
 import torch.nn as nn
 
 from ._library import program_info
@@ -13,6 +14,14 @@ _RESNET_STAGES = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3
 _DENSENET_STAGES = ["conv0", "norm0", "relu0", "pool0", "denseblock1", "transition1",
                     "denseblock2", "transition2", "denseblock3", "transition3", "denseblock4",
                     "norm5"]
+_INCEPTION_STAGES = ["Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1",
+                     "Conv2d_3b_1x1", "Conv2d_4a_3x3", "maxpool2", "Mixed_5b", "Mixed_5c",
+                     "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e",
+                     "Mixed_7a", "Mixed_7b", "Mixed_7c"]
+# torchvision's Inception3._transform_input (on for its ImageNet weights):
+# channel c of an ImageNet-normalised image becomes x * scale + shift
+_INCEPTION_SCALE = (0.229 / 0.5, 0.224 / 0.5, 0.225 / 0.5)
+_INCEPTION_SHIFT = ((0.485 - 0.5) / 0.5, (0.456 - 0.5) / 0.5, (0.406 - 0.5) / 0.5)
 DEFAULT_TILE = 1024
 
 
@@ -170,4 +179,73 @@ def densenet_parts(model: nn.Module, stream_upto: str = "denseblock3"
                                       ("avgpool", nn.AdaptiveAvgPool2d(1)),
                                       ("flatten", nn.Flatten(1)),
                                       ("classifier", model.classifier)]))
+    return stem, head
+
+
+def split_inception(model: nn.Module, stream_upto: str = "Mixed_6e",
+                    tile_size: Optional[TileSize] = None,
+                    **options: Any) -> Tuple[StreamingModule, nn.Sequential]:
+    """Split a torchvision Inception-v3 into ``(streaming_stem, head)``
+    with ``head(stem(x))`` computing ``model(x)`` in eval mode (the main
+    output; the auxiliary classifier is left out).
+
+    The stem is ``Conv2d_1a_3x3 .. stream_upto`` (one of ``"maxpool1"``,
+    ``"Conv2d_3b_1x1"`` .. ``"Mixed_7c"``; the default ``"Mixed_6e"`` is
+    everything before the stride-32 stage) wrapped in
+    :class:`StreamingModule`: the Inception blocks' ``F.avg_pool2d`` /
+    ``F.max_pool2d`` and their ``torch.cat`` of branches stream exactly.
+    The head is the remaining blocks, the average pool, dropout, flatten
+    and ``fc``. ``tile_size`` and ``options`` as for :func:`split_resnet`;
+    the stem's batch norms are frozen, as there.
+
+    With ``model.transform_input`` (torchvision sets it with its ImageNet
+    weights) the model rescales an ImageNet-normalised image per channel
+    before its first layer; the stem does the same, folded into its
+    ``mean`` / ``std`` (given ones, e.g. for uint8 images, or none: the
+    image is already normalised).
+    """
+    stem, head = inception_parts(model, stream_upto)
+    if getattr(model, "transform_input", False):
+        options = dict(options, **_fold_transform_input(options.get("mean"),
+                                                        options.get("std")))
+    return _wrap(stem, tile_size, options), head
+
+
+def _fold_transform_input(mean, std) -> dict:
+    """mean' / std' with (x - mean') / std' = ((x - mean) / std) * scale + shift
+    per channel (torchvision Inception's transform_input after a given
+    normalisation)."""
+    def per_channel(v, default):
+        try:
+            v = torch.as_tensor(default if v is None else v, dtype=torch.float64).flatten()
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError("streamcnn: mean and std must be numbers or sequences of "
+                            f"numbers, got {v!r}") from None
+        if v.numel() not in (1, 3):
+            raise ValueError(f"streamcnn: Inception-v3 takes 3-channel images; mean and std "
+                             f"need 1 or 3 values, got {v.numel()}")
+        return v.expand(3).tolist()
+    m, d = per_channel(mean, 0.0), per_channel(std, 1.0)
+    return {"mean": [m[c] - _INCEPTION_SHIFT[c] * d[c] / _INCEPTION_SCALE[c] for c in range(3)],
+            "std": [d[c] / _INCEPTION_SCALE[c] for c in range(3)]}
+
+
+def inception_parts(model: nn.Module, stream_upto: str = "Mixed_6e"
+                    ) -> Tuple[nn.Sequential, nn.Sequential]:
+    """:func:`split_inception`'s ``(stem, head)`` with the stem not yet
+    streamed (its norms frozen) and without the input transform."""
+    missing = [n for n in _INCEPTION_STAGES + ["avgpool", "fc"] if not hasattr(model, n)]
+    if missing:
+        raise ValueError(f"streamcnn: not a torchvision Inception-v3 (missing {missing})")
+    stages = _INCEPTION_STAGES[3:]
+    if stream_upto not in stages:
+        raise ValueError(f"streamcnn: stream_upto must be one of {stages}, got {stream_upto!r}")
+    k = _INCEPTION_STAGES.index(stream_upto) + 1
+    stem = nn.Sequential(OrderedDict((n, getattr(model, n)) for n in _INCEPTION_STAGES[:k]))
+    _freeze_norms(stem)
+    # Inception3._forward after Mixed_7c: avgpool, dropout, flatten, fc
+    head = nn.Sequential(OrderedDict(
+        [(n, getattr(model, n)) for n in _INCEPTION_STAGES[k:]] +
+        [("avgpool", model.avgpool), ("dropout", getattr(model, "dropout", nn.Identity())),
+         ("flatten", nn.Flatten(1)), ("fc", model.fc)]))
     return stem, head

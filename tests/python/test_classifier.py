@@ -64,6 +64,7 @@ def test_default_tile_is_the_receptive_field_where_1024_is_too_small():
     assert seen["convnext_tiny"] == 1096 and seen["resnet152"] == 1291
     assert seen["densenet121"] == 1031 and seen["densenet201"] == 1799
     assert default_tile_size("densenet121", "transition2") == 1024
+    assert seen["inception_v3"] == 1024 and default_tile_size("inception_v3", "Mixed_7c") == 1311
     assert default_tile_size("resnet152", "layer2") == 1024
     assert default_tile_size("convnext_tiny", "4") == 1024
     with pytest.raises(ValueError, match="stream_upto"):
@@ -141,3 +142,38 @@ def test_densenet_weights_with_torchvision_legacy_names(tmp_path):
     with pytest.raises(ValueError, match=r"1 missing keys \(e.g. \['features.denseblock1."
                        r"denselayer1.conv1.weight'\]\)"):
         build_model("densenet121", weights=str(path), tile_size=1100)
+
+
+def test_inception_v3_weights_and_transform(tmp_path):
+    """A torchvision Inception-v3 state_dict (its auxiliary classifier
+    included) loads; the stem computes the model's features with
+    torchvision's transform_input after the ImageNet normalisation, as
+    inception_v3(weights=...) does ((x - 127.5) / 127.5 for uint8); the
+    classifier's head runs Mixed_6a .. 7c on the stride-8 features."""
+    import torchvision
+    torch.manual_seed(0)
+    ref = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=True,
+                                          transform_input=True).eval()
+    sd = {k: torch.randn_like(v) * 0.05 if k.endswith("running_mean") else
+          torch.rand_like(v) + 0.5 if v.is_floating_point() and "running_var" in k else v
+          for k, v in ref.state_dict().items()}
+    assert any(k.startswith("AuxLogits.") for k in sd)
+    ref.load_state_dict(sd)
+    path = tmp_path / "inception.pth"
+    torch.save(sd, path)
+    ref.double()
+    m = build_model("inception_v3", weights=str(path), stream_upto="Mixed_5d", tile_size=300,
+                    num_outputs=3).double().eval()
+    torch.testing.assert_close(m.stem.norm_bias, torch.full((3,), -1.0, dtype=torch.float64))
+    x = (torch.rand(1, 3, 299, 333) * 255).to(torch.uint8)
+    got = m.head.body(m.stem(x))
+    want = ref._transform_input(_normalised(x))
+    for name in ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1",
+                 "Conv2d_4a_3x3", "maxpool2", "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a",
+                 "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e", "Mixed_7a", "Mixed_7b",
+                 "Mixed_7c"):
+        want = getattr(ref, name)(want)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+    assert m(x).shape == (1, 3)
+    with pytest.raises(ValueError, match="stream_upto for inception_v3 is a layer name"):
+        build_model("inception_v3", stream_upto=3)

@@ -114,6 +114,55 @@ def test_split_densenet():
         streamcnn.models.split_densenet(_resnet("resnet18"))
 
 
+def _inception(transform_input):
+    torch.manual_seed(0)
+    m = tv.models.inception_v3(weights=None, aux_logits=True, init_weights=True,
+                               transform_input=transform_input).double()
+    randomize_bn(m, torch.Generator().manual_seed(1))
+    return m.eval()
+
+
+@pytest.mark.parametrize("transform_input", [False, True])
+def test_split_inception(transform_input):
+    """Inception-v3 streamed through Mixed_5c: head(stem(x)) is model(x)
+    (eval: the main output), also with torchvision's input transform
+    folded into the stem's mean / std, given or not; the auxiliary
+    classifier is in neither part; the stem trains with its batch norms
+    frozen."""
+    model = _inception(transform_input)
+    stem, head = streamcnn.models.split_inception(model, stream_upto="Mixed_5c",
+                                                  tile_size=140)
+    x = torch.randn(1, 3, 299, 310, dtype=torch.float64)
+    assert stem.tiling(299, 310)["tiles"][0] >= 3
+    assert rel_err(head(stem(x)), model(x)) < 1e-10
+    mean, std = (120.0, 110.0, 100.0), (60.0, 50.0, 40.0)
+    stem2, _ = streamcnn.models.split_inception(model, stream_upto="Mixed_5c",
+                                                tile_size=140, mean=mean, std=std)
+    xu = (torch.rand(1, 3, 299, 310) * 255).to(torch.uint8)
+    xn = (xu.double() - torch.tensor(mean).view(1, 3, 1, 1).double()) / \
+        torch.tensor(std).view(1, 3, 1, 1).double()
+    assert rel_err(head(stem2(xu)), model(xn)) < 1e-10
+    assert "module.Mixed_5c.branch_pool.conv.weight" in stem.state_dict()
+    assert "Mixed_7c.branch_pool.conv.weight" in head.state_dict()
+    assert not any("AuxLogits" in k for k in list(stem.state_dict()) + list(head.state_dict()))
+    model.train()
+    stem.train()
+    head.eval()
+    head(stem(x)).sum().backward()
+    assert model.Mixed_5b.branch_pool.conv.weight.grad is not None
+    assert not any(m.training for m in stem.modules() if isinstance(m, nn.BatchNorm2d))
+
+
+def test_split_inception_bad_arguments():
+    model = _inception(True)
+    with pytest.raises(ValueError, match="stream_upto must be one of"):
+        streamcnn.models.split_inception(model, stream_upto="AuxLogits")
+    with pytest.raises(ValueError, match="not a torchvision Inception-v3"):
+        streamcnn.models.split_inception(_resnet("resnet18"))
+    with pytest.raises(ValueError, match="need 1 or 3 values, got 2"):
+        streamcnn.models.split_inception(model, tile_size=1400, mean=(1.0, 2.0))
+
+
 def _convnext(name="convnext_tiny"):
     torch.manual_seed(0)
     m = getattr(tv.models, name)(weights=None).double().eval()
