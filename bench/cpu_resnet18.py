@@ -2,7 +2,9 @@
 """CPU benchmark: torchvision ResNet-18 conv1..layer2 (frozen BN), fp32,
 batch 1, forward + backward including a small head and loss (--model
 densenet121: DenseNet-121 conv0..denseblock2, whose dense layers join
-their features with torch.cat, the cat instruction); whole-image
+their features with torch.cat, the cat instruction; --model inception_v3:
+Inception-v3 Conv2d_1a_3x3..Mixed_5d, whose blocks pool with F.avg_pool2d
+and join branches with torch.cat); whole-image
 PyTorch vs streamcnn with halo caching (``stream``, the default) and
 without (``cone``: each tile recomputes its whole cone in the backward).
 Every measurement runs in a fresh process (peak RSS
@@ -11,7 +13,7 @@ since the whole-image peak alone varies by ~15% between processes (glibc
 heap layout). Prints medians side by side with ratios, and the ranges.
 
     python bench/cpu_resnet18.py [--size 1536] [--tile 512] [--reps 3] [--runs 3]
-                                 [--model resnet18|densenet121]
+                                 [--model resnet18|densenet121|inception_v3]
 """
 
 import argparse
@@ -24,7 +26,8 @@ import sys
 import time
 
 
-MODELS = {"resnet18": "ResNet-18 conv1..layer2", "densenet121": "DenseNet-121 conv0..denseblock2"}
+MODELS = {"resnet18": "ResNet-18 conv1..layer2", "densenet121": "DenseNet-121 conv0..denseblock2",
+          "inception_v3": "Inception-v3 Conv2d_1a_3x3..Mixed_5d"}
 
 
 def child(mode: str, size: int, tile: int, reps: int, threads: int,
@@ -40,6 +43,11 @@ def child(mode: str, size: int, tile: int, reps: int, threads: int,
         stem = nn.Sequential(f.conv0, f.norm0, f.relu0, f.pool0, f.denseblock1, f.transition1,
                              f.denseblock2).eval()
         channels = 512
+    elif model == "inception_v3":
+        m = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=True)
+        names = [n for n, _ in m.named_children()]
+        stem = nn.Sequential(*[getattr(m, n) for n in names[:names.index("Mixed_5d") + 1]]).eval()
+        channels = 288
     else:
         r = torchvision.models.resnet18(weights=None)
         stem = nn.Sequential(r.conv1, r.bn1, r.relu, r.maxpool, r.layer1, r.layer2).eval()

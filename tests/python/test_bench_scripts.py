@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -174,15 +176,18 @@ def test_predict_memory_script(tmp_path):
     assert "saliency GB" in header and "| both |" in row, res.stdout
 
 
-def test_cpu_benchmark_script_densenet():
-    """bench/cpu_resnet18.py --model densenet121 (the cat instruction's
-    benchmark) runs at a tiny size: whole, stream and cone rows and their
-    ratios."""
+@pytest.mark.parametrize("model,title,tile", [
+    ("densenet121", "DenseNet-121 conv0..denseblock2", "456"),
+    ("inception_v3", "Inception-v3 Conv2d_1a_3x3..Mixed_5d", "200")])
+def test_cpu_benchmark_script_cat_models(model, title, tile):
+    """bench/cpu_resnet18.py --model densenet121 / inception_v3 (the cat
+    instruction's and the functional pools' benchmarks) runs at a tiny
+    size: whole, stream and cone rows and their ratios."""
     res = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "cpu_resnet18.py"),
-                          "--model", "densenet121", "--size", "400", "--tile", "456",
+                          "--model", model, "--size", "400", "--tile", tile,
                           "--reps", "1", "--runs", "1", "--threads", "1"],
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert "# DenseNet-121 conv0..denseblock2, fp32, batch 1, fwd+bwd, 400x400" in res.stdout
+    assert f"# {title}, fp32, batch 1, fwd+bwd, 400x400" in res.stdout
     for row in ("| whole ", "| stream ", "| cone ", "| stream/whole", "| cone/whole"):
         assert row in res.stdout, res.stdout
