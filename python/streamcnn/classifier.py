@@ -190,7 +190,7 @@ def build_model(arch: str, *, num_outputs: int = 2, stream_upto: Union[str, int,
     (as with its ImageNet weights: with the default mean / std the stem
     computes ``(x - 127.5) / 127.5``). ``tile_size`` or ``memory_budget``
     tile the stem (when neither is given: :func:`default_tile_size`, 1024
-    or the receptive field)."""
+    or a tile of 32 output pixels where the receptive field is larger)."""
     if head not in POOLS:
         raise ValueError(f"streamcnn: head must be one of {list(POOLS)}, got {head!r}")
     if not isinstance(num_outputs, int) or num_outputs < 1:
@@ -248,9 +248,9 @@ def _stream_upto(arch: str, stream_upto: Union[str, int, None]) -> Union[str, in
 
 def default_tile_size(arch: str, stream_upto: Union[str, int, None] = None) -> int:
     """The tile edge :func:`build_model` streams ``arch`` to ``stream_upto``
-    in when given neither ``tile_size`` nor ``memory_budget``: 1024, or the
-    stem's receptive field where that is larger
-    (:func:`streamcnn.models.default_tile_size`; worked out on the meta
+    in when given neither ``tile_size`` nor ``memory_budget``: 1024, or
+    where that gives fewer than 32 output pixels per side, the tile that
+    gives 32 (:func:`streamcnn.models.default_tile_size`; worked out on the meta
     device, no weights are made)."""
     with torch.device("meta"):
         backbone = _backbone(arch)

@@ -57,6 +57,28 @@ def _norm_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+# fewer output pixels per tile side than this, and each tile's fixed costs
+# (its calls, the halo's edges) dominate (see models.MIN_OUTPUT_TILE)
+SMALL_OUTPUT_TILE = 8
+
+
+def _warn_small_tiles(tile: List[int], info) -> None:
+    """A UserWarning where a tile gives fewer than SMALL_OUTPUT_TILE output
+    pixels per side (a tile of the receptive field gives one): exact, but
+    many times slower than a larger tile."""
+    rf, stride = info[2:4], info[4:6]
+    out = [(tile[k] - rf[k]) // stride[k] + 1 for k in (0, 1)]
+    if min(out) >= SMALL_OUTPUT_TILE or max(stride) == 1:
+        return
+    import warnings
+    good = [rf[k] + 31 * stride[k] for k in (0, 1)]
+    warnings.warn(
+        f"streamcnn: tile_size {tuple(tile)} gives {out[0]} x {out[1]} output pixels per tile "
+        f"(receptive field {rf[0]} x {rf[1]}, output stride {stride[0]} x {stride[1]}): each "
+        "tile's fixed costs dominate and streaming is several times slower than with larger "
+        f"tiles; tile_size {tuple(good)} gives 32 x 32", UserWarning, stacklevel=3)
+
+
 def _tile_pair(tile_size: TileSize) -> List[int]:
     if isinstance(tile_size, bool):
         raise TypeError("streamcnn: tile_size must be an int or a pair of ints")
@@ -182,6 +204,8 @@ class StreamingModule(nn.Module):
                 f"streamcnn: tile_size {tuple(tile)} is smaller than what one output "
                 f"pixel needs: the minimum tile_size for this stem is {info[2]} x {info[3]} "
                 "(its receptive field)")
+        if tile_size is not None:
+            _warn_small_tiles(tile, info)
         self.module = _param_gatherer(module, conv.param_refs)
         self.program: List[int] = conv.program
         self.progress: bool = bool(progress)

@@ -191,17 +191,18 @@ def test_console_script_usage_error(slides, tmp_path):
 
 def test_default_tile_covers_the_receptive_field(slides, tmp_path, capsys):
     """--model convnext_tiny without --tile-size: its stem to features[6]
-    needs 1096 pixels for one output pixel, so the default tile is 1096,
-    not 1024 (which the stem refused); the run trains and says so."""
+    needs 1096 pixels for one output pixel, so the default tile is 1592
+    (32 output pixels), not 1024 (which the stem refused); the run trains
+    and says so."""
     out = tmp_path / "run"
     cli_here(capsys, "train", "--train", slides / "train.csv", "--val", slides / "val.csv",
              "--out", out, "--image-size", "256", "--mpp", "1.0", "--model", "convnext_tiny",
              "--device", "cpu", "--quiet", "--epochs", "1")
     saved = yaml.safe_load((out / "config.yaml").read_text())
-    assert saved["tile_size"] == 1096 and saved["stream_upto"] == 6
+    assert saved["tile_size"] == 1592 and saved["stream_upto"] == 6
     assert (out / "best.pt").exists()
     model, _ = load_model(str(out / "best.pt"))
-    assert list(model.stem.tile_size) == [1096, 1096]
+    assert list(model.stem.tile_size) == [1592, 1592]
 
 
 def _train(slides, out, *extra, train=None, val=None):

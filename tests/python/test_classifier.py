@@ -46,25 +46,28 @@ def test_deeper_grouped_wider_backbones_equal_whole_image(arch, upto):
     torch.testing.assert_close(y, ref, rtol=1e-9, atol=1e-10)
 
 
-def test_default_tile_is_the_receptive_field_where_1024_is_too_small():
+def test_default_tile_gives_32_output_pixels_where_1024_is_too_small():
     """Without tile_size or memory_budget a stem streams in 1024 tiles or,
-    where its receptive field is larger, tiles of that field: every
-    architecture builds with its defaults (ConvNeXt-Tiny to features[6]
-    needs 1096, ResNet-152 to layer3 1291), and default_tile_size (made on
-    the meta device, no weights) says which without building it."""
+    where its receptive field is so large that 1024 gives fewer than 32
+    output pixels per side, tiles that give 32 (a tile of the receptive
+    field gives one, and was ~20x slower): every architecture builds with
+    its defaults, and default_tile_size (made on the meta device, no
+    weights) says which without building it."""
     seen = {}
     for arch in ARCHITECTURES:
         m = build_model(arch)
-        rf = m.stem.receptive_field
-        assert list(m.stem.tile_size) == [max(1024, rf[0]), max(1024, rf[1])], arch
+        rf, stride = m.stem.receptive_field, m.stem.output_stride
+        want = [max(1024, rf[k] + 31 * stride[k]) for k in (0, 1)]
+        assert list(m.stem.tile_size) == want, arch
+        assert all((want[k] - rf[k]) // stride[k] + 1 >= 32 for k in (0, 1)), arch
         assert default_tile_size(arch) == m.stem.tile_size[0], arch
         seen[arch] = m.stem.tile_size[0]
         del m
     assert seen["resnet18"] == seen["resnet50"] == 1024
-    assert seen["convnext_tiny"] == 1096 and seen["resnet152"] == 1291
-    assert seen["densenet121"] == 1031 and seen["densenet201"] == 1799
+    assert seen["convnext_tiny"] == 1592 and seen["resnet152"] == 1787
+    assert seen["densenet121"] == 1527 and seen["densenet201"] == 2295
+    assert seen["inception_v3"] == 1423 and default_tile_size("inception_v3", "Mixed_7c") == 2303
     assert default_tile_size("densenet121", "transition2") == 1024
-    assert seen["inception_v3"] == 1024 and default_tile_size("inception_v3", "Mixed_7c") == 1311
     assert default_tile_size("resnet152", "layer2") == 1024
     assert default_tile_size("convnext_tiny", "4") == 1024
     with pytest.raises(ValueError, match="stream_upto"):

@@ -39,3 +39,30 @@ def test_work_bad_sizes():
     sm = streamcnn.StreamingModule(nn.Conv2d(1, 1, 5), 8)
     with pytest.raises(ValueError):
         sm.work(3, 3)
+
+
+def _strided():
+    return nn.Sequential(nn.Conv2d(3, 4, 7, stride=2, padding=3), nn.ReLU(),
+                         nn.MaxPool2d(3, 2, 1), nn.Conv2d(4, 4, 3, stride=2, padding=1))
+
+
+def test_small_tiles_warn():
+    """A tile that gives fewer than 8 output pixels per side is exact but
+    slow: a UserWarning says so and names the tile that gives 32; none for
+    larger tiles, a memory budget or a stem without stride."""
+    import warnings
+    sm = streamcnn.StreamingModule(_strided(), memory_budget="1GB")
+    rf, s = sm.receptive_field, sm.output_stride
+    assert s == (8, 8)
+    good = rf[0] + 31 * s[0]
+    with pytest.warns(UserWarning, match=rf"tile_size \({rf[0]}, {rf[1] + 16}\) gives 1 x 3 "
+                      rf"output pixels per tile \(receptive field {rf[0]} x {rf[1]}, output "
+                      rf"stride 8 x 8\): .* tile_size \({good}, {good}\) gives 32 x 32"):
+        streamcnn.StreamingModule(_strided(), (rf[0], rf[1] + 16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        streamcnn.StreamingModule(_strided(), rf[0] + 7 * 8)
+        streamcnn.StreamingModule(_strided(), memory_budget="1MB")
+        streamcnn.StreamingModule(nn.Conv2d(3, 3, 5), 5)
+    with pytest.warns(UserWarning, match="gives 7 x 7 output pixels"):
+        streamcnn.StreamingModule(_strided(), rf[0] + 6 * 8)

@@ -80,8 +80,9 @@ OPTIONS: Tuple[Option, ...] = (
     Option("bn", str, "frozen", "batch norms of the head: frozen (eval statistics, as the "
            "stem's; the affine parameters train) or train (per-image statistics)",
            choices=("frozen", "train")),
-    Option("tile_size", int, None, "streaming tile edge (default 1024, or the stem's "
-           "receptive field if larger, unless --memory-budget)", check=_pos,
+    Option("tile_size", int, None, "streaming tile edge (default 1024, or where the "
+           "stem's receptive field leaves fewer than 32 output pixels per side, the tile "
+           "that gives 32; unless --memory-budget)", check=_pos,
            need="positive", metavar="T"),
     Option("memory_budget", str, None, "instead of --tile-size: bytes the streamed pass may "
            "hold, e.g. 2GB", metavar="B"),
