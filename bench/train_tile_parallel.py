@@ -42,7 +42,6 @@ def main() -> None:
     ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--device", default="cpu")
     a = ap.parse_args()
-    import torch
     from streamcnn.app.checkpoint import load_checkpoint
     with tempfile.TemporaryDirectory() as tmp:
         data = os.path.join(tmp, "data")

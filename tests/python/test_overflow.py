@@ -11,7 +11,6 @@ import torch
 import torch.nn as nn
 import torchvision
 
-import streamcnn
 from streamcnn import StreamingModule
 from streamcnn._library import memory_info, program_info, tile_bounds, tiling_info, work_info
 from streamcnn.program import MAGIC, output_shape

@@ -3,7 +3,6 @@ pointing game on synthetic tumour slides."""
 
 import argparse
 import csv
-import functools
 import os
 import subprocess
 import sys
