@@ -29,6 +29,7 @@ _RGB_MODES = {"RGB": "rgb", "L": "rgb", "1": "rgb", "CMYK": "rgb", "YCbCr": "rgb
 # decode at a time in a process; DataLoader workers are processes).
 _PIL_LOCK = threading.Lock()
 _RESUNIT_CM = 3  # TIFF ResolutionUnit
+_BAND_PIXELS = 1 << 22  # pixels converted to RGB at a time
 
 
 class NotAnImage(ValueError):
@@ -61,6 +62,10 @@ class PlainImage:
                              f"(its pages: {first_line(e)})") from None
         self.mode: str = im.mode
         w, h = im.size
+        self._src_size: Tuple[int, int] = (w, h)
+        self.orientation: int = _exif_orientation(im)
+        if self.orientation >= 5:  # a quarter turn or a transpose
+            w, h = h, w
         if w < 1 or h < 1:
             self.close()
             raise ValueError(f"streamcnn: {path!r}: a {self.format} image of {w} x {h} "
@@ -83,6 +88,8 @@ class PlainImage:
                                            "streamcnn.mode": self.mode}
         self.mpp: Optional[Tuple[float, float]] = _tiff_mpp(im) if self.format == "TIFF" \
             else None
+        if self.orientation != 1:
+            self.properties["streamcnn.exif-orientation"] = str(self.orientation)
         if self.mpp is not None:
             self.properties["streamcnn.mpp-x"] = f"{self.mpp[0]:g}"
             self.properties["streamcnn.mpp-y"] = f"{self.mpp[1]:g}"
@@ -112,19 +119,29 @@ class PlainImage:
 
     def _decode_strict(self) -> torch.Tensor:
         im = self._im
-        w, h = self.size
+        w, h = self._src_size
+        turn = _transposes().get(self.orientation)
         try:
             im.load()
             if im.size != (w, h):
                 raise ValueError(f"decoded to {im.size[0]} x {im.size[1]} pixels")
-            out = uint8_buffer((h, w, 3), f"{self.path!r} ({w} x {h} pixels)")
-            # converted in bands of rows: the converted copies stay small
-            step = max(1, (1 << 22) // w)
+            ow, oh = self.size
+            out = uint8_buffer((oh, ow, 3), f"{self.path!r} ({ow} x {oh} pixels)")
+            # converted in bands of rows: the converted copies stay small;
+            # each band turned as its EXIF orientation says, into its place
+            step = max(1, _BAND_PIXELS // w)
             for y0 in range(0, h, step):
                 y1 = min(h, y0 + step)
                 band = _to_rgb(im.crop((0, y0, w, y1)))
-                out[y0:y1] = torch.frombuffer(bytearray(band.tobytes()),
-                                              dtype=torch.uint8).view(y1 - y0, w, 3)
+                if turn is not None:
+                    band = band.transpose(turn)
+                pixels = torch.frombuffer(bytearray(band.tobytes()),
+                                          dtype=torch.uint8).view(band.size[1], band.size[0], 3)
+                a, b = (h - y1, h - y0) if self.orientation in _FROM_THE_END else (y0, y1)
+                if self.orientation >= 5:   # source rows are columns of the output
+                    out[:, a:b] = pixels
+                else:
+                    out[a:b] = pixels
         except (OSError, ValueError, SyntaxError) as e:
             # a truncated or damaged file shows itself only when decoded
             raise ValueError(f"streamcnn: {self.path!r}: cannot decode the "
@@ -155,6 +172,40 @@ class PlainImage:
             self._im.close()
             self._im = None
         self._pixels = None
+
+
+# EXIF orientations (what turns the stored pixels upright, as
+# PIL.ImageOps.exif_transpose does): 2 mirror, 3 half turn, 4 flip, 5
+# transpose, 6 quarter turn clockwise, 7 transverse, 8 counter-clockwise;
+# from 5 on the stored rows become columns. _FROM_THE_END: a band of stored
+# rows y0..y1 lands at h - y1 .. h - y0 (rows, or columns from 5 on).
+_TRANSPOSE_NAMES = {2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM", 5: "TRANSPOSE",
+                    6: "ROTATE_270", 7: "TRANSVERSE", 8: "ROTATE_90"}
+_FROM_THE_END = (3, 4, 6, 7)
+
+
+def _transposes() -> Dict[int, object]:
+    from PIL import Image
+    return {k: getattr(Image.Transpose, v) for k, v in _TRANSPOSE_NAMES.items()}
+
+
+def _exif_orientation(im) -> int:
+    """The EXIF Orientation (1 .. 8) of a JPEG, PNG, WebP, ... from its
+    header; 1 where there is none, or it is invalid. A TIFF: 1, as Pillow
+    applies a TIFF's Orientation tag itself (its size is the upright one)."""
+    if im.format == "TIFF":
+        return 1
+    raw = im.info.get("exif")
+    if not raw:
+        return 1
+    try:
+        from PIL import Image
+        exif = Image.Exif()
+        exif.load(raw)
+        value = int(exif.get(0x0112, 1))
+    except Exception:  # noqa: BLE001 - a damaged EXIF block: the pixels as stored
+        return 1
+    return value if 1 <= value <= 8 else 1
 
 
 def _to_rgb(im):

@@ -72,6 +72,43 @@ def test_jpeg_reads_as_pillow_decodes(tmp_path):
         assert torch.equal(s.read(level=0), _chw(ref))
 
 
+@pytest.mark.parametrize("ext,opts", [("png", {}), ("jpg", {"quality": 90}),
+                                      ("webp", {"lossless": True})])
+def test_exif_orientation_is_applied(tmp_path, monkeypatch, ext, opts):
+    """A photo's EXIF Orientation (1 .. 8) turns the image upright as
+    PIL.ImageOps.exif_transpose (and image viewers) do: the slide's size is
+    the upright one and every pixel is where exif_transpose puts it, also
+    when the image is converted in several bands of rows. A striped TIFF's
+    Orientation tag Pillow applies itself as it decodes (not twice)."""
+    from PIL import ImageOps
+    monkeypatch.setattr(plain, "_BAND_PIXELS", 83 * 7)   # bands of 7 rows of 61
+    a = _pixels()
+    for o in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = o
+        path = tmp_path / f"o{o}.{ext}"
+        Image.fromarray(a).save(path, exif=exif.tobytes(), **opts)
+        with Image.open(path) as im:
+            want = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+        with Slide(str(path)) as s:
+            assert s.dimensions == (want.shape[1], want.shape[0]), o
+            assert s.dimensions == ((83, 61) if o < 5 else (61, 83)), o
+            assert s.properties.get("streamcnn.exif-orientation") == (None if o == 1 else str(o))
+            assert torch.equal(s.read(level=0), _chw(want)), o
+            assert torch.equal(s.read_region((5, 7), 0, (20, 30)),
+                               _chw(want[7:37, 5:25])), o
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(a).save(tmp_path / "o6.tif", exif=exif.tobytes())
+    with Slide(str(tmp_path / "o6.tif")) as s:  # Pillow turns a TIFF itself, once
+        assert s.dimensions == (61, 83) and "streamcnn.exif-orientation" not in s.properties
+        assert torch.equal(s.read(level=0), _chw(np.rot90(a, k=-1)))
+    # a damaged EXIF block: the pixels as stored
+    Image.fromarray(a).save(tmp_path / "bad.png", exif=b"Exif\x00\x00MM\x00*junk")
+    with Slide(str(tmp_path / "bad.png")) as s:
+        assert s.dimensions == (83, 61) and torch.equal(s.read(level=0), _chw(a))
+
+
 def test_striped_tiff_reads(tmp_path):
     """OpenSlide refuses a striped TIFF; it is read as a plain image."""
     striped = str(tmp_path / "striped.tif")
