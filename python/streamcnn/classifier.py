@@ -110,8 +110,16 @@ def _backbone(arch: str) -> nn.Module:
         # transform on (the stem folds it into its mean / std) and the
         # auxiliary classifier there, so that those weights load (the
         # classifier does not use it)
-        return tvm.inception_v3(weights=None, aux_logits=True, transform_input=True,
-                                init_weights=True)
+        model = tvm.inception_v3(weights=None, aux_logits=True, transform_input=True,
+                                 init_weights=False)
+        # torchvision's own initialisation (truncated normal, std 0.1)
+        # counts on batch statistics: with the stem's batch norms frozen
+        # at their initial identity, a 512² image's logits were ~3e11 and
+        # training diverged. He initialisation keeps them ~1.
+        for m in model.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+        return model
     return getattr(tvm, arch)(weights=None)
 
 
