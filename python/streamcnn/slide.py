@@ -363,8 +363,11 @@ class Slide:
     def tissue_mask(self, max_size: int = 2048) -> Tuple[torch.Tensor, float]:
         """Boolean tissue mask of a thumbnail (longest side <= max_size) and
         the thumbnail's downsample w.r.t. level 0. Tissue is told from the
-        (white) background by Otsu's threshold on saturation."""
-        thumb = self.thumbnail(max_size)
+        (white) background by Otsu's threshold on saturation. A slide
+        smaller than max_size is not upsampled: its mask is at level 0."""
+        if max_size < 1:
+            raise ValueError(f"streamcnn: max_size must be positive, got {max_size}")
+        thumb = self.thumbnail(min(max_size, max(self.dimensions)))
         return tissue_mask(thumb), max(self.dimensions) / max(thumb.shape[1:])
 
     def tissue_box(self, max_size: int = 2048, margin: float = 0.0

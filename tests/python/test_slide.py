@@ -275,6 +275,13 @@ def test_thumbnail_and_tissue_box(tmp_path):
         # the mask agrees with the generator's on most pixels
         truth = torch.nn.functional.avg_pool2d(mask[None, None].float(), 4)[0, 0] > 0.5
         assert (m == truth).float().mean() > 0.97
+        # a slide smaller than max_size: its mask at level 0, not upsampled
+        m, d = s.tissue_mask(4000)
+        assert d == 1 and m.shape == (1200, 1600)
+        x, y, w, h = s.tissue_box(max_size=4000)
+        assert (x, y, x + w, y + h) == true
+        with pytest.raises(ValueError, match="max_size must be positive"):
+            s.tissue_mask(0)
     blank = str(tmp_path / "blank.tif")
     synthetic.write_slide(blank, [torch.full((300, 300, 3), 255, dtype=torch.uint8)], tile=64)
     with Slide(blank) as s:
