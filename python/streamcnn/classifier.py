@@ -273,21 +273,56 @@ def _channels(stem: StreamingModule, body: nn.Module) -> int:
     """Channels of body(stem(x)), from a forward of the plain modules on
     the meta device (shapes only: the receptive field's forward itself took
     90 s for ConvNeXt-Large to features[6], 2824²)."""
-    net = nn.Sequential(stem.stem, body)
-    state = {k: torch.empty_like(v, device="meta")
-             for k, v in net.state_dict(keep_vars=True).items()}
     # 32 x 32 stem outputs: enough for the body's own strided layers
     # (Inception-v3's Mixed_7a needs 3 x 3)
     size = [r + 31 * s for r, s in zip(stem.receptive_field, stem.output_stride)]
+    return int(_meta_forward(stem, body, size).shape[1])
+
+
+def _meta_forward(stem: StreamingModule, body: nn.Module, size: Sequence[int]) -> torch.Tensor:
+    """body(stem.stem(x)) of a 1 x 3 x size image on the meta device (body
+    in eval mode)."""
+    net = nn.Sequential(stem.stem, body)
+    state = {k: torch.empty_like(v, device="meta")
+             for k, v in net.state_dict(keep_vars=True).items()}
     was = body.training
     body.eval()
     try:
         with torch.no_grad():
-            y = torch.func.functional_call(net, state, (torch.zeros(1, 3, *size,
-                                                                    device="meta"),))
+            return torch.func.functional_call(net, state, (torch.zeros(1, 3, *size,
+                                                                       device="meta"),))
     finally:
         body.train(was)
-    return int(y.shape[1])
+
+
+def _fits(model: SlideClassifier, size: int) -> bool:
+    try:
+        y = _meta_forward(model.stem, model.head.body, (size, size))
+    except RuntimeError:     # a layer's input smaller than its window
+        return False
+    return y.shape[2] > 0 and y.shape[3] > 0   # a location for the global pool
+
+
+def min_image_size(model: SlideClassifier, limit: int = 1 << 16) -> int:
+    """The smallest edge of a square image the model takes (each layer's
+    input at least its window, a location left for the global pool): 1 for
+    a ResNet, 75 for Inception-v3 (found on the meta device). ValueError
+    when none up to ``limit`` does."""
+    if _fits(model, 1):
+        return 1
+    hi = 2
+    while not _fits(model, hi):
+        if hi >= limit:
+            raise ValueError(f"streamcnn: the model takes no image of up to {limit} pixels")
+        hi = min(2 * hi, limit)
+    lo = hi // 2                     # lo fails, hi fits
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if _fits(model, mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi
 
 
 def split(model: SlideClassifier) -> Tuple[StreamingModule, Head]:

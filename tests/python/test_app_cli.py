@@ -205,6 +205,21 @@ def test_default_tile_covers_the_receptive_field(slides, tmp_path, capsys):
     assert list(model.stem.tile_size) == [1592, 1592]
 
 
+def test_image_too_small_for_the_model(slides, tmp_path, capsys):
+    """An --image-size a layer of the network cannot take (Inception-v3's
+    strided convolutions need 75 pixels) is one line naming the smallest
+    size, before the run folder is written; 75 itself trains."""
+    out = tmp_path / "run"
+    args = ["train", "--train", slides / "train.csv", "--val", slides / "val.csv", "--out",
+            out, "--mpp", "1.0", "--model", "inception_v3", "--stream-upto", "Mixed_5b",
+            "--tile-size", "160", "--device", "cpu", "--quiet", "--epochs", "1"]
+    _bad(capsys, args + ["--image-size", "74"], "--image-size 74 is too small for --model "
+         "inception_v3 (streamed to Mixed_5b): it takes images of at least 75 x 75 pixels",
+         out=out)
+    cli_here(capsys, *args, "--image-size", "75")
+    assert (out / "best.pt").exists()
+
+
 def _train(slides, out, *extra, train=None, val=None):
     return ["train", "--train", train or slides / "train.csv", "--val", val or slides /
             "val.csv", "--out", out, *SMALL, *extra]

@@ -198,3 +198,20 @@ def test_from_scratch_outputs_are_of_order_one(arch):
     with torch.no_grad():
         y = m(x)
     assert torch.isfinite(y).all() and y.abs().max() < 100, y
+
+
+def test_min_image_size():
+    """The smallest image each model takes, found on the meta device: a
+    ResNet any, Inception-v3 75 (its unpadded strided convolutions),
+    DenseNet-121 29 (to denseblock3; the head's transition pools 2 x 2);
+    one pixel less fails in the model itself."""
+    from streamcnn.classifier import min_image_size
+    for arch, upto, want in [("resnet18", "layer3", 1), ("inception_v3", "Mixed_5b", 75),
+                             ("densenet121", "denseblock3", 29)]:
+        m = build_model(arch, stream_upto=upto, tile_size=2048).eval()
+        assert min_image_size(m) == want, arch
+        with torch.no_grad():
+            assert m(torch.zeros(1, 3, want, want, dtype=torch.uint8)).shape == (1, 2)
+            if want > 1:
+                with pytest.raises(RuntimeError):
+                    m(torch.zeros(1, 3, want - 1, want - 1, dtype=torch.uint8))

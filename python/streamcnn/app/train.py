@@ -134,6 +134,18 @@ def _build_model(cfg):
         raise UsageError(str(e)) from None
 
 
+def _check_image_size(model, cfg) -> None:
+    """An --image-size the network cannot take (a layer's input smaller
+    than its window: Inception-v3 needs 75) is refused before the run
+    folder is written."""
+    from ..classifier import min_image_size
+    need = min_image_size(model)
+    if cfg["image_size"] < need:
+        raise UsageError(f"--image-size {cfg['image_size']} is too small for --model "
+                         f"{cfg['model']} (streamed to {cfg['stream_upto']}): it takes images "
+                         f"of at least {need} x {need} pixels")
+
+
 def _optimizer(cfg, params):
     if cfg["optimizer"] == "sgd":
         return torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"],
@@ -271,6 +283,7 @@ def _train(cfg, ckpt, dist: Dist, device, quiet: bool, resume: bool, overwrite: 
     weights = class_weights(cfg["class_weights"], train_t.labels, cfg["num_classes"]) \
         if task == "classification" else None
     model = _build_model(cfg)
+    _check_image_size(model, cfg)
     if cfg["freeze_stem"]:
         # no gradient reaches the stem: it runs forward only (its autograd
         # node is not recorded) and the optimizer holds the head alone
