@@ -571,7 +571,7 @@ class _Converter:
             return self._add(node, what, args[0], args[1], kw.get("alpha", 1))
         if t in (operator.mul, operator.imul, torch.mul) and len(args) == 2 and not kw:
             return self._scale(node, what, args)
-        if t is getattr and len(args) == 2 and args[1] in ("shape", "ndim", "dtype", "device"):
+        if t is getattr and len(args) == 2 and args[1] == "shape":
             raise _unsupported(node, f".{args[1]}", _SHAPE_HINT)
         if not args:
             raise _unsupported(node, what, f"unsupported call. Supported: {SUPPORTED}")
@@ -641,7 +641,7 @@ class _Converter:
             return self._act(node, x, ACT_TANH)
         if name in ("add", "add_", "__add__", "__iadd__"):
             return self._add(node, what, node.args[0], node.args[1], node.kwargs.get("alpha", 1))
-        if name in ("size", "dim"):
+        if name == "size":
             raise _unsupported(node, what, _SHAPE_HINT)
         if name == "contiguous":
             return self._alias(node, x)
