@@ -4,6 +4,7 @@ pointing game on synthetic tumour slides."""
 import argparse
 import csv
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -259,3 +260,33 @@ def test_slides_from_a_table(data, tmp_path, capsys):
         predict.run(_args(data["ckpt"], "--csv", d / "nope.csv", "--out", tmp_path / "bad"))
     with pytest.raises(ValueError, match="no slides: give SLIDE"):
         predict.run(_args(data["ckpt"], "--out", tmp_path / "bad"))
+
+
+def test_slide_smaller_than_the_model_takes(data, tmp_path, capsys):
+    """Inception-v3 takes images of 75 pixels at least: a slide read
+    smaller than that fails naming both sizes (the others are predicted),
+    and an --image-size below it is refused before anything is written."""
+    cfg = dict(_config(size=96), model="inception_v3", stream_upto="Mixed_5b", tile_size=160)
+    torch.manual_seed(0)
+    m = build_model("inception_v3", stream_upto="Mixed_5b", tile_size=160, mean=MEAN, std=STD)
+    ckpt = str(tmp_path / "inception.pt")
+    save_checkpoint(ckpt, {"config": cfg, "model": m.state_dict()})
+    d = data["dir"]
+    out = tmp_path / "out"
+    rc = predict.run(_args(ckpt, d / "a.svs", d / "b.svs", "--full-slide", "--mpp", "4",
+                           "--heatmap", "cam", "--out", out, "--quiet"))
+    assert rc == 2
+    rows = {r["slide"]: r for r in _rows(out)}
+    assert rows["b"]["status"] == "error" and not list(out.glob("b_*"))
+    assert re.fullmatch(re.escape(f"streamcnn: {d / 'b.svs'}: the slide at 4 um/px is ") +
+                        r"\d+ x \d+ pixels, smaller than the 75 x 75 the model takes",
+                        rows["b"]["message"]), rows["b"]["message"]
+    rc = predict.run(_args(ckpt, d / "a.svs", "--full-slide", "--mpp", "1", "--heatmap", "cam",
+                           "--out", tmp_path / "ok", "--quiet"))
+    (row,) = _rows(tmp_path / "ok")
+    assert rc == 0 and row["status"] == "ok"
+    assert min(int(v) for v in row["region"].split("x")) >= 75, row["region"]
+    with pytest.raises(ValueError, match="--image-size 74 is smaller than the 75 x 75 pixels "
+                       "the model takes"):
+        predict.run(_args(ckpt, d / "a.svs", "--image-size", "74", "--out", tmp_path / "no"))
+    assert not (tmp_path / "no").exists()

@@ -345,8 +345,8 @@ def _cam_tiff(path: str, s: Slide, m: Optional[torch.Tensor], cone: hm.Cone, ds:
 
 
 def _predict_slide(path: str, name: str, model, config, args, want_sal: bool,
-                   want_cam: bool, bars: _Bars, slide_mpp_of_row: Optional[float] = None
-                   ) -> Dict:
+                   want_cam: bool, bars: _Bars, slide_mpp_of_row: Optional[float] = None,
+                   min_size: int = 1) -> Dict:
     task = config.get("task", "classification")
     stem, head = model.stem, model.head
     dev = next(model.parameters()).device
@@ -366,6 +366,10 @@ def _predict_slide(path: str, name: str, model, config, args, want_sal: bool,
             bars.write(msg)
             row["status"], row["message"] = "blank", "no tissue: empty maps"
         h, w = img.shape[1:]
+        if h < min_size or w < min_size:
+            at = f" at {mpp:g} um/px" if mpp else ""
+            raise ValueError(f"streamcnn: {path}: the slide{at} is {w} x {h} pixels, smaller "
+                             f"than the {min_size} x {min_size} the model takes")
         # on a CUDA device the uint8 region stays in host memory: the stem
         # streams it tile by tile (and the saliency band by band)
         x = img.unsqueeze(0) if dev.type == "cuda" else img.unsqueeze(0).to(dev)
@@ -502,6 +506,11 @@ def run(args) -> int:
                              f"stem's receptive field ({rf})")
         model.stem.memory_budget = 0
         model.stem.tile_size = [args.tile_size, args.tile_size]
+    from ..classifier import min_image_size
+    min_size = min_image_size(model)
+    if args.image_size and args.image_size < min_size:
+        raise ValueError(f"streamcnn: --image-size {args.image_size} is smaller than the "
+                         f"{min_size} x {min_size} pixels the model takes")
     _check_out_dir(args.out)            # after every check: a refused run writes nothing
     for p in model.parameters():
         p.requires_grad_(False)
@@ -512,7 +521,7 @@ def run(args) -> int:
         name = _slide_name(path, taken)
         try:
             rows.append(_predict_slide(path, name, model, config, args, want_sal, want_cam,
-                                       bars, row_mpp))
+                                       bars, row_mpp, min_size))
         except (ValueError, FileNotFoundError, RuntimeError, OSError, MemoryError) as e:
             failed += 1
             msg = str(e) if str(e).startswith("streamcnn:") else f"streamcnn: {path}: {e}"
