@@ -14,6 +14,7 @@ Ctrl-C exits with 130.
 import argparse
 import importlib
 import sys
+import warnings
 from typing import List, Optional
 
 from .app.common import UsageError, WriteError, end_process, ends_without_finalization
@@ -62,6 +63,23 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 def _main(argv: Optional[List[str]]) -> int:
+    """_run with the library's own warnings ("streamcnn: ...") shown as
+    one line "streamcnn: warning: ...", like the commands' other warnings;
+    other warnings as Python shows them."""
+    with warnings.catch_warnings():
+        shown = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            text = str(message)
+            if not text.startswith("streamcnn: "):
+                return shown(message, category, filename, lineno, file, line)
+            print(f"streamcnn: warning: {text[len('streamcnn: '):]}", file=file or sys.stderr)
+
+        warnings.showwarning = show
+        return _run(argv)
+
+
+def _run(argv: Optional[List[str]]) -> int:
     try:
         args = build_parser().parse_args(argv)
         return int(args._run(args) or 0)

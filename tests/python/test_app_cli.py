@@ -220,6 +220,26 @@ def test_image_too_small_for_the_model(slides, tmp_path, capsys):
     assert (out / "best.pt").exists()
 
 
+def test_small_tile_warns_in_one_line(slides, tmp_path, capsys):
+    """A --tile-size that gives 4 output pixels per tile (ResNet-18 to
+    layer1: receptive field 43, stride 4) trains, and the library's warning
+    is one line "streamcnn: warning: ...", not Python's two-line form."""
+    import warnings
+    small = list(SMALL)
+    small[small.index("160")] = "56"
+    small[small.index("256")] = "64"
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")      # (the test suite ignores this warning)
+        res = cli_here(capsys, "train", "--train", slides / "train.csv", "--val",
+                       slides / "val.csv", "--out", tmp_path / "run", *small, "--epochs", "1")
+    lines = [ln for ln in res.stderr.splitlines() if "output pixels per tile" in ln]
+    assert lines == ["streamcnn: warning: tile_size (56, 56) gives 4 x 4 output pixels per "
+                     "tile (receptive field 43 x 43, output stride 4 x 4): each tile's fixed "
+                     "costs dominate and streaming is several times slower than with larger "
+                     "tiles; tile_size (167, 167) gives 32 x 32"], res.stderr
+    assert "UserWarning" not in res.stderr
+
+
 def _train(slides, out, *extra, train=None, val=None):
     return ["train", "--train", train or slides / "train.csv", "--val", val or slides /
             "val.csv", "--out", out, *SMALL, *extra]
