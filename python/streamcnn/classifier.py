@@ -20,7 +20,8 @@ import torch
 import torch.nn as nn
 
 from . import models
-from .models import split_convnext, split_densenet, split_inception, split_resnet
+from .models import (split_convnext, split_densenet, split_inception, split_mobilenet,
+                     split_resnet)
 from .module import StreamingModule
 
 # ImageNet statistics in uint8 units (0..255): torchvision's weights expect them.
@@ -38,15 +39,17 @@ DENSENETS = ("densenet121", "densenet161", "densenet169", "densenet201")
 # Inception-v3: its blocks pool with F.avg_pool2d / F.max_pool2d and join
 # branches with torch.cat
 INCEPTIONS = ("inception_v3",)
-ARCHITECTURES = RESNETS + CONVNEXTS + DENSENETS + INCEPTIONS
-# stream_upto is a layer name for these (an int of features for ConvNeXts)
+# MobileNetV2: inverted residuals (depthwise convolutions, ReLU6, adds)
+MOBILENETS = ("mobilenet_v2",)
+ARCHITECTURES = RESNETS + CONVNEXTS + DENSENETS + INCEPTIONS + MOBILENETS
+# stream_upto is a layer name for these, an int of features for the others
 NAMED_STAGES = RESNETS + DENSENETS + INCEPTIONS
 POOLS = ("max", "avg")
 # The default streamed part: everything before the last stage (stride 16), so
 # the head's body is the last stage on a 1/16 feature map.
 DEFAULT_STREAM_UPTO = {**{a: "layer3" for a in RESNETS}, **{a: 6 for a in CONVNEXTS},
                        **{a: "denseblock3" for a in DENSENETS},
-                       **{a: "Mixed_6e" for a in INCEPTIONS}}
+                       **{a: "Mixed_6e" for a in INCEPTIONS}, **{a: 14 for a in MOBILENETS}}
 
 
 class GlobalPool(nn.Module):
@@ -189,7 +192,8 @@ def build_model(arch: str, *, num_outputs: int = 2, stream_upto: Union[str, int,
     layer (ResNets: ``"maxpool"``, ``"layer1"`` .. ``"layer4"``; ConvNeXt:
     an int 1 .. 7 of ``features``; DenseNets: ``"pool0"``,
     ``"denseblock1"``, ``"transition1"`` .. ``"denseblock4"``; Inception-v3:
-    ``"maxpool1"``, ``"Conv2d_3b_1x1"`` .. ``"Mixed_7c"``), default
+    ``"maxpool1"``, ``"Conv2d_3b_1x1"`` .. ``"Mixed_7c"``; MobileNetV2: an int
+    1 .. 18 of ``features``), default
     :data:`DEFAULT_STREAM_UPTO`;
     ``head``: the global pool, ``"max"`` or ``"avg"``; ``num_outputs``: the
     linear layer's outputs (2 for classification, 1 for regression).
@@ -218,6 +222,9 @@ def build_model(arch: str, *, num_outputs: int = 2, stream_upto: Union[str, int,
     elif arch in DENSENETS:
         stem, rest = split_densenet(backbone, upto, tile_size, **options)
         body = nn.Sequential(rest.features, rest.relu)
+    elif arch in MOBILENETS:
+        stem, rest = split_mobilenet(backbone, upto, tile_size, **options)
+        body = rest.features
     elif arch in INCEPTIONS:
         stem, rest = split_inception(backbone, upto, tile_size, **options)
         body = nn.Sequential(*[m for n, m in rest.named_children()
@@ -235,7 +242,7 @@ def build_model(arch: str, *, num_outputs: int = 2, stream_upto: Union[str, int,
 def _stream_upto(arch: str, stream_upto: Union[str, int, None]) -> Union[str, int]:
     """The last streamed layer of ``arch`` (the default for None): a layer
     name for ResNets, DenseNets and Inception-v3, an int of ``features``
-    for ConvNeXts."""
+    for ConvNeXts and MobileNetV2."""
     upto = DEFAULT_STREAM_UPTO[arch] if stream_upto is None else stream_upto
     if arch in NAMED_STAGES:
         if not isinstance(upto, str):
@@ -249,7 +256,8 @@ def _stream_upto(arch: str, stream_upto: Union[str, int, None]) -> Union[str, in
         try:
             return int(upto)
         except ValueError:
-            raise ValueError(f"streamcnn: stream_upto for {arch} is an int (1 .. 7 of "
+            last = 18 if arch in MOBILENETS else 7
+            raise ValueError(f"streamcnn: stream_upto for {arch} is an int (1 .. {last} of "
                              f"features), got {upto!r}") from None
     return upto
 
@@ -265,7 +273,8 @@ def default_tile_size(arch: str, stream_upto: Union[str, int, None] = None) -> i
     upto = _stream_upto(arch, stream_upto)
     parts = (models.resnet_parts if arch in RESNETS else
              models.densenet_parts if arch in DENSENETS else
-             models.inception_parts if arch in INCEPTIONS else models.convnext_parts)
+             models.inception_parts if arch in INCEPTIONS else
+             models.mobilenet_parts if arch in MOBILENETS else models.convnext_parts)
     return max(models.default_tile_size(parts(backbone, upto)[0]))
 
 

@@ -259,3 +259,46 @@ def inception_parts(model: nn.Module, stream_upto: str = "Mixed_6e"
         [("avgpool", model.avgpool), ("dropout", getattr(model, "dropout", nn.Identity())),
          ("flatten", nn.Flatten(1)), ("fc", model.fc)]))
     return stem, head
+
+
+def split_mobilenet(model: nn.Module, stream_upto: int = 14,
+                    tile_size: Optional[TileSize] = None,
+                    **options: Any) -> Tuple[StreamingModule, nn.Sequential]:
+    """Split a torchvision MobileNetV2 into ``(streaming_stem, head)`` with
+    ``head(stem(x))`` computing ``model(x)`` (with the stem's batch norms
+    in eval mode).
+
+    The stem is ``features[:stream_upto]`` (1 .. 18; the default 14 is
+    everything before the stride-32 stage) wrapped in
+    :class:`StreamingModule`: inverted residuals (depthwise convolutions,
+    ReLU6, residual adds) stream exactly. The head is the rest of
+    ``features``, the average pool and the classifier. ``tile_size`` and
+    ``options`` as for :func:`split_resnet`; the stem's batch norms are
+    frozen, as there.
+    """
+    stem, head = mobilenet_parts(model, stream_upto)
+    return _wrap(stem, tile_size, options), head
+
+
+def mobilenet_parts(model: nn.Module, stream_upto: int = 14
+                    ) -> Tuple[nn.Sequential, nn.Sequential]:
+    """:func:`split_mobilenet`'s ``(stem, head)`` with the stem not yet
+    streamed (its norms frozen)."""
+    features = getattr(model, "features", None)
+    if not isinstance(features, nn.Sequential) or not hasattr(model, "classifier") or \
+            hasattr(model, "avgpool") or \
+            not any(type(m).__name__ == "InvertedResidual" for m in features):
+        raise ValueError("streamcnn: not a torchvision MobileNetV2 (needs features of "
+                         "inverted residuals, classifier, and no avgpool)")
+    n = len(features)
+    if not isinstance(stream_upto, int) or not 1 <= stream_upto < n:
+        raise ValueError(f"streamcnn: stream_upto must be an int in [1, {n - 1}], got "
+                         f"{stream_upto!r}")
+    stem = features[:stream_upto]
+    _freeze_norms(stem)
+    # MobileNetV2.forward: features, adaptive average pool, flatten, classifier
+    head = nn.Sequential(OrderedDict([("features", features[stream_upto:]),
+                                      ("avgpool", nn.AdaptiveAvgPool2d(1)),
+                                      ("flatten", nn.Flatten(1)),
+                                      ("classifier", model.classifier)]))
+    return stem, head

@@ -616,12 +616,14 @@ def test_multiclass(slides, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("model,upto", [("densenet121", "transition1"),
-                                        ("inception_v3", "Mixed_5b")])
-def test_cat_models_train_evaluate_predict_and_export(slides, tmp_path, capsys, model, upto):
+                                        ("inception_v3", "Mixed_5b"), ("mobilenet_v2", "7")])
+def test_other_backbones_train_evaluate_predict_and_export(slides, tmp_path, capsys, model,
+                                                           upto):
     """--model densenet121 streamed to transition1 (its dense block's
-    joins are cats along the channels) and inception_v3 to Mixed_5b (its
-    branches pool with F.avg_pool2d and are joined by a cat): a run, its
-    evaluation, a heatmap and the TorchScript export, which gives the
+    joins are cats along the channels), inception_v3 to Mixed_5b (its
+    branches pool with F.avg_pool2d and are joined by a cat) and
+    mobilenet_v2 to features[:7] (depthwise convolutions, ReLU6): a run,
+    its evaluation, a heatmap and the TorchScript export, which gives the
     model's scores."""
     out = tmp_path / "run"
     small = list(SMALL)
@@ -630,7 +632,7 @@ def test_cat_models_train_evaluate_predict_and_export(slides, tmp_path, capsys, 
     cli_here(capsys, "train", "--train", slides / "train.csv", "--val", slides / "val.csv",
              "--out", out, *small, "--epochs", "1", "--batch-size", "2")
     cfg = yaml.safe_load((out / "config.yaml").read_text())
-    assert cfg["model"] == model and cfg["stream_upto"] == upto
+    assert cfg["model"] == model and str(cfg["stream_upto"]) == upto
     (row,) = _csv(out / "metrics.csv")
     assert math.isfinite(float(row["train_loss"])) and math.isfinite(float(row["val_loss"]))
     res = cli_here(capsys, "evaluate", out / "best.pt", "--csv", slides / "val.csv", "--out",

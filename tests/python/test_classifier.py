@@ -71,6 +71,7 @@ def test_default_tile_gives_32_output_pixels_where_1024_is_too_small():
     assert default_tile_size("densenet121", "transition2") == 1024
     assert default_tile_size("resnet152", "layer2") == 1024
     assert default_tile_size("convnext_tiny", "4") == 1024
+    assert seen["mobilenet_v2"] == 1024 and default_tile_size("mobilenet_v2", 18) == 1483
     with pytest.raises(ValueError, match="stream_upto"):
         default_tile_size("resnet18", "layer9")
 
@@ -183,7 +184,7 @@ def test_inception_v3_weights_and_transform(tmp_path):
         build_model("inception_v3", stream_upto=3)
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "densenet121", "inception_v3"])
+@pytest.mark.parametrize("arch", ["resnet18", "densenet121", "inception_v3", "mobilenet_v2"])
 def test_from_scratch_outputs_are_of_order_one(arch):
     """A backbone without weights starts well scaled although its stem's
     batch norms are frozen at their initial identity: torchvision's own
@@ -191,9 +192,7 @@ def test_from_scratch_outputs_are_of_order_one(arch):
     statistics) gave logits of ~3e11 on a 512² image and training
     diverged; build_model initialises its convolutions He (fan_in)."""
     torch.manual_seed(0)
-    m = build_model(arch, tile_size=2048, stream_upto={"resnet18": "layer3",
-                                                       "densenet121": "denseblock3",
-                                                       "inception_v3": "Mixed_6e"}[arch]).eval()
+    m = build_model(arch, tile_size=2048).eval()     # the default stream_upto
     x = (torch.rand(1, 3, 512, 512) * 255).to(torch.uint8)
     with torch.no_grad():
         y = m(x)

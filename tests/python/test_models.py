@@ -163,6 +163,32 @@ def test_split_inception_bad_arguments():
         streamcnn.models.split_inception(model, tile_size=1400, mean=(1.0, 2.0))
 
 
+def test_split_mobilenet():
+    """MobileNetV2 streamed through features[:7] (inverted residuals with
+    depthwise convolutions, ReLU6 and adds): head(stem(x)) is model(x);
+    torchvision's names; the stem trains with its batch norms frozen."""
+    torch.manual_seed(0)
+    model = tv.models.mobilenet_v2(weights=None).double()
+    randomize_bn(model, torch.Generator().manual_seed(1))
+    model.eval()
+    stem, head = streamcnn.models.split_mobilenet(model, stream_upto=7, tile_size=100)
+    x = torch.randn(1, 3, 190, 170, dtype=torch.float64)
+    assert stem.tiling(190, 170)["tiles"][0] >= 3
+    assert rel_err(head(stem(x)), model(x)) < 1e-10
+    assert "module.6.conv.2.weight" in stem.state_dict()
+    assert "features.7.conv.0.0.weight" in head.state_dict()
+    assert "classifier.1.weight" in head.state_dict()
+    model.train()
+    stem.train()
+    head(stem(x)).sum().backward()
+    assert model.features[6].conv[2].weight.grad is not None
+    assert not any(m.training for m in stem.modules() if isinstance(m, nn.BatchNorm2d))
+    with pytest.raises(ValueError, match=r"stream_upto must be an int in \[1, 18\]"):
+        streamcnn.models.split_mobilenet(model, stream_upto=19)
+    with pytest.raises(ValueError, match="not a torchvision MobileNetV2"):
+        streamcnn.models.split_mobilenet(_densenet())
+
+
 def _convnext(name="convnext_tiny"):
     torch.manual_seed(0)
     m = getattr(tv.models, name)(weights=None).double().eval()

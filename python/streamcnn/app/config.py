@@ -12,7 +12,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
-from ..classifier import ARCHITECTURES, DEFAULT_STREAM_UPTO, IMAGENET_MEAN, IMAGENET_STD, POOLS
+from ..classifier import (ARCHITECTURES, DEFAULT_STREAM_UPTO, IMAGENET_MEAN, IMAGENET_STD,
+                          NAMED_STAGES, POOLS)
 from .common import METRICS, TASKS, UsageError, check_metric, default_metric, is_number
 
 
@@ -72,8 +73,8 @@ OPTIONS: Tuple[Option, ...] = (
            "is downloaded)", path=True, metavar="FILE"),
     Option("stream_upto", str, None, "last streamed layer: maxpool, layer1 .. layer4 "
            "(ResNets), 1 .. 7 (ConvNeXt), pool0, denseblock1, transition1 .. denseblock4 "
-           "(DenseNets), maxpool1, Conv2d_3b_1x1 .. Mixed_7c (Inception-v3); default: the "
-           "stage before the last",
+           "(DenseNets), maxpool1, Conv2d_3b_1x1 .. Mixed_7c (Inception-v3), 1 .. 18 "
+           "(MobileNetV2); default: the stage before the last",
            metavar="LAYER"),
     Option("head", str, "max", "global pool of the head: max (as in the paper) or avg",
            choices=POOLS),
@@ -274,12 +275,13 @@ def resolve(given: Dict[str, Any], base: Optional[Dict[str, Any]] = None) -> Dic
         raise UsageError("give --tile-size or --memory-budget, not both")
     if cfg["stream_upto"] is None:
         cfg["stream_upto"] = DEFAULT_STREAM_UPTO[cfg["model"]]
-    if cfg["model"].startswith("convnext"):
+    if cfg["model"] not in NAMED_STAGES:        # ConvNeXts, MobileNetV2
         try:
             cfg["stream_upto"] = int(cfg["stream_upto"])
         except ValueError:
-            raise UsageError(f"--stream-upto for {cfg['model']} is a number 1 .. 7 of its "
-                             f"features, got {cfg['stream_upto']!r}") from None
+            last = 18 if cfg["model"] == "mobilenet_v2" else 7
+            raise UsageError(f"--stream-upto for {cfg['model']} is a number 1 .. {last} of "
+                             f"its features, got {cfg['stream_upto']!r}") from None
     else:
         cfg["stream_upto"] = str(cfg["stream_upto"])
     if cfg["tile_size"] is None and cfg["memory_budget"] is None:
