@@ -290,3 +290,44 @@ def test_slide_smaller_than_the_model_takes(data, tmp_path, capsys):
                        "the model takes"):
         predict.run(_args(ckpt, d / "a.svs", "--image-size", "74", "--out", tmp_path / "no"))
     assert not (tmp_path / "no").exists()
+
+
+@pytest.mark.parametrize("layer", ["stem", "body"])
+def test_features_saved(data, tmp_path, layer):
+    """--features stem|body writes NAME_features.pt: the feature map of the
+    region the scores are of (the stem's output, or the head's body's), the
+    pooled embedding whose linear layer gives the logits, and its
+    coordinates (the heatmaps' cone); the CSV names the file. A failed
+    slide leaves none."""
+    from streamcnn.app.checkpoint import load_model
+    from streamcnn.heatmaps import map_cone, stem_cone
+    d = data["dir"]
+    out = tmp_path / "out"
+    rc = predict.run(_args(data["ckpt"], d / "a.svs", d / "missing.svs", "--out", out,
+                           "--full-slide", "--heatmap", "none", "--features", layer, "--quiet"))
+    assert rc == 2
+    rows = {r["slide"]: r for r in _rows(out)}
+    assert rows["a"]["features"] == "a_features.pt" and rows["missing"]["status"] == "error"
+    assert sorted(os.listdir(out)) == ["a_features.pt", "predictions.csv"]
+    saved = torch.load(out / "a_features.pt")
+    model, _ = load_model(data["ckpt"])
+    with streamcnn.Slide(str(d / "a.svs")) as s:
+        x, y = int(rows["a"]["x"]), int(rows["a"]["y"])
+        w, h = (int(v) for v in rows["a"]["region"].split("x"))
+        assert saved["origin"] == (x, y) and saved["downsample"] == 2.0 and saved["mpp"] == 1.0
+        img = s.read_scaled((x, y), 2.0, (w, h))
+    with torch.no_grad():
+        f = model.stem(img.unsqueeze(0))
+        body = model.head.body(f)
+        want = (f if layer == "stem" else body)[0]
+        emb = model.head.pool(body)[0]
+    torch.testing.assert_close(saved["features"], want)
+    torch.testing.assert_close(saved["embedding"], emb)
+    with torch.no_grad():
+        logits = model.head.fc(saved["embedding"])
+    p1 = float(torch.softmax(logits.double(), 0)[1])
+    assert abs(p1 - float(rows["a"]["prob_1"])) < 1e-5
+    cone = stem_cone(model.stem) if layer == "stem" else map_cone(model.stem, model.head)
+    assert saved["stride"] == cone.stride and saved["center"] == cone.center
+    assert saved["receptive_field"] == cone.receptive_field
+    assert saved["layer"] == layer and saved["model"] == "resnet18"

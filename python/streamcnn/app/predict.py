@@ -39,7 +39,7 @@ import torch
 from .. import heatmaps as hm
 from ..slide import Slide
 from .checkpoint import load_model
-from .common import UsageError, read_table, save_figure, write_csv
+from .common import UsageError, atomic_file, read_table, save_figure, write_csv
 from .config import parse_classes
 
 HEATMAPS = ("saliency", "cam", "both", "none")
@@ -47,7 +47,8 @@ HEATMAPS = ("saliency", "cam", "both", "none")
 # when freed (see _return_freed_memory)
 MMAP_THRESHOLD = 1 << 20
 MPP_TOLERANCE = 0.05
-OUTPUTS = ("_saliency.png", "_cam.png", "_cam.tif")
+OUTPUTS = ("_saliency.png", "_cam.png", "_cam.tif", "_features.pt")
+FEATURES = ("stem", "body")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -81,6 +82,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="where the model runs (cpu, cuda, ...)")
     p.add_argument("--tile-size", type=int, default=None, metavar="PX",
                    help="the stem's input tile (default: the checkpoint's tiling)")
+    p.add_argument("--features", choices=FEATURES, default=None,
+                   help="also save each slide's feature map: the streamed stem's output "
+                        "(stem) or the head's last feature map before the global pool "
+                        "(body), with the pooled embedding and the map's coordinates, as "
+                        "NAME_features.pt")
     p.add_argument("--png-size", type=int, default=1024, metavar="PX",
                    help="longest side of the PNG overlays' thumbnail (default 1024)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -344,6 +350,29 @@ def _cam_tiff(path: str, s: Slide, m: Optional[torch.Tensor], cone: hm.Cone, ds:
 
 
 
+def _save_features(file: str, f: torch.Tensor, stem, head, layer: str, *, path: str,
+                   config: Dict, mpp: Optional[float], ds: float, origin) -> str:
+    """Write ``--features``: the feature map of the stem's output (stem) or
+    of the head's body (body), C x h x w float32, its global pool (the
+    vector the linear layer reads), and where each location is: location
+    ``(i, j)``'s receptive field is centred on analysis pixel
+    ``(i * stride[0] + center[0], j * stride[1] + center[1])``, i.e. level-0
+    ``origin + ds * (that + 0.5)`` (x from j, y from i). Returns the file's
+    name."""
+    with torch.no_grad():
+        body = head.body(f)
+        emb = head.pool(body)[0].float().cpu()
+        fmap = (f if layer == "stem" else body)[0].float().cpu()
+    cone = hm.stem_cone(stem) if layer == "stem" else hm.map_cone(stem, head)
+    with atomic_file(file) as out:
+        torch.save({"features": fmap, "embedding": emb, "layer": layer,
+                    "stride": cone.stride, "center": cone.center,
+                    "receptive_field": cone.receptive_field, "mpp": mpp, "downsample": ds,
+                    "origin": tuple(origin), "slide": path, "model": config.get("model"),
+                    "stream_upto": config.get("stream_upto")}, out)
+    return os.path.basename(file)
+
+
 def _predict_slide(path: str, name: str, model, config, args, want_sal: bool,
                    want_cam: bool, bars: _Bars, slide_mpp_of_row: Optional[float] = None,
                    min_size: int = 1) -> Dict:
@@ -382,6 +411,10 @@ def _predict_slide(path: str, name: str, model, config, args, want_sal: bool,
                 x = None
             m, winners, logits, t = hm.class_maps(head, f, args.target) if task != \
                 "regression" else (None, None, head(f).detach(), None)
+            if args.features:
+                feature_file = _save_features(
+                    os.path.join(args.out, f"{name}_features.pt"), f, stem, head,
+                    args.features, path=path, config=config, mpp=mpp, ds=ds, origin=origin)
             if t is None:
                 t = hm._targets(logits, args.target)
             sal = None
@@ -396,6 +429,8 @@ def _predict_slide(path: str, name: str, model, config, args, want_sal: bool,
         row.update(target=k, mpp=f"{mpp:g}" if mpp else "", downsample=f"{ds:g}",
                    x=origin[0], y=origin[1], width=round(w * ds), height=round(h * ds),
                    region=f"{w}x{h}")
+        if args.features:
+            row["features"] = feature_file
         if task == "regression":
             row["prediction"] = f"{float(logits[0]):.6g}"
             row["score"] = row["prediction"]
