@@ -105,6 +105,12 @@ def tile_bytes(program: Sequence[int], h: int, w: int, tile: Tuple[int, int], ca
     return int((max(bwd, fwd) + strips) * batch)
 
 
+def input_extent(receptive_field: int, stride: int, outputs: int) -> int:
+    """Input pixels along an axis that give ``outputs`` output pixels, for
+    a stem of that receptive field and total stride."""
+    return (outputs - 1) * stride + receptive_field
+
+
 def choose_tile(program: Sequence[int], h: int, w: int, batch: int, itemsize: int,
                 budget: int, allow_cached: bool, receptive_field: Tuple[int, int],
                 stride: Tuple[int, int], training: bool = True,
@@ -125,8 +131,8 @@ def choose_tile(program: Sequence[int], h: int, w: int, batch: int, itemsize: in
     # recompute several times over)
     least = [max(1, (rf[a] // s[a]) // 2) for a in range(2)]
 
-    def extent(axis: int, t: int) -> int:  # input extent of t output pixels
-        return (t - 1) * s[axis] + rf[axis]
+    def extent(axis: int, t: int) -> int:
+        return input_extent(rf[axis], s[axis], t)
 
     usable = budget * (1 - HEADROOM)
     best, best_cost = None, math.inf

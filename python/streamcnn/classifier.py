@@ -22,6 +22,7 @@ import torch.nn as nn
 from . import models
 from .models import (split_convnext, split_densenet, split_inception, split_mobilenet,
                      split_resnet)
+from .budget import input_extent
 from .module import StreamingModule
 
 # ImageNet statistics in uint8 units (0..255): torchvision's weights expect them.
@@ -44,6 +45,8 @@ MOBILENETS = ("mobilenet_v2",)
 ARCHITECTURES = RESNETS + CONVNEXTS + DENSENETS + INCEPTIONS + MOBILENETS
 # stream_upto is a layer name for these, an int of features for the others
 NAMED_STAGES = RESNETS + DENSENETS + INCEPTIONS
+# the largest stream_upto of those with an int: the last index of features
+LAST_FEATURE = {**{a: 7 for a in CONVNEXTS}, **{a: 18 for a in MOBILENETS}}
 POOLS = ("max", "avg")
 # The default streamed part: everything before the last stage (stride 16), so
 # the head's body is the last stage on a 1/16 feature map.
@@ -256,9 +259,8 @@ def _stream_upto(arch: str, stream_upto: Union[str, int, None]) -> Union[str, in
         try:
             return int(upto)
         except ValueError:
-            last = 18 if arch in MOBILENETS else 7
-            raise ValueError(f"streamcnn: stream_upto for {arch} is an int (1 .. {last} of "
-                             f"features), got {upto!r}") from None
+            raise ValueError(f"streamcnn: stream_upto for {arch} is an int (1 .. "
+                             f"{LAST_FEATURE[arch]} of features), got {upto!r}") from None
     return upto
 
 
@@ -284,7 +286,7 @@ def _channels(stem: StreamingModule, body: nn.Module) -> int:
     90 s for ConvNeXt-Large to features[6], 2824²)."""
     # 32 x 32 stem outputs: enough for the body's own strided layers
     # (Inception-v3's Mixed_7a needs 3 x 3)
-    size = [r + 31 * s for r, s in zip(stem.receptive_field, stem.output_stride)]
+    size = [input_extent(r, s, 32) for r, s in zip(stem.receptive_field, stem.output_stride)]
     return int(_meta_forward(stem, body, size).shape[1])
 
 

@@ -7,7 +7,8 @@ import torch
 import torch.nn as nn
 
 from ._library import program_info
-from .module import StreamingModule, TileSize
+from .budget import input_extent
+from .module import MIN_OUTPUT_TILE, StreamingModule, TileSize
 from .program import convert
 
 _RESNET_STAGES = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
@@ -23,24 +24,18 @@ _INCEPTION_STAGES = ["Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool
 _INCEPTION_SCALE = (0.229 / 0.5, 0.224 / 0.5, 0.225 / 0.5)
 _INCEPTION_SHIFT = ((0.485 - 0.5) / 0.5, (0.456 - 0.5) / 0.5, (0.406 - 0.5) / 0.5)
 DEFAULT_TILE = 1024
-# output pixels a default tile gives at least (per side): a tile of the
-# receptive field gives one, and each tile's fixed costs (its calls, the
-# halo's edges) then dominate. DenseNet-121 to denseblock3, forward on the
-# 2-core development VM: 2048², 1 px 66 s, 16 px 3.4 s; 4096², 4 px 34.5 s,
-# 8 px 22.1 s, 16 px 14.2 s, 32 px 13.5 s, 64 px 17.7 s, 128 px 26.3 s
-MIN_OUTPUT_TILE = 32
 
 
 def default_tile_size(stem: nn.Module) -> List[int]:
     """The tile a backbone's stem streams in when neither a tile size nor
     a memory budget is given: 1024 x 1024, or where the stem's receptive
     field is so large that 1024 would give fewer than
-    :data:`MIN_OUTPUT_TILE` output pixels per side, the tile that gives
+    ``MIN_OUTPUT_TILE`` (32) output pixels per side, the tile that gives
     that many (receptive field + 31 x output stride: ResNet-152 to layer3
     1787, ConvNeXt-Tiny to features[6] 1592, DenseNet-121 to denseblock3
     1527)."""
     info = program_info(convert(stem).program)
-    return [max(DEFAULT_TILE, info[2 + k] + (MIN_OUTPUT_TILE - 1) * info[4 + k])
+    return [max(DEFAULT_TILE, input_extent(info[2 + k], info[4 + k], MIN_OUTPUT_TILE))
             for k in (0, 1)]
 
 

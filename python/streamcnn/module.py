@@ -2,6 +2,7 @@
 
 
 import operator
+import warnings
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -10,7 +11,7 @@ import torch.nn as nn
 
 from . import ops  # noqa: F401  (registers fake kernels and autograd)
 from .ops import compute_dtype
-from .budget import Budget, choose_tile, parse_bytes, tile_bytes
+from .budget import Budget, choose_tile, input_extent, parse_bytes, tile_bytes
 from ._library import program_info, tile_bounds, tiling_info, work_info
 from .program import batchnorm_params, convert, has_autocast_ops, prepend_normalize
 
@@ -58,8 +59,14 @@ def _norm_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 # fewer output pixels per tile side than this, and each tile's fixed costs
-# (its calls, the halo's edges) dominate (see models.MIN_OUTPUT_TILE)
+# (its calls, the halo's edges) dominate
 SMALL_OUTPUT_TILE = 8
+# output pixels a default tile gives at least (per side), and the tile the
+# warning suggests: a tile of the receptive field gives one. DenseNet-121 to
+# denseblock3, forward on the 2-core development VM: 2048², 1 px 66 s,
+# 16 px 3.4 s; 4096², 4 px 34.5 s, 8 px 22.1 s, 16 px 14.2 s, 32 px 13.5 s,
+# 64 px 17.7 s, 128 px 26.3 s
+MIN_OUTPUT_TILE = 32
 
 
 def _warn_small_tiles(tile: List[int], info) -> None:
@@ -70,13 +77,13 @@ def _warn_small_tiles(tile: List[int], info) -> None:
     out = [(tile[k] - rf[k]) // stride[k] + 1 for k in (0, 1)]
     if min(out) >= SMALL_OUTPUT_TILE or max(stride) == 1:
         return
-    import warnings
-    good = [rf[k] + 31 * stride[k] for k in (0, 1)]
+    good = [input_extent(rf[k], stride[k], MIN_OUTPUT_TILE) for k in (0, 1)]
     warnings.warn(
         f"streamcnn: tile_size {tuple(tile)} gives {out[0]} x {out[1]} output pixels per tile "
         f"(receptive field {rf[0]} x {rf[1]}, output stride {stride[0]} x {stride[1]}): each "
         "tile's fixed costs dominate and streaming is several times slower than with larger "
-        f"tiles; tile_size {tuple(good)} gives 32 x 32", UserWarning, stacklevel=3)
+        f"tiles; tile_size {tuple(good)} gives {MIN_OUTPUT_TILE} x {MIN_OUTPUT_TILE}",
+        UserWarning, stacklevel=3)
 
 
 def _tile_pair(tile_size: TileSize) -> List[int]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 from ..classifier import (ARCHITECTURES, DEFAULT_STREAM_UPTO, IMAGENET_MEAN, IMAGENET_STD,
-                          NAMED_STAGES, POOLS)
+                          LAST_FEATURE, NAMED_STAGES, POOLS)
 from .common import METRICS, TASKS, UsageError, check_metric, default_metric, is_number
 
 
@@ -279,9 +279,9 @@ def resolve(given: Dict[str, Any], base: Optional[Dict[str, Any]] = None) -> Dic
         try:
             cfg["stream_upto"] = int(cfg["stream_upto"])
         except ValueError:
-            last = 18 if cfg["model"] == "mobilenet_v2" else 7
-            raise UsageError(f"--stream-upto for {cfg['model']} is a number 1 .. {last} of "
-                             f"its features, got {cfg['stream_upto']!r}") from None
+            raise UsageError(f"--stream-upto for {cfg['model']} is a number 1 .. "
+                             f"{LAST_FEATURE[cfg['model']]} of its features, got "
+                             f"{cfg['stream_upto']!r}") from None
     else:
         cfg["stream_upto"] = str(cfg["stream_upto"])
     if cfg["tile_size"] is None and cfg["memory_budget"] is None:
