@@ -366,16 +366,18 @@ class CamResult(NamedTuple):
     cone: Cone
 
 
-def class_maps(head: nn.Module, f: torch.Tensor, target: Target = None):
+def class_maps(head: nn.Module, f: torch.Tensor, target: Target = None,
+               body: Optional[torch.Tensor] = None):
     """(class map N x h x w of the target, winners or None, logits, target)
-    from the stem output ``f``: ``a = head.body(f)``, the linear layer at
-    every location (``head.class_map``)."""
+    from the stem output ``f``: ``a = head.body(f)`` (``body``, when the
+    caller has it already), the linear layer at every location
+    (``head.class_map``)."""
     for name in ("body", "pool", "fc"):
         if not hasattr(head, name):
             raise TypeError(f"streamcnn: a class map needs a head with body, pool and fc "
                             f"(streamcnn.classifier.Head); this one has no {name!r}")
     with torch.no_grad():
-        a = head.body(f)
+        a = head.body(f) if body is None else body
         logits = head.fc(head.pool(a))
         t = _targets(logits, target)
         maps = head.class_map(a)                               # N x K x h x w

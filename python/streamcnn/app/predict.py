@@ -350,17 +350,16 @@ def _cam_tiff(path: str, s: Slide, m: Optional[torch.Tensor], cone: hm.Cone, ds:
 
 
 
-def _save_features(file: str, f: torch.Tensor, stem, head, layer: str, *, path: str,
-                   config: Dict, mpp: Optional[float], ds: float, origin) -> str:
+def _save_features(file: str, f: torch.Tensor, body: torch.Tensor, stem, head, layer: str, *,
+                   path: str, config: Dict, mpp: Optional[float], ds: float, origin) -> str:
     """Write ``--features``: the feature map of the stem's output (stem) or
     of the head's body (body), C x h x w float32, its global pool (the
     vector the linear layer reads), and where each location is: location
     ``(i, j)``'s receptive field is centred on analysis pixel
     ``(i * stride[0] + center[0], j * stride[1] + center[1])``, i.e. level-0
     ``origin + ds * (that + 0.5)`` (x from j, y from i). Returns the file's
-    name."""
+    name. ``body``: ``head.body(f)``."""
     with torch.no_grad():
-        body = head.body(f)
         emb = head.pool(body)[0].float().cpu()
         fmap = (f if layer == "stem" else body)[0].float().cpu()
     cone = hm.stem_cone(stem) if layer == "stem" else hm.map_cone(stem, head)
@@ -409,12 +408,20 @@ def _predict_slide(path: str, name: str, model, config, args, want_sal: bool,
             if not (want_sal and not blank):
                 del x       # the head and the pictures need no image
                 x = None
-            m, winners, logits, t = hm.class_maps(head, f, args.target) if task != \
-                "regression" else (None, None, head(f).detach(), None)
-            if args.features:
+            body = None
+            if args.features:     # the head's body once, for the maps and the file
+                with torch.no_grad():
+                    body = head.body(f)
                 feature_file = _save_features(
-                    os.path.join(args.out, f"{name}_features.pt"), f, stem, head,
+                    os.path.join(args.out, f"{name}_features.pt"), f, body, stem, head,
                     args.features, path=path, config=config, mpp=mpp, ds=ds, origin=origin)
+            if task != "regression":
+                m, winners, logits, t = hm.class_maps(head, f, args.target, body=body)
+            else:
+                with torch.no_grad():
+                    logits = head.fc(head.pool(head.body(f) if body is None else body))
+                m = winners = t = None
+            del body
             if t is None:
                 t = hm._targets(logits, args.target)
             sal = None
