@@ -15,10 +15,13 @@
 
 #ifdef SC_WITH_CUDA
 /* Queue the copy of tile (t, c)'s pixels (value 0's region) on the side
- * stream, into a new dense device tensor of the host image's layout. */
+ * stream, into a new dense device tensor of the host image's layout. The
+ * region's rows are absolute; the image tensor of a band holds the rows
+ * from r->img_rows[0] (run_init checked that they cover every tile's). */
 static int prefetch_issue(sc_run *r, int64_t t, int64_t c) {
   sc_ctx *ctx = r->ctx;
-  const int64_t *rows = &r->plans[0][t]->region[0];
+  const int64_t *span = &r->plans[0][t]->region[0];
+  const int64_t rows[2] = {span[0] - r->img_rows[0], span[1] - r->img_rows[0]};
   const int64_t *cols = &r->plans[1][c]->region[0];
   int64_t dim, *sz, *st;
   void *base = NULL, *dst = NULL;
@@ -46,8 +49,8 @@ static int prefetch_issue(sc_run *r, int64_t t, int64_t c) {
                    ctx->device_type);
   if (sc_prefetch_copy(&r->pf, ctx->stream, dst, base, &rc, msg, sizeof msg))
     return sc_fail(&ctx->err, "streamcnn: CUDA prefetch: %s", msg);
-  r->pf_span[0][0] = rows[0];
-  r->pf_span[0][1] = rows[1];
+  r->pf_span[0][0] = span[0];
+  r->pf_span[0][1] = span[1];
   r->pf_span[1][0] = cols[0];
   r->pf_span[1][1] = cols[1];
   return SC_OK;

@@ -136,12 +136,6 @@ static int run_init(sc_run *r, sc_ctx *ctx, const sc_call *call) {
                      (long long)read[0], (long long)read[1],
                      (long long)r->img_rows[0], (long long)r->img_rows[1],
                      (long long)full_h);
-    if (ctx->image_host && r->img_rows[0] != 0)
-      return sc_fail(&ctx->err,
-                     "streamcnn: an image in host memory streamed to the "
-                     "device must hold the image from row 0 for a band "
-                     "(image_row0 = %lld)",
-                     (long long)r->img_rows[0]);
   }
   if (r->cached && _sc_plan_strips(r)) return SC_ERR;
 #ifdef SC_WITH_CUDA

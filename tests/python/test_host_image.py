@@ -112,3 +112,57 @@ def test_pinned_image_may_be_freed_when_the_call_returns(halo_cache):
             torch.cuda.synchronize()
             assert torch.equal(y, expected)
             del reuse
+
+
+@cuda
+@pytest.mark.parametrize("cached", [True, False])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("pinned", [True, False])
+def test_host_band_from_a_later_row(pinned, layout, cached):
+    """A tile-parallel rank's part of a uint8 image in host memory holds the
+    image rows from image_row0 > 0 (its band's cone, as each rank reads its
+    rows of the slide): the side-stream prefetch of a dense pinned part
+    reads the part's rows, not the whole image's. The band's output and
+    parameter gradients equal those of the same band of the image on the
+    device, and the bands concatenate to the whole output."""
+    stem = _stem()
+    sm = streamcnn.StreamingModule(stem, 64, mean=[120.0, 110.0, 100.0],
+                                   std=[60.0, 50.0, 55.0])
+    g = torch.Generator().manual_seed(4)
+    pixels = torch.randint(0, 256, (1, 3, 301, 257), generator=g, dtype=torch.uint8)
+    params = [p.detach() for p in sm.stream_params()]
+    tile, (h, w) = sm.tile_size, pixels.shape[2:]
+    whole = torch.ops.streamcnn.forward(pixels.cuda(), params, sm.program, tile)
+    mask = [False] + [True] * len(params)
+    cuts = [0, 20, whole.shape[2]]
+    outs = []
+    for lo, hi in zip(cuts[:-1], cuts[1:]):
+        a, b = (int(v) for v in streamcnn.band_info(sm.program, h, w, tile, (lo, hi))[:2])
+        rows = [lo, hi, a, h]
+        part = pixels[:, :, a:b].contiguous(memory_format=layout)
+        if pinned:
+            part = part.pin_memory()
+        dev = part.cuda()
+        gout = torch.randn(1, whole.shape[1], hi - lo, whole.shape[3], generator=g,
+                           dtype=torch.float64).cuda()
+        if cached:
+            y_host, s_host = torch.ops.streamcnn.forward_cached_rows(part, params, sm.program,
+                                                                     tile, rows)
+            y_dev, s_dev = torch.ops.streamcnn.forward_cached_rows(dev, params, sm.program,
+                                                                   tile, rows)
+            got = torch.ops.streamcnn.backward_cached_rows(gout, s_host, part, params,
+                                                           sm.program, tile, mask, rows)
+            want = torch.ops.streamcnn.backward_cached_rows(gout, s_dev, dev, params,
+                                                            sm.program, tile, mask, rows)
+        else:
+            y_host = torch.ops.streamcnn.forward_rows(part, params, sm.program, tile, rows)
+            y_dev = torch.ops.streamcnn.forward_rows(dev, params, sm.program, tile, rows)
+            got = torch.ops.streamcnn.backward_rows(gout, part, params, sm.program, tile,
+                                                    mask, rows)
+            want = torch.ops.streamcnn.backward_rows(gout, dev, params, sm.program, tile,
+                                                     mask, rows)
+        assert y_host.device.type == "cuda" and torch.equal(y_host, y_dev), (lo, hi)
+        for u, v in zip(got, want):
+            assert rel_err(u, v) < 1e-12, (lo, hi)
+        outs.append(y_host)
+    assert rel_err(torch.cat(outs, 2), whole) < 1e-12
