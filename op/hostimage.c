@@ -57,31 +57,61 @@ static int prefetch_issue(sc_run *r, int64_t t, int64_t c) {
 }
 #endif
 
+#ifdef SC_WITH_CUDA
+static int inside(const int64_t *s, const int64_t *hull) {
+  return hull[0] <= s[0] && s[1] <= hull[1];
+}
+
+/* Whether the pending prefetch is the next tile's (r->next_tile). */
+static int prefetched_next(const sc_run *r) {
+  if (r->next_tile[0] < 0) return 0;
+  return same(r->pf_span[0], &r->plans[0][r->next_tile[0]]->region[0]) &&
+         same(r->pf_span[1], &r->plans[1][r->next_tile[1]]->region[0]);
+}
+#endif
+
 /* An image in host memory (r->val[0], a view of it) for the current tile:
  * the side stream's copy when it was prefetched; else pinned memory is read
  * by the gather kernel itself (the tile crosses PCIe once, converted and
  * normalised on the device) and pageable memory is first copied to a
- * device tensor of the image's dtype. Queues the next tile's prefetch. */
+ * device tensor of the image's dtype. Queues the next tile's prefetch.
+ *
+ * The copy stays (r->px_buf) while the tile's later passes read inside it:
+ * the row pieces of its backward (backward.c) and its sparse boxes
+ * (sparse.c) take views of it. A pending prefetch of the next tile waits
+ * for that tile instead of being dropped and copied again. */
 int _sc_host_tile(sc_run *r) {
 #ifdef SC_WITH_CUDA
   void *ptr = NULL;
   int64_t dim, *sz, *st;
   char msg[256];
+  const int64_t *rows = region(r, 0, 0), *cols = region(r, 1, 0);
   r->host_direct = 0;
-  if (r->pf_buf) { /* the side stream's copy, if it is this tile's */
-    const int hit = same(r->pf_span[0], region(r, 0, 0)) &&
-                    same(r->pf_span[1], region(r, 1, 0));
-    if (sc_prefetch_wait(&r->pf, r->ctx->stream, msg, sizeof msg))
-      return sc_fail(&r->ctx->err, "streamcnn: CUDA prefetch: %s", msg);
-    if (hit) {
-      _sc_drop(&r->val[0]);
-      r->val[0] = r->pf_buf;
+  if (r->pf_buf) {
+    if (inside(rows, r->pf_span[0]) && inside(cols, r->pf_span[1])) {
+      if (sc_prefetch_wait(&r->pf, r->ctx->stream, msg, sizeof msg))
+        return sc_fail(&r->ctx->err, "streamcnn: CUDA prefetch: %s", msg);
+      _sc_drop(&r->px_buf); /* stream-ordered after the wait: safe */
+      r->px_buf = r->pf_buf;
       r->pf_buf = NULL;
-    } else {
-      _sc_drop(&r->pf_buf); /* stream-ordered after the wait: safe */
+      memcpy(r->px_span, r->pf_span, sizeof r->px_span);
+    } else if (!prefetched_next(r)) {
+      if (sc_prefetch_wait(&r->pf, r->ctx->stream, msg, sizeof msg))
+        return sc_fail(&r->ctx->err, "streamcnn: CUDA prefetch: %s", msg);
+      _sc_drop(&r->pf_buf);
     }
   }
-  if (r->img_pinned && r->next_tile[0] >= 0 &&
+  if (r->px_buf) {
+    if (inside(rows, r->px_span[0]) && inside(cols, r->px_span[1])) {
+      _sc_drop(&r->val[0]);
+      if (_sc_subview(r, r->px_buf, r->px_span[0], r->px_span[1], rows, cols,
+                      &r->val[0]))
+        return SC_ERR;
+    } else {
+      _sc_drop(&r->px_buf); /* an earlier tile's */
+    }
+  }
+  if (r->img_pinned && r->next_tile[0] >= 0 && !r->pf_buf &&
       prefetch_issue(r, r->next_tile[0], r->next_tile[1]))
     return SC_ERR;
   int32_t dt;

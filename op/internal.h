@@ -447,6 +447,8 @@ typedef struct sc_run {
   sc_prefetch pf;
   AtenTensorHandle pf_buf;   /* the copy (owned), or NULL */
   int64_t pf_span[2][2];     /* its rows and cols of the image */
+  AtenTensorHandle px_buf;   /* the current tile's copy (owned), or NULL */
+  int64_t px_span[2][2];     /* its rows and cols of the image */
   int host_direct;           /* this tile's pixels are read from pinned memory */
   void *host_ev;             /* cudaEvent_t after the last such read, or NULL */
 

@@ -134,6 +134,7 @@ void _sc_run_release(sc_run *r) {
   sc_host_reads_wait(&r->host_ev);
 #endif
   _sc_drop(&r->pf_buf);
+  _sc_drop(&r->px_buf);
   for (int a = 0; a < 2; a++) sc_axis_plan_free(r->box_plan[a]);
   if (r->val && r->grad && r->grad_mine && r->aux) _sc_run_tile_release(r);
   AtenTensorHandle **arrays[] = HALO_ARRAYS(r);
