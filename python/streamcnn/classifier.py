@@ -14,7 +14,7 @@ output), ``head.pool`` the global pool ("max", as in the paper, or "avg"),
 """
 
 import re
-from typing import Optional, Sequence, Tuple, Union
+from typing import Callable, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -43,16 +43,55 @@ INCEPTIONS = ("inception_v3",)
 # MobileNetV2: inverted residuals (depthwise convolutions, ReLU6, adds)
 MOBILENETS = ("mobilenet_v2",)
 ARCHITECTURES = RESNETS + CONVNEXTS + DENSENETS + INCEPTIONS + MOBILENETS
-# stream_upto is a layer name for these, an int of features for the others
-NAMED_STAGES = RESNETS + DENSENETS + INCEPTIONS
-# the largest stream_upto of those with an int: the last index of features
-LAST_FEATURE = {**{a: 7 for a in CONVNEXTS}, **{a: 18 for a in MOBILENETS}}
 POOLS = ("max", "avg")
-# The default streamed part: everything before the last stage (stride 16), so
-# the head's body is the last stage on a 1/16 feature map.
-DEFAULT_STREAM_UPTO = {**{a: "layer3" for a in RESNETS}, **{a: 6 for a in CONVNEXTS},
-                       **{a: "denseblock3" for a in DENSENETS},
-                       **{a: "Mixed_6e" for a in INCEPTIONS}, **{a: 14 for a in MOBILENETS}}
+
+
+def _children_but(*names: str):
+    """The head's body: the split's rest without its pool / classifier."""
+    return lambda rest: nn.Sequential(*[m for n, m in rest.named_children()
+                                        if n not in names])
+
+
+class _Family(NamedTuple):
+    """How build_model splits a family of backbones: ``split`` (a
+    models.split_* function) gives the stem and the rest, ``body`` the
+    head's layers from the rest, ``parts`` (a models.*_parts function) the
+    stem's layers alone; ``default_upto`` is the last streamed layer when
+    none is given (the stage before the last: stride 16, the head's body
+    the last stage on a 1/16 feature map), ``stages`` what stream_upto
+    names: the layer names in words, or the last int of ``features``."""
+    archs: Tuple[str, ...]
+    split: Callable
+    parts: Callable
+    body: Callable[[nn.Module], nn.Module]
+    default_upto: Union[str, int]
+    stages: Union[str, int]
+
+
+_FAMILIES = (
+    _Family(RESNETS, split_resnet, models.resnet_parts,
+            _children_but("avgpool", "flatten", "fc"), "layer3",
+            "maxpool, layer1 .. layer4"),
+    # ConvNeXt's classifier is LayerNorm2d, Flatten, Linear: keep the norm
+    # in the body (per location, so the class map stays linear in it)
+    _Family(CONVNEXTS, split_convnext, models.convnext_parts,
+            lambda rest: nn.Sequential(rest.features, rest.classifier[0]), 6, 7),
+    _Family(DENSENETS, split_densenet, models.densenet_parts,
+            lambda rest: nn.Sequential(rest.features, rest.relu), "denseblock3",
+            "pool0, denseblock1, transition1 .. denseblock4"),
+    _Family(INCEPTIONS, split_inception, models.inception_parts,
+            _children_but("avgpool", "dropout", "flatten", "fc"), "Mixed_6e",
+            "maxpool1, Conv2d_3b_1x1 .. Mixed_7c"),
+    _Family(MOBILENETS, split_mobilenet, models.mobilenet_parts,
+            lambda rest: rest.features, 14, 18),
+)
+_FAMILY = {a: f for f in _FAMILIES for a in f.archs}
+assert set(_FAMILY) == set(ARCHITECTURES)
+# stream_upto is a layer name for these, an int of features for the others
+NAMED_STAGES = tuple(a for a in ARCHITECTURES if isinstance(_FAMILY[a].stages, str))
+# the largest stream_upto of those with an int: the last index of features
+LAST_FEATURE = {a: _FAMILY[a].stages for a in ARCHITECTURES if a not in NAMED_STAGES}
+DEFAULT_STREAM_UPTO = {a: _FAMILY[a].default_upto for a in ARCHITECTURES}
 
 
 class GlobalPool(nn.Module):
@@ -218,26 +257,9 @@ def build_model(arch: str, *, num_outputs: int = 2, stream_upto: Union[str, int,
                    deterministic=deterministic)
     if mean is not None or std is not None:
         options.update(mean=mean, std=std)
-    if arch in RESNETS:
-        stem, rest = split_resnet(backbone, upto, tile_size, **options)
-        body = nn.Sequential(*[m for n, m in rest.named_children()
-                               if n not in ("avgpool", "flatten", "fc")])
-    elif arch in DENSENETS:
-        stem, rest = split_densenet(backbone, upto, tile_size, **options)
-        body = nn.Sequential(rest.features, rest.relu)
-    elif arch in MOBILENETS:
-        stem, rest = split_mobilenet(backbone, upto, tile_size, **options)
-        body = rest.features
-    elif arch in INCEPTIONS:
-        stem, rest = split_inception(backbone, upto, tile_size, **options)
-        body = nn.Sequential(*[m for n, m in rest.named_children()
-                               if n not in ("avgpool", "dropout", "flatten", "fc")])
-    else:
-        stem, rest = split_convnext(backbone, upto, tile_size, **options)
-        # ConvNeXt's classifier is LayerNorm2d, Flatten, Linear: keep the norm
-        # in the body (per location, so the class map stays linear in it)
-        norm = rest.classifier[0]
-        body = nn.Sequential(rest.features, norm)
+    family = _FAMILY[arch]
+    stem, rest = family.split(backbone, upto, tile_size, **options)
+    body = family.body(rest)
     fc = nn.Linear(_channels(stem, body), num_outputs)
     return SlideClassifier(stem, Head(body, GlobalPool(head), fc))
 
@@ -249,11 +271,8 @@ def _stream_upto(arch: str, stream_upto: Union[str, int, None]) -> Union[str, in
     upto = DEFAULT_STREAM_UPTO[arch] if stream_upto is None else stream_upto
     if arch in NAMED_STAGES:
         if not isinstance(upto, str):
-            names = ("maxpool, layer1 .. layer4" if arch in RESNETS else
-                     "pool0, denseblock1, transition1 .. denseblock4" if arch in DENSENETS
-                     else "maxpool1, Conv2d_3b_1x1 .. Mixed_7c")
             raise ValueError(f"streamcnn: stream_upto for {arch} is a layer name "
-                             f"({names}), got {upto!r}")
+                             f"({_FAMILY[arch].stages}), got {upto!r}")
         return upto
     if isinstance(upto, str):
         try:
@@ -273,11 +292,7 @@ def default_tile_size(arch: str, stream_upto: Union[str, int, None] = None) -> i
     with torch.device("meta"):
         backbone = _backbone(arch)
     upto = _stream_upto(arch, stream_upto)
-    parts = (models.resnet_parts if arch in RESNETS else
-             models.densenet_parts if arch in DENSENETS else
-             models.inception_parts if arch in INCEPTIONS else
-             models.mobilenet_parts if arch in MOBILENETS else models.convnext_parts)
-    return max(models.default_tile_size(parts(backbone, upto)[0]))
+    return max(models.default_tile_size(_FAMILY[arch].parts(backbone, upto)[0]))
 
 
 def _channels(stem: StreamingModule, body: nn.Module) -> int:
