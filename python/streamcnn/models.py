@@ -3,12 +3,11 @@
 from collections import OrderedDict
 from typing import Any, List, Optional, Tuple
 
-import torch
 import torch.nn as nn
 
 from ._library import program_info
 from .budget import input_extent
-from .module import MIN_OUTPUT_TILE, StreamingModule, TileSize
+from .module import MIN_OUTPUT_TILE, StreamingModule, TileSize, per_channel_norm
 from .program import convert
 
 _RESNET_STAGES = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
@@ -220,17 +219,7 @@ def _fold_transform_input(mean, std) -> dict:
     """mean' / std' with (x - mean') / std' = ((x - mean) / std) * scale + shift
     per channel (torchvision Inception's transform_input after a given
     normalisation)."""
-    def per_channel(v, default):
-        try:
-            v = torch.as_tensor(default if v is None else v, dtype=torch.float64).flatten()
-        except (TypeError, ValueError, RuntimeError):
-            raise TypeError("streamcnn: mean and std must be numbers or sequences of "
-                            f"numbers, got {v!r}") from None
-        if v.numel() not in (1, 3):
-            raise ValueError(f"streamcnn: Inception-v3 takes 3-channel images; mean and std "
-                             f"need 1 or 3 values, got {v.numel()}")
-        return v.expand(3).tolist()
-    m, d = per_channel(mean, 0.0), per_channel(std, 1.0)
+    m, d = (t.tolist() for t in per_channel_norm(mean, std, 3))  # 3: RGB, as Inception takes
     return {"mean": [m[c] - _INCEPTION_SHIFT[c] * d[c] / _INCEPTION_SCALE[c] for c in range(3)],
             "std": [d[c] / _INCEPTION_SCALE[c] for c in range(3)]}
 

@@ -114,6 +114,29 @@ def _tile_pair(tile_size: TileSize) -> List[int]:
     return pair
 
 
+def per_channel_norm(mean, std, channels: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """mean and std (None: 0 and 1; a number or ``channels`` numbers) as two
+    float64 tensors of ``channels`` values; a TypeError or ValueError names
+    what is wrong."""
+    try:
+        m = torch.as_tensor(0.0 if mean is None else mean, dtype=torch.float64).flatten()
+        d = torch.as_tensor(1.0 if std is None else std, dtype=torch.float64).flatten()
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError("streamcnn: mean and std must be numbers or sequences of "
+                        f"numbers, got mean={mean!r}, std={std!r}") from None
+    if m.numel() == 1:
+        m = m.expand(channels)
+    if d.numel() == 1:
+        d = d.expand(channels)
+    if m.numel() != channels or d.numel() != channels:
+        raise ValueError(f"streamcnn: mean and std need 1 or {channels} values (one per "
+                         f"image channel), got {m.numel()} and {d.numel()}")
+    if not bool(torch.isfinite(m).all()) or not bool((d > 0).all()) \
+            or not bool(torch.isfinite(d).all()):
+        raise ValueError("streamcnn: mean must be finite and std finite and positive")
+    return m, d
+
+
 class StreamingModule(nn.Module):
     """Run ``module`` (a CNN stem) tile by tile, forward and backward, with
     outputs and gradients equal to ``module(x)`` on the whole image.
@@ -220,23 +243,7 @@ class StreamingModule(nn.Module):
         self.halo_cache: bool = bool(halo_cache)
         self.normalize: bool = mean is not None or std is not None
         if self.normalize:
-            c = info[0]
-            try:
-                m = torch.as_tensor(0.0 if mean is None else mean, dtype=torch.float64).flatten()
-                d = torch.as_tensor(1.0 if std is None else std, dtype=torch.float64).flatten()
-            except (TypeError, ValueError, RuntimeError):
-                raise TypeError("streamcnn: mean and std must be numbers or sequences of "
-                                f"numbers, got mean={mean!r}, std={std!r}") from None
-            if m.numel() == 1:
-                m = m.expand(c)
-            if d.numel() == 1:
-                d = d.expand(c)
-            if m.numel() != c or d.numel() != c:
-                raise ValueError(f"streamcnn: mean and std need 1 or {c} values (one per "
-                                 f"image channel), got {m.numel()} and {d.numel()}")
-            if not bool(torch.isfinite(m).all()) or not bool((d > 0).all()) \
-                    or not bool(torch.isfinite(d).all()):
-                raise ValueError("streamcnn: mean must be finite and std finite and positive")
+            m, d = per_channel_norm(mean, std, info[0])
             # the compute dtype's, but at least float32: the gather
             # normalises in float32 and rounds once (also after .half(),
             # see _apply)

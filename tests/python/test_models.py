@@ -159,7 +159,7 @@ def test_split_inception_bad_arguments():
         streamcnn.models.split_inception(model, stream_upto="AuxLogits")
     with pytest.raises(ValueError, match="not a torchvision Inception-v3"):
         streamcnn.models.split_inception(_resnet("resnet18"))
-    with pytest.raises(ValueError, match="need 1 or 3 values, got 2"):
+    with pytest.raises(ValueError, match="need 1 or 3 values .one per image channel., got 2 and 3"):
         streamcnn.models.split_inception(model, tile_size=1400, mean=(1.0, 2.0))
 
 
