@@ -8,16 +8,21 @@ FileNotFoundError whose message starts with ``streamcnn:``) print one line,
 ``streamcnn: <message>``, on stderr and exit with 2; a file that cannot be
 written (:class:`WriteError`: a full disk), or pixels that do not fit in
 memory (the library's MemoryError), print one line and exit with 1;
-Ctrl-C exits with 130.
+Ctrl-C exits with 130, SIGTERM (a batch scheduler's stop, ``kill``) the same
+way with 143.
 """
 
 import argparse
+import contextlib
 import importlib
+import signal
 import sys
+import threading
 import warnings
 from typing import List, Optional
 
-from .app.common import UsageError, WriteError, end_process, ends_without_finalization
+from .app.common import (Terminated, UsageError, WriteError, end_process,
+                         ends_without_finalization)
 from .app.config import ArgumentParser
 
 # name -> (module of streamcnn.app, one-line help)
@@ -56,10 +61,35 @@ def main(argv: Optional[List[str]] = None) -> int:
     (``argv`` None), a process that ran collectives (a ``torchrun`` rank of
     ``train``) ends here, without the interpreter's finalization
     (:func:`~streamcnn.app.common.end_process`)."""
-    code = _main(argv)
+    if argv is None:
+        with _sigterm_raises():
+            code = _main(argv)
+    else:
+        code = _main(argv)
     if argv is None and ends_without_finalization():
         end_process(code)
     return code
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """While the command runs, SIGTERM raises :class:`Terminated` (a
+    KeyboardInterrupt) in the main thread, so that it ends as on Ctrl-C:
+    its files are left whole (written atomically), and train names the
+    epoch last.pt holds, for --resume. A scheduler's SIGTERM before a kill
+    (Slurm's preemption) then says what was kept."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def raise_terminated(signum, frame):
+        raise Terminated()
+
+    old = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def _main(argv: Optional[List[str]]) -> int:
@@ -101,9 +131,10 @@ def _run(argv: Optional[List[str]]) -> int:
             raise
         print(f"streamcnn: {_message(e)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("streamcnn: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        terminated = isinstance(e, Terminated)
+        print(f"streamcnn: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+        return 143 if terminated else 130
     except SystemExit as e:             # --help, --version
         return e.code if isinstance(e.code, int) else 0
 

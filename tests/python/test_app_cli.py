@@ -448,7 +448,12 @@ def test_config_lists(tmp_path):
             read_config_file(str(y))
 
 
-def test_ctrl_c_keeps_last_checkpoint(slides, tmp_path, capsys):
+@pytest.mark.parametrize("sig, rc, said", [(signal.SIGINT, 130, "interrupted"),
+                                            (signal.SIGTERM, 143, "terminated")])
+def test_ctrl_c_keeps_last_checkpoint(slides, tmp_path, capsys, sig, rc, said):
+    """Ctrl-C, or SIGTERM (a batch scheduler stopping the job), during
+    epoch 2: one line says what last.pt holds, the checkpoint of epoch 1 is
+    whole, and --resume goes on from it."""
     out = tmp_path / "run"
     val = tmp_path / "val.csv"
     val.write_text(f"path,label\n{slides / 'val_0.svs'},0\n{slides / 'val_1.svs'},1\n")
@@ -466,13 +471,13 @@ def test_ctrl_c_keeps_last_checkpoint(slides, tmp_path, capsys):
             assert time.monotonic() - t0 < 300
             time.sleep(0.05)
         time.sleep(0.5)                            # into epoch 2 (4 steps of >= 0.5 s)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         stdout, stderr = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 130, (proc.returncode, stderr[-2000:])
-    assert "interrupted during epoch 2" in stderr and "holds epoch 1" in stderr
+    assert proc.returncode == rc, (proc.returncode, stderr[-2000:])
+    assert f"streamcnn: {said} during epoch 2; " in stderr and "holds epoch 1" in stderr
     ckpt = load_checkpoint(str(out / "last.pt"))
     assert ckpt["epoch"] == 1
     model, cfg = load_model(str(out / "last.pt"))
@@ -481,6 +486,33 @@ def test_ctrl_c_keeps_last_checkpoint(slides, tmp_path, capsys):
     # and the run goes on from there
     cli_here(capsys, *_train(slides, out, "--resume", val=val))
     assert [int(r["epoch"]) for r in _csv(out / "metrics.csv")] == [1, 2]
+
+
+def test_one_training_per_run_folder(slides, tmp_path, capsys):
+    """A second training into a run folder that one holds (started twice,
+    a requeued job while the first still runs) is refused before it
+    writes anything; the lock ends with the training that held it."""
+    from streamcnn.app.common import RunFolderBusy, lock_folder
+    out = tmp_path / "run"
+    out.mkdir()
+    fd = lock_folder(str(out))         # as a training in another process holds it
+    assert fd is not None
+    try:
+        res = cli_here(capsys, *_train(slides, out, "--epochs", "1"), check_rc=2)
+        assert "is in use by another streamcnn train" in res.stderr and str(out) in res.stderr
+        assert list(out.iterdir()) == []
+    finally:
+        os.close(fd)
+    cli_here(capsys, *_train(slides, out, "--epochs", "1"))
+    fd = lock_folder(str(out))         # released when that training ended
+    assert fd is not None
+    os.close(fd)
+    with pytest.raises(RunFolderBusy):
+        held = lock_folder(str(out))
+        try:
+            lock_folder(str(out))
+        finally:
+            os.close(held)
 
 
 @pytest.mark.parametrize("options, metric", [

@@ -22,6 +22,17 @@ class UsageError(Exception):
     line prints ``streamcnn: <message>`` on one line and exits with 2."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a batch scheduler stopping the job, ``kill``), raised in the
+    main thread while the command line runs: the command ends as on Ctrl-C
+    (``train`` says what ``last.pt`` holds), with exit status 143."""
+
+
+class RunFolderBusy(UsageError):
+    """Another process trains into the run folder (it holds the folder's
+    lock): refused before anything is written."""
+
+
 class SlideError(UsageError):
     """A slide that passed the checks before the run but fails when read
     (a damaged tile, a file removed or truncated since): the run stops with
@@ -576,6 +587,30 @@ def atomic_file(path: str):
             raise WriteError(f"streamcnn: cannot write {path} ({_strip(first_line(e, None))});"
                              " the file as it was is kept") from None
         raise
+
+
+def lock_folder(path: str) -> Optional[int]:
+    """An exclusive advisory lock (``flock``) on the folder ``path`` itself
+    (no file is added to it), held while the returned descriptor is open;
+    a process that ends, however it ends, releases it. RunFolderBusy when
+    another process holds it; None where the file system gives no such
+    lock (some network file systems): then there is none."""
+    import fcntl
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RunFolderBusy(f"run folder {path} is in use by another streamcnn train (it "
+                            "holds the folder's lock): wait for it to end, or give another "
+                            "--out") from None
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
 
 
 def write_atomic(path: str, data: bytes) -> None:

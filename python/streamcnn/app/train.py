@@ -44,11 +44,11 @@ import torch
 from . import checkpoint as ckpt_io
 from . import config as C
 from . import tile_parallel as TP
-from .common import (AMP_DTYPES, Dist, Slides, UsageError, autocast, class_weights,
-                     dist_from_env, group_ended, init_distributed, loss_of, metric,
-                     metric_name, peak_memory_mb, plot_roc, predict, read_slide_table,
-                     reset_peak_memory, resolve_device, save_figure, to_device, write_atomic,
-                     write_csv, write_predictions)
+from .common import (AMP_DTYPES, Dist, RunFolderBusy, Slides, Terminated, UsageError,
+                     autocast, class_weights, dist_from_env, group_ended, init_distributed,
+                     lock_folder, loss_of, metric, metric_name, peak_memory_mb, plot_roc,
+                     predict, read_slide_table, reset_peak_memory, resolve_device,
+                     save_figure, to_device, write_atomic, write_csv, write_predictions)
 
 RUN_FILES = ("config.yaml", "metrics.csv", "last.pt", "best.pt", "curves.png", "roc.png",
              "val_predictions.csv")
@@ -241,10 +241,13 @@ def run(args) -> int:
         grid = TP.make_grid(dist, n, device)
     else:
         init_distributed(dist, device)
+    held: List[int] = []    # the run folder's lock (lock_folder), released at the end
     try:
         return _train(cfg, ckpt, dist, device, quiet=args.quiet, resume=args.resume,
-                      overwrite=args.overwrite, grid=grid)
+                      overwrite=args.overwrite, grid=grid, held=held)
     finally:
+        for fd in held:
+            os.close(fd)
         if dist.enabled and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
             # objects that still reference a group (cycles) freed now, while
@@ -254,7 +257,9 @@ def run(args) -> int:
 
 
 def _train(cfg, ckpt, dist: Dist, device, quiet: bool, resume: bool, overwrite: bool,
-           grid: Optional[TP.Grid] = None) -> int:
+           grid: Optional[TP.Grid] = None, held: Optional[List[int]] = None) -> int:
+    """The training; ``held`` gets the descriptor of the run folder's lock
+    (rank 0), for the caller to close when it ends."""
     from tqdm import tqdm
     out, task = cfg["out"], cfg["task"]
     mname = metric_name(task, cfg["metric"])
@@ -324,8 +329,21 @@ def _train(cfg, ckpt, dist: Dist, device, quiet: bool, resume: bool, overwrite: 
             raise UsageError(str(e)) from None
     # every rank has checked everything before rank 0 writes anything
     dist.barrier()
+    busy = None
     if dist.main:
-        os.makedirs(out, exist_ok=True)
+        # one training at a time in a run folder: a second one (started
+        # twice, a requeued job while the first still runs) would write
+        # its checkpoints and metrics over the first's
+        try:
+            os.makedirs(out, exist_ok=True)
+            fd = lock_folder(out)
+            if fd is not None and held is not None:
+                held.append(fd)
+        except RunFolderBusy as e:
+            busy = e
+    if not dist.all_true(busy is None):
+        raise busy or RunFolderBusy(f"run folder {out} is in use by another training")
+    if dist.main:
         if overwrite:
             for f in _run_files(out):
                 os.unlink(os.path.join(out, f))
@@ -530,13 +548,15 @@ def _train(cfg, ckpt, dist: Dist, device, quiet: bool, resume: bool, overwrite: 
                     tqdm.write(f"streamcnn: early stop after epoch {epoch + 1}: {stale}",
                                file=sys.stderr)
                 break
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:          # Ctrl-C, or SIGTERM (Terminated)
+        terminated = isinstance(e, Terminated)
         if dist.main:
             done = rows[-1]["epoch"] if rows else 0
             held = (f"{out}/last.pt holds epoch {done}; continue with --resume" if done else
                     "no epoch finished, so there is no last.pt")
-            print(f"streamcnn: interrupted during epoch {epoch + 1}; {held}", file=sys.stderr)
-        return 130
+            print(f"streamcnn: {'terminated' if terminated else 'interrupted'} during epoch "
+                  f"{epoch + 1}; {held}", file=sys.stderr)
+        return 143 if terminated else 130
     finally:
         if writer is not None:
             writer.close()
