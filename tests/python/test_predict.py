@@ -308,7 +308,7 @@ def test_features_saved(data, tmp_path, layer):
     assert rc == 2
     rows = {r["slide"]: r for r in _rows(out)}
     assert rows["a"]["features"] == "a_features.pt" and rows["missing"]["status"] == "error"
-    assert sorted(os.listdir(out)) == ["a_features.pt", "predictions.csv"]
+    assert sorted(os.listdir(out)) == ["a_features.pt", "predict.json", "predictions.csv"]
     saved = torch.load(out / "a_features.pt")
     model, _ = load_model(data["ckpt"])
     with streamcnn.Slide(str(d / "a.svs")) as s:
@@ -331,3 +331,111 @@ def test_features_saved(data, tmp_path, layer):
     assert saved["stride"] == cone.stride and saved["center"] == cone.center
     assert saved["receptive_field"] == cone.receptive_field
     assert saved["layer"] == layer and saved["model"] == "resnet18"
+
+
+def test_interrupted_run_resumes(data, tmp_path, capsys, monkeypatch):
+    """Ctrl-C or SIGTERM in the middle of a slide: the slides done so far
+    are in predictions.partial.csv, the slide it was in has no files, and
+    --resume analyses only what is left (and slides that failed), to the
+    rows of an uninterrupted run."""
+    from streamcnn.app.common import Terminated
+    d = data["dir"]
+    slides = [d / "a.svs", d / "missing.svs", d / "b.svs", d / "blank.svs"]
+    whole = tmp_path / "whole"
+    assert predict.run(_args(data["ckpt"], *slides, "--out", whole, "--quiet")) == 2
+    real, calls = predict._predict_slide, []
+
+    def stop_at(k, exc):
+        def fake(path, name, *a, **kw):
+            calls.append(name)
+            if len(calls) == k:
+                open(os.path.join(a[2].out, name + "_cam.png"), "wb").close()  # half done
+                raise exc()
+            return real(path, name, *a, **kw)
+        return fake
+
+    def partial():
+        with open(out / "predictions.partial.csv", newline="") as f:
+            return [(r["slide"], r["status"]) for r in csv.DictReader(f)]
+
+    out = tmp_path / "out"
+    args = [data["ckpt"], *slides, "--out", out, "--quiet", "--resume"]
+    # Ctrl-C in b.svs (--resume without an earlier run: it starts)
+    monkeypatch.setattr(predict, "_predict_slide", stop_at(3, KeyboardInterrupt))
+    capsys.readouterr()
+    assert predict.run(_args(*args)) == 130
+    err = capsys.readouterr().err
+    assert "streamcnn: interrupted after 2 of 4 slides; " in err and "--resume" in err
+    assert calls == ["a", "missing", "b"]
+    assert partial() == [("a", "ok"), ("missing", "error")]
+    assert not (out / "predictions.csv").exists()
+    assert not (out / "b_cam.png").exists()              # the slide it was in
+    # SIGTERM in blank.svs: a.svs kept, missing.svs tried again
+    calls.clear()
+    monkeypatch.setattr(predict, "_predict_slide", stop_at(3, Terminated))
+    assert predict.run(_args(*args)) == 143
+    assert "streamcnn: terminated after 3 of 4 slides; " in capsys.readouterr().err
+    assert calls == ["missing", "b", "blank"]
+    assert partial() == [("a", "ok"), ("missing", "error"), ("b", "ok")]
+    calls.clear()
+    monkeypatch.setattr(predict, "_predict_slide", stop_at(99, None))
+    assert predict.run(_args(data["ckpt"], *slides, "--out", out, "--quiet", "--resume")) == 2
+    assert calls == ["missing", "blank"]       # the failed slide again, and the one left
+    assert not (out / "predictions.partial.csv").exists()
+    assert _rows(out) == _rows(whole)
+    for name in ("a", "b", "blank"):
+        for sfx in ("_cam.png", "_saliency.png", "_cam.tif"):
+            assert (out / f"{name}{sfx}").stat().st_size > 0
+    # a run that ended: --resume with one slide more analyses that one
+    calls.clear()
+    assert predict.run(_args(data["ckpt"], *slides, d / "coarse.svs", "--out", out,
+                             "--quiet", "--resume")) == 2
+    assert calls == ["missing", "coarse"]
+    # a file of a kept slide removed: that slide again
+    calls.clear()
+    (out / "b_cam.tif").unlink()
+    assert predict.run(_args(data["ckpt"], *slides, "--out", out, "--quiet",
+                             "--resume")) == 2
+    assert calls == ["missing", "b"] and (out / "b_cam.tif").exists()
+
+
+def test_resume_with_other_settings_refused(data, tmp_path, capsys):
+    d = data["dir"]
+    out = tmp_path / "out"
+    # --resume without an earlier run: it starts
+    assert predict.run(_args(data["ckpt"], d / "b.svs", "--out", out, "--quiet",
+                             "--heatmap", "cam", "--resume")) == 0
+    assert (out / "predict.json").exists()
+    for extra, said in ((["--heatmap", "both"], "heatmap: 'cam' then, 'both' now"),
+                        (["--heatmap", "cam", "--mpp", "2"], "mpp: 1.0 then, 2.0 now"),
+                        (["--heatmap", "cam", "--full-slide"], "full_slide")):
+        with pytest.raises(ValueError, match=re.escape(said)):
+            predict.run(_args(data["ckpt"], d / "b.svs", "--out", out, "--quiet",
+                              "--resume", *extra))
+    # another checkpoint at the same path (retrained) is other settings too
+    _checkpoint(tmp_path / "c2.pt")
+    with pytest.raises(ValueError, match="checkpoint: "):
+        predict.run(_args(tmp_path / "c2.pt", d / "b.svs", "--out", out, "--quiet",
+                          "--heatmap", "cam", "--resume"))
+    # the tile size only changes the speed
+    assert predict.run(_args(data["ckpt"], d / "b.svs", "--out", out, "--quiet",
+                             "--heatmap", "cam", "--resume", "--tile-size", "300")) == 0
+    # without --resume the folder's run is replaced, whatever its settings
+    assert predict.run(_args(data["ckpt"], d / "b.svs", "--out", out, "--quiet")) == 0
+    (out / "predict.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="is not what predict writes"):
+        predict.run(_args(data["ckpt"], d / "b.svs", "--out", out, "--quiet", "--resume"))
+
+
+def test_one_predict_per_output_folder(data, tmp_path):
+    from streamcnn.app.common import RunFolderBusy, lock_folder
+    out = tmp_path / "out"
+    out.mkdir()
+    fd = lock_folder(str(out))
+    try:
+        with pytest.raises(RunFolderBusy, match="output folder .* in use by another "
+                                                "streamcnn predict"):
+            predict.run(_args(data["ckpt"], data["dir"] / "b.svs", "--out", out, "--quiet"))
+    finally:
+        os.close(fd)
+    assert list(out.iterdir()) == []

@@ -29,8 +29,9 @@ class Terminated(KeyboardInterrupt):
 
 
 class RunFolderBusy(UsageError):
-    """Another process trains into the run folder (it holds the folder's
-    lock): refused before anything is written."""
+    """Another process trains into the run folder, or predicts into the
+    output folder (it holds the folder's lock, :func:`lock_folder`):
+    refused before anything is written."""
 
 
 class SlideError(UsageError):
@@ -589,7 +590,7 @@ def atomic_file(path: str):
         raise
 
 
-def lock_folder(path: str) -> Optional[int]:
+def lock_folder(path: str, command: str = "train") -> Optional[int]:
     """An exclusive advisory lock (``flock``) on the folder ``path`` itself
     (no file is added to it), held while the returned descriptor is open;
     a process that ends, however it ends, releases it. RunFolderBusy when
@@ -604,7 +605,8 @@ def lock_folder(path: str) -> Optional[int]:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise RunFolderBusy(f"run folder {path} is in use by another streamcnn train (it "
+        what = "run folder" if command == "train" else "output folder"
+        raise RunFolderBusy(f"{what} {path} is in use by another streamcnn {command} (it "
                             "holds the folder's lock): wait for it to end, or give another "
                             "--out") from None
     except OSError:

@@ -23,10 +23,20 @@ Errors that concern one slide (unreadable, an mpp it cannot provide) are
 reported and the other slides still processed; the exit code is then 2.
 A slide without tissue gets a score (of its centre) and empty maps, with
 a warning.
+
+While it runs, ``DIR/predictions.partial.csv`` holds the rows of the
+slides done so far (rewritten whole after each); at the end it becomes
+``DIR/predictions.csv``. A run stopped (Ctrl-C, SIGTERM, a crash) keeps
+it, and the same command with ``--resume`` takes the rows of the slides
+that worked (whose files are all there) and analyses the rest; the
+settings that change the outputs (``DIR/predict.json``) must be
+the same.
 """
 
 import argparse
+import csv
 import ctypes
+import json
 import math
 import os
 import sys
@@ -39,7 +49,8 @@ import torch
 from .. import heatmaps as hm
 from ..slide import Slide
 from .checkpoint import load_model
-from .common import UsageError, atomic_file, read_table, save_figure, write_csv
+from .common import (Terminated, UsageError, atomic_file, lock_folder, read_table, save_figure,
+                     write_atomic, write_csv)
 from .config import parse_classes
 
 HEATMAPS = ("saliency", "cam", "both", "none")
@@ -48,6 +59,8 @@ HEATMAPS = ("saliency", "cam", "both", "none")
 MMAP_THRESHOLD = 1 << 20
 MPP_TOLERANCE = 0.05
 OUTPUTS = ("_saliency.png", "_cam.png", "_cam.tif", "_features.pt")
+PARTIAL = "predictions.partial.csv"
+SETTINGS = "predict.json"
 FEATURES = ("stem", "body")
 
 
@@ -89,6 +102,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "NAME_features.pt")
     p.add_argument("--png-size", type=int, default=1024, metavar="PX",
                    help="longest side of the PNG overlays' thumbnail (default 1024)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a run into --out that stopped: keep the rows of the "
+                        "slides that worked (their files all there) and analyse the rest "
+                        "(the same checkpoint and settings; without an earlier run, start)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -553,27 +570,133 @@ def run(args) -> int:
     if args.image_size and args.image_size < min_size:
         raise ValueError(f"streamcnn: --image-size {args.image_size} is smaller than the "
                          f"{min_size} x {min_size} pixels the model takes")
+    settings = _settings(args, config, heat)
     _check_out_dir(args.out)            # after every check: a refused run writes nothing
+    lock = lock_folder(args.out, "predict")
+    try:
+        return _predict_all(args, items, model, config, heat, settings, min_size)
+    finally:
+        if lock is not None:
+            os.close(lock)
+
+
+def _predict_all(args, items, model, config, heat: str, settings: Dict, min_size: int) -> int:
+    """The slides of ``items`` into ``args.out`` (its lock held)."""
     for p in model.parameters():
         p.requires_grad_(False)
     want_sal, want_cam = heat in ("saliency", "both"), heat in ("cam", "both")
+    wanted = [sfx for sfx, want in (("_saliency.png", want_sal), ("_cam.png", want_cam),
+                                    ("_cam.tif", want_cam), ("_features.pt", args.features))
+              if want]
+    done = _resumable(args.out, settings, wanted) if args.resume else {}
+    write_atomic(os.path.join(args.out, SETTINGS),
+                 json.dumps(settings, indent=1, sort_keys=True).encode())
+    partial = os.path.join(args.out, PARTIAL)
     bars = _Bars(args.quiet)
-    rows, failed, taken = [], 0, {}
-    for path, row_mpp in bars.slides(items):
-        name = _slide_name(path, taken)
-        try:
-            rows.append(_predict_slide(path, name, model, config, args, want_sal, want_cam,
-                                       bars, row_mpp, min_size))
-        except (ValueError, FileNotFoundError, RuntimeError, OSError, MemoryError) as e:
-            failed += 1
-            msg = str(e) if str(e).startswith("streamcnn:") else f"streamcnn: {path}: {e}"
-            for suffix in OUTPUTS:   # no partial set of maps for a failed slide
-                _unlink(os.path.join(args.out, name + suffix))
-            bars.write(msg)
-            rows.append({"slide": name, "path": path, "status": "error", "message": msg})
-    _write_csv(os.path.join(args.out, "predictions.csv"), rows)
+    rows, failed, taken, kept = [], 0, {}, 0
+    name = None
+    try:
+        for path, row_mpp in bars.slides(items):
+            name = _slide_name(path, taken)
+            if (path, name) in done:        # --resume: this slide worked before
+                rows.append(done[path, name])
+                kept += 1
+                name = None
+                continue
+            try:
+                rows.append(_predict_slide(path, name, model, config, args, want_sal,
+                                           want_cam, bars, row_mpp, min_size))
+            except (ValueError, FileNotFoundError, RuntimeError, OSError, MemoryError) as e:
+                failed += 1
+                msg = str(e) if str(e).startswith("streamcnn: ") else f"streamcnn: {path}: {e}"
+                _unlink_outputs(args.out, name)  # no partial set of maps for a failed slide
+                bars.write(msg)
+                rows.append({"slide": name, "path": path, "status": "error", "message": msg})
+            name = None
+            _write_csv(partial, rows)
+    except KeyboardInterrupt as e:          # Ctrl-C, or SIGTERM (Terminated)
+        if name is not None:
+            _unlink_outputs(args.out, name)  # the slide it was in the middle of
+        if rows:
+            _write_csv(partial, rows)       # (if it stopped while writing it)
+        word = "terminated" if isinstance(e, Terminated) else "interrupted"
+        held = (f"{partial} holds the {len(rows)} done; continue with --resume" if rows else
+                "no slide was done")
+        print(f"streamcnn: {word} after {len(rows)} of {len(items)} slides; {held}",
+              file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
+    final = os.path.join(args.out, "predictions.csv")
+    _write_csv(final, rows)
+    _unlink(partial)
     if not args.quiet:
-        bars.write(f"streamcnn predict: {len(rows) - failed} of {len(rows)} slides -> "
-                   f"{os.path.join(args.out, 'predictions.csv')}")
+        again = f" ({kept} kept from the earlier run)" if kept else ""
+        bars.write(f"streamcnn predict: {len(rows) - failed} of {len(rows)} slides{again} -> "
+                   f"{final}")
     blank = sum(r.get("status") == "blank" for r in rows)
     return 2 if failed or blank else 0
+
+
+def _unlink_outputs(out: str, name: str) -> None:
+    for suffix in OUTPUTS:
+        _unlink(os.path.join(out, name + suffix))
+
+
+def _settings(args, config: Dict, heat: str) -> Dict:
+    """What makes a slide's outputs what they are, beside the slide: the
+    checkpoint (its file: path, size, modification time) and the options
+    (the tile size and the device only change the speed). --resume needs
+    them equal."""
+    ck = os.path.abspath(args.checkpoint)
+    st = os.stat(ck)
+    return {"checkpoint": ck, "checkpoint_size": st.st_size,
+            "checkpoint_mtime_ns": st.st_mtime_ns,
+            "image_size": None if args.full_slide else
+            (args.image_size or int(config.get("image_size") or 0)),
+            "full_slide": bool(args.full_slide),
+            "mpp": args.mpp if args.mpp is not None else config.get("mpp"),
+            "slide_mpp": args.slide_mpp if args.slide_mpp is not None
+            else config.get("slide_mpp"),
+            "heatmap": heat, "target": args.target, "features": args.features,
+            "png_size": args.png_size}
+
+
+def _resumable(out: str, settings: Dict, wanted: List[str]) -> Dict[Tuple[str, str], Dict]:
+    """--resume: the rows of an earlier run into ``out`` of the slides that
+    worked (status ok or blank) and whose ``wanted`` files are all there,
+    by (path, name); {} when there was no earlier run. Other settings than
+    the earlier run's are refused (ValueError naming them)."""
+    sfile = os.path.join(out, SETTINGS)
+    if not os.path.exists(sfile):
+        return {}
+    try:
+        with open(sfile) as f:
+            before = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"streamcnn: --resume: cannot read {sfile}: {e}") from None
+    if not isinstance(before, dict):
+        raise ValueError(f"streamcnn: --resume: {sfile} is not what predict writes")
+    differ = [k for k in sorted(set(settings) | set(before))
+              if settings.get(k) != before.get(k)]
+    if differ:
+        said = "; ".join(f"{k}: {before.get(k)!r} then, {settings.get(k)!r} now"
+                         for k in differ)
+        raise ValueError(f"streamcnn: --resume: the run in {out} had other settings ({said}); "
+                         "give the same, or another --out")
+    # the stopped run's rows, or those of a run that ended (more slides now)
+    tables = [os.path.join(out, f) for f in (PARTIAL, "predictions.csv")]
+    table = next((t for t in tables if os.path.exists(t)), None)
+    if table is None:
+        return {}
+    try:
+        with open(table, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise ValueError(f"streamcnn: --resume: cannot read {table}: {e}") from None
+    done = {}
+    for r in rows:
+        path, name = r.get("path"), r.get("slide")
+        if r.get("status") not in ("ok", "blank") or not path or not name:
+            continue
+        if all(os.path.exists(os.path.join(out, name + sfx)) for sfx in wanted):
+            done[path, name] = r
+    return done
