@@ -620,7 +620,7 @@ def _predict_all(args, items, model, config, heat: str, settings: Dict, min_size
         if rows:
             _write_csv(partial, rows)       # (if it stopped while writing it)
         word = "terminated" if isinstance(e, Terminated) else "interrupted"
-        held = (f"{partial} holds the {len(rows)} done; continue with --resume" if rows else
+        held = (f"{partial} holds their rows; continue with --resume" if rows else
                 "no slide was done")
         print(f"streamcnn: {word} after {len(rows)} of {len(items)} slides; {held}",
               file=sys.stderr)
