@@ -14,12 +14,13 @@ import datetime
 import hashlib
 import math
 import os
+import signal
 import sys
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from .common import Dist, UsageError, end_process
+from .common import Dist, Terminated, UsageError, end_process
 
 def dist_timeout() -> datetime.timedelta:
     """The bound on every collective's wait in a tile-parallel run:
@@ -99,10 +100,17 @@ def spawn(args, n: int) -> int:
     try:
         while not procs.join():
             pass
-    except KeyboardInterrupt:                 # the ranks got SIGINT too: let them end
+    except KeyboardInterrupt as e:
+        # on Ctrl-C the ranks got SIGINT too; a SIGTERM to this process is
+        # passed on to them as SIGINT, so that they end as on Ctrl-C (rank 0
+        # says what last.pt holds)
+        if isinstance(e, Terminated):
+            for p in procs.processes:
+                if p.is_alive():
+                    os.kill(p.pid, signal.SIGINT)
         for p in procs.processes:
             p.join()
-        return 130
+        return 143 if isinstance(e, Terminated) else 130
     except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
         if not errors.empty():
             print(f"streamcnn: {errors.get()[1]}", file=sys.stderr)
