@@ -338,6 +338,35 @@ def test_tile_parallel_error_in_the_ranks(slides, tmp_path):
     assert not out.exists()
 
 
+def test_tile_parallel_sigterm(slides, tmp_path):
+    """SIGTERM to the command that spawned the tile-parallel ranks (a
+    scheduler stopping the job) ends the ranks as Ctrl-C does: rank 0 says
+    what last.pt holds, exit 143, at once (before, the command waited for
+    ranks that never got the signal)."""
+    out = tmp_path / "run"
+    val = tmp_path / "val.csv"
+    val.write_text(f"path,label\n{slides / 'val_0.svs'},0\n{slides / 'val_1.svs'},1\n")
+    args = _train(slides, out, "--epochs", "50", "--batch-size", "1", "--tile-parallel", "2",
+                  val=val)
+    proc = subprocess.Popen([str(STREAMCNN), *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        t0 = time.monotonic()
+        while not (out / "metrics.csv").exists():    # epoch 1 ended
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() - t0 < 300
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, (proc.returncode, stderr[-2000:])
+    assert "streamcnn: interrupted during epoch " in stderr and "continue with --resume" \
+        in stderr, stderr[-2000:]
+    assert load_checkpoint(str(out / "last.pt"))["epoch"] >= 1
+
+
 def test_bad_run_folder(synth_set, run_dir, tmp_path, capsys):
     slides = synth_set
     before = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()}
