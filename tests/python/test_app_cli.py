@@ -477,21 +477,26 @@ def test_config_lists(tmp_path):
             read_config_file(str(y))
 
 
-@pytest.mark.parametrize("sig, rc, said", [(signal.SIGINT, 130, "interrupted"),
-                                            (signal.SIGTERM, 143, "terminated")])
-def test_ctrl_c_keeps_last_checkpoint(slides, tmp_path, capsys, sig, rc, said):
+@pytest.mark.parametrize("sig, rc, said, group", [
+    (signal.SIGINT, 130, "interrupted", False),
+    (signal.SIGTERM, 143, "terminated", False),
+    # Slurm stopping a job step: SIGTERM to every process of it, the
+    # DataLoader workers too (they leave it to the main process)
+    (signal.SIGTERM, 143, "terminated", True)])
+def test_ctrl_c_keeps_last_checkpoint(slides, tmp_path, capsys, sig, rc, said, group):
     """Ctrl-C, or SIGTERM (a batch scheduler stopping the job), during
     epoch 2: one line says what last.pt holds, the checkpoint of epoch 1 is
     whole, and --resume goes on from it."""
     out = tmp_path / "run"
     val = tmp_path / "val.csv"
     val.write_text(f"path,label\n{slides / 'val_0.svs'},0\n{slides / 'val_1.svs'},1\n")
-    args = _train(slides, out, "--epochs", "2", "--batch-size", "1", val=val)
+    args = _train(slides, out, "--epochs", "2", "--batch-size", "1",
+                  *(["--workers", "2"] if group else []), val=val)
     # SIGINT back to its default in the child: a test run started in the
     # background (`make test &`) ignores SIGINT, the child would inherit
     # that, and Python installs its KeyboardInterrupt handler only over SIG_DFL
     proc = subprocess.Popen([str(STREAMCNN), *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True,
+                            stderr=subprocess.PIPE, text=True, start_new_session=group,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         t0 = time.monotonic()
@@ -500,7 +505,10 @@ def test_ctrl_c_keeps_last_checkpoint(slides, tmp_path, capsys, sig, rc, said):
             assert time.monotonic() - t0 < 300
             time.sleep(0.05)
         time.sleep(0.5)                            # into epoch 2 (4 steps of >= 0.5 s)
-        proc.send_signal(sig)
+        if group:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
         stdout, stderr = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:

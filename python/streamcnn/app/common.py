@@ -519,6 +519,19 @@ def metric_interval(labels: Sequence[float], scores: Sequence, task: str,
 
 
 @torch.no_grad()
+def worker_ignores_sigterm(worker_id: int) -> None:
+    """``worker_init_fn`` of the commands' DataLoaders: a SIGTERM sent to
+    the whole process group (Slurm stopping a job step) is left to the
+    main process, which ends the command as on Ctrl-C (:class:`Terminated`)
+    and stops its workers, as DataLoader workers leave SIGINT to it.
+    Without this a worker could die of it first, and the main process
+    would fail with "DataLoader worker ... is killed by signal" instead. A
+    worker still ends with its main process (DataLoader's watchdog) and on
+    SIGKILL."""
+    import signal
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def predict(model: torch.nn.Module, data: "Slides", device: torch.device, task: str,
             amp: str = "off", dist: Dist = Dist(), workers: int = 0, progress: bool = True,
             desc: str = "evaluate") -> Tuple[List[int], List[Any], float]:
@@ -528,7 +541,8 @@ def predict(model: torch.nn.Module, data: "Slides", device: torch.device, task: 
     from tqdm import tqdm
     mine = list(range(dist.rank, len(data), dist.world))
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(data, mine), batch_size=1,
-                                         num_workers=workers)
+                                         num_workers=workers,
+                                         worker_init_fn=worker_ignores_sigterm)
     was = model.training
     model.eval()
     out: List[Tuple[int, float, float]] = []
@@ -536,7 +550,9 @@ def predict(model: torch.nn.Module, data: "Slides", device: torch.device, task: 
         for img, label, index in tqdm(loader, desc=desc, unit="slide", leave=False,
                                       disable=not progress, dynamic_ncols=True):
             img, label = to_device(img, device), label.to(device)
-            with autocast(device, amp):
+            # no graph: the stem streams without keeping its halos for a
+            # backward, and the head's activations are freed as it goes
+            with torch.no_grad(), autocast(device, amp):
                 y = model(img)
             score = score_of(y, task)[0]
             out.append((int(index), score.item() if score.dim() == 0 else score.tolist(),

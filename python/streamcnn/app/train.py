@@ -48,7 +48,8 @@ from .common import (AMP_DTYPES, Dist, RunFolderBusy, Slides, Terminated, UsageE
                      autocast, class_weights, dist_from_env, group_ended, init_distributed,
                      lock_folder, loss_of, metric, metric_name, peak_memory_mb, plot_roc,
                      predict, read_slide_table, reset_peak_memory, resolve_device,
-                     save_figure, to_device, write_atomic, write_csv, write_predictions)
+                     save_figure, to_device, worker_ignores_sigterm, write_atomic, write_csv,
+                     write_predictions)
 
 RUN_FILES = ("config.yaml", "metrics.csv", "last.pt", "best.pt", "curves.png", "roc.png",
              "val_predictions.csv")
@@ -378,7 +379,8 @@ def _train(cfg, ckpt, dist: Dist, device, quiet: bool, resume: bool, overwrite: 
                                                   rank=replicas.rank, shuffle=True,
                                                   seed=cfg["seed"], drop_last=False)
     loader = torch.utils.data.DataLoader(train_ds, batch_size=1, sampler=sampler,
-                                         num_workers=cfg["workers"])
+                                         num_workers=cfg["workers"],
+                                         worker_init_fn=worker_ignores_sigterm)
     per_rank = cfg["batch_size"] // replicas.world
     n_local = len(sampler)
     steps_per_epoch = math.ceil(n_local / per_rank)
