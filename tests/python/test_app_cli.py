@@ -362,9 +362,51 @@ def test_tile_parallel_sigterm(slides, tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 143, (proc.returncode, stderr[-2000:])
-    assert "streamcnn: interrupted during epoch " in stderr and "continue with --resume" \
-        in stderr, stderr[-2000:]
+    # rank 0 says which epoch last.pt holds, or, when the stop reached it
+    # outside the epochs' loop (in the epoch's end: plots, a barrier),
+    # that it holds the last finished one
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr[-3000:]
+    assert lines[0].startswith("streamcnn: interrupted") and "continue with --resume" \
+        in lines[0], lines
     assert load_checkpoint(str(out / "last.pt"))["epoch"] >= 1
+
+
+def _rank_ends_on_sigint(code):
+    try:
+        time.sleep(60)
+    except KeyboardInterrupt:
+        os._exit(code)
+
+
+def _rank_stuck():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)      # as inside a long C call
+    time.sleep(60)
+
+
+def test_stop_ranks_kills_a_stuck_rank(capsys):
+    """After SIGTERM the ranks get SIGINT; one that does not end within the
+    grace time is killed, and the command says so itself when rank 0 did
+    not (its exit status is not 130)."""
+    import multiprocessing as mp
+    from streamcnn.app.tile_parallel import stop_ranks
+    ctx = mp.get_context("fork")
+    ranks = [ctx.Process(target=_rank_ends_on_sigint, args=(130,)),
+             ctx.Process(target=_rank_stuck)]
+    for p in ranks:
+        p.start()
+    time.sleep(0.5)
+    t0 = time.monotonic()
+    assert stop_ranks(ranks, terminated=True, grace=2.0) == 143
+    assert 1.5 < time.monotonic() - t0 < 30
+    assert ranks[0].exitcode == 130 and ranks[1].exitcode == -signal.SIGKILL
+    assert capsys.readouterr().err == ""                # rank 0 said where the run is
+    ranks = [ctx.Process(target=_rank_stuck)]
+    ranks[0].start()
+    time.sleep(0.5)
+    assert stop_ranks(ranks, terminated=False, grace=0.5) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("streamcnn: interrupted: the ranks were stopped") and "--resume" in err
 
 
 def test_bad_run_folder(synth_set, run_dir, tmp_path, capsys):

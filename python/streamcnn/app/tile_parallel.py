@@ -22,6 +22,15 @@ import torch
 
 from .common import Dist, Terminated, UsageError, end_process
 
+# what a stopped tile-parallel run says of its checkpoint when rank 0 could
+# not say which epoch (the stop came outside the epochs' loop)
+STOPPED = ("the run folder's last.pt, if an epoch finished, holds the last one: "
+           "continue with --resume")
+# seconds the ranks have to end after Ctrl-C / SIGTERM before they are
+# killed (Slurm sends SIGKILL 30 s after its SIGTERM)
+STOP_GRACE = 20.0
+
+
 def dist_timeout() -> datetime.timedelta:
     """The bound on every collective's wait in a tile-parallel run:
     ``STREAMCNN_DIST_TIMEOUT`` seconds (default 1800)."""
@@ -71,6 +80,13 @@ def _spawned(rank: int, args, n: int, port: int, errors) -> None:
         torch.set_num_threads(max(1, cores // n))
     from ..cli import _message
     from .train import run
+    stopping = []                     # SIGINT came (Ctrl-C, or stop_ranks)
+
+    def on_sigint(signum, frame):
+        stopping.append(signum)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_sigint)
     try:
         code = run(args)
     except UsageError as e:
@@ -81,7 +97,14 @@ def _spawned(rank: int, args, n: int, port: int, errors) -> None:
             raise
         errors.put((rank, _message(e)))
         end_process(2)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, RuntimeError) as e:
+        # the stop reached this rank outside the epochs' loop (which says
+        # which epoch last.pt holds), or a collective failed because
+        # another rank had already stopped
+        if isinstance(e, RuntimeError) and not stopping:
+            raise
+        if rank == 0:
+            print(f"streamcnn: interrupted; {STOPPED}", file=sys.stderr)
         end_process(130)
     end_process(int(code or 0))
 
@@ -101,16 +124,7 @@ def spawn(args, n: int) -> int:
         while not procs.join():
             pass
     except KeyboardInterrupt as e:
-        # on Ctrl-C the ranks got SIGINT too; a SIGTERM to this process is
-        # passed on to them as SIGINT, so that they end as on Ctrl-C (rank 0
-        # says what last.pt holds)
-        if isinstance(e, Terminated):
-            for p in procs.processes:
-                if p.is_alive():
-                    os.kill(p.pid, signal.SIGINT)
-        for p in procs.processes:
-            p.join()
-        return 143 if isinstance(e, Terminated) else 130
+        return stop_ranks(procs.processes, isinstance(e, Terminated))
     except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
         if not errors.empty():
             print(f"streamcnn: {errors.get()[1]}", file=sys.stderr)
@@ -122,6 +136,36 @@ def spawn(args, n: int) -> int:
               f"{str(e).strip()}", file=sys.stderr)
         return 1
     return 0
+
+
+def stop_ranks(processes, terminated: bool, grace: float = STOP_GRACE) -> int:
+    """After Ctrl-C or SIGTERM in the command that spawned the ranks
+    (``processes``, in rank order): they end as on Ctrl-C -- each gets
+    SIGINT (on Ctrl-C from the terminal already; a SIGTERM to this process
+    is passed on as SIGINT) and rank 0 says which epoch last.pt holds. A
+    rank still running after ``grace`` seconds (inside a long operator
+    call, or waiting in a collective for a rank that left) is killed, as
+    is every rank on a second Ctrl-C; checkpoints are written atomically,
+    so a kill leaves the last one whole. Returns 143 (SIGTERM) or 130."""
+    import time
+    if terminated:
+        for p in processes:
+            if p.is_alive():
+                os.kill(p.pid, signal.SIGINT)
+    deadline = time.monotonic() + grace
+    try:
+        for p in processes:
+            p.join(max(0.0, deadline - time.monotonic()))
+    except KeyboardInterrupt:            # a second Ctrl-C: at once
+        pass
+    for p in processes:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    if processes and processes[0].exitcode != 130:  # rank 0 did not say it
+        print(f"streamcnn: {'terminated' if terminated else 'interrupted'}: the ranks were "
+              f"stopped; {STOPPED}", file=sys.stderr)
+    return 143 if terminated else 130
 
 
 def backend(device: torch.device, dist: Dist) -> str:

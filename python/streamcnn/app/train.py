@@ -556,8 +556,10 @@ def _train(cfg, ckpt, dist: Dist, device, quiet: bool, resume: bool, overwrite: 
             done = rows[-1]["epoch"] if rows else 0
             held = (f"{out}/last.pt holds epoch {done}; continue with --resume" if done else
                     "no epoch finished, so there is no last.pt")
-            print(f"streamcnn: {'terminated' if terminated else 'interrupted'} during epoch "
-                  f"{epoch + 1}; {held}", file=sys.stderr)
+            # (at an epoch's end, after its checkpoint: that epoch is done)
+            when = f"after epoch {done}" if done == epoch + 1 else f"during epoch {epoch + 1}"
+            print(f"streamcnn: {'terminated' if terminated else 'interrupted'} {when}; {held}",
+                  file=sys.stderr)
         return 143 if terminated else 130
     finally:
         if writer is not None:
