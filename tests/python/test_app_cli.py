@@ -372,15 +372,20 @@ def test_tile_parallel_sigterm(slides, tmp_path):
     assert load_checkpoint(str(out / "last.pt"))["epoch"] >= 1
 
 
-def _rank_ends_on_sigint(code):
+def _rank_ends_on_sigint(code, ready):
+    # (pytest started in the background ignores SIGINT, and a forked child
+    # inherits that: as _spawned, the rank installs its own handler)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    ready.set()
     try:
         time.sleep(60)
     except KeyboardInterrupt:
         os._exit(code)
 
 
-def _rank_stuck():
+def _rank_stuck(ready):
     signal.signal(signal.SIGINT, signal.SIG_IGN)      # as inside a long C call
+    ready.set()
     time.sleep(60)
 
 
@@ -391,19 +396,23 @@ def test_stop_ranks_kills_a_stuck_rank(capsys):
     import multiprocessing as mp
     from streamcnn.app.tile_parallel import stop_ranks
     ctx = mp.get_context("fork")
-    ranks = [ctx.Process(target=_rank_ends_on_sigint, args=(130,)),
-             ctx.Process(target=_rank_stuck)]
-    for p in ranks:
-        p.start()
-    time.sleep(0.5)
+
+    def start(*targets):
+        ranks = []
+        for target, args in targets:
+            ready = ctx.Event()
+            ranks.append(ctx.Process(target=target, args=(*args, ready)))
+            ranks[-1].start()
+            assert ready.wait(60)
+        return ranks
+
+    ranks = start((_rank_ends_on_sigint, (130,)), (_rank_stuck, ()))
     t0 = time.monotonic()
     assert stop_ranks(ranks, terminated=True, grace=2.0) == 143
     assert 1.5 < time.monotonic() - t0 < 30
     assert ranks[0].exitcode == 130 and ranks[1].exitcode == -signal.SIGKILL
     assert capsys.readouterr().err == ""                # rank 0 said where the run is
-    ranks = [ctx.Process(target=_rank_stuck)]
-    ranks[0].start()
-    time.sleep(0.5)
+    ranks = start((_rank_stuck, ()))
     assert stop_ranks(ranks, terminated=False, grace=0.5) == 130
     err = capsys.readouterr().err
     assert err.startswith("streamcnn: interrupted: the ranks were stopped") and "--resume" in err
