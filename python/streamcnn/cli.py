@@ -22,7 +22,8 @@ import warnings
 from typing import List, Optional
 
 from .app.common import (Terminated, UsageError, WriteError, end_process,
-                         ends_without_finalization)
+                         ends_without_finalization, request_stop, stop_requested,
+                         stopped_by)
 from .app.config import ArgumentParser
 
 # name -> (module of streamcnn.app, one-line help)
@@ -62,7 +63,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ``train``) ends here, without the interpreter's finalization
     (:func:`~streamcnn.app.common.end_process`)."""
     if argv is None:
-        with _sigterm_raises():
+        with _stop_signals():
             code = _main(argv)
     else:
         code = _main(argv)
@@ -72,24 +73,46 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 @contextlib.contextmanager
-def _sigterm_raises():
+def _stop_signals():
     """While the command runs, SIGTERM raises :class:`Terminated` (a
     KeyboardInterrupt) in the main thread, so that it ends as on Ctrl-C:
     its files are left whole (written atomically), and train names the
     epoch last.pt holds, for --resume. A scheduler's SIGTERM before a kill
-    (Slurm's preemption) then says what was kept."""
+    (Slurm's preemption) then says what was kept. Both signals (SIGINT
+    unless it is ignored, as in a background job) are recorded too, for
+    :func:`~streamcnn.app.common.check_stop`."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
-    def raise_terminated(signum, frame):
-        raise Terminated()
+    def on_stop(signum, frame):
+        request_stop(signum)
+        # a DataLoader worker the same SIGTERM killed is no error of its own
+        # (torch's SIGCHLD handler would raise one, maybe while this stop is
+        # being handled); a handler, not SIG_DFL: a SIGCHLD already pending
+        # would be "ignored due to race condition", an OSError
+        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+        raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
-    old = signal.signal(signal.SIGTERM, raise_terminated)
+    def unraisable(u):
+        # the stop raised where Python cannot propagate it (an at-fork or
+        # finalizer callback) is dropped, not printed: check_stop raises it
+        # again at the commands' next step
+        if isinstance(u.exc_value, KeyboardInterrupt) and stop_requested() is not None:
+            return
+        hook(u)
+
+    hook = sys.unraisablehook
+    sys.unraisablehook = unraisable
+    old = {signal.SIGTERM: signal.signal(signal.SIGTERM, on_stop)}
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        old[signal.SIGINT] = signal.signal(signal.SIGINT, on_stop)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, old)
+        for signum, handler in old.items():
+            signal.signal(signum, handler)
+        sys.unraisablehook = hook
 
 
 def _main(argv: Optional[List[str]]) -> int:
@@ -131,8 +154,13 @@ def _run(argv: Optional[List[str]]) -> int:
             raise
         print(f"streamcnn: {_message(e)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as e:
-        terminated = isinstance(e, Terminated)
+    except (KeyboardInterrupt, RuntimeError) as e:
+        # (a RuntimeError: what a stop became inside torch's code, or a
+        # DataLoader worker the SIGTERM reached first)
+        sig = stopped_by(e)
+        if sig is None:
+            raise
+        terminated = sig == signal.SIGTERM
         print(f"streamcnn: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
         return 143 if terminated else 130
     except SystemExit as e:             # --help, --version

@@ -28,6 +28,46 @@ class Terminated(KeyboardInterrupt):
     (``train`` says what ``last.pt`` holds), with exit status 143."""
 
 
+# the signals (SIGINT, SIGTERM) that asked this command to stop, in order
+# (the command line's handlers add them; see check_stop)
+_STOPS: List[int] = []
+
+
+def request_stop(signum: int) -> None:
+    """Record that ``signum`` asked this process to stop."""
+    _STOPS.append(signum)
+
+
+def stop_requested() -> Optional[int]:
+    """The last signal that asked this process to stop, or None."""
+    return _STOPS[-1] if _STOPS else None
+
+
+def check_stop() -> None:
+    """Raise the stop a signal asked for, if any (:class:`Terminated` for
+    SIGTERM, KeyboardInterrupt for SIGINT). The handlers raise it at once,
+    but Python drops an exception raised where it cannot propagate (an
+    at-fork or finalizer callback: "Exception ignored in ..."); the loops
+    of the commands call this at each step, so no stop is lost."""
+    if _STOPS:
+        import signal
+        raise Terminated() if _STOPS[-1] == signal.SIGTERM else KeyboardInterrupt()
+
+
+def stopped_by(e: BaseException) -> Optional[int]:
+    """The signal ``e`` stands for: SIGTERM for :class:`Terminated` and a
+    DataLoader worker :func:`killed_by_sigterm`, SIGINT for Ctrl-C; for an
+    error raised out of the code a stop interrupted (torch.save's writer
+    turns the exception into a RuntimeError) the signal that asked for it;
+    None for an error that is no stop."""
+    import signal
+    if isinstance(e, Terminated) or killed_by_sigterm(e):
+        return signal.SIGTERM
+    if isinstance(e, KeyboardInterrupt):
+        return stop_requested() or signal.SIGINT
+    return stop_requested() if isinstance(e, Exception) else None
+
+
 class RunFolderBusy(UsageError):
     """Another process trains into the run folder, or predicts into the
     output folder (it holds the folder's lock, :func:`lock_folder`):
@@ -519,17 +559,28 @@ def metric_interval(labels: Sequence[float], scores: Sequence, task: str,
 
 
 @torch.no_grad()
-def worker_ignores_sigterm(worker_id: int) -> None:
-    """``worker_init_fn`` of the commands' DataLoaders: a SIGTERM sent to
-    the whole process group (Slurm stopping a job step) is left to the
-    main process, which ends the command as on Ctrl-C (:class:`Terminated`)
-    and stops its workers, as DataLoader workers leave SIGINT to it.
-    Without this a worker could die of it first, and the main process
-    would fail with "DataLoader worker ... is killed by signal" instead. A
-    worker still ends with its main process (DataLoader's watchdog) and on
-    SIGKILL."""
+def worker_exits_on_sigterm(worker_id: int) -> None:
+    """``worker_init_fn`` of the commands' DataLoaders: a worker ends on
+    SIGTERM at once with exit status 0, whoever sent it. torch's own
+    handler does that only for its parent's SIGTERM and lets any other
+    kill the worker; the main process then fails with "DataLoader worker
+    ... is killed by signal: Terminated" where a SIGTERM sent to the whole
+    process group (Slurm stopping a job step) reaches the worker first.
+    With status 0 nothing fails there, and the main process ends the
+    command as on Ctrl-C (:class:`Terminated`); a worker the signal
+    reaches before this runs is :func:`killed_by_sigterm`. (Ignoring
+    SIGTERM is no answer: at exit multiprocessing terminates a worker a
+    leaked iterator still holds, and waits for it.)"""
     import signal
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
+
+
+def killed_by_sigterm(e: BaseException) -> bool:
+    """torch's DataLoader error for a worker a SIGTERM killed: one sent to
+    the whole process group (Slurm stopping a job step) that reached the
+    worker before its :func:`worker_exits_on_sigterm` ran (a worker just
+    started), and this process before its own SIGTERM."""
+    return isinstance(e, RuntimeError) and "is killed by signal: Terminated" in str(e)
 
 
 def predict(model: torch.nn.Module, data: "Slides", device: torch.device, task: str,
@@ -542,13 +593,14 @@ def predict(model: torch.nn.Module, data: "Slides", device: torch.device, task: 
     mine = list(range(dist.rank, len(data), dist.world))
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(data, mine), batch_size=1,
                                          num_workers=workers,
-                                         worker_init_fn=worker_ignores_sigterm)
+                                         worker_init_fn=worker_exits_on_sigterm)
     was = model.training
     model.eval()
     out: List[Tuple[int, float, float]] = []
     try:
         for img, label, index in tqdm(loader, desc=desc, unit="slide", leave=False,
                                       disable=not progress, dynamic_ncols=True):
+            check_stop()                    # a stop whose exception Python dropped
             img, label = to_device(img, device), label.to(device)
             # no graph: the stem streams without keeping its halos for a
             # backward, and the head's activations are freed as it goes

@@ -39,6 +39,7 @@ import ctypes
 import json
 import math
 import os
+import signal
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -49,8 +50,8 @@ import torch
 from .. import heatmaps as hm
 from ..slide import Slide
 from .checkpoint import load_model
-from .common import (Terminated, UsageError, atomic_file, lock_folder, read_table, save_figure,
-                     write_atomic, write_csv)
+from .common import (UsageError, atomic_file, check_stop, lock_folder, read_table,
+                     save_figure, stop_requested, stopped_by, write_atomic, write_csv)
 from .config import parse_classes
 
 HEATMAPS = ("saliency", "cam", "both", "none")
@@ -597,6 +598,7 @@ def _predict_all(args, items, model, config, heat: str, settings: Dict, min_size
     name = None
     try:
         for path, row_mpp in bars.slides(items):
+            check_stop()                    # a stop whose exception Python dropped
             name = _slide_name(path, taken)
             if (path, name) in done:        # --resume: this slide worked before
                 rows.append(done[path, name])
@@ -607,6 +609,8 @@ def _predict_all(args, items, model, config, heat: str, settings: Dict, min_size
                 rows.append(_predict_slide(path, name, model, config, args, want_sal,
                                            want_cam, bars, row_mpp, min_size))
             except (ValueError, FileNotFoundError, RuntimeError, OSError, MemoryError) as e:
+                if stop_requested() is not None:
+                    raise                   # what a stop became inside torch's code
                 failed += 1
                 msg = str(e) if str(e).startswith("streamcnn: ") else f"streamcnn: {path}: {e}"
                 _unlink_outputs(args.out, name)  # no partial set of maps for a failed slide
@@ -614,17 +618,20 @@ def _predict_all(args, items, model, config, heat: str, settings: Dict, min_size
                 rows.append({"slide": name, "path": path, "status": "error", "message": msg})
             name = None
             _write_csv(partial, rows)
-    except KeyboardInterrupt as e:          # Ctrl-C, or SIGTERM (Terminated)
+    except (KeyboardInterrupt, RuntimeError, OSError, ValueError, MemoryError) as e:
+        sig = stopped_by(e)                 # Ctrl-C, or SIGTERM (Terminated)
+        if sig is None:
+            raise
         if name is not None:
             _unlink_outputs(args.out, name)  # the slide it was in the middle of
         if rows:
             _write_csv(partial, rows)       # (if it stopped while writing it)
-        word = "terminated" if isinstance(e, Terminated) else "interrupted"
+        word = "terminated" if sig == signal.SIGTERM else "interrupted"
         held = (f"{partial} holds their rows; continue with --resume" if rows else
                 "no slide was done")
         print(f"streamcnn: {word} after {len(rows)} of {len(items)} slides; {held}",
               file=sys.stderr)
-        return 143 if isinstance(e, Terminated) else 130
+        return 143 if sig == signal.SIGTERM else 130
     final = os.path.join(args.out, "predictions.csv")
     _write_csv(final, rows)
     _unlink(partial)

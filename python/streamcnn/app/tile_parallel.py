@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from .common import Dist, Terminated, UsageError, end_process
+from .common import Dist, Terminated, UsageError, end_process, request_stop, stop_requested
 
 # what a stopped tile-parallel run says of its checkpoint when rank 0 could
 # not say which epoch (the stop came outside the epochs' loop)
@@ -80,10 +80,8 @@ def _spawned(rank: int, args, n: int, port: int, errors) -> None:
         torch.set_num_threads(max(1, cores // n))
     from ..cli import _message
     from .train import run
-    stopping = []                     # SIGINT came (Ctrl-C, or stop_ranks)
-
-    def on_sigint(signum, frame):
-        stopping.append(signum)
+    def on_sigint(signum, frame):     # Ctrl-C, or stop_ranks
+        request_stop(signum)            # (for check_stop)
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGINT, on_sigint)
@@ -101,7 +99,7 @@ def _spawned(rank: int, args, n: int, port: int, errors) -> None:
         # the stop reached this rank outside the epochs' loop (which says
         # which epoch last.pt holds), or a collective failed because
         # another rank had already stopped
-        if isinstance(e, RuntimeError) and not stopping:
+        if isinstance(e, RuntimeError) and stop_requested() is None:
             raise
         if rank == 0:
             print(f"streamcnn: interrupted; {STOPPED}", file=sys.stderr)

@@ -35,6 +35,7 @@ import gc
 import math
 import os
 import random
+import signal
 import sys
 import time
 from typing import Any, Dict, List, Optional
@@ -44,12 +45,12 @@ import torch
 from . import checkpoint as ckpt_io
 from . import config as C
 from . import tile_parallel as TP
-from .common import (AMP_DTYPES, Dist, RunFolderBusy, Slides, Terminated, UsageError,
-                     autocast, class_weights, dist_from_env, group_ended, init_distributed,
+from .common import (AMP_DTYPES, Dist, RunFolderBusy, Slides, UsageError, autocast,
+                     check_stop, class_weights, dist_from_env, group_ended, init_distributed,
                      lock_folder, loss_of, metric, metric_name, peak_memory_mb, plot_roc,
                      predict, read_slide_table, reset_peak_memory, resolve_device,
-                     save_figure, to_device, worker_ignores_sigterm, write_atomic, write_csv,
-                     write_predictions)
+                     save_figure, stopped_by, to_device, worker_exits_on_sigterm,
+                     write_atomic, write_csv, write_predictions)
 
 RUN_FILES = ("config.yaml", "metrics.csv", "last.pt", "best.pt", "curves.png", "roc.png",
              "val_predictions.csv")
@@ -380,7 +381,7 @@ def _train(cfg, ckpt, dist: Dist, device, quiet: bool, resume: bool, overwrite: 
                                                   seed=cfg["seed"], drop_last=False)
     loader = torch.utils.data.DataLoader(train_ds, batch_size=1, sampler=sampler,
                                          num_workers=cfg["workers"],
-                                         worker_init_fn=worker_ignores_sigterm)
+                                         worker_init_fn=worker_exits_on_sigterm)
     per_rank = cfg["batch_size"] // replicas.world
     n_local = len(sampler)
     steps_per_epoch = math.ceil(n_local / per_rank)
@@ -426,6 +427,7 @@ def _train(cfg, ckpt, dist: Dist, device, quiet: bool, resume: bool, overwrite: 
         for epoch in tqdm(range(start, cfg["epochs"]), desc="epochs", unit="epoch",
                           initial=start, total=cfg["epochs"], disable=not show,
                           dynamic_ncols=True):
+            check_stop()
             t0 = time.perf_counter()
             reset_peak_memory(device)
             sampler.set_epoch(epoch)
@@ -439,6 +441,7 @@ def _train(cfg, ckpt, dist: Dist, device, quiet: bool, resume: bool, overwrite: 
                        disable=not show, dynamic_ncols=True)
             t_step = time.perf_counter()
             for k, (img, label, _) in enumerate(bar):
+                check_stop()                # a stop whose exception Python dropped
                 first = (k // per_rank) * per_rank
                 group = min(per_rank, n_local - first)
                 final = k - first == group - 1
@@ -550,8 +553,11 @@ def _train(cfg, ckpt, dist: Dist, device, quiet: bool, resume: bool, overwrite: 
                     tqdm.write(f"streamcnn: early stop after epoch {epoch + 1}: {stale}",
                                file=sys.stderr)
                 break
-    except KeyboardInterrupt as e:          # Ctrl-C, or SIGTERM (Terminated)
-        terminated = isinstance(e, Terminated)
+    except (KeyboardInterrupt, RuntimeError) as e:  # Ctrl-C, or SIGTERM (Terminated)
+        sig = stopped_by(e)
+        if sig is None:
+            raise
+        terminated = sig == signal.SIGTERM
         if dist.main:
             done = rows[-1]["epoch"] if rows else 0
             held = (f"{out}/last.pt holds epoch {done}; continue with --resume" if done else
