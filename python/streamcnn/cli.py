@@ -23,7 +23,7 @@ from typing import List, Optional
 
 from .app.common import (Terminated, UsageError, WriteError, end_process,
                          ends_without_finalization, request_stop, stop_requested,
-                         stopped_by)
+                         stop_status, stopped_by)
 from .app.config import ArgumentParser
 
 # name -> (module of streamcnn.app, one-line help)
@@ -160,9 +160,9 @@ def _run(argv: Optional[List[str]]) -> int:
         sig = stopped_by(e)
         if sig is None:
             raise
-        terminated = sig == signal.SIGTERM
-        print(f"streamcnn: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
-        return 143 if terminated else 130
+        word, code = stop_status(sig)
+        print(f"streamcnn: {word}", file=sys.stderr)
+        return code
     except SystemExit as e:             # --help, --version
         return e.code if isinstance(e.code, int) else 0
 

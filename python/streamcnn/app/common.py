@@ -54,6 +54,13 @@ def check_stop() -> None:
         raise Terminated() if _STOPS[-1] == signal.SIGTERM else KeyboardInterrupt()
 
 
+def stop_status(sig: int) -> Tuple[str, int]:
+    """What a command stopped by ``sig`` says and its exit status:
+    ("terminated", 143) for SIGTERM, ("interrupted", 130) for SIGINT."""
+    import signal
+    return ("terminated", 143) if sig == signal.SIGTERM else ("interrupted", 130)
+
+
 def stopped_by(e: BaseException) -> Optional[int]:
     """The signal ``e`` stands for: SIGTERM for :class:`Terminated` and a
     DataLoader worker :func:`killed_by_sigterm`, SIGINT for Ctrl-C; for an
@@ -558,7 +565,6 @@ def metric_interval(labels: Sequence[float], scores: Sequence, task: str,
     return float(res.confidence_interval.low), float(res.confidence_interval.high), ""
 
 
-@torch.no_grad()
 def worker_exits_on_sigterm(worker_id: int) -> None:
     """``worker_init_fn`` of the commands' DataLoaders: a worker ends on
     SIGTERM at once with exit status 0, whoever sent it. torch's own
@@ -583,6 +589,7 @@ def killed_by_sigterm(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and "is killed by signal: Terminated" in str(e)
 
 
+@torch.no_grad()
 def predict(model: torch.nn.Module, data: "Slides", device: torch.device, task: str,
             amp: str = "off", dist: Dist = Dist(), workers: int = 0, progress: bool = True,
             desc: str = "evaluate") -> Tuple[List[int], List[Any], float]:
@@ -602,9 +609,7 @@ def predict(model: torch.nn.Module, data: "Slides", device: torch.device, task: 
                                       disable=not progress, dynamic_ncols=True):
             check_stop()                    # a stop whose exception Python dropped
             img, label = to_device(img, device), label.to(device)
-            # no graph: the stem streams without keeping its halos for a
-            # backward, and the head's activations are freed as it goes
-            with torch.no_grad(), autocast(device, amp):
+            with autocast(device, amp):
                 y = model(img)
             score = score_of(y, task)[0]
             out.append((int(index), score.item() if score.dim() == 0 else score.tolist(),

@@ -39,7 +39,6 @@ import ctypes
 import json
 import math
 import os
-import signal
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -51,7 +50,8 @@ from .. import heatmaps as hm
 from ..slide import Slide
 from .checkpoint import load_model
 from .common import (UsageError, atomic_file, check_stop, lock_folder, read_table,
-                     save_figure, stop_requested, stopped_by, write_atomic, write_csv)
+                     save_figure, stop_requested, stop_status, stopped_by, write_atomic,
+                     write_csv)
 from .config import parse_classes
 
 HEATMAPS = ("saliency", "cam", "both", "none")
@@ -626,12 +626,12 @@ def _predict_all(args, items, model, config, heat: str, settings: Dict, min_size
             _unlink_outputs(args.out, name)  # the slide it was in the middle of
         if rows:
             _write_csv(partial, rows)       # (if it stopped while writing it)
-        word = "terminated" if sig == signal.SIGTERM else "interrupted"
+        word, code = stop_status(sig)
         held = (f"{partial} holds their rows; continue with --resume" if rows else
                 "no slide was done")
         print(f"streamcnn: {word} after {len(rows)} of {len(items)} slides; {held}",
               file=sys.stderr)
-        return 143 if sig == signal.SIGTERM else 130
+        return code
     final = os.path.join(args.out, "predictions.csv")
     _write_csv(final, rows)
     _unlink(partial)

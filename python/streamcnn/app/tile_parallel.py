@@ -20,7 +20,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from .common import Dist, Terminated, UsageError, end_process, request_stop, stop_requested
+from .common import (Dist, Terminated, UsageError, end_process, request_stop, stop_requested,
+                     stop_status)
 
 # what a stopped tile-parallel run says of its checkpoint when rank 0 could
 # not say which epoch (the stop came outside the epochs' loop)
@@ -160,10 +161,10 @@ def stop_ranks(processes, terminated: bool, grace: float = STOP_GRACE) -> int:
         if p.is_alive():
             p.kill()
             p.join()
+    word, code = stop_status(signal.SIGTERM if terminated else signal.SIGINT)
     if processes and processes[0].exitcode != 130:  # rank 0 did not say it
-        print(f"streamcnn: {'terminated' if terminated else 'interrupted'}: the ranks were "
-              f"stopped; {STOPPED}", file=sys.stderr)
-    return 143 if terminated else 130
+        print(f"streamcnn: {word}: the ranks were stopped; {STOPPED}", file=sys.stderr)
+    return code
 
 
 def backend(device: torch.device, dist: Dist) -> str:

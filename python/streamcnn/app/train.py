@@ -35,7 +35,6 @@ import gc
 import math
 import os
 import random
-import signal
 import sys
 import time
 from typing import Any, Dict, List, Optional
@@ -49,7 +48,7 @@ from .common import (AMP_DTYPES, Dist, RunFolderBusy, Slides, UsageError, autoca
                      check_stop, class_weights, dist_from_env, group_ended, init_distributed,
                      lock_folder, loss_of, metric, metric_name, peak_memory_mb, plot_roc,
                      predict, read_slide_table, reset_peak_memory, resolve_device,
-                     save_figure, stopped_by, to_device, worker_exits_on_sigterm,
+                     save_figure, stop_status, stopped_by, to_device, worker_exits_on_sigterm,
                      write_atomic, write_csv, write_predictions)
 
 RUN_FILES = ("config.yaml", "metrics.csv", "last.pt", "best.pt", "curves.png", "roc.png",
@@ -243,12 +242,12 @@ def run(args) -> int:
         grid = TP.make_grid(dist, n, device)
     else:
         init_distributed(dist, device)
-    held: List[int] = []    # the run folder's lock (lock_folder), released at the end
+    locks: List[int] = []   # the run folder's lock (lock_folder), released at the end
     try:
         return _train(cfg, ckpt, dist, device, quiet=args.quiet, resume=args.resume,
-                      overwrite=args.overwrite, grid=grid, held=held)
+                      overwrite=args.overwrite, grid=grid, locks=locks)
     finally:
-        for fd in held:
+        for fd in locks:
             os.close(fd)
         if dist.enabled and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -259,8 +258,8 @@ def run(args) -> int:
 
 
 def _train(cfg, ckpt, dist: Dist, device, quiet: bool, resume: bool, overwrite: bool,
-           grid: Optional[TP.Grid] = None, held: Optional[List[int]] = None) -> int:
-    """The training; ``held`` gets the descriptor of the run folder's lock
+           grid: Optional[TP.Grid] = None, locks: Optional[List[int]] = None) -> int:
+    """The training; ``locks`` gets the descriptor of the run folder's lock
     (rank 0), for the caller to close when it ends."""
     from tqdm import tqdm
     out, task = cfg["out"], cfg["task"]
@@ -339,8 +338,8 @@ def _train(cfg, ckpt, dist: Dist, device, quiet: bool, resume: bool, overwrite: 
         try:
             os.makedirs(out, exist_ok=True)
             fd = lock_folder(out)
-            if fd is not None and held is not None:
-                held.append(fd)
+            if fd is not None and locks is not None:
+                locks.append(fd)
         except RunFolderBusy as e:
             busy = e
     if not dist.all_true(busy is None):
@@ -557,16 +556,15 @@ def _train(cfg, ckpt, dist: Dist, device, quiet: bool, resume: bool, overwrite: 
         sig = stopped_by(e)
         if sig is None:
             raise
-        terminated = sig == signal.SIGTERM
+        word, code = stop_status(sig)
         if dist.main:
             done = rows[-1]["epoch"] if rows else 0
             held = (f"{out}/last.pt holds epoch {done}; continue with --resume" if done else
                     "no epoch finished, so there is no last.pt")
             # (at an epoch's end, after its checkpoint: that epoch is done)
             when = f"after epoch {done}" if done == epoch + 1 else f"during epoch {epoch + 1}"
-            print(f"streamcnn: {'terminated' if terminated else 'interrupted'} {when}; {held}",
-                  file=sys.stderr)
-        return 143 if terminated else 130
+            print(f"streamcnn: {word} {when}; {held}", file=sys.stderr)
+        return code
     finally:
         if writer is not None:
             writer.close()
