@@ -683,7 +683,7 @@ def test_plain_images_and_slide_mpp(tmp_path, capsys):
                   "--slide-mpp", "-1"], "--slide-mpp must be positive")
 
 
-def test_multiclass(slides, tmp_path, capsys):
+def test_multiclass(slides, tmp_path, capsys, monkeypatch):
     """--num-classes 3: labels 0 .. 2, three logits, val_auc the macro
     one-vs-rest AUC, predictions with the class probabilities (evaluate
     gives the run's), a per-class ROC plot, predict's class maps of any
@@ -723,6 +723,15 @@ def test_multiclass(slides, tmp_path, capsys):
                    "--quiet")
     assert res.stdout.startswith("AUC ") and abs(float(res.stdout.split()[1]) - auc) < 1e-4
     assert _csv(tmp_path / "ev" / "predictions.csv") == preds
+    # stopped and resumed: the same probabilities (kept exactly in the partial file)
+    _stop_in_slide(monkeypatch, 3, KeyboardInterrupt)
+    ev = ["evaluate", out / "best.pt", "--csv", val, "--out", tmp_path / "ev3", "--quiet"]
+    cli_here(capsys, *ev, check_rc=130)
+    assert list(_csv(tmp_path / "ev3" / "predictions.partial.csv")[0]) == \
+        ["path", "label", "prediction", "prob_0", "prob_1", "prob_2", "mpp", "loss"]
+    _stop_in_slide(monkeypatch, 99, None)
+    assert cli_here(capsys, *ev, "--resume").stdout == res.stdout.replace("/ev/", "/ev3/")
+    assert _csv(tmp_path / "ev3" / "predictions.csv") == preds
     cli_here(capsys, "predict", out / "best.pt", slides / "val_2.svs", "--out",
              tmp_path / "maps", "--heatmap", "cam", "--target", "2", "--quiet")
     row = _csv(tmp_path / "maps" / "predictions.csv")[0]
@@ -1291,3 +1300,99 @@ def test_metric_choice(slides, tmp_path, capsys):
              what)
     _bad(capsys, ["evaluate", out / "best.pt", "--csv", slides / "val.csv", "--metric",
                   "spearman"], "--metric spearman is not a metric of a classification model")
+
+
+def _stop_in_slide(monkeypatch, k, exc):
+    """Raise ``exc`` when the k-th slide of a run (1-based) is moved to the
+    device, i.e. in the middle of scoring it; the returned list counts the
+    slides started."""
+    from streamcnn.app import common
+    real = getattr(common.to_device, "real", common.to_device)  # not an earlier fake
+    started = []
+
+    def fake(img, device):
+        started.append(len(started) + 1)
+        if len(started) == k:
+            raise exc()
+        return real(img, device)
+    fake.real = real
+    monkeypatch.setattr(common, "to_device", fake)
+    return started
+
+
+def test_evaluate_resumes(slides, tmp_path, capsys, monkeypatch):
+    """evaluate stopped (Ctrl-C, SIGTERM, a slide that cannot be read) keeps
+    the slides scored so far in predictions.partial.csv; --resume scores the
+    rest and prints and writes what an uninterrupted run does, bit for bit;
+    rows added to the CSV are scored, other settings refused, and a run
+    without --resume starts over."""
+    import shutil
+    from streamcnn.app.common import Terminated
+    run = tmp_path / "run"
+    cli_here(capsys, *_train(slides, run, "--epochs", "1", "--batch-size", "4"))
+    val = slides / "val.csv"
+    ev = ["evaluate", run / "last.pt", "--csv", val, "--quiet", "--bootstrap", "200"]
+    whole = cli_here(capsys, *ev, "--out", tmp_path / "whole")
+    out = tmp_path / "out"
+    started = _stop_in_slide(monkeypatch, 3, KeyboardInterrupt)
+    res = cli_here(capsys, *ev, "--out", out, "--resume", check_rc=130)  # no earlier run: starts
+    partial = out / "predictions.partial.csv"
+    assert res.stderr.strip() == (f"streamcnn: interrupted after 2 of 4 slides; {partial} "
+                                  "holds their rows; continue with --resume")
+    rows = _csv(partial)
+    assert [r["path"] for r in rows] == [r["path"] for r in _csv(val)][:2]
+    assert list(rows[0]) == ["path", "label", "score", "mpp", "loss"]
+    assert not (out / "predictions.csv").exists() and not (out / "metrics.json").exists()
+    started = _stop_in_slide(monkeypatch, 2, Terminated)
+    res = cli_here(capsys, *ev, "--out", out, "--resume", check_rc=143)
+    assert "streamcnn: terminated after 3 of 4 slides; " in res.stderr
+    started = _stop_in_slide(monkeypatch, 99, None)
+    res = cli_here(capsys, *[a for a in ev if a != "--quiet"], "--out", out, "--resume")
+    assert len(started) == 1 and res.stdout == whole.stdout.replace(
+        str(tmp_path / "whole"), str(out))
+    assert "3 of 4 slides kept from the earlier run" in res.stderr
+    assert (out / "predictions.csv").read_bytes() == \
+        (tmp_path / "whole" / "predictions.csv").read_bytes()
+    m1, m2 = (json.loads((d / "metrics.json").read_text()) for d in (out, tmp_path / "whole"))
+    assert m1 == m2 and not partial.exists()
+    # a finished run is started over without --resume; other settings are
+    # refused with it, naming them
+    _stop_in_slide(monkeypatch, 2, KeyboardInterrupt)
+    cli_here(capsys, *ev, "--out", out, check_rc=130)
+    assert len(_csv(partial)) == 1
+    _bad(capsys, [*ev, "--out", out, "--resume", "--amp", "bf16"],
+         "--resume: the run in", "amp: 'off' then, 'bf16' now", "another --out")
+    st = os.stat(run / "last.pt")
+    os.utime(run / "last.pt")                   # a checkpoint written since
+    _bad(capsys, [*ev, "--out", out, "--resume"], "checkpoint_mtime_ns")
+    os.utime(run / "last.pt", ns=(st.st_atime_ns, st.st_mtime_ns))
+    started = _stop_in_slide(monkeypatch, 3, KeyboardInterrupt)
+    cli_here(capsys, *ev, "--out", out, "--resume", check_rc=130)
+    assert [r["path"] for r in _csv(partial)] == ["val_0.svs", "val_1.svs", "val_2.svs"]
+    # the CSV changed: row 1's label, a row added naming a slide again: those
+    # are scored, the other rows kept (the paths as the CSV names them)
+    for i in range(4):
+        (tmp_path / f"val_{i}.svs").symlink_to(slides / f"val_{i}.svs")
+    lines = val.read_text().splitlines()
+    p0, l0 = lines[1].rsplit(",", 1)
+    more = tmp_path / "more.csv"
+    more.write_text("\n".join([lines[0], f"{p0},{1 - int(l0)}"] + lines[2:] +
+                              [lines[1]]) + "\n")
+    started = _stop_in_slide(monkeypatch, 99, None)
+    cli_here(capsys, "evaluate", run / "last.pt", "--csv", more, "--quiet", "--out", out,
+             "--resume", "--bootstrap", "0")
+    assert len(started) == 3                    # rows 1, 4 and 5
+    want = [r["score"] for r in _csv(tmp_path / "whole" / "predictions.csv")]
+    assert [r["score"] for r in _csv(out / "predictions.csv")] == want + want[:1]
+    # a slide that fails to be read stops the run the same way, its rows kept
+    d = tmp_path / "d"
+    d.mkdir()
+    for f in ("val_0.svs", "val_1.svs"):
+        shutil.copy(slides / f, d / f)
+    _damage_tiles(d / "val_1.svs")
+    (d / "t.csv").write_text("path,label\nval_0.svs,0\nval_1.svs,1\n")
+    line = _bad(capsys, ["evaluate", run / "last.pt", "--csv", d / "t.csv", "--quiet", "--out",
+                         tmp_path / "ev2"], "cannot be read",
+                f"stopped after 1 of 2 slides; {tmp_path / 'ev2' / 'predictions.partial.csv'}"
+                " holds their rows; continue with --resume")
+    assert line.startswith(f"streamcnn: slide {d / 'val_1.svs'} (of {d / 't.csv'})")

@@ -11,7 +11,7 @@ import sys
 import tempfile
 import warnings
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -592,12 +592,17 @@ def killed_by_sigterm(e: BaseException) -> bool:
 @torch.no_grad()
 def predict(model: torch.nn.Module, data: "Slides", device: torch.device, task: str,
             amp: str = "off", dist: Dist = Dist(), workers: int = 0, progress: bool = True,
-            desc: str = "evaluate") -> Tuple[List[int], List[Any], float]:
+            desc: str = "evaluate", todo: Optional[Sequence[int]] = None,
+            on_score: Optional[Callable[[int, Any, float], None]] = None
+            ) -> Tuple[List[int], List[Any], float]:
     """Scores of every slide of ``data`` (``(indices, scores, mean_loss)``,
     in table order), each rank scoring its share ``rank::world`` and the
-    results gathered over ranks."""
+    results gathered over ranks. ``todo``: only these indices of ``data``;
+    ``on_score(index, score, loss)`` is called on the rank that scored a
+    slide as soon as it has (``evaluate`` keeps them as it goes)."""
     from tqdm import tqdm
-    mine = list(range(dist.rank, len(data), dist.world))
+    todo = list(range(len(data))) if todo is None else list(todo)
+    mine = todo[dist.rank::dist.world]
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(data, mine), batch_size=1,
                                          num_workers=workers,
                                          worker_init_fn=worker_exits_on_sigterm)
@@ -614,6 +619,8 @@ def predict(model: torch.nn.Module, data: "Slides", device: torch.device, task: 
             score = score_of(y, task)[0]
             out.append((int(index), score.item() if score.dim() == 0 else score.tolist(),
                         float(loss_of(y, label, task))))
+            if on_score is not None:
+                on_score(*out[-1])
     finally:
         model.train(was)
     merged = sorted(r for part in dist.gather(out) for r in part)
@@ -708,6 +715,15 @@ def write_predictions(path: str, table: Table, indices: Sequence[int],
     more than two classes ``path,label,prediction,prob_0,...,prob_K-1``;
     with class names (``classes``) ``label_name`` after ``label`` and
     ``prediction_name`` after ``prediction``."""
+    write_csv(path, *prediction_rows(table, indices, scores, classes))
+
+
+def prediction_rows(table: Table, indices: Sequence[int], scores: Sequence,
+                    classes: Optional[Sequence[str]] = None, exact: bool = False
+                    ) -> Tuple[List[str], List[List[Any]]]:
+    """The header and rows of :func:`write_predictions`; ``exact``: scores
+    written so that they read back to the same floats (else 6 digits)."""
+    fmt = repr if exact else (lambda v: f"{v:.6g}")
     rows = []
     multi = bool(scores) and isinstance(scores[0], (list, tuple))
     named = classes is not None
@@ -716,9 +732,9 @@ def write_predictions(path: str, table: Table, indices: Sequence[int],
         lab = int(lab) if float(lab).is_integer() else lab
         row = [table.names[i], lab] + ([classes[int(lab)]] if named else [])
         if multi:
-            row += [pred] + ([classes[pred]] if named else []) + [f"{v:.6g}" for v in s]
+            row += [pred] + ([classes[pred]] if named else []) + [fmt(float(v)) for v in s]
         else:
-            row.append(f"{s:.6g}")
+            row.append(fmt(float(s)))
         rows.append(row)
     header = ["path", "label"] + (["label_name"] if named else [])
     if multi:
@@ -726,7 +742,7 @@ def write_predictions(path: str, table: Table, indices: Sequence[int],
             [f"prob_{j}" for j in range(len(scores[0]))]
     else:
         header.append("score")
-    write_csv(path, header, rows)
+    return header, rows
 
 
 def save_figure(fig, path: str) -> None:

@@ -7,20 +7,37 @@ and ``DIR/metrics.json``.
 
 The slides are read as the run read its validation set (the checkpoint's
 image size, mpp and crop; no augmentation).
+
+While it runs, ``DIR/predictions.partial.csv`` holds the slides scored so
+far (rewritten after each, with exact scores and each slide's loss) and
+``DIR/evaluate.json`` the settings that make the scores what they are
+(the checkpoint's file, ``--amp``, ``--slide-mpp``). A run stopped (Ctrl-C,
+SIGTERM, a slide that cannot be read) keeps it, and the same command with
+``--resume`` scores only the rows not in it (a row is the same when its
+path, label and mpp cell are: rows may be added to the CSV) and prints
+what an uninterrupted run prints; other settings are refused, naming
+them. At the end the partial file is removed.
 """
 
 import argparse
+import csv
 import json
 import math
 import os
+import sys
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
 from .checkpoint import load_model
 from .config import parse_classes
-from .common import (AMP_DTYPES, METRIC_WORDS, METRICS, Dist, Slides, UsageError,
+from .common import (AMP_DTYPES, METRIC_WORDS, METRICS, Dist, Slides, Table, UsageError,
                      check_metric, default_metric, metric, metric_interval, predict,
-                     read_slide_table, resolve_device, write_atomic, write_predictions)
+                     prediction_rows, read_slide_table, resolve_device, stop_status,
+                     stopped_by, write_atomic, write_csv, write_predictions)
+
+PARTIAL = "predictions.partial.csv"
+SETTINGS = "evaluate.json"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -47,6 +64,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the bootstrap's resampling (default 0)")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the slides a stopped run into --out scored "
+                             f"(its {PARTIAL}) and score the rest; the same settings "
+                             "are required (a folder without an earlier run: starts)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -81,8 +102,43 @@ def run(args) -> int:
         data = Slides(table, cfg["image_size"], cfg["mpp"], cfg["crop"], slide_mpp=slide_mpp)
     except (ValueError, FileNotFoundError) as e:
         raise UsageError(str(e)) from None
-    indices, scores, loss = predict(model, data, device, task, args.amp, workers=args.workers,
-                                    progress=not args.quiet)
+    settings = _settings(args, slide_mpp)
+    kept = _resumable(out, settings, table) if args.resume else {}
+    os.makedirs(out, exist_ok=True)
+    partial = os.path.join(out, PARTIAL)
+    if not kept and os.path.exists(partial):
+        os.unlink(partial)              # an earlier run's, of other settings maybe
+    write_atomic(os.path.join(out, SETTINGS),
+                 (json.dumps(settings, indent=1, sort_keys=True) + "\n").encode())
+    scored = dict(kept)                 # index -> (score, loss)
+
+    def keep(i: int, score: Any, loss: float) -> None:
+        scored[i] = (score, loss)
+        _write_partial(partial, table, scored, names)
+
+    if kept:
+        _write_partial(partial, table, scored, names)   # the kept rows, in this CSV's terms
+    todo = [i for i in range(len(table.paths)) if i not in kept]
+    try:
+        predict(model, data, device, task, args.amp, workers=args.workers,
+                progress=not args.quiet, todo=todo, on_score=keep)
+    except (KeyboardInterrupt, RuntimeError, UsageError) as e:
+        sig = stopped_by(e)             # Ctrl-C, SIGTERM; else a slide that failed
+        if sig is None and not isinstance(e, UsageError):
+            raise
+        held = (f"{partial} holds their rows; continue with --resume" if scored else
+                "no slide was scored")
+        done = f"after {len(scored)} of {len(table.paths)} slides; {held}"
+        if sig is None:
+            raise UsageError(f"{e}; stopped {done}") from None
+        word, code = stop_status(sig)
+        print(f"streamcnn: {word} {done}", file=sys.stderr)
+        return code
+    indices = sorted(scored)
+    scores = [scored[i][0] for i in indices]
+    loss = sum(scored[i][1] for i in indices) / max(1, len(indices))
+    if kept and not args.quiet:
+        print(f"{len(kept)} of {len(indices)} slides kept from the earlier run", file=sys.stderr)
     labels = [table.labels[i] for i in indices]
     value, why = metric(labels, scores, task, kind)
     low = high = math.nan
@@ -91,7 +147,6 @@ def run(args) -> int:
     if want_ci:
         low, high, no_ci = metric_interval(labels, scores, task, kind, args.bootstrap,
                                            args.confidence, args.seed)
-    os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "predictions.csv")
     write_predictions(path, table, indices, scores, names)
     summary = {"metric": kind, "value": _num(value), "ci_low": _num(low),
@@ -114,7 +169,85 @@ def run(args) -> int:
     print(f"{name} {shown} ({ci}loss {loss:.4f}, {len(scores)} slides)"
           f"{'; ' + why if why else ''}")
     print(f"predictions: {path}")
+    if os.path.exists(partial):
+        os.unlink(partial)
     return 0
+
+
+def _settings(args, slide_mpp: Optional[float]) -> Dict[str, Any]:
+    """What makes a slide's score what it is, beside the slide and its CSV
+    row: the checkpoint (its file: path, size, modification time; it fixes
+    the image size, mpp and crop), the mixed precision and the default
+    microns per pixel. --resume needs them equal."""
+    ck = os.path.abspath(args.checkpoint)
+    st = os.stat(ck)
+    return {"checkpoint": ck, "checkpoint_size": st.st_size,
+            "checkpoint_mtime_ns": st.st_mtime_ns, "amp": args.amp, "slide_mpp": slide_mpp}
+
+
+def _write_partial(path: str, table: Table, scored: Dict[int, Tuple[Any, float]],
+                   names: Optional[List[str]]) -> None:
+    """The slides scored so far: predictions.csv's columns with exact
+    scores, then each row's ``mpp`` cell and the slide's ``loss``."""
+    indices = sorted(scored)
+    header, rows = prediction_rows(table, indices, [scored[i][0] for i in indices], names,
+                                   exact=True)
+    for row, i in zip(rows, indices):
+        mpp = table.mpps[i]
+        row += ["" if mpp is None else repr(mpp), repr(scored[i][1])]
+    write_csv(path, header + ["mpp", "loss"], rows)
+
+
+def _resumable(out: str, settings: Dict[str, Any], table: Table
+               ) -> Dict[int, Tuple[Any, float]]:
+    """--resume: (score, loss) by index of ``table`` of the rows an earlier
+    run into ``out`` scored (the k-th row naming a path is the k-th of the
+    earlier run's rows naming it, when its label and mpp cell are the
+    same); {} when there was no earlier run or it ended. Other settings
+    than the earlier run's are refused (UsageError naming them)."""
+    sfile, pfile = os.path.join(out, SETTINGS), os.path.join(out, PARTIAL)
+    if not os.path.exists(pfile):
+        return {}
+    try:
+        with open(sfile) as f:
+            before = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--resume: cannot read {sfile}: {e}") from None
+    if not isinstance(before, dict):
+        raise UsageError(f"--resume: {sfile} is not what evaluate writes")
+    differ = [k for k in sorted(set(settings) | set(before))
+              if settings.get(k) != before.get(k)]
+    if differ:
+        said = "; ".join(f"{k}: {before.get(k)!r} then, {settings.get(k)!r} now"
+                         for k in differ)
+        raise UsageError(f"--resume: the run in {out} had other settings ({said}); give "
+                         "the same, or another --out")
+    by_name: Dict[str, List[Dict[str, str]]] = {}
+    try:
+        with open(pfile, newline="") as f:
+            for r in csv.DictReader(f):
+                by_name.setdefault(r.get("path") or "", []).append(r)
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise UsageError(f"--resume: cannot read {pfile}: {e}") from None
+    kept: Dict[int, Tuple[Any, float]] = {}
+    seen: Dict[str, int] = {}
+    for i, name in enumerate(table.names):
+        k = seen[name] = seen.get(name, -1) + 1
+        rows = by_name.get(name, [])
+        if k >= len(rows):
+            continue
+        r = rows[k]
+        try:
+            mpp = float(r["mpp"]) if r["mpp"] else None
+            if float(r["label"]) != table.labels[i] or mpp != table.mpps[i]:
+                continue
+            probs = sorted((int(c[5:]), c) for c in r if c.startswith("prob_"))
+            score = [float(r[c]) for _, c in probs] if probs else float(r["score"])
+            kept[i] = (score, float(r["loss"]))
+        except (KeyError, TypeError, ValueError):
+            raise UsageError(f"--resume: {pfile} is not what evaluate writes (its row of "
+                             f"{name})") from None
+    return kept
 
 
 def _num(v: float):
