@@ -794,17 +794,23 @@ def _damage_tiles(path):
     path.write_bytes(bytes(data))
 
 
+def _damaged_set(slides, d, split):
+    """``d/t.csv``: SPLIT_0.svs (label 0) and SPLIT_1.svs (1), copied from
+    ``slides``, the second with its tiles damaged."""
+    import shutil
+    d.mkdir()
+    for f in (f"{split}_0.svs", f"{split}_1.svs"):
+        shutil.copy(slides / f, d / f)
+    _damage_tiles(d / f"{split}_1.svs")
+    (d / "t.csv").write_text(f"path,label\n{split}_0.svs,0\n{split}_1.svs,1\n")
+    return d
+
+
 def test_slide_damaged_after_the_checks(slides, tmp_path, capsys):
     """A slide that opens (the checks before the run pass) but whose tiles
     cannot be decoded stops the run with one line naming it and exit 2,
     in the process or from a DataLoader worker; evaluate likewise."""
-    import shutil
-    d = tmp_path / "d"
-    d.mkdir()
-    for f in ("train_0.svs", "train_1.svs"):
-        shutil.copy(slides / f, d / f)
-    _damage_tiles(d / "train_1.svs")
-    (d / "t.csv").write_text("path,label\ntrain_0.svs,0\ntrain_1.svs,1\n")
+    d = _damaged_set(slides, tmp_path / "d", "train")
     want = (f"slide {d / 'train_1.svs'} (of {d / 't.csv'}) cannot be read: OpenSlide "
             "failed reading")
     out = tmp_path / "run"
@@ -1326,7 +1332,6 @@ def test_evaluate_resumes(slides, tmp_path, capsys, monkeypatch):
     rest and prints and writes what an uninterrupted run does, bit for bit;
     rows added to the CSV are scored, other settings refused, and a run
     without --resume starts over."""
-    import shutil
     from streamcnn.app.common import Terminated
     run = tmp_path / "run"
     cli_here(capsys, *_train(slides, run, "--epochs", "1", "--batch-size", "4"))
@@ -1335,7 +1340,8 @@ def test_evaluate_resumes(slides, tmp_path, capsys, monkeypatch):
     whole = cli_here(capsys, *ev, "--out", tmp_path / "whole")
     out = tmp_path / "out"
     started = _stop_in_slide(monkeypatch, 3, KeyboardInterrupt)
-    res = cli_here(capsys, *ev, "--out", out, "--resume", check_rc=130)  # no earlier run: starts
+    # (--resume without an earlier run starts)
+    res = cli_here(capsys, *ev, "--out", out, "--resume", check_rc=130)
     partial = out / "predictions.partial.csv"
     assert res.stderr.strip() == (f"streamcnn: interrupted after 2 of 4 slides; {partial} "
                                   "holds their rows; continue with --resume")
@@ -1385,12 +1391,7 @@ def test_evaluate_resumes(slides, tmp_path, capsys, monkeypatch):
     want = [r["score"] for r in _csv(tmp_path / "whole" / "predictions.csv")]
     assert [r["score"] for r in _csv(out / "predictions.csv")] == want + want[:1]
     # a slide that fails to be read stops the run the same way, its rows kept
-    d = tmp_path / "d"
-    d.mkdir()
-    for f in ("val_0.svs", "val_1.svs"):
-        shutil.copy(slides / f, d / f)
-    _damage_tiles(d / "val_1.svs")
-    (d / "t.csv").write_text("path,label\nval_0.svs,0\nval_1.svs,1\n")
+    d = _damaged_set(slides, tmp_path / "d", "val")
     line = _bad(capsys, ["evaluate", run / "last.pt", "--csv", d / "t.csv", "--quiet", "--out",
                          tmp_path / "ev2"], "cannot be read",
                 f"stopped after 1 of 2 slides; {tmp_path / 'ev2' / 'predictions.partial.csv'}"

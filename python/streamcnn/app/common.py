@@ -5,6 +5,7 @@ run folder's small files (written atomically)."""
 import contextlib
 import csv
 import io
+import json
 import math
 import os
 import sys
@@ -693,6 +694,29 @@ def lock_folder(path: str, command: str = "train") -> Optional[int]:
         os.close(fd)
         return None
     return fd
+
+
+def check_settings(sfile: str, settings: Dict[str, Any], out: str, command: str) -> bool:
+    """--resume: the settings an earlier run into ``out`` recorded in
+    ``sfile`` (JSON) must equal ``settings``; ValueError naming each that
+    differs (or an unreadable file). False when there is no ``sfile``."""
+    if not os.path.exists(sfile):
+        return False
+    try:
+        with open(sfile) as f:
+            before = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"streamcnn: --resume: cannot read {sfile}: {e}") from None
+    if not isinstance(before, dict):
+        raise ValueError(f"streamcnn: --resume: {sfile} is not what {command} writes")
+    differ = [k for k in sorted(set(settings) | set(before))
+              if settings.get(k) != before.get(k)]
+    if differ:
+        said = "; ".join(f"{k}: {before.get(k)!r} then, {settings.get(k)!r} now"
+                         for k in differ)
+        raise ValueError(f"streamcnn: --resume: the run in {out} had other settings ({said}); "
+                         "give the same, or another --out")
+    return True
 
 
 def write_atomic(path: str, data: bytes) -> None:

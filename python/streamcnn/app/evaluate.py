@@ -32,8 +32,8 @@ import torch
 from .checkpoint import load_model
 from .config import parse_classes
 from .common import (AMP_DTYPES, METRIC_WORDS, METRICS, Dist, Slides, Table, UsageError,
-                     check_metric, default_metric, metric, metric_interval, predict,
-                     prediction_rows, read_slide_table, resolve_device, stop_status,
+                     check_metric, check_settings, default_metric, metric, metric_interval,
+                     predict, prediction_rows, read_slide_table, resolve_device, stop_status,
                      stopped_by, write_atomic, write_csv, write_predictions)
 
 PARTIAL = "predictions.partial.csv"
@@ -138,7 +138,8 @@ def run(args) -> int:
     scores = [scored[i][0] for i in indices]
     loss = sum(scored[i][1] for i in indices) / max(1, len(indices))
     if kept and not args.quiet:
-        print(f"{len(kept)} of {len(indices)} slides kept from the earlier run", file=sys.stderr)
+        print(f"{len(kept)} of {len(indices)} slides kept from the earlier run",
+              file=sys.stderr)
     labels = [table.labels[i] for i in indices]
     value, why = metric(labels, scores, task, kind)
     low = high = math.nan
@@ -204,24 +205,11 @@ def _resumable(out: str, settings: Dict[str, Any], table: Table
     run into ``out`` scored (the k-th row naming a path is the k-th of the
     earlier run's rows naming it, when its label and mpp cell are the
     same); {} when there was no earlier run or it ended. Other settings
-    than the earlier run's are refused (UsageError naming them)."""
+    than the earlier run's are refused (ValueError naming them)."""
     sfile, pfile = os.path.join(out, SETTINGS), os.path.join(out, PARTIAL)
     if not os.path.exists(pfile):
         return {}
-    try:
-        with open(sfile) as f:
-            before = json.load(f)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"--resume: cannot read {sfile}: {e}") from None
-    if not isinstance(before, dict):
-        raise UsageError(f"--resume: {sfile} is not what evaluate writes")
-    differ = [k for k in sorted(set(settings) | set(before))
-              if settings.get(k) != before.get(k)]
-    if differ:
-        said = "; ".join(f"{k}: {before.get(k)!r} then, {settings.get(k)!r} now"
-                         for k in differ)
-        raise UsageError(f"--resume: the run in {out} had other settings ({said}); give "
-                         "the same, or another --out")
+    check_settings(sfile, settings, out, "evaluate")
     by_name: Dict[str, List[Dict[str, str]]] = {}
     try:
         with open(pfile, newline="") as f:

@@ -49,9 +49,9 @@ import torch
 from .. import heatmaps as hm
 from ..slide import Slide
 from .checkpoint import load_model
-from .common import (UsageError, atomic_file, check_stop, lock_folder, read_table,
-                     save_figure, stop_requested, stop_status, stopped_by, write_atomic,
-                     write_csv)
+from .common import (UsageError, atomic_file, check_settings, check_stop, lock_folder,
+                     read_table, save_figure, stop_requested, stop_status, stopped_by,
+                     write_atomic, write_csv)
 from .config import parse_classes
 
 HEATMAPS = ("saliency", "cam", "both", "none")
@@ -672,23 +672,8 @@ def _resumable(out: str, settings: Dict, wanted: List[str]) -> Dict[Tuple[str, s
     worked (status ok or blank) and whose ``wanted`` files are all there,
     by (path, name); {} when there was no earlier run. Other settings than
     the earlier run's are refused (ValueError naming them)."""
-    sfile = os.path.join(out, SETTINGS)
-    if not os.path.exists(sfile):
+    if not check_settings(os.path.join(out, SETTINGS), settings, out, "predict"):
         return {}
-    try:
-        with open(sfile) as f:
-            before = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"streamcnn: --resume: cannot read {sfile}: {e}") from None
-    if not isinstance(before, dict):
-        raise ValueError(f"streamcnn: --resume: {sfile} is not what predict writes")
-    differ = [k for k in sorted(set(settings) | set(before))
-              if settings.get(k) != before.get(k)]
-    if differ:
-        said = "; ".join(f"{k}: {before.get(k)!r} then, {settings.get(k)!r} now"
-                         for k in differ)
-        raise ValueError(f"streamcnn: --resume: the run in {out} had other settings ({said}); "
-                         "give the same, or another --out")
     # the stopped run's rows, or those of a run that ended (more slides now)
     tables = [os.path.join(out, f) for f in (PARTIAL, "predictions.csv")]
     table = next((t for t in tables if os.path.exists(t)), None)
