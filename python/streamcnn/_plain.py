@@ -5,6 +5,7 @@ separately: it is decoded whole, once, on its first read, and held until
 the slide is closed."""
 
 import math
+import re
 import threading
 from typing import Dict, Optional, Tuple
 
@@ -42,6 +43,12 @@ class PlainImage:
     def __init__(self, path: str):
         from PIL import Image, UnidentifiedImageError
         self.path = path
+        # a TIFF's samples from its tags, before Pillow (which cannot open a
+        # float RGB TIFF, and takes the high byte of a 16-bit one)
+        first = tiff_page_tags(path)
+        depth = sample_depth(first) if first is not None else None
+        if depth is not None:
+            raise bit_depth_error(path, "TIFF", depth)
         with _PIL_LOCK:
             old = Image.MAX_IMAGE_PIXELS
             Image.MAX_IMAGE_PIXELS = None
@@ -70,11 +77,14 @@ class PlainImage:
             self.close()
             raise ValueError(f"streamcnn: {path!r}: a {self.format} image of {w} x {h} "
                              "pixels is empty")
+        depth = _pillow_sample_depth(im, path)
+        if depth is not None:
+            self.close()
+            raise bit_depth_error(path, self.format, depth)
         if self.mode not in _RGB_MODES:
             self.close()
             raise ValueError(f"streamcnn: {path!r}: {self.format} image mode {self.mode!r} is "
-                             "not 8-bit colour or grey (e.g. a 16-bit or float image): "
-                             "convert it to 8-bit RGB")
+                             "not 8-bit colour or grey: convert it to 8-bit RGB")
         if w * h > MAX_IMAGE_PIXELS:
             self.close()
             raise ValueError(
@@ -86,8 +96,12 @@ class PlainImage:
         self.properties: Dict[str, str] = {"streamcnn.reader": "pillow",
                                            "streamcnn.format": self.format,
                                            "streamcnn.mode": self.mode}
-        self.mpp: Optional[Tuple[float, float]] = _tiff_mpp(im) if self.format == "TIFF" \
-            else None
+        self.mpp: Optional[Tuple[float, float]] = None
+        if self.format == "TIFF":
+            tags = getattr(im, "tag_v2", None)
+            self.mpp = tiff_mpp(tags) if tags is not None else None
+            if self.mpp is not None and _tag_int(tags, 274, 1) in (5, 6, 7, 8):
+                self.mpp = self.mpp[1], self.mpp[0]  # Pillow turns the rows into columns
         if self.orientation != 1:
             self.properties["streamcnn.exif-orientation"] = str(self.orientation)
         if self.mpp is not None:
@@ -218,12 +232,121 @@ def _to_rgb(im):
     return im.convert("RGB")
 
 
-def _tiff_mpp(im) -> Optional[Tuple[float, float]]:
-    """Microns per pixel from a TIFF's resolution tags when their unit is the
-    centimetre (as OpenSlide's generic TIFF reader; an inch resolution is
-    most often a default 72 or 96 dpi that says nothing of the pixel)."""
-    tags = getattr(im, "tag_v2", None)
-    if tags is None or tags.get(296) != _RESUNIT_CM:
+def bit_depth_error(path: str, fmt: str, depth: str) -> ValueError:
+    """The refusal of an image whose samples are ``depth`` (e.g. "16-bit"),
+    not 8-bit unsigned."""
+    return ValueError(f"streamcnn: {path!r}: a {fmt} image of {depth} samples: 16-bit and "
+                      "float images are refused (streamcnn reads 8-bit unsigned samples); "
+                      "convert it to 8-bit RGB (how to scale its values is your choice: "
+                      "12-bit data stored in 16 bits needs another scale than 16-bit data)")
+
+
+_TIFF_MAGIC = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")
+_TIFF_PAGES = 1024  # the most pages walked to find a level
+
+
+def tiff_page_tags(path: str, size: Optional[Tuple[int, int]] = None):
+    """The tags of a TIFF's first page, or (``size = (w, h)``) of its first
+    tiled page of that size (OpenSlide's generic TIFF level 0: the largest
+    tiled page), as a Pillow ``ImageFileDirectory_v2``, read without
+    decoding any pixels; None for a file that is not a TIFF, whose
+    directories cannot be read, or without such a page."""
+    from PIL.TiffImagePlugin import ImageFileDirectory_v2
+    try:
+        with open(path, "rb") as f:
+            ifh = f.read(16)
+            if ifh[:4] not in _TIFF_MAGIC:
+                return None
+            ifh = ifh if ifh[2:4] in (b"+\0", b"\0+") else ifh[:8]  # BigTIFF: 16 bytes
+            offset, seen = ImageFileDirectory_v2(ifh).next, set()
+            while offset and offset not in seen and len(seen) < _TIFF_PAGES:
+                seen.add(offset)
+                f.seek(offset)
+                tags = ImageFileDirectory_v2(ifh)
+                tags.load(f)
+                if size is None:
+                    return tags
+                if 322 in tags and (_tag_int(tags, 256, 0), _tag_int(tags, 257, 0)) == size:
+                    return tags
+                offset = tags.next
+    except Exception:  # noqa: BLE001 - a damaged directory: the readers say what is wrong
+        return None
+    return None
+
+
+def _tag_values(tags, tag: int, default: int) -> Tuple[int, ...]:
+    v = tags.get(tag, default)
+    try:
+        return tuple(int(x) for x in v) if isinstance(v, (tuple, list)) else (int(v),)
+    except (TypeError, ValueError):
+        return (default,)
+
+
+def _tag_int(tags, tag: int, default: int) -> int:
+    return _tag_values(tags, tag, default)[0]
+
+
+_SAMPLE_FORMATS = {1: "", 2: " signed", 3: " float", 4: " untyped", 5: " complex signed",
+                   6: " complex float"}
+
+
+def sample_depth(tags) -> Optional[str]:
+    """What a TIFF page's samples are (e.g. "16-bit", "32-bit float") when
+    they are not 8-bit (or fewer: bilevel, 4-bit palette) unsigned integers
+    (BitsPerSample, SampleFormat); None for those."""
+    bits = _tag_values(tags, 258, 1)
+    fmt = _tag_values(tags, 339, 1)
+    if max(bits) <= 8 and set(fmt) == {1}:
+        return None
+    kind = next((f for f in fmt if f != 1), 1)
+    return f"{max(bits)}-bit" + _SAMPLE_FORMATS.get(kind, f" SampleFormat {kind}")
+
+
+# Pillow modes of samples wider than 8 bits (refused), and raw modes of
+# such samples ("RGB;16B"; not BMP's 16-bit pixels of 5-bit samples, "BGR;16")
+_WIDE_RAWMODE = re.compile(r";(16|32)[BLNFS]")
+_DEEP_MODES = {"I": "32-bit", "F": "32-bit float", "I;16": "16-bit", "I;16L": "16-bit",
+               "I;16B": "16-bit", "I;16N": "16-bit"}
+
+
+def _pillow_sample_depth(im, path: str) -> Optional[str]:
+    """The samples of an image Pillow opened when wider than 8 bits, else
+    None. Pillow shows a 16-bit RGB PNG (or PPM, SGI) as mode RGB and keeps
+    the high byte of each sample: the file's bit depth says it (a PNG's
+    IHDR, the raw mode of Pillow's decoder, a PPM's maximum value)."""
+    if im.format == "PNG":
+        try:
+            with open(path, "rb") as f:
+                head = f.read(25)
+        except OSError:
+            head = b""
+        if len(head) == 25 and head[12:16] == b"IHDR" and head[24] > 8:
+            return f"{head[24]}-bit"
+    if im.mode in _DEEP_MODES:
+        return _DEEP_MODES[im.mode]
+    for tile in getattr(im, "tile", None) or ():
+        args = tile[3] if len(tile) > 3 else None
+        raw = args[0] if isinstance(args, tuple) and args else args
+        wide = _WIDE_RAWMODE.search(raw) if isinstance(raw, str) else None
+        if wide is not None:
+            return f"{wide.group(1)}-bit"
+        if tile[0] == "ppm" and isinstance(args, tuple) and len(args) > 1 \
+                and isinstance(args[1], int) and args[1] > 255:
+            return "16-bit"
+    return None
+
+
+def tiff_mpp(tags) -> Optional[Tuple[float, float]]:
+    """Microns per pixel from a TIFF page's tags: an OME-TIFF's OME-XML
+    (ImageDescription: PhysicalSizeX / Y of the first Pixels, in
+    PhysicalSizeXUnit / YUnit, default µm), else the resolution tags when
+    their unit is the centimetre (as OpenSlide's generic TIFF reader; an
+    inch resolution is most often a default 72 or 96 dpi that says nothing
+    of the pixel); None when neither says."""
+    m = _ome_mpp(tags.get(270))
+    if m is not None:
+        return m
+    if _tag_int(tags, 296, 2) != _RESUNIT_CM:
         return None
     try:
         rx, ry = float(tags.get(282)), float(tags.get(283))
@@ -232,3 +355,36 @@ def _tiff_mpp(im) -> Optional[Tuple[float, float]]:
     if not (math.isfinite(rx) and math.isfinite(ry) and rx > 0 and ry > 0):
         return None
     return 1e4 / rx, 1e4 / ry
+
+
+# OME length units in microns
+_OME_UNITS = {"µm": 1.0, "\u03bcm": 1.0, "um": 1.0, "nm": 1e-3, "pm": 1e-6, "Å": 1e-4,
+              "mm": 1e3, "cm": 1e4, "m": 1e6}
+
+
+def _ome_mpp(description) -> Optional[Tuple[float, float]]:
+    """PhysicalSizeX / Y (in microns) of the first Pixels of an OME-XML
+    ImageDescription; None when it is not OME-XML or does not give both."""
+    if isinstance(description, str):  # Pillow decodes an ASCII tag as Latin-1
+        description = description.encode("latin-1", "replace")
+    if not isinstance(description, bytes) or b"<OME" not in description:
+        return None
+    import xml.etree.ElementTree as ET
+    try:  # the bytes as written: the XML declaration names their encoding (UTF-8)
+        root = ET.fromstring(description.strip(b"\0 \t\r\n"))
+    except (ET.ParseError, ValueError, LookupError):
+        return None
+    pixels = next((e for e in root.iter() if e.tag.rsplit("}", 1)[-1] == "Pixels"), None)
+    if pixels is None:
+        return None
+    out = []
+    for axis in "XY":
+        try:
+            v = float(pixels.get(f"PhysicalSize{axis}", "nan"))
+        except ValueError:
+            return None
+        scale = _OME_UNITS.get(pixels.get(f"PhysicalSize{axis}Unit", "µm").strip())
+        if scale is None or not (math.isfinite(v) and v > 0):
+            return None
+        out.append(v * scale)
+    return out[0], out[1]

@@ -22,6 +22,9 @@ _NOT_A_SLIDE = "is not a slide OpenSlide can read"
 # rows (16 rows of the reader's 512-pixel chunks: the chunk row two bands
 # share is read twice, ~6 %)
 BAND_ROWS = 8192
+# x and y microns per pixel further apart than this (relative) are pixels
+# that are not square: reading such a slide at an mpp is refused
+MPP_ASPECT_TOLERANCE = 0.01
 
 
 def uint8_buffer(shape: Sequence[int], what: str) -> torch.Tensor:
@@ -71,10 +74,15 @@ class Slide:
     ``close()`` (3 bytes a pixel; at most ``streamcnn._plain.MAX_IMAGE_PIXELS``
     pixels, 2^30: larger images belong in a tiled pyramidal TIFF). Grey,
     palette, CMYK and alpha images become RGB (alpha composited over white);
-    16-bit and float images are refused. Its pixels are read as stored (no
-    EXIF orientation). A TIFF's resolution gives its ``mpp`` when the unit
-    is the centimetre, as OpenSlide's; other plain images carry none
-    (``properties``: ``streamcnn.reader`` = ``pillow``, ``streamcnn.format``).
+    16-bit and float images are refused. A photo's EXIF orientation and a
+    striped TIFF's Orientation turn it upright. A TIFF's resolution gives its
+    ``mpp`` when the unit is the centimetre, as does an OME-TIFF's OME-XML;
+    other plain images carry none (``properties``: ``streamcnn.reader`` =
+    ``pillow``, ``streamcnn.format``). A generic tiled TIFF read through
+    OpenSlide follows the same rules (its samples, its mpp), and one whose
+    Orientation tag is not 1 is refused (OpenSlide would read it as stored).
+    A slide whose pixels are not square is read by level only
+    (``downsample_for_mpp``).
 
     The handle is safe to read from several threads; use one ``Slide`` per
     process (it does not pickle). ``close()`` (or a ``with`` block) frees it.
@@ -86,6 +94,7 @@ class Slide:
         self._lib = clib()
         self._h = None
         self._plain = None
+        self._tiff_mpp: Optional[Tuple[float, float]] = None
         self._mpp_override = _check_mpp(mpp)
         self._mpp_default = _check_mpp(default_mpp)
         err = _err()
@@ -121,6 +130,41 @@ class Slide:
             val = lib.sc_slide_property(self._h, names[i])
             self.properties[key] = val.decode(errors="replace") if val else ""
             i += 1
+        if self.properties.get("openslide.vendor") == "generic-tiff":
+            self._check_generic_tiff()
+
+    def _check_generic_tiff(self) -> None:
+        """What OpenSlide 3.4's generic TIFF reader leaves out, from the tags
+        of the level-0 page (the largest tiled one): samples other than 8-bit
+        unsigned are refused (libtiff's RGBA reading keeps the high byte of
+        16-bit samples and fails on 32-bit ones), and so is an Orientation
+        other than 1 (OpenSlide reads the tiles as stored: the image would
+        be turned or mirrored, heatmap coordinates with it); the microns per
+        pixel come from an OME-TIFF's OME-XML or a resolution in centimetres
+        when OpenSlide gives none (it does from OpenSlide 4 on), as for a
+        striped TIFF (``streamcnn._plain.tiff_mpp``)."""
+        from ._plain import _tag_int, bit_depth_error, sample_depth, tiff_mpp, tiff_page_tags
+        tags = tiff_page_tags(self.path, self.level_dimensions[0])
+        if tags is None:
+            return
+        depth = sample_depth(tags)
+        if depth is not None:
+            self.close()
+            raise bit_depth_error(self.path, "tiled TIFF", depth)
+        orientation = _tag_int(tags, 274, 1)
+        if 2 <= orientation <= 8:
+            self.close()
+            raise ValueError(
+                f"streamcnn: {self.path!r}: its TIFF Orientation tag is {orientation} (not "
+                "1, upright), which OpenSlide does not apply to a tiled TIFF: it would be read "
+                "turned or mirrored as stored, and heatmap coordinates with it; write the file "
+                "upright, e.g. `vips autorot IN.tif OUT.tif[tile,pyramid,compression=jpeg]` "
+                "(or `vips rot`)")
+        if "openslide.mpp-x" not in self.properties:
+            self._tiff_mpp = tiff_mpp(tags)
+            if self._tiff_mpp is not None:
+                self.properties["streamcnn.mpp-x"] = f"{self._tiff_mpp[0]:g}"
+                self.properties["streamcnn.mpp-y"] = f"{self._tiff_mpp[1]:g}"
 
     def _open_plain(self) -> None:
         from ._plain import NotAnImage, PlainImage
@@ -177,7 +221,7 @@ class Slide:
             m = (float(self.properties["openslide.mpp-x"]),
                  float(self.properties["openslide.mpp-y"]))
         except (KeyError, ValueError):
-            return None
+            return self._tiff_mpp  # a generic TIFF's OME-XML or resolution
         return m if all(math.isfinite(v) and v > 0 for v in m) else None
 
     # -- life ------------------------------------------------------------------------
@@ -294,12 +338,32 @@ class Slide:
         if self.mpp is None:
             raise ValueError(f"streamcnn: {self.path!r} has no microns-per-pixel metadata "
                              "(openslide.mpp-x); read it by level= instead")
-        if not mpp > 0:
-            raise ValueError(f"streamcnn: mpp must be positive, got {mpp!r}")
-        target = mpp / self.mpp[0]
+        target = self.downsample_for_mpp(mpp)
         out_w, out_h = max(1, round(w / target)), max(1, round(h / target))
         return self.read_scaled((x, y), target, (out_w, out_h), tolerance=tolerance,
                                 threads=threads)
+
+    def downsample_for_mpp(self, mpp: float) -> float:
+        """The downsample (w.r.t. level 0) of a read at ``mpp`` microns per
+        pixel, ``mpp / self.mpp``. Refused (ValueError naming the file) for
+        a slide without microns per pixel, and for one whose pixels are not
+        square (x and y more than ``MPP_ASPECT_TOLERANCE`` apart): every
+        read at an mpp (``read``, ``SlideDataset``) scales both axes by one
+        downsample, which would squash such an image."""
+        if not isinstance(mpp, numbers.Real) or isinstance(mpp, bool) or not mpp > 0 \
+                or not math.isfinite(mpp):
+            raise ValueError(f"streamcnn: mpp must be positive, got {mpp!r}")
+        m = self.mpp
+        if m is None:
+            raise ValueError(f"streamcnn: {self.path!r} has no microns-per-pixel metadata "
+                             "(openslide.mpp-x), so it cannot be read at an mpp")
+        if abs(m[0] - m[1]) > MPP_ASPECT_TOLERANCE * min(m):
+            raise ValueError(
+                f"streamcnn: {self.path!r}: its pixels are not square ({m[0]:g} um in x, "
+                f"{m[1]:g} um in y), so a read at {mpp:g} um/px would squash one axis; "
+                "resample the file to square pixels, or give its pixel size (Slide(mpp=), a "
+                "table's mpp column) where the file's is wrong")
+        return mpp / m[0]
 
     def read_scaled(self, location: Sequence[int], downsample: float, size: Sequence[int], *,
                     box: Optional[Sequence[int]] = None, tolerance: float = 0.05,

@@ -163,8 +163,8 @@ def test_16bit_and_float_refused(tmp_path):
     Image.fromarray(np.arange(600, dtype=np.uint16).reshape(20, 30) * 50).save(
         tmp_path / "a16.png")
     Image.fromarray(np.ones((20, 30), np.float32)).save(tmp_path / "f.tif")
-    for name in ("a16.png", "f.tif"):
-        with pytest.raises(ValueError, match=f"{name}.*mode .*convert it to 8-bit RGB"):
+    for name, depth in (("a16.png", "16-bit"), ("f.tif", "32-bit float")):
+        with pytest.raises(ValueError, match=f"{name}.*{depth} samples.*convert it to 8-bit RGB"):
             Slide(str(tmp_path / name))
 
 

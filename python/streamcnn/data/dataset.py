@@ -513,7 +513,7 @@ class SlideDataset(torch.utils.data.Dataset):
                 raise ValueError(f"streamcnn: {s.path!r} has no microns-per-pixel metadata "
                                  "(openslide.mpp-x): give it in an mpp column of the table "
                                  "or as slide_mpp=, or use level=")
-            return self.mpp / s.mpp[0]
+            return s.downsample_for_mpp(self.mpp)  # refuses pixels that are not square
         if self.level >= s.level_count:
             raise ValueError(f"streamcnn: level {self.level} is out of range for {s.path!r} "
                              f"(levels 0 .. {s.level_count - 1})")
