@@ -426,19 +426,21 @@ def test_bad_run_folder(synth_set, run_dir, tmp_path, capsys):
                 "--optimizer", "sgd", "--batch-size", "3", "--augment"), "last.pt",
          "another config", "lr 0.01 (checkpoint) vs 0.5 (now)", "head 'max' (checkpoint)")
     assert {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()} == before
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    _bad(capsys, _train(slides, empty, "--resume"), "--resume", "no checkpoint", "last.pt")
-    assert list(empty.iterdir()) == []
+    # --resume into a folder with a run's files but no last.pt (not one a
+    # training left: it writes last.pt first); one without a run starts
+    # (test_train_starts_where_no_epoch_ended)
+    stray = tmp_path / "stray"
+    stray.mkdir()
+    (stray / "metrics.csv").write_text("epoch\n")
+    _bad(capsys, _train(slides, stray, "--resume"), "--resume", "no checkpoint", "last.pt",
+         "holds metrics.csv", "--overwrite")
+    assert [p.name for p in stray.iterdir()] == ["metrics.csv"]
     # a memory budget too small for the training images: refused before
     # the run folder is written (it was at the first step, config.yaml kept)
     small = _train(slides, tmp_path / "budget", "--memory-budget", "1MB")
     i = small.index("--tile-size")
     _bad(capsys, small[:i] + small[i + 2:], "memory_budget of 1000000 bytes is too small",
          out=tmp_path / "budget")
-    # a run that stopped before its first epoch ended (config.yaml alone)
-    (empty / "config.yaml").write_text("lr: 0.01\n")
-    _bad(capsys, _train(slides, empty), "stopped before its first epoch ended", "--overwrite")
     _bad(capsys, ["evaluate", tmp_path / "none.pt", "--csv", slides / "val.csv"], "none.pt",
          "does not exist")
     _bad(capsys, ["export", slides / "train.csv", tmp_path / "m.pt"], "train.csv",
@@ -601,6 +603,133 @@ def test_one_training_per_run_folder(slides, tmp_path, capsys):
             lock_folder(str(out))
         finally:
             os.close(held)
+
+
+def test_train_starts_where_no_epoch_ended(slides, tmp_path, capsys):
+    """A run stopped in epoch 1 leaves config.yaml alone: the same command,
+    with --resume (a requeued job) or without, starts it again from epoch
+    1 with its own options, saying so in one line; --resume into a folder
+    that does not exist or is empty starts the run too."""
+    note = "holds a run that stopped before its first epoch ended (config.yaml alone, no " \
+        "checkpoint): starting it again from epoch 1 with these options"
+    out = tmp_path / "run"
+    for extra in (["--resume"], []):
+        out.mkdir(exist_ok=True)
+        for f in out.iterdir():
+            f.unlink()
+        # what the stopped run wrote, of other options: nothing was trained
+        (out / "config.yaml").write_text("lr: 0.5\nepochs: 7\n")
+        res = cli_here(capsys, *_train(slides, out, "--epochs", "1", *extra))
+        assert [ln for ln in res.stderr.splitlines() if "streamcnn" in ln] == [
+            f"streamcnn: {out} {note}"], res.stderr
+        cfg = yaml.safe_load((out / "config.yaml").read_text())
+        assert cfg["lr"] == 1e-3 and cfg["epochs"] == 1
+        assert load_checkpoint(str(out / "last.pt"))["epoch"] == 1
+    # and a run with a checkpoint is resumed (nothing to do), not restarted
+    res = cli_here(capsys, *_train(slides, out, "--epochs", "1", "--resume"))
+    assert "nothing to do" in res.stdout and "starting" not in res.stderr
+    for where in (tmp_path / "new" / "run", tmp_path / "empty"):
+        if where.name == "empty":
+            where.mkdir()
+        res = cli_here(capsys, *_train(slides, where, "--epochs", "1", "--resume"))
+        assert [ln for ln in res.stderr.splitlines() if "streamcnn" in ln] == [
+            f"streamcnn: --resume: {where} holds no run yet: starting one from epoch 1"]
+        assert [int(r["epoch"]) for r in _csv(where / "metrics.csv")] == [1]
+
+
+def test_ranks_must_see_one_run_folder(slides, tmp_path, capsys, monkeypatch):
+    """Each rank decides from the run folder it sees whether to resume; ranks
+    that see different ones (a folder not on a shared file system) stop
+    before anything is written, naming the epochs."""
+    from streamcnn.app.common import Dist
+    real = Dist.gather
+    # a rank 1 whose --out holds the last.pt of epoch 3
+    monkeypatch.setattr(Dist, "gather", lambda self, obj: real(self, obj) + [3]
+                        if isinstance(obj, int) else real(self, obj))
+    out = tmp_path / "run"
+    _bad(capsys, _train(slides, out, "--resume"), f"the ranks see different run folders {out}",
+         "rank 0 would start after epoch 0, rank 1 after epoch 3", "shares", out=out)
+
+
+def test_read_scale_refused_up_front(slides, tmp_path, capsys):
+    """An --mpp, --slide-mpp or mpp cell that would read a slide as less
+    than one pixel (the reader failed on a span of 0 pixels, config.yaml
+    written), or make the image of less than one slide pixel, is refused
+    before anything is written, naming the value, the CSV line and where
+    the slide's mpp comes from."""
+    from PIL import Image
+    out = tmp_path / "run"
+    where = f"--train CSV {slides / 'train.csv'} line 2"
+    _bad(capsys, _train(slides, out, "--mpp", "1e300"), f"{where}: --mpp 1e+300 would read "
+         f"slide {slides / 'train_0.svs'} as 2.56e-298 x 2.56e-298 pixels, less than one (512 x "
+         "512 pixels of 0.5 um, as the file says)", out=out)
+    _bad(capsys, _train(slides, out, "--mpp", "300"), "--mpp 300 would read", "as 0.853 x "
+         "0.853 pixels", out=out)
+    _bad(capsys, _train(slides, out, "--mpp", "1e-300"), f"{where}: --mpp 1e-300 would make "
+         f"the 256 x 256 image of slide {slides / 'train_0.svs'} from 5.12e-298 x 5.12e-298 of "
+         "its pixels, less than one (of 0.5 um, as the file says)", out=out)
+    t = tmp_path / "t.csv"
+    t.write_text(f"path,label,mpp\n{slides / 'train_0.svs'},0,\n"
+                 f"{slides / 'train_1.svs'},1,1e300\n")
+    _bad(capsys, _train(slides, out, train=t), f"--train CSV {t} line 3: --mpp 1 would make",
+         "(of 1e+300 um, as its mpp cell says)", out=out)
+    Image.new("RGB", (300, 200), (200, 120, 160)).save(tmp_path / "a.png")
+    t.write_text("path,label\na.png,0\n")
+    _bad(capsys, _train(slides, out, "--slide-mpp", "1e-300", train=t), f"--train CSV {t} line "
+         "2: --mpp 1 would read slide", "as 3e-298 x 2e-298 pixels, less than one (300 x 200 "
+         "pixels of 1e-300 um, as --slide-mpp says)", out=out)
+    # pixels that are not square (0.5 um in x, 1 um in y): refused at the
+    # table, not squashed at the first read
+    from test_tiff_tags import _cm, _samples, _write
+    _write(tmp_path / "aniso.tif", pixels=_samples(40, 48, 3, 1), tile=16,
+           tags=_cm(20000, 10000))
+    t.write_text("path,label\naniso.tif,0\n")
+    _bad(capsys, _train(slides, out, train=t), f"--train CSV {t} line 2: ",
+         "its pixels are not square (0.5 um in x, 1 um in y)", out=out)
+    t.write_text(f"path,label,mpp\n{slides / 'val_0.svs'},0,0.25\n")
+    cli_here(capsys, *_train(slides, out, "--epochs", "1", "--mpp", "0.004", val=t))
+    # evaluate: the run's --mpp against the table's slides, before any file
+    t.write_text(f"path,label,mpp\n{slides / 'val_0.svs'},0,2e-6\n")
+    _bad(capsys, ["evaluate", out / "last.pt", "--csv", t, "--out", tmp_path / "ev"],
+         f"--csv {t} line 2: the run's --mpp 0.004 would read slide", "as 0.256 x 0.256 "
+         "pixels", "(512 x 512 pixels of 2e-06 um, as its mpp cell says)", out=tmp_path / "ev")
+
+
+def test_weights_that_do_not_fit_the_config(slides, tmp_path, capsys):
+    """A checkpoint whose weights are of another model than its config
+    describes (another architecture, another number of outputs) is one
+    short line: the file, the model, the counts and the first few keys of
+    each kind (load_state_dict's message listed every key, kilobytes)."""
+    out = tmp_path / "run"
+    cli_here(capsys, *_train(slides, out, "--epochs", "1"))
+    ckpt = torch.load(out / "best.pt", weights_only=False)
+    ckpt["config"].update(model="densenet121", stream_upto="denseblock1")
+    torch.save(ckpt, tmp_path / "dense.pt")
+    with pytest.raises(ValueError) as e:
+        load_model(str(tmp_path / "dense.pt"))
+    msg = str(e.value)
+    assert msg.startswith(f"streamcnn: checkpoint {tmp_path / 'dense.pt'}: its weights do not "
+                          "fit the model its config describes (densenet121 streamed to "
+                          "denseblock1, 2 outputs): 725 of the model's 729 entries missing "
+                          "(stem.module.conv0.weight, stem.module.norm0.weight, ...); 120 "
+                          "unexpected (stem.module.conv1.weight, stem.module.bn1.weight, ...); "
+                          "1 of another shape (head.fc.weight: [2, 512] in the file, [2, 1024] "
+                          "in the model)"), msg
+    assert "\n" not in msg and len(msg) - len(str(tmp_path)) < 450
+    for cmd in (["evaluate", tmp_path / "dense.pt", "--csv", slides / "val.csv"],
+                ["export", tmp_path / "dense.pt", tmp_path / "m.pt"]):
+        _bad(capsys, cmd, "dense.pt", "its weights do not fit", "725 of the model's 729")
+    # --resume from a last.pt whose head was saved of 3 classes
+    ckpt = torch.load(out / "last.pt", weights_only=False)
+    ckpt["model"]["head.fc.weight"] = torch.zeros(3, 512)
+    del ckpt["model"]["head.fc.bias"]
+    torch.save(ckpt, out / "last.pt")
+    line = _bad(capsys, _train(slides, out, "--resume"),
+                f"--resume: checkpoint {out / 'last.pt'}: its weights do not fit the model its "
+                "config describes (resnet18 streamed to layer1, 2 outputs): 1 of the model's",
+                "entries missing (head.fc.bias); 1 of another shape (head.fc.weight: [3, 512] in "
+                "the file, [2, 512] in the model)")
+    assert len(line) - len(str(out)) < 300
 
 
 @pytest.mark.parametrize("options, metric", [

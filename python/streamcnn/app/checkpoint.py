@@ -88,15 +88,65 @@ def model_from_config(config: Dict[str, Any]) -> SlideClassifier:
                        mean=config["mean"], std=config["std"])
 
 
+def describe(config: Dict[str, Any]) -> str:
+    """The model a config describes, in a few words: ``resnet18 streamed to
+    layer1, 2 outputs``."""
+    return (f"{config.get('model')} streamed to {config.get('stream_upto')}, "
+            f"{config.get('num_outputs')} output{'s' if config.get('num_outputs') != 1 else ''}")
+
+
+def _few(keys, n: int = 2) -> str:
+    return ", ".join(keys[:n]) + (", ..." if len(keys) > n else "")
+
+
+def misfit(model: torch.nn.Module, state: Any) -> str:
+    """Why the state_dict ``state`` does not fit ``model`` ('' when it
+    does), in one short phrase: the counts of missing, unexpected and
+    reshaped entries, the first few of each named (``load_state_dict``'s
+    message lists every one: kilobytes for another architecture)."""
+    if not isinstance(state, dict):
+        return f"its model entry is a {type(state).__name__}, not a state_dict"
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shaped = [k for k in own if k in state and isinstance(state[k], torch.Tensor)
+              and tuple(state[k].shape) != tuple(own[k].shape)]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} of the model's {len(own)} entries missing "
+                     f"({_few(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected ({_few(unexpected)})")
+    if shaped:
+        k = shaped[0]
+        parts.append(f"{len(shaped)} of another shape ({k}: {list(state[k].shape)} in the "
+                     f"file, {list(own[k].shape)} in the model"
+                     + (", ..." if len(shaped) > 1 else "") + ")")
+    return "; ".join(parts)
+
+
+def load_weights(model: torch.nn.Module, state: Any, path: str,
+                 config: Dict[str, Any]) -> None:
+    """``model.load_state_dict(state)``; weights that do not fit raise a
+    ValueError of one short line naming ``path``, the model its ``config``
+    describes and the first few entries that differ, with their counts."""
+    why = misfit(model, state)
+    if not why:
+        try:
+            model.load_state_dict(state)
+            return
+        except RuntimeError as e:           # (what misfit does not look at)
+            why = first_line(e, 300)
+    raise ValueError(f"streamcnn: checkpoint {path}: its weights do not fit the model its "
+                     f"config describes ({describe(config)}): {why}")
+
+
 def load_model(path: str, device: Any = "cpu") -> Tuple[SlideClassifier, Dict[str, Any]]:
     """``(model, config)`` from a checkpoint: the trained model in eval mode
-    on ``device``, and the run's config."""
+    on ``device``, and the run's config. Weights that do not fit the model
+    of the config raise a ValueError (:func:`load_weights`)."""
     ckpt = load_checkpoint(path)
     config = ckpt["config"]
     model = model_from_config(config)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise ValueError(f"streamcnn: checkpoint {path}: the weights do not fit its config: "
-                         f"{e}") from None
+    load_weights(model, ckpt["model"], path, config)
     return model.to(device).eval(), config

@@ -121,13 +121,18 @@ class Table:
 
 def read_slide_table(path: str, task: str, what: str = "CSV", mpp: bool = True,
                      slide_mpp: Optional[float] = None, num_classes: int = 2,
-                     classes: Optional[Sequence[str]] = None) -> Table:
+                     classes: Optional[Sequence[str]] = None,
+                     read_mpp: Optional[float] = None, image_size: Optional[int] = None,
+                     mpp_flag: str = "--mpp") -> Table:
     """Read and check a slide table: the file, its header, every row's slide
     (exists, opens as a slide or an image, carries microns per pixel when
     ``mpp``: its ``mpp`` column, the file's own, or ``slide_mpp``), its
     ``mpp`` (empty or positive) and label (0 .. num_classes - 1, or one of
     the names ``classes``, for classification, a finite number for
-    regression). Any problem raises
+    regression); with ``read_mpp`` (the microns per pixel the slides are
+    read at, the option ``mpp_flag``), that each slide read so gives an
+    image (:func:`read_scale_problem`, of ``image_size`` x ``image_size``
+    images). Any problem raises
     :class:`UsageError` naming the file, the line and the value."""
     from ..data.dataset import _row_mpp, row_path
     from ..slide import Slide
@@ -146,6 +151,15 @@ def read_slide_table(path: str, task: str, what: str = "CSV", mpp: bool = True,
                     raise UsageError(f"{where}: slide {full} has no microns-per-pixel "
                                      "metadata (openslide.mpp-x): give it with --slide-mpp "
                                      "or in an mpp column")
+                why = (read_scale_problem(s, read_mpp, image_size, row_mpp, mpp_flag)
+                       if read_mpp is not None and s.mpp is not None else "")
+                if not why and read_mpp is not None and s.mpp is not None:
+                    try:
+                        s.downsample_for_mpp(read_mpp)  # pixels that are not square
+                    except ValueError as e:
+                        why = _strip(str(e))
+                if why:
+                    raise UsageError(f"{where}: {why}")
         except UsageError:
             raise
         except (OSError, ValueError, RuntimeError) as e:
@@ -158,6 +172,35 @@ def read_slide_table(path: str, task: str, what: str = "CSV", mpp: bool = True,
     if not paths:
         raise UsageError(f"{what} {path} has no rows")
     return Table(path, paths, names, labels, mpps)
+
+
+def read_scale_problem(s, mpp: float, size: Optional[int] = None,
+                       cell: Optional[float] = None, flag: str = "--mpp",
+                       slide_flag: str = "--slide-mpp") -> str:
+    """Why the slide ``s`` (a ``streamcnn.slide.Slide`` whose ``s.mpp`` is
+    known) cannot be read at ``mpp`` microns per pixel (the option
+    ``flag``), or '' when it can: the whole slide would be less than one
+    pixel wide or high (a huge ``--mpp``, or a tiny slide mpp: the reader
+    would fail on a span of 0 pixels), or, of ``size`` x ``size`` images,
+    the whole image would lie within one pixel of the slide (a tiny
+    ``--mpp``, or a huge slide mpp: the image would hold no detail of the
+    slide, at worst a downsample of 0). Where the slide's mpp comes from is
+    said: the table row's mpp ``cell``, the file, or ``slide_flag``."""
+    sx, sy = s.mpp
+    w0, h0 = s.dimensions
+    said = "its mpp cell" if cell is not None else "the file" if s.file_mpp else slide_flag
+    um = f"{sx:g}" if sx == sy else f"{sx:g} x {sy:g}"
+    ew, eh = w0 * sx / mpp, h0 * sy / mpp
+    if ew < 1 or eh < 1:
+        return (f"{flag} {mpp:g} would read slide {s.path} as {ew:.3g} x {eh:.3g} pixels, "
+                f"less than one ({w0} x {h0} pixels of {um} um, as {said} says)")
+    if size is not None:
+        fw, fh = size * mpp / sx, size * mpp / sy
+        if fw < 1 or fh < 1:
+            return (f"{flag} {mpp:g} would make the {size} x {size} image of slide {s.path} "
+                    f"from {fw:.3g} x {fh:.3g} of its pixels, less than one (of {um} um, as "
+                    f"{said} says)")
+    return ""
 
 
 def read_table(path: str, what: str, columns: Sequence[str]

@@ -76,27 +76,42 @@ def _run_files(out: str) -> List[str]:
     return [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
 
 
-def _check_out(out: str, resume: bool, overwrite: bool) -> None:
+def _check_out(out: str, resume: bool, overwrite: bool) -> str:
+    """Refuse an ``--out`` the run may not write into; returns ``""``, or
+    the line to say (rank 0, when it writes config.yaml) where a run starts
+    from epoch 1 in a folder that is not empty, or that ``--resume`` named:
+
+    * config.yaml alone (a run that stopped before its first epoch ended:
+      nothing was trained, nothing to protect) starts again with this
+      invocation's options, with or without ``--resume``;
+    * ``--resume`` into a folder that does not exist or holds no run
+      starts one (a requeued job may always give ``--resume``, as with
+      ``predict`` and ``evaluate``)."""
     if resume and overwrite:
         raise UsageError("give --resume or --overwrite, not both")
     if os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f"--out {out} exists and is not a directory")
     held = _run_files(out) if os.path.isdir(out) else []
+    if held == ["config.yaml"] and not overwrite:
+        return (f"{out} holds a run that stopped before its first epoch ended (config.yaml "
+                "alone, no checkpoint): starting it again from epoch 1 with these options")
     if resume:
-        if not os.path.exists(os.path.join(out, "last.pt")):
-            why = (" (the run stopped before its first epoch ended; start it again with "
-                   "--overwrite)" if held else "")
-            raise UsageError(f"--resume: no checkpoint {os.path.join(out, 'last.pt')}{why}")
-    elif held == ["config.yaml"] and not overwrite:
-        raise UsageError(f"--out {out} holds a run that stopped before its first epoch "
-                         "ended (config.yaml alone); start it again with --overwrite")
-    elif held and not overwrite:
+        if "last.pt" in held:
+            return ""
+        if held:
+            raise UsageError(f"--resume: no checkpoint {os.path.join(out, 'last.pt')} to "
+                             f"continue from ({out} holds {', '.join(held)}); --overwrite "
+                             "replaces them")
+        return f"--resume: {out} holds no run yet: starting one from epoch 1"
+    if held and not overwrite:
         raise UsageError(f"--out {out} holds another run ({', '.join(held)}); use --resume "
                          "to continue it or --overwrite to replace it")
+    return ""
 
 
 def _resolve(args) -> Dict[str, Any]:
-    """The run's config and, on resume, the checkpoint: ``{"cfg", "ckpt"}``."""
+    """The run's config, on resume the checkpoint (None where the run starts
+    from epoch 1) and what to say of a start: ``{"cfg", "ckpt", "note"}``."""
     from_file, flags = C.explicit_options(args)
     given = {**from_file, **flags}
     if "stream_upto" in given and given["stream_upto"] is not None:
@@ -104,9 +119,9 @@ def _resolve(args) -> Dict[str, Any]:
     out = given.get("out")
     if not out:
         raise UsageError("train: --out is required")
-    _check_out(out, args.resume, args.overwrite)
-    if not args.resume:
-        return {"cfg": C.resolve(given), "ckpt": None}
+    note = _check_out(out, args.resume, args.overwrite)
+    if not args.resume or note:
+        return {"cfg": C.resolve(given), "ckpt": None, "note": note}
     path = os.path.join(out, "last.pt")
     try:
         ckpt = ckpt_io.load_checkpoint(path)
@@ -119,7 +134,7 @@ def _resolve(args) -> Dict[str, Any]:
         raise UsageError(f"--resume: {path} was trained with another config: "
                          + "; ".join(parts))
     cfg = C.resolve({k: v for k, v in given.items() if k in C.RESUME_FREE}, base=saved)
-    return {"cfg": cfg, "ckpt": ckpt}
+    return {"cfg": cfg, "ckpt": ckpt, "note": ""}
 
 
 def _build_model(cfg):
@@ -244,8 +259,8 @@ def run(args) -> int:
         init_distributed(dist, device)
     locks: List[int] = []   # the run folder's lock (lock_folder), released at the end
     try:
-        return _train(cfg, ckpt, dist, device, quiet=args.quiet, resume=args.resume,
-                      overwrite=args.overwrite, grid=grid, locks=locks)
+        return _train(cfg, ckpt, dist, device, quiet=args.quiet, overwrite=args.overwrite,
+                      grid=grid, locks=locks, note=r["note"])
     finally:
         for fd in locks:
             os.close(fd)
@@ -257,10 +272,12 @@ def run(args) -> int:
             group_ended()
 
 
-def _train(cfg, ckpt, dist: Dist, device, quiet: bool, resume: bool, overwrite: bool,
-           grid: Optional[TP.Grid] = None, locks: Optional[List[int]] = None) -> int:
-    """The training; ``locks`` gets the descriptor of the run folder's lock
-    (rank 0), for the caller to close when it ends."""
+def _train(cfg, ckpt, dist: Dist, device, quiet: bool, overwrite: bool,
+           grid: Optional[TP.Grid] = None, locks: Optional[List[int]] = None,
+           note: str = "") -> int:
+    """The training, from ``ckpt`` (None: from epoch 1, writing config.yaml;
+    rank 0 says ``note`` then); ``locks`` gets the descriptor of the run
+    folder's lock (rank 0), for the caller to close when it ends."""
     from tqdm import tqdm
     out, task = cfg["out"], cfg["task"]
     mname = metric_name(task, cfg["metric"])
@@ -281,10 +298,13 @@ def _train(cfg, ckpt, dist: Dist, device, quiet: bool, resume: bool, overwrite: 
             raise UsageError("--tensorboard needs the tensorboard package (pip install "
                              "tensorboard)") from None
     names = C.parse_classes(cfg["classes"])
+    # (each slide read at --mpp must give an image: checked now, not when read)
     train_t = read_slide_table(cfg["train"], task, "--train CSV", slide_mpp=cfg["slide_mpp"],
-                               num_classes=cfg["num_classes"], classes=names)
+                               num_classes=cfg["num_classes"], classes=names,
+                               read_mpp=cfg["mpp"], image_size=cfg["image_size"])
     val_t = read_slide_table(cfg["val"], task, "--val CSV", slide_mpp=cfg["slide_mpp"],
-                             num_classes=cfg["num_classes"], classes=names)
+                             num_classes=cfg["num_classes"], classes=names,
+                             read_mpp=cfg["mpp"], image_size=cfg["image_size"])
     _check_tables(train_t, val_t, dist.main)
     weights = class_weights(cfg["class_weights"], train_t.labels, cfg["num_classes"]) \
         if task == "classification" else None
@@ -296,10 +316,10 @@ def _train(cfg, ckpt, dist: Dist, device, quiet: bool, resume: bool, overwrite: 
         model.stem.requires_grad_(False)
     if ckpt is not None:
         try:
-            model.load_state_dict(ckpt["model"])
-        except RuntimeError as e:
-            raise UsageError(f"--resume: the weights in {out}/last.pt do not fit its "
-                             f"config: {e}") from None
+            ckpt_io.load_weights(model, ckpt["model"], os.path.join(out, "last.pt"),
+                                 ckpt["config"])
+        except ValueError as e:
+            raise UsageError("--resume: " + str(e).replace("streamcnn: ", "", 1)) from None
     tp_net, my_rows = None, None
     if grid is not None:
         size = cfg["image_size"]
@@ -328,8 +348,17 @@ def _train(cfg, ckpt, dist: Dist, device, quiet: bool, resume: bool, overwrite: 
                                    training=not cfg["freeze_stem"], device=device)
         except ValueError as e:
             raise UsageError(str(e)) from None
-    # every rank has checked everything before rank 0 writes anything
-    dist.barrier()
+    # every rank has checked everything before rank 0 writes anything, and
+    # goes on from the same epoch: each decided from the run folder it sees
+    # (a folder not on a file system every rank shares: last.pt on one node,
+    # none on another)
+    starts = dist.gather(int(ckpt["epoch"]) if ckpt is not None else 0)
+    if len(set(starts)) > 1:
+        other = next(i for i, e in enumerate(starts) if e != starts[0])
+        raise UsageError(f"the ranks see different run folders {out}: rank 0 would start "
+                         f"after epoch {starts[0]}, rank {other} after epoch "
+                         f"{starts[other]} (the epoch of the last.pt each sees, 0 for none); "
+                         "give an --out on a file system every rank shares")
     busy = None
     if dist.main:
         # one training at a time in a run folder: a second one (started
@@ -348,8 +377,10 @@ def _train(cfg, ckpt, dist: Dist, device, quiet: bool, resume: bool, overwrite: 
         if overwrite:
             for f in _run_files(out):
                 os.unlink(os.path.join(out, f))
-        if not resume:
+        if ckpt is None:
             import yaml
+            if note:
+                print(f"streamcnn: {note}", file=sys.stderr)
             write_atomic(os.path.join(out, "config.yaml"),
                          yaml.safe_dump(cfg, sort_keys=False).encode())
     dist.barrier()
@@ -560,7 +591,8 @@ def _train(cfg, ckpt, dist: Dist, device, quiet: bool, resume: bool, overwrite: 
         if dist.main:
             done = rows[-1]["epoch"] if rows else 0
             held = (f"{out}/last.pt holds epoch {done}; continue with --resume" if done else
-                    "no epoch finished, so there is no last.pt")
+                    "no epoch finished, so there is no last.pt; the same command, with or "
+                    "without --resume, starts the run again")
             # (at an epoch's end, after its checkpoint: that epoch is done)
             when = f"after epoch {done}" if done == epoch + 1 else f"during epoch {epoch + 1}"
             print(f"streamcnn: {word} {when}; {held}", file=sys.stderr)
