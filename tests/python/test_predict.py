@@ -24,10 +24,10 @@ pytestmark = pytest.mark.skipif(not streamcnn.slide.available(),
 MEAN, STD = [124.0, 116.0, 104.0], [58.0, 57.0, 57.0]
 
 
-def _config(task="classification", outputs=2, head="max", mpp=1.0, size=128):
+def _config(task="classification", outputs=2, head="max", mpp=1.0, size=128, crop=None):
     return dict(model="resnet18", stream_upto="layer1", head=head, num_outputs=outputs,
                 tile_size=256, memory_budget=None, mean=MEAN, std=STD, task=task,
-                image_size=size, mpp=mpp)
+                image_size=size, mpp=mpp, **({} if crop is None else {"crop": crop}))
 
 
 def _checkpoint(path, **kw):
@@ -439,3 +439,118 @@ def test_one_predict_per_output_folder(data, tmp_path):
     finally:
         os.close(fd)
     assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("crop", ["tissue", "center"])
+def test_training_view_is_what_evaluate_reads(data, tmp_path, crop):
+    """The default region is the training view of the run's crop: the same
+    pixels as the training data (SlideDataset; a slide smaller than the
+    view padded with its background, the crop's centre), so predict's
+    probabilities are those of evaluate and val_predictions.csv; the
+    origin in the table is where the view's pixel (0, 0) lies."""
+    from streamcnn.app.checkpoint import load_model
+    from streamcnn.data import SlideDataset
+    d = data["dir"]
+    ckpt = _checkpoint(tmp_path / "c.pt", crop=crop, size=160)
+    out = tmp_path / "out"
+    slides = [d / "a.svs", d / "b.svs"]
+    assert predict.run(_args(ckpt, *slides, "--out", out, "--heatmap", "none",
+                             "--quiet")) == 0
+    model, _ = load_model(ckpt)
+    ds = SlideDataset([(str(p), 0) for p in slides], 160, mpp=1.0, crop=crop)
+    for i, r in enumerate(_rows(out)):
+        with torch.no_grad():
+            p = torch.softmax(model(ds[i][0].unsqueeze(0)).double(), 1)[0]
+        assert abs(float(r["prob_1"]) - float(p[1])) < 1e-6, (crop, r["slide"])
+        (x, y, _, _), (r0, c0), _, ds_ = ds.window(i)
+        assert (float(r["x"]), float(r["y"])) == (x - c0 * ds_, y - r0 * ds_)
+        assert r["region"] == "160x160"
+
+
+def test_maps_of_a_slide_smaller_than_the_view(data, tmp_path, monkeypatch):
+    """A slide far smaller than the analysed region (a 48 x 40 image read as
+    a 128^2 view at 2x its pixels: 5x its size): the maps over the
+    thumbnail are computed for the part on the slide alone, at most the
+    thumbnail's size (it was the whole region at the thumbnail's scale:
+    6.6 GB at the default --png-size for a 200^2 image, a 3 x 2 image
+    asked for 3.9 TB); the PNG's size follows --png-size, which has a
+    maximum."""
+    from streamcnn import heatmaps as hm
+    d = tmp_path / "d"
+    d.mkdir()
+    synthetic.make_slide(str(d / "small.svs"), 48, 40, seed=4, mpp=0.5)
+    sizes, real = [], hm.upsample_map
+
+    def spy(m, cone, size, **kw):
+        sizes.append(tuple(size))
+        return real(m, cone, size, **kw)
+    monkeypatch.setattr(hm, "upsample_map", spy)
+    out = tmp_path / "out"
+    assert predict.run(_args(data["ckpt"], d / "small.svs", "--out", out, "--quiet",
+                             "--png-size", "300")) == 0
+    # the PNG's map: the slide's thumbnail (300 x 250); the TIFF's: the slide at 1 um/px
+    assert (250, 300) in sizes and max(max(s) for s in sizes) <= 300, sizes
+    from PIL import Image
+    for f in ("small_cam.png", "small_saliency.png"):
+        with Image.open(out / f) as im:        # at least 100 dpi: ~950 x 800 pixels
+            assert 900 <= im.size[0] <= 1000
+    sizes.clear()
+    assert predict.run(_args(data["ckpt"], d / "small.svs", "--out", out, "--quiet",
+                             "--png-size", "1600", "--heatmap", "cam")) == 0
+    assert max(max(s) for s in sizes) <= 1600
+    with Image.open(out / "small_cam.png") as im:
+        assert im.size[0] >= 1600                # the figure holds the thumbnail's pixels
+    with pytest.raises(ValueError, match=r"--png-size must be in 16 \.\. 4096, got 5000"):
+        predict.run(_args(data["ckpt"], d / "small.svs", "--out", out, "--png-size", "5000"))
+
+
+def test_rerun_without_resume_replaces_the_earlier_run(data, tmp_path):
+    """Without --resume a run replaces the earlier one in the folder: the
+    maps of slides it does not analyse again are removed with its tables
+    (they were left beside the new ones as if current); files predict did
+    not write stay, and a folder without predict.json is not touched."""
+    d = data["dir"]
+    out = tmp_path / "out"
+    assert predict.run(_args(data["ckpt"], d / "a.svs", d / "b.svs", "--out", out,
+                             "--heatmap", "cam", "--quiet")) == 0
+    (out / "notes.txt").write_text("mine")
+    assert predict.run(_args(data["ckpt"], d / "b.svs", "--out", out, "--heatmap", "cam",
+                             "--quiet")) == 0
+    assert sorted(os.listdir(out)) == ["b_cam.png", "b_cam.tif", "notes.txt", "predict.json",
+                                       "predictions.csv"]
+    assert [r["slide"] for r in _rows(out)] == ["b"]
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "predictions.csv").write_text("slide,path\na,a.svs\n")
+    (other / "a_cam.png").write_bytes(b"not ours")
+    assert predict.run(_args(data["ckpt"], d / "b.svs", "--out", other, "--heatmap", "cam",
+                             "--quiet")) == 0
+    assert (other / "a_cam.png").read_bytes() == b"not ours"
+
+
+def test_pixels_not_square_are_that_slides_error(data, tmp_path):
+    """A slide whose pixels are not square (0.5 um in x, 1 um in y) is read
+    by predict at an mpp through Slide.downsample_for_mpp: that slide's
+    error naming both sizes (it was squashed 2x in y), the others done."""
+    from test_tiff_tags import _cm, _samples, _write
+    path = _write(tmp_path / "aniso.tif", pixels=_samples(40, 48, 3, 1), tile=16,
+                  tags=_cm(20000, 10000))
+    out = tmp_path / "out"
+    assert predict.run(_args(data["ckpt"], path, data["dir"] / "b.svs", "--out", out,
+                             "--heatmap", "none", "--quiet")) == 2
+    rows = {r["slide"]: r for r in _rows(out)}
+    assert rows["b"]["status"] == "ok" and rows["aniso"]["status"] == "error"
+    assert "not square (0.5 um in x, 1 um in y)" in rows["aniso"]["message"]
+
+
+def test_read_scale_named(data, tmp_path):
+    """An --mpp that would read a slide as less than one pixel is that
+    slide's error naming the option (it was the reader's "resample span:
+    sizes 0 -> 1")."""
+    out = tmp_path / "out"
+    assert predict.run(_args(data["ckpt"], data["dir"] / "b.svs", "--out", out, "--mpp",
+                             "1e300", "--heatmap", "none", "--quiet")) == 2
+    msg = _rows(out)[0]["message"]
+    assert msg.startswith(f"streamcnn: --mpp 1e+300 would read slide {data['dir'] / 'b.svs'} "
+                          "as "), msg
+    assert "less than one (384 x 384 pixels of 0.5 um, as the file says)" in msg

@@ -812,9 +812,9 @@ def prediction_rows(table: Table, indices: Sequence[int], scores: Sequence,
     return header, rows
 
 
-def save_figure(fig, path: str) -> None:
+def save_figure(fig, path: str, dpi: int = 100) -> None:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
+    fig.savefig(buf, format="png", dpi=dpi)
     write_atomic(path, buf.getvalue())
 
 

@@ -11,18 +11,19 @@ OpenSlide / ``streamcnn.Slide`` and in slide viewers), written in rows of
 tiles from the feature-resolution map.
 
 The analysed region is the training view (``--image-size``, default the
-checkpoint's: that many pixels centred on the tissue, as the training
-data's ``crop="tissue"``) or, with ``--full-slide``, the whole tissue box
-at the analysis mpp, whatever its size. The region is read as uint8 and
-the stem streams over it; the image gradient of the saliency is computed
-in bands (``streamcnn.heatmaps``), so the memory is the uint8 region, the
+checkpoint's: the pixels the run's training data read, by its ``crop``:
+``data.crop_window`` / ``read_window``, as ``SlideDataset``) or, with
+``--full-slide``, the whole tissue box at the analysis mpp, whatever its
+size. The region is read as uint8 and the stem streams over it; the
+image gradient of the saliency is computed in bands (``streamcnn.heatmaps``), so the memory is the uint8 region, the
 stem output (and, for the saliency, its gradient and the head's
 activations) and one band.
 
 Errors that concern one slide (unreadable, an mpp it cannot provide) are
 reported and the other slides still processed; the exit code is then 2.
-A slide without tissue gets a score (of its centre) and empty maps, with
-a warning.
+A slide without tissue gets a score (of its training view) and empty
+maps, with a warning. Without ``--resume`` a run replaces the folder's
+earlier one (the files it wrote for the slides its tables name).
 
 While it runs, ``DIR/predictions.partial.csv`` holds the rows of the
 slides done so far (rewritten whole after each); at the end it becomes
@@ -47,11 +48,12 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from .. import heatmaps as hm
+from ..data.dataset import crop_window, read_window, tissue_geometry
 from ..slide import Slide
 from .checkpoint import load_model
 from .common import (UsageError, atomic_file, check_settings, check_stop, lock_folder,
-                     read_table, save_figure, stop_requested, stop_status, stopped_by,
-                     write_atomic, write_csv)
+                     read_scale_problem, read_table, save_figure, stop_requested,
+                     stop_status, stopped_by, write_atomic, write_csv)
 from .config import parse_classes
 
 HEATMAPS = ("saliency", "cam", "both", "none")
@@ -61,6 +63,10 @@ MMAP_THRESHOLD = 1 << 20
 MPP_TOLERANCE = 0.05
 OUTPUTS = ("_saliency.png", "_cam.png", "_cam.tif", "_features.pt")
 PARTIAL = "predictions.partial.csv"
+# the PNGs' thumbnail: its longest side at most (the figure holds as many
+# pixels: at 4096 about 4.9k x 4.1k, drawn in 2.9 GB by matplotlib; the
+# class map at full resolution is the _cam.tif)
+MAX_PNG_SIZE = 4096
 SETTINGS = "predict.json"
 FEATURES = ("stem", "body")
 
@@ -102,7 +108,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(body), with the pooled embedding and the map's coordinates, as "
                         "NAME_features.pt")
     p.add_argument("--png-size", type=int, default=1024, metavar="PX",
-                   help="longest side of the PNG overlays' thumbnail (default 1024)")
+                   help="longest side of the PNG overlays' thumbnail, and about the "
+                        f"figure's (default 1024, at most {MAX_PNG_SIZE})")
     p.add_argument("--resume", action="store_true",
                    help="continue a run into --out that stopped: keep the rows of the "
                         "slides that worked (their files all there) and analyse the rest "
@@ -137,8 +144,9 @@ def _check_args(args) -> None:
             raise ValueError(f"streamcnn: {flag} must be positive, got {v}")
     if args.tile_size is not None and args.tile_size < 1:
         raise ValueError(f"streamcnn: --tile-size must be positive, got {args.tile_size}")
-    if args.png_size < 16:
-        raise ValueError(f"streamcnn: --png-size must be at least 16, got {args.png_size}")
+    if not 16 <= args.png_size <= MAX_PNG_SIZE:
+        raise ValueError(f"streamcnn: --png-size must be in 16 .. {MAX_PNG_SIZE}, got "
+                         f"{args.png_size}")
 
 
 def _return_freed_memory() -> None:
@@ -263,34 +271,34 @@ def _downsample(s: Slide, mpp: Optional[float]) -> Tuple[float, Optional[float]]
         raise ValueError(f"streamcnn: slide {s.path} has {s.mpp[0]:g} um/px at its finest "
                          f"level; it cannot provide {mpp:g} um/px (use --mpp "
                          f"{s.mpp[0]:g} or coarser)")
-    return mpp / s.mpp[0], mpp
+    return s.downsample_for_mpp(mpp), mpp      # (refuses pixels that are not square)
 
 
-def _read_region(s: Slide, ds: float, full: bool, size: int):
+def _read_region(s: Slide, ds: float, full: bool, size: int, crop: str):
     """(uint8 3 x h x w image, level-0 origin (x, y) of its pixel (0, 0),
-    blank). Pixel (i, j) of the image is at level-0 (x + j ds, y + i ds)."""
-    box = s.tissue_box()
-    blank = box is None
-    w0, h0 = s.dimensions
-    if full and not blank:
-        bx, by, bw, bh = box
-        w, h = max(1, round(bw / ds)), max(1, round(bh / ds))
-        return s.read_scaled((bx, by), ds, (w, h)), (bx, by), blank
-    # the training view: size x size centred on the tissue box (the slide's
-    # centre without tissue); outside the slide is its background colour
-    if blank:
-        cx, cy = w0 / 2, h0 / 2
-    else:
-        bx, by, bw, bh = box
-        cx, cy = bx + bw / 2, by + bh / 2
-    x, y = round(cx - size * ds / 2), round(cy - size * ds / 2)
-    return s.read_scaled((x, y), ds, (size, size)), (x, y), blank
+    blank). Pixel (i, j) of the image is at level-0 (x + j ds, y + i ds).
+    ``full``: the tissue box at ``ds``; else (and for a blank slide) the
+    training view, ``size x size`` as the training data's ``crop`` reads it
+    (``data.crop_window``: the same pixels, background where the window
+    has no slide)."""
+    if full:
+        box = s.tissue_box()
+        if box is not None:
+            bx, by, bw, bh = box
+            w, h = max(1, round(bw / ds)), max(1, round(bh / ds))
+            return s.read_scaled((bx, by), ds, (w, h)), (bx, by), False
+    tissue = tissue_geometry(s)
+    win = crop_window(s, ds, (size, size), crop, lambda: tissue)
+    (x, y, _, _), (r0, c0), _, _ = win
+    origin = tuple(int(v) if float(v).is_integer() else v
+                   for v in (x - c0 * ds, y - r0 * ds))
+    return read_window(s, win, (size, size)), origin, full or tissue[0] is None
 
 
-def _save_figure(fig, path: str) -> None:
+def _save_figure(fig, path: str, dpi: int = 100) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     FigureCanvasAgg(fig)
-    save_figure(fig, path)
+    save_figure(fig, path, dpi)
 
 
 def _unlink(path: str) -> None:
@@ -300,13 +308,14 @@ def _unlink(path: str) -> None:
         pass
 
 
-def _overlay_png(path: str, thumb: torch.Tensor, thumb_ds: float, m: Optional[torch.Tensor],
-                 extent, title: str, label: str, vmin: float, vmax: float, cmap: str,
+def _overlay_png(path: str, thumb: torch.Tensor, m: Optional[torch.Tensor], m_extent,
+                 box, title: str, label: str, vmin: float, vmax: float, cmap: str,
                  points=None) -> None:
-    """The slide thumbnail (uint8 3 x th x tw, thumb_ds level-0 px per pixel)
-    with the map m drawn over extent = (x0, x1, y1, y0) in thumbnail pixels,
-    a colour bar and the analysed box; points: (x, y, size) in thumbnail
-    pixels (max-pool winners)."""
+    """The slide thumbnail (uint8 3 x th x tw) with the map m drawn over
+    m_extent = (x0, x1, y1, y0) in thumbnail pixels, a colour bar and the
+    analysed box (x0, x1, y1, y0); points: (x, y, size) in thumbnail pixels
+    (max-pool winners). The figure's longest side holds about as many
+    pixels as the thumbnail's (at least 100 dpi)."""
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
     th, tw = thumb.shape[1:]
@@ -314,14 +323,14 @@ def _overlay_png(path: str, thumb: torch.Tensor, thumb_ds: float, m: Optional[to
     ax = fig.add_subplot(1, 1, 1)
     ax.imshow(thumb.permute(1, 2, 0).numpy(), interpolation="bilinear")
     if m is not None:
-        im = ax.imshow(m.numpy(), extent=extent, cmap=cmap, alpha=0.55, vmin=vmin, vmax=vmax,
-                       interpolation="bilinear")
+        im = ax.imshow(m.numpy(), extent=m_extent, cmap=cmap, alpha=0.55, vmin=vmin,
+                       vmax=vmax, interpolation="bilinear")
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label=label)
         if points is not None and len(points[0]):
             ax.scatter(points[0], points[1], s=points[2], facecolors="none",
                        edgecolors="cyan", linewidths=0.8, label="max-pool winners")
             ax.legend(loc="lower right", fontsize=7)
-    x0, x1, y1, y0 = extent
+    x0, x1, y1, y0 = box
     ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="black",
                            linewidth=0.8, linestyle="--"))
     ax.set_xlim(0, tw)
@@ -329,7 +338,14 @@ def _overlay_png(path: str, thumb: torch.Tensor, thumb_ds: float, m: Optional[to
     ax.set_axis_off()
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    _save_figure(fig, path)
+    _save_figure(fig, path, max(100, math.ceil(max(th, tw) / 8.0)))
+
+
+def _visible(lo: float, hi: float, n: int) -> Tuple[int, int]:
+    """The thumbnail pixels [a, b) of 0 .. n that the span [lo, hi) of
+    thumbnail coordinates covers (a == b: none)."""
+    a, b = max(0, math.floor(lo)), min(n, math.ceil(hi))
+    return a, max(a, b)
 
 
 def _cam_tiff(path: str, s: Slide, m: Optional[torch.Tensor], cone: hm.Cone, ds: float,
@@ -400,12 +416,18 @@ def _predict_slide(path: str, name: str, model, config, args, want_sal: bool,
     slide_mpp = args.slide_mpp if args.slide_mpp is not None else config.get("slide_mpp")
     with _open(path, slide_mpp, slide_mpp_of_row) as s:
         ds, mpp = _downsample(s, args.mpp if args.mpp is not None else config.get("mpp"))
+        if mpp is not None:
+            why = read_scale_problem(s, mpp, cell=slide_mpp_of_row,
+                                     flag="--mpp" if args.mpp is not None else "the run's --mpp")
+            if why:
+                raise ValueError(f"streamcnn: {why}")
         size = args.image_size or int(config.get("image_size") or 0)
         if not args.full_slide and size < 1:
             raise ValueError("streamcnn: the checkpoint has no image_size; give --image-size "
                              "or --full-slide")
         img, origin, blank = _read_region(s, ds, args.full_slide,
-                                          size or int(config.get("image_size") or 1024))
+                                          size or int(config.get("image_size") or 1024),
+                                          config.get("crop") or "tissue")
         if blank:
             msg = (f"streamcnn: warning: slide {path} has no tissue (blank); its score is of "
                    f"its centre and its maps are empty")
@@ -474,8 +496,13 @@ def _predict_slide(path: str, name: str, model, config, args, want_sal: bool,
         tds = max(s.dimensions) / max(thumb.shape[1:])
         ex0, ey0 = origin[0] / tds, origin[1] / tds
         extent = (ex0, ex0 + w * ds / tds, ey0 + h * ds / tds, ey0)
-        tsize = (max(1, round(h * ds / tds)), max(1, round(w * ds / tds)))
         scale = tds / ds           # image pixels per thumbnail pixel
+        # the maps are drawn over the thumbnail: only the part of the region
+        # on the slide is computed (a region far larger than a small slide
+        # would otherwise be upsampled whole, at the thumbnail's scale)
+        vx0, vx1 = _visible(extent[0], extent[1], thumb.shape[2])
+        vy0, vy1 = _visible(extent[3], extent[2], thumb.shape[1])
+        visible = (vx0, vx1, vy1, vy0)
         out = args.out
         title = f"{name}: target {k}, score {row['score']}" + (" (no tissue)" if blank else "")
         if want_cam:
@@ -483,7 +510,10 @@ def _predict_slide(path: str, name: str, model, config, args, want_sal: bool,
             vmin, vmax = hm.percentiles(m, 1, 99) if not blank else (0.0, 1.0)
             if not vmax > vmin:
                 vmin, vmax = vmin - 1e-6, vmin + 1e-6
-            small = hm.upsample_map(m[0], cone, tsize, scale=scale)
+            small = None
+            if not blank and vx1 > vx0 and vy1 > vy0:
+                small = hm.upsample_map(m[0], cone, (vy1 - vy0, vx1 - vx0), scale=scale,
+                                        origin=((vy0 - ey0) * scale, (vx0 - ex0) * scale))
             pts = None
             if winners is not None and not blank:
                 wv = winners[0]
@@ -494,16 +524,15 @@ def _predict_slide(path: str, name: str, model, config, args, want_sal: bool,
                     v = wv[idx[:, 0], idx[:, 1]].double()
                     pts = (((cx + 0.5) / scale + ex0).numpy(), ((cy + 0.5) / scale + ey0).numpy(),
                            (10 + 90 * v / v.max()).numpy())
-            _overlay_png(os.path.join(out, f"{name}_cam.png"), thumb, tds,
-                         None if blank else small, extent, title,
-                         f"class {k} score (logit units)", vmin, vmax, "jet", pts)
+            _overlay_png(os.path.join(out, f"{name}_cam.png"), thumb, small, visible, extent,
+                         title, f"class {k} score (logit units)", vmin, vmax, "jet", pts)
             _cam_tiff(os.path.join(out, f"{name}_cam.tif"), s, None if blank else m[0], cone,
                       ds, origin, (h, w), mpp, vmin, vmax, "jet")
         if want_sal:
             disp = None
             if sal is not None:
                 disp = hm.normalize(hm.smooth(sal[0], 1.0), 1, 99)
-            _overlay_png(os.path.join(out, f"{name}_saliency.png"), thumb, tds, disp, extent,
+            _overlay_png(os.path.join(out, f"{name}_saliency.png"), thumb, disp, extent, extent,
                          title, "saliency |d score / d pixel| (1-99 percentile)", 0.0, 1.0,
                          "inferno")
     return row
@@ -589,7 +618,11 @@ def _predict_all(args, items, model, config, heat: str, settings: Dict, min_size
     wanted = [sfx for sfx, want in (("_saliency.png", want_sal), ("_cam.png", want_cam),
                                     ("_cam.tif", want_cam), ("_features.pt", args.features))
               if want]
-    done = _resumable(args.out, settings, wanted) if args.resume else {}
+    if args.resume:
+        done = _resumable(args.out, settings, wanted)
+    else:
+        done = {}
+        _remove_earlier_run(args.out)
     write_atomic(os.path.join(args.out, SETTINGS),
                  json.dumps(settings, indent=1, sort_keys=True).encode())
     partial = os.path.join(args.out, PARTIAL)
@@ -641,6 +674,27 @@ def _predict_all(args, items, model, config, heat: str, settings: Dict, min_size
                    f"{final}")
     blank = sum(r.get("status") == "blank" for r in rows)
     return 2 if failed or blank else 0
+
+
+def _remove_earlier_run(out: str) -> None:
+    """A run without --resume replaces the earlier one in ``out``: its
+    tables and the files of every slide they name (what predict wrote:
+    ``<slide>_cam.png`` ...), so that no map of the earlier run is left
+    beside the new ones as if it were current. A folder without
+    predict.json is not a predict folder: nothing is removed."""
+    if not os.path.exists(os.path.join(out, SETTINGS)):
+        return
+    for table in (PARTIAL, "predictions.csv"):
+        path = os.path.join(out, table)
+        try:
+            with open(path, newline="") as f:
+                names = {r.get("slide") for r in csv.DictReader(f)}
+        except (OSError, UnicodeDecodeError, csv.Error):
+            continue                    # none, or not ours: left as it is
+        for name in names:
+            if name and os.path.basename(name) == name:
+                _unlink_outputs(out, name)
+        _unlink(path)
 
 
 def _unlink_outputs(out: str, name: str) -> None:

@@ -522,17 +522,7 @@ class SlideDataset(torch.utils.data.Dataset):
     def _tissue_of(self, s: Slide):
         t = self._tissue.get(s.path)
         if t is None:
-            mask, ds = s.tissue_mask(self.tissue_thumbnail)
-            ys, xs = torch.nonzero(mask, as_tuple=True)
-            if ys.numel() == 0:
-                t = (None, None)
-            else:
-                box = box_of_mask(mask, ds, s.dimensions)  # one thumbnail read
-                keep = torch.linspace(0, ys.numel() - 1, min(ys.numel(), 4096)).long()
-                pts = torch.stack([(xs[keep].double() + 0.5) * ds,
-                                   (ys[keep].double() + 0.5) * ds], dim=1)
-                t = (box, pts)
-            self._tissue[s.path] = t
+            t = self._tissue[s.path] = tissue_geometry(s, self.tissue_thumbnail)
         return t
 
     def _generator(self, i: int) -> Optional[torch.Generator]:
@@ -544,32 +534,11 @@ class SlideDataset(torch.utils.data.Dataset):
     def window(self, i: int, generator: Optional[torch.Generator] = None):
         """Where item ``i`` is read: ``(x, y, w, h)`` in level-0 pixels of
         the part read from the slide, its ``(row, col)`` offset in the output
-        image, its size ``(h, w)`` in output pixels, and the downsample."""
+        image, its size ``(h, w)`` in output pixels, and the downsample
+        (:func:`crop_window`)."""
         s = self.slide(i)
-        d = self._downsample(s)
-        oh, ow = self.size
-        w0, h0 = s.dimensions
-        if self.crop == "tissue":
-            box, _ = self._tissue_of(s)
-            if box is None:
-                box = (0, 0, w0, h0)
-            bx, by, bw, bh = box
-            rw, rh = min(ow, max(1, round(bw / d))), min(oh, max(1, round(bh / d)))
-            cx, cy = bx + bw / 2, by + bh / 2
-            x, y = round(cx - rw * d / 2), round(cy - rh * d / 2)
-            return (x, y, rw, rh), ((oh - rh) // 2, (ow - rw) // 2), (rh, rw), d
-        if self.crop == "center":
-            cx, cy = w0 / 2, h0 / 2
-        else:
-            _, pts = self._tissue_of(s)
-            if pts is None:
-                u = torch.rand(2, generator=generator, dtype=torch.float64)
-                cx, cy = u[0].item() * w0, u[1].item() * h0
-            else:
-                k = int(torch.randint(0, pts.shape[0], (1,), generator=generator))
-                cx, cy = pts[k].tolist()
-        x, y = round(cx - ow * d / 2), round(cy - oh * d / 2)
-        return (x, y, ow, oh), (0, 0), (oh, ow), d
+        return crop_window(s, self._downsample(s), self.size, self.crop,
+                           lambda: self._tissue_of(s), generator)
 
     # -- items ---------------------------------------------------------------------------
     def read(self, i: int, generator: Optional[torch.Generator] = None,
@@ -580,24 +549,8 @@ class SlideDataset(torch.utils.data.Dataset):
         return self._read_window(self.slide(i), self.window(i, generator), box)
 
     def _read_window(self, s: Slide, win, box: Optional[Sequence[int]]) -> torch.Tensor:
-        (x, y, rw, rh), (r0, c0), _, d = win
-        oh, ow = self.size
-        bx, by, bw, bh = _check_box(box, ow, oh, "image")
-        # the part of the read window (at (r0, c0), rh x rw) inside the box
-        ix0, ix1 = max(bx, c0), min(bx + bw, c0 + rw)
-        iy0, iy1 = max(by, r0), min(by + bh, r0 + rh)
-        part = None
-        if ix1 > ix0 and iy1 > iy0:
-            part = s.read_scaled((x, y), d, (rw, rh), tolerance=self.tolerance,
-                                 threads=self.threads,
-                                 box=(ix0 - c0, iy0 - r0, ix1 - ix0, iy1 - iy0))
-            if (ix0, iy0, ix1, iy1) == (bx, by, bx + bw, by + bh):
-                return part
-        out = torch.tensor(s.background, dtype=torch.uint8).view(3, 1, 1).expand(
-            3, bh, bw).contiguous()
-        if part is not None:
-            out[:, iy0 - by:iy1 - by, ix0 - bx:ix1 - bx] = part
-        return out
+        return read_window(s, win, self.size, box, tolerance=self.tolerance,
+                           threads=self.threads)
 
     def __getitem__(self, i: int) -> Tuple[torch.Tensor, int]:
         i = self._index(i)
@@ -648,6 +601,82 @@ class SlideDataset(torch.utils.data.Dataset):
                 self._read_window(s, win, d.source_box(oh, ow, (a, b))), d))
         sums = channel_sums(part[:, s0 - a:s1 - a])
         return {"part": part, "sums": sums, "draw": d.as_tensor()}
+
+
+def tissue_geometry(s: Slide, thumbnail: int = 1024
+                    ) -> Tuple[Optional[Tuple[int, int, int, int]], Optional[torch.Tensor]]:
+    """The tissue of slide ``s`` as the crops use it: its level-0 bounding
+    box ``(x, y, w, h)`` and up to 4096 level-0 points of it (``n x 2``,
+    x then y), from the tissue mask of a thumbnail of longest side
+    ``thumbnail``; ``(None, None)`` without tissue."""
+    mask, ds = s.tissue_mask(thumbnail)
+    ys, xs = torch.nonzero(mask, as_tuple=True)
+    if ys.numel() == 0:
+        return None, None
+    box = box_of_mask(mask, ds, s.dimensions)  # one thumbnail read
+    keep = torch.linspace(0, ys.numel() - 1, min(ys.numel(), 4096)).long()
+    pts = torch.stack([(xs[keep].double() + 0.5) * ds, (ys[keep].double() + 0.5) * ds], dim=1)
+    return box, pts
+
+
+def crop_window(s: Slide, d: float, size: Tuple[int, int], crop: str,
+                tissue: Callable[[], Tuple], generator: Optional[torch.Generator] = None):
+    """Where the ``size = (H, W)`` image of ``crop`` (see
+    :class:`SlideDataset`) is read from slide ``s`` at downsample ``d``:
+    ``(x, y, w, h)``, the level-0 origin and the size in output pixels of
+    the part read from the slide, its ``(row, col)`` offset in the output
+    image, its size ``(h, w)``, and ``d``. Output pixel ``(i, j)`` is at
+    level-0 ``(x + (j - col) d, y + (i - row) d)``. ``tissue()`` gives
+    :func:`tissue_geometry` (called only for the crops that need it)."""
+    oh, ow = size
+    w0, h0 = s.dimensions
+    if crop == "tissue":
+        box, _ = tissue()
+        if box is None:
+            box = (0, 0, w0, h0)
+        bx, by, bw, bh = box
+        rw, rh = min(ow, max(1, round(bw / d))), min(oh, max(1, round(bh / d)))
+        cx, cy = bx + bw / 2, by + bh / 2
+        x, y = round(cx - rw * d / 2), round(cy - rh * d / 2)
+        return (x, y, rw, rh), ((oh - rh) // 2, (ow - rw) // 2), (rh, rw), d
+    if crop == "center":
+        cx, cy = w0 / 2, h0 / 2
+    else:
+        _, pts = tissue()
+        if pts is None:
+            u = torch.rand(2, generator=generator, dtype=torch.float64)
+            cx, cy = u[0].item() * w0, u[1].item() * h0
+        else:
+            k = int(torch.randint(0, pts.shape[0], (1,), generator=generator))
+            cx, cy = pts[k].tolist()
+    x, y = round(cx - ow * d / 2), round(cy - oh * d / 2)
+    return (x, y, ow, oh), (0, 0), (oh, ow), d
+
+
+def read_window(s: Slide, win, size: Tuple[int, int], box: Optional[Sequence[int]] = None,
+                tolerance: float = 0.05, threads: Optional[int] = None) -> torch.Tensor:
+    """The ``size = (H, W)`` uint8 image of window ``win``
+    (:func:`crop_window`) of slide ``s``, the slide's background colour
+    where the window has no slide pixels; with ``box = (x, y, w, h)`` only
+    that part of it, bit for bit as in the whole image, reading only the
+    slide pixels it needs."""
+    (x, y, rw, rh), (r0, c0), _, d = win
+    oh, ow = size
+    bx, by, bw, bh = _check_box(box, ow, oh, "image")
+    # the part of the read window (at (r0, c0), rh x rw) inside the box
+    ix0, ix1 = max(bx, c0), min(bx + bw, c0 + rw)
+    iy0, iy1 = max(by, r0), min(by + bh, r0 + rh)
+    part = None
+    if ix1 > ix0 and iy1 > iy0:
+        part = s.read_scaled((x, y), d, (rw, rh), tolerance=tolerance, threads=threads,
+                             box=(ix0 - c0, iy0 - r0, ix1 - ix0, iy1 - iy0))
+        if (ix0, iy0, ix1, iy1) == (bx, by, bx + bw, by + bh):
+            return part
+    out = torch.tensor(s.background, dtype=torch.uint8).view(3, 1, 1).expand(
+        3, bh, bw).contiguous()
+    if part is not None:
+        out[:, iy0 - by:iy1 - by, ix0 - bx:ix1 - bx] = part
+    return out
 
 
 def _as_int(v) -> Optional[int]:
