@@ -495,8 +495,10 @@ def test_tables_conflicting_or_shared_slides(tmp_path, capsys):
     assert capsys.readouterr().err == ""
     bad = Table("t.csv", [a, str(tmp_path / "." / "a.svs")], ["a.svs", "./a.svs"], [0.0, 1.0],
                 [None] * 2)
+    from streamcnn.app.common import check_labels_agree
     with pytest.raises(UsageError, match="t.csv: slide .*a.svs is listed with labels 0 and 1"):
-        T._check_tables(bad, va, True)
+        check_labels_agree(bad)             # (read_slide_table's check, train's and evaluate's)
+    check_labels_agree(tr)
 
 
 def test_config_paths_relative_to_the_file(tmp_path):
@@ -921,6 +923,23 @@ def _damage_tiles(path):
     for off in spots:
         data[off:off + 4] = b"\x55" * 4
     path.write_bytes(bytes(data))
+
+
+def test_evaluate_table_checks(slides, tmp_path, capsys):
+    """evaluate refuses a slide listed twice with different labels (its
+    metric counted it as both) as train does, and a named label of a run
+    without class names says so instead of pointing at a train option."""
+    out = tmp_path / "run"
+    cli_here(capsys, *_train(slides, out, "--epochs", "1"))
+    t = tmp_path / "t.csv"
+    t.write_text(f"path,label\n{slides / 'val_0.svs'},0\n{slides / 'val_0.svs'},1\n")
+    _bad(capsys, ["evaluate", out / "last.pt", "--csv", t, "--out", tmp_path / "ev"],
+         f"{t}: slide {slides / 'val_0.svs'} is listed with labels 0 and 1",
+         out=tmp_path / "ev")
+    t.write_text(f"path,label\n{slides / 'val_0.svs'},normal\n")
+    _bad(capsys, ["evaluate", out / "last.pt", "--csv", t, "--out", tmp_path / "ev"],
+         "label 'normal' is not 0 or 1", "the run named no classes (train --classes)",
+         out=tmp_path / "ev")
 
 
 def _damaged_set(slides, d, split):
@@ -1512,7 +1531,7 @@ def test_evaluate_resumes(slides, tmp_path, capsys, monkeypatch):
     p0, l0 = lines[1].rsplit(",", 1)
     more = tmp_path / "more.csv"
     more.write_text("\n".join([lines[0], f"{p0},{1 - int(l0)}"] + lines[2:] +
-                              [lines[1]]) + "\n")
+                              [f"{p0},{1 - int(l0)}"]) + "\n")
     started = _stop_in_slide(monkeypatch, 99, None)
     cli_here(capsys, "evaluate", run / "last.pt", "--csv", more, "--quiet", "--out", out,
              "--resume", "--bootstrap", "0")

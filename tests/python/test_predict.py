@@ -554,3 +554,20 @@ def test_read_scale_named(data, tmp_path):
     assert msg.startswith(f"streamcnn: --mpp 1e+300 would read slide {data['dir'] / 'b.svs'} "
                           "as "), msg
     assert "less than one (384 x 384 pixels of 0.5 um, as the file says)" in msg
+
+
+@pytest.mark.parametrize("name,says", [("gpu", "not cpu, cuda or cuda:N"),
+                                       ("cuda:x", "not cpu, cuda or cuda:N"),
+                                       ("mps", "not cpu, cuda or cuda:N"),
+                                       ("cuda:99", None)])
+def test_bad_device_named(data, tmp_path, name, says):
+    """--device that is not a device, or a CUDA device this machine lacks:
+    one line naming it before anything is written (it was a traceback from
+    model.to(device))."""
+    if says is None:
+        says = ("no CUDA device is available" if not torch.cuda.is_available() else
+                "there are")
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=re.escape(f"streamcnn: --device {name}: {says}")):
+        predict.run(_args(data["ckpt"], data["dir"] / "b.svs", "--out", out, "--device", name))
+    assert not out.exists()

@@ -123,7 +123,7 @@ def read_slide_table(path: str, task: str, what: str = "CSV", mpp: bool = True,
                      slide_mpp: Optional[float] = None, num_classes: int = 2,
                      classes: Optional[Sequence[str]] = None,
                      read_mpp: Optional[float] = None, image_size: Optional[int] = None,
-                     mpp_flag: str = "--mpp") -> Table:
+                     mpp_flag: str = "--mpp", run: bool = False) -> Table:
     """Read and check a slide table: the file, its header, every row's slide
     (exists, opens as a slide or an image, carries microns per pixel when
     ``mpp``: its ``mpp`` column, the file's own, or ``slide_mpp``), its
@@ -132,8 +132,10 @@ def read_slide_table(path: str, task: str, what: str = "CSV", mpp: bool = True,
     regression); with ``read_mpp`` (the microns per pixel the slides are
     read at, the option ``mpp_flag``), that each slide read so gives an
     image (:func:`read_scale_problem`, of ``image_size`` x ``image_size``
-    images). Any problem raises
-    :class:`UsageError` naming the file, the line and the value."""
+    images). A slide listed twice with different labels is refused. ``run``:
+    the table is scored with a trained run's classes (evaluate). Any
+    problem raises :class:`UsageError` naming the file, the line and the
+    value."""
     from ..data.dataset import _row_mpp, row_path
     from ..slide import Slide
     base, rows = read_table(path, what, ("path", "label"))
@@ -165,13 +167,26 @@ def read_slide_table(path: str, task: str, what: str = "CSV", mpp: bool = True,
         except (OSError, ValueError, RuntimeError) as e:
             raise UsageError(f"{where}: {full} is not a readable slide: "
                              f"{_strip(str(e))}") from None
-        labels.append(_label(label, task, where, num_classes, classes))
+        labels.append(_label(label, task, where, num_classes, classes, run))
         paths.append(full)
         names.append(name)
         mpps.append(row_mpp)
     if not paths:
         raise UsageError(f"{what} {path} has no rows")
-    return Table(path, paths, names, labels, mpps)
+    table = Table(path, paths, names, labels, mpps)
+    check_labels_agree(table)
+    return table
+
+
+def check_labels_agree(t: Table) -> None:
+    """A slide (by its real path) listed twice with different labels is
+    refused: a metric would count it as both."""
+    seen: Dict[str, float] = {}
+    for path, label in zip(t.paths, t.labels):
+        key = os.path.realpath(path)
+        if seen.setdefault(key, label) != label:
+            raise UsageError(f"{t.csv}: slide {path} is listed with labels {seen[key]:g} "
+                             f"and {label:g}")
 
 
 def read_scale_problem(s, mpp: float, size: Optional[int] = None,
@@ -227,7 +242,9 @@ def _usage(fn, *args):
 
 
 def _label(text: str, task: str, where: str, num_classes: int = 2,
-           classes: Optional[Sequence[str]] = None) -> float:
+           classes: Optional[Sequence[str]] = None, run: bool = False) -> float:
+    """A row's label as a number (see :func:`read_slide_table`); ``run``:
+    the classes are a trained run's (evaluate), not options to give."""
     if task == "classification":
         if classes is not None and text in classes:
             return float(list(classes).index(text))
@@ -236,7 +253,9 @@ def _label(text: str, task: str, where: str, num_classes: int = 2,
             if classes is not None:
                 raise UsageError(f"{where}: label {text!r} is not one of {', '.join(classes)} "
                                  f"(--classes) or 0 .. {num_classes - 1}")
-            hint = "" if is_number(text) else "; named classes: give --classes"
+            hint = "" if is_number(text) else (
+                "; the run named no classes (train --classes), so its labels are the class "
+                "indices" if run else "; named classes: give --classes")
             if num_classes == 2:
                 raise UsageError(f"{where}: label {text!r} is not 0 or 1 (task "
                                  f"classification{hint})")

@@ -98,7 +98,8 @@ def run(args) -> int:
     table = read_slide_table(args.csv, task, "--csv", slide_mpp=slide_mpp,
                              num_classes=int(cfg["num_outputs"]) if task == "classification"
                              else 2, classes=names, read_mpp=cfg["mpp"],
-                             image_size=cfg["image_size"], mpp_flag="the run's --mpp")
+                             image_size=cfg["image_size"], mpp_flag="the run's --mpp",
+                             run=True)
     try:
         data = Slides(table, cfg["image_size"], cfg["mpp"], cfg["crop"], slide_mpp=slide_mpp)
     except (ValueError, FileNotFoundError) as e:

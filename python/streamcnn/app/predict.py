@@ -149,6 +149,24 @@ def _check_args(args) -> None:
                          f"{args.png_size}")
 
 
+def _device(name: str) -> torch.device:
+    """``--device``: cpu, cuda or cuda:N, refused naming why (no CUDA device,
+    an index beyond the devices, not a device)."""
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"streamcnn: --device {name}: not cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"streamcnn: --device {name}: no CUDA device is available")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"streamcnn: --device {name}: there are "
+                             f"{torch.cuda.device_count()} CUDA devices (cuda:0 ..)")
+    return dev
+
+
 def _return_freed_memory() -> None:
     """Fix glibc's mmap threshold at MMAP_THRESHOLD (no-op elsewhere).
     By default glibc raises it to the largest block freed so far (up to 32
@@ -580,7 +598,7 @@ def run(args) -> int:
     _check_args(args)
     items = _slides(args)
     _return_freed_memory()
-    model, config = load_model(args.checkpoint, args.device)
+    model, config = load_model(args.checkpoint, _device(args.device))
     task = config.get("task", "classification")
     heat = args.heatmap or ("both" if task != "regression" else "saliency")
     if task == "regression" and heat in ("cam", "both"):
