@@ -758,6 +758,16 @@ def lock_folder(path: str, command: str = "train") -> Optional[int]:
     return fd
 
 
+def checkpoint_identity(path: str) -> Dict[str, Any]:
+    """A checkpoint file as --resume settings record it: its absolute path,
+    size and modification time (a run retrained into the same path is
+    another checkpoint)."""
+    ck = os.path.abspath(path)
+    st = os.stat(ck)
+    return {"checkpoint": ck, "checkpoint_size": st.st_size,
+            "checkpoint_mtime_ns": st.st_mtime_ns}
+
+
 def check_settings(sfile: str, settings: Dict[str, Any], out: str, command: str) -> bool:
     """--resume: the settings an earlier run into ``out`` recorded in
     ``sfile`` (JSON) must equal ``settings``; ValueError naming each that

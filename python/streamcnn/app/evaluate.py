@@ -32,9 +32,10 @@ import torch
 from .checkpoint import load_model
 from .config import parse_classes
 from .common import (AMP_DTYPES, METRIC_WORDS, METRICS, Dist, Slides, Table, UsageError,
-                     check_metric, check_settings, default_metric, metric, metric_interval,
-                     predict, prediction_rows, read_slide_table, resolve_device, stop_status,
-                     stopped_by, write_atomic, write_csv, write_predictions)
+                     check_metric, check_settings, checkpoint_identity, default_metric,
+                     metric, metric_interval, predict, prediction_rows, read_slide_table,
+                     resolve_device, stop_status, stopped_by, write_atomic, write_csv,
+                     write_predictions)
 
 PARTIAL = "predictions.partial.csv"
 SETTINGS = "evaluate.json"
@@ -182,10 +183,7 @@ def _settings(args, slide_mpp: Optional[float]) -> Dict[str, Any]:
     row: the checkpoint (its file: path, size, modification time; it fixes
     the image size, mpp and crop), the mixed precision and the default
     microns per pixel. --resume needs them equal."""
-    ck = os.path.abspath(args.checkpoint)
-    st = os.stat(ck)
-    return {"checkpoint": ck, "checkpoint_size": st.st_size,
-            "checkpoint_mtime_ns": st.st_mtime_ns, "amp": args.amp, "slide_mpp": slide_mpp}
+    return {**checkpoint_identity(args.checkpoint), "amp": args.amp, "slide_mpp": slide_mpp}
 
 
 def _write_partial(path: str, table: Table, scored: Dict[int, Tuple[Any, float]],

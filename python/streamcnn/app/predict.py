@@ -51,9 +51,10 @@ from .. import heatmaps as hm
 from ..data.dataset import crop_window, read_window, tissue_geometry
 from ..slide import Slide
 from .checkpoint import load_model
-from .common import (UsageError, atomic_file, check_settings, check_stop, lock_folder,
-                     read_scale_problem, read_table, save_figure, stop_requested,
-                     stop_status, stopped_by, write_atomic, write_csv)
+from .common import (UsageError, atomic_file, check_settings, check_stop,
+                     checkpoint_identity, lock_folder, read_scale_problem, read_table,
+                     save_figure, stop_requested, stop_status, stopped_by, write_atomic,
+                     write_csv)
 from .config import parse_classes
 
 HEATMAPS = ("saliency", "cam", "both", "none")
@@ -725,10 +726,7 @@ def _settings(args, config: Dict, heat: str) -> Dict:
     checkpoint (its file: path, size, modification time) and the options
     (the tile size and the device only change the speed). --resume needs
     them equal."""
-    ck = os.path.abspath(args.checkpoint)
-    st = os.stat(ck)
-    return {"checkpoint": ck, "checkpoint_size": st.st_size,
-            "checkpoint_mtime_ns": st.st_mtime_ns,
+    return {**checkpoint_identity(args.checkpoint),
             "image_size": None if args.full_slide else
             (args.image_size or int(config.get("image_size") or 0)),
             "full_slide": bool(args.full_slide),
