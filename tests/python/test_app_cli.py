@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -1543,5 +1544,57 @@ def test_evaluate_resumes(slides, tmp_path, capsys, monkeypatch):
     line = _bad(capsys, ["evaluate", run / "last.pt", "--csv", d / "t.csv", "--quiet", "--out",
                          tmp_path / "ev2"], "cannot be read",
                 f"stopped after 1 of 2 slides; {tmp_path / 'ev2' / 'predictions.partial.csv'}"
-                " holds their rows; continue with --resume")
+                " holds their rows; fix or remove that slide's row, then continue with "
+                "--resume")
     assert line.startswith(f"streamcnn: slide {d / 'val_1.svs'} (of {d / 't.csv'})")
+
+
+def test_evaluate_keeps_its_inputs_and_its_folder(slides, tmp_path, capsys):
+    """evaluate never writes over what it reads (its --csv named
+    predictions.csv in --out, the checkpoint named metrics.json), nor into
+    a folder of predict's results or one another evaluate is writing into
+    (its lock, beside the run folder's that train holds: evaluating a
+    training run's best.pt into its folder works while it trains); train
+    --overwrite removes evaluate's results from the run folder with the
+    run they scored."""
+    from streamcnn.app.common import lock_folder
+    run = tmp_path / "run"
+    cli_here(capsys, *_train(slides, run, "--epochs", "1", "--batch-size", "4"))
+    ev = tmp_path / "ev"
+    ev.mkdir()
+    table = ev / "predictions.csv"
+    text = (slides / "val.csv").read_text().replace("val_", str(slides / "val_"))
+    table.write_text(text)
+    _bad(capsys, ["evaluate", run / "last.pt", "--csv", table, "--out", ev, "--quiet"],
+         f"--csv table {table} is where evaluate writes predictions.csv")
+    shutil.copy(run / "last.pt", ev / "metrics.json")
+    _bad(capsys, ["evaluate", ev / "metrics.json", "--csv", slides / "val.csv", "--out", ev,
+                  "--quiet"], "checkpoint", "is where evaluate writes metrics.json")
+    assert table.read_text() == text and sorted(os.listdir(ev)) == ["metrics.json",
+                                                                    "predictions.csv"]
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "predict.json").write_text("{}")
+    _bad(capsys, ["evaluate", run / "last.pt", "--csv", slides / "val.csv", "--out",
+                  tmp_path / "p", "--quiet"], "holds the results of streamcnn predict")
+    # the run folder locked by a training run: evaluate into it works; a
+    # second evaluate into the same folder is refused while one runs
+    held = lock_folder(str(run))
+    try:
+        cli_here(capsys, "evaluate", run / "best.pt", "--csv", slides / "val.csv", "--quiet",
+                 "--bootstrap", "0")
+        assert (run / "metrics.json").exists() and (run / "evaluate.json").exists()
+        other = lock_folder(str(run), "evaluate", file=".evaluate.lock")
+        try:
+            _bad(capsys, ["evaluate", run / "best.pt", "--csv", slides / "val.csv",
+                          "--quiet"], f"output folder {run} is in use by another streamcnn "
+                                      "evaluate")
+        finally:
+            os.close(other)
+    finally:
+        os.close(held)
+    (run / "notes.txt").write_text("mine")
+    cli_here(capsys, *_train(slides, run, "--epochs", "1", "--batch-size", "4",
+                             "--overwrite"))
+    left = set(os.listdir(run))
+    assert not left & {"metrics.json", "evaluate.json", "predictions.csv"}, left
+    assert "notes.txt" in left

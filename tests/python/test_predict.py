@@ -571,3 +571,60 @@ def test_bad_device_named(data, tmp_path, name, says):
     with pytest.raises(ValueError, match=re.escape(f"streamcnn: --device {name}: {says}")):
         predict.run(_args(data["ckpt"], data["dir"] / "b.svs", "--out", out, "--device", name))
     assert not out.exists()
+
+
+def test_inputs_are_never_outputs(data, tmp_path):
+    """A run that would write or remove a file it reads is refused before
+    anything is written, naming both: a slide called like an output
+    (X_cam.png of slide X in --out: it was overwritten by X's map), a
+    slide a rerun would remove as the earlier run's map (through a
+    symbolic link too), the --csv table as predictions.csv, the
+    checkpoint; a folder holding evaluate's results is refused."""
+    import shutil
+    d = data["dir"]
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copy(d / "b.svs", out / "b_cam.png")
+    shutil.copy(d / "b.svs", out / "b.svs")
+    before = (out / "b_cam.png").read_bytes()
+    with pytest.raises(ValueError, match=re.escape(
+            f"streamcnn: slide {out / 'b_cam.png'} is where predict writes b_cam.png: "
+            "move it out of the output folder, or give another --out")):
+        predict.run(_args(data["ckpt"], out / "b.svs", out / "b_cam.png", "--out", out,
+                          "--quiet"))
+    assert sorted(os.listdir(out)) == ["b.svs", "b_cam.png"]
+    assert (out / "b_cam.png").read_bytes() == before
+    # an earlier run that analysed "a": its a_saliency.png would be removed
+    # by a rerun; here it is (a link to) a slide of this run
+    assert predict.run(_args(data["ckpt"], d / "a.svs", "--out", out, "--heatmap", "none",
+                             "--quiet")) == 0
+    link = tmp_path / "keep" / "link.svs"
+    link.parent.mkdir()
+    os.replace(out / "b_cam.png", out / "a_saliency.png")
+    os.symlink(out / "a_saliency.png", link)
+    with pytest.raises(ValueError, match=r"slide .*link\.svs is where predict writes "
+                                         r"a_saliency\.png"):
+        predict.run(_args(data["ckpt"], link, "--out", out, "--quiet"))
+    assert (out / "a_saliency.png").read_bytes() == before
+    # with --resume the earlier run's files are kept: no refusal for them
+    assert predict.run(_args(data["ckpt"], link, "--out", out, "--heatmap", "none",
+                             "--resume", "--quiet")) == 0
+    assert (out / "a_saliency.png").read_bytes() == before
+    # the table, the checkpoint
+    table = tmp_path / "t" / "predictions.csv"
+    table.parent.mkdir()
+    table.write_text(f"path\n{d / 'b.svs'}\n")
+    with pytest.raises(ValueError, match=r"--csv table .* is where predict writes "
+                                         r"predictions\.csv"):
+        predict.run(_args(data["ckpt"], "--csv", table, "--out", table.parent))
+    assert table.read_text() == f"path\n{d / 'b.svs'}\n"
+    shutil.copy(data["ckpt"], tmp_path / "t" / "c_features.pt")
+    with pytest.raises(ValueError, match=r"checkpoint .* is where predict writes "
+                                         r"c_features\.pt"):
+        predict.run(_args(tmp_path / "t" / "c_features.pt", d / "b.svs", tmp_path / "t" /
+                          "c.svs", "--out", table.parent, "--quiet"))
+    ev = tmp_path / "ev"
+    ev.mkdir()
+    (ev / "evaluate.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"holds the results of streamcnn evaluate"):
+        predict.run(_args(data["ckpt"], d / "b.svs", "--out", ev))

@@ -733,15 +733,23 @@ def atomic_file(path: str):
         raise
 
 
-def lock_folder(path: str, command: str = "train") -> Optional[int]:
+def lock_folder(path: str, command: str = "train", file: Optional[str] = None
+                ) -> Optional[int]:
     """An exclusive advisory lock (``flock``) on the folder ``path`` itself
-    (no file is added to it), held while the returned descriptor is open;
-    a process that ends, however it ends, releases it. RunFolderBusy when
-    another process holds it; None where the file system gives no such
-    lock (some network file systems): then there is none."""
+    (no file is added to it) or, with ``file``, on that file in it (created
+    empty and left there: a lock of its own beside the folder's, which a
+    training run holds while ``evaluate`` may write into its folder), held
+    while the returned descriptor is open; a process that ends, however it
+    ends, releases it. RunFolderBusy when another process holds it; None
+    where the file system gives no such lock (some network file systems):
+    then there is none."""
     import fcntl
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        if file is None:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        else:
+            fd = os.open(os.path.join(path, file), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                         0o644)
     except OSError:
         return None
     try:
@@ -756,6 +764,42 @@ def lock_folder(path: str, command: str = "train") -> Optional[int]:
         os.close(fd)
         return None
     return fd
+
+
+def _entries(path: str) -> List[Tuple[int, int, str]]:
+    """The directory entries ``path`` names: its own and, for a symbolic
+    link, its target's, as (device, inode of the folder, name)."""
+    out = []
+    for p in (path, os.path.realpath(path)):
+        try:
+            st = os.stat(os.path.dirname(os.path.abspath(p)))
+        except OSError:
+            continue
+        out.append((st.st_dev, st.st_ino, os.path.basename(p)))
+    return out
+
+
+def check_inputs_kept(outputs: Sequence[str], inputs: Sequence[Tuple[str, str]],
+                      command: str) -> None:
+    """Refuse a run that would write (or remove) one of its own inputs:
+    ``outputs`` are the paths it may write or remove, ``inputs`` (what,
+    path) the files it reads (slides, tables, the checkpoint). ValueError
+    naming both: a slide called ``X_cam.png`` in predict's --out, a --csv
+    that is evaluate's predictions.csv, are not overwritten."""
+    named = {}
+    for what, path in inputs:
+        if os.path.lexists(path):
+            for e in _entries(path):
+                named.setdefault(e, (what, path))
+    if not named:
+        return
+    for out in outputs:
+        st_out = _entries(out)[:1]
+        if st_out and st_out[0] in named:
+            what, path = named[st_out[0]]
+            raise ValueError(f"streamcnn: {what} {path} is where {command} writes "
+                             f"{os.path.basename(out)}: move it out of the output folder, or "
+                             "give another --out")
 
 
 def checkpoint_identity(path: str) -> Dict[str, Any]:

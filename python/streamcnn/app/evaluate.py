@@ -32,13 +32,17 @@ import torch
 from .checkpoint import load_model
 from .config import parse_classes
 from .common import (AMP_DTYPES, METRIC_WORDS, METRICS, Dist, Slides, Table, UsageError,
-                     check_metric, check_settings, checkpoint_identity, default_metric,
-                     metric, metric_interval, predict, prediction_rows, read_slide_table,
-                     resolve_device, stop_status, stopped_by, write_atomic, write_csv,
-                     write_predictions)
+                     check_inputs_kept, check_metric, check_settings, checkpoint_identity,
+                     default_metric, lock_folder, metric, metric_interval, predict,
+                     prediction_rows, read_slide_table, resolve_device, stop_status,
+                     stopped_by, write_atomic, write_csv, write_predictions)
 
 PARTIAL = "predictions.partial.csv"
 SETTINGS = "evaluate.json"
+# the files evaluate writes into --out (train --overwrite removes them from
+# its run folder), and its lock there (beside train's lock on the folder)
+OUTPUTS = ("predictions.csv", "metrics.json", SETTINGS, PARTIAL)
+LOCK = ".evaluate.lock"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -105,9 +109,33 @@ def run(args) -> int:
         data = Slides(table, cfg["image_size"], cfg["mpp"], cfg["crop"], slide_mpp=slide_mpp)
     except (ValueError, FileNotFoundError) as e:
         raise UsageError(str(e)) from None
+    if os.path.exists(os.path.join(out, "predict.json")):
+        raise UsageError(f"--out {out} holds the results of streamcnn predict (predict.json, "
+                         "predictions.csv): give evaluate another --out")
+    try:
+        check_inputs_kept([os.path.join(out, f) for f in OUTPUTS],
+                          [("--csv table", args.csv), ("checkpoint", args.checkpoint)] +
+                          [("slide", p) for p in table.paths], "evaluate")
+    except ValueError as e:
+        raise UsageError(str(e).replace("streamcnn: ", "", 1)) from None
     settings = _settings(args, slide_mpp)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out {out}: cannot create it: {e.strerror or e}") from None
+    lock = lock_folder(out, "evaluate", file=LOCK)
+    try:
+        return _evaluate(args, out, model, cfg, task, kind, names, table, data, device,
+                         settings)
+    finally:
+        if lock is not None:
+            os.close(lock)
+
+
+def _evaluate(args, out: str, model, cfg, task: str, kind: str, names, table: Table,
+              data: Slides, device, settings: Dict[str, Any]) -> int:
+    """Score ``table`` into ``out`` (its lock held), print the metric."""
     kept = _resumable(out, settings, table) if args.resume else {}
-    os.makedirs(out, exist_ok=True)
     partial = os.path.join(out, PARTIAL)
     if not kept and os.path.exists(partial):
         os.unlink(partial)              # an earlier run's, of other settings maybe
@@ -129,7 +157,8 @@ def run(args) -> int:
         sig = stopped_by(e)             # Ctrl-C, SIGTERM; else a slide that failed
         if sig is None and not isinstance(e, UsageError):
             raise
-        held = (f"{partial} holds their rows; continue with --resume" if scored else
+        fix = "" if sig is not None else "fix or remove that slide's row, then "
+        held = (f"{partial} holds their rows; {fix}continue with --resume" if scored else
                 "no slide was scored")
         done = f"after {len(scored)} of {len(table.paths)} slides; {held}"
         if sig is None:

@@ -51,7 +51,7 @@ from .. import heatmaps as hm
 from ..data.dataset import crop_window, read_window, tissue_geometry
 from ..slide import Slide
 from .checkpoint import load_model
-from .common import (UsageError, atomic_file, check_settings, check_stop,
+from .common import (UsageError, atomic_file, check_inputs_kept, check_settings, check_stop,
                      checkpoint_identity, lock_folder, read_scale_problem, read_table,
                      save_figure, stop_requested, stop_status, stopped_by, write_atomic,
                      write_csv)
@@ -620,6 +620,11 @@ def run(args) -> int:
         raise ValueError(f"streamcnn: --image-size {args.image_size} is smaller than the "
                          f"{min_size} x {min_size} pixels the model takes")
     settings = _settings(args, config, heat)
+    if os.path.exists(os.path.join(args.out, "evaluate.json")):
+        raise ValueError(f"streamcnn: --out {args.out} holds the results of streamcnn "
+                         "evaluate (evaluate.json, predictions.csv): give predict another "
+                         "--out")
+    _check_inputs_kept(args, items)
     _check_out_dir(args.out)            # after every check: a refused run writes nothing
     lock = lock_folder(args.out, "predict")
     try:
@@ -641,7 +646,8 @@ def _predict_all(args, items, model, config, heat: str, settings: Dict, min_size
         done = _resumable(args.out, settings, wanted)
     else:
         done = {}
-        _remove_earlier_run(args.out)
+        for f in _earlier_run(args.out):
+            _unlink(f)
     write_atomic(os.path.join(args.out, SETTINGS),
                  json.dumps(settings, indent=1, sort_keys=True).encode())
     partial = os.path.join(args.out, PARTIAL)
@@ -695,14 +701,15 @@ def _predict_all(args, items, model, config, heat: str, settings: Dict, min_size
     return 2 if failed or blank else 0
 
 
-def _remove_earlier_run(out: str) -> None:
-    """A run without --resume replaces the earlier one in ``out``: its
-    tables and the files of every slide they name (what predict wrote:
+def _earlier_run(out: str) -> List[str]:
+    """What a run without --resume removes of the earlier one in ``out``:
+    its tables and the files of every slide they name (what predict wrote:
     ``<slide>_cam.png`` ...), so that no map of the earlier run is left
     beside the new ones as if it were current. A folder without
-    predict.json is not a predict folder: nothing is removed."""
+    predict.json is not a predict folder: nothing."""
     if not os.path.exists(os.path.join(out, SETTINGS)):
-        return
+        return []
+    files = []
     for table in (PARTIAL, "predictions.csv"):
         path = os.path.join(out, table)
         try:
@@ -710,10 +717,26 @@ def _remove_earlier_run(out: str) -> None:
                 names = {r.get("slide") for r in csv.DictReader(f)}
         except (OSError, UnicodeDecodeError, csv.Error):
             continue                    # none, or not ours: left as it is
-        for name in names:
-            if name and os.path.basename(name) == name:
-                _unlink_outputs(out, name)
-        _unlink(path)
+        files += [os.path.join(out, name + sfx) for name in sorted(n for n in names if n)
+                  if os.path.basename(name) == name for sfx in OUTPUTS]
+        files.append(path)
+    return files
+
+
+def _check_inputs_kept(args, items: List[Tuple[str, Optional[float]]]) -> None:
+    """Refuse a run that would write or remove a file it reads: a slide
+    named like an output (``X_cam.png`` in --out), the --csv table, the
+    checkpoint (before anything is written)."""
+    taken: Dict[str, int] = {}
+    names = [_slide_name(path, taken) for path, _ in items]
+    outputs = [os.path.join(args.out, f) for f in ("predictions.csv", PARTIAL, SETTINGS)]
+    outputs += [os.path.join(args.out, n + sfx) for n in names for sfx in OUTPUTS]
+    if not args.resume:
+        outputs += _earlier_run(args.out)
+    inputs = [("slide", p) for p, _ in items] + [("checkpoint", args.checkpoint)]
+    if args.csv:
+        inputs.append(("--csv table", args.csv))
+    check_inputs_kept(outputs, inputs, "predict")
 
 
 def _unlink_outputs(out: str, name: str) -> None:

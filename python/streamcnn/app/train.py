@@ -67,13 +67,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out from its last.pt")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace the run that --out holds")
+                        help="replace the run that --out holds (and the results "
+                             "streamcnn evaluate wrote there)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 # -- set-up -------------------------------------------------------------------------------
 def _run_files(out: str) -> List[str]:
     return [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
+
+
+def _evaluate_files(out: str) -> List[str]:
+    """The results ``streamcnn evaluate`` wrote into the run folder (its
+    default --out), which --overwrite removes with the run they scored."""
+    from .evaluate import OUTPUTS, SETTINGS
+    if not os.path.exists(os.path.join(out, SETTINGS)):
+        return []
+    return [f for f in OUTPUTS if os.path.exists(os.path.join(out, f))]
 
 
 def _check_out(out: str, resume: bool, overwrite: bool) -> str:
@@ -375,7 +385,7 @@ def _train(cfg, ckpt, dist: Dist, device, quiet: bool, overwrite: bool,
         raise busy or RunFolderBusy(f"run folder {out} is in use by another training")
     if dist.main:
         if overwrite:
-            for f in _run_files(out):
+            for f in _run_files(out) + _evaluate_files(out):
                 os.unlink(os.path.join(out, f))
         if ckpt is None:
             import yaml
