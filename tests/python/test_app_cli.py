@@ -657,7 +657,8 @@ def test_ranks_must_see_one_run_folder(slides, tmp_path, capsys, monkeypatch):
 def test_read_scale_refused_up_front(slides, tmp_path, capsys):
     """An --mpp, --slide-mpp or mpp cell that would read a slide as less
     than one pixel (the reader failed on a span of 0 pixels, config.yaml
-    written), or make the image of less than one slide pixel, is refused
+    written), make the image of less than one slide pixel or upsample a
+    slide (finer than its own mpp), is refused
     before anything is written, naming the value, the CSV line and where
     the slide's mpp comes from."""
     from PIL import Image
@@ -689,13 +690,27 @@ def test_read_scale_refused_up_front(slides, tmp_path, capsys):
     t.write_text("path,label\naniso.tif,0\n")
     _bad(capsys, _train(slides, out, train=t), f"--train CSV {t} line 2: ",
          "its pixels are not square (0.5 um in x, 1 um in y)", out=out)
+    # an --mpp finer than a slide's own (beyond 5%) would upsample it: its
+    # pixels made up (it was done silently; predict refused it)
+    _bad(capsys, _train(slides, out, "--mpp", "0.25"), f"{where}: slide "
+         f"{slides / 'train_0.svs'} has 0.5 um/px at its finest level (as the file says); it "
+         "cannot provide 0.25 um/px without upsampling: use --mpp 0.5 or coarser, or leave it "
+         "out", out=out)
+    t.write_text(f"path,label,mpp\n{slides / 'val_0.svs'},0,1\n")
+    _bad(capsys, _train(slides, out, "--mpp", "0.5", val=t), f"--val CSV {t} line 2: slide",
+         "has 1 um/px at its finest level (as its mpp cell says)", out=out)
     t.write_text(f"path,label,mpp\n{slides / 'val_0.svs'},0,0.25\n")
-    cli_here(capsys, *_train(slides, out, "--epochs", "1", "--mpp", "0.004", val=t))
+    cli_here(capsys, *_train(slides, out, "--epochs", "1", "--mpp", "0.48", val=t))
     # evaluate: the run's --mpp against the table's slides, before any file
-    t.write_text(f"path,label,mpp\n{slides / 'val_0.svs'},0,2e-6\n")
+    t.write_text(f"path,label,mpp\n{slides / 'val_0.svs'},0,2e6\n")
     _bad(capsys, ["evaluate", out / "last.pt", "--csv", t, "--out", tmp_path / "ev"],
-         f"--csv {t} line 2: the run's --mpp 0.004 would read slide", "as 0.256 x 0.256 "
-         "pixels", "(512 x 512 pixels of 2e-06 um, as its mpp cell says)", out=tmp_path / "ev")
+         f"--csv {t} line 2: the run's --mpp 0.48 would make the 256 x 256 image of slide",
+         "(of 2e+06 um, as its mpp cell says)", out=tmp_path / "ev")
+    t.write_text(f"path,label,mpp\n{slides / 'val_0.svs'},0,0.6\n")
+    _bad(capsys, ["evaluate", out / "last.pt", "--csv", t, "--out", tmp_path / "ev"],
+         f"--csv {t} line 2: slide {slides / 'val_0.svs'} has 0.6 um/px at its finest level "
+         "(as its mpp cell says); it cannot provide 0.48 um/px without upsampling: the run "
+         "reads slides at 0.48 um/px; leave it out", out=tmp_path / "ev")
 
 
 def test_weights_that_do_not_fit_the_config(slides, tmp_path, capsys):

@@ -126,7 +126,8 @@ def test_bad_slides_reported_others_processed(data, tmp_path, capsys):
     assert rows["striped"]["status"] == "error" and "striped.tif" in rows["striped"]["message"]
     # the checkpoint's 1 um/px is finer than the slide's 2 um/px: say the slide's mpp
     assert rows["coarse"]["status"] == "error"
-    assert "has 2 um/px at its finest level; it cannot provide 1 um/px" in \
+    assert "has 2 um/px at its finest level (as the file says); it cannot provide 1 um/px " \
+        "without upsampling: use --mpp 2 or coarser" in \
         rows["coarse"]["message"]
     for name in ("missing", "striped", "coarse"):
         assert not list(out.glob(f"{name}_*"))
@@ -136,7 +137,8 @@ def test_mpp_cannot_provide(data, tmp_path, capsys):
     rc = predict.run(_args(data["ckpt"], data["dir"] / "a.svs", "--out", tmp_path,
                            "--mpp", "0.25", "--quiet"))
     assert rc == 2
-    assert "has 0.5 um/px at its finest level; it cannot provide 0.25 um/px" in \
+    assert "has 0.5 um/px at its finest level (as the file says); it cannot provide 0.25 " \
+        "um/px" in \
         capsys.readouterr().err
 
 

@@ -99,6 +99,10 @@ class SlideError(UsageError):
 
 TASKS = ("classification", "regression")
 # validation metrics: classification's, then regression's
+# a slide may be read at an mpp finer than its own by this fraction (scanners
+# of one magnification differ by a few percent: 0.2525 and 0.25 um/px)
+MPP_TOLERANCE = 0.05
+
 METRICS = ("auc", "kappa", "accuracy", "balanced_accuracy", "spearman")
 # as evaluate prints them (one word each)
 METRIC_WORDS = {"auc": "AUC", "kappa": "kappa", "accuracy": "accuracy",
@@ -160,6 +164,10 @@ def read_slide_table(path: str, task: str, what: str = "CSV", mpp: bool = True,
                         s.downsample_for_mpp(read_mpp)  # pixels that are not square
                     except ValueError as e:
                         why = _strip(str(e))
+                    fix = (f"the run reads slides at {read_mpp:g} um/px; leave it out"
+                           if run else f"use {mpp_flag} {s.mpp[0]:g} or coarser, or leave "
+                           "it out")
+                    why = why or upsampling_problem(s, read_mpp, fix, row_mpp)
                 if why:
                     raise UsageError(f"{where}: {why}")
         except UsageError:
@@ -203,7 +211,7 @@ def read_scale_problem(s, mpp: float, size: Optional[int] = None,
     said: the table row's mpp ``cell``, the file, or ``slide_flag``."""
     sx, sy = s.mpp
     w0, h0 = s.dimensions
-    said = "its mpp cell" if cell is not None else "the file" if s.file_mpp else slide_flag
+    said = _mpp_source(s, cell, slide_flag)
     um = f"{sx:g}" if sx == sy else f"{sx:g} x {sy:g}"
     ew, eh = w0 * sx / mpp, h0 * sy / mpp
     if ew < 1 or eh < 1:
@@ -216,6 +224,27 @@ def read_scale_problem(s, mpp: float, size: Optional[int] = None,
                     f"from {fw:.3g} x {fh:.3g} of its pixels, less than one (of {um} um, as "
                     f"{said} says)")
     return ""
+
+
+def _mpp_source(s, cell: Optional[float], slide_flag: str) -> str:
+    """Where the slide ``s``'s microns per pixel come from, as a message
+    says it: its table row's mpp ``cell``, the file, or ``slide_flag``."""
+    return "its mpp cell" if cell is not None else "the file" if s.file_mpp else slide_flag
+
+
+def upsampling_problem(s, mpp: float, fix: str, cell: Optional[float] = None,
+                       slide_flag: str = "--slide-mpp") -> str:
+    """Why the slide ``s`` (its ``s.mpp`` known) cannot be read at ``mpp``
+    microns per pixel: finer than its level 0 by more than MPP_TOLERANCE,
+    it would be upsampled, its pixels made up (a 20x slide in a 40x run);
+    '' when it can. ``fix`` says what to do; where the slide's mpp comes
+    from is said (a wrong ``--slide-mpp`` is a likely cause)."""
+    have = s.mpp[0]
+    if mpp >= have * (1 - MPP_TOLERANCE):
+        return ""
+    return (f"slide {s.path} has {have:g} um/px at its finest level (as "
+            f"{_mpp_source(s, cell, slide_flag)} says); it cannot provide {mpp:g} um/px "
+            f"without upsampling: {fix}")
 
 
 def read_table(path: str, what: str, columns: Sequence[str]

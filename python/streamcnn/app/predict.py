@@ -53,15 +53,14 @@ from ..slide import Slide
 from .checkpoint import load_model
 from .common import (UsageError, atomic_file, check_inputs_kept, check_settings, check_stop,
                      checkpoint_identity, lock_folder, read_scale_problem, read_table,
-                     save_figure, stop_requested, stop_status, stopped_by, write_atomic,
-                     write_csv)
+                     save_figure, stop_requested, stop_status, stopped_by,
+                     upsampling_problem, write_atomic, write_csv)
 from .config import parse_classes
 
 HEATMAPS = ("saliency", "cam", "both", "none")
 # glibc serves allocations from this size up by mmap, returned to the system
 # when freed (see _return_freed_memory)
 MMAP_THRESHOLD = 1 << 20
-MPP_TOLERANCE = 0.05
 OUTPUTS = ("_saliency.png", "_cam.png", "_cam.tif", "_features.pt")
 PARTIAL = "predictions.partial.csv"
 # the PNGs' thumbnail: its longest side at most (the figure holds as many
@@ -278,18 +277,19 @@ def _open(path: str, default_mpp: Optional[float] = None,
                          f"{msg}") from None
 
 
-def _downsample(s: Slide, mpp: Optional[float]) -> Tuple[float, Optional[float]]:
-    """(downsample w.r.t. level 0, analysis mpp) for the requested mpp."""
+def _downsample(s: Slide, mpp: Optional[float], cell: Optional[float] = None
+                ) -> Tuple[float, Optional[float]]:
+    """(downsample w.r.t. level 0, analysis mpp) for the requested mpp (the
+    slide's own from its table row's ``cell``, when given)."""
     if mpp is None:
         return 1.0, (s.mpp[0] if s.mpp else None)
     if s.mpp is None:
         raise ValueError(f"streamcnn: slide {s.path} has no microns-per-pixel metadata "
                          f"(openslide.mpp-x), so it cannot be read at {mpp:g} um/px: give "
                          "its resolution with --slide-mpp")
-    if mpp < s.mpp[0] * (1 - MPP_TOLERANCE):
-        raise ValueError(f"streamcnn: slide {s.path} has {s.mpp[0]:g} um/px at its finest "
-                         f"level; it cannot provide {mpp:g} um/px (use --mpp "
-                         f"{s.mpp[0]:g} or coarser)")
+    why = upsampling_problem(s, mpp, f"use --mpp {s.mpp[0]:g} or coarser", cell)
+    if why:
+        raise ValueError(f"streamcnn: {why}")
     return s.downsample_for_mpp(mpp), mpp      # (refuses pixels that are not square)
 
 
@@ -434,10 +434,11 @@ def _predict_slide(path: str, name: str, model, config, args, want_sal: bool,
     row = {"slide": name, "path": path, "status": "ok", "message": ""}
     slide_mpp = args.slide_mpp if args.slide_mpp is not None else config.get("slide_mpp")
     with _open(path, slide_mpp, slide_mpp_of_row) as s:
-        ds, mpp = _downsample(s, args.mpp if args.mpp is not None else config.get("mpp"))
+        flag = "--mpp" if args.mpp is not None else "the run's --mpp"
+        ds, mpp = _downsample(s, args.mpp if args.mpp is not None else config.get("mpp"),
+                              slide_mpp_of_row)
         if mpp is not None:
-            why = read_scale_problem(s, mpp, cell=slide_mpp_of_row,
-                                     flag="--mpp" if args.mpp is not None else "the run's --mpp")
+            why = read_scale_problem(s, mpp, cell=slide_mpp_of_row, flag=flag)
             if why:
                 raise ValueError(f"streamcnn: {why}")
         size = args.image_size or int(config.get("image_size") or 0)
