@@ -1613,3 +1613,37 @@ def test_evaluate_keeps_its_inputs_and_its_folder(slides, tmp_path, capsys):
     left = set(os.listdir(run))
     assert not left & {"metrics.json", "evaluate.json", "predictions.csv"}, left
     assert "notes.txt" in left
+
+
+def test_resume_says_which_table_changed(slides, tmp_path, capsys):
+    """--resume with a table edited at the same path (rows added, removed,
+    relabelled, another mpp cell) says so on stderr, which table and how,
+    and goes on with the table as it is now (it went on silently); an
+    unchanged table says nothing."""
+    rows = [line.split(",") for line in (slides / "train.csv").read_text().split()[1:]]
+    t, v = tmp_path / "t.csv", tmp_path / "v.csv"
+
+    def write(path, rows, mpp=None):
+        path.write_text("path,label,mpp\n" + "".join(
+            f"{slides / p},{lab},{mpp or ''}\n" for p, lab in rows))
+
+    write(t, rows)
+    write(v, [("val_0.svs", "0"), ("val_1.svs", "1")])
+    out = tmp_path / "run"
+    cli_here(capsys, *_train(slides, out, "--epochs", "1", "--batch-size", "4", train=t, val=v))
+    write(t, [(rows[0][0], str(1 - int(rows[0][1])))] + rows[1:3] + [rows[1]])
+    write(v, [("val_0.svs", "0"), ("val_1.svs", "1")], mpp="0.5")
+    res = cli_here(capsys, *_train(slides, out, "--epochs", "2", "--batch-size", "4",
+                                   "--resume", train=t, val=v))
+    said = [line for line in res.stderr.splitlines() if "changed since" in line]
+    assert said == [
+        f"streamcnn: warning: --resume: --train CSV {t} changed since {out / 'last.pt'} was "
+        "written (rows: 1 added, 1 removed, 1 with another label or mpp); training goes on "
+        "with the table as it is now",
+        f"streamcnn: warning: --resume: --val CSV {v} changed since {out / 'last.pt'} was "
+        "written (rows: 2 with another label or mpp); training goes on with the table as it "
+        "is now; the metric of the epochs before (and best.pt's) is of the table as it was"]
+    res = cli_here(capsys, *_train(slides, out, "--epochs", "3", "--batch-size", "4",
+                                   "--resume", train=t, val=v))
+    assert "changed since" not in res.stderr
+    assert [r["epoch"] for r in _csv(out / "metrics.csv")] == ["1", "2", "3"]

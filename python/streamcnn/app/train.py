@@ -30,6 +30,7 @@ group, so every rank takes the same step and the ranks never drift
 """
 
 import argparse
+import collections
 import contextlib
 import gc
 import math
@@ -316,6 +317,9 @@ def _train(cfg, ckpt, dist: Dist, device, quiet: bool, overwrite: bool,
                              num_classes=cfg["num_classes"], classes=names,
                              read_mpp=cfg["mpp"], image_size=cfg["image_size"])
     _check_tables(train_t, val_t, dist.main)
+    if ckpt is not None and dist.main:
+        _tables_changed(ckpt.get("tables"), {"train": train_t, "val": val_t},
+                        os.path.join(out, "last.pt"))
     weights = class_weights(cfg["class_weights"], train_t.labels, cfg["num_classes"]) \
         if task == "classification" else None
     model = _build_model(cfg)
@@ -560,7 +564,8 @@ def _train(cfg, ckpt, dist: Dist, device, quiet: bool, overwrite: bool,
                            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                            "scaler": scaler.state_dict() if scaler is not None else None,
                            "epoch": epoch + 1, "rng": _rng_state(), "metrics": rows,
-                           "best": best}
+                           "best": best, "tables": {"train": _table_rows(train_t),
+                                                    "val": _table_rows(val_t)}}
                 if digests is not None:     # every rank's weights_digest (all equal)
                     payload["rank_digests"] = digests
                     # the image rows each rank of a group read (and summed)
@@ -631,6 +636,42 @@ def _check_tables(train_t, val_t, say: bool) -> None:
         more = f" and {len(both) - 1} more" if len(both) > 1 else ""
         print(f"streamcnn: warning: {both[0]}{more} in both {train_t.csv} and {val_t.csv}: "
               "the validation metric of slides trained on is optimistic", file=sys.stderr)
+
+
+def _table_rows(t) -> List[List[Any]]:
+    """A slide table's rows as the checkpoint keeps them: [path as the CSV
+    names it, label, mpp cell], to tell a --resume that its table changed."""
+    return [[n, lab, m] for n, lab, m in zip(t.names, t.labels, t.mpps)]
+
+
+def _tables_changed(saved: Optional[Dict[str, list]], tables: Dict[str, Any],
+                    ckpt: str) -> None:
+    """--resume: say (stderr) which of the run's tables changed since
+    ``ckpt`` was written: rows added, removed, or with another label or mpp
+    cell (a fixed row may be meant; an edited file at the same path may
+    not). The run goes on with the tables as they are now. A checkpoint
+    of an earlier version keeps no rows: nothing is said."""
+    if not isinstance(saved, dict):
+        return
+    for key, flag in (("train", "--train"), ("val", "--val")):
+        if key not in saved:
+            continue
+        old = collections.Counter(tuple(r) for r in saved[key])
+        new = collections.Counter(tuple(r) for r in _table_rows(tables[key]))
+        if old == new:
+            continue
+        added, removed = new - old, old - new
+        changed = {r[0] for r in added} & {r[0] for r in removed}
+        n_add = sum(c for r, c in added.items() if r[0] not in changed)
+        n_rem = sum(c for r, c in removed.items() if r[0] not in changed)
+        parts = [f"{n} {w}" for n, w in ((n_add, "added"), (n_rem, "removed"),
+                                        (len(changed), "with another label or mpp"))
+                 if n]
+        then = ("; the metric of the epochs before (and best.pt's) is of the table as it was"
+                if key == "val" else "")
+        print(f"streamcnn: warning: --resume: {flag} CSV {tables[key].csv} changed since "
+              f"{ckpt} was written (rows: {', '.join(parts)}); training goes on with the "
+              f"table as it is now{then}", file=sys.stderr)
 
 
 def _best_key(row: Dict[str, Any], mname: str) -> list:
