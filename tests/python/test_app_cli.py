@@ -293,6 +293,9 @@ def test_bad_options(slides, tmp_path, capsys):
     _bad(capsys, _train(slides, out, "--config", toml), "c.toml", "not valid TOML", out=out)
     _bad(capsys, ["train", "--val", slides / "val.csv", "--out", out], "--train is required",
          out=out)
+    if not torch.cuda.is_available():
+        _bad(capsys, _train(slides, out, "--device", "cuda"), "--device cuda: no CUDA "
+             "device is available", out=out)
 
 
 def test_bad_tile_parallel(slides, tmp_path, capsys, monkeypatch):

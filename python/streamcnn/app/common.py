@@ -458,14 +458,26 @@ def init_distributed(dist: Dist, device: torch.device) -> None:
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
 
-def resolve_device(name: str, dist: Dist) -> torch.device:
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError("--device cuda: no CUDA device is available")
-        return torch.device("cuda", dist.local_rank % torch.cuda.device_count())
-    if name != "cpu":
-        raise UsageError(f"--device must be cpu or cuda, got {name!r}")
-    return torch.device("cpu")
+def resolve_device(name: str, dist: Optional[Dist] = None) -> torch.device:
+    """``--device``: cpu, cuda (this process's device under torchrun: its
+    local rank's) or cuda:N; UsageError naming why not (not a device, no
+    CUDA device, an index beyond the devices)."""
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {name}: not cpu, cuda or cuda:N")
+    if dev.type == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: no CUDA device is available")
+    count = torch.cuda.device_count()
+    if dev.index is None:
+        return torch.device("cuda", (dist.local_rank if dist is not None else 0) % count)
+    if dev.index >= count:
+        raise UsageError(f"--device {name}: there are {count} CUDA devices (cuda:0 ..)")
+    return dev
 
 
 # -- scores and metrics -------------------------------------------------------------------

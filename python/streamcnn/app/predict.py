@@ -53,7 +53,7 @@ from ..slide import Slide
 from .checkpoint import load_model
 from .common import (UsageError, atomic_file, check_inputs_kept, check_settings, check_stop,
                      checkpoint_identity, lock_folder, read_scale_problem, read_table,
-                     save_figure, stop_requested, stop_status, stopped_by,
+                     resolve_device, save_figure, stop_requested, stop_status, stopped_by,
                      upsampling_problem, write_atomic, write_csv)
 from .config import parse_classes
 
@@ -147,24 +147,6 @@ def _check_args(args) -> None:
     if not 16 <= args.png_size <= MAX_PNG_SIZE:
         raise ValueError(f"streamcnn: --png-size must be in 16 .. {MAX_PNG_SIZE}, got "
                          f"{args.png_size}")
-
-
-def _device(name: str) -> torch.device:
-    """``--device``: cpu, cuda or cuda:N, refused naming why (no CUDA device,
-    an index beyond the devices, not a device)."""
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        dev = None
-    if dev is None or dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"streamcnn: --device {name}: not cpu, cuda or cuda:N")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"streamcnn: --device {name}: no CUDA device is available")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"streamcnn: --device {name}: there are "
-                             f"{torch.cuda.device_count()} CUDA devices (cuda:0 ..)")
-    return dev
 
 
 def _return_freed_memory() -> None:
@@ -600,7 +582,11 @@ def run(args) -> int:
     _check_args(args)
     items = _slides(args)
     _return_freed_memory()
-    model, config = load_model(args.checkpoint, _device(args.device))
+    try:
+        device = resolve_device(args.device)
+    except UsageError as e:             # (this command's errors are ValueError)
+        raise ValueError(f"streamcnn: {e}") from None
+    model, config = load_model(args.checkpoint, device)
     task = config.get("task", "classification")
     heat = args.heatmap or ("both" if task != "regression" else "saliency")
     if task == "regression" and heat in ("cam", "both"):
