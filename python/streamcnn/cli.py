@@ -15,6 +15,7 @@ way with 143.
 import argparse
 import contextlib
 import importlib
+import os
 import signal
 import sys
 import threading
@@ -115,10 +116,13 @@ def _stop_signals():
         sys.unraisablehook = hook
 
 
-def _main(argv: Optional[List[str]]) -> int:
-    """_run with the library's own warnings ("streamcnn: ...") shown as
-    one line "streamcnn: warning: ...", like the commands' other warnings;
-    other warnings as Python shows them."""
+@contextlib.contextmanager
+def library_warnings():
+    """The library's own warnings ("streamcnn: ...") shown as one line
+    "streamcnn: warning: ...", like the commands' other warnings, and by
+    the first process alone where several run one command (torchrun's or
+    --tile-parallel's ranks: RANK in the environment; the others would
+    repeat it); other warnings as Python shows them."""
     with warnings.catch_warnings():
         shown = warnings.showwarning
 
@@ -126,9 +130,17 @@ def _main(argv: Optional[List[str]]) -> int:
             text = str(message)
             if not text.startswith("streamcnn: "):
                 return shown(message, category, filename, lineno, file, line)
+            if os.environ.get("RANK", "0") not in ("", "0"):
+                return None
             print(f"streamcnn: warning: {text[len('streamcnn: '):]}", file=file or sys.stderr)
 
         warnings.showwarning = show
+        yield
+
+
+def _main(argv: Optional[List[str]]) -> int:
+    """_run with :func:`library_warnings`."""
+    with library_warnings():
         return _run(argv)
 
 

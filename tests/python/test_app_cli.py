@@ -241,6 +241,28 @@ def test_small_tile_warns_in_one_line(slides, tmp_path, capsys):
     assert "UserWarning" not in res.stderr
 
 
+def test_library_warnings_said_by_the_first_rank(monkeypatch, capsys):
+    """Under torchrun or --tile-parallel (RANK set) a library warning is
+    said by rank 0 alone, in one line (each rank said it, in Python's
+    two-line form from --tile-parallel's spawned ranks); other warnings as
+    Python shows them."""
+    import warnings
+    from streamcnn.cli import library_warnings
+    for rank, shown in (("0", True), ("1", False), ("", True), (None, True)):
+        if rank is None:
+            monkeypatch.delenv("RANK", raising=False)
+        else:
+            monkeypatch.setenv("RANK", rank)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            with library_warnings():
+                warnings.warn("streamcnn: small tiles", UserWarning)
+                warnings.warn("another", UserWarning)
+        err = capsys.readouterr().err
+        assert ("streamcnn: warning: small tiles\n" in err) == shown, (rank, err)
+        assert "streamcnn: warning: another" not in err      # (Python's way, pytest's here)
+
+
 def _train(slides, out, *extra, train=None, val=None):
     return ["train", "--train", train or slides / "train.csv", "--val", val or slides /
             "val.csv", "--out", out, *SMALL, *extra]

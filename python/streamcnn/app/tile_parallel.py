@@ -79,7 +79,7 @@ def _spawned(rank: int, args, n: int, port: int, errors) -> None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
             (os.cpu_count() or 1)
         torch.set_num_threads(max(1, cores // n))
-    from ..cli import _message
+    from ..cli import _message, library_warnings
     from .train import run
     def on_sigint(signum, frame):     # Ctrl-C, or stop_ranks
         request_stop(signum)            # (for check_stop)
@@ -87,7 +87,8 @@ def _spawned(rank: int, args, n: int, port: int, errors) -> None:
 
     signal.signal(signal.SIGINT, on_sigint)
     try:
-        code = run(args)
+        with library_warnings():
+            code = run(args)
     except UsageError as e:
         errors.put((rank, _message(e)))
         end_process(2)
