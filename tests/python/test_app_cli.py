@@ -1632,6 +1632,16 @@ def test_evaluate_keeps_its_inputs_and_its_folder(slides, tmp_path, capsys):
             os.close(other)
     finally:
         os.close(held)
+    # a slide listed twice (here through a link): said, each row scored
+    (tmp_path / "link.svs").symlink_to(slides / "val_0.svs")
+    twice = tmp_path / "twice.csv"
+    twice.write_text(f"path,label\n{slides / 'val_0.svs'},0\nlink.svs,0\n"
+                     f"{slides / 'val_1.svs'},1\n")
+    res = cli_here(capsys, "evaluate", run / "best.pt", "--csv", twice, "--quiet",
+                   "--bootstrap", "0", "--out", tmp_path / "ev2")
+    assert res.stderr == (f"streamcnn: warning: {twice}: slide {slides / 'val_0.svs'} is "
+                          "listed 2 times: each row is scored, and the metric counts each\n")
+    assert len(_csv(tmp_path / "ev2" / "predictions.csv")) == 3
     (run / "notes.txt").write_text("mine")
     cli_here(capsys, *_train(slides, run, "--epochs", "1", "--batch-size", "4",
                              "--overwrite"))

@@ -575,7 +575,7 @@ def test_bad_device_named(data, tmp_path, name, says):
     assert not out.exists()
 
 
-def test_inputs_are_never_outputs(data, tmp_path):
+def test_inputs_are_never_outputs(data, tmp_path, capsys):
     """A run that would write or remove a file it reads is refused before
     anything is written, naming both: a slide called like an output
     (X_cam.png of slide X in --out: it was overwritten by X's map), a
@@ -625,6 +625,13 @@ def test_inputs_are_never_outputs(data, tmp_path):
                                          r"c_features\.pt"):
         predict.run(_args(tmp_path / "t" / "c_features.pt", d / "b.svs", tmp_path / "t" /
                           "c.svs", "--out", table.parent, "--quiet"))
+    # a slide listed twice: said, analysed for each listing
+    capsys.readouterr()
+    assert predict.run(_args(data["ckpt"], d / "b.svs", d / "b.svs", "--out", tmp_path / "2",
+                             "--heatmap", "none", "--quiet")) == 0
+    assert f"streamcnn: warning: slide {d / 'b.svs'} is listed 2 times: it is analysed once " \
+        "per listing" in capsys.readouterr().err
+    assert [r["slide"] for r in _rows(tmp_path / "2")] == ["b", "b_2"]
     ev = tmp_path / "ev"
     ev.mkdir()
     (ev / "evaluate.json").write_text("{}")

@@ -2,6 +2,7 @@
 by row, the per-process distributed context, metrics, predictions and the
 run folder's small files (written atomically)."""
 
+import collections
 import contextlib
 import csv
 import io
@@ -195,6 +196,19 @@ def check_labels_agree(t: Table) -> None:
         if seen.setdefault(key, label) != label:
             raise UsageError(f"{t.csv}: slide {path} is listed with labels {seen[key]:g} "
                              f"and {label:g}")
+
+
+def repeated_slides(paths: Sequence[str]) -> str:
+    """'' or what to say of slides ``paths`` names more than once (by the
+    file they are: through other paths or links too): the first, its count
+    and how many more."""
+    counts = collections.Counter(os.path.realpath(p) for p in paths)
+    twice = [(p, n) for p, n in counts.items() if n > 1]
+    if not twice:
+        return ""
+    p, n = twice[0]
+    more = f" (and {len(twice) - 1} more slides listed more than once)" if len(twice) > 1 else ""
+    return f"slide {p} is listed {n} times{more}"
 
 
 def read_scale_problem(s, mpp: float, size: Optional[int] = None,

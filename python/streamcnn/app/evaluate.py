@@ -34,8 +34,8 @@ from .config import parse_classes
 from .common import (AMP_DTYPES, METRIC_WORDS, METRICS, Dist, Slides, Table, UsageError,
                      check_inputs_kept, check_metric, check_settings, checkpoint_identity,
                      default_metric, lock_folder, metric, metric_interval, predict,
-                     prediction_rows, read_slide_table, resolve_device, stop_status,
-                     stopped_by, write_atomic, write_csv, write_predictions)
+                     prediction_rows, read_slide_table, repeated_slides, resolve_device,
+                     stop_status, stopped_by, write_atomic, write_csv, write_predictions)
 
 PARTIAL = "predictions.partial.csv"
 SETTINGS = "evaluate.json"
@@ -118,6 +118,10 @@ def run(args) -> int:
                           [("slide", p) for p in table.paths], "evaluate")
     except ValueError as e:
         raise UsageError(str(e).replace("streamcnn: ", "", 1)) from None
+    twice = repeated_slides(table.paths)
+    if twice:
+        print(f"streamcnn: warning: {args.csv}: {twice}: each row is scored, and the metric "
+              "counts each", file=sys.stderr)
     settings = _settings(args, slide_mpp)
     try:
         os.makedirs(out, exist_ok=True)

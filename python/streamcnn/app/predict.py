@@ -53,8 +53,8 @@ from ..slide import Slide
 from .checkpoint import load_model
 from .common import (UsageError, atomic_file, check_inputs_kept, check_settings, check_stop,
                      checkpoint_identity, lock_folder, read_scale_problem, read_table,
-                     resolve_device, save_figure, stop_requested, stop_status, stopped_by,
-                     upsampling_problem, write_atomic, write_csv)
+                     repeated_slides, resolve_device, save_figure, stop_requested,
+                     stop_status, stopped_by, upsampling_problem, write_atomic, write_csv)
 from .config import parse_classes
 
 HEATMAPS = ("saliency", "cam", "both", "none")
@@ -612,6 +612,10 @@ def run(args) -> int:
                          "evaluate (evaluate.json, predictions.csv): give predict another "
                          "--out")
     _check_inputs_kept(args, items)
+    twice = repeated_slides([p for p, _ in items])
+    if twice:
+        print(f"streamcnn: warning: {twice}: it is analysed once per listing",
+              file=sys.stderr)
     _check_out_dir(args.out)            # after every check: a refused run writes nothing
     lock = lock_folder(args.out, "predict")
     try:
