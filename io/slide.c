@@ -81,6 +81,7 @@ int sc_slide_read_box(sc_slide *s, int32_t level, int64_t x, int64_t y,
 #include <pthread.h>
 #include <stdatomic.h>
 #include <sys/stat.h>
+#include <tiffio.h>
 
 #define CHUNK 512        /* chunk edge, level pixels */
 #define MAX_THREADS 64
@@ -96,6 +97,65 @@ struct sc_slide {
 };
 
 int sc_slide_available(void) { return 1; }
+
+/*
+ * libtiff's messages from inside OpenSlide. libtiff prints them on stderr
+ * (a stray "ZIPDecode: Decoding error at scanline 256." beside our error)
+ * and OpenSlide's own error names only the call that failed ("TIFFRGBAImageGet
+ * failed"). While this thread is in an OpenSlide call of ours, its first
+ * libtiff error is kept to add to that error (warnings, e.g. unknown vendor
+ * tags, are dropped); outside (other code in the process using libtiff),
+ * the handlers installed before ours are called as they were. OpenSlide
+ * decodes in the calling thread, hence a thread-local capture. The global
+ * handlers are set once (pthread_once), never per call: the per-handle
+ * handlers of tiffwrite.c are not available, OpenSlide opens the TIFFs.
+ */
+static TIFFErrorHandler prev_error, prev_warning;
+static pthread_once_t handlers_once = PTHREAD_ONCE_INIT;
+static _Thread_local int tiff_capturing;
+static _Thread_local char tiff_message[200];
+
+static void on_tiff_error(const char *module, const char *fmt, va_list ap) {
+  if (!tiff_capturing) {
+    if (prev_error) prev_error(module, fmt, ap);
+    return;
+  }
+  if (tiff_message[0]) return; /* the first says what went wrong */
+  int n = module && *module
+              ? snprintf(tiff_message, sizeof tiff_message, "%s: ", module)
+              : 0;
+  if (n < 0 || (size_t)n >= sizeof tiff_message) n = 0;
+  vsnprintf(tiff_message + n, sizeof tiff_message - (size_t)n, fmt, ap);
+}
+
+static void on_tiff_warning(const char *module, const char *fmt, va_list ap) {
+  if (!tiff_capturing && prev_warning) prev_warning(module, fmt, ap);
+}
+
+static void install_handlers(void) {
+  prev_error = TIFFSetErrorHandler(on_tiff_error);
+  prev_warning = TIFFSetWarningHandler(on_tiff_warning);
+}
+
+/* Start keeping this thread's libtiff messages (until tiff_capture_end). */
+static void tiff_capture_begin(void) {
+  pthread_once(&handlers_once, install_handlers);
+  tiff_message[0] = 0;
+  tiff_capturing = 1;
+}
+
+/* Stop; OpenSlide's error ``oerr`` with libtiff's first message added,
+ * when there was one, into buf. */
+static const char *tiff_capture_end(const char *oerr, char *buf, size_t len) {
+  tiff_capturing = 0;
+  if (!oerr) return NULL;
+  if (!tiff_message[0] || strstr(oerr, tiff_message)) return oerr;
+  size_t m = strlen(tiff_message);
+  while (m && (tiff_message[m - 1] == '.' || tiff_message[m - 1] == '\n'))
+    tiff_message[--m] = 0; /* the sentence goes inside our parentheses */
+  snprintf(buf, len, "%s (libtiff: %s)", oerr, tiff_message);
+  return buf;
+}
 
 void sc_slide_close(sc_slide *s) {
   if (!s) return;
@@ -133,7 +193,11 @@ sc_slide *sc_slide_open(const char *path, char *err, size_t errlen) {
     return NULL;
   }
   if (_sc_tiff_precheck(path, err, errlen) != SC_OK) return NULL;
+  char detail[512];
+  tiff_capture_begin();
   openslide_t *osr = openslide_open(path);
+  const char *oerr = tiff_capture_end(osr ? openslide_get_error(osr) : NULL,
+                                      detail, sizeof detail);
   if (!osr) {
     _sc_slide_fail(err, errlen,
                "streamcnn: '%s' is not a slide OpenSlide can read: not a "
@@ -143,7 +207,6 @@ sc_slide *sc_slide_open(const char *path, char *err, size_t errlen) {
                path);
     return NULL;
   }
-  const char *oerr = openslide_get_error(osr);
   if (oerr) {
     _sc_slide_fail(err, errlen, "streamcnn: OpenSlide cannot read '%s': %s", path,
                oerr);
@@ -239,7 +302,7 @@ typedef struct read_job {
   atomic_llong next;  /* next chunk to take */
   atomic_int failed;  /* set by the first failing thread */
   pthread_mutex_t err_lock;
-  char err[512];
+  char err[1024];
 } read_job;
 
 static void job_fail(read_job *j, const char *fmt, const char *detail) {
@@ -292,9 +355,12 @@ static void *read_worker(void *arg) {
     const int64_t kx = k % j->cols, ky = k / j->cols; /* from kx0, ky0 */
     const int64_t cx = j->bx[kx], cy = j->by[ky];
     const int64_t cw = j->bx[kx + 1] - cx, ch = j->by[ky + 1] - cy;
+    char detail[512];
+    tiff_capture_begin();
     openslide_read_region(j->s->osr, buf, j->x0[kx], j->y0[ky], j->level, cw,
                           ch);
-    const char *oerr = openslide_get_error(j->s->osr);
+    const char *oerr = tiff_capture_end(openslide_get_error(j->s->osr), detail,
+                                        sizeof detail);
     if (oerr) {
       job_fail(j, "streamcnn: OpenSlide failed reading '%s' (the handle is "
                   "now unusable: reopen the slide): %s",

@@ -3,6 +3,7 @@ slides whose pixels the tests know exactly."""
 
 import gc
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -384,6 +385,32 @@ def test_truncated_and_corrupt(slides, tmp_path):
         for _ in range(2):
             with pytest.raises(RuntimeError, match="corrupt.tif.*reopen"):
                 s.read(level=0)
+
+
+@needs
+def test_libtiff_message_in_the_error_not_on_stderr(tmp_path, capfd):
+    """A tile libtiff cannot decode: its message is in the error, after
+    OpenSlide's (which names only the call: "TIFFRGBAImageGet failed"),
+    and not printed on stderr by libtiff's default handler beside it."""
+    path = tmp_path / "z.tif"
+    synthetic.write_slide(str(path), [torch.full((256, 256, 3), 200, dtype=torch.uint8)],
+                          tile=128, compression="deflate")
+    from PIL import Image
+    with Image.open(path) as im:
+        spots = list(im.tag_v2[324])                            # TileOffsets
+    data = bytearray(path.read_bytes())
+    for off in spots:
+        data[off:off + 4] = b"\x55" * 4                          # no zlib header
+    path.write_bytes(bytes(data))
+    capfd.readouterr()
+    with Slide(str(path)) as s:
+        with pytest.raises(RuntimeError) as e:
+            s.read(level=0)
+    msg = str(e.value)
+    assert msg.startswith(f"streamcnn: OpenSlide failed reading '{path}'"), msg
+    assert re.search(r"TIFFRGBAImageGet failed \(libtiff: ZIPDecode: Decoding error at "
+                     r"scanline \d+\)$", msg), msg
+    assert "ZIPDecode" not in capfd.readouterr().err
 
 
 def _bigtiff(pixels, tile=16, desc_count=None):
