@@ -276,6 +276,102 @@ def _stochastic_depth_fn():
         return None
 
 
+# operator's in-place forms (x += y traces to operator.iadd: it returns x,
+# mutated)
+_INPLACE_OPERATORS = (operator.iadd, operator.imul, operator.isub, operator.itruediv,
+                      operator.ifloordiv, operator.ipow, operator.imod, operator.iand,
+                      operator.ior, operator.ixor, operator.ilshift, operator.irshift,
+                      operator.imatmul)
+# ops whose result may be the input tensor itself or a view of it: an
+# in-place op on the input changes them too
+_ALIAS_METHODS = ("contiguous", "permute", "view", "reshape", "transpose", "expand",
+                  "detach", "__getitem__", "view_as", "flatten", "squeeze", "unsqueeze")
+
+
+def _mutated(root: nn.Module, node: fx.Node) -> Optional[Any]:
+    """The argument an in-place node writes into (``x.relu_()``,
+    ``torch.relu_(x)``, ``F.relu(x, inplace=True)``, ``nn.ReLU(inplace=True)``,
+    ``x += y``), or None for an out-of-place node."""
+    if not node.args:
+        return None
+    if node.op == "call_method":
+        name = str(node.target)
+        inplace = (name.endswith("_") and not name.startswith("_")) or \
+            name in ("__iadd__", "__imul__", "__isub__", "__itruediv__")
+    elif node.op == "call_function":
+        t = node.target
+        if t in _INPLACE_OPERATORS:
+            inplace = True
+        elif node.kwargs.get("inplace") is True:
+            inplace = True
+        else:
+            name = getattr(t, "__name__", "")
+            inplace = name.endswith("_") and not name.startswith("_")
+            if not inplace:
+                import inspect
+                try:
+                    bound = inspect.signature(t).bind(*node.args, **node.kwargs)
+                    inplace = bound.arguments.get("inplace") is True
+                except (TypeError, ValueError):
+                    inplace = False
+    elif node.op == "call_module":
+        inplace = getattr(root.get_submodule(str(node.target)), "inplace", False) is True
+    else:
+        return None
+    return node.args[0] if inplace else None
+
+
+def _is_alias(node: fx.Node, root: nn.Module) -> bool:
+    """Whether ``node``'s result may share its input's memory."""
+    if node.op == "call_method":
+        return str(node.target) in _ALIAS_METHODS
+    if node.op == "call_function":
+        return node.target in (torch.permute, operator.getitem, torch.flatten, F.dropout,
+                               _stochastic_depth_fn(), torch.reshape, torch.transpose)
+    if node.op == "call_module":
+        m = root.get_submodule(str(node.target))
+        return isinstance(m, (nn.Identity, nn.Dropout, nn.Flatten)) or _is_stochastic_depth(m)
+    return False
+
+
+def functionalize(graph: fx.Graph, root: nn.Module) -> None:
+    """Rewrite ``graph`` so that in-place ops take effect as values: after
+    ``y.relu_()`` (its result unused) every later use of ``y`` reads the
+    relu's result, as it reads the mutated tensor in eager PyTorch (the
+    conversion below follows values: without this the relu was dropped).
+    Refused (ValueError naming the node): an in-place op on the stem's input
+    image or on a parameter (streaming cannot change the caller's tensor),
+    and one on a tensor an earlier view of which is read after it (the view
+    would change too)."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for node in list(graph.nodes):
+        x = _mutated(root, node)
+        if not isinstance(x, fx.Node):
+            continue
+        what = f"in-place {node.op} {getattr(node.target, '__name__', node.target)}"
+        if x.op in ("placeholder", "get_attr"):
+            raise _unsupported(node, what, f"it changes the stem's "
+                               f"{'input image' if x.op == 'placeholder' else 'parameter'} "
+                               "in place, which a streamed pass cannot do; use its "
+                               "out-of-place form")
+        later = [u for u in x.users if u is not node and order[u] > order[node]]
+        for u in x.users:
+            if u is not node and order[u] < order[node] and _is_alias(u, root) and \
+                    any(order[v] > order[node] for v in u.users):
+                raise _unsupported(node, what, f"it changes '{x.name}', of which '{u.name}' "
+                                   "(read after it) is a view; use the out-of-place form")
+        src = x
+        while _is_alias(src, root) and src.args and isinstance(src.args[0], fx.Node):
+            src = src.args[0]           # x is (a view of) src: src changes too
+            if src.op in ("placeholder", "get_attr") or any(
+                    order[v] > order[node] for v in src.users if v is not node):
+                raise _unsupported(node, what, f"it changes '{x.name}', a view of "
+                                   f"'{src.name}', which is read after it (or is the "
+                                   "stem's input); use the out-of-place form")
+        for u in later:
+            u.replace_input_with(x, node)
+
+
 class _Converter:
     def __init__(self, root: nn.Module, in_channels: Optional[int]):
         self.root = root
@@ -673,6 +769,7 @@ class _Converter:
                 f"({type(e).__name__}: {e}); streamcnn needs a stem made of supported "
                 f"layers ({SUPPORTED})") from e
         graph = gm.graph
+        functionalize(graph, self.root)
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
         if len(placeholders) != 1:
             raise ValueError("streamcnn: the stem's forward must take exactly one tensor "

@@ -560,3 +560,78 @@ def test_batch_norm_folding_only_in_float32_and_float64():
     assert bn_calls(torch.randn(1, 3, 300, 300)) == 0
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert bn_calls(torch.randn(1, 3, 300, 300)) > 0
+
+
+class _InPlace(nn.Module):
+    """In-place ops whose result is not assigned: later reads of the tensor
+    see the change, as in eager PyTorch (they were dropped: the streamed
+    output was conv1's)."""
+
+    def __init__(self, style):
+        super().__init__()
+        self.style = style
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.conv1b = nn.Conv2d(3, 6, 3, padding=1) if style == "chain" else None
+        self.conv2 = nn.Conv2d(6, 6, 3, padding=1)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        y = self.conv1(x)
+        if self.style == "method":
+            y.relu_()
+        elif self.style == "function":
+            torch.relu_(y)
+        elif self.style == "inplace=True":
+            F.leaky_relu(y, 0.2, True)
+        elif self.style == "module":
+            self.relu(y)
+        elif self.style == "chain":
+            y.add_(self.conv1b(x))
+            F.relu(y, inplace=True)
+        z = self.conv2(y)
+        z += y
+        return z
+
+
+@pytest.mark.parametrize("style", ["method", "function", "inplace=True", "module", "chain"])
+def test_in_place_ops_take_effect(style):
+    stem = _InPlace(style).double().eval()
+    x = torch.randn(1, 3, 23, 19, dtype=torch.float64, requires_grad=True)
+    # the reference: whole-image PyTorch on a copy of the image (the stem
+    # changes nothing in place that autograd needs)
+    assert compare(stem, x, 9, FP64_TOL) < FP64_TOL
+    sm = streamcnn.StreamingModule(stem, 9)
+    y = sm(x)
+    y.sum().backward()
+    assert stem.conv2.weight.grad is not None and stem.conv2.weight.grad.abs().sum() > 0
+
+
+def test_in_place_ops_that_cannot_be_streamed_are_refused():
+    """An in-place op on the stem's input image, or on a tensor a view of
+    which (here eval Dropout's: the tensor itself) is read after it."""
+    class OnInput(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 3)
+
+        def forward(self, x):
+            x.relu_()
+            return self.conv(x)
+
+    class ViewReadAfter(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.drop = nn.Conv2d(3, 3, 3), nn.Dropout()
+
+        def forward(self, x):
+            y = self.conv(x)
+            v = self.drop(y)
+            y.relu_()
+            return v + y
+
+    with pytest.raises(ValueError, match="in-place call_method relu_ \\(fx node 'relu_'\\): it "
+                                         "changes the stem's input image in place"):
+        streamcnn.StreamingModule(OnInput().eval(), 16)
+    with pytest.raises(ValueError, match="it changes 'conv', of which 'drop' \\(read after it\\) "
+                                         "is a view"):
+        streamcnn.StreamingModule(ViewReadAfter().eval(), 16)
