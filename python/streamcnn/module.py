@@ -28,6 +28,81 @@ def _tensor(t: Optional[torch.Tensor], name: str) -> torch.Tensor:
     return t
 
 
+# a module's hooks, by the attribute torch keeps them in; none is called
+# when the stem is streamed (its layers run as one program, tile by tile)
+_HOOKS = (("_forward_pre_hooks", "forward pre-hook"), ("_forward_hooks", "forward hook"),
+          ("_backward_pre_hooks", "backward pre-hook"), ("_backward_hooks", "backward hook"))
+_GLOBAL_HOOKS = ("_global_forward_pre_hooks", "_global_forward_hooks",
+                 "_global_backward_pre_hooks", "_global_backward_hooks")
+# attributes that may change after the program is built: the mode (train()
+# keeps the layers it matters for frozen) and in-place flags
+_FREE_ATTRS = ("training", "inplace")
+_SETTING_TYPES = (bool, int, float, str, tuple, list, type(None))
+
+
+def _check_hooks(stem: nn.Module) -> None:
+    """Refuse a stem whose modules have hooks (they were silently not
+    called: a forward hook's change of the output lost, a feature capture
+    empty); warn once of global module hooks (they are not called for the
+    stem's layers either)."""
+    for name, m in stem.named_modules():
+        for attr, kind in _HOOKS:
+            hooks = getattr(m, attr, None)
+            if not hooks:
+                continue
+            hook = next(iter(hooks.values()))
+            old = {"WeightNorm": "torch.nn.utils.parametrizations.weight_norm",
+                   "SpectralNorm": "torch.nn.utils.parametrizations.spectral_norm"}
+            if type(hook).__name__ in old:
+                hint = (f"it is the {type(hook).__name__} of torch.nn.utils, which works by a "
+                        f"hook: use {old[type(hook).__name__]} (a parametrization) instead")
+            else:
+                hint = ("hooks of the stem's modules are not called when it is streamed (its "
+                        "layers run as one program, tile by tile): remove it; hook the "
+                        "StreamingModule for its output, or use streamcnn.heatmaps for maps")
+            raise ValueError(f"streamcnn: module '{name or '(the stem)'}' ({type(m).__name__}) "
+                             f"has a {kind}: {hint}")
+    import torch.nn.modules.module as mm
+    if any(getattr(mm, g, None) for g in _GLOBAL_HOOKS):
+        warnings.warn("streamcnn: global module hooks (torch.nn.modules.module."
+                      "register_module_*_hook) are not called for the layers of a streamed "
+                      "stem", UserWarning, stacklevel=4)
+
+
+def _settings(stem: nn.Module) -> dict:
+    """The stem's layers as the program read them: each module's class and
+    plain attributes (stride, padding, eps, ...), by name."""
+    return {name: (type(m), {k: v for k, v in vars(m).items()
+                             if not k.startswith("_") and k not in _FREE_ATTRS
+                             and isinstance(v, _SETTING_TYPES)})
+            for name, m in stem.named_modules()}
+
+
+def _check_settings(before: dict, stem: nn.Module) -> None:
+    """Refuse a stem whose layers changed since the program was built (the
+    program keeps what it read: a changed eps or stride was silently
+    ignored), naming the first change."""
+    now = _settings(stem)
+    if now == before:
+        return
+    again = "; build a new StreamingModule after changing the stem's layers"
+    for name in list(before) + [n for n in now if n not in before]:
+        label = f"'{name or '(the stem)'}'"
+        if name not in now or name not in before:
+            raise ValueError(f"streamcnn: the stem's module {label} was "
+                             f"{'removed' if name not in now else 'added'} after this "
+                             f"StreamingModule was built{again}")
+        (t0, a0), (t1, a1) = before[name], now[name]
+        if t0 is not t1:
+            raise ValueError(f"streamcnn: the stem's module {label} was replaced ({t0.__name__} "
+                             f"by {t1.__name__}) after this StreamingModule was built{again}")
+        for k in sorted(set(a0) | set(a1)):
+            v0, v1 = a0.get(k), a1.get(k)
+            if v0 != v1 and repr(v0) != repr(v1):
+                raise ValueError(f"streamcnn: {label} ({t0.__name__}) changed {k} from {v0!r} "
+                                 f"to {v1!r} after this StreamingModule was built{again}")
+
+
 def _param_gatherer(stem: nn.Module, refs: List[Tuple[str, str]]) -> fx.GraphModule:
     """A generated module whose forward returns the tensors ``refs`` name, read
     at call time. It holds the stem's own children (same objects), so the
@@ -210,7 +285,7 @@ class StreamingModule(nn.Module):
     """
 
     __jit_unused_properties__ = ["stem"]
-    __jit_ignored_attributes__ = ["_budget_tiles"]  # eager-only cache
+    __jit_ignored_attributes__ = ["_budget_tiles", "_layer_settings"]  # eager-only
 
     _norm_exact: List[List[float]]  # mean / std's exact constants (TorchScript type)
 
@@ -226,6 +301,7 @@ class StreamingModule(nn.Module):
         if (tile_size is None) == (memory_budget is None):
             raise TypeError("streamcnn: give either tile_size or memory_budget (one of them)")
         self.memory_budget: int = 0 if memory_budget is None else parse_bytes(memory_budget)
+        _check_hooks(module)
         conv = convert(module, in_channels)
         info = program_info(conv.program)  # validated by the C decoder
         tile = _tile_pair(tile_size if tile_size is not None else [info[2], info[3]])
@@ -282,6 +358,7 @@ class StreamingModule(nn.Module):
         self._norm_only: bool = self.normalize and n_params == 0
         self._stem = (module,)  # a tuple: not registered a second time
         self._budget_tiles: dict = {}
+        self._layer_settings: dict = _settings(module)
 
     @property
     def stem(self) -> nn.Module:
@@ -473,6 +550,8 @@ class StreamingModule(nn.Module):
             if p.device != x.device and x.requires_grad:
                 raise ValueError("streamcnn: an image in host memory streamed to the GPU "
                                  "has no gradient; move it to the GPU to differentiate it")
+        _check_hooks(self._stem[0])
+        _check_settings(self._layer_settings, self._stem[0])
         for path in self._mode_paths:
             m = self._mode_module(path)
             if m.training:

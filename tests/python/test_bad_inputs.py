@@ -326,3 +326,87 @@ def test_malformed_programs_raise_and_do_not_leak():
     # every tensor handle the kernels received was released, on every path
     assert [t._use_count() for t in [x, *ps]] == uses
     assert after - before < 20_000, f"resident memory grew by {after - before} kB"
+
+
+def test_hooks_of_the_stem_are_refused():
+    """Hooks of the stem's modules are not called when it is streamed (its
+    layers run as one program): refused naming the module and the hook, at
+    construction and at a call after one was added (a forward hook's change
+    of the output was silently lost, a capture stayed empty); the old
+    hook-based weight_norm gets the parametrization to use; a hook on the
+    StreamingModule itself works; global module hooks are a warning."""
+    def stem():
+        return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3)).eval()
+
+    x = torch.randn(1, 3, 24, 24)
+    s = stem()
+    s[1].register_forward_hook(lambda m, i, o: o * 0.5)
+    with pytest.raises(ValueError, match=r"module '1' \(ReLU\) has a forward hook: hooks of "
+                                         r"the stem's modules are not called"):
+        streamcnn.StreamingModule(s, 16)
+    s = stem()
+    s.register_forward_pre_hook(lambda m, i: None)
+    with pytest.raises(ValueError, match=r"module '\(the stem\)' \(Sequential\) has a forward "
+                                         "pre-hook"):
+        streamcnn.StreamingModule(s, 16)
+    s = stem()
+    sm = streamcnn.StreamingModule(s, 16)
+    handle = s[2].register_full_backward_hook(lambda m, gi, go: None)
+    with pytest.raises(ValueError, match=r"module '2' \(Conv2d\) has a backward hook"):
+        sm(x)
+    handle.remove()
+    seen = []
+    sm.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    assert sm(x).shape == seen[0]
+    s = stem()
+    torch.nn.utils.weight_norm(s[0])
+    with pytest.raises(ValueError, match="use torch.nn.utils.parametrizations.weight_norm"):
+        streamcnn.StreamingModule(s, 16)
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: None)
+    try:
+        with pytest.warns(UserWarning, match="global module hooks"):
+            streamcnn.StreamingModule(stem(), 16)
+    finally:
+        handle.remove()
+
+
+def test_layers_changed_after_construction_are_refused():
+    """The program keeps the layers as they were read: a layer setting
+    changed, or a module replaced, after construction is refused at the
+    next call naming it (a new eps or stride was silently ignored);
+    parameters, modes, copies and saved states are not such changes."""
+    import copy
+    import io
+
+    def stem():
+        return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(inplace=True)).eval()
+
+    x = torch.randn(1, 3, 20, 20)
+    s = stem()
+    sm = streamcnn.StreamingModule(s, 12)
+    s[1].eps = 0.5
+    with pytest.raises(ValueError, match=r"'1' \(BatchNorm2d\) changed eps from 1e-05 to 0.5 "
+                                         "after this StreamingModule was built; build a new"):
+        sm(x)
+    s[1].eps = 1e-5
+    s[0].stride = (2, 2)
+    with pytest.raises(ValueError, match=r"'0' \(Conv2d\) changed stride from \(1, 1\) to "
+                                         r"\(2, 2\)"):
+        sm(x)
+    s[0].stride = (1, 1)
+    s[2] = nn.GELU()
+    with pytest.raises(ValueError, match=r"module '2' was replaced \(ReLU by GELU\)"):
+        sm(x)
+    s[2] = nn.ReLU()               # inplace differs: it changes nothing streamed
+    sm(x)
+    with torch.no_grad():
+        s[0].weight.mul_(2)         # parameters are read at call time
+    sm.train()
+    sm.eval()
+    torch.testing.assert_close(sm(x), s(x))
+    twin = copy.deepcopy(sm)
+    torch.testing.assert_close(twin(x), sm(x))
+    buf = io.BytesIO()
+    torch.save(sm, buf)
+    buf.seek(0)
+    torch.testing.assert_close(torch.load(buf, weights_only=False)(x), sm(x))
