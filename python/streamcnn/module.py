@@ -359,6 +359,25 @@ class StreamingModule(nn.Module):
         self._stem = (module,)  # a tuple: not registered a second time
         self._budget_tiles: dict = {}
         self._layer_settings: dict = _settings(module)
+        # memory_budget: whether a tile was chosen (an eager call, fix_tile);
+        # TorchScript and torch.compile stream tile_size as it is
+        self._tile_chosen: bool = tile_size is not None
+
+    @torch.jit.unused
+    def _unchosen_tile(self, how: str) -> str:
+        return (f"streamcnn: memory_budget picks the tile at an eager call, for the image's "
+                f"size; none was picked before {how}, which would stream tiles of the "
+                f"receptive field {tuple(self.tile_size)} (many times slower): call "
+                "fix_tile(height, width) or the module once on such an image first, or give "
+                "tile_size")
+
+    @torch.jit.unused
+    def __prepare_scriptable__(self):
+        """torch.jit.script calls this first: a memory_budget module must
+        have picked its tile (the scripted forward streams tile_size)."""
+        if self.memory_budget and not self._tile_chosen:
+            raise ValueError(self._unchosen_tile("torch.jit.script"))
+        return self
 
     @property
     def stem(self) -> nn.Module:
@@ -457,6 +476,7 @@ class StreamingModule(nn.Module):
         self.tile_size = [int(v) for v in choice["tile_size"]]
         self.halo_cache = bool(choice["halo_cache"])
         self.memory_budget = 0
+        self._tile_chosen = True
         return choice
 
     @staticmethod
@@ -601,22 +621,41 @@ class StreamingModule(nn.Module):
         compiled code calls the op alone; an exported program (inference)
         calls forward."""
         cached = self.halo_cache and not torch.compiler.is_exporting()
-        if not torch.compiler.is_compiling():
-            self._check(x, params)
+        if torch.compiler.is_compiling():
             if self.memory_budget:
-                training = torch.is_grad_enabled() and (
-                    x.requires_grad or any(p.requires_grad for p in params))
-                mask = self._grad_mask(x.requires_grad, params)
-                cpu = self._stem_device(x, params).type == "cpu"
-                tile, cached = self._budget_choice(x.shape[0], x.shape[2], x.shape[3],
-                                                   compute_dtype(x, params), cached,
-                                                   training, mask, cpu)
-                self.tile_size = tile
-            if self.progress or self.deterministic:
-                from .ops import call_options
-                with call_options(self.progress, self.deterministic):
-                    return self._call(x, params, cached)
+                if torch.compiler.is_exporting():   # one graph: no eager pick
+                    if not self._tile_chosen:
+                        raise ValueError(self._unchosen_tile("torch.export"))
+                else:
+                    cached = self._pick_tile(x, params, cached)
+            return self._call(x, params, cached)
+        self._check(x, params)
+        if self.memory_budget:
+            cached = self._pick_tile(x, params, cached)
+        if self.progress or self.deterministic:
+            from .ops import call_options
+            with call_options(self.progress, self.deterministic):
+                return self._call(x, params, cached)
         return self._call(x, params, cached)
+
+    @torch.jit.unused
+    @torch.compiler.disable
+    def _pick_tile(self, x: torch.Tensor, params: List[torch.Tensor], cached: bool) -> bool:
+        """memory_budget: set tile_size to the budget's choice for this call
+        (batch, size, dtype, gradients, device); returns whether to cache
+        halos. Eager also under torch.compile (a graph break: the choice is
+        Python and C code), so compiled calls honour the budget as eager
+        ones do."""
+        training = torch.is_grad_enabled() and (
+            x.requires_grad or any(p.requires_grad for p in params))
+        mask = self._grad_mask(x.requires_grad, params)
+        cpu = self._stem_device(x, params).type == "cpu"
+        tile, cached = self._budget_choice(x.shape[0], x.shape[2], x.shape[3],
+                                           compute_dtype(x, params), cached, training, mask,
+                                           cpu)
+        self.tile_size = tile
+        self._tile_chosen = True
+        return cached
 
     @torch.jit.unused
     def _forward_autocast(self, x: torch.Tensor, params: List[torch.Tensor]) -> torch.Tensor:

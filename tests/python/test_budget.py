@@ -339,3 +339,59 @@ def test_tiles_stay_channels_last_when_a_pool_reads_the_image():
     bwd, fwd, strips = memory_info(sm.program, 512, 512, sm.tile_size, True, mask, 4, cpu=True)
     model = max(bwd, fwd) + strips
     assert 0.75 * model <= peak <= model, (peak, model)
+
+
+def test_budget_before_script_compile_or_export():
+    """A memory_budget module scripted or compiled before any eager call
+    streamed tiles of the receptive field (43^2 for ResNet-18 to layer1:
+    2.8 s where the budget's tile takes 0.04 s), silently. Now
+    torch.compile picks the budget's tile at each call as eager does (an
+    eager graph break); torch.jit.script and torch.export, which fix one
+    graph, are refused with what to do until a tile was picked."""
+    stem = _stem()
+    sm = streamcnn.StreamingModule(stem, memory_budget="2MB")
+    with pytest.raises(ValueError, match=r"memory_budget picks the tile at an eager call, for "
+                                         r"the image's size; none was picked before "
+                                         r"torch.jit.script.*call fix_tile\(height, width\)"):
+        torch.jit.script(sm)
+    x = torch.randn(1, 3, 200, 180)
+    with pytest.raises(Exception, match="none was picked before torch.export"):
+        torch.export.export(sm, (x,))
+    want = sm.budget_tile(1, 200, 180, training=False)["tile_size"]
+    assert want != list(sm.receptive_field)
+    torch._dynamo.reset()
+    compiled = torch.compile(sm, backend="eager")
+    with torch.no_grad():
+        y = compiled(x)
+    assert sm.tile_size == want
+    with torch.no_grad():
+        torch.testing.assert_close(y, stem(x), rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
+    sm = streamcnn.StreamingModule(stem, memory_budget="2MB")
+    sm.fix_tile(200, 180, training=False)
+    scripted = torch.jit.script(sm)
+    with torch.no_grad():
+        assert torch.equal(scripted(x), sm(x))
+
+
+def test_export_of_a_budget_run_fixes_its_tile(tmp_path):
+    """streamcnn export of a run trained with --memory-budget scripts the
+    tile its budget gives an inference of the run's image size (it
+    scripted the receptive field's tile)."""
+    import argparse
+    from streamcnn.app import export
+    from streamcnn.app.checkpoint import save_checkpoint
+    from streamcnn.classifier import build_model
+    mean, std = [124.0, 116.0, 104.0], [58.0, 57.0, 57.0]
+    cfg = dict(model="resnet18", stream_upto="layer1", head="max", num_outputs=2,
+               tile_size=None, memory_budget="100MB", mean=mean, std=std,
+               task="classification", image_size=512, mpp=1.0, device="cpu")
+    m = build_model("resnet18", num_outputs=2, stream_upto="layer1", head="max",
+                    memory_budget="100MB", mean=mean, std=std)
+    save_checkpoint(str(tmp_path / "c.pt"), {"config": cfg, "model": m.state_dict()})
+    want = m.stem.budget_tile(1, 512, 512, training=False)["tile_size"]
+    assert want[0] > 2 * m.stem.receptive_field[0]
+    args = argparse.Namespace(checkpoint=str(tmp_path / "c.pt"), output=str(tmp_path / "m.pt"))
+    assert export.run(args) == 0
+    loaded = torch.jit.load(str(tmp_path / "m.pt"))
+    assert list(loaded.stem.tile_size) == list(want)

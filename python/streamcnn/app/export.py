@@ -38,6 +38,15 @@ def run(args) -> int:
         model, cfg = load_model(args.checkpoint, "cpu")
     except (ValueError, FileNotFoundError) as e:
         raise UsageError(str(e)) from None
+    picked = ""
+    if model.stem.memory_budget:
+        # the scripted model streams a fixed tile: the one the run's budget
+        # gives an inference of its image size, on the device it trained on
+        size = int(cfg["image_size"])
+        tile = model.stem.fix_tile(size, size, training=False,
+                                   device="cuda" if cfg.get("device") == "cuda" else "cpu")
+        picked = (f"; tile {tile['tile_size'][0]} x {tile['tile_size'][1]}, the run's "
+                  f"memory budget for {size}^2 images")
     scripted = torch.jit.script(model)
     buf = io.BytesIO()
     torch.jit.save(scripted, buf)
@@ -45,5 +54,5 @@ def run(args) -> int:
     print(f"wrote {args.output}: TorchScript of {cfg['model']} (streamed up to "
           f"{cfg['stream_upto']}, {cfg['head']} pool, {cfg['num_outputs']} output"
           f"{'s' if cfg['num_outputs'] > 1 else ''}); input N x 3 x H x W in 0..255 "
-          f"({cfg['image_size']}^2 at {cfg['mpp']} um/px in training)")
+          f"({cfg['image_size']}^2 at {cfg['mpp']} um/px in training){picked}")
     return 0
