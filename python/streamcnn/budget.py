@@ -136,13 +136,16 @@ def choose_tile(program: Sequence[int], h: int, w: int, batch: int, itemsize: in
 
     usable = budget * (1 - HEADROOM)
     best, best_cost = None, math.inf
+    least_need: Tuple[float, Tuple[int, int]] = (math.inf, (0, 0))
     for nr in _counts(oh, max(1, oh // least[0])):
         for nc in _counts(ow, max(1, ow // least[1])):
             tile = (extent(0, -(-oh // nr)), extent(1, -(-ow // nc)))
             modes = (True, False) if allow_cached and training else (allow_cached,)
             for cached in modes:
-                if tile_bytes(program, h, w, tile, cached, batch, itemsize,
-                              training, mask, cpu) > usable:
+                need = tile_bytes(program, h, w, tile, cached, batch, itemsize, training,
+                                  mask, cpu)
+                least_need = min(least_need, (need, tile))
+                if need > usable:
                     continue
                 fwd, cone = _recompute(work_info(program, h, w, tile))
                 n_tiles = tiling_info(program, h, w, tile)[4:6]
@@ -152,11 +155,11 @@ def choose_tile(program: Sequence[int], h: int, w: int, batch: int, itemsize: in
                 if cost < best_cost:
                     best, best_cost = (tile, cached), cost
     if best is None:
-        need = tile_bytes(program, h, w, (rf[0], rf[1]), False, batch, itemsize, training,
-                          mask, cpu)
+        need, tile = least_need
         raise ValueError(
             f"streamcnn: memory_budget of {budget} bytes is too small for a batch of {batch} "
-            f"{h} x {w} images: even small tiles need more (the smallest possible, "
-            f"{rf[0]} x {rf[1]} = the receptive field, about {need} bytes, plus "
-            f"{HEADROOM:.0%} headroom)")
+            f"{h} x {w} images: the least any tile needs is about {int(need)} bytes (tile "
+            f"{tile[0]} x {tile[1]}; smaller ones recompute their halo several times over), "
+            f"so with {HEADROOM:.0%} headroom the budget must be at least "
+            f"{math.ceil(need / (1 - HEADROOM))} bytes")
     return best

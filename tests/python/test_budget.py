@@ -4,6 +4,7 @@ allocator, from the profiler's memory events, and the resident set with
 every allocation mmapped; CUDA: max_memory_allocated)."""
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -68,7 +69,18 @@ def test_chooser_fits_and_trades_memory_for_recompute():
     assert sm.tiling(500, 700)["tiles"] == (1, 1)
     sm.memory_budget = 1000
     sm._budget_tiles.clear()
-    with pytest.raises(ValueError, match="too small for a batch of 2 500 x 700"):
+    with pytest.raises(ValueError, match="too small for a batch of 2 500 x 700") as e:
+        sm.budget_tile(2, 500, 700)
+    # the least it names is enough: a budget of that size fits (the message
+    # named the receptive field's tile, which the search does not try, and
+    # a size below what the smallest tile tried needs)
+    least = int(re.search(r"must be at least (\d+) bytes", str(e.value)).group(1))
+    sm.memory_budget = least
+    sm._budget_tiles.clear()
+    assert sm.budget_tile(2, 500, 700)["bytes"] <= least * (1 - HEADROOM)
+    sm.memory_budget = least - 2
+    sm._budget_tiles.clear()
+    with pytest.raises(ValueError, match="too small"):
         sm.budget_tile(2, 500, 700)
 
 
