@@ -17,6 +17,7 @@
 #include <stdatomic.h>
 #include <stdio.h>
 #include <string.h>
+#include <unistd.h>
 
 /* ---- stack builder ------------------------------------------------------- */
 
@@ -330,20 +331,47 @@ int _sc_oom(sc_ctx *ctx, const char *what, int64_t ndim, const int64_t *sizes,
   char device[32] = "cpu";
   if (device_type == aoti_torch_device_type_cuda())
     snprintf(device, sizeof device, "cuda:%d", (int)ctx->device_index);
+  /* the stem output and the image's gradient are whole-image tensors:
+   * their size is the image's, whatever the tiles */
+  const int whole = strncmp(what, "the ", 4) == 0;
   return sc_fail(&ctx->err,
                  "streamcnn: out of memory: could not allocate %s (%s, %d-byte "
-                 "elements, %.1f MiB) on %s; a smaller tile_size or a "
-                 "memory_budget lowers the peak",
-                 what, shape, _sc_dtype_size(dtype), bytes / 1048576.0, device);
+                 "elements, %.1f MiB) on %s; %s",
+                 what, shape, _sc_dtype_size(dtype), bytes / 1048576.0, device,
+                 whole ? "it is a whole-image tensor, which no tile_size or "
+                         "memory_budget makes smaller: a smaller image or batch "
+                         "is needed"
+                       : "a smaller tile_size or a memory_budget lowers the "
+                         "peak");
 }
 
 int _sc_empty_as(sc_ctx *ctx, int32_t dtype, int64_t ndim,
                  const int64_t *sizes, int zero, AtenTensorHandle *out) {
+  return _sc_alloc(ctx, "a tensor", dtype, ndim, sizes, zero, out);
+}
+
+/* Bytes of this machine's physical memory, or 0 when unknown. */
+static double physical_bytes(void) {
+  const long pages = sysconf(_SC_PHYS_PAGES), size = sysconf(_SC_PAGE_SIZE);
+  return pages > 0 && size > 0 ? (double)pages * (double)size : 0.0;
+}
+
+int _sc_alloc(sc_ctx *ctx, const char *what, int32_t dtype, int64_t ndim,
+              const int64_t *sizes, int zero, AtenTensorHandle *out) {
   int64_t strides[8];
   *out = NULL;
   if (ndim < 0 || ndim > 8)
     return sc_fail(&ctx->err, "streamcnn: internal error: rank %lld",
                    (long long)ndim);
+  if (!ctx->is_cuda) {
+    /* more than the machine has: said without asking the allocator, whose
+     * failure torch's shim also prints with a C++ backtrace */
+    double bytes = _sc_dtype_size(dtype);
+    for (int64_t i = 0; i < ndim; i++) bytes *= (double)sizes[i];
+    const double ram = physical_bytes();
+    if (ram > 0 && bytes > ram)
+      return _sc_oom(ctx, what, ndim, sizes, dtype, ctx->device_type);
+  }
   int64_t acc = 1;
   for (int64_t i = ndim - 1; i >= 0; i--) {
     strides[i] = acc;
@@ -351,7 +379,7 @@ int _sc_empty_as(sc_ctx *ctx, int32_t dtype, int64_t ndim,
   }
   if (aoti_torch_empty_strided(ndim, sizes, strides, dtype,
                                ctx->device_type, ctx->device_index, out))
-    return _sc_oom(ctx, "a tensor", ndim, sizes, dtype, ctx->device_type);
+    return _sc_oom(ctx, what, ndim, sizes, dtype, ctx->device_type);
   if (zero && aoti_torch_zero_(*out)) {
     _sc_drop(out);
     return sc_fail(&ctx->err, "streamcnn: zero_ failed");

@@ -178,6 +178,11 @@ int _sc_empty(sc_ctx *ctx, int64_t ndim, const int64_t *sizes,
 /* The same with an explicit aoti dtype; zeroed when zero is set. */
 int _sc_empty_as(sc_ctx *ctx, int32_t dtype, int64_t ndim,
                  const int64_t *sizes, int zero, AtenTensorHandle *out);
+/* _sc_empty_as naming what it allocates in the out-of-memory error
+ * ("the stem output", "the image's gradient": whole-image tensors, named
+ * "the ...", get other advice than tile-sized ones, "a tile"). */
+int _sc_alloc(sc_ctx *ctx, const char *what, int32_t dtype, int64_t ndim,
+              const int64_t *sizes, int zero, AtenTensorHandle *out);
 /* Bytes per element of an image or parameter dtype (uint8, float16,
  * bfloat16, float32, float64; 0 for others). */
 int _sc_dtype_size(int32_t d);

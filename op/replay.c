@@ -164,7 +164,7 @@ int _sc_forward(sc_ctx *ctx, const sc_call *call, AtenTensorHandle *out,
                                       : r.sizes[2 * ov];
     const int64_t shape[4] = {r.batch, call->prog->channels[ov], rows,
                               r.sizes[2 * ov + 1]};
-    rc = _sc_empty(ctx, 4, shape, out);
+    rc = _sc_alloc(ctx, "the stem output", ctx->dtype, 4, shape, 0, out);
   }
   if (!rc && strips) { /* the halos the backward will need, all of them */
     const int64_t n[1] = {r.strip_total};
@@ -265,7 +265,7 @@ int _sc_backward(sc_ctx *ctx, const sc_call *call, AtenTensorHandle grad_out,
   if (!rc && mask[0]) {
     int64_t dim, *sz, *st;
     rc = _sc_meta(ctx, call->image, &dim, &sz, &st) ||
-         _sc_zeros(ctx, 4, sz, &r.igrad);
+         _sc_alloc(ctx, "the image's gradient", ctx->dtype, 4, sz, 1, &r.igrad);
   }
   if (!rc && r.needs[ov] && r.batch > 0) _sc_release_free_pages(ctx);
   if (!rc && r.cached) { /* halos of the forward are the strips */

@@ -174,11 +174,13 @@ def _tile_pair(tile_size: TileSize) -> List[int]:
                             f"{tile_size!r}") from None
     else:
         try:
-            pair = [int(t) for t in tile_size]
+            if isinstance(tile_size, str) or any(isinstance(t, bool) for t in tile_size):
+                raise TypeError
+            pair = [operator.index(t) for t in tile_size]  # 32.0 is refused, as alone
         except TypeError:
             raise TypeError("streamcnn: tile_size must be an int or a pair of ints, got "
                             f"{tile_size!r}") from None
-        if any(isinstance(t, bool) or int(t) != t for t in tile_size) or len(pair) != 2:
+        if len(pair) != 2:
             raise ValueError(f"streamcnn: tile_size must be an int or (rows, cols), got "
                              f"{tile_size!r}")
     if pair[0] <= 0 or pair[1] <= 0:
@@ -300,6 +302,14 @@ class StreamingModule(nn.Module):
             raise TypeError(f"streamcnn: expected an nn.Module, got {type(module).__name__}")
         if (tile_size is None) == (memory_budget is None):
             raise TypeError("streamcnn: give either tile_size or memory_budget (one of them)")
+        for name, flag in (("progress", progress), ("deterministic", deterministic),
+                           ("halo_cache", halo_cache)):
+            if not isinstance(flag, bool):
+                raise TypeError(f"streamcnn: {name} must be True or False, got {flag!r}")
+        if in_channels is not None and (isinstance(in_channels, bool) or not hasattr(
+                in_channels, "__index__") or operator.index(in_channels) < 1):
+            raise ValueError(f"streamcnn: in_channels must be a positive int, got "
+                             f"{in_channels!r}")
         self.memory_budget: int = 0 if memory_budget is None else parse_bytes(memory_budget)
         _check_hooks(module)
         conv = convert(module, in_channels)
@@ -535,6 +545,9 @@ class StreamingModule(nn.Module):
     def _check(self, x: torch.Tensor, params: List[torch.Tensor]) -> None:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"streamcnn: expected a tensor, got {type(x).__name__}")
+        if x.is_nested:
+            raise TypeError("streamcnn: the image must be a dense tensor, got a nested "
+                            "tensor: stream its images one by one (or pad them to one size)")
         if x.layout != torch.strided:
             raise TypeError(f"streamcnn: the image must be a dense (strided) tensor, got "
                             f"{x.layout}: call x.to_dense()")
@@ -596,8 +609,9 @@ class StreamingModule(nn.Module):
         if not torch.jit.is_scripting():
             # autocast of the device the stem runs on (a host image's stem
             # is on the GPU: autocast("cuda") applies)
-            if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(
-                    self._stem_device(x, params).type):
+            if isinstance(x, torch.Tensor) and self._stem_device(x, params).type in (
+                    "cpu", "cuda") and torch.is_autocast_enabled(
+                        self._stem_device(x, params).type):
                 return self._forward_autocast(x, params)
             return self._forward_eager(x, params)
         return self._call(x, params, self.halo_cache)

@@ -845,6 +845,11 @@ def convert(module: nn.Module, in_channels: Optional[int] = None) -> Converted:
     Raises ValueError naming the first node that cannot be streamed and what
     to do about it.
     """
+    for name, m in module.named_modules():
+        if type(m).__name__ == "StreamingModule" and type(m).__module__ == "streamcnn.module":
+            raise ValueError(f"streamcnn: the stem holds a StreamingModule "
+                             f"('{name or '(the stem)'}'): streams do not nest; stream the "
+                             "plain layers once (its .stem is the module it streams)")
     # A bare torch.nn layer (e.g. one Conv2d) is traced from inside a wrapper,
     # as fx would otherwise trace into its forward; paths stay relative to it.
     if type(module).__module__.startswith("torch.nn.") and \

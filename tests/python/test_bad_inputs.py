@@ -410,3 +410,64 @@ def test_layers_changed_after_construction_are_refused():
     torch.save(sm, buf)
     buf.seek(0)
     torch.testing.assert_close(torch.load(buf, weights_only=False)(x), sm(x))
+
+
+def test_options_of_the_wrong_type_are_refused():
+    """A float in a tile pair is refused as a float alone is ((32.0, 32)
+    was taken); flags must be bools (halo_cache=None, progress="yes" were
+    taken); in_channels must be a positive int (0 said "cannot infer ...;
+    pass in_channels=")."""
+    with pytest.raises(TypeError, match=r"tile_size must be an int or a pair of ints, got "
+                                        r"\(32.0, 32\)"):
+        _sm((32.0, 32))
+    for name, value in (("halo_cache", None), ("progress", "yes"), ("deterministic", 1)):
+        with pytest.raises(TypeError, match=f"{name} must be True or False, got {value!r}"):
+            streamcnn.StreamingModule(_stem(), 16, **{name: value})
+    for value in (0, -3, 2.0, True):
+        with pytest.raises(ValueError, match=f"in_channels must be a positive int, got "
+                                             f"{value!r}"):
+            streamcnn.StreamingModule(nn.Sequential(nn.ReLU()), 16, in_channels=value)
+
+
+def test_inputs_streamcnn_cannot_take_are_named():
+    """A nested tensor, a StreamingModule inside the stem: one clear error
+    each (an internal NestedTensorImpl error; fx's "expected a tensor, got
+    Proxy"). Meta tensors give shapes, forward and backward, as PyTorch
+    does (it was "unknown device type for autocast")."""
+    sm = _sm()
+    nested = torch.nested.nested_tensor([torch.randn(3, 20, 20), torch.randn(3, 24, 20)])
+    with pytest.raises(TypeError, match="got a nested tensor: stream its images one by one"):
+        sm(nested)
+    with pytest.raises(ValueError, match=r"the stem holds a StreamingModule \('0'\): streams "
+                                         "do not nest"):
+        streamcnn.StreamingModule(nn.Sequential(_sm(), nn.ReLU()), 32)
+    meta = streamcnn.StreamingModule(_stem(), 16).to("meta")
+    x = torch.randn(1, 3, 40, 50, device="meta", requires_grad=True)
+    y = meta(x)
+    assert y.shape == _stem().to("meta")(x).shape and y.device.type == "meta"
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+def test_whole_image_tensor_larger_than_memory_is_named():
+    """A stem output larger than the machine's memory: refused naming it
+    and that no tile makes it smaller (it advised a smaller tile_size),
+    without asking the allocator (whose failure torch's shim printed with
+    a C++ backtrace on stderr)."""
+    import subprocess
+    import sys
+    code = ("import torch, torch.nn as nn, streamcnn\n"
+            "sm = streamcnn.StreamingModule(nn.Sequential(nn.Conv2d(3, 64, 3)).eval(), 256)\n"
+            "x = torch.zeros(1, 3, 1, 1, dtype=torch.uint8).expand(1, 3, 100000, 100000)\n"
+            "try:\n"
+            "    with torch.no_grad():\n"
+            "        sm(x)\n"
+            "except RuntimeError as e:\n"
+            "    print(e)\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.startswith("streamcnn: out of memory: could not allocate the stem "
+                                 "output (1x64x99998x99998, 4-byte elements"), res.stdout
+    assert "no tile_size or memory_budget makes smaller" in res.stdout
+    assert "aoti_torch" not in res.stderr and "frame #" not in res.stderr, res.stderr[-2000:]
