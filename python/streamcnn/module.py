@@ -35,8 +35,10 @@ _HOOKS = (("_forward_pre_hooks", "forward pre-hook"), ("_forward_hooks", "forwar
 _GLOBAL_HOOKS = ("_global_forward_pre_hooks", "_global_forward_hooks",
                  "_global_backward_pre_hooks", "_global_backward_hooks")
 # attributes that may change after the program is built: the mode (train()
-# keeps the layers it matters for frozen) and in-place flags
-_FREE_ATTRS = ("training", "inplace")
+# keeps the layers it matters for frozen), in-place flags, and what frozen
+# layers do not use (a batch norm's momentum, a dropout's p in eval mode:
+# training scripts set them on every module)
+_FREE_ATTRS = ("training", "inplace", "momentum", "p")
 _SETTING_TYPES = (bool, int, float, str, tuple, list, type(None))
 
 

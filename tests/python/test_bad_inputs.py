@@ -398,6 +398,7 @@ def test_layers_changed_after_construction_are_refused():
     with pytest.raises(ValueError, match=r"module '2' was replaced \(ReLU by GELU\)"):
         sm(x)
     s[2] = nn.ReLU()               # inplace differs: it changes nothing streamed
+    s[1].momentum = 0.01           # nor does a frozen batch norm's momentum
     sm(x)
     with torch.no_grad():
         s[0].weight.mul_(2)         # parameters are read at call time
