@@ -371,8 +371,8 @@ class StreamingModule(nn.Module):
         self._stem = (module,)  # a tuple: not registered a second time
         self._budget_tiles: dict = {}
         self._layer_settings: dict = _settings(module)
-        # memory_budget: whether a tile was chosen (an eager call, fix_tile);
-        # TorchScript and torch.compile stream tile_size as it is
+        # memory_budget: whether a tile was chosen (an eager or compiled call,
+        # fix_tile); TorchScript and torch.export stream tile_size as it is
         self._tile_chosen: bool = tile_size is not None
 
     @torch.jit.unused
