@@ -4,7 +4,7 @@ import ctypes
 import math
 import numbers
 import os
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 
@@ -94,6 +94,7 @@ class Slide:
         self._lib = clib()
         self._h = None
         self._plain = None
+        self._unsafe: Set[int] = set()      # levels OpenSlide reads wrong
         self._tiff_mpp: Optional[Tuple[float, float]] = None
         self._mpp_override = _check_mpp(mpp)
         self._mpp_default = _check_mpp(default_mpp)
@@ -130,8 +131,34 @@ class Slide:
             val = lib.sc_slide_property(self._h, names[i])
             self.properties[key] = val.decode(errors="replace") if val else ""
             i += 1
+        self._unsafe = self._levels_read_wrong()
+        if 0 in self._unsafe:
+            # the whole image is smaller than one of its tiles: OpenSlide
+            # would read it wrong; Pillow decodes the page (it is small)
+            self.close()
+            self._open_plain()
+            return
         if self.properties.get("openslide.vendor") == "generic-tiff":
             self._check_generic_tiff()
+
+    def _levels_read_wrong(self) -> Set[int]:
+        """Levels OpenSlide 3.4 reads wrong: a TIFF level narrower or shorter
+        than its tiles, not JPEG-compressed (OpenSlide decodes those tiles
+        through libtiff's RGBA reader, which since libtiff 4.5 clips the
+        tile's raster to the image and so shears its rows: the coarsest
+        levels of many pyramids, pixels off by up to 255, no error; seen
+        with OpenSlide 3.4.1 and libtiff 4.5.0). JPEG tiles OpenSlide
+        decodes itself."""
+        from ._plain import _tag_int, tiff_page_tags
+        unsafe = set()
+        for level, (w, h) in enumerate(self.level_dimensions):
+            tags = tiff_page_tags(self.path, (w, h))
+            if tags is None:
+                continue
+            tw, th = _tag_int(tags, 322, 0), _tag_int(tags, 323, 0)
+            if _tag_int(tags, 259, 1) != 7 and (w < tw or h < th):
+                unsafe.add(level)
+        return unsafe
 
     def _check_generic_tiff(self) -> None:
         """What OpenSlide 3.4's generic TIFF reader leaves out, from the tags
@@ -295,6 +322,12 @@ class Slide:
         threads = _check_threads(threads)
         if self._plain is not None:  # one level, no chunks: the box is the region
             return self._plain.read(x + bx, y + by, bw, bh, self.background, channels_last)
+        if level in self._unsafe:
+            # the level as the finer level read right gives it, resampled
+            # (OpenSlide would return sheared rows)
+            img = self.read_scaled((x, y), self.level_downsamples[level], (w, h),
+                                   box=(bx, by, bw, bh), tolerance=0.0, threads=threads)
+            return img.permute(1, 2, 0).contiguous() if channels_last else img
         shape = (bh, bw, 3) if channels_last else (3, bh, bw)
         out = uint8_buffer(shape, f"a {bw} x {bh} region of {self.path!r}")
         err = _err()
@@ -307,10 +340,11 @@ class Slide:
 
     def best_level_for_downsample(self, downsample: float, tolerance: float = 0.05) -> int:
         """The coarsest level whose downsample is at most ``downsample`` (up to
-        ``tolerance``, relative)."""
+        ``tolerance``, relative), of those read right (a level OpenSlide
+        reads wrong is passed over: see ``_levels_read_wrong``)."""
         best = 0
         for level, ds in enumerate(self.level_downsamples):
-            if ds <= downsample * (1 + tolerance):
+            if ds <= downsample * (1 + tolerance) and level not in self._unsafe:
                 best = level
         return best
 
@@ -395,9 +429,11 @@ class Slide:
         rw = max(1, math.ceil(out_w * downsample / ds))
         rh = max(1, math.ceil(out_h * downsample / ds))
         r0, r1 = resample_span(rh, out_h, by, by + bh)
-        if r1 - r0 > 2 * BAND_ROWS:
+        if r1 - r0 > 2 * BAND_ROWS and bh > 1:
             # in bands of ~BAND_ROWS level rows: the level region is never
-            # held whole (each band is bit for bit those rows of the whole)
+            # held whole (each band is bit for bit those rows of the whole;
+            # one output row is read whole: it cannot be split, and a band
+            # of it was that row again, forever)
             out = uint8_buffer((3, bh, bw), f"a {bw} x {bh} region of {self.path!r}")
             step = max(1, BAND_ROWS * out_h // rh)
             for a in range(by, by + bh, step):

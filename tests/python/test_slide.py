@@ -625,3 +625,21 @@ def test_built_without_openslide_message(monkeypatch, tmp_path):
                                                                       dtype=torch.uint8))
     with Slide(str(tmp_path / "s.tif")) as s:
         assert (s.read(level=0) == 7).all()
+
+
+@needs
+def test_image_smaller_than_its_tiles_reads_right(tmp_path):
+    """A tiled TIFF (not JPEG) narrower and shorter than its tiles:
+    OpenSlide 3.4 with libtiff 4.5 shears its rows (pixels off by up to
+    255, no error; the coarse levels of many pyramids). Such a level is
+    never read through OpenSlide: level 0 is decoded by Pillow (exact),
+    a coarser level is resampled from a finer one read right."""
+    g = torch.Generator().manual_seed(3)
+    pixels = torch.randint(0, 256, (37, 150, 3), generator=g, dtype=torch.uint8)
+    path = tmp_path / "small.tif"
+    path.write_bytes(_bigtiff(pixels, tile=64))     # 3 tiles of 64 x 64 in one row
+    with Slide(str(path)) as s:
+        assert s.dimensions == (150, 37)
+        assert torch.equal(s.read(level=0).permute(1, 2, 0), pixels)
+        assert torch.equal(s.read_region((5, 3), 0, (20, 10), channels_last=True),
+                           pixels[3:13, 5:25])
