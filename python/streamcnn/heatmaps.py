@@ -147,7 +147,9 @@ def _targets(logits: torch.Tensor, target: Target) -> torch.Tensor:
     if t.numel() == 1:
         t = t.expand(n)
     if t.numel() != n:
-        raise ValueError(f"streamcnn: target needs 1 or {n} entries, got {t.numel()}")
+        each = "an int" if n == 1 else f"an int, or one per image ({n})"
+        raise ValueError(f"streamcnn: target must be {each}, got {t.numel()} entries for "
+                         f"a batch of {n}")
     if bool(((t < 0) | (t >= k)).any()):
         raise ValueError(f"streamcnn: target {t.tolist()} out of range for {k} outputs")
     return t.to(logits.device)

@@ -365,9 +365,13 @@ class Slide:
             raise ValueError(f"streamcnn: box size {w} x {h} must be positive")
         if level is not None:
             self._check_level(level)
-            ds = self.level_downsamples[level]
-            return self.read_region((x, y), level, (max(1, math.ceil(w / ds)),
-                                                    max(1, math.ceil(h / ds))),
+            # per axis: a level's downsample is the mean of its axes' (1001 x
+            # 777 -> 501 x 389: 1.998, 1.9974), and w / mean overshot the
+            # level by a column of background
+            (lw, lh), (w0, h0) = self.level_dimensions[level], self.dimensions
+            sx, sy = w0 / lw, h0 / lh
+            return self.read_region((x, y), level, (max(1, math.ceil(w / sx - 1e-9)),
+                                                    max(1, math.ceil(h / sy - 1e-9))),
                                     threads=threads)
         if self.mpp is None:
             raise ValueError(f"streamcnn: {self.path!r} has no microns-per-pixel metadata "
@@ -445,6 +449,7 @@ class Slide:
         c0, c1 = resample_span(rw, out_w, bx, bx + bw)
         region = self.read_region(location, lvl, (rw, rh), box=(c0, r0, c1 - c0, r1 - r0),
                                   threads=threads)
+        uint8_buffer((3, bh, bw), f"a {bw} x {bh} image of {self.path!r}")  # fits? (named)
         return resize_uint8(region, (out_h, out_w), source_size=(rh, rw),
                             source_offset=(r0, c0), box=(by, bx, bh, bw), threads=threads)
 
@@ -457,7 +462,10 @@ class Slide:
         lvl = self.best_level_for_downsample(max(scale, 1.0))
         img = self.read(level=lvl)
         out = (max(1, round(h0 / scale)), max(1, round(w0 / scale)))
-        return img if tuple(img.shape[1:]) == out else resize_uint8(img, out)
+        if tuple(img.shape[1:]) == out:
+            return img
+        uint8_buffer((3, *out), f"a {out[1]} x {out[0]} thumbnail of {self.path!r}")
+        return resize_uint8(img, out)
 
     # -- tissue ----------------------------------------------------------------------
     def tissue_mask(self, max_size: int = 2048) -> Tuple[torch.Tensor, float]:
@@ -473,7 +481,12 @@ class Slide:
     def tissue_box(self, max_size: int = 2048, margin: float = 0.0
                    ) -> Optional[Tuple[int, int, int, int]]:
         """Level-0 bounding box (x, y, w, h) of the tissue, grown by ``margin``
-        (a fraction of its size), clipped to the slide; None without tissue."""
+        (a fraction of its size, at least 0), clipped to the slide; None
+        without tissue."""
+        if not isinstance(margin, numbers.Real) or not margin >= 0 or \
+                not math.isfinite(margin):
+            raise ValueError(f"streamcnn: margin must be a fraction of at least 0, got "
+                             f"{margin!r}")
         mask, ds = self.tissue_mask(max_size)
         return box_of_mask(mask, ds, self.dimensions, margin)
 

@@ -155,6 +155,10 @@ def test_saliency_float_image_target_and_pool():
     assert rel_err(sal, ref) <= 1e-10
     pooled = hm.saliency(m.stem, m.head, img, target=0, band_rows=20, pool=3)
     assert rel_err(pooled, F.max_pool2d(ref[None], 3, 3, ceil_mode=True)[0]) <= 1e-10
+    # a target of another length than the batch (it said "needs 1 or 1 entries")
+    with pytest.raises(ValueError, match=r"target must be an int, got 2 entries for a batch "
+                                         r"of 1"):
+        hm.saliency(m.stem, m.head, img, target=[0, 1])
 
 
 def test_saliency_misaligned_bands_would_fail(monkeypatch):

@@ -643,3 +643,28 @@ def test_image_smaller_than_its_tiles_reads_right(tmp_path):
         assert torch.equal(s.read(level=0).permute(1, 2, 0), pixels)
         assert torch.equal(s.read_region((5, 3), 0, (20, 10), channels_last=True),
                            pixels[3:13, 5:25])
+
+
+@needs
+def test_level_reads_are_the_level_and_huge_resampled_reads_are_named(tmp_path):
+    """read(level=L) of an odd slide is exactly the level (1001 x 777 ->
+    501 x 389: it was 502 wide, the mean downsample overshooting by a
+    column of background, and thumbnail(501) resampled that); a resampled
+    read or thumbnail too large for memory is a MemoryError naming it (it
+    was ATen's allocation error); tissue_box refuses a negative margin
+    (it returned a box of negative size)."""
+    g = torch.Generator().manual_seed(0)
+    l0 = torch.randint(0, 256, (777, 1001, 3), generator=g, dtype=torch.uint8)
+    l1 = torch.randint(0, 256, (389, 501, 3), generator=g, dtype=torch.uint8)
+    path = str(tmp_path / "odd.tif")
+    synthetic.write_slide(path, [l0, l1], tile=128)
+    with Slide(path, mpp=0.5) as s:
+        assert torch.equal(s.read(level=1).permute(1, 2, 0), l1)
+        assert torch.equal(s.thumbnail(501).permute(1, 2, 0), l1)
+        with pytest.raises(MemoryError, match=r"out of memory for a 500500 x 388500 image of"):
+            s.read(mpp=0.001)
+        with pytest.raises(MemoryError, match=r"out of memory for a 1000000 x 776224 "
+                                              r"thumbnail of"):
+            s.thumbnail(1000000)
+        with pytest.raises(ValueError, match="margin must be a fraction of at least 0"):
+            s.tissue_box(margin=-5)
