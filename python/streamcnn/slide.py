@@ -335,7 +335,10 @@ class Slide:
                                          out.data_ptr(), int(channels_last), threads, err,
                                          _ERR)
         if rc != 0:
-            raise RuntimeError(err.value.decode(errors="replace"))
+            msg = err.value.decode(errors="replace")
+            if not os.path.exists(self.path):   # reopening cannot help then
+                msg += f" ({self.path!r} no longer exists: it was removed while open)"
+            raise RuntimeError(msg)
         return out
 
     def best_level_for_downsample(self, downsample: float, tolerance: float = 0.05) -> int:

@@ -668,3 +668,15 @@ def test_level_reads_are_the_level_and_huge_resampled_reads_are_named(tmp_path):
             s.thumbnail(1000000)
         with pytest.raises(ValueError, match="margin must be a fraction of at least 0"):
             s.tissue_box(margin=-5)
+
+
+@needs
+def test_file_removed_while_open_is_said(slides, tmp_path):
+    """OpenSlide reopens the file by its path for a read: a file removed
+    while open fails naming that (the advice to reopen cannot help)."""
+    path = tmp_path / "gone.tif"
+    shutil.copy(slides["deflate"][0], path)
+    with Slide(str(path)) as s:
+        path.unlink()
+        with pytest.raises(RuntimeError, match="no longer exists: it was removed while open"):
+            s.read(level=0)
