@@ -680,3 +680,75 @@ def test_file_removed_while_open_is_said(slides, tmp_path):
         path.unlink()
         with pytest.raises(RuntimeError, match="no longer exists: it was removed while open"):
             s.read(level=0)
+
+
+def _tiled_tiff(levels, tile):
+    """A pyramidal tiled, uncompressed RGB TIFF (little-endian, classic) of
+    the uint8 H x W x 3 tensors ``levels``, one page each, every page in
+    ``tile`` x ``tile`` tiles even where the page is smaller (as tifffile
+    writes them; our writer shrinks the tile to the page)."""
+    import struct
+    out = bytearray(b"II*\0" + struct.pack("<I", 0))
+    link = 4                                    # where the next IFD's offset goes
+    for k, px in enumerate(levels):
+        h, w, _ = px.shape
+        tiles = []
+        for ty in range(-(-h // tile)):
+            for tx in range(-(-w // tile)):
+                t = torch.zeros(tile, tile, 3, dtype=torch.uint8)
+                part = px[ty * tile:(ty + 1) * tile, tx * tile:(tx + 1) * tile]
+                t[:part.shape[0], :part.shape[1]] = part
+                tiles.append(t.numpy().tobytes())
+        n = len(tiles)
+        data_at = len(out)
+        bps_at = data_at
+        offs_at, cnts_at = bps_at + 8, bps_at + 8 + 4 * n
+        tiles_at = cnts_at + 4 * n
+        out += struct.pack("<HHHH", 8, 8, 8, 0)
+        out += b"".join(struct.pack("<I", tiles_at + i * tile * tile * 3) for i in range(n))
+        out += b"".join(struct.pack("<I", tile * tile * 3) for _ in range(n))
+        out += b"".join(tiles)
+        entries = [(254, 4, 1, 1 if k else 0), (256, 4, 1, w), (257, 4, 1, h),
+                   (258, 3, 3, bps_at), (259, 3, 1, 1), (262, 3, 1, 2), (277, 3, 1, 3),
+                   (284, 3, 1, 1), (322, 3, 1, tile), (323, 3, 1, tile),
+                   (324, 4, n, offs_at if n > 1 else tiles_at),
+                   (325, 4, n, cnts_at if n > 1 else tile * tile * 3)]
+        ifd_at = len(out)
+        out[link:link + 4] = struct.pack("<I", ifd_at)
+        out += struct.pack("<H", len(entries))
+        for tag, typ, count, value in entries:
+            raw = struct.pack("<HH", value, 0) if typ == 3 and count == 1 else \
+                struct.pack("<I", value)
+            out += struct.pack("<HHI", tag, typ, count) + raw
+        link = len(out)
+        out += struct.pack("<I", 0)
+    return bytes(out)
+
+
+@needs
+def test_pyramid_level_smaller_than_its_tiles_is_resampled(tmp_path):
+    """Level 2 (200 x 120) of a pyramid in 128 x 128 tiles: OpenSlide shears
+    its rows; reads at its scale resample level 1 instead: within 1 of the
+    stored level on a smooth image (it was off by up to 255), and reads at
+    an mpp and thumbnails take level 1 too."""
+    yy, xx = torch.meshgrid(torch.arange(480.0), torch.arange(800.0), indexing="ij")
+    l0 = torch.stack([xx * 255 / 799, yy * 255 / 479,
+                      128 + 100 * torch.sin(xx / 40) * torch.cos(yy / 50)], -1)
+
+    def down(img, f):       # the mean of f x f blocks, rounded
+        h, w, _ = img.shape
+        return img.reshape(h // f, f, w // f, f, 3).mean((1, 3))
+
+    levels = [l0, down(l0, 2), down(l0, 4)]
+    levels = [lv.round().clamp(0, 255).to(torch.uint8) for lv in levels]
+    path = tmp_path / "pyr.tif"
+    path.write_bytes(_tiled_tiff(levels, 128))
+    with Slide(str(path), mpp=0.5) as s:
+        assert s.level_dimensions == [(800, 480), (400, 240), (200, 120)]
+        assert torch.equal(s.read(level=1).permute(1, 2, 0), levels[1])  # a tile and more
+        got = s.read(level=2).permute(1, 2, 0)
+        assert got.shape == levels[2].shape
+        assert (got.int() - levels[2].int()).abs().max() <= 1
+        assert s.best_level_for_downsample(4.0) == 1
+        assert tuple(s.thumbnail(200).shape) == (3, 120, 200)
+        assert (s.read(mpp=2.0).int() - levels[2].permute(2, 0, 1).int()).abs().max() <= 1
