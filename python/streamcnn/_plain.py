@@ -7,7 +7,7 @@ the slide is closed."""
 import math
 import re
 import threading
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
@@ -245,18 +245,18 @@ _TIFF_MAGIC = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")
 _TIFF_PAGES = 1024  # the most pages walked to find a level
 
 
-def tiff_page_tags(path: str, size: Optional[Tuple[int, int]] = None):
-    """The tags of a TIFF's first page, or (``size = (w, h)``) of its first
-    tiled page of that size (OpenSlide's generic TIFF level 0: the largest
-    tiled page), as a Pillow ``ImageFileDirectory_v2``, read without
-    decoding any pixels; None for a file that is not a TIFF, whose
-    directories cannot be read, or without such a page."""
+def _tiff_directories(path: str):
+    """The pages' tags of a TIFF, in file order, as Pillow
+    ``ImageFileDirectory_v2`` read without decoding any pixels (at most
+    _TIFF_PAGES); nothing for a file that is not a TIFF, and the walk ends
+    quietly at a directory that cannot be read (the readers say what is
+    wrong)."""
     from PIL.TiffImagePlugin import ImageFileDirectory_v2
     try:
         with open(path, "rb") as f:
             ifh = f.read(16)
             if ifh[:4] not in _TIFF_MAGIC:
-                return None
+                return
             ifh = ifh if ifh[2:4] in (b"+\0", b"\0+") else ifh[:8]  # BigTIFF: 16 bytes
             offset, seen = ImageFileDirectory_v2(ifh).next, set()
             while offset and offset not in seen and len(seen) < _TIFF_PAGES:
@@ -264,14 +264,31 @@ def tiff_page_tags(path: str, size: Optional[Tuple[int, int]] = None):
                 f.seek(offset)
                 tags = ImageFileDirectory_v2(ifh)
                 tags.load(f)
-                if size is None:
-                    return tags
-                if 322 in tags and (_tag_int(tags, 256, 0), _tag_int(tags, 257, 0)) == size:
-                    return tags
+                yield tags
                 offset = tags.next
     except Exception:  # noqa: BLE001 - a damaged directory: the readers say what is wrong
-        return None
-    return None
+        return
+
+
+def tiff_page_tags(path: str, size: Optional[Tuple[int, int]] = None):
+    """The tags of a TIFF's first page, or (``size = (w, h)``) of its first
+    tiled page of that size (OpenSlide's generic TIFF level 0: the largest
+    tiled page); None for a file that is not a TIFF, whose directories
+    cannot be read, or without such a page."""
+    if size is None:
+        return next(_tiff_directories(path), None)
+    return tiff_tiled_pages(path).get(size)
+
+
+def tiff_tiled_pages(path: str) -> Dict[Tuple[int, int], Any]:
+    """The tags of a TIFF's tiled pages by their size ``(w, h)`` (the first
+    page of each size), in one walk of its directories: what OpenSlide's
+    levels are read from; {} for a file that is not a TIFF."""
+    pages: Dict[Tuple[int, int], Any] = {}
+    for tags in _tiff_directories(path):
+        if 322 in tags:
+            pages.setdefault((_tag_int(tags, 256, 0), _tag_int(tags, 257, 0)), tags)
+    return pages
 
 
 def _tag_values(tags, tag: int, default: int) -> Tuple[int, ...]:

@@ -4,7 +4,7 @@ import ctypes
 import math
 import numbers
 import os
-from typing import Dict, List, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 
@@ -131,7 +131,9 @@ class Slide:
             val = lib.sc_slide_property(self._h, names[i])
             self.properties[key] = val.decode(errors="replace") if val else ""
             i += 1
-        self._unsafe = self._levels_read_wrong()
+        from ._plain import tiff_tiled_pages
+        pages = tiff_tiled_pages(self.path)     # one walk of a TIFF's directories
+        self._unsafe = self._levels_read_wrong(pages)
         if 0 in self._unsafe:
             # the whole image is smaller than one of its tiles: OpenSlide
             # would read it wrong; Pillow decodes the page (it is small)
@@ -139,20 +141,21 @@ class Slide:
             self._open_plain()
             return
         if self.properties.get("openslide.vendor") == "generic-tiff":
-            self._check_generic_tiff()
+            self._check_generic_tiff(pages.get(self.level_dimensions[0]))
 
-    def _levels_read_wrong(self) -> Set[int]:
+    def _levels_read_wrong(self, pages: Dict[Tuple[int, int], Any]) -> Set[int]:
         """Levels OpenSlide 3.4 reads wrong: a TIFF level narrower or shorter
         than its tiles, not JPEG-compressed (OpenSlide decodes those tiles
         through libtiff's RGBA reader, which since libtiff 4.5 clips the
         tile's raster to the image and so shears its rows: the coarsest
         levels of many pyramids, pixels off by up to 255, no error; seen
         with OpenSlide 3.4.1 and libtiff 4.5.0). JPEG tiles OpenSlide
-        decodes itself."""
-        from ._plain import _tag_int, tiff_page_tags
+        decodes itself. ``pages``: the file's tiled pages' tags by size
+        (``_plain.tiff_tiled_pages``)."""
+        from ._plain import _tag_int
         unsafe = set()
         for level, (w, h) in enumerate(self.level_dimensions):
-            tags = tiff_page_tags(self.path, (w, h))
+            tags = pages.get((w, h))
             if tags is None:
                 continue
             tw, th = _tag_int(tags, 322, 0), _tag_int(tags, 323, 0)
@@ -160,9 +163,10 @@ class Slide:
                 unsafe.add(level)
         return unsafe
 
-    def _check_generic_tiff(self) -> None:
-        """What OpenSlide 3.4's generic TIFF reader leaves out, from the tags
-        of the level-0 page (the largest tiled one): samples other than 8-bit
+    def _check_generic_tiff(self, tags) -> None:
+        """What OpenSlide 3.4's generic TIFF reader leaves out, from ``tags``
+        of the level-0 page (the largest tiled one; None: none found, nothing
+        to check): samples other than 8-bit
         unsigned are refused (libtiff's RGBA reading keeps the high byte of
         16-bit samples and fails on 32-bit ones), and so is an Orientation
         other than 1 (OpenSlide reads the tiles as stored: the image would
@@ -170,8 +174,7 @@ class Slide:
         pixel come from an OME-TIFF's OME-XML or a resolution in centimetres
         when OpenSlide gives none (it does from OpenSlide 4 on), as for a
         striped TIFF (``streamcnn._plain.tiff_mpp``)."""
-        from ._plain import _tag_int, bit_depth_error, sample_depth, tiff_mpp, tiff_page_tags
-        tags = tiff_page_tags(self.path, self.level_dimensions[0])
+        from ._plain import _tag_int, bit_depth_error, sample_depth, tiff_mpp
         if tags is None:
             return
         depth = sample_depth(tags)
@@ -452,9 +455,9 @@ class Slide:
         c0, c1 = resample_span(rw, out_w, bx, bx + bw)
         region = self.read_region(location, lvl, (rw, rh), box=(c0, r0, c1 - c0, r1 - r0),
                                   threads=threads)
-        uint8_buffer((3, bh, bw), f"a {bw} x {bh} image of {self.path!r}")  # fits? (named)
         return resize_uint8(region, (out_h, out_w), source_size=(rh, rw),
-                            source_offset=(r0, c0), box=(by, bx, bh, bw), threads=threads)
+                            source_offset=(r0, c0), box=(by, bx, bh, bw), threads=threads,
+                            what=f"a {bw} x {bh} image of {self.path!r}")
 
     def thumbnail(self, max_size: int = 1024) -> torch.Tensor:
         """The whole slide, longest side ``max_size`` pixels, uint8 3 x h x w."""
@@ -467,8 +470,7 @@ class Slide:
         out = (max(1, round(h0 / scale)), max(1, round(w0 / scale)))
         if tuple(img.shape[1:]) == out:
             return img
-        uint8_buffer((3, *out), f"a {out[1]} x {out[0]} thumbnail of {self.path!r}")
-        return resize_uint8(img, out)
+        return resize_uint8(img, out, what=f"a {out[1]} x {out[0]} thumbnail of {self.path!r}")
 
     # -- tissue ----------------------------------------------------------------------
     def tissue_mask(self, max_size: int = 2048) -> Tuple[torch.Tensor, float]:
@@ -565,7 +567,8 @@ def resize_uint8(img: torch.Tensor, size: Tuple[int, int], *,
                  source_size: Optional[Tuple[int, int]] = None,
                  source_offset: Tuple[int, int] = (0, 0),
                  box: Optional[Tuple[int, int, int, int]] = None,
-                 threads: Optional[int] = None) -> torch.Tensor:
+                 threads: Optional[int] = None,
+                 what: str = "a resized image") -> torch.Tensor:
     """Antialiased bilinear resize of a uint8 ``C x h x w`` image to
     ``size = (H, W)`` (a triangle filter stretched by the downscale factor,
     as torch's ``interpolate(..., antialias=True)``, in fixed point, in the
@@ -576,7 +579,8 @@ def resize_uint8(img: torch.Tensor, size: Tuple[int, int], *,
     whole: ``box = (y, x, h, w)`` of the result (default: all of it), from
     ``img`` holding only the part of the ``source_size = (h0, w0)`` source
     at ``source_offset = (y, x)`` (it must cover :func:`resample_span` of
-    the box's rows and columns)."""
+    the box's rows and columns). ``what``: the result, as an out-of-memory
+    MemoryError names it (:func:`uint8_buffer`)."""
     if not isinstance(img, torch.Tensor) or img.dtype != torch.uint8 or img.dim() != 3:
         raise ValueError("streamcnn: resize_uint8 expects a uint8 C x H x W tensor, got "
                          f"{getattr(img, 'dtype', type(img))} "
@@ -588,7 +592,7 @@ def resize_uint8(img: torch.Tensor, size: Tuple[int, int], *,
     sy, sx = (int(v) for v in source_offset)
     y, x, h, w = (0, 0, out_h, out_w) if box is None else (int(v) for v in box)
     src = img.contiguous()
-    out = torch.empty((img.shape[0], max(h, 0), max(w, 0)), dtype=torch.uint8)
+    out = uint8_buffer((img.shape[0], max(h, 0), max(w, 0)), what)
     from ._library import ResampleArgs
     a = ResampleArgs(src=src.data_ptr(), planes=img.shape[0], src_y=sy, src_x=sx,
                      src_h=img.shape[1], src_w=img.shape[2], in_h=in_h, in_w=in_w,
