@@ -40,6 +40,9 @@ _GLOBAL_HOOKS = ("_global_forward_pre_hooks", "_global_forward_hooks",
 # training scripts set them on every module)
 _FREE_ATTRS = ("training", "inplace", "momentum", "p")
 _SETTING_TYPES = (bool, int, float, str, tuple, list, type(None))
+# the hook-based forms of torch.nn.utils, and their parametrizations
+_HOOK_UTILS = {"WeightNorm": "torch.nn.utils.parametrizations.weight_norm",
+               "SpectralNorm": "torch.nn.utils.parametrizations.spectral_norm"}
 
 
 def _check_hooks(stem: nn.Module) -> None:
@@ -52,12 +55,10 @@ def _check_hooks(stem: nn.Module) -> None:
             hooks = getattr(m, attr, None)
             if not hooks:
                 continue
-            hook = next(iter(hooks.values()))
-            old = {"WeightNorm": "torch.nn.utils.parametrizations.weight_norm",
-                   "SpectralNorm": "torch.nn.utils.parametrizations.spectral_norm"}
-            if type(hook).__name__ in old:
-                hint = (f"it is the {type(hook).__name__} of torch.nn.utils, which works by a "
-                        f"hook: use {old[type(hook).__name__]} (a parametrization) instead")
+            kind_of = type(next(iter(hooks.values()))).__name__
+            if kind_of in _HOOK_UTILS:
+                hint = (f"it is the {kind_of} of torch.nn.utils, which works by a hook: use "
+                        f"{_HOOK_UTILS[kind_of]} (a parametrization) instead")
             else:
                 hint = ("hooks of the stem's modules are not called when it is streamed (its "
                         "layers run as one program, tile by tile): remove it; hook the "
@@ -611,9 +612,8 @@ class StreamingModule(nn.Module):
         if not torch.jit.is_scripting():
             # autocast of the device the stem runs on (a host image's stem
             # is on the GPU: autocast("cuda") applies)
-            if isinstance(x, torch.Tensor) and self._stem_device(x, params).type in (
-                    "cpu", "cuda") and torch.is_autocast_enabled(
-                        self._stem_device(x, params).type):
+            where = self._stem_device(x, params).type if isinstance(x, torch.Tensor) else ""
+            if where in ("cpu", "cuda") and torch.is_autocast_enabled(where):
                 return self._forward_autocast(x, params)
             return self._forward_eager(x, params)
         return self._call(x, params, self.halo_cache)

@@ -109,9 +109,10 @@ def run(args) -> int:
         data = Slides(table, cfg["image_size"], cfg["mpp"], cfg["crop"], slide_mpp=slide_mpp)
     except (ValueError, FileNotFoundError) as e:
         raise UsageError(str(e)) from None
-    if os.path.exists(os.path.join(out, "predict.json")):
-        raise UsageError(f"--out {out} holds the results of streamcnn predict (predict.json, "
-                         "predictions.csv): give evaluate another --out")
+    from .predict import SETTINGS as PREDICT_SETTINGS
+    if os.path.exists(os.path.join(out, PREDICT_SETTINGS)):
+        raise UsageError(f"--out {out} holds the results of streamcnn predict "
+                         f"({PREDICT_SETTINGS}, predictions.csv): give evaluate another --out")
     try:
         check_inputs_kept([os.path.join(out, f) for f in OUTPUTS],
                           [("--csv table", args.csv), ("checkpoint", args.checkpoint)] +

@@ -607,11 +607,14 @@ def run(args) -> int:
         raise ValueError(f"streamcnn: --image-size {args.image_size} is smaller than the "
                          f"{min_size} x {min_size} pixels the model takes")
     settings = _settings(args, config, heat)
-    if os.path.exists(os.path.join(args.out, "evaluate.json")):
+    from .evaluate import SETTINGS as EVALUATE_SETTINGS
+    if os.path.exists(os.path.join(args.out, EVALUATE_SETTINGS)):
         raise ValueError(f"streamcnn: --out {args.out} holds the results of streamcnn "
-                         "evaluate (evaluate.json, predictions.csv): give predict another "
-                         "--out")
-    _check_inputs_kept(args, items)
+                         f"evaluate ({EVALUATE_SETTINGS}, predictions.csv): give predict "
+                         "another --out")
+    # what a run without --resume removes of the earlier one (read once)
+    earlier = [] if args.resume else _earlier_run(args.out)
+    _check_inputs_kept(args, items, earlier)
     twice = repeated_slides([p for p, _ in items])
     if twice:
         print(f"streamcnn: warning: {twice}: it is analysed once per listing",
@@ -619,14 +622,16 @@ def run(args) -> int:
     _check_out_dir(args.out)            # after every check: a refused run writes nothing
     lock = lock_folder(args.out, "predict")
     try:
-        return _predict_all(args, items, model, config, heat, settings, min_size)
+        return _predict_all(args, items, model, config, heat, settings, min_size, earlier)
     finally:
         if lock is not None:
             os.close(lock)
 
 
-def _predict_all(args, items, model, config, heat: str, settings: Dict, min_size: int) -> int:
-    """The slides of ``items`` into ``args.out`` (its lock held)."""
+def _predict_all(args, items, model, config, heat: str, settings: Dict, min_size: int,
+                 earlier: List[str]) -> int:
+    """The slides of ``items`` into ``args.out`` (its lock held); ``earlier``:
+    the files of the earlier run to remove first (none with --resume)."""
     for p in model.parameters():
         p.requires_grad_(False)
     want_sal, want_cam = heat in ("saliency", "both"), heat in ("cam", "both")
@@ -637,7 +642,7 @@ def _predict_all(args, items, model, config, heat: str, settings: Dict, min_size
         done = _resumable(args.out, settings, wanted)
     else:
         done = {}
-        for f in _earlier_run(args.out):
+        for f in earlier:
             _unlink(f)
     write_atomic(os.path.join(args.out, SETTINGS),
                  json.dumps(settings, indent=1, sort_keys=True).encode())
@@ -714,16 +719,16 @@ def _earlier_run(out: str) -> List[str]:
     return files
 
 
-def _check_inputs_kept(args, items: List[Tuple[str, Optional[float]]]) -> None:
+def _check_inputs_kept(args, items: List[Tuple[str, Optional[float]]],
+                       earlier: List[str]) -> None:
     """Refuse a run that would write or remove a file it reads: a slide
     named like an output (``X_cam.png`` in --out), the --csv table, the
-    checkpoint (before anything is written)."""
+    checkpoint (before anything is written); ``earlier``: the earlier run's
+    files it removes."""
     taken: Dict[str, int] = {}
     names = [_slide_name(path, taken) for path, _ in items]
     outputs = [os.path.join(args.out, f) for f in ("predictions.csv", PARTIAL, SETTINGS)]
-    outputs += [os.path.join(args.out, n + sfx) for n in names for sfx in OUTPUTS]
-    if not args.resume:
-        outputs += _earlier_run(args.out)
+    outputs += [os.path.join(args.out, n + sfx) for n in names for sfx in OUTPUTS] + earlier
     inputs = [("slide", p) for p, _ in items] + [("checkpoint", args.checkpoint)]
     if args.csv:
         inputs.append(("--csv table", args.csv))
