@@ -45,6 +45,10 @@ int sc_slide_level(const sc_slide *s, int32_t level, int64_t *w, int64_t *h,
   (void)s, (void)level, (void)w, (void)h, (void)downsample;
   return SC_ERR;
 }
+int sc_slide_level_sheared(const sc_slide *s, int32_t level) {
+  (void)s, (void)level;
+  return -1;
+}
 const char *sc_slide_property(const sc_slide *s, const char *name) {
   (void)s, (void)name;
   return NULL;
@@ -93,6 +97,8 @@ struct sc_slide {
   int32_t levels;
   int64_t *dims;      /* 2 per level: width, height */
   double *downsample; /* per level */
+  int64_t *sheared;   /* 2 per level: the tile size of a level OpenSlide
+                         reads wrong (see sheared_levels), else 0 0 */
   uint8_t bg[3];
 };
 
@@ -163,7 +169,38 @@ void sc_slide_close(sc_slide *s) {
   free(s->path);
   free(s->dims);
   free(s->downsample);
+  free(s->sheared);
   free(s);
+}
+
+/*
+ * Levels OpenSlide 3.4 reads wrong, without an error: a TIFF level narrower
+ * or shorter than its tiles whose tiles are not JPEG (Compression 7).
+ * OpenSlide decodes those through libtiff's RGBA reader, which since
+ * libtiff 4.5 clips a tile's raster to the image and so shears its rows
+ * (pixels off by up to 255; seen with OpenSlide 3.4.1 and libtiff 4.5.0);
+ * JPEG tiles OpenSlide decodes itself. Such levels are the coarsest of
+ * many pyramids, and small tiled images. A level is the first tiled
+ * directory of its size, as OpenSlide's TIFF drivers take them.
+ */
+static void sheared_levels(sc_slide *s, const sc_tiff_dir *dirs, int n_dirs) {
+  for (int32_t l = 0; l < s->levels; l++) {
+    const int64_t w = s->dims[2 * l], h = s->dims[2 * l + 1];
+    for (int i = 0; i < n_dirs; i++) {
+      const sc_tiff_dir *d = &dirs[i];
+      if ((int64_t)d->w != w || (int64_t)d->h != h) continue;
+      if (d->compression != 7 && ((int64_t)d->tw > w || (int64_t)d->th > h)) {
+        s->sheared[2 * l] = (int64_t)d->tw;
+        s->sheared[2 * l + 1] = (int64_t)d->th;
+      }
+      break;
+    }
+  }
+}
+
+int sc_slide_level_sheared(const sc_slide *s, int32_t level) {
+  if (!s || level < 0 || level >= s->levels) return -1;
+  return s->sheared[2 * level] != 0;
 }
 
 static int hexval(char c) {
@@ -192,13 +229,17 @@ sc_slide *sc_slide_open(const char *path, char *err, size_t errlen) {
                S_ISDIR(st.st_mode) ? " (a directory)" : "");
     return NULL;
   }
-  if (_sc_tiff_precheck(path, err, errlen) != SC_OK) return NULL;
+  sc_tiff_dir *dirs = NULL;
+  int n_dirs = 0;
+  if (_sc_tiff_precheck(path, &dirs, &n_dirs, err, errlen) != SC_OK)
+    return NULL;
   char detail[512];
   tiff_capture_begin();
   openslide_t *osr = openslide_open(path);
   const char *oerr = tiff_capture_end(osr ? openslide_get_error(osr) : NULL,
                                       detail, sizeof detail);
   if (!osr) {
+    free(dirs);
     _sc_slide_fail(err, errlen,
                "streamcnn: '%s' is not a slide OpenSlide can read: not a "
                "slide format (Aperio .svs, Hamamatsu, MIRAX, ..., tiled "
@@ -208,6 +249,7 @@ sc_slide *sc_slide_open(const char *path, char *err, size_t errlen) {
     return NULL;
   }
   if (oerr) {
+    free(dirs);
     _sc_slide_fail(err, errlen, "streamcnn: OpenSlide cannot read '%s': %s", path,
                oerr);
     openslide_close(osr);
@@ -224,6 +266,7 @@ sc_slide *sc_slide_open(const char *path, char *err, size_t errlen) {
                        : "");
     openslide_close(osr);
     free(s);
+    free(dirs);
     return NULL;
   }
   s->osr = osr;
@@ -231,7 +274,9 @@ sc_slide *sc_slide_open(const char *path, char *err, size_t errlen) {
   s->path = strdup(path);
   s->dims = calloc(2 * (size_t)n, sizeof *s->dims);
   s->downsample = calloc((size_t)n, sizeof *s->downsample);
-  if (!s->path || !s->dims || !s->downsample) {
+  s->sheared = calloc(2 * (size_t)n, sizeof *s->sheared);
+  if (!s->path || !s->dims || !s->downsample || !s->sheared) {
+    free(dirs);
     _sc_slide_fail(err, errlen, "streamcnn: out of memory opening '%s'", path);
     sc_slide_close(s);
     return NULL;
@@ -241,6 +286,8 @@ sc_slide *sc_slide_open(const char *path, char *err, size_t errlen) {
                                    &s->dims[2 * l + 1]);
     s->downsample[l] = openslide_get_level_downsample(osr, l);
   }
+  sheared_levels(s, dirs, n_dirs);
+  free(dirs);
   if ((oerr = openslide_get_error(osr)) != NULL) {
     _sc_slide_fail(err, errlen, "streamcnn: OpenSlide cannot read '%s': %s", path,
                oerr);
@@ -418,6 +465,17 @@ int sc_slide_read_box(sc_slide *s, int32_t level, int64_t x, int64_t y,
                       "streamcnn: level %d is out of range for '%s' (it has "
                       "%d levels, 0 .. %d)",
                       (int)level, s->path, (int)s->levels, (int)s->levels - 1);
+  if (s->sheared[2 * level])
+    return _sc_slide_fail(
+        err, errlen,
+        "streamcnn: level %d of '%s' (%lld x %lld) is smaller than its "
+        "%lld x %lld tiles and not JPEG-compressed, which OpenSlide 3.4 with "
+        "libtiff 4.5 reads wrong (sheared rows, no error): read a finer level "
+        "and resample it (sc_resample_u8)%s",
+        (int)level, s->path, (long long)s->dims[2 * level],
+        (long long)s->dims[2 * level + 1], (long long)s->sheared[2 * level],
+        (long long)s->sheared[2 * level + 1],
+        level == 0 ? "; at level 0, decode the TIFF with another reader" : "");
   if (w < 1 || h < 1 || w > MAX_EDGE || h > MAX_EDGE)
     return _sc_slide_fail(err, errlen,
                       "streamcnn: region size %lld x %lld is out of range "

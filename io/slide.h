@@ -33,6 +33,13 @@ SC_API int32_t sc_slide_level_count(const sc_slide *s);
 /* Level extent in pixels and downsample w.r.t. level 0. */
 SC_API int sc_slide_level(const sc_slide *s, int32_t level, int64_t *w,
                           int64_t *h, double *downsample);
+/* 1 when OpenSlide reads `level` wrong, without an error, and sc_slide_read
+ * refuses it: a TIFF level narrower or shorter than its tiles whose tiles
+ * are not JPEG (OpenSlide 3.4 with libtiff 4.5 shears its rows). Read a
+ * finer level and resample it (sc_resample_u8) instead; a level 0 of that
+ * kind (an image smaller than one tile) needs another decoder. 0 for a
+ * level read right, -1 for no slide or no such level. */
+SC_API int sc_slide_level_sheared(const sc_slide *s, int32_t level);
 /* OpenSlide property value, or NULL; owned by the slide. */
 SC_API const char *sc_slide_property(const sc_slide *s, const char *name);
 /* NULL-terminated list of property names; owned by the slide. */

@@ -24,6 +24,9 @@
  * BigTIFF, either byte order. Not a TIFF (MIRAX, Hamamatsu .vms, ...):
  * OpenSlide decides. A TIFF damaged in ways that cannot hurt (a bad
  * offset, a loop of directories): OpenSlide reports it itself.
+ * The walk also hands back every tiled directory's size, tile size and
+ * compression, from which slide.c finds the levels OpenSlide reads wrong
+ * (sheared_levels).
  * Thread-safe: no global state.
  */
 #define _POSIX_C_SOURCE 200809L
@@ -31,6 +34,7 @@
 
 #include <stdint.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/types.h>
 
@@ -76,9 +80,13 @@ static uint64_t type_size(uint64_t type) {
   }
 }
 
-int _sc_tiff_precheck(const char *path, char *err, size_t errlen) {
+int _sc_tiff_precheck(const char *path, sc_tiff_dir **dirs, int *n_dirs,
+                      char *err, size_t errlen) {
   tiff_file t = {0};
   uint8_t hdr[16];
+  sc_tiff_dir *found = NULL;
+  int n_found = 0;
+  if (dirs) *dirs = NULL, *n_dirs = 0;
   t.f = fopen(path, "rb");
   if (!t.f) return SC_OK; /* sc_slide_open's stat passed: OpenSlide says why */
   int rc = SC_OK;
@@ -117,7 +125,7 @@ int _sc_tiff_precheck(const char *path, char *err, size_t errlen) {
                           path, dir, (unsigned long long)n);
       break;
     }
-    uint64_t w = 0, h = 0, tw = 0, th = 0;
+    uint64_t w = 0, h = 0, tw = 0, th = 0, compression = 1;
     int tiled = 0;
     for (uint64_t i = 0; i < n && rc == SC_OK; i++) {
       if (read_at(&t, next + (uint64_t)cnt_n + i * entry, buf, (size_t)entry))
@@ -151,6 +159,7 @@ int _sc_tiff_precheck(const char *path, char *err, size_t errlen) {
       else if (tag == 257) h = v;
       else if (tag == 322) tw = v, tiled |= 1;
       else if (tag == 323) th = v, tiled |= 2;
+      else if (tag == 259) compression = v;
     }
     if (rc != SC_OK) break;
     if (tiled == 3) {
@@ -176,6 +185,19 @@ int _sc_tiff_precheck(const char *path, char *err, size_t errlen) {
             (unsigned long long)w0, (unsigned long long)h0);
         break;
       }
+      if (dirs) {
+        if ((n_found & (n_found - 1)) == 0) { /* 0, 1, 2, 4, ...: grow */
+          sc_tiff_dir *more =
+              realloc(found, (size_t)(n_found ? 2 * n_found : 1) * sizeof *found);
+          if (!more) {
+            rc = _sc_slide_fail(err, errlen,
+                                "streamcnn: out of memory opening '%s'", path);
+            break;
+          }
+          found = more;
+        }
+        found[n_found++] = (sc_tiff_dir){w, h, tw, th, compression};
+      }
     }
     if (read_at(&t, next + (uint64_t)cnt_n + n * entry, buf, (size_t)val_n))
       break;
@@ -183,5 +205,11 @@ int _sc_tiff_precheck(const char *path, char *err, size_t errlen) {
   }
 done:
   fclose(t.f);
+  if (rc == SC_OK && dirs) {
+    *dirs = found;
+    *n_dirs = n_found;
+  } else {
+    free(found);
+  }
   return rc;
 }

@@ -241,6 +241,7 @@ def _declare_slide_api(lib: ctypes.CDLL) -> None:
         "sc_slide_level_count": (i32, [vp]),
         "sc_slide_level": (ctypes.c_int, [vp, i32, i64p, i64p,
                                           ctypes.POINTER(ctypes.c_double)]),
+        "sc_slide_level_sheared": (ctypes.c_int, [vp, i32]),
         "sc_slide_property": (cp, [vp, cp]),
         "sc_slide_property_names": (ctypes.POINTER(cp), [vp]),
         "sc_slide_background": (None, [vp, ctypes.POINTER(ctypes.c_uint8)]),

@@ -131,37 +131,19 @@ class Slide:
             val = lib.sc_slide_property(self._h, names[i])
             self.properties[key] = val.decode(errors="replace") if val else ""
             i += 1
-        from ._plain import tiff_tiled_pages
-        pages = tiff_tiled_pages(self.path)     # one walk of a TIFF's directories
-        self._unsafe = self._levels_read_wrong(pages)
+        # levels OpenSlide reads wrong (a TIFF level smaller than its
+        # tiles, not JPEG: sheared rows, no error; io/slide.c says more),
+        # which the C reader refuses: they are resampled from a finer level
+        self._unsafe = {level for level in range(n) if lib.sc_slide_level_sheared(self._h, level)}
         if 0 in self._unsafe:
-            # the whole image is smaller than one of its tiles: OpenSlide
-            # would read it wrong; Pillow decodes the page (it is small)
+            # the whole image is smaller than one of its tiles: Pillow
+            # decodes the page (it is small)
             self.close()
             self._open_plain()
             return
         if self.properties.get("openslide.vendor") == "generic-tiff":
-            self._check_generic_tiff(pages.get(self.level_dimensions[0]))
-
-    def _levels_read_wrong(self, pages: Dict[Tuple[int, int], Any]) -> Set[int]:
-        """Levels OpenSlide 3.4 reads wrong: a TIFF level narrower or shorter
-        than its tiles, not JPEG-compressed (OpenSlide decodes those tiles
-        through libtiff's RGBA reader, which since libtiff 4.5 clips the
-        tile's raster to the image and so shears its rows: the coarsest
-        levels of many pyramids, pixels off by up to 255, no error; seen
-        with OpenSlide 3.4.1 and libtiff 4.5.0). JPEG tiles OpenSlide
-        decodes itself. ``pages``: the file's tiled pages' tags by size
-        (``_plain.tiff_tiled_pages``)."""
-        from ._plain import _tag_int
-        unsafe = set()
-        for level, (w, h) in enumerate(self.level_dimensions):
-            tags = pages.get((w, h))
-            if tags is None:
-                continue
-            tw, th = _tag_int(tags, 322, 0), _tag_int(tags, 323, 0)
-            if _tag_int(tags, 259, 1) != 7 and (w < tw or h < th):
-                unsafe.add(level)
-        return unsafe
+            from ._plain import tiff_page_tags
+            self._check_generic_tiff(tiff_page_tags(self.path, self.level_dimensions[0]))
 
     def _check_generic_tiff(self, tags) -> None:
         """What OpenSlide 3.4's generic TIFF reader leaves out, from ``tags``

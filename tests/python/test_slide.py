@@ -752,3 +752,46 @@ def test_pyramid_level_smaller_than_its_tiles_is_resampled(tmp_path):
         assert s.best_level_for_downsample(4.0) == 1
         assert tuple(s.thumbnail(200).shape) == (3, 120, 200)
         assert (s.read(mpp=2.0).int() - levels[2].permute(2, 0, 1).int()).abs().max() <= 1
+
+
+@needs
+def test_c_reader_refuses_levels_openslide_reads_wrong(tmp_path):
+    """The C API (io/slide.h) itself refuses a read of a TIFF level smaller
+    than its tiles (not JPEG), which OpenSlide would return with sheared
+    rows, naming the level, its size and its tiles and what to do instead;
+    sc_slide_level_sheared says which levels those are. Levels read right
+    read as before."""
+    import ctypes
+    lib = streamcnn._library.clib()
+    g = torch.Generator().manual_seed(5)
+    levels = [torch.randint(0, 256, (300, 500, 3), generator=g, dtype=torch.uint8),
+              torch.randint(0, 256, (150, 250, 3), generator=g, dtype=torch.uint8),
+              torch.randint(0, 256, (75, 125, 3), generator=g, dtype=torch.uint8)]
+    path = tmp_path / "pyr.tif"
+    path.write_bytes(_tiled_tiff(levels, 128))
+    err = ctypes.create_string_buffer(512)
+    h = lib.sc_slide_open(str(path).encode(), err, 512)
+    assert h, err.value
+    try:
+        assert [lib.sc_slide_level_sheared(h, k) for k in range(-1, 4)] == [-1, 0, 0, 1, -1]
+        out = torch.empty(3, 10, 10, dtype=torch.uint8)
+        assert lib.sc_slide_read(h, 1, 0, 0, 10, 10, out.data_ptr(), 0, 1, err, 512) == 0
+        assert torch.equal(out.permute(1, 2, 0), levels[1][:10, :10])
+        assert lib.sc_slide_read(h, 2, 0, 0, 10, 10, out.data_ptr(), 0, 1, err, 512) != 0
+        assert re.search(r"level 2 of '.*pyr.tif' \(125 x 75\) is smaller than its 128 x 128 "
+                         r"tiles and not JPEG-compressed, which OpenSlide .* reads wrong "
+                         r"\(sheared rows, no error\): read a finer level and resample it",
+                         err.value.decode())
+    finally:
+        lib.sc_slide_close(h)
+    assert lib.sc_slide_level_sheared(None, 0) == -1
+    # a single-level image smaller than its tiles: level 0 is refused too
+    path.write_bytes(_tiled_tiff(levels[2:], 128))
+    h = lib.sc_slide_open(str(path).encode(), err, 512)
+    assert h, err.value
+    try:
+        assert lib.sc_slide_level_sheared(h, 0) == 1
+        assert lib.sc_slide_read(h, 0, 0, 0, 4, 4, out.data_ptr(), 0, 1, err, 512) != 0
+        assert "at level 0, decode the TIFF with another reader" in err.value.decode()
+    finally:
+        lib.sc_slide_close(h)
