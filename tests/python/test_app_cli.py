@@ -1642,6 +1642,20 @@ def test_evaluate_keeps_its_inputs_and_its_folder(slides, tmp_path, capsys):
     assert res.stderr == (f"streamcnn: warning: {twice}: slide {slides / 'val_0.svs'} is "
                           "listed 2 times: each row is scored, and the metric counts each\n")
     assert len(_csv(tmp_path / "ev2" / "predictions.csv")) == 3
+    # train --overwrite never removes a file it reads: a --val table named
+    # as the run's val_predictions.csv, a --train table named as evaluate's
+    # predictions.csv (in the folder evaluate wrote into)
+    shutil.copy(slides / "val.csv", run / "keep.csv")
+    for name, flag in (("val_predictions.csv", "val"), ("predictions.csv", "train")):
+        os.replace(run / "keep.csv", run / name)
+        (run / name).write_text(text)
+        tables = {flag: run / name}
+        _bad(capsys, _train(slides, run, "--epochs", "1", "--batch-size", "4", "--overwrite",
+                            **tables),
+             f"--{flag} CSV {run / name} is where train" +
+             (" writes " if flag == "val" else " --overwrite removes ") + name)
+        assert (run / name).read_text() == text
+        os.replace(run / name, run / "keep.csv")
     (run / "notes.txt").write_text("mine")
     cli_here(capsys, *_train(slides, run, "--epochs", "1", "--batch-size", "4",
                              "--overwrite"))

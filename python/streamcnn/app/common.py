@@ -835,9 +835,9 @@ def _entries(path: str) -> List[Tuple[int, int, str]]:
 
 
 def check_inputs_kept(outputs: Sequence[str], inputs: Sequence[Tuple[str, str]],
-                      command: str) -> None:
+                      command: str, verb: str = "writes") -> None:
     """Refuse a run that would write (or remove) one of its own inputs:
-    ``outputs`` are the paths it may write or remove, ``inputs`` (what,
+    ``outputs`` are the paths it may write (or, ``verb``, remove), ``inputs`` (what,
     path) the files it reads (slides, tables, the checkpoint). ValueError
     naming both: a slide called ``X_cam.png`` in predict's --out, a --csv
     that is evaluate's predictions.csv, are not overwritten."""
@@ -852,7 +852,7 @@ def check_inputs_kept(outputs: Sequence[str], inputs: Sequence[Tuple[str, str]],
         st_out = _entries(out)[:1]
         if st_out and st_out[0] in named:
             what, path = named[st_out[0]]
-            raise ValueError(f"streamcnn: {what} {path} is where {command} writes "
+            raise ValueError(f"streamcnn: {what} {path} is where {command} {verb} "
                              f"{os.path.basename(out)}: move it out of the output folder, or "
                              "give another --out")
 

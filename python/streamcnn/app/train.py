@@ -46,11 +46,12 @@ from . import checkpoint as ckpt_io
 from . import config as C
 from . import tile_parallel as TP
 from .common import (AMP_DTYPES, Dist, RunFolderBusy, Slides, UsageError, autocast,
-                     check_stop, class_weights, dist_from_env, group_ended, init_distributed,
-                     lock_folder, loss_of, metric, metric_name, peak_memory_mb, plot_roc,
-                     predict, read_slide_table, reset_peak_memory, resolve_device,
-                     save_figure, stop_status, stopped_by, to_device, worker_exits_on_sigterm,
-                     write_atomic, write_csv, write_predictions)
+                     check_inputs_kept, check_stop, class_weights, dist_from_env,
+                     group_ended, init_distributed, lock_folder, loss_of, metric,
+                     metric_name, peak_memory_mb, plot_roc, predict, read_slide_table,
+                     reset_peak_memory, resolve_device, save_figure, stop_status, stopped_by,
+                     to_device, worker_exits_on_sigterm, write_atomic, write_csv,
+                     write_predictions)
 
 RUN_FILES = ("config.yaml", "metrics.csv", "last.pt", "best.pt", "curves.png", "roc.png",
              "val_predictions.csv")
@@ -118,6 +119,26 @@ def _check_out(out: str, resume: bool, overwrite: bool) -> str:
         raise UsageError(f"--out {out} holds another run ({', '.join(held)}); use --resume "
                          "to continue it or --overwrite to replace it")
     return ""
+
+
+def _check_inputs_kept(cfg, train_t, val_t, overwrite: bool) -> None:
+    """The run never writes over (or, with --overwrite, removes) a file it
+    reads: a table, a slide or the --weights file in the run folder under
+    the name of one of the run's files (a --val table called
+    val_predictions.csv there is refused, not overwritten at the first
+    epoch)."""
+    from .evaluate import OUTPUTS
+    inputs = [("--train CSV", cfg["train"]), ("--val CSV", cfg["val"])]
+    if cfg["weights"]:
+        inputs.append(("--weights file", cfg["weights"]))
+    inputs += [("slide", p) for p in list(train_t.paths) + list(val_t.paths)]
+    try:
+        check_inputs_kept([os.path.join(cfg["out"], f) for f in RUN_FILES], inputs, "train")
+        if overwrite:
+            check_inputs_kept([os.path.join(cfg["out"], f) for f in OUTPUTS], inputs,
+                              "train --overwrite", verb="removes")
+    except ValueError as e:
+        raise UsageError(str(e).replace("streamcnn: ", "", 1)) from None
 
 
 def _resolve(args) -> Dict[str, Any]:
@@ -316,6 +337,7 @@ def _train(cfg, ckpt, dist: Dist, device, quiet: bool, overwrite: bool,
     val_t = read_slide_table(cfg["val"], task, "--val CSV", slide_mpp=cfg["slide_mpp"],
                              num_classes=cfg["num_classes"], classes=names,
                              read_mpp=cfg["mpp"], image_size=cfg["image_size"])
+    _check_inputs_kept(cfg, train_t, val_t, overwrite)
     _check_tables(train_t, val_t, dist.main)
     if ckpt is not None and dist.main:
         _tables_changed(ckpt.get("tables"), {"train": train_t, "val": val_t},
