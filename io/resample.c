@@ -244,15 +244,32 @@ static void strip(const job *J, int64_t plane, int64_t r0, int64_t r1,
   const uint8_t *src = p->src + plane * p->src_h * p->src_w;
   int64_t y0, y1;
   axis_span(&J->ay, r0, r1, &y0, &y1);
+  const int64_t sx0 = p->src_x, sx1 = p->src_x + p->src_w;
   for (int64_t y = y0; y < y1; y++) {
-    const uint8_t *row = src + (y - p->src_y) * p->src_w;
     uint8_t *o = tmp + (y - y0) * bw;
+    if (y < p->src_y || y >= p->src_y + p->src_h) { /* a row of fill */
+      memset(o, p->fill[plane], (size_t)bw);
+      continue;
+    }
+    const uint8_t *row = src + (y - p->src_y) * p->src_w;
     for (int64_t j = 0; j < bw; j++) {
       const int64_t a = J->ax.off[j], n = J->ax.off[j + 1] - a;
+      const int64_t f = J->ax.first[j];
       const int32_t *w = J->ax.w + a;
-      const uint8_t *x = row + (J->ax.first[j] - p->src_x);
       int32_t s = 1 << (FRAC - 1);
-      for (int64_t t = 0; t < n; t++) s += w[t] * x[t];
+      if (f >= sx0 && f + n <= sx1) { /* every tap inside the part held */
+        const uint8_t *x = row + (f - sx0);
+        for (int64_t t = 0; t < n; t++) s += w[t] * x[t];
+      } else { /* taps outside read the fill: their weights times it */
+        const int64_t t0 = f < sx0 ? sx0 - f : 0;
+        const int64_t t1 = f + n > sx1 ? (sx1 > f ? sx1 - f : 0) : n;
+        int32_t held = 0;
+        for (int64_t t = t0; t < t1; t++) {
+          s += w[t] * row[f + t - sx0];
+          held += w[t];
+        }
+        s += ((1 << FRAC) - held) * (int32_t)p->fill[plane];
+      }
       o[j] = to_u8(s);
     }
   }
@@ -340,12 +357,13 @@ int sc_resample_u8(const sc_resample_args *p, char *err, size_t errlen) {
     axis_free(&J.ax);
     return _sc_slide_fail(err, errlen, "streamcnn: resample: out of memory");
   }
-  /* the source box must hold what the output box reads */
+  /* the source box must hold what the output box reads (with a fill, the
+   * rest of the source is that) */
   int64_t r0, r1, c0, c1;
   axis_span(&J.ay, p->box_y, p->box_y + p->box_h, &r0, &r1);
   axis_span(&J.ax, p->box_x, p->box_x + p->box_w, &c0, &c1);
-  if (r0 < p->src_y || r1 > p->src_y + p->src_h || c0 < p->src_x ||
-      c1 > p->src_x + p->src_w) {
+  if (!p->fill && (r0 < p->src_y || r1 > p->src_y + p->src_h || c0 < p->src_x ||
+      c1 > p->src_x + p->src_w)) {
     axis_free(&J.ax);
     axis_free(&J.ay);
     return _sc_slide_fail(

@@ -107,12 +107,18 @@ typedef struct sc_resample_args {
   uint8_t *dst;          /* planes x box_h x box_w, contiguous (caller's) */
   int threads;           /* 1 .. 64 threads over 64-row strips; the result
                             does not depend on it */
+  const uint8_t *fill;   /* NULL, or one value per plane: every source pixel
+                            outside the part held is that value (caller's) */
 } sc_resample_args;
 
 /* Resample: the box of the in_h x in_w -> out_h x out_w result into dst.
- * The source part must hold the spans the box reads (refused with both
- * ranges named otherwise). Memory: per thread one strip of rows-resampled
- * source rows (box_w x (64 x in_h / out_h + 3) bytes) and the weights. */
+ * Without a fill the source part must hold the spans the box reads
+ * (refused with both ranges named otherwise); with one, what it does not
+ * hold is the fill, bit for bit as a source holding the fill there (a
+ * slide region mostly past the slide's edge is resampled from the part on
+ * the slide and its background colour). Memory: per thread one strip of
+ * rows-resampled source rows (box_w x (64 x in_h / out_h + 3) bytes) and
+ * the weights. */
 SC_API int sc_resample_u8(const sc_resample_args *args, char *err,
                           size_t errlen);
 

@@ -226,7 +226,8 @@ class ResampleArgs(ctypes.Structure):
                 ("out_h", ctypes.c_int64), ("out_w", ctypes.c_int64),
                 ("box_y", ctypes.c_int64), ("box_x", ctypes.c_int64),
                 ("box_h", ctypes.c_int64), ("box_w", ctypes.c_int64),
-                ("dst", ctypes.c_void_p), ("threads", ctypes.c_int)]
+                ("dst", ctypes.c_void_p), ("threads", ctypes.c_int),
+                ("fill", ctypes.c_void_p)]
 
 
 def _declare_slide_api(lib: ctypes.CDLL) -> None:

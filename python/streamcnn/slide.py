@@ -420,13 +420,26 @@ class Slide:
                                     threads=threads)
         rw = max(1, math.ceil(out_w * downsample / ds))
         rh = max(1, math.ceil(out_h * downsample / ds))
-        r0, r1 = resample_span(rh, out_h, by, by + bh)
+        what = f"a {bw} x {bh} image of {self.path!r}"
+        # only the level pixels on the slide are read; those past its edge
+        # (the region's pixel k is the level's x / ds + k: with a margin of
+        # 2 for OpenSlide's sub-pixel placement) are the background colour,
+        # as OpenSlide gives them, which the resampling fills in: a read
+        # mostly past the edge (a small slide read big) reads the slide
+        x0, y0 = (int(v) for v in location)
+        (w0, h0) = self.dimensions
+        c0, c1 = _on_slide(resample_span(rw, out_w, bx, bx + bw), x0, w0, ds)
+        r0, r1 = _on_slide(resample_span(rh, out_h, by, by + bh), y0, h0, ds)
+        if c0 >= c1 or r0 >= r1:       # background alone
+            out = uint8_buffer((3, bh, bw), what)
+            out.copy_(torch.tensor(self.background, dtype=torch.uint8).view(3, 1, 1))
+            return out
         if r1 - r0 > 2 * BAND_ROWS and bh > 1:
             # in bands of ~BAND_ROWS level rows: the level region is never
             # held whole (each band is bit for bit those rows of the whole;
             # one output row is read whole: it cannot be split, and a band
             # of it was that row again, forever)
-            out = uint8_buffer((3, bh, bw), f"a {bw} x {bh} region of {self.path!r}")
+            out = uint8_buffer((3, bh, bw), what)
             step = max(1, BAND_ROWS * out_h // rh)
             for a in range(by, by + bh, step):
                 b = min(by + bh, a + step)
@@ -434,12 +447,11 @@ class Slide:
                     location, downsample, size, box=(bx, a, bw, b - a), tolerance=tolerance,
                     threads=threads)
             return out
-        c0, c1 = resample_span(rw, out_w, bx, bx + bw)
         region = self.read_region(location, lvl, (rw, rh), box=(c0, r0, c1 - c0, r1 - r0),
                                   threads=threads)
         return resize_uint8(region, (out_h, out_w), source_size=(rh, rw),
                             source_offset=(r0, c0), box=(by, bx, bh, bw), threads=threads,
-                            what=f"a {bw} x {bh} image of {self.path!r}")
+                            what=what, fill=self.background)
 
     def thumbnail(self, max_size: int = 1024) -> torch.Tensor:
         """The whole slide, longest side ``max_size`` pixels, uint8 3 x h x w."""
@@ -545,12 +557,23 @@ def resample_span(in_size: int, out_size: int, lo: int, hi: int) -> Tuple[int, i
     return int(span[0]), int(span[1])
 
 
+def _on_slide(span: Tuple[int, int], origin: int, extent: int, ds: float) -> Tuple[int, int]:
+    """The part of a region's level-pixel ``span`` (along one axis) that
+    may meet the slide: the region starts at level-0 ``origin``, the slide
+    is ``extent`` level-0 pixels, the level's downsample is ``ds``; two
+    pixels to spare on either side. Empty (lo >= hi) when none does."""
+    lo = max(span[0], math.floor(-origin / ds) - 2)
+    hi = min(span[1], math.ceil((extent - origin) / ds) + 2)
+    return lo, hi
+
+
 def resize_uint8(img: torch.Tensor, size: Tuple[int, int], *,
                  source_size: Optional[Tuple[int, int]] = None,
                  source_offset: Tuple[int, int] = (0, 0),
                  box: Optional[Tuple[int, int, int, int]] = None,
                  threads: Optional[int] = None,
-                 what: str = "a resized image") -> torch.Tensor:
+                 what: str = "a resized image",
+                 fill: Optional[Sequence[int]] = None) -> torch.Tensor:
     """Antialiased bilinear resize of a uint8 ``C x h x w`` image to
     ``size = (H, W)`` (a triangle filter stretched by the downscale factor,
     as torch's ``interpolate(..., antialias=True)``, in fixed point, in the
@@ -561,8 +584,11 @@ def resize_uint8(img: torch.Tensor, size: Tuple[int, int], *,
     whole: ``box = (y, x, h, w)`` of the result (default: all of it), from
     ``img`` holding only the part of the ``source_size = (h0, w0)`` source
     at ``source_offset = (y, x)`` (it must cover :func:`resample_span` of
-    the box's rows and columns). ``what``: the result, as an out-of-memory
-    MemoryError names it (:func:`uint8_buffer`)."""
+    the box's rows and columns), unless ``fill`` (one uint8 value per
+    channel) says what the source holds where ``img`` does not: then the
+    result is bit for bit that of a source holding ``fill`` there.
+    ``what``: the result, as an out-of-memory MemoryError names it
+    (:func:`uint8_buffer`)."""
     if not isinstance(img, torch.Tensor) or img.dtype != torch.uint8 or img.dim() != 3:
         raise ValueError("streamcnn: resize_uint8 expects a uint8 C x H x W tensor, got "
                          f"{getattr(img, 'dtype', type(img))} "
@@ -575,11 +601,20 @@ def resize_uint8(img: torch.Tensor, size: Tuple[int, int], *,
     y, x, h, w = (0, 0, out_h, out_w) if box is None else (int(v) for v in box)
     src = img.contiguous()
     out = uint8_buffer((img.shape[0], max(h, 0), max(w, 0)), what)
+    fill_values = None
+    if fill is not None:
+        fill = list(fill)
+        if len(fill) != img.shape[0] or not all(
+                isinstance(v, numbers.Integral) and 0 <= v <= 255 for v in fill):
+            raise ValueError(f"streamcnn: resize_uint8 fill must be {img.shape[0]} values in "
+                             f"[0, 255] (one per channel), got {fill!r}")
+        fill_values = (ctypes.c_uint8 * len(fill))(*fill)
     from ._library import ResampleArgs
     a = ResampleArgs(src=src.data_ptr(), planes=img.shape[0], src_y=sy, src_x=sx,
                      src_h=img.shape[1], src_w=img.shape[2], in_h=in_h, in_w=in_w,
                      out_h=out_h, out_w=out_w, box_y=y, box_x=x, box_h=h, box_w=w,
-                     dst=out.data_ptr(), threads=_check_threads(threads))
+                     dst=out.data_ptr(), threads=_check_threads(threads),
+                     fill=ctypes.cast(fill_values, ctypes.c_void_p) if fill else None)
     err = _err()
     if clib().sc_resample_u8(ctypes.byref(a), err, _ERR):
         raise ValueError(err.value.decode(errors="replace"))

@@ -27,6 +27,8 @@
  *     the whole resample bit for bit;
  *   - a source part one pixel short of the spans on any side (a one-pixel
  *     span becomes empty) is refused: SC_ERR and "streamcnn: resample";
+ *   - a source holding a fill value outside a part of it resamples, from
+ *     the part and the fill (sc_resample_args.fill), as from the whole;
  *   - a constant image (every byte the first) resamples to that constant;
  *   - one bad argument set (box outside the output, planes out of
  *     [1, 4096], sizes <= 0 or > 2^31, a source part outside the source,
@@ -257,6 +259,42 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     }
     err[0] = 0;
     FZ_CHECK(refused(sc_resample_u8(&s, err, sizeof err), err));
+  }
+
+  /* with a fill: a source holding the fill outside a part of it (placed
+   * by the bad value's high bits) resamples, from the part alone and the
+   * fill, bit for bit as from the whole (the part need not hold the
+   * spans; it may miss the box's altogether) */
+  {
+    const uint64_t v = value >> 17;
+    const int64_t fy = (int64_t)(v % (uint64_t)in_h);
+    const int64_t fx = (int64_t)(v / 4099 % (uint64_t)in_w);
+    const int64_t fh = (int64_t)(v / 77 % (uint64_t)(in_h - fy)) + 1;
+    const int64_t fw = (int64_t)(v / 1031 % (uint64_t)(in_w - fx)) + 1;
+    uint8_t fill[3];
+    for (int64_t p = 0; p < 3; p++) fill[p] = (uint8_t)(hd[19] * 37 + p * 101);
+    for (int64_t p = 0; p < planes; p++)
+      for (int64_t r = 0; r < in_h; r++)
+        for (int64_t q = 0; q < in_w; q++)
+          if (r < fy || r >= fy + fh || q < fx || q >= fx + fw)
+            src[(p * in_h + r) * in_w + q] = fill[p];
+    FZ_CHECK(sc_resample_u8(&c, err, sizeof err) == SC_OK); /* the whole */
+    memcpy(want, box, (size_t)(planes * bh * bw));
+    uint8_t *held = malloc((size_t)(planes * fh * fw));
+    FZ_CHECK(held);
+    crop(src, planes, in_h, in_w, fy, fx, fh, fw, held);
+    sc_resample_args f = c;
+    f.src = held;
+    f.src_y = fy;
+    f.src_x = fx;
+    f.src_h = fh;
+    f.src_w = fw;
+    f.fill = fill;
+    f.threads = threads % 3 + 1;
+    memset(box, 0, (size_t)(planes * bh * bw));
+    FZ_CHECK(sc_resample_u8(&f, err, sizeof err) == SC_OK);
+    FZ_CHECK(memcmp(box, want, (size_t)(planes * bh * bw)) == 0);
+    free(held);
   }
 
   /* one bad argument set */

@@ -2,6 +2,7 @@
 slides whose pixels the tests know exactly."""
 
 import gc
+import math
 import os
 import re
 import shutil
@@ -201,6 +202,85 @@ def test_resize_uint8_against_torch_and_its_parts():
         resize_uint8(img, (10, 10), threads=0)
 
 
+def test_resize_uint8_fill_is_a_source_holding_it():
+    """With ``fill``, a source part that holds only some of what a box reads
+    (or none of a box's rows or columns) resamples bit for bit as the whole
+    source holding the fill outside the part; a bad fill is refused."""
+    from streamcnn.slide import resample_span, resize_uint8
+    g = torch.Generator().manual_seed(8)
+    fill = [17, 200, 255]
+    for _ in range(30):
+        h, w, oh, ow = (int(v) for v in torch.randint(1, 120, (4,), generator=g))
+        whole = torch.tensor(fill, dtype=torch.uint8).view(3, 1, 1).repeat(1, h, w)
+        a, c = int(torch.randint(0, h, (1,), generator=g)), int(torch.randint(0, w, (1,),
+                                                                              generator=g))
+        b = int(torch.randint(a + 1, h + 1, (1,), generator=g))
+        d = int(torch.randint(c + 1, w + 1, (1,), generator=g))
+        whole[:, a:b, c:d] = torch.randint(0, 256, (3, b - a, d - c), dtype=torch.uint8,
+                                           generator=g)
+        y0 = int(torch.randint(0, oh, (1,), generator=g))
+        y1 = int(torch.randint(y0 + 1, oh + 1, (1,), generator=g))
+        x0 = int(torch.randint(0, ow, (1,), generator=g))
+        x1 = int(torch.randint(x0 + 1, ow + 1, (1,), generator=g))
+        want = resize_uint8(whole, (oh, ow))[:, y0:y1, x0:x1]
+        got = resize_uint8(whole[:, a:b, c:d].clone(), (oh, ow), source_size=(h, w),
+                           source_offset=(a, c), box=(y0, x0, y1 - y0, x1 - x0), fill=fill)
+        assert torch.equal(got, want), (h, w, oh, ow, a, b, c, d)
+        (ra, rb), (ca, cb) = resample_span(h, oh, y0, y1), resample_span(w, ow, x0, x1)
+        if not (a <= ra and rb <= b and c <= ca and cb <= d):   # without fill: refused
+            with pytest.raises(ValueError, match="source box holds rows"):
+                resize_uint8(whole[:, a:b, c:d].clone(), (oh, ow), source_size=(h, w),
+                             source_offset=(a, c), box=(y0, x0, y1 - y0, x1 - x0))
+    img = torch.zeros(3, 4, 4, dtype=torch.uint8)
+    for bad in ([1, 2], [0, 0, 256], [0, 0, -1], [0.5, 0, 0]):
+        with pytest.raises(ValueError, match="fill must be 3 values in"):
+            resize_uint8(img, (2, 2), fill=bad)
+
+
+@needs
+def test_reads_past_the_edge_read_the_slide_alone(tmp_path, monkeypatch):
+    """A resampled read mostly past the slide's edge (a small slide read at
+    a coarse mpp, a box around it) reads only the level pixels on the slide
+    and fills the rest with the background colour, bit for bit as a read of
+    the whole region (here a slide whose levels' downsamples are not
+    integers, so OpenSlide places them at sub-pixel offsets); a read at
+    1e5 um/px read a 50000 x 50000 region (16 s, 7.7 GB) for its one pixel."""
+    from streamcnn.slide import resize_uint8
+    g = torch.Generator().manual_seed(2)
+    l0 = torch.randint(0, 256, (301, 403, 3), generator=g, dtype=torch.uint8)
+    l1 = torch.randint(0, 256, (151, 202, 3), generator=g, dtype=torch.uint8)
+    l2 = torch.randint(0, 256, (76, 101, 3), generator=g, dtype=torch.uint8)
+    path = str(tmp_path / "odd.tif")
+    synthetic.write_slide(path, [l0, l1, l2], tile=64)
+    with Slide(path, mpp=0.5) as s:
+        read_sizes = []
+        read_region = s.read_region
+
+        def spy(location, level, size, **kw):
+            box = kw.get("box") or (0, 0, *size)
+            read_sizes.append(box[2] * box[3])
+            return read_region(location, level, size, **kw)
+        monkeypatch.setattr(s, "read_region", spy)
+        for box, mpp in (((-517, -333, 1403, 1001), 5.1), ((200, 100, 4000, 3000), 7.3),
+                         ((-90, 250, 300, 200), 1.3), ((0, 0, 403, 301), 9.9)):
+            got = s.read(mpp=mpp, box=box)
+            d = mpp / 0.5
+            lvl = s.best_level_for_downsample(d)
+            ds = s.level_downsamples[lvl]
+            out_w, out_h = max(1, round(box[2] / d)), max(1, round(box[3] / d))
+            rw, rh = max(1, math.ceil(out_w * d / ds)), max(1, math.ceil(out_h * d / ds))
+            region = read_region(box[:2], lvl, (rw, rh))   # the whole region, background too
+            want = resize_uint8(region, (out_h, out_w))
+            assert torch.equal(got, want), (box, mpp)
+            lw, lh = s.level_dimensions[lvl]
+            assert read_sizes[-1] <= (lw + 5) * (lh + 5), (box, mpp, read_sizes)
+        read_sizes.clear()
+        far = s.read(mpp=1e5)
+        assert tuple(far.shape) == (3, 1, 1) and read_sizes[-1] <= 110 * 85
+        assert (s.read(mpp=3.0, box=(5000, 5000, 600, 600)) ==
+                torch.tensor(s.background, dtype=torch.uint8).view(3, 1, 1)).all()
+
+
 @needs
 def test_threads_equal_single_thread(slides):
     path, levels = slides["jpeg"]
@@ -330,8 +410,9 @@ def test_region_larger_than_memory(slides, tmp_path):
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert len(lines) == 4, out.stdout
-    for line, path in zip(lines, [slides["deflate"][0]] * 2 + [str(tmp_path / "p.png")]):
-        assert line.startswith("streamcnn: out of memory for a 100000 x 100000 region "
+    for line, path, what in zip(lines, [slides["deflate"][0]] * 2 + [str(tmp_path / "p.png")],
+                                ("region", "image", "region")):
+        assert line.startswith(f"streamcnn: out of memory for a 100000 x 100000 {what} "
                                f"of {path!r} (27.9 GiB)"), line
     assert lines[3] == f"torch.Size([48, 64]) {64 * 48 * (9 + 8 + 7)}"
 
