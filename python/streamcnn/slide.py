@@ -137,9 +137,14 @@ class Slide:
         self._unsafe = {level for level in range(n) if lib.sc_slide_level_sheared(self._h, level)}
         if 0 in self._unsafe:
             # the whole image is smaller than one of its tiles: Pillow
-            # decodes the page (it is small)
+            # decodes the page (it is small); what OpenSlide read of the
+            # file (an Aperio description's MPP, the vendor, the background
+            # colour) stays
+            props, bg = self.properties, self.background
             self.close()
             self._open_plain()
+            self.properties = {**props, **self.properties}
+            self.background = bg
             return
         if self.properties.get("openslide.vendor") == "generic-tiff":
             from ._plain import tiff_page_tags
@@ -227,7 +232,7 @@ class Slide:
     @property
     def file_mpp(self) -> Optional[Tuple[float, float]]:
         """Microns per level-0 pixel (x, y) as the file says, or None."""
-        if self._plain is not None:
+        if self._plain is not None and self._plain.mpp is not None:
             return self._plain.mpp
         try:
             m = (float(self.properties["openslide.mpp-x"]),

@@ -724,6 +724,14 @@ def test_image_smaller_than_its_tiles_reads_right(tmp_path):
         assert torch.equal(s.read(level=0).permute(1, 2, 0), pixels)
         assert torch.equal(s.read_region((5, 3), 0, (20, 10), channels_last=True),
                            pixels[3:13, 5:25])
+    # an Aperio file of that kind: what OpenSlide read of it (the
+    # description's MPP, the vendor) stays with the pixels Pillow decodes
+    path.write_bytes(_tiled_tiff([pixels], 64, "Aperio Image Library v12.0.0\r\n150x37 "
+                                 "-> 150x37 - |AppMag = 40|MPP = 0.2520"))
+    with Slide(str(path)) as s:
+        assert s.in_memory and s.vendor == "aperio"
+        assert s.file_mpp == (0.252, 0.252) and s.mpp == (0.252, 0.252)
+        assert torch.equal(s.read(level=0).permute(1, 2, 0), pixels)
 
 
 @needs
@@ -763,11 +771,12 @@ def test_file_removed_while_open_is_said(slides, tmp_path):
             s.read(level=0)
 
 
-def _tiled_tiff(levels, tile):
+def _tiled_tiff(levels, tile, description=None):
     """A pyramidal tiled, uncompressed RGB TIFF (little-endian, classic) of
     the uint8 H x W x 3 tensors ``levels``, one page each, every page in
     ``tile`` x ``tile`` tiles even where the page is smaller (as tifffile
-    writes them; our writer shrinks the tile to the page)."""
+    writes them; our writer shrinks the tile to the page); ``description``:
+    the first page's ImageDescription."""
     import struct
     out = bytearray(b"II*\0" + struct.pack("<I", 0))
     link = 4                                    # where the next IFD's offset goes
@@ -789,8 +798,13 @@ def _tiled_tiff(levels, tile):
         out += b"".join(struct.pack("<I", tiles_at + i * tile * tile * 3) for i in range(n))
         out += b"".join(struct.pack("<I", tile * tile * 3) for _ in range(n))
         out += b"".join(tiles)
+        text = []
+        if description is not None and k == 0:
+            raw_text = description.encode() + b"\0"
+            text = [(270, 2, len(raw_text), len(out))]
+            out += raw_text
         entries = [(254, 4, 1, 1 if k else 0), (256, 4, 1, w), (257, 4, 1, h),
-                   (258, 3, 3, bps_at), (259, 3, 1, 1), (262, 3, 1, 2), (277, 3, 1, 3),
+                   (258, 3, 3, bps_at), (259, 3, 1, 1), (262, 3, 1, 2), *text, (277, 3, 1, 3),
                    (284, 3, 1, 1), (322, 3, 1, tile), (323, 3, 1, tile),
                    (324, 4, n, offs_at if n > 1 else tiles_at),
                    (325, 4, n, cnts_at if n > 1 else tile * tile * 3)]
