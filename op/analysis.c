@@ -67,6 +67,7 @@ void _sc_keep_set(const sc_program *p, const unsigned char *needs,
     switch (in->op) {
     case SC_OP_ADD:
     case SC_OP_CAT:
+    case SC_OP_CHANNELS: /* the gradient's channels moved: no input read */
       break;
     case SC_OP_ACT:
       keep[_sc_act_uses_output(in->act) ? i + 1 : in->in[0]] = 1;

@@ -248,24 +248,54 @@ int _sc_view(sc_ctx *ctx, AtenTensorHandle t, int64_t r0, int64_t nr,
   return SC_OK;
 }
 
-int _sc_channel_view(sc_ctx *ctx, AtenTensorHandle t, int64_t c0, int64_t nc,
-                     AtenTensorHandle *out) {
-  int64_t dim, *sz, *st, sizes[4];
+/* The view of channels c0, c0 + step, ..., nc of them, of a 4-d tensor. */
+static int channel_slice(sc_ctx *ctx, AtenTensorHandle t, int64_t c0,
+                         int64_t nc, int64_t step, AtenTensorHandle *out) {
+  int64_t dim, *sz, *st, sizes[4], strides[4];
   *out = NULL;
   if (_sc_meta(ctx, t, &dim, &sz, &st)) return SC_ERR;
-  if (dim != 4 || c0 < 0 || nc < 1 || c0 + nc > sz[1])
+  if (nc == 1) step = 1;
+  if (dim != 4 || c0 < 0 || nc < 1 || step < 1 || c0 + (nc - 1) * step >= sz[1])
     return sc_fail(&ctx->err,
-                   "streamcnn: internal error: channels [%lld +%lld) of a "
-                   "tensor of %lld",
-                   (long long)c0, (long long)nc,
+                   "streamcnn: internal error: channels [%lld +%lld step "
+                   "%lld) of a tensor of %lld",
+                   (long long)c0, (long long)nc, (long long)step,
                    (long long)(dim == 4 ? sz[1] : -1));
-  for (int i = 0; i < 4; i++) sizes[i] = sz[i];
+  for (int i = 0; i < 4; i++) sizes[i] = sz[i], strides[i] = st[i];
   sizes[1] = nc;
+  strides[1] = st[1] * step;
   /* an empty view starts anywhere (see _sc_view): keep it inside */
   const int64_t offset = sz[0] && sz[2] && sz[3] ? c0 * st[1] : 0;
-  if (aoti_torch__reinterpret_tensor(t, 4, sizes, st, offset, out))
+  if (aoti_torch__reinterpret_tensor(t, 4, sizes, strides, offset, out))
     return sc_fail(&ctx->err, "streamcnn: could not make a tensor view");
   return SC_OK;
+}
+
+int _sc_channel_view(sc_ctx *ctx, AtenTensorHandle t, int64_t c0, int64_t nc,
+                     AtenTensorHandle *out) {
+  return channel_slice(ctx, t, c0, nc, 1, out);
+}
+
+int _sc_channel_map(sc_ctx *ctx, const sc_instr *in, AtenTensorHandle sel,
+                    AtenTensorHandle whole, int to_whole) {
+  /* output channel q * g + r <- input channel start + r * a + q * b: as g
+   * copies of Q strided channels (one per r), or Q copies of g (one per
+   * q), whichever is fewer */
+  const int64_t g = in->groups, q_n = in->c_out / g;
+  const int by_r = g <= q_n;
+  const int64_t n = by_r ? g : q_n, count = by_r ? q_n : g;
+  int rc = SC_OK;
+  for (int64_t k = 0; k < n && !rc; k++) {
+    AtenTensorHandle s = NULL, w = NULL;
+    rc = channel_slice(ctx, sel, by_r ? k : k * g, count, by_r ? g : 1, &s) ||
+         channel_slice(ctx, whole,
+                       in->ch_start + k * (by_r ? in->ch_a : in->ch_b), count,
+                       by_r ? in->ch_b : in->ch_a, &w) ||
+         (to_whole ? _sc_copy(ctx, w, s, 0) : _sc_copy(ctx, s, w, 0));
+    _sc_drop(&s);
+    _sc_drop(&w);
+  }
+  return rc;
 }
 
 int _sc_flat_view(sc_ctx *ctx, AtenTensorHandle flat, int64_t offset,

@@ -152,6 +152,17 @@ static int backward_instr(sc_run *r, int64_t i) {
     }
     break;
   }
+  case SC_OP_CHANNELS: { /* the gradient's channels back where they came
+                            from, zeros elsewhere */
+    if (!need_in) break;
+    int64_t dim, *sz, *st;
+    if (_sc_meta(ctx, g, &dim, &sz, &st)) goto done;
+    const int64_t shape[4] = {sz[0], r->p->channels[in->in[0]], sz[2], sz[3]};
+    if (_sc_tile_buffer(ctx, shape, 1, &gi) ||
+        _sc_channel_map(ctx, in, g, gi, 1) || _sc_accum_input(r, i, 0, gi, 1))
+      goto done;
+    break;
+  }
   default:
     sc_fail(&ctx->err, "streamcnn: internal error: opcode %d", in->op);
     goto done;

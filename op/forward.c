@@ -359,6 +359,16 @@ static int forward_instr(sc_run *r, int64_t i, int keep) {
     if (rc) goto done;
     break;
   }
+  case SC_OP_CHANNELS: { /* a new tile buffer: the channels it selects */
+    if (_sc_pointwise_input(r, i, 0, &x)) goto done;
+    const int64_t *rs = own(r, 0, i + 1), *cs = own(r, 1, i + 1);
+    const int64_t shape[4] = {r->batch, in->c_out, rs[1] - rs[0],
+                              cs[1] - cs[0]};
+    if (_sc_tile_buffer(ctx, shape, 0, &y) ||
+        _sc_channel_map(ctx, in, y, x, 0))
+      goto done;
+    break;
+  }
   default:
     sc_fail(&ctx->err, "streamcnn: internal error: opcode %d", in->op);
     goto done;

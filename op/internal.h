@@ -312,6 +312,12 @@ int _sc_div(sc_ctx *ctx, AtenTensorHandle a, AtenTensorHandle b,
 int _sc_div_(sc_ctx *ctx, AtenTensorHandle a, AtenTensorHandle b);
 /* dst.copy_(src) across devices (small host-built tensors). */
 int _sc_copy_across(sc_ctx *ctx, AtenTensorHandle dst, AtenTensorHandle src);
+/* A channels instruction (SC_OP_CHANNELS) between `sel` (its c_out
+ * channels) and `whole` (its input's): copies whole's channels into sel
+ * (forward) or, to_whole, sel into whole's channels (backward, into a
+ * zeroed gradient). Same spatial shape. */
+int _sc_channel_map(sc_ctx *ctx, const sc_instr *in, AtenTensorHandle sel,
+                    AtenTensorHandle whole, int to_whole);
 /* View of channels [c0, c0 + nc) of an N x C x h x w tensor (its strides). */
 int _sc_channel_view(sc_ctx *ctx, AtenTensorHandle t, int64_t c0, int64_t nc,
                      AtenTensorHandle *out);

@@ -296,7 +296,9 @@ static void tile_peak(const sc_program *p, const unsigned char *needs,
             whole = 1; /* it reads all of v's region */
           } else if (mine && j == 0 && passes_on(in, fused, i)) {
             gi = 0.0; /* the output's gradient itself */
-          } else if (in->op == SC_OP_CAT) { /* its channels, copied */
+          } else if (in->op == SC_OP_CAT || in->op == SC_OP_CHANNELS) {
+            /* CAT: its channels, copied; CHANNELS: the input's, zeros and
+             * the gradient's channels */
             gi = own[o] * (double)p->channels[v] / (double)p->channels[o];
           } else {
             gi = own[o];

@@ -23,6 +23,12 @@
  *   scale_c   in, scale (c elements): per-channel scale (layer scale)
  *   cat       a, b: the channels of a, then those of b (torch.cat along
  *             the channels; a longer cat is a chain of these)
+ *   channels  in, c_out, start, groups, a, b: output channel k = q * groups
+ *             + r (0 <= r < groups) is input channel start + r * a + q * b,
+ *             each input channel at most once (torch.chunk / split /
+ *             x[:, i:j:s] along the channels: groups 1, b the step;
+ *             ShuffleNet's channel shuffle of C channels in g groups:
+ *             groups g, a C / g, b 1)
  * Parameter fields index the params tensor list; -1 means absent where a
  * field is optional (conv bias, batch-norm weight and bias).
  *
@@ -60,6 +66,7 @@ const char *_sc_op_name(int op) {
   case SC_OP_LINEAR_C: return "linear_c";
   case SC_OP_SCALE_C: return "scale_c";
   case SC_OP_CAT: return "cat";
+  case SC_OP_CHANNELS: return "channels";
   default: return "unknown";
   }
 }
@@ -76,6 +83,7 @@ static int expected_fields(int64_t op) {
   case SC_OP_LINEAR_C: return SC_LINEAR_C_FIELDS;
   case SC_OP_SCALE_C: return SC_SCALE_C_FIELDS;
   case SC_OP_CAT: return SC_CAT_FIELDS;
+  case SC_OP_CHANNELS: return SC_CHANNELS_FIELDS;
   default: return -1;
   }
 }
@@ -111,6 +119,45 @@ static int field_flag(reader *r, int i, const char *name, int *out) {
   int64_t v = 0;
   if (field_range(r, i, name, 0, 1, &v)) return SC_ERR;
   *out = (int)v;
+  return SC_OK;
+}
+
+/* A channels instruction's map: groups divides out_channels, and every
+ * input channel it names exists and is named once (its backward scatters
+ * the gradient back; a channel taken twice would need a sum). */
+static int check_channel_map(reader *r, const sc_instr *in, int64_t c_in) {
+  const int64_t g = in->groups, q_n = in->c_out / g;
+  if (in->c_out % g)
+    return sc_fail(r->err,
+                   "streamcnn: program instruction %lld (channels): field "
+                   "'groups' = %lld does not divide out_channels (%lld)",
+                   (long long)r->index, (long long)g, (long long)in->c_out);
+  /* the largest channel named: all terms are >= 0 and < 2^25 */
+  const int64_t last = in->ch_start + (g - 1) * in->ch_a + (q_n - 1) * in->ch_b;
+  if (last >= c_in)
+    return sc_fail(r->err,
+                   "streamcnn: program instruction %lld (channels): it takes "
+                   "channel %lld of input value %lld, which has %lld",
+                   (long long)r->index, (long long)last, (long long)in->in[0],
+                   (long long)c_in);
+  unsigned char *seen = calloc((size_t)c_in, 1);
+  if (!seen) return sc_fail(r->err, "streamcnn: out of memory decoding a program");
+  int64_t twice = -1;
+  for (int64_t q = 0; q < q_n && twice < 0; q++)
+    for (int64_t k = 0; k < g; k++) {
+      const int64_t c = in->ch_start + k * in->ch_a + q * in->ch_b;
+      if (seen[c]++) {
+        twice = c;
+        break;
+      }
+    }
+  free(seen);
+  if (twice >= 0)
+    return sc_fail(r->err,
+                   "streamcnn: program instruction %lld (channels): it takes "
+                   "input channel %lld twice (groups %lld, a %lld, b %lld)",
+                   (long long)r->index, (long long)twice, (long long)g,
+                   (long long)in->ch_a, (long long)in->ch_b);
   return SC_OK;
 }
 
@@ -324,6 +371,15 @@ static int decode_instr(reader *r, const sc_program *p, sc_instr *in) {
       return SC_ERR;
     in->c_out = p->channels[in->in[0]];
     return SC_OK;
+  case SC_OP_CHANNELS:
+    if (field_value(r, 0, "input", &in->in[0]) ||
+        field_range(r, 1, "out_channels", 1, SC_MAX_CHANNELS, &in->c_out) ||
+        field_range(r, 2, "start", 0, SC_MAX_CHANNELS, &in->ch_start) ||
+        field_range(r, 3, "groups", 1, in->c_out, &in->groups) ||
+        field_range(r, 4, "a", 0, SC_MAX_CHANNELS, &in->ch_a) ||
+        field_range(r, 5, "b", 0, SC_MAX_CHANNELS, &in->ch_b))
+      return SC_ERR;
+    return check_channel_map(r, in, p->channels[in->in[0]]);
   default:
     return sc_fail(r->err, "streamcnn: internal error: opcode %d", r->op);
   }

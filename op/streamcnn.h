@@ -56,7 +56,9 @@ typedef enum sc_opcode {
   SC_OP_LAYERNORM_C = 7, /* layer norm over the channels of each pixel */
   SC_OP_LINEAR_C = 8,    /* linear map of the channels of each pixel */
   SC_OP_SCALE_C = 9,     /* per-channel multiplication (layer scale) */
-  SC_OP_CAT = 10         /* channels of a, then b (DenseNet, Inception) */
+  SC_OP_CAT = 10,        /* channels of a, then b (DenseNet, Inception) */
+  SC_OP_CHANNELS = 11    /* a selection of channels: chunk / split / slices
+                            along the channels, ShuffleNet's channel shuffle */
 } sc_opcode;
 
 /* Number of fields (words after [opcode, n_fields]) of each opcode. */
@@ -70,6 +72,7 @@ typedef enum sc_opcode {
 #define SC_LINEAR_C_FIELDS 5
 #define SC_SCALE_C_FIELDS 2
 #define SC_CAT_FIELDS 2
+#define SC_CHANNELS_FIELDS 6
 
 typedef enum sc_activation {
   SC_ACT_RELU = 1,
@@ -119,6 +122,9 @@ typedef struct sc_instr {
   int act;                   /* sc_activation */
   double act_arg;            /* leaky slope */
   int64_t act_iarg;          /* gelu approximation flag */
+  /* channels: output channel k = q * groups + r (r < groups) is input
+   * channel start + r * ch_a + q * ch_b (groups in `groups`) */
+  int64_t ch_start, ch_a, ch_b;
 } sc_instr;
 
 typedef struct sc_program {

@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from . import models
 from .models import (split_convnext, split_densenet, split_inception, split_mobilenet,
-                     split_resnet)
+                     split_resnet, split_shufflenet)
 from .budget import input_extent
 from .module import StreamingModule
 
@@ -42,7 +42,10 @@ DENSENETS = ("densenet121", "densenet161", "densenet169", "densenet201")
 INCEPTIONS = ("inception_v3",)
 # MobileNetV2: inverted residuals (depthwise convolutions, ReLU6, adds)
 MOBILENETS = ("mobilenet_v2",)
-ARCHITECTURES = RESNETS + CONVNEXTS + DENSENETS + INCEPTIONS + MOBILENETS
+# ShuffleNetV2: channel splits (chunk) and channel shuffles
+SHUFFLENETS = ("shufflenet_v2_x0_5", "shufflenet_v2_x1_0", "shufflenet_v2_x1_5",
+               "shufflenet_v2_x2_0")
+ARCHITECTURES = RESNETS + CONVNEXTS + DENSENETS + INCEPTIONS + MOBILENETS + SHUFFLENETS
 POOLS = ("max", "avg")
 
 
@@ -84,6 +87,8 @@ _FAMILIES = (
             "maxpool1, Conv2d_3b_1x1 .. Mixed_7c"),
     _Family(MOBILENETS, split_mobilenet, models.mobilenet_parts,
             lambda rest: rest.features, 14, 18),
+    _Family(SHUFFLENETS, split_shufflenet, models.shufflenet_parts,
+            _children_but("avgpool", "flatten", "fc"), "stage3", "maxpool, stage2 .. conv5"),
 )
 _FAMILY = {a: f for f in _FAMILIES for a in f.archs}
 assert set(_FAMILY) == set(ARCHITECTURES)

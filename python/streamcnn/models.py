@@ -18,6 +18,7 @@ _INCEPTION_STAGES = ["Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool
                      "Conv2d_3b_1x1", "Conv2d_4a_3x3", "maxpool2", "Mixed_5b", "Mixed_5c",
                      "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e",
                      "Mixed_7a", "Mixed_7b", "Mixed_7c"]
+_SHUFFLENET_STAGES = ["conv1", "maxpool", "stage2", "stage3", "stage4", "conv5"]
 # torchvision's Inception3._transform_input (on for its ImageNet weights):
 # channel c of an ImageNet-normalised image becomes x * scale + shift
 _INCEPTION_SCALE = (0.229 / 0.5, 0.224 / 0.5, 0.225 / 0.5)
@@ -285,4 +286,42 @@ def mobilenet_parts(model: nn.Module, stream_upto: int = 14
                                       ("avgpool", nn.AdaptiveAvgPool2d(1)),
                                       ("flatten", nn.Flatten(1)),
                                       ("classifier", model.classifier)]))
+    return stem, head
+
+
+def split_shufflenet(model: nn.Module, stream_upto: str = "stage3",
+                     tile_size: Optional[TileSize] = None,
+                     **options: Any) -> Tuple[StreamingModule, nn.Sequential]:
+    """Split a torchvision ShuffleNetV2 (x0.5 .. x2.0) into
+    ``(streaming_stem, head)`` with ``head(stem(x))`` computing ``model(x)``
+    (with the stem's batch norms in eval mode).
+
+    The stem is ``conv1 .. stream_upto`` (one of ``"maxpool"``, ``"stage2"``
+    .. ``"stage4"``, ``"conv5"``) wrapped in :class:`StreamingModule`: its
+    channel splits and shuffles stream exactly. The head is the rest, the
+    average pool and ``fc``. ``tile_size`` and ``options`` as for
+    :func:`split_resnet`; the stem's batch norms are frozen, as there.
+    """
+    stem, head = shufflenet_parts(model, stream_upto)
+    return _wrap(stem, tile_size, options), head
+
+
+def shufflenet_parts(model: nn.Module, stream_upto: str = "stage3"
+                     ) -> Tuple[nn.Sequential, nn.Sequential]:
+    """:func:`split_shufflenet`'s ``(stem, head)`` with the stem not yet
+    streamed (its norms frozen)."""
+    missing = [n for n in _SHUFFLENET_STAGES + ["fc"] if not hasattr(model, n)]
+    if missing:
+        raise ValueError(f"streamcnn: not a torchvision ShuffleNetV2 (missing {missing})")
+    if stream_upto not in _SHUFFLENET_STAGES[1:]:
+        raise ValueError(f"streamcnn: stream_upto must be one of {_SHUFFLENET_STAGES[1:]}, "
+                         f"got {stream_upto!r}")
+    k = _SHUFFLENET_STAGES.index(stream_upto) + 1
+    stem = nn.Sequential(OrderedDict((n, getattr(model, n)) for n in _SHUFFLENET_STAGES[:k]))
+    _freeze_norms(stem)
+    # ShuffleNetV2._forward_impl: the stages, conv5, the mean over the
+    # image, fc
+    head = nn.Sequential(OrderedDict(
+        [(n, getattr(model, n)) for n in _SHUFFLENET_STAGES[k:]] +
+        [("avgpool", nn.AdaptiveAvgPool2d(1)), ("flatten", nn.Flatten(1)), ("fc", model.fc)]))
     return stem, head

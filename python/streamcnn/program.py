@@ -27,9 +27,9 @@ VERSION = 1
 HEADER = 5
 
 OP_CONV, OP_MAXPOOL, OP_AVGPOOL, OP_BATCHNORM, OP_ACT, OP_ADD = 1, 2, 3, 4, 5, 6
-OP_LAYERNORM_C, OP_LINEAR_C, OP_SCALE_C, OP_CAT = 7, 8, 9, 10
+OP_LAYERNORM_C, OP_LINEAR_C, OP_SCALE_C, OP_CAT, OP_CHANNELS = 7, 8, 9, 10, 11
 N_FIELDS = {OP_CONV: 16, OP_MAXPOOL: 10, OP_AVGPOOL: 10, OP_BATCHNORM: 6, OP_ACT: 3, OP_ADD: 2,
-            OP_LAYERNORM_C: 4, OP_LINEAR_C: 5, OP_SCALE_C: 2, OP_CAT: 2}
+            OP_LAYERNORM_C: 4, OP_LINEAR_C: 5, OP_SCALE_C: 2, OP_CAT: 2, OP_CHANNELS: 6}
 
 ACT_RELU, ACT_RELU6, ACT_LEAKY_RELU, ACT_SILU, ACT_GELU, ACT_SIGMOID, ACT_TANH, ACT_HARDSWISH = range(1, 9)
 
@@ -38,7 +38,8 @@ SUPPORTED = (
     "BatchNorm2d in eval mode, "
     "ReLU, ReLU6, LeakyReLU, SiLU, GELU, Sigmoid, Tanh, Hardswish, Identity, "
     "Dropout / StochasticDepth in eval mode, residual adds, torch.cat along the channels "
-    "(DenseNet, Inception), and per-pixel channel ops "
+    "(DenseNet, Inception), chunk / split / slices of the channels and channel shuffles "
+    "(ShuffleNet), and per-pixel channel ops "
     "(LayerNorm over channels, Linear on channels after a permute to channels-last, "
     "per-channel scales)"
 )
@@ -114,6 +115,11 @@ class ProgramBuilder:
 
     def cat(self, a, b):
         return self._emit(OP_CAT, [a, b])
+
+    def channels(self, x, c_out, start, groups, a, b):
+        """Output channel ``q * groups + r`` is input channel ``start + r * a
+        + q * b``."""
+        return self._emit(OP_CHANNELS, [x, c_out, start, groups, a, b])
 
     def program(self) -> List[int]:
         return [MAGIC, VERSION, self.in_channels, self.n_instr, len(self.params), *self.words]
@@ -199,6 +205,8 @@ def output_shape(program: Sequence[int], h, w) -> Tuple[int, Any, Any]:
             sizes.append((f[4], hh, ww))
         elif op == OP_CAT:
             sizes.append((c + sizes[f[1]][0], hh, ww))
+        elif op == OP_CHANNELS:
+            sizes.append((f[1], hh, ww))
         else:
             sizes.append((c, hh, ww))
     return sizes[-1]
@@ -217,6 +225,10 @@ class Converted:
     param_refs: List[Tuple[str, str]]
     # submodules whose train/eval mode matters (batch norm, dropout)
     mode_modules: List[Tuple[str, nn.Module]] = field(default_factory=list)
+
+
+def _shape_text(shape) -> str:
+    return "(" + ", ".join(d.kind if isinstance(d, _Dim) else str(d) for d in shape) + ")"
 
 
 def _unsupported(node: fx.Node, what: str, hint: str) -> ValueError:
@@ -248,6 +260,59 @@ _PERMUTES = {(NCHW, (0, 2, 3, 1)): NHWC, (NHWC, (0, 3, 1, 2)): NCHW}
 _SHAPE_HINT = ("it reads the shape of a tensor; a stem whose layers depend on the image's "
                "shape cannot be streamed (each tile has another shape): use constant layer "
                "arguments")
+
+
+# -- channel selections: chunk / split / slices of the channels, channel
+# shuffles (view to N x g x C/g x H x W, transpose, view back). They are
+# followed as index lists over a value's channels and emitted as one
+# `channels` instruction when a layer reads them (a shuffle then a chunk
+# is one instruction per half).
+
+@dataclass(frozen=True)
+class _Dim:
+    """A size read from a tensor (x.size(), x.shape) that differs from
+    tile to tile or image to image: the batch ("N"), or the rows / columns
+    ("H", "W") of value ``of``."""
+    kind: str
+    of: int = -1
+
+
+@dataclass
+class _Sel:
+    """A tensor of the stem that is a selection of the channels of ``src``
+    (an N x C x H x W tensor of the stem): its channel k is ``src``'s
+    channel ``idx[k]``. ``split = (d1, d2)``: a 5-d view N x d1 x d2 x H x W
+    of it (k = i1 * d2 + i2)."""
+    src: fx.Node
+    idx: Tuple[int, ...]
+    split: Optional[Tuple[int, int]] = None
+
+
+def _fit_channels(idx: Sequence[int]) -> Optional[Tuple[int, int, int, int]]:
+    """(start, groups, a, b) with ``idx[q * groups + r] == start + r * a +
+    q * b`` (a, b >= 0), the form of a `channels` instruction; None when
+    the list has no such form."""
+    n, start = len(idx), idx[0]
+    if n == 1:
+        return start, 1, 0, 1
+    a = idx[1] - start
+    g = next((k for k in range(2, n) if idx[k] != start + k * a), n)
+    if g == n:                                  # one arithmetic run
+        return (start, 1, 0, a) if a >= 1 else None
+    b = idx[g] - start
+    if n % g or a < 0 or b < 0:
+        return None
+    ok = all(idx[q * g + r] == start + r * a + q * b for q in range(n // g) for r in range(g))
+    return (start, g, a, b) if ok else None
+
+# arithmetic and comparisons on sizes read from tensors
+_SIZE_OPS = (operator.add, operator.sub, operator.mul, operator.floordiv, operator.mod,
+             operator.truediv, operator.neg, operator.eq, operator.ne, operator.lt,
+             operator.le, operator.gt, operator.ge)
+# the reshapes and selections of the channels as functions, by method name
+_CHANNEL_FNS = {torch.chunk: "chunk", torch.split: "split", torch.narrow: "narrow",
+                torch.transpose: "transpose", torch.reshape: "reshape",
+                torch.flatten: "flatten", torch.permute: "permute"}
 
 # the functional poolings (F.max_pool2d is a dispatcher on return_indices;
 # torch.max_pool2d is ATen's, whose stride [] means the kernel size)
@@ -386,16 +451,212 @@ class _Converter:
         # the features of layers 0 .. k, the cat of layer k - 1's and one
         # more, so each layer adds one cat instruction, not k
         self.cats: Dict[Tuple[int, ...], int] = {}
+        # shapes and sizes read from tensors (ints, _Dim, tuples of them),
+        # chunk / split results (lists of index ranges), and channel
+        # selections not emitted yet
+        self.syms: Dict[fx.Node, Any] = {}
+        self.chunks: Dict[fx.Node, Tuple[fx.Node, List[range]]] = {}
+        self.sels: Dict[fx.Node, _Sel] = {}
 
     # -- helpers ------------------------------------------------------------
     def _p(self, path: str, attr: str) -> int:
         return self.b.param((path, attr))
 
     def _input(self, node: fx.Node, arg) -> fx.Node:
+        if isinstance(arg, fx.Node) and arg in self.sels and arg not in self.val:
+            self._emit_sel(node, arg)
         if not isinstance(arg, fx.Node) or arg not in self.val:
             raise _unsupported(node, f"{node.op} {node.target}",
                                f"its input {arg!r} is not a tensor produced by the stem")
         return arg
+
+    # -- channel selections ------------------------------------------------
+    def _is_tensor(self, arg) -> bool:
+        return isinstance(arg, fx.Node) and (arg in self.val or arg in self.sels)
+
+    def _sel_of(self, node, what, arg) -> _Sel:
+        """The channel selection a tensor of the stem is (a value: all its
+        channels)."""
+        if isinstance(arg, fx.Node) and arg in self.sels:
+            return self.sels[arg]
+        x = self._input(node, arg)
+        if self.layout[x] != NCHW:
+            raise _unsupported(node, what, "it reshapes or selects the channels of a tensor "
+                               "permuted to N x H x W x C; do it on N x C x H x W")
+        return _Sel(x, tuple(range(self.chan[x])))
+
+    def _pick(self, node, what, arg, pick: Sequence[int]) -> None:
+        """``node`` is channels ``pick`` of tensor ``arg`` (N x C x H x W).
+        Selections compose (a chunk of a shuffle is one instruction); where
+        the composition has no instruction's form, ``arg`` is emitted and
+        ``node`` picks from it."""
+        sel = self._sel_of(node, what, arg)
+        if sel.split is not None:
+            raise _unsupported(node, what, "it splits or indexes a 5-d view of the channels; "
+                               "view it back to N x C x H x W first")
+        idx = tuple(sel.idx[i] for i in pick)
+        if _fit_channels(idx) is None:
+            self._emit_sel(node, arg)
+            sel, idx = _Sel(arg, tuple(range(self.chan[arg]))), tuple(pick)
+        self._set_sel(node, _Sel(sel.src, idx))
+
+    def _set_sel(self, node, sel: _Sel) -> None:
+        if sel.split is None and sel.idx == tuple(range(self.chan[sel.src])):
+            return self._alias(node, sel.src)           # all the channels, in order
+        self.sels[node] = sel
+
+    def _emit_sel(self, node, arg) -> None:
+        """A layer reads selection ``arg``: its `channels` instruction."""
+        if arg in self.val:
+            return
+        sel = self.sels[arg]
+        if sel.split is not None:
+            raise _unsupported(node, f"{node.op} {node.target}", f"its input {arg.name} is a "
+                               f"5-d view N x {sel.split[0]} x {sel.split[1]} x H x W of the "
+                               "channels; view it back to N x C x H x W first")
+        fit = _fit_channels(sel.idx)
+        if fit is None:   # _pick and _view keep every 4-d selection in that form
+            raise AssertionError(f"streamcnn: internal error: channels {sel.idx}")
+        v = self.b.channels(self.val[sel.src], len(sel.idx), *fit)
+        self._set(arg, v, len(sel.idx), NCHW)
+
+    def _spatial(self, x) -> int:
+        """Which rows and columns a tensor of the stem has: the value it
+        (or the value it selects channels of) is."""
+        return self.val[self.sels[x].src if x in self.sels else x]
+
+    def _shape_of(self, node, what, x):
+        if not self._is_tensor(x):
+            raise _unsupported(node, what, f"{x!r} is not a tensor of the stem")
+        if x in self.val and self.layout[x] != NCHW:
+            raise _unsupported(node, what, "it reads the shape of a tensor permuted to "
+                               "N x H x W x C")
+        sel = self.sels.get(x)
+        s = self._spatial(x)
+        if sel is not None and sel.split is not None:
+            return (_Dim("N"), *sel.split, _Dim("H", s), _Dim("W", s))
+        c = len(sel.idx) if sel is not None else self.chan[x]
+        return (_Dim("N"), c, _Dim("H", s), _Dim("W", s))
+
+    def _sym(self, node, what, arg):
+        """An int or size argument: a constant, or a size read from a
+        tensor (x.size(), x.shape)."""
+        if isinstance(arg, fx.Node):
+            if arg not in self.syms:
+                raise _unsupported(node, what, f"its argument {arg.name} is not a constant "
+                                   "or a size of a tensor")
+            return self.syms[arg]
+        return arg
+
+    def _size(self, node, what, args, kw):
+        shape = self._shape_of(node, what, args[0])
+        dim = args[1] if len(args) > 1 else kw.get("dim")
+        self.syms[node] = shape if dim is None else shape[int(dim) % len(shape)]
+
+    def _sym_arith(self, node, what, args) -> None:
+        """Arithmetic on sizes: on the channel counts (constants), computed;
+        on the batch, rows or columns (each tile has its own), refused."""
+        vals = [self._sym(node, what, a) for a in args]
+        if any(isinstance(v, _Dim) for v in vals) or not all(
+                isinstance(v, int) and not isinstance(v, bool) for v in vals):
+            raise _unsupported(node, what, _SHAPE_HINT)
+        self.syms[node] = node.target(*vals)
+
+    def _getitem(self, node, what, src, key) -> None:
+        if src in self.syms:                          # a size of a shape
+            shape = self.syms[src]
+            if not isinstance(shape, tuple) or not isinstance(key, int):
+                raise _unsupported(node, what, _SHAPE_HINT)
+            self.syms[node] = shape[key]
+            return
+        if src in self.chunks:                        # one of a chunk / split
+            x, parts = self.chunks[src]
+            if not isinstance(key, int) or not -len(parts) <= key < len(parts) or \
+                    not parts[key]:
+                raise _unsupported(node, what, f"part {key!r} of a split of the channels "
+                                   "into sizes " + str([len(p) for p in parts]))
+            return self._pick(node, what, x, parts[key])
+        # x[:, a:b:s] (and trailing full slices): a slice of the channels
+        full = slice(None, None, None)
+        keys = key if isinstance(key, tuple) else (key,)
+        keys = tuple(k for k in keys if k is not Ellipsis) if keys[-1:] == (Ellipsis,) else keys
+        if len(keys) < 2 or keys[0] != full or not isinstance(keys[1], slice) or \
+                any(k != full for k in keys[2:]) or len(keys) > 4:
+            raise _unsupported(node, what, f"indexing {key!r}: only x[:, i:j:step] (a slice of "
+                               "the channels) is local")
+        sel = self._sel_of(node, what, src)
+        k = keys[1]
+        bounds = [self._sym(node, what, v) for v in (k.start, k.stop, k.step)]
+        if any(isinstance(v, _Dim) for v in bounds) or (bounds[2] or 1) < 1:
+            raise _unsupported(node, what, f"slice {k!r} of the channels: its bounds must be "
+                               "constants (or channel counts) and its step positive")
+        picked = range(len(sel.idx))[slice(*bounds)]
+        if not picked:
+            raise _unsupported(node, what, f"slice {k!r} of {len(sel.idx)} channels is empty")
+        self._pick(node, what, src, picked)
+
+    def _split(self, node, what, x, sizes, dim, chunks: bool) -> None:
+        """chunk(x, n, dim=1) (``chunks``) / split(x, size or sizes, dim=1)."""
+        if not isinstance(dim, int) or dim % 4 != 1:
+            raise _unsupported(node, what, f"along dim {dim!r}: only a split of the channels "
+                               "(dim 1) is local")
+        n = len(self._sel_of(node, what, x).idx)
+        sizes = self._sym(node, what, sizes)
+        if isinstance(sizes, (list, tuple)):
+            sizes = [self._sym(node, what, s) for s in sizes]
+        if isinstance(sizes, int) and not isinstance(sizes, bool) and sizes >= 1:
+            step = -(-n // sizes) if chunks else sizes
+            parts = [range(i, min(i + step, n)) for i in range(0, n, step)]
+        elif not chunks and isinstance(sizes, list) and sum(sizes) == n and all(
+                isinstance(s, int) and s >= 0 for s in sizes):
+            ends = [sum(sizes[:k + 1]) for k in range(len(sizes))]
+            parts = [range(e - s, e) for s, e in zip(sizes, ends)]
+        else:
+            raise _unsupported(node, what, f"split of {n} channels by {sizes!r}")
+        self.chunks[node] = (x, parts)
+
+    def _view(self, node, what, x, shape) -> None:
+        """view / reshape: N x C x H x W <-> N x g x C/g x H x W, keeping
+        the batch, the rows and the columns."""
+        sel = self._sel_of(node, what, x)
+        s = self._spatial(x)
+        shape = [self._sym(node, what, v) for v in shape]
+        n = len(sel.idx)
+        if len(shape) not in (4, 5) or not (isinstance(shape[0], _Dim) and
+                                            shape[0].kind == "N") or \
+                shape[-2:] != [_Dim("H", s), _Dim("W", s)]:
+            raise _unsupported(node, what, f"a view or reshape to {_shape_text(shape)}: only "
+                               "one that keeps the batch, the rows and the columns (sizes read "
+                               "from this tensor) and reshapes the channels is local")
+        chans = shape[1:-2]
+        if not all(isinstance(c, int) and not isinstance(c, bool) and (c == -1 or c >= 1)
+                   for c in chans) or chans.count(-1) > 1:
+            raise _unsupported(node, what, f"channel sizes {_shape_text(chans)} of a view must "
+                               "be constants or channel counts")
+        known = 1
+        for c in chans:
+            known *= 1 if c == -1 else c
+        if -1 in chans and n % known == 0:
+            chans = [n // known if c == -1 else c for c in chans]
+        if chans[0] * (chans[1] if len(chans) == 2 else 1) != n:
+            raise _unsupported(node, what, f"a view of {n} channels as "
+                               f"{_shape_text(shape[1:-2])} channels")
+        if len(chans) == 2 and sel.split is None and x in self.sels:
+            # a 5-d view of a selection: of the selection, emitted (its
+            # transposes stay one instruction's form)
+            self._emit_sel(node, x)
+            sel = _Sel(x, tuple(range(n)))
+        self._set_sel(node, _Sel(sel.src, sel.idx, tuple(chans) if len(chans) == 2 else None))
+
+    def _transpose(self, node, what, x, d0, d1) -> None:
+        sel = self.sels.get(x) if isinstance(x, fx.Node) else None
+        if sel is None or sel.split is None or {int(d0) % 5, int(d1) % 5} != {1, 2}:
+            raise _unsupported(node, what, f"transpose({d0}, {d1}): only the two channel "
+                               "dimensions of a 5-d view N x g x C/g x H x W may be swapped "
+                               "(a channel shuffle)")
+        d1_, d2_ = sel.split
+        idx = tuple(sel.idx[j2 * d2_ + j1] for j1 in range(d2_) for j2 in range(d1_))
+        self._set_sel(node, _Sel(sel.src, idx, (d2_, d1_)))
 
     def _set(self, node, value, channels, layout=NCHW):
         self.val[node] = value
@@ -436,7 +697,7 @@ class _Converter:
 
     def _scale(self, node, what, args):
         a, b = args[0], args[1]
-        x, s_ = (a, b) if a in self.val else (b, a)
+        x, s_ = (a, b) if self._is_tensor(a) else (b, a)
         x = self._input(node, x)
         slot, t = self._param(node, what, s_, "scale")
         c = self.chan[x]
@@ -657,18 +918,75 @@ class _Converter:
             self.cats[vals[:j + 1]] = v
         self._set(node, v, sum(self.chan[x] for x in xs), layout)
 
+    def _channel_fn(self, node, what, name, args, kw) -> bool:
+        """The reshapes and selections of the channels, as functions
+        (torch.chunk) or methods (x.chunk): True when ``name`` is one."""
+        x = args[0] if args else None
+        if name == "size":
+            self._size(node, what, args, kw)
+        elif name in ("view", "reshape"):
+            shape = args[1:]
+            if len(shape) == 1 and isinstance(shape[0], (list, tuple)):
+                shape = shape[0]
+            self._view(node, what, x, list(shape or kw.get("shape", ())))
+        elif name == "transpose":
+            a = dict(zip(("dim0", "dim1"), args[1:]), **kw)
+            self._transpose(node, what, x, a.get("dim0"), a.get("dim1"))
+        elif name == "permute" and x in self.sels:
+            dims = args[1] if len(args) == 2 else args[1:] or kw.get("dims")
+            if tuple(int(d) % 5 for d in dims) != (0, 2, 1, 3, 4):
+                raise _unsupported(node, what, f"permute{tuple(dims)} of a 5-d view of the "
+                                   "channels: only (0, 2, 1, 3, 4), a channel shuffle")
+            self._transpose(node, what, x, 1, 2)
+        elif name == "flatten" and x in self.sels and self.sels[x].split is not None:
+            a = dict(zip(("start_dim", "end_dim"), args[1:]), **kw)
+            if (a.get("start_dim", 0) % 5, a.get("end_dim", -1) % 5) != (1, 2):
+                raise _unsupported(node, what, "only flatten(1, 2) of a 5-d view of the "
+                                   "channels is local")
+            self._set_sel(node, _Sel(self.sels[x].src, self.sels[x].idx))
+        elif name == "contiguous" and x in self.sels:
+            self.sels[node] = self.sels[x]
+        elif name in ("chunk", "split"):
+            first = "chunks" if name == "chunk" else "split_size_or_sections"
+            a = dict(zip((first, "dim"), args[1:]), **kw)
+            if "split_size" in a:
+                a[first] = a.pop("split_size")
+            self._split(node, what, x, a.get(first), a.get("dim", 0), name == "chunk")
+        elif name == "narrow":
+            a = dict(zip(("dim", "start", "length"), args[1:]), **kw)
+            dim = a.get("dim")
+            if not isinstance(dim, int) or dim % 4 != 1:
+                raise _unsupported(node, what, f"narrow along dim {dim!r}: only the channels "
+                                   "(dim 1) are narrowed locally")
+            start, length = (self._sym(node, what, a.get(k)) for k in ("start", "length"))
+            if not all(isinstance(v, int) for v in (start, length)):
+                raise _unsupported(node, what, _SHAPE_HINT)
+            self._getitem(node, what, x, (slice(None), slice(start, start + length)))
+        else:
+            return False
+        return True
+
     def function(self, node: fx.Node):
         t = node.target
         what = f"call to {getattr(t, '__module__', '')}.{getattr(t, '__name__', t)}"
         args, kw = node.args, dict(node.kwargs)
+        if t is operator.getitem and len(args) == 2:
+            return self._getitem(node, what, args[0], args[1])
+        if t in _SIZE_OPS and not any(self._is_tensor(a) for a in args):
+            return self._sym_arith(node, what, args)
+        if t is getattr and len(args) == 2 and args[1] == "shape":
+            self.syms[node] = self._shape_of(node, ".shape", args[0])
+            return None
+        name = _CHANNEL_FNS.get(t)
+        if name is not None and (name != "flatten" or args[0] in self.sels) and \
+                self._channel_fn(node, what, name, args, kw):
+            return None
         if t in (torch.cat, torch.concat, torch.concatenate):
             return self._cat(node, what, args, kw)
         if t in (operator.add, operator.iadd, torch.add):
             return self._add(node, what, args[0], args[1], kw.get("alpha", 1))
         if t in (operator.mul, operator.imul, torch.mul) and len(args) == 2 and not kw:
             return self._scale(node, what, args)
-        if t is getattr and len(args) == 2 and args[1] == "shape":
-            raise _unsupported(node, f".{args[1]}", _SHAPE_HINT)
         if not args:
             raise _unsupported(node, what, f"unsupported call. Supported: {SUPPORTED}")
         x = self._input(node, args[0])
@@ -728,6 +1046,8 @@ class _Converter:
         what = f"method .{name}()"
         if name in ("mul", "mul_", "__mul__") and len(node.args) == 2:
             return self._scale(node, what, node.args)
+        if self._channel_fn(node, what, name, node.args, dict(node.kwargs)):
+            return None
         x = self._input(node, node.args[0])
         if name in ("relu", "relu_"):
             return self._act(node, x, ACT_RELU)
@@ -737,8 +1057,6 @@ class _Converter:
             return self._act(node, x, ACT_TANH)
         if name in ("add", "add_", "__add__", "__iadd__"):
             return self._add(node, what, node.args[0], node.args[1], node.kwargs.get("alpha", 1))
-        if name == "size":
-            raise _unsupported(node, what, _SHAPE_HINT)
         if name == "contiguous":
             return self._alias(node, x)
         if name == "permute":
@@ -746,7 +1064,7 @@ class _Converter:
             return self._permute(node, what, x, dims)
         if name in ("mul", "mul_", "__mul__") and len(node.args) == 2:
             return self._scale(node, what, node.args)
-        if name in ("mean", "sum", "view", "reshape", "flatten", "transpose"):
+        if name in ("mean", "sum", "flatten"):
             raise _unsupported(node, what, _NONLOCAL_HINT)
         raise _unsupported(node, what, f"this method is not supported. Supported: {SUPPORTED}")
 
@@ -810,6 +1128,11 @@ class _Converter:
         if not in_channels:
             raise ValueError("streamcnn: cannot infer the stem's input channels (no Conv2d or "
                              "BatchNorm2d); pass in_channels=")
+        if out in self.sels and out not in self.val:    # it ends selecting channels
+            self._emit_sel(outputs[0], out)
+        if out not in self.val:
+            raise ValueError(f"streamcnn: the stem returns {out.name}, which is not a tensor "
+                             "it computes")
         if self.layout[out] != NCHW:
             raise ValueError("streamcnn: the stem returns a tensor permuted to N x H x W x C; "
                              "it must return N x C x H x W")

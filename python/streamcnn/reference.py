@@ -122,6 +122,10 @@ def run_program(image: torch.Tensor, params: Sequence[torch.Tensor],
             y = x * params[f[1]].reshape(1, -1, 1, 1)
         elif op == 10:  # the channels of a, then of b
             y = torch.cat([x, values[f[1]]], 1)
+        elif op == 11:  # channel q * groups + r is start + r * a + q * b
+            _, c_out, start, groups, a, b = f
+            k = torch.arange(c_out, device=x.device)
+            y = x.index_select(1, start + (k % groups) * a + (k // groups) * b)
         else:
             raise ValueError(f"streamcnn: unknown opcode {op}")
         values.append(y)

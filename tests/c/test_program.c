@@ -348,9 +348,53 @@ static void test_cat(void) {
   EXPECT_ERROR(&w, "instruction 1 (cat): inputs 0 and 1 have 8388608 + 8388609 channels");
 }
 
+/* The channels instruction: a chunk's second half, a channel shuffle;
+ * bad maps are refused naming what is wrong. */
+static void test_channels(void) {
+  tprog t;
+  tp_begin(&t, 3, 2);
+  int64_t a = tp_conv(&t, 0, 0, 3, 8, 1, 1, 0, 1);
+  const int64_t half[6] = {a, 4, 4, 1, 0, 1};    /* channels 4 .. 7 */
+  int64_t h = tp_emit(&t, 11, 6, half);
+  const int64_t shuffle[6] = {a, 8, 0, 2, 4, 1}; /* 0 4 1 5 2 6 3 7 */
+  tp_emit(&t, 11, 6, shuffle);
+  (void)h;
+  tp_end(&t);
+  sc_program *p = NULL;
+  sc_error err = {0};
+  CHECK_EQ(sc_program_decode(t.w, t.n, &p, &err), SC_OK);
+  if (p) {
+    CHECK_EQ(p->channels[2], 4);
+    CHECK_EQ(p->channels[3], 8);
+    CHECK_EQ(p->instr[2].groups, 2);
+    CHECK_EQ(p->instr[2].ch_a, 4);
+    CHECK_EQ(sc_input_extent(p, 0, 1), 1); /* pointwise */
+    sc_program_free(p);
+  } else {
+    fprintf(stderr, "%s\n", err.msg);
+    g_failures++;
+  }
+  /* words: header 5, conv 18 (5..22), channels 8 (23..30), channels 8
+   * (31..38); fields of the second from 33: in, c_out, start, groups, a, b */
+  tprog m;
+  mutate(&m, &t, 33 + 3, 3); /* 3 groups do not divide 8 */
+  EXPECT_ERROR(&m, "instruction 2 (channels): field 'groups' = 3 does not divide");
+  mutate(&m, &t, 33 + 2, 1); /* 1 + 4 + 3 = channel 8 of 8 */
+  EXPECT_ERROR(&m, "instruction 2 (channels): it takes channel 8 of input value 1, which has 8");
+  mutate(&m, &t, 33 + 4, 1); /* a 1, b 1: channel 1 twice */
+  EXPECT_ERROR(&m, "instruction 2 (channels): it takes input channel 1 twice");
+  mutate(&m, &t, 33 + 1, 0);
+  EXPECT_ERROR(&m, "instruction 2 (channels): field 'out_channels' = 0");
+  mutate(&m, &t, 33 + 5, -1);
+  EXPECT_ERROR(&m, "instruction 2 (channels): field 'b' = -1");
+  mutate(&m, &t, 25 + 0, 2); /* its input is a later value */
+  EXPECT_ERROR(&m, "instruction 1 (channels): field 'input'");
+}
+
 int main(void) {
   test_valid();
   test_cat();
+  test_channels();
   test_header_errors();
   test_field_errors();
   test_stride_mismatch();

@@ -44,6 +44,9 @@ def stems():
     g = torchvision.models.googlenet(aux_logits=False, init_weights=False).eval()
     yield "googlenet_inception3a", nn.Sequential(g.conv1, g.maxpool1, g.conv2, g.conv3,
                                                  g.maxpool2, g.inception3a)
+    # channels instructions: chunks of channel shuffles
+    s = torchvision.models.shufflenet_v2_x0_5().eval()
+    yield "shufflenet_stage2", nn.Sequential(s.conv1, s.maxpool, s.stage2)
 
 
 def words_bytes(words):

@@ -26,7 +26,8 @@ def test_resnet18_equals_whole_image(pool):
 
 
 @pytest.mark.parametrize("arch,upto", [("resnet152", "layer2"), ("resnext50_32x4d", "layer2"),
-                                       ("wide_resnet50_2", "layer1"), ("convnext_small", 3)])
+                                       ("wide_resnet50_2", "layer1"), ("convnext_small", 3),
+                                       ("shufflenet_v2_x1_0", "stage2")])
 def test_deeper_grouped_wider_backbones_equal_whole_image(arch, upto):
     """One of each kind the application offers beyond resnet18..50 and
     convnext_tiny: a deeper stem (receptive field 155), grouped and wider
@@ -72,6 +73,8 @@ def test_default_tile_gives_32_output_pixels_where_1024_is_too_small():
     assert default_tile_size("resnet152", "layer2") == 1024
     assert default_tile_size("convnext_tiny", "4") == 1024
     assert seen["mobilenet_v2"] == 1024 and default_tile_size("mobilenet_v2", 18) == 1483
+    assert seen["shufflenet_v2_x1_0"] == 1024
+    assert default_tile_size("shufflenet_v2_x1_0", "conv5") == 1519
     with pytest.raises(ValueError, match="stream_upto"):
         default_tile_size("resnet18", "layer9")
 
@@ -184,7 +187,8 @@ def test_inception_v3_weights_and_transform(tmp_path):
         build_model("inception_v3", stream_upto=3)
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "densenet121", "inception_v3", "mobilenet_v2"])
+@pytest.mark.parametrize("arch", ["resnet18", "densenet121", "inception_v3", "mobilenet_v2",
+                                  "shufflenet_v2_x1_0"])
 def test_from_scratch_outputs_are_of_order_one(arch):
     """A backbone without weights starts well scaled although its stem's
     batch norms are frozen at their initial identity: torchvision's own

@@ -189,6 +189,32 @@ def test_split_mobilenet():
         streamcnn.models.split_mobilenet(_densenet())
 
 
+def test_split_shufflenet():
+    """ShuffleNetV2 streamed through stage3 (channel splits and shuffles):
+    head(stem(x)) is model(x); torchvision's names; the stem trains with
+    its batch norms frozen."""
+    torch.manual_seed(0)
+    model = tv.models.shufflenet_v2_x0_5(weights=None).double()
+    randomize_bn(model, torch.Generator().manual_seed(1))
+    model.eval()
+    stem, head = streamcnn.models.split_shufflenet(model, tile_size=360)
+    x = torch.randn(1, 3, 700, 610, dtype=torch.float64)
+    assert stem.tiling(700, 610)["tiles"][0] >= 2
+    assert rel_err(head(stem(x)), model(x)) < 1e-10
+    assert "module.stage3.0.branch1.0.weight" in stem.state_dict()
+    assert "stage4.0.branch2.0.weight" in head.state_dict()
+    assert "fc.weight" in head.state_dict()
+    model.train()
+    stem.train()
+    head(stem(x)).sum().backward()
+    assert model.stage2[1].branch2[0].weight.grad is not None
+    assert not any(m.training for m in stem.modules() if isinstance(m, nn.BatchNorm2d))
+    with pytest.raises(ValueError, match=r"stream_upto must be one of \['maxpool', 'stage2'"):
+        streamcnn.models.split_shufflenet(model, stream_upto="conv1")
+    with pytest.raises(ValueError, match="not a torchvision ShuffleNetV2"):
+        streamcnn.models.split_shufflenet(_densenet())
+
+
 def _convnext(name="convnext_tiny"):
     torch.manual_seed(0)
     m = getattr(tv.models, name)(weights=None).double().eval()

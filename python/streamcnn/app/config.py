@@ -74,7 +74,8 @@ OPTIONS: Tuple[Option, ...] = (
     Option("stream_upto", str, None, "last streamed layer: maxpool, layer1 .. layer4 "
            "(ResNets), 1 .. 7 (ConvNeXt), pool0, denseblock1, transition1 .. denseblock4 "
            "(DenseNets), maxpool1, Conv2d_3b_1x1 .. Mixed_7c (Inception-v3), 1 .. 18 "
-           "(MobileNetV2); default: the stage before the last",
+           "(MobileNetV2), maxpool, stage2 .. stage4, conv5 (ShuffleNetV2); default: the "
+           "stage before the last",
            metavar="LAYER"),
     Option("head", str, "max", "global pool of the head: max (as in the paper) or avg",
            choices=POOLS),
