@@ -13,9 +13,11 @@ summed over the ranks with one ``all_reduce``. By linearity the result is
 that of the whole-image pass, as for tiles in one process.
 
 Collectives, in this order, on every rank of the group (also on a rank
-whose band is empty): forward: ``all_gather`` of a checksum (shapes,
-dtype, program, tile size, halo caching, gradient mask), ``all_gather`` of
-the bands (padded to the largest band); backward: one ``all_reduce`` of
+whose band is empty): forward: ``all_gather`` of checksums (program, tile
+size, halo caching, the image's size and dtype, gradient mask, the
+parameters' shapes and values, fixed bands, a grid of a whole image's
+pixels), ``all_gather`` of the bands (padded to the largest band);
+backward: one ``all_reduce`` of
 the flattened parameter gradients, one of the image gradient (only for a
 whole image that requires grad). The group's timeout
 (``init_process_group(timeout=...)``) bounds every wait.
@@ -109,6 +111,31 @@ def band_rows(program: Sequence[int], height: int, width: int, tile: Sequence[in
 def _checksum(parts) -> int:
     digest = hashlib.sha256(repr(parts).encode()).digest()
     return int.from_bytes(digest[:8], "little", signed=True)
+
+
+# the pixels of a whole image compared across the ranks: a grid of at most
+# this many per channel and image (a sample, not every pixel: a gigapixel
+# host image would take seconds to sum)
+_PIXEL_SAMPLE = 512
+
+
+@torch.no_grad()
+def _values_digest(tensors: Sequence[torch.Tensor]) -> bytes:
+    """Sums of each tensor's values and of their squares (float64, on its
+    device; one copy to the host): equal tensors give equal bytes."""
+    if not tensors:
+        return b""
+    sums = [torch.stack([t.double().sum(), t.double().square().sum()]).cpu() for t in tensors]
+    return torch.cat(sums).numpy().tobytes()
+
+
+@torch.no_grad()
+def _pixels_digest(x: torch.Tensor) -> bytes:
+    """:func:`_values_digest` of a strided grid of the image's pixels
+    (at most ``_PIXEL_SAMPLE`` per side, a view: nothing else is read)."""
+    sh = max(1, -(-x.shape[2] // _PIXEL_SAMPLE))
+    sw = max(1, -(-x.shape[3] // _PIXEL_SAMPLE))
+    return _values_digest([x[:, :, ::sh, ::sw]])
 
 
 class _TileParallelFunction(torch.autograd.Function):
@@ -240,8 +267,11 @@ class TileParallel(nn.Module):
     every rank identically (the same output gradient on every rank); each
     rank's parameters must be equal (as DDP broadcasts them). Ranks that
     disagree on the image's shape or dtype, the program, the tile size,
-    halo caching or which gradients are wanted are refused with a
-    RuntimeError on every rank.
+    halo caching, which gradients are wanted, the parameters (shapes, and
+    values: sums of each and of its squares), ``bands`` or a whole image's
+    pixels (a grid of at most 512 x 512 of them) are refused before any
+    band is computed, with a RuntimeError on every rank naming what
+    differs.
     """
 
     def __init__(self, sm: StreamingModule, process_group=None,
@@ -333,21 +363,27 @@ class TileParallel(nn.Module):
         device = params[0].device if params else x.device
         backend = dist.get_backend(self.process_group)
         comm = device if backend == "nccl" else torch.device("cpu")
-        # every rank must run the same program on an image of the same shape
-        mine = _checksum((list(sm.program), list(sm.tile_size), cached, x.shape[0],
-                          x.shape[1], height, width, str(x.dtype), str(dtype), mask,
-                          [tuple(p.shape) for p in params], whole, world))
-        sums = [torch.zeros(1, dtype=torch.int64, device=comm) for _ in range(world)]
-        dist.all_gather(sums, torch.tensor([mine], dtype=torch.int64, device=comm),
-                        group=self.process_group)
-        sums = [int(s.item()) for s in sums]
-        if len(set(sums)) != 1:
-            differ = [r for r, s in enumerate(sums) if s != sums[0]]
-            raise RuntimeError(
-                f"streamcnn: tile-parallel ranks disagree on the image or the program "
-                f"(checksum of image shape and dtype, program, tile size, halo caching and "
-                f"gradient mask): ranks {differ} differ from rank 0 (this is rank {rank}, "
-                f"image {tuple(x.shape[:2]) + (height, width)}, {x.dtype})")
+        # every rank must run the same program with the same parameters on
+        # the same image, cut into the same bands
+        n_params = len(params)
+        image = f"{x.shape[0]} x {x.shape[1]} x {height} x {width}" + \
+            ("" if whole else f" (rows from {row0})")
+        self._agree([
+            ("the program", list(sm.program), f"{len(sm.program)} words"),
+            ("the tile size", list(sm.tile_size), str(tuple(sm.tile_size))),
+            ("halo caching", cached, str(cached)),
+            ("the image's size", (x.shape[0], x.shape[1], height, width, whole), image),
+            ("the image's dtype", (str(x.dtype), str(dtype)), f"{x.dtype} (computed in "
+                                                               f"{dtype})"),
+            ("which gradients are wanted", mask, f"the image's {mask[0]}, "
+                                                 f"{sum(mask[1:])} of {n_params} parameters"),
+            ("the parameters' shapes", [tuple(p.shape) for p in params], f"{n_params} tensors"),
+            ("the parameters' values", _values_digest(params), "(compared by the sums of "
+                                                              "each and of its squares)"),
+            ("the bands", self.fixed_bands, str(self.fixed_bands or "balanced")),
+            ("the image's pixels", _pixels_digest(x) if whole else "a part",
+             "(compared on a grid of them)"),
+        ], rank, world, comm)
         bands = self.bands(height, width)
         lo, hi = bands[rank]
         if not whole and hi > lo:
@@ -363,6 +399,30 @@ class TileParallel(nn.Module):
                 "comm_device": comm, "whole_image": whole,
                 "out_shape": (x.shape[0], c_out, oh, ow)}
         return _TileParallelFunction.apply(self, info, x, *params)
+
+    def _agree(self, parts: List[Tuple[str, object, str]], rank: int, world: int,
+               comm: torch.device) -> None:
+        """All ranks hold equal values of ``parts`` ``(what, value,
+        description)``: one ``all_gather`` of their checksums. RuntimeError
+        on every rank otherwise, naming what differs, the ranks that differ
+        from rank 0 and this rank's (description of the) values."""
+        mine = torch.tensor([_checksum(v) for _, v, _ in parts], dtype=torch.int64,
+                            device=comm)
+        got = [torch.empty_like(mine) for _ in range(world)]
+        dist.all_gather(got, mine, group=self.process_group)
+        got = torch.stack(got).cpu()
+        differs = (got != got[0]).any(0).tolist()
+        if not any(differs):
+            return
+        ranks = [r for r in range(world) if (got[r] != got[0]).any()]
+        which = [k for k, d in enumerate(differs) if d]
+        if len(which) > 1:      # pixels of images of another size differ, of course
+            which = [k for k in which if parts[k][0] != "the image's pixels"]
+        raise RuntimeError(
+            "streamcnn: tile-parallel ranks disagree on " +
+            ", ".join(parts[k][0] for k in which) +
+            f": ranks {ranks} differ from rank 0 (this is rank {rank}: " +
+            "; ".join(f"{parts[k][0]} {parts[k][2]}" for k in which) + ")")
 
     def _out_channels(self) -> int:
         from ._library import program_info

@@ -402,8 +402,8 @@ def _rank_ends_on_sigint(code, ready):
     # (pytest started in the background ignores SIGINT, and a forked child
     # inherits that: as _spawned, the rank installs its own handler)
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    ready.set()
     try:
+        ready.set()               # (in the try: the SIGINT may come at once)
         time.sleep(60)
     except KeyboardInterrupt:
         os._exit(code)
@@ -416,9 +416,11 @@ def _rank_stuck(ready):
 
 
 def test_stop_ranks_kills_a_stuck_rank(capsys):
-    """After SIGTERM the ranks get SIGINT; one that does not end within the
-    grace time is killed, and the command says so itself when rank 0 did
-    not (its exit status is not 130)."""
+    """After SIGTERM or SIGINT (a `kill -INT` of the command alone, which
+    the ranks did not get) the ranks get SIGINT, and the shared stop
+    signal says which; one that does not end within the grace time is
+    killed, and the command says so itself when rank 0 did not (its exit
+    status is not the stop's: 143, 130)."""
     import multiprocessing as mp
     from streamcnn.app.tile_parallel import stop_ranks
     ctx = mp.get_context("fork")
@@ -432,12 +434,21 @@ def test_stop_ranks_kills_a_stuck_rank(capsys):
             assert ready.wait(60)
         return ranks
 
-    ranks = start((_rank_ends_on_sigint, (130,)), (_rank_stuck, ()))
+    ranks = start((_rank_ends_on_sigint, (143,)), (_rank_stuck, ()))
+    stop_sig = ctx.Value("i", 0)
     t0 = time.monotonic()
-    assert stop_ranks(ranks, terminated=True, grace=2.0) == 143
+    assert stop_ranks(ranks, terminated=True, grace=2.0, stop_sig=stop_sig) == 143
     assert 1.5 < time.monotonic() - t0 < 30
-    assert ranks[0].exitcode == 130 and ranks[1].exitcode == -signal.SIGKILL
+    assert stop_sig.value == signal.SIGTERM
+    assert ranks[0].exitcode == 143 and ranks[1].exitcode == -signal.SIGKILL
     assert capsys.readouterr().err == ""                # rank 0 said where the run is
+    # SIGINT to the command alone: passed on (the ranks ended, none killed)
+    ranks = start((_rank_ends_on_sigint, (130,)), (_rank_ends_on_sigint, (130,)))
+    t0 = time.monotonic()
+    assert stop_ranks(ranks, terminated=False, grace=20.0, stop_sig=stop_sig) == 130
+    assert time.monotonic() - t0 < 10 and stop_sig.value == signal.SIGINT
+    assert [r.exitcode for r in ranks] == [130, 130]
+    assert capsys.readouterr().err == ""
     ranks = start((_rank_stuck, ()))
     assert stop_ranks(ranks, terminated=False, grace=0.5) == 130
     err = capsys.readouterr().err

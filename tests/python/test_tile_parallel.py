@@ -146,18 +146,39 @@ def _worker_two(rank, path):
             for bands in (None, [(0, 7), (7, oh)]):
                 _check(TileParallel(sm, bands=bands), stem18, ref, x18, w,
                        ("resnet18", cached, bands))
-        # ranks that disagree (the image width; the program: one more
-        # padded row and column in the last pooling) are refused on every
-        # rank, and the group still works afterwards
+        # ranks that disagree are refused on every rank naming what differs
+        # (and this rank's), before any band is computed, and the group
+        # still works afterwards: the image width; the program (one more
+        # padded row and column in the last pooling); the tile size; the
+        # fixed bands (of the same largest band: they were silently wrong);
+        # a parameter's value; the pixels (silently wrong before)
         sm = streamcnn.StreamingModule(stem, 22)
         tp = TileParallel(sm)
         bad = torch.randn(1, 3, 45, 37 - rank, dtype=torch.float64)
-        with pytest.raises(RuntimeError, match="ranks disagree"):
+        with pytest.raises(RuntimeError, match=r"disagree on the image's size: ranks \[1\] "
+                           rf"differ from rank 0 \(this is rank {rank}: the image's size "
+                           rf"1 x 3 x 45 x {37 - rank}\)"):
             tp(bad)
         other = nn.Sequential(*stem[:-1], nn.AvgPool2d(2, 1, count_include_pad=False,
                                                        padding=rank))
-        with pytest.raises(RuntimeError, match="ranks disagree"):
+        with pytest.raises(RuntimeError, match="disagree on the program: ranks"):
             TileParallel(streamcnn.StreamingModule(other, 22))(x)
+        with pytest.raises(RuntimeError, match=rf"disagree on the tile size: .*\({22 + rank}, "):
+            TileParallel(streamcnn.StreamingModule(stem, 22 + rank))(x)
+        oh = streamcnn.tiling_info(sm.program, 45, 37, sm.tile_size)[0]
+        with pytest.raises(RuntimeError, match=r"disagree on the bands: .*\[\(0, "):
+            TileParallel(sm, bands=[(0, 4 + rank), (4 + rank, oh)])(x)
+        with pytest.raises(RuntimeError, match=r"disagree on the image's pixels: .*\(compared "
+                                               "on a grid of them\)"):
+            tp(x + rank)
+        with torch.no_grad():
+            stem[0].weight[0, 0, 0, 0] += rank * 1e-9
+        try:
+            with pytest.raises(RuntimeError, match="disagree on the parameters' values"):
+                tp(x)
+        finally:
+            with torch.no_grad():
+                stem[0].weight[0, 0, 0, 0] -= rank * 1e-9
         with torch.no_grad():
             y = tp(x)
             assert rel_err(y, stem(x)) < TOL

@@ -69,10 +69,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _spawned(rank: int, args, n: int, port: int, errors) -> None:
+def _spawned(rank: int, args, n: int, port: int, errors, stop_sig) -> None:
     """A process started by :func:`_spawn`: rank ``rank`` of ``n``. A user
     error goes to the parent (which prints one line) and exits with 2; every
-    end is :func:`~.common.end_process` (no interpreter finalization)."""
+    end is :func:`~.common.end_process` (no interpreter finalization).
+    SIGINT stops it as Ctrl-C does, or as SIGTERM does when the parent
+    stopped for that (``stop_sig``, shared with it; the parent passes a
+    stop on as SIGINT: torch's SIGTERM of the others after a rank fails
+    still ends a rank at once); a second SIGINT (the terminal's Ctrl-C
+    reaches every rank, and the parent passes it on) changes nothing."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(n), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(n))
     if "OMP_NUM_THREADS" not in os.environ:         # the CPU's cores shared out
@@ -82,8 +87,11 @@ def _spawned(rank: int, args, n: int, port: int, errors) -> None:
     from ..cli import _message, library_warnings
     from .train import run
     def on_sigint(signum, frame):     # Ctrl-C, or stop_ranks
-        request_stop(signum)            # (for check_stop)
-        raise KeyboardInterrupt
+        if stop_requested() is not None:
+            return                      # stopping already
+        sig = signal.SIGTERM if stop_sig.value == signal.SIGTERM else signal.SIGINT
+        request_stop(sig)               # (for check_stop)
+        raise Terminated() if sig == signal.SIGTERM else KeyboardInterrupt()
 
     signal.signal(signal.SIGINT, on_sigint)
     try:
@@ -103,9 +111,10 @@ def _spawned(rank: int, args, n: int, port: int, errors) -> None:
         # another rank had already stopped
         if isinstance(e, RuntimeError) and stop_requested() is None:
             raise
+        word, code = stop_status(stop_requested() or signal.SIGINT)
         if rank == 0:
-            print(f"streamcnn: interrupted; {STOPPED}", file=sys.stderr)
-        end_process(130)
+            print(f"streamcnn: {word}; {STOPPED}", file=sys.stderr)
+        end_process(code)
     end_process(int(code or 0))
 
 
@@ -115,16 +124,18 @@ def spawn(args, n: int) -> int:
     error on any rank ends all of them and prints that rank's one line."""
     import logging
     import torch.multiprocessing as mp
-    errors = mp.get_context("spawn").SimpleQueue()
+    ctx = mp.get_context("spawn")
+    errors = ctx.SimpleQueue()
+    stop_sig = ctx.Value("i", 0)          # the signal that stopped this command
     # the terminations of the other ranks after a failure are expected
     logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
-    procs = mp.start_processes(_spawned, args=(args, n, _free_port(), errors), nprocs=n,
-                               join=False, start_method="spawn")
+    procs = mp.start_processes(_spawned, args=(args, n, _free_port(), errors, stop_sig),
+                               nprocs=n, join=False, start_method="spawn")
     try:
         while not procs.join():
             pass
     except KeyboardInterrupt as e:
-        return stop_ranks(procs.processes, isinstance(e, Terminated))
+        return stop_ranks(procs.processes, isinstance(e, Terminated), stop_sig=stop_sig)
     except (mp.ProcessRaisedException, mp.ProcessExitedException) as e:
         if not errors.empty():
             print(f"streamcnn: {errors.get()[1]}", file=sys.stderr)
@@ -138,20 +149,25 @@ def spawn(args, n: int) -> int:
     return 0
 
 
-def stop_ranks(processes, terminated: bool, grace: float = STOP_GRACE) -> int:
-    """After Ctrl-C or SIGTERM in the command that spawned the ranks
-    (``processes``, in rank order): they end as on Ctrl-C -- each gets
-    SIGINT (on Ctrl-C from the terminal already; a SIGTERM to this process
-    is passed on as SIGINT) and rank 0 says which epoch last.pt holds. A
-    rank still running after ``grace`` seconds (inside a long operator
-    call, or waiting in a collective for a rank that left) is killed, as
-    is every rank on a second Ctrl-C; checkpoints are written atomically,
-    so a kill leaves the last one whole. Returns 143 (SIGTERM) or 130."""
+def stop_ranks(processes, terminated: bool, grace: float = STOP_GRACE,
+               stop_sig=None) -> int:
+    """After Ctrl-C, SIGINT or SIGTERM in the command that spawned the
+    ranks (``processes``, in rank order): they end as on Ctrl-C -- each
+    gets SIGINT (a terminal's Ctrl-C reached them already; a ``kill -INT``
+    or SIGTERM of this process alone did not), ``stop_sig`` (shared with
+    them) saying which signal stopped the command, and rank 0 says which
+    epoch last.pt holds. A rank still running after ``grace`` seconds
+    (inside a long operator call, or waiting in a collective for a rank
+    that left) is killed, as is every rank on a second Ctrl-C; checkpoints
+    are written atomically, so a kill leaves the last one whole. Returns
+    143 (SIGTERM) or 130."""
     import time
-    if terminated:
-        for p in processes:
-            if p.is_alive():
-                os.kill(p.pid, signal.SIGINT)
+    sig = signal.SIGTERM if terminated else signal.SIGINT
+    if stop_sig is not None:
+        stop_sig.value = sig
+    for p in processes:
+        if p.is_alive():
+            os.kill(p.pid, signal.SIGINT)
     deadline = time.monotonic() + grace
     try:
         for p in processes:
@@ -162,8 +178,8 @@ def stop_ranks(processes, terminated: bool, grace: float = STOP_GRACE) -> int:
         if p.is_alive():
             p.kill()
             p.join()
-    word, code = stop_status(signal.SIGTERM if terminated else signal.SIGINT)
-    if processes and processes[0].exitcode != 130:  # rank 0 did not say it
+    word, code = stop_status(sig)
+    if processes and processes[0].exitcode != code:  # rank 0 did not say it
         print(f"streamcnn: {word}: the ranks were stopped; {STOPPED}", file=sys.stderr)
     return code
 
