@@ -144,9 +144,23 @@ def spawn(args, n: int) -> int:
         if isinstance(e, mp.ProcessExitedException) and code > 0:
             return code                          # e.g. 130: it said why itself
         print(f"streamcnn: train: tile-parallel rank {e.error_index} failed: "
-              f"{str(e).strip()}", file=sys.stderr)
+              f"{_failure(str(e))}", file=sys.stderr)
         return 1
     return 0
+
+
+def _failure(report: str) -> str:
+    """One line of a rank's failure (torch.multiprocessing's report holds
+    its traceback): the exception's last line, and for a collective that
+    timed out or lost its peer, what that means."""
+    lines = [ln.strip() for ln in report.strip().splitlines() if ln.strip()]
+    last = lines[-1] if lines else report.strip()
+    if "Timed out" in report or "timed out" in report:
+        last += (f" (another rank stopped answering for STREAMCNN_DIST_TIMEOUT = "
+                 f"{dist_timeout().total_seconds():g} s)")
+    elif "Connection closed by peer" in report or "Connection reset by peer" in report:
+        last += " (another rank ended first)"
+    return last
 
 
 def stop_ranks(processes, terminated: bool, grace: float = STOP_GRACE,
