@@ -349,20 +349,34 @@ class TileParallel(nn.Module):
         whole = image_row0 is None and image_height is None
         row0 = 0 if image_row0 is None else int(image_row0)
         height = x.shape[2] if image_height is None else int(image_height)
-        if whole:
-            sm._check(x, params)  # dtype, device, eval mode, size errors
         width = x.shape[3]
+        device = params[0].device if params else x.device
+        backend = dist.get_backend(self.process_group)
+        comm = device if backend == "nccl" else torch.device("cpu")
+        # an input this rank refuses is refused on every rank (the others
+        # would wait in the first collective for it)
+        try:
+            if whole:
+                sm._check(x, params)  # dtype, device, eval mode, size errors
+            from .ops import compute_dtype
+            dtype = compute_dtype(x, params)
+            lo, hi = self.bands(height, width)[rank]
+            if not whole and hi > lo:
+                a, b = self.rows_needed(height, width, rank)
+                if row0 < 0 or row0 > a or row0 + x.shape[2] < b:
+                    raise ValueError(
+                        f"streamcnn: rank {rank} reads image rows [{a}, {b}) but was given "
+                        f"rows [{row0}, {row0 + x.shape[2]}) (rows_needed says which)")
+        except (ValueError, TypeError, RuntimeError) as e:
+            self._agree([("its input", "refused", "")], rank, world, comm, refused=e)
+            raise
+        self._agree([("its input", "taken", "")], rank, world, comm)
         grad = torch.is_grad_enabled()
         mask = [bool(grad and x.requires_grad)] + [bool(grad and p.requires_grad)
                                                     for p in params]
         if x.dtype == torch.uint8:
             mask[0] = False
         cached = bool(sm.halo_cache)
-        from .ops import compute_dtype
-        dtype = compute_dtype(x, params)
-        device = params[0].device if params else x.device
-        backend = dist.get_backend(self.process_group)
-        comm = device if backend == "nccl" else torch.device("cpu")
         # every rank must run the same program with the same parameters on
         # the same image, cut into the same bands
         n_params = len(params)
@@ -385,13 +399,6 @@ class TileParallel(nn.Module):
              "(compared on a grid of them)"),
         ], rank, world, comm)
         bands = self.bands(height, width)
-        lo, hi = bands[rank]
-        if not whole and hi > lo:
-            a, b = self.rows_needed(height, width, rank)
-            if row0 < 0 or row0 > a or row0 + x.shape[2] < b:
-                raise ValueError(
-                    f"streamcnn: rank {rank} reads image rows [{a}, {b}) but was given "
-                    f"rows [{row0}, {row0 + x.shape[2]}) (rows_needed says which)")
         oh, ow = tiling_info(sm.program, height, width, sm.tile_size)[:2]
         c_out = self._out_channels()
         info = {"band": (lo, hi), "bands": bands, "row0": row0, "height": height,
@@ -401,16 +408,27 @@ class TileParallel(nn.Module):
         return _TileParallelFunction.apply(self, info, x, *params)
 
     def _agree(self, parts: List[Tuple[str, object, str]], rank: int, world: int,
-               comm: torch.device) -> None:
+               comm: torch.device, refused: Optional[BaseException] = None) -> None:
         """All ranks hold equal values of ``parts`` ``(what, value,
         description)``: one ``all_gather`` of their checksums. RuntimeError
         on every rank otherwise, naming what differs, the ranks that differ
-        from rank 0 and this rank's (description of the) values."""
+        from rank 0 and this rank's (description of the) values. The first
+        call of a forward (``its input``) says which ranks refused theirs
+        (``refused``: this one's error, which the caller raises)."""
         mine = torch.tensor([_checksum(v) for _, v, _ in parts], dtype=torch.int64,
                             device=comm)
         got = [torch.empty_like(mine) for _ in range(world)]
         dist.all_gather(got, mine, group=self.process_group)
         got = torch.stack(got).cpu()
+        if parts[0][0] == "its input":
+            taken = _checksum("taken")
+            ranks = [r for r in range(world) if int(got[r, 0]) != taken]
+            if ranks and refused is None:
+                raise RuntimeError(f"streamcnn: tile-parallel rank{'s' * (len(ranks) > 1)} "
+                                   f"{', '.join(map(str, ranks))} refused the input given "
+                                   f"to {'them' if len(ranks) > 1 else 'it'} (its error says "
+                                   f"why); this is rank {rank}, which stops too")
+            return
         differs = (got != got[0]).any(0).tolist()
         if not any(differs):
             return

@@ -171,6 +171,20 @@ def _worker_two(rank, path):
         with pytest.raises(RuntimeError, match=r"disagree on the image's pixels: .*\(compared "
                                                "on a grid of them\)"):
             tp(x + rank)
+        # an input one rank refuses (rows rows_needed did not give it, a
+        # dtype) is refused on every rank at once: the other waited for it
+        # in its first collective until the timeout
+        a, b = tp.rows_needed(45, 37)
+        if rank == 1:
+            with pytest.raises(ValueError, match=r"rank 1 reads image rows .* but was given"):
+                tp(x[:, :, a + 1:b], image_row0=a + 1, image_height=45)
+            with pytest.raises(TypeError, match="the image is torch.float32"):
+                tp(x.float())
+        else:
+            for _ in range(2):
+                with pytest.raises(RuntimeError, match="tile-parallel rank 1 refused the input "
+                                   r"given to it \(its error says why\); this is rank 0"):
+                    tp(x[:, :, a:b], image_row0=a, image_height=45)
         with torch.no_grad():
             stem[0].weight[0, 0, 0, 0] += rank * 1e-9
         try:
