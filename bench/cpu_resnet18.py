@@ -4,7 +4,9 @@ batch 1, forward + backward including a small head and loss (--model
 densenet121: DenseNet-121 conv0..denseblock2, whose dense layers join
 their features with torch.cat, the cat instruction; --model inception_v3:
 Inception-v3 Conv2d_1a_3x3..Mixed_5d, whose blocks pool with F.avg_pool2d
-and join branches with torch.cat); whole-image
+and join branches with torch.cat; --model shufflenet_v2_x1_0: ShuffleNetV2
+1.0 conv1..stage3, whose blocks split and shuffle the channels, the
+channels instruction); whole-image
 PyTorch vs streamcnn with halo caching (``stream``, the default) and
 without (``cone``: each tile recomputes its whole cone in the backward).
 Every measurement runs in a fresh process (peak RSS
@@ -13,7 +15,7 @@ since the whole-image peak alone varies by ~15% between processes (glibc
 heap layout). Prints medians side by side with ratios, and the ranges.
 
     python bench/cpu_resnet18.py [--size 1536] [--tile 512] [--reps 3] [--runs 3]
-                                 [--model resnet18|densenet121|inception_v3]
+                                 [--model resnet18|densenet121|inception_v3|shufflenet_v2_x1_0]
 """
 
 import argparse
@@ -27,7 +29,8 @@ import time
 
 
 MODELS = {"resnet18": "ResNet-18 conv1..layer2", "densenet121": "DenseNet-121 conv0..denseblock2",
-          "inception_v3": "Inception-v3 Conv2d_1a_3x3..Mixed_5d"}
+          "inception_v3": "Inception-v3 Conv2d_1a_3x3..Mixed_5d",
+          "shufflenet_v2_x1_0": "ShuffleNetV2 1.0 conv1..stage3"}
 
 
 def child(mode: str, size: int, tile: int, reps: int, threads: int,
@@ -48,6 +51,10 @@ def child(mode: str, size: int, tile: int, reps: int, threads: int,
         names = [n for n, _ in m.named_children()]
         stem = nn.Sequential(*[getattr(m, n) for n in names[:names.index("Mixed_5d") + 1]]).eval()
         channels = 288
+    elif model == "shufflenet_v2_x1_0":
+        s = torchvision.models.shufflenet_v2_x1_0(weights=None)
+        stem = nn.Sequential(s.conv1, s.maxpool, s.stage2, s.stage3).eval()
+        channels = 232
     else:
         r = torchvision.models.resnet18(weights=None)
         stem = nn.Sequential(r.conv1, r.bn1, r.relu, r.maxpool, r.layer1, r.layer2).eval()

@@ -932,7 +932,7 @@ class _Converter:
         elif name == "transpose":
             a = dict(zip(("dim0", "dim1"), args[1:]), **kw)
             self._transpose(node, what, x, a.get("dim0"), a.get("dim1"))
-        elif name == "permute" and x in self.sels:
+        elif name == "permute" and x in self.sels and self.sels[x].split is not None:
             dims = args[1] if len(args) == 2 else args[1:] or kw.get("dims")
             if tuple(int(d) % 5 for d in dims) != (0, 2, 1, 3, 4):
                 raise _unsupported(node, what, f"permute{tuple(dims)} of a 5-d view of the "
@@ -944,7 +944,7 @@ class _Converter:
                 raise _unsupported(node, what, "only flatten(1, 2) of a 5-d view of the "
                                    "channels is local")
             self._set_sel(node, _Sel(self.sels[x].src, self.sels[x].idx))
-        elif name == "contiguous" and x in self.sels:
+        elif name == "contiguous" and x in self.sels and x not in self.val:
             self.sels[node] = self.sels[x]
         elif name in ("chunk", "split"):
             first = "chunks" if name == "chunk" else "split_size_or_sections"

@@ -228,3 +228,23 @@ def _stem(fn):
 def test_what_is_not_local_is_refused(fn, match):
     with pytest.raises(ValueError, match="streamcnn: cannot stream .*" + match):
         convert(_stem(fn))
+
+
+def test_a_selection_permuted_to_channels_last():
+    """A slice of the channels through a LayerNorm over the channels of
+    each pixel (permuted to N x H x W x C and back): the slice is emitted,
+    then permuted (a 4-d selection's permute is no channel shuffle)."""
+    class S(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 3, padding=1)
+            self.ln = nn.LayerNorm(4)
+            self.b = nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            y = self.a(x)[:, 2:6].contiguous()
+            return self.b(self.ln(y.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
+
+    stem = S().double()
+    x = torch.randn(2, 3, 30, 25, dtype=torch.float64, requires_grad=True)
+    compare(stem, x, (5, 5), FP64_TOL)
