@@ -69,6 +69,9 @@ class ProgramBuilder:
         self.n_instr = 0
         self.params: List[Any] = []  # opaque keys, one per parameter slot
         self._param_index: Dict[Any, int] = {}
+        # per value: the value whose rows and columns it has (itself, or
+        # for a pointwise instruction its first input's)
+        self.space: List[int] = [0]
 
     def param(self, key) -> int:
         """Index of a parameter slot for `key` (deduplicated)."""
@@ -81,6 +84,8 @@ class ProgramBuilder:
         assert len(fields) == N_FIELDS[op]
         self.words += [op, len(fields), *[int(f) for f in fields]]
         self.n_instr += 1
+        windowed = op in (OP_CONV, OP_MAXPOOL, OP_AVGPOOL)
+        self.space.append(self.n_instr if windowed else self.space[int(fields[0])])
         return self.n_instr
 
     def conv(self, x, weight, bias, c_in, c_out, groups, kernel, stride, dilation, pad):
@@ -288,6 +293,10 @@ class _Sel:
     split: Optional[Tuple[int, int]] = None
 
 
+def _holds_dim(v) -> bool:
+    return isinstance(v, _Dim) or (isinstance(v, (list, tuple)) and any(map(_holds_dim, v)))
+
+
 def _fit_channels(idx: Sequence[int]) -> Optional[Tuple[int, int, int, int]]:
     """(start, groups, a, b) with ``idx[q * groups + r] == start + r * a +
     q * b`` (a, b >= 0), the form of a `channels` instruction; None when
@@ -350,7 +359,15 @@ _INPLACE_OPERATORS = (operator.iadd, operator.imul, operator.isub, operator.itru
 # ops whose result may be the input tensor itself or a view of it: an
 # in-place op on the input changes them too
 _ALIAS_METHODS = ("contiguous", "permute", "view", "reshape", "transpose", "expand",
-                  "detach", "__getitem__", "view_as", "flatten", "squeeze", "unsqueeze")
+                  "detach", "__getitem__", "view_as", "flatten", "squeeze", "unsqueeze",
+                  "chunk", "split", "narrow", "unbind", "tensor_split", "split_with_sizes",
+                  "expand_as", "movedim", "swapaxes", "swapdims", "unflatten", "t",
+                  "as_strided", "diagonal", "select", "unfold", "reshape_as")
+_ALIAS_FUNCTIONS = (torch.permute, operator.getitem, torch.flatten, F.dropout, torch.reshape,
+                    torch.transpose, torch.chunk, torch.split, torch.narrow, torch.unbind,
+                    torch.tensor_split, torch.squeeze, torch.unsqueeze, torch.movedim,
+                    torch.swapaxes, torch.swapdims, torch.unflatten, torch.t,
+                    torch.as_strided, torch.diagonal, torch.select)
 
 
 def _mutated(root: nn.Module, node: fx.Node) -> Optional[Any]:
@@ -391,8 +408,7 @@ def _is_alias(node: fx.Node, root: nn.Module) -> bool:
     if node.op == "call_method":
         return str(node.target) in _ALIAS_METHODS
     if node.op == "call_function":
-        return node.target in (torch.permute, operator.getitem, torch.flatten, F.dropout,
-                               _stochastic_depth_fn(), torch.reshape, torch.transpose)
+        return node.target in _ALIAS_FUNCTIONS or node.target is _stochastic_depth_fn()
     if node.op == "call_module":
         m = root.get_submodule(str(node.target))
         return isinstance(m, (nn.Identity, nn.Dropout, nn.Flatten)) or _is_stochastic_depth(m)
@@ -457,13 +473,14 @@ class _Converter:
         self.syms: Dict[fx.Node, Any] = {}
         self.chunks: Dict[fx.Node, Tuple[fx.Node, List[range]]] = {}
         self.sels: Dict[fx.Node, _Sel] = {}
+        self.in_selected: Optional[fx.Node] = None
 
     # -- helpers ------------------------------------------------------------
     def _p(self, path: str, attr: str) -> int:
         return self.b.param((path, attr))
 
     def _input(self, node: fx.Node, arg) -> fx.Node:
-        if isinstance(arg, fx.Node) and arg in self.sels and arg not in self.val:
+        if isinstance(arg, fx.Node) and arg in self.sels:
             self._emit_sel(node, arg)
         if not isinstance(arg, fx.Node) or arg not in self.val:
             raise _unsupported(node, f"{node.op} {node.target}",
@@ -507,23 +524,42 @@ class _Converter:
 
     def _emit_sel(self, node, arg) -> None:
         """A layer reads selection ``arg``: its `channels` instruction."""
-        if arg in self.val:
-            return
         sel = self.sels[arg]
+        if sel.split is None and arg in self.val:
+            return
         if sel.split is not None:
             raise _unsupported(node, f"{node.op} {node.target}", f"its input {arg.name} is a "
                                f"5-d view N x {sel.split[0]} x {sel.split[1]} x H x W of the "
                                "channels; view it back to N x C x H x W first")
-        fit = _fit_channels(sel.idx)
-        if fit is None:   # _pick and _view keep every 4-d selection in that form
+        if _fit_channels(sel.idx) is None:   # _pick, _view, _transpose keep that form
             raise AssertionError(f"streamcnn: internal error: channels {sel.idx}")
-        v = self.b.channels(self.val[sel.src], len(sel.idx), *fit)
-        self._set(arg, v, len(sel.idx), NCHW)
+        self._set(arg, self._channels(sel.src, sel.idx), len(sel.idx), NCHW)
+
+    def _channels(self, src, idx) -> int:
+        """The `channels` instruction taking channels ``idx`` (of the
+        instruction's form) of tensor ``src``: its value."""
+        return self.b.channels(self.val[src], len(idx), *_fit_channels(idx))
 
     def _spatial(self, x) -> int:
-        """Which rows and columns a tensor of the stem has: the value it
-        (or the value it selects channels of) is."""
-        return self.val[self.sels[x].src if x in self.sels else x]
+        """Which rows and columns a tensor of the stem has: those of the
+        value it (or the value it selects channels of) is, as far as the
+        conversion can tell (pointwise instructions keep their input's;
+        windowed ones make new ones, even of the same size)."""
+        return self.b.space[self.val[self.sels[x].src if x in self.sels else x]]
+
+    def _constants(self, node, what, v):
+        """A layer's argument with the sizes read from tensors put in:
+        channel counts and what was computed from them (constants); one that
+        holds the batch, rows or columns (each tile has its own) is
+        refused."""
+        if isinstance(v, fx.Node) and v in self.syms:
+            c = self.syms[v]
+            if _holds_dim(c):
+                raise _unsupported(node, what, _SHAPE_HINT)
+            return c
+        if isinstance(v, (list, tuple)):
+            return type(v)(self._constants(node, what, a) for a in v)
+        return v
 
     def _shape_of(self, node, what, x):
         if not self._is_tensor(x):
@@ -579,9 +615,12 @@ class _Converter:
         # x[:, a:b:s] (and trailing full slices): a slice of the channels
         full = slice(None, None, None)
         keys = key if isinstance(key, tuple) else (key,)
-        keys = tuple(k for k in keys if k is not Ellipsis) if keys[-1:] == (Ellipsis,) else keys
-        if len(keys) < 2 or keys[0] != full or not isinstance(keys[1], slice) or \
-                any(k != full for k in keys[2:]) or len(keys) > 4:
+        if sum(k is Ellipsis for k in keys) == 1:      # as many full slices as it stands for
+            at = keys.index(Ellipsis)
+            keys = keys[:at] + (full,) * (5 - len(keys)) + keys[at + 1:]
+        keys = keys + (full,) * (2 - len(keys))        # y[:] is y[:, :]
+        if len(keys) > 4 or keys[0] != full or not isinstance(keys[1], slice) or \
+                any(k != full for k in keys[2:]):
             raise _unsupported(node, what, f"indexing {key!r}: only x[:, i:j:step] (a slice of "
                                "the channels) is local")
         sel = self._sel_of(node, what, src)
@@ -621,6 +660,8 @@ class _Converter:
         sel = self._sel_of(node, what, x)
         s = self._spatial(x)
         shape = [self._sym(node, what, v) for v in shape]
+        if len(shape) == 1 and isinstance(shape[0], (list, tuple)):   # x.view(y.size())
+            shape = [self._sym(node, what, v) for v in shape[0]]
         n = len(sel.idx)
         if len(shape) not in (4, 5) or not (isinstance(shape[0], _Dim) and
                                             shape[0].kind == "N") or \
@@ -655,7 +696,16 @@ class _Converter:
                                "dimensions of a 5-d view N x g x C/g x H x W may be swapped "
                                "(a channel shuffle)")
         d1_, d2_ = sel.split
-        idx = tuple(sel.idx[j2 * d2_ + j1] for j1 in range(d2_) for j2 in range(d1_))
+
+        def swapped(order):
+            return tuple(order[j2 * d2_ + j1] for j1 in range(d2_) for j2 in range(d1_))
+        idx = swapped(sel.idx)
+        if _fit_channels(idx) is None:
+            # (a view of a shuffle, shuffled again) no one instruction:
+            # emit x flattened (that fits), a value of x's, and swap that
+            if x not in self.val:
+                self._set(x, self._channels(sel.src, sel.idx), len(sel.idx), NCHW)
+            sel, idx = _Sel(x, ()), swapped(range(len(sel.idx)))
         self._set_sel(node, _Sel(sel.src, idx, (d2_, d1_)))
 
     def _set(self, node, value, channels, layout=NCHW):
@@ -892,6 +942,10 @@ class _Converter:
     def _cat(self, node, what, args, kw):
         seq = args[0] if args else kw.get("tensors")
         dim = args[1] if len(args) > 1 else kw.get("dim", kw.get("axis", 0))
+        if isinstance(seq, fx.Node) and seq in self.chunks and isinstance(dim, int) and \
+                dim % 4 == 1:
+            # the parts of a split of the channels, joined again: the tensor
+            return self._alias(node, self._input(node, self.chunks[seq][0]))
         if kw.get("out") is not None:
             raise _unsupported(node, what, "cat with out= is not supported")
         if not isinstance(seq, (list, tuple)) or not seq:
@@ -961,6 +1015,12 @@ class _Converter:
             start, length = (self._sym(node, what, a.get(k)) for k in ("start", "length"))
             if not all(isinstance(v, int) for v in (start, length)):
                 raise _unsupported(node, what, _SHAPE_HINT)
+            n = len(self._sel_of(node, what, x).idx)
+            if start < 0:                    # as torch.narrow: from the end
+                start += n
+            if not (0 <= start and 0 <= length and start + length <= n):
+                raise _unsupported(node, what, f"narrow(1, {a.get('start')}, {length}) of {n} "
+                                   "channels: out of range")
             self._getitem(node, what, x, (slice(None), slice(start, start + length)))
         else:
             return False
@@ -981,6 +1041,8 @@ class _Converter:
         if name is not None and (name != "flatten" or args[0] in self.sels) and \
                 self._channel_fn(node, what, name, args, kw):
             return None
+        args = self._constants(node, what, tuple(args))
+        kw = {k: self._constants(node, what, v) for k, v in kw.items()}
         if t in (torch.cat, torch.concat, torch.concatenate):
             return self._cat(node, what, args, kw)
         if t in (operator.add, operator.iadd, torch.add):
@@ -1048,7 +1110,9 @@ class _Converter:
             return self._scale(node, what, node.args)
         if self._channel_fn(node, what, name, node.args, dict(node.kwargs)):
             return None
-        x = self._input(node, node.args[0])
+        args = self._constants(node, what, tuple(node.args))
+        kw = {k: self._constants(node, what, v) for k, v in node.kwargs.items()}
+        x = self._input(node, args[0])
         if name in ("relu", "relu_"):
             return self._act(node, x, ACT_RELU)
         if name in ("sigmoid", "sigmoid_"):
@@ -1056,14 +1120,12 @@ class _Converter:
         if name in ("tanh", "tanh_"):
             return self._act(node, x, ACT_TANH)
         if name in ("add", "add_", "__add__", "__iadd__"):
-            return self._add(node, what, node.args[0], node.args[1], node.kwargs.get("alpha", 1))
+            return self._add(node, what, args[0], args[1], kw.get("alpha", 1))
         if name == "contiguous":
             return self._alias(node, x)
         if name == "permute":
-            dims = node.args[1] if len(node.args) == 2 else node.args[1:]
+            dims = args[1] if len(args) == 2 else args[1:]
             return self._permute(node, what, x, dims)
-        if name in ("mul", "mul_", "__mul__") and len(node.args) == 2:
-            return self._scale(node, what, node.args)
         if name in ("mean", "sum", "flatten"):
             raise _unsupported(node, what, _NONLOCAL_HINT)
         raise _unsupported(node, what, f"this method is not supported. Supported: {SUPPORTED}")
@@ -1107,6 +1169,10 @@ class _Converter:
             stack.extend(n.all_input_nodes)
 
         in_channels = self.in_channels or self._guess_in_channels(graph, live)
+        if not in_channels and self.in_selected is not None:
+            raise ValueError(f"streamcnn: the stem selects channels of its input image (fx "
+                             f"node '{self.in_selected.name}'), so its layers do not say how "
+                             "many the image has: pass in_channels= (the image's channels)")
         self.b = ProgramBuilder(in_channels or 1)
         self._set(placeholders[0], 0, in_channels)
         for node in graph.nodes:
@@ -1144,7 +1210,16 @@ class _Converter:
 
     def _guess_in_channels(self, graph, live) -> Optional[int]:
         """Channels of the first Conv2d / BatchNorm2d: every layer before it
-        keeps the channel count."""
+        keeps the channel count; None (``in_selected`` the node) where the
+        stem selects channels of its input: then they do not say."""
+        image = next(n for n in graph.nodes if n.op == "placeholder")
+        for u in image.users:
+            if u in live and (u.target in (operator.getitem, torch.chunk, torch.split,
+                                           torch.narrow, torch.tensor_split) or
+                              u.target in ("__getitem__", "chunk", "split", "narrow",
+                                           "tensor_split")):
+                self.in_selected = u
+                return None
         for node in graph.nodes:
             if node in live and node.op == "call_module":
                 m = self.root.get_submodule(str(node.target))

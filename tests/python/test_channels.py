@@ -10,6 +10,7 @@ what is not local is refused naming the fx node."""
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import streamcnn
 from conftest import compare, randomize_bn
@@ -221,10 +222,12 @@ def _stem(fn):
     (lambda s, y: y.view(y.size(0), 2, 4, y.size(2), y.size(3)).permute(0, 1, 2, 4, 3),
      r"permute\(0, 1, 2, 4, 3\) of a 5-d view"),
     (lambda s, y: y[:, :y.size(2)], r"its bounds must be constants"),
+    (lambda s, y: F.max_pool2d(y, y.size(2)), r"max_pool2d .*: it reads the shape of a tensor"),
+    (lambda s, y: y.narrow(1, 6, 3), r"narrow\(1, 6, 3\) of 8 channels: out of range"),
 ], ids=["transpose-hw", "transpose-4d", "view-hw", "reshape-halves", "view-batch",
         "view-bad-groups", "chunk-rows", "split-batch", "list-index", "int-index",
         "empty-slice", "negative-step", "5d-into-conv", "5d-chunk", "5d-permute-hw",
-        "slice-by-rows"])
+        "slice-by-rows", "pool-by-rows", "narrow-past-the-end"])
 def test_what_is_not_local_is_refused(fn, match):
     with pytest.raises(ValueError, match="streamcnn: cannot stream .*" + match):
         convert(_stem(fn))
@@ -242,9 +245,95 @@ def test_a_selection_permuted_to_channels_last():
             self.b = nn.Conv2d(4, 4, 1)
 
         def forward(self, x):
-            y = self.a(x)[:, 2:6].contiguous()
+            y = self.a(x)[:, 2:6]
+            y = y.contiguous() if self.contiguous else y
             return self.b(self.ln(y.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
 
-    stem = S().double()
-    x = torch.randn(2, 3, 30, 25, dtype=torch.float64, requires_grad=True)
-    compare(stem, x, (5, 5), FP64_TOL)
+    for contiguous in (True, False):
+        stem = S().double()
+        stem.contiguous = contiguous
+        x = torch.randn(2, 3, 30, 25, dtype=torch.float64, requires_grad=True)
+        compare(stem, x, (5, 5), FP64_TOL)
+
+
+class Composed(nn.Module):
+    """What a new-user trial found wrong or refused, each of it local:
+    sizes from channel counts as layer arguments (a kernel, a flag from a
+    comparison, a slope), a shuffle of a chunk, a shuffle of a shuffle
+    re-split into other groups, narrow from the end, identity views, y[:,
+    ...], the cat of a chunk's parts."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 12, 3, padding=1)
+        self.b = nn.Conv2d(12, 6, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        y = F.avg_pool2d(y, 3, 1, 1, count_include_pad=(y.size(1) != 12))   # False
+        y = F.max_pool2d(y, y.shape[1] // 4, 1, 1)                            # kernel 3
+        y = F.leaky_relu(y, y.size(1) / 100)
+        n, c, h, w = y.shape
+        p, q = y.chunk(2, 1)
+        p = _shuffle(p, 2)                                                    # of a chunk
+        y = torch.cat([p, q], 1)
+        y = y.reshape(n, 2, -1, h, w).transpose(1, 2).reshape(n, 4, -1, h, w)
+        y = y.transpose(1, 2).reshape(n, c, h, w)                            # re-split
+        y = y.view(y.size()).reshape(y.shape)[:, ...]
+        z = torch.cat(y.chunk(3, 1), 1) + torch.cat([y.narrow(1, -4, 4), y[:, :8]], 1)
+        return self.b(z)
+
+
+def test_composed_spellings_fp64():
+    stem = Composed().double()
+    x = torch.randn(2, 3, 23, 19, dtype=torch.float64, requires_grad=True)
+    for tile in ((7, 7), (11, 16)):
+        compare(stem, x, tile, FP64_TOL)
+
+
+class _InPlace(nn.Module):
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        if self.kind == "narrow":
+            torch.relu_(y.narrow(1, 2, 3))
+        elif self.kind == "chunk":
+            y.chunk(2, 1)[0].relu_()
+        else:
+            n = y.narrow(1, 0, 4)
+            y.relu_()
+            return self.b(torch.cat([n, y[:, 4:]], 1))
+        return self.b(y)
+
+
+@pytest.mark.parametrize("kind", ["narrow", "chunk", "view-read-after"])
+def test_in_place_through_a_selection_is_refused(kind):
+    """narrow, chunk and split return views: an in-place op on one changes
+    the tensor it selects from (it was dropped: wrong results, 0.99)."""
+    with pytest.raises(ValueError, match="cannot stream in-place .* a view of|of which "
+                                         "'narrow' .* is a view"):
+        convert(_InPlace(kind))
+
+
+def test_selecting_the_input_image_needs_in_channels():
+    """conv(x[:, :3]) of an RGBA image: the layers do not say how many
+    channels the image has; with in_channels= it streams."""
+    class RGB(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 4, 3, padding=1)
+
+        def forward(self, x):
+            return self.a(x[:, :3])
+
+    stem = RGB().double()
+    with pytest.raises(ValueError, match=r"selects channels of its input image \(fx node "
+                                         r"'getitem'\).*pass in_channels="):
+        convert(stem)
+    x = torch.randn(1, 4, 20, 17, dtype=torch.float64, requires_grad=True)
+    compare(stem, x, (5, 5), FP64_TOL, in_channels=4)
