@@ -6,8 +6,8 @@ whole-image autocast pass, deterministic runs bit-identical, with and
 without halo caching; the tile kernels' results (normalising gather from
 device and pinned images, gradient scatter-add) bit-identical to the CPU
 kernels'; the sparse backward (skip-only bit-identical, boxes and restricted
-tiles within 1e-12 of the dense backward). Every test skips without a GPU,
-saying so."""
+tiles within 1e-12 of the dense backward); the channels instruction
+(chunks and shuffles). Every test skips without a GPU, saying so."""
 
 import copy
 import random
@@ -54,6 +54,23 @@ def test_random_stems_fp64_cuda(seed, halo_cache):
     sm = streamcnn.StreamingModule(stem, (rf[0] + 3, rf[1] + 5), in_channels=3,
                                    halo_cache=halo_cache)
     compare(stem, x, sm.tile_size, FP64_TOL, sm=sm, in_channels=3)
+
+
+@pytest.mark.parametrize("halo_cache", CACHE)
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_channel_selections_fp64_cuda(layout, halo_cache):
+    """The channels instruction (chunks, slices, channel shuffles: strided
+    channel views copied, the gradient scattered into zeros) on the GPU,
+    in both tile layouts: a composed stem of test_channels and ShuffleNetV2
+    0.5 to stage2."""
+    from test_channels import Composed, _shufflenet
+    for stem, size, tile in ((Composed().double(), (23, 19), (7, 7)),
+                             (_shufflenet(4), (150, 130), (80, 80))):
+        stem = stem.cuda()
+        x = torch.randn(2, 3, *size, dtype=torch.float64, device="cuda")
+        x = x.to(memory_format=layout).requires_grad_()
+        sm = streamcnn.StreamingModule(stem, tile, halo_cache=halo_cache)
+        compare(stem, x, tile, FP64_TOL, sm=sm)
 
 
 @pytest.mark.parametrize("seed", range(4))
