@@ -86,18 +86,30 @@ def resnet_parts(model: nn.Module, stream_upto: str = "layer3"
                  ) -> Tuple[nn.Sequential, nn.Sequential]:
     """:func:`split_resnet`'s ``(stem, head)`` with the stem not yet
     streamed (its norms frozen)."""
-    missing = [n for n in _RESNET_STAGES + ["avgpool", "fc"] if not hasattr(model, n)]
+    return _staged_parts(model, "ResNet", _RESNET_STAGES, 3, stream_upto,
+                         getattr(model, "avgpool", None))
+
+
+def _staged_parts(model: nn.Module, kind: str, stages: List[str], first: int,
+                  stream_upto: str, pool: Optional[nn.Module]
+                  ) -> Tuple[nn.Sequential, nn.Sequential]:
+    """``(stem, head)`` of a backbone whose forward runs the children
+    ``stages`` in order, then ``pool``, flatten and ``fc``: the stem is
+    ``stages`` up to ``stream_upto`` (one of ``stages[first:]``), its norms
+    frozen; the head the rest."""
+    missing = [n for n in stages + ["fc"] if not hasattr(model, n)] + \
+        (["avgpool"] if pool is None else [])
     if missing:
-        raise ValueError(f"streamcnn: not a torchvision ResNet (missing {missing})")
-    if stream_upto not in _RESNET_STAGES[3:]:
-        raise ValueError(f"streamcnn: stream_upto must be one of {_RESNET_STAGES[3:]}, "
+        raise ValueError(f"streamcnn: not a torchvision {kind} (missing {missing})")
+    if stream_upto not in stages[first:]:
+        raise ValueError(f"streamcnn: stream_upto must be one of {stages[first:]}, "
                          f"got {stream_upto!r}")
-    k = _RESNET_STAGES.index(stream_upto) + 1
-    stem = nn.Sequential(OrderedDict((n, getattr(model, n)) for n in _RESNET_STAGES[:k]))
+    k = stages.index(stream_upto) + 1
+    stem = nn.Sequential(OrderedDict((n, getattr(model, n)) for n in stages[:k]))
     _freeze_norms(stem)
     head = nn.Sequential(OrderedDict(
-        [(n, getattr(model, n)) for n in _RESNET_STAGES[k:]] +
-        [("avgpool", model.avgpool), ("flatten", nn.Flatten(1)), ("fc", model.fc)]))
+        [(n, getattr(model, n)) for n in stages[k:]] +
+        [("avgpool", pool), ("flatten", nn.Flatten(1)), ("fc", model.fc)]))
     return stem, head
 
 
@@ -310,18 +322,7 @@ def shufflenet_parts(model: nn.Module, stream_upto: str = "stage3"
                      ) -> Tuple[nn.Sequential, nn.Sequential]:
     """:func:`split_shufflenet`'s ``(stem, head)`` with the stem not yet
     streamed (its norms frozen)."""
-    missing = [n for n in _SHUFFLENET_STAGES + ["fc"] if not hasattr(model, n)]
-    if missing:
-        raise ValueError(f"streamcnn: not a torchvision ShuffleNetV2 (missing {missing})")
-    if stream_upto not in _SHUFFLENET_STAGES[1:]:
-        raise ValueError(f"streamcnn: stream_upto must be one of {_SHUFFLENET_STAGES[1:]}, "
-                         f"got {stream_upto!r}")
-    k = _SHUFFLENET_STAGES.index(stream_upto) + 1
-    stem = nn.Sequential(OrderedDict((n, getattr(model, n)) for n in _SHUFFLENET_STAGES[:k]))
-    _freeze_norms(stem)
     # ShuffleNetV2._forward_impl: the stages, conv5, the mean over the
     # image, fc
-    head = nn.Sequential(OrderedDict(
-        [(n, getattr(model, n)) for n in _SHUFFLENET_STAGES[k:]] +
-        [("avgpool", nn.AdaptiveAvgPool2d(1)), ("flatten", nn.Flatten(1)), ("fc", model.fc)]))
-    return stem, head
+    return _staged_parts(model, "ShuffleNetV2", _SHUFFLENET_STAGES, 1, stream_upto,
+                         nn.AdaptiveAvgPool2d(1))
