@@ -367,8 +367,8 @@ def test_tile_parallel_error_in_the_ranks(slides, tmp_path):
 def test_tile_parallel_sigterm(slides, tmp_path):
     """SIGTERM to the command that spawned the tile-parallel ranks (a
     scheduler stopping the job) ends the ranks as Ctrl-C does: rank 0 says
-    what last.pt holds, exit 143, at once (before, the command waited for
-    ranks that never got the signal)."""
+    what last.pt holds, as terminated, exit 143, at once (before, the
+    command waited for ranks that never got the signal)."""
     out = tmp_path / "run"
     val = tmp_path / "val.csv"
     val.write_text(f"path,label\n{slides / 'val_0.svs'},0\n{slides / 'val_1.svs'},1\n")
@@ -393,7 +393,7 @@ def test_tile_parallel_sigterm(slides, tmp_path):
     # that it holds the last finished one
     lines = stderr.strip().splitlines()
     assert len(lines) == 1, stderr[-3000:]
-    assert lines[0].startswith("streamcnn: interrupted") and "continue with --resume" \
+    assert lines[0].startswith("streamcnn: terminated") and "continue with --resume" \
         in lines[0], lines
     assert load_checkpoint(str(out / "last.pt"))["epoch"] >= 1
 
