@@ -7,7 +7,7 @@ the slide is closed."""
 import math
 import re
 import threading
-from typing import Any, Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -275,20 +275,8 @@ def tiff_page_tags(path: str, size: Optional[Tuple[int, int]] = None):
     tiled page of that size (OpenSlide's generic TIFF level 0: the largest
     tiled page); None for a file that is not a TIFF, whose directories
     cannot be read, or without such a page."""
-    if size is None:
-        return next(_tiff_directories(path), None)
-    return tiff_tiled_pages(path).get(size)
-
-
-def tiff_tiled_pages(path: str) -> Dict[Tuple[int, int], Any]:
-    """The tags of a TIFF's tiled pages by their size ``(w, h)`` (the first
-    page of each size), in one walk of its directories: what OpenSlide's
-    levels are read from; {} for a file that is not a TIFF."""
-    pages: Dict[Tuple[int, int], Any] = {}
-    for tags in _tiff_directories(path):
-        if 322 in tags:
-            pages.setdefault((_tag_int(tags, 256, 0), _tag_int(tags, 257, 0)), tags)
-    return pages
+    return next((tags for tags in _tiff_directories(path) if size is None or (
+        322 in tags and (_tag_int(tags, 256, 0), _tag_int(tags, 257, 0)) == size)), None)
 
 
 def _tag_values(tags, tag: int, default: int) -> Tuple[int, ...]:

@@ -125,8 +125,9 @@ def _values_digest(tensors: Sequence[torch.Tensor]) -> bytes:
     device; one copy to the host): equal tensors give equal bytes."""
     if not tensors:
         return b""
-    sums = [torch.stack([t.double().sum(), t.double().square().sum()]).cpu() for t in tensors]
-    return torch.cat(sums).numpy().tobytes()
+    sums = [torch.stack([t.double().sum(), t.double().square().sum()]).to(tensors[0].device)
+            for t in tensors]
+    return torch.cat(sums).cpu().numpy().tobytes()
 
 
 @torch.no_grad()
@@ -367,10 +368,10 @@ class TileParallel(nn.Module):
                     raise ValueError(
                         f"streamcnn: rank {rank} reads image rows [{a}, {b}) but was given "
                         f"rows [{row0}, {row0 + x.shape[2]}) (rows_needed says which)")
-        except (ValueError, TypeError, RuntimeError) as e:
-            self._agree([("its input", "refused", "")], rank, world, comm, refused=e)
+        except (ValueError, TypeError, RuntimeError):
+            self._took_input(False, rank, world, comm)
             raise
-        self._agree([("its input", "taken", "")], rank, world, comm)
+        self._took_input(True, rank, world, comm)
         grad = torch.is_grad_enabled()
         mask = [bool(grad and x.requires_grad)] + [bool(grad and p.requires_grad)
                                                     for p in params]
@@ -407,28 +408,32 @@ class TileParallel(nn.Module):
                 "out_shape": (x.shape[0], c_out, oh, ow)}
         return _TileParallelFunction.apply(self, info, x, *params)
 
+    def _gather(self, values: Sequence[object], world: int, comm: torch.device) -> torch.Tensor:
+        """Every rank's checksums of its ``values``, world x len(values),
+        in one ``all_gather``."""
+        mine = torch.tensor([_checksum(v) for v in values], dtype=torch.int64, device=comm)
+        got = [torch.empty_like(mine) for _ in range(world)]
+        dist.all_gather(got, mine, group=self.process_group)
+        return torch.stack(got).cpu()
+
+    def _took_input(self, took: bool, rank: int, world: int, comm: torch.device) -> None:
+        """Every rank says whether it took its input; where one did not
+        (it raises its own error), the others raise naming it."""
+        got = self._gather([took], world, comm)[:, 0]
+        ranks = [r for r in range(world) if int(got[r]) != _checksum(True)]
+        if ranks and took:
+            raise RuntimeError(f"streamcnn: tile-parallel rank{'s' * (len(ranks) > 1)} "
+                               f"{', '.join(map(str, ranks))} refused the input given "
+                               f"to {'them' if len(ranks) > 1 else 'it'} (its error says "
+                               f"why); this is rank {rank}, which stops too")
+
     def _agree(self, parts: List[Tuple[str, object, str]], rank: int, world: int,
-               comm: torch.device, refused: Optional[BaseException] = None) -> None:
+               comm: torch.device) -> None:
         """All ranks hold equal values of ``parts`` ``(what, value,
         description)``: one ``all_gather`` of their checksums. RuntimeError
         on every rank otherwise, naming what differs, the ranks that differ
-        from rank 0 and this rank's (description of the) values. The first
-        call of a forward (``its input``) says which ranks refused theirs
-        (``refused``: this one's error, which the caller raises)."""
-        mine = torch.tensor([_checksum(v) for _, v, _ in parts], dtype=torch.int64,
-                            device=comm)
-        got = [torch.empty_like(mine) for _ in range(world)]
-        dist.all_gather(got, mine, group=self.process_group)
-        got = torch.stack(got).cpu()
-        if parts[0][0] == "its input":
-            taken = _checksum("taken")
-            ranks = [r for r in range(world) if int(got[r, 0]) != taken]
-            if ranks and refused is None:
-                raise RuntimeError(f"streamcnn: tile-parallel rank{'s' * (len(ranks) > 1)} "
-                                   f"{', '.join(map(str, ranks))} refused the input given "
-                                   f"to {'them' if len(ranks) > 1 else 'it'} (its error says "
-                                   f"why); this is rank {rank}, which stops too")
-            return
+        from rank 0 and this rank's (description of the) values."""
+        got = self._gather([v for _, v, _ in parts], world, comm)
         differs = (got != got[0]).any(0).tolist()
         if not any(differs):
             return

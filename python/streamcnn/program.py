@@ -314,6 +314,7 @@ def _fit_channels(idx: Sequence[int]) -> Optional[Tuple[int, int, int, int]]:
     ok = all(idx[q * g + r] == start + r * a + q * b for q in range(n // g) for r in range(g))
     return (start, g, a, b) if ok else None
 
+
 # arithmetic and comparisons on sizes read from tensors
 _SIZE_OPS = (operator.add, operator.sub, operator.mul, operator.floordiv, operator.mod,
              operator.truediv, operator.neg, operator.eq, operator.ne, operator.lt,
