@@ -508,15 +508,21 @@ class _Converter:
         Selections compose (a chunk of a shuffle is one instruction); where
         the composition has no instruction's form, ``arg`` is emitted and
         ``node`` picks from it."""
-        sel = self._sel_of(node, what, arg)
-        if sel.split is not None:
-            raise _unsupported(node, what, "it splits or indexes a 5-d view of the channels; "
-                               "view it back to N x C x H x W first")
+        sel = self._flat_sel(node, what, arg)
         idx = tuple(sel.idx[i] for i in pick)
         if _fit_channels(idx) is None:
             self._emit_sel(node, arg)
             sel, idx = _Sel(arg, tuple(range(self.chan[arg]))), tuple(pick)
         self._set_sel(node, _Sel(sel.src, idx))
+
+    def _flat_sel(self, node, what, arg) -> _Sel:
+        """The selection a tensor split or indexed along the channels is:
+        one of N x C x H x W (not a 5-d view)."""
+        sel = self._sel_of(node, what, arg)
+        if sel.split is not None:
+            raise _unsupported(node, what, "it splits or indexes a 5-d view of the channels; "
+                               "view it back to N x C x H x W first")
+        return sel
 
     def _set_sel(self, node, sel: _Sel) -> None:
         if sel.split is None and sel.idx == tuple(range(self.chan[sel.src])):
@@ -640,7 +646,7 @@ class _Converter:
         if not isinstance(dim, int) or dim % 4 != 1:
             raise _unsupported(node, what, f"along dim {dim!r}: only a split of the channels "
                                "(dim 1) is local")
-        n = len(self._sel_of(node, what, x).idx)
+        n = len(self._flat_sel(node, what, x).idx)
         sizes = self._sym(node, what, sizes)
         if isinstance(sizes, (list, tuple)):
             sizes = [self._sym(node, what, s) for s in sizes]
@@ -999,8 +1005,9 @@ class _Converter:
                 raise _unsupported(node, what, "only flatten(1, 2) of a 5-d view of the "
                                    "channels is local")
             self._set_sel(node, _Sel(self.sels[x].src, self.sels[x].idx))
-        elif name == "contiguous" and x in self.sels and x not in self.val:
-            self.sels[node] = self.sels[x]
+        elif name == "contiguous" and x in self.sels and \
+                (self.sels[x].split is not None or x not in self.val):
+            self.sels[node] = self.sels[x]      # (a 5-d view may have a value: _transpose)
         elif name in ("chunk", "split"):
             first = "chunks" if name == "chunk" else "split_size_or_sections"
             a = dict(zip((first, "dim"), args[1:]), **kw)
@@ -1016,7 +1023,7 @@ class _Converter:
             start, length = (self._sym(node, what, a.get(k)) for k in ("start", "length"))
             if not all(isinstance(v, int) for v in (start, length)):
                 raise _unsupported(node, what, _SHAPE_HINT)
-            n = len(self._sel_of(node, what, x).idx)
+            n = len(self._flat_sel(node, what, x).idx)
             if start < 0:                    # as torch.narrow: from the end
                 start += n
             if not (0 <= start and 0 <= length and start + length <= n):
@@ -1195,7 +1202,7 @@ class _Converter:
         if not in_channels:
             raise ValueError("streamcnn: cannot infer the stem's input channels (no Conv2d or "
                              "BatchNorm2d); pass in_channels=")
-        if out in self.sels and out not in self.val:    # it ends selecting channels
+        if out in self.sels:        # it ends selecting (or viewing 5-d) channels
             self._emit_sel(outputs[0], out)
         if out not in self.val:
             raise ValueError(f"streamcnn: the stem returns {out.name}, which is not a tensor "

@@ -219,6 +219,10 @@ def _stem(fn):
      r"is a 5-d view N x 2 x 4 x H x W of the channels; view it back"),
     (lambda s, y: y.view(y.size(0), 2, 4, y.size(2), y.size(3)).chunk(2, 1)[0],
      r"splits or indexes a 5-d view of the channels"),
+    (lambda s, y: torch.cat(y.view(y.size(0), 2, 4, y.size(2), y.size(3)).split(1, 1), 2),
+     r"method .split\(\) .*: it splits or indexes a 5-d view of the channels"),
+    (lambda s, y: y.view(y.size(0), 2, 4, y.size(2), y.size(3)).narrow(1, 0, 1),
+     r"method .narrow\(\) .*: it splits or indexes a 5-d view of the channels"),
     (lambda s, y: y.view(y.size(0), 2, 4, y.size(2), y.size(3)).permute(0, 1, 2, 4, 3),
      r"permute\(0, 1, 2, 4, 3\) of a 5-d view"),
     (lambda s, y: y[:, :y.size(2)], r"its bounds must be constants"),
@@ -226,7 +230,8 @@ def _stem(fn):
     (lambda s, y: y.narrow(1, 6, 3), r"narrow\(1, 6, 3\) of 8 channels: out of range"),
 ], ids=["transpose-hw", "transpose-4d", "view-hw", "reshape-halves", "view-batch",
         "view-bad-groups", "chunk-rows", "split-batch", "list-index", "int-index",
-        "empty-slice", "negative-step", "5d-into-conv", "5d-chunk", "5d-permute-hw",
+        "empty-slice", "negative-step", "5d-into-conv", "5d-chunk", "5d-split-cat",
+        "5d-narrow", "5d-permute-hw",
         "slice-by-rows", "pool-by-rows", "narrow-past-the-end"])
 def test_what_is_not_local_is_refused(fn, match):
     with pytest.raises(ValueError, match="streamcnn: cannot stream .*" + match):
@@ -289,6 +294,32 @@ def test_composed_spellings_fp64():
     x = torch.randn(2, 3, 23, 19, dtype=torch.float64, requires_grad=True)
     for tile in ((7, 7), (11, 16)):
         compare(stem, x, tile, FP64_TOL)
+
+
+class ContiguousOfAShuffle(nn.Module):
+    """A 5-d view given a value of its own (a shuffle of it has no one
+    instruction's form), then made contiguous and shuffled again: it stays
+    a 5-d view (it was refused as one read by a layer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 12, 3, padding=1)
+        self.b = nn.Conv2d(12, 6, 1)
+        self.c = nn.Conv2d(12, 6, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        n, c, h, w = y.shape
+        v = y.reshape(n, 2, -1, h, w).transpose(1, 2).reshape(n, 4, -1, h, w)
+        u = v.transpose(1, 2).reshape(n, c, h, w)
+        d = v.contiguous().transpose(1, 2).contiguous().reshape(n, c, h, w)
+        return self.b(u) + self.c(d)
+
+
+def test_contiguous_keeps_a_5d_view():
+    stem = ContiguousOfAShuffle().double()
+    x = torch.randn(2, 3, 20, 17, dtype=torch.float64, requires_grad=True)
+    compare(stem, x, (7, 7), FP64_TOL)
 
 
 class _InPlace(nn.Module):
