@@ -466,13 +466,14 @@ def end_process(code: int) -> None:
     os._exit(code)
 
 
-def init_distributed(dist: Dist, device: torch.device) -> None:
-    """The process group: NCCL for CUDA devices, gloo for the CPU; every
-    collective waits at most ``STREAMCNN_DIST_TIMEOUT`` seconds."""
+def init_distributed(dist: Dist, device: torch.device, backend: Optional[str] = None) -> None:
+    """The process group: ``backend``, else NCCL for CUDA devices and gloo
+    for the CPU; every collective waits at most ``STREAMCNN_DIST_TIMEOUT``
+    seconds."""
     if dist.enabled and not torch.distributed.is_initialized():
         from .tile_parallel import dist_timeout
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                             timeout=dist_timeout())
+        torch.distributed.init_process_group(
+            backend or ("nccl" if device.type == "cuda" else "gloo"), timeout=dist_timeout())
 
 
 def resolve_device(name: str, dist: Optional[Dist] = None) -> torch.device:

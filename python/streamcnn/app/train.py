@@ -281,14 +281,8 @@ def run(args) -> int:
     device = resolve_device(cfg["device"], dist)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    grid = None
-    if n > 1:
-        if not torch.distributed.is_initialized():
-            torch.distributed.init_process_group(TP.backend(device, dist),
-                                                 timeout=TP.dist_timeout())
-        grid = TP.make_grid(dist, n, device)
-    else:
-        init_distributed(dist, device)
+    init_distributed(dist, device, TP.backend(device, dist) if n > 1 else None)
+    grid = TP.make_grid(dist, n, device) if n > 1 else None
     locks: List[int] = []   # the run folder's lock (lock_folder), released at the end
     try:
         return _train(cfg, ckpt, dist, device, quiet=args.quiet, overwrite=args.overwrite,
