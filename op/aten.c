@@ -694,6 +694,72 @@ int _sc_avgpool_backward(sc_ctx *ctx, AtenTensorHandle g, AtenTensorHandle x,
   return stk_call(ctx, &s, "aten::avg_pool2d_backward", "", 1, out);
 }
 
+/* A contiguous copy of t in dtype (aten::copy_ converts). */
+static int copy_as(sc_ctx *ctx, AtenTensorHandle t, int32_t dtype,
+                   AtenTensorHandle *out) {
+  int64_t dim, *sizes, *strides;
+  *out = NULL;
+  if (_sc_meta(ctx, t, &dim, &sizes, &strides) ||
+      _sc_alloc(ctx, "a float32 copy of an average pool's tile", dtype, dim,
+                sizes, 0, out))
+    return SC_ERR;
+  if (_sc_copy_across(ctx, *out, t)) {
+    _sc_drop(out);
+    return SC_ERR;
+  }
+  return SC_OK;
+}
+
+int32_t _sc_avg_map_dtype(const sc_ctx *ctx) {
+  return _sc_is_half(ctx) ? aoti_torch_dtype_float32() : ctx->dtype;
+}
+
+int _sc_avgpool_div(sc_ctx *ctx, AtenTensorHandle x, const sc_instr *in,
+                    AtenTensorHandle div, AtenTensorHandle *out) {
+  *out = NULL;
+  if (!_sc_is_half(ctx)) {
+    if (_sc_avgpool(ctx, x, in, 1, out)) return SC_ERR;
+    if (_sc_div_(ctx, *out, div)) {
+      _sc_drop(out);
+      return SC_ERR;
+    }
+    return SC_OK;
+  }
+  AtenTensorHandle xf = NULL, s = NULL;
+  int rc = copy_as(ctx, x, aoti_torch_dtype_float32(), &xf) ||
+           _sc_avgpool(ctx, xf, in, 1, &s);
+  _sc_drop(&xf);
+  if (!rc) rc = _sc_div_(ctx, s, div) || copy_as(ctx, s, ctx->dtype, out);
+  _sc_drop(&s);
+  return rc ? SC_ERR : SC_OK;
+}
+
+int _sc_avgpool_div_backward(sc_ctx *ctx, AtenTensorHandle g,
+                             AtenTensorHandle x, const sc_instr *in,
+                             AtenTensorHandle div, AtenTensorHandle *out) {
+  *out = NULL;
+  AtenTensorHandle t = NULL, like = NULL, gi = NULL;
+  int rc;
+  if (!_sc_is_half(ctx)) {
+    rc = _sc_div(ctx, g, div, &t) || _sc_avgpool_backward(ctx, t, x, in, 1, out);
+    _sc_drop(&t);
+    return rc ? SC_ERR : SC_OK;
+  }
+  /* the pool's backward reads only its input's shape: an uninitialised
+   * float32 tensor of it (on the CPU its pages are never touched) */
+  int64_t dim, *sizes, *strides;
+  rc = copy_as(ctx, g, aoti_torch_dtype_float32(), &t) ||
+       _sc_div_(ctx, t, div) || _sc_meta(ctx, x, &dim, &sizes, &strides) ||
+       _sc_alloc(ctx, "a float32 average pool input's shape",
+                 aoti_torch_dtype_float32(), dim, sizes, 0, &like) ||
+       _sc_avgpool_backward(ctx, t, like, in, 1, &gi);
+  _sc_drop(&t);
+  _sc_drop(&like);
+  if (!rc) rc = copy_as(ctx, gi, ctx->dtype, out);
+  _sc_drop(&gi);
+  return rc ? SC_ERR : SC_OK;
+}
+
 /* ---- per-pixel channel ops: computed on the channels-last permutation,
  * exactly as the module they come from (LayerNorm2d, Linear after a
  * permute) computes them ---------------------------------------------------- */

@@ -62,9 +62,7 @@ static int backward_instr(sc_run *r, int64_t i) {
     if (!need_in) break;
     if (_sc_layer_input(r, i, 0, 0.0, &x)) goto done;
     if (r->aux[i]) { /* forward divided window sums by the divisor map */
-      if (_sc_div(ctx, g, r->aux[i], &t) ||
-          _sc_avgpool_backward(ctx, t, x, in, 1, &gi))
-        goto done;
+      if (_sc_avgpool_div_backward(ctx, g, x, in, r->aux[i], &gi)) goto done;
     } else if (_sc_avgpool_backward(ctx, g, x, in, in->divisor_override,
                                     &gi)) {
       goto done;

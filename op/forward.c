@@ -17,7 +17,6 @@
 #define STREAMCNN_TORCH
 #define STREAMCNN_REPLAY
 #include "internal.h"
-#include "half.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -68,31 +67,28 @@ static int avg_divisor(sc_run *r, int64_t i, AtenTensorHandle *out) {
     return SC_OK;
   }
   const int64_t shape[4] = {1, 1, h, w}, strides[4] = {h * w, h * w, w, 1};
+  const int32_t dtype = _sc_avg_map_dtype(r->ctx); /* float32 for halves */
   AtenTensorHandle host = NULL;
   void *data;
-  if (aoti_torch_empty_strided(4, shape, strides, r->ctx->dtype,
+  if (aoti_torch_empty_strided(4, shape, strides, dtype,
                                aoti_torch_device_type_cpu(), 0, &host) ||
       aoti_torch_get_data_ptr(host, &data)) {
-    _sc_oom(r->ctx, "a divisor map", 4, shape, r->ctx->dtype,
+    _sc_oom(r->ctx, "a divisor map", 4, shape, dtype,
             aoti_torch_device_type_cpu());
     goto done;
   }
   for (int64_t y = 0; y < h; y++)
     for (int64_t x = 0; x < w; x++) {
-      const double d = fr[y] * fc[x]; /* exact: small integers */
-      if (r->ctx->kdtype == SC_DTYPE_F32)
-        ((float *)data)[y * w + x] = (float)d;
-      else if (r->ctx->kdtype == SC_DTYPE_F64)
+      const double d = fr[y] * fc[x]; /* exact: integers below 2^24 */
+      if (r->ctx->kdtype == SC_DTYPE_F64)
         ((double *)data)[y * w + x] = d;
-      else if (r->ctx->kdtype == SC_DTYPE_F16) /* divisors <= 2048: exact */
-        ((uint16_t *)data)[y * w + x] = sc_f32_to_f16((float)d);
-      else /* bfloat16: divisors are small integers, 256 and below exact */
-        ((uint16_t *)data)[y * w + x] = sc_f32_to_bf16((float)d);
+      else
+        ((float *)data)[y * w + x] = (float)d;
     }
   if (!r->ctx->is_cuda) {
     *out = host;
     host = NULL;
-  } else if (_sc_empty(r->ctx, 4, shape, out) ||
+  } else if (_sc_empty_as(r->ctx, dtype, 4, shape, 0, out) ||
              _sc_copy_across(r->ctx, *out, host)) {
     _sc_drop(out);
     goto done;
@@ -273,8 +269,8 @@ static int forward_instr(sc_run *r, int64_t i, int keep) {
     if (_sc_layer_input(r, i, 0, 0.0, &x) || avg_divisor(r, i, &aux)) goto done;
     if (!aux) {
       if (_sc_avgpool(ctx, x, in, in->divisor_override, &y)) goto done;
-    } else { /* window sums over the zero-padded input / ATen's divisors */
-      if (_sc_avgpool(ctx, x, in, 1, &y) || _sc_div_(ctx, y, aux)) goto done;
+    } else if (_sc_avgpool_div(ctx, x, in, aux, &y)) { /* ATen's divisors */
+      goto done;
     }
     if (!keep) _sc_drop(&aux);
     break;

@@ -250,6 +250,18 @@ int _sc_avgpool(sc_ctx *ctx, AtenTensorHandle x, const sc_instr *in,
 int _sc_avgpool_backward(sc_ctx *ctx, AtenTensorHandle g, AtenTensorHandle x,
                          const sc_instr *in, int64_t divisor_override,
                          AtenTensorHandle *out);
+/* Average pooling whose divisor varies (at the image's border): window
+ * sums divided by the divisor map `div` ([1, 1, h, w], _sc_avg_map_dtype),
+ * and its backward. For float16 / bfloat16 both run in float32, rounded
+ * once at the end, as ATen divides before its one rounding (a float16
+ * window sum overflows at 65504). */
+int _sc_avgpool_div(sc_ctx *ctx, AtenTensorHandle x, const sc_instr *in,
+                    AtenTensorHandle div, AtenTensorHandle *out);
+int _sc_avgpool_div_backward(sc_ctx *ctx, AtenTensorHandle g,
+                             AtenTensorHandle x, const sc_instr *in,
+                             AtenTensorHandle div, AtenTensorHandle *out);
+/* The dtype of a divisor map: the compute dtype, float32 for half ones. */
+int32_t _sc_avg_map_dtype(const sc_ctx *ctx);
 int _sc_batchnorm(sc_ctx *ctx, AtenTensorHandle x, AtenTensorHandle const *p4,
                   double eps, AtenTensorHandle *out);
 /* A frozen batch norm folded into the convolution before it (weight w,

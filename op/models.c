@@ -241,10 +241,22 @@ static int passes_on(const sc_instr *in, const int64_t *fused, int64_t i) {
          (in->op == SC_OP_BATCHNORM && fused[i] >= 0);
 }
 
+/* Whether average pool `in` may divide by a map of divisors (they vary at
+ * the image's border: padding not counted, or a ceil_mode window). */
+static int avg_may_divide(const sc_instr *in) {
+  if (in->op != SC_OP_AVGPOOL || in->divisor_override) return 0;
+  for (int a = 0; a < 2; a++) {
+    const sc_window *w = &in->win[a];
+    if (w->ceil_mode || (!in->count_include_pad && (w->pad_lo || w->pad_hi)))
+      return 1;
+  }
+  return 0;
+}
+
 static void tile_peak(const sc_program *p, const unsigned char *needs,
                       const unsigned char *keep, const int64_t *fused,
                       const double *sz, const double *own, const double *rd,
-                      const double *lib, double ix,
+                      const double *lib, double ix, int half,
                       int64_t *left, unsigned char *has_grad, double *bwd,
                       double *fwd) {
   const int64_t nv = p->n_instr + 1, ov = p->n_instr;
@@ -261,9 +273,12 @@ static void tile_peak(const sc_program *p, const unsigned char *needs,
       double t = in_place ? 0.0 : own[o] + (halo ? sz[o] : 0.0);
       if (_sc_is_window(in->op)) t += rd[i];
       /* ATen's max_pool2d takes the indices too, and drops them; an
-       * average pool may divide by a map of divisors (one channel) */
+       * average pool may divide by a map of divisors (one channel), for
+       * halves in float32 (twice the bytes): its input and sums too */
       if (in->op == SC_OP_MAXPOOL) t += ix * own[o];
-      if (in->op == SC_OP_AVGPOOL) t += own[o] / (double)p->channels[o];
+      if (avg_may_divide(in))
+        t += half ? 2.0 * (rd[i] + own[o] + own[o] / (double)p->channels[o])
+                  : own[o] / (double)p->channels[o];
       t += lib[i]; /* a convolution library's transients */
       if (live + t > peak) peak = live + t;
       live += sz[o];
@@ -316,8 +331,12 @@ static void tile_peak(const sc_program *p, const unsigned char *needs,
         }
         if (_sc_is_window(in->op)) t += rd[i]; /* its (padded) input */
         if (in->op == SC_OP_MAXPOOL) t += (1.0 + ix) * own[o]; /* again */
-        if (in->op == SC_OP_AVGPOOL) /* g over the divisor map, and it */
-          t += own[o] * (1.0 + 1.0 / (double)p->channels[o]);
+        if (avg_may_divide(in)) /* g over the divisor map, and it; for
+                                 * halves in float32, the input gradient
+                                 * and a tensor of the input's shape too */
+          t += half ? 2.0 * own[o] * (1.0 + 1.0 / (double)p->channels[o]) +
+                          4.0 * rd[i]
+                    : own[o] * (1.0 + 1.0 / (double)p->channels[o]);
         t += lib[i];
         if (live + t > peak) peak = live + t;
         live += adopt - (mine ? sz[o] : 0.0);
@@ -434,8 +453,8 @@ int sc_memory_info(const int64_t *words, int64_t n_words, int64_t h,
                      : 0.0;
       }
       double b = 0.0, f = 0.0; /* tile_peak sets both */
-      tile_peak(p, needs, keep, fused, sz, own, rd, lib, ix, left, has_grad,
-                &b, &f);
+      tile_peak(p, needs, keep, fused, sz, own, rd, lib, ix, itemsize == 2,
+                left, has_grad, &b, &f);
       if (b > bwd) bwd = b;
       if (f > fwd) fwd = f;
     }

@@ -93,6 +93,39 @@ def test_half_module_and_image(dtype):
     assert grad_s <= 2 * grad_w + 1e-2, res
 
 
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("pool", [dict(padding=8, count_include_pad=False),
+                                  dict(ceil_mode=True)], ids=["exclude-pad", "ceil"])
+def test_half_average_pool_of_large_sums(dtype, pool):
+    """A 16 x 16 average pool whose divisors vary at the border (padding
+    not counted; a ceil_mode window hanging over the edge) over activations
+    of about 400: its window sums (up to 102400) pass float16's largest
+    value (65504). ATen divides before its one rounding; the tiles divided
+    window sums in float16 and gave inf."""
+    stem = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.AvgPool2d(16, 5, **pool),
+                         nn.Conv2d(4, 4, 1)).eval()
+    with torch.no_grad():
+        stem[0].weight.uniform_(0.6 / 27, 1.4 / 27)
+        stem[0].bias.zero_()
+    x = torch.empty(1, 3, 62, 57).uniform_(330, 470).requires_grad_()
+    with torch.no_grad():
+        g = torch.randn_like(stem(x))
+    truth, gt = _truth(stem, x, g)
+    res = {}
+    for name in ("stream", "whole"):
+        sh = copy.deepcopy(stem).to(dtype)
+        f = streamcnn.StreamingModule(sh, 24) if name == "stream" else sh
+        xh = x.detach().to(dtype).requires_grad_()
+        y = f(xh)
+        grads = torch.autograd.grad((y * g.to(dtype)).sum(), [xh] + list(sh.parameters()))
+        assert bool(torch.isfinite(y).all()) and all(bool(torch.isfinite(a).all())
+                                                     for a in grads), name
+        res[name] = (_err(y, truth), max(_err(a, b) for a, b in zip(grads, gt)))
+    (out_s, grad_s), (out_w, grad_w) = res["stream"], res["whole"]
+    assert out_s <= 1.5 * out_w + 1e-3, res
+    assert grad_s <= 2 * grad_w + 1e-2, res
+
+
 def test_autocast_with_uint8_image_and_normalisation():
     stem = _resnet_stem()
     mean, std = [124.0, 116.0, 104.0], [58.0, 57.0, 57.0]
