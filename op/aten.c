@@ -614,14 +614,48 @@ static double conv_macs_per_output(const sc_instr *in) {
          (double)in->win[1].k;
 }
 
+/* oneDNN 3.10 (torch 2.11's CPU convolutions) computes a bfloat16
+ * convolution whose output is one column wide, with a column stride over 1,
+ * wrongly (garbage, NaN, varying from run to run) once that column is 5 or
+ * more rows high; narrow tiles make such convolutions. With one output
+ * column the column stride is immaterial: *one_col is set to the columns
+ * its window reads when the convolution runs on those alone with stride 1
+ * (the same sums; test_amp.py::test_bfloat16_one_column_tiles). */
+static int bf16_one_column(sc_ctx *ctx, AtenTensorHandle x, const sc_instr *in,
+                           int64_t *one_col) {
+  int64_t dim, *sz, *st;
+  const sc_window *w = &in->win[1];
+  const int64_t span = w->d * (w->k - 1) + 1;
+  *one_col = 0;
+  if (ctx->is_cuda || ctx->kdtype != SC_DTYPE_BF16 || w->s == 1) return SC_OK;
+  if (_sc_meta(ctx, x, &dim, &sz, &st)) return SC_ERR;
+  if (dim == 4 && sz[3] >= span && (sz[3] - span) / w->s == 0) *one_col = span;
+  return SC_OK;
+}
+
 int _sc_conv(sc_ctx *ctx, AtenTensorHandle x, AtenTensorHandle w,
              AtenTensorHandle b, const sc_instr *in, AtenTensorHandle *out) {
+  int64_t one_col, dim, *sz, *st;
+  AtenTensorHandle xs = NULL;
+  sc_instr stride1;
+  *out = NULL;
+  if (bf16_one_column(ctx, x, in, &one_col)) return SC_ERR;
+  if (one_col) {
+    stride1 = *in;
+    stride1.win[1].s = 1;
+    in = &stride1;
+    if (_sc_meta(ctx, x, &dim, &sz, &st) ||
+        _sc_view(ctx, x, 0, sz[2], 0, one_col, &xs))
+      return SC_ERR;
+  }
   stk s = {0};
-  push_tensor(&s, x);
+  push_tensor(&s, xs ? xs : x);
   push_tensor(&s, w);
   push_opt_tensor(&s, b);
   push_conv_window(&s, in);
-  if (stk_call(ctx, &s, "aten::convolution", "", 1, out)) return SC_ERR;
+  const int rc = stk_call(ctx, &s, "aten::convolution", "", 1, out);
+  _sc_drop(&xs);
+  if (rc) return SC_ERR;
   count_macs(0, *out, conv_macs_per_output(in));
   return SC_OK;
 }
