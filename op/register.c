@@ -197,7 +197,12 @@ static int take_rows(sc_ctx *ctx, StableIValue v, int rc, sc_call *call) {
   if (!rc) {
     int64_t dim, *sz, *st;
     rc = _sc_meta(ctx, call->image, &dim, &sz, &st);
-    if (!rc && (rows[2] < 0 || rows[3] < 1 || rows[2] + sz[2] > rows[3]))
+    /* no sums of user numbers before they are bounded (no overflow) */
+    if (!rc && (rows[3] < 1 || rows[3] > SC_MAX_EXTENT))
+      rc = sc_fail(&ctx->err,
+                   "streamcnn: image_height = %lld must be in [1, %lld]",
+                   (long long)rows[3], (long long)SC_MAX_EXTENT);
+    else if (!rc && (rows[2] < 0 || rows[2] > rows[3] || sz[2] > rows[3] - rows[2]))
       rc = sc_fail(&ctx->err,
                    "streamcnn: an image tensor of %lld rows cannot hold rows "
                    "from image_row0 = %lld of an image of image_height = "

@@ -274,7 +274,7 @@ int _sc_backward(sc_ctx *ctx, const sc_call *call, AtenTensorHandle grad_out,
     AtenTensorHandle s = call->strips;
     if (!s ||
         _sc_describe(ctx, s, "strips", &dim, &sz, &st, &dtype, &dt, &di) ||
-        dim != 1 || sz[0] != r.strip_total || (sz[0] > 1 && st[0] != 1) ||
+        dim != 1 || sz[0] != r.strip_total || (sz[0] > 0 && st[0] != 1) ||
         !_sc_on_compute(ctx, dtype, dt, di))
       rc = sc_fail(&ctx->err,
                    "streamcnn: strips must be the second output of "

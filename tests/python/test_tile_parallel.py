@@ -401,6 +401,8 @@ def test_rows_of_padding_alone(cached):
     ([3, 8, 0, 30], "cannot hold rows"),
     ([3, 8, -1, 45], "cannot hold rows"),
     ([3, 8, 10, 55], "read image rows"),
+    ([0, 1, 2**63 - 1, 45], "cannot hold rows"),         # image_row0 + rows overflowed
+    ([0, 1, 2**63 - 40, 2**63 - 1], "image_height = .* must be in"),
 ])
 def test_rows_ops_bad_ranges(rows, match):
     sm, x, params = _setup()
