@@ -441,6 +441,13 @@ int _sc_tiling(const sc_program *p, const int64_t *sizes, int64_t tile_h,
      * count, and fewer distinct buffer shapes for the allocator. */
     const int64_t n_out = sizes[2 * p->n_instr + a];
     const int64_t count = (n_out + t - 1) / t;
+    /* plans are made per tile: bounded, so that no call runs for hours */
+    if (count > SC_MAX_TILES)
+      return sc_fail(err,
+                     "streamcnn: tile_size %lld x %lld gives %lld tiles along "
+                     "the %s, more than %lld: use a larger tile_size",
+                     (long long)tile_h, (long long)tile_w, (long long)count,
+                     a ? "columns" : "rows", (long long)SC_MAX_TILES);
     tile_out[a] = (n_out + count - 1) / count;
   }
   return SC_OK;

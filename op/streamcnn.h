@@ -45,6 +45,7 @@ extern "C" {
 #define SC_MAX_CHANNELS (1LL << 24)
 #define SC_MAX_WINDOW 4096   /* kernel, stride, dilation, padding */
 #define SC_MAX_EXTENT (1LL << 31) /* image rows/cols, tile edges */
+#define SC_MAX_TILES (1LL << 24)  /* tiles along one axis */
 
 typedef enum sc_opcode {
   SC_OP_CONV = 1,      /* 2-D convolution, zero padding */

@@ -77,6 +77,16 @@ def test_extents_past_2p31_are_refused(resnet):
         tiling_info(resnet.program, 4096, 4096, (MAX_EXTENT + 1, 1024))
 
 
+def test_tile_counts_past_2p24_are_refused():
+    """Plans are made per tile: 2^31 rows in tiles of one row would take
+    hours in work_info; more than 2^24 tiles along an axis are refused."""
+    sm = StreamingModule(nn.Sequential(nn.Conv2d(1, 1, 1)), 1)
+    assert work_info(sm.program, 1 << 24, 3, (1, 1))[4] > 0
+    with pytest.raises(ValueError, match=r"gives 2147483648 tiles along the rows, more than "
+                                         r"16777216: use a larger tile_size"):
+        work_info(sm.program, MAX_EXTENT, 3, (1, 1))
+
+
 @pytest.mark.parametrize("cached", [False, True])
 def test_tile_bounds_at_2p20(resnet, cached):
     h = w = 1 << 20
