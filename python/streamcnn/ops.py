@@ -301,7 +301,7 @@ def _double_backward(ctx, grads):
     mask = ctx.mask
     with torch.enable_grad():
         go = grad_output.detach().requires_grad_()
-        x = image.detach().requires_grad_()
+        x = image.detach().requires_grad_(image.is_floating_point())     # not uint8
         ps = [p.detach().requires_grad_(p.is_floating_point()) for p in params]
         y = run_program(x, ps, ctx.program)
         wrt = ([x] if mask[0] else []) + [p for p, m in zip(ps, mask[1:]) if m]
@@ -312,14 +312,14 @@ def _double_backward(ctx, grads):
                 continue
             term = (g1 * cot).sum()
             total = term if total is None else total + term
-        leaves = [go, x] + [p for p in ps if p.requires_grad]
+        leaves = [go] + [t for t in [x, *ps] if t.requires_grad]
         if total is None:
             got = [None] * len(leaves)
         else:
             got = list(torch.autograd.grad(total, leaves, allow_unused=True))
-    it = iter(got[2:])
-    grad_params = [next(it) if p.requires_grad else None for p in ps]
-    return got[0], got[1], grad_params, None, None, None
+    it = iter(got[1:])
+    grad_image, *grad_params = [next(it) if t.requires_grad else None for t in [x, *ps]]
+    return got[0], grad_image, grad_params, None, None, None
 
 
 # Second derivatives (gradient penalties, create_graph=True) go through the

@@ -65,17 +65,35 @@ def _conv_unfold(x, weight, bias, stride, dilation, groups):
     return y
 
 
+def compute_dtype(image: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.dtype:
+    """The dtype the operator computes in (op/validate.c): the image's; for
+    a uint8 image the parameters' narrowest (batch norms' statistics and
+    mean / std may be float32 in a half precision computation), the first
+    of two of one width (float32 without parameters)."""
+    if image.dtype != torch.uint8:
+        return image.dtype
+    dtype, width = torch.float32, 0
+    for k, p in enumerate(params):
+        w = p.element_size() if p.dtype in (torch.float16, torch.bfloat16, torch.float32,
+                                             torch.float64, torch.uint8) else 0
+        if k == 0 or 1 < w < width:
+            dtype, width = p.dtype, w
+    return dtype
+
+
 def run_program(image: torch.Tensor, params: Sequence[torch.Tensor],
                 program: Sequence[int]) -> torch.Tensor:
     """``forward(image, params, program, tile)`` computed whole-image with
-    differentiable PyTorch ops (any tile gives the same result)."""
+    differentiable PyTorch ops (any tile gives the same result). Every value
+    is in the operator's compute dtype: a batch norm with float32 statistics
+    in a half precision computation rounds its result to it, as the
+    operator's does."""
     w = [int(v) for v in program]
     if len(w) < 5 or w[0] != MAGIC:
         raise ValueError("streamcnn: not a streamcnn program")
     n_instr = w[3]
-    if image.dtype == torch.uint8:  # as the operator: params' dtype
-        image = image.to(params[0].dtype if len(params) else torch.float32)
-    values: List[torch.Tensor] = [image]
+    dtype = compute_dtype(image, params)
+    values: List[torch.Tensor] = [image.to(dtype)]
     at = 5
     for _ in range(n_instr):
         op, nf = w[at], w[at + 1]
@@ -128,5 +146,5 @@ def run_program(image: torch.Tensor, params: Sequence[torch.Tensor],
             y = x.index_select(1, start + (k % groups) * a + (k // groups) * b)
         else:
             raise ValueError(f"streamcnn: unknown opcode {op}")
-        values.append(y)
+        values.append(y.to(dtype))
     return values[-1].contiguous()

@@ -77,6 +77,44 @@ def test_double_backward_matches_whole_image():
         assert rel_err(a, b) < 1e-10
 
 
+@pytest.mark.parametrize("case", ["uint8-normalised", "bf16-autocast", "fp16-bn-float32"])
+def test_double_backward_of_mixed_dtypes(case):
+    """A gradient penalty on the parameters through a stem of a uint8 image
+    with mean / std (the image takes no gradient), under bfloat16 autocast
+    (its float32 batch norm statistics), and of a float16 stem whose batch
+    norm stays float32: the whole-image reference of the double backward
+    computes in the operator's dtype (it raised a dtype mismatch, and
+    'only floating point tensors can require gradients')."""
+    torch.manual_seed(0)
+    stem = nn.Sequential(nn.Conv2d(3, 4, 3, 2, 1), nn.BatchNorm2d(4), nn.ReLU(),
+                         nn.Conv2d(4, 4, 3, 1, 1)).eval()
+    randomize_bn(stem, torch.Generator().manual_seed(1))
+    kw, autocast = {}, case == "bf16-autocast"
+    x = torch.randn(1, 3, 40, 44)
+    if case == "uint8-normalised":
+        stem.double()
+        x = torch.randint(0, 256, (1, 3, 40, 44), dtype=torch.uint8)
+        kw = dict(mean=100.0, std=50.0)
+    elif case == "fp16-bn-float32":
+        stem.half()
+        stem[1].float()
+        x = x.half()
+    params = list(stem.parameters())
+    sm = streamcnn.StreamingModule(stem, 32, **kw)
+
+    def penalty(f, inp):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = f(inp)
+        g = torch.autograd.grad((y.float() ** 2).sum() / 1e3, params, create_graph=True)
+        return torch.autograd.grad(sum((gi.float() ** 2).sum() for gi in g), params)
+
+    ref_in = (x.double() - 100) / 50 if x.dtype == torch.uint8 else x
+    tol = 1e-10 if x.dtype == torch.uint8 else 2e-2
+    for a, b in zip(penalty(sm, x), penalty(stem, ref_in)):
+        assert bool(torch.isfinite(b).all())
+        assert rel_err(a.double(), b.double()) < tol, case
+
+
 def test_gradgradcheck():
     stem = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 2, 3,
                          stride=2)).double()
