@@ -402,11 +402,14 @@ class StreamingModule(nn.Module):
         """.to() / .half() / .double() as usual, except that mean / std are
         rebuilt from their exact values in the new dtype, and in float32
         for float16 / bfloat16 (the image gather normalises in float32 and
-        rounds once), never rounded twice."""
-        super()._apply(fn, recurse)
+        rounds once), never rounded twice. ``self`` may be the module
+        torch.jit.script made of this one (it copies this method onto it), so
+        no ``super()`` and no other method of this class through ``self``."""
+        nn.Module._apply(self, fn, recurse)
         if getattr(self, "normalize", False):
             w = self.norm_weight
-            self.norm_weight, self.norm_bias = self._norm_tensors(_norm_dtype(w.dtype), w.device)
+            self.norm_weight, self.norm_bias = StreamingModule._norm_tensors(
+                self, _norm_dtype(w.dtype), w.device)
         return self
 
     def _norm_tensors(self, dtype: torch.dtype, device: torch.device) -> List[torch.Tensor]:

@@ -1,6 +1,7 @@
 """TorchScript: a scripted StreamingModule (alone or inside a model) saves,
 loads and runs in a fresh process that only loads the library."""
 
+import copy
 import subprocess
 import sys
 
@@ -79,3 +80,24 @@ def test_scripted_backward_from_python():
     x.grad = None
     sm.stem(x).square().sum().backward()
     assert rel_err(g_script, x.grad) < 1e-10
+
+
+def test_scripted_module_moves_to_another_dtype():
+    """torch.jit.script copies the module's _apply onto the scripted module:
+    .double() / .half() / .to() raised a TypeError from super() there. The
+    mean / std come from their exact values in the new dtype (float32 for
+    float16), as the eager module's."""
+    mean, std = [120.0, 110.0, 100.0], [60.0, 55.0, 50.0]
+    stem, head = _stem(), nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3))
+
+    def streamed():
+        return streamcnn.StreamingModule(copy.deepcopy(stem), 40, mean=mean, std=std)
+    x8 = torch.randint(0, 256, (1, 3, 61, 52), dtype=torch.uint8)
+    xf = (x8.double() - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    want = copy.deepcopy(stem).double()(xf)
+    scripted = torch.jit.script(nn.Sequential(streamed(), copy.deepcopy(head))).double()
+    assert {v.dtype for v in scripted.buffers()} == {torch.float64, torch.int64}  # BN count
+    assert rel_err(scripted(x8), copy.deepcopy(head).double()(want)) < 1e-12  # exact mean / std
+    assert rel_err(torch.jit.script(streamed()).double()(x8), want) < 1e-12
+    half = torch.jit.script(streamed()).to(torch.float16)
+    assert half.norm_weight.dtype == torch.float32 and half(x8).dtype == torch.float16
