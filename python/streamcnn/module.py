@@ -326,6 +326,10 @@ class StreamingModule(nn.Module):
         if tile_size is not None:
             _warn_small_tiles(tile, info)
         self.module = _param_gatherer(module, conv.param_refs)
+        # the stem's tensors the program reads, and their shapes then
+        self._param_names: List[str] = [f"{p}.{a}" if p else a for p, a in conv.param_refs]
+        self._param_shapes: List[List[int]] = [
+            list(getattr(module.get_submodule(p), a).shape) for p, a in conv.param_refs]
         self.program: List[int] = conv.program
         self.progress: bool = bool(progress)
         self.deterministic: bool = bool(deterministic)
@@ -591,6 +595,11 @@ class StreamingModule(nn.Module):
                                  "has no gradient; move it to the GPU to differentiate it")
         _check_hooks(self._stem[0])
         _check_settings(self._layer_settings, self._stem[0])
+        for name, shape, p in zip(self._param_names, self._param_shapes, params):
+            if list(p.shape) != shape:
+                raise ValueError(f"streamcnn: the stem's '{name}' has shape {list(p.shape)}, "
+                                 f"{shape} when this StreamingModule was built; build a new "
+                                 "StreamingModule after changing the stem's layers")
         for path in self._mode_paths:
             m = self._mode_module(path)
             if m.training:

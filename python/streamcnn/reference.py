@@ -13,6 +13,8 @@ from typing import List, Sequence
 import torch
 import torch.nn.functional as F
 
+from .ops import compute_dtype
+
 MAGIC = 0x53434E4E
 
 
@@ -63,22 +65,6 @@ def _conv_unfold(x, weight, bias, stride, dilation, groups):
     if bias is not None:
         y = y + bias.reshape(1, -1, 1, 1)
     return y
-
-
-def compute_dtype(image: torch.Tensor, params: Sequence[torch.Tensor]) -> torch.dtype:
-    """The dtype the operator computes in (op/validate.c): the image's; for
-    a uint8 image the parameters' narrowest (batch norms' statistics and
-    mean / std may be float32 in a half precision computation), the first
-    of two of one width (float32 without parameters)."""
-    if image.dtype != torch.uint8:
-        return image.dtype
-    dtype, width = torch.float32, 0
-    for k, p in enumerate(params):
-        w = p.element_size() if p.dtype in (torch.float16, torch.bfloat16, torch.float32,
-                                             torch.float64, torch.uint8) else 0
-        if k == 0 or 1 < w < width:
-            dtype, width = p.dtype, w
-    return dtype
 
 
 def run_program(image: torch.Tensor, params: Sequence[torch.Tensor],

@@ -400,6 +400,12 @@ def test_layers_changed_after_construction_are_refused():
     s[2] = nn.ReLU()               # inplace differs: it changes nothing streamed
     s[1].momentum = 0.01           # nor does a frozen batch norm's momentum
     sm(x)
+    kept = s[0].weight
+    s[0].weight = nn.Parameter(torch.randn(4, 3, 5, 5))   # the C core named params[0]
+    with pytest.raises(ValueError, match=r"the stem's '0.weight' has shape \[4, 3, 5, 5\], "
+                                         r"\[4, 3, 3, 3\] when this StreamingModule was built"):
+        sm(x)
+    s[0].weight = kept
     with torch.no_grad():
         s[0].weight.mul_(2)         # parameters are read at call time
     sm.train()
