@@ -67,6 +67,33 @@ def test_autocast_matches_whole_image_precision(dtype):
     assert grad_s <= 1.5 * grad_w + 1e-3
 
 
+def _check_half_stream(stem, x, dtype, tile, check=None):
+    """The stem converted to ``dtype`` (parameters and image), streamed in
+    tiles of ``tile`` and whole: output and gradients (input included) in
+    ``dtype`` and finite, and as close to the float64 truth as the
+    whole-image pass's (within 1.5x and 2x + a little). ``check(sm)``
+    looks at the StreamingModule first."""
+    with torch.no_grad():
+        g = torch.randn_like(stem(x))
+    truth, gt = _truth(stem, x, g)
+    res = {}
+    for name in ("stream", "whole"):
+        sh = copy.deepcopy(stem).to(dtype)
+        f = streamcnn.StreamingModule(sh, tile) if name == "stream" else sh
+        if check is not None and name == "stream":
+            check(f)
+        xh = x.detach().to(dtype).requires_grad_()
+        y = f(xh)
+        grads = torch.autograd.grad((y * g.to(dtype)).sum(), [xh] + list(sh.parameters()))
+        assert y.dtype == dtype and all(gr.dtype == dtype for gr in grads)
+        assert bool(torch.isfinite(y).all()) and all(bool(torch.isfinite(a).all())
+                                                     for a in grads), name
+        res[name] = (_err(y, truth), max(_err(a, b) for a, b in zip(grads, gt)))
+    (out_s, grad_s), (out_w, grad_w) = res["stream"], res["whole"]
+    assert out_s <= 1.5 * out_w + 1e-3, res
+    assert grad_s <= 2 * grad_w + 1e-2, res
+
+
 @pytest.mark.parametrize("dtype", HALF)
 def test_half_module_and_image(dtype):
     """Parameters and image in half precision, the input gradient too."""
@@ -74,23 +101,7 @@ def test_half_module_and_image(dtype):
                          nn.AvgPool2d(3, 2, 1, count_include_pad=False),
                          nn.Conv2d(8, 8, 3, groups=2), nn.ReLU(), nn.MaxPool2d(2)).eval()
     randomize_bn(stem, torch.Generator().manual_seed(3))
-    x = torch.randn(2, 3, 61, 47, requires_grad=True)
-    with torch.no_grad():
-        g = torch.randn_like(stem(x))
-    truth, gt = _truth(stem, x, g)
-    res = {}
-    for name in ("stream", "whole"):
-        sh = copy.deepcopy(stem).to(dtype)
-        f = streamcnn.StreamingModule(sh, 23) if name == "stream" else sh
-        xh = x.detach().to(dtype).requires_grad_()
-        y = f(xh)
-        assert y.dtype == dtype
-        grads = torch.autograd.grad((y * g.to(dtype)).sum(), [xh] + list(sh.parameters()))
-        assert all(gr.dtype == dtype for gr in grads)
-        res[name] = (_err(y, truth), max(_err(a, b) for a, b in zip(grads, gt)))
-    (out_s, grad_s), (out_w, grad_w) = res["stream"], res["whole"]
-    assert out_s <= 1.5 * out_w + 1e-3, res
-    assert grad_s <= 2 * grad_w + 1e-2, res
+    _check_half_stream(stem, torch.randn(2, 3, 61, 47, requires_grad=True), dtype, 23)
 
 
 @pytest.mark.parametrize("dtype", HALF)
@@ -108,22 +119,7 @@ def test_half_average_pool_of_large_sums(dtype, pool):
         stem[0].weight.uniform_(0.6 / 27, 1.4 / 27)
         stem[0].bias.zero_()
     x = torch.empty(1, 3, 62, 57).uniform_(330, 470).requires_grad_()
-    with torch.no_grad():
-        g = torch.randn_like(stem(x))
-    truth, gt = _truth(stem, x, g)
-    res = {}
-    for name in ("stream", "whole"):
-        sh = copy.deepcopy(stem).to(dtype)
-        f = streamcnn.StreamingModule(sh, 24) if name == "stream" else sh
-        xh = x.detach().to(dtype).requires_grad_()
-        y = f(xh)
-        grads = torch.autograd.grad((y * g.to(dtype)).sum(), [xh] + list(sh.parameters()))
-        assert bool(torch.isfinite(y).all()) and all(bool(torch.isfinite(a).all())
-                                                     for a in grads), name
-        res[name] = (_err(y, truth), max(_err(a, b) for a, b in zip(grads, gt)))
-    (out_s, grad_s), (out_w, grad_w) = res["stream"], res["whole"]
-    assert out_s <= 1.5 * out_w + 1e-3, res
-    assert grad_s <= 2 * grad_w + 1e-2, res
+    _check_half_stream(stem, x, dtype, 24)
 
 
 @pytest.mark.parametrize("tile", [17, 18])
@@ -137,21 +133,12 @@ def test_bfloat16_one_column_tiles(tile):
     stem = nn.Sequential(nn.Conv2d(3, 6, 3, 1, 2, dilation=2), nn.Conv2d(6, 6, 3, 2, 1),
                          nn.Conv2d(6, 4, 2)).eval()
     x = torch.randn(1, 3, 47, 53, requires_grad=True)
-    g = torch.randn(1, 4, 23, 26)
-    truth, gt = _truth(stem, x, g)
-    sb = copy.deepcopy(stem).bfloat16()
-    sm = streamcnn.StreamingModule(sb, tile)
-    assert sm.tiling(47, 53)["col_bounds"][-2:] == [25, 26]    # a one-column tile
-    xb = x.detach().bfloat16().requires_grad_()
-    res = {}
-    for name, f in (("stream", sm), ("whole", sb)):
-        y = f(xb)
-        grads = torch.autograd.grad((y * g.bfloat16()).sum(), [xb] + list(sb.parameters()))
-        res[name] = (_err(y, truth), max(_err(a, b) for a, b in zip(grads, gt)))
-    assert torch.equal(sm(xb), sm(xb))
-    (out_s, grad_s), (out_w, grad_w) = res["stream"], res["whole"]
-    assert out_s <= 1.5 * out_w + 1e-3, res
-    assert grad_s <= 2 * grad_w + 1e-2, res
+
+    def check(sm):
+        assert sm.tiling(47, 53)["col_bounds"][-2:] == [25, 26]    # a one-column tile
+        xb = x.detach().bfloat16()
+        assert torch.equal(sm(xb), sm(xb))
+    _check_half_stream(stem, x, torch.bfloat16, tile, check)
 
 
 def test_autocast_with_uint8_image_and_normalisation():
