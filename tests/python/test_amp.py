@@ -104,10 +104,11 @@ def test_half_module_and_image(dtype):
     _check_half_stream(stem, torch.randn(2, 3, 61, 47, requires_grad=True), dtype, 23)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("pool", [dict(padding=8, count_include_pad=False),
                                   dict(ceil_mode=True)], ids=["exclude-pad", "ceil"])
-def test_half_average_pool_of_large_sums(dtype, pool):
+def test_half_average_pool_of_large_sums(dtype, pool, device):
     """A 16 x 16 average pool whose divisors vary at the border (padding
     not counted; a ceil_mode window hanging over the edge) over activations
     of about 400: its window sums (up to 102400) pass float16's largest
@@ -118,21 +119,22 @@ def test_half_average_pool_of_large_sums(dtype, pool):
     with torch.no_grad():
         stem[0].weight.uniform_(0.6 / 27, 1.4 / 27)
         stem[0].bias.zero_()
-    x = torch.empty(1, 3, 62, 57).uniform_(330, 470).requires_grad_()
-    _check_half_stream(stem, x, dtype, 24)
+    x = torch.empty(1, 3, 62, 57, device=device).uniform_(330, 470).requires_grad_()
+    _check_half_stream(stem.to(device), x, dtype, 24)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("tile", [17, 18])
-def test_bfloat16_one_column_tiles(tile):
+def test_bfloat16_one_column_tiles(tile, device):
     """oneDNN 3.10 (torch 2.11's CPU convolutions) computes a bfloat16
     convolution with a column stride of 2 and a one-column output of 5+
     rows wrongly (garbage, NaN; here the last tile column, 1 output column
     wide: errors of 0.3, varying between runs). Such a convolution now runs
-    on its window's columns with stride 1."""
+    on its window's columns with stride 1 (on CUDA: cuDNN, as it is)."""
     torch.manual_seed(0)
     stem = nn.Sequential(nn.Conv2d(3, 6, 3, 1, 2, dilation=2), nn.Conv2d(6, 6, 3, 2, 1),
-                         nn.Conv2d(6, 4, 2)).eval()
-    x = torch.randn(1, 3, 47, 53, requires_grad=True)
+                         nn.Conv2d(6, 4, 2)).eval().to(device)
+    x = torch.randn(1, 3, 47, 53, device=device, requires_grad=True)
 
     def check(sm):
         assert sm.tiling(47, 53)["col_bounds"][-2:] == [25, 26]    # a one-column tile
