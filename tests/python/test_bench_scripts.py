@@ -191,3 +191,14 @@ def test_cpu_benchmark_script_cat_models(model, title, tile):
     assert f"# {title}, fp32, batch 1, fwd+bwd, 400x400" in res.stdout
     for row in ("| whole ", "| stream ", "| cone ", "| stream/whole", "| cone/whole"):
         assert row in res.stdout, res.stdout
+
+
+def test_onednn_narrow_convs_script():
+    """bench/onednn_narrow_convs.py (whether torch's CPU convolutions still
+    get narrow bfloat16 outputs wrong, so the workaround in op/aten.c can
+    go) runs and prints its table over the whole sweep."""
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "onednn_narrow_convs.py")],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "# torch " in res.stdout and "bfloat16  channels_last" in res.stdout
+    assert res.stdout.rstrip().splitlines()[-1].endswith(" of 10650 convolutions")
