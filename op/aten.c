@@ -618,36 +618,31 @@ static double conv_macs_per_output(const sc_instr *in) {
  * convolution whose output is one column wide, with a column stride over 1,
  * wrongly (garbage, NaN, varying from run to run) once that column is 5 or
  * more rows high; narrow tiles make such convolutions. With one output
- * column the column stride is immaterial: *one_col is set to the columns
- * its window reads when the convolution runs on those alone with stride 1
- * (the same sums; test_amp.py::test_bfloat16_one_column_tiles). */
+ * column the column stride is immaterial: for such a convolution *xs is
+ * set to the view of x's columns its window reads and *stride1 to `in`
+ * with column stride 1 (the same sums;
+ * test_amp.py::test_bfloat16_one_column_tiles); else *xs stays NULL. */
 static int bf16_one_column(sc_ctx *ctx, AtenTensorHandle x, const sc_instr *in,
-                           int64_t *one_col) {
+                           AtenTensorHandle *xs, sc_instr *stride1) {
   int64_t dim, *sz, *st;
   const sc_window *w = &in->win[1];
   const int64_t span = w->d * (w->k - 1) + 1;
-  *one_col = 0;
+  *xs = NULL;
   if (ctx->is_cuda || ctx->kdtype != SC_DTYPE_BF16 || w->s == 1) return SC_OK;
   if (_sc_meta(ctx, x, &dim, &sz, &st)) return SC_ERR;
-  if (dim == 4 && sz[3] >= span && (sz[3] - span) / w->s == 0) *one_col = span;
-  return SC_OK;
+  if (dim != 4 || sz[3] < span || (sz[3] - span) / w->s != 0) return SC_OK;
+  *stride1 = *in;
+  stride1->win[1].s = 1;
+  return _sc_view(ctx, x, 0, sz[2], 0, span, xs);
 }
 
 int _sc_conv(sc_ctx *ctx, AtenTensorHandle x, AtenTensorHandle w,
              AtenTensorHandle b, const sc_instr *in, AtenTensorHandle *out) {
-  int64_t one_col, dim, *sz, *st;
-  AtenTensorHandle xs = NULL;
+  AtenTensorHandle xs;
   sc_instr stride1;
   *out = NULL;
-  if (bf16_one_column(ctx, x, in, &one_col)) return SC_ERR;
-  if (one_col) {
-    stride1 = *in;
-    stride1.win[1].s = 1;
-    in = &stride1;
-    if (_sc_meta(ctx, x, &dim, &sz, &st) ||
-        _sc_view(ctx, x, 0, sz[2], 0, one_col, &xs))
-      return SC_ERR;
-  }
+  if (bf16_one_column(ctx, x, in, &xs, &stride1)) return SC_ERR;
+  if (xs) in = &stride1;
   stk s = {0};
   push_tensor(&s, xs ? xs : x);
   push_tensor(&s, w);
@@ -728,15 +723,19 @@ int _sc_avgpool_backward(sc_ctx *ctx, AtenTensorHandle g, AtenTensorHandle x,
   return stk_call(ctx, &s, "aten::avg_pool2d_backward", "", 1, out);
 }
 
-/* A contiguous copy of t in dtype (aten::copy_ converts). */
-static int copy_as(sc_ctx *ctx, AtenTensorHandle t, int32_t dtype,
-                   AtenTensorHandle *out) {
+/* An uninitialised contiguous tensor of t's sizes in dtype. */
+static int alloc_like(sc_ctx *ctx, const char *what, AtenTensorHandle t,
+                      int32_t dtype, AtenTensorHandle *out) {
   int64_t dim, *sizes, *strides;
   *out = NULL;
-  if (_sc_meta(ctx, t, &dim, &sizes, &strides) ||
-      _sc_alloc(ctx, "a float32 copy of an average pool's tile", dtype, dim,
-                sizes, 0, out))
-    return SC_ERR;
+  if (_sc_meta(ctx, t, &dim, &sizes, &strides)) return SC_ERR;
+  return _sc_alloc(ctx, what, dtype, dim, sizes, 0, out);
+}
+
+/* A contiguous copy of t in dtype (aten::copy_ converts). */
+static int copy_as(sc_ctx *ctx, const char *what, AtenTensorHandle t,
+                   int32_t dtype, AtenTensorHandle *out) {
+  if (alloc_like(ctx, what, t, dtype, out)) return SC_ERR;
   if (_sc_copy_across(ctx, *out, t)) {
     _sc_drop(out);
     return SC_ERR;
@@ -760,10 +759,13 @@ int _sc_avgpool_div(sc_ctx *ctx, AtenTensorHandle x, const sc_instr *in,
     return SC_OK;
   }
   AtenTensorHandle xf = NULL, s = NULL;
-  int rc = copy_as(ctx, x, aoti_torch_dtype_float32(), &xf) ||
+  int rc = copy_as(ctx, "a float32 copy of an average pool's input", x,
+                   aoti_torch_dtype_float32(), &xf) ||
            _sc_avgpool(ctx, xf, in, 1, &s);
   _sc_drop(&xf);
-  if (!rc) rc = _sc_div_(ctx, s, div) || copy_as(ctx, s, ctx->dtype, out);
+  if (!rc)
+    rc = _sc_div_(ctx, s, div) ||
+         copy_as(ctx, "an average pool's output", s, ctx->dtype, out);
   _sc_drop(&s);
   return rc ? SC_ERR : SC_OK;
 }
@@ -781,15 +783,16 @@ int _sc_avgpool_div_backward(sc_ctx *ctx, AtenTensorHandle g,
   }
   /* the pool's backward reads only its input's shape: an uninitialised
    * float32 tensor of it (on the CPU its pages are never touched) */
-  int64_t dim, *sizes, *strides;
-  rc = copy_as(ctx, g, aoti_torch_dtype_float32(), &t) ||
-       _sc_div_(ctx, t, div) || _sc_meta(ctx, x, &dim, &sizes, &strides) ||
-       _sc_alloc(ctx, "a float32 average pool input's shape",
-                 aoti_torch_dtype_float32(), dim, sizes, 0, &like) ||
+  const int32_t f32 = aoti_torch_dtype_float32();
+  rc = copy_as(ctx, "a float32 copy of an average pool's gradient", g, f32,
+               &t) ||
+       _sc_div_(ctx, t, div) ||
+       alloc_like(ctx, "a float32 average pool input's shape", x, f32, &like) ||
        _sc_avgpool_backward(ctx, t, like, in, 1, &gi);
   _sc_drop(&t);
   _sc_drop(&like);
-  if (!rc) rc = copy_as(ctx, gi, ctx->dtype, out);
+  if (!rc)
+    rc = copy_as(ctx, "an average pool's input gradient", gi, ctx->dtype, out);
   _sc_drop(&gi);
   return rc ? SC_ERR : SC_OK;
 }
