@@ -106,6 +106,11 @@ def _check_settings(before: dict, stem: nn.Module) -> None:
                                  f"to {v1!r} after this StreamingModule was built{again}")
 
 
+def _ref_name(path: str, attr: str) -> str:
+    """The name of the stem's tensor ``attr`` of submodule ``path``."""
+    return f"{path}.{attr}" if path else attr
+
+
 def _param_gatherer(stem: nn.Module, refs: List[Tuple[str, str]]) -> fx.GraphModule:
     """A generated module whose forward returns the tensors ``refs`` name, read
     at call time. It holds the stem's own children (same objects), so the
@@ -116,8 +121,8 @@ def _param_gatherer(stem: nn.Module, refs: List[Tuple[str, str]]) -> fx.GraphMod
     # the state_dict keys are the stem's (e.g. num_batches_tracked)
     installs += [graph.get_attr(name) for name, _ in stem.named_parameters(recurse=False)]
     installs += [graph.get_attr(name) for name, _ in stem.named_buffers(recurse=False)]
-    outs = [graph.call_function(_tensor, (graph.get_attr(f"{path}.{attr}" if path else attr),
-                                          f"{path}.{attr}" if path else attr))
+    outs = [graph.call_function(_tensor, (graph.get_attr(_ref_name(path, attr)),
+                                          _ref_name(path, attr)))
             for path, attr in refs]
     graph.output(outs)
     gm = fx.GraphModule(stem, graph, class_name="StreamParams")
@@ -327,9 +332,8 @@ class StreamingModule(nn.Module):
             _warn_small_tiles(tile, info)
         self.module = _param_gatherer(module, conv.param_refs)
         # the stem's tensors the program reads, and their shapes then
-        self._param_names: List[str] = [f"{p}.{a}" if p else a for p, a in conv.param_refs]
-        self._param_shapes: List[List[int]] = [
-            list(getattr(module.get_submodule(p), a).shape) for p, a in conv.param_refs]
+        self._param_names: List[str] = [_ref_name(p, a) for p, a in conv.param_refs]
+        self._param_shapes: List[List[int]] = [list(t.shape) for t in self.module()]
         self.program: List[int] = conv.program
         self.progress: bool = bool(progress)
         self.deterministic: bool = bool(deterministic)
