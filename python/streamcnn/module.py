@@ -723,6 +723,9 @@ class StreamingModule(nn.Module):
         return x, params
 
     def extra_repr(self) -> str:
+        if "output_stride" not in self.__dict__:
+            # the constructor raised (a traceback or debugger shows self)
+            return "<not built>"
         budget = f"memory_budget={self.memory_budget}, " if self.memory_budget else ""
         return (f"{budget}tile_size={tuple(self.tile_size)}, "
                 f"receptive_field={self.receptive_field}, output_stride={self.output_stride}, "

@@ -75,6 +75,21 @@ def test_tile_smaller_than_receptive_field():
     _sm(8)  # exactly the receptive field works
 
 
+def test_repr_of_a_module_whose_constructor_raised():
+    """A traceback (pytest's, a debugger's) shows the half-built self: its
+    repr must not raise an AttributeError of its own."""
+    for bad in (7, (8, 7)):
+        with pytest.raises(ValueError, match="minimum tile_size") as info:
+            _sm(bad)
+        tb = info.tb
+        while tb is not None and "self" not in tb.tb_frame.f_locals:
+            tb = tb.tb_next
+        half = tb.tb_frame.f_locals["self"]
+        assert isinstance(half, streamcnn.StreamingModule)
+        assert "StreamingModule(<not built>)" in repr(half)
+    assert "tile_size=(8, 8)" in repr(_sm(8))
+
+
 def test_train_mode_batchnorm():
     stem = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))  # training mode
     with pytest.raises(ValueError, match=r"BatchNorm2d '1' \(fx node '_1'\).*freeze it: call \.eval\(\)"):
