@@ -7,7 +7,10 @@ whole-image forward (StreamingModule.work, from the C tiling plans), per
 image size and tile size, and the same for a training step: the backward
 streams the forward again, so a step is about (2 + 2) x streamed forward
 against (1 + 2) x whole forward (backward ~ 2 x forward in multiply-adds).
-Columns: "cone" (every tile recomputes its whole cone, halo_cache=False) and
+Columns: "cone" (every tile recomputes its whole cone, halo_cache=False: the
+forward op computes each value once either way, the backward recomputes
+cones, so "step cone" is a little above what runs: 2.12x modelled where
+macs_executed counted 2.01x for ResNet-18 conv1..layer2, 768², tile 256) and
 "cached" (halo caching along rows, the default: only the column overlap is
 recomputed), plus the strips the cache keeps from forward to backward
 (float32). Exact streaming with one recompute cannot beat 4/3 = 1.33x;

@@ -303,7 +303,7 @@ def default_tile_size(arch: str, stream_upto: Union[str, int, None] = None) -> i
 def _channels(stem: StreamingModule, body: nn.Module) -> int:
     """Channels of body(stem(x)), from a forward of the plain modules on
     the meta device (shapes only: the receptive field's forward itself took
-    90 s for ConvNeXt-Large to features[6], 2824²)."""
+    90 s for ConvNeXt-Large's features[:6], 2824²)."""
     # 32 x 32 stem outputs: enough for the body's own strided layers
     # (Inception-v3's Mixed_7a needs 3 x 3)
     size = [input_extent(r, s, 32) for r, s in zip(stem.receptive_field, stem.output_stride)]

@@ -32,7 +32,7 @@ def default_tile_size(stem: nn.Module) -> List[int]:
     field is so large that 1024 would give fewer than
     ``MIN_OUTPUT_TILE`` (32) output pixels per side, the tile that gives
     that many (receptive field + 31 x output stride: ResNet-152 to layer3
-    1787, ConvNeXt-Tiny to features[6] 1592, DenseNet-121 to denseblock3
+    1787, ConvNeXt-Tiny's features[:6] 1592, DenseNet-121 to denseblock3
     1527)."""
     info = program_info(convert(stem).program)
     return [max(DEFAULT_TILE, input_extent(info[2 + k], info[4 + k], MIN_OUTPUT_TILE))

@@ -72,8 +72,9 @@ OPTIONS: Tuple[Option, ...] = (
     Option("weights", str, None, "a local torchvision state_dict of the backbone (nothing "
            "is downloaded)", path=True, metavar="FILE"),
     Option("stream_upto", str, None, "last streamed layer: maxpool, layer1 .. layer4 "
-           "(ResNets), 1 .. 7 (ConvNeXt), pool0, denseblock1, transition1 .. denseblock4 "
-           "(DenseNets), maxpool1, Conv2d_3b_1x1 .. Mixed_7c (Inception-v3), 1 .. 18 "
+           "(ResNets), a count 1 .. 7 (ConvNeXt: N streams features[:N]), pool0, "
+           "denseblock1, transition1 .. denseblock4 "
+           "(DenseNets), maxpool1, Conv2d_3b_1x1 .. Mixed_7c (Inception-v3), a count 1 .. 18 "
            "(MobileNetV2), maxpool, stage2 .. stage4, conv5 (ShuffleNetV2); default: the "
            "stage before the last",
            metavar="LAYER"),
