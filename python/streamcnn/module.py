@@ -367,7 +367,11 @@ class StreamingModule(nn.Module):
         self.out_channels: int = info[1]
         self.receptive_field: Tuple[int, int] = (info[2], info[3])
         self.output_stride: Tuple[int, int] = (info[4], info[5])
+        # modules whose mode the program fixed (batch norms and dropouts in
+        # eval mode; modules of other libraries whose code reads their mode,
+        # traced in the mode they had): they keep it
         self._mode_paths: List[str] = [p for p, _ in conv.mode_modules]
+        self._mode_built: List[bool] = [bool(m.training) for _, m in conv.mode_modules]
         # parameters that may stay float32 in a half-precision computation
         # (batch norms', and mean / std, which the image gather applies in
         # float32), and whether autocast would run any layer of the stem in
@@ -547,8 +551,9 @@ class StreamingModule(nn.Module):
     def train(self, mode: bool = True):
         super().train(mode)
         self._stem[0].training = mode  # its children follow through .module
-        for path in self._mode_paths:  # batch norm / dropout stay frozen
-            self._mode_module(path).eval()
+        # batch norms / dropouts stay frozen, modules traced in a mode keep it
+        for path, built in zip(self._mode_paths, self._mode_built):
+            self._mode_module(path).training = built
         return self
 
     @torch.jit.unused
@@ -604,11 +609,16 @@ class StreamingModule(nn.Module):
                 raise ValueError(f"streamcnn: the stem's '{name}' has shape {list(p.shape)}, "
                                  f"{shape} when this StreamingModule was built; build a new "
                                  "StreamingModule after changing the stem's layers")
-        for path in self._mode_paths:
+        for path, built in zip(self._mode_paths, self._mode_built):
             m = self._mode_module(path)
-            if m.training:
+            if m.training and not built:
                 raise ValueError(f"streamcnn: '{path}' ({type(m).__name__}) was switched to "
                                  "training mode; streaming needs it frozen: call .eval() on it")
+            if built and not m.training:
+                raise ValueError(f"streamcnn: '{path}' ({type(m).__name__}) was switched to "
+                                 "eval mode; it was traced in training mode when this "
+                                 "StreamingModule was built (its code reads its mode): call "
+                                 ".train() on it, or build a new StreamingModule")
         tiling_info(self.program, x.shape[2], x.shape[3], self.tile_size)  # size errors
 
     @staticmethod

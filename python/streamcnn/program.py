@@ -11,8 +11,11 @@ the program holds no data and parameters are read at call time.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import operator
 from collections import OrderedDict
+import re
 import struct
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -35,9 +38,11 @@ ACT_RELU, ACT_RELU6, ACT_LEAKY_RELU, ACT_SILU, ACT_GELU, ACT_SIGMOID, ACT_TANH, 
 
 SUPPORTED = (
     "Conv2d (padding_mode='zeros'), MaxPool2d, AvgPool2d (and F.max_pool2d, F.avg_pool2d), "
-    "BatchNorm2d in eval mode, "
+    "BatchNorm2d in eval mode (and F.batch_norm with training=False, "
+    "FrozenBatchNorm2d), "
     "ReLU, ReLU6, LeakyReLU, SiLU, GELU, Sigmoid, Tanh, Hardswish, Identity, "
-    "Dropout / StochasticDepth in eval mode, residual adds, torch.cat along the channels "
+    "Dropout / StochasticDepth / timm's DropPath in eval mode, residual adds, "
+    "torch.cat along the channels "
     "(DenseNet, Inception), chunk / split / slices of the channels and channel shuffles "
     "(ShuffleNet), and per-pixel channel ops "
     "(LayerNorm over channels, Linear on channels after a permute to channels-last, "
@@ -237,7 +242,21 @@ def _shape_text(shape) -> str:
 
 
 def _unsupported(node: fx.Node, what: str, hint: str) -> ValueError:
-    return ValueError(f"streamcnn: cannot stream {what} (fx node '{node.name}'): {hint}")
+    return ValueError(f"streamcnn: cannot stream {what} (fx node '{node.name}'"
+                      f"{_inside(node)}): {hint}")
+
+
+def _inside(node: fx.Node) -> str:
+    """", in 'layer1.0.se' (SEModule)": the innermost module whose forward
+    made a function or method node (fx's nn_module_stack), or ""."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if node.op == "call_module" or not stack:
+        return ""
+    path, kind = list(stack.values())[-1]
+    path = _strip_leaf(str(path)) if str(path).startswith(_LEAF) else str(path)
+    if not path:
+        return ""
+    return f", in '{path}' ({getattr(kind, '__name__', kind)})"
 
 
 _NONLOCAL_HINT = (
@@ -340,7 +359,61 @@ def _pool_stride(stride, kernel) -> Tuple[int, int]:
 
 
 def _is_stochastic_depth(m: nn.Module) -> bool:
-    return type(m).__name__ == "StochasticDepth" and hasattr(m, "p")
+    """torchvision's StochasticDepth, timm's DropPath and DropBlock2d:
+    identities in eval mode, random in training mode."""
+    name = type(m).__name__
+    return (name == "StochasticDepth" and hasattr(m, "p")) or (
+        name in ("DropPath", "DropBlock2d") and hasattr(m, "drop_prob"))
+
+
+def _drop_probability(m: nn.Module) -> float:
+    return float(getattr(m, "p", None) or getattr(m, "drop_prob", None) or 0.0)
+
+
+def _is_frozen_bn(m: nn.Module) -> bool:
+    """torchvision's FrozenBatchNorm2d (timm's freeze_batch_norm_2d puts it
+    in place of BatchNorm2d; timm has one of its own): a batch norm whose
+    statistics and affine parameters are buffers."""
+    return type(m).__name__ == "FrozenBatchNorm2d" and hasattr(m, "eps") and all(
+        isinstance(getattr(m, b, None), torch.Tensor)
+        for b in ("weight", "bias", "running_mean", "running_var"))
+
+
+@functools.lru_cache(maxsize=None)
+def _reads_training(cls: type) -> bool:
+    """Whether a module class outside torch.nn reads a ``.training`` flag in
+    its own code (timm's BatchNormAct2d, a block with ``if self.training``):
+    fx traces it once, in the mode it has then."""
+    for k in cls.__mro__:
+        if k is nn.Module or k.__module__.startswith("torch.nn"):
+            continue
+        try:
+            src = inspect.getsource(k)
+        except (OSError, TypeError):  # no source (generated, compiled): unknown
+            continue
+        if re.search(r"\.training\b", src):
+            return True
+    return False
+
+
+class _StemTracer(fx.Tracer):
+    """fx's tracer, with FrozenBatchNorm2d kept as a layer, and the
+    innermost module whose forward raised remembered (for the message)."""
+
+    def __init__(self):
+        super().__init__()
+        self.failed_in: Optional[Tuple[str, str]] = None
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return _is_frozen_bn(m) or super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m, forward, args, kwargs):
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:
+                self.failed_in = (self.path_of_module(m), type(m).__name__)
+            raise
 
 
 def _stochastic_depth_fn():
@@ -369,6 +442,12 @@ _ALIAS_FUNCTIONS = (torch.permute, operator.getitem, torch.flatten, F.dropout, t
                     torch.tensor_split, torch.squeeze, torch.unsqueeze, torch.movedim,
                     torch.swapaxes, torch.swapdims, torch.unflatten, torch.t,
                     torch.as_strided, torch.diagonal, torch.select)
+
+
+# reshapes that keep the elements' order (of a parameter: see _param_view)
+_VIEW_METHODS = ("reshape", "view", "unsqueeze", "squeeze", "flatten")
+_VIEW_FNS = {torch.reshape: "reshape", torch.unsqueeze: "unsqueeze",
+             torch.squeeze: "squeeze", torch.flatten: "flatten"}
 
 
 def _mutated(root: nn.Module, node: fx.Node) -> Optional[Any]:
@@ -412,7 +491,8 @@ def _is_alias(node: fx.Node, root: nn.Module) -> bool:
         return node.target in _ALIAS_FUNCTIONS or node.target is _stochastic_depth_fn()
     if node.op == "call_module":
         m = root.get_submodule(str(node.target))
-        return isinstance(m, (nn.Identity, nn.Dropout, nn.Flatten)) or _is_stochastic_depth(m)
+        return isinstance(m, (nn.Identity, nn.modules.dropout._DropoutNd, nn.Flatten)) or \
+            _is_stochastic_depth(m)
     return False
 
 
@@ -463,6 +543,8 @@ class _Converter:
         self.chan: Dict[fx.Node, int] = {}
         self.layout: Dict[fx.Node, str] = {}
         self.attrs: Dict[fx.Node, Tuple[str, str]] = {}  # get_attr -> (path, attr)
+        # reshapes of a parameter -> (its slot, the reshaped tensor)
+        self.attr_views: Dict[fx.Node, Tuple[int, torch.Tensor]] = {}
         self.mode_modules: List[Tuple[str, nn.Module]] = []
         # value of the cat of a tuple of values: DenseNet's layer k joins
         # the features of layers 0 .. k, the cat of layer k - 1's and one
@@ -731,9 +813,16 @@ class _Converter:
             raise _unsupported(node, what, "it reads a tensor permuted to N x H x W x C; "
                                "permute it back to N x C x H x W first")
 
-    def _param(self, node, what, arg, role):
+    def _param(self, node, what, arg, role, view_ok=False):
         """Parameter slot of a tensor attribute (get_attr) used by a function;
-        returns (slot, tensor)."""
+        returns (slot, tensor). view_ok: arg may be a reshape of one (the
+        tensor returned is the reshaped one; the slot holds the parameter,
+        its elements in the same order)."""
+        if isinstance(arg, fx.Node) and arg in self.attr_views:
+            if not view_ok:
+                raise _unsupported(node, what, f"its {role} is a reshaped parameter "
+                                   f"('{arg.name}'); pass the parameter itself")
+            return self.attr_views[arg]
         if not isinstance(arg, fx.Node) or arg not in self.attrs:
             raise _unsupported(node, what, f"its {role} must be a parameter or buffer of the "
                                f"stem, got {arg!r}")
@@ -742,6 +831,30 @@ class _Converter:
         if not isinstance(t, torch.Tensor):
             raise _unsupported(node, what, f"its {role} '{arg.target}' is not a tensor")
         return self._p(path, attr), t
+
+    def _param_view(self, node) -> bool:
+        """A reshape of a parameter (``gamma.reshape(1, -1, 1, 1)``, timm's
+        layer scale; ``gamma.view(-1, 1, 1)``): its elements are the
+        parameter's in the same order, so a per-channel scale reads the
+        parameter itself (see _param). True when node is one."""
+        t = node.target
+        name = t if node.op == "call_method" else _VIEW_FNS.get(t)
+        if name not in _VIEW_METHODS or not node.args:
+            return False
+        src = node.args[0]
+        if not isinstance(src, fx.Node) or not (src in self.attrs or src in self.attr_views):
+            return False
+        what = f"{node.op} {getattr(t, '__name__', t)}"
+        slot, base = self._param(node, what, src, "input", view_ok=True)
+        args = self._constants(node, what, tuple(node.args[1:]))
+        kw = {k: self._constants(node, what, v) for k, v in node.kwargs.items()}
+        try:
+            with torch.no_grad():
+                viewed = getattr(base.detach(), name)(*args, **kw)
+        except Exception as e:  # noqa: BLE001 - re-raised naming the node
+            raise _unsupported(node, what, f"reshaping the parameter failed: {e}") from None
+        self.attr_views[node] = (slot, viewed)
+        return True
 
     def _layernorm(self, node, what, x, shape, w, b, eps):
         c = self.chan[x]
@@ -756,7 +869,7 @@ class _Converter:
         a, b = args[0], args[1]
         x, s_ = (a, b) if self._is_tensor(a) else (b, a)
         x = self._input(node, x)
-        slot, t = self._param(node, what, s_, "scale")
+        slot, t = self._param(node, what, s_, "scale", view_ok=True)
         c = self.chan[x]
         shape = tuple(t.shape)
         per_channel = (shape in ((c, 1, 1), (1, c, 1, 1)) if self.layout[x] == NCHW else
@@ -774,6 +887,38 @@ class _Converter:
             raise _unsupported(node, what, f"permute{dims} of an {self.layout[x]} tensor: only "
                                "N x C x H x W <-> N x H x W x C is supported")
         self._alias(node, x, layout)
+
+    def _batchnorm_fn(self, node, what, x, rest, kw):
+        """F.batch_norm with running statistics and training=False, as timm's
+        BatchNormAct2d calls it: the batch norm instruction. The module
+        holding the statistics keeps its mode (see run)."""
+        self._need_nchw(node, what, x)
+        a = dict(zip(["running_mean", "running_var", "weight", "bias", "training", "momentum",
+                      "eps"], rest), **kw)
+        training = a.get("training", False)
+        if isinstance(training, fx.Node) or bool(training):
+            raise _unsupported(node, what, "batch norm with training=True normalises with "
+                               "whole-image batch statistics; freeze it: call .eval() on the "
+                               "stem (its weight and bias still train)")
+        if a.get("running_mean") is None or a.get("running_var") is None:
+            raise _unsupported(node, what, "batch norm without running statistics uses "
+                               "whole-image statistics; it cannot be streamed")
+        slots = {}
+        for role in ("running_mean", "running_var", "weight", "bias"):
+            if a.get(role) is None:
+                slots[role] = -1
+                continue
+            slots[role], t = self._param(node, what, a[role], role)
+            if t.numel() != self.chan[x] or t.dim() != 1:
+                raise _unsupported(node, what, f"its {role} has shape {tuple(t.shape)}, not "
+                                   f"({self.chan[x]},) for {self.chan[x]} channels")
+        path = self.attrs[a["running_mean"]][0]
+        if not any(p == path for p, _ in self.mode_modules):
+            self.mode_modules.append((path, self.root.get_submodule(path)))
+        v = self.b.batchnorm(self.val[x], slots["weight"], slots["bias"],
+                             slots["running_mean"], slots["running_var"],
+                             float(a.get("eps", 1e-5)))
+        self._set(node, v, self.chan[x])
 
     def _maxpool(self, node, what, x, kernel, stride, padding, dilation, ceil_mode,
                  return_indices):
@@ -826,8 +971,17 @@ class _Converter:
         c = self.chan[x]
 
         if isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d,
-                          nn.modules.batchnorm._BatchNorm)):
+                          nn.modules.batchnorm._BatchNorm)) or _is_frozen_bn(m):
             self._need_nchw(node, what, x)
+
+        if _is_frozen_bn(m):  # a leaf of _StemTracer
+            if m.running_mean.numel() != c:
+                raise _unsupported(node, what, f"expects {m.running_mean.numel()} channels, "
+                                   f"gets {c}")
+            v = self.b.batchnorm(self.val[x], self._p(path, "weight"), self._p(path, "bias"),
+                                 self._p(path, "running_mean"), self._p(path, "running_var"),
+                                 float(m.eps))
+            return self._set(node, v, c)
 
         if _same_forward(m, nn.LayerNorm):
             w = self._p(path, "weight") if m.weight is not None else -1
@@ -896,11 +1050,12 @@ class _Converter:
             return self._set(node, v, c)
 
         if _is_stochastic_depth(m):  # a leaf only with a custom tracer
-            if m.training and m.p > 0:
+            if m.training and _drop_probability(m) > 0:
                 raise _unsupported(node, what, "stochastic depth in training mode drops "
                                    "whole samples at random; call .eval() on the stem")
             return self._alias(node, x)
-        if type(m) in (nn.Dropout, nn.Dropout2d, nn.AlphaDropout, nn.FeatureAlphaDropout):
+        if type(m) in (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+                       nn.FeatureAlphaDropout):
             if m.training and m.p > 0:
                 raise _unsupported(node, what, "dropout in training mode is random per pixel "
                                    "and cannot be replayed tile by tile; call .eval() on the "
@@ -1084,6 +1239,8 @@ class _Converter:
         if t is torch.permute:
             dims = rest[0] if rest else kw["dims"]
             return self._permute(node, what, x, dims)
+        if t is F.batch_norm:
+            return self._batchnorm_fn(node, what, x, rest, kw)
         if t is F.layer_norm:
             names = ["normalized_shape", "weight", "bias", "eps"]
             a = dict(zip(names, rest), **kw)
@@ -1144,19 +1301,29 @@ class _Converter:
         # modules frozen too, and refuse them in training mode up front
         for name, m in self.root.named_modules():
             if _is_stochastic_depth(m):
-                if m.training and m.p > 0:
-                    raise ValueError(f"streamcnn: cannot stream StochasticDepth '{name}': in "
-                                     "training mode it drops whole samples at random; call "
-                                     ".eval() on the stem")
+                if m.training and _drop_probability(m) > 0:
+                    raise ValueError(f"streamcnn: cannot stream {type(m).__name__} "
+                                     f"'{name}': in training mode it drops whole samples at "
+                                     "random; call .eval() on the stem")
                 self.mode_modules.append((name, m))
+        tracer = _StemTracer()
         try:
-            gm = fx.symbolic_trace(self.root)
+            graph = tracer.trace(self.root)
         except Exception as e:  # noqa: BLE001 - re-raised with context
+            where = ""
+            if tracer.failed_in is not None:
+                path, kind = tracer.failed_in
+                path = _strip_leaf(path) if path.startswith(_LEAF) else path
+                where = f" in '{path}' ({kind})" if path else f" in {kind}"
             raise ValueError(
-                "streamcnn: torch.fx could not trace the stem "
+                f"streamcnn: torch.fx could not trace the stem{where} "
                 f"({type(e).__name__}: {e}); streamcnn needs a stem made of supported "
                 f"layers ({SUPPORTED})") from e
-        graph = gm.graph
+        # modules of other libraries whose code reads their mode were traced
+        # in the mode they have now: they keep it (StreamingModule.train)
+        for name, m in self.root.named_modules():
+            if _reads_training(type(m)) and not any(p == name for p, _ in self.mode_modules):
+                self.mode_modules.append((name, m))
         functionalize(graph, self.root)
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
         if len(placeholders) != 1:
@@ -1185,6 +1352,8 @@ class _Converter:
         self._set(placeholders[0], 0, in_channels)
         for node in graph.nodes:
             if node not in live or node.op == "placeholder":
+                continue
+            if node.op in ("call_method", "call_function") and self._param_view(node):
                 continue
             if node.op == "call_module":
                 self.module(node)

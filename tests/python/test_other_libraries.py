@@ -1,0 +1,254 @@
+"""Layers as other libraries write them (timm's, torchvision.ops'): the
+forms a timm backbone's stem is made of, written here as timm 1.0 writes
+them (timm is not a dependency), streamed exactly or refused naming the
+module."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import streamcnn
+from conftest import compare, randomize_bn
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """timm.layers.BatchNormAct2d: a BatchNorm2d subclass whose forward
+    calls F.batch_norm itself (batch statistics in training mode), then an
+    activation."""
+
+    def __init__(self, c, act=nn.ReLU):
+        super().__init__(c)
+        self.drop = nn.Identity()
+        self.act = act()
+
+    def forward(self, x):
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+        bn_training = True if self.training else (self.running_mean is None
+                                                  and self.running_var is None)
+        x = F.batch_norm(x,
+                         self.running_mean if not self.training or self.track_running_stats
+                         else None,
+                         self.running_var if not self.training or self.track_running_stats
+                         else None,
+                         self.weight, self.bias, bn_training, factor, self.eps)
+        return self.act(self.drop(x))
+
+
+def drop_path(x, drop_prob: float = 0.0, training: bool = False):
+    if drop_prob == 0.0 or not training:
+        return x
+    keep = 1 - drop_prob
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    return x * x.new_empty(shape).bernoulli_(keep).div_(keep)
+
+
+class DropPath(nn.Module):
+    """timm.layers.DropPath (stochastic depth, ``drop_prob``)."""
+
+    def __init__(self, drop_prob):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x):
+        return drop_path(x, self.drop_prob, self.training)
+
+
+class ConvNeXtBlock(nn.Module):
+    """timm's ConvNeXt block in NCHW: its layer scale is
+    ``x.mul(self.gamma.reshape(1, -1, 1, 1))``, and a DropPath."""
+
+    def __init__(self, c, view=False):
+        super().__init__()
+        self.conv_dw = nn.Conv2d(c, c, 7, padding=3, groups=c)
+        self.norm = BatchNormAct2d(c, nn.GELU)
+        self.conv_pw = nn.Conv2d(c, c, 1)
+        self.gamma = nn.Parameter(torch.rand(c) + 0.5)
+        self.view = view
+        self.drop_path = DropPath(0.1)
+
+    def forward(self, x):
+        y = self.conv_pw(self.norm(self.conv_dw(x)))
+        y = self.gamma.view(-1, 1, 1) * y if self.view else y.mul(self.gamma.reshape(1, -1, 1, 1))
+        return x + self.drop_path(y)
+
+
+def _stem(*layers):
+    stem = nn.Sequential(*layers).double().eval()
+    randomize_bn(stem, torch.Generator().manual_seed(1))
+    return stem
+
+
+def test_batchnorm_act_exact_and_frozen():
+    stem = _stem(nn.Conv2d(3, 8, 3, 2, 1, bias=False), BatchNormAct2d(8, nn.SiLU),
+                 nn.Conv2d(8, 8, 3, padding=1), BatchNormAct2d(8))
+    x = torch.randn(2, 3, 61, 53, dtype=torch.float64, requires_grad=True)
+    assert compare(stem, x, 24, 1e-10) < 1e-10
+    sm = streamcnn.StreamingModule(stem, 24)
+    sm.train()  # the head trains: the stem's batch norms stay frozen
+    assert not stem[1].training and not stem[3].training
+    assert (sm(x) - stem(x)).abs().max().item() < 1e-12
+    stem[3].train()
+    with pytest.raises(ValueError, match=r"'3' \(BatchNormAct2d\) was switched to training "
+                       r"mode.*call \.eval\(\)"):
+        sm(x)
+    # built in training mode: F.batch_norm with training=True
+    with pytest.raises(ValueError, match=r"batch_norm \(fx node 'batch_norm_1', in '3' "
+                       r"\(BatchNormAct2d\)\): batch norm with training=True .*call \.eval\(\)"):
+        streamcnn.StreamingModule(stem, 24)
+
+
+def test_frozen_batchnorm():
+    misc = pytest.importorskip("torchvision.ops.misc")
+    bn = misc.FrozenBatchNorm2d(8)
+    stem = _stem(nn.Conv2d(3, 8, 3, 2, 1, bias=False), bn, nn.ReLU(), nn.Conv2d(8, 4, 3))
+    with torch.no_grad():
+        bn.weight.copy_(torch.rand(8) + 0.5)
+        bn.bias.copy_(torch.randn(8))
+        bn.running_mean.copy_(torch.randn(8))
+        bn.running_var.copy_(torch.rand(8) + 0.5)
+    x = torch.randn(1, 3, 64, 59, dtype=torch.float64, requires_grad=True)
+    assert compare(stem, x, 32, 1e-10) < 1e-10
+    # its statistics are read at each call, as the module does
+    sm = streamcnn.StreamingModule(stem, 32)
+    with torch.no_grad():
+        bn.running_mean.add_(1.0)
+    assert (sm(x) - stem(x)).abs().max().item() < 1e-12
+
+
+@pytest.mark.parametrize("view", [False, True])
+def test_layer_scale_of_a_reshaped_parameter(view):
+    stem = _stem(nn.Conv2d(3, 8, 4, 4), ConvNeXtBlock(8, view), ConvNeXtBlock(8, view))
+    x = torch.randn(1, 3, 96, 88, dtype=torch.float64, requires_grad=True)
+    assert compare(stem, x, 64, 1e-10) < 1e-10  # gamma's gradient included
+
+
+def test_a_reshaped_parameter_where_one_is_not_read_whole():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.norm = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            w = self.norm.weight.reshape(4)
+            return F.batch_norm(self.conv(x), self.norm.running_mean, self.norm.running_var,
+                                w, self.norm.bias, False, 0.1, 1e-5)
+
+    with pytest.raises(ValueError, match=r"its weight is a reshaped parameter \('reshape'\)"):
+        streamcnn.StreamingModule(Block().eval(), 16)
+    # a reshape that does not fit fails naming the node
+    class Bad(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.gamma = nn.Parameter(torch.ones(4))
+
+        def forward(self, x):
+            return self.conv(x) * self.gamma.reshape(1, 5, 1, 1)
+
+    with pytest.raises(ValueError, match=r"reshape \(fx node 'reshape', in '' \(Bad\)\)|"
+                       r"reshape \(fx node 'reshape'\): reshaping the parameter failed"):
+        streamcnn.StreamingModule(Bad(), 16)
+
+
+def test_drop_path_stays_frozen_and_is_refused_in_training_mode():
+    stem = _stem(nn.Conv2d(3, 8, 4, 4), ConvNeXtBlock(8))
+    x = torch.randn(4, 3, 64, 64, dtype=torch.float64)
+    sm = streamcnn.StreamingModule(stem, 48)
+    sm.train()
+    # module(x) is what the stream computes: DropPath kept in eval mode
+    assert not stem[1].drop_path.training
+    assert (sm(x) - stem(x)).abs().max().item() < 1e-12
+    stem[1].drop_path.train()
+    with pytest.raises(ValueError, match=r"'1.drop_path' \(DropPath\) was switched to "
+                       "training mode"):
+        sm(x)
+    stem.train()
+    with pytest.raises(ValueError, match=r"cannot stream DropPath '1.drop_path': in training "
+                       r"mode it drops whole samples at random; call \.eval\(\)"):
+        streamcnn.StreamingModule(stem, 48)
+
+
+def test_module_reading_its_mode_keeps_the_traced_one():
+    """A module of another library whose forward reads self.training is
+    traced once, in the mode it has: the StreamingModule keeps it so."""
+
+    class ReluWhileTraining(nn.Module):  # as a block that acts only while training
+        def forward(self, x):
+            return F.relu(x) if self.training else x
+
+    stem = nn.Sequential(nn.Conv2d(3, 4, 3), ReluWhileTraining(), nn.Conv2d(4, 4, 3)).double()
+    x = torch.randn(1, 3, 40, 40, dtype=torch.float64)
+    sm = streamcnn.StreamingModule(stem, 20)   # built in training mode: traced doubling
+    assert (sm(x) - stem(x)).abs().max().item() < 1e-12
+    sm.eval()
+    assert stem[1].training and not stem[0].training
+    assert (sm(x) - stem(x)).abs().max().item() < 1e-12
+    stem[1].eval()
+    with pytest.raises(ValueError, match=r"'1' \(ReluWhileTraining\) was switched to eval "
+                       r"mode; it was traced in training mode .*call \.train\(\) on it"):
+        sm(x)
+
+
+@pytest.mark.parametrize("drop", [nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+                                  nn.AlphaDropout, nn.FeatureAlphaDropout])
+def test_inplace_after_an_eval_dropout_of_the_same_tensor(drop):
+    """In eval mode a dropout returns its input itself: an in-place op on
+    that input later changes the dropout's result too (refused, as for any
+    view)."""
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.drop = drop(0.5)
+            self.act = nn.ReLU(inplace=True)
+
+        def forward(self, x):
+            y = self.drop(x)
+            z = self.act(x)
+            return y + z
+
+    stem = nn.Sequential(nn.Conv2d(3, 4, 3), Block()).eval()
+    with pytest.raises(ValueError, match=r"it changes '_0', of which '_1_drop' \(read after "
+                       r"it\) is a view"):
+        streamcnn.StreamingModule(stem, 16)
+
+
+def test_messages_name_the_module():
+    class SE(nn.Module):  # squeeze-excitation: a global pool inside a block
+        def __init__(self, c):
+            super().__init__()
+            self.fc = nn.Conv2d(c, c, 1)
+
+        def forward(self, x):
+            return x * self.fc(x.mean((2, 3), keepdim=True)).sigmoid()
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+            self.se = SE(4)
+
+        def forward(self, x):
+            return self.se(self.conv(x))
+
+    stem = nn.Sequential(nn.Conv2d(3, 4, 3), Block()).eval()
+    with pytest.raises(ValueError, match=r"cannot stream method \.mean\(\) \(fx node 'mean', "
+                       r"in '1.se' \(SE\)\): it is not local"):
+        streamcnn.StreamingModule(stem, 16)
+
+    class SamePad(nn.Conv2d):  # timm's Conv2dSame: padding from the input's size
+        def forward(self, x):
+            ih = x.size()[-2]
+            pad = max((-(ih // -self.stride[0]) - 1) * self.stride[0] + 3 - ih, 0)
+            if pad > 0:
+                x = F.pad(x, [pad // 2, pad - pad // 2] * 2)
+            return F.conv2d(x, self.weight, self.bias, self.stride)
+
+    stem = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Sequential(SamePad(4, 4, 3, 2))).eval()
+    with pytest.raises(ValueError, match=r"torch.fx could not trace the stem in '1.0' "
+                       r"\(SamePad\) \(TraceError"):
+        streamcnn.StreamingModule(stem, 16)
