@@ -271,6 +271,37 @@ _NONLOCAL_MODULES = (
 )
 
 
+# functions and methods that are never local (what they read spans the image)
+_NONLOCAL_FNS = (F.adaptive_avg_pool2d, F.adaptive_max_pool2d, torch.mean, torch.sum,
+                 F.interpolate, F.group_norm)
+_NONLOCAL_METHODS = ("mean", "sum")
+
+
+def _nonlocal(node: fx.Node, root: nn.Module) -> bool:
+    if node.op == "call_module":
+        m = root.get_submodule(str(node.target))
+        return isinstance(m, _NONLOCAL_MODULES) and not isinstance(m, (nn.Flatten,
+                                                                        nn.Unflatten))
+    if node.op == "call_function" and node.target in (torch.mean, torch.sum) or \
+            node.op == "call_method" and node.target in _NONLOCAL_METHODS:
+        # over the rows or columns, or everything (a sum over the channels
+        # is local, though not supported)
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        dims = dims if isinstance(dims, (list, tuple)) else [dims]
+        return any(d is None or (isinstance(d, int) and d in (2, 3, -1, -2)) for d in dims)
+    return node.op == "call_function" and node.target in _NONLOCAL_FNS
+
+
+def _node_what(node: fx.Node, root: nn.Module) -> str:
+    """How a message names a node's layer (as the converter's methods do)."""
+    t = node.target
+    if node.op == "call_module":
+        return f"{type(root.get_submodule(str(t))).__name__} '{t}'"
+    if node.op == "call_method":
+        return f"method .{t}()"
+    return f"call to {getattr(t, '__module__', '')}.{getattr(t, '__name__', t)}"
+
+
 def _same_forward(m: nn.Module, cls) -> bool:
     return isinstance(m, cls) and type(m).forward is cls.forward
 
@@ -964,7 +995,7 @@ class _Converter:
     def module(self, node: fx.Node):
         path = str(node.target)
         m = self.root.get_submodule(path)
-        what = f"{type(m).__name__} '{path}'"
+        what = _node_what(node, self.root)
         if len(node.args) != 1 or node.kwargs:
             raise _unsupported(node, what, "expected a single tensor argument")
         x = self._input(node, node.args[0])
@@ -1090,6 +1121,9 @@ class _Converter:
     def _add(self, node, what, a, b, alpha=1):
         if alpha != 1:
             raise _unsupported(node, what, "add with alpha != 1 is not supported")
+        for u, v in ((a, b), (b, a)):  # x + 0 (timm's MobileOne: identity_out = 0)
+            if type(v) in (int, float) and v == 0 and self._is_tensor(u):
+                return self._alias(node, self._input(node, u))
         if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)) or \
                 a in self.attrs or b in self.attrs:
             raise _unsupported(node, what, "adding a constant or a parameter is not "
@@ -1191,7 +1225,7 @@ class _Converter:
 
     def function(self, node: fx.Node):
         t = node.target
-        what = f"call to {getattr(t, '__module__', '')}.{getattr(t, '__name__', t)}"
+        what = _node_what(node, self.root)
         args, kw = node.args, dict(node.kwargs)
         if t is operator.getitem and len(args) == 2:
             return self._getitem(node, what, args[0], args[1])
@@ -1270,7 +1304,7 @@ class _Converter:
 
     def method(self, node: fx.Node):
         name = node.target
-        what = f"method .{name}()"
+        what = _node_what(node, self.root)
         if name in ("mul", "mul_", "__mul__") and len(node.args) == 2:
             return self._scale(node, what, node.args)
         if self._channel_fn(node, what, name, node.args, dict(node.kwargs)):
@@ -1350,6 +1384,11 @@ class _Converter:
                              "many the image has: pass in_channels= (the image's channels)")
         self.b = ProgramBuilder(in_channels or 1)
         self._set(placeholders[0], 0, in_channels)
+        # a layer that cannot be local is named first: cutting the stem
+        # before it is what to do, whatever else a block holds
+        for node in graph.nodes:
+            if node in live and _nonlocal(node, self.root):
+                raise _unsupported(node, _node_what(node, self.root), _NONLOCAL_HINT)
         for node in graph.nodes:
             if node not in live or node.op == "placeholder":
                 continue

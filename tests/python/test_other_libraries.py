@@ -252,3 +252,42 @@ def test_messages_name_the_module():
     with pytest.raises(ValueError, match=r"torch.fx could not trace the stem in '1.0' "
                        r"\(SamePad\) \(TraceError"):
         streamcnn.StreamingModule(stem, 16)
+
+
+def test_plus_zero_and_nonlocal_named_first():
+    class MobileOneBlock(nn.Module):  # timm's training-time form: identity_out = 0
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+            self.identity = None
+
+        def forward(self, x):
+            identity_out = 0
+            if self.identity is not None:
+                identity_out = self.identity(x)
+            out = self.conv(x) + identity_out
+            out += x
+            return F.relu(out)
+
+    stem = _stem(nn.Conv2d(3, 4, 3), MobileOneBlock(), MobileOneBlock())
+    x = torch.randn(1, 3, 41, 37, dtype=torch.float64, requires_grad=True)
+    assert compare(stem, x, 20, 1e-10) < 1e-10
+
+    class SplitAttn(nn.Module):  # ResNeSt's: a 5-d view, then a global mean
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 8, 3, padding=1)
+            self.fc = nn.Conv2d(4, 8, 1)
+
+        def forward(self, x):
+            x = self.conv(x)
+            b, c, h, w = x.shape
+            x = x.reshape(b, 2, 4, h, w)
+            gap = x.sum(1).mean((2, 3), keepdim=True)
+            attn = self.fc(gap).view(b, 2, 4, 1, 1).softmax(1)
+            return (x * attn).sum(1)
+
+    stem = nn.Sequential(nn.Conv2d(3, 4, 3), SplitAttn()).eval()
+    with pytest.raises(ValueError, match=r"method \.mean\(\) \(fx node 'mean', in '1' "
+                       r"\(SplitAttn\)\): it is not local"):
+        streamcnn.StreamingModule(stem, 16)
