@@ -259,6 +259,11 @@ def _inside(node: fx.Node) -> str:
     return f", in '{path}' ({getattr(kind, '__name__', kind)})"
 
 
+_UPSAMPLE_HINT = (
+    "upsampling is not supported in a streamed stem (its tiles only keep or reduce the "
+    "resolution); keep it in the head, after the streamed stem"
+)
+
 _NONLOCAL_HINT = (
     "it is not local (an output pixel depends on the whole image), so it cannot be "
     "computed tile by tile; keep it in the head, after the streamed stem"
@@ -1388,7 +1393,10 @@ class _Converter:
         # before it is what to do, whatever else a block holds
         for node in graph.nodes:
             if node in live and _nonlocal(node, self.root):
-                raise _unsupported(node, _node_what(node, self.root), _NONLOCAL_HINT)
+                upsample = node.target is F.interpolate or node.op == "call_module" and \
+                    isinstance(self.root.get_submodule(str(node.target)), nn.Upsample)
+                raise _unsupported(node, _node_what(node, self.root),
+                                   _UPSAMPLE_HINT if upsample else _NONLOCAL_HINT)
         for node in graph.nodes:
             if node not in live or node.op == "placeholder":
                 continue
