@@ -1433,7 +1433,7 @@ class _Converter:
         return Converted(self.b.program(), list(self.b.params), self.mode_modules)
 
     def _guess_in_channels(self, graph, live) -> Optional[int]:
-        """Channels of the first Conv2d / BatchNorm2d: every layer before it
+        """Channels of the first Conv2d / batch norm: every layer before it
         keeps the channel count; None (``in_selected`` the node) where the
         stem selects channels of its input: then they do not say."""
         image = next(n for n in graph.nodes if n.op == "placeholder")
@@ -1451,6 +1451,8 @@ class _Converter:
                     return m.in_channels
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     return m.num_features
+                if _is_frozen_bn(m):
+                    return m.running_mean.numel()
         return None
 
 

@@ -111,6 +111,9 @@ def test_frozen_batchnorm():
         bn.running_var.copy_(torch.rand(8) + 0.5)
     x = torch.randn(1, 3, 64, 59, dtype=torch.float64, requires_grad=True)
     assert compare(stem, x, 32, 1e-10) < 1e-10
+    # the first layer: it says how many channels the image has
+    only = streamcnn.StreamingModule(nn.Sequential(misc.FrozenBatchNorm2d(3), nn.ReLU()), 8)
+    assert only.in_channels == 3
     # its statistics are read at each call, as the module does
     sm = streamcnn.StreamingModule(stem, 32)
     with torch.no_grad():
