@@ -2,6 +2,7 @@
 
 
 import operator
+import re
 import warnings
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -104,6 +105,16 @@ def _check_settings(before: dict, stem: nn.Module) -> None:
             if v0 != v1 and repr(v0) != repr(v1):
                 raise ValueError(f"streamcnn: {label} ({t0.__name__}) changed {k} from {v0!r} "
                                  f"to {v1!r} after this StreamingModule was built{again}")
+
+
+def _name_instructions(message: str, labels: Sequence[str]) -> str:
+    """The C core's "instruction 3 (add)" with its layer: "instruction 3
+    (add: fx node 'add', in 'level2' (Tree))"."""
+    def named(m):
+        i = int(m.group(1))
+        label = labels[i] if 0 <= i < len(labels) and labels[i] else ""
+        return f"instruction {i} ({m.group(2)}: {label})" if label else m.group(0)
+    return re.sub(r"instruction (\d+) \((\w+)\)", named, message)
 
 
 def _ref_name(path: str, attr: str) -> str:
@@ -335,6 +346,7 @@ class StreamingModule(nn.Module):
         self._param_names: List[str] = [_ref_name(p, a) for p, a in conv.param_refs]
         self._param_shapes: List[List[int]] = [list(t.shape) for t in self.module()]
         self.program: List[int] = conv.program
+        labels = list(conv.labels)
         self.progress: bool = bool(progress)
         self.deterministic: bool = bool(deterministic)
         self.halo_cache: bool = bool(halo_cache)
@@ -358,6 +370,7 @@ class StreamingModule(nn.Module):
             self.register_buffer("norm_weight", weight)
             self.register_buffer("norm_bias", bias)
             self.program = prepend_normalize(conv.program)
+            labels = ["the mean / std normalisation"] + labels
         else:  # (unused; buffers so that TorchScript sees tensors)
             self._norm_exact = [[], []]
             self.register_buffer("norm_weight", torch.empty(0), persistent=False)
@@ -371,6 +384,7 @@ class StreamingModule(nn.Module):
         # eval mode; modules of other libraries whose code reads their mode,
         # traced in the mode they had): they keep it
         self._mode_paths: List[str] = [p for p, _ in conv.mode_modules]
+        self._instr_labels: List[str] = labels  # each instruction's layer, in words
         self._mode_built: List[bool] = [bool(m.training) for _, m in conv.mode_modules]
         # parameters that may stay float32 in a half-precision computation
         # (batch norms', and mean / std, which the image gather applies in
@@ -619,7 +633,10 @@ class StreamingModule(nn.Module):
                                  "eval mode; it was traced in training mode when this "
                                  "StreamingModule was built (its code reads its mode): call "
                                  ".train() on it, or build a new StreamingModule")
-        tiling_info(self.program, x.shape[2], x.shape[3], self.tile_size)  # size errors
+        try:  # size errors, naming the layer
+            tiling_info(self.program, x.shape[2], x.shape[3], self.tile_size)
+        except ValueError as e:
+            raise ValueError(_name_instructions(str(e), self._instr_labels)) from None
 
     @staticmethod
     @torch.jit.unused

@@ -235,6 +235,8 @@ class Converted:
     param_refs: List[Tuple[str, str]]
     # submodules whose train/eval mode matters (batch norm, dropout)
     mode_modules: List[Tuple[str, nn.Module]] = field(default_factory=list)
+    # each instruction's layer, in words ("'layer1.0.conv1' (Conv2d)")
+    labels: List[str] = field(default_factory=list)
 
 
 def _shape_text(shape) -> str:
@@ -253,7 +255,7 @@ def _inside(node: fx.Node) -> str:
     if node.op == "call_module" or not stack:
         return ""
     path, kind = list(stack.values())[-1]
-    path = _strip_leaf(str(path)) if str(path).startswith(_LEAF) else str(path)
+    path = _strip_leaf(str(path))
     if not path:
         return ""
     return f", in '{path}' ({getattr(kind, '__name__', kind)})"
@@ -408,9 +410,12 @@ def _drop_probability(m: nn.Module) -> float:
 
 def _is_frozen_bn(m: nn.Module) -> bool:
     """torchvision's FrozenBatchNorm2d (timm's freeze_batch_norm_2d puts it
-    in place of BatchNorm2d; timm has one of its own): a batch norm whose
-    statistics and affine parameters are buffers."""
-    return type(m).__name__ == "FrozenBatchNorm2d" and hasattr(m, "eps") and all(
+    in place of BatchNorm2d; timm has one of its own) and timm's
+    FrozenBatchNormAct2d (in place of BatchNormAct2d): a batch norm whose
+    statistics and affine parameters are buffers (then, for the latter, its
+    ``drop`` and ``act``)."""
+    return type(m).__name__ in ("FrozenBatchNorm2d", "FrozenBatchNormAct2d") and \
+        hasattr(m, "eps") and all(
         isinstance(getattr(m, b, None), torch.Tensor)
         for b in ("weight", "bias", "running_mean", "running_var"))
 
@@ -433,17 +438,29 @@ def _reads_training(cls: type) -> bool:
 
 
 class _StemTracer(fx.Tracer):
-    """fx's tracer, with FrozenBatchNorm2d kept as a layer, and the
-    innermost module whose forward raised remembered (for the message)."""
+    """fx's tracer, with FrozenBatchNorm2d kept as a layer, the modules
+    called remembered (their forward ran: ``called``), and the innermost
+    module whose forward raised (for the message)."""
 
     def __init__(self):
         super().__init__()
         self.failed_in: Optional[Tuple[str, str]] = None
+        self.called: set = set()
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if type(m).__name__ == "FrozenBatchNormAct2d":
+            return False  # see call_module
         return _is_frozen_bn(m) or super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m, forward, args, kwargs):
+        self.called.add(self.path_of_module(m))
+        if _is_frozen_bn(m) and type(m).__name__ == "FrozenBatchNormAct2d" and \
+                len(args) == 1 and not kwargs:
+            # its batch norm as a layer, then its dropout and activation
+            # traced as modules of their own
+            def forward(x):
+                y = self.create_proxy("call_module", self.path_of_module(m), (x,), {})
+                return m.act(m.drop(y))
         try:
             return super().call_module(m, forward, args, kwargs)
         except Exception:
@@ -579,6 +596,7 @@ class _Converter:
         self.chan: Dict[fx.Node, int] = {}
         self.layout: Dict[fx.Node, str] = {}
         self.attrs: Dict[fx.Node, Tuple[str, str]] = {}  # get_attr -> (path, attr)
+        self.labels: Dict[int, str] = {}  # value -> the layer that made it, in words
         # reshapes of a parameter -> (its slot, the reshaped tensor)
         self.attr_views: Dict[fx.Node, Tuple[int, torch.Tensor]] = {}
         self.mode_modules: List[Tuple[str, nn.Module]] = []
@@ -834,6 +852,13 @@ class _Converter:
         self._set_sel(node, _Sel(sel.src, idx, (d2_, d1_)))
 
     def _set(self, node, value, channels, layout=NCHW):
+        if value not in self.labels and value > 0:  # the node that made the value
+            if node.op == "call_module":
+                path = _strip_leaf(str(node.target))
+                kind = type(self.root.get_submodule(str(node.target))).__name__
+                self.labels[value] = f"'{path}' ({kind})" if path else f"the stem ({kind})"
+            else:
+                self.labels[value] = f"fx node '{node.name}'{_inside(node)}"
         self.val[node] = value
         self.chan[node] = channels
         self.layout[node] = layout
@@ -931,14 +956,15 @@ class _Converter:
         self._need_nchw(node, what, x)
         a = dict(zip(["running_mean", "running_var", "weight", "bias", "training", "momentum",
                       "eps"], rest), **kw)
+        if a.get("running_mean") is None or a.get("running_var") is None:
+            raise _unsupported(node, what, "batch norm without running statistics "
+                               "(track_running_stats=False) uses whole-image statistics even "
+                               "in eval mode; it cannot be streamed")
         training = a.get("training", False)
         if isinstance(training, fx.Node) or bool(training):
             raise _unsupported(node, what, "batch norm with training=True normalises with "
                                "whole-image batch statistics; freeze it: call .eval() on the "
                                "stem (its weight and bias still train)")
-        if a.get("running_mean") is None or a.get("running_var") is None:
-            raise _unsupported(node, what, "batch norm without running statistics uses "
-                               "whole-image statistics; it cannot be streamed")
         slots = {}
         for role in ("running_mean", "running_var", "weight", "bias"):
             if a.get(role) is None:
@@ -1352,16 +1378,19 @@ class _Converter:
             where = ""
             if tracer.failed_in is not None:
                 path, kind = tracer.failed_in
-                path = _strip_leaf(path) if path.startswith(_LEAF) else path
+                path = _strip_leaf(path)
                 where = f" in '{path}' ({kind})" if path else f" in {kind}"
             raise ValueError(
                 f"streamcnn: torch.fx could not trace the stem{where} "
                 f"({type(e).__name__}: {e}); streamcnn needs a stem made of supported "
                 f"layers ({SUPPORTED})") from e
         # modules of other libraries whose code reads their mode were traced
-        # in the mode they have now: they keep it (StreamingModule.train)
+        # in the mode they have now: they keep it (StreamingModule.train).
+        # Only those called: a model whose forward_features a wrapper
+        # streams keeps its own mode (its forward_head's dropout reads it)
         for name, m in self.root.named_modules():
-            if _reads_training(type(m)) and not any(p == name for p, _ in self.mode_modules):
+            if (name == "" or name in tracer.called) and _reads_training(type(m)) and \
+                    not any(p == name for p, _ in self.mode_modules):
                 self.mode_modules.append((name, m))
         functionalize(graph, self.root)
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
@@ -1430,7 +1459,8 @@ class _Converter:
             # the output is an earlier value (e.g. a trailing Identity of a
             # value that is also used elsewhere): make it the last one
             raise ValueError("streamcnn: the stem's output must be its last computed value")
-        return Converted(self.b.program(), list(self.b.params), self.mode_modules)
+        return Converted(self.b.program(), list(self.b.params), self.mode_modules,
+                         [self.labels.get(v, "") for v in range(1, self.b.n_instr + 1)])
 
     def _guess_in_channels(self, graph, live) -> Optional[int]:
         """Channels of the first Conv2d / batch norm: every layer before it
@@ -1460,6 +1490,9 @@ _LEAF = "_streamcnn_leaf"
 
 
 def _strip_leaf(path: str) -> str:
+    """A path relative to the bare layer's wrapper (convert), else as it is."""
+    if not path.startswith(_LEAF):
+        return path
     return "" if path == _LEAF else path[len(_LEAF) + 1:]
 
 
@@ -1480,5 +1513,5 @@ def convert(module: nn.Module, in_channels: Optional[int] = None) -> Converted:
             not isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
         conv = _Converter(nn.Sequential(OrderedDict([(_LEAF, module)])), in_channels).run()
         return Converted(conv.program, [(_strip_leaf(p), a) for p, a in conv.param_refs],
-                         [(_strip_leaf(p), m) for p, m in conv.mode_modules])
+                         [(_strip_leaf(p), m) for p, m in conv.mode_modules], conv.labels)
     return _Converter(module, in_channels).run()

@@ -37,6 +37,31 @@ class BatchNormAct2d(nn.BatchNorm2d):
         return self.act(self.drop(x))
 
 
+class FrozenBatchNormAct2d(nn.Module):
+    """timm.layers.FrozenBatchNormAct2d (what timm's freeze_batch_norm_2d puts
+    in place of a BatchNormAct2d): buffers, the batch norm written out."""
+
+    def __init__(self, c, act=nn.ReLU):
+        super().__init__()
+        self.eps = 1e-5
+        self.register_buffer("weight", torch.rand(c) + 0.5)
+        self.register_buffer("bias", torch.randn(c))
+        self.register_buffer("running_mean", torch.randn(c))
+        self.register_buffer("running_var", torch.rand(c) + 0.5)
+        self.drop = nn.Identity()
+        self.act = act(inplace=True) if act is nn.ReLU else act()
+
+    def forward(self, x):
+        w = self.weight.reshape(1, -1, 1, 1)
+        b = self.bias.reshape(1, -1, 1, 1)
+        rv = self.running_var.reshape(1, -1, 1, 1)
+        rm = self.running_mean.reshape(1, -1, 1, 1)
+        scale = w * (rv + self.eps).rsqrt()
+        bias = b - rm * scale
+        x = x * scale + bias
+        return self.act(self.drop(x))
+
+
 def drop_path(x, drop_prob: float = 0.0, training: bool = False):
     if drop_prob == 0.0 or not training:
         return x
@@ -94,6 +119,13 @@ def test_batchnorm_act_exact_and_frozen():
     with pytest.raises(ValueError, match=r"'3' \(BatchNormAct2d\) was switched to training "
                        r"mode.*call \.eval\(\)"):
         sm(x)
+    # without running statistics: in eval mode too
+    untracked = _stem(nn.Conv2d(3, 8, 3), BatchNormAct2d(8))
+    untracked[1].track_running_stats = False
+    untracked[1].running_mean = untracked[1].running_var = None
+    with pytest.raises(ValueError, match=r"without running statistics \(track_running_stats="
+                       r"False\) uses whole-image statistics even in eval mode"):
+        streamcnn.StreamingModule(untracked, 24)
     # built in training mode: F.batch_norm with training=True
     with pytest.raises(ValueError, match=r"batch_norm \(fx node 'batch_norm_1', in '3' "
                        r"\(BatchNormAct2d\)\): batch norm with training=True .*call \.eval\(\)"):
@@ -114,6 +146,10 @@ def test_frozen_batchnorm():
     # the first layer: it says how many channels the image has
     only = streamcnn.StreamingModule(nn.Sequential(misc.FrozenBatchNorm2d(3), nn.ReLU()), 8)
     assert only.in_channels == 3
+    # timm's frozen BatchNormAct2d: the batch norm, then its activation
+    act_stem = _stem(nn.Conv2d(3, 8, 3, 2, 1), FrozenBatchNormAct2d(8),
+                     nn.Conv2d(8, 8, 3), FrozenBatchNormAct2d(8, nn.SiLU))
+    assert compare(act_stem, x, 32, 1e-10) < 1e-10
     # its statistics are read at each call, as the module does
     sm = streamcnn.StreamingModule(stem, 32)
     with torch.no_grad():
@@ -294,3 +330,59 @@ def test_plus_zero_and_nonlocal_named_first():
     with pytest.raises(ValueError, match=r"method \.mean\(\) \(fx node 'mean', in '1' "
                        r"\(SplitAttn\)\): it is not local"):
         streamcnn.StreamingModule(stem, 16)
+
+
+def test_a_model_whose_features_are_streamed_keeps_its_own_mode():
+    """A wrapper streams timm-style ``model.forward_features``; the model's
+    forward_head reads its mode (dropout) but is not streamed: the model
+    follows train() / eval() as without streamcnn."""
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.fc = nn.Linear(8, 4)
+
+        def forward_features(self, x):
+            return self.conv(x).relu()
+
+        def forward_head(self, x):
+            return self.fc(F.dropout(x.mean((2, 3)), p=0.5, training=self.training))
+
+    class Features(nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x):
+            return self.m.forward_features(x)
+
+    m = Model().double().eval()
+    sm = streamcnn.StreamingModule(Features(m), 16)
+    sm.train()
+    assert m.training
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    assert (sm(x) - m.forward_features(x)).abs().max().item() < 1e-12
+    sm.eval()
+    assert not m.training
+
+
+def test_size_errors_name_the_layer():
+    """An image size at which a join gets values of two sizes (as DLA's at
+    odd sizes): the error names the layer, not only the instruction."""
+
+    class Join(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.down = nn.MaxPool2d(2, 2)
+            self.conv = nn.Conv2d(4, 4, 3, 2, 1)
+
+        def forward(self, x):
+            return self.down(x) + self.conv(x)
+
+    stem = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), Join()).double().eval()
+    sm = streamcnn.StreamingModule(stem, 16, mean=[0.5] * 3, std=[0.2] * 3)
+    with pytest.raises(ValueError, match=r"for a 33 x 32 image, instruction 4 \(add: fx node "
+                       r"'add', in '1' \(Join\)\) adds values of 16 x 16 and 17 x 16"):
+        sm(torch.rand(1, 3, 33, 32, dtype=torch.float64))
+    assert sm(torch.rand(1, 3, 32, 32, dtype=torch.float64)).shape == (1, 4, 16, 16)
