@@ -380,12 +380,16 @@ class StreamingModule(nn.Module):
         self.out_channels: int = info[1]
         self.receptive_field: Tuple[int, int] = (info[2], info[3])
         self.output_stride: Tuple[int, int] = (info[4], info[5])
-        # modules whose mode the program fixed (batch norms and dropouts in
-        # eval mode; modules of other libraries whose code reads their mode,
-        # traced in the mode they had): they keep it
-        self._mode_paths: List[str] = [p for p, _ in conv.mode_modules]
         self._instr_labels: List[str] = labels  # each instruction's layer, in words
-        self._mode_built: List[bool] = [bool(m.training) for _, m in conv.mode_modules]
+        # modules the program keeps in eval mode (batch norms, dropouts,
+        # stochastic depth), and other modules whose mode the trace depends
+        # on, with that mode (parents first: train() recurses)
+        self._mode_paths: List[str] = [p for p, _ in conv.mode_modules]
+        for _, m in conv.mode_modules:  # (in training mode only with p = 0)
+            m.eval()
+        traced = sorted(conv.traced_modes, key=lambda t: (t[0] != "", t[0].count(".")))
+        self._traced_paths: List[str] = [p for p, _, _ in traced]
+        self._traced_modes: List[bool] = [t for _, _, t in traced]
         # parameters that may stay float32 in a half-precision computation
         # (batch norms', and mean / std, which the image gather applies in
         # float32), and whether autocast would run any layer of the stem in
@@ -565,9 +569,12 @@ class StreamingModule(nn.Module):
     def train(self, mode: bool = True):
         super().train(mode)
         self._stem[0].training = mode  # its children follow through .module
-        # batch norms / dropouts stay frozen, modules traced in a mode keep it
-        for path, built in zip(self._mode_paths, self._mode_built):
-            self._mode_module(path).training = built
+        # modules traced in a mode keep it (through their own train(): a
+        # feature extractor swaps graphs), batch norms / dropouts stay frozen
+        for path, traced in zip(self._traced_paths, self._traced_modes):
+            self._mode_module(path).train(traced)
+        for path in self._mode_paths:
+            self._mode_module(path).eval()
         return self
 
     @torch.jit.unused
@@ -623,16 +630,21 @@ class StreamingModule(nn.Module):
                 raise ValueError(f"streamcnn: the stem's '{name}' has shape {list(p.shape)}, "
                                  f"{shape} when this StreamingModule was built; build a new "
                                  "StreamingModule after changing the stem's layers")
-        for path, built in zip(self._mode_paths, self._mode_built):
+        for path in self._mode_paths:
             m = self._mode_module(path)
-            if m.training and not built:
+            if m.training:
                 raise ValueError(f"streamcnn: '{path}' ({type(m).__name__}) was switched to "
                                  "training mode; streaming needs it frozen: call .eval() on it")
-            if built and not m.training:
-                raise ValueError(f"streamcnn: '{path}' ({type(m).__name__}) was switched to "
-                                 "eval mode; it was traced in training mode when this "
-                                 "StreamingModule was built (its code reads its mode): call "
-                                 ".train() on it, or build a new StreamingModule")
+        for path, traced in zip(self._traced_paths, self._traced_modes):
+            m = self._mode_module(path)
+            if m.training != traced:
+                now, then = ("training", "eval") if m.training else ("eval", "training")
+                name = f"'{path}'" if path else "the stem"
+                raise ValueError(f"streamcnn: {name} ({type(m).__name__}) was switched to "
+                                 f"{now} mode; what it computes depends on its mode, and it "
+                                 f"was traced in {then} mode when this StreamingModule was "
+                                 f"built: call .{then.replace('training', 'train')}() on it, "
+                                 "or build a new StreamingModule")
         try:  # size errors, naming the layer
             tiling_info(self.program, x.shape[2], x.shape[3], self.tile_size)
         except ValueError as e:

@@ -11,11 +11,8 @@ the program holds no data and parameters are read at call time.
 
 from __future__ import annotations
 
-import functools
-import inspect
 import operator
 from collections import OrderedDict
-import re
 import struct
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -233,10 +230,13 @@ class Converted:
     program: List[int]
     # (qualified submodule name, attribute) of each parameter slot
     param_refs: List[Tuple[str, str]]
-    # submodules whose train/eval mode matters (batch norm, dropout)
+    # submodules whose train/eval mode matters (batch norm, dropout): kept
+    # in eval mode
     mode_modules: List[Tuple[str, nn.Module]] = field(default_factory=list)
     # each instruction's layer, in words ("'layer1.0.conv1' (Conv2d)")
     labels: List[str] = field(default_factory=list)
+    # other modules whose mode the trace depends on, and that mode
+    traced_modes: List[Tuple[str, nn.Module, bool]] = field(default_factory=list)
 
 
 def _shape_text(shape) -> str:
@@ -414,27 +414,10 @@ def _is_frozen_bn(m: nn.Module) -> bool:
     FrozenBatchNormAct2d (in place of BatchNormAct2d): a batch norm whose
     statistics and affine parameters are buffers (then, for the latter, its
     ``drop`` and ``act``)."""
+    tensors = {**m._buffers, **m._parameters}  # (fx's getattr gives proxies of parameters)
     return type(m).__name__ in ("FrozenBatchNorm2d", "FrozenBatchNormAct2d") and \
-        hasattr(m, "eps") and all(
-        isinstance(getattr(m, b, None), torch.Tensor)
-        for b in ("weight", "bias", "running_mean", "running_var"))
-
-
-@functools.lru_cache(maxsize=None)
-def _reads_training(cls: type) -> bool:
-    """Whether a module class outside torch.nn reads a ``.training`` flag in
-    its own code (timm's BatchNormAct2d, a block with ``if self.training``):
-    fx traces it once, in the mode it has then."""
-    for k in cls.__mro__:
-        if k is nn.Module or k.__module__.startswith("torch.nn"):
-            continue
-        try:
-            src = inspect.getsource(k)
-        except (OSError, TypeError):  # no source (generated, compiled): unknown
-            continue
-        if re.search(r"\.training\b", src):
-            return True
-    return False
+        hasattr(m, "eps") and all(isinstance(tensors.get(b), torch.Tensor)
+                                  for b in ("weight", "bias", "running_mean", "running_var"))
 
 
 class _StemTracer(fx.Tracer):
@@ -597,8 +580,9 @@ class _Converter:
         self.layout: Dict[fx.Node, str] = {}
         self.attrs: Dict[fx.Node, Tuple[str, str]] = {}  # get_attr -> (path, attr)
         self.labels: Dict[int, str] = {}  # value -> the layer that made it, in words
-        # reshapes of a parameter -> (its slot, the reshaped tensor)
-        self.attr_views: Dict[fx.Node, Tuple[int, torch.Tensor]] = {}
+        self.traced_modes: List[Tuple[str, nn.Module, bool]] = []
+        # reshapes of a parameter -> (its slot, the reshaped tensor, the parameter)
+        self.attr_views: Dict[fx.Node, Tuple[int, torch.Tensor, torch.Tensor]] = {}
         self.mode_modules: List[Tuple[str, nn.Module]] = []
         # value of the cat of a tuple of values: DenseNet's layer k joins
         # the features of layers 0 .. k, the cat of layer k - 1's and one
@@ -852,13 +836,18 @@ class _Converter:
         self._set_sel(node, _Sel(sel.src, idx, (d2_, d1_)))
 
     def _set(self, node, value, channels, layout=NCHW):
-        if value not in self.labels and value > 0:  # the node that made the value
+        if value > 0 and value not in self.labels:  # the node that made the value
             if node.op == "call_module":
                 path = _strip_leaf(str(node.target))
                 kind = type(self.root.get_submodule(str(node.target))).__name__
-                self.labels[value] = f"'{path}' ({kind})" if path else f"the stem ({kind})"
+                label = f"'{path}' ({kind})" if path else f"the stem ({kind})"
             else:
-                self.labels[value] = f"fx node '{node.name}'{_inside(node)}"
+                label = f"fx node '{node.name}'{_inside(node)}"
+            # (and the instructions it emitted before: a cat of n joins)
+            for v in range(value, 0, -1):
+                if v in self.labels:
+                    break
+                self.labels[v] = label
         self.val[node] = value
         self.chan[node] = channels
         self.layout[node] = layout
@@ -883,7 +872,7 @@ class _Converter:
             if not view_ok:
                 raise _unsupported(node, what, f"its {role} is a reshaped parameter "
                                    f"('{arg.name}'); pass the parameter itself")
-            return self.attr_views[arg]
+            return self.attr_views[arg][:2]
         if not isinstance(arg, fx.Node) or arg not in self.attrs:
             raise _unsupported(node, what, f"its {role} must be a parameter or buffer of the "
                                f"stem, got {arg!r}")
@@ -907,6 +896,7 @@ class _Converter:
             return False
         what = f"{node.op} {getattr(t, '__name__', t)}"
         slot, base = self._param(node, what, src, "input", view_ok=True)
+        param = self.attr_views[src][2] if src in self.attr_views else base
         args = self._constants(node, what, tuple(node.args[1:]))
         kw = {k: self._constants(node, what, v) for k, v in node.kwargs.items()}
         try:
@@ -914,7 +904,11 @@ class _Converter:
                 viewed = getattr(base.detach(), name)(*args, **kw)
         except Exception as e:  # noqa: BLE001 - re-raised naming the node
             raise _unsupported(node, what, f"reshaping the parameter failed: {e}") from None
-        self.attr_views[node] = (slot, viewed)
+        if sum(d > 1 for d in param.shape) > 1 or param.dim() > 4:
+            raise _unsupported(node, what, f"a parameter of shape {tuple(param.shape)} "
+                               "reshaped: only one of a single dimension (a per-channel "
+                               "vector) is read as a per-channel scale")
+        self.attr_views[node] = (slot, viewed, param)
         return True
 
     def _layernorm(self, node, what, x, shape, w, b, eps):
@@ -974,12 +968,11 @@ class _Converter:
             if t.numel() != self.chan[x] or t.dim() != 1:
                 raise _unsupported(node, what, f"its {role} has shape {tuple(t.shape)}, not "
                                    f"({self.chan[x]},) for {self.chan[x]} channels")
-        path = self.attrs[a["running_mean"]][0]
-        if not any(p == path for p, _ in self.mode_modules):
-            self.mode_modules.append((path, self.root.get_submodule(path)))
+        eps = a.get("eps", 1e-5)
+        if type(eps) not in (int, float):
+            raise _unsupported(node, what, f"its eps must be a number, got {eps!r}")
         v = self.b.batchnorm(self.val[x], slots["weight"], slots["bias"],
-                             slots["running_mean"], slots["running_var"],
-                             float(a.get("eps", 1e-5)))
+                             slots["running_mean"], slots["running_var"], float(eps))
         self._set(node, v, self.chan[x])
 
     def _maxpool(self, node, what, x, kernel, stride, padding, dilation, ceil_mode,
@@ -1361,20 +1354,65 @@ class _Converter:
         raise _unsupported(node, what, f"this method is not supported. Supported: {SUPPORTED}")
 
     # -- driver -------------------------------------------------------------------------
+    def _modes_traced(self, called, graph) -> List[Tuple[str, nn.Module, bool]]:
+        """The modules the stem calls whose mode changes the trace (timm's
+        BatchNormAct2d, a block with ``if self.training``: fx traced them in
+        the mode they have now), found by tracing again with modes flipped
+        (all at once, then halves of those that change it); with that mode.
+        A module that reads its mode elsewhere (a model whose
+        forward_features a wrapper streams: its forward_head's dropout) or
+        only under a flag that is off (DenseNet's dropout at drop_rate 0)
+        is free."""
+        pinned = {p for p, _ in self.mode_modules}
+        cands = [(n, m) for n, m in self.root.named_modules()
+                 if (n == "" or n in called) and n not in pinned]
+        reference = str(graph)
+        buffers = [b for b in self.root.buffers()]
+        saved = [b.detach().clone() for b in buffers]
+        rng = torch.random.get_rng_state()
+
+        def changes(group) -> bool:
+            for _, m in group:
+                m.training = not m.training
+            try:  # a module's code in the other mode may also fail to trace
+                return str(_StemTracer().trace(self.root)) != reference
+            except Exception:  # noqa: BLE001 - it depends on its mode
+                return True
+            finally:
+                for _, m in group:
+                    m.training = not m.training
+                with torch.no_grad():  # eager code of the other mode ran
+                    for b, v in zip(buffers, saved):  # (num_batches_tracked += 1)
+                        b.copy_(v)
+                torch.random.set_rng_state(rng)
+
+        def culprits(group):
+            if not group or not changes(group):
+                return []
+            if len(group) == 1:
+                return list(group)
+            half = len(group) // 2
+            return culprits(group[:half]) + culprits(group[half:])
+
+        return [(n, m, bool(m.training)) for n, m in culprits(cands)]
+
     def run(self) -> Converted:
-        # stochastic depth is traced through (eval: identity); keep those
-        # modules frozen too, and refuse them in training mode up front
+        tracer = _StemTracer()
+        try:
+            graph, failure = tracer.trace(self.root), None
+        except Exception as e:  # noqa: BLE001 - re-raised with context, below
+            graph, failure = None, e
+        # stochastic depth the stem calls is traced through (eval: identity);
+        # keep those modules frozen too, and refuse them in training mode
         for name, m in self.root.named_modules():
-            if _is_stochastic_depth(m):
+            if _is_stochastic_depth(m) and name in tracer.called:
                 if m.training and _drop_probability(m) > 0:
                     raise ValueError(f"streamcnn: cannot stream {type(m).__name__} "
                                      f"'{name}': in training mode it drops whole samples at "
                                      "random; call .eval() on the stem")
                 self.mode_modules.append((name, m))
-        tracer = _StemTracer()
-        try:
-            graph = tracer.trace(self.root)
-        except Exception as e:  # noqa: BLE001 - re-raised with context
+        if failure is not None:
+            e = failure
             where = ""
             if tracer.failed_in is not None:
                 path, kind = tracer.failed_in
@@ -1384,14 +1422,7 @@ class _Converter:
                 f"streamcnn: torch.fx could not trace the stem{where} "
                 f"({type(e).__name__}: {e}); streamcnn needs a stem made of supported "
                 f"layers ({SUPPORTED})") from e
-        # modules of other libraries whose code reads their mode were traced
-        # in the mode they have now: they keep it (StreamingModule.train).
-        # Only those called: a model whose forward_features a wrapper
-        # streams keeps its own mode (its forward_head's dropout reads it)
-        for name, m in self.root.named_modules():
-            if (name == "" or name in tracer.called) and _reads_training(type(m)) and \
-                    not any(p == name for p, _ in self.mode_modules):
-                self.mode_modules.append((name, m))
+        self.traced_modes = self._modes_traced(tracer.called, graph)
         functionalize(graph, self.root)
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
         if len(placeholders) != 1:
@@ -1460,7 +1491,8 @@ class _Converter:
             # value that is also used elsewhere): make it the last one
             raise ValueError("streamcnn: the stem's output must be its last computed value")
         return Converted(self.b.program(), list(self.b.params), self.mode_modules,
-                         [self.labels.get(v, "") for v in range(1, self.b.n_instr + 1)])
+                         [self.labels.get(v, "") for v in range(1, self.b.n_instr + 1)],
+                         self.traced_modes)
 
     def _guess_in_channels(self, graph, live) -> Optional[int]:
         """Channels of the first Conv2d / batch norm: every layer before it
@@ -1509,9 +1541,10 @@ def convert(module: nn.Module, in_channels: Optional[int] = None) -> Converted:
                              "plain layers once (its .stem is the module it streams)")
     # A bare torch.nn layer (e.g. one Conv2d) is traced from inside a wrapper,
     # as fx would otherwise trace into its forward; paths stay relative to it.
-    if type(module).__module__.startswith("torch.nn.") and \
+    if (type(module).__module__.startswith("torch.nn.") or _is_frozen_bn(module)) and \
             not isinstance(module, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
         conv = _Converter(nn.Sequential(OrderedDict([(_LEAF, module)])), in_channels).run()
         return Converted(conv.program, [(_strip_leaf(p), a) for p, a in conv.param_refs],
-                         [(_strip_leaf(p), m) for p, m in conv.mode_modules], conv.labels)
+                         [(_strip_leaf(p), m) for p, m in conv.mode_modules], conv.labels,
+                         [(_strip_leaf(p), m, t) for p, m, t in conv.traced_modes])
     return _Converter(module, in_channels).run()

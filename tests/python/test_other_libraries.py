@@ -228,7 +228,8 @@ def test_module_reading_its_mode_keeps_the_traced_one():
     assert (sm(x) - stem(x)).abs().max().item() < 1e-12
     stem[1].eval()
     with pytest.raises(ValueError, match=r"'1' \(ReluWhileTraining\) was switched to eval "
-                       r"mode; it was traced in training mode .*call \.train\(\) on it"):
+                       r"mode; what it computes depends on its mode, and it was traced in "
+                       r"training mode .*call \.train\(\) on it"):
         sm(x)
 
 
@@ -386,3 +387,158 @@ def test_size_errors_name_the_layer():
                        r"'add', in '1' \(Join\)\) adds values of 16 x 16 and 17 x 16"):
         sm(torch.rand(1, 3, 33, 32, dtype=torch.float64))
     assert sm(torch.rand(1, 3, 32, 32, dtype=torch.float64)).shape == (1, 4, 16, 16)
+
+
+def test_modes_that_do_not_change_the_trace_are_free():
+    """Only modules whose mode changes what the stem computes keep it:
+    DenseNet's layers read theirs only at a dropout rate over 0, a module
+    may read its mode in code the stem does not run (a Lightning module's
+    export helpers), a batch norm may pass training=False always."""
+
+    class Layer(nn.Module):  # torchvision's _DenseLayer, drop_rate 0
+        def __init__(self, drop_rate=0.0):
+            super().__init__()
+            self.norm = nn.BatchNorm2d(4)
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+            self.drop_rate = drop_rate
+
+        def forward(self, x):
+            y = self.conv(F.relu(self.norm(x)))
+            if self.drop_rate > 0:
+                y = F.dropout(y, p=self.drop_rate, training=self.training)
+            return y
+
+        def to_onnx(self):  # reads its mode elsewhere
+            return self.training
+
+    class AlwaysFrozen(nn.BatchNorm2d):
+        def forward(self, x):
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight,
+                                self.bias, False, 0.0, self.eps)
+
+    stem = _stem(nn.Conv2d(3, 4, 3), Layer(), AlwaysFrozen(4), Layer())
+    x = torch.randn(1, 3, 30, 30, dtype=torch.float64)
+    # the frozen-batch-norm idiom: the net in training mode, batch norms in eval
+    stem.train()
+    for m in stem.modules():
+        if type(m) is nn.BatchNorm2d:
+            m.eval()
+    sm = streamcnn.StreamingModule(stem, 16)
+    assert (sm(x) - stem(x)).abs().max().item() < 1e-12
+    stem.eval()
+    assert (sm(x) - stem(x)).abs().max().item() < 1e-12
+    sm.train()
+    assert stem[1].training and stem[2].training and not stem[1].norm.training
+    assert (sm(x) - stem(x)).abs().max().item() < 1e-12
+    # a dropout rate over 0: its mode matters, and is kept
+    stem = _stem(nn.Conv2d(3, 4, 3), Layer(0.5))
+    sm = streamcnn.StreamingModule(stem, 16)
+    sm.train()
+    assert not stem[1].training
+    assert (sm(x) - stem(x)).abs().max().item() < 1e-12
+
+
+def test_zero_rate_dropouts_built_in_training_mode():
+    """A Dropout / DropPath of rate 0 may be in training mode at the build:
+    they are frozen like the others (a dropout rate raised later changes
+    nothing streamed, nor the stem's own output; a DropPath's is refused as
+    any other changed setting)."""
+    block = ConvNeXtBlock(8)
+    block.drop_path.drop_prob = 0.0
+    stem = nn.Sequential(nn.Conv2d(3, 8, 4, 4), nn.Dropout(0.0), block).double()
+    randomize_bn(stem, torch.Generator().manual_seed(1))
+    block.norm.eval()
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    sm = streamcnn.StreamingModule(stem, 48)
+    assert (sm(x) - stem(x)).abs().max().item() < 1e-12
+    sm.train()
+    stem[1].p = 0.5
+    assert not stem[1].training and not block.drop_path.training
+    assert (sm(x) - stem(x)).abs().max().item() < 1e-12
+    stem.eval()
+    assert (sm(x) - stem(x)).abs().max().item() < 1e-12
+    block.drop_path.drop_prob = 0.5
+    with pytest.raises(ValueError, match="changed drop_prob from 0.0 to 0.5"):
+        sm(x)
+
+
+def test_drop_path_the_stem_does_not_call_is_left_alone():
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stage0 = nn.Conv2d(3, 4, 3)
+            self.stage1 = nn.Sequential(nn.Conv2d(4, 4, 3), DropPath(0.5))
+
+    class Stage0(nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x):
+            return self.m.stage0(x)
+
+    m = Model().double()  # in training mode: stage1's DropPath drops
+    sm = streamcnn.StreamingModule(Stage0(m), 16)
+    sm.eval()
+    sm.train()
+    assert m.stage1[1].training
+    x = torch.randn(1, 3, 20, 20, dtype=torch.float64)
+    assert (sm(x) - m.stage0(x)).abs().max().item() < 1e-12
+
+
+def test_refusals_of_parameters_a_batch_norm_or_scale_cannot_read():
+    class EpsTensor(nn.BatchNorm2d):
+        def __init__(self, c):
+            super().__init__(c)
+            self.register_buffer("eps_t", torch.tensor(1e-5))
+
+        def forward(self, x):
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight,
+                                self.bias, False, 0.0, self.eps_t)
+
+    with pytest.raises(ValueError, match=r"in '1' \(EpsTensor\)\): its eps must be a number"):
+        streamcnn.StreamingModule(nn.Sequential(nn.Conv2d(3, 4, 3), EpsTensor(4)).eval(), 16)
+
+    class Square(nn.Module):  # a 2 x 2 parameter read as 4 channels
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.g = nn.Parameter(torch.rand(2, 2))
+
+        def forward(self, x):
+            return self.conv(x) * self.g.reshape(1, -1, 1, 1)
+
+    with pytest.raises(ValueError, match=r"a parameter of shape \(2, 2\) reshaped: only one "
+                       "of a single dimension"):
+        streamcnn.StreamingModule(Square(), 16)
+
+
+def test_frozen_batchnorm_alone_or_with_parameters():
+    misc = pytest.importorskip("torchvision.ops.misc")
+    bn = misc.FrozenBatchNorm2d(3).double()
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.randn(3))
+    x = torch.randn(1, 3, 20, 20, dtype=torch.float64)
+    assert (streamcnn.StreamingModule(bn, 8)(x) - bn(x)).abs().max().item() < 1e-12
+    # affine parameters that train
+    bn.weight = nn.Parameter(torch.rand(3, dtype=torch.float64) + 0.5)
+    bn.bias = nn.Parameter(torch.randn(3, dtype=torch.float64))
+    stem = nn.Sequential(nn.Conv2d(3, 3, 3), bn).double()
+    xg = x.clone().requires_grad_()
+    assert compare(stem, xg, 8, 1e-10) < 1e-10
+
+
+def test_size_errors_name_every_instruction_of_a_join():
+    class Join3(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.b = nn.MaxPool2d(2, 2)
+            self.c = nn.Conv2d(4, 4, 3, 2, 1)
+
+        def forward(self, x):  # the first of two joins fails
+            return torch.cat([self.b(x), self.c(x), self.b(x)], 1)
+
+    sm = streamcnn.StreamingModule(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), Join3()), 16)
+    with pytest.raises(ValueError, match=r"instruction \d+ \(cat: fx node 'cat', in '1' "
+                       r"\(Join3\)\) joins"):
+        sm(torch.rand(1, 3, 33, 32))
