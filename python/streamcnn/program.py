@@ -1354,33 +1354,41 @@ class _Converter:
         raise _unsupported(node, what, f"this method is not supported. Supported: {SUPPORTED}")
 
     # -- driver -------------------------------------------------------------------------
-    def _modes_traced(self, called, graph) -> List[Tuple[str, nn.Module, bool]]:
-        """The modules the stem calls whose mode changes the trace (timm's
-        BatchNormAct2d, a block with ``if self.training``: fx traced them in
-        the mode they have now), found by tracing again with modes flipped
-        (all at once, then halves of those that change it); with that mode.
-        A module that reads its mode elsewhere (a model whose
-        forward_features a wrapper streams: its forward_head's dropout) or
+    def _modes_traced(self, graph) -> List[Tuple[str, nn.Module, bool]]:
+        """The stem's modules whose mode changes the trace (timm's
+        BatchNormAct2d, a block with ``if self.training``, a model whose
+        forward_features reads it: fx traced them in the mode they have
+        now), found by tracing again with modes flipped (all at once, then
+        halves of those that change it); with that mode. A module that
+        reads its mode elsewhere (that model's forward_head's dropout) or
         only under a flag that is off (DenseNet's dropout at drop_rate 0)
         is free."""
         pinned = {p for p, _ in self.mode_modules}
-        cands = [(n, m) for n, m in self.root.named_modules()
-                 if (n == "" or n in called) and n not in pinned]
+        cands = [(n, m) for n, m in self.root.named_modules() if n not in pinned]
         reference = str(graph)
         buffers = [b for b in self.root.buffers()]
         saved = [b.detach().clone() for b in buffers]
         rng = torch.random.get_rng_state()
 
+        modes = [(m, m.training) for m in self.root.modules()]
+
         def changes(group) -> bool:
+            # a module with a train() of its own is flipped through it (a
+            # feature extractor swaps graphs there), the others by the flag
+            own = [m for _, m in group if type(m).train is not nn.Module.train]
             for _, m in group:
                 m.training = not m.training
             try:  # a module's code in the other mode may also fail to trace
+                for m in own:
+                    m.train(m.training)
                 return str(_StemTracer().trace(self.root)) != reference
             except Exception:  # noqa: BLE001 - it depends on its mode
                 return True
             finally:
-                for _, m in group:
-                    m.training = not m.training
+                for m in reversed(own):
+                    m.train(not m.training)
+                for m, mode in modes:
+                    m.training = mode
                 with torch.no_grad():  # eager code of the other mode ran
                     for b, v in zip(buffers, saved):  # (num_batches_tracked += 1)
                         b.copy_(v)
@@ -1422,7 +1430,7 @@ class _Converter:
                 f"streamcnn: torch.fx could not trace the stem{where} "
                 f"({type(e).__name__}: {e}); streamcnn needs a stem made of supported "
                 f"layers ({SUPPORTED})") from e
-        self.traced_modes = self._modes_traced(tracer.called, graph)
+        self.traced_modes = self._modes_traced(graph)
         functionalize(graph, self.root)
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
         if len(placeholders) != 1:

@@ -542,3 +542,71 @@ def test_size_errors_name_every_instruction_of_a_join():
     with pytest.raises(ValueError, match=r"instruction \d+ \(cat: fx node 'cat', in '1' "
                        r"\(Join3\)\) joins"):
         sm(torch.rand(1, 3, 33, 32))
+
+
+def test_a_model_whose_method_reads_its_mode():
+    """The stem runs a model's forward_features (not the model itself),
+    which reads the model's mode: the model keeps the mode it was traced
+    in."""
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.conv2 = nn.Conv2d(8, 8, 3)
+
+        def forward_features(self, x):
+            x = self.conv(x)
+            if not self.training:
+                x = x.relu()
+            return self.conv2(x)
+
+    class Features(nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x):
+            return self.m.forward_features(x)
+
+    m = Model().double().eval()
+    sm = streamcnn.StreamingModule(Features(m), 16)
+    sm.train()
+    assert not m.training
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    assert (sm(x) - m.forward_features(x)).abs().max().item() < 1e-12
+
+
+def test_a_feature_extractor_swapping_graphs_keeps_its_mode():
+    """torchvision's create_feature_extractor keeps a train graph and an eval
+    graph and swaps them in its own train(): the stream, traced from the
+    eval one, keeps it."""
+    fx_utils = pytest.importorskip("torchvision.models.feature_extraction")
+    ops = pytest.importorskip("torchvision.ops")
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.sd = ops.StochasticDepth(0.5, "row")
+            self.bn = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.bn(y + self.sd(y))
+
+    fe = fx_utils.create_feature_extractor(Net().double().eval(), ["bn"])
+
+    class Stem(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fe = fe
+
+        def forward(self, x):
+            return self.fe(x)["bn"]
+
+    sm = streamcnn.StreamingModule(Stem(), 16)
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    sm.train()
+    assert not fe.training
+    assert (sm(x) - fe(x)["bn"]).abs().max().item() < 1e-12
