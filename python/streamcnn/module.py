@@ -477,7 +477,8 @@ class StreamingModule(nn.Module):
         its whole cone, the others only their own part and a thin halo);
         with halo_cache=False all are output_tile but the last. (The
         forward op always caches halos, so it tiles as halo caching.)"""
-        oh, ow, th, tw, nh, nw = tiling_info(self.program, height, width, self.tile_size)
+        oh, ow, th, tw, nh, nw = self._named(tiling_info, self.program, height, width,
+                                             self.tile_size)
         rows, cols = tile_bounds(self.program, height, width, self.tile_size,
                                  self.halo_cache)
         return {"output": (oh, ow), "output_tile": (th, tw), "tiles": (nh, nw),
@@ -540,8 +541,8 @@ class StreamingModule(nn.Module):
         key = (int(batch), int(height), int(width), itemsize, bool(allow_cached),
                bool(training), mask, bool(cpu))
         if key not in self._budget_tiles:
-            self._budget_tiles[key] = choose_tile(
-                self.program, key[1], key[2], key[0], itemsize, self.memory_budget,
+            self._budget_tiles[key] = self._named(
+                choose_tile, self.program, key[1], key[2], key[0], itemsize, self.memory_budget,
                 key[4], self.receptive_field, self.output_stride, key[5], mask, key[7])
         tile, cached = self._budget_tiles[key]
         return [tile[0], tile[1]], cached
@@ -559,7 +560,8 @@ class StreamingModule(nn.Module):
         forward to the backward. A training step runs the forward twice
         (the backward recomputes it): about (2 + 2) x macs against
         (1 + 2) x macs_whole."""
-        mw, ms, ew, es, mc, ec, st = work_info(self.program, height, width, self.tile_size)
+        mw, ms, ew, es, mc, ec, st = self._named(work_info, self.program, height, width,
+                                                 self.tile_size)
         return {"macs_whole": mw, "macs_streamed": ms, "elements_whole": ew,
                 "elements_streamed": es, "recompute": ms / mw if mw else 1.0,
                 "macs_cached": mc, "elements_cached": ec,
@@ -576,6 +578,15 @@ class StreamingModule(nn.Module):
         for path in self._mode_paths:
             self._mode_module(path).eval()
         return self
+
+    @torch.jit.unused
+    def _named(self, query, *args):
+        """A query of the C core whose size errors name the instruction's
+        layer."""
+        try:
+            return query(*args)
+        except ValueError as e:
+            raise ValueError(_name_instructions(str(e), self._instr_labels)) from None
 
     @torch.jit.unused
     def _mode_module(self, path: str) -> nn.Module:
@@ -645,10 +656,7 @@ class StreamingModule(nn.Module):
                                  f"was traced in {then} mode when this StreamingModule was "
                                  f"built: call .{then.replace('training', 'train')}() on it, "
                                  "or build a new StreamingModule")
-        try:  # size errors, naming the layer
-            tiling_info(self.program, x.shape[2], x.shape[3], self.tile_size)
-        except ValueError as e:
-            raise ValueError(_name_instructions(str(e), self._instr_labels)) from None
+        self._named(tiling_info, self.program, x.shape[2], x.shape[3], self.tile_size)
 
     @staticmethod
     @torch.jit.unused

@@ -387,6 +387,12 @@ def test_size_errors_name_the_layer():
                        r"'add', in '1' \(Join\)\) adds values of 16 x 16 and 17 x 16"):
         sm(torch.rand(1, 3, 33, 32, dtype=torch.float64))
     assert sm(torch.rand(1, 3, 32, 32, dtype=torch.float64)).shape == (1, 4, 16, 16)
+    for query in (sm.tiling, sm.work):  # the queries of a size name it too
+        with pytest.raises(ValueError, match=r"instruction 4 \(add: fx node 'add', in '1' "):
+            query(33, 32)
+    budget = streamcnn.StreamingModule(stem, memory_budget="1GB")
+    with pytest.raises(ValueError, match=r"instruction 3 \(add: fx node 'add', in '1' "):
+        budget.budget_tile(1, 33, 32, torch.float64)
 
 
 def test_modes_that_do_not_change_the_trace_are_free():
