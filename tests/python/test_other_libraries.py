@@ -100,6 +100,18 @@ class ConvNeXtBlock(nn.Module):
         return x + self.drop_path(y)
 
 
+class Features(nn.Module):
+    """A wrapper streaming a timm-style model's forward_features (the model
+    itself is not called)."""
+
+    def __init__(self, m):
+        super().__init__()
+        self.m = m
+
+    def forward(self, x):
+        return self.m.forward_features(x)
+
+
 def _stem(*layers):
     stem = nn.Sequential(*layers).double().eval()
     randomize_bn(stem, torch.Generator().manual_seed(1))
@@ -350,14 +362,6 @@ def test_a_model_whose_features_are_streamed_keeps_its_own_mode():
         def forward_head(self, x):
             return self.fc(F.dropout(x.mean((2, 3)), p=0.5, training=self.training))
 
-    class Features(nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, x):
-            return self.m.forward_features(x)
-
     m = Model().double().eval()
     sm = streamcnn.StreamingModule(Features(m), 16)
     sm.train()
@@ -566,14 +570,6 @@ def test_a_model_whose_method_reads_its_mode():
             if not self.training:
                 x = x.relu()
             return self.conv2(x)
-
-    class Features(nn.Module):
-        def __init__(self, m):
-            super().__init__()
-            self.m = m
-
-        def forward(self, x):
-            return self.m.forward_features(x)
 
     m = Model().double().eval()
     sm = streamcnn.StreamingModule(Features(m), 16)
