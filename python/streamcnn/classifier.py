@@ -14,14 +14,15 @@ output), ``head.pool`` the global pool ("max", as in the paper, or "avg"),
 """
 
 import re
-from typing import Callable, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 
 from . import models
-from .models import (split_convnext, split_densenet, split_inception, split_mobilenet,
-                     split_resnet, split_shufflenet)
+from .models import (split_convnext, split_densenet, split_googlenet, split_inception,
+                     split_mnasnet, split_mobilenet, split_regnet, split_resnet,
+                     split_shufflenet, split_vgg)
 from .budget import input_extent
 from .module import StreamingModule
 
@@ -45,7 +46,23 @@ MOBILENETS = ("mobilenet_v2",)
 # ShuffleNetV2: channel splits (chunk) and channel shuffles
 SHUFFLENETS = ("shufflenet_v2_x0_5", "shufflenet_v2_x1_0", "shufflenet_v2_x1_5",
                "shufflenet_v2_x2_0")
-ARCHITECTURES = RESNETS + CONVNEXTS + DENSENETS + INCEPTIONS + MOBILENETS + SHUFFLENETS
+# VGG: 3 x 3 convolutions (batch norms in the _bn ones), ReLUs and max pools
+VGGS = ("vgg11", "vgg11_bn", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn", "vgg19", "vgg19_bn")
+# RegNetX: grouped bottlenecks (RegNetY's squeeze-and-excitation does not stream)
+REGNETS = ("regnet_x_400mf", "regnet_x_800mf", "regnet_x_1_6gf", "regnet_x_3_2gf",
+           "regnet_x_8gf", "regnet_x_16gf", "regnet_x_32gf")
+# MNASNet: inverted residuals with 3 x 3 and 5 x 5 depthwise convolutions
+MNASNETS = ("mnasnet0_5", "mnasnet0_75", "mnasnet1_0", "mnasnet1_3")
+# GoogLeNet (Inception v1): ceil_mode max pools, branches joined by torch.cat
+GOOGLENETS = ("googlenet",)
+ARCHITECTURES = RESNETS + CONVNEXTS + DENSENETS + INCEPTIONS + MOBILENETS + SHUFFLENETS + \
+    VGGS + REGNETS + MNASNETS + GOOGLENETS
+# VGG's features: the layers up to the fourth max pool (stride 16), and the
+# last index (the fifth max pool) (test_classifier.py checks them)
+_VGG_UPTO = {"vgg11": 16, "vgg11_bn": 22, "vgg13": 20, "vgg13_bn": 28, "vgg16": 24,
+             "vgg16_bn": 34, "vgg19": 28, "vgg19_bn": 40}
+_VGG_LAST = {"vgg11": 20, "vgg11_bn": 28, "vgg13": 24, "vgg13_bn": 34, "vgg16": 30,
+             "vgg16_bn": 43, "vgg19": 36, "vgg19_bn": 52}
 POOLS = ("max", "avg")
 
 
@@ -62,13 +79,19 @@ class _Family(NamedTuple):
     stem's layers alone; ``default_upto`` is the last streamed layer when
     none is given (the stage before the last: stride 16, the head's body
     the last stage on a 1/16 feature map), ``stages`` what stream_upto
-    names: the layer names in words, or the last int of ``features``."""
+    names: the layer names in words, or the last int of ``features``
+    (either an arch -> value dict where the archs differ)."""
     archs: Tuple[str, ...]
     split: Callable
     parts: Callable
     body: Callable[[nn.Module], nn.Module]
-    default_upto: Union[str, int]
-    stages: Union[str, int]
+    default_upto: Union[str, int, Dict[str, int]]
+    stages: Union[str, int, Dict[str, int]]
+
+    def of(self, field: str, arch: str) -> Union[str, int]:
+        """default_upto or stages of arch."""
+        v = getattr(self, field)
+        return v[arch] if isinstance(v, dict) else v
 
 
 _FAMILIES = (
@@ -89,14 +112,24 @@ _FAMILIES = (
             lambda rest: rest.features, 14, 18),
     _Family(SHUFFLENETS, split_shufflenet, models.shufflenet_parts,
             _children_but("avgpool", "flatten", "fc"), "stage3", "maxpool, stage2 .. conv5"),
+    _Family(VGGS, split_vgg, models.vgg_parts, lambda rest: rest.features, _VGG_UPTO,
+            _VGG_LAST),
+    _Family(REGNETS, split_regnet, models.regnet_parts, lambda rest: rest.trunk_output,
+            "block3", "stem, block1 .. block4"),
+    _Family(MNASNETS, split_mnasnet, models.mnasnet_parts, lambda rest: rest.layers, 12, 16),
+    _Family(GOOGLENETS, split_googlenet, models.googlenet_parts,
+            _children_but("avgpool", "dropout", "flatten", "fc"), "inception4e",
+            "maxpool1, conv2 .. inception5b"),
 )
 _FAMILY = {a: f for f in _FAMILIES for a in f.archs}
 assert set(_FAMILY) == set(ARCHITECTURES)
 # stream_upto is a layer name for these, an int of features for the others
 NAMED_STAGES = tuple(a for a in ARCHITECTURES if isinstance(_FAMILY[a].stages, str))
 # the largest stream_upto of those with an int: the last index of features
-LAST_FEATURE = {a: _FAMILY[a].stages for a in ARCHITECTURES if a not in NAMED_STAGES}
-DEFAULT_STREAM_UPTO = {a: _FAMILY[a].default_upto for a in ARCHITECTURES}
+LAST_FEATURE = {a: _FAMILY[a].of("stages", a) for a in ARCHITECTURES if a not in NAMED_STAGES}
+DEFAULT_STREAM_UPTO = {a: _FAMILY[a].of("default_upto", a) for a in ARCHITECTURES}
+# what the int of those counts: the layers of features (MNASNet's layers)
+COUNTED_LAYERS = {a: "layers" if a in MNASNETS else "features" for a in LAST_FEATURE}
 
 
 class GlobalPool(nn.Module):
@@ -155,17 +188,18 @@ def _backbone(arch: str) -> nn.Module:
     import torchvision.models as tvm
     if arch not in ARCHITECTURES:
         raise ValueError(f"streamcnn: unknown model {arch!r}; choose one of {list(ARCHITECTURES)}")
-    if arch in INCEPTIONS:
-        # as torchvision builds it for its ImageNet weights: the input
+    if arch in INCEPTIONS + GOOGLENETS:
+        # as torchvision builds them for its ImageNet weights: the input
         # transform on (the stem folds it into its mean / std) and the
-        # auxiliary classifier there, so that those weights load (the
-        # classifier does not use it)
-        model = tvm.inception_v3(weights=None, aux_logits=True, transform_input=True,
-                                 init_weights=False)
-        # torchvision's own initialisation (truncated normal, std 0.1)
-        # counts on batch statistics: with the stem's batch norms frozen
-        # at their initial identity, a 512² image's logits were ~3e11 and
-        # training diverged. He initialisation keeps them ~1.
+        # auxiliary classifiers there, so that those weights load (the
+        # classifier does not use them)
+        model = getattr(tvm, arch)(weights=None, aux_logits=True, transform_input=True,
+                                   init_weights=False)
+        # torchvision's own initialisation (truncated normal, std 0.1 for
+        # Inception-v3, 0.01 for GoogLeNet) counts on batch statistics:
+        # with the stem's batch norms frozen at their initial identity, a
+        # 512² image's logits were ~3e11 (Inception-v3) and training
+        # diverged. He initialisation keeps them ~1.
         for m in model.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
@@ -240,12 +274,15 @@ def build_model(arch: str, *, num_outputs: int = 2, stream_upto: Union[str, int,
     an int 1 .. 7 of ``features``; DenseNets: ``"pool0"``,
     ``"denseblock1"``, ``"transition1"`` .. ``"denseblock4"``; Inception-v3:
     ``"maxpool1"``, ``"Conv2d_3b_1x1"`` .. ``"Mixed_7c"``; MobileNetV2: an int
-    1 .. 18 of ``features``), default
-    :data:`DEFAULT_STREAM_UPTO`;
+    1 .. 18 of ``features``; ShuffleNetV2: ``"maxpool"``, ``"stage2"`` ..
+    ``"conv5"``; VGG: an int 1 .. len - 1 of ``features``; RegNetX:
+    ``"stem"``, ``"block1"`` .. ``"block4"``; MNASNet: an int 1 .. 16 of
+    ``layers``; GoogLeNet: ``"maxpool1"``, ``"conv2"`` .. ``"inception5b"``),
+    default :data:`DEFAULT_STREAM_UPTO`;
     ``head``: the global pool, ``"max"`` or ``"avg"``; ``num_outputs``: the
     linear layer's outputs (2 for classification, 1 for regression).
     ``mean`` / ``std`` normalise uint8 images inside the stem (0..255
-    units); Inception-v3 then applies torchvision's ``transform_input``
+    units); Inception-v3 and GoogLeNet then apply torchvision's ``transform_input``
     (as with its ImageNet weights: with the default mean / std the stem
     computes ``(x - 127.5) / 127.5``). ``tile_size`` or ``memory_budget``
     tile the stem (when neither is given: :func:`default_tile_size`, 1024
@@ -271,8 +308,8 @@ def build_model(arch: str, *, num_outputs: int = 2, stream_upto: Union[str, int,
 
 def _stream_upto(arch: str, stream_upto: Union[str, int, None]) -> Union[str, int]:
     """The last streamed layer of ``arch`` (the default for None): a layer
-    name for ResNets, DenseNets and Inception-v3, an int of ``features``
-    for ConvNeXts and MobileNetV2."""
+    name (:data:`NAMED_STAGES`) or an int of ``features`` (``layers`` for
+    MNASNet)."""
     upto = DEFAULT_STREAM_UPTO[arch] if stream_upto is None else stream_upto
     if arch in NAMED_STAGES:
         if not isinstance(upto, str):
@@ -284,7 +321,7 @@ def _stream_upto(arch: str, stream_upto: Union[str, int, None]) -> Union[str, in
             return int(upto)
         except ValueError:
             raise ValueError(f"streamcnn: stream_upto for {arch} is an int (1 .. "
-                             f"{LAST_FEATURE[arch]} of features), got {upto!r}") from None
+                             f"{LAST_FEATURE[arch]} of {COUNTED_LAYERS[arch]}), got {upto!r}") from None
     return upto
 
 
@@ -294,7 +331,9 @@ def default_tile_size(arch: str, stream_upto: Union[str, int, None] = None) -> i
     where that gives fewer than 32 output pixels per side, the tile that
     gives 32 (:func:`streamcnn.models.default_tile_size`; worked out on the meta
     device, no weights are made)."""
-    with torch.device("meta"):
+    # torchvision's RegNet works out its widths with tensors it reads
+    # back while it is made: on the CPU (0.8 s for the 32GF one)
+    with torch.device("cpu" if arch in REGNETS else "meta"):
         backbone = _backbone(arch)
     upto = _stream_upto(arch, stream_upto)
     return max(models.default_tile_size(_FAMILY[arch].parts(backbone, upto)[0]))

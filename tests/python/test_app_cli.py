@@ -182,10 +182,10 @@ def _bad(capsys, args, *needles, out=None):
 
 
 def test_console_script_usage_error(slides, tmp_path):
-    res = cli(*_train(slides, tmp_path / "run", "--model", "vgg11"), timeout=300)
+    res = cli(*_train(slides, tmp_path / "run", "--model", "efficientnet_b0"), timeout=300)
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [
-        "streamcnn: train: argument --model: invalid choice: 'vgg11' (choose from "
+        "streamcnn: train: argument --model: invalid choice: 'efficientnet_b0' (choose from "
         + ", ".join(repr(a) for a in streamcnn.classifier.ARCHITECTURES) + ")"], res.stderr
     assert not (tmp_path / "run").exists()
 
@@ -292,7 +292,8 @@ def test_bad_tables(slides, tmp_path, capsys):
 
 def test_bad_options(slides, tmp_path, capsys):
     out = tmp_path / "run"
-    _bad(capsys, _train(slides, out, "--model", "vgg11"), "--model", "vgg11", out=out)
+    _bad(capsys, _train(slides, out, "--model", "efficientnet_b0"), "--model", "efficientnet_b0",
+         out=out)
     _bad(capsys, _train(slides, out, "--stream-upto", "layer9"), "stream_upto", "layer9", out=out)
     _bad(capsys, _train(slides, out, "--tile-size", "20"), "tile_size", "43", "receptive field",
          out=out)
@@ -928,13 +929,17 @@ def test_multiclass(slides, tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.parametrize("model,upto", [("densenet121", "transition1"),
-                                        ("inception_v3", "Mixed_5b"), ("mobilenet_v2", "7")])
+                                        ("inception_v3", "Mixed_5b"), ("mobilenet_v2", "7"),
+                                        ("googlenet", "inception3a"), ("vgg11_bn", "14"),
+                                        ("regnet_x_400mf", "block1"), ("mnasnet0_5", "9")])
 def test_other_backbones_train_evaluate_predict_and_export(slides, tmp_path, capsys, model,
                                                            upto):
     """--model densenet121 streamed to transition1 (its dense block's
     joins are cats along the channels), inception_v3 to Mixed_5b (its
     branches pool with F.avg_pool2d and are joined by a cat) and
-    mobilenet_v2 to features[:7] (depthwise convolutions, ReLU6): a run,
+    mobilenet_v2 to features[:7] (depthwise convolutions, ReLU6), googlenet
+    (ceil_mode pools, its input transform folded), vgg11_bn, RegNetX and
+    MNASNet: a run,
     its evaluation, a heatmap and the TorchScript export, which gives the
     model's scores."""
     out = tmp_path / "run"

@@ -1,5 +1,7 @@
 """streamcnn.classifier: the training application's model (stem + head)."""
 
+import types
+
 import pytest
 import torch
 
@@ -27,11 +29,14 @@ def test_resnet18_equals_whole_image(pool):
 
 @pytest.mark.parametrize("arch,upto", [("resnet152", "layer2"), ("resnext50_32x4d", "layer2"),
                                        ("wide_resnet50_2", "layer1"), ("convnext_small", 3),
-                                       ("shufflenet_v2_x1_0", "stage2")])
+                                       ("shufflenet_v2_x1_0", "stage2"), ("vgg16_bn", 24),
+                                       ("regnet_x_800mf", "block2"), ("mnasnet1_0", 10),
+                                       ("googlenet", "inception3b")])
 def test_deeper_grouped_wider_backbones_equal_whole_image(arch, upto):
     """One of each kind the application offers beyond resnet18..50 and
     convnext_tiny: a deeper stem (receptive field 155), grouped and wider
-    bottlenecks, a ConvNeXt with a downsampling layer: streamed in several
+    bottlenecks, a ConvNeXt with a downsampling layer, VGG, RegNetX,
+    MNASNet, GoogLeNet (its input transform folded): streamed in several
     tiles each way, the model equals its stem run whole, then the head."""
     torch.manual_seed(2)
     probe = build_model(arch, stream_upto=upto, tile_size=4096)
@@ -43,7 +48,12 @@ def test_deeper_grouped_wider_backbones_equal_whole_image(arch, upto):
     nh, nw = m.stem.tiling(x.shape[2], x.shape[3])["tiles"]
     assert nh >= 2 and nw >= 2, (nh, nw)
     y = m(x)
-    ref = m.head(m.stem.stem(_normalised(x)))
+    xn = _normalised(x)
+    if arch == "googlenet":      # torchvision's transform_input (the stem folds it in)
+        import torchvision
+        xn = torchvision.models.GoogLeNet._transform_input(
+            types.SimpleNamespace(transform_input=True), xn)
+    ref = m.head(m.stem.stem(xn))
     assert y.shape == (1, 3)
     torch.testing.assert_close(y, ref, rtol=1e-9, atol=1e-10)
 
@@ -75,6 +85,9 @@ def test_default_tile_gives_32_output_pixels_where_1024_is_too_small():
     assert seen["mobilenet_v2"] == 1024 and default_tile_size("mobilenet_v2", 18) == 1483
     assert seen["shufflenet_v2_x1_0"] == 1024
     assert default_tile_size("shufflenet_v2_x1_0", "conv5") == 1519
+    assert seen["vgg16"] == seen["vgg19_bn"] == seen["googlenet"] == seen["mnasnet1_0"] == 1024
+    assert seen["regnet_x_3_2gf"] == 1063 and seen["regnet_x_8gf"] == 1047
+    assert default_tile_size("regnet_x_400mf", "block4") == 1967
     with pytest.raises(ValueError, match="stream_upto"):
         default_tile_size("resnet18", "layer9")
 
@@ -90,7 +103,7 @@ def test_class_map_averages_to_output():
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="unknown model"):
-        build_model("vgg11")
+        build_model("efficientnet_b0")    # refused: squeeze-and-excitation
     with pytest.raises(ValueError, match="head must be one of"):
         build_model("resnet18", head="sum")
     with pytest.raises(ValueError, match="pool must be one of"):
@@ -188,7 +201,8 @@ def test_inception_v3_weights_and_transform(tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "densenet121", "inception_v3", "mobilenet_v2",
-                                  "shufflenet_v2_x1_0"])
+                                  "shufflenet_v2_x1_0", "vgg16", "regnet_x_400mf",
+                                  "mnasnet1_0", "googlenet"])
 def test_from_scratch_outputs_are_of_order_one(arch):
     """A backbone without weights starts well scaled although its stem's
     batch norms are frozen at their initial identity: torchvision's own
@@ -218,3 +232,53 @@ def test_min_image_size():
             if want > 1:
                 with pytest.raises(RuntimeError):
                     m(torch.zeros(1, 3, want - 1, want - 1, dtype=torch.uint8))
+
+
+def test_vgg_stream_upto_counts():
+    """VGG's default stream_upto is its features up to the fourth max pool
+    (stride 16), its largest the last index (the fifth max pool)."""
+    import torchvision
+    from streamcnn.classifier import DEFAULT_STREAM_UPTO, LAST_FEATURE, VGGS
+    for arch in VGGS:
+        with torch.device("meta"):
+            f = getattr(torchvision.models, arch)(weights=None).features
+        pools = [i for i, m in enumerate(f) if isinstance(m, torch.nn.MaxPool2d)]
+        assert DEFAULT_STREAM_UPTO[arch] == pools[3] + 1, arch
+        assert LAST_FEATURE[arch] == len(f) - 1 == pools[4], arch
+    with pytest.raises(ValueError, match=r"stream_upto for mnasnet0_5 is an int \(1 .. 16 of "
+                       r"layers\), got 'layer3'"):
+        build_model("mnasnet0_5", stream_upto="layer3")
+    with pytest.raises(ValueError, match=r"stream_upto for regnet_x_400mf is a layer name "
+                       r"\(stem, block1 .. block4\), got 3"):
+        build_model("regnet_x_400mf", stream_upto=3)
+
+
+def test_googlenet_imagenet_style_weights(tmp_path):
+    """A torchvision GoogLeNet state_dict as its ImageNet weights come
+    (auxiliary classifiers included) loads; with the input transform
+    folded into the stem's normalisation the features equal torchvision's
+    model run on the ImageNet-normalised image, transform_input on."""
+    import torchvision
+    torch.manual_seed(0)
+    ref = torchvision.models.googlenet(weights=None, aux_logits=True, init_weights=True,
+                                       transform_input=True).eval()
+    sd = {k: torch.randn_like(v) * 0.05 if k.endswith("running_mean") else
+          torch.rand_like(v) + 0.5 if v.is_floating_point() and "running_var" in k else v
+          for k, v in ref.state_dict().items()}
+    assert any(k.startswith("aux1.") for k in sd)
+    ref.load_state_dict(sd)
+    path = tmp_path / "googlenet.pth"
+    torch.save(sd, path)
+    ref.double()
+    m = build_model("googlenet", weights=str(path), stream_upto="inception4a", tile_size=200,
+                    num_outputs=3).double().eval()
+    x = (torch.rand(1, 3, 260, 250) * 255).to(torch.uint8)
+    assert m.stem.tiling(260, 250)["tiles"][0] >= 2
+    got = m.head.body(m.stem(x))
+    want = ref._transform_input(_normalised(x))
+    for name in ("conv1", "maxpool1", "conv2", "conv3", "maxpool2", "inception3a",
+                 "inception3b", "maxpool3", "inception4a", "inception4b", "inception4c",
+                 "inception4d", "inception4e", "maxpool4", "inception5a", "inception5b"):
+        want = getattr(ref, name)(want)
+    assert rel_err(got, want) < 1e-12
+    assert m(x).shape == (1, 3)

@@ -340,3 +340,102 @@ def test_convnext_stem_scripted_and_compiled_fp32():
         eager = net(x)
         assert rel_err(torch.jit.script(net)(x), eager) < 1e-5
         assert rel_err(torch.compile(net)(x), eager) < 1e-5
+
+
+def _split_checks(model, split, upto, tile, size, stem_key, head_key, grad_of):
+    """head(stem(x)) is model(x) in float64 with the stem streamed in
+    several tiles each way (eval, randomised batch statistics); the stem's
+    and the head's state_dicts keep torchvision's names; a training step
+    reaches the stem's weights while its batch norms stay frozen."""
+    model = model.double()
+    randomize_bn(model, torch.Generator().manual_seed(1))
+    model.eval()
+    stem, head = split(model, stream_upto=upto, tile_size=tile)
+    x = torch.randn(1, 3, *size, dtype=torch.float64)
+    nh, nw = stem.tiling(*size)["tiles"]
+    assert nh >= 2 and nw >= 2, (nh, nw)
+    assert rel_err(head(stem(x)), model(x)) < 1e-10
+    assert stem_key in stem.state_dict(), list(stem.state_dict())[:5]
+    assert head_key in head.state_dict(), list(head.state_dict())[:5]
+    model.train()
+    stem.train()
+    head.eval()
+    head(stem(x)).sum().backward()
+    assert grad_of(model).grad is not None
+    assert not any(m.training for m in stem.modules() if isinstance(m, nn.BatchNorm2d))
+    return stem, head
+
+
+@pytest.mark.parametrize("name,upto,key", [("vgg11_bn", 14, "module.12.running_var"),
+                                            ("vgg13", 20, "module.17.weight")])
+def test_split_vgg(name, upto, key):
+    """VGG streamed through features[:upto] (3 x 3 convolutions, batch
+    norms in the _bn ones, max pools); the head keeps its average pool and
+    the classifier, so head(stem(x)) is model(x)."""
+    torch.manual_seed(0)
+    model = getattr(tv.models, name)(weights=None)
+    _split_checks(model, streamcnn.models.split_vgg, upto, 120, (230, 200),
+                  key, f"features.{len(model.features) - 3}.weight", lambda m: m.features[0].weight)
+    last = len(model.features) - 1             # 28 (vgg11_bn), 24 (vgg13)
+    for bad in (0, last + 1, "7"):
+        with pytest.raises(ValueError, match=rf"stream_upto must be an int in \[1, {last}\]"):
+            streamcnn.models.split_vgg(model, stream_upto=bad)
+    with pytest.raises(ValueError, match="not a torchvision VGG"):
+        streamcnn.models.split_vgg(tv.models.mobilenet_v2(weights=None))
+
+
+def test_split_regnet():
+    """RegNetX-400MF streamed through block2 (grouped bottlenecks, residual
+    adds) and through its stem alone: head(stem(x)) is model(x); RegNetY
+    is refused naming its squeeze-and-excitation pool."""
+    torch.manual_seed(0)
+    model = tv.models.regnet_x_400mf(weights=None)
+    _split_checks(model, streamcnn.models.split_regnet, "block2", 150, (300, 280),
+                  "module.trunk_output.block2.block2-0.f.b.0.weight",
+                  "trunk_output.block3.block3-0.f.a.0.weight",
+                  lambda m: m.trunk_output.block1[0].f.a[0].weight)
+    stem, head = streamcnn.models.split_regnet(model.eval(), stream_upto="stem", tile_size=64)
+    x = torch.randn(1, 3, 150, 140, dtype=torch.float64)
+    assert rel_err(head(stem(x)), model(x)) < 1e-10
+    assert list(stem.stem._modules) == ["stem"]
+    with pytest.raises(ValueError, match=r"stream_upto must be one of \['stem', 'block1'"):
+        streamcnn.models.split_regnet(model, stream_upto="trunk_output")
+    with pytest.raises(ValueError, match="not a torchvision RegNet"):
+        streamcnn.models.split_regnet(_densenet())
+    with pytest.raises(ValueError, match=r"cannot stream .*se\.avgpool.*: it is not local"):
+        streamcnn.models.split_regnet(tv.models.regnet_y_400mf(weights=None).eval(),
+                                      stream_upto="block1", tile_size=200)
+
+
+def test_split_mnasnet():
+    """MNASNet 0.5 streamed through layers[:10] (inverted residuals with
+    3 x 3 and 5 x 5 depthwise convolutions): head(stem(x)) is model(x)."""
+    torch.manual_seed(0)
+    model = tv.models.mnasnet0_5(weights=None)
+    _split_checks(model, streamcnn.models.split_mnasnet, 10, 200, (330, 300),
+                  "module.9.0.layers.3.weight", "layers.10.0.layers.0.weight",
+                  lambda m: m.layers[0].weight)
+    with pytest.raises(ValueError, match=r"stream_upto must be an int in \[1, 16\]"):
+        streamcnn.models.split_mnasnet(model, stream_upto=17)
+    with pytest.raises(ValueError, match="not a torchvision MNASNet"):
+        streamcnn.models.split_mnasnet(_densenet())
+
+
+@pytest.mark.parametrize("transform_input", [False, True])
+def test_split_googlenet(transform_input):
+    """GoogLeNet streamed through inception3b (ceil_mode max pools, branches
+    joined by torch.cat): head(stem(x)) is model(x), also with
+    torchvision's input transform folded into the stem's mean / std; the
+    auxiliary classifiers are in neither part."""
+    torch.manual_seed(0)
+    model = tv.models.googlenet(weights=None, aux_logits=True, init_weights=True,
+                                transform_input=transform_input)
+    stem, head = _split_checks(model, streamcnn.models.split_googlenet, "inception3b", 120,
+                               (250, 230), "module.inception3b.branch4.1.conv.weight",
+                               "inception5b.branch4.1.conv.weight",
+                               lambda m: m.conv1.conv.weight)
+    assert not any("aux" in k for k in list(stem.state_dict()) + list(head.state_dict()))
+    with pytest.raises(ValueError, match=r"stream_upto must be one of \['maxpool1', 'conv2'"):
+        streamcnn.models.split_googlenet(model, stream_upto="aux1")
+    with pytest.raises(ValueError, match="not a torchvision GoogLeNet"):
+        streamcnn.models.split_googlenet(_densenet())

@@ -12,8 +12,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
-from ..classifier import (ARCHITECTURES, DEFAULT_STREAM_UPTO, IMAGENET_MEAN, IMAGENET_STD,
-                          LAST_FEATURE, NAMED_STAGES, POOLS)
+from ..classifier import (ARCHITECTURES, COUNTED_LAYERS, DEFAULT_STREAM_UPTO, IMAGENET_MEAN,
+                          IMAGENET_STD, LAST_FEATURE, NAMED_STAGES, POOLS)
 from .common import METRICS, TASKS, UsageError, check_metric, default_metric, is_number
 
 
@@ -75,8 +75,10 @@ OPTIONS: Tuple[Option, ...] = (
            "(ResNets), a count 1 .. 7 (ConvNeXt: N streams features[:N]), pool0, "
            "denseblock1, transition1 .. denseblock4 "
            "(DenseNets), maxpool1, Conv2d_3b_1x1 .. Mixed_7c (Inception-v3), a count 1 .. 18 "
-           "(MobileNetV2), maxpool, stage2 .. stage4, conv5 (ShuffleNetV2); default: the "
-           "stage before the last",
+           "(MobileNetV2), maxpool, stage2 .. stage4, conv5 (ShuffleNetV2), a count of "
+           "features (VGGs: 1 .. 30 for vgg16), stem, block1 .. block4 (RegNetX), a count "
+           "1 .. 16 of layers (MNASNet), maxpool1, conv2 .. inception5b (GoogLeNet); "
+           "default: the stage before the last (stride 16)",
            metavar="LAYER"),
     Option("head", str, "max", "global pool of the head: max (as in the paper) or avg",
            choices=POOLS),
@@ -277,12 +279,13 @@ def resolve(given: Dict[str, Any], base: Optional[Dict[str, Any]] = None) -> Dic
         raise UsageError("give --tile-size or --memory-budget, not both")
     if cfg["stream_upto"] is None:
         cfg["stream_upto"] = DEFAULT_STREAM_UPTO[cfg["model"]]
-    if cfg["model"] not in NAMED_STAGES:        # ConvNeXts, MobileNetV2
+    if cfg["model"] not in NAMED_STAGES:        # ConvNeXts, MobileNetV2, VGGs, MNASNets
         try:
             cfg["stream_upto"] = int(cfg["stream_upto"])
         except ValueError:
             raise UsageError(f"--stream-upto for {cfg['model']} is a number 1 .. "
-                             f"{LAST_FEATURE[cfg['model']]} of its features, got "
+                             f"{LAST_FEATURE[cfg['model']]} of its "
+                             f"{COUNTED_LAYERS[cfg['model']]}, got "
                              f"{cfg['stream_upto']!r}") from None
     else:
         cfg["stream_upto"] = str(cfg["stream_upto"])
