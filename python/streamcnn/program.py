@@ -35,6 +35,7 @@ ACT_RELU, ACT_RELU6, ACT_LEAKY_RELU, ACT_SILU, ACT_GELU, ACT_SIGMOID, ACT_TANH, 
 
 SUPPORTED = (
     "Conv2d (padding_mode='zeros'), MaxPool2d, AvgPool2d (and F.max_pool2d, F.avg_pool2d), "
+    "zero padding (ZeroPad2d, ConstantPad2d / F.pad with value 0) that a Conv2d or pool reads, "
     "BatchNorm2d in eval mode (and F.batch_norm with training=False, "
     "FrozenBatchNorm2d), "
     "ReLU, ReLU6, LeakyReLU, SiLU, GELU, Sigmoid, Tanh, Hardswish, Identity, "
@@ -595,12 +596,24 @@ class _Converter:
         self.chunks: Dict[fx.Node, Tuple[fx.Node, List[range]]] = {}
         self.sels: Dict[fx.Node, _Sel] = {}
         self.in_selected: Optional[fx.Node] = None
+        # zero paddings (F.pad, ZeroPad2d) -> (the padded tensor, (top,
+        # bottom, left, right)): the convolution or pool reading one pads
+        # by as much more
+        self.pads: Dict[fx.Node, Tuple[fx.Node, Tuple[int, int, int, int]]] = {}
+        # values known to be >= 0 (ReLU, ReLU6, sigmoid, a max pool of one):
+        # a max pool's -inf padding is a zero padding there
+        self.nonneg: set = set()
 
     # -- helpers ------------------------------------------------------------
     def _p(self, path: str, attr: str) -> int:
         return self.b.param((path, attr))
 
     def _input(self, node: fx.Node, arg) -> fx.Node:
+        if isinstance(arg, fx.Node) and arg in self.pads:
+            raise _unsupported(node, _node_what(node, self.root),
+                               f"it reads '{arg.name}', a zero padding (F.pad / ZeroPad2d): "
+                               "streamcnn folds zero padding into the Conv2d, max pool or "
+                               "average pool that reads it, and pads nothing else")
         if isinstance(arg, fx.Node) and arg in self.sels:
             self._emit_sel(node, arg)
         if not isinstance(arg, fx.Node) or arg not in self.val:
@@ -856,7 +869,65 @@ class _Converter:
         self._set(node, self.val[src], self.chan[src], layout or self.layout[src])
 
     def _act(self, node, x, kind, arg=0):
-        self._set(node, self.b.act(self.val[x], kind, arg), self.chan[x], self.layout[x])
+        v = self.b.act(self.val[x], kind, arg)
+        if kind in (ACT_RELU, ACT_RELU6, ACT_SIGMOID):
+            self.nonneg.add(v)
+        self._set(node, v, self.chan[x], self.layout[x])
+
+    # -- zero padding ---------------------------------------------------------
+    def _pad(self, node, what, arg, pad, mode="constant", value=None):
+        """F.pad / torch.constant_pad_nd / ZeroPad2d / ConstantPad2d with
+        zeros: no instruction of its own; the convolution or pool that reads
+        it pads by as much more (_unpad)."""
+        if mode != "constant":
+            raise _unsupported(node, what, f"mode={mode!r} padding is not supported, only "
+                               "zero ('constant') padding")
+        if value is not None and not (isinstance(value, (int, float)) and value == 0):
+            raise _unsupported(node, what, f"it pads with {value!r}: only zero padding is "
+                               "supported")
+        if not (isinstance(pad, (list, tuple)) and len(pad) in (2, 4) and
+                all(isinstance(p, int) and not isinstance(p, bool) for p in pad)):
+            raise _unsupported(node, what, f"pad={pad!r}: streamcnn pads the columns, or the "
+                               "columns and rows (2 or 4 ints: left, right, top, bottom)")
+        if any(p < 0 for p in pad):
+            raise _unsupported(node, what, f"pad={tuple(pad)!r}: a negative pad crops; crop "
+                               "the image before the stem instead")
+        left, right = pad[0], pad[1]
+        top, bottom = (pad[2], pad[3]) if len(pad) == 4 else (0, 0)
+        src, had = self.pads.get(arg, (arg, (0, 0, 0, 0)))
+        x = self._input(node, src)
+        self._need_nchw(node, what, x)
+        self.pads[node] = (x, tuple(a + b for a, b in zip(had, (top, bottom, left, right))))
+
+    def _unpad(self, arg) -> Tuple[Any, Optional[Tuple[int, int, int, int]]]:
+        """(the tensor a zero padding pads, its (top, bottom, left, right)),
+        or (arg, None) for anything else."""
+        if isinstance(arg, fx.Node) and arg in self.pads:
+            return self.pads[arg]
+        return arg, None
+
+    def _pool_pad(self, node, what, kernel, padding, ceil_mode, extra):
+        """A pool's padding with a zero padding before it folded in: the same
+        on both sides of each axis (a pool pads each side alike), at most half
+        the kernel (ATen's bound), and not in ceil_mode (its last window's
+        rule differs for padding and image)."""
+        ph, pw = _pair(padding)
+        if extra is None:
+            return ph, pw
+        top, bottom, left, right = extra
+        if ceil_mode:
+            raise _unsupported(node, what, "it pools a zero-padded tensor with ceil_mode=True; "
+                               "use the pool's own padding")
+        if top != bottom or left != right:
+            raise _unsupported(node, what, f"it pools a tensor zero-padded unevenly "
+                               f"(top, bottom, left, right = {extra}); a pool pads both sides "
+                               "of an axis alike")
+        kh, kw = _pair(kernel)
+        if ph + top > kh // 2 or pw + left > kw // 2:
+            raise _unsupported(node, what, f"it pools a zero-padded tensor: padding "
+                               f"{(ph + top, pw + left)} with its own is more than half its "
+                               f"kernel {(kh, kw)}")
+        return ph + top, pw + left
 
     def _need_nchw(self, node, what, x):
         if self.layout[x] != NCHW:
@@ -976,27 +1047,46 @@ class _Converter:
         self._set(node, v, self.chan[x])
 
     def _maxpool(self, node, what, x, kernel, stride, padding, dilation, ceil_mode,
-                 return_indices):
+                 return_indices, extra=None):
+        """extra: a zero padding before it (_unpad). The pool pads with
+        -inf, the same as zeros on values >= 0 (every window holds a value
+        of the image: the padding is at most half the kernel)."""
         self._need_nchw(node, what, x)
         if return_indices:
             raise _unsupported(node, what, "return_indices=True is not supported")
+        if extra is not None and self.val[x] not in self.nonneg:
+            raise _unsupported(node, what, "it max-pools a zero-padded tensor that may be "
+                               "negative (the pool's own padding is -inf); zero padding folds "
+                               "into a max pool after a ReLU, ReLU6 or sigmoid")
+        pad = self._pool_pad(node, what, kernel, padding, ceil_mode, extra)
         v = self.b.maxpool(self.val[x], _pair(kernel), _pool_stride(stride, kernel),
-                           _pair(dilation), _pair(padding), bool(ceil_mode))
+                           _pair(dilation), pad, bool(ceil_mode))
+        if self.val[x] in self.nonneg:
+            self.nonneg.add(v)
         self._set(node, v, self.chan[x])
 
     def _avgpool(self, node, what, x, kernel, stride, padding, ceil_mode, count_include_pad,
-                 divisor_override):
+                 divisor_override, extra=None):
+        """extra: a zero padding before it (_unpad), whose zeros the pool
+        counts: folded in as padding with count_include_pad."""
         self._need_nchw(node, what, x)
         if divisor_override is not None and not (isinstance(divisor_override, int)
                                                  and divisor_override > 0):
             raise _unsupported(node, what, f"divisor_override={divisor_override!r}: it must be "
                                "None or a positive int")
+        if extra is not None:
+            if not count_include_pad and divisor_override is None and _pair(padding) != (0, 0):
+                raise _unsupported(node, what, "it pools a zero-padded tensor with padding of "
+                                   "its own and count_include_pad=False (it would count the "
+                                   "zeros, not its own padding)")
+            count_include_pad = True
+        pad = self._pool_pad(node, what, kernel, padding, ceil_mode, extra)
         v = self.b.avgpool(self.val[x], _pair(kernel), _pool_stride(stride, kernel),
-                           _pair(padding), bool(ceil_mode), bool(count_include_pad),
+                           pad, bool(ceil_mode), bool(count_include_pad),
                            divisor_override)
         self._set(node, v, self.chan[x])
 
-    def _pool_fn(self, node, what, x, rest, kw):
+    def _pool_fn(self, node, what, x, rest, kw, extra=None):
         """F.max_pool2d / torch.max_pool2d / F.max_pool2d_with_indices and
         F.avg_pool2d: the modules' instructions from the call's arguments."""
         t = node.target
@@ -1010,10 +1100,12 @@ class _Converter:
         if t is F.avg_pool2d:
             return self._avgpool(node, what, x, a["kernel_size"], a.get("stride"),
                                  a.get("padding", 0), a.get("ceil_mode", False),
-                                 a.get("count_include_pad", True), a.get("divisor_override"))
+                                 a.get("count_include_pad", True), a.get("divisor_override"),
+                                 extra)
         return self._maxpool(node, what, x, a["kernel_size"], a.get("stride"),
                              a.get("padding", 0), a.get("dilation", 1), a.get("ceil_mode", False),
-                             t is F.max_pool2d_with_indices or a.get("return_indices", False))
+                             t is F.max_pool2d_with_indices or a.get("return_indices", False),
+                             extra)
 
     # -- modules --------------------------------------------------------------
     def module(self, node: fx.Node):
@@ -1022,7 +1114,12 @@ class _Converter:
         what = _node_what(node, self.root)
         if len(node.args) != 1 or node.kwargs:
             raise _unsupported(node, what, "expected a single tensor argument")
-        x = self._input(node, node.args[0])
+        if type(m) in (nn.ZeroPad2d, nn.ConstantPad2d):
+            return self._pad(node, what, node.args[0], list(m.padding), value=m.value)
+        arg, extra = node.args[0], None
+        if any(_same_forward(m, k) for k in (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
+            arg, extra = self._unpad(arg)
+        x = self._input(node, arg)
         c = self.chan[x]
 
         if isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d,
@@ -1072,6 +1169,8 @@ class _Converter:
             else:
                 ph, pw = _pair(m.padding)
                 pad = (ph, ph, pw, pw)
+            if extra is not None:       # a zero padding before it
+                pad = tuple(a + b for a, b in zip(pad, extra))
             w = self._p(path, "weight")
             bias = self._p(path, "bias") if m.bias is not None else -1
             v = self.b.conv(self.val[x], w, bias, m.in_channels, m.out_channels, m.groups,
@@ -1080,11 +1179,11 @@ class _Converter:
 
         if _same_forward(m, nn.MaxPool2d):
             return self._maxpool(node, what, x, m.kernel_size, m.stride, m.padding, m.dilation,
-                                 m.ceil_mode, m.return_indices)
+                                 m.ceil_mode, m.return_indices, extra)
 
         if _same_forward(m, nn.AvgPool2d):
             return self._avgpool(node, what, x, m.kernel_size, m.stride, m.padding, m.ceil_mode,
-                                 m.count_include_pad, m.divisor_override)
+                                 m.count_include_pad, m.divisor_override, extra)
 
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and type(m).forward in (
                 nn.BatchNorm2d.forward, nn.SyncBatchNorm.forward):
@@ -1272,6 +1371,17 @@ class _Converter:
             return self._scale(node, what, args)
         if not args:
             raise _unsupported(node, what, f"unsupported call. Supported: {SUPPORTED}")
+        if t is F.pad:
+            a = dict(zip(["pad", "mode", "value"], args[1:]), **kw)
+            return self._pad(node, what, args[0], a.get("pad"), a.get("mode", "constant"),
+                             a.get("value"))
+        if t is torch.constant_pad_nd:
+            a = dict(zip(["pad", "value"], args[1:]), **kw)
+            return self._pad(node, what, args[0], a.get("pad"), value=a.get("value", 0))
+        extra = None
+        if t in _POOL_FNS:
+            x0, extra = self._unpad(args[0])
+            args = (x0,) + tuple(args[1:])
         x = self._input(node, args[0])
         rest = args[1:]
         if t in (F.relu, torch.relu, torch.relu_, F.relu_):
@@ -1293,7 +1403,7 @@ class _Converter:
         if t is F.hardswish:
             return self._act(node, x, ACT_HARDSWISH)
         if t in _POOL_FNS:
-            return self._pool_fn(node, what, x, rest, kw)
+            return self._pool_fn(node, what, x, rest, kw, extra)
         if t is torch.permute:
             dims = rest[0] if rest else kw["dims"]
             return self._permute(node, what, x, dims)
@@ -1486,6 +1596,10 @@ class _Converter:
         if not in_channels:
             raise ValueError("streamcnn: cannot infer the stem's input channels (no Conv2d or "
                              "BatchNorm2d); pass in_channels=")
+        if out in self.pads:
+            raise ValueError(f"streamcnn: the stem ends in a zero padding ('{out.name}'); "
+                             "streamcnn folds zero padding into the Conv2d or pool that reads "
+                             "it: pad in the layers after the stem")
         if out in self.sels:        # it ends selecting (or viewing 5-d) channels
             self._emit_sel(outputs[0], out)
         if out not in self.val:
