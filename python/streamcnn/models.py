@@ -302,9 +302,14 @@ def mobilenet_parts(model: nn.Module, stream_upto: int = 14
         raise ValueError("streamcnn: not a torchvision MobileNetV2 (needs features of "
                          "inverted residuals, classifier, and no avgpool)")
     # MobileNetV2.forward: features, adaptive average pool, flatten, classifier
-    return _counted_parts(model, "features", stream_upto,
-                          [("avgpool", nn.AdaptiveAvgPool2d(1)), ("flatten", nn.Flatten(1)),
-                           ("classifier", None)])
+    return _counted_parts(model, "features", stream_upto, _mean_classifier())
+
+
+def _mean_classifier() -> List[Tuple[str, Optional[nn.Module]]]:
+    """The tail of torchvision's MobileNetV2 and MNASNet: the mean over the
+    image, flatten, their classifier."""
+    return [("avgpool", nn.AdaptiveAvgPool2d(1)), ("flatten", nn.Flatten(1)),
+            ("classifier", None)]
 
 
 def split_shufflenet(model: nn.Module, stream_upto: str = "stage3",
@@ -439,9 +444,7 @@ def mnasnet_parts(model: nn.Module, stream_upto: int = 12
         raise ValueError("streamcnn: not a torchvision MNASNet (needs layers of inverted "
                          "residuals, classifier)")
     # MNASNet.forward: layers, the mean over the image, classifier
-    return _counted_parts(model, "layers", stream_upto,
-                          [("avgpool", nn.AdaptiveAvgPool2d(1)), ("flatten", nn.Flatten(1)),
-                           ("classifier", None)])
+    return _counted_parts(model, "layers", stream_upto, _mean_classifier())
 
 
 def split_googlenet(model: nn.Module, stream_upto: str = "inception4e",

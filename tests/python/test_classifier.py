@@ -165,24 +165,31 @@ def test_densenet_weights_with_torchvision_legacy_names(tmp_path):
         build_model("densenet121", weights=str(path), tile_size=1100)
 
 
+def _imagenet_style_file(arch, tmp_path, aux):
+    """torchvision's ``arch`` as built for its ImageNet weights (auxiliary
+    classifiers, transform_input), random batch statistics, in eval mode and
+    float64, and its state_dict saved: (model, path)."""
+    import torchvision
+    torch.manual_seed(0)
+    ref = getattr(torchvision.models, arch)(weights=None, aux_logits=True, init_weights=True,
+                                            transform_input=True).eval()
+    sd = {k: torch.randn_like(v) * 0.05 if k.endswith("running_mean") else
+          torch.rand_like(v) + 0.5 if v.is_floating_point() and "running_var" in k else v
+          for k, v in ref.state_dict().items()}
+    assert any(k.startswith(aux) for k in sd)
+    ref.load_state_dict(sd)
+    path = tmp_path / f"{arch}.pth"
+    torch.save(sd, path)
+    return ref.double(), path
+
+
 def test_inception_v3_weights_and_transform(tmp_path):
     """A torchvision Inception-v3 state_dict (its auxiliary classifier
     included) loads; the stem computes the model's features with
     torchvision's transform_input after the ImageNet normalisation, as
     inception_v3(weights=...) does ((x - 127.5) / 127.5 for uint8); the
     classifier's head runs Mixed_6a .. 7c on the stride-8 features."""
-    import torchvision
-    torch.manual_seed(0)
-    ref = torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=True,
-                                          transform_input=True).eval()
-    sd = {k: torch.randn_like(v) * 0.05 if k.endswith("running_mean") else
-          torch.rand_like(v) + 0.5 if v.is_floating_point() and "running_var" in k else v
-          for k, v in ref.state_dict().items()}
-    assert any(k.startswith("AuxLogits.") for k in sd)
-    ref.load_state_dict(sd)
-    path = tmp_path / "inception.pth"
-    torch.save(sd, path)
-    ref.double()
+    ref, path = _imagenet_style_file("inception_v3", tmp_path, "AuxLogits.")
     m = build_model("inception_v3", weights=str(path), stream_upto="Mixed_5d", tile_size=300,
                     num_outputs=3).double().eval()
     torch.testing.assert_close(m.stem.norm_bias, torch.full((3,), -1.0, dtype=torch.float64))
@@ -258,18 +265,7 @@ def test_googlenet_imagenet_style_weights(tmp_path):
     (auxiliary classifiers included) loads; with the input transform
     folded into the stem's normalisation the features equal torchvision's
     model run on the ImageNet-normalised image, transform_input on."""
-    import torchvision
-    torch.manual_seed(0)
-    ref = torchvision.models.googlenet(weights=None, aux_logits=True, init_weights=True,
-                                       transform_input=True).eval()
-    sd = {k: torch.randn_like(v) * 0.05 if k.endswith("running_mean") else
-          torch.rand_like(v) + 0.5 if v.is_floating_point() and "running_var" in k else v
-          for k, v in ref.state_dict().items()}
-    assert any(k.startswith("aux1.") for k in sd)
-    ref.load_state_dict(sd)
-    path = tmp_path / "googlenet.pth"
-    torch.save(sd, path)
-    ref.double()
+    ref, path = _imagenet_style_file("googlenet", tmp_path, "aux1.")
     m = build_model("googlenet", weights=str(path), stream_upto="inception4a", tile_size=200,
                     num_outputs=3).double().eval()
     x = (torch.rand(1, 3, 260, 250) * 255).to(torch.uint8)
