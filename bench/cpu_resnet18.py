@@ -6,7 +6,11 @@ their features with torch.cat, the cat instruction; --model inception_v3:
 Inception-v3 Conv2d_1a_3x3..Mixed_5d, whose blocks pool with F.avg_pool2d
 and join branches with torch.cat; --model shufflenet_v2_x1_0: ShuffleNetV2
 1.0 conv1..stage3, whose blocks split and shuffle the channels, the
-channels instruction); whole-image
+channels instruction; --model googlenet: GoogLeNet conv1..inception4e,
+ceil_mode max pools and cats; --model vgg16_bn: VGG-16-BN up to its third
+max pool, full-resolution 3 x 3 convolutions of 64 .. 256 channels;
+--model regnet_x_800mf: RegNetX-800MF stem..block3, grouped bottlenecks);
+whole-image
 PyTorch vs streamcnn with halo caching (``stream``, the default) and
 without (``cone``: each tile recomputes its whole cone in the backward).
 Every measurement runs in a fresh process (peak RSS
@@ -15,7 +19,8 @@ since the whole-image peak alone varies by ~15% between processes (glibc
 heap layout). Prints medians side by side with ratios, and the ranges.
 
     python bench/cpu_resnet18.py [--size 1536] [--tile 512] [--reps 3] [--runs 3]
-                                 [--model resnet18|densenet121|inception_v3|shufflenet_v2_x1_0]
+                                 [--model resnet18|densenet121|inception_v3|shufflenet_v2_x1_0|
+                                          googlenet|vgg16_bn|regnet_x_800mf]
 """
 
 import argparse
@@ -30,7 +35,12 @@ import time
 
 MODELS = {"resnet18": "ResNet-18 conv1..layer2", "densenet121": "DenseNet-121 conv0..denseblock2",
           "inception_v3": "Inception-v3 Conv2d_1a_3x3..Mixed_5d",
-          "shufflenet_v2_x1_0": "ShuffleNetV2 1.0 conv1..stage3"}
+          "shufflenet_v2_x1_0": "ShuffleNetV2 1.0 conv1..stage3",
+          "googlenet": "GoogLeNet conv1..inception4e", "vgg16_bn": "VGG-16-BN features[:24]",
+          "regnet_x_800mf": "RegNetX-800MF stem..block3"}
+# the application's models: (stream_upto, the stem's output channels)
+_PARTS = {"googlenet": ("inception4e", 832), "vgg16_bn": (24, 256),
+          "regnet_x_800mf": ("block3", 288)}
 
 
 def child(mode: str, size: int, tile: int, reps: int, threads: int,
@@ -55,6 +65,11 @@ def child(mode: str, size: int, tile: int, reps: int, threads: int,
         s = torchvision.models.shufflenet_v2_x1_0(weights=None)
         stem = nn.Sequential(s.conv1, s.maxpool, s.stage2, s.stage3).eval()
         channels = 232
+    elif model in _PARTS:
+        from streamcnn.classifier import _FAMILY
+        upto, channels = _PARTS[model]
+        stem = _FAMILY[model].parts(getattr(torchvision.models, model)(weights=None),
+                                    upto)[0].eval()
     else:
         r = torchvision.models.resnet18(weights=None)
         stem = nn.Sequential(r.conv1, r.bn1, r.relu, r.maxpool, r.layer1, r.layer2).eval()

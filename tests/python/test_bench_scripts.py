@@ -178,10 +178,12 @@ def test_predict_memory_script(tmp_path):
 
 @pytest.mark.parametrize("model,title,tile", [
     ("densenet121", "DenseNet-121 conv0..denseblock2", "456"),
-    ("inception_v3", "Inception-v3 Conv2d_1a_3x3..Mixed_5d", "200")])
+    ("inception_v3", "Inception-v3 Conv2d_1a_3x3..Mixed_5d", "200"),
+    ("googlenet", "GoogLeNet conv1..inception4e", "300")])
 def test_cpu_benchmark_script_cat_models(model, title, tile):
-    """bench/cpu_resnet18.py --model densenet121 / inception_v3 (the cat
-    instruction's and the functional pools' benchmarks) runs at a tiny
+    """bench/cpu_resnet18.py --model densenet121 / inception_v3 / googlenet
+    (the cat instruction's and the functional pools' benchmarks; the last
+    one's stem from the application's split) runs at a tiny
     size: whole, stream and cone rows and their ratios."""
     res = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "cpu_resnet18.py"),
                           "--model", model, "--size", "400", "--tile", tile,

@@ -128,3 +128,21 @@ def test_module_named_in_the_refusal():
     stem = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ZeroPad2d(1), nn.BatchNorm2d(4))
     with pytest.raises(ValueError, match=r"BatchNorm2d '2'.*it reads '_1', a zero padding"):
         convert(stem.eval())
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_row_bands_of_a_padded_stem(cached):
+    """Tile-parallel row bands (each given only its rows of the image) of
+    the Keras-style stem, whose convolutions pad the top and bottom
+    unevenly: they concatenate to the whole output and their gradients sum
+    to the whole-image ones."""
+    from test_tile_parallel import _bands_sum_to_the_whole
+    m = _keras_stem()
+    sm = streamcnn.StreamingModule(m, 60, halo_cache=cached)
+    x = torch.randn(2, 3, 131, 70, dtype=torch.float64)
+    assert sm.tiling(131, 70)["tiles"][0] >= 3
+    y = m(x)
+    g = torch.randn_like(y)
+    oh = y.shape[2]
+    for cuts in ([0, 1, oh], [0, 5, 6, oh], [0, oh - 1, oh]):
+        _bands_sum_to_the_whole(sm, x, g, cuts, cached)
