@@ -68,8 +68,16 @@ def child(mode: str, size: int, tile: int, reps: int, threads: int,
     elif model in _PARTS:
         from streamcnn.classifier import _FAMILY
         upto, channels = _PARTS[model]
-        stem = _FAMILY[model].parts(getattr(torchvision.models, model)(weights=None),
-                                    upto)[0].eval()
+        # the stem alone in memory: the rest (VGG's 120M-parameter
+        # classifier) made on the meta device, which RegNet cannot be
+        # (torchvision reads tensors back while it makes one; it is small)
+        with torch.device("cpu" if model.startswith("regnet") else "meta"):
+            stem = _FAMILY[model].parts(getattr(torchvision.models, model)(weights=None),
+                                        upto)[0].eval()
+        stem.to_empty(device="cpu")
+        for m in stem.modules():
+            if hasattr(m, "reset_parameters"):
+                m.reset_parameters()      # the default initialisation, BN 0 / 1
     else:
         r = torchvision.models.resnet18(weights=None)
         stem = nn.Sequential(r.conv1, r.bn1, r.relu, r.maxpool, r.layer1, r.layer2).eval()
