@@ -66,14 +66,11 @@ def child(mode: str, size: int, tile: int, reps: int, threads: int,
         stem = nn.Sequential(s.conv1, s.maxpool, s.stage2, s.stage3).eval()
         channels = 232
     elif model in _PARTS:
-        from streamcnn.classifier import _FAMILY
+        from streamcnn.classifier import _stem_layers
         upto, channels = _PARTS[model]
         # the stem alone in memory: the rest (VGG's 120M-parameter
-        # classifier) made on the meta device, which RegNet cannot be
-        # (torchvision reads tensors back while it makes one; it is small)
-        with torch.device("cpu" if model.startswith("regnet") else "meta"):
-            stem = _FAMILY[model].parts(getattr(torchvision.models, model)(weights=None),
-                                        upto)[0].eval()
+        # classifier) made without weights
+        stem = _stem_layers(model, upto).eval()
         stem.to_empty(device="cpu")
         for m in stem.modules():
             if hasattr(m, "reset_parameters"):

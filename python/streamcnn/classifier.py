@@ -331,12 +331,18 @@ def default_tile_size(arch: str, stream_upto: Union[str, int, None] = None) -> i
     where that gives fewer than 32 output pixels per side, the tile that
     gives 32 (:func:`streamcnn.models.default_tile_size`; worked out on the meta
     device, no weights are made)."""
-    # torchvision's RegNet works out its widths with tensors it reads
-    # back while it is made: on the CPU (0.8 s for the 32GF one)
+    upto = _stream_upto(arch, stream_upto)
+    return max(models.default_tile_size(_stem_layers(arch, upto)))
+
+
+def _stem_layers(arch: str, stream_upto: Union[str, int, None] = None) -> nn.Module:
+    """The layers :func:`build_model` would stream (its norms frozen, not
+    wrapped), made on the meta device: shapes, no weights (RegNet on the
+    CPU: torchvision works out its widths with tensors it reads back while
+    it makes one; 0.8 s for the 32GF one)."""
     with torch.device("cpu" if arch in REGNETS else "meta"):
         backbone = _backbone(arch)
-    upto = _stream_upto(arch, stream_upto)
-    return max(models.default_tile_size(_FAMILY[arch].parts(backbone, upto)[0]))
+    return _FAMILY[arch].parts(backbone, _stream_upto(arch, stream_upto))[0]
 
 
 def _channels(stem: StreamingModule, body: nn.Module) -> int:

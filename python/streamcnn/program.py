@@ -390,6 +390,12 @@ _AVGPOOL_ARGS = ("kernel_size", "stride", "padding", "ceil_mode", "count_include
                  "divisor_override")
 
 
+def _grown(pad: Tuple[int, ...], extra: Optional[Tuple[int, ...]]) -> Tuple[int, ...]:
+    """(top, bottom, left, right) padding with a zero padding before the
+    layer (``extra``, or None) added."""
+    return pad if extra is None else tuple(a + b for a, b in zip(pad, extra))
+
+
 def _pool_stride(stride, kernel) -> Tuple[int, int]:
     """A pooling's stride: None or an empty list means the kernel size."""
     if stride is None or (isinstance(stride, (list, tuple)) and len(stride) == 0):
@@ -894,10 +900,10 @@ class _Converter:
                                "the image before the stem instead")
         left, right = pad[0], pad[1]
         top, bottom = (pad[2], pad[3]) if len(pad) == 4 else (0, 0)
-        src, had = self.pads.get(arg, (arg, (0, 0, 0, 0)))
+        src, had = self._unpad(arg)       # a padding of a padding: one
         x = self._input(node, src)
         self._need_nchw(node, what, x)
-        self.pads[node] = (x, tuple(a + b for a, b in zip(had, (top, bottom, left, right))))
+        self.pads[node] = (x, _grown((top, bottom, left, right), had))
 
     def _unpad(self, arg) -> Tuple[Any, Optional[Tuple[int, int, int, int]]]:
         """(the tensor a zero padding pads, its (top, bottom, left, right)),
@@ -1169,8 +1175,7 @@ class _Converter:
             else:
                 ph, pw = _pair(m.padding)
                 pad = (ph, ph, pw, pw)
-            if extra is not None:       # a zero padding before it
-                pad = tuple(a + b for a, b in zip(pad, extra))
+            pad = _grown(pad, extra)    # by a zero padding before it
             w = self._p(path, "weight")
             bias = self._p(path, "bias") if m.bias is not None else -1
             v = self.b.conv(self.val[x], w, bias, m.in_channels, m.out_channels, m.groups,

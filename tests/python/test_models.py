@@ -163,26 +163,40 @@ def test_split_inception_bad_arguments():
         streamcnn.models.split_inception(model, tile_size=1400, mean=(1.0, 2.0))
 
 
+def _split_checks(model, split, upto, tile, size, stem_key, head_key, grad_of):
+    """head(stem(x)) is model(x) in float64 with the stem streamed in
+    several tiles each way (eval, randomised batch statistics); the stem's
+    and the head's state_dicts keep torchvision's names; a training step
+    reaches the stem's weights while its batch norms stay frozen."""
+    model = model.double()
+    randomize_bn(model, torch.Generator().manual_seed(1))
+    model.eval()
+    stem, head = split(model, stream_upto=upto, tile_size=tile)
+    x = torch.randn(1, 3, *size, dtype=torch.float64)
+    nh, nw = stem.tiling(*size)["tiles"]
+    assert nh >= 2 and nw >= 2, (nh, nw)
+    assert rel_err(head(stem(x)), model(x)) < 1e-10
+    assert stem_key in stem.state_dict(), list(stem.state_dict())[:5]
+    assert head_key in head.state_dict(), list(head.state_dict())[:5]
+    model.train()
+    stem.train()
+    head(stem(x)).sum().backward()
+    assert grad_of(model).grad is not None
+    assert not any(m.training for m in stem.modules() if isinstance(m, nn.BatchNorm2d))
+    return stem, head
+
+
 def test_split_mobilenet():
     """MobileNetV2 streamed through features[:7] (inverted residuals with
     depthwise convolutions, ReLU6 and adds): head(stem(x)) is model(x);
     torchvision's names; the stem trains with its batch norms frozen."""
     torch.manual_seed(0)
-    model = tv.models.mobilenet_v2(weights=None).double()
-    randomize_bn(model, torch.Generator().manual_seed(1))
-    model.eval()
-    stem, head = streamcnn.models.split_mobilenet(model, stream_upto=7, tile_size=100)
-    x = torch.randn(1, 3, 190, 170, dtype=torch.float64)
+    model = tv.models.mobilenet_v2(weights=None)
+    stem, head = _split_checks(model, streamcnn.models.split_mobilenet, 7, 100, (190, 170),
+                               "module.6.conv.2.weight", "features.7.conv.0.0.weight",
+                               lambda m: m.features[6].conv[2].weight)
     assert stem.tiling(190, 170)["tiles"][0] >= 3
-    assert rel_err(head(stem(x)), model(x)) < 1e-10
-    assert "module.6.conv.2.weight" in stem.state_dict()
-    assert "features.7.conv.0.0.weight" in head.state_dict()
     assert "classifier.1.weight" in head.state_dict()
-    model.train()
-    stem.train()
-    head(stem(x)).sum().backward()
-    assert model.features[6].conv[2].weight.grad is not None
-    assert not any(m.training for m in stem.modules() if isinstance(m, nn.BatchNorm2d))
     with pytest.raises(ValueError, match=r"stream_upto must be an int in \[1, 18\]"):
         streamcnn.models.split_mobilenet(model, stream_upto=19)
     with pytest.raises(ValueError, match="not a torchvision MobileNetV2"):
@@ -194,21 +208,11 @@ def test_split_shufflenet():
     head(stem(x)) is model(x); torchvision's names; the stem trains with
     its batch norms frozen."""
     torch.manual_seed(0)
-    model = tv.models.shufflenet_v2_x0_5(weights=None).double()
-    randomize_bn(model, torch.Generator().manual_seed(1))
-    model.eval()
-    stem, head = streamcnn.models.split_shufflenet(model, tile_size=360)
-    x = torch.randn(1, 3, 700, 610, dtype=torch.float64)
-    assert stem.tiling(700, 610)["tiles"][0] >= 2
-    assert rel_err(head(stem(x)), model(x)) < 1e-10
-    assert "module.stage3.0.branch1.0.weight" in stem.state_dict()
-    assert "stage4.0.branch2.0.weight" in head.state_dict()
+    model = tv.models.shufflenet_v2_x0_5(weights=None)
+    _, head = _split_checks(model, streamcnn.models.split_shufflenet, "stage3", 360, (700, 610),
+                            "module.stage3.0.branch1.0.weight", "stage4.0.branch2.0.weight",
+                            lambda m: m.stage2[1].branch2[0].weight)
     assert "fc.weight" in head.state_dict()
-    model.train()
-    stem.train()
-    head(stem(x)).sum().backward()
-    assert model.stage2[1].branch2[0].weight.grad is not None
-    assert not any(m.training for m in stem.modules() if isinstance(m, nn.BatchNorm2d))
     with pytest.raises(ValueError, match=r"stream_upto must be one of \['maxpool', 'stage2'"):
         streamcnn.models.split_shufflenet(model, stream_upto="conv1")
     with pytest.raises(ValueError, match="not a torchvision ShuffleNetV2"):
@@ -340,30 +344,6 @@ def test_convnext_stem_scripted_and_compiled_fp32():
         eager = net(x)
         assert rel_err(torch.jit.script(net)(x), eager) < 1e-5
         assert rel_err(torch.compile(net)(x), eager) < 1e-5
-
-
-def _split_checks(model, split, upto, tile, size, stem_key, head_key, grad_of):
-    """head(stem(x)) is model(x) in float64 with the stem streamed in
-    several tiles each way (eval, randomised batch statistics); the stem's
-    and the head's state_dicts keep torchvision's names; a training step
-    reaches the stem's weights while its batch norms stay frozen."""
-    model = model.double()
-    randomize_bn(model, torch.Generator().manual_seed(1))
-    model.eval()
-    stem, head = split(model, stream_upto=upto, tile_size=tile)
-    x = torch.randn(1, 3, *size, dtype=torch.float64)
-    nh, nw = stem.tiling(*size)["tiles"]
-    assert nh >= 2 and nw >= 2, (nh, nw)
-    assert rel_err(head(stem(x)), model(x)) < 1e-10
-    assert stem_key in stem.state_dict(), list(stem.state_dict())[:5]
-    assert head_key in head.state_dict(), list(head.state_dict())[:5]
-    model.train()
-    stem.train()
-    head.eval()
-    head(stem(x)).sum().backward()
-    assert grad_of(model).grad is not None
-    assert not any(m.training for m in stem.modules() if isinstance(m, nn.BatchNorm2d))
-    return stem, head
 
 
 @pytest.mark.parametrize("name,upto,key", [("vgg11_bn", 14, "module.12.running_var"),
