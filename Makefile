@@ -29,7 +29,7 @@ ctest: build
 	ctest --test-dir $(BUILD) --output-on-failure
 
 pytest: build
-	$(PY) -m pytest -q tests/python
+	$(PY) -m pytest -q --durations=25 tests/python
 
 test: ctest pytest
 

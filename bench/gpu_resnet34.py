@@ -180,9 +180,11 @@ def run(args):
 
         mask = [False] + [p.requires_grad for p in sm.stream_params()]
         oh, ow = sm.tiling(size, size)["output"]
+        # + under autocast the parameters' half copies (the op sums their
+        # gradients in float32: in memory_info)
         model = step_model(memory_info(sm.program, size, size, sm.tile_size, True, mask,
                                        itemsize, device.type == "cpu"),
-                           256 * oh * ow * itemsize)
+                           256 * oh * ow * itemsize) + sm._cast_bytes(autocast or torch.float32)
         row = {"size": size, "tile": str(t0) if t0 == t1 else f"{t0}x{t1}",
                "uint8": host_only, "recompute": work["recompute"],
                "strips_gb": work["strip_elements"] * itemsize / 1e9,

@@ -232,6 +232,38 @@ static double conv_lib(const sc_instr *in, double rd, double own, double item,
   return im2col && cols > lib ? cols : lib;
 }
 
+/* Bytes a convolution's library holds besides conv_lib's while it computes
+ * the weight gradient (backward only). CPU float32 / bfloat16 (oneDNN, the
+ * tiles channels-last): an undilated depthwise convolution no wider than 3
+ * columns runs oneDNN's depthwise kernel, its weight gradient blocked by 16
+ * channels; any other convolution computes its weight gradient blocked
+ * 16 x 16 per group, each group's channels in and out padded to 16 (a
+ * depthwise 5 x 5 one's: 256 times its weight; oneDNN 3.10's verbose
+ * output names the layout "aBCde16c16b"), in the compute dtype. (bfloat16
+ * also holds scratch that grows with the tile, not modelled: see
+ * bench/RESULTS.md.) float64 and float16 run ATen's own convolution (the
+ * weight gradient plain, counted by param_grad_bytes); CUDA: not
+ * modelled. */
+static double conv_wgrad_lib(const sc_instr *in, double item, int cpu) {
+  if (!cpu || (item != 4.0 && item != 2.0)) return 0.0;
+  const sc_window *wr = &in->win[0], *wc = &in->win[1];
+  const int64_t g = in->groups, ci = in->c_in / g, co = in->c_out / g;
+  const double k = (double)(wr->k * wc->k);
+  if (ci == 1 && co == 1 && wr->d == 1 && wc->d == 1 && wc->k <= 3)
+    return (double)pad16(g) * k * item;
+  return (double)g * (double)pad16(co) * (double)pad16(ci) * k * item;
+}
+
+/* Whether the backward computes convolution i's weight gradient (as
+ * backward.c and fold.c decide: with a batch norm folded in, also for the
+ * norm's weight). */
+static int conv_wgrad(const sc_program *p, const int64_t *fused,
+                      const int *mask, int64_t i) {
+  const sc_instr *in = &p->instr[i];
+  return _sc_param_wanted(mask, in->weight) ||
+         (fused[i] >= 0 && _sc_param_wanted(mask, p->instr[fused[i]].bn_weight));
+}
+
 /* Instruction i hands its input's buffer on as its output (forward, when
  * nothing else reads it) and its output's gradient on as its input's
  * (backward): add, ReLU, a batch norm folded into its convolution. */
@@ -256,7 +288,8 @@ static int avg_may_divide(const sc_instr *in) {
 static void tile_peak(const sc_program *p, const unsigned char *needs,
                       const unsigned char *keep, const int64_t *fused,
                       const double *sz, const double *own, const double *rd,
-                      const double *lib, double ix, int half,
+                      const double *lib, const double *libw, double ix,
+                      int half,
                       int64_t *left, unsigned char *has_grad, double *bwd,
                       double *fwd) {
   const int64_t nv = p->n_instr + 1, ov = p->n_instr;
@@ -337,7 +370,7 @@ static void tile_peak(const sc_program *p, const unsigned char *needs,
           t += half ? 2.0 * own[o] * (1.0 + 1.0 / (double)p->channels[o]) +
                           4.0 * rd[i]
                     : own[o] * (1.0 + 1.0 / (double)p->channels[o]);
-        t += lib[i];
+        t += lib[i] + libw[i];
         if (live + t > peak) peak = live + t;
         live += adopt - (mine ? sz[o] : 0.0);
       }
@@ -360,11 +393,13 @@ static double fold_elements(const sc_program *p, const int64_t *fused) {
   return sum;
 }
 
-/* Elements of the parameter gradients a backward accumulates over the
- * tiles (each wanted parameter once) plus twice the largest one (a tile's
- * share before it is added, and a fused pair's weight gradient against the
- * folded weight). */
-static double param_grad_elements(const sc_program *p, const int *mask) {
+/* Bytes of the parameter gradients a backward accumulates over the tiles
+ * (each wanted parameter once) plus twice the largest one (a tile's share
+ * before it is added, and a fused pair's weight gradient against the
+ * folded weight). Half precision accumulates in float32 (_sc_accum_param)
+ * and returns the sums in its own dtype at the end: those too. */
+static double param_grad_bytes(const sc_program *p, const int *mask,
+                               double item) {
   double sum = 0.0, big = 0.0;
   for (int64_t k = 0; k < p->n_params; k++) {
     if (!_sc_param_wanted(mask, k)) continue;
@@ -379,7 +414,8 @@ static double param_grad_elements(const sc_program *p, const int *mask) {
     sum += n;
     if (n > big) big = n;
   }
-  return sum + 2.0 * big;
+  return item == 2.0 ? (sum + 2.0 * big) * 4.0 + sum * item
+                     : (sum + 2.0 * big) * item;
 }
 
 int sc_memory_info(const int64_t *words, int64_t n_words, int64_t h,
@@ -393,7 +429,7 @@ int sc_memory_info(const int64_t *words, int64_t n_words, int64_t h,
   axis_sum ax[2] = {{0}, {0}};
   unsigned char *needs = NULL, *keep = NULL, *has_grad = NULL;
   int64_t *fused = NULL;
-  double *sz = NULL, *own = NULL, *rd = NULL, *lib = NULL;
+  double *sz = NULL, *own = NULL, *rd = NULL, *lib = NULL, *libw = NULL;
   sc_axis_plan *plan = NULL;
   const int64_t tile[2] = {tile_h, tile_w};
   int64_t t[2];
@@ -420,9 +456,10 @@ int sc_memory_info(const int64_t *words, int64_t n_words, int64_t h,
   own = malloc((size_t)nv * sizeof *own);
   rd = malloc((size_t)(ni + 1) * sizeof *rd);
   lib = malloc((size_t)(ni + 1) * sizeof *lib);
+  libw = malloc((size_t)(ni + 1) * sizeof *libw);
   fused = malloc((size_t)(ni + 1) * sizeof *fused);
   if (!plan || !needs || !keep || !has_grad || !left || !sz || !own || !rd ||
-      !lib || !fused) {
+      !lib || !libw || !fused) {
     sc_fail(&err, "streamcnn: out of memory");
     goto done;
   }
@@ -451,10 +488,13 @@ int sc_memory_info(const int64_t *words, int64_t n_words, int64_t h,
         lib[k] = in->op == SC_OP_CONV
                      ? conv_lib(in, rd[k], own[k + 1], item, cpu)
                      : 0.0;
+        libw[k] = in->op == SC_OP_CONV && conv_wgrad(p, fused, mask, k)
+                      ? conv_wgrad_lib(in, item, cpu)
+                      : 0.0;
       }
       double b = 0.0, f = 0.0; /* tile_peak sets both */
-      tile_peak(p, needs, keep, fused, sz, own, rd, lib, ix, itemsize == 2,
-                left, has_grad, &b, &f);
+      tile_peak(p, needs, keep, fused, sz, own, rd, lib, libw, ix,
+                itemsize == 2, left, has_grad, &b, &f);
       if (b > bwd) bwd = b;
       if (f > fwd) fwd = f;
     }
@@ -473,7 +513,7 @@ int sc_memory_info(const int64_t *words, int64_t n_words, int64_t h,
   const double image_grad =
       !mask || mask[0] ? (double)p->channels[0] * (double)h * (double)w * item
                       : 0.0;
-  mem[0] = bwd + 2.0 * bands + param_grad_elements(p, mask) * item + folds +
+  mem[0] = bwd + 2.0 * bands + param_grad_bytes(p, mask, item) + folds +
            image_grad;
   mem[1] = fwd + 2.0 * bands + folds;
   mem[2] = strips;
@@ -489,6 +529,7 @@ done:
   free(own);
   free(rd);
   free(lib);
+  free(libw);
   free(fused);
   sc_axis_plan_free(plan);
   free(sizes);

@@ -115,7 +115,7 @@ def choose_tile(program: Sequence[int], h: int, w: int, batch: int, itemsize: in
                 budget: int, allow_cached: bool, receptive_field: Tuple[int, int],
                 stride: Tuple[int, int], training: bool = True,
                 mask: Optional[Sequence[bool]] = None,
-                cpu: bool = False) -> Tuple[Tuple[int, int], bool]:
+                cpu: bool = False, reserve: int = 0) -> Tuple[Tuple[int, int], bool]:
     """The input tile (rows, cols) for an h x w image within budget bytes,
     and whether to cache halos (when allowed: it keeps strips, so with
     small tiles the cone recompute may be the only fit). Tiles are tried on
@@ -124,7 +124,9 @@ def choose_tile(program: Sequence[int], h: int, w: int, batch: int, itemsize: in
     one with the least modelled training-step work wins. training=False
     (a forward without gradient): the forward's memory, and the fewest
     tiles. mask: the gradients of the step, cpu: where it runs (see
-    tile_bytes). ValueError when none fits."""
+    tile_bytes). reserve: bytes the call holds besides the tiles (the
+    parameters' autocast copies), taken off the budget. ValueError when
+    none fits."""
     rf, s = receptive_field, stride
     oh, ow = tiling_info(program, h, w, tuple(rf))[:2]
     # smallest output tile edge considered: half the halo (smaller tiles
@@ -134,7 +136,7 @@ def choose_tile(program: Sequence[int], h: int, w: int, batch: int, itemsize: in
     def extent(axis: int, t: int) -> int:
         return input_extent(rf[axis], s[axis], t)
 
-    usable = budget * (1 - HEADROOM)
+    usable = budget * (1 - HEADROOM) - reserve
     best, best_cost = None, math.inf
     least_need: Tuple[float, Tuple[int, int]] = (math.inf, (0, 0))
     for nr in _counts(oh, max(1, oh // least[0])):
@@ -143,7 +145,7 @@ def choose_tile(program: Sequence[int], h: int, w: int, batch: int, itemsize: in
             modes = (True, False) if allow_cached and training else (allow_cached,)
             for cached in modes:
                 need = tile_bytes(program, h, w, tile, cached, batch, itemsize, training,
-                                  mask, cpu)
+                                  mask, cpu) + reserve
                 least_need = min(least_need, (need, tile))
                 if need > usable:
                     continue

@@ -506,7 +506,20 @@ class StreamingModule(nn.Module):
         itemsize = torch.empty(0, dtype=dtype).element_size()
         return {"tile_size": tile, "halo_cache": cached,
                 "bytes": tile_bytes(self.program, height, width, (tile[0], tile[1]), cached,
-                                    batch, itemsize, training, mask, cpu)}
+                                    batch, itemsize, training, mask, cpu)
+                + self._cast_bytes(dtype)}
+
+    @torch.jit.unused
+    def _cast_bytes(self, dtype: torch.dtype) -> int:
+        """Bytes of the parameter copies a call computing in dtype makes:
+        under autocast (a float16 / bfloat16 compute dtype, float32
+        parameters) each float32 parameter but the batch norms' is cast
+        (_autocast_args), and the copies live through the step."""
+        if dtype not in (torch.float16, torch.bfloat16):
+            return 0
+        keep32 = set(self._float32_ok)
+        return sum(p.numel() * 2 for k, p in enumerate(self.stream_params())
+                   if p.dtype == torch.float32 and k not in keep32)
 
     @torch.jit.unused
     def fix_tile(self, height: int, width: int, *, batch: int = 1,
@@ -539,11 +552,11 @@ class StreamingModule(nn.Module):
                              "memory_budget")
         itemsize = torch.empty(0, dtype=dtype).element_size()
         key = (int(batch), int(height), int(width), itemsize, bool(allow_cached),
-               bool(training), mask, bool(cpu))
+               bool(training), mask, bool(cpu), self._cast_bytes(dtype))
         if key not in self._budget_tiles:
             self._budget_tiles[key] = self._named(
                 choose_tile, self.program, key[1], key[2], key[0], itemsize, self.memory_budget,
-                key[4], self.receptive_field, self.output_stride, key[5], mask, key[7])
+                key[4], self.receptive_field, self.output_stride, key[5], mask, key[7], key[8])
         tile, cached = self._budget_tiles[key]
         return [tile[0], tile[1]], cached
 
