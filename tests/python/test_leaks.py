@@ -15,7 +15,11 @@ def _resident_kb():
         return int(f.read().split()[1]) * (resource.getpagesize() // 1024)
 
 
-def test_10k_forward_backward_calls_keep_rss_flat():
+def test_4k_forward_backward_calls_keep_rss_flat():
+    """4000 calls grow the resident set by under 3 MB: a leak of 0.75 kB
+    or more per call shows (a 1 kB tensor kept per call grew it by 6.7 MB;
+    none: 0.1-0.3 MB; 2026-12-07). It ran 10^4 calls with an 8 MB bound,
+    the same sensitivity in 2.5x the time."""
     torch.manual_seed(0)
     stem = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
                          nn.MaxPool2d(2, ceil_mode=True), nn.AvgPool2d(3, 1, 1),
@@ -30,19 +34,19 @@ def test_10k_forward_backward_calls_keep_rss_flat():
         y = sm(x)
         y.square().sum().backward()
 
-    for _ in range(1000):  # warm-up: allocator caches, autograd structures
+    for _ in range(500):  # warm-up: allocator caches, autograd structures
         step()
     before = _resident_kb()
     t0 = time.perf_counter()
-    for _ in range(10_000):
+    for _ in range(4000):
         step()
     elapsed = time.perf_counter() - t0
     after = _resident_kb()
     x.grad = None
     stem.zero_grad(set_to_none=True)
     assert [t._use_count() for t in [x, *params]] == uses
-    assert after - before < 8_000, (
-        f"resident memory grew by {after - before} kB over 10^4 calls ({elapsed:.1f} s)")
+    assert after - before < 3_000, (
+        f"resident memory grew by {after - before} kB over 4000 calls ({elapsed:.1f} s)")
 
 
 def test_cone_path_and_failed_cached_calls_release_everything():
@@ -72,16 +76,16 @@ def test_cone_path_and_failed_cached_calls_release_everything():
         else:
             raise AssertionError("bad strips were accepted")
 
-    for _ in range(300):
+    for _ in range(200):
         step()
     before = _resident_kb()
-    for _ in range(3000):
+    for _ in range(1500):  # 2.7 kB a call shows, as with 3000 calls and 8 MB
         step()
     after = _resident_kb()
     x.grad = None
     stem.zero_grad(set_to_none=True)
     assert [t._use_count() for t in [x, *params, g, bad, *detached]] == uses
-    assert after - before < 8_000, f"resident memory grew by {after - before} kB"
+    assert after - before < 4_000, f"resident memory grew by {after - before} kB"
 
 
 def test_half_values_with_float32_batch_norms_and_refusals_release_everything():
