@@ -530,8 +530,9 @@ class StreamingModule(nn.Module):
         ``tile_size`` with that ``halo_cache`` and picks no more
         (``memory_budget`` becomes 0). What ``TileParallel`` needs, every
         rank streaming the same tiles: the choice is a function of the
-        program, the sizes, the dtype, the budget and the device type
-        only, so every rank fixes the same tile."""
+        program, the sizes, the dtype, the budget, the device type and the
+        parameters' dtypes and sizes (autocast's copies) only, so every
+        rank fixes the same tile."""
         choice = self.budget_tile(batch, height, width, dtype, training, image_grad, device)
         self.tile_size = [int(v) for v in choice["tile_size"]]
         self.halo_cache = bool(choice["halo_cache"])
