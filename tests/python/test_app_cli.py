@@ -483,6 +483,19 @@ def test_bad_run_folder(synth_set, run_dir, tmp_path, capsys):
          "does not exist")
     _bad(capsys, ["export", slides / "train.csv", tmp_path / "m.pt"], "train.csv",
          "cannot read checkpoint", "not a file torch.save wrote")
+    # export over the checkpoint it reads (it wrote TorchScript over it, the
+    # checkpoint lost), however spelled; into a "folder" that is a file
+    before = (run_dir / "last.pt").read_bytes()
+    for same in (run_dir / "last.pt", run_dir / ".." / run_dir.name / "last.pt"):
+        _bad(capsys, ["export", run_dir / "last.pt", same], "is the checkpoint",
+             "would lose the checkpoint")
+    assert (run_dir / "last.pt").read_bytes() == before
+    (tmp_path / "afile").write_text("")
+    _bad(capsys, ["export", run_dir / "last.pt", tmp_path / "afile" / "m.pt"], "afile",
+         "is a file")
+    # train --out below a file (it was a NotADirectoryError traceback)
+    _bad(capsys, _train(slides, tmp_path / "afile" / "sub" / "run"), "afile",
+         "is a file, not a folder")
     # an exported TorchScript model given for a checkpoint: one line, no
     # torch warning
     torch.jit.script(torch.nn.Linear(2, 2)).save(str(tmp_path / "ts.pt"))

@@ -32,8 +32,15 @@ def run(args) -> int:
     out = os.path.abspath(args.output)
     if os.path.isdir(out):
         raise UsageError(f"{args.output} is a directory; give a file name such as model.pt")
-    if not os.path.isdir(os.path.dirname(out)):
-        raise UsageError(f"the folder of {args.output} does not exist")
+    folder = os.path.dirname(out)
+    if not os.path.isdir(folder):
+        raise UsageError(f"the folder of {args.output} "
+                         + ("is a file" if os.path.exists(folder) else "does not exist"))
+    if os.path.exists(out) and os.path.exists(args.checkpoint) and \
+            os.path.samefile(out, args.checkpoint):
+        raise UsageError(f"{args.output} is the checkpoint {args.checkpoint} itself: "
+                         "exporting over it would lose the checkpoint; give another "
+                         "file name such as model.pt")
     try:
         model, cfg = load_model(args.checkpoint, "cpu")
     except (ValueError, FileNotFoundError) as e:

@@ -103,6 +103,11 @@ def _check_out(out: str, resume: bool, overwrite: bool) -> str:
         raise UsageError("give --resume or --overwrite, not both")
     if os.path.exists(out) and not os.path.isdir(out):
         raise UsageError(f"--out {out} exists and is not a directory")
+    up = os.path.dirname(os.path.abspath(out))
+    while not os.path.exists(up):       # the nearest existing folder above
+        up = os.path.dirname(up)
+    if not os.path.isdir(up):
+        raise UsageError(f"--out {out} cannot be created: {up} is a file, not a folder")
     held = _run_files(out) if os.path.isdir(out) else []
     if held == ["config.yaml"] and not overwrite:
         return (f"{out} holds a run that stopped before its first epoch ended (config.yaml "
