@@ -22,7 +22,7 @@ import threading
 import warnings
 from typing import List, Optional
 
-from .app.common import (Terminated, UsageError, WriteError, end_process,
+from .app.common import (Terminated, UsageError, WriteError, clear_stops, end_process,
                          ends_without_finalization, request_stop, stop_requested,
                          stop_status, stopped_by)
 from .app.config import ArgumentParser
@@ -63,6 +63,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     (``argv`` None), a process that ran collectives (a ``torchrun`` rank of
     ``train``) ends here, without the interpreter's finalization
     (:func:`~streamcnn.app.common.end_process`)."""
+    clear_stops()     # an earlier command's, in this process, were handled
     if argv is None:
         with _stop_signals():
             code = _main(argv)

@@ -631,6 +631,40 @@ def test_ctrl_c_keeps_last_checkpoint(slides, tmp_path, capsys, sig, rc, said, g
     assert [int(r["epoch"]) for r in _csv(out / "metrics.csv")] == [1, 2]
 
 
+@pytest.mark.parametrize("sig, rc, said", [(signal.SIGINT, 130, "interrupted"),
+                                            (signal.SIGTERM, 143, "terminated")])
+def test_stop_at_an_epochs_end_waits_for_its_files(slides, tmp_path, capsys, monkeypatch,
+                                                   sig, rc, said):
+    """A stop while the end of an epoch writes its files (a trial sent it
+    after val_predictions.csv, before last.pt: the message said last.pt
+    held epoch 1 where there was none, and --resume refused the folder)
+    waits for all of them: the epoch's checkpoint, metrics and plots are
+    written, the message is true, and --resume goes on."""
+    import streamcnn.app.train as train_mod
+    real = train_mod.write_predictions
+
+    def and_stop(*a, **k):
+        real(*a, **k)
+        signal.raise_signal(sig)       # as the signal arriving here would
+    monkeypatch.setattr(train_mod, "write_predictions", and_stop)
+    out = tmp_path / "run"
+    from streamcnn.cli import _stop_signals
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
+    try:
+        with _stop_signals():          # the console script's handlers
+            res = cli_here(capsys, *_train(slides, out, "--epochs", "2"), check_rc=rc)
+    finally:
+        signal.signal(signal.SIGINT, old)
+    assert f"streamcnn: {said} after epoch 1; " in res.stderr, res.stderr
+    assert "last.pt holds epoch 1" in res.stderr
+    assert load_checkpoint(str(out / "last.pt"))["epoch"] == 1
+    assert [int(r["epoch"]) for r in _csv(out / "metrics.csv")] == [1]
+    assert (out / "curves.png").exists() and (out / "best.pt").exists()
+    monkeypatch.setattr(train_mod, "write_predictions", real)
+    cli_here(capsys, *_train(slides, out, "--resume"))
+    assert [int(r["epoch"]) for r in _csv(out / "metrics.csv")] == [1, 2]
+
+
 def test_one_training_per_run_folder(slides, tmp_path, capsys):
     """A second training into a run folder that one holds (started twice,
     a requeued job while the first still runs) is refused before it

@@ -40,9 +40,51 @@ def request_stop(signum: int) -> None:
     _STOPS.append(signum)
 
 
+def clear_stops() -> None:
+    """Forget the stops recorded so far: a command that begins (a second
+    ``streamcnn.cli.main`` in one process) was asked for none yet."""
+    _STOPS.clear()
+
+
 def stop_requested() -> Optional[int]:
     """The last signal that asked this process to stop, or None."""
     return _STOPS[-1] if _STOPS else None
+
+
+@contextlib.contextmanager
+def stops_deferred():
+    """SIGINT and SIGTERM held back while the block runs, then raised as the
+    command line's handlers raise them (:class:`Terminated`, KeyboardInterrupt):
+    a block that writes several files (train's end of an epoch: last.pt,
+    best.pt, the metrics, the plots) writes all of them or, stopped before
+    it began, none. A no-op outside the main thread, and for a signal the
+    process ignores."""
+    import signal
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: List[int] = []
+
+    def hold(signum, frame):
+        request_stop(signum)
+        got.append(signum)
+        # as the command line's handler does: a DataLoader worker the same
+        # signal killed is no error of its own
+        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+
+    old = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        h = signal.getsignal(sig)
+        if h is not None and h != signal.SIG_IGN:
+            old[sig] = signal.signal(sig, hold)
+    try:
+        yield
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+    if got:
+        raise Terminated() if got[-1] == signal.SIGTERM else KeyboardInterrupt()
 
 
 def check_stop() -> None:

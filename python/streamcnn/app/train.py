@@ -50,7 +50,7 @@ from .common import (AMP_DTYPES, Dist, RunFolderBusy, Slides, UsageError, autoca
                      group_ended, init_distributed, lock_folder, loss_of, metric,
                      metric_name, peak_memory_mb, plot_roc, predict, read_slide_table,
                      reset_peak_memory, resolve_device, save_figure, stop_status, stopped_by,
-                     to_device, worker_exits_on_sigterm, write_atomic, write_csv,
+                     stops_deferred, to_device, worker_exits_on_sigterm, write_atomic, write_csv,
                      write_predictions)
 
 RUN_FILES = ("config.yaml", "metrics.csv", "last.pt", "best.pt", "curves.png", "roc.png",
@@ -487,7 +487,7 @@ def _train(cfg, ckpt, dist: Dist, device, quiet: bool, overwrite: bool,
     show = dist.main and not quiet
     writer = writer_cls(os.path.join(out, "tensorboard")) if writer_cls and dist.main else None
     warned = False
-    epoch = start
+    epoch = saved = start  # saved: the epoch last.pt holds
     try:
         for epoch in tqdm(range(start, cfg["epochs"]), desc="epochs", unit="epoch",
                           initial=start, total=cfg["epochs"], disable=not show,
@@ -581,36 +581,38 @@ def _train(cfg, ckpt, dist: Dist, device, quiet: bool, overwrite: bool,
                                        f"{epoch + 1} (digests {digests}): a tile-parallel "
                                        "step was not the same on every rank")
             if dist.main:
-                payload = {"config": cfg, "model": model.state_dict(),
-                           "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                           "scaler": scaler.state_dict() if scaler is not None else None,
-                           "epoch": epoch + 1, "rng": _rng_state(), "metrics": rows,
-                           "best": best, "tables": {"train": _table_rows(train_t),
-                                                    "val": _table_rows(val_t)}}
-                if digests is not None:     # every rank's weights_digest (all equal)
-                    payload["rank_digests"] = digests
-                    # the image rows each rank of a group read (and summed)
-                    payload["rank_rows"] = [[list(p.read), list(p.sums)]
-                                            for p in tp_net.plans]
-                write_predictions(os.path.join(out, "val_predictions.csv"), val_t, indices,
-                                  scores, names)
-                if task == "classification":
-                    plot_roc(os.path.join(out, "roc.png"), labels, scores,
-                             f"validation, epoch {epoch + 1}")
-                _plot_curves(os.path.join(out, "curves.png"), rows, mname)
-                if improved:
-                    ckpt_io.save_checkpoint(os.path.join(out, "best.pt"), payload)
-                ckpt_io.save_checkpoint(os.path.join(out, "last.pt"), payload)
-                _write_metrics(out, rows, mname)
-                if writer is not None:
-                    for k in ("train_loss", "val_loss", mname):
-                        writer.add_scalar(k, row[k], epoch + 1)
-                    writer.flush()
-                if not quiet:
-                    tqdm.write(f"epoch {epoch + 1}/{cfg['epochs']}: train_loss "
-                               f"{train_loss:.4f} val_loss {val_loss:.4f} {mname} "
-                               f"{_fmt(value)} ({row['seconds']:.1f} s, "
-                               f"{peak:.0f} MB)", file=sys.stderr)
+                with stops_deferred():  # all of the epoch's files, or none
+                    payload = {"config": cfg, "model": model.state_dict(),
+                               "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                               "scaler": scaler.state_dict() if scaler is not None else None,
+                               "epoch": epoch + 1, "rng": _rng_state(), "metrics": rows,
+                               "best": best, "tables": {"train": _table_rows(train_t),
+                                                        "val": _table_rows(val_t)}}
+                    if digests is not None:     # every rank's weights_digest (all equal)
+                        payload["rank_digests"] = digests
+                        # the image rows each rank of a group read (and summed)
+                        payload["rank_rows"] = [[list(p.read), list(p.sums)]
+                                                for p in tp_net.plans]
+                    write_predictions(os.path.join(out, "val_predictions.csv"), val_t,
+                                      indices, scores, names)
+                    if task == "classification":
+                        plot_roc(os.path.join(out, "roc.png"), labels, scores,
+                                 f"validation, epoch {epoch + 1}")
+                    _plot_curves(os.path.join(out, "curves.png"), rows, mname)
+                    if improved:
+                        ckpt_io.save_checkpoint(os.path.join(out, "best.pt"), payload)
+                    ckpt_io.save_checkpoint(os.path.join(out, "last.pt"), payload)
+                    saved = epoch + 1
+                    _write_metrics(out, rows, mname)
+                    if writer is not None:
+                        for k in ("train_loss", "val_loss", mname):
+                            writer.add_scalar(k, row[k], epoch + 1)
+                        writer.flush()
+                    if not quiet:
+                        tqdm.write(f"epoch {epoch + 1}/{cfg['epochs']}: train_loss "
+                                   f"{train_loss:.4f} val_loss {val_loss:.4f} {mname} "
+                                   f"{_fmt(value)} ({row['seconds']:.1f} s, "
+                                   f"{peak:.0f} MB)", file=sys.stderr)
             dist.barrier()
             # every rank has the same rows (the validation is gathered)
             stale = _stale(rows, mname, cfg["patience"])
@@ -625,7 +627,7 @@ def _train(cfg, ckpt, dist: Dist, device, quiet: bool, overwrite: bool,
             raise
         word, code = stop_status(sig)
         if dist.main:
-            done = rows[-1]["epoch"] if rows else 0
+            done = saved
             held = (f"{out}/last.pt holds epoch {done}; continue with --resume" if done else
                     "no epoch finished, so there is no last.pt; the same command, with or "
                     "without --resume, starts the run again")
