@@ -632,6 +632,18 @@ def test_inputs_are_never_outputs(data, tmp_path, capsys):
     assert f"streamcnn: warning: slide {d / 'b.svs'} is listed 2 times: it is analysed once " \
         "per listing" in capsys.readouterr().err
     assert [r["slide"] for r in _rows(tmp_path / "2")] == ["b", "b_2"]
+    # another folder's b.svs and a slide called b_2: every name its own (the
+    # second b's maps were written over b_2's, one row named b_2 twice)
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(d / "b.svs", other / "b.svs")
+    shutil.copy(d / "a.svs", other / "b_2.svs")
+    assert predict.run(_args(data["ckpt"], d / "b.svs", other / "b.svs", other / "b_2.svs",
+                             d / "b.svs", "--out", tmp_path / "3", "--heatmap", "cam",
+                             "--quiet")) == 0
+    rows = _rows(tmp_path / "3")
+    assert [r["slide"] for r in rows] == ["b", "b_2", "b_2_2", "b_3"]
+    assert all((tmp_path / "3" / f"{r['slide']}_cam.png").exists() for r in rows)
     ev = tmp_path / "ev"
     ev.mkdir()
     (ev / "evaluate.json").write_text("{}")

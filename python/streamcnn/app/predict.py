@@ -241,10 +241,21 @@ class _Bars:
 
 
 def _slide_name(path: str, taken: Dict[str, int]) -> str:
+    """The name of ``path``'s rows and files: its file name without the
+    extension, or, where a slide before it took that name, the first of
+    NAME_2, NAME_3, ... no slide took (``a/x.svs``, ``b/x.svs``,
+    ``x_2.svs``: x, x_2, x_2_2; the second one's maps wrote over the
+    third's). ``taken``: the names given so far (and, per name, the last
+    suffix tried)."""
     base = os.path.splitext(os.path.basename(path))[0] or "slide"
-    n = taken.get(base, 0)
-    taken[base] = n + 1
-    return base if n == 0 else f"{base}_{n + 1}"
+    name, n = base, taken.get(base, 1)
+    while name in taken:
+        n += 1
+        name = f"{base}_{n}"
+    if name != base:
+        taken[base] = n
+    taken.setdefault(name, 1)
+    return name
 
 
 def _open(path: str, default_mpp: Optional[float] = None,
