@@ -204,7 +204,8 @@ def _evaluate(args, out: str, model, cfg, task: str, kind: str, names, table: Ta
         ci = f"no {level}: {no_ci.split(': ')[0]}; " if math.isnan(low) else \
             (f"{level} {low:.4f}-{high:.4f}, {args.bootstrap}"
              f"{' stratified' if task == 'classification' else ''} bootstrap resamples; ")
-    print(f"{name} {shown} ({ci}loss {loss:.4f}, {len(scores)} slides)"
+    n = len(scores)
+    print(f"{name} {shown} ({ci}loss {loss:.4f}, {n} slide{'' if n == 1 else 's'})"
           f"{'; ' + why if why else ''}")
     print(f"predictions: {path}")
     if os.path.exists(partial):

@@ -38,6 +38,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -539,7 +540,19 @@ def _train(cfg, ckpt, dist: Dist, device, quiet: bool, overwrite: bool,
                     else:
                         opt.step()
                     opt.zero_grad(set_to_none=True)
-                    sched.step()
+                    if scaler is not None:
+                        # the GradScaler skips the optimizer's step where
+                        # the fp16 gradients overflowed (its first steps):
+                        # torch then warns that the schedule steps before
+                        # the optimizer, which is meant (the schedule is
+                        # per step, skipped or not)
+                        with warnings.catch_warnings():
+                            warnings.filterwarnings(
+                                "ignore", message=r"Detected call of `lr_scheduler\.step\(\)`",
+                                category=UserWarning)
+                            sched.step()
+                    else:
+                        sched.step()
                     if not all(bool(torch.isfinite(p).all()) for p in params):
                         raise Diverged(f"training diverged in epoch {epoch + 1}, image "
                                        f"{k + 1}: the weights are not finite after the "
