@@ -84,7 +84,7 @@ def stops_deferred():
         for sig, h in old.items():
             signal.signal(sig, h)
     if got:
-        raise Terminated() if got[-1] == signal.SIGTERM else KeyboardInterrupt()
+        check_stop()        # the stop, as the handlers would have raised it
 
 
 def check_stop() -> None:

@@ -540,18 +540,14 @@ def _train(cfg, ckpt, dist: Dist, device, quiet: bool, overwrite: bool,
                     else:
                         opt.step()
                     opt.zero_grad(set_to_none=True)
-                    if scaler is not None:
-                        # the GradScaler skips the optimizer's step where
-                        # the fp16 gradients overflowed (its first steps):
-                        # torch then warns that the schedule steps before
-                        # the optimizer, which is meant (the schedule is
-                        # per step, skipped or not)
-                        with warnings.catch_warnings():
-                            warnings.filterwarnings(
-                                "ignore", message=r"Detected call of `lr_scheduler\.step\(\)`",
-                                category=UserWarning)
-                            sched.step()
-                    else:
+                    with warnings.catch_warnings():
+                        # fp16's GradScaler skips the optimizer's step where
+                        # the gradients overflowed (its first steps): torch
+                        # then warns that the schedule steps before the
+                        # optimizer, which is meant (per step, skipped or not)
+                        warnings.filterwarnings(
+                            "ignore", message=r"Detected call of `lr_scheduler\.step\(\)`",
+                            category=UserWarning)
                         sched.step()
                     if not all(bool(torch.isfinite(p).all()) for p in params):
                         raise Diverged(f"training diverged in epoch {epoch + 1}, image "
