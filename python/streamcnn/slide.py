@@ -475,7 +475,8 @@ class Slide:
     def tissue_mask(self, max_size: int = 2048) -> Tuple[torch.Tensor, float]:
         """Boolean tissue mask of a thumbnail (longest side <= max_size) and
         the thumbnail's downsample w.r.t. level 0. Tissue is told from the
-        (white) background by Otsu's threshold on saturation. A slide
+        (white) background by Otsu's threshold on saturation, or on the grey
+        level (darker is tissue) where no pixel is saturated. A slide
         smaller than max_size is not upsampled: its mask is at level 0."""
         if max_size < 1:
             raise ValueError(f"streamcnn: max_size must be positive, got {max_size}")
@@ -644,10 +645,25 @@ def otsu_threshold(values: torch.Tensor) -> int:
     return int(torch.argmax(between).item())
 
 
+TISSUE_CONTRAST = 15   # grey levels: less saturation or darkening is background
+
+
 def tissue_mask(thumb: torch.Tensor) -> torch.Tensor:
     """Tissue pixels of a uint8 3 x h x w thumbnail: saturation above Otsu's
-    threshold (and a floor, so that a blank slide has no tissue)."""
+    threshold (and a floor, so that a blank slide has no tissue). A slide
+    with no saturated pixel (greyscale, or stained without colour) is told
+    by darkness instead, as in brightfield: pixels below Otsu's threshold
+    of the grey level that are also darker than the bright class's mean
+    by the floor (so that a uniform slide, noisy or not, has no tissue)."""
     rgb = thumb.to(torch.int16)
     sat = (rgb.max(dim=0).values - rgb.min(dim=0).values).to(torch.uint8)
-    t = otsu_threshold(sat)
-    return sat > max(t, 15)
+    mask = sat > max(otsu_threshold(sat), TISSUE_CONTRAST)
+    if bool(mask.any()):
+        return mask
+    grey = rgb.sum(dim=0).div(3, rounding_mode="floor").to(torch.uint8)
+    t = otsu_threshold(grey)
+    bright = grey[grey > t]
+    if bright.numel() == 0:                       # one grey level: nothing to tell apart
+        return mask
+    cut = min(t + 1, bright.double().mean().item() - TISSUE_CONTRAST)
+    return grey < cut

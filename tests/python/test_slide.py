@@ -369,6 +369,39 @@ def test_thumbnail_and_tissue_box(tmp_path):
         assert s.tissue_box() is None
 
 
+@needs
+def test_tissue_of_a_greyscale_slide(tmp_path):
+    # no pixel is saturated: the tissue is told by being darker than the background
+    img, mask = synthetic.tissue_image(1600, 1200, seed=7, return_mask=True)
+    grey = img.double().mean(dim=2).round().to(torch.uint8)
+    ys, xs = torch.nonzero(mask, as_tuple=True)
+    true = (xs.min().item(), ys.min().item(), xs.max().item() + 1, ys.max().item() + 1)
+    from PIL import Image
+    rgb = str(tmp_path / "grey.tif")          # a slide whose three channels are equal
+    synthetic.write_slide(rgb, synthetic.pyramid(grey[..., None].expand(-1, -1, 3), 256),
+                          tile=128)
+    one = str(tmp_path / "grey.png")          # a one-channel image
+    Image.fromarray(grey.numpy(), mode="L").save(one)
+    for path in (rgb, one):
+        with Slide(path) as s:
+            m, d = s.tissue_mask(400)
+            truth = torch.nn.functional.avg_pool2d(mask[None, None].float(), 4)[0, 0] > 0.5
+            assert (m == truth).float().mean() > 0.95
+            x, y, w, h = s.tissue_box(max_size=400)
+            assert abs(x - true[0]) <= 8 and abs(y - true[1]) <= 8
+            assert abs(x + w - true[2]) <= 8 and abs(y + h - true[3]) <= 8
+    # uniform grey, with or without noise, and white with a faint shade: no tissue
+    g = torch.Generator().manual_seed(3)
+    noisy = (128 + torch.randint(-4, 5, (300, 300), generator=g)).to(torch.uint8)
+    shade = torch.full((300, 300), 250, dtype=torch.uint8)
+    shade[100:200, 100:200] = 240
+    for k, plane in enumerate((torch.full((300, 300), 128, dtype=torch.uint8), noisy, shade)):
+        path = str(tmp_path / f"uniform{k}.tif")
+        synthetic.write_slide(path, [plane[..., None].expand(-1, -1, 3).contiguous()], tile=64)
+        with Slide(path) as s:
+            assert s.tissue_box() is None, k
+
+
 # -- bad inputs ------------------------------------------------------------------------
 
 OOM_CHILD = r"""
