@@ -690,6 +690,20 @@ def test_one_training_per_run_folder(slides, tmp_path, capsys):
             lock_folder(str(out))
         finally:
             os.close(held)
+    # a folder refused for its files while the training holding it writes
+    # them (its first epoch's end: no last.pt yet) is refused for the lock
+    for f in os.listdir(out):
+        if f not in ("config.yaml", "val_predictions.csv"):
+            os.unlink(out / f)
+    fd = lock_folder(str(out))
+    try:
+        for extra in (["--resume"], []):
+            res = cli_here(capsys, *_train(slides, out, "--epochs", "1", *extra), check_rc=2)
+            assert "is in use by another streamcnn train" in res.stderr, res.stderr
+    finally:
+        os.close(fd)
+    res = cli_here(capsys, *_train(slides, out, "--epochs", "1", "--resume"), check_rc=2)
+    assert "--resume: no checkpoint" in res.stderr, res.stderr
 
 
 def test_train_starts_where_no_epoch_ended(slides, tmp_path, capsys):

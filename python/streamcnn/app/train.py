@@ -117,14 +117,28 @@ def _check_out(out: str, resume: bool, overwrite: bool) -> str:
         if "last.pt" in held:
             return ""
         if held:
+            _refuse_busy(out)
             raise UsageError(f"--resume: no checkpoint {os.path.join(out, 'last.pt')} to "
                              f"continue from ({out} holds {', '.join(held)}); --overwrite "
                              "replaces them")
         return f"--resume: {out} holds no run yet: starting one from epoch 1"
     if held and not overwrite:
+        _refuse_busy(out)
         raise UsageError(f"--out {out} holds another run ({', '.join(held)}); use --resume "
                          "to continue it or --overwrite to replace it")
     return ""
+
+
+def _refuse_busy(out: str) -> None:
+    """RunFolderBusy where another training holds ``out``'s lock: a folder
+    refused for its files while a training writes them (its first epoch:
+    no last.pt yet) is refused for that, the reason the user can act on.
+    Only rank 0 looks (the only rank that ever takes the lock, and not
+    yet: nothing of this job holds it)."""
+    if os.environ.get("RANK", "0") == "0":
+        fd = lock_folder(out)
+        if fd is not None:
+            os.close(fd)
 
 
 def _check_inputs_kept(cfg, train_t, val_t, overwrite: bool) -> None:
