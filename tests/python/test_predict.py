@@ -211,6 +211,22 @@ def test_command_line_exit_code(data, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("streamcnn: ") and "regression" in lines[0]
 
 
+def test_slides_after_the_options(data, tmp_path, capsys):
+    """The command line takes SLIDEs on either side of the options (as
+    'predict CKPT --out DIR *.svs' is typed), and options between them."""
+    from streamcnn import cli
+    d = data["dir"]
+    out = tmp_path / "out"
+    argv = ["predict", data["ckpt"], "--out", str(out), str(d / "a.svs"), "--heatmap", "none",
+            str(d / "b.svs"), "--quiet"]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    assert [r["slide"] for r in _rows(out)] == ["a", "b"]
+    assert cli.main(["predict", "--out", str(out)]) == 2
+    assert "the following arguments are required: checkpoint" in capsys.readouterr().err
+    assert cli.main(argv[:4] + ["--no-such-option"]) == 2
+    assert "unrecognized arguments: --no-such-option" in capsys.readouterr().err
+
+
 def test_pointing_game_after_training():
     """After a tiny training on synthetic tumour / normal slides, the CAM's
     top location (through the streamed stem) lies on a true tumour cluster

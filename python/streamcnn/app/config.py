@@ -146,7 +146,24 @@ RESUME_FREE = ("epochs", "workers", "device", "tensorboard", "out", "tile_parall
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors are :class:`UsageError` (one line, exit 2)."""
+    """argparse whose errors are :class:`UsageError` (one line, exit 2).
+    With ``intermixed`` set (a subcommand's parser whose positionals are a
+    list: ``predict CKPT --out DIR A.svs B.svs``), options may come between
+    the positionals, as ``parse_intermixed_args`` reads them."""
+
+    intermixed = False
+    _mixing = False
+
+    def parse_known_args(self, args=None, namespace=None):
+        # the subcommand action calls this; intermixed parsing calls it
+        # again (Python < 3.13) for its two passes
+        if not self.intermixed or self._mixing:
+            return super().parse_known_args(args, namespace)
+        self._mixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._mixing = False
 
     def error(self, message):
         words = self.prog.split()

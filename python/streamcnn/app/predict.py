@@ -72,8 +72,9 @@ FEATURES = ("stem", "body")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.intermixed = True              # SLIDEs after options, and before them
     p.add_argument("checkpoint", help="a checkpoint written by streamcnn train")
-    p.add_argument("slides", nargs="*", metavar="SLIDE",
+    p.add_argument("slides", nargs="*", default=[], metavar="SLIDE",
                    help="whole-slide images (or plain images)")
     p.add_argument("--csv", metavar="CSV",
                    help="also the slides of a table: a 'path' column (relative to the CSV), "
