@@ -504,7 +504,9 @@ def test_bad_run_folder(synth_set, run_dir, tmp_path, capsys):
     assert not (tmp_path / "m.pt").exists()
     # a finished run resumed: nothing to do, exit 0
     res = cli_here(capsys, *_train(slides, run_dir, "--resume", "--mpp", "0.5"))
-    assert "nothing to do" in res.stdout
+    assert "last.pt has finished epoch 2 of 2; nothing to do" in res.stdout
+    res = cli_here(capsys, *_train(slides, run_dir, "--resume", "--mpp", "0.5", "--epochs", "1"))
+    assert "last.pt has trained 2 epochs, more than --epochs 1; nothing to do" in res.stdout
 
 
 def test_single_class_validation_and_toml_config(slides, tmp_path, capsys):

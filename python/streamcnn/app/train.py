@@ -488,8 +488,11 @@ def _train(cfg, ckpt, dist: Dist, device, quiet: bool, overwrite: bool,
         start = int(ckpt["epoch"])
         if start >= cfg["epochs"]:
             if dist.main:
-                print(f"streamcnn: {out}/last.pt has finished epoch {start} of "
-                      f"{cfg['epochs']}; nothing to do (raise --epochs to train longer)")
+                done = (f"has finished epoch {start} of {cfg['epochs']}"
+                        if start == cfg["epochs"] else
+                        f"has trained {start} epochs, more than --epochs {cfg['epochs']}")
+                print(f"streamcnn: {out}/last.pt {done}; nothing to do (raise --epochs to "
+                      "train longer)")
             return 0
         stale = _stale(rows, mname, cfg["patience"])
         if stale:
