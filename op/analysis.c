@@ -1,6 +1,7 @@
 /*
  * analysis.c — program analysis that is not box arithmetic: which batch
- * norms fold into their convolution (_sc_fusion), which values carry a
+ * norms fold into their convolution (_sc_fusion), whether a convolution
+ * computes its weight gradient (_sc_conv_wgrad), which values carry a
  * gradient (_sc_needs) and which a backward op reads (_sc_keep_set).
  * Plain integers only. Owns nothing it allocates; callers pass the arrays.
  * Called by the replay (replay.c, backward) and the memory model
@@ -15,6 +16,14 @@ int _sc_act_uses_output(int act) {
 /* See internal.h. */
 int _sc_param_wanted(const int *mask, int64_t k) {
   return k >= 0 && (!mask || mask[1 + k]);
+}
+
+int _sc_conv_wgrad(const sc_program *p, const int *mask, const int64_t *fused,
+                   int64_t i) {
+  const sc_instr *in = &p->instr[i];
+  return _sc_param_wanted(mask, in->weight) ||
+         (fused && fused[i] >= 0 &&
+          _sc_param_wanted(mask, p->instr[fused[i]].bn_weight));
 }
 
 void _sc_fusion(const sc_program *p, int fuse, int64_t *fused) {
@@ -72,11 +81,8 @@ void _sc_keep_set(const sc_program *p, const unsigned char *needs,
     case SC_OP_ACT:
       keep[_sc_act_uses_output(in->act) ? i + 1 : in->in[0]] = 1;
       break;
-    case SC_OP_CONV: /* linear in the input: it only takes the weight's */
-      if (_sc_param_wanted(mask, in->weight) ||
-          (fused && fused[i] >= 0 && /* and a fused batch norm's weight's */
-           _sc_param_wanted(mask, p->instr[fused[i]].bn_weight)))
-        keep[in->in[0]] = 1;
+    case SC_OP_CONV: /* linear in the input: only the weight's takes it */
+      if (_sc_conv_wgrad(p, mask, fused, i)) keep[in->in[0]] = 1;
       break;
     case SC_OP_LINEAR_C:
     case SC_OP_SCALE_C:

@@ -38,7 +38,8 @@ static int backward_instr(sc_run *r, int64_t i) {
       if (_sc_fused_conv_backward(r, i, g)) goto done;
       break;
     }
-    const int m[3] = {need_in, wants(r, in->weight), wants(r, in->bias)};
+    const int m[3] = {need_in, _sc_conv_wgrad(r->p, r->mask, r->fused, i),
+                      wants(r, in->bias)};
     if (!m[0] && !m[1] && !m[2]) break;
     /* the padded input is rebuilt rather than held through the forward;
      * the input's gradient alone needs only its shape */

@@ -59,7 +59,8 @@ int _sc_fused_conv_backward(sc_run *r, int64_t i, AtenTensorHandle g) {
   fused_params(r, i, k, want);
   const int sums = want[1] || want[2] || want[3];
   /* g's per-channel sum is the convolution's bias gradient: one call */
-  const int m[3] = {r->needs[in->in[0]], want[0] || want[2], sums};
+  const int m[3] = {r->needs[in->in[0]], _sc_conv_wgrad(r->p, r->mask, r->fused, i),
+                    sums};
   AtenTensorHandle x = NULL, res[3] = {NULL, NULL, NULL};
   int rc = SC_OK;
   if (m[0] || m[1])

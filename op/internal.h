@@ -90,6 +90,15 @@ int _sc_image_affine_shape(const sc_program *p);
  * NULL: all do). */
 int _sc_param_wanted(const int *mask, int64_t k);
 
+/* Whether the backward computes convolution i's weight gradient (and so
+ * reads its input): its weight's gradient is wanted, or, with a batch norm
+ * folded in (fused from _sc_fusion, or NULL), the norm's weight's, which
+ * is a sum against the same product. One decision for the replay
+ * (backward.c, fold.c), what it keeps (_sc_keep_set) and the memory model
+ * (models.c). */
+int _sc_conv_wgrad(const sc_program *p, const int *mask, const int64_t *fused,
+                   int64_t i);
+
 /* Batch norms folded into the convolution before them (fuse = 1; the
  * replay does so for float32 / float64): fused[i] = j for a convolution i
  * whose output only batch norm j reads, fused[j] = i, else -1 (n_instr

@@ -254,16 +254,6 @@ static double conv_wgrad_lib(const sc_instr *in, double item, int cpu) {
   return (double)g * (double)pad16(co) * (double)pad16(ci) * k * item;
 }
 
-/* Whether the backward computes convolution i's weight gradient (as
- * backward.c and fold.c decide: with a batch norm folded in, also for the
- * norm's weight). */
-static int conv_wgrad(const sc_program *p, const int64_t *fused,
-                      const int *mask, int64_t i) {
-  const sc_instr *in = &p->instr[i];
-  return _sc_param_wanted(mask, in->weight) ||
-         (fused[i] >= 0 && _sc_param_wanted(mask, p->instr[fused[i]].bn_weight));
-}
-
 /* Instruction i hands its input's buffer on as its output (forward, when
  * nothing else reads it) and its output's gradient on as its input's
  * (backward): add, ReLU, a batch norm folded into its convolution. */
@@ -488,7 +478,7 @@ int sc_memory_info(const int64_t *words, int64_t n_words, int64_t h,
         lib[k] = in->op == SC_OP_CONV
                      ? conv_lib(in, rd[k], own[k + 1], item, cpu)
                      : 0.0;
-        libw[k] = in->op == SC_OP_CONV && conv_wgrad(p, fused, mask, k)
+        libw[k] = in->op == SC_OP_CONV && _sc_conv_wgrad(p, mask, fused, k)
                       ? conv_wgrad_lib(in, item, cpu)
                       : 0.0;
       }
