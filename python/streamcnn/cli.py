@@ -23,7 +23,7 @@ import warnings
 from typing import List, Optional
 
 from .app.common import (Terminated, UsageError, WriteError, clear_stops, end_process,
-                         ends_without_finalization, request_stop, stop_requested,
+                         ends_without_finalization, stop_requested, stop_signalled,
                          stop_status, stopped_by)
 from .app.config import ArgumentParser
 
@@ -88,12 +88,7 @@ def _stop_signals():
         return
 
     def on_stop(signum, frame):
-        request_stop(signum)
-        # a DataLoader worker the same SIGTERM killed is no error of its own
-        # (torch's SIGCHLD handler would raise one, maybe while this stop is
-        # being handled); a handler, not SIG_DFL: a SIGCHLD already pending
-        # would be "ignored due to race condition", an OSError
-        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+        stop_signalled(signum)
         raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
     def unraisable(u):

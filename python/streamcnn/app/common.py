@@ -40,6 +40,18 @@ def request_stop(signum: int) -> None:
     _STOPS.append(signum)
 
 
+def stop_signalled(signum: int) -> None:
+    """:func:`request_stop` from a handler of SIGINT / SIGTERM. A DataLoader
+    worker the same signal killed is then no error of its own (torch's
+    SIGCHLD handler would raise one, maybe while this stop is being
+    handled): SIGCHLD gets a handler that does nothing (not SIG_DFL: a
+    SIGCHLD already pending would be "ignored due to race condition", an
+    OSError)."""
+    import signal
+    request_stop(signum)
+    signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+
+
 def clear_stops() -> None:
     """Forget the stops recorded so far: a command that begins (a second
     ``streamcnn.cli.main`` in one process) was asked for none yet."""
@@ -67,11 +79,8 @@ def stops_deferred():
     got: List[int] = []
 
     def hold(signum, frame):
-        request_stop(signum)
+        stop_signalled(signum)
         got.append(signum)
-        # as the command line's handler does: a DataLoader worker the same
-        # signal killed is no error of its own
-        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
 
     old = {}
     for sig in (signal.SIGINT, signal.SIGTERM):
