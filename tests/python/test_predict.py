@@ -510,8 +510,8 @@ def test_maps_of_a_slide_smaller_than_the_view(data, tmp_path, monkeypatch):
     assert (250, 300) in sizes and max(max(s) for s in sizes) <= 300, sizes
     from PIL import Image
     for f in ("small_cam.png", "small_saliency.png"):
-        with Image.open(out / f) as im:        # at least 100 dpi: ~950 x 800 pixels
-            assert 900 <= im.size[0] <= 1000
+        with Image.open(out / f) as im:   # at least 100 dpi: 800 x 667 and the colour bar
+            assert 850 <= im.size[0] <= 1000 and 700 <= im.size[1] <= 760, im.size
     sizes.clear()
     assert predict.run(_args(data["ckpt"], d / "small.svs", "--out", out, "--quiet",
                              "--png-size", "1600", "--heatmap", "cam")) == 0
@@ -520,6 +520,28 @@ def test_maps_of_a_slide_smaller_than_the_view(data, tmp_path, monkeypatch):
         assert im.size[0] >= 1600                # the figure holds the thumbnail's pixels
     with pytest.raises(ValueError, match=r"--png-size must be in 16 \.\. 4096, got 5000"):
         predict.run(_args(data["ckpt"], d / "small.svs", "--out", out, "--png-size", "5000"))
+
+
+@pytest.mark.parametrize("shape", [(3000, 100), (100, 3000)])
+def test_maps_of_a_thin_slide_fill_their_figure(data, tmp_path, shape):
+    """A slide 30 times wider than high (or higher than wide) gets a
+    figure of its shape: the thumbnail, its colour bar along it and the
+    text, cropped (it was drawn small in the middle of a mostly white
+    figure, its colour bar as high as the figure)."""
+    from PIL import Image
+    w, h = shape
+    img = synthetic.tissue_image(w, h, seed=4)
+    Image.fromarray(img.numpy()).save(tmp_path / "thin.png")
+    out = tmp_path / "out"
+    assert predict.run(_args(data["ckpt"], tmp_path / "thin.png", "--out", out, "--quiet",
+                             "--full-slide", "--slide-mpp", "1")) == 0
+    for f in ("thin_cam.png", "thin_saliency.png"):
+        with Image.open(out / f) as im:
+            # 8 inches of thumbnail at 128 dpi (1024 pixels) and the margins
+            # (it was 1216 x 512: 9.5 x 4 inches at least)
+            long, short = max(im.size), min(im.size)
+            assert 1024 <= long <= 1150 and short <= 320, (f, im.size)
+            assert (im.size[0] > im.size[1]) == (w > h)
 
 
 def test_rerun_without_resume_replaces_the_earlier_run(data, tmp_path):

@@ -995,9 +995,12 @@ def prediction_rows(table: Table, indices: Sequence[int], scores: Sequence,
     return header, rows
 
 
-def save_figure(fig, path: str, dpi: int = 100) -> None:
+def save_figure(fig, path: str, dpi: int = 100, tight: bool = False) -> None:
+    """``fig`` as a PNG at ``path`` (written atomically); ``tight``: cropped
+    to what is drawn, with a margin of 0.1 inch."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
+    fig.savefig(buf, format="png", dpi=dpi, **({"bbox_inches": "tight", "pad_inches": 0.1}
+                                                 if tight else {}))
     write_atomic(path, buf.getvalue())
 
 

@@ -64,7 +64,7 @@ MMAP_THRESHOLD = 1 << 20
 OUTPUTS = ("_saliency.png", "_cam.png", "_cam.tif", "_features.pt")
 PARTIAL = "predictions.partial.csv"
 # the PNGs' thumbnail: its longest side at most (the figure holds as many
-# pixels: at 4096 about 4.9k x 4.1k, drawn in 2.9 GB by matplotlib; the
+# pixels: at 4096 about 4.6k x 4.4k, drawn in 3.0 GB by matplotlib; the
 # class map at full resolution is the _cam.tif)
 MAX_PNG_SIZE = 4096
 SETTINGS = "predict.json"
@@ -311,7 +311,7 @@ def _read_region(s: Slide, ds: float, full: bool, size: int, crop: str):
 def _save_figure(fig, path: str, dpi: int = 100) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     FigureCanvasAgg(fig)
-    save_figure(fig, path, dpi)
+    save_figure(fig, path, dpi, tight=True)
 
 
 def _unlink(path: str) -> None:
@@ -327,30 +327,45 @@ def _overlay_png(path: str, thumb: torch.Tensor, m: Optional[torch.Tensor], m_ex
     """The slide thumbnail (uint8 3 x th x tw) with the map m drawn over
     m_extent = (x0, x1, y1, y0) in thumbnail pixels, a colour bar and the
     analysed box (x0, x1, y1, y0); points: (x, y, size) in thumbnail pixels
-    (max-pool winners). The figure's longest side holds about as many
-    pixels as the thumbnail's (at least 100 dpi)."""
+    (max-pool winners). The thumbnail is drawn 8 inches along its longest
+    side at max(100, longest side / 8) dpi (about its own pixels), the
+    colour bar along its side (under it, for a thumbnail at least twice as
+    wide as high), and the PNG cropped to what is drawn: a thin slide gives
+    a thin figure, not one mostly white."""
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
     th, tw = thumb.shape[1:]
-    fig = Figure(figsize=(max(4.0, 8.0 * tw / max(th, tw)) + 1.5, max(4.0, 8.0 * th / max(th, tw))))
-    ax = fig.add_subplot(1, 1, 1)
-    ax.imshow(thumb.permute(1, 2, 0).numpy(), interpolation="bilinear")
+    w, h = 8.0 * tw / max(th, tw), 8.0 * th / max(th, tw)      # inches
+    under = tw >= 2 * th
+    # the image and the colour bar placed in inches; the margins hold the
+    # title, ticks and labels (the crop at saving drops what is left over)
+    mx, my = 1.5, 1.0
+    fw, fh = w + 2 * mx, h + 2 * my
+    fig = Figure(figsize=(fw, fh))
+    ax = fig.add_axes((mx / fw, my / fh, w / fw, h / fh))
+    ax.imshow(thumb.permute(1, 2, 0).numpy(), interpolation="bilinear", aspect="auto")
     if m is not None:
         im = ax.imshow(m.numpy(), extent=m_extent, cmap=cmap, alpha=0.55, vmin=vmin,
-                       vmax=vmax, interpolation="bilinear")
-        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label=label)
+                       vmax=vmax, interpolation="bilinear", aspect="auto")
+        if under:
+            cax = fig.add_axes((mx / fw, (my - 0.3) / fh, w / fw, 0.12 / fh))
+        else:
+            cax = fig.add_axes(((mx + w + 0.12) / fw, my / fh, 0.15 / fw, h / fh))
+        fig.colorbar(im, cax=cax, label=label, orientation="horizontal" if under else "vertical")
         if points is not None and len(points[0]):
             ax.scatter(points[0], points[1], s=points[2], facecolors="none",
                        edgecolors="cyan", linewidths=0.8, label="max-pool winners")
-            ax.legend(loc="lower right", fontsize=7)
+            # outside the image: above its right end, or under its left one
+            ax.legend(loc="lower right" if under else "upper left",
+                      bbox_to_anchor=(1, 1) if under else (0, 0), borderaxespad=0.2,
+                      fontsize=7, frameon=False)
     x0, x1, y1, y0 = box
     ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="black",
                            linewidth=0.8, linestyle="--"))
     ax.set_xlim(0, tw)
     ax.set_ylim(th, 0)
     ax.set_axis_off()
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
+    ax.set_title(title, fontsize=9, loc="left" if under else "center")
     _save_figure(fig, path, max(100, math.ceil(max(th, tw) / 8.0)))
 
 
