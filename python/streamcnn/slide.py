@@ -3,6 +3,7 @@
 import ctypes
 import math
 import numbers
+import operator
 import os
 from typing import Dict, List, Optional, Sequence, Set, Tuple, Union
 
@@ -274,8 +275,9 @@ class Slide:
 
     # -- reading ---------------------------------------------------------------------
     def _check_level(self, level: int) -> int:
-        if not isinstance(level, int) or isinstance(level, bool):
+        if not isinstance(level, numbers.Integral) or isinstance(level, bool):
             raise TypeError(f"streamcnn: level must be an int, got {level!r}")
+        level = int(level)
         if not 0 <= level < self.level_count:
             raise ValueError(f"streamcnn: level {level} is out of range for {self.path!r} "
                              f"(levels 0 .. {self.level_count - 1})")
@@ -297,9 +299,9 @@ class Slide:
         read."""
         if self.closed:
             raise ValueError("streamcnn: the slide is closed")
-        self._check_level(level)
-        x, y = (int(v) for v in location)
-        w, h = (int(v) for v in size)
+        level = self._check_level(level)
+        x, y = whole_numbers(location, 2, "location (x, y)")
+        w, h = whole_numbers(size, 2, "size (w, h)")
         if w < 1 or h < 1:
             raise ValueError(f"streamcnn: region size {w} x {h} must be positive")
         if max(abs(x), abs(y)) > MAX_ORIGIN:
@@ -414,7 +416,7 @@ class Slide:
         ``BAND_ROWS``, so the level region is never held whole."""
         if not downsample > 0:
             raise ValueError(f"streamcnn: downsample must be positive, got {downsample!r}")
-        out_w, out_h = (int(v) for v in size)
+        out_w, out_h = whole_numbers(size, 2, "size (w, h)")
         if out_w < 1 or out_h < 1:
             raise ValueError(f"streamcnn: size {out_w} x {out_h} must be positive")
         bx, by, bw, bh = _check_box(box, out_w, out_h, "image")
@@ -431,7 +433,7 @@ class Slide:
         # 2 for OpenSlide's sub-pixel placement) are the background colour,
         # as OpenSlide gives them, which the resampling fills in: a read
         # mostly past the edge (a small slide read big) reads the slide
-        x0, y0 = (int(v) for v in location)
+        x0, y0 = whole_numbers(location, 2, "location (x, y)")
         (w0, h0) = self.dimensions
         c0, c1 = _on_slide(resample_span(rw, out_w, bx, bx + bw), x0, w0, ds)
         r0, r1 = _on_slide(resample_span(rh, out_h, by, by + bh), y0, h0, ds)
@@ -534,14 +536,42 @@ def _check_box(box, w: int, h: int, what: str) -> Tuple[int, int, int, int]:
     """``(x, y, w, h)`` of a part of a w x h region (default: all of it)."""
     if box is None:
         return 0, 0, w, h
-    try:
-        bx, by, bw, bh = (int(v) for v in box)
-    except (TypeError, ValueError):
-        raise ValueError(f"streamcnn: box must be (x, y, w, h), got {box!r}") from None
+    bx, by, bw, bh = whole_numbers(box, 4, "box (x, y, w, h)")
     if bw < 1 or bh < 1 or bx < 0 or by < 0 or bx + bw > w or by + bh > h:
         raise ValueError(f"streamcnn: box (x, y, w, h) = {(bx, by, bw, bh)} is not a "
                          f"non-empty part of the {w} x {h} {what}")
     return bx, by, bw, bh
+
+
+def whole_numbers(values, n: int, what: str) -> Tuple[int, ...]:
+    """``n`` pixel coordinates or sizes as ints: ints (numpy's and 0-d
+    integer tensors too) and floats that are whole; a fraction of a pixel
+    is a ValueError (it was cut off without a word), anything else a
+    TypeError, naming ``what``."""
+    try:
+        vals = tuple(values)
+    except TypeError:
+        raise TypeError(f"streamcnn: {what} must be {n} ints, got {values!r}") from None
+    if len(vals) != n:
+        raise ValueError(f"streamcnn: {what} must be {n} ints, got {values!r}")
+    out = []
+    for v in vals:
+        if isinstance(v, bool):
+            raise TypeError(f"streamcnn: {what} must be {n} ints, got {values!r}")
+        try:
+            out.append(operator.index(v))
+            continue
+        except TypeError:
+            pass
+        if not isinstance(v, (numbers.Real, torch.Tensor)) or \
+                (isinstance(v, torch.Tensor) and v.numel() != 1):
+            raise TypeError(f"streamcnn: {what} must be {n} ints, got {values!r}")
+        f = float(v)
+        if not (math.isfinite(f) and f.is_integer()):
+            raise ValueError(f"streamcnn: {what} must be whole numbers of pixels, got "
+                             f"{values!r}")
+        out.append(int(f))
+    return tuple(out)
 
 
 def _check_threads(threads) -> int:

@@ -662,6 +662,29 @@ def test_bad_arguments(slides):
         s.read_region((1 << 40, 0), 0, (4, 4))
     with pytest.raises(ValueError, match="threads"):
         s.read_region((0, 0), 0, (4, 4), threads=0)
+    # pixel coordinates: whole numbers of any integer type; a fraction of a
+    # pixel is refused (it was cut off: (10.9, 0) read as (10, 0))
+    import numpy as np
+    ref = s.read_region((10, 20), 1, (6, 5))
+    for loc, lvl, size in (((np.int64(10), np.int32(20)), np.int64(1), (np.int64(6), 5)),
+                           ((torch.tensor(10), 20.0), 1, (6.0, torch.tensor(5)))):
+        assert torch.equal(s.read_region(loc, lvl, size), ref)
+    assert torch.equal(s.read_region((10, 20), 1, (6, 5), box=(np.int64(1), 1, 2.0, 3)),
+                       ref[:, 1:4, 1:3])
+    for loc, size, box, says in (((10.9, 20), (6, 5), None, r"location \(x, y\) must be whole"),
+                                 ((10, 20), (6.5, 5), None, r"size \(w, h\) must be whole"),
+                                 ((10, 20), (6, 5), (0, 0, 1.5, 1), r"box .* must be whole"),
+                                 ((float("nan"), 20), (6, 5), None, "must be whole")):
+        with pytest.raises(ValueError, match=says):
+            s.read_region(loc, 1, size, box=box)
+        with pytest.raises(ValueError, match=says):
+            s.read_scaled(loc, 2.0, size, box=box)
+    for loc, size in ((("10", 20), (6, 5)), ((10, 20), (6, None)), (10, (6, 5)),
+                      ((10, 20), (True, 5))):
+        with pytest.raises(TypeError, match="must be 2 ints"):
+            s.read_region(loc, 1, size)
+    with pytest.raises(ValueError, match=r"location \(x, y\) must be 2 ints"):
+        s.read_region((1, 2, 3), 1, (6, 5))
     with pytest.raises(ValueError, match="no microns-per-pixel"):
         s.read(mpp=0.5)
     with pytest.raises(ValueError, match="exactly one of"):
