@@ -55,6 +55,24 @@ def test_labels_and_center_crop(table):
     assert ds3.classes is None and ds3.labels == [2, 10]
     ds4 = SlideDataset([(d / "s0.svs", "0.5"), (d / "s1.svs", "1")], 64, level=0)
     assert ds4.classes == ["0.5", "1"]
+    # class names that are numbers in the order of their values ("10.0"
+    # was before "2.5"), then the others as text
+    rows = [(d / "s0.svs", v) for v in ("10.0", "2.5", "b", "0.3", "a", "nan", "-1.5")]
+    ds5 = SlideDataset(rows, 64, level=0)
+    assert ds5.classes == ["-1.5", "0.3", "2.5", "10.0", "a", "b", "nan"]
+    assert ds5.labels == [3, 2, 5, 1, 4, 6, 0]
+    # ints of numpy and torch are ints; a label is never empty
+    import numpy as np
+    ds6 = SlideDataset([(d / "s0.svs", np.int64(4)), (d / "s1.svs", torch.tensor(9))], 64,
+                       level=0)
+    assert ds6.classes is None and ds6.labels == [4, 9]
+    for bad in ("", "  ", None):
+        with pytest.raises(ValueError, match="table row 1: the label is empty"):
+            SlideDataset([(d / "s0.svs", 1), (d / "s1.svs", bad)], 64, level=0)
+    empty = d / "empty_label.csv"
+    empty.write_text("path,label\ns0.svs,tumour\ns1.svs,\n")
+    with pytest.raises(ValueError, match=r"empty_label.csv line 3: the label is empty"):
+        SlideDataset(empty, 64, level=0)
 
 
 def test_tissue_crop_pads_with_background(table):

@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import io
 import math
+import operator
 import os
 import re
 from collections import OrderedDict
@@ -321,7 +322,7 @@ def _read_rows(table) -> List[Tuple[str, object, Optional[float]]]:
         rows = []
         for line, row in lines:
             where = f"slide table {name} line {line}"
-            rows.append((row_path(base, row, where), row["label"],
+            rows.append((row_path(base, row, where), _label(row["label"], where),
                          _row_mpp(row.get("mpp", ""), where)))
     else:
         rows = []
@@ -334,11 +335,26 @@ def _read_rows(table) -> List[Tuple[str, object, Optional[float]]]:
                 raise ValueError(f"streamcnn: table row {i} must be a (path, label) pair or "
                                  f"a (path, label, mpp) triple, got {item!r}") from None
             mpp = _row_mpp(rest[0] if rest else None, f"table row {i}")
-            rows.append((os.fspath(p), str(label) if not isinstance(label, int) else label,
-                         mpp))
+            rows.append((os.fspath(p), _label(label, f"table row {i}"), mpp))
     if not rows:
         raise ValueError("streamcnn: the slide table is empty")
     return rows
+
+
+def _label(v, where: str) -> Union[int, str]:
+    """A row's label: an int (numpy's and a one-element integer tensor's
+    too) or its text; an empty one is refused, naming ``where``."""
+    if isinstance(v, torch.Tensor) and v.numel() == 1:
+        v = v.item()
+    if not isinstance(v, bool):
+        try:
+            return operator.index(v)
+        except TypeError:
+            pass
+    text = "" if v is None else str(v).strip()
+    if not text:
+        raise ValueError(f"streamcnn: {where}: the label is empty")
+    return text
 
 
 def row_path(base: str, row: Dict[str, str], where: str) -> str:
@@ -369,7 +385,8 @@ class SlideDataset(torch.utils.data.Dataset):
     ``table``: a CSV file with a ``path,label`` header (or a sequence of
     ``(path, label)`` pairs). Labels that are all integers are used as
     such; otherwise they are class names, numbered in sorted order
-    (``.classes``). ``size``: ``S`` or ``(H, W)``. Exactly one of ``mpp``
+    (``.classes``: names that are numbers by value, then the others as
+    text); an empty label is refused. ``size``: ``S`` or ``(H, W)``. Exactly one of ``mpp``
     (the microns per pixel to read at) or ``level``.
 
     The microns per level-0 pixel of a slide are, in this order: the row's
@@ -449,7 +466,9 @@ class SlideDataset(torch.utils.data.Dataset):
             self.classes: Optional[List[str]] = None
             self.labels = ints
         else:
-            self.classes = sorted({str(v) for v in labels})
+            # names that are numbers ("0.5", "10") in the order of their
+            # values (not "10" before "2"), then the others as text
+            self.classes = sorted({str(v) for v in labels}, key=_class_order)
             index = {c: i for i, c in enumerate(self.classes)}
             self.labels = [index[str(v)] for v in labels]
         self.paths = [p for p, _, _ in rows]
@@ -677,6 +696,14 @@ def read_window(s: Slide, win, size: Tuple[int, int], box: Optional[Sequence[int
     if part is not None:
         out[:, iy0 - by:iy1 - by, ix0 - bx:ix1 - bx] = part
     return out
+
+
+def _class_order(name: str) -> Tuple[int, float, str]:
+    try:
+        f = float(name)
+    except ValueError:
+        return (1, 0.0, name)
+    return (0, f, name) if math.isfinite(f) else (1, 0.0, name)
 
 
 def _as_int(v) -> Optional[int]:
