@@ -1506,7 +1506,12 @@ class _Converter:
                     m.training = mode
                 with torch.no_grad():  # eager code of the other mode ran
                     for b, v in zip(buffers, saved):  # (num_batches_tracked += 1)
-                        b.copy_(v)
+                        # only where it changed: a copy_ moves the version
+                        # counter, and an autograd graph recorded through
+                        # the stem before (its batch norms' saved buffers)
+                        # could no longer be differentiated
+                        if not torch.equal(b, v):
+                            b.copy_(v)
                 torch.random.set_rng_state(rng)
 
         def culprits(group):

@@ -448,6 +448,28 @@ def test_modes_that_do_not_change_the_trace_are_free():
     assert (sm(x) - stem(x)).abs().max().item() < 1e-12
 
 
+def test_building_leaves_the_stems_tensors_untouched():
+    """Building a StreamingModule (tracing the stem again with modes flipped
+    runs eager code of the other mode, then puts back the buffers it
+    changed) leaves the buffers it did not change as they were, version
+    counters too: an autograd graph recorded through the stem before can
+    still be differentiated (the batch norms' buffers it saved were
+    'modified by an inplace operation'); a buffer the other mode's code
+    changed gets its value back."""
+    stem = _stem(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), BatchNormAct2d(4))
+    x = torch.randn(1, 3, 20, 20, dtype=torch.float64, requires_grad=True)
+    y = stem(x)
+    before = {k: (v.clone(), v._version) for k, v in stem.state_dict().items()}
+    streamcnn.StreamingModule(stem, 16)
+    after = stem.state_dict()
+    # (BatchNormAct2d's training-mode code counts its batches in place)
+    moved = {k for k, v in after.items() if v._version != before[k][1]}
+    assert moved == {"2.num_batches_tracked"}
+    assert all(torch.equal(after[k], b[0]) for k, b in before.items())
+    y.sum().backward()
+    assert x.grad is not None
+
+
 def test_zero_rate_dropouts_built_in_training_mode():
     """A Dropout / DropPath of rate 0 may be in training mode at the build:
     they are frozen like the others (a dropout rate raised later changes
