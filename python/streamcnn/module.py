@@ -405,6 +405,7 @@ class StreamingModule(nn.Module):
         # memory_budget: whether a tile was chosen (an eager or compiled call,
         # fix_tile); TorchScript and torch.export stream tile_size as it is
         self._tile_chosen: bool = tile_size is not None
+        self._fixed: bool = False           # fix_tile took the budget's choice
 
     @torch.jit.unused
     def _unchosen_tile(self, how: str) -> str:
@@ -497,6 +498,10 @@ class StreamingModule(nn.Module):
         frozen layer keeps less for its backward) and, with image_grad, the
         image's. device: where the stem runs (its convolutions' transients
         differ); None: the parameters' device."""
+        if dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+            raise ValueError(f"streamcnn: dtype is the one the stem computes in (float32, "
+                             f"float64, float16 or bfloat16), got {dtype}: a uint8 image is "
+                             "computed in the parameters' dtype (or autocast's)")
         mask = self._grad_mask(image_grad, self.stream_params())
         if device is None:
             device = next((p.device for p in self.stream_params()), torch.device("cpu"))
@@ -536,6 +541,7 @@ class StreamingModule(nn.Module):
         choice = self.budget_tile(batch, height, width, dtype, training, image_grad, device)
         self.tile_size = [int(v) for v in choice["tile_size"]]
         self.halo_cache = bool(choice["halo_cache"])
+        self._fixed = True
         self.memory_budget = 0
         self._tile_chosen = True
         return choice
@@ -549,6 +555,10 @@ class StreamingModule(nn.Module):
                        allow_cached: bool, training: bool, mask: Tuple[bool, ...],
                        cpu: bool) -> Tuple[List[int], bool]:
         if not self.memory_budget:
+            if getattr(self, "_fixed", False):   # (a module pickled before has none)
+                raise ValueError(f"streamcnn: fix_tile fixed this module's tile "
+                                 f"({self.tile_size}): it has no memory_budget to choose "
+                                 "with any more")
             raise ValueError("streamcnn: this module was built with a tile_size, not a "
                              "memory_budget")
         itemsize = torch.empty(0, dtype=dtype).element_size()

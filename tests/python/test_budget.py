@@ -126,6 +126,16 @@ def test_fix_tile_keeps_the_choice():
     assert sm.tile_size == c["tile_size"]
     _assert_exact(stem, x, y)
     TileParallel(sm)
+    with pytest.raises(ValueError, match=r"fix_tile fixed this module's tile \(\[\d+, \d+\]\)"):
+        sm.budget_tile(1, 300, 260, torch.float64)
+    # the dtype is the one the stem computes in, not the image's
+    sm = streamcnn.StreamingModule(_stem(), memory_budget="3MB")
+    for dtype in (torch.uint8, torch.int64, torch.bool):
+        with pytest.raises(ValueError, match="dtype is the one the stem computes in"):
+            sm.budget_tile(1, 300, 260, dtype)
+        with pytest.raises(ValueError, match="dtype is the one the stem computes in"):
+            sm.fix_tile(300, 260, dtype=dtype)
+    assert sm.memory_budget and not sm._tile_chosen
 
 
 # Peak of the bytes live in PyTorch's allocator while step() runs, from the
