@@ -48,6 +48,8 @@ _UNITS = {"": 1, "b": 1,
 # loop overhead): 0.2% of a whole-image forward each
 TILE_COST = 0.002
 HEADROOM = 0.1
+# the smallest budget taken (below it nothing fits: a number meant in GB)
+MIN_BUDGET = 1024
 
 
 def parse_bytes(budget: Budget) -> int:
@@ -65,8 +67,13 @@ def parse_bytes(budget: Budget) -> int:
         value = float(m.group(1)) * _UNITS[m.group(2).lower()]
     else:
         value = float(budget)
-    if not math.isfinite(value) or value < 1:
+    if not math.isfinite(value) or value <= 0:
         raise ValueError(f"streamcnn: memory_budget must be a positive size, got {budget!r}")
+    if value < MIN_BUDGET:
+        # (memory_budget=1.5 meant gigabytes: it was 1 byte)
+        raise ValueError(f"streamcnn: memory_budget {budget!r} is {value:g} bytes, too small "
+                         "for any tile: a number without a unit is bytes; give one, e.g. "
+                         "'1.5GB' or '512MiB'")
     return int(value)
 
 

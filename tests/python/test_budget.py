@@ -32,6 +32,13 @@ def test_parse_bytes():
     for bad in [True, None, [1], 0.0]:
         with pytest.raises((TypeError, ValueError), match="memory_budget"):
             parse_bytes(bad)
+    # a number meant in gigabytes is named (1.5 was 1 byte, 0.5 "not positive")
+    for bad, says in [(1.5, "1.5 bytes"), (0.5, "0.5 bytes"), ("2", "2 bytes"),
+                      ("0.5kB", "500 bytes"), (1023, "1023 bytes")]:
+        with pytest.raises(ValueError, match=f"memory_budget .* is {says}, too small for any "
+                                             "tile: a number without a unit is bytes"):
+            parse_bytes(bad)
+    assert parse_bytes(1024) == 1024 and parse_bytes("1.5kB") == 1500
 
 
 def _stem():
