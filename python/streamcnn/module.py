@@ -727,8 +727,11 @@ class StreamingModule(nn.Module):
         if torch.compiler.is_compiling():
             if self.memory_budget:
                 if torch.compiler.is_exporting():   # one graph: no eager pick
+                    # (also torch.compile's fullgraph=True, which wraps this
+                    # message in Dynamo's "Observed exception")
                     if not self._tile_chosen:
-                        raise ValueError(self._unchosen_tile("torch.export"))
+                        raise ValueError(self._unchosen_tile(
+                            "torch.export (or torch.compile(fullgraph=True))"))
                 else:
                     cached = self._pick_tile(x, params, cached)
             return self._call(x, params, cached)

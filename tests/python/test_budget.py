@@ -470,6 +470,10 @@ def test_budget_before_script_compile_or_export():
     x = torch.randn(1, 3, 200, 180)
     with pytest.raises(Exception, match="none was picked before torch.export"):
         torch.export.export(sm, (x,))
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match=r"none was picked before torch.export \(or "
+                                        r"torch.compile\(fullgraph=True\)\)"):
+        torch.compile(sm, backend="eager", fullgraph=True)(x)
     want = sm.budget_tile(1, 200, 180, training=False)["tile_size"]
     assert want != list(sm.receptive_field)
     torch._dynamo.reset()
