@@ -647,9 +647,14 @@ class StreamingModule(nn.Module):
                 raise TypeError(f"streamcnn: with a uint8 image the stem computes in its "
                                 f"parameters' dtype, which must be one: found {want} and "
                                 f"{p.dtype}")
-            raise TypeError(f"streamcnn: the image is {x.dtype} but the stem's parameters "
-                            f"are {p.dtype}; convert one of them (e.g. x.to({p.dtype}) or "
-                            f"module.to({x.dtype}))")
+            if all(q.dtype == p.dtype for q in params[:len(self._param_names)]):
+                raise TypeError(f"streamcnn: the image is {x.dtype} but the stem's "
+                                f"parameters are {p.dtype}; convert one of them (e.g. "
+                                f"x.to({p.dtype}) or module.to({x.dtype}))")
+            name = self._param_names[k] if k < len(self._param_names) else "mean / std"
+            raise TypeError(f"streamcnn: the image is {x.dtype} but the stem's '{name}' is "
+                            f"{p.dtype}: its parameters and the image must share a dtype "
+                            f"(module.to({x.dtype}))")
         for p in params:
             if p.device != x.device and not (x.device.type == "cpu"
                                              and p.device.type == "cuda"):

@@ -280,7 +280,7 @@ def test_batch_norm_parameters_of_two_dtypes_are_refused():
     # float32 batch-norm parameters in a float64 computation: refused too
     stem64 = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval().double()
     stem64[1].float()
-    with pytest.raises(TypeError, match="float64 but the stem's parameters are torch.float32"):
+    with pytest.raises(TypeError, match="float64 but the stem's '1.weight' is torch.float32"):
         streamcnn.StreamingModule(stem64, 9)(torch.randn(1, 3, 20, 20, dtype=torch.float64))
 
 

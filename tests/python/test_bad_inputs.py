@@ -196,6 +196,14 @@ def test_dtype_mismatch():
     with pytest.raises(TypeError, match="image is torch.float64 but the stem's parameters are "
                                         "torch.float32"):
         sm(torch.randn(1, 3, 20, 20, dtype=torch.float64))
+    # one parameter in another dtype is named (it said "the stem's parameters
+    # are float64" of a float32 stem with one float64 convolution)
+    stem = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3)).eval()
+    stem[2].double()
+    with pytest.raises(TypeError, match=r"image is torch.float32 but the stem's '2.weight' is "
+                                        r"torch.float64: its parameters and the image must "
+                                        r"share a dtype \(module.to\(torch.float32\)\)"):
+        streamcnn.StreamingModule(stem, 16)(torch.randn(1, 3, 20, 20))
     with pytest.raises(RuntimeError, match=r"params\[0\] \(weight of instruction 0, conv\) is "
                                            "float32 but the image is float64"):
         torch.ops.streamcnn.forward(torch.randn(1, 3, 20, 20, dtype=torch.float64),
