@@ -279,6 +279,19 @@ def test_dataloader_workers(table, ctx):
     # the dataset pickles without its open handles
     clone = pickle.loads(pickle.dumps(ds))
     assert torch.equal(clone[0][0], ref[0])
+    # workers that persist across epochs draw each epoch's augmentations
+    # (they kept drawing epoch 0's: the epoch lived in their copy)
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2,
+                                         multiprocessing_context=ctx, persistent_workers=True)
+    seen = []
+    for epoch in range(3):
+        ds.set_epoch(epoch)
+        want = torch.stack([ds[i][0] for i in range(len(ds))])
+        got = torch.cat([b[0] for b in loader])
+        assert torch.equal(got, want), epoch
+        seen.append(got)
+    assert not torch.equal(seen[0], seen[1]) and not torch.equal(seen[1], seen[2])
+    assert clone.epoch == 0 and ds.epoch == 2
 
 
 def test_max_open(table):

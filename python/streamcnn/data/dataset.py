@@ -476,7 +476,11 @@ class SlideDataset(torch.utils.data.Dataset):
         self.slide_mpp, self.max_decoded = slide_mpp, max_decoded
         self.size = (h, w)
         self.mpp, self.level, self.crop = mpp, level, crop
-        self.augment, self.seed, self.epoch = augment, seed, 0
+        self.augment, self.seed = augment, seed
+        # the epoch in shared memory: DataLoader workers that persist across
+        # epochs (persistent_workers=True) see set_epoch too (they hold a
+        # copy of the dataset made when they started)
+        self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
         self.tolerance, self.threads, self.max_open = tolerance, threads, max_open
         self.tissue_thumbnail = tissue_thumbnail
         self._tissue: Dict[str, Tuple] = {}
@@ -488,8 +492,13 @@ class SlideDataset(torch.utils.data.Dataset):
         return len(self.paths)
 
     def set_epoch(self, epoch: int) -> None:
-        """With ``seed``: draw the random crops/augmentations of ``epoch``."""
-        self.epoch = int(epoch)
+        """With ``seed``: draw the random crops/augmentations of ``epoch``
+        (also in DataLoader workers already running: persistent_workers)."""
+        self._epoch[0] = int(epoch)
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch[0])
 
     def __getstate__(self):
         state = self.__dict__.copy()
