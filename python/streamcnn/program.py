@@ -1483,6 +1483,7 @@ class _Converter:
         reference = str(graph)
         buffers = [b for b in self.root.buffers()]
         saved = [b.detach().clone() for b in buffers]
+        versions = [b._version for b in buffers]
         rng = torch.random.get_rng_state()
 
         modes = [(m, m.training) for m in self.root.modules()]
@@ -1505,12 +1506,12 @@ class _Converter:
                 for m, mode in modes:
                     m.training = mode
                 with torch.no_grad():  # eager code of the other mode ran
-                    for b, v in zip(buffers, saved):  # (num_batches_tracked += 1)
-                        # only where it changed: a copy_ moves the version
-                        # counter, and an autograd graph recorded through
-                        # the stem before (its batch norms' saved buffers)
-                        # could no longer be differentiated
-                        if not torch.equal(b, v):
+                    for b, v, n in zip(buffers, saved, versions):  # (num_batches_tracked
+                        # += 1) only where it was written: a copy_ moves the
+                        # version counter, and an autograd graph recorded
+                        # through the stem before (its batch norms' saved
+                        # buffers) could no longer be differentiated
+                        if b._version != n:
                             b.copy_(v)
                 torch.random.set_rng_state(rng)
 

@@ -117,6 +117,7 @@ def test_slide_file_4x_read_equals_normal(tmp_path):
     with Slide(pa) as sa, Slide(pb) as sb:
         assert sa.mpp == pytest.approx((0.5, 0.5)) and sa.level_count == 3
         assert sa.level_downsamples[1:] == pytest.approx((2, 4))
+        assert (sb.mpp, sb.level_downsamples) == (sa.mpp, sa.level_downsamples)
     ds = SlideDataset([(pa, 0), (pb, 1)], 128, mpp=2.0, crop="center")
     assert torch.equal(ds[0][0], ds[1][0])
     full = SlideDataset([(pa, 0), (pb, 1)], 512, mpp=0.5, crop="center")

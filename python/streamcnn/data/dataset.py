@@ -480,7 +480,11 @@ class SlideDataset(torch.utils.data.Dataset):
         # the epoch in shared memory: DataLoader workers that persist across
         # epochs (persistent_workers=True) see set_epoch too (they hold a
         # copy of the dataset made when they started)
-        self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
+        self._epoch = torch.zeros(1, dtype=torch.int64)
+        try:
+            self._epoch.share_memory_()
+        except RuntimeError:      # no shared memory here (/dev/shm): workers
+            pass                  # started after set_epoch still see it
         self.tolerance, self.threads, self.max_open = tolerance, threads, max_open
         self.tissue_thumbnail = tissue_thumbnail
         self._tissue: Dict[str, Tuple] = {}
