@@ -461,7 +461,9 @@ class Slide:
                             what=what, fill=self.background)
 
     def thumbnail(self, max_size: int = 1024) -> torch.Tensor:
-        """The whole slide, longest side ``max_size`` pixels, uint8 3 x h x w."""
+        """The whole slide, longest side ``max_size`` pixels, uint8 3 x h x w
+        (a slide smaller than that is enlarged, unlike OpenSlide's
+        get_thumbnail: ``min(max_size, max(self.dimensions))`` keeps it)."""
         if max_size < 1:
             raise ValueError(f"streamcnn: max_size must be positive, got {max_size}")
         w0, h0 = self.dimensions
