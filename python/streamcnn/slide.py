@@ -354,8 +354,8 @@ class Slide:
         ``round(w / d) x round(h / d)`` with ``d = mpp / slide mpp``."""
         if (level is None) == (mpp is None):
             raise ValueError("streamcnn: give exactly one of level= or mpp=")
-        x, y, w, h = box if box is not None else (0, 0, *self.dimensions)
-        x, y, w, h = int(x), int(y), int(w), int(h)
+        x, y, w, h = whole_numbers(box, 4, "box (x, y, w, h)") if box is not None else \
+            (0, 0, *self.dimensions)
         if w < 1 or h < 1:
             raise ValueError(f"streamcnn: box size {w} x {h} must be positive")
         if level is not None:

@@ -685,6 +685,10 @@ def test_bad_arguments(slides):
             s.read_region(loc, 1, size)
     with pytest.raises(ValueError, match=r"location \(x, y\) must be 2 ints"):
         s.read_region((1, 2, 3), 1, (6, 5))
+    assert torch.equal(s.read(level=1, box=(np.int64(20), 40.0, 12, torch.tensor(10))),
+                       s.read(level=1, box=(20, 40, 12, 10)))
+    with pytest.raises(ValueError, match=r"box \(x, y, w, h\) must be whole"):
+        s.read(level=1, box=(20.5, 40, 12, 10))
     with pytest.raises(ValueError, match="no microns-per-pixel"):
         s.read(mpp=0.5)
     with pytest.raises(ValueError, match="exactly one of"):
