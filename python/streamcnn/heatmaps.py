@@ -36,6 +36,8 @@ Display helpers: :func:`upsample`, :func:`smooth`, :func:`normalize`,
 
 import contextlib
 import math
+import numbers
+import operator
 from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
@@ -143,7 +145,7 @@ def _targets(logits: torch.Tensor, target: Target) -> torch.Tensor:
     n, k = logits.shape
     if target is None:
         return logits.argmax(dim=1)
-    t = torch.as_tensor(target, dtype=torch.long).flatten()
+    t = _int_targets(target)
     if t.numel() == 1:
         t = t.expand(n)
     if t.numel() != n:
@@ -153,6 +155,36 @@ def _targets(logits: torch.Tensor, target: Target) -> torch.Tensor:
     if bool(((t < 0) | (t >= k)).any()):
         raise ValueError(f"streamcnn: target {t.tolist()} out of range for {k} outputs")
     return t.to(logits.device)
+
+
+def _stem_output_shape(stem: StreamingModule, x: torch.Tensor) -> Tuple[int, ...]:
+    """The shape of ``stem(x)`` (N x C x h x w), without running it."""
+    oh, ow = stem.tiling(x.shape[2], x.shape[3])["output"]
+    return (x.shape[0], program_info(stem.program)[1], oh, ow)
+
+
+def _int_targets(target) -> torch.Tensor:
+    """``target`` as a flat int64 tensor: ints (Python's, numpy's, an
+    integer tensor's); a class name, a float or a bool is refused (they
+    were an internal TypeError, or cut to an int without a word)."""
+    bad = TypeError(f"streamcnn: target must be an output index (an int, or one per "
+                    f"image), got {target!r}; a class name's index is its place in the "
+                    "run's classes")
+    if isinstance(target, torch.Tensor):
+        if target.dtype.is_floating_point or target.dtype.is_complex or \
+                target.dtype == torch.bool:
+            raise bad
+        return target.detach().to(torch.long).flatten()
+    items = list(target) if isinstance(target, (list, tuple)) else [target]
+    out = []
+    for v in items:
+        if isinstance(v, bool):
+            raise bad
+        try:
+            out.append(operator.index(v))
+        except TypeError:
+            raise bad from None
+    return torch.tensor(out, dtype=torch.long)
 
 
 # ---------------------------------------------------------------------------
@@ -236,6 +268,12 @@ def _output_gradient(stem: StreamingModule, head: nn.Module, x: torch.Tensor,
         with torch.no_grad():
             f = stem(x)
     else:
+        want = _stem_output_shape(stem, x)
+        if not isinstance(features, torch.Tensor) or tuple(features.shape) != want:
+            got = tuple(features.shape) if isinstance(features, torch.Tensor) else \
+                type(features).__name__
+            raise ValueError(f"streamcnn: features must be stem(image), "
+                             f"{' x '.join(map(str, want))} for this image, got {got}")
         f = features.detach()
     f.requires_grad_(True)
     with torch.enable_grad():
@@ -279,7 +317,7 @@ def saliency(stem: StreamingModule, head: nn.Module, image: torch.Tensor,
     dtype = compute_dtype(x, stem.stream_params()) if x.dtype == torch.uint8 else x.dtype
     if band_rows is None:
         band_rows = _default_band_rows(cone, w, c)
-    if not isinstance(band_rows, int) or band_rows < 1:
+    if not isinstance(band_rows, int) or isinstance(band_rows, bool) or band_rows < 1:
         raise ValueError(f"streamcnn: band_rows must be a positive int, got {band_rows!r}")
     plan = band_plan(cone, h, g.shape[2], band_rows)
     with _frozen(stem):   # the bands' backward computes the image gradient only
@@ -442,10 +480,19 @@ def upsample_map(m: torch.Tensor, cone: Cone, size: Sequence[int], *,
     window of a large map is computed without the rest); map location
     ``(p, q)`` is at its receptive field's centre ``(p, q) * stride +
     cone.center``. Beyond the outermost centres the map is held constant."""
+    if not isinstance(m, torch.Tensor) or m.dim() not in (2, 3):
+        raise ValueError(f"streamcnn: the map must be h x w or N x h x w, got "
+                         f"{tuple(m.shape) if isinstance(m, torch.Tensor) else type(m).__name__}")
+    rows, cols = _pair(size, "size (rows, cols)", whole=True)
+    if rows < 1 or cols < 1:
+        raise ValueError(f"streamcnn: size (rows, cols) must be positive, got {size!r}")
+    origin = _pair(origin, "origin (row, col)")
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or \
+            not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"streamcnn: scale must be a positive number, got {scale!r}")
     squeeze = m.dim() == 2
     if squeeze:
         m = m.unsqueeze(0)
-    rows, cols = int(size[0]), int(size[1])
     r0, r1, wr = _axis_weights(rows, m.shape[1], cone.stride[0], cone.center[0], origin[0],
                                scale, m.device)
     c0, c1, wc = _axis_weights(cols, m.shape[2], cone.stride[1], cone.center[1], origin[1],
@@ -457,6 +504,22 @@ def upsample_map(m: torch.Tensor, cone: Cone, size: Sequence[int], *,
     out = top.index_select(2, c0) * (1 - wc) + top.index_select(2, c1) * wc
     out = out.float()
     return out[0] if squeeze else out
+
+
+def _pair(v, what: str, whole: bool = False) -> Tuple:
+    """Two numbers (ints where ``whole``), or a ValueError naming ``what``
+    (a 3-element size, e.g. an image's C x H x W shape, was read as its
+    first two)."""
+    try:
+        a, b = v
+    except (TypeError, ValueError):
+        raise ValueError(f"streamcnn: {what} must be two numbers, got {v!r}") from None
+    for x in (a, b):
+        if isinstance(x, bool) or not isinstance(x, (numbers.Real, torch.Tensor)) or \
+                not math.isfinite(float(x)) or (whole and not float(x).is_integer()):
+            kind = "whole numbers" if whole else "finite numbers"
+            raise ValueError(f"streamcnn: {what} must be two {kind}, got {v!r}")
+    return (int(a), int(b)) if whole else (float(a), float(b))
 
 
 def upsample(m: torch.Tensor, cone: Cone, size: Sequence[int], **kw) -> torch.Tensor:
@@ -479,6 +542,12 @@ def percentiles(m: torch.Tensor, low: float = 1.0, high: float = 99.0,
                 max_samples: int = 1 << 22) -> Tuple[float, float]:
     """The ``low`` and ``high`` percentiles of a map's finite values (of an
     evenly strided subsample of at most ``max_samples`` values)."""
+    for name, v in (("low", low), ("high", high)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 <= v <= 100:
+            raise ValueError(f"streamcnn: {name} must be a percentile in 0 .. 100, got {v!r}")
+    if low > high:
+        raise ValueError(f"streamcnn: the percentiles low {low!r} and high {high!r} are the "
+                         "wrong way round")
     flat = m.detach().flatten()
     if flat.numel() > max_samples:
         flat = flat[:: math.ceil(flat.numel() / max_samples)]

@@ -159,6 +159,23 @@ def test_saliency_float_image_target_and_pool():
     with pytest.raises(ValueError, match=r"target must be an int, got 2 entries for a batch "
                                          r"of 1"):
         hm.saliency(m.stem, m.head, img, target=[0, 1])
+    # a class name, a float, a bool: refused naming target (a name was
+    # torch's "invalid data type 'str'", 1.7 and True were cut to 1)
+    import numpy as np
+    for bad in ("tumour", 1.7, True, [0.0], torch.tensor([1.0])):
+        with pytest.raises(TypeError, match="target must be an output index"):
+            hm.saliency(m.stem, m.head, img, target=bad, band_rows=20)
+    for ok in (np.int64(0), torch.tensor(0), [0], (0,)):
+        assert torch.equal(hm.saliency(m.stem, m.head, img, target=ok, band_rows=20), sal)
+    # features of another shape than stem(image) (an expand error deep inside)
+    f = m.stem(img[None])
+    assert torch.equal(hm.saliency(m.stem, m.head, img, target=0, band_rows=20, features=f),
+                       sal)
+    with pytest.raises(ValueError, match=r"features must be stem\(image\), 1 x \d+ x \d+ x "
+                                         r"\d+ for this image, got \(1, \d+, 5, 5\)"):
+        hm.saliency(m.stem, m.head, img, target=0, features=f[:, :, :5, :5])
+    with pytest.raises(ValueError, match="band_rows must be a positive int, got True"):
+        hm.saliency(m.stem, m.head, img, target=0, band_rows=True)
 
 
 def test_saliency_misaligned_bands_would_fail(monkeypatch):
@@ -214,6 +231,22 @@ def test_upsample_window_equals_slice():
     cy, cx = cone.center
     assert abs(whole[0, int(cy) + 16 * 3, int(cx) + 16 * 4].item() - m[0, 3, 4].item()) < 0.1 * \
         m.abs().max().item()
+    # bad arguments are named (a 3-entry size, e.g. an image's C x H x W,
+    # was read as its first two; a negative one was a torch.arange error)
+    for kw, says in (({"size": (-5, 10)}, r"size \(rows, cols\) must be positive"),
+                     ({"size": (3, 112, 144)}, r"size \(rows, cols\) must be two numbers"),
+                     ({"size": (112.5, 144)}, r"size \(rows, cols\) must be two whole"),
+                     ({"size": (112, 144), "origin": 3}, r"origin \(row, col\) must be two"),
+                     ({"size": (112, 144), "origin": (0, float("nan"))}, "origin"),
+                     ({"size": (112, 144), "scale": 0}, "scale must be a positive number"),
+                     ({"size": (112, 144), "scale": -1.0}, "scale must be a positive number")):
+        with pytest.raises(ValueError, match=says):
+            hm.upsample_map(m, cone, **kw)
+    with pytest.raises(ValueError, match="the map must be h x w or N x h x w"):
+        hm.upsample_map(m[None], cone, (112, 144))
+    import numpy as np
+    assert torch.equal(hm.upsample_map(m, cone, (np.int64(112), torch.tensor(144)),
+                                       origin=(np.float64(0), 0)), whole)
 
 
 def test_display_helpers():
@@ -221,6 +254,13 @@ def test_display_helpers():
     n = hm.normalize(m, 0, 100)
     assert n.min() == 0 and n.max() == 1
     assert torch.equal(hm.normalize(torch.ones(4, 4)), torch.zeros(4, 4))
+    # percentiles outside 0 .. 100 or the wrong way round are named (200
+    # was torch.quantile's error, (99, 1) gave zeros)
+    for lo, hi, says in ((200, 300, "low must be a percentile in 0 .. 100"),
+                         (1, 101, "high must be a percentile in 0 .. 100"),
+                         (99, 1, "the wrong way round")):
+        with pytest.raises(ValueError, match=says):
+            hm.normalize(m, lo, hi)
     s = hm.smooth(m, 1.0)
     assert s.shape == m.shape and abs(s.mean().item() - m.mean().item()) < 1e-3
     rgb = hm.colorize(n)
