@@ -1569,7 +1569,20 @@ def test_metric_choice(slides, tmp_path, capsys):
     res = cli_here(capsys, "evaluate", out / "best.pt", "--csv", slides / "val.csv", "--out",
                    tmp_path / "ev", "--quiet", "--bootstrap", "0")
     assert "CI" not in res.stdout
-    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["ci_low"] is None
+    summary = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert summary["ci_low"] is None and summary["resamples"] == 0
+    # a class of a single slide: no interval, and no resamples recorded
+    # (metrics.json said 2000 of a bootstrap that did not run)
+    rows = _csv(slides / "val.csv")
+    one = [r for r in rows if r["label"] == "0"] + [r for r in rows if r["label"] == "1"][:1]
+    table = tmp_path / "one.csv"
+    table.write_text("path,label\n" + "".join(
+        f"{os.path.join(str(slides), r['path'])},{r['label']}\n" for r in one))
+    res = cli_here(capsys, "evaluate", out / "best.pt", "--csv", table, "--out",
+                   tmp_path / "ev1", "--quiet", "--metric", "accuracy")
+    assert "no 95% CI: class(es) 1 have a single slide" in res.stdout
+    summary = json.loads((tmp_path / "ev1" / "metrics.json").read_text())
+    assert summary["ci_low"] is None and summary["resamples"] == 0 and summary["no_interval"]
     for flag, bad, what in (("--bootstrap", "-1", "--bootstrap must be non-negative"),
                             ("--confidence", "1", "--confidence must be in (0, 1)"),
                             ("--confidence", "0", "--confidence must be in (0, 1)")):

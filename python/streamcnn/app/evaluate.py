@@ -189,7 +189,9 @@ def _evaluate(args, out: str, model, cfg, task: str, kind: str, names, table: Ta
     write_predictions(path, table, indices, scores, names)
     summary = {"metric": kind, "value": _num(value), "ci_low": _num(low),
                "ci_high": _num(high), "confidence": args.confidence,
-               "resamples": args.bootstrap, "stratified": task == "classification",
+               # (0 where none ran: no interval asked for, or none possible)
+               "resamples": args.bootstrap if not math.isnan(low) else 0,
+               "stratified": task == "classification",
                "loss": _num(loss), "slides": len(scores), "undefined": why or None,
                "no_interval": no_ci or None,
                "checkpoint": os.path.abspath(args.checkpoint),
