@@ -5,6 +5,7 @@ import math
 import numbers
 import operator
 import os
+import warnings
 from typing import Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
@@ -372,6 +373,12 @@ class Slide:
             raise ValueError(f"streamcnn: {self.path!r} has no microns-per-pixel metadata "
                              "(openslide.mpp-x); read it by level= instead")
         target = self.downsample_for_mpp(mpp)
+        if target < 1 - tolerance:
+            # (the training application refuses such reads; here the caller
+            # may mean it, but should know that no pixel detail is added)
+            warnings.warn(f"streamcnn: reading {self.path!r} at {mpp:g} um/px, finer than "
+                          f"its {self.mpp[0]:g} um/px: the pixels are upsampled "
+                          f"{1 / target:.3g}x", stacklevel=2)
         out_w, out_h = max(1, round(w / target)), max(1, round(h / target))
         return self.read_scaled((x, y), target, (out_w, out_h), tolerance=tolerance,
                                 threads=threads)

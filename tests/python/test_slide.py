@@ -279,6 +279,15 @@ def test_reads_past_the_edge_read_the_slide_alone(tmp_path, monkeypatch):
         assert tuple(far.shape) == (3, 1, 1) and read_sizes[-1] <= 110 * 85
         assert (s.read(mpp=3.0, box=(5000, 5000, 600, 600)) ==
                 torch.tensor(s.background, dtype=torch.uint8).view(3, 1, 1)).all()
+        # finer than the slide: upsampled, and said so (once per read)
+        with pytest.warns(UserWarning, match=r"at 0.25 um/px, finer than its 0.5 um/px: the "
+                                             r"pixels are upsampled 2x"):
+            assert s.read(mpp=0.25, box=(0, 0, 40, 30)).shape == (3, 60, 80)
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            s.read(mpp=0.49, box=(0, 0, 40, 30))        # within the tolerance
+            s.read(mpp=1.0, box=(0, 0, 40, 30))
 
 
 @needs
