@@ -401,7 +401,7 @@ class TileParallel(nn.Module):
         ], rank, world, comm)
         bands = self.bands(height, width)
         oh, ow = tiling_info(sm.program, height, width, sm.tile_size)[:2]
-        c_out = self._out_channels()
+        c_out = self.sm.out_channels
         info = {"band": (lo, hi), "bands": bands, "row0": row0, "height": height,
                 "mask": mask, "cached": cached, "dtype": dtype, "device": device,
                 "comm_device": comm, "whole_image": whole,
@@ -446,7 +446,3 @@ class TileParallel(nn.Module):
             ", ".join(parts[k][0] for k in which) +
             f": ranks {ranks} differ from rank 0 (this is rank {rank}: " +
             "; ".join(f"{parts[k][0]} {parts[k][2]}" for k in which) + ")")
-
-    def _out_channels(self) -> int:
-        from ._library import program_info
-        return program_info(self.sm.program)[1]

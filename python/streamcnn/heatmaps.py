@@ -160,7 +160,7 @@ def _targets(logits: torch.Tensor, target: Target) -> torch.Tensor:
 def _stem_output_shape(stem: StreamingModule, x: torch.Tensor) -> Tuple[int, ...]:
     """The shape of ``stem(x)`` (N x C x h x w), without running it."""
     oh, ow = stem.tiling(x.shape[2], x.shape[3])["output"]
-    return (x.shape[0], program_info(stem.program)[1], oh, ow)
+    return (x.shape[0], stem.out_channels, oh, ow)
 
 
 def _int_targets(target) -> torch.Tensor:

@@ -143,7 +143,9 @@ def _param_gatherer(stem: nn.Module, refs: List[Tuple[str, str]]) -> fx.GraphMod
     return gm
 
 
-_IMAGE_DTYPES = (torch.uint8, torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# the dtypes a stem computes in; an image may also be uint8 (converted per tile)
+_COMPUTE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_IMAGE_DTYPES = (torch.uint8,) + _COMPUTE_DTYPES
 
 
 def _norm_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -498,7 +500,7 @@ class StreamingModule(nn.Module):
         frozen layer keeps less for its backward) and, with image_grad, the
         image's. device: where the stem runs (its convolutions' transients
         differ); None: the parameters' device."""
-        if dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        if dtype not in _COMPUTE_DTYPES:
             raise ValueError(f"streamcnn: dtype is the one the stem computes in (float32, "
                              f"float64, float16 or bfloat16), got {dtype}: a uint8 image is "
                              "computed in the parameters' dtype (or autocast's)")
