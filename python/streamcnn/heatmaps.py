@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from .module import StreamingModule
 from .ops import compute_dtype
 from .program import convert
+from .slide import whole_numbers
 from ._library import cone_info, program_info
 
 Target = Union[None, int, Sequence[int], torch.Tensor]
@@ -483,10 +484,10 @@ def upsample_map(m: torch.Tensor, cone: Cone, size: Sequence[int], *,
     if not isinstance(m, torch.Tensor) or m.dim() not in (2, 3):
         raise ValueError(f"streamcnn: the map must be h x w or N x h x w, got "
                          f"{tuple(m.shape) if isinstance(m, torch.Tensor) else type(m).__name__}")
-    rows, cols = _pair(size, "size (rows, cols)", whole=True)
+    rows, cols = whole_numbers(size, 2, "size (rows, cols)")
     if rows < 1 or cols < 1:
         raise ValueError(f"streamcnn: size (rows, cols) must be positive, got {size!r}")
-    origin = _pair(origin, "origin (row, col)")
+    origin = _point(origin, "origin (row, col)")
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or \
             not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"streamcnn: scale must be a positive number, got {scale!r}")
@@ -506,20 +507,17 @@ def upsample_map(m: torch.Tensor, cone: Cone, size: Sequence[int], *,
     return out[0] if squeeze else out
 
 
-def _pair(v, what: str, whole: bool = False) -> Tuple:
-    """Two numbers (ints where ``whole``), or a ValueError naming ``what``
-    (a 3-element size, e.g. an image's C x H x W shape, was read as its
-    first two)."""
+def _point(v, what: str) -> Tuple[float, float]:
+    """Two finite numbers, or a ValueError naming ``what``."""
     try:
         a, b = v
     except (TypeError, ValueError):
         raise ValueError(f"streamcnn: {what} must be two numbers, got {v!r}") from None
     for x in (a, b):
         if isinstance(x, bool) or not isinstance(x, (numbers.Real, torch.Tensor)) or \
-                not math.isfinite(float(x)) or (whole and not float(x).is_integer()):
-            kind = "whole numbers" if whole else "finite numbers"
-            raise ValueError(f"streamcnn: {what} must be two {kind}, got {v!r}")
-    return (int(a), int(b)) if whole else (float(a), float(b))
+                not math.isfinite(float(x)):
+            raise ValueError(f"streamcnn: {what} must be two finite numbers, got {v!r}")
+    return float(a), float(b)
 
 
 def upsample(m: torch.Tensor, cone: Cone, size: Sequence[int], **kw) -> torch.Tensor:

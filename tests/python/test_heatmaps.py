@@ -234,8 +234,8 @@ def test_upsample_window_equals_slice():
     # bad arguments are named (a 3-entry size, e.g. an image's C x H x W,
     # was read as its first two; a negative one was a torch.arange error)
     for kw, says in (({"size": (-5, 10)}, r"size \(rows, cols\) must be positive"),
-                     ({"size": (3, 112, 144)}, r"size \(rows, cols\) must be two numbers"),
-                     ({"size": (112.5, 144)}, r"size \(rows, cols\) must be two whole"),
+                     ({"size": (3, 112, 144)}, r"size \(rows, cols\) must be 2 ints"),
+                     ({"size": (112.5, 144)}, r"size \(rows, cols\) must be whole numbers of pixels"),
                      ({"size": (112, 144), "origin": 3}, r"origin \(row, col\) must be two"),
                      ({"size": (112, 144), "origin": (0, float("nan"))}, "origin"),
                      ({"size": (112, 144), "scale": 0}, "scale must be a positive number"),
