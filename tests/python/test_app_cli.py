@@ -399,6 +399,63 @@ def test_tile_parallel_sigterm(slides, tmp_path):
     assert load_checkpoint(str(out / "last.pt"))["epoch"] >= 1
 
 
+def _spawned_ranks(pid: int) -> int:
+    """How many of ``pid``'s children are multiprocessing's spawned processes."""
+    n = 0
+    try:
+        kids = open(f"/proc/{pid}/task/{pid}/children").read().split()
+    except OSError:
+        return 0
+    for k in kids:
+        try:
+            n += b"spawn_main" in open(f"/proc/{k}/cmdline", "rb").read()
+        except OSError:
+            pass
+    return n
+
+
+@pytest.mark.skipif(not os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children"),
+                    reason="needs /proc/PID/task/PID/children (Linux)")
+@pytest.mark.parametrize("when", ["ranks starting", "epoch 2"])
+def test_tile_parallel_ctrl_c_to_the_group(slides, tmp_path, when):
+    """Ctrl-C in a terminal (SIGINT to every process of the group) while
+    the spawned ranks import torch, or during epoch 2 with a DataLoader
+    worker: one line, exit 130. Before, a rank or a worker still importing
+    torch printed a KeyboardInterrupt traceback, and the ranks' workers
+    were spawned (each epoch importing torch again: 15 s epochs for 4 s)."""
+    out = tmp_path / "run"
+    val = tmp_path / "val.csv"
+    val.write_text(f"path,label\n{slides / 'val_0.svs'},0\n{slides / 'val_1.svs'},1\n")
+    args = _train(slides, out, "--epochs", "3", "--batch-size", "1", "--tile-parallel", "2",
+                  "--workers", "1", val=val)
+    proc = subprocess.Popen([str(STREAMCNN), *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        t0 = time.monotonic()
+        if when == "epoch 2":
+            while not (out / "metrics.csv").exists():
+                assert proc.poll() is None, proc.communicate()
+                assert time.monotonic() - t0 < 300
+                time.sleep(0.05)
+            time.sleep(0.5)             # epoch 2's worker starting
+        else:
+            while _spawned_ranks(proc.pid) < 2:
+                assert proc.poll() is None, proc.communicate()
+                assert time.monotonic() - t0 < 300
+                time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, (proc.returncode, stderr[-3000:])
+    lines = [ln for ln in stderr.strip().splitlines() if "leaked semaphore" not in ln
+             and "warnings.warn(" not in ln]
+    assert len(lines) == 1 and lines[0].startswith("streamcnn: interrupted"), stderr[-3000:]
+
+
 def _rank_ends_on_sigint(code, ready):
     # (pytest started in the background ignores SIGINT, and a forked child
     # inherits that: as _spawned, the rank installs its own handler)

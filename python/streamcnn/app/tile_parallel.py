@@ -30,6 +30,7 @@ STOPPED = ("the run folder's last.pt, if an epoch finished, holds the last one: 
 # seconds the ranks have to end after Ctrl-C / SIGTERM before they are
 # killed (Slurm sends SIGKILL 30 s after its SIGTERM)
 STOP_GRACE = 20.0
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
 def dist_timeout() -> datetime.timedelta:
@@ -77,7 +78,15 @@ def _spawned(rank: int, args, n: int, port: int, errors, stop_sig) -> None:
     stopped for that (``stop_sig``, shared with it; the parent passes a
     stop on as SIGINT: torch's SIGTERM of the others after a rank fails
     still ends a rank at once); a second SIGINT (the terminal's Ctrl-C
-    reaches every rank, and the parent passes it on) changes nothing."""
+    reaches every rank, and the parent passes it on) changes nothing.
+    The rank starts with SIGINT and SIGTERM blocked (:func:`spawn`): a
+    Ctrl-C while it imports torch waits for the handler below (it was a
+    KeyboardInterrupt traceback)."""
+    # the DataLoader workers forked, as under torchrun (a spawned process
+    # inherits its parent's "spawn": each epoch's workers then imported
+    # torch again, seconds each, and a Ctrl-C then was their traceback)
+    import multiprocessing
+    multiprocessing.set_start_method(None, force=True)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(n), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(n))
     if "OMP_NUM_THREADS" not in os.environ:         # the CPU's cores shared out
@@ -95,6 +104,9 @@ def _spawned(rank: int, args, n: int, port: int, errors, stop_sig) -> None:
 
     signal.signal(signal.SIGINT, on_sigint)
     try:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # what came meanwhile
+        if stop_sig.value:              # stopped while this rank started
+            on_sigint(signal.SIGINT, None)
         with library_warnings():
             code = run(args)
     except UsageError as e:
@@ -129,9 +141,25 @@ def spawn(args, n: int) -> int:
     stop_sig = ctx.Value("i", 0)          # the signal that stopped this command
     # the terminations of the other ranks after a failure are expected
     logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
-    procs = mp.start_processes(_spawned, args=(args, n, _free_port(), errors, stop_sig),
-                               nprocs=n, join=False, start_method="spawn")
+    # the ranks inherit SIGINT and SIGTERM blocked, until _spawned handles
+    # them (a Ctrl-C reaches every process of the terminal's group: a rank
+    # still importing torch printed a KeyboardInterrupt traceback); here a
+    # stop that comes meanwhile (to another thread, or pending) is raised
+    # once the ranks are there to be stopped
+    came: List[int] = []
+    held = {sig: signal.signal(sig, lambda signum, frame: came.append(signum))
+            for sig in _STOP_SIGNALS}
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     try:
+        procs = mp.start_processes(_spawned, args=(args, n, _free_port(), errors, stop_sig),
+                                   nprocs=n, join=False, start_method="spawn")
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+        for sig, h in held.items():
+            signal.signal(sig, h)
+    try:
+        for sig in came[:1]:
+            signal.raise_signal(sig)    # the command's handler: KeyboardInterrupt / Terminated
         while not procs.join():
             pass
     except KeyboardInterrupt as e:
