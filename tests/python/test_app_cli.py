@@ -1690,14 +1690,36 @@ def test_evaluate_resumes(slides, tmp_path, capsys, monkeypatch):
     assert [r["path"] for r in rows] == [r["path"] for r in _csv(val)][:2]
     assert list(rows[0]) == ["path", "label", "score", "mpp", "loss"]
     assert not (out / "predictions.csv").exists() and not (out / "metrics.json").exists()
+    # what a SIGKILL in the middle of writing leaves: the next evaluate in
+    # the folder removes its own temporary files, not train's
+    stale = [".metrics.json.abcd_123.tmp", ".predictions.partial.csv.x64hiz9y.tmp"]
+    for n in stale + [".last.pt.abcd_123.tmp"]:
+        (out / n).write_bytes(b"x")
     started = _stop_in_slide(monkeypatch, 2, Terminated)
     res = cli_here(capsys, *ev, "--out", out, "--resume", check_rc=143)
     assert "streamcnn: terminated after 3 of 4 slides; " in res.stderr
+    left = set(os.listdir(out))
+    assert not left & set(stale) and ".last.pt.abcd_123.tmp" in left, left
+    (out / ".last.pt.abcd_123.tmp").unlink()
+    # stopped once every slide is scored (in the bootstrap): said as in the
+    # slides (it was a bare "interrupted"), and --resume scores none again
+    from streamcnn.app import evaluate as evaluate_mod
+    real_interval = evaluate_mod.metric_interval
+
+    def stop_in_bootstrap(*a, **kw):
+        raise KeyboardInterrupt()
+    started = _stop_in_slide(monkeypatch, 2, None)
+    monkeypatch.setattr(evaluate_mod, "metric_interval", stop_in_bootstrap)
+    res = cli_here(capsys, *ev, "--out", out, "--resume", check_rc=130)
+    assert res.stderr.strip() == (f"streamcnn: interrupted after 4 of 4 slides, in the metric; "
+                                  f"{partial} holds their rows; continue with --resume")
+    assert len(started) == 1 and not (out / "metrics.json").exists()
+    monkeypatch.setattr(evaluate_mod, "metric_interval", real_interval)
     started = _stop_in_slide(monkeypatch, 99, None)
     res = cli_here(capsys, *[a for a in ev if a != "--quiet"], "--out", out, "--resume")
-    assert len(started) == 1 and res.stdout == whole.stdout.replace(
+    assert not started and res.stdout == whole.stdout.replace(
         str(tmp_path / "whole"), str(out))
-    assert "3 of 4 slides kept from the earlier run" in res.stderr
+    assert "4 of 4 slides kept from the earlier run" in res.stderr
     assert (out / "predictions.csv").read_bytes() == \
         (tmp_path / "whole" / "predictions.csv").read_bytes()
     m1, m2 = (json.loads((d / "metrics.json").read_text()) for d in (out, tmp_path / "whole"))
@@ -1809,11 +1831,21 @@ def test_evaluate_keeps_its_inputs_and_its_folder(slides, tmp_path, capsys):
         assert (run / name).read_text() == text
         os.replace(run / name, run / "keep.csv")
     (run / "notes.txt").write_text("mine")
+    # what a killed run left: its TensorBoard curves (drawn under the new
+    # run's), atomic writes' temporary files (a model-sized one per crash)
+    (run / "tensorboard").mkdir()
+    (run / "tensorboard" / "events.out.tfevents.1796680000.host.1.0").write_bytes(b"x")
+    stale = [".last.pt.k2_x9abc.tmp", ".metrics.csv.0123abcd.tmp"]
+    kept = [".predictions.csv.0123abcd.tmp",      # evaluate's (its own lock)
+            ".notes.txt.0123abcd.tmp", ".last.pt.tmp", "last.pt.0123abcd.tmp"]
+    for n in stale + kept:
+        (run / n).write_bytes(b"x")
     cli_here(capsys, *_train(slides, run, "--epochs", "1", "--batch-size", "4",
                              "--overwrite"))
     left = set(os.listdir(run))
     assert not left & {"metrics.json", "evaluate.json", "predictions.csv"}, left
-    assert "notes.txt" in left
+    assert "notes.txt" in left and "tensorboard" not in left
+    assert not left & set(stale) and set(kept) <= left, left
 
 
 def test_resume_says_which_table_changed(slides, tmp_path, capsys):

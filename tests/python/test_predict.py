@@ -388,11 +388,18 @@ def test_interrupted_run_resumes(data, tmp_path, capsys, monkeypatch):
     assert partial() == [("a", "ok"), ("missing", "error")]
     assert not (out / "predictions.csv").exists()
     assert not (out / "b_cam.png").exists()              # the slide it was in
+    # what a SIGKILL in the middle of writing leaves (no finally ran): the
+    # next run in the folder removes its temporary files, not others'
+    stale = [".b_cam.tif.x64hiz9y.tmp", ".predictions.partial.csv.abcd_123.tmp"]
+    for n in stale + [".notes.txt.abcd_123.tmp"]:
+        (out / n).write_bytes(b"x")
     # SIGTERM in blank.svs: a.svs kept, missing.svs tried again
     calls.clear()
     monkeypatch.setattr(predict, "_predict_slide", stop_at(3, Terminated))
     assert predict.run(_args(*args)) == 143
     assert "streamcnn: terminated after 3 of 4 slides; " in capsys.readouterr().err
+    left = set(os.listdir(out))
+    assert not left & set(stale) and ".notes.txt.abcd_123.tmp" in left, left
     assert calls == ["missing", "b", "blank"]
     assert partial() == [("a", "ok"), ("missing", "error"), ("b", "ok")]
     calls.clear()

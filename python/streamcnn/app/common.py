@@ -9,6 +9,7 @@ import io
 import json
 import math
 import os
+import re
 import sys
 import tempfile
 import warnings
@@ -841,6 +842,32 @@ def atomic_file(path: str):
             raise WriteError(f"streamcnn: cannot write {path} ({_strip(first_line(e, None))});"
                              " the file as it was is kept") from None
         raise
+
+
+# atomic_file's (and PyramidWriter's) temporary files: "." + the file's
+# name + "." + mkstemp's 8 random characters + ".tmp"
+_TEMP = re.compile(r"\.(.+)\.[a-z0-9_]{8}\.tmp")
+
+
+def remove_stale_temps(folder: str, ours: Callable[[str], bool]) -> List[str]:
+    """Remove the temporary files of ``folder`` that a killed write left
+    (SIGKILL, the out-of-memory killer, a power cut: no ``finally`` ran),
+    of the files ``ours(name)`` says the calling command writes there (a
+    model-sized file per crash, which nothing else removed). Only with the
+    folder's lock held: nothing else then writes those files. Returns the
+    names removed."""
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:
+        return []
+    gone = []
+    for n in names:
+        m = _TEMP.fullmatch(n)
+        if m and ours(m.group(1)):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(folder, n))
+                gone.append(n)
+    return gone
 
 
 def lock_folder(path: str, command: str = "train", file: Optional[str] = None

@@ -34,8 +34,9 @@ from .config import parse_classes
 from .common import (AMP_DTYPES, METRIC_WORDS, METRICS, Dist, Slides, Table, UsageError,
                      check_inputs_kept, check_metric, check_settings, checkpoint_identity,
                      default_metric, lock_folder, metric, metric_interval, predict,
-                     prediction_rows, read_slide_table, repeated_slides, resolve_device,
-                     stop_status, stopped_by, write_atomic, write_csv, write_predictions)
+                     prediction_rows, read_slide_table, remove_stale_temps, repeated_slides,
+                     resolve_device, stop_status, stopped_by, write_atomic, write_csv,
+                     write_predictions)
 
 PARTIAL = "predictions.partial.csv"
 SETTINGS = "evaluate.json"
@@ -129,6 +130,8 @@ def run(args) -> int:
     except OSError as e:
         raise UsageError(f"--out {out}: cannot create it: {e.strerror or e}") from None
     lock = lock_folder(out, "evaluate", file=LOCK)
+    if lock is not None:
+        remove_stale_temps(out, OUTPUTS.__contains__)
     try:
         return _evaluate(args, out, model, cfg, task, kind, names, table, data, device,
                          settings)
@@ -171,6 +174,22 @@ def _evaluate(args, out: str, model, cfg, task: str, kind: str, names, table: Ta
         word, code = stop_status(sig)
         print(f"streamcnn: {word} {done}", file=sys.stderr)
         return code
+    try:
+        _report(args, out, task, kind, names, table, scored, kept)
+    except KeyboardInterrupt as e:      # in the metric's bootstrap, say
+        word, code = stop_status(stopped_by(e))
+        print(f"streamcnn: {word} after {len(scored)} of {len(table.paths)} slides, in the "
+              f"metric; {partial} holds their rows; continue with --resume", file=sys.stderr)
+        return code
+    if os.path.exists(partial):
+        os.unlink(partial)
+    return 0
+
+
+def _report(args, out: str, task: str, kind: str, names, table: Table,
+            scored: Dict[int, Tuple[Any, float]], kept: Dict) -> None:
+    """The metric of the scored slides (``kept``: those of an earlier run)
+    into predictions.csv and metrics.json, and printed."""
     indices = sorted(scored)
     scores = [scored[i][0] for i in indices]
     loss = sum(scored[i][1] for i in indices) / max(1, len(indices))
@@ -210,9 +229,6 @@ def _evaluate(args, out: str, model, cfg, task: str, kind: str, names, table: Ta
     print(f"{name} {shown} ({ci}loss {loss:.4f}, {n} slide{'' if n == 1 else 's'})"
           f"{'; ' + why if why else ''}")
     print(f"predictions: {path}")
-    if os.path.exists(partial):
-        os.unlink(partial)
-    return 0
 
 
 def _settings(args, slide_mpp: Optional[float]) -> Dict[str, Any]:

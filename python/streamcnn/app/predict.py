@@ -53,8 +53,9 @@ from ..slide import Slide
 from .checkpoint import load_model
 from .common import (UsageError, atomic_file, check_inputs_kept, check_settings, check_stop,
                      checkpoint_identity, lock_folder, read_scale_problem, read_table,
-                     repeated_slides, resolve_device, save_figure, stop_requested,
-                     stop_status, stopped_by, upsampling_problem, write_atomic, write_csv)
+                     remove_stale_temps, repeated_slides, resolve_device, save_figure,
+                     stop_requested, stop_status, stopped_by, upsampling_problem, write_atomic,
+                     write_csv)
 from .config import parse_classes
 
 HEATMAPS = ("saliency", "cam", "both", "none")
@@ -648,6 +649,9 @@ def run(args) -> int:
               file=sys.stderr)
     _check_out_dir(args.out)            # after every check: a refused run writes nothing
     lock = lock_folder(args.out, "predict")
+    if lock is not None:
+        remove_stale_temps(args.out, lambda name: name.endswith(OUTPUTS) or name in
+                           ("predictions.csv", PARTIAL, SETTINGS))
     try:
         return _predict_all(args, items, model, config, heat, settings, min_size, earlier)
     finally:

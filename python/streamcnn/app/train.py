@@ -50,9 +50,9 @@ from .common import (AMP_DTYPES, Dist, RunFolderBusy, Slides, UsageError, autoca
                      check_inputs_kept, check_stop, class_weights, dist_from_env,
                      group_ended, init_distributed, lock_folder, loss_of, metric,
                      metric_name, peak_memory_mb, plot_roc, predict, read_slide_table,
-                     reset_peak_memory, resolve_device, save_figure, stop_status, stopped_by,
-                     stops_deferred, to_device, worker_exits_on_sigterm, write_atomic, write_csv,
-                     write_predictions)
+                     remove_stale_temps, reset_peak_memory, resolve_device, save_figure,
+                     stop_status, stopped_by, stops_deferred, to_device,
+                     worker_exits_on_sigterm, write_atomic, write_csv, write_predictions)
 
 RUN_FILES = ("config.yaml", "metrics.csv", "last.pt", "best.pt", "curves.png", "roc.png",
              "val_predictions.csv")
@@ -87,6 +87,19 @@ def _evaluate_files(out: str) -> List[str]:
     if not os.path.exists(os.path.join(out, SETTINGS)):
         return []
     return [f for f in OUTPUTS if os.path.exists(os.path.join(out, f))]
+
+
+def _remove_event_files(folder: str) -> None:
+    """The TensorBoard event files of the run --overwrite replaces (kept,
+    TensorBoard drew the old run's curves under the new one's), and the
+    folder where that empties it."""
+    if not os.path.isdir(folder):
+        return
+    for n in os.listdir(folder):
+        if n.startswith("events.out.tfevents."):
+            os.unlink(os.path.join(folder, n))
+    with contextlib.suppress(OSError):
+        os.rmdir(folder)
 
 
 def _check_out(out: str, resume: bool, overwrite: bool) -> str:
@@ -409,7 +422,7 @@ def _train(cfg, ckpt, dist: Dist, device, quiet: bool, overwrite: bool,
                          f"after epoch {starts[0]}, rank {other} after epoch "
                          f"{starts[other]} (the epoch of the last.pt each sees, 0 for none); "
                          "give an --out on a file system every rank shares")
-    busy = None
+    busy = fd = None
     if dist.main:
         # one training at a time in a run folder: a second one (started
         # twice, a requeued job while the first still runs) would write
@@ -424,9 +437,12 @@ def _train(cfg, ckpt, dist: Dist, device, quiet: bool, overwrite: bool,
     if not dist.all_true(busy is None):
         raise busy or RunFolderBusy(f"run folder {out} is in use by another training")
     if dist.main:
+        if fd is not None:              # the folder is this run's alone
+            remove_stale_temps(out, RUN_FILES.__contains__)
         if overwrite:
             for f in _run_files(out) + _evaluate_files(out):
                 os.unlink(os.path.join(out, f))
+            _remove_event_files(os.path.join(out, "tensorboard"))
         if ckpt is None:
             import yaml
             if note:
