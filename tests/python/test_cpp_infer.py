@@ -62,6 +62,23 @@ def test_cpp_matches_python(cpp_infer, tmp_path):
     with torch.no_grad():
         want = streamed(x).flatten()
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    # bad arguments: one line, exit 2 (a size that is no number was an
+    # uncaught std::invalid_argument, a file larger than the image was
+    # read in part)
+    short = tmp_path / "short.f32"
+    short.write_bytes(b"\0" * 12)
+    for args, says in (((300, "abc", tmp_path / "x.f32"), "W must be a positive integer"),
+                       ((0, 280, tmp_path / "x.f32"), "H must be a positive integer"),
+                       ((100, 100, tmp_path / "x.f32"), "holds 1008000 bytes; a 3 x 100 x 100 "
+                                                        "float32 image is 120000"),
+                       ((300, 280, short), "holds 12 bytes"),
+                       ((300, 280, tmp_path / "nosuch.f32"), "cannot open")):
+        res = _run(cpp_infer, path, *args)
+        assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr[-2000:]
+        assert res.stderr.startswith("cpp_infer: ") and says in res.stderr, res.stderr
+    res = subprocess.run([str(cpp_infer), str(path), str(tmp_path / "nosuch.so"), "300", "280"],
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and "cpp_infer: cannot load" in res.stderr
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_DATA semantics")
