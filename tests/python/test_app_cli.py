@@ -300,6 +300,15 @@ def test_bad_options(slides, tmp_path, capsys):
     _bad(capsys, _train(slides, out, "--tile-size", "256", "--memory-budget", "1GB"),
          "--tile-size or --memory-budget", out=out)
     _bad(capsys, _train(slides, out, "--lr", "-1"), "lr", "positive", out=out)
+    # (nan and inf were "lr must be float"; a value starting with "-" was
+    # argparse's bare "expected one argument")
+    for flag in ("--lr", "--gamma", "--clip-grad"):
+        _bad(capsys, _train(slides, out, flag, "nan"), f"{flag[2:].replace('-', '_')} must be a "
+             "finite number, got nan", out=out)
+    _bad(capsys, _train(slides, out, "--class-weights", "-1,1"), "--class-weights: expected one "
+         "argument", "given as --class-weights=VALUE", out=out)
+    _bad(capsys, _train(slides, out, "--class-weights=-1,1"), "--class-weights '-1,1'",
+         "non-negative", out=out)
     import torchvision
     w = tmp_path / "r18_10.pt"
     torch.save(torchvision.models.resnet18(weights=None, num_classes=10).state_dict(), w)
@@ -1880,3 +1889,19 @@ def test_resume_says_which_table_changed(slides, tmp_path, capsys):
                                    "--resume", train=t, val=v))
     assert "changed since" not in res.stderr
     assert [r["epoch"] for r in _csv(out / "metrics.csv")] == ["1", "2", "3"]
+
+
+def test_help_names_defaults_of_zero():
+    """--help gives each option's default; those of 0 were left out (0 ==
+    False), --patience's among them; off switches and unset ones say none."""
+    import argparse
+    from streamcnn.app.config import add_options
+    p = argparse.ArgumentParser(formatter_class=lambda prog: argparse.HelpFormatter(
+        prog, width=10_000))
+    add_options(p)
+    lines = {ln.split()[0]: ln for ln in p.format_help().splitlines()
+             if ln.strip().startswith("--")}
+    for flag in ("--patience", "--warmup", "--workers"):
+        assert lines[flag].endswith("(default 0)"), lines[flag]
+    assert lines["--epochs"].endswith("(default 10)")
+    assert not [ln for ln in lines.values() if "(default None)" in ln or "(default False)" in ln]

@@ -166,6 +166,11 @@ class ArgumentParser(argparse.ArgumentParser):
             self._mixing = False
 
     def error(self, message):
+        if message.endswith(": expected one argument"):
+            # argparse reads a value that starts with "-" (-1,1; -5GB) as
+            # an option: say how to give it
+            flag = message.split()[1].rstrip(":")
+            message += f" (a value that starts with '-' is given as {flag}=VALUE)"
         words = self.prog.split()
         raise UsageError(f"{words[-1]}: {message}" if len(words) > 1 else message)
 
@@ -175,7 +180,9 @@ def add_options(parser: argparse.ArgumentParser) -> None:
     unset, so config files and checkpoints can fill it)."""
     for o in OPTIONS:
         flag = "--" + o.name.replace("_", "-")
-        default = f" (default {o.default})" if o.default not in (None, False) else ""
+        # (not `not in (None, False)`: 0 == False hid the defaults of 0)
+        default = f" (default {o.default})" if o.default is not None and \
+            o.default is not False else ""
         if o.kind is bool:
             parser.add_argument(flag, dest=o.name, action=argparse.BooleanOptionalAction,
                                 default=None, help=o.help)
@@ -207,6 +214,8 @@ def check_value(o: Option, v: Any, where: str) -> Any:
                 isinstance(x, (str, int, float)) and not isinstance(x, bool) for x in v):
             v = ",".join(map(str, v))       # a config file's list, as the flag writes it
         ok = isinstance(v, str)
+    if not ok and o.kind is float and isinstance(v, float):
+        raise UsageError(f"{where}: {o.name} must be a finite number, got {v!r}")
     if not ok:
         raise UsageError(f"{where}: {o.name} must be {o.kind.__name__}, got {v!r}")
     if o.choices is not None and v not in o.choices:
