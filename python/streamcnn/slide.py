@@ -684,7 +684,33 @@ def otsu_threshold(values: torch.Tensor) -> int:
     return int(torch.argmax(between).item())
 
 
+def _valley(values: torch.Tensor, t: int) -> Optional[int]:
+    """Where uint8 ``values``, cut at ``t``, are two separate levels (class
+    means ``TISSUE_CONTRAST`` apart, and between them a valley of the
+    histogram's 5-level running mean at most ``TISSUE_VALLEY`` of the lower
+    of the two peaks; a background shaded over many levels has none): the
+    middle of that valley's floor. Else None."""
+    lower, upper = values[values <= t], values[values > t]
+    if lower.numel() == 0 or upper.numel() == 0:
+        return None
+    a, b = int(lower.double().mean()), int(upper.double().mean())
+    if b - a < TISSUE_CONTRAST:
+        return None
+    hist = torch.bincount(values.flatten().long(), minlength=256).double()
+    smooth = torch.nn.functional.avg_pool1d(hist[None, None], 5, 1, 2,
+                                            count_include_pad=False)[0, 0]
+    floor = smooth[a:b + 1].min()
+    if floor > TISSUE_VALLEY * min(smooth[:a + 1].max(), smooth[b:].max()):
+        return None
+    at = torch.nonzero(smooth[a:b + 1] == floor).flatten()
+    return a + int(at[at.numel() // 2])
+
+
 TISSUE_CONTRAST = 15   # grey levels: less saturation or darkening is background
+# the deepest a valley between two levels of a greyscale slide's bright
+# class may be, as a fraction of the lower peak, for them to be background
+# and tissue rather than one background spread out (shaded)
+TISSUE_VALLEY = 0.25
 
 
 def tissue_mask(thumb: torch.Tensor) -> torch.Tensor:
@@ -693,7 +719,9 @@ def tissue_mask(thumb: torch.Tensor) -> torch.Tensor:
     with no saturated pixel (greyscale, or stained without colour) is told
     by darkness instead, as in brightfield: pixels below Otsu's threshold
     of the grey level that are also darker than the bright class's mean
-    by the floor (so that a uniform slide, noisy or not, has no tissue)."""
+    by the floor (so that a uniform slide, noisy or not, has no tissue),
+    and where the bright class is itself two separate levels, its darker
+    one (tissue around dark objects)."""
     rgb = thumb.to(torch.int16)
     sat = (rgb.max(dim=0).values - rgb.min(dim=0).values).to(torch.uint8)
     mask = sat > max(otsu_threshold(sat), TISSUE_CONTRAST)
@@ -704,5 +732,14 @@ def tissue_mask(thumb: torch.Tensor) -> torch.Tensor:
     bright = grey[grey > t]
     if bright.numel() == 0:                       # one grey level: nothing to tell apart
         return mask
+    # three levels (background, tissue, dark objects in it): Otsu's cut may
+    # fall between the tissue and the objects, leaving the tissue with the
+    # background; while the bright class is itself two separate levels,
+    # its darker one is tissue too
+    while True:
+        v = _valley(bright, otsu_threshold(bright))
+        if v is None:
+            break
+        t, bright = v, bright[bright > v]
     cut = min(t + 1, bright.double().mean().item() - TISSUE_CONTRAST)
     return grey < cut

@@ -399,6 +399,27 @@ def test_tissue_of_a_greyscale_slide(tmp_path):
             x, y, w, h = s.tissue_box(max_size=400)
             assert abs(x - true[0]) <= 8 and abs(y - true[1]) <= 8
             assert abs(x + w - true[2]) <= 8 and abs(y + h - true[3]) <= 8
+    # three levels: background, tissue, dark objects in it (Otsu's cut fell
+    # between the tissue and the objects: the box was the objects'); and a
+    # background shaded over 30 levels is still background
+    yy, xx = torch.meshgrid(torch.arange(600), torch.arange(800), indexing="ij")
+    ellipse = ((yy - 300) / 220.0) ** 2 + ((xx - 400) / 300.0) ** 2 <= 1
+    g = torch.Generator().manual_seed(5)
+    for k, back in enumerate((torch.full((600, 800), 252.0),
+                              225 + 30 * xx.double() / 799)):     # a shaded background
+        plane = back.clone()
+        plane[ellipse] = 190.0
+        plane[200:360, 300:500] = 45.0                           # dark objects: a
+        plane[120:200, 250:350] = 55.0                           # fifth of the tissue
+        plane = (plane + 3 * torch.randn(plane.shape, generator=g)).round().clamp(0, 255)
+        path = str(tmp_path / f"levels{k}.png")
+        Image.fromarray(plane.to(torch.uint8).numpy(), mode="L").save(path)
+        with Slide(path) as s:
+            m, _ = s.tissue_mask()
+            assert (m == ellipse).float().mean() > 0.99, k
+            x, y, w, h = s.tissue_box()
+            assert abs(x - 100) <= 4 and abs(y - 80) <= 4 and abs(x + w - 700) <= 4 and \
+                abs(y + h - 520) <= 4, (k, (x, y, w, h))
     # uniform grey, with or without noise, and white with a faint shade: no tissue
     g = torch.Generator().manual_seed(3)
     noisy = (128 + torch.randint(-4, 5, (300, 300), generator=g)).to(torch.uint8)
