@@ -309,6 +309,9 @@ def test_bad_options(slides, tmp_path, capsys):
          "argument", "given as --class-weights=VALUE", out=out)
     _bad(capsys, _train(slides, out, "--class-weights=-1,1"), "--class-weights '-1,1'",
          "non-negative", out=out)
+    # no abbreviations: --epoch was taken as --epochs without a word
+    _bad(capsys, _train(slides, out, "--epoch", "2"), "unrecognized arguments: --epoch 2",
+         out=out)
     import torchvision
     w = tmp_path / "r18_10.pt"
     torch.save(torchvision.models.resnet18(weights=None, num_classes=10).state_dict(), w)

@@ -149,10 +149,17 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse whose errors are :class:`UsageError` (one line, exit 2).
     With ``intermixed`` set (a subcommand's parser whose positionals are a
     list: ``predict CKPT --out DIR A.svs B.svs``), options may come between
-    the positionals, as ``parse_intermixed_args`` reads them."""
+    the positionals, as ``parse_intermixed_args`` reads them. Options are
+    given whole (no abbreviations)."""
 
     intermixed = False
     _mixing = False
+
+    def __init__(self, *args, **kwargs):
+        # no prefixes: `--epoch 2` was taken as --epochs, and a typo could
+        # become another option without a word
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def parse_known_args(self, args=None, namespace=None):
         # the subcommand action calls this; intermixed parsing calls it
