@@ -278,7 +278,26 @@ def test_bad_tables(slides, tmp_path, capsys):
     _bad(capsys, _train(slides, out, train=t), "t.csv", "'path' and 'label'", out=out)
     t.write_text(f"path,label\n{slides / 'train_0.svs'},0\nmissing.svs,1\n")
     _bad(capsys, _train(slides, out, train=t), "t.csv line 3", "missing.svs", "does not exist",
-         out=out)
+         f"(a relative path is read from the table's folder {tmp_path})", out=out)
+    # paths written from the shell's folder, the table in another: said so
+    sub = tmp_path / "tables"
+    sub.mkdir()
+    t2 = sub / "t.csv"
+    t2.write_text(f"path,label\n{slides.name}/train_0.svs,0\n")
+    cwd = os.getcwd()
+    os.chdir(slides.parent)
+    try:
+        _bad(capsys, _train(slides, out, train=t2), "t.csv line 2", "does not exist",
+             f"read from the table's folder {sub}; {slides.name}/train_0.svs is there from the "
+             "working directory)", out=out)
+    finally:
+        os.chdir(cwd)
+    # a slide with two labels: both lines, in the class names where given
+    t.write_text(f"path,label\n{slides / 'train_0.svs'},tumour\n{slides / 'train_1.svs'},normal"
+                 f"\n{slides / 'train_0.svs'},normal\n")
+    _bad(capsys, _train(slides, out, "--classes", "normal,tumour", train=t),
+         f"t.csv line 4: slide {slides / 'train_0.svs'} is listed with labels tumour (line 2) "
+         "and normal", out=out)
     (tmp_path / "notaslide.svs").write_text("hello")
     t.write_text("path,label\nnotaslide.svs,1\n")
     _bad(capsys, _train(slides, out, train=t), "t.csv line 2", "notaslide.svs",
@@ -1126,7 +1145,7 @@ def test_evaluate_table_checks(slides, tmp_path, capsys):
     t = tmp_path / "t.csv"
     t.write_text(f"path,label\n{slides / 'val_0.svs'},0\n{slides / 'val_0.svs'},1\n")
     _bad(capsys, ["evaluate", out / "last.pt", "--csv", t, "--out", tmp_path / "ev"],
-         f"{t}: slide {slides / 'val_0.svs'} is listed with labels 0 and 1",
+         f"{t} line 3: slide {slides / 'val_0.svs'} is listed with labels 0 (line 2) and 1",
          out=tmp_path / "ev")
     t.write_text(f"path,label\n{slides / 'val_0.svs'},normal\n")
     _bad(capsys, ["evaluate", out / "last.pt", "--csv", t, "--out", tmp_path / "ev"],

@@ -296,7 +296,7 @@ def test_slide_smaller_than_the_model_takes(data, tmp_path, capsys):
     assert rc == 2
     rows = {r["slide"]: r for r in _rows(out)}
     assert rows["b"]["status"] == "error" and not list(out.glob("b_*"))
-    assert re.fullmatch(re.escape(f"streamcnn: {d / 'b.svs'}: the slide at 4 um/px is ") +
+    assert re.fullmatch(re.escape(f"{d / 'b.svs'}: the slide at 4 um/px is ") +
                         r"\d+ x \d+ pixels, smaller than the 75 x 75 the model takes",
                         rows["b"]["message"]), rows["b"]["message"]
     rc = predict.run(_args(ckpt, d / "a.svs", "--full-slide", "--mpp", "1", "--heatmap", "cam",
@@ -598,7 +598,7 @@ def test_read_scale_named(data, tmp_path):
     assert predict.run(_args(data["ckpt"], data["dir"] / "b.svs", "--out", out, "--mpp",
                              "1e300", "--heatmap", "none", "--quiet")) == 2
     msg = _rows(out)[0]["message"]
-    assert msg.startswith(f"streamcnn: --mpp 1e+300 would read slide {data['dir'] / 'b.svs'} "
+    assert msg.startswith(f"--mpp 1e+300 would read slide {data['dir'] / 'b.svs'} "
                           "as "), msg
     assert "less than one (384 x 384 pixels of 0.5 um, as the file says)" in msg
 

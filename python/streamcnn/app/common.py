@@ -197,12 +197,19 @@ def read_slide_table(path: str, task: str, what: str = "CSV", mpp: bool = True,
     from ..slide import Slide
     base, rows = read_table(path, what, ("path", "label"))
     paths, names, labels, mpps = [], [], [], []
+    first: Dict[str, Tuple[float, int]] = {}      # real path -> (label, line)
     for line, row in rows:
         name, label = row.get("path", ""), row.get("label", "")
         where = f"{what} {path} line {line}"
         full = _usage(row_path, base, row, where)
         if not os.path.exists(full):
-            raise UsageError(f"{where}: slide {full} does not exist")
+            hint = ""
+            if not os.path.isabs(name):     # the likeliest mistake: paths from the shell's folder
+                hint = (f" (a relative path is read from the table's folder "
+                        f"{os.path.abspath(base or '.')}"
+                        + (f"; {name} is there from the working directory)"
+                           if os.path.exists(name) else ")"))
+            raise UsageError(f"{where}: slide {full} does not exist{hint}")
         row_mpp = _usage(_row_mpp, row.get("mpp", ""), where)
         try:
             with Slide(full, mpp=row_mpp, default_mpp=slide_mpp) as s:
@@ -229,6 +236,12 @@ def read_slide_table(path: str, task: str, what: str = "CSV", mpp: bool = True,
             raise UsageError(f"{where}: {full} is not a readable slide: "
                              f"{_strip(str(e))}") from None
         labels.append(_label(label, task, where, num_classes, classes, run))
+        was, at = first.setdefault(os.path.realpath(full), (labels[-1], line))
+        if was != labels[-1]:
+            def shown(v: float) -> str:
+                return classes[int(v)] if classes and task == "classification" else f"{v:g}"
+            raise UsageError(f"{where}: slide {full} is listed with labels {shown(was)} "
+                             f"(line {at}) and {shown(labels[-1])}")
         paths.append(full)
         names.append(name)
         mpps.append(row_mpp)

@@ -700,7 +700,8 @@ def _predict_all(args, items, model, config, heat: str, settings: Dict, min_size
                 msg = str(e) if str(e).startswith("streamcnn: ") else f"streamcnn: {path}: {e}"
                 _unlink_outputs(args.out, name)  # no partial set of maps for a failed slide
                 bars.write(msg)
-                rows.append({"slide": name, "path": path, "status": "error", "message": msg})
+                rows.append({"slide": name, "path": path, "status": "error",
+                             "message": msg[len("streamcnn: "):]})   # (the table's, not stderr's)
             name = None
             _write_csv(partial, rows)
     except (KeyboardInterrupt, RuntimeError, OSError, ValueError, MemoryError) as e:
