@@ -168,12 +168,14 @@ class Table:
     """A ``path,label`` CSV checked row by row: ``paths`` resolved (relative
     to the CSV's folder), ``names`` as written in the CSV, ``labels`` as
     numbers (0 .. K-1 for classification, floats for regression), ``mpps`` the
-    optional ``mpp`` column (microns per level-0 pixel; None where empty)."""
+    optional ``mpp`` column (microns per level-0 pixel; None where empty),
+    ``lines`` each row's line in the CSV (where it was read from one)."""
     csv: str
     paths: List[str]
     names: List[str]
     labels: List[float]
     mpps: List[Optional[float]]
+    lines: Optional[List[int]] = None
 
 
 def read_slide_table(path: str, task: str, what: str = "CSV", mpp: bool = True,
@@ -196,8 +198,7 @@ def read_slide_table(path: str, task: str, what: str = "CSV", mpp: bool = True,
     from ..data.dataset import _row_mpp, row_path
     from ..slide import Slide
     base, rows = read_table(path, what, ("path", "label"))
-    paths, names, labels, mpps = [], [], [], []
-    first: Dict[str, Tuple[float, int]] = {}      # real path -> (label, line)
+    paths, names, labels, mpps, lines = [], [], [], [], []
     for line, row in rows:
         name, label = row.get("path", ""), row.get("label", "")
         where = f"{what} {path} line {line}"
@@ -236,31 +237,33 @@ def read_slide_table(path: str, task: str, what: str = "CSV", mpp: bool = True,
             raise UsageError(f"{where}: {full} is not a readable slide: "
                              f"{_strip(str(e))}") from None
         labels.append(_label(label, task, where, num_classes, classes, run))
-        was, at = first.setdefault(os.path.realpath(full), (labels[-1], line))
-        if was != labels[-1]:
-            def shown(v: float) -> str:
-                return classes[int(v)] if classes and task == "classification" else f"{v:g}"
-            raise UsageError(f"{where}: slide {full} is listed with labels {shown(was)} "
-                             f"(line {at}) and {shown(labels[-1])}")
         paths.append(full)
         names.append(name)
         mpps.append(row_mpp)
+        lines.append(line)
     if not paths:
         raise UsageError(f"{what} {path} has no rows")
-    table = Table(path, paths, names, labels, mpps)
-    check_labels_agree(table)
+    table = Table(path, paths, names, labels, mpps, lines)
+    check_labels_agree(table, what, classes if task == "classification" else None)
     return table
 
 
-def check_labels_agree(t: Table) -> None:
+def check_labels_agree(t: Table, what: str = "",
+                       classes: Optional[Sequence[str]] = None) -> None:
     """A slide (by its real path) listed twice with different labels is
-    refused: a metric would count it as both."""
-    seen: Dict[str, float] = {}
-    for path, label in zip(t.paths, t.labels):
-        key = os.path.realpath(path)
-        if seen.setdefault(key, label) != label:
-            raise UsageError(f"{t.csv}: slide {path} is listed with labels {seen[key]:g} "
-                             f"and {label:g}")
+    refused: a metric would count it as both. The message names the table
+    (``what``: how the command calls it), the two rows' lines where ``t``
+    has them, and the labels by their ``classes`` where given."""
+    def shown(v: float) -> str:
+        return classes[int(v)] if classes else f"{v:g}"
+    first: Dict[str, Tuple[float, int]] = {}       # real path -> (label, row)
+    for k, (path, label) in enumerate(zip(t.paths, t.labels)):
+        was, at = first.setdefault(os.path.realpath(path), (label, k))
+        if was != label:
+            where = f"{what} {t.csv}".strip() + (f" line {t.lines[k]}" if t.lines else "")
+            earlier = f" (line {t.lines[at]})" if t.lines else ""
+            raise UsageError(f"{where}: slide {path} is listed with labels {shown(was)}"
+                             f"{earlier} and {shown(label)}")
 
 
 def repeated_slides(paths: Sequence[str]) -> str:
@@ -862,25 +865,21 @@ def atomic_file(path: str):
 _TEMP = re.compile(r"\.(.+)\.[a-z0-9_]{8}\.tmp")
 
 
-def remove_stale_temps(folder: str, ours: Callable[[str], bool]) -> List[str]:
+def remove_stale_temps(folder: str, ours: Callable[[str], bool]) -> None:
     """Remove the temporary files of ``folder`` that a killed write left
     (SIGKILL, the out-of-memory killer, a power cut: no ``finally`` ran),
     of the files ``ours(name)`` says the calling command writes there (a
     model-sized file per crash, which nothing else removed). Only with the
-    folder's lock held: nothing else then writes those files. Returns the
-    names removed."""
+    folder's lock held: nothing else then writes those files."""
     try:
-        names = sorted(os.listdir(folder))
+        names = os.listdir(folder)
     except OSError:
-        return []
-    gone = []
+        return
     for n in names:
         m = _TEMP.fullmatch(n)
         if m and ours(m.group(1)):
             with contextlib.suppress(OSError):
                 os.unlink(os.path.join(folder, n))
-                gone.append(n)
-    return gone
 
 
 def lock_folder(path: str, command: str = "train", file: Optional[str] = None
