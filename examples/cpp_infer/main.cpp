@@ -7,7 +7,8 @@
 // image: read from IMAGE.f32 (raw little-endian float32, C-contiguous, values
 // 0..255, exactly 3 x H x W of them), or a deterministic synthetic one. The
 // stem streams tile by tile, so H x W can be far larger than a whole-image
-// pass could hold in memory. Prints the logits, one per line; a bad argument is one line on stderr and exit status 2.
+// pass could hold in memory. Prints the logits, one per line; a bad argument
+// is one line on stderr and exit status 2.
 #include <torch/script.h>
 
 #include <dlfcn.h>
@@ -42,10 +43,11 @@ int main(int argc, char **argv) {
   if (h < 0 || w < 0)
     return 2;
   const uint64_t bytes = 3ULL * static_cast<uint64_t>(h) * static_cast<uint64_t>(w) * 4;
+  std::ifstream f;
   if (argc > 5) {
     // the file must be exactly the image: a larger one read in part gave
     // logits of the wrong pixels without a word
-    std::ifstream f(argv[5], std::ios::binary | std::ios::ate);
+    f.open(argv[5], std::ios::binary | std::ios::ate);
     if (!f) {
       std::cerr << "cpp_infer: cannot open " << argv[5] << "\n";
       return 2;
@@ -56,6 +58,7 @@ int main(int argc, char **argv) {
                 << " x " << w << " float32 image is " << bytes << "\n";
       return 2;
     }
+    f.seekg(0);
   }
   // RTLD_GLOBAL is not needed: the library only calls into libtorch.
   if (!dlopen(argv[2], RTLD_NOW)) {
@@ -68,7 +71,6 @@ int main(int argc, char **argv) {
     model.eval();
     torch::Tensor image;
     if (argc > 5) {
-      std::ifstream f(argv[5], std::ios::binary);
       image = torch::empty({1, 3, h, w}, torch::kFloat32);
       if (!f.read(reinterpret_cast<char *>(image.data_ptr<float>()),
                   static_cast<std::streamsize>(bytes))) {
