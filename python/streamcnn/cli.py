@@ -91,24 +91,34 @@ def _stop_signals():
         stop_signalled(signum)
         raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
+    old = {signal.SIGTERM: signal.signal(signal.SIGTERM, on_stop)}
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        old[signal.SIGINT] = signal.signal(signal.SIGINT, on_stop)
+    try:
+        with dropped_stops_quiet():
+            yield
+    finally:
+        for signum, handler in old.items():
+            signal.signal(signum, handler)
+
+
+@contextlib.contextmanager
+def dropped_stops_quiet():
+    """A stop the handlers raised where Python cannot propagate it (an
+    at-fork or finalizer callback: "Exception ignored in ...") is dropped
+    without its traceback while the block runs: it was recorded, and
+    :func:`~streamcnn.app.common.check_stop` raises it again at the
+    commands' next step. Other unraisable exceptions print as before."""
     def unraisable(u):
-        # the stop raised where Python cannot propagate it (an at-fork or
-        # finalizer callback) is dropped, not printed: check_stop raises it
-        # again at the commands' next step
         if isinstance(u.exc_value, KeyboardInterrupt) and stop_requested() is not None:
             return
         hook(u)
 
     hook = sys.unraisablehook
     sys.unraisablehook = unraisable
-    old = {signal.SIGTERM: signal.signal(signal.SIGTERM, on_stop)}
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-        old[signal.SIGINT] = signal.signal(signal.SIGINT, on_stop)
     try:
         yield
     finally:
-        for signum, handler in old.items():
-            signal.signal(signum, handler)
         sys.unraisablehook = hook
 
 

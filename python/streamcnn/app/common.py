@@ -755,6 +755,34 @@ def metric_interval(labels: Sequence[float], scores: Sequence, task: str,
     return float(res.confidence_interval.low), float(res.confidence_interval.high), ""
 
 
+_QUIET_FORKS = []
+
+
+def workers_ignore_sigint() -> None:
+    """Every process this one forks from now on (its DataLoader workers)
+    ignores SIGINT. A Ctrl-C reaches every process of the terminal's
+    group: a worker ran the command's handler, inherited with the fork
+    (under ``--tile-parallel`` the rank's, which reads a value shared with
+    the other processes). A worker ends when its command stops the
+    DataLoader, or within seconds of its parent's end (torch's watchdog);
+    SIGTERM is :func:`worker_exits_on_sigterm`'s. A SIGINT that reaches
+    the worker before the at-fork hook runs is the inherited handler's (a
+    stop raised in an at-fork hook is dropped quietly:
+    ``cli.dropped_stops_quiet``). Registered once per process."""
+    import signal
+    if _QUIET_FORKS:
+        return
+    _QUIET_FORKS.append(True)
+
+    def child():
+        try:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        except ValueError:      # (not forked from the main thread)
+            pass
+
+    os.register_at_fork(after_in_child=child)
+
+
 def worker_exits_on_sigterm(worker_id: int) -> None:
     """``worker_init_fn`` of the commands' DataLoaders: a worker ends on
     SIGTERM at once with exit status 0, whoever sent it. torch's own
@@ -793,6 +821,7 @@ def predict(model: torch.nn.Module, data: "Slides", device: torch.device, task: 
     from tqdm import tqdm
     todo = list(range(len(data))) if todo is None else list(todo)
     mine = todo[dist.rank::dist.world]
+    workers_ignore_sigint()
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(data, mine), batch_size=1,
                                          num_workers=workers,
                                          worker_init_fn=worker_exits_on_sigterm)

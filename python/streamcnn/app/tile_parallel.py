@@ -93,7 +93,7 @@ def _spawned(rank: int, args, n: int, port: int, errors, stop_sig) -> None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
             (os.cpu_count() or 1)
         torch.set_num_threads(max(1, cores // n))
-    from ..cli import _message, library_warnings
+    from ..cli import _message, dropped_stops_quiet, library_warnings
     from .train import run
     def on_sigint(signum, frame):     # Ctrl-C, or stop_ranks
         if stop_requested() is not None:
@@ -107,7 +107,7 @@ def _spawned(rank: int, args, n: int, port: int, errors, stop_sig) -> None:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # what came meanwhile
         if stop_sig.value:              # stopped while this rank started
             on_sigint(signal.SIGINT, None)
-        with library_warnings():
+        with library_warnings(), dropped_stops_quiet():
             code = run(args)
     except UsageError as e:
         errors.put((rank, _message(e)))
@@ -138,7 +138,11 @@ def spawn(args, n: int) -> int:
     import torch.multiprocessing as mp
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
-    stop_sig = ctx.Value("i", 0)          # the signal that stopped this command
+    # the signal that stopped this command; without a lock: it is read in
+    # the ranks' SIGINT handler, and a lock a stop left held (a
+    # KeyboardInterrupt between its acquire and release) hung every rank
+    # in that handler, and their DataLoader workers with them
+    stop_sig = ctx.Value("i", 0, lock=False)
     # the terminations of the other ranks after a failure are expected
     logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
     # the ranks inherit SIGINT and SIGTERM blocked, until _spawned handles

@@ -52,7 +52,8 @@ from .common import (AMP_DTYPES, Dist, RunFolderBusy, Slides, UsageError, autoca
                      metric_name, peak_memory_mb, plot_roc, predict, read_slide_table,
                      remove_stale_temps, reset_peak_memory, resolve_device, save_figure,
                      stop_status, stopped_by, stops_deferred, to_device,
-                     worker_exits_on_sigterm, write_atomic, write_csv, write_predictions)
+                     worker_exits_on_sigterm, workers_ignore_sigint, write_atomic, write_csv,
+                     write_predictions)
 
 RUN_FILES = ("config.yaml", "metrics.csv", "last.pt", "best.pt", "curves.png", "roc.png",
              "val_predictions.csv")
@@ -475,6 +476,7 @@ def _train(cfg, ckpt, dist: Dist, device, quiet: bool, overwrite: bool,
     sampler = torch.utils.data.DistributedSampler(train_ds, num_replicas=replicas.world,
                                                   rank=replicas.rank, shuffle=True,
                                                   seed=cfg["seed"], drop_last=False)
+    workers_ignore_sigint()
     loader = torch.utils.data.DataLoader(train_ds, batch_size=1, sampler=sampler,
                                          num_workers=cfg["workers"],
                                          worker_init_fn=worker_exits_on_sigterm)
