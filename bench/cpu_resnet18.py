@@ -19,6 +19,7 @@ since the whole-image peak alone varies by ~15% between processes (glibc
 heap layout). Prints medians side by side with ratios, and the ranges.
 
     python bench/cpu_resnet18.py [--size 1536] [--tile 512] [--reps 3] [--runs 3]
+                                 [--warmup 1]
                                  [--model resnet18|densenet121|inception_v3|shufflenet_v2_x1_0|
                                           googlenet|vgg16_bn|regnet_x_800mf]
 """
@@ -43,7 +44,7 @@ _PARTS = {"googlenet": ("inception4e", 832), "vgg16_bn": (24, 256),
           "regnet_x_800mf": ("block3", 288)}
 
 
-def child(mode: str, size: int, tile: int, reps: int, threads: int,
+def child(mode: str, size: int, tile: int, reps: int, warmup: int, threads: int,
           model: str = "resnet18") -> dict:
     import torch
     import torch.nn as nn
@@ -94,7 +95,8 @@ def child(mode: str, size: int, tile: int, reps: int, threads: int,
         loss.backward()
         return loss.item()
 
-    step()  # warm-up (allocator, oneDNN primitives)
+    for _ in range(warmup):  # allocator, oneDNN primitives
+        step()
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
@@ -110,20 +112,23 @@ def main():
     ap.add_argument("--size", type=int, default=1536)
     ap.add_argument("--tile", type=int, default=512)
     ap.add_argument("--reps", type=int, default=3, help="timed steps per process")
+    ap.add_argument("--warmup", type=int, default=1,
+                    help="untimed steps before them (0: a smoke run)")
     ap.add_argument("--runs", type=int, default=3, help="processes per mode")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--model", choices=list(MODELS), default="resnet18")
     ap.add_argument("--child", choices=["whole", "stream", "cone"])
     a = ap.parse_args()
     if a.child:
-        print(json.dumps(child(a.child, a.size, a.tile, a.reps, a.threads, a.model)))
+        print(json.dumps(child(a.child, a.size, a.tile, a.reps, a.warmup, a.threads, a.model)))
         return
     runs = {"whole": [], "stream": [], "cone": []}
     for _ in range(a.runs):
         for mode in runs:
             out = subprocess.run([sys.executable, __file__, "--child", mode, "--size",
                                   str(a.size), "--tile", str(a.tile), "--reps", str(a.reps),
-                                  "--threads", str(a.threads), "--model", a.model],
+                                  "--warmup", str(a.warmup), "--threads", str(a.threads),
+                                  "--model", a.model],
                                  check=True, capture_output=True, text=True).stdout
             runs[mode].append(json.loads(out.strip().splitlines()[-1]))
     import statistics

@@ -77,13 +77,14 @@ def cpu_allocator_peak(step):
     return peak
 
 
-def measure(step, device, reps):
-    """Median seconds of `reps` steps after one warm-up; peak memory (GPU:
-    max_memory_allocated over the timed steps, so with the parameters and a
+def measure(step, device, reps, warmup=1):
+    """Median seconds of `reps` steps after `warmup` warm-up steps; peak
+    memory (GPU: max_memory_allocated over the timed steps, so with the parameters and a
     device image; CPU: the allocator's peak during one more, profiled step,
     above what was live before it); the C core's multiply-add counters over
     the last timed step (forward, input gradients, weight gradients)."""
-    step()
+    for _ in range(warmup):
+        step()
     sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -201,7 +202,7 @@ def run(args):
             image = images[on]
             try:
                 step = training_step(model, head, image, target, autocast)
-                t, peak, (f, bi, bw) = measure(step, device, args.reps)
+                t, peak, (f, bi, bw) = measure(step, device, args.reps, args.warmup)
                 row[name] = {"s": t, "peak_gb": peak / 1e9}
                 if name != "whole":  # executed multiply-adds of one step
                     row[name + "_macs"] = (f + bi + bw) / (work["macs_whole"] + bi + bw)
@@ -256,6 +257,8 @@ def main():
     ap.add_argument("--budget", help="memory_budget (e.g. 8GB) instead of --tile: each size "
                                      "gets the tile the budget gives")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1,
+                    help="untimed steps before the timed ones (0: a smoke run)")
     ap.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     ap.add_argument("--uint8-from", type=int, default=32768)
     ap.add_argument("--whole-max", type=int, default=16384,
@@ -268,7 +271,7 @@ def main():
     dev = torch.device(args.device)
     card = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU {platform.machine()}"
     print(f"# ResNet-34 conv1..layer3, batch 1, fwd+bwd, {args.dtype}; {card}; torch "
-          f"{torch.__version__}; median of {args.reps} after a warm-up")
+          f"{torch.__version__}; median of {args.reps} after {args.warmup} warm-up steps")
     head = ("| image   | tile |  whole-image PyTorch | streamcnn, dev. fp32 | ratio  | "
             "streamcnn, host u8   | ratio  | ")
     rule = "|---------|------|----------------------|----------------------|--------|" \
