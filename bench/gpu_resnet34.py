@@ -79,10 +79,11 @@ def cpu_allocator_peak(step):
 
 def measure(step, device, reps, warmup=1):
     """Median seconds of `reps` steps after `warmup` warm-up steps; peak
-    memory (GPU: max_memory_allocated over the timed steps, so with the parameters and a
-    device image; CPU: the allocator's peak during one more, profiled step,
-    above what was live before it); the C core's multiply-add counters over
-    the last timed step (forward, input gradients, weight gradients)."""
+    memory (GPU: max_memory_allocated over the timed steps, so with the
+    parameters and a device image; CPU: the allocator's peak during one
+    more, profiled step, above what was live before it); the C core's
+    multiply-add counters over the last timed step (forward, input
+    gradients, weight gradients)."""
     for _ in range(warmup):
         step()
     sync(device)

@@ -15,7 +15,8 @@ def test_gpu_benchmark_script_smoke_on_cpu(tmp_path):
     out = tmp_path / "rows.json"
     res = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu_resnet34.py"),
                           "--device", "cpu", "--sizes", "1040", "1100", "--tile", "1024",
-                          "--reps", "1", "--warmup", "0", "--uint8-from", "1100", "--cone", "--out", str(out)],
+                          "--reps", "1", "--warmup", "0", "--uint8-from", "1100", "--cone",
+                          "--out", str(out)],
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]

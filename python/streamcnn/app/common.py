@@ -755,7 +755,7 @@ def metric_interval(labels: Sequence[float], scores: Sequence, task: str,
     return float(res.confidence_interval.low), float(res.confidence_interval.high), ""
 
 
-_QUIET_FORKS = []
+_QUIET_FORKS = False       # workers_ignore_sigint's hook registered
 
 
 def workers_ignore_sigint() -> None:
@@ -770,9 +770,10 @@ def workers_ignore_sigint() -> None:
     stop raised in an at-fork hook is dropped quietly:
     ``cli.dropped_stops_quiet``). Registered once per process."""
     import signal
+    global _QUIET_FORKS
     if _QUIET_FORKS:
         return
-    _QUIET_FORKS.append(True)
+    _QUIET_FORKS = True
 
     def child():
         try:
